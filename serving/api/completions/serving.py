@@ -1,0 +1,69 @@
+"""Serving class of /v1/completions."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from serving.api.completions.protocol import CompletionChoice, CompletionRequest, CompletionResponse
+from serving.api.generation import GenerationJob, GenerationServing
+from serving.api.logprobs import completion_logprobs
+from serving.api.streams import SSE_DONE, sse_event
+
+
+class CompletionServing(GenerationServing):
+    endpoint = "completions"
+    request_prefix = "cmpl"
+
+    async def prepare(self, request: CompletionRequest) -> GenerationJob:
+        """Validate and tokenize; every error here is raised before any engine work."""
+        adapter = self.resolve_model(request.model)
+        prompts = await self._prompt_ids(request.prompt)
+        max_tokens = min(self.max_tokens_for(len(ids), request.max_tokens, "max_tokens") for ids in prompts)
+        return self.new_job(request, adapter, prompts, max_tokens, request.logprobs)
+
+    async def _prompt_ids(self, prompt: str | list[str] | list[int] | list[list[int]]) -> list[list[int]]:
+        if isinstance(prompt, str):
+            return [await self.encode(prompt, add_special_tokens=True)]
+        if all(isinstance(p, int) for p in prompt):
+            return [list(prompt)]  # type: ignore[arg-type]
+        if all(isinstance(p, str) for p in prompt):
+            return [await self.encode(p, add_special_tokens=True) for p in prompt]  # type: ignore[arg-type]
+        return [list(p) for p in prompt]  # type: ignore[arg-type]
+
+    async def complete(self, request: CompletionRequest, job: GenerationJob) -> CompletionResponse:
+        choices: dict[int, CompletionChoice] = {}
+        async for index, output in self.outputs(job):
+            choice = CompletionChoice(index=index, text=output.text, finish_reason=output.finish_reason)
+            if request.logprobs is not None and output.logprobs is not None:
+                choice.logprobs = completion_logprobs(list(output.token_ids), output.logprobs, request.logprobs, 0)
+            if request.return_token_ids:
+                choice.prompt_token_ids = job.prompts[index // job.n]
+                choice.token_ids = list(output.token_ids)
+            choices[index] = choice
+        return CompletionResponse(
+            id=job.request_id,
+            created=job.created,
+            model=request.model,
+            choices=[choices[i] for i in sorted(choices)],
+            usage=job.usage,
+        )
+
+    async def stream(self, request: CompletionRequest, job: GenerationJob) -> AsyncIterator[str]:
+        text_offsets: dict[int, int] = {}
+        async for index, output in self.outputs(job):
+            choice = CompletionChoice(index=index, text=output.text, finish_reason=output.finish_reason)
+            if request.logprobs is not None and output.logprobs is not None:
+                start = text_offsets.get(index, 0)
+                choice.logprobs = completion_logprobs(list(output.token_ids), output.logprobs, request.logprobs, start)
+                text_offsets[index] = start + len(output.text)
+            if request.return_token_ids:
+                choice.token_ids = list(output.token_ids)
+            chunk = CompletionResponse(id=job.request_id, created=job.created, model=request.model, choices=[choice])
+            yield sse_event(chunk)
+        if request.include_usage:
+            yield sse_event(
+                CompletionResponse(
+                    id=job.request_id, created=job.created, model=request.model, choices=[], usage=job.usage
+                )
+            )
+        yield SSE_DONE

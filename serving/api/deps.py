@@ -1,0 +1,49 @@
+"""Shared objects, built once in the lifespan, reached through ``Annotated`` dependencies."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from serving.api.chat.serving import ChatServing
+from serving.api.completions.serving import CompletionServing
+from serving.api.models.serving import ModelsServing
+from serving.engine import LoraEngine
+
+
+@dataclass
+class AppState:
+    """Everything the routes need; stored as ``app.state.loraserve``."""
+
+    engine: LoraEngine
+    completions: CompletionServing
+    chat: ChatServing
+    models: ModelsServing
+
+
+def app_state(request: Request) -> AppState:
+    return request.app.state.loraserve
+
+
+def _engine(request: Request) -> LoraEngine:
+    return app_state(request).engine
+
+
+def _completions(request: Request) -> CompletionServing:
+    return app_state(request).completions
+
+
+def _chat(request: Request) -> ChatServing:
+    return app_state(request).chat
+
+
+def _models(request: Request) -> ModelsServing:
+    return app_state(request).models
+
+
+EngineDep = Annotated[LoraEngine, Depends(_engine)]
+CompletionServingDep = Annotated[CompletionServing, Depends(_completions)]
+ChatServingDep = Annotated[ChatServing, Depends(_chat)]
+ModelsServingDep = Annotated[ModelsServing, Depends(_models)]

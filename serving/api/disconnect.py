@@ -1,0 +1,72 @@
+"""Stop engine work as soon as the client goes away.
+
+A streaming response notices a closed connection when it writes; Starlette
+then cancels the body iterator, and vLLM's ``generate`` aborts the request on
+that cancellation. A non-streaming request writes nothing until the end, so
+:func:`cancel_on_disconnect` races it against the ASGI ``http.disconnect``
+message and cancels it first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Awaitable
+from typing import TypeVar
+
+from fastapi import Request
+from fastapi.responses import StreamingResponse
+
+from serving.api.errors import ClientDisconnectedError, ServingError, error_model
+from serving.api.streams import SSE_DONE, sse_event
+
+T = TypeVar("T")
+
+logger = logging.getLogger(__name__)
+
+
+async def _wait_for_disconnect(request: Request) -> None:
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def cancel_on_disconnect(request: Request, work: Awaitable[T]) -> T:
+    """Await ``work``; cancel it and raise :class:`ClientDisconnectedError` if the client leaves first."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_wait_for_disconnect(request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    raise ClientDisconnectedError("The client closed the connection before the response was ready.")
+
+
+async def event_stream(events: AsyncIterator[str]) -> StreamingResponse:
+    """An SSE response whose first event is produced before the headers are sent.
+
+    Errors found before the first event (engine down, ...) thus become normal
+    JSON error responses with their status code; an error after that can only
+    be reported in the stream, as a final ``{"error": ...}`` event.
+    """
+    first = await anext(events)
+
+    async def body() -> AsyncIterator[str]:
+        yield first
+        try:
+            async for event in events:
+                yield event
+        except ServingError as e:
+            yield sse_event(error_model(e))
+            yield SSE_DONE
+        except Exception as e:
+            logger.exception("stream failed")
+            yield sse_event(error_model(ServingError(f"Internal server error ({type(e).__name__}); see the server log.")))
+            yield SSE_DONE
+
+    return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})

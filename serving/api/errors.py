@@ -1,0 +1,143 @@
+"""One error model for the whole API, built by one helper from typed exceptions.
+
+Every error response has OpenAI's shape::
+
+    {"error": {"message": ..., "type": ..., "param": ..., "code": ...}}
+
+Code raises a :class:`ServingError` subclass; the exception handlers installed
+by :func:`install_error_handlers` turn it (and FastAPI's own validation and
+routing errors) into that shape. Nothing else builds error responses.
+"""
+
+from __future__ import annotations
+
+import logging
+from http import HTTPStatus
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+logger = logging.getLogger(__name__)
+
+
+class ErrorInfo(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorInfo
+
+
+class ServingError(Exception):
+    """Base of the domain errors the API maps to HTTP statuses."""
+
+    status: int = HTTPStatus.INTERNAL_SERVER_ERROR
+    type: str = "InternalServerError"
+    code: str | None = None
+
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+
+class InvalidRequestError(ServingError):
+    status = HTTPStatus.BAD_REQUEST
+    type = "BadRequestError"
+    code = "invalid_request"
+
+
+class ContextLengthError(InvalidRequestError):
+    code = "context_length_exceeded"
+
+
+class ModelNotFoundError(ServingError):
+    status = HTTPStatus.NOT_FOUND
+    type = "NotFoundError"
+    code = "model_not_found"
+
+    def __init__(self, model: str, available: list[str]) -> None:
+        super().__init__(
+            f"The model {model!r} does not exist. Served models: {', '.join(available)}. "
+            "GET /v1/models lists them.",
+            param="model",
+        )
+
+
+class ClientDisconnectedError(ServingError):
+    """The client closed the connection; nobody reads this response (nginx's 499)."""
+
+    status = 499
+    type = "ClientClosedRequest"
+    code = "client_disconnected"
+
+
+class EngineUnavailableError(ServingError):
+    status = HTTPStatus.SERVICE_UNAVAILABLE
+    type = "ServiceUnavailableError"
+    code = "engine_unavailable"
+
+
+def error_body(
+    message: str, err_type: str, status: HTTPStatus, *, param: str | None = None, code: str | None = None
+) -> JSONResponse:
+    """The one place an error response is built."""
+    body = ErrorResponse(error=ErrorInfo(message=message, type=err_type, param=param, code=code))
+    return JSONResponse(status_code=status.value, content=body.model_dump())
+
+
+def error_model(exc: ServingError) -> ErrorResponse:
+    """The error body of ``exc``; also sent as the last event of a failed stream."""
+    return ErrorResponse(error=ErrorInfo(message=exc.message, type=exc.type, param=exc.param, code=exc.code))
+
+
+def create_error_response(exc: ServingError) -> JSONResponse:
+    return JSONResponse(status_code=exc.status, content=error_model(exc).model_dump())
+
+
+def _validation_param(loc: tuple) -> str | None:
+    parts = [str(p) for p in loc if p not in ("body", "query", "path")]
+    return ".".join(parts) or None
+
+
+def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+    errors = exc.errors()
+    if not errors:
+        return "Invalid request body.", None
+    first = errors[0]
+    param = _validation_param(tuple(first.get("loc", ())))
+    messages = [f"{_validation_param(tuple(e.get('loc', ()))) or 'body'}: {e.get('msg')}" for e in errors]
+    return "Invalid request: " + "; ".join(messages), param
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Route every failure through :func:`error_body`."""
+
+    @app.exception_handler(ServingError)
+    async def _serving_error(_: Request, exc: ServingError) -> JSONResponse:
+        return create_error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        message, param = _validation_message(exc)
+        return error_body(message, "BadRequestError", HTTPStatus.BAD_REQUEST, param=param, code="invalid_request")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        status = HTTPStatus(exc.status_code)
+        return error_body(str(exc.detail), status.phrase.replace(" ", "") + "Error", status)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        logger.exception("unhandled error on %s %s", request.method, request.url.path)
+        return error_body(
+            f"Internal server error ({type(exc).__name__}); see the server log.",
+            "InternalServerError",
+            HTTPStatus.INTERNAL_SERVER_ERROR,
+        )

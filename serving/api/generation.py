@@ -1,0 +1,188 @@
+"""What the completion and chat endpoints share: model resolution, length checks,
+sampling parameters, and one instrumented stream of engine outputs.
+
+The endpoint classes only turn prompts into token ids and engine outputs into
+their own response shapes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from adapter_store import AdapterCatalog, ServedAdapter
+from serving.api.errors import ContextLengthError, EngineUnavailableError, ModelNotFoundError, ServingError
+from serving.api.protocol import SamplingRequest, UsageInfo
+from serving.api.streams import merge_streams
+from serving.config import Settings
+from serving.engine import LoraEngine
+from serving.metrics import BASE_LABEL, UNKNOWN_LABEL, AdapterMetrics
+
+if TYPE_CHECKING:
+    from vllm import CompletionOutput, SamplingParams
+
+# Prompts longer than this are tokenized in a worker thread, off the event loop.
+_INLINE_TOKENIZE_CHARS = 4096
+
+
+@dataclass
+class GenerationJob:
+    """One API request after validation: what to run and how to account for it."""
+
+    request_id: str
+    model: str
+    adapter: ServedAdapter | None
+    prompts: list[list[int]]
+    params: SamplingParams
+    n: int
+    created: int = field(default_factory=lambda: int(time.time()))
+    arrival: float = field(default_factory=time.perf_counter)
+    usage: UsageInfo = field(default_factory=UsageInfo)
+
+    @property
+    def label(self) -> str:
+        return BASE_LABEL if self.adapter is None else self.adapter.name
+
+
+class GenerationServing:
+    """Base of the endpoint serving classes."""
+
+    endpoint: str = ""
+    request_prefix: str = "req"
+
+    def __init__(
+        self, engine: LoraEngine, catalog: AdapterCatalog, settings: Settings, metrics: AdapterMetrics, tokenizer: Any
+    ) -> None:
+        self.engine = engine
+        self.catalog = catalog
+        self.settings = settings
+        self.metrics = metrics
+        self.tokenizer = tokenizer
+
+    def resolve_model(self, model: str) -> ServedAdapter | None:
+        """``None`` for the base model, the adapter otherwise; unknown names are a 404."""
+        if model == self.settings.model.name:
+            return None
+        adapter = self.catalog.get(model)
+        if adapter is None:
+            self.metrics.errors.labels(UNKNOWN_LABEL, ModelNotFoundError.code).inc()
+            raise ModelNotFoundError(model, [self.settings.model.name, *(a.name for a in self.catalog)])
+        return adapter
+
+    async def encode(self, text: str, *, add_special_tokens: bool) -> list[int]:
+        if len(text) <= _INLINE_TOKENIZE_CHARS:
+            return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+        return await asyncio.to_thread(self.tokenizer.encode, text, add_special_tokens=add_special_tokens)
+
+    def max_tokens_for(self, prompt_len: int, requested: int | None, param: str) -> int:
+        """Output budget of one prompt; a request that cannot fit the context is a 400."""
+        limit = self.settings.model.max_model_len
+        if prompt_len >= limit:
+            raise ContextLengthError(
+                f"This model's maximum context length is {limit} tokens, but the prompt has {prompt_len} tokens. "
+                "Shorten the prompt.",
+                param="prompt",
+            )
+        if requested is None:
+            return limit - prompt_len
+        if prompt_len + requested > limit:
+            raise ContextLengthError(
+                f"This model's maximum context length is {limit} tokens. However, you requested "
+                f"{prompt_len + requested} tokens ({prompt_len} in the prompt, {requested} for the completion). "
+                f"Reduce the prompt or {param}.",
+                param=param,
+            )
+        return requested
+
+    def sampling_params(
+        self, request: SamplingRequest, max_tokens: int, logprobs: int | None, stream: bool
+    ) -> SamplingParams:
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        return SamplingParams(
+            n=request.n,
+            temperature=request.temperature,
+            top_p=request.top_p,
+            top_k=request.top_k,
+            min_p=request.min_p,
+            presence_penalty=request.presence_penalty,
+            frequency_penalty=request.frequency_penalty,
+            repetition_penalty=request.repetition_penalty,
+            seed=request.seed,
+            stop=request.stop_list,
+            max_tokens=max_tokens,
+            min_tokens=request.min_tokens,
+            ignore_eos=request.ignore_eos,
+            logprobs=logprobs,
+            output_kind=RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY,
+        )
+
+    def new_job(
+        self,
+        request: SamplingRequest,
+        adapter: ServedAdapter | None,
+        prompts: list[list[int]],
+        max_tokens: int,
+        logprobs: int | None,
+    ) -> GenerationJob:
+        self.metrics.requests.labels(BASE_LABEL if adapter is None else adapter.name, self.endpoint).inc()
+        return GenerationJob(
+            request_id=f"{self.request_prefix}-{uuid.uuid4().hex}",
+            model=request.model,
+            adapter=adapter,
+            prompts=prompts,
+            params=self.sampling_params(request, max_tokens, logprobs, request.stream),
+            n=request.n,
+        )
+
+    def count_error(self, label: str, error: ServingError) -> None:
+        self.metrics.errors.labels(label, error.code or error.type).inc()
+
+    async def outputs(self, job: GenerationJob) -> AsyncIterator[tuple[int, CompletionOutput]]:
+        """Engine outputs as ``(choice index, output)``, with metrics and usage kept.
+
+        Choice ``i * n + j`` is sample ``j`` of prompt ``i``. Cancelling the
+        iterator (client gone) aborts every engine request behind it.
+        """
+        if not self.engine.ready:
+            raise EngineUnavailableError("The engine is not running; retry later.")
+        streams = [
+            self.engine.generate(ids, job.params, f"{job.request_id}-{i}", job.adapter)
+            for i, ids in enumerate(job.prompts)
+        ]
+        job.usage.prompt_tokens = sum(len(p) for p in job.prompts)
+        first_token_seen = False
+        finished = False
+        try:
+            async for prompt_index, request_output in merge_streams(streams):
+                for output in request_output.outputs:
+                    if output.token_ids and not first_token_seen:
+                        first_token_seen = True
+                        self.metrics.time_to_first_token.labels(job.label).observe(time.perf_counter() - job.arrival)
+                    job.usage.completion_tokens += len(output.token_ids)
+                    yield prompt_index * job.n + output.index, output
+            finished = True
+        except (asyncio.CancelledError, GeneratorExit):
+            self.metrics.aborts.labels(job.label).inc()
+            raise
+        except ServingError as e:
+            self.count_error(job.label, e)
+            raise
+        except Exception as e:
+            if not self.engine.ready:
+                error = EngineUnavailableError(f"The engine failed while serving the request: {type(e).__name__}.")
+                self.count_error(job.label, error)
+                raise error from e
+            self.metrics.errors.labels(job.label, "internal_error").inc()
+            raise
+        finally:
+            job.usage.total_tokens = job.usage.prompt_tokens + job.usage.completion_tokens
+            if finished:
+                self.metrics.prompt_tokens.labels(job.label).inc(job.usage.prompt_tokens)
+                self.metrics.completion_tokens.labels(job.label).inc(job.usage.completion_tokens)
+                self.metrics.e2e_latency.labels(job.label).observe(time.perf_counter() - job.arrival)

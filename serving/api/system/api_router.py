@@ -1,0 +1,33 @@
+"""Liveness/readiness and Prometheus metrics."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, FastAPI, Response
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+
+from serving.api.deps import EngineDep
+from serving.api.errors import EngineUnavailableError
+
+router = APIRouter(tags=["system"])
+
+
+@router.get("/health", responses={503: {"description": "engine not ready or dead"}})
+async def health(engine: EngineDep) -> Response:
+    """200 only while the engine is up and answering; 503 otherwise."""
+    if not engine.ready:
+        raise EngineUnavailableError("The engine is not ready.")
+    try:
+        await engine.check_health()
+    except Exception as e:
+        raise EngineUnavailableError(f"The engine is unhealthy: {type(e).__name__}.") from e
+    return Response(status_code=200)
+
+
+@router.get("/metrics")
+async def metrics() -> Response:
+    """vLLM's ``vllm:*`` metrics and the per-adapter ``loraserve_*`` metrics."""
+    return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
+
+
+def attach_router(app: FastAPI) -> None:
+    app.include_router(router)

@@ -1,0 +1,80 @@
+"""``loraserve``: the command line."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from serving.config import ConfigError, load_settings
+
+logger = logging.getLogger("loraserve")
+
+DEFAULT_DEMO_ROOT = Path(".demo")
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from serving.api.app import build_app
+
+    settings = load_settings(args.config)
+    settings.check_files()
+    host = args.host or settings.server.host
+    port = args.port if args.port is not None else settings.server.port
+    logging.basicConfig(level=settings.server.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    uvicorn.run(build_app(settings), host=host, port=port, log_level=settings.server.log_level)
+    return 0
+
+
+def _demo_assets(args: argparse.Namespace) -> int:
+    from serving.demo.assets import build_demo_assets
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    assets = build_demo_assets(args.root, force=args.force)
+    print(f"demo base model: {assets.base}")
+    for name, path in assets.adapters.items():
+        print(f"demo adapter {name}: {path}")
+    return 0
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    settings = load_settings(args.config)
+    settings.check_files()
+    print(f"{args.config}: ok ({len(settings.adapters)} adapters)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="loraserve", description="Multi-LoRA serving on vLLM.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="start the OpenAI-compatible server")
+    serve.add_argument("--config", type=Path, required=True, help="YAML config file")
+    serve.add_argument("--host", help="overrides server.host")
+    serve.add_argument("--port", type=int, help="overrides server.port")
+    serve.set_defaults(handler=_serve)
+
+    demo = commands.add_parser("demo-assets", help="build the tiny demo base model and adapters locally")
+    demo.add_argument("--root", type=Path, default=DEFAULT_DEMO_ROOT, help="output directory (default: .demo)")
+    demo.add_argument("--force", action="store_true", help="rebuild even if the assets are up to date")
+    demo.set_defaults(handler=_demo_assets)
+
+    check = commands.add_parser("check-config", help="validate a config file and the paths it names")
+    check.add_argument("--config", type=Path, required=True)
+    check.set_defaults(handler=_check_config)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except ConfigError as e:
+        print(f"loraserve: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,161 @@
+"""The one settings model: loaded from YAML, validated at start-up, injected.
+
+Relative paths in a config file are resolved against the directory of that
+file, so a config works the same from any working directory. Secrets never
+live here; later settings refer to the environment variable or file that
+holds them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+ADAPTER_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+
+
+class ConfigError(Exception):
+    """A configuration file is missing, unreadable or invalid."""
+
+
+class _Strict(BaseModel):
+    """Unknown keys are typos: refuse them instead of ignoring them."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSettings(_Strict):
+    """The base model, loaded once."""
+
+    path: Path = Field(description="Hugging Face model directory (local; nothing is downloaded).")
+    name: str = Field(description="Name clients use in the `model` field for the base model.")
+    tokenizer: Path | None = Field(default=None, description="Tokenizer directory; defaults to `path`.")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "bfloat16"
+    max_model_len: int = Field(default=2048, gt=0, description="Context window (prompt + output tokens).")
+
+
+class EngineSettings(_Strict):
+    """Every vLLM engine knob the server sets; nothing is inherited from vLLM defaults."""
+
+    max_loras: int = Field(default=4, ge=1, description="Adapters in one batch (GPU/CPU slots).")
+    max_lora_rank: int = Field(default=16, ge=1, le=512, description="Largest adapter rank served.")
+    max_cpu_loras: int | None = Field(default=None, ge=1, description="Adapters kept in host memory; >= max_loras.")
+    max_num_seqs: int = Field(default=64, ge=1, description="Sequences scheduled in one step.")
+    max_num_batched_tokens: int = Field(default=2048, ge=1, description="Tokens scheduled in one step.")
+    kv_cache_gib: float | None = Field(
+        default=2.0, gt=0, description="KV-cache size in GiB (host memory on the CPU); null: derive it on the GPU."
+    )
+    gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1, description="GPU only: memory fraction.")
+    enable_prefix_caching: bool = True
+    enforce_eager: bool = False
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _cpu_loras_hold_the_slots(self) -> EngineSettings:
+        if self.max_cpu_loras is not None and self.max_cpu_loras < self.max_loras:
+            raise ValueError(
+                f"max_cpu_loras ({self.max_cpu_loras}) must be >= max_loras ({self.max_loras}): "
+                "every adapter in a GPU/CPU slot is also held in the host cache"
+            )
+        return self
+
+
+class AdapterSettings(_Strict):
+    """One LoRA adapter served by name."""
+
+    name: str = Field(pattern=ADAPTER_NAME_PATTERN)
+    path: Path = Field(description="PEFT adapter directory (adapter_config.json + safetensors).")
+
+
+class ServerSettings(_Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+class Settings(_Strict):
+    """Root of the YAML file."""
+
+    model: ModelSettings
+    engine: EngineSettings = EngineSettings()
+    adapters: list[AdapterSettings] = []
+    server: ServerSettings = ServerSettings()
+
+    @model_validator(mode="after")
+    def _names_are_unique(self) -> Settings:
+        seen: set[str] = {self.model.name}
+        for i, adapter in enumerate(self.adapters):
+            if adapter.name in seen:
+                raise ValueError(
+                    f"adapters[{i}].name {adapter.name!r} is used twice (or equals model.name): "
+                    "every adapter needs its own name"
+                )
+            seen.add(adapter.name)
+        return self
+
+    def check_files(self) -> None:
+        """Fail at start-up, naming the key, when a configured path does not exist."""
+        checks = [("model.path", self.model.path / "config.json")]
+        if self.model.tokenizer is not None:
+            checks.append(("model.tokenizer", self.model.tokenizer))
+        for i, adapter in enumerate(self.adapters):
+            checks.append((f"adapters[{i}].path", adapter.path / "adapter_config.json"))
+        missing = [f"  {key}: {path} does not exist" for key, path in checks if not path.exists()]
+        if missing:
+            raise ConfigError("config refers to missing files:\n" + "\n".join(missing))
+
+
+def _resolve_paths(raw: dict, base_dir: Path) -> dict:
+    """Make relative paths absolute against the config file's directory."""
+
+    def resolve(value: object) -> object:
+        if isinstance(value, str) and value and not Path(value).is_absolute():
+            return str((base_dir / value).resolve())
+        return value
+
+    model = raw.get("model")
+    if isinstance(model, dict):
+        for key in ("path", "tokenizer"):
+            if key in model:
+                model[key] = resolve(model[key])
+    for adapter in raw.get("adapters") or []:
+        if isinstance(adapter, dict) and "path" in adapter:
+            adapter["path"] = resolve(adapter["path"])
+    return raw
+
+
+def _format_errors(source: str, error: ValidationError) -> str:
+    lines = [f"invalid config {source}:"]
+    for item in error.errors():
+        key = ".".join(str(part) for part in item["loc"]) or "(root)"
+        got = f" (got {item['input']!r})" if "input" in item and not isinstance(item["input"], dict) else ""
+        lines.append(f"  {key}: {item['msg']}{got}")
+    return "\n".join(lines)
+
+
+def parse_settings(raw: object, *, source: str = "<config>", base_dir: Path | None = None) -> Settings:
+    """Validate an already-parsed YAML document; errors name the offending key."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"invalid config {source}: the top level must be a mapping, got {type(raw).__name__}")
+    if base_dir is not None:
+        raw = _resolve_paths(raw, base_dir)
+    try:
+        return Settings.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(_format_errors(source, e)) from e
+
+
+def load_settings(path: Path) -> Settings:
+    """Read and validate a YAML config file."""
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError(f"cannot read config {path}: {e.strerror}") from e
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config {path} is not valid YAML: {e}") from e
+    return parse_settings(raw, source=str(path), base_dir=path.resolve().parent)

@@ -1,0 +1,123 @@
+"""The one vLLM engine: an ``AsyncLLM`` with multi-LoRA enabled, built from config.
+
+Clients never see ``LoRARequest``: they name an adapter, the catalog pins it to
+a content-addressed version, and this wrapper gives each (name, version) its
+own integer id, handed out once from a counter and never reused. vLLM keys its
+adapter slots and prefix-cache blocks on that id, so a new version of an
+adapter can never be served the KV cache or slot of an old one.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
+
+from adapter_store import ServedAdapter
+from serving.config import Settings
+
+if TYPE_CHECKING:
+    from vllm import RequestOutput, SamplingParams
+    from vllm.lora.request import LoRARequest
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+logger = logging.getLogger(__name__)
+
+_GIB = 1 << 30
+
+
+def engine_args(settings: Settings):
+    """Translate settings into vLLM ``AsyncEngineArgs``; every knob is explicit."""
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+    model, engine = settings.model, settings.engine
+    return AsyncEngineArgs(
+        model=str(model.path),
+        tokenizer=str(model.tokenizer or model.path),
+        served_model_name=[model.name],
+        dtype=model.dtype,
+        max_model_len=model.max_model_len,
+        enable_lora=True,
+        max_loras=engine.max_loras,
+        max_lora_rank=engine.max_lora_rank,
+        max_cpu_loras=engine.max_cpu_loras,
+        max_num_seqs=engine.max_num_seqs,
+        max_num_batched_tokens=engine.max_num_batched_tokens,
+        kv_cache_memory_bytes=None if engine.kv_cache_gib is None else int(engine.kv_cache_gib * _GIB),
+        gpu_memory_utilization=engine.gpu_memory_utilization,
+        enable_prefix_caching=engine.enable_prefix_caching,
+        enforce_eager=engine.enforce_eager,
+        seed=engine.seed,
+        disable_log_stats=False,
+    )
+
+
+class LoraEngine:
+    """Owns the ``AsyncLLM`` and the adapter → ``LoRARequest`` mapping."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._llm: AsyncLLM | None = None
+        self._lora_ids: dict[tuple[str, str], int] = {}
+        self._next_id = itertools.count(1)
+
+    async def start(self) -> None:
+        """Build the engine (loads the base model; takes seconds to minutes)."""
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        logger.info("starting vLLM engine for %s", self.settings.model.path)
+        self._llm = AsyncLLM.from_engine_args(engine_args(self.settings))
+
+    def shutdown(self) -> None:
+        if self._llm is not None:
+            self._llm.shutdown()
+            self._llm = None
+
+    @property
+    def llm(self) -> AsyncLLM:
+        if self._llm is None:
+            raise RuntimeError("engine not started")
+        return self._llm
+
+    @property
+    def ready(self) -> bool:
+        return self._llm is not None and not self._llm.errored
+
+    def lora_request(self, adapter: ServedAdapter) -> LoRARequest:
+        """The ``LoRARequest`` of one adapter version; its id is stable and never reused."""
+        from vllm.lora.request import LoRARequest
+
+        key = (adapter.name, adapter.version)
+        lora_id = self._lora_ids.get(key)
+        if lora_id is None:
+            lora_id = self._lora_ids[key] = next(self._next_id)
+        # The name is the one clients use: vLLM reports it in `vllm:lora_requests_info`,
+        # which adapter-aware routers (Gateway API Inference Extension) match on.
+        return LoRARequest(
+            lora_name=adapter.name,
+            lora_int_id=lora_id,
+            lora_path=str(adapter.path),
+            base_model_name=self.settings.model.name,
+        )
+
+    def generate(
+        self,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        request_id: str,
+        adapter: ServedAdapter | None,
+    ) -> AsyncIterator[RequestOutput]:
+        """Stream outputs of one request; cancelling the iterator aborts it in the engine."""
+        from vllm.inputs import TokensPrompt
+
+        lora = None if adapter is None else self.lora_request(adapter)
+        return self.llm.generate(
+            TokensPrompt(prompt_token_ids=prompt_token_ids), params, request_id, lora_request=lora
+        )
+
+    async def abort(self, request_id: str) -> None:
+        await self.llm.abort(request_id)
+
+    async def check_health(self) -> None:
+        await self.llm.check_health()

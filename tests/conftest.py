@@ -1,0 +1,109 @@
+"""Shared fixtures: the demo assets, and one real server per test session.
+
+The server is the real thing: ``loraserve serve`` in a subprocess, with the real
+vLLM engine on the CPU, the demo adapters on disk, and HTTP on a free port.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO_ROOT = REPO / ".demo"
+SERVER_START_TIMEOUT_S = 300
+
+
+@pytest.fixture(scope="session")
+def demo_assets():
+    """Built once into the repo's .demo/ (idempotent: a manifest marks a finished build)."""
+    from serving.demo.assets import build_demo_assets
+
+    return build_demo_assets(DEMO_ROOT)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def demo_config(demo_assets, **engine_overrides) -> dict:
+    """The dev config pointed at the built demo assets, with test-sized engine settings."""
+    config = yaml.safe_load((REPO / "configs" / "dev.yaml").read_text())
+    config["model"]["path"] = str(demo_assets.base)
+    for adapter in config["adapters"]:
+        adapter["path"] = str(demo_assets.adapters[adapter["name"]])
+    config["engine"].update(engine_overrides)
+    config["server"]["port"] = free_port()
+    return config
+
+
+@dataclass
+class RunningServer:
+    url: str
+    config: dict
+    process: subprocess.Popen
+    log_path: Path
+
+    @property
+    def base_model(self) -> str:
+        return self.config["model"]["name"]
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+def start_server(config: dict, workdir: Path, env: dict | None = None) -> RunningServer:
+    """Start ``loraserve serve`` and wait until /health answers 200."""
+    config_path = workdir / "config.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    log_path = workdir / "server.log"
+    port = config["server"]["port"]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "serving.cli", "serve", "--config", str(config_path)],
+        stdout=log_path.open("w"),
+        stderr=subprocess.STDOUT,
+        env={**os.environ, **(env or {})},
+        cwd=REPO,
+    )
+    server = RunningServer(url=f"http://127.0.0.1:{port}", config=config, process=process, log_path=log_path)
+    deadline = time.monotonic() + SERVER_START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode}:\n{server.log()[-5000:]}")
+        try:
+            if httpx.get(f"{server.url}/health", timeout=2).status_code == 200:
+                return server
+        except httpx.TransportError:
+            pass
+        time.sleep(1)
+    stop_server(server)
+    raise RuntimeError(f"server not healthy after {SERVER_START_TIMEOUT_S}s:\n{server.log()[-5000:]}")
+
+
+def stop_server(server: RunningServer) -> None:
+    server.process.terminate()
+    try:
+        server.process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        server.process.kill()
+        server.process.wait()
+
+
+@pytest.fixture(scope="session")
+def server(demo_assets, tmp_path_factory) -> Iterator[RunningServer]:
+    """One real server for the session, configured like configs/dev.yaml (max_loras=2)."""
+    running = start_server(demo_config(demo_assets), tmp_path_factory.mktemp("server"))
+    yield running
+    stop_server(running)

@@ -1,0 +1,74 @@
+"""Mixed-adapter batches under slot pressure give the same tokens as requests run alone.
+
+Base, code, legal and medical requests are in flight at once on an engine with
+``max_loras=2``, so every batch has both slots taken while base requests run
+beside them. vLLM 0.32's own CPU LoRA ops index the stacked weights with the
+base requests' LoRA index -1, i.e. the last slot, and give base requests an
+adapter's output; the same check against those stock ops must therefore fail,
+which shows this test can see the bug our plugin fixes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import REPO, demo_config
+
+SCRIPT = Path(__file__).with_name("mixed_batch.py")
+
+
+def run_check(config: dict, workdir: Path, *, stock_ops: bool) -> dict:
+    config_path = workdir / ("stock.yaml" if stock_ops else "project.yaml")
+    config_path.write_text(yaml.safe_dump(config))
+    env = dict(os.environ)
+    if stock_ops:
+        # VLLM_PLUGINS is vLLM's allow-list of plugin names: leaving ours out gives stock ops.
+        env["VLLM_PLUGINS"] = "lora_filesystem_resolver"
+    else:
+        env.pop("VLLM_PLUGINS", None)
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT), str(config_path)], capture_output=True, text=True, env=env, cwd=REPO, timeout=600
+    )
+    result = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    assert done.returncode == 0 and result, done.stderr[-5000:]
+    return json.loads(result[-1].removeprefix("RESULT "))
+
+
+def mismatches(result: dict) -> list[str]:
+    return [
+        f"{request['model']} / {request['prompt']!r}"
+        for request, alone, together in zip(result["requests"], result["alone"], result["together"], strict=True)
+        if alone != together
+    ]
+
+
+@pytest.fixture(scope="module")
+def slot_pressure_config(demo_assets) -> dict:
+    return demo_config(demo_assets, max_loras=2, max_cpu_loras=4)
+
+
+def test_mixed_batch_matches_requests_run_alone(slot_pressure_config, tmp_path) -> None:
+    result = run_check(slot_pressure_config, tmp_path, stock_ops=False)
+    assert {r["model"] for r in result["requests"]} == {"base", "code", "legal", "medical"}
+    assert all(len(tokens) == 24 for tokens in result["alone"])
+    # The adapters matter: each one's tokens differ from the base's for the same prompt.
+    by_prompt: dict[str, dict[str, list[int]]] = {}
+    for request, tokens in zip(result["requests"], result["alone"], strict=True):
+        by_prompt.setdefault(request["prompt"], {})[request["model"]] = tokens
+    for outputs in by_prompt.values():
+        assert all(outputs[name] != outputs["base"] for name in ("code", "legal", "medical"))
+    assert mismatches(result) == []
+
+
+def test_stock_vllm_cpu_ops_fail_the_same_check(slot_pressure_config, tmp_path) -> None:
+    result = run_check(slot_pressure_config, tmp_path, stock_ops=True)
+    wrong = mismatches(result)
+    assert wrong, "stock vLLM CPU LoRA ops passed the mixed-batch check; is the plugin still needed?"
+    assert any(entry.startswith("base") for entry in wrong)

@@ -1,0 +1,190 @@
+"""The OpenAI-compatible API through a real server, with the official ``openai`` client.
+
+Every test talks HTTP to ``loraserve serve`` running the real vLLM engine with
+the demo base model and the code/legal/medical adapters.
+"""
+
+from __future__ import annotations
+
+import httpx
+import openai
+import pytest
+
+ADAPTERS = ("code", "legal", "medical")
+
+
+@pytest.fixture(scope="module")
+def client(server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def test_health_is_ok(server) -> None:
+    assert httpx.get(f"{server.url}/health").status_code == 200
+
+
+def test_models_lists_base_and_every_adapter_with_parent_and_root(client, server) -> None:
+    models = {m.id: m for m in client.models.list().data}
+    assert set(models) == {server.base_model, *ADAPTERS}
+    base = models[server.base_model]
+    assert base.model_extra["parent"] is None
+    assert base.model_extra["root"] == server.config["model"]["path"]
+    for name in ADAPTERS:
+        assert models[name].model_extra["parent"] == server.base_model
+        assert models[name].model_extra["root"].endswith(f"adapters/{name}")
+
+
+@pytest.mark.parametrize("model", [None, *ADAPTERS])
+def test_completion(client, server, model: str | None) -> None:
+    model = model or server.base_model
+    result = client.completions.create(model=model, prompt="The", max_tokens=12, temperature=0)
+    choice = result.choices[0]
+    assert result.model == model
+    assert choice.text
+    assert choice.finish_reason in ("length", "stop")
+    assert result.usage.completion_tokens == 12 or choice.finish_reason == "stop"
+    assert result.usage.total_tokens == result.usage.prompt_tokens + result.usage.completion_tokens
+
+
+def test_adapters_change_the_output(client, server) -> None:
+    outputs = {
+        model: client.completions.create(model=model, prompt="The", max_tokens=16, temperature=0).choices[0].text
+        for model in (server.base_model, *ADAPTERS)
+    }
+    assert len(set(outputs.values())) == 4, outputs
+
+
+@pytest.mark.parametrize("model", ADAPTERS)
+def test_chat(client, model: str) -> None:
+    result = client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": "Tell me something."}], max_tokens=16, temperature=0
+    )
+    assert result.object == "chat.completion"
+    assert result.choices[0].message.role == "assistant"
+    assert result.choices[0].message.content
+    assert result.usage.prompt_tokens > 5  # the chat template wrapped the message
+
+
+def test_streaming_chat_matches_non_streaming(client) -> None:
+    kwargs = dict(model="legal", messages=[{"role": "user", "content": "Summarise the clause."}], max_tokens=20, temperature=0)
+    whole = client.chat.completions.create(**kwargs).choices[0].message.content
+    chunks = list(client.chat.completions.create(**kwargs, stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert streamed == whole
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] in ("length", "stop")
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens > 0
+
+
+def test_streaming_completion_ends_with_done(server) -> None:
+    body = {"model": "code", "prompt": "def", "max_tokens": 8, "temperature": 0, "stream": True}
+    with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=60) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        lines = [line for line in response.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]"
+    assert all(line.startswith("data: ") for line in lines)
+    assert len(lines) >= 3
+
+
+def test_n_seed_and_sampling(client) -> None:
+    kwargs = dict(model="medical", prompt="The patient", max_tokens=12, temperature=1.0, top_p=0.95, seed=7)
+    first = client.completions.create(n=3, **kwargs)
+    assert sorted(c.index for c in first.choices) == [0, 1, 2]
+    again = client.completions.create(n=3, **kwargs)
+    assert [c.text for c in first.choices] == [c.text for c in again.choices]  # same seed, same samples
+
+
+def test_stop_strings_end_the_text(client) -> None:
+    full = client.completions.create(model="code", prompt="The", max_tokens=24, temperature=0).choices[0].text
+    stop = full.strip().split()[1] if len(full.split()) > 2 else full.strip()[:2]
+    cut = client.completions.create(model="code", prompt="The", max_tokens=24, temperature=0, stop=[stop])
+    assert cut.choices[0].finish_reason == "stop"
+    assert stop not in cut.choices[0].text
+    assert full.startswith(cut.choices[0].text)
+
+
+def test_completion_logprobs(client) -> None:
+    result = client.completions.create(model="code", prompt="The", max_tokens=6, temperature=0, logprobs=3)
+    logprobs = result.choices[0].logprobs
+    assert len(logprobs.tokens) == len(logprobs.token_logprobs) == len(logprobs.top_logprobs) == 6
+    for token, lp, top in zip(logprobs.tokens, logprobs.token_logprobs, logprobs.top_logprobs, strict=True):
+        assert lp <= 0
+        assert 1 <= len(top) <= 3
+        # Greedy: the sampled token is the best one, up to bf16 rounding of near-tied logits.
+        assert max(top.values()) == pytest.approx(lp, abs=0.05)
+    assert "".join(logprobs.tokens) == result.choices[0].text
+
+
+def test_chat_logprobs(client) -> None:
+    result = client.chat.completions.create(
+        model="legal", messages=[{"role": "user", "content": "Hi"}], max_tokens=5, temperature=0, logprobs=True, top_logprobs=2
+    )
+    content = result.choices[0].logprobs.content
+    assert len(content) == 5
+    assert all(len(entry.top_logprobs) == 2 and entry.logprob <= 0 for entry in content)
+
+
+# ---- errors: OpenAI-style JSON, right status, field named ------------------------------------
+
+
+def error_of(response: httpx.Response) -> dict:
+    body = response.json()
+    assert set(body) == {"error"}
+    assert set(body["error"]) == {"message", "type", "param", "code"}
+    return body["error"]
+
+
+def test_unknown_model_is_404(server, client) -> None:
+    response = httpx.post(f"{server.url}/v1/completions", json={"model": "nope", "prompt": "x"})
+    assert response.status_code == 404
+    error = error_of(response)
+    assert error["code"] == "model_not_found" and error["param"] == "model" and "nope" in error["message"]
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "x"}])
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "param"),
+    [
+        ("/v1/completions", {"model": "code", "prompt": "x", "max_tokens": "many"}, "max_tokens"),
+        ("/v1/completions", {"model": "code", "prompt": "x", "temperature": 5}, "temperature"),
+        ("/v1/completions", {"model": "code"}, "prompt"),
+        ("/v1/completions", {"model": "code", "prompt": "x", "bogus_field": 1}, "bogus_field"),
+        ("/v1/chat/completions", {"model": "code", "messages": []}, "messages"),
+        ("/v1/chat/completions", {"model": "code", "messages": [{"role": "wizard", "content": "x"}]}, "messages.0.role"),
+        ("/v1/chat/completions", {"model": "code", "messages": [{"role": "user", "content": "x"}], "n": 0}, "n"),
+    ],
+)
+def test_invalid_body_is_400_naming_the_field(server, path: str, body: dict, param: str) -> None:
+    response = httpx.post(f"{server.url}{path}", json=body)
+    assert response.status_code == 400
+    error = error_of(response)
+    assert error["param"] == param
+    assert param in error["message"]
+
+
+def test_malformed_json_is_400(server) -> None:
+    response = httpx.post(f"{server.url}/v1/completions", content=b"{not json", headers={"content-type": "application/json"})
+    assert response.status_code == 400
+    error_of(response)
+
+
+def test_prompt_longer_than_context_is_400(server) -> None:
+    limit = server.config["model"]["max_model_len"]
+    response = httpx.post(f"{server.url}/v1/completions", json={"model": "code", "prompt": "word " * (limit + 10)})
+    assert response.status_code == 400
+    error = error_of(response)
+    assert error["code"] == "context_length_exceeded" and str(limit) in error["message"]
+    response = httpx.post(f"{server.url}/v1/completions", json={"model": "code", "prompt": "hi", "max_tokens": limit})
+    assert response.status_code == 400 and error_of(response)["param"] == "max_tokens"
+
+
+def test_unknown_route_is_404_in_the_same_shape(server) -> None:
+    response = httpx.get(f"{server.url}/v1/nothing")
+    assert response.status_code == 404
+    error_of(response)
+
+
+def test_server_keeps_serving_after_errors(client) -> None:
+    result = client.completions.create(model="code", prompt="The", max_tokens=4, temperature=0)
+    assert result.choices[0].text

@@ -1,0 +1,102 @@
+"""Settings: YAML loading, path resolution, and errors that name the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from serving.config import ConfigError, load_settings, parse_settings
+
+REPO = Path(__file__).resolve().parents[2]
+
+MINIMAL = {"model": {"path": "/m", "name": "base"}}
+
+
+def with_changes(**sections: dict) -> dict:
+    raw = {"model": dict(MINIMAL["model"])}
+    for key, value in sections.items():
+        raw[key] = value
+    return raw
+
+
+@pytest.mark.parametrize(
+    ("raw", "named_key"),
+    [
+        (with_changes(engine={"max_loras": 0}), "engine.max_loras"),
+        (with_changes(engine={"max_lora_rank": "big"}), "engine.max_lora_rank"),
+        (with_changes(engine={"max_loras": 8, "max_cpu_loras": 4}), "max_cpu_loras (4) must be >= max_loras (8)"),
+        (with_changes(engine={"max_lora": 2}), "engine.max_lora"),  # typo: unknown keys are refused
+        (with_changes(engine={"kv_cache_gib": -1}), "engine.kv_cache_gib"),
+        ({"engine": {}}, "model"),
+        (with_changes(model={"path": "/m"}), "model.name"),
+        (with_changes(model={"path": "/m", "name": "b", "dtype": "fp8"}), "model.dtype"),
+        (with_changes(adapters=[{"name": "bad name!", "path": "/a"}]), "adapters.0.name"),
+        (with_changes(adapters=[{"name": "a", "path": "/a"}, {"name": "a", "path": "/b"}]), "'a' is used twice"),
+        (with_changes(adapters=[{"name": "base", "path": "/a"}]), "'base' is used twice"),
+        (with_changes(server={"port": 70000}), "server.port"),
+    ],
+)
+def test_bad_config_names_the_key(raw: dict, named_key: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        parse_settings(raw, source="test.yaml")
+    assert named_key in str(e.value)
+    assert "test.yaml" in str(e.value)
+
+
+def test_top_level_must_be_a_mapping() -> None:
+    with pytest.raises(ConfigError, match="must be a mapping"):
+        parse_settings(["model"], source="x.yaml")
+
+
+def test_relative_paths_resolve_against_the_config_file(tmp_path: Path) -> None:
+    (tmp_path / "configs").mkdir()
+    config = tmp_path / "configs" / "c.yaml"
+    config.write_text(yaml.safe_dump({"model": {"path": "../m", "name": "b"}, "adapters": [{"name": "a", "path": "ad"}]}))
+    settings = load_settings(config)
+    assert settings.model.path == (tmp_path / "m").resolve()
+    assert settings.adapters[0].path == (tmp_path / "configs" / "ad").resolve()
+
+
+def test_missing_files_are_reported_by_key(tmp_path: Path) -> None:
+    settings = parse_settings(
+        {"model": {"path": str(tmp_path / "nope"), "name": "b"}, "adapters": [{"name": "a", "path": str(tmp_path)}]}
+    )
+    with pytest.raises(ConfigError) as e:
+        settings.check_files()
+    assert "model.path" in str(e.value) and "adapters[0].path" in str(e.value)
+
+
+def test_invalid_yaml_and_missing_file(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_settings(bad)
+    with pytest.raises(ConfigError, match="cannot read config"):
+        load_settings(tmp_path / "absent.yaml")
+
+
+@pytest.mark.parametrize("name", ["dev.yaml", "gpu.yaml"])
+def test_shipped_configs_validate(name: str) -> None:
+    settings = load_settings(REPO / "configs" / name)
+    assert {a.name for a in settings.adapters} == {"code", "legal", "medical"}
+    assert settings.engine.max_cpu_loras >= settings.engine.max_loras
+
+
+def test_engine_args_carry_every_knob() -> None:
+    from serving.engine import engine_args
+
+    settings = load_settings(REPO / "configs" / "dev.yaml")
+    args = engine_args(settings)
+    engine = settings.engine
+    assert args.enable_lora is True
+    assert (args.max_loras, args.max_lora_rank, args.max_cpu_loras) == (
+        engine.max_loras,
+        engine.max_lora_rank,
+        engine.max_cpu_loras,
+    )
+    assert (args.max_num_seqs, args.max_num_batched_tokens) == (engine.max_num_seqs, engine.max_num_batched_tokens)
+    assert args.max_model_len == settings.model.max_model_len
+    assert args.dtype == settings.model.dtype
+    assert args.kv_cache_memory_bytes == int(engine.kv_cache_gib * (1 << 30))
