@@ -10,11 +10,17 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from fastapi import Request
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel
+
 from adapter_store import AdapterCatalog, ServedAdapter
+from serving.api.disconnect import cancel_on_disconnect, event_stream
 from serving.api.errors import ContextLengthError, EngineUnavailableError, ModelNotFoundError, ServingError
 from serving.api.protocol import SamplingRequest, UsageInfo
 from serving.api.streams import merge_streams
@@ -48,8 +54,8 @@ class GenerationJob:
         return BASE_LABEL if self.adapter is None else self.adapter.name
 
 
-class GenerationServing:
-    """Base of the endpoint serving classes."""
+class GenerationServing(ABC):
+    """Base of the endpoint serving classes: prepare a job, then answer whole or streamed."""
 
     endpoint: str = ""
     request_prefix: str = "req"
@@ -62,6 +68,25 @@ class GenerationServing:
         self.settings = settings
         self.metrics = metrics
         self.tokenizer = tokenizer
+
+    @abstractmethod
+    async def prepare(self, request: Any) -> GenerationJob:
+        """Validate and tokenize; every error here is raised before any engine work."""
+
+    @abstractmethod
+    async def complete(self, request: Any, job: GenerationJob) -> BaseModel:
+        """The whole response, once generation ends."""
+
+    @abstractmethod
+    def stream(self, request: Any, job: GenerationJob) -> AsyncIterator[str]:
+        """Server-sent events, ending with ``data: [DONE]``."""
+
+    async def respond(self, request: SamplingRequest, raw: Request) -> BaseModel | StreamingResponse:
+        """Serve one request; the engine request is aborted if the client goes away."""
+        job = await self.prepare(request)
+        if request.stream:
+            return await event_stream(self.stream(request, job))
+        return await cancel_on_disconnect(raw, self.complete(request, job))
 
     def resolve_model(self, model: str) -> ServedAdapter | None:
         """``None`` for the base model, the adapter otherwise; unknown names are a 404."""

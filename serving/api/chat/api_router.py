@@ -6,7 +6,6 @@ from fastapi import APIRouter, FastAPI, Request
 
 from serving.api.chat.protocol import ChatCompletionRequest, ChatCompletionResponse
 from serving.api.deps import ChatServingDep
-from serving.api.disconnect import cancel_on_disconnect, event_stream
 from serving.api.errors import ErrorResponse
 
 router = APIRouter(tags=["chat"])
@@ -18,10 +17,7 @@ router = APIRouter(tags=["chat"])
     responses={400: {"model": ErrorResponse}, 404: {"model": ErrorResponse}, 503: {"model": ErrorResponse}},
 )
 async def create_chat_completion(request: ChatCompletionRequest, raw: Request, serving: ChatServingDep):
-    job = await serving.prepare(request)
-    if request.stream:
-        return await event_stream(serving.stream(request, job))
-    return await cancel_on_disconnect(raw, serving.complete(request, job))
+    return await serving.respond(request, raw)
 
 
 def attach_router(app: FastAPI) -> None:

@@ -24,7 +24,6 @@ class ChatServing(GenerationServing):
     request_prefix = "chatcmpl"
 
     async def prepare(self, request: ChatCompletionRequest) -> GenerationJob:
-        """Validate, render the chat template, tokenize; raised errors precede engine work."""
         adapter = self.resolve_model(request.model)
         messages = [{"role": m.role, "content": m.text} for m in request.messages]
         try:

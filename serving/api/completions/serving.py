@@ -15,7 +15,6 @@ class CompletionServing(GenerationServing):
     request_prefix = "cmpl"
 
     async def prepare(self, request: CompletionRequest) -> GenerationJob:
-        """Validate and tokenize; every error here is raised before any engine work."""
         adapter = self.resolve_model(request.model)
         prompts = await self._prompt_ids(request.prompt)
         max_tokens = min(self.max_tokens_for(len(ids), request.max_tokens, "max_tokens") for ids in prompts)
