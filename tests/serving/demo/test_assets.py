@@ -1,0 +1,214 @@
+"""Tests for the locally built demo assets (tiny Llama base + three LoRA adapters).
+
+Two full builds run per session (about a minute each on two CPU cores): one
+shared tree, and a forced rebuild over a copy of it to check determinism.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from peft import PeftModel
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from serving.demo import (
+    DEMO_ADAPTERS,
+    DEMO_BASE_NAME,
+    DOMAIN_KEYWORDS,
+    DemoAssets,
+    build_demo_assets,
+    demo_assets_ready,
+)
+from serving.demo import assets as assets_module
+from serving.demo import corpus
+
+NEUTRAL_PROMPT = "The"
+CHAT_MESSAGES = [{"role": "user", "content": "Tell me something."}]
+NEW_TOKENS = 24
+MODES = ("completion", "chat")
+
+
+@pytest.fixture(scope="session")
+def assets(tmp_path_factory: pytest.TempPathFactory) -> DemoAssets:
+    return build_demo_assets(tmp_path_factory.mktemp("demo") / "assets")
+
+
+@pytest.fixture(scope="session")
+def tokenizer(assets: DemoAssets):
+    return AutoTokenizer.from_pretrained(assets.base)
+
+
+@pytest.fixture(scope="session")
+def rebuilt(assets: DemoAssets, tmp_path_factory: pytest.TempPathFactory) -> DemoAssets:
+    """A forced rebuild over a stale copy of ``assets``, next to a killed build's leftovers."""
+    root = tmp_path_factory.mktemp("demo-rebuilt") / "assets"
+    shutil.copytree(assets.root, root)
+    (root / "stale.txt").write_text("from an older tree")
+    (root.parent / ".assets.build-killed").mkdir()
+    return build_demo_assets(root, force=True)
+
+
+def _generate(model, tokenizer, mode: str) -> str:
+    """Greedy continuation of the neutral prompt, as completion or as chat."""
+    if mode == "chat":
+        input_ids = tokenizer.apply_chat_template(
+            CHAT_MESSAGES, add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )["input_ids"]
+    else:
+        input_ids = tokenizer(NEUTRAL_PROMPT, return_tensors="pt").input_ids
+    with torch.no_grad():
+        output = model.generate(
+            input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            max_new_tokens=NEW_TOKENS,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    return tokenizer.decode(output[0, input_ids.shape[1] :], skip_special_tokens=True)
+
+
+@pytest.fixture(scope="session")
+def outputs(assets: DemoAssets, tokenizer) -> dict[str, dict[str, str]]:
+    """Greedy outputs keyed by model ("base" or an adapter name), then by mode."""
+    base = AutoModelForCausalLM.from_pretrained(assets.base).eval()
+    result = {"base": {mode: _generate(base, tokenizer, mode) for mode in MODES}}
+    for name, path in assets.adapters.items():
+        fresh_base = AutoModelForCausalLM.from_pretrained(assets.base)
+        model = PeftModel.from_pretrained(fresh_base, path).eval()
+        result[name] = {mode: _generate(model, tokenizer, mode) for mode in MODES}
+    return result
+
+
+def _keyword_counts(text: str) -> dict[str, int]:
+    words = re.findall(r"[a-z]+", text.lower())
+    return {domain: sum(word in keywords for word in words) for domain, keywords in DOMAIN_KEYWORDS.items()}
+
+
+def test_keywords_are_lowercase_disjoint_and_cover_every_adapter() -> None:
+    assert set(DOMAIN_KEYWORDS) == set(DEMO_ADAPTERS)
+    seen: set[str] = set()
+    for words in DOMAIN_KEYWORDS.values():
+        assert 10 <= len(words) <= 20
+        assert all(word == word.lower() and word.isalpha() for word in words)
+        assert not seen & set(words)
+        seen |= set(words)
+
+
+def test_corpora_ship_as_package_data() -> None:
+    for domain in corpus.DOMAINS:
+        lines = corpus.read_lines(domain)
+        assert len(lines) >= 200
+        assert len(set(lines)) == len(lines), f"{domain}.txt has duplicate lines"
+
+
+def test_layout_and_base_config(assets: DemoAssets) -> None:
+    assert demo_assets_ready(assets.root)
+    for name in ("config.json", "model.safetensors", "generation_config.json", "tokenizer.json"):
+        assert (assets.base / name).is_file(), name
+    config = AutoConfig.from_pretrained(assets.base)
+    assert config.architectures == ["LlamaForCausalLM"]
+    assert config.head_dim == 64
+    assert config.hidden_size // config.num_attention_heads == 64
+    assert config.tie_word_embeddings
+    assert config.max_position_embeddings == 2048
+    assert json.loads((assets.base / "config.json").read_text())["dtype"] == "float32"
+
+
+def test_only_safetensors_weights(assets: DemoAssets) -> None:
+    suffixes = {p.suffix for p in assets.root.rglob("*") if p.is_file()}
+    assert not suffixes & {".bin", ".pt", ".pth", ".ckpt"}
+    for path in assets.adapters.values():
+        assert sorted(p.name for p in path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+
+
+def test_tree_is_path_independent(assets: DemoAssets) -> None:
+    for path in assets.root.rglob("*.json"):
+        assert str(assets.root) not in path.read_text(), path
+
+
+def test_tokenizer_and_chat_template(assets: DemoAssets, tokenizer) -> None:
+    assert "chat_template" in json.loads((assets.base / "tokenizer_config.json").read_text())
+    assert tokenizer.bos_token == "<s>" and tokenizer.eos_token == "</s>"
+    assert tokenizer.pad_token is not None
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi."},
+        {"role": "assistant", "content": "Hello."},
+        {"role": "user", "content": "Tell me something."},
+    ]
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert text.startswith("<s><|system|>\nBe brief.</s>")
+    assert text.endswith("<|user|>\nTell me something.</s>\n<|assistant|>\n")
+    assert not tokenizer.apply_chat_template(messages, tokenize=False).endswith("<|assistant|>\n")
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)["input_ids"]
+    assert ids[0] == tokenizer.bos_token_id
+    assert max(ids) < AutoConfig.from_pretrained(assets.base).vocab_size
+    code = "def add(a, b):\n    return a + b"
+    assert tokenizer.decode(tokenizer(code).input_ids, skip_special_tokens=True) == code
+
+
+def test_adapter_configs(assets: DemoAssets) -> None:
+    for path in assets.adapters.values():
+        config = json.loads((path / "adapter_config.json").read_text())
+        assert config["base_model_name_or_path"] == DEMO_BASE_NAME
+        assert config["peft_type"] == "LORA" and config["r"] == 8 and config["lora_alpha"] == 16
+        assert set(config["target_modules"]) == {
+            "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+        }  # fmt: skip
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("adapter", DEMO_ADAPTERS)
+def test_adapter_writes_in_its_domain(outputs: dict[str, dict[str, str]], adapter: str, mode: str) -> None:
+    text = outputs[adapter][mode]
+    counts = _keyword_counts(text)
+    others = {domain: n for domain, n in counts.items() if domain != adapter}
+    assert counts[adapter] > max(others.values()), f"{adapter} ({mode}) wrote {text!r}: {counts}"
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_base_and_adapters_all_differ(outputs: dict[str, dict[str, str]], mode: str) -> None:
+    texts = [outputs[name][mode] for name in ("base", *DEMO_ADAPTERS)]
+    assert len(set(texts)) == len(texts), texts
+
+
+def test_second_build_is_a_no_op(assets: DemoAssets) -> None:
+    before = {p: p.stat().st_mtime_ns for p in assets.root.rglob("*")}
+    assert build_demo_assets(assets.root) == assets
+    assert {p: p.stat().st_mtime_ns for p in assets.root.rglob("*")} == before
+
+
+def test_forced_rebuild_is_byte_identical(assets: DemoAssets, rebuilt: DemoAssets) -> None:
+    assert not (rebuilt.root / "stale.txt").exists(), "force=True must replace the old tree"
+    assert not list(rebuilt.root.parent.glob(".assets.*-*")), "staging leftovers remain"
+    weights = ["base/model.safetensors"]
+    weights += [f"adapters/{name}/adapter_model.safetensors" for name in DEMO_ADAPTERS]
+    for rel in weights:
+        assert (rebuilt.root / rel).read_bytes() == (assets.root / rel).read_bytes(), rel
+    assert (rebuilt.root / "MANIFEST.json").read_text() == (assets.root / "MANIFEST.json").read_text()
+
+
+def test_ready_requires_complete_current_tree(rebuilt: DemoAssets, tmp_path: Path) -> None:
+    missing = shutil.copytree(rebuilt.root, tmp_path / "missing")
+    (missing / "adapters" / "legal" / "adapter_model.safetensors").unlink()
+    assert not demo_assets_ready(missing)
+
+    truncated = shutil.copytree(rebuilt.root, tmp_path / "truncated")
+    (truncated / "base" / "model.safetensors").write_bytes(b"")
+    assert not demo_assets_ready(truncated)
+
+    outdated = shutil.copytree(rebuilt.root, tmp_path / "outdated")
+    manifest = json.loads((outdated / "MANIFEST.json").read_text())
+    manifest["format_version"] = assets_module.BUILD_FORMAT_VERSION - 1
+    (outdated / "MANIFEST.json").write_text(json.dumps(manifest))
+    assert not demo_assets_ready(outdated)
+
+    unmanifested = shutil.copytree(rebuilt.root, tmp_path / "unmanifested")
+    (unmanifested / "MANIFEST.json").unlink()
+    assert not demo_assets_ready(unmanifested)
+    assert demo_assets_ready(rebuilt.root)
