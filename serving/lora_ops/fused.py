@@ -1,0 +1,195 @@
+"""Fused, pre-packed copies of a LoRA layer's stacked weights.
+
+Why: vLLM stores LoRA weights per output slice (q, k, v or gate, up) as
+``(num_slots, 1, rank, in)`` A and ``(num_slots, 1, out_i, rank)`` B. Running
+them as stored costs one shrink and one expand matmul per slice, and a small
+bfloat16 ``torch.mm`` on CPU has ~20 us of fixed oneDNN setup cost, several
+times the arithmetic. So per layer we keep, built once and rebuilt only when
+a slot's weights change:
+
+* ``a``: (S, R, in), R = sum of slice ranks: the slices' A stacked, so one
+  matmul shrinks all slices;
+* ``b``: (S, R, out) block-diagonal B (slice i's rank rows only feed slice
+  i's output columns), so one matmul expands all slices. The zero blocks
+  cost flops, which only matters for long (prefill) batches: those use
+* ``b_parts[i]``: (S, r_i, out_i), slice i's B alone, for one ``addmm_``
+  per slice straight into y's columns;
+* matmul objects (``Gemm``) for one slot (``x @ a[s].T``, ``h @ b[s]``) and
+  for all slots side by side (``x @ a.view(S*R, in).T``), built lazily.
+
+Invalidation: vLLM writes a slot in place (``reset_lora`` + ``copy_``), which
+bumps the stacked tensors' ``_version``. On a version change the slots whose
+contents differ from our copy are re-copied and lose their packed matmuls;
+the others keep theirs.
+"""
+
+from __future__ import annotations
+
+import torch
+
+_ONEDNN_DTYPES = (torch.bfloat16, torch.float32)
+
+# Pack a matmul as vLLM's oneDNN handler (the same kind its base linear
+# layers use: ~6 us per decode-sized call instead of ~20 us for torch.mm)
+# once it has been called PACK_AFTER_CALLS times with at most PACK_MAX_ROWS
+# rows: the ~0.2 ms build pays off over decode steps, which call the same
+# matmul every step. Prefill-sized calls are dominated by arithmetic, and a
+# slot loaded for one request's prefill (after an adapter swap) is often
+# used only once or twice that way, so those stay on torch.mm.
+PACK_MAX_ROWS = 64
+PACK_AFTER_CALLS = 3
+
+
+def _onednn_ops():
+    """vLLM's custom op module if it has the oneDNN matmul, else None."""
+    try:
+        from vllm import _custom_ops as ops
+    except Exception:  # pragma: no cover - vLLM without compiled ops
+        return None
+    return ops if getattr(ops, "_supports_onednn", False) else None
+
+
+class Gemm:
+    """``out = x @ w`` for a fixed ``w`` (K, N); ``out`` must be contiguous."""
+
+    __slots__ = ("w", "_handler", "_handle", "_small_calls")
+
+    def __init__(self, w: torch.Tensor):
+        self.w = w.contiguous()  # (K, N)
+        self._handler = None  # owns the oneDNN handle (freed with it); False: none
+        self._handle = None
+        self._small_calls = 0
+
+    def _pack(self) -> None:
+        ops = _onednn_ops() if self.w.dtype in _ONEDNN_DTYPES else None
+        try:
+            self._handler = ops.create_onednn_mm(self.w, 32) if ops else False
+        except RuntimeError:
+            self._handler = False
+        self._handle = self._handler.handler_tensor if self._handler else None
+
+    def __call__(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        # x: (M, K), out: (M, N)
+        if self._handler is None and x.shape[0] <= PACK_MAX_ROWS:
+            self._small_calls += 1
+            if self._small_calls >= PACK_AFTER_CALLS:
+                self._pack()
+        if self._handle is not None:
+            torch.ops._C.onednn_mm(out, x, None, self._handle)
+        else:
+            torch.mm(x, self.w, out=out)
+        return out
+
+
+def _fuse(lora_a, lora_b, output_slices, dtype):
+    """Stack slices: a (S, R, in), block-diagonal b (S, R, out), b_parts."""
+    # lora_a[i]: (S, 1, r_i, in); lora_b[i]: (S, 1, out_i, r_i)
+    a = torch.cat([t[:, 0] for t in lora_a], dim=1).to(dtype).contiguous()
+    parts = tuple(
+        t[:, 0, :width].transpose(1, 2).to(dtype).contiguous()  # (S, r_i, out_i)
+        for t, width in zip(lora_b, output_slices)
+    )
+    b = torch.zeros(a.shape[0], a.shape[1], sum(output_slices), dtype=dtype)
+    row = col = 0
+    for part in parts:
+        b[:, row : row + part.shape[1], col : col + part.shape[2]] = part
+        row += part.shape[1]
+        col += part.shape[2]
+    return a, b, parts
+
+
+def _nonzero_slots(a: torch.Tensor, b: torch.Tensor) -> list[bool]:
+    """Per slot: does it change the output at all? An adapter that does not
+    target this module (e.g. q/v-only adapters seen from gate_up), or an
+    empty slot, has all-zero weights here and is skipped."""
+    return [bool(a[s].any()) and bool(b[s].any()) for s in range(a.shape[0])]
+
+
+class FusedLinear:
+    """Fused weights and packed matmuls of one LoRA linear layer."""
+
+    def __init__(self, lora_a, lora_b, output_slices, dtype):
+        self.sources = tuple(lora_a) + tuple(lora_b)
+        self.versions = [t._version for t in self.sources]
+        self.dtype = dtype
+        self.output_slices = tuple(output_slices)
+        self.a, self.b, self.b_parts = _fuse(lora_a, lora_b, output_slices, dtype)
+        self.num_slots, self.rank, self.out_features = self.b.shape
+        self.nonzero = _nonzero_slots(self.a, self.b)
+        self._a_slot: list[Gemm | None] = [None] * self.num_slots
+        self._b_slot: list[Gemm | None] = [None] * self.num_slots
+        self._a_all: Gemm | None = None
+        self._b_all: Gemm | None = None
+        self.rebuilds = 0
+
+    def matches(self, lora_a, dtype) -> bool:
+        """Same tensors, same dtype, no in-place write since the last build."""
+        if dtype is not self.dtype or self.sources[0] is not lora_a[0]:
+            return False
+        return [t._version for t in self.sources] == self.versions
+
+    def refresh(self, lora_a, lora_b, output_slices, dtype) -> None:
+        """Re-copy the slots whose contents changed; drop only their packed
+        matmuls (and the all-slots ones). An adapter swap rewrites one slot,
+        so the other slots keep their packed handlers."""
+        if dtype is not self.dtype or tuple(output_slices) != self.output_slices:
+            self.__init__(lora_a, lora_b, output_slices, dtype)
+            return
+        changed = [s for s in range(self.num_slots) if self._slot_changed(lora_a, lora_b, s)]
+        for s in changed:
+            self._write_slot(lora_a, lora_b, s)
+            self._a_slot[s] = self._b_slot[s] = None
+        if changed:
+            self._a_all = self._b_all = None
+        self.sources = tuple(lora_a) + tuple(lora_b)
+        self.versions = [t._version for t in self.sources]
+        self.rebuilds += 1
+
+    def _slot_changed(self, lora_a, lora_b, s: int) -> bool:
+        row = 0
+        for t in lora_a:  # (S, 1, r_i, in)
+            rank = t.shape[2]
+            if not torch.equal(t[s, 0].to(self.dtype), self.a[s, row : row + rank]):
+                return True
+            row += rank
+        for t, part in zip(lora_b, self.b_parts):  # (S, 1, out_i, r_i), (S, r_i, out_i)
+            if not torch.equal(t[s, 0, : part.shape[2]].t().to(self.dtype), part[s]):
+                return True
+        return False
+
+    def _write_slot(self, lora_a, lora_b, s: int) -> None:
+        self.a[s] = torch.cat([t[s, 0] for t in lora_a])
+        row = col = 0
+        for t, part in zip(lora_b, self.b_parts):
+            rank, width = part.shape[1], part.shape[2]
+            part[s] = t[s, 0, :width].t()
+            self.b[s, row : row + rank, col : col + width] = part[s]
+            row += rank
+            col += width
+        self.nonzero[s] = bool(self.a[s].any()) and bool(self.b[s].any())
+
+    def a_slot(self, slot: int) -> Gemm:
+        """x (M, in) -> h (M, R) for one slot."""
+        g = self._a_slot[slot]
+        if g is None:
+            g = self._a_slot[slot] = Gemm(self.a[slot].t())
+        return g
+
+    def b_slot(self, slot: int) -> Gemm:
+        """h (M, R) -> delta (M, out) for one slot."""
+        g = self._b_slot[slot]
+        if g is None:
+            g = self._b_slot[slot] = Gemm(self.b[slot])
+        return g
+
+    def a_all(self) -> Gemm:
+        """x (M, in) -> h (M, S*R), all slots side by side."""
+        if self._a_all is None:
+            self._a_all = Gemm(self.a.reshape(-1, self.a.shape[-1]).t())
+        return self._a_all
+
+    def b_all(self) -> Gemm:
+        """h (M, S*R) -> delta (M, out), summed over slots."""
+        if self._b_all is None:
+            self._b_all = Gemm(self.b.reshape(-1, self.out_features))
+        return self._b_all

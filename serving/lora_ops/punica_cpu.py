@@ -1,0 +1,286 @@
+"""Grouped punica wrapper for vLLM's CPU LoRA path.
+
+Why this exists (vLLM 0.32, ``PunicaWrapperCPU`` + ``lora/ops/torch_ops``):
+
+1. Correctness: a token without an adapter has LoRA index -1 and the stock
+   torch ops gather ``weights[indices]``, so -1 picks the *last* slot. With
+   every slot occupied, base-model requests in a mixed batch silently get
+   that slot's adapter. Here -1 tokens are never read nor written.
+2. Speed: the stock ops gather one weight matrix per token, cast dtypes on
+   every call and launch one shrink + one expand per output slice. Here the
+   routing is planned once per step (``plan.py``), weights are fused across
+   slices and packed once per adapter load (``fused.py``), and a LoRA linear
+   layer costs 3 ops (shrink, expand, add) when every token uses one adapter
+   and 4 for any adapter mix in a decode batch; never one matmul per token.
+
+Only ``add_lora_linear`` (every q/k/v/o/gate/up/down call) is tuned.
+``add_lora_embedding``, ``add_lora_logits``, ``add_shrink`` and ``add_expand``
+(embedding / lm_head adapters, fully-sharded TP layers) are plain grouped
+loops: correct, one matmul per present slot. ``apply_lora_full_linear``
+(classifier heads) is inherited: it masks -1 rows itself.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
+
+from .fused import PACK_MAX_ROWS, FusedLinear
+from .plan import MASKED, NONE, RUNS, StepPlan, build_plan
+
+
+import os as _os
+_NOOP = bool(_os.environ.get("TMP_NOOP"))
+
+
+class GroupedPunicaWrapperCPU(PunicaWrapperCPU):
+    """PunicaWrapperCPU with -1-safe, per-adapter (not per-token) LoRA ops."""
+
+    # Tests and experiments may pin a mode (see plan.FORCE_MODE_ENV).
+    force_mode: str | None = None
+
+    def __init__(self, max_num_batched_tokens: int, max_batches: int, device, **kwargs):
+        super().__init__(max_num_batched_tokens, max_batches, device, **kwargs)
+        empty = torch.empty(0, dtype=torch.long)
+        self._plan = StepPlan(0, NONE, empty)  # tokens of the forward pass
+        self._sampler_plan = StepPlan(0, NONE, empty)  # rows of the logits
+        self._fused: dict[int, FusedLinear] = {}  # id(lora_a[0]) -> fused weights
+        self._scratch: dict[tuple, torch.Tensor] = {}
+        self._nonzero_cache: dict[int, tuple] = {}
+
+    # ------------------------------------------------------------------ metadata
+    def update_metadata(
+        self,
+        mapping,
+        lora_index_to_id: list[int | None],
+        max_loras: int,
+        vocab_size: int,
+        **kwargs,
+    ) -> None:
+        """Base index tensors (used by vLLM's layers) + our per-step plans.
+
+        The stock ``compute_meta`` (unique_consecutive + ``.item()`` syncs) is
+        skipped: none of our ops reads ``prefill_metadata``.
+        """
+        self._update_base_metadata(mapping, lora_index_to_id, max_loras, vocab_size)
+        self.is_prefill = mapping.is_prefill
+        slot_of = {lid: i for i, lid in enumerate(lora_index_to_id) if lid is not None}
+        num_slots = len(lora_index_to_id)
+        token_slots = [slot_of[i] if i > 0 else -1 for i in mapping.index_mapping]
+        prompt_slots = [slot_of[i] if i > 0 else -1 for i in mapping.prompt_mapping]
+        self._plan = build_plan(token_slots, num_slots, self.force_mode)
+        self._sampler_plan = build_plan(prompt_slots, num_slots, self.force_mode)
+        self.no_lora = self._plan.mode == NONE
+
+    def _buffer(self, name: str, rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
+        """Reusable contiguous (rows, cols) scratch (the forward pass is
+        single-threaded). Decode-sized buffers are kept per exact shape, as
+        even a slice view costs ~1 us; larger ones are views of one buffer."""
+        key = (name, rows, cols, dtype) if rows <= 64 else (name, cols, dtype)
+        buf = self._scratch.get(key)
+        if buf is None or buf.shape[0] < rows:
+            buf = self._scratch[key] = torch.empty(rows, cols, dtype=dtype)
+        return buf if buf.shape[0] == rows else buf[:rows]
+
+    def _fused_weights(self, lora_a, lora_b, output_slices, dtype) -> FusedLinear:
+        fused = self._fused.get(id(lora_a[0]))
+        if fused is None:
+            fused = self._fused[id(lora_a[0])] = FusedLinear(lora_a, lora_b, output_slices, dtype)
+        elif not fused.matches(lora_a, dtype):
+            fused.refresh(lora_a, lora_b, output_slices, dtype)
+        return fused
+
+    # ------------------------------------------------------------- hot path
+    def add_lora_linear(
+        self,
+        y: torch.Tensor,
+        x: torch.Tensor,
+        lora_a_stacked: tuple[torch.Tensor, ...],
+        lora_b_stacked: tuple[torch.Tensor, ...],
+        scale: float,
+        output_slices: tuple[int, ...],
+        *,
+        buffer=None,
+        **kwargs: Any,
+    ) -> None:
+        """y[t] += x[t] @ A[slot_t].T @ B[slot_t].T * scale, for slot_t >= 0.
+
+        y: (T, sum(output_slices)), updated in place; x: (T, in).
+        """
+        plan = self._plan
+        if plan.mode == NONE or _NOOP:
+            return
+        n = plan.num_tokens
+        if x.shape[0] != n:  # padded batch: rows past the mapping have no adapter
+            x, y = x[:n], y[:n]
+        fused = self._fused_weights(lora_a_stacked, lora_b_stacked, output_slices, x.dtype)
+        nonzero = fused.nonzero  # slots whose adapter targets this layer
+        if not any(nonzero[s] for s in plan.present):
+            return
+        # Note: running these small matmuls on one OpenMP thread would avoid
+        # a fork/join per op, but inside vLLM's CPU worker (threads bound to
+        # cores) a set_num_threads(1)/(n) pair costs ~26 us and slows the next
+        # base matmul, so the LoRA ops share the worker's thread count.
+        self._apply_linear(y, x, fused, plan, scale)
+
+    def _apply_linear(self, y, x, fused: FusedLinear, plan: StepPlan, scale: float) -> None:
+        nonzero = fused.nonzero
+        if plan.full_slot >= 0:  # every token on one adapter: no gather, no slicing
+            self._one_slot(y, x, fused, plan.full_slot, scale)
+        elif plan.mode == RUNS:
+            for slot, start, end in plan.runs:
+                if nonzero[slot]:
+                    self._one_slot(y[start:end], x[start:end], fused, slot, scale)
+        elif plan.mode == MASKED:
+            self._masked(y, x, fused, plan, scale)
+        else:
+            self._gathered(y, x, fused, plan, scale)
+
+    def _one_slot(self, y, x, fused: FusedLinear, slot: int, scale: float) -> None:
+        """y += x @ A[slot].T @ B[slot].T.
+
+        Decode-sized: 3 ops (shrink, block-diagonal expand, add). Longer:
+        shrink, then one ``addmm_`` per slice into y's own columns, which
+        skips the zero blocks (a third of the qkv expand flops) and the
+        extra pass over a (T, out) temporary.
+        """
+        n = x.shape[0]
+        h = fused.a_slot(slot)(x, self._buffer("h", n, fused.rank, fused.dtype))  # (n, R)
+        if scale != 1.0:
+            h.mul_(scale)
+        if n <= PACK_MAX_ROWS:
+            y.add_(fused.b_slot(slot)(h, self._buffer("d", n, fused.out_features, fused.dtype)))
+            return
+        row = col = 0
+        for part in fused.b_parts:  # (S, r_i, out_i)
+            rank, width = part.shape[1], part.shape[2]
+            y[:, col : col + width].addmm_(h[:, row : row + rank], part[slot])
+            row += rank
+            col += width
+
+    def _masked(self, y, x, fused: FusedLinear, plan: StepPlan, scale: float) -> None:
+        """All slots in one shrink and one expand; a mask keeps each token's
+        own slot columns (none for -1 tokens): 4 ops for any adapter mix."""
+        n, slots, rank = x.shape[0], fused.num_slots, fused.rank
+        h = fused.a_all()(x, self._buffer("h", n, slots * rank, fused.dtype))  # (n, S*R)
+        h.mul_(plan.mask(slots, rank, fused.dtype))
+        if scale != 1.0:
+            h.mul_(scale)
+        y.add_(fused.b_all()(h, self._buffer("d", n, fused.out_features, fused.dtype)))
+
+    def _gathered(self, y, x, fused: FusedLinear, plan: StepPlan, scale: float) -> None:
+        """Active rows gathered in slot order, one shrink + expand per slot,
+        one scatter-add back: least flops for long interleaved batches."""
+        perm, dtype = plan.perm, fused.dtype
+        active = perm.shape[0]
+        xs = torch.index_select(x, 0, perm, out=self._buffer("x", active, x.shape[1], dtype))
+        h = self._buffer("h", active, fused.rank, dtype)  # (active, R), slot-sorted
+        d = self._buffer("d", active, fused.out_features, dtype)  # (active, out)
+        for slot, start, end in plan.runs:
+            hs = fused.a_slot(slot)(xs[start:end], h[start:end])
+            if scale != 1.0:
+                hs.mul_(scale)
+            fused.b_slot(slot)(hs, d[start:end])
+        y.index_add_(0, perm, d)
+
+    # ------------------------------------------------- grouped general paths
+    def _nonzero(self, t: torch.Tensor) -> list[bool]:
+        """Per slot of a stacked (S, ...) weight: any non-zero entry? Cached
+        until the tensor is written (``_version``)."""
+        hit = self._nonzero_cache.get(id(t))
+        if hit is None or hit[0] is not t or hit[1] != t._version:
+            hit = (t, t._version, [bool(t[s].any()) for s in range(t.shape[0])])
+            self._nonzero_cache[id(t)] = hit
+        return hit[2]
+
+    def _groups(self, plan: StepPlan, rows: int, *weights: torch.Tensor):
+        """(slot, token rows) for each present slot, restricted to ``rows``,
+        skipping slots where any of ``weights`` is all zero."""
+        masks = [self._nonzero(w) for w in weights]
+        for slot in plan.present:
+            if not all(m[slot] for m in masks):
+                continue
+            idx = plan.rows_of(slot)
+            if rows < plan.num_tokens:
+                idx = idx[idx < rows]
+            if idx.numel():
+                yield slot, idx
+
+    def add_shrink(
+        self,
+        y: tuple[torch.Tensor, ...] | torch.Tensor,
+        x: torch.Tensor,
+        lora_a_stacked: tuple[torch.Tensor, ...],
+        scale: float,
+        **kwargs: Any,
+    ) -> None:
+        """y[i][t] = x[t] @ A_i[slot_t].T * scale for slot_t >= 0 (rows of
+        -1 tokens untouched). y[i]: (T, r_i), usually float32."""
+        x = x.reshape(-1, x.shape[-1])
+        for i, a in enumerate(lora_a_stacked):
+            yi = y[i]
+            for slot, idx in self._groups(self._plan, x.shape[0]):
+                w = a[slot, 0].to(yi.dtype)  # (r, in)
+                yi.index_copy_(0, idx, (x.index_select(0, idx).to(yi.dtype) @ w.T) * scale)
+
+    def add_expand(
+        self,
+        y: torch.Tensor,
+        x: tuple[torch.Tensor, ...] | torch.Tensor,
+        lora_b_stacked: tuple[torch.Tensor, ...],
+        output_slices: tuple[int, ...],
+        offset_start: int = 0,
+        add_inputs: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        """y[t, slice i] (+)= x[i][t] @ B_i[slot_t].T for slot_t >= 0."""
+        y2 = y.view(-1, y.shape[-1])
+        offset = offset_start
+        for i, b in enumerate(lora_b_stacked):
+            width = output_slices[i]
+            y_slice = y2[:, offset : offset + width]
+            for slot, idx in self._groups(self._plan, y2.shape[0], b):
+                w = b[slot, 0, :width].to(y.dtype)  # (width, r)
+                delta = x[i].index_select(0, idx).to(y.dtype) @ w.T
+                if add_inputs:
+                    y_slice.index_add_(0, idx, delta)
+                else:
+                    y_slice.index_copy_(0, idx, delta)
+            offset += width
+
+    def add_lora_embedding(
+        self,
+        y: torch.Tensor,
+        x: torch.Tensor,
+        lora_b_stacked: torch.Tensor,
+        add_inputs: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        """y[t] (+)= x[t] @ B[slot_t].T; x: (T, r) rows of the A embeddings."""
+        self.add_expand(y, (x,), (lora_b_stacked,), (y.shape[-1],), 0, add_inputs)
+
+    def add_lora_logits(
+        self,
+        y: torch.Tensor,
+        x: torch.Tensor,
+        lora_a_stacked: torch.Tensor,
+        lora_b_stacked: torch.Tensor,
+        scale,
+        *,
+        buffer=None,
+        **kwargs: Any,
+    ) -> None:
+        """logits[t, :V] += x[t] @ A[slot_t].T @ B[slot_t].T * scale, routed
+        by the sampler mapping (one row per sampled token)."""
+        y2 = y.view(-1, y.shape[-1])
+        x = x.reshape(-1, x.shape[-1])
+        vocab = min(lora_b_stacked.shape[2], y2.shape[1])
+        y_head = y2[:, :vocab]
+        groups = self._groups(self._sampler_plan, x.shape[0], lora_a_stacked, lora_b_stacked)
+        for slot, idx in groups:
+            a = lora_a_stacked[slot, 0].to(x.dtype)  # (r, hidden)
+            b = lora_b_stacked[slot, 0, :vocab].to(x.dtype)  # (V, r)
+            h = (x.index_select(0, idx) @ a.T) * scale
+            y_head.index_add_(0, idx, (h @ b.T).to(y.dtype))

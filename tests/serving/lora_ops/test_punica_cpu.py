@@ -1,0 +1,303 @@
+"""Unit tests for the grouped CPU punica wrapper (no engine).
+
+Every case builds the wrapper's metadata the way vLLM does (``update_metadata``
+with a real ``LoRAMapping`` and slot table) and compares against a plain
+per-token reference loop written here.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from vllm.lora.layers import LoRAMapping
+from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
+
+from serving.lora_ops import fused
+from serving.lora_ops.plan import GATHER, MASKED, RUNS
+from serving.lora_ops.punica_cpu import GroupedPunicaWrapperCPU
+
+IN, RANK = 96, 8
+SLOT_IDS = [11, 12, 13, 14]  # lora_index_to_id: slot s holds LoRA id SLOT_IDS[s]
+SLICES = {
+    "one_slice": (80,),
+    "gate_up_like": (64, 64),
+    "qkv_like": (64, 32, 32),
+}
+# Per request: the LoRA id it uses (0 = base model, no adapter).
+PATTERNS = {
+    "all_none": [0, 0, 0],
+    "all_one_slot": [12, 12, 12, 12],
+    "mixed_with_none": [0, 11, 0, 13, 11],
+    "all_slots_full_with_none": [14, 0, 11, 12, 0, 13, 14],
+    "noncontiguous_same_adapter": [12, 13, 12, 13, 12, 0],
+}
+# Tokens per request; long_prefill (> 64 tokens per step) covers the unpacked torch.mm path.
+PHASES = {"prefill": [5, 1, 3, 7, 2, 4, 6], "decode": [1] * 7, "long_prefill": [40, 30, 50, 20, 35, 25, 45]}
+DTYPES = {torch.float32: 1e-4, torch.bfloat16: 3e-2}
+MODES = [None, RUNS, GATHER, MASKED]  # None = chosen by the cost model
+
+
+def _mapping(pattern: str, phase: str) -> tuple[list[int], list[int]]:
+    """(per-token LoRA ids, per-request LoRA ids)."""
+    req_ids = PATTERNS[pattern]
+    lens = PHASES[phase][: len(req_ids)]
+    return [i for i, n in zip(req_ids, lens) for _ in range(n)], req_ids
+
+
+def _slot(lora_id: int) -> int:
+    return SLOT_IDS.index(lora_id) if lora_id > 0 else -1
+
+
+def _wrapper(cls, token_ids, prompt_ids, is_prefill=True, force_mode=None):
+    w = cls(max_num_batched_tokens=512, max_batches=16, device="cpu")
+    w.force_mode = force_mode
+    mapping = LoRAMapping(tuple(token_ids), tuple(prompt_ids), is_prefill=is_prefill)
+    w.update_metadata(mapping, list(SLOT_IDS), len(SLOT_IDS) + 1, 1000)
+    return w
+
+
+def _weights(slices, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    s = len(SLOT_IDS)
+    a = tuple(torch.randn(s, 1, RANK, IN, generator=g).div(IN**0.5).to(dtype) for _ in slices)
+    b = tuple(torch.randn(s, 1, n, RANK, generator=g).div(RANK**0.5).to(dtype) for n in slices)
+    return a, b
+
+
+def _reference(y, x, a, b, slices, token_ids, scale=1.0):
+    """y[t] += x[t] @ A[slot].T @ B[slot].T * scale per slice; -1 skipped."""
+    out = y.float().clone()
+    for t, lora_id in enumerate(token_ids):
+        slot = _slot(lora_id)
+        if slot < 0:
+            continue
+        col = 0
+        for ai, bi, n in zip(a, b, slices):
+            h = x[t].float() @ ai[slot, 0].float().T * scale
+            out[t, col : col + n] += h @ bi[slot, 0].float().T
+            col += n
+    return out
+
+
+def _check(got, want, y0, token_ids, tol):
+    none_rows = [t for t, i in enumerate(token_ids) if i == 0]
+    # Tokens without an adapter must be bit-for-bit untouched.
+    assert torch.equal(got[none_rows], y0[none_rows])
+    scale = want.abs().max().clamp_min(1.0)
+    torch.testing.assert_close(got.float(), want, atol=tol * scale, rtol=tol)
+
+
+@pytest.fixture(params=["packed", "torch_mm"])
+def matmul_kind(request, monkeypatch):
+    """Run small matmuls through vLLM's packed oneDNN handler from the first
+    call, or never (plain torch.mm), so both code paths are compared."""
+    if request.param == "packed":
+        monkeypatch.setattr(fused, "PACK_AFTER_CALLS", 1)
+    else:
+        monkeypatch.setattr(fused, "PACK_MAX_ROWS", 0)
+    return request.param
+
+
+@pytest.mark.parametrize("mode", MODES, ids=lambda m: m or "auto")
+@pytest.mark.parametrize("dtype", list(DTYPES), ids=str)
+@pytest.mark.parametrize("pattern", list(PATTERNS))
+@pytest.mark.parametrize("slices", list(SLICES.values()), ids=list(SLICES))
+@pytest.mark.parametrize("phase", list(PHASES))
+def test_add_lora_linear_matches_reference(phase, slices, pattern, dtype, mode, matmul_kind):
+    token_ids, prompt_ids = _mapping(pattern, phase)
+    w = _wrapper(GroupedPunicaWrapperCPU, token_ids, prompt_ids, phase == "prefill", mode)
+    a, b = _weights(slices, dtype)
+    x = torch.randn(len(token_ids), IN).to(dtype)
+    y0 = torch.randn(len(token_ids), sum(slices)).to(dtype)
+    for _ in range(2):  # the 2nd call runs on cached fused weights / handlers
+        y = y0.clone()
+        assert w.add_lora_linear(y, x, a, b, 1.0, slices) is None  # in place
+        _check(y, _reference(y0, x, a, b, slices, token_ids), y0, token_ids, DTYPES[dtype])
+
+
+@pytest.mark.parametrize("mode", MODES, ids=lambda m: m or "auto")
+def test_scale_and_weight_reload(mode, matmul_kind):
+    """A slot reloaded in place (vLLM's set_lora) must not serve stale weights."""
+    slices = SLICES["qkv_like"]
+    token_ids, prompt_ids = _mapping("all_slots_full_with_none", "prefill")
+    w = _wrapper(GroupedPunicaWrapperCPU, token_ids, prompt_ids, force_mode=mode)
+    a, b = _weights(slices, torch.float32)
+    x = torch.randn(len(token_ids), IN)
+    y0 = torch.randn(len(token_ids), sum(slices))
+    for step in range(6):
+        y = y0.clone()
+        w.add_lora_linear(y, x, a, b, 0.5, slices)
+        _check(y, _reference(y0, x, a, b, slices, token_ids, 0.5), y0, token_ids, 1e-4)
+        # Like set_lora: reset a slot then copy new weights in place.
+        slot = step % len(SLOT_IDS)
+        for t in a + b:
+            t[slot] = 0
+            t[slot].copy_(torch.randn_like(t[slot]))
+
+
+def test_new_mapping_replaces_plan():
+    slices = SLICES["gate_up_like"]
+    a, b = _weights(slices, torch.float32)
+    w = _wrapper(GroupedPunicaWrapperCPU, [12, 12], [12, 12])
+    for pattern in PATTERNS:
+        token_ids, prompt_ids = _mapping(pattern, "decode")
+        mapping = LoRAMapping(tuple(token_ids), tuple(prompt_ids), is_prefill=True)
+        w.update_metadata(mapping, list(SLOT_IDS), len(SLOT_IDS) + 1, 1000)
+        x = torch.randn(len(token_ids), IN)
+        y0 = torch.randn(len(token_ids), sum(slices))
+        y = y0.clone()
+        w.add_lora_linear(y, x, a, b, 1.0, slices)
+        _check(y, _reference(y0, x, a, b, slices, token_ids), y0, token_ids, 1e-4)
+
+
+def test_empty_slots_in_slot_table():
+    """Slots not holding any adapter (None) and ids mapped to later slots."""
+    table = [None, 12, None, 14]
+    token_ids = [14, 0, 12, 14]
+    w = GroupedPunicaWrapperCPU(64, 8, "cpu")
+    w.update_metadata(LoRAMapping(tuple(token_ids), tuple(token_ids)), table, 5, 1000)
+    slices = SLICES["one_slice"]
+    a, b = _weights(slices, torch.float32)
+    x, y0 = torch.randn(4, IN), torch.randn(4, sum(slices))
+    y = y0.clone()
+    w.add_lora_linear(y, x, a, b, 1.0, slices)
+    want = y0.clone()
+    for t, slot in enumerate([3, -1, 1, 3]):
+        if slot >= 0:
+            want[t] += x[t] @ a[0][slot, 0].T @ b[0][slot, 0].T
+    torch.testing.assert_close(y, want)
+
+
+@pytest.mark.parametrize("pattern", list(PATTERNS))
+def test_logits_embedding_shrink_expand(pattern):
+    token_ids, prompt_ids = _mapping(pattern, "prefill")
+    w = _wrapper(GroupedPunicaWrapperCPU, token_ids, prompt_ids)
+    n_tok, n_req, s = len(token_ids), len(prompt_ids), len(SLOT_IDS)
+    vocab, slices = 50, SLICES["qkv_like"]
+    a, b = _weights(slices, torch.float32)
+
+    # Logits: routed by the per-request (sampler) mapping; y may be padded.
+    la, lb = torch.randn(s, 1, RANK, IN), torch.randn(s, 1, vocab, RANK)
+    x, y0 = torch.randn(n_req, IN), torch.randn(n_req, vocab + 6)
+    y = y0.clone()
+    w.add_lora_logits(y, x, la, lb, 2.0)
+    want = y0.clone()
+    for r, lora_id in enumerate(prompt_ids):
+        if (slot := _slot(lora_id)) >= 0:
+            want[r, :vocab] += (x[r] @ la[slot, 0].T * 2.0) @ lb[slot, 0].T
+    torch.testing.assert_close(y, want, atol=1e-4, rtol=1e-4)
+
+    # Embedding: x holds already-gathered A rows (T, r); only expand.
+    eb = torch.randn(s, 1, 40, RANK)
+    xe, ye0 = torch.randn(n_tok, RANK), torch.randn(n_tok, 40)
+    ye = ye0.clone()
+    w.add_lora_embedding(ye, xe, eb)
+    want = ye0.clone()
+    for t, lora_id in enumerate(token_ids):
+        if (slot := _slot(lora_id)) >= 0:
+            want[t] += xe[t] @ eb[slot, 0].T
+    torch.testing.assert_close(ye, want, atol=1e-4, rtol=1e-4)
+
+    # Shrink into float32 buffers, then expand: same as add_lora_linear.
+    x = torch.randn(n_tok, IN)
+    buffers = torch.zeros(len(slices), n_tok, RANK)
+    w.add_shrink(buffers, x, a, 1.0)
+    y0 = torch.randn(n_tok, sum(slices))
+    y = y0.clone()
+    w.add_expand(y, buffers, b, slices, offset_start=0, add_input=True)
+    _check(y, _reference(y0, x, a, b, slices, token_ids), y0, token_ids, 1e-4)
+
+
+def test_stock_wrapper_applies_last_slot_to_base_tokens():
+    """Documents the vLLM bug: -1 indexes the stacked weights' last slot."""
+    token_ids, prompt_ids = _mapping("all_slots_full_with_none", "decode")
+    slices = SLICES["qkv_like"]
+    a, b = _weights(slices, torch.float32)
+    x = torch.randn(len(token_ids), IN)
+    y0 = torch.randn(len(token_ids), sum(slices))
+    none_rows = [t for t, i in enumerate(token_ids) if i == 0]
+    last_slot_ids = [SLOT_IDS[-1] if i == 0 else i for i in token_ids]
+
+    for is_prefill in (True, False):
+        stock = _wrapper(PunicaWrapperCPU, token_ids, prompt_ids, is_prefill)
+        y = y0.clone()
+        stock.add_lora_linear(y, x, a, b, 1.0, slices)
+        assert not torch.allclose(y[none_rows], y0[none_rows])  # wrong ...
+        wrong = _reference(y0, x, a, b, slices, last_slot_ids)  # ... as last slot
+        torch.testing.assert_close(y, wrong, atol=1e-4, rtol=1e-4)
+
+    ours = _wrapper(GroupedPunicaWrapperCPU, token_ids, prompt_ids)
+    y = y0.clone()
+    ours.add_lora_linear(y, x, a, b, 1.0, slices)
+    assert torch.equal(y[none_rows], y0[none_rows])
+
+
+def test_register_selects_our_wrapper_on_cpu():
+    from vllm.lora.punica_wrapper.punica_selector import get_punica_wrapper
+    from vllm.platforms import current_platform
+
+    import serving.lora_ops as plugin
+
+    assert current_platform.is_cpu()
+    plugin.register()
+    plugin.register()  # idempotent
+    assert current_platform.get_punica_wrapper() == plugin.WRAPPER_QUALNAME
+    assert plugin.WRAPPER_QUALNAME.endswith(GroupedPunicaWrapperCPU.__qualname__)
+    assert type(get_punica_wrapper(64, 4, "cpu")) is GroupedPunicaWrapperCPU
+
+
+def test_register_is_noop_off_cpu(monkeypatch):
+    import vllm.platforms
+
+    import serving.lora_ops as plugin
+
+    class FakeCuda:
+        def is_cpu(self):
+            return False
+
+        @classmethod
+        def get_punica_wrapper(cls):
+            return "vllm.lora.punica_wrapper.punica_gpu.PunicaWrapperGPU"
+
+    monkeypatch.setattr(vllm.platforms, "_current_platform", FakeCuda())
+    plugin.register()
+    assert vllm.platforms.current_platform.get_punica_wrapper().endswith("PunicaWrapperGPU")
+
+
+def test_cost_model_picks_expected_modes():
+    from serving.lora_ops.plan import NONE, build_plan
+
+    assert build_plan([-1] * 8, 4).mode == NONE
+    assert build_plan([2] * 512, 4).mode == RUNS  # one adapter, prefill-sized
+    assert build_plan([2] * 16, 4).mode == RUNS  # one adapter, decode
+    assert build_plan([-1] * 8 + [1] * 300 + [-1] * 8, 4).mode == RUNS
+    decode = list(itertools.islice(itertools.cycle([0, 1, 2, 3]), 16))
+    assert build_plan(decode, 4).mode == MASKED
+    prefill = [s for s in [0, 1, 0, 2, 3, 1, 0, 2] for _ in range(64)]  # interleaved requests
+    assert build_plan(prefill, 4).mode == GATHER
+    assert build_plan(sorted(prefill), 4).mode == RUNS  # each adapter contiguous
+    long_mixed = list(itertools.islice(itertools.cycle([0, 1, -1]), 2048))
+    assert build_plan(long_mixed, 4).mode == GATHER
+
+
+@pytest.mark.parametrize("mode", MODES, ids=lambda m: m or "auto")
+def test_slot_with_zero_weights_is_skipped(mode):
+    """An adapter that does not target a layer has all-zero weights there."""
+    slices = SLICES["gate_up_like"]
+    token_ids, prompt_ids = _mapping("all_slots_full_with_none", "decode")
+    w = _wrapper(GroupedPunicaWrapperCPU, token_ids, prompt_ids, force_mode=mode)
+    a, b = _weights(slices, torch.float32)
+    for t in b:
+        t[2] = 0  # slot 2 (LoRA id 13): this layer not targeted
+    x, y0 = torch.randn(len(token_ids), IN), torch.randn(len(token_ids), sum(slices))
+    y = y0.clone()
+    w.add_lora_linear(y, x, a, b, 1.0, slices)
+    _check(y, _reference(y0, x, a, b, slices, token_ids), y0, token_ids, 1e-4)
+    for t in a + b:
+        t.zero_()  # no slot targets the layer: nothing to do
+    y = y0.clone()
+    w.add_lora_linear(y, x, a, b, 1.0, slices)
+    assert torch.equal(y, y0)
+
