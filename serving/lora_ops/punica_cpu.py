@@ -31,10 +31,6 @@ from .fused import PACK_MAX_ROWS, FusedLinear
 from .plan import MASKED, NONE, RUNS, StepPlan, build_plan
 
 
-import os as _os
-_NOOP = bool(_os.environ.get("TMP_NOOP"))
-
-
 class GroupedPunicaWrapperCPU(PunicaWrapperCPU):
     """PunicaWrapperCPU with -1-safe, per-adapter (not per-token) LoRA ops."""
 
@@ -110,7 +106,7 @@ class GroupedPunicaWrapperCPU(PunicaWrapperCPU):
         y: (T, sum(output_slices)), updated in place; x: (T, in).
         """
         plan = self._plan
-        if plan.mode == NONE or _NOOP:
+        if plan.mode == NONE:
             return
         n = plan.num_tokens
         if x.shape[0] != n:  # padded batch: rows past the mapping have no adapter
