@@ -28,6 +28,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -149,12 +150,18 @@ def run_variant(ops: str, args: argparse.Namespace) -> dict:
             proc = subprocess.run(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT)
         text = log.read_text()
         for line in text.splitlines():
-            if line.startswith(f"[{ops}]") or "loraserve:" in line:
-                print("  " + line.split("] ", 1)[-1] if "loraserve:" in line else "  " + line)
+            if line.startswith(f"[{ops}]"):
+                print("  " + line)
         if proc.returncode != 0 or not result_path.exists():
             print(text[-4000:], file=sys.stderr)
             raise RuntimeError(f"{ops} worker failed with exit code {proc.returncode}")
-        return json.loads(result_path.read_text())
+        result = json.loads(result_path.read_text())
+        # vLLM logs "Using <wrapper class>." when it builds the LoRA wrapper:
+        # proof of which ops the variant really ran.
+        used = re.findall(r"Using (\w*PunicaWrapper\w*)\.", text)
+        result["punica_wrapper"] = used[-1] if used else None
+        print(f"  punica wrapper: {result['punica_wrapper']}")
+        return result
 
 
 def summarize(results: list[dict]) -> list[dict]:
@@ -167,6 +174,7 @@ def summarize(results: list[dict]) -> list[dict]:
                 "ratio_to_base": round(tps / med["base"], 3),
                 "runs_tok_s": [round(v, 1) for v in res["runs"][w]],
                 "loadavg_before_after": res["loadavg"],
+                "punica_wrapper": res.get("punica_wrapper"),
             })  # fmt: skip
     return rows
 
@@ -175,7 +183,9 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="~2-3 min smoke run")
     p.add_argument("--out", default=None, help="write results JSON here")
-    p.add_argument("--cache-dir", default=os.environ.get("LORASERVE_SYNTH_DIR", "/tmp/loraserve_synth"))
+    p.add_argument(
+        "--cache-dir", default=os.environ.get("LORASERVE_SYNTH_DIR", "/tmp/loraserve_synth")
+    )
     p.add_argument("--ops", default="project,stock", help="comma list of project,stock")
     p.add_argument("--no-reference", action="store_true", help="skip the enable_lora=False engine")
     p.add_argument("--requests", type=int, default=None)
@@ -210,6 +220,11 @@ def main(argv: list[str] | None = None) -> None:
         print(f"--- {ops}")
         results.append(run_variant(ops, args))
     rows = summarize(results)
+    expected = {"project": "GroupedPunicaWrapperCPU", "stock": "PunicaWrapperCPU"}
+    for res in results:
+        want = expected.get(res["ops"])
+        if want and res.get("punica_wrapper") != want:
+            print(f"WARNING: {res['ops']} ran with {res.get('punica_wrapper')}, expected {want}")
 
     print(f"\n{'ops':8s} {'workload':8s} {'tok/s':>8s} {'ratio':>6s}  runs (load avg)")
     for r in rows:
@@ -221,7 +236,9 @@ def main(argv: list[str] | None = None) -> None:
               "processes competed for the cores; rerun on a quiet machine.")
     by = {(r["ops"], r["workload"]): r for r in rows}
     checks = {
-        w: by[("project", w)]["ratio_to_base"] >= t for w, t in TARGETS.items() if ("project", w) in by
+        w: by[("project", w)]["ratio_to_base"] >= t
+        for w, t in TARGETS.items()
+        if ("project", w) in by
     }
     if ("project", "base") in by and ("nolora", "base") in by:
         lora_tax = by[("project", "base")]["tok_s"] / by[("nolora", "base")]["tok_s"]

@@ -41,4 +41,5 @@ def register() -> None:
         from vllm.logger import init_logger
 
         # A child of vLLM's logger, so it goes through vLLM's log handler.
-        init_logger("vllm.loraserve.lora_ops").info("loraserve: CPU LoRA punica wrapper is %s", WRAPPER_QUALNAME)
+        logger = init_logger("vllm.loraserve.lora_ops")
+        logger.info("loraserve: CPU LoRA punica wrapper is %s", WRAPPER_QUALNAME)

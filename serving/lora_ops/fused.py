@@ -75,6 +75,10 @@ class Gemm:
             if self._small_calls >= PACK_AFTER_CALLS:
                 self._pack()
         if self._handle is not None:
+            # vLLM's op trusts its arguments; a shape slip would read or write
+            # out of bounds, so check the cheap invariants here.
+            assert x.shape[1] == self.w.shape[0] and out.shape[0] == x.shape[0]
+            assert out.shape[1] == self.w.shape[1] and out.is_contiguous()
             torch.ops._C.onednn_mm(out, x, None, self._handle)
         else:
             torch.mm(x, self.w, out=out)
@@ -116,11 +120,11 @@ class FusedLinear:
         self.a, self.b, self.b_parts = _fuse(lora_a, lora_b, output_slices, dtype)
         self.num_slots, self.rank, self.out_features = self.b.shape
         self.nonzero = _nonzero_slots(self.a, self.b)
+        self.all_nonzero = all(self.nonzero)
         self._a_slot: list[Gemm | None] = [None] * self.num_slots
         self._b_slot: list[Gemm | None] = [None] * self.num_slots
         self._a_all: Gemm | None = None
         self._b_all: Gemm | None = None
-        self.rebuilds = 0
 
     def matches(self, lora_a, dtype) -> bool:
         """Same tensors, same dtype, no in-place write since the last build."""
@@ -143,7 +147,6 @@ class FusedLinear:
             self._a_all = self._b_all = None
         self.sources = tuple(lora_a) + tuple(lora_b)
         self.versions = [t._version for t in self.sources]
-        self.rebuilds += 1
 
     def _slot_changed(self, lora_a, lora_b, s: int) -> bool:
         row = 0
@@ -167,6 +170,7 @@ class FusedLinear:
             row += rank
             col += width
         self.nonzero[s] = bool(self.a[s].any()) and bool(self.b[s].any())
+        self.all_nonzero = all(self.nonzero)
 
     def a_slot(self, slot: int) -> Gemm:
         """x (M, in) -> h (M, R) for one slot."""

@@ -80,14 +80,6 @@ class GroupedPunicaWrapperCPU(PunicaWrapperCPU):
             buf = self._scratch[key] = torch.empty(rows, cols, dtype=dtype)
         return buf if buf.shape[0] == rows else buf[:rows]
 
-    def _fused_weights(self, lora_a, lora_b, output_slices, dtype) -> FusedLinear:
-        fused = self._fused.get(id(lora_a[0]))
-        if fused is None:
-            fused = self._fused[id(lora_a[0])] = FusedLinear(lora_a, lora_b, output_slices, dtype)
-        elif not fused.matches(lora_a, dtype):
-            fused.refresh(lora_a, lora_b, output_slices, dtype)
-        return fused
-
     # ------------------------------------------------------------- hot path
     def add_lora_linear(
         self,
@@ -111,26 +103,27 @@ class GroupedPunicaWrapperCPU(PunicaWrapperCPU):
         n = plan.num_tokens
         if x.shape[0] != n:  # padded batch: rows past the mapping have no adapter
             x, y = x[:n], y[:n]
-        fused = self._fused_weights(lora_a_stacked, lora_b_stacked, output_slices, x.dtype)
-        nonzero = fused.nonzero  # slots whose adapter targets this layer
-        if not any(nonzero[s] for s in plan.present):
+        fused = self._fused.get(id(lora_a_stacked[0]))
+        if fused is None:
+            fused = FusedLinear(lora_a_stacked, lora_b_stacked, output_slices, x.dtype)
+            self._fused[id(lora_a_stacked[0])] = fused
+        elif not fused.matches(lora_a_stacked, x.dtype):
+            fused.refresh(lora_a_stacked, lora_b_stacked, output_slices, x.dtype)
+        nonzero = fused.nonzero  # per slot: does its adapter target this layer?
+        if not fused.all_nonzero and not any(nonzero[s] for s in plan.present):
             return
         # Note: running these small matmuls on one OpenMP thread would avoid
         # a fork/join per op, but inside vLLM's CPU worker (threads bound to
         # cores) a set_num_threads(1)/(n) pair costs ~26 us and slows the next
         # base matmul, so the LoRA ops share the worker's thread count.
-        self._apply_linear(y, x, fused, plan, scale)
-
-    def _apply_linear(self, y, x, fused: FusedLinear, plan: StepPlan, scale: float) -> None:
-        nonzero = fused.nonzero
         if plan.full_slot >= 0:  # every token on one adapter: no gather, no slicing
             self._one_slot(y, x, fused, plan.full_slot, scale)
+        elif plan.mode == MASKED:
+            self._masked(y, x, fused, plan, scale)
         elif plan.mode == RUNS:
             for slot, start, end in plan.runs:
                 if nonzero[slot]:
                     self._one_slot(y[start:end], x[start:end], fused, slot, scale)
-        elif plan.mode == MASKED:
-            self._masked(y, x, fused, plan, scale)
         else:
             self._gathered(y, x, fused, plan, scale)
 

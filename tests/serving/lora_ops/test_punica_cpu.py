@@ -34,7 +34,11 @@ PATTERNS = {
     "noncontiguous_same_adapter": [12, 13, 12, 13, 12, 0],
 }
 # Tokens per request; long_prefill (> 64 tokens per step) covers the unpacked torch.mm path.
-PHASES = {"prefill": [5, 1, 3, 7, 2, 4, 6], "decode": [1] * 7, "long_prefill": [40, 30, 50, 20, 35, 25, 45]}
+PHASES = {
+    "prefill": [5, 1, 3, 7, 2, 4, 6],
+    "decode": [1] * 7,
+    "long_prefill": [40, 30, 50, 20, 35, 25, 45],
+}
 DTYPES = {torch.float32: 1e-4, torch.bfloat16: 3e-2}
 MODES = [None, RUNS, GATHER, MASKED]  # None = chosen by the cost model
 
