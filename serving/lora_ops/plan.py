@@ -34,7 +34,6 @@ contiguous run (e.g. every token on one adapter) is always RUNS.
 
 from __future__ import annotations
 
-import os
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -52,9 +51,6 @@ GATHER_SLOT_US = 45.0  # ... plus shrink + expand per present slot
 GATHER_TOKEN_US = 0.55
 MASKED_US = 22.0  # MASKED: shrink + mask + expand + add (packed matmuls)
 MASKED_TOKEN_SLOT_US = 0.34  # every token pays for every slot
-
-# For experiments and tests: force one mode (when any token has an adapter).
-FORCE_MODE_ENV = "LORASERVE_LORA_MODE"
 
 
 @dataclass
@@ -135,9 +131,8 @@ def build_plan(token_slots: list[int], num_slots: int, force_mode: str | None = 
         return StepPlan(n, NONE, slots_t)
     runs = _contiguous_runs(token_slots)
     num_active = sum(end - start for _, start, end in runs)
-    force_mode = force_mode or os.environ.get(FORCE_MODE_ENV) or None
     if force_mode is not None and force_mode not in MODES:
-        raise ValueError(f"{FORCE_MODE_ENV} must be one of {MODES}, got {force_mode!r}")
+        raise ValueError(f"force_mode must be one of {MODES}, got {force_mode!r}")
     mode = force_mode or choose_mode(n, num_active, len(present), len(runs), num_slots)
     if mode == RUNS:
         full = runs[0][0] if len(runs) == 1 and runs[0][2] - runs[0][1] == n else -1

@@ -34,7 +34,7 @@ from .plan import MASKED, NONE, RUNS, StepPlan, build_plan
 class GroupedPunicaWrapperCPU(PunicaWrapperCPU):
     """PunicaWrapperCPU with -1-safe, per-adapter (not per-token) LoRA ops."""
 
-    # Tests and experiments may pin a mode (see plan.FORCE_MODE_ENV).
+    # Tests pin a mode here to cover every path; None lets the cost model choose.
     force_mode: str | None = None
 
     def __init__(self, max_num_batched_tokens: int, max_batches: int, device, **kwargs):
