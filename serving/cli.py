@@ -7,6 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
+from serving import keys_cli
 from serving.config import ConfigError, load_settings
 
 logger = logging.getLogger("loraserve")
@@ -24,7 +25,15 @@ def _serve(args: argparse.Namespace) -> int:
     host = args.host or settings.server.host
     port = args.port if args.port is not None else settings.server.port
     logging.basicConfig(level=settings.server.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    uvicorn.run(build_app(settings), host=host, port=port, log_level=settings.server.log_level)
+    # On SIGTERM uvicorn stops accepting connections and lets in-flight requests
+    # (streams included) finish for up to the grace period; then the lifespan stops the engine.
+    uvicorn.run(
+        build_app(settings),
+        host=host,
+        port=port,
+        log_level=settings.server.log_level,
+        timeout_graceful_shutdown=settings.server.shutdown_grace_s,
+    )
     return 0
 
 
@@ -64,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     check = commands.add_parser("check-config", help="validate a config file and the paths it names")
     check.add_argument("--config", type=Path, required=True)
     check.set_defaults(handler=_check_config)
+
+    keys_cli.add_parser(commands)
     return parser
 
 

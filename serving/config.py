@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 ADAPTER_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+TENANT_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,63}$"
 
 
 class ConfigError(Exception):
@@ -68,20 +69,70 @@ class AdapterSettings(_Strict):
 
     name: str = Field(pattern=ADAPTER_NAME_PATTERN)
     path: Path = Field(description="PEFT adapter directory (adapter_config.json + safetensors).")
+    tenant: str | None = Field(
+        default=None, pattern=TENANT_PATTERN, description="Owning tenant; only its keys see and use it. Null: public."
+    )
+
+
+class AuthSettings(_Strict):
+    """Who may call the API. ``open`` must be chosen explicitly; it is logged as a warning."""
+
+    mode: Literal["open", "api_keys"]
+    keys_file: Path | None = Field(
+        default=None, description="YAML file of hashed keys (`loraserve keys new` writes it); api_keys mode."
+    )
+    keys_env: str | None = Field(
+        default=None, description="Name of an environment variable holding the same YAML document instead."
+    )
+
+    @model_validator(mode="after")
+    def _keys_source(self) -> AuthSettings:
+        sources = (self.keys_file is not None) + (self.keys_env is not None)
+        if self.mode == "api_keys" and sources != 1:
+            raise ValueError("auth.mode api_keys needs exactly one of auth.keys_file or auth.keys_env")
+        if self.mode == "open" and sources:
+            raise ValueError("auth.mode open takes no keys; set auth.mode: api_keys to use them")
+        return self
+
+
+class RateSettings(_Strict):
+    """A token bucket per API key: ``burst`` requests at once, refilled at ``per_minute``."""
+
+    per_minute: float = Field(gt=0, description="Sustained requests per minute per key.")
+    burst: int = Field(ge=1, description="Requests a key may send at once after being idle.")
+
+
+class LimitSettings(_Strict):
+    """Bounds that keep one client from hurting the others; each breach is a 4xx or a 503."""
+
+    max_body_bytes: int = Field(default=4 << 20, ge=1024, description="Largest request body (413 beyond).")
+    max_prompt_tokens: int | None = Field(default=None, ge=1, description="Prompt tokens per prompt; null: context.")
+    max_tokens: int | None = Field(default=None, ge=1, description="Largest max_tokens a request may ask for.")
+    max_n: int = Field(default=16, ge=1, le=16, description="Largest n (choices per prompt); the API caps it at 16.")
+    max_concurrent_per_key: int | None = Field(default=None, ge=1, description="In-flight requests per key (429).")
+    rate: RateSettings | None = None
+    max_queued_requests: int = Field(
+        default=256, ge=0, description="Requests admitted beyond engine.max_num_seqs before new ones get 503."
+    )
 
 
 class ServerSettings(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    shutdown_grace_s: float = Field(
+        default=60, ge=0, description="On SIGTERM, time in-flight requests get to finish before they are cut."
+    )
 
 
 class Settings(_Strict):
     """Root of the YAML file."""
 
     model: ModelSettings
+    auth: AuthSettings
     engine: EngineSettings = EngineSettings()
     adapters: list[AdapterSettings] = []
+    limits: LimitSettings = LimitSettings()
     server: ServerSettings = ServerSettings()
 
     @model_validator(mode="after")
@@ -101,6 +152,8 @@ class Settings(_Strict):
         checks = [("model.path", self.model.path / "config.json")]
         if self.model.tokenizer is not None:
             checks.append(("model.tokenizer", self.model.tokenizer))
+        if self.auth.keys_file is not None:
+            checks.append(("auth.keys_file", self.auth.keys_file))
         for i, adapter in enumerate(self.adapters):
             checks.append((f"adapters[{i}].path", adapter.path / "adapter_config.json"))
         missing = [f"  {key}: {path} does not exist" for key, path in checks if not path.exists()]
@@ -124,6 +177,9 @@ def _resolve_paths(raw: dict, base_dir: Path) -> dict:
     for adapter in raw.get("adapters") or []:
         if isinstance(adapter, dict) and "path" in adapter:
             adapter["path"] = resolve(adapter["path"])
+    auth = raw.get("auth")
+    if isinstance(auth, dict) and "keys_file" in auth:
+        auth["keys_file"] = resolve(auth["keys_file"])
     return raw
 
 

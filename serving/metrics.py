@@ -54,6 +54,18 @@ class AdapterMetrics:
             buckets=_LATENCY_BUCKETS,
             registry=registry,
         )
+        self.denied = Counter(
+            "loraserve_denied_requests",
+            "Requests refused by authentication or authorization, by reason.",
+            ["reason"],
+            registry=registry,
+        )
+        self.limited = Counter(
+            "loraserve_limited_requests",
+            "Requests refused by a limit (rate, concurrency, queue, body size), by limit.",
+            ["limit"],
+            registry=registry,
+        )
         self.aborts = Counter(
             "loraserve_request_aborts",
             "Requests aborted in the engine because the client went away, by adapter.",

@@ -9,10 +9,12 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from adapter_store import AdapterCatalog
+from serving.api.auth import AuthMiddleware, KeyStore
 from serving.api.chat import api_router as chat_router
 from serving.api.completions import api_router as completions_router
 from serving.api.deps import AppState
 from serving.api.errors import install_error_handlers
+from serving.api.limits import BodySizeLimitMiddleware, RequestLimiter
 from serving.api.models import api_router as models_router
 from serving.api.system import api_router as system_router
 from serving.config import Settings
@@ -32,9 +34,11 @@ def build_state(settings: Settings, engine: LoraEngine, metrics: AdapterMetrics)
 
     catalog = AdapterCatalog((a.name, a.path) for a in settings.adapters)
     tokenizer = engine.llm.get_tokenizer()
-    shared = (engine, catalog, settings, metrics, tokenizer)
+    limiter = RequestLimiter(settings.limits, settings.engine.max_num_seqs, metrics)
+    shared = (engine, catalog, settings, metrics, tokenizer, limiter)
     return AppState(
         engine=engine,
+        metrics=metrics,
         completions=CompletionServing(*shared),
         chat=ChatServing(*shared),
         models=ModelsServing(settings, catalog),
@@ -57,7 +61,13 @@ def build_app(settings: Settings) -> FastAPI:
         finally:
             engine.shutdown()
 
+    keys = KeyStore.from_settings(settings.auth)  # a bad keys file fails here, before the engine loads
+    if keys is None:
+        logger.warning("auth.mode is open: every caller may use every adapter and admin endpoint")
     app = FastAPI(title="loraserve", version="0.1.0", lifespan=lifespan)
+    # The middleware added last runs first: authenticate before any body is read, then bound it.
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.limits.max_body_bytes)
+    app.add_middleware(AuthMiddleware, keys=keys)
     install_error_handlers(app)
     for router in _ROUTERS:
         router.attach_router(app)

@@ -11,6 +11,7 @@ from serving.api.chat.serving import ChatServing
 from serving.api.completions.serving import CompletionServing
 from serving.api.models.serving import ModelsServing
 from serving.engine import LoraEngine
+from serving.metrics import AdapterMetrics
 
 
 @dataclass
@@ -18,6 +19,7 @@ class AppState:
     """Everything the routes need; stored as ``app.state.loraserve``."""
 
     engine: LoraEngine
+    metrics: AdapterMetrics
     completions: CompletionServing
     chat: ChatServing
     models: ModelsServing

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TypeVar
 
 from fastapi import Request
 from fastapi.responses import StreamingResponse
+from starlette.background import BackgroundTask
 
 from serving.api.errors import ClientDisconnectedError, ServingError, error_model
 from serving.api.streams import SSE_DONE, sse_event
@@ -47,12 +48,16 @@ async def cancel_on_disconnect(request: Request, work: Awaitable[T]) -> T:
     raise ClientDisconnectedError("The client closed the connection before the response was ready.")
 
 
-async def event_stream(events: AsyncIterator[str]) -> StreamingResponse:
+async def event_stream(events: AsyncIterator[str], on_close: Callable[[], None]) -> StreamingResponse:
     """An SSE response whose first event is produced before the headers are sent.
 
     Errors found before the first event (engine down, ...) thus become normal
     JSON error responses with their status code; an error after that can only
     be reported in the stream, as a final ``{"error": ...}`` event.
+
+    ``on_close`` runs once the stream ends, however it ends (finished, failed,
+    client gone): it is called by the body and again as the response's
+    background task, so it must be idempotent.
     """
     first = await anext(events)
 
@@ -68,5 +73,12 @@ async def event_stream(events: AsyncIterator[str]) -> StreamingResponse:
             logger.exception("stream failed")
             yield sse_event(error_model(ServingError(f"Internal server error ({type(e).__name__}); see the server log.")))
             yield SSE_DONE
+        finally:
+            on_close()
 
-    return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    return StreamingResponse(
+        body(),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache"},
+        background=BackgroundTask(on_close),
+    )

@@ -12,6 +12,7 @@ routing errors) into that shape. Nothing else builds error responses.
 from __future__ import annotations
 
 import logging
+import math
 from http import HTTPStatus
 
 from fastapi import FastAPI, Request
@@ -41,10 +42,17 @@ class ServingError(Exception):
     type: str = "InternalServerError"
     code: str | None = None
 
-    def __init__(self, message: str, *, param: str | None = None) -> None:
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.param = param
+        if code is not None:
+            self.code = code
+
+    @property
+    def headers(self) -> dict[str, str] | None:
+        """Extra response headers (``Retry-After``, ``WWW-Authenticate``)."""
+        return None
 
 
 class InvalidRequestError(ServingError):
@@ -70,6 +78,54 @@ class ModelNotFoundError(ServingError):
         )
 
 
+class AuthenticationError(ServingError):
+    status = HTTPStatus.UNAUTHORIZED
+    type = "AuthenticationError"
+    code = "invalid_api_key"
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"WWW-Authenticate": "Bearer"}
+
+
+class PermissionDeniedError(ServingError):
+    status = HTTPStatus.FORBIDDEN
+    type = "PermissionDeniedError"
+    code = "permission_denied"
+
+
+class PayloadTooLargeError(ServingError):
+    status = HTTPStatus.REQUEST_ENTITY_TOO_LARGE
+    type = "BadRequestError"
+    code = "payload_too_large"
+
+
+class _RetryLater(ServingError):
+    """An error the client should retry after ``retry_after`` seconds."""
+
+    def __init__(self, message: str, *, retry_after: float, code: str | None = None) -> None:
+        super().__init__(message, code=code)
+        self.retry_after = max(1, math.ceil(retry_after))
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after)}
+
+
+class RateLimitError(_RetryLater):
+    status = HTTPStatus.TOO_MANY_REQUESTS
+    type = "RateLimitError"
+    code = "rate_limit_exceeded"
+
+
+class ServerBusyError(_RetryLater):
+    """The server-wide queue is full: a quick 503 beats unbounded latency."""
+
+    status = HTTPStatus.SERVICE_UNAVAILABLE
+    type = "ServiceUnavailableError"
+    code = "server_overloaded"
+
+
 class ClientDisconnectedError(ServingError):
     """The client closed the connection; nobody reads this response (nginx's 499)."""
 
@@ -82,6 +138,12 @@ class EngineUnavailableError(ServingError):
     status = HTTPStatus.SERVICE_UNAVAILABLE
     type = "ServiceUnavailableError"
     code = "engine_unavailable"
+
+
+# The error statuses a generation endpoint documents in the OpenAPI schema.
+GENERATION_ERRORS: dict[int | str, dict] = {
+    status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 429, 503)
+}
 
 
 def error_body(
@@ -98,7 +160,7 @@ def error_model(exc: ServingError) -> ErrorResponse:
 
 
 def create_error_response(exc: ServingError) -> JSONResponse:
-    return JSONResponse(status_code=exc.status, content=error_model(exc).model_dump())
+    return JSONResponse(status_code=exc.status, content=error_model(exc).model_dump(), headers=exc.headers)
 
 
 def _validation_param(loc: tuple) -> str | None:

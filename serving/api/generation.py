@@ -20,8 +20,16 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 
 from adapter_store import AdapterCatalog, ServedAdapter
+from serving.api.auth import Principal
 from serving.api.disconnect import cancel_on_disconnect, event_stream
-from serving.api.errors import ContextLengthError, EngineUnavailableError, ModelNotFoundError, ServingError
+from serving.api.errors import (
+    ContextLengthError,
+    EngineUnavailableError,
+    InvalidRequestError,
+    ModelNotFoundError,
+    ServingError,
+)
+from serving.api.limits import RequestLimiter
 from serving.api.protocol import SamplingRequest, UsageInfo
 from serving.api.streams import merge_streams
 from serving.config import Settings
@@ -61,16 +69,24 @@ class GenerationServing(ABC):
     request_prefix: str = "req"
 
     def __init__(
-        self, engine: LoraEngine, catalog: AdapterCatalog, settings: Settings, metrics: AdapterMetrics, tokenizer: Any
+        self,
+        engine: LoraEngine,
+        catalog: AdapterCatalog,
+        settings: Settings,
+        metrics: AdapterMetrics,
+        tokenizer: Any,
+        limiter: RequestLimiter,
     ) -> None:
         self.engine = engine
         self.catalog = catalog
         self.settings = settings
         self.metrics = metrics
         self.tokenizer = tokenizer
+        self.limiter = limiter
+        self.owners = {a.name: a.tenant for a in settings.adapters}
 
     @abstractmethod
-    async def prepare(self, request: Any) -> GenerationJob:
+    async def prepare(self, request: Any, principal: Principal) -> GenerationJob:
         """Validate and tokenize; every error here is raised before any engine work."""
 
     @abstractmethod
@@ -81,22 +97,42 @@ class GenerationServing(ABC):
     def stream(self, request: Any, job: GenerationJob) -> AsyncIterator[str]:
         """Server-sent events, ending with ``data: [DONE]``."""
 
-    async def respond(self, request: SamplingRequest, raw: Request) -> BaseModel | StreamingResponse:
-        """Serve one request; the engine request is aborted if the client goes away."""
-        job = await self.prepare(request)
-        if request.stream:
-            return await event_stream(self.stream(request, job))
-        return await cancel_on_disconnect(raw, self.complete(request, job))
+    async def respond(
+        self, request: SamplingRequest, raw: Request, principal: Principal
+    ) -> BaseModel | StreamingResponse:
+        """Serve one admitted request; the engine request is aborted if the client goes away."""
+        permit = self.limiter.admit(principal, raw.client.host if raw.client else "-")
+        streaming = False
+        try:
+            job = await self.prepare(request, principal)
+            if request.stream:
+                response = await event_stream(self.stream(request, job), on_close=permit.release)
+                streaming = True
+                return response
+            return await cancel_on_disconnect(raw, self.complete(request, job))
+        finally:
+            if not streaming:
+                permit.release()
 
-    def resolve_model(self, model: str) -> ServedAdapter | None:
-        """``None`` for the base model, the adapter otherwise; unknown names are a 404."""
+    def resolve_model(self, model: str, principal: Principal) -> ServedAdapter | None:
+        """``None`` for the base model, the adapter otherwise.
+
+        Unknown names and other tenants' adapters get the same 404, listing only
+        what this caller may use, so adapter names never leak across tenants.
+        """
         if model == self.settings.model.name:
             return None
         adapter = self.catalog.get(model)
-        if adapter is None:
+        if adapter is None or not principal.may_use(self.owners.get(adapter.name)):
             self.metrics.errors.labels(UNKNOWN_LABEL, ModelNotFoundError.code).inc()
-            raise ModelNotFoundError(model, [self.settings.model.name, *(a.name for a in self.catalog)])
+            visible = [a.name for a in self.catalog if principal.may_use(self.owners.get(a.name))]
+            raise ModelNotFoundError(model, [self.settings.model.name, *visible])
         return adapter
+
+    def check_n(self, n: int) -> None:
+        limit = self.settings.limits.max_n
+        if n > limit:
+            raise InvalidRequestError(f"n is {n}; this server allows at most {limit} (limits.max_n).", param="n")
 
     async def encode(self, text: str, *, add_special_tokens: bool) -> list[int]:
         if len(text) <= _INLINE_TOKENIZE_CHARS:
@@ -104,8 +140,20 @@ class GenerationServing(ABC):
         return await asyncio.to_thread(self.tokenizer.encode, text, add_special_tokens=add_special_tokens)
 
     def max_tokens_for(self, prompt_len: int, requested: int | None, param: str) -> int:
-        """Output budget of one prompt; a request that cannot fit the context is a 400."""
+        """Output budget of one prompt; a request that cannot fit the context or the limits is a 400."""
         limit = self.settings.model.max_model_len
+        limits = self.settings.limits
+        if limits.max_prompt_tokens is not None and prompt_len > limits.max_prompt_tokens:
+            raise ContextLengthError(
+                f"The prompt has {prompt_len} tokens; this server allows at most {limits.max_prompt_tokens} "
+                "(limits.max_prompt_tokens). Shorten the prompt.",
+                param="prompt",
+            )
+        if requested is not None and limits.max_tokens is not None and requested > limits.max_tokens:
+            raise InvalidRequestError(
+                f"{param} is {requested}; this server allows at most {limits.max_tokens} (limits.max_tokens).",
+                param=param,
+            )
         if prompt_len >= limit:
             raise ContextLengthError(
                 f"This model's maximum context length is {limit} tokens, but the prompt has {prompt_len} tokens. "
@@ -113,7 +161,7 @@ class GenerationServing(ABC):
                 param="prompt",
             )
         if requested is None:
-            return limit - prompt_len
+            return min(limit - prompt_len, limits.max_tokens or limit)
         if prompt_len + requested > limit:
             raise ContextLengthError(
                 f"This model's maximum context length is {limit} tokens. However, you requested "

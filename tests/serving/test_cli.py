@@ -25,7 +25,7 @@ def test_serve_refuses_a_bad_config_naming_the_key(tmp_path: Path) -> None:
 
 def test_serve_refuses_missing_model_files(tmp_path: Path, capsys) -> None:
     config = tmp_path / "c.yaml"
-    config.write_text(yaml.safe_dump({"model": {"path": "nowhere", "name": "b"}}))
+    config.write_text(yaml.safe_dump({"model": {"path": "nowhere", "name": "b"}, "auth": {"mode": "open"}}))
     assert main(["serve", "--config", str(config)]) == 2
     assert "model.path" in capsys.readouterr().err
 
@@ -35,6 +35,25 @@ def test_check_config_accepts_a_good_config(tmp_path: Path, capsys) -> None:
     model.mkdir()
     (model / "config.json").write_text("{}")
     config = tmp_path / "c.yaml"
-    config.write_text(yaml.safe_dump({"model": {"path": "m", "name": "b"}}))
+    config.write_text(yaml.safe_dump({"model": {"path": "m", "name": "b"}, "auth": {"mode": "open"}}))
     assert main(["check-config", "--config", str(config)]) == 0
     assert "ok" in capsys.readouterr().out
+
+
+def test_keys_new_prints_the_key_once_and_stores_only_its_hash(tmp_path: Path, capsys) -> None:
+    from serving.api.auth import KeyStore
+    from serving.config import AuthSettings
+
+    keys_file = tmp_path / "keys.yaml"
+    assert main(["keys", "new", "--file", str(keys_file), "--id", "clinic", "--tenant", "hospital"]) == 0
+    assert main(["keys", "new", "--file", str(keys_file), "--id", "ops", "--role", "admin"]) == 0
+    first, second = capsys.readouterr().out.split()
+    stored = keys_file.read_text()
+    assert first not in stored and second not in stored
+    store = KeyStore.from_settings(AuthSettings(mode="api_keys", keys_file=keys_file))
+    assert (store.verify(first).id, store.verify(first).tenant) == ("clinic", "hospital")
+    assert store.verify(second).role == "admin"
+    # a repeated id is refused and leaves the file as it was
+    assert main(["keys", "new", "--file", str(keys_file), "--id", "ops"]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert keys_file.read_text() == stored

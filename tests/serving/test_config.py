@@ -11,11 +11,11 @@ from serving.config import ConfigError, load_settings, parse_settings
 
 REPO = Path(__file__).resolve().parents[2]
 
-MINIMAL = {"model": {"path": "/m", "name": "base"}}
+MINIMAL = {"model": {"path": "/m", "name": "base"}, "auth": {"mode": "open"}}
 
 
 def with_changes(**sections: dict) -> dict:
-    raw = {"model": dict(MINIMAL["model"])}
+    raw = {"model": dict(MINIMAL["model"]), "auth": dict(MINIMAL["auth"])}
     for key, value in sections.items():
         raw[key] = value
     return raw
@@ -36,6 +36,13 @@ def with_changes(**sections: dict) -> dict:
         (with_changes(adapters=[{"name": "a", "path": "/a"}, {"name": "a", "path": "/b"}]), "'a' is used twice"),
         (with_changes(adapters=[{"name": "base", "path": "/a"}]), "'base' is used twice"),
         (with_changes(server={"port": 70000}), "server.port"),
+        ({"model": MINIMAL["model"]}, "auth"),  # open mode must be chosen explicitly
+        (with_changes(auth={"mode": "api_keys"}), "needs exactly one of auth.keys_file or auth.keys_env"),
+        (with_changes(auth={"mode": "open", "keys_file": "/k"}), "auth.mode open takes no keys"),
+        (with_changes(auth={"mode": "none"}), "auth.mode"),
+        (with_changes(adapters=[{"name": "a", "path": "/a", "tenant": "Bad Tenant"}]), "adapters.0.tenant"),
+        (with_changes(limits={"rate": {"per_minute": 0, "burst": 1}}), "limits.rate.per_minute"),
+        (with_changes(limits={"max_body_bytes": 10}), "limits.max_body_bytes"),
     ],
 )
 def test_bad_config_names_the_key(raw: dict, named_key: str) -> None:
@@ -53,19 +60,32 @@ def test_top_level_must_be_a_mapping() -> None:
 def test_relative_paths_resolve_against_the_config_file(tmp_path: Path) -> None:
     (tmp_path / "configs").mkdir()
     config = tmp_path / "configs" / "c.yaml"
-    config.write_text(yaml.safe_dump({"model": {"path": "../m", "name": "b"}, "adapters": [{"name": "a", "path": "ad"}]}))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "model": {"path": "../m", "name": "b"},
+                "auth": {"mode": "api_keys", "keys_file": "keys.yaml"},
+                "adapters": [{"name": "a", "path": "ad"}],
+            }
+        )
+    )
     settings = load_settings(config)
     assert settings.model.path == (tmp_path / "m").resolve()
     assert settings.adapters[0].path == (tmp_path / "configs" / "ad").resolve()
+    assert settings.auth.keys_file == (tmp_path / "configs" / "keys.yaml").resolve()
 
 
 def test_missing_files_are_reported_by_key(tmp_path: Path) -> None:
     settings = parse_settings(
-        {"model": {"path": str(tmp_path / "nope"), "name": "b"}, "adapters": [{"name": "a", "path": str(tmp_path)}]}
+        {
+            "model": {"path": str(tmp_path / "nope"), "name": "b"},
+            "auth": {"mode": "api_keys", "keys_file": str(tmp_path / "keys.yaml")},
+            "adapters": [{"name": "a", "path": str(tmp_path)}],
+        }
     )
     with pytest.raises(ConfigError) as e:
         settings.check_files()
-    assert "model.path" in str(e.value) and "adapters[0].path" in str(e.value)
+    assert "model.path" in str(e.value) and "adapters[0].path" in str(e.value) and "auth.keys_file" in str(e.value)
 
 
 def test_invalid_yaml_and_missing_file(tmp_path: Path) -> None:
@@ -77,7 +97,7 @@ def test_invalid_yaml_and_missing_file(tmp_path: Path) -> None:
         load_settings(tmp_path / "absent.yaml")
 
 
-@pytest.mark.parametrize("name", ["dev.yaml", "gpu.yaml"])
+@pytest.mark.parametrize("name", ["dev.yaml", "gpu.yaml", "secure-example.yaml"])
 def test_shipped_configs_validate(name: str) -> None:
     settings = load_settings(REPO / "configs" / name)
     assert {a.name for a in settings.adapters} == {"code", "legal", "medical"}

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from fastapi import APIRouter, FastAPI, Request
 
+from serving.api.auth import PrincipalDep
 from serving.api.chat.protocol import ChatCompletionRequest, ChatCompletionResponse
 from serving.api.deps import ChatServingDep
-from serving.api.errors import ErrorResponse
+from serving.api.errors import GENERATION_ERRORS
 
 router = APIRouter(tags=["chat"])
 
@@ -14,10 +15,12 @@ router = APIRouter(tags=["chat"])
 @router.post(
     "/v1/chat/completions",
     response_model=ChatCompletionResponse,
-    responses={400: {"model": ErrorResponse}, 404: {"model": ErrorResponse}, 503: {"model": ErrorResponse}},
+    responses=GENERATION_ERRORS,
 )
-async def create_chat_completion(request: ChatCompletionRequest, raw: Request, serving: ChatServingDep):
-    return await serving.respond(request, raw)
+async def create_chat_completion(
+    request: ChatCompletionRequest, raw: Request, serving: ChatServingDep, principal: PrincipalDep
+):
+    return await serving.respond(request, raw, principal)
 
 
 def attach_router(app: FastAPI) -> None:

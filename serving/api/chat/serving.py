@@ -14,6 +14,7 @@ from serving.api.chat.protocol import (
     DeltaMessage,
 )
 from serving.api.errors import InvalidRequestError
+from serving.api.auth import Principal
 from serving.api.generation import GenerationJob, GenerationServing
 from serving.api.logprobs import chat_logprobs
 from serving.api.streams import SSE_DONE, sse_event
@@ -23,8 +24,9 @@ class ChatServing(GenerationServing):
     endpoint = "chat"
     request_prefix = "chatcmpl"
 
-    async def prepare(self, request: ChatCompletionRequest) -> GenerationJob:
-        adapter = self.resolve_model(request.model)
+    async def prepare(self, request: ChatCompletionRequest, principal: Principal) -> GenerationJob:
+        adapter = self.resolve_model(request.model, principal)
+        self.check_n(request.n)
         messages = [{"role": m.role, "content": m.text} for m in request.messages]
         try:
             text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)

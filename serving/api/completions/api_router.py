@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from fastapi import APIRouter, FastAPI, Request
 
+from serving.api.auth import PrincipalDep
 from serving.api.completions.protocol import CompletionRequest, CompletionResponse
 from serving.api.deps import CompletionServingDep
-from serving.api.errors import ErrorResponse
+from serving.api.errors import GENERATION_ERRORS
 
 router = APIRouter(tags=["completions"])
 
@@ -14,10 +15,12 @@ router = APIRouter(tags=["completions"])
 @router.post(
     "/v1/completions",
     response_model=CompletionResponse,
-    responses={400: {"model": ErrorResponse}, 404: {"model": ErrorResponse}, 503: {"model": ErrorResponse}},
+    responses=GENERATION_ERRORS,
 )
-async def create_completion(request: CompletionRequest, raw: Request, serving: CompletionServingDep):
-    return await serving.respond(request, raw)
+async def create_completion(
+    request: CompletionRequest, raw: Request, serving: CompletionServingDep, principal: PrincipalDep
+):
+    return await serving.respond(request, raw, principal)
 
 
 def attach_router(app: FastAPI) -> None:

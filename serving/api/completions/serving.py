@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 from serving.api.completions.protocol import CompletionChoice, CompletionRequest, CompletionResponse
+from serving.api.auth import Principal
 from serving.api.generation import GenerationJob, GenerationServing
 from serving.api.logprobs import completion_logprobs
 from serving.api.streams import SSE_DONE, sse_event
@@ -14,8 +15,9 @@ class CompletionServing(GenerationServing):
     endpoint = "completions"
     request_prefix = "cmpl"
 
-    async def prepare(self, request: CompletionRequest) -> GenerationJob:
-        adapter = self.resolve_model(request.model)
+    async def prepare(self, request: CompletionRequest, principal: Principal) -> GenerationJob:
+        adapter = self.resolve_model(request.model, principal)
+        self.check_n(request.n)
         prompts = await self._prompt_ids(request.prompt)
         max_tokens = min(self.max_tokens_for(len(ids), request.max_tokens, "max_tokens") for ids in prompts)
         return self.new_job(request, adapter, prompts, max_tokens, request.logprobs)

@@ -1,0 +1,239 @@
+"""Keys, tenants and limits through the real server.
+
+One server with API keys: ``medical`` belongs to tenant ``hospital``, ``legal``
+to ``lawfirm``, ``code`` is public. Each limit test uses its own key, so the
+per-key buckets and counters of one test never touch another's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import time
+from collections.abc import Iterator
+
+import httpx
+import pytest
+import yaml
+
+from serving.api.auth import hash_key, new_key
+from tests.conftest import RunningServer, demo_config, start_server, stop_server
+
+KEYS = {
+    name: new_key()
+    for name in ("hospital", "lawfirm", "admin", "public", "burst", "counted", "busy1", "busy2", "busy3")
+}
+TENANTS = {"hospital": "hospital", "lawfirm": "lawfirm"}
+RATE_BURST = 3
+STRICT_RATE = {"per_minute": 60, "burst": RATE_BURST}  # the keys "burst" and "counted" have their own bucket
+PER_KEY_CONCURRENCY = 2
+MAX_BODY = 64 * 1024
+LIMITS = {
+    "max_body_bytes": MAX_BODY,
+    "max_prompt_tokens": 200,
+    "max_tokens": 1000,
+    "max_n": 2,
+    "max_concurrent_per_key": PER_KEY_CONCURRENCY,
+    "rate": {"per_minute": 6000, "burst": 1000},
+    "max_queued_requests": 0,
+}
+ENGINE_SLOTS = 4  # engine.max_num_seqs; with no queue, the 5th concurrent request gets 503
+
+
+@pytest.fixture(scope="module")
+def secure(demo_assets, tmp_path_factory) -> Iterator[RunningServer]:
+    workdir = tmp_path_factory.mktemp("secure")
+    entries = [
+        {"id": name, "sha256": hash_key(key), "role": "admin" if name == "admin" else "user"}
+        | ({"tenant": TENANTS[name]} if name in TENANTS else {})
+        | ({"rate": STRICT_RATE} if name in ("burst", "counted") else {})
+        for name, key in KEYS.items()
+    ]
+    (workdir / "keys.yaml").write_text(yaml.safe_dump({"keys": entries}))
+    config = demo_config(demo_assets, max_num_seqs=ENGINE_SLOTS)
+    config["auth"] = {"mode": "api_keys", "keys_file": str(workdir / "keys.yaml")}
+    owners = {"legal": "lawfirm", "medical": "hospital"}
+    for adapter in config["adapters"]:
+        if adapter["name"] in owners:
+            adapter["tenant"] = owners[adapter["name"]]
+    config["limits"] = LIMITS
+    running = start_server(config, workdir)
+    yield running
+    stop_server(running)
+
+
+def auth(name: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {KEYS[name]}"}
+
+
+def complete(server: RunningServer, key: str | None, **body) -> httpx.Response:
+    body = {"model": server.base_model, "prompt": "The patient", "max_tokens": 2, "temperature": 0} | body
+    headers = auth(key) if key else {}
+    return httpx.post(f"{server.url}/v1/completions", json=body, headers=headers, timeout=60)
+
+
+def error_of(response: httpx.Response) -> dict:
+    body = response.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}, body
+    return body["error"]
+
+
+@pytest.mark.parametrize(
+    ("headers", "code"),
+    [
+        ({}, "missing_api_key"),
+        ({"Authorization": "Bearer sk-ls-not-a-key"}, "invalid_api_key"),
+        ({"Authorization": "Basic c2stbHM="}, "missing_api_key"),
+    ],
+)
+@pytest.mark.parametrize("path", ["/v1/models", "/v1/completions", "/v1/chat/completions"])
+def test_requests_without_a_valid_key_get_401(secure, headers, code, path):
+    if path == "/v1/models":
+        response = httpx.get(f"{secure.url}{path}", headers=headers)
+    else:  # an invalid body too: authentication comes before parsing
+        response = httpx.post(f"{secure.url}{path}", content=b"{not json", headers=headers)
+    assert response.status_code == 401
+    assert response.headers["www-authenticate"] == "Bearer"
+    assert error_of(response)["code"] == code
+
+
+def test_probes_need_no_key(secure):
+    assert httpx.get(f"{secure.url}/health").status_code == 200
+    assert httpx.get(f"{secure.url}/metrics").status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("key", "visible"),
+    [
+        ("hospital", {"code", "medical"}),
+        ("lawfirm", {"code", "legal"}),
+        ("public", {"code"}),
+        ("admin", {"code", "legal", "medical"}),
+    ],
+)
+def test_models_lists_only_what_the_key_may_use(secure, key, visible):
+    response = httpx.get(f"{secure.url}/v1/models", headers=auth(key))
+    assert response.status_code == 200
+    assert {m["id"] for m in response.json()["data"]} == visible | {secure.base_model}
+
+
+def test_other_tenants_adapter_is_indistinguishable_from_an_unknown_one(secure):
+    hidden = complete(secure, "hospital", model="legal")
+    unknown = complete(secure, "hospital", model="no-such-adapter")
+    assert hidden.status_code == unknown.status_code == 404
+    # The same body, name for name: nothing tells "exists but not yours" from "does not exist".
+    assert hidden.json() == json.loads(unknown.text.replace("no-such-adapter", "legal"))
+    assert "legal" not in error_of(hidden)["message"].replace("'legal'", "")
+    own = complete(secure, "lawfirm", model="legal")
+    assert own.status_code == 200, own.text
+
+
+def test_chat_respects_tenants_too(secure):
+    body = {"model": "medical", "messages": [{"role": "user", "content": "fever?"}], "max_tokens": 2}
+    denied = httpx.post(f"{secure.url}/v1/chat/completions", json=body, headers=auth("lawfirm"), timeout=60)
+    allowed = httpx.post(f"{secure.url}/v1/chat/completions", json=body, headers=auth("hospital"), timeout=60)
+    assert denied.status_code == 404 and error_of(denied)["code"] == "model_not_found"
+    assert allowed.status_code == 200, allowed.text
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "code", "param"),
+    [
+        ({"max_tokens": LIMITS["max_tokens"] + 1}, 400, "invalid_request", "max_tokens"),
+        ({"n": LIMITS["max_n"] + 1}, 400, "invalid_request", "n"),
+        ({"prompt": "word " * 400}, 400, "context_length_exceeded", "prompt"),
+        ({"max_tokens": "many"}, 400, "invalid_request", "max_tokens"),
+    ],
+)
+def test_token_and_choice_limits(secure, body, status, code, param):
+    response = complete(secure, "public", **body)
+    assert response.status_code == status
+    error = error_of(response)
+    assert (error["code"], error["param"]) == (code, param)
+
+
+def test_oversized_bodies_get_413_declared_or_chunked(secure):
+    big = {"model": secure.base_model, "prompt": "x" * (MAX_BODY + 1)}
+    declared = httpx.post(f"{secure.url}/v1/completions", json=big, headers=auth("public"))
+    assert declared.status_code == 413 and error_of(declared)["code"] == "payload_too_large"
+    assert str(MAX_BODY) in error_of(declared)["message"]
+
+    def chunks() -> Iterator[bytes]:  # no Content-Length: the server must count
+        payload = json.dumps(big).encode()
+        for start in range(0, len(payload), 8192):
+            yield payload[start : start + 8192]
+
+    chunked = httpx.post(f"{secure.url}/v1/completions", content=chunks(), headers=auth("public"))
+    assert chunked.status_code == 413
+    assert complete(secure, "public").status_code == 200  # and the server goes on
+
+
+def test_rate_limit_hit_and_recovery(secure):
+    statuses = [complete(secure, "burst").status_code for _ in range(RATE_BURST)]
+    assert statuses == [200] * RATE_BURST
+    limited = complete(secure, "burst")
+    assert limited.status_code == 429
+    assert error_of(limited)["code"] == "rate_limit_exceeded"
+    retry_after = int(limited.headers["retry-after"])
+    assert 1 <= retry_after <= 2
+    assert complete(secure, "public").status_code == 200  # other keys are not affected
+    time.sleep(retry_after)
+    assert complete(secure, "burst").status_code == 200
+
+
+async def _burst(server: RunningServer, keys: list[str]) -> list[httpx.Response]:
+    """Send one long request per entry of ``keys``, all at once (they arrive within
+    milliseconds; each generates 1000 tokens, which takes the engine a second or more)."""
+    body = {"model": server.base_model, "prompt": "Tell me", "max_tokens": 1000, "ignore_eos": True}
+    async with httpx.AsyncClient(timeout=300) as client:
+        return list(
+            await asyncio.gather(
+                *(client.post(f"{server.url}/v1/completions", json=body, headers=auth(key)) for key in keys)
+            )
+        )
+
+
+async def test_concurrency_per_key(secure):
+    responses = await _burst(secure, ["busy1"] * (PER_KEY_CONCURRENCY + 2))
+    statuses = sorted(r.status_code for r in responses)
+    assert statuses.count(200) >= PER_KEY_CONCURRENCY and 429 in statuses, statuses
+    for response in responses:
+        if response.status_code == 429:
+            assert error_of(response)["code"] == "concurrency_limit_exceeded"
+            assert response.headers["retry-after"] == "1"
+    assert complete(secure, "busy1").status_code == 200  # slots come back when requests end
+
+
+async def test_server_wide_queue_bound_gives_503(secure):
+    # Two requests per key stay within the per-key bound; six exceed the 4 engine slots (no queue).
+    responses = await _burst(secure, ["busy1", "busy2", "busy3"] * PER_KEY_CONCURRENCY)
+    statuses = sorted(r.status_code for r in responses)
+    assert statuses.count(200) == ENGINE_SLOTS and set(statuses) == {200, 503}, statuses
+    for response in responses:
+        if response.status_code == 503:
+            assert error_of(response)["code"] == "server_overloaded"
+            assert response.headers["retry-after"] == "1"
+    assert complete(secure, "busy3").status_code == 200
+
+
+def test_denials_are_counted_and_logged_without_the_key(secure):
+    wrong = "sk-ls-wrong-" + new_key()
+    assert httpx.get(f"{secure.url}/v1/models", headers={"Authorization": f"Bearer {wrong}"}).status_code == 401
+    assert httpx.get(f"{secure.url}/v1/models").status_code == 401
+    assert [complete(secure, "counted").status_code for _ in range(RATE_BURST + 1)][-1] == 429
+    huge = {"model": secure.base_model, "prompt": "x" * MAX_BODY}
+    assert httpx.post(f"{secure.url}/v1/completions", json=huge, headers=auth("public")).status_code == 413
+    metrics = httpx.get(f"{secure.url}/metrics").text
+
+    def count(name: str, label: str) -> float:
+        match = re.search(rf'^{name}_total\{{[a-z]+="{label}"\}} (\S+)$', metrics, re.M)
+        return float(match.group(1)) if match else 0.0
+
+    assert count("loraserve_denied_requests", "invalid_key") >= 1
+    assert count("loraserve_denied_requests", "missing_key") >= 1
+    assert count("loraserve_limited_requests", "rate") >= 1
+    assert count("loraserve_limited_requests", "body_size") >= 1
+    log = secure.log()
+    assert "invalid_key" in log
+    assert wrong not in log and not any(key in log for key in KEYS.values())
