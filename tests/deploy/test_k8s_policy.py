@@ -123,6 +123,8 @@ def test_selectors_select_the_server_pods(rendered, overlay: str) -> None:
     labels = server_labels(objects)
     deployment = server(objects)
     assert selects(deployment["spec"]["selector"]["matchLabels"], labels)
+    for spread in deployment["spec"]["template"]["spec"]["topologySpreadConstraints"]:
+        assert selects(spread["labelSelector"]["matchLabels"], labels)
     service = one(objects, "Service", "loraserve")
     assert selects(service["spec"]["selector"], labels)
     assert selects(one(objects, "PodDisruptionBudget")["spec"]["selector"]["matchLabels"], labels)
