@@ -13,7 +13,7 @@ import yaml
 
 from tests.deploy.manifests import CRDS, RENDERED, crd_schemas, one, render, validate_custom
 
-# The oldest Kubernetes minor we support (preStop `sleep` needs 1.30+) and the newest bundled.
+# An older supported minor (preStop `sleep` is on by default from 1.30) and the newest bundled.
 K8S_VERSIONS = ("1.31", "1.37")
 
 
