@@ -1,0 +1,35 @@
+"""The Gateway API Inference Extension's endpoint picker reads `vllm:lora_requests_info`
+from each pod's /metrics (deploy/k8s/components/inference-pool): our /metrics must
+expose it in vLLM's format, and while an adapter's request runs, the newest sample
+(the picker takes the one with the latest timestamp value) must name that adapter."""
+
+from __future__ import annotations
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+LABELS = {"max_lora", "running_lora_adapters", "waiting_lora_adapters"}
+
+
+def lora_info_samples(server) -> list:
+    text = httpx.get(f"{server.url}/metrics", timeout=10).text
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    family = families["vllm:lora_requests_info"]
+    assert family.type == "gauge"
+    return family.samples
+
+
+def test_lora_requests_info_names_the_running_adapter(server) -> None:
+    body = {"model": "code", "prompt": "def", "max_tokens": 400, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=120) as response:
+        assert response.status_code == 200
+        lines = response.iter_lines()
+        assert next(line for line in lines if line.startswith("data: "))  # first token is out
+        samples = lora_info_samples(server)
+    assert samples
+    for sample in samples:
+        assert set(sample.labels) == LABELS
+        assert sample.labels["max_lora"] == str(server.config["engine"]["max_loras"])
+    newest = max(samples, key=lambda s: s.value)
+    adapters = newest.labels["running_lora_adapters"].split(",") + newest.labels["waiting_lora_adapters"].split(",")
+    assert "code" in adapters, newest
