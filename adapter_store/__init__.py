@@ -1,5 +1,41 @@
 """Adapters: names, versions, files. Never imports vLLM or FastAPI."""
 
-from adapter_store.catalog import AdapterCatalog, ServedAdapter, content_digest
+from adapter_store.catalog import AdapterCatalog, ServedAdapter
+from adapter_store.digest import content_digest
+from adapter_store.errors import (
+    AdapterInUse,
+    AdapterNotFound,
+    AdapterPinned,
+    AdapterStoreError,
+    AmbiguousVersion,
+    CacheFull,
+    InvalidAdapter,
+    InvalidRef,
+    SourceError,
+    VersionConflict,
+)
+from adapter_store.models import AdapterMetadata, AdapterVersion, HealthRecord, ResolvedAdapter
+from adapter_store.refs import AdapterRef
+from adapter_store.registry import AdapterRegistry
 
-__all__ = ["AdapterCatalog", "ServedAdapter", "content_digest"]
+__all__ = [
+    "AdapterCatalog",
+    "AdapterInUse",
+    "AdapterMetadata",
+    "AdapterNotFound",
+    "AdapterPinned",
+    "AdapterRef",
+    "AdapterRegistry",
+    "AdapterStoreError",
+    "AdapterVersion",
+    "AmbiguousVersion",
+    "CacheFull",
+    "HealthRecord",
+    "InvalidAdapter",
+    "InvalidRef",
+    "ResolvedAdapter",
+    "ServedAdapter",
+    "SourceError",
+    "VersionConflict",
+    "content_digest",
+]

@@ -1,19 +1,13 @@
-"""The adapters a server offers, each pinned to a content-addressed version.
-
-A version is the sha256 over an adapter directory's files (names and bytes),
-so two different sets of weights can never share a version, and the engine can
-key its integer LoRA ids on it: vLLM's prefix cache then never serves one
-version's KV blocks to another.
-"""
+"""The adapters a server offers, each pinned to a content-addressed version
+(see ``adapter_store.digest``)."""
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-_CHUNK = 1 << 20
+from adapter_store.digest import content_digest
 
 
 @dataclass(frozen=True)
@@ -23,18 +17,6 @@ class ServedAdapter:
     name: str
     version: str
     path: Path
-
-
-def content_digest(directory: Path) -> str:
-    """sha256 over the relative names and bytes of every file under ``directory``."""
-    digest = hashlib.sha256()
-    for file in sorted(p for p in directory.rglob("*") if p.is_file()):
-        digest.update(file.relative_to(directory).as_posix().encode() + b"\0")
-        with file.open("rb") as f:
-            while chunk := f.read(_CHUNK):
-                digest.update(chunk)
-        digest.update(b"\0")
-    return digest.hexdigest()
 
 
 class AdapterCatalog:
