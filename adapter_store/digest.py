@@ -10,6 +10,8 @@ another.
 from __future__ import annotations
 
 import hashlib
+import os
+from stat import S_ISREG
 from pathlib import Path
 
 _CHUNK = 1 << 20
@@ -34,5 +36,17 @@ def content_digest(directory: Path) -> str:
 
 
 def directory_size(directory: Path) -> int:
-    """Bytes of the regular files under ``directory`` (what the disk budget counts)."""
-    return sum(p.stat().st_size for p in directory.rglob("*") if p.is_file())
+    """Bytes of the regular files under ``directory`` (what the disk budget counts).
+
+    Safe to call while files are being removed: a file that vanishes mid-walk counts as 0.
+    """
+    total = 0
+    for parent, _, names in os.walk(directory):
+        for name in names:
+            try:
+                stat = os.lstat(os.path.join(parent, name))
+            except FileNotFoundError:
+                continue
+            if S_ISREG(stat.st_mode):
+                total += stat.st_size
+    return total
