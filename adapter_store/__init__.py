@@ -17,6 +17,9 @@ from adapter_store.errors import (
 from adapter_store.models import AdapterMetadata, AdapterVersion, HealthRecord, ResolvedAdapter
 from adapter_store.refs import AdapterRef
 from adapter_store.registry import AdapterRegistry
+from adapter_store.settings import StoreSettings
+from adapter_store.store import AdapterStore
+from adapter_store.validation import AdapterValidator, BaseModelSpec
 
 __all__ = [
     "AdapterCatalog",
@@ -26,9 +29,12 @@ __all__ = [
     "AdapterPinned",
     "AdapterRef",
     "AdapterRegistry",
+    "AdapterStore",
     "AdapterStoreError",
+    "AdapterValidator",
     "AdapterVersion",
     "AmbiguousVersion",
+    "BaseModelSpec",
     "CacheFull",
     "HealthRecord",
     "InvalidAdapter",
@@ -36,6 +42,7 @@ __all__ = [
     "ResolvedAdapter",
     "ServedAdapter",
     "SourceError",
+    "StoreSettings",
     "VersionConflict",
     "content_digest",
 ]

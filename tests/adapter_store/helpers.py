@@ -9,6 +9,7 @@ import numpy as np
 from safetensors.numpy import save_file
 
 BASE_NAME = "tiny-base"
+BUCKET = "adapters"
 # A Llama-shaped base with GQA, so q and k/v LoRA shapes differ (head_dim 64 as vLLM's CPU attention needs).
 BASE_CONFIG = {
     "architectures": ["LlamaForCausalLM"],
@@ -83,3 +84,14 @@ def write_adapter(
         str(directory / "adapter_model.safetensors"),
     )
     return directory
+
+
+def upload(endpoint: str, directory: Path, key_prefix: str) -> None:
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=endpoint)
+    if BUCKET not in [b["Name"] for b in client.list_buckets()["Buckets"]]:
+        client.create_bucket(Bucket=BUCKET)
+    for path in directory.rglob("*"):
+        if path.is_file():
+            client.upload_file(str(path), BUCKET, key_prefix + path.relative_to(directory).as_posix())

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -11,10 +9,7 @@ import pytest
 from adapter_store import InvalidAdapter, SourceError, content_digest
 from adapter_store.settings import LocalSourceSettings, S3SourceSettings
 from adapter_store.sources import LocalSource, S3Source, SourceSet
-from tests.adapter_store.helpers import write_adapter
-from tests.conftest import free_port
-
-BUCKET = "adapters"
+from tests.adapter_store.helpers import BUCKET, upload, write_adapter
 
 
 @pytest.fixture
@@ -77,38 +72,6 @@ def test_local_find(roots, local: LocalSource) -> None:
     assert local.find("code") == (roots[0] / "code").as_uri()
     assert local.find("escape-dir") is None  # exists, but resolves outside the roots
     assert local.find("nope") is None
-
-
-@pytest.fixture(scope="module")
-def s3_server() -> Iterator[str]:
-    """A real S3-compatible HTTP server in this process (moto), with credentials in the environment."""
-    from moto.server import ThreadedMotoServer
-
-    saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}
-    os.environ.update(AWS_ACCESS_KEY_ID="test-key", AWS_SECRET_ACCESS_KEY="test-secret", AWS_DEFAULT_REGION="us-east-1")
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.stop()
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-
-
-def upload(endpoint: str, directory: Path, key_prefix: str) -> None:
-    import boto3
-
-    client = boto3.client("s3", endpoint_url=endpoint)
-    if BUCKET not in [b["Name"] for b in client.list_buckets()["Buckets"]]:
-        client.create_bucket(Bucket=BUCKET)
-    for path in directory.rglob("*"):
-        if path.is_file():
-            client.upload_file(str(path), BUCKET, key_prefix + path.relative_to(directory).as_posix())
 
 
 @pytest.fixture
