@@ -185,3 +185,29 @@ def test_memory_budget_to_cpu_loras(tmp_path: Path) -> None:
     assert cpu_loras_for_budget(10 * per + 1, base=spec, max_lora_rank=16, dtype="bfloat16", max_loras=4) == 10
     with pytest.raises(ValueError, match=f"holds 3 adapter\\(s\\).*raise the budget to at least {4 * per} bytes"):
         cpu_loras_for_budget(3 * per, base=spec, max_lora_rank=16, dtype="bfloat16", max_loras=4)
+
+
+def load_weights(path: Path) -> None:
+    """A real probe: read every tensor, as an engine would when loading the adapter."""
+    from safetensors.numpy import load_file
+
+    assert load_file(str(path / "adapter_model.safetensors"))
+
+
+def test_health_check_records_ok_and_failed(tmp_path: Path) -> None:
+    store = open_store(tmp_path)
+    v = store.register(str(write_adapter(tmp_path / "volume" / "code")), "code")
+    assert store.health("code").state == "unchecked"
+    with store.health_check("code") as adapter:
+        load_weights(adapter.path)
+    ok = store.health("code")
+    assert ok.state == "ok" and ok.reason is None and ok.latency_s > 0 and ok.checked_at is not None
+    weights = store.cache.cache_dir / v.version / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-64])  # disk corruption after registration
+    with pytest.raises(Exception, match="incomplete metadata"):
+        with store.health_check("code") as adapter:
+            load_weights(adapter.path)
+    failed = store.health("code")
+    assert failed.state == "failed" and "incomplete metadata" in failed.reason and failed.checked_at > ok.checked_at
+    assert not store.cache.in_use(v.version)
+    store.close()
