@@ -14,7 +14,8 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-ADAPTER_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+from adapter_store.refs import NAME_PATTERN as ADAPTER_NAME_PATTERN
+from adapter_store.settings import StoreSettings
 
 
 class ConfigError(Exception):
@@ -82,6 +83,9 @@ class Settings(_Strict):
     model: ModelSettings
     engine: EngineSettings = EngineSettings()
     adapters: list[AdapterSettings] = []
+    store: StoreSettings | None = Field(
+        default=None, description="Adapter store (registry, sources, disk cache); absent: a temporary one."
+    )
     server: ServerSettings = ServerSettings()
 
     @model_validator(mode="after")
@@ -124,6 +128,13 @@ def _resolve_paths(raw: dict, base_dir: Path) -> dict:
     for adapter in raw.get("adapters") or []:
         if isinstance(adapter, dict) and "path" in adapter:
             adapter["path"] = resolve(adapter["path"])
+    store = raw.get("store")
+    if isinstance(store, dict):
+        if "root" in store:
+            store["root"] = resolve(store["root"])
+        for source in store.get("sources") or []:
+            if isinstance(source, dict) and isinstance(source.get("roots"), list):
+                source["roots"] = [resolve(r) for r in source["roots"]]
     return raw
 
 

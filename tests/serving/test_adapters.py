@@ -1,0 +1,48 @@
+"""Serving's set-up of the adapter store: configured adapters are validated and registered at start-up."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from adapter_store import InvalidAdapter
+from serving.adapters import open_store
+from serving.config import load_settings
+from tests.adapter_store.helpers import BASE_NAME, write_adapter, write_base_config
+
+
+def write_config(tmp_path: Path, store: dict | None, adapters: list[dict]) -> Path:
+    write_base_config(tmp_path / "base")
+    raw = {"model": {"path": "base", "name": BASE_NAME}, "adapters": adapters}
+    if store is not None:
+        raw["store"] = store
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def test_configured_adapters_are_registered_and_survive_restart(tmp_path: Path) -> None:
+    write_adapter(tmp_path / "adapters" / "code", seed=1)
+    write_adapter(tmp_path / "volume" / "legal", seed=2)
+    store_section = {"root": "store", "sources": [{"type": "local", "roots": ["volume"]}], "pinned": ["code"]}
+    settings = load_settings(write_config(tmp_path, store_section, [{"name": "code", "path": "adapters/code"}]))
+    assert settings.store is not None and settings.store.root == tmp_path / "store"  # relative to the file
+    assert settings.store.sources[0].roots == [tmp_path / "volume"]
+    store = open_store(settings, tmp_path / "unused")
+    code = store.version("code")
+    assert code.pinned and code.source == str(tmp_path / "adapters" / "code")
+    store.register(str(tmp_path / "volume" / "legal"), "legal")
+    store.close()
+    again = open_store(settings, tmp_path / "unused")
+    assert again.registry.names() == ["code", "legal"] and again.version("code") == code
+    again.close()
+    assert not (tmp_path / "unused").exists()
+
+
+def test_invalid_configured_adapter_fails_start_up(tmp_path: Path) -> None:
+    write_adapter(tmp_path / "adapters" / "big", rank=64)
+    settings = load_settings(write_config(tmp_path, None, [{"name": "big", "path": "adapters/big"}]))
+    with pytest.raises(InvalidAdapter, match="rank 64 is greater than max_lora_rank 16"):
+        open_store(settings, tmp_path / "scratch")
