@@ -1,5 +1,48 @@
 """Adapters: names, versions, files. Never imports vLLM or FastAPI."""
 
-from adapter_store.catalog import AdapterCatalog, ServedAdapter, content_digest
+from adapter_store.catalog import AdapterCatalog, ServedAdapter
+from adapter_store.digest import content_digest
+from adapter_store.errors import (
+    AdapterInUse,
+    AdapterNotFound,
+    AdapterPinned,
+    AdapterStoreError,
+    AmbiguousVersion,
+    CacheFull,
+    InvalidAdapter,
+    InvalidRef,
+    SourceError,
+    VersionConflict,
+)
+from adapter_store.models import AdapterMetadata, AdapterVersion, HealthRecord, ResolvedAdapter
+from adapter_store.refs import AdapterRef
+from adapter_store.registry import AdapterRegistry
+from adapter_store.settings import StoreSettings
+from adapter_store.store import AdapterStore
+from adapter_store.validation import AdapterValidator, BaseModelSpec
 
-__all__ = ["AdapterCatalog", "ServedAdapter", "content_digest"]
+__all__ = [
+    "AdapterCatalog",
+    "AdapterInUse",
+    "AdapterMetadata",
+    "AdapterNotFound",
+    "AdapterPinned",
+    "AdapterRef",
+    "AdapterRegistry",
+    "AdapterStore",
+    "AdapterStoreError",
+    "AdapterValidator",
+    "AdapterVersion",
+    "AmbiguousVersion",
+    "BaseModelSpec",
+    "CacheFull",
+    "HealthRecord",
+    "InvalidAdapter",
+    "InvalidRef",
+    "ResolvedAdapter",
+    "ServedAdapter",
+    "SourceError",
+    "StoreSettings",
+    "VersionConflict",
+    "content_digest",
+]

@@ -1,55 +1,59 @@
-"""The adapters a server offers, each pinned to a content-addressed version.
+"""The view of the store that serving's request path uses: model name → local adapter files.
 
-A version is the sha256 over an adapter directory's files (names and bytes),
-so two different sets of weights can never share a version, and the engine can
-key its integer LoRA ids on it: vLLM's prefix cache then never serves one
-version's KV blocks to another.
+A request names ``adapter``, ``adapter@version`` or ``adapter@alias``; the
+catalog resolves it to a content-addressed version whose files are on local
+disk. The engine keys its integer LoRA ids on (name, version), so a new
+version never reuses an old version's slot or prefix-cache blocks.
 """
 
 from __future__ import annotations
 
-import hashlib
-from collections.abc import Iterable
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-_CHUNK = 1 << 20
+from adapter_store.errors import AdapterNotFound, InvalidRef
+from adapter_store.store import AdapterStore
 
 
 @dataclass(frozen=True)
 class ServedAdapter:
-    """An adapter resolved to immutable files."""
+    """An adapter version resolved to immutable local files."""
 
     name: str
-    version: str
+    version: str  # full sha256 of the files
     path: Path
-
-
-def content_digest(directory: Path) -> str:
-    """sha256 over the relative names and bytes of every file under ``directory``."""
-    digest = hashlib.sha256()
-    for file in sorted(p for p in directory.rglob("*") if p.is_file()):
-        digest.update(file.relative_to(directory).as_posix().encode() + b"\0")
-        with file.open("rb") as f:
-            while chunk := f.read(_CHUNK):
-                digest.update(chunk)
-        digest.update(b"\0")
-    return digest.hexdigest()
+    source: str = ""  # where the files came from (shown as ``root`` in /v1/models)
 
 
 class AdapterCatalog:
-    """Name → :class:`ServedAdapter` for the adapters named in the config."""
+    """Resolves references against an :class:`AdapterStore`."""
 
-    def __init__(self, adapters: Iterable[tuple[str, Path]]) -> None:
-        self._adapters: dict[str, ServedAdapter] = {}
-        for name, path in adapters:
-            self._adapters[name] = ServedAdapter(name=name, version=content_digest(path)[:16], path=path)
+    def __init__(self, store: AdapterStore) -> None:
+        self.store = store
 
-    def get(self, name: str) -> ServedAdapter | None:
-        return self._adapters.get(name)
+    def get(self, ref: str) -> ServedAdapter | None:
+        """The version ``ref`` names with its files on disk; ``None`` if no adapter matches.
 
-    def __iter__(self):
-        return iter(self._adapters.values())
+        Other store errors (a source failing, a full cache) propagate: they are
+        not "no such model".
+        """
+        try:
+            version = self.store.version(ref)
+        except (AdapterNotFound, InvalidRef):
+            return None
+        # The lease ends here, not with the request: the files stay only while nothing evicts them,
+        # which holds as long as serving registers no more than the disk budget (no on-demand, no
+        # remote sources yet). Holding store.acquire/release across the request is issue 4's next step.
+        with self.store.cache.lease(version) as path:
+            return ServedAdapter(name=version.name, version=version.version, path=path, source=version.source)
+
+    def __iter__(self) -> Iterator[ServedAdapter]:
+        """The latest version of every registered adapter."""
+        for name in self.store.registry.names():
+            version = self.store.registry.get(name)
+            path = self.store.cache.cache_dir / version.version
+            yield ServedAdapter(name=name, version=version.version, path=path, source=version.source)
 
     def __len__(self) -> int:
-        return len(self._adapters)
+        return len(self.store.registry.names())

@@ -14,7 +14,9 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-ADAPTER_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+from adapter_store.refs import NAME_PATTERN as ADAPTER_NAME_PATTERN
+from adapter_store.settings import StoreSettings
+
 TENANT_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,63}$"
 
 
@@ -133,6 +135,9 @@ class Settings(_Strict):
     engine: EngineSettings = EngineSettings()
     adapters: list[AdapterSettings] = []
     limits: LimitSettings = LimitSettings()
+    store: StoreSettings | None = Field(
+        default=None, description="Adapter store (registry, sources, disk cache); absent: a temporary one."
+    )
     server: ServerSettings = ServerSettings()
 
     @model_validator(mode="after")
@@ -180,6 +185,13 @@ def _resolve_paths(raw: dict, base_dir: Path) -> dict:
     auth = raw.get("auth")
     if isinstance(auth, dict) and "keys_file" in auth:
         auth["keys_file"] = resolve(auth["keys_file"])
+    store = raw.get("store")
+    if isinstance(store, dict):
+        if "root" in store:
+            store["root"] = resolve(store["root"])
+        for source in store.get("sources") or []:
+            if isinstance(source, dict) and isinstance(source.get("roots"), list):
+                source["roots"] = [resolve(r) for r in source["roots"]]
     return raw
 
 

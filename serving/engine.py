@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
 from adapter_store import ServedAdapter
+from serving.adapters import max_cpu_loras
 from serving.config import Settings
 
 if TYPE_CHECKING:
@@ -41,7 +42,7 @@ def engine_args(settings: Settings):
         enable_lora=True,
         max_loras=engine.max_loras,
         max_lora_rank=engine.max_lora_rank,
-        max_cpu_loras=engine.max_cpu_loras,
+        max_cpu_loras=max_cpu_loras(settings),
         max_num_seqs=engine.max_num_seqs,
         max_num_batched_tokens=engine.max_num_batched_tokens,
         kv_cache_memory_bytes=None if engine.kv_cache_gib is None else int(engine.kv_cache_gib * _GIB),

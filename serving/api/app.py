@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import logging
+import tempfile
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 from fastapi import FastAPI
 
-from adapter_store import AdapterCatalog
+from adapter_store import AdapterCatalog, AdapterStore
+from serving.adapters import open_store
 from serving.api.auth import AuthMiddleware, KeyStore
 from serving.api.chat import api_router as chat_router
 from serving.api.completions import api_router as completions_router
@@ -26,13 +29,13 @@ logger = logging.getLogger(__name__)
 _ROUTERS = (system_router, models_router, completions_router, chat_router)
 
 
-def build_state(settings: Settings, engine: LoraEngine, metrics: AdapterMetrics) -> AppState:
+def build_state(settings: Settings, engine: LoraEngine, metrics: AdapterMetrics, store: AdapterStore) -> AppState:
     """Wire the serving objects around a started engine."""
     from serving.api.chat.serving import ChatServing
     from serving.api.completions.serving import CompletionServing
     from serving.api.models.serving import ModelsServing
 
-    catalog = AdapterCatalog((a.name, a.path) for a in settings.adapters)
+    catalog = AdapterCatalog(store)
     tokenizer = engine.llm.get_tokenizer()
     limiter = RequestLimiter(settings.limits, settings.engine.max_num_seqs, metrics)
     shared = (engine, catalog, settings, metrics, tokenizer, limiter)
@@ -50,16 +53,19 @@ def build_app(settings: Settings) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        engine = LoraEngine(settings)
-        await engine.start()
-        try:
-            app.state.loraserve = build_state(settings, engine, AdapterMetrics())
-            logger.info(
-                "serving %s with adapters: %s", settings.model.name, ", ".join(a.name for a in settings.adapters) or "none"
-            )
-            yield
-        finally:
-            engine.shutdown()
+        with tempfile.TemporaryDirectory(prefix="loraserve-store-") as scratch:
+            # Adapters are validated and registered before the engine starts: a bad one fails fast.
+            store = open_store(settings, Path(scratch))
+            engine = LoraEngine(settings)
+            try:
+                await engine.start()
+                app.state.loraserve = build_state(settings, engine, AdapterMetrics(), store)
+                names = ", ".join(store.registry.names()) or "none"
+                logger.info("serving %s with adapters: %s", settings.model.name, names)
+                yield
+            finally:
+                engine.shutdown()
+                store.close()
 
     keys = KeyStore.from_settings(settings.auth)  # a bad keys file fails here, before the engine loads
     if keys is None:

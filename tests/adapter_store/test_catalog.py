@@ -1,33 +1,39 @@
-"""Content-addressed adapter versions."""
+"""The catalog serving resolves model names with: refs to versions with local files."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from adapter_store import AdapterCatalog, content_digest
-
-
-def make_adapter(root: Path, weights: bytes) -> Path:
-    root.mkdir(parents=True)
-    (root / "adapter_config.json").write_text('{"r": 8}')
-    (root / "adapter_model.safetensors").write_bytes(weights)
-    return root
+from adapter_store import AdapterCatalog, AdapterStore, BaseModelSpec, StoreSettings, content_digest
+from tests.adapter_store.helpers import BASE_NAME, write_adapter, write_base_config
 
 
 def test_digest_depends_on_bytes_and_names(tmp_path: Path) -> None:
-    a = make_adapter(tmp_path / "a", b"weights-1")
-    b = make_adapter(tmp_path / "b", b"weights-1")
-    c = make_adapter(tmp_path / "c", b"weights-2")
+    a = write_adapter(tmp_path / "a", seed=1)
+    b = write_adapter(tmp_path / "b", seed=1)
+    c = write_adapter(tmp_path / "c", seed=2)
     assert content_digest(a) == content_digest(b)
     assert content_digest(a) != content_digest(c)
     (b / "adapter_model.safetensors").rename(b / "renamed.safetensors")
     assert content_digest(a) != content_digest(b)
 
 
-def test_catalog_pins_versions(tmp_path: Path) -> None:
-    a = make_adapter(tmp_path / "a", b"one")
-    catalog = AdapterCatalog([("code", a)])
-    served = catalog.get("code")
-    assert served is not None and served.path == a and len(served.version) == 16
-    assert catalog.get("legal") is None
-    assert [s.name for s in catalog] == ["code"]
+def test_catalog_resolves_refs_to_versions(tmp_path: Path) -> None:
+    volume = tmp_path / "volume"
+    settings = StoreSettings.model_validate({"root": tmp_path / "store", "sources": [{"type": "local", "roots": [volume]}]})
+    spec = BaseModelSpec.from_config(write_base_config(tmp_path / "base"), [BASE_NAME])
+    store = AdapterStore.open(settings, base=spec, max_lora_rank=16)
+    v1 = store.register(str(write_adapter(volume / "code", seed=1)), "code", aliases=("stable",))
+    v2 = store.register(str(write_adapter(volume / "code", seed=2)), "code")
+    catalog = AdapterCatalog(store)
+
+    for ref, expected in [("code", v2), ("code@stable", v1), (f"code@{v1.version[:10]}", v1)]:
+        served = catalog.get(ref)
+        assert served is not None and (served.name, served.version) == ("code", expected.version)
+        assert content_digest(served.path) == expected.version
+        assert served.source == str(volume / "code")
+    for missing in ("legal", "code@canary", "code@" + "0" * 8, "not a name", "base"):
+        assert catalog.get(missing) is None
+    assert [(s.name, s.version) for s in catalog] == [("code", v2.version)]
+    assert len(catalog) == 1
+    store.close()

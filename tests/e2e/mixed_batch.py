@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
+import tempfile
 from pathlib import Path
 
 PROMPTS = ("The", "Tell me about the", "In the morning we")
@@ -31,11 +32,13 @@ async def greedy(engine, adapter, prompt_ids: list[int], request_id: str) -> lis
 
 async def main(config_path: Path) -> dict:
     from adapter_store import AdapterCatalog
+    from serving.adapters import open_store
     from serving.config import load_settings
     from serving.engine import LoraEngine
 
     settings = load_settings(config_path)
-    catalog = AdapterCatalog((a.name, a.path) for a in settings.adapters)
+    scratch = tempfile.TemporaryDirectory(prefix="mixed-batch-store-")
+    catalog = AdapterCatalog(open_store(settings, Path(scratch.name)))
     engine = LoraEngine(settings)
     await engine.start()
     try:
@@ -53,6 +56,8 @@ async def main(config_path: Path) -> dict:
         )
     finally:
         engine.shutdown()
+        catalog.store.close()
+        scratch.cleanup()
     return {
         "requests": [{"model": m, "prompt": p} for m, p, _ in jobs],
         "alone": alone,

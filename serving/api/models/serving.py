@@ -22,7 +22,7 @@ class ModelsServing:
         base = self.settings.model
         cards = [ModelCard(id=base.name, created=self.created, root=str(base.path), max_model_len=base.max_model_len)]
         cards += [
-            ModelCard(id=adapter.name, created=self.created, root=str(adapter.path), parent=base.name)
+            ModelCard(id=adapter.name, created=self.created, root=adapter.source, parent=base.name)
             for adapter in self.catalog
             if principal.may_use(owners.get(adapter.name))
         ]

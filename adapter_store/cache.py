@@ -1,0 +1,256 @@
+"""The disk tier: local copies of adapter versions, bounded by a byte budget, LRU-evicted.
+
+vLLM keeps active adapters in ``max_loras`` slots and ``max_cpu_loras`` in host
+memory; it loads them from a local path. This cache is the tier under those:
+``<cache>/<sha256>/`` holds one version's files, fetched from its source into a
+staging directory, checked against the version's digest, then renamed into
+place (a rename within one filesystem is atomic, so a reader never sees half an
+adapter). Before anything is added, least-recently-used entries are deleted
+until it fits: the bytes on disk never exceed the budget. Entries that are
+pinned, or leased by running requests, are never evicted; if those alone fill
+the budget the fetch fails with :class:`CacheFull` instead.
+
+Leases and LRU order live in this process: one serving process owns a cache
+directory (the registry, not the cache, is what worker processes share).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import threading
+import uuid
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from adapter_store.digest import content_digest, directory_size
+from adapter_store.errors import AdapterInUse, CacheFull, InvalidAdapter
+from adapter_store.models import AdapterVersion
+
+logger = logging.getLogger(__name__)
+
+# (source URI, empty destination directory) -> None: copies the adapter's files.
+Fetcher = Callable[[str, Path], None]
+_HEX = frozenset("0123456789abcdef")
+
+
+@dataclass
+class CacheStats:
+    """Counters since start-up (serving exports them as metrics)."""
+
+    hits: int = 0
+    misses: int = 0
+    evictions: int = 0
+    evicted_bytes: int = 0
+
+
+class DiskCache:
+    """Digest-keyed adapter directories under ``cache_dir``, at most ``budget_bytes`` in all."""
+
+    def __init__(
+        self,
+        cache_dir: Path,
+        staging_dir: Path,
+        budget_bytes: int,
+        fetch: Fetcher,
+        pinned: Callable[[], set[str]] = set,
+    ) -> None:
+        self.cache_dir = cache_dir
+        self.staging_dir = staging_dir
+        self.budget_bytes = budget_bytes
+        self._fetch = fetch
+        self._pinned = pinned
+        self._lock = threading.Lock()
+        self._fetch_locks: dict[str, threading.Lock] = {}
+        self._entries: OrderedDict[str, int] = OrderedDict()  # digest -> bytes, least recently used first
+        self._leases: dict[str, int] = {}
+        self._reserved = 0
+        self.stats = CacheStats()
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(staging_dir, ignore_errors=True)  # leftovers of a crash: never complete
+        staging_dir.mkdir(parents=True, exist_ok=True)
+        self._scan()
+
+    def _scan(self) -> None:
+        """Adopt what a previous run left, oldest first; drop anything whose bytes no longer match its name."""
+        found = []
+        for path in self.cache_dir.iterdir():
+            if path.is_dir() and len(path.name) == 64 and set(path.name) <= _HEX and content_digest(path) == path.name:
+                found.append((path.stat().st_mtime, path.name, directory_size(path)))
+            else:
+                logger.warning("removing %s from the adapter cache: not a complete, intact version", path)
+                _remove(path)
+        for _, digest, size in sorted(found):
+            self._entries[digest] = size
+        self._trim_to_budget()
+
+    # -- measuring ----------------------------------------------------------------------
+
+    def bytes_on_disk(self) -> int:
+        """Measured, not counted: the bytes of every file under the cache directory."""
+        return directory_size(self.cache_dir)
+
+    def used_bytes(self) -> int:
+        with self._lock:
+            return sum(self._entries.values()) + self._reserved
+
+    def contains(self, digest: str) -> bool:
+        with self._lock:
+            return digest in self._entries
+
+    def in_use(self, digest: str) -> bool:
+        with self._lock:
+            return self._leases.get(digest, 0) > 0
+
+    def digests(self) -> list[str]:
+        """Cached versions, least recently used first."""
+        with self._lock:
+            return list(self._entries)
+
+    # -- leasing ------------------------------------------------------------------------
+
+    @contextmanager
+    def lease(self, version: AdapterVersion) -> Iterator[Path]:
+        """The version's local directory, fetched if needed; not evictable until the block ends."""
+        path = self.acquire(version)
+        try:
+            yield path
+        finally:
+            self.release(version.version)
+
+    def acquire(self, version: AdapterVersion) -> Path:
+        """Take a lease (pair with :meth:`release`); fetch the files if they are not cached."""
+        digest = version.version
+        with self._lock:
+            fetch_lock = self._fetch_locks.setdefault(digest, threading.Lock())
+        with fetch_lock:  # one download per version; others wait for it, then hit
+            with self._lock:
+                if digest in self._entries:
+                    self._entries.move_to_end(digest)
+                    self._leases[digest] = self._leases.get(digest, 0) + 1
+                    self.stats.hits += 1
+                    os.utime(self.cache_dir / digest)
+                    return self.cache_dir / digest
+                self.stats.misses += 1
+                self._reserve(version.metadata.size_bytes, f"{version.name}@{digest[:16]}")
+            staging = self.new_staging()
+            try:
+                self._fetch(version.source, staging)
+                actual = content_digest(staging)
+                if actual != digest:
+                    raise InvalidAdapter(
+                        f"files fetched from {version.source} have sha256 {actual[:16]}..., but version "
+                        f"{version.name}@{digest[:16]} was registered with {digest[:16]}...: the source changed "
+                        "after registration. Register the new files as a new version",
+                        reason="checksum_mismatch",
+                        param="source",
+                    )
+                os.rename(staging, self.cache_dir / digest)
+            except BaseException:
+                _remove(staging)
+                with self._lock:
+                    self._reserved -= version.metadata.size_bytes
+                raise
+            with self._lock:
+                self._reserved -= version.metadata.size_bytes
+                self._entries[digest] = version.metadata.size_bytes
+                self._leases[digest] = self._leases.get(digest, 0) + 1
+            return self.cache_dir / digest
+
+    def release(self, digest: str) -> None:
+        with self._lock:
+            count = self._leases.get(digest, 0)
+            if count <= 0:
+                raise RuntimeError(f"release of {digest[:16]} without a lease")
+            if count == 1:
+                del self._leases[digest]
+            else:
+                self._leases[digest] = count - 1
+
+    def new_staging(self) -> Path:
+        """An empty private directory on the cache's filesystem, for a fetch in progress."""
+        path = self.staging_dir / uuid.uuid4().hex
+        path.mkdir()
+        return path
+
+    def adopt(self, staging: Path, digest: str, label: str) -> Path:
+        """Move a fetched and validated directory into the cache (registration path)."""
+        size = directory_size(staging)
+        with self._lock:
+            if digest in self._entries:
+                _remove(staging)
+                self._entries.move_to_end(digest)
+                return self.cache_dir / digest
+            self._reserve(size, label)
+            try:
+                os.rename(staging, self.cache_dir / digest)
+            except BaseException:
+                self._reserved -= size
+                raise
+            self._reserved -= size
+            self._entries[digest] = size
+        return self.cache_dir / digest
+
+    def remove(self, digest: str) -> None:
+        """Drop a version's files (after it is deleted from the registry); refused while leased."""
+        with self._lock:
+            if self._leases.get(digest, 0) > 0:
+                raise AdapterInUse(
+                    f"version {digest[:16]} is in use by {self._leases[digest]} running request(s); retry when they end"
+                )
+            if self._entries.pop(digest, None) is not None:
+                _remove(self.cache_dir / digest)
+
+    # -- evicting (called with the lock held) -------------------------------------------
+
+    def _reserve(self, size: int, label: str) -> None:
+        """Make room for ``size`` bytes by evicting LRU entries; ``CacheFull`` if pinned/leased ones block it."""
+        need = sum(self._entries.values()) + self._reserved + size - self.budget_bytes
+        if need > 0:
+            pinned = self._pinned()
+            victims, freed = [], 0
+            for digest, entry_size in self._entries.items():
+                if freed >= need:
+                    break
+                if digest in pinned or self._leases.get(digest, 0) > 0:
+                    continue
+                victims.append(digest)
+                freed += entry_size
+            if freed < need:
+                held = sum(s for d, s in self._entries.items() if d in pinned or self._leases.get(d, 0) > 0)
+                raise CacheFull(
+                    f"{label} needs {size} bytes, but the disk cache budget of {self.budget_bytes} bytes is held by "
+                    f"pinned or in-use versions ({held} bytes) and fetches in progress ({self._reserved} bytes); "
+                    "raise store.disk_budget_bytes or unpin adapters"
+                )
+            for digest in victims:
+                self._evict(digest)
+        self._reserved += size
+
+    def _evict(self, digest: str) -> None:
+        size = self._entries.pop(digest)
+        _remove(self.cache_dir / digest)
+        self.stats.evictions += 1
+        self.stats.evicted_bytes += size
+        logger.info("evicted adapter version %s (%d bytes) from the disk cache", digest[:16], size)
+
+    def _trim_to_budget(self) -> None:
+        """After a restart with a smaller budget: drop unpinned entries, oldest first, until it fits."""
+        with self._lock:
+            pinned = self._pinned()
+            for digest in list(self._entries):
+                if sum(self._entries.values()) <= self.budget_bytes:
+                    break
+                if digest not in pinned:
+                    self._evict(digest)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)

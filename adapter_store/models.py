@@ -1,0 +1,62 @@
+"""Plain records the store hands out: what validation learns about an adapter,
+a registered version, and the health of a version."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+HealthState = Literal["ok", "failed", "unchecked"]
+
+
+@dataclass(frozen=True)
+class AdapterMetadata:
+    """What validation reads from an adapter's files (nothing here is trusted from the caller)."""
+
+    base_model: str
+    rank: int
+    alpha: float
+    target_modules: tuple[str, ...]
+    size_bytes: int
+
+
+@dataclass(frozen=True)
+class AdapterVersion:
+    """One immutable, content-addressed version of an adapter, as registered."""
+
+    name: str
+    version: str  # full sha256 over the files (see ``digest.content_digest``)
+    metadata: AdapterMetadata
+    source: str
+    created_at: float
+    tags: dict[str, str] = field(default_factory=dict)
+    pinned: bool = False
+
+    @property
+    def checksum(self) -> str:
+        return f"sha256:{self.version}"
+
+    @property
+    def ref(self) -> str:
+        return f"{self.name}@{self.version}"
+
+
+@dataclass(frozen=True)
+class HealthRecord:
+    """Last health check of a version; ``unchecked`` until one has run."""
+
+    state: HealthState = "unchecked"
+    reason: str | None = None
+    checked_at: float | None = None
+    latency_s: float | None = None
+
+
+@dataclass(frozen=True)
+class ResolvedAdapter:
+    """A version with local files ready to load: what serving turns into a ``LoRARequest``."""
+
+    name: str
+    version: str
+    path: Path
+    metadata: AdapterMetadata

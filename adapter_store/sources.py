@@ -1,0 +1,273 @@
+"""Where adapter files come from: one :class:`AdapterSource` subclass per backend.
+
+A source copies an adapter's files into a directory the store owns (a staging
+directory, later renamed into the cache), so what is validated and hashed is a
+private copy nobody else can change. Sources are confined: a local source reads
+only under its configured roots (after resolving symlinks), an S3 source only
+under its configured URL prefixes. Backends are chosen from a registry keyed on
+the settings' ``type``, and URIs are routed to the source that accepts them.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable
+from pathlib import Path, PurePosixPath
+from typing import Any, ClassVar
+from urllib.parse import unquote, urlparse
+
+from adapter_store.errors import InvalidAdapter, SourceError
+from adapter_store.refs import check_name
+from adapter_store.settings import LocalSourceSettings, S3SourceSettings, SourceSettings
+
+logger = logging.getLogger(__name__)
+
+CONFIG_FILE = "adapter_config.json"
+
+
+class AdapterSource(ABC):
+    """One backend adapters can be fetched from."""
+
+    scheme: ClassVar[str]
+
+    @abstractmethod
+    def allows(self, uri: str) -> bool:
+        """Whether ``uri`` lies inside this source's configured locations (no I/O)."""
+
+    @abstractmethod
+    def fetch(self, uri: str, dest: Path, *, max_bytes: int) -> None:
+        """Copy the adapter at ``uri`` into the empty directory ``dest``; ``SourceError`` if refused."""
+
+    @abstractmethod
+    def find(self, name: str) -> str | None:
+        """The URI of an adapter called ``name`` in this source, or ``None`` (on-demand resolution)."""
+
+    @abstractmethod
+    def describe(self) -> str:
+        """The configured locations, for error messages."""
+
+
+_SOURCE_TYPES: dict[str, type[AdapterSource]] = {}
+
+
+def register_source_type(settings_type: str) -> Callable[[type[AdapterSource]], type[AdapterSource]]:
+    """Class decorator: the backend for settings with ``type: <settings_type>``."""
+
+    def add(cls: type[AdapterSource]) -> type[AdapterSource]:
+        _SOURCE_TYPES[settings_type] = cls
+        return cls
+
+    return add
+
+
+def _too_large(uri: str, size: int, max_bytes: int) -> InvalidAdapter:
+    return InvalidAdapter(
+        f"adapter at {uri} takes {size} bytes, more than the limit of {max_bytes} bytes (store.max_adapter_bytes); "
+        "lower its rank or raise the limit",
+        reason="too_large",
+    )
+
+
+@register_source_type("local")
+class LocalSource(AdapterSource):
+    """Directories under mounted volumes (the Kubernetes case), addressed as absolute paths or file:// URIs."""
+
+    scheme = "file"
+
+    def __init__(self, settings: LocalSourceSettings) -> None:
+        self.roots = [root.resolve() for root in settings.roots]
+
+    def describe(self) -> str:
+        return "local roots " + ", ".join(str(r) for r in self.roots)
+
+    @staticmethod
+    def path_of(uri: str) -> Path:
+        raw = unquote(urlparse(uri).path) if uri.startswith("file://") else uri
+        path = PurePosixPath(raw)
+        if ".." in path.parts:
+            raise SourceError(f"{uri!r} contains '..'; give the adapter's path inside a configured root", param="source")
+        if not path.is_absolute():
+            raise SourceError(f"{uri!r} is relative; give an absolute path or a file:// URI", param="source")
+        return Path(raw)
+
+    def _confined(self, path: Path, uri: str) -> Path:
+        """``path`` with symlinks resolved, if that lies under a root; ``SourceError`` otherwise."""
+        real = path.resolve()
+        if not any(real.is_relative_to(root) for root in self.roots):
+            raise SourceError(
+                f"{uri!r} resolves to {real}, outside the configured {self.describe()}; "
+                "put the adapter under a root or add its directory to store.sources[].roots",
+                param="source",
+            )
+        return real
+
+    def allows(self, uri: str) -> bool:
+        try:
+            self._confined(self.path_of(uri), uri)
+        except SourceError:
+            return False
+        return True
+
+    def fetch(self, uri: str, dest: Path, *, max_bytes: int) -> None:
+        directory = self._confined(self.path_of(uri), uri)
+        if not directory.is_dir():
+            raise SourceError(f"{uri!r} is not a directory (resolved to {directory})", param="source")
+        files = []
+        for path in sorted(directory.rglob("*")):
+            real = self._confined(path, f"{uri} ({path.relative_to(directory)})")
+            if real.is_file():
+                files.append((path.relative_to(directory), real))
+        size = sum(real.stat().st_size for _, real in files)
+        if size > max_bytes:
+            raise _too_large(uri, size, max_bytes)
+        for rel, real in files:
+            target = dest / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(real, target)
+
+    def find(self, name: str) -> str | None:
+        check_name(name)
+        for root in self.roots:
+            candidate = root / name
+            if (candidate / CONFIG_FILE).is_file() and self.allows(str(candidate)):
+                return candidate.resolve().as_uri()
+        return None
+
+
+@register_source_type("s3")
+class S3Source(AdapterSource):
+    """Adapters under S3 prefixes: ``s3://bucket/prefix/name/`` holds the adapter's files."""
+
+    scheme = "s3"
+
+    def __init__(self, settings: S3SourceSettings) -> None:
+        self.settings = settings
+        self.prefixes = list(settings.url_prefixes)
+        self._client: Any = None
+
+    def describe(self) -> str:
+        return "S3 prefixes " + ", ".join(self.prefixes)
+
+    @property
+    def client(self) -> Any:
+        """A boto3 client; credentials come from the environment (or instance role), never from config."""
+        if self._client is None:
+            import boto3
+
+            self._client = boto3.client(
+                "s3", endpoint_url=self.settings.endpoint_url, region_name=self.settings.region
+            )
+        return self._client
+
+    @staticmethod
+    def split(uri: str) -> tuple[str, str]:
+        """``s3://bucket/key/`` → (bucket, "key/"); refuses odd segments."""
+        parsed = urlparse(uri)
+        if parsed.scheme != "s3" or not parsed.netloc:
+            raise SourceError(f"{uri!r} is not an s3://bucket/prefix/ URI", param="source")
+        key = parsed.path.lstrip("/")
+        if not key.endswith("/"):
+            key += "/"
+        parts = key.split("/")[:-1]
+        if any(part in ("", ".", "..") for part in parts):
+            raise SourceError(f"{uri!r} has an empty, '.' or '..' path segment", param="source")
+        return parsed.netloc, key
+
+    def allows(self, uri: str) -> bool:
+        try:
+            bucket, key = self.split(uri)
+        except SourceError:
+            return False
+        return any(f"s3://{bucket}/{key}".startswith(prefix) for prefix in self.prefixes)
+
+    def fetch(self, uri: str, dest: Path, *, max_bytes: int) -> None:
+        if not self.allows(uri):
+            raise SourceError(
+                f"{uri!r} is outside the configured {self.describe()}; add its prefix to store.sources[].url_prefixes",
+                param="source",
+            )
+        bucket, key = self.split(uri)
+        objects = self._list(bucket, key, uri)
+        if not objects:
+            raise SourceError(f"no objects under {uri}; check the bucket and prefix", param="source")
+        size = sum(obj["Size"] for obj in objects)
+        if size > max_bytes:
+            raise _too_large(uri, size, max_bytes)
+        for obj in objects:
+            rel = PurePosixPath(obj["Key"][len(key) :])
+            if not rel.parts or any(part in ("", ".", "..") for part in rel.parts):
+                raise SourceError(f"object {obj['Key']!r} under {uri} has an unsafe name", param="source")
+            target = dest.joinpath(*rel.parts)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            self._call(uri, self.client.download_file, bucket, obj["Key"], str(target))
+
+    def _list(self, bucket: str, key: str, uri: str) -> list[dict]:
+        paginator = self.client.get_paginator("list_objects_v2")
+        pages = self._call(uri, lambda: list(paginator.paginate(Bucket=bucket, Prefix=key)))
+        return [obj for page in pages for obj in page.get("Contents", []) if not obj["Key"].endswith("/")]
+
+    def find(self, name: str) -> str | None:
+        from botocore.exceptions import ClientError
+
+        check_name(name)
+        for prefix in self.prefixes:
+            uri = f"{prefix}{name}/"
+            bucket, key = self.split(uri)
+            try:
+                self.client.head_object(Bucket=bucket, Key=key + CONFIG_FILE)
+            except ClientError as e:
+                if e.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                    continue
+                raise SourceError(f"S3 lookup of {uri} failed: {e}", param="source") from e
+            return uri
+        return None
+
+    @staticmethod
+    def _call(uri: str, fn: Callable, *args: Any) -> Any:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            return fn(*args)
+        except (BotoCoreError, ClientError) as e:
+            raise SourceError(
+                f"S3 request for {uri} failed: {e}. Check the credentials in the environment "
+                "(AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY) and the source's endpoint_url",
+                param="source",
+            ) from e
+
+
+class SourceSet:
+    """The configured sources; routes a URI to the one that accepts it."""
+
+    def __init__(self, settings: Iterable[SourceSettings]) -> None:
+        self.sources: list[AdapterSource] = [_SOURCE_TYPES[s.type](s) for s in settings]
+
+    def for_uri(self, uri: str) -> AdapterSource:
+        scheme = urlparse(uri).scheme or "file"
+        candidates = [s for s in self.sources if s.scheme == scheme]
+        if not candidates:
+            schemes = sorted({s.scheme for s in self.sources})
+            raise SourceError(
+                f"no source is configured for {uri!r} (scheme {scheme!r}); configured schemes: "
+                f"{', '.join(schemes) or 'none'}. Add one under store.sources",
+                param="source",
+            )
+        for source in candidates:
+            if source.allows(uri):
+                return source
+        # Let the first candidate explain why (outside roots, '..', ...).
+        return candidates[0]
+
+    def fetch(self, uri: str, dest: Path, *, max_bytes: int) -> None:
+        self.for_uri(uri).fetch(uri, dest, max_bytes=max_bytes)
+
+    def find(self, name: str) -> str | None:
+        """The first source (in config order) that has an adapter called ``name``."""
+        for source in self.sources:
+            uri = source.find(name)
+            if uri is not None:
+                logger.info("found adapter %s at %s", name, uri)
+                return uri
+        return None

@@ -1,0 +1,209 @@
+"""``AdapterStore``: the one object serving talks to.
+
+It ties the registry (what exists), the sources (where files come from), the
+validator (what may be served) and the disk cache (local files under a budget)
+together::
+
+    store = AdapterStore.open(settings, base=spec, max_lora_rank=16)
+    store.register("s3://bucket/adapters/code/", "code", aliases=("stable",))
+    with store.lease("code@stable") as adapter:   # ResolvedAdapter(name, version, path, metadata)
+        ...  # hand adapter.path to the engine; the files stay on disk until the block ends
+
+Everything here is synchronous and may block on I/O (a fetch, the registry's
+write lock): async callers run it in a worker thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from adapter_store.cache import DiskCache
+from adapter_store.errors import AdapterInUse, AdapterNotFound, CacheFull
+from adapter_store.models import AdapterVersion, HealthRecord, HealthState, ResolvedAdapter
+from adapter_store.refs import LATEST, AdapterRef, check_name
+from adapter_store.registry import AdapterRegistry
+from adapter_store.settings import StoreSettings
+from adapter_store.sources import SourceSet
+from adapter_store.validation import AdapterValidator, BaseModelSpec, register_directory
+
+logger = logging.getLogger(__name__)
+
+
+class AdapterStore:
+    """Registered, validated, cached adapter versions."""
+
+    def __init__(self, settings: StoreSettings, registry: AdapterRegistry, validator: AdapterValidator) -> None:
+        self.settings = settings
+        self.registry = registry
+        self.validator = validator
+        self.sources = SourceSet(settings.sources)
+        self.cache = DiskCache(
+            settings.root / "cache",
+            settings.root / "staging",
+            settings.disk_budget_bytes,
+            fetch=self._fetch,
+            pinned=self._pinned_digests,
+        )
+        self._name_locks: dict[str, threading.Lock] = {}
+        self._lock = threading.Lock()
+
+    @classmethod
+    def open(cls, settings: StoreSettings, *, base: BaseModelSpec, max_lora_rank: int) -> AdapterStore:
+        """Open (or create) the store under ``settings.root``; pins the configured refs."""
+        registry = AdapterRegistry(settings.root, busy_timeout_s=settings.busy_timeout_s)
+        validator = AdapterValidator(base, max_lora_rank=max_lora_rank, max_adapter_bytes=settings.max_adapter_bytes)
+        return cls(settings, registry, validator)
+
+    def close(self) -> None:
+        self.registry.close()
+
+    def _fetch(self, uri: str, dest: Path) -> None:
+        self.sources.fetch(uri, dest, max_bytes=self.settings.max_adapter_bytes)
+
+    def _pinned_digests(self) -> set[str]:
+        return {v.version for v in self.registry.pinned()}
+
+    # -- registering --------------------------------------------------------------------
+
+    def register(
+        self, source_uri: str, name: str, *, tags: dict[str, str] | None = None, aliases: tuple[str, ...] = ()
+    ) -> AdapterVersion:
+        """Fetch, validate and register a version; nothing is registered if any step fails.
+
+        The files are fetched into a private staging directory, validated and
+        hashed there, then moved into the disk cache, so the version served is
+        exactly the bytes that were checked.
+        """
+        check_name(name)
+        staging = self.cache.new_staging()
+        try:
+            self._fetch(source_uri, staging)
+            version, created = register_directory(
+                self.registry, self.validator, name, staging, source=source_uri, tags=tags, aliases=aliases
+            )
+            try:
+                self.cache.adopt(staging, version.version, f"{name}@{version.version[:16]}")
+            except CacheFull as e:  # registered all the same: fetched again when there is room
+                logger.warning("registered %s but could not cache it: %s", version.ref, e.message)
+        finally:
+            if staging.exists():
+                shutil.rmtree(staging, ignore_errors=True)
+        logger.info("%s %s from %s", "registered" if created else "already had", version.ref, source_uri)
+        return version
+
+    # -- resolving ----------------------------------------------------------------------
+
+    def version(self, ref: str) -> AdapterVersion:
+        """The version a reference names; an unknown bare name is looked up in the sources if on_demand."""
+        parsed = AdapterRef.parse(ref)
+        try:
+            return self.registry.get(parsed)
+        except AdapterNotFound:
+            if not (self.settings.on_demand and parsed.alias == LATEST) or parsed.name in self.registry.names():
+                raise
+        with self._lock:
+            name_lock = self._name_locks.setdefault(parsed.name, threading.Lock())
+        with name_lock:  # one fetch per name, however many requests ask at once
+            if parsed.name in self.registry.names():
+                return self.registry.get(parsed)
+            uri = self.sources.find(parsed.name)
+            if uri is None:
+                raise AdapterNotFound(
+                    f"adapter {parsed.name!r} is not registered and no configured source has it "
+                    f"({'; '.join(s.describe() for s in self.sources.sources)})",
+                    param="model",
+                )
+            return self.register(uri, parsed.name, tags={"registered_by": "on_demand"})
+
+    def acquire(self, ref: str) -> ResolvedAdapter:
+        """Resolve ``ref`` to local files and lease them; pair with :meth:`release`."""
+        version = self.version(ref)
+        path = self.cache.acquire(version)
+        return ResolvedAdapter(name=version.name, version=version.version, path=path, metadata=version.metadata)
+
+    def release(self, adapter: ResolvedAdapter) -> None:
+        self.cache.release(adapter.version)
+
+    @contextmanager
+    def lease(self, ref: str) -> Iterator[ResolvedAdapter]:
+        adapter = self.acquire(ref)
+        try:
+            yield adapter
+        finally:
+            self.release(adapter)
+
+    # -- managing -----------------------------------------------------------------------
+
+    def set_alias(self, name: str, alias: str, ref: str, *, expected: str | None = None) -> AdapterVersion:
+        return self.registry.set_alias(name, alias, ref, expected=expected)
+
+    def pin(self, ref: str, pinned: bool = True) -> AdapterVersion:
+        return self.registry.set_pinned(ref, pinned)
+
+    def pin_configured(self) -> list[ResolvedAdapter]:
+        """Pin ``settings.pinned`` and make sure their files are on disk (start-up preloading)."""
+        loaded = []
+        for ref in self.settings.pinned:
+            version = self.pin(ref)
+            with self.lease(version.ref) as adapter:
+                loaded.append(adapter)
+        return loaded
+
+    def delete(self, ref: str) -> AdapterVersion:
+        """Remove a version from the registry and its files from the cache; refused while pinned or in use."""
+        version = self.registry.get(ref)
+        if self.cache.in_use(version.version):
+            raise AdapterInUse(
+                f"{version.name}@{version.version[:16]} is serving requests; retry when they end",
+                param="version",
+            )
+        self.registry.delete(version.ref)
+        if not any(v.version == version.version for v in self.registry.all_versions()):
+            try:
+                self.cache.remove(version.version)
+            except AdapterInUse:  # leased between the check and now: eviction removes it later
+                pass
+        return version
+
+    def list(self) -> list[AdapterVersion]:
+        return self.registry.all_versions()
+
+    def record_health(
+        self, ref: str, state: HealthState, *, reason: str | None = None, latency_s: float | None = None
+    ) -> HealthRecord:
+        version = self.registry.get(ref)
+        return self.registry.record_health(version.name, version.version, state, reason=reason, latency_s=latency_s)
+
+    @contextmanager
+    def health_check(self, ref: str) -> Iterator[ResolvedAdapter]:
+        """Lease the version for a probe (serving loads it and generates a few tokens) and record the result.
+
+        The block's duration is the latency; leaving it normally records ``ok``,
+        an exception records ``failed`` with the exception as the reason and
+        propagates. Usable from async code: ``with store.health_check(ref) as a: await probe(a)``.
+        """
+        started = time.perf_counter()
+        try:
+            with self.lease(ref) as adapter:
+                yield adapter
+        except Exception as e:
+            version = self.registry.get(ref)
+            self.registry.record_health(
+                version.name,
+                version.version,
+                "failed",
+                reason=f"{type(e).__name__}: {e}",
+                latency_s=time.perf_counter() - started,
+            )
+            raise
+        self.registry.record_health(adapter.name, adapter.version, "ok", latency_s=time.perf_counter() - started)
+
+    def health(self, ref: str) -> HealthRecord:
+        version = self.registry.get(ref)
+        return self.registry.health(version.name, version.version)

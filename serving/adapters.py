@@ -1,0 +1,77 @@
+"""The adapter store as serving sets it up: settings → an open ``AdapterStore`` with the configured adapters.
+
+Adapters listed under ``adapters:`` in the config are registered (validated
+against the base model first) at start-up; their directories become the roots
+of a local source, so the store reads nothing else from disk unless
+``store.sources`` says so. Without a ``store:`` section the store lives in a
+temporary directory for the life of the process.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from adapter_store import AdapterStore, BaseModelSpec, StoreSettings
+from adapter_store.memory import cpu_loras_for_budget
+from adapter_store.settings import LocalSourceSettings
+from serving.config import ConfigError, Settings
+
+logger = logging.getLogger(__name__)
+
+
+def store_settings(settings: Settings, default_root: Path) -> StoreSettings:
+    """The store's settings with the config's adapter directories added as a local source."""
+    base = settings.store or StoreSettings(root=default_root)
+    if not settings.adapters:
+        return base
+    configured = LocalSourceSettings(type="local", roots=[a.path for a in settings.adapters])
+    return StoreSettings.model_validate({**base.model_dump(), "sources": [*base.sources, configured]})
+
+
+def open_store(settings: Settings, default_root: Path) -> AdapterStore:
+    """Open the store and register every configured adapter (a no-op for files already registered)."""
+    resolved = store_settings(settings, default_root)
+    base = BaseModelSpec.from_config(
+        settings.model.path / "config.json", [settings.model.name, *resolved.compatible_bases]
+    )
+    store = AdapterStore.open(resolved, base=base, max_lora_rank=settings.engine.max_lora_rank)
+    try:
+        for adapter in settings.adapters:
+            version = store.register(str(adapter.path), adapter.name)
+            logger.info("adapter %s is version %s", adapter.name, version.version[:16])
+        store.pin_configured()
+    except BaseException:
+        store.close()
+        raise
+    return store
+
+
+def max_cpu_loras(settings: Settings) -> int | None:
+    """``engine.max_cpu_loras``, or the count ``store.memory_budget_bytes`` holds when a budget is set.
+
+    A budget that cannot hold ``max_loras`` adapters, or an explicit
+    ``max_cpu_loras`` larger than the budget holds, is a configuration error.
+    """
+    budget = settings.store.memory_budget_bytes if settings.store is not None else None
+    configured = settings.engine.max_cpu_loras
+    if budget is None:
+        return configured
+    spec = BaseModelSpec.from_config(settings.model.path / "config.json", [settings.model.name])
+    try:
+        fits = cpu_loras_for_budget(
+            budget,
+            base=spec,
+            max_lora_rank=settings.engine.max_lora_rank,
+            dtype=settings.model.dtype,
+            max_loras=settings.engine.max_loras,
+        )
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+    if configured is not None and configured > fits:
+        raise ConfigError(
+            f"engine.max_cpu_loras {configured} does not fit store.memory_budget_bytes {budget}, which holds {fits} "
+            f"adapters of up to rank {settings.engine.max_lora_rank}: lower max_cpu_loras, leave it out to derive it, "
+            "or raise the budget"
+        )
+    return configured or fits

@@ -1,0 +1,97 @@
+"""Real adapter files for the store's tests: PEFT's layout, safetensors weights, a tiny base config."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from safetensors.numpy import save_file
+
+BASE_NAME = "tiny-base"
+BUCKET = "adapters"
+# A Llama-shaped base with GQA, so q and k/v LoRA shapes differ (head_dim 64 as vLLM's CPU attention needs).
+BASE_CONFIG = {
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "hidden_size": 128,
+    "intermediate_size": 256,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 1,
+    "head_dim": 64,
+    "num_hidden_layers": 2,
+    "vocab_size": 256,
+}
+_SHAPES = {  # (in, out) for BASE_CONFIG
+    "q_proj": (128, 128),
+    "k_proj": (128, 64),
+    "v_proj": (128, 64),
+    "o_proj": (128, 128),
+    "gate_proj": (128, 256),
+    "up_proj": (128, 256),
+    "down_proj": (256, 128),
+}
+_BLOCK = {m: ("self_attn" if m in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp") for m in _SHAPES}
+
+
+def write_base_config(directory: Path, **overrides) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "config.json"
+    path.write_text(json.dumps({**BASE_CONFIG, **overrides}))
+    return path
+
+
+def lora_tensors(
+    rank: int = 4, targets: tuple[str, ...] = ("q_proj", "v_proj"), layers: int = 2, seed: int = 0
+) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    tensors = {}
+    for layer in range(layers):
+        for module in targets:
+            fan_in, fan_out = _SHAPES.get(module, (128, 128))
+            prefix = f"base_model.model.model.layers.{layer}.{_BLOCK.get(module, 'mlp')}.{module}"
+            tensors[f"{prefix}.lora_A.weight"] = rng.standard_normal((rank, fan_in), dtype=np.float32)
+            tensors[f"{prefix}.lora_B.weight"] = rng.standard_normal((fan_out, rank), dtype=np.float32)
+    return tensors
+
+
+def write_adapter(
+    directory: Path,
+    *,
+    rank: int = 4,
+    targets: tuple[str, ...] = ("q_proj", "v_proj"),
+    base: str = BASE_NAME,
+    seed: int = 0,
+    tensors: dict[str, np.ndarray] | None = None,
+    **config_overrides,
+) -> Path:
+    """A PEFT LoRA adapter directory as ``save_pretrained`` writes it."""
+    directory.mkdir(parents=True, exist_ok=True)
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base,
+        "r": rank,
+        "lora_alpha": 2 * rank,
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "target_modules": list(targets),
+        **config_overrides,
+    }
+    (directory / "adapter_config.json").write_text(json.dumps(config, indent=2))
+    save_file(
+        tensors if tensors is not None else lora_tensors(rank, targets, seed=seed),
+        str(directory / "adapter_model.safetensors"),
+    )
+    return directory
+
+
+def upload(endpoint: str, directory: Path, key_prefix: str) -> None:
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=endpoint)
+    if BUCKET not in [b["Name"] for b in client.list_buckets()["Buckets"]]:
+        client.create_bucket(Bucket=BUCKET)
+    for path in directory.rglob("*"):
+        if path.is_file():
+            client.upload_file(str(path), BUCKET, key_prefix + path.relative_to(directory).as_posix())

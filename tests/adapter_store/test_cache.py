@@ -1,0 +1,172 @@
+"""The disk tier: atomic fetches, LRU eviction within a measured byte budget, pins and leases."""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from adapter_store import AdapterInUse, AdapterRegistry, AdapterVersion, CacheFull, InvalidAdapter, content_digest
+from adapter_store.cache import DiskCache
+from adapter_store.digest import directory_size
+from adapter_store.settings import LocalSourceSettings
+from adapter_store.sources import SourceSet
+from adapter_store.validation import AdapterValidator, BaseModelSpec, register_directory
+from tests.adapter_store.helpers import BASE_NAME, write_adapter, write_base_config
+
+
+class World:
+    """A local source volume with adapters registered in a real registry, and a cache over them."""
+
+    def __init__(self, tmp_path: Path, count: int) -> None:
+        self.tmp = tmp_path
+        self.volume = tmp_path / "volume"
+        self.registry = AdapterRegistry(tmp_path / "store")
+        self.sources = SourceSet([LocalSourceSettings(type="local", roots=[self.volume])])
+        spec = BaseModelSpec.from_config(write_base_config(tmp_path / "base"), [BASE_NAME])
+        validator = AdapterValidator(spec, max_lora_rank=16)
+        self.versions: list[AdapterVersion] = []
+        for i in range(count):
+            directory = write_adapter(self.volume / f"a{i}", rank=4 if i % 2 else 8, seed=i)
+            version, _ = register_directory(self.registry, validator, f"a{i}", directory, source=directory.as_uri())
+            self.versions.append(version)
+        self.sizes = [v.metadata.size_bytes for v in self.versions]
+
+    def cache(self, budget: int) -> DiskCache:
+        return DiskCache(
+            self.tmp / "store" / "cache",
+            self.tmp / "store" / "staging",
+            budget,
+            fetch=lambda uri, dest: self.sources.fetch(uri, dest, max_bytes=1 << 20),
+            pinned=lambda: {v.version for v in self.registry.pinned()},
+        )
+
+
+def measured(cache: DiskCache) -> int:
+    """Bytes under the cache directory, walked independently of the cache's own accounting."""
+    total = 0
+    for parent, _, names in os.walk(cache.cache_dir):
+        for name in names:
+            try:  # another thread may be evicting while we walk
+                total += os.stat(os.path.join(parent, name)).st_size
+            except FileNotFoundError:
+                pass
+    return total
+
+
+def zipf_indices(n: int, steps: int, seed: int) -> list[int]:
+    rng = np.random.default_rng(seed)
+    weights = 1.0 / np.arange(1, n + 1) ** 1.1
+    return list(rng.choice(n, size=steps, p=weights / weights.sum()))
+
+
+def test_lru_order(tmp_path: Path) -> None:
+    world = World(tmp_path, 3)
+    a, b, c = world.versions
+    cache = world.cache(budget=world.sizes[0] + world.sizes[2] + 100)  # a with b or with c fit, not all three
+    for version in (a, b, a, c):
+        with cache.lease(version) as path:
+            assert content_digest(path) == version.version
+    assert cache.digests() == [a.version, c.version]  # b was least recently used
+    assert (cache.stats.hits, cache.stats.misses, cache.stats.evictions) == (1, 3, 1)
+
+
+@pytest.mark.parametrize("threads", [1, 4], ids=["sequential", "4-threads"])
+def test_zipf_access_stays_within_budget(tmp_path: Path, threads: int) -> None:
+    """More adapters than fit, Zipf popularity: every read is correct and the budget always holds."""
+    world = World(tmp_path, 12)
+    pinned, held = world.versions[11], world.versions[10]  # the least popular ones: eviction would pick them
+    # Room for the pinned and held versions plus one lease per thread and one more: about half of them.
+    budget = pinned.metadata.size_bytes + held.metadata.size_bytes + (threads + 1) * max(world.sizes)
+    assert budget < sum(world.sizes)
+    world.registry.set_pinned(pinned.ref, True)
+    cache = world.cache(budget)
+    errors: list[BaseException] = []
+
+    def client(seed: int) -> None:
+        try:
+            for index in zipf_indices(12, 150, seed):
+                version = world.versions[index]
+                with cache.lease(version) as path:
+                    assert content_digest(path) == version.version
+                assert measured(cache) <= budget
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    with cache.lease(held):  # in use for the whole run
+        with cache.lease(pinned):
+            pass
+        workers = [threading.Thread(target=client, args=(seed,)) for seed in range(threads)]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+        assert not errors, errors
+        assert cache.contains(held.version) and cache.contains(pinned.version)
+    assert measured(cache) <= budget
+    assert measured(cache) == cache.used_bytes() == directory_size(cache.cache_dir)
+    assert cache.stats.evictions > 0 and cache.stats.hits > 0
+    assert cache.contains(pinned.version)
+    assert list(cache.staging_dir.iterdir()) == []
+
+
+def test_cache_full_when_pinned_and_leased_fill_the_budget(tmp_path: Path) -> None:
+    world = World(tmp_path, 3)
+    a, b, c = world.versions
+    world.registry.set_pinned(a.ref, True)
+    cache = world.cache(budget=world.sizes[0] + world.sizes[2] + 100)  # a with b or with c, never all three
+    with cache.lease(a), cache.lease(b):
+        before = measured(cache)
+        with pytest.raises(CacheFull) as info:
+            cache.acquire(c)
+        assert f"a2@{c.version[:16]} needs {c.metadata.size_bytes} bytes" in info.value.message
+        assert "raise store.disk_budget_bytes or unpin adapters" in info.value.message
+        assert measured(cache) == before
+    with cache.lease(c) as path:  # b is no longer leased: it goes, the pinned a stays
+        assert content_digest(path) == c.version
+    assert set(cache.digests()) == {a.version, c.version}
+
+
+def test_changed_source_fails_the_checksum_and_leaves_nothing(tmp_path: Path) -> None:
+    world = World(tmp_path, 1)
+    (version,) = world.versions
+    write_adapter(world.volume / "a0", rank=8, seed=99)  # same path, other weights
+    cache = world.cache(budget=1 << 20)
+    with pytest.raises(InvalidAdapter) as info:
+        cache.acquire(version)
+    assert info.value.reason == "checksum_mismatch"
+    assert "the source changed after registration" in info.value.message
+    assert measured(cache) == 0 and cache.used_bytes() == 0
+    assert list(cache.staging_dir.iterdir()) == []
+
+
+def test_remove_refused_while_leased(tmp_path: Path) -> None:
+    world = World(tmp_path, 1)
+    (version,) = world.versions
+    cache = world.cache(budget=1 << 20)
+    with cache.lease(version):
+        with pytest.raises(AdapterInUse, match="in use by 1 running request"):
+            cache.remove(version.version)
+    cache.remove(version.version)
+    assert measured(cache) == 0
+
+
+def test_restart_keeps_intact_entries_and_drops_corrupt_ones(tmp_path: Path) -> None:
+    world = World(tmp_path, 3)
+    a, b, c = world.versions
+    cache = world.cache(budget=1 << 20)
+    for version in (a, b, c):
+        with cache.lease(version):
+            pass
+    corrupt = cache.cache_dir / b.version / "adapter_model.safetensors"
+    corrupt.write_bytes(corrupt.read_bytes()[:-10])
+    (cache.staging_dir / "half-done").mkdir()
+    again = world.cache(budget=1 << 20)
+    assert set(again.digests()) == {a.version, c.version}
+    assert list(again.staging_dir.iterdir()) == []
+    smaller = world.cache(budget=world.sizes[2] + 10)  # restart with a smaller budget: oldest go first
+    assert smaller.digests() == [c.version]
+    assert measured(smaller) <= world.sizes[2] + 10

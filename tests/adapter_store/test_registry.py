@@ -1,0 +1,225 @@
+"""The SQLite registry: refs, versions, aliases, pins, health, concurrency, persistence."""
+
+from __future__ import annotations
+
+import hashlib
+import multiprocessing
+import sqlite3
+import threading
+from pathlib import Path
+
+import pytest
+
+from adapter_store import (
+    AdapterMetadata,
+    AdapterNotFound,
+    AdapterPinned,
+    AdapterRef,
+    AdapterRegistry,
+    AmbiguousVersion,
+    InvalidRef,
+    VersionConflict,
+)
+from adapter_store.registry import DB_NAME
+
+META = AdapterMetadata(base_model="base", rank=8, alpha=16.0, target_modules=("q_proj", "v_proj"), size_bytes=1234)
+
+
+def digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+@pytest.fixture
+def registry(tmp_path: Path):
+    reg = AdapterRegistry(tmp_path / "store")
+    yield reg
+    reg.close()
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("code", AdapterRef("code", alias="latest")),
+        ("code@stable", AdapterRef("code", alias="stable")),
+        ("my.adapter_v2-x@canary", AdapterRef("my.adapter_v2-x", alias="canary")),
+        ("code@DEADBEEF", AdapterRef("code", version="deadbeef")),
+        ("code@" + "a" * 64, AdapterRef("code", version="a" * 64)),
+    ],
+)
+def test_parse_valid_refs(text: str, expected: AdapterRef) -> None:
+    assert AdapterRef.parse(text) == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        ("", "adapter name ''"),
+        ("-code", "starting with a letter or digit"),
+        ("co de", "adapter name 'co de'"),
+        ("x" * 65, "1-64 characters"),
+        ("code@abc", "at least 8 hex digits"),
+        ("code@" + "a" * 65, "64 hex digits"),
+        ("code@1stable", "starting with a letter"),
+        ("code@sta ble", "alias 'sta ble'"),
+        ("code@a@b", "alias 'a@b'"),
+        ("../etc@x", "adapter name '../etc'"),
+    ],
+)
+def test_parse_invalid_refs(text: str, fragment: str) -> None:
+    with pytest.raises(InvalidRef) as info:
+        AdapterRef.parse(text)
+    assert fragment in info.value.message
+
+
+def test_register_versions_latest_and_aliases(registry: AdapterRegistry) -> None:
+    v1, created = registry.register("code", digest("one"), META, source="file:///a", tags={"team": "x"})
+    assert created and v1.version == digest("one") and v1.checksum == f"sha256:{digest('one')}"
+    again, created = registry.register("code", digest("one"), META, source="file:///other")
+    assert not created and again == v1  # immutable: source of the first registration kept
+    v2, _ = registry.register("code", digest("two"), META, source="file:///b", aliases=("canary",))
+    assert registry.get("code") == v2 and registry.get("code@latest") == v2
+    assert registry.get("code@canary") == v2
+    assert registry.get(f"code@{digest('one')[:8]}") == v1
+    registry.set_alias("code", "stable", digest("one"))
+    assert registry.get("code@stable") == v1
+    assert registry.aliases("code") == {"canary": digest("two"), "latest": digest("two"), "stable": digest("one")}
+    assert [v.version for v in registry.versions("code")] == [digest("two"), digest("one")]
+    assert registry.get("code@stable").tags == {"team": "x"}
+
+
+@pytest.mark.parametrize(
+    ("ref", "error", "fragment"),
+    [
+        ("nope", AdapterNotFound, "adapter 'nope' is not registered"),
+        ("code@stable", AdapterNotFound, "has no alias 'stable'; its aliases are latest"),
+        ("code@" + "f" * 8, AdapterNotFound, "has no version 'ffffffff'"),
+    ],
+)
+def test_missing_refs(registry: AdapterRegistry, ref: str, error: type, fragment: str) -> None:
+    registry.register("code", digest("one"), META, source="s")
+    with pytest.raises(error) as info:
+        registry.get(ref)
+    assert fragment in info.value.message
+
+
+def test_ambiguous_prefix(registry: AdapterRegistry) -> None:
+    a, b = "abcdef01" + "0" * 56, "abcdef01" + "1" * 56
+    registry.register("code", a, META, source="s")
+    registry.register("code", b, META, source="s")
+    with pytest.raises(AmbiguousVersion, match="give more hex digits"):
+        registry.get("code@abcdef01")
+    assert registry.get("code@abcdef010").version == a
+
+
+@pytest.mark.parametrize("alias", ["latest", "beef", "9lives"])
+def test_alias_rules(registry: AdapterRegistry, alias: str) -> None:
+    registry.register("code", digest("one"), META, source="s")
+    with pytest.raises(InvalidRef):
+        registry.set_alias("code", alias, digest("one"))
+
+
+def test_alias_compare_and_set(registry: AdapterRegistry) -> None:
+    registry.register("code", digest("one"), META, source="s")
+    registry.register("code", digest("two"), META, source="s")
+    registry.set_alias("code", "stable", digest("one"))
+    with pytest.raises(VersionConflict, match="someone changed it"):
+        registry.set_alias("code", "stable", digest("two"), expected=digest("two")[:8])
+    assert registry.get("code@stable").version == digest("one")
+    registry.set_alias("code", "stable", digest("two"), expected=digest("one")[:8])
+    assert registry.get("code@stable").version == digest("two")
+
+
+def test_delete_rules(registry: AdapterRegistry) -> None:
+    registry.register("code", digest("one"), META, source="s")
+    registry.register("code", digest("two"), META, source="s")
+    registry.set_alias("code", "stable", digest("one"))
+    with pytest.raises(VersionConflict, match="alias\\(es\\) stable"):
+        registry.delete(f"code@{digest('one')}")
+    registry.remove_alias("code", "stable")
+    registry.set_pinned(f"code@{digest('one')}", True)
+    assert [v.version for v in registry.pinned()] == [digest("one")]
+    with pytest.raises(AdapterPinned, match="unpin it"):
+        registry.delete(f"code@{digest('one')}")
+    registry.set_pinned(f"code@{digest('one')}", False)
+    registry.delete("code")  # latest = two
+    assert registry.get("code").version == digest("one")  # latest moved back
+    registry.delete("code")
+    assert registry.names() == []
+    with pytest.raises(AdapterNotFound):
+        registry.versions("code")
+
+
+def test_health_records(registry: AdapterRegistry) -> None:
+    v, _ = registry.register("code", digest("one"), META, source="s")
+    assert registry.health("code", v.version).state == "unchecked"
+    registry.record_health("code", v.version, "failed", reason="load error: bad shape", latency_s=0.25)
+    record = registry.health("code", v.version)
+    assert (record.state, record.reason, record.latency_s) == ("failed", "load error: bad shape", 0.25)
+    assert record.checked_at is not None
+    with pytest.raises(AdapterNotFound):
+        registry.record_health("code", digest("nope"), "ok")
+
+
+def test_survives_reopen_in_wal_mode(tmp_path: Path) -> None:
+    root = tmp_path / "store"
+    first = AdapterRegistry(root)
+    first.register("code", digest("one"), META, source="s", tags={"k": "v"})
+    first.set_alias("code", "stable", digest("one"))
+    first.close()
+    second = AdapterRegistry(root)
+    assert second.get("code@stable").tags == {"k": "v"}
+    assert second.get("code@stable").metadata == META
+    second.close()
+    with sqlite3.connect(root / DB_NAME) as conn:
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def _writer(root: Path, worker: int, count: int, shared: bool, registry: AdapterRegistry | None = None) -> None:
+    reg = registry if shared else AdapterRegistry(root, busy_timeout_s=60)
+    for i in range(count):
+        d = digest(f"{worker}-{i}")
+        reg.register("shared", d, META, source=f"w{worker}")
+        reg.register(f"own-{worker}", d, META, source=f"w{worker}")
+        reg.set_alias("shared", "stable", d)
+        reg.record_health("shared", d, "ok", latency_s=0.01)
+    if not shared:
+        reg.close()
+
+
+def _check_consistent(root: Path, workers: int, count: int) -> None:
+    reg = AdapterRegistry(root)
+    versions = reg.versions("shared")
+    assert len(versions) == workers * count
+    assert {v.version for v in versions} == {digest(f"{w}-{i}") for w in range(workers) for i in range(count)}
+    assert reg.get("shared").version == versions[0].version  # latest = the last one committed
+    assert reg.get("shared@stable").version in {v.version for v in versions}
+    for w in range(workers):
+        assert len(reg.versions(f"own-{w}")) == count
+    reg.close()
+    with sqlite3.connect(root / DB_NAME) as conn:
+        assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+
+
+@pytest.mark.parametrize("shared", [True, False], ids=["one-registry", "registry-per-thread"])
+def test_concurrent_threads(tmp_path: Path, shared: bool) -> None:
+    root, workers, count = tmp_path / "store", 6, 15
+    registry = AdapterRegistry(root)
+    threads = [threading.Thread(target=_writer, args=(root, w, count, shared, registry)) for w in range(workers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    registry.close()
+    _check_consistent(root, workers, count)
+
+
+def test_concurrent_processes(tmp_path: Path) -> None:
+    root, workers, count = tmp_path / "store", 4, 15
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_writer, args=(root, w, count, False)) for w in range(workers)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+    assert [p.exitcode for p in procs] == [0] * workers
+    _check_consistent(root, workers, count)

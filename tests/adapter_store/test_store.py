@@ -1,0 +1,213 @@
+"""The facade: register from sources, resolve refs to leased files, on-demand, delete, restart."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+
+from adapter_store import (
+    AdapterInUse,
+    AdapterNotFound,
+    AdapterPinned,
+    InvalidAdapter,
+    SourceError,
+    content_digest,
+)
+from adapter_store.memory import cpu_loras_for_budget, max_adapter_bytes_in_memory
+from adapter_store.settings import StoreSettings
+from adapter_store.store import AdapterStore
+from adapter_store.validation import BaseModelSpec
+from tests.adapter_store.helpers import BASE_NAME, BUCKET, upload, write_adapter, write_base_config
+
+
+def open_store(tmp_path: Path, **overrides) -> AdapterStore:
+    settings = StoreSettings.model_validate(
+        {
+            "root": tmp_path / "store",
+            "sources": [{"type": "local", "roots": [tmp_path / "volume"]}],
+            "max_adapter_bytes": 1 << 20,
+            "disk_budget_bytes": 1 << 22,
+            **overrides,
+        }
+    )
+    spec = BaseModelSpec.from_config(write_base_config(tmp_path / "base"), [BASE_NAME])
+    return AdapterStore.open(settings, base=spec, max_lora_rank=16)
+
+
+def state(store: AdapterStore) -> tuple:
+    names = store.registry.names()
+    return store.list(), {n: store.registry.aliases(n) for n in names}, sorted(store.cache.digests())
+
+
+def test_versions_aliases_and_old_versions_keep_their_files(tmp_path: Path) -> None:
+    store = open_store(tmp_path)
+    src = tmp_path / "volume" / "code"
+    v1 = store.register(str(write_adapter(src, seed=1)), "code", aliases=("stable",), tags={"owner": "a"})
+    v2 = store.register(str(write_adapter(src, seed=2)), "code")  # same path, new weights: a new version
+    assert v1.version != v2.version and v1.tags == {"owner": "a"}
+    assert store.version("code") == v2 and store.version("code@stable") == v1
+    with store.lease(f"code@{v1.version[:8]}") as old, store.lease("code") as new:
+        assert (old.version, new.version) == (v1.version, v2.version)
+        assert content_digest(old.path) == v1.version and content_digest(new.path) == v2.version
+    store.set_alias("code", "stable", v2.version)
+    assert store.version("code@stable") == v2
+    store.close()
+
+
+@pytest.mark.parametrize(
+    ("build", "reason"),
+    [
+        (lambda d: write_adapter(d, rank=32), "rank_too_large"),
+        (lambda d: write_adapter(d, base="other-model"), "wrong_base_model"),
+        (lambda d: (write_adapter(d), (d / "adapter_model.pt").write_bytes(b"\x80\x04K\x01.")), "pickle_weights"),
+    ],
+)
+def test_invalid_adapter_leaves_registry_and_cache_unchanged(tmp_path: Path, build, reason: str) -> None:
+    store = open_store(tmp_path)
+    store.register(str(write_adapter(tmp_path / "volume" / "good")), "code")
+    before = state(store)
+    build(tmp_path / "volume" / "bad")
+    with pytest.raises(InvalidAdapter) as info:
+        store.register(str(tmp_path / "volume" / "bad"), "code")
+    assert info.value.reason == reason
+    assert state(store) == before
+    assert list(store.cache.staging_dir.iterdir()) == []
+    store.close()
+
+
+def test_source_outside_roots_is_refused(tmp_path: Path) -> None:
+    store = open_store(tmp_path)
+    with pytest.raises(SourceError, match="outside the configured local roots"):
+        store.register(str(write_adapter(tmp_path / "elsewhere" / "x")), "x")
+    assert store.list() == []
+    store.close()
+
+
+@pytest.mark.parametrize(
+    ("on_demand", "ref", "outcome"),
+    [
+        (True, "legal", "registered"),
+        (True, "legal@stable", AdapterNotFound),  # only bare names are fetched on demand
+        (True, "missing", AdapterNotFound),
+        (False, "legal", AdapterNotFound),
+    ],
+)
+def test_on_demand_resolution(tmp_path: Path, on_demand: bool, ref: str, outcome) -> None:
+    write_adapter(tmp_path / "volume" / "legal", seed=7)
+    store = open_store(tmp_path, on_demand=on_demand)
+    if outcome == "registered":
+        with store.lease(ref) as adapter:
+            assert content_digest(adapter.path) == content_digest(tmp_path / "volume" / "legal")
+        assert store.version("legal").tags == {"registered_by": "on_demand"}
+    else:
+        with pytest.raises(outcome):
+            store.version(ref)
+        assert store.list() == []
+    store.close()
+
+
+def test_on_demand_under_concurrent_requests_registers_once(tmp_path: Path) -> None:
+    write_adapter(tmp_path / "volume" / "legal", seed=7)
+    store = open_store(tmp_path, on_demand=True)
+    seen: list[str] = []
+
+    def request() -> None:
+        with store.lease("legal") as adapter:
+            seen.append(adapter.version)
+
+    threads = [threading.Thread(target=request) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(seen) == 8 and len(set(seen)) == 1
+    assert len(store.registry.versions("legal")) == 1
+    store.close()
+
+
+def test_s3_version_is_fetched_again_after_eviction(tmp_path: Path, s3_server: str) -> None:
+    adapters = [write_adapter(tmp_path / "src" / f"s{i}", seed=10 + i) for i in range(3)]
+    for i, directory in enumerate(adapters):
+        upload(s3_server, directory, f"store-test/s{i}/")
+    size = max(sum(p.stat().st_size for p in d.iterdir()) for d in adapters)
+    store = open_store(
+        tmp_path,
+        sources=[{"type": "s3", "url_prefixes": [f"s3://{BUCKET}/store-test/"], "endpoint_url": s3_server}],
+        disk_budget_bytes=2 * size + 10,
+        max_adapter_bytes=size + 10,
+        on_demand=True,
+    )
+    versions = [store.version(f"s{i}") for i in range(3)]  # on demand, from S3; the first is evicted
+    assert not store.cache.contains(versions[0].version) and store.cache.stats.evictions == 1
+    with store.lease("s0") as adapter:  # fetched again from its source, checksum verified
+        assert content_digest(adapter.path) == versions[0].version
+    assert store.cache.bytes_on_disk() <= 2 * size + 10
+    store.close()
+
+
+def test_delete_pins_and_leases(tmp_path: Path) -> None:
+    store = open_store(tmp_path, pinned=[])
+    v = store.register(str(write_adapter(tmp_path / "volume" / "code")), "code")
+    with store.lease("code"):
+        with pytest.raises(AdapterInUse, match="serving requests"):
+            store.delete("code")
+    store.pin("code")
+    with pytest.raises(AdapterPinned, match="unpin it"):
+        store.delete("code")
+    store.pin("code", False)
+    store.delete("code")
+    assert store.list() == [] and not store.cache.contains(v.version)
+    assert store.cache.bytes_on_disk() == 0
+    store.close()
+
+
+def test_restart_keeps_everything_and_preloads_pinned(tmp_path: Path) -> None:
+    store = open_store(tmp_path)
+    v = store.register(str(write_adapter(tmp_path / "volume" / "code")), "code", aliases=("stable",))
+    store.record_health("code", "ok", latency_s=0.5)
+    store.close()
+    again = open_store(tmp_path, pinned=["code@stable"])
+    assert again.version("code@stable") == v
+    assert again.health("code").state == "ok" and again.health("code").latency_s == 0.5
+    (preloaded,) = again.pin_configured()
+    assert preloaded.version == v.version and again.version("code").pinned
+    assert again.cache.stats.hits == 1 and again.cache.stats.misses == 0  # still on disk from before
+    again.close()
+
+
+def test_memory_budget_to_cpu_loras(tmp_path: Path) -> None:
+    spec = BaseModelSpec.from_config(write_base_config(tmp_path / "base"), [BASE_NAME])
+    # 2 layers x rank 16 x (in + out) summed over q,k,v,o,gate,up,down of the tiny base, 2 bytes each
+    per = 2 * 16 * (256 + 192 + 192 + 256 + 384 + 384 + 384) * 2
+    assert max_adapter_bytes_in_memory(spec, 16, "bfloat16") == per
+    assert cpu_loras_for_budget(10 * per + 1, base=spec, max_lora_rank=16, dtype="bfloat16", max_loras=4) == 10
+    with pytest.raises(ValueError, match=f"holds 3 adapter\\(s\\).*raise the budget to at least {4 * per} bytes"):
+        cpu_loras_for_budget(3 * per, base=spec, max_lora_rank=16, dtype="bfloat16", max_loras=4)
+
+
+def load_weights(path: Path) -> None:
+    """A real probe: read every tensor, as an engine would when loading the adapter."""
+    from safetensors.numpy import load_file
+
+    assert load_file(str(path / "adapter_model.safetensors"))
+
+
+def test_health_check_records_ok_and_failed(tmp_path: Path) -> None:
+    store = open_store(tmp_path)
+    v = store.register(str(write_adapter(tmp_path / "volume" / "code")), "code")
+    assert store.health("code").state == "unchecked"
+    with store.health_check("code") as adapter:
+        load_weights(adapter.path)
+    ok = store.health("code")
+    assert ok.state == "ok" and ok.reason is None and ok.latency_s > 0 and ok.checked_at is not None
+    weights = store.cache.cache_dir / v.version / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-64])  # disk corruption after registration
+    with pytest.raises(Exception, match="incomplete metadata"):
+        with store.health_check("code") as adapter:
+            load_weights(adapter.path)
+    failed = store.health("code")
+    assert failed.state == "failed" and "incomplete metadata" in failed.reason and failed.checked_at > ok.checked_at
+    assert not store.cache.in_use(v.version)
+    store.close()

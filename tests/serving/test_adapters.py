@@ -1,0 +1,81 @@
+"""Serving's set-up of the adapter store: configured adapters are validated and registered at start-up."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from adapter_store import InvalidAdapter
+from serving.adapters import open_store
+from serving.config import load_settings
+from tests.adapter_store.helpers import BASE_NAME, write_adapter, write_base_config
+
+
+def write_config(tmp_path: Path, store: dict | None, adapters: list[dict]) -> Path:
+    write_base_config(tmp_path / "base")
+    raw = {"model": {"path": "base", "name": BASE_NAME}, "auth": {"mode": "open"}, "adapters": adapters}
+    if store is not None:
+        raw["store"] = store
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def test_configured_adapters_are_registered_and_survive_restart(tmp_path: Path) -> None:
+    write_adapter(tmp_path / "adapters" / "code", seed=1)
+    write_adapter(tmp_path / "volume" / "legal", seed=2)
+    store_section = {"root": "store", "sources": [{"type": "local", "roots": ["volume"]}], "pinned": ["code"]}
+    settings = load_settings(write_config(tmp_path, store_section, [{"name": "code", "path": "adapters/code"}]))
+    assert settings.store is not None and settings.store.root == tmp_path / "store"  # relative to the file
+    assert settings.store.sources[0].roots == [tmp_path / "volume"]
+    store = open_store(settings, tmp_path / "unused")
+    code = store.version("code")
+    assert code.pinned and code.source == str(tmp_path / "adapters" / "code")
+    store.register(str(tmp_path / "volume" / "legal"), "legal")
+    store.close()
+    again = open_store(settings, tmp_path / "unused")
+    assert again.registry.names() == ["code", "legal"] and again.version("code") == code
+    again.close()
+    assert not (tmp_path / "unused").exists()
+
+
+def test_invalid_configured_adapter_fails_start_up(tmp_path: Path) -> None:
+    write_adapter(tmp_path / "adapters" / "big", rank=64)
+    settings = load_settings(write_config(tmp_path, None, [{"name": "big", "path": "adapters/big"}]))
+    with pytest.raises(InvalidAdapter, match="rank 64 is greater than max_lora_rank 16"):
+        open_store(settings, tmp_path / "scratch")
+
+
+# The tiny base's largest valid adapter at rank 16 in bfloat16 (see tests/adapter_store/test_store.py).
+PER_ADAPTER = 2 * 16 * (256 + 192 + 192 + 256 + 384 + 384 + 384) * 2
+
+
+@pytest.mark.parametrize(
+    ("engine", "budget", "expected"),
+    [
+        ({"max_loras": 2}, None, None),
+        ({"max_loras": 2, "max_cpu_loras": 3}, None, 3),
+        ({"max_loras": 2}, 5 * PER_ADAPTER + 7, 5),
+        ({"max_loras": 2, "max_cpu_loras": 4}, 5 * PER_ADAPTER, 4),
+        ({"max_loras": 2, "max_cpu_loras": 6}, 5 * PER_ADAPTER, "does not fit store.memory_budget_bytes"),
+        ({"max_loras": 4}, 3 * PER_ADAPTER, f"raise the budget to at least {4 * PER_ADAPTER} bytes"),
+    ],
+)
+def test_memory_budget_sizes_the_host_adapter_cache(tmp_path: Path, engine: dict, budget, expected) -> None:
+    from serving.adapters import max_cpu_loras
+    from serving.config import ConfigError
+
+    store = {"root": "store"} if budget is None else {"root": "store", "memory_budget_bytes": budget}
+    path = write_config(tmp_path, store, [])
+    raw = yaml.safe_load(path.read_text())
+    raw["engine"] = engine
+    raw["model"]["dtype"] = "bfloat16"
+    path.write_text(yaml.safe_dump(raw))
+    settings = load_settings(path)
+    if isinstance(expected, str):
+        with pytest.raises(ConfigError, match=expected):
+            max_cpu_loras(settings)
+    else:
+        assert max_cpu_loras(settings) == expected
