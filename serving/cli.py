@@ -7,6 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
+from routing.cli import add_routes_command
 from serving.config import ConfigError, load_settings
 
 logger = logging.getLogger("loraserve")
@@ -64,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     check = commands.add_parser("check-config", help="validate a config file and the paths it names")
     check.add_argument("--config", type=Path, required=True)
     check.set_defaults(handler=_check_config)
+
+    add_routes_command(commands, lambda path: load_settings(path).routing)
     return parser
 
 

@@ -14,6 +14,8 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from routing.config import RoutingSettings
+
 ADAPTER_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 
 
@@ -83,14 +85,19 @@ class Settings(_Strict):
     engine: EngineSettings = EngineSettings()
     adapters: list[AdapterSettings] = []
     server: ServerSettings = ServerSettings()
+    routing: RoutingSettings | None = Field(default=None, description="Prompt-based adapter routing (`model: auto`).")
 
     @model_validator(mode="after")
     def _names_are_unique(self) -> Settings:
         seen: set[str] = {self.model.name}
+        if self.routing is not None:
+            if self.routing.auto_model == self.model.name:
+                raise ValueError(f"routing.auto_model {self.routing.auto_model!r} must differ from model.name")
+            seen.add(self.routing.auto_model)
         for i, adapter in enumerate(self.adapters):
             if adapter.name in seen:
                 raise ValueError(
-                    f"adapters[{i}].name {adapter.name!r} is used twice (or equals model.name): "
+                    f"adapters[{i}].name {adapter.name!r} is used twice (or equals model.name or routing.auto_model): "
                     "every adapter needs its own name"
                 )
             seen.add(adapter.name)
@@ -103,6 +110,8 @@ class Settings(_Strict):
             checks.append(("model.tokenizer", self.model.tokenizer))
         for i, adapter in enumerate(self.adapters):
             checks.append((f"adapters[{i}].path", adapter.path / "adapter_config.json"))
+        if self.routing is not None and self.routing.routes_file is not None:
+            checks.append(("routing.routes_file", self.routing.routes_file))
         missing = [f"  {key}: {path} does not exist" for key, path in checks if not path.exists()]
         if missing:
             raise ConfigError("config refers to missing files:\n" + "\n".join(missing))
@@ -124,6 +133,9 @@ def _resolve_paths(raw: dict, base_dir: Path) -> dict:
     for adapter in raw.get("adapters") or []:
         if isinstance(adapter, dict) and "path" in adapter:
             adapter["path"] = resolve(adapter["path"])
+    routing = raw.get("routing")
+    if isinstance(routing, dict) and "routes_file" in routing:
+        routing["routes_file"] = resolve(routing["routes_file"])
     return raw
 
 
