@@ -70,6 +70,26 @@ class ModelNotFoundError(ServingError):
         )
 
 
+class ForbiddenError(ServingError):
+    """The request is valid but this server is configured not to allow it."""
+
+    status = HTTPStatus.FORBIDDEN
+    type = "PermissionDeniedError"
+    code = "forbidden"
+
+
+class RouteNotFoundError(ServingError):
+    status = HTTPStatus.NOT_FOUND
+    type = "NotFoundError"
+    code = "route_not_found"
+
+    def __init__(self, name: str, available: list[str]) -> None:
+        super().__init__(
+            f"The route {name!r} does not exist. Routes: {', '.join(available) or 'none'}. GET /admin/routes lists them.",
+            param="name",
+        )
+
+
 class ClientDisconnectedError(ServingError):
     """The client closed the connection; nobody reads this response (nginx's 499)."""
 

@@ -15,11 +15,12 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from fastapi import Request
+from fastapi import Request, Response
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 
 from adapter_store import AdapterCatalog, ServedAdapter
+from routing import AsyncRouter, RouteDecision
 from serving.api.disconnect import cancel_on_disconnect, event_stream
 from serving.api.errors import ContextLengthError, EngineUnavailableError, ModelNotFoundError, ServingError
 from serving.api.protocol import SamplingRequest, UsageInfo
@@ -54,6 +55,14 @@ class GenerationJob:
         return BASE_LABEL if self.adapter is None else self.adapter.name
 
 
+def route_headers(decision: RouteDecision) -> dict[str, str]:
+    return {
+        "X-Routed-Adapter": decision.target or BASE_LABEL,
+        "X-Route-Score": f"{decision.score:.4f}",
+        "X-Route-Method": decision.method,
+    }
+
+
 class GenerationServing(ABC):
     """Base of the endpoint serving classes: prepare a job, then answer whole or streamed."""
 
@@ -61,17 +70,28 @@ class GenerationServing(ABC):
     request_prefix: str = "req"
 
     def __init__(
-        self, engine: LoraEngine, catalog: AdapterCatalog, settings: Settings, metrics: AdapterMetrics, tokenizer: Any
+        self,
+        engine: LoraEngine,
+        catalog: AdapterCatalog,
+        settings: Settings,
+        metrics: AdapterMetrics,
+        tokenizer: Any,
+        router: AsyncRouter | None = None,
     ) -> None:
         self.engine = engine
         self.catalog = catalog
         self.settings = settings
         self.metrics = metrics
         self.tokenizer = tokenizer
+        self.router = router
 
     @abstractmethod
     async def prepare(self, request: Any) -> GenerationJob:
         """Validate and tokenize; every error here is raised before any engine work."""
+
+    @abstractmethod
+    def routing_text(self, request: Any) -> str:
+        """The text the router sees for ``model: auto`` (e.g. the last user message)."""
 
     @abstractmethod
     async def complete(self, request: Any, job: GenerationJob) -> BaseModel:
@@ -81,12 +101,35 @@ class GenerationServing(ABC):
     def stream(self, request: Any, job: GenerationJob) -> AsyncIterator[str]:
         """Server-sent events, ending with ``data: [DONE]``."""
 
-    async def respond(self, request: SamplingRequest, raw: Request) -> BaseModel | StreamingResponse:
-        """Serve one request; the engine request is aborted if the client goes away."""
+    async def respond(self, request: SamplingRequest, raw: Request, response: Response) -> BaseModel | StreamingResponse:
+        """Serve one request; the engine request is aborted if the client goes away.
+
+        A request for the auto model is first routed: its ``model`` becomes the
+        chosen adapter ref (or the base model's name) and is then resolved like
+        any model a client names; the decision goes out in ``X-Route*`` headers.
+        """
+        decision = await self.route(request)
+        if decision is not None:
+            request = request.model_copy(update={"model": decision.target or self.settings.model.name})
         job = await self.prepare(request)
         if request.stream:
-            return await event_stream(self.stream(request, job))
-        return await cancel_on_disconnect(raw, self.complete(request, job))
+            result = await event_stream(self.stream(request, job))
+            headers = result.headers
+        else:
+            result = await cancel_on_disconnect(raw, self.complete(request, job))
+            headers = response.headers
+        if decision is not None:
+            headers.update(route_headers(decision))
+        return result
+
+    async def route(self, request: SamplingRequest) -> RouteDecision | None:
+        """The router's decision for a request naming the auto model; ``None`` for any other model."""
+        if self.router is None or self.settings.routing is None or request.model != self.settings.routing.auto_model:
+            return None
+        decision = await self.router.route(self.routing_text(request))
+        self.metrics.routing_decisions.labels(decision.target or BASE_LABEL, decision.method).inc()
+        self.metrics.routing_latency.labels(decision.method).observe(decision.latency_s)
+        return decision
 
     def resolve_model(self, model: str) -> ServedAdapter | None:
         """``None`` for the base model, the adapter otherwise; unknown names are a 404."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request, Response
 
 from serving.api.chat.protocol import ChatCompletionRequest, ChatCompletionResponse
 from serving.api.deps import ChatServingDep
@@ -16,8 +16,8 @@ router = APIRouter(tags=["chat"])
     response_model=ChatCompletionResponse,
     responses={400: {"model": ErrorResponse}, 404: {"model": ErrorResponse}, 503: {"model": ErrorResponse}},
 )
-async def create_chat_completion(request: ChatCompletionRequest, raw: Request, serving: ChatServingDep):
-    return await serving.respond(request, raw)
+async def create_chat_completion(request: ChatCompletionRequest, raw: Request, response: Response, serving: ChatServingDep):
+    return await serving.respond(request, raw, response)
 
 
 def attach_router(app: FastAPI) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request, Response
 
 from serving.api.completions.protocol import CompletionRequest, CompletionResponse
 from serving.api.deps import CompletionServingDep
@@ -16,8 +16,8 @@ router = APIRouter(tags=["completions"])
     response_model=CompletionResponse,
     responses={400: {"model": ErrorResponse}, 404: {"model": ErrorResponse}, 503: {"model": ErrorResponse}},
 )
-async def create_completion(request: CompletionRequest, raw: Request, serving: CompletionServingDep):
-    return await serving.respond(request, raw)
+async def create_completion(request: CompletionRequest, raw: Request, response: Response, serving: CompletionServingDep):
+    return await serving.respond(request, raw, response)
 
 
 def attach_router(app: FastAPI) -> None:
