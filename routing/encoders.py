@@ -100,7 +100,7 @@ class MiniLMEncoder(Encoder):
         rows = []
         with torch.inference_mode():
             for text in texts:
-                rows.append(self._model.forward(self._model.tokenize([text]))["sentence_embedding"][0])
+                rows.append(self._model.forward(self._model.preprocess([text]))["sentence_embedding"][0])
         if not rows:
             return np.zeros((0, 0), dtype=np.float32)
         return _normalise(torch.stack(rows).float().numpy())
