@@ -7,6 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
+from routing.cli import add_routes_command
 from serving import keys_cli
 from serving.config import ConfigError, load_settings
 
@@ -75,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     check.set_defaults(handler=_check_config)
 
     keys_cli.add_parser(commands)
+    add_routes_command(commands, lambda path: load_settings(path).routing)
     return parser
 
 

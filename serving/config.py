@@ -17,6 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from adapter_store.refs import NAME_PATTERN as ADAPTER_NAME_PATTERN
 from adapter_store.settings import StoreSettings
 
+from routing.config import RoutingSettings
+
 TENANT_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,63}$"
 
 
@@ -139,14 +141,19 @@ class Settings(_Strict):
         default=None, description="Adapter store (registry, sources, disk cache); absent: a temporary one."
     )
     server: ServerSettings = ServerSettings()
+    routing: RoutingSettings | None = Field(default=None, description="Prompt-based adapter routing (`model: auto`).")
 
     @model_validator(mode="after")
     def _names_are_unique(self) -> Settings:
         seen: set[str] = {self.model.name}
+        if self.routing is not None:
+            if self.routing.auto_model == self.model.name:
+                raise ValueError(f"routing.auto_model {self.routing.auto_model!r} must differ from model.name")
+            seen.add(self.routing.auto_model)
         for i, adapter in enumerate(self.adapters):
             if adapter.name in seen:
                 raise ValueError(
-                    f"adapters[{i}].name {adapter.name!r} is used twice (or equals model.name): "
+                    f"adapters[{i}].name {adapter.name!r} is used twice (or equals model.name or routing.auto_model): "
                     "every adapter needs its own name"
                 )
             seen.add(adapter.name)
@@ -161,6 +168,8 @@ class Settings(_Strict):
             checks.append(("auth.keys_file", self.auth.keys_file))
         for i, adapter in enumerate(self.adapters):
             checks.append((f"adapters[{i}].path", adapter.path / "adapter_config.json"))
+        if self.routing is not None and self.routing.routes_file is not None:
+            checks.append(("routing.routes_file", self.routing.routes_file))
         missing = [f"  {key}: {path} does not exist" for key, path in checks if not path.exists()]
         if missing:
             raise ConfigError("config refers to missing files:\n" + "\n".join(missing))
@@ -192,6 +201,9 @@ def _resolve_paths(raw: dict, base_dir: Path) -> dict:
         for source in store.get("sources") or []:
             if isinstance(source, dict) and isinstance(source.get("roots"), list):
                 source["roots"] = [resolve(r) for r in source["roots"]]
+    routing = raw.get("routing")
+    if isinstance(routing, dict) and "routes_file" in routing:
+        routing["routes_file"] = resolve(routing["routes_file"])
     return raw
 
 

@@ -15,6 +15,7 @@ from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram
 BASE_LABEL = "base"
 UNKNOWN_LABEL = "unknown"
 
+_ROUTING_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0)
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 
 
@@ -64,6 +65,19 @@ class AdapterMetrics:
             "loraserve_limited_requests",
             "Requests refused by a limit (rate, concurrency, queue, body size), by limit.",
             ["limit"],
+            registry=registry,
+        )
+        self.routing_decisions = Counter(
+            "loraserve_routing_decisions",
+            "Requests for the auto model, by the adapter the router chose and the method that decided.",
+            ["adapter", "method"],
+            registry=registry,
+        )
+        self.routing_latency = Histogram(
+            "loraserve_routing_latency_seconds",
+            "Time the router took to pick an adapter, by the method that decided.",
+            ["method"],
+            buckets=_ROUTING_BUCKETS,
             registry=registry,
         )
         self.aborts = Counter(

@@ -44,6 +44,9 @@ def demo_config(demo_assets, **engine_overrides) -> dict:
     config["model"]["path"] = str(demo_assets.base)
     for adapter in config["adapters"]:
         adapter["path"] = str(demo_assets.adapters[adapter["name"]])
+    routing = config.get("routing") or {}
+    if routing.get("routes_file"):  # relative to configs/, but the test config is written elsewhere
+        routing["routes_file"] = str(REPO / "configs" / routing["routes_file"])
     config["engine"].update(engine_overrides)
     config["server"]["port"] = free_port()
     return config

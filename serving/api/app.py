@@ -11,40 +11,65 @@ from pathlib import Path
 from fastapi import FastAPI
 
 from adapter_store import AdapterCatalog, AdapterStore
+from routing import AsyncRouter, Router, build_encoder, load_routes
 from serving.adapters import open_store
-from serving.api.auth import AuthMiddleware, KeyStore
+from serving.api.auth import OPEN_PRINCIPAL, AuthMiddleware, KeyStore
 from serving.api.chat import api_router as chat_router
 from serving.api.completions import api_router as completions_router
 from serving.api.deps import AppState
-from serving.api.errors import install_error_handlers
+from serving.api.errors import ServingError, install_error_handlers
 from serving.api.limits import BodySizeLimitMiddleware, RequestLimiter
 from serving.api.models import api_router as models_router
+from serving.api.routes import api_router as routes_router
 from serving.api.system import api_router as system_router
-from serving.config import Settings
+from serving.config import ConfigError, Settings
 from serving.engine import LoraEngine
 from serving.metrics import AdapterMetrics
 
 logger = logging.getLogger(__name__)
 
-_ROUTERS = (system_router, models_router, completions_router, chat_router)
+_ROUTERS = (system_router, models_router, completions_router, chat_router, routes_router)
 
 
-def build_state(settings: Settings, engine: LoraEngine, metrics: AdapterMetrics, store: AdapterStore) -> AppState:
+def build_router(settings: Settings) -> AsyncRouter | None:
+    """The prompt router (encoder loaded, utterances embedded), or ``None`` without a routing section."""
+    if settings.routing is None:
+        return None
+    return AsyncRouter(Router(settings.routing, build_encoder(settings.routing.encoder), load_routes(settings.routing)))
+
+
+def build_state(
+    settings: Settings, engine: LoraEngine, metrics: AdapterMetrics, store: AdapterStore, router: AsyncRouter | None
+) -> AppState:
     """Wire the serving objects around a started engine."""
     from serving.api.chat.serving import ChatServing
     from serving.api.completions.serving import CompletionServing
     from serving.api.models.serving import ModelsServing
+    from serving.api.routes.serving import RoutesServing
 
     catalog = AdapterCatalog(store)
     tokenizer = engine.llm.get_tokenizer()
     limiter = RequestLimiter(settings.limits, settings.engine.max_num_seqs, metrics)
-    shared = (engine, catalog, settings, metrics, tokenizer, limiter)
+    shared = (engine, catalog, settings, metrics, tokenizer, limiter, router)
+    completions = CompletionServing(*shared)
+
+    def resolve_any(ref: str) -> object:  # route targets are checked as the operator sees them: everything
+        return completions.resolve_model(ref, OPEN_PRINCIPAL)
+
+    if router is not None:  # every route and the default must name a served model, checked like a client's
+        targets = [s.adapter for s in router.router.table.specs] + [settings.routing.default or settings.model.name]
+        for target in targets:
+            try:
+                resolve_any(target)
+            except ServingError as e:
+                raise ConfigError(f"routing refers to a model that is not served: {e.message}") from e
     return AppState(
         engine=engine,
         metrics=metrics,
-        completions=CompletionServing(*shared),
+        completions=completions,
         chat=ChatServing(*shared),
         models=ModelsServing(settings, catalog),
+        routes=RoutesServing(settings, router, resolve_any),
     )
 
 
@@ -56,16 +81,20 @@ def build_app(settings: Settings) -> FastAPI:
         with tempfile.TemporaryDirectory(prefix="loraserve-store-") as scratch:
             # Adapters are validated and registered before the engine starts: a bad one fails fast.
             store = open_store(settings, Path(scratch))
+            prompt_router = None
             engine = LoraEngine(settings)
             try:
+                prompt_router = build_router(settings)
                 await engine.start()
-                app.state.loraserve = build_state(settings, engine, AdapterMetrics(), store)
+                app.state.loraserve = build_state(settings, engine, AdapterMetrics(), store, prompt_router)
                 names = ", ".join(store.registry.names()) or "none"
                 logger.info("serving %s with adapters: %s", settings.model.name, names)
                 yield
             finally:
                 engine.shutdown()
                 store.close()
+                if prompt_router is not None:
+                    prompt_router.close()
 
     keys = KeyStore.from_settings(settings.auth)  # a bad keys file fails here, before the engine loads
     if keys is None:

@@ -10,6 +10,7 @@ from fastapi import Depends, Request
 from serving.api.chat.serving import ChatServing
 from serving.api.completions.serving import CompletionServing
 from serving.api.models.serving import ModelsServing
+from serving.api.routes.serving import RoutesServing
 from serving.engine import LoraEngine
 from serving.metrics import AdapterMetrics
 
@@ -23,6 +24,7 @@ class AppState:
     completions: CompletionServing
     chat: ChatServing
     models: ModelsServing
+    routes: RoutesServing
 
 
 def app_state(request: Request) -> AppState:
@@ -45,7 +47,12 @@ def _models(request: Request) -> ModelsServing:
     return app_state(request).models
 
 
+def _routes(request: Request) -> RoutesServing:
+    return app_state(request).routes
+
+
 EngineDep = Annotated[LoraEngine, Depends(_engine)]
 CompletionServingDep = Annotated[CompletionServing, Depends(_completions)]
 ChatServingDep = Annotated[ChatServing, Depends(_chat)]
 ModelsServingDep = Annotated[ModelsServing, Depends(_models)]
+RoutesServingDep = Annotated[RoutesServing, Depends(_routes)]

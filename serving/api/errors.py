@@ -124,6 +124,16 @@ class ServerBusyError(_RetryLater):
     status = HTTPStatus.SERVICE_UNAVAILABLE
     type = "ServiceUnavailableError"
     code = "server_overloaded"
+class RouteNotFoundError(ServingError):
+    status = HTTPStatus.NOT_FOUND
+    type = "NotFoundError"
+    code = "route_not_found"
+
+    def __init__(self, name: str, available: list[str]) -> None:
+        super().__init__(
+            f"The route {name!r} does not exist. Routes: {', '.join(available) or 'none'}. GET /admin/routes lists them.",
+            param="name",
+        )
 
 
 class ClientDisconnectedError(ServingError):

@@ -8,6 +8,7 @@ their own response shapes.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 import uuid
 from abc import ABC, abstractmethod
@@ -15,11 +16,12 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from fastapi import Request
+from fastapi import Request, Response
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 
 from adapter_store import AdapterCatalog, ServedAdapter
+from routing import AsyncRouter, RouteDecision
 from serving.api.auth import Principal
 from serving.api.disconnect import cancel_on_disconnect, event_stream
 from serving.api.errors import (
@@ -62,6 +64,14 @@ class GenerationJob:
         return BASE_LABEL if self.adapter is None else self.adapter.name
 
 
+def route_headers(decision: RouteDecision) -> dict[str, str]:
+    return {
+        "X-Routed-Adapter": decision.target or BASE_LABEL,
+        "X-Route-Score": f"{decision.score:.4f}",
+        "X-Route-Method": decision.method,
+    }
+
+
 class GenerationServing(ABC):
     """Base of the endpoint serving classes: prepare a job, then answer whole or streamed."""
 
@@ -76,6 +86,7 @@ class GenerationServing(ABC):
         metrics: AdapterMetrics,
         tokenizer: Any,
         limiter: RequestLimiter,
+        router: AsyncRouter | None = None,
     ) -> None:
         self.engine = engine
         self.catalog = catalog
@@ -83,11 +94,16 @@ class GenerationServing(ABC):
         self.metrics = metrics
         self.tokenizer = tokenizer
         self.limiter = limiter
+        self.router = router
         self.owners = {a.name: a.tenant for a in settings.adapters}
 
     @abstractmethod
     async def prepare(self, request: Any, principal: Principal) -> GenerationJob:
         """Validate and tokenize; every error here is raised before any engine work."""
+
+    @abstractmethod
+    def routing_text(self, request: Any) -> str:
+        """The text the router sees for ``model: auto`` (e.g. the last user message)."""
 
     @abstractmethod
     async def complete(self, request: Any, job: GenerationJob) -> BaseModel:
@@ -98,21 +114,50 @@ class GenerationServing(ABC):
         """Server-sent events, ending with ``data: [DONE]``."""
 
     async def respond(
-        self, request: SamplingRequest, raw: Request, principal: Principal
+        self, request: SamplingRequest, raw: Request, response: Response, principal: Principal
     ) -> BaseModel | StreamingResponse:
-        """Serve one admitted request; the engine request is aborted if the client goes away."""
+        """Serve one admitted request; the engine request is aborted if the client goes away.
+
+        A request for the auto model is first routed among the adapters this
+        caller may use: its ``model`` becomes the chosen adapter ref (or the base
+        model's name) and is then resolved like any model a client names; the
+        decision goes out in ``X-Route*`` headers.
+        """
         permit = self.limiter.admit(principal, raw.client.host if raw.client else "-")
         streaming = False
         try:
+            decision = await self.route(request, principal)
+            if decision is not None:
+                request = request.model_copy(update={"model": decision.target or self.settings.model.name})
             job = await self.prepare(request, principal)
             if request.stream:
-                response = await event_stream(self.stream(request, job), on_close=permit.release)
+                result = await event_stream(self.stream(request, job), on_close=permit.release)
                 streaming = True
-                return response
-            return await cancel_on_disconnect(raw, self.complete(request, job))
+                headers = result.headers
+            else:
+                result = await cancel_on_disconnect(raw, self.complete(request, job))
+                headers = response.headers
+            if decision is not None:
+                headers.update(route_headers(decision))
+            return result
         finally:
             if not streaming:
                 permit.release()
+
+    async def route(self, request: SamplingRequest, principal: Principal) -> RouteDecision | None:
+        """The router's decision for a request naming the auto model; ``None`` for any other model."""
+        if self.router is None or self.settings.routing is None or request.model != self.settings.routing.auto_model:
+            return None
+
+        def allowed(target: str) -> bool:
+            return principal.may_use(self.owners.get(target.partition("@")[0]))
+
+        decision = await self.router.route(self.routing_text(request), allowed)
+        if decision.target is not None and not allowed(decision.target):  # a default this caller may not use
+            decision = dataclasses.replace(decision, target=None)
+        self.metrics.routing_decisions.labels(decision.target or BASE_LABEL, decision.method).inc()
+        self.metrics.routing_latency.labels(decision.method).observe(decision.latency_s)
+        return decision
 
     def resolve_model(self, model: str, principal: Principal) -> ServedAdapter | None:
         """``None`` for the base model, the adapter otherwise.

@@ -237,3 +237,31 @@ def test_denials_are_counted_and_logged_without_the_key(secure):
     log = secure.log()
     assert "invalid_key" in log
     assert wrong not in log and not any(key in log for key in KEYS.values())
+
+
+@pytest.mark.parametrize(("key", "status"), [(None, 401), ("hospital", 403), ("admin", 200)])
+def test_admin_endpoints_need_the_admin_role(secure, key, status):
+    headers = auth(key) if key else {}
+    response = httpx.get(f"{secure.url}/admin/routes", headers=headers)
+    assert response.status_code == status
+    if status == 403:
+        assert error_of(response)["code"] == "permission_denied"
+    if status != 200:  # and no change gets through either
+        change = httpx.delete(f"{secure.url}/admin/routes/legal", headers=headers)
+        assert change.status_code == status
+
+
+def test_auto_routing_only_considers_the_keys_adapters(secure):
+    body = {
+        "model": "auto",
+        "messages": [{"role": "user", "content": "Can my landlord keep my security deposit under the lease?"}],
+        "max_tokens": 2,
+    }
+
+    def routed(key: str) -> str:
+        response = httpx.post(f"{secure.url}/v1/chat/completions", json=body, headers=auth(key), timeout=60)
+        assert response.status_code == 200, response.text
+        return response.headers["x-routed-adapter"]
+
+    assert routed("lawfirm") == "legal"
+    assert routed("hospital") != "legal"  # the hospital's key never lands on the law firm's adapter

@@ -43,6 +43,10 @@ def with_changes(**sections: dict) -> dict:
         (with_changes(adapters=[{"name": "a", "path": "/a", "tenant": "Bad Tenant"}]), "adapters.0.tenant"),
         (with_changes(limits={"rate": {"per_minute": 0, "burst": 1}}), "limits.rate.per_minute"),
         (with_changes(limits={"max_body_bytes": 10}), "limits.max_body_bytes"),
+        (with_changes(routing={"auto_model": "base"}), "routing.auto_model 'base' must differ from model.name"),
+        (with_changes(adapters=[{"name": "auto", "path": "/a"}], routing={}), "'auto' is used twice"),
+        (with_changes(routing={"mode": "fuzzy"}), "routing.mode"),
+        (with_changes(routing={"routes": [{"adapter": "a"}]}), "needs utterances, keyword rules, or both"),
     ],
 )
 def test_bad_config_names_the_key(raw: dict, named_key: str) -> None:
@@ -120,3 +124,14 @@ def test_engine_args_carry_every_knob() -> None:
     assert args.max_model_len == settings.model.max_model_len
     assert args.dtype == settings.model.dtype
     assert args.kv_cache_memory_bytes == int(engine.kv_cache_gib * (1 << 30))
+
+
+def test_routes_file_resolves_against_the_config_file(tmp_path: Path) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({"model": {"path": "m", "name": "b"}, "routing": {"routes_file": "routes/r.yaml"}}))
+    settings = load_settings(config)
+    assert settings.routing.routes_file == (tmp_path / "routes" / "r.yaml").resolve()
+    assert settings.routing.auto_model == "auto" and settings.routing.default is None
+    assert not settings.routing.admin_enabled
+    with pytest.raises(ConfigError, match="routing.routes_file: .*r.yaml does not exist"):
+        settings.check_files()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request, Response
 
 from serving.api.auth import PrincipalDep
 from serving.api.chat.protocol import ChatCompletionRequest, ChatCompletionResponse
@@ -18,9 +18,9 @@ router = APIRouter(tags=["chat"])
     responses=GENERATION_ERRORS,
 )
 async def create_chat_completion(
-    request: ChatCompletionRequest, raw: Request, serving: ChatServingDep, principal: PrincipalDep
+    request: ChatCompletionRequest, raw: Request, response: Response, serving: ChatServingDep, principal: PrincipalDep
 ):
-    return await serving.respond(request, raw, principal)
+    return await serving.respond(request, raw, response, principal)
 
 
 def attach_router(app: FastAPI) -> None:

@@ -36,6 +36,15 @@ class ChatServing(GenerationServing):
         max_tokens = self.max_tokens_for(len(prompt), request.output_budget, "max_completion_tokens")
         return self.new_job(request, adapter, [prompt], max_tokens, request.engine_logprobs)
 
+    def routing_text(self, request: ChatCompletionRequest) -> str:
+        for message in reversed(request.messages):
+            if message.role == "user":
+                return message.text
+        raise InvalidRequestError(
+            f"Routing (model {request.model!r}) needs a user message to route on; name a model instead.",
+            param="messages",
+        )
+
     async def complete(self, request: ChatCompletionRequest, job: GenerationJob) -> ChatCompletionResponse:
         choices: dict[int, ChatChoice] = {}
         async for index, output in self.outputs(job):

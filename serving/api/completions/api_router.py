@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request, Response
 
 from serving.api.auth import PrincipalDep
 from serving.api.completions.protocol import CompletionRequest, CompletionResponse
@@ -18,9 +18,9 @@ router = APIRouter(tags=["completions"])
     responses=GENERATION_ERRORS,
 )
 async def create_completion(
-    request: CompletionRequest, raw: Request, serving: CompletionServingDep, principal: PrincipalDep
+    request: CompletionRequest, raw: Request, response: Response, serving: CompletionServingDep, principal: PrincipalDep
 ):
-    return await serving.respond(request, raw, principal)
+    return await serving.respond(request, raw, response, principal)
 
 
 def attach_router(app: FastAPI) -> None:

@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator
 
 from serving.api.completions.protocol import CompletionChoice, CompletionRequest, CompletionResponse
 from serving.api.auth import Principal
+from serving.api.errors import InvalidRequestError
 from serving.api.generation import GenerationJob, GenerationServing
 from serving.api.logprobs import completion_logprobs
 from serving.api.streams import SSE_DONE, sse_event
@@ -21,6 +22,16 @@ class CompletionServing(GenerationServing):
         prompts = await self._prompt_ids(request.prompt)
         max_tokens = min(self.max_tokens_for(len(ids), request.max_tokens, "max_tokens") for ids in prompts)
         return self.new_job(request, adapter, prompts, max_tokens, request.logprobs)
+
+    def routing_text(self, request: CompletionRequest) -> str:
+        if isinstance(request.prompt, str):
+            return request.prompt
+        if all(isinstance(p, str) for p in request.prompt):
+            return "\n".join(request.prompt)  # type: ignore[arg-type]
+        raise InvalidRequestError(
+            f"Routing (model {request.model!r}) needs a text prompt, not token ids; name a model instead.",
+            param="prompt",
+        )
 
     async def _prompt_ids(self, prompt: str | list[str] | list[int] | list[list[int]]) -> list[list[int]]:
         if isinstance(prompt, str):
