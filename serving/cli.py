@@ -46,6 +46,12 @@ def _check_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _loadtest(args: argparse.Namespace) -> int:
+    from serving.loadtest.runner import run
+
+    return run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="loraserve", description="Multi-LoRA serving on vLLM.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -64,6 +70,12 @@ def build_parser() -> argparse.ArgumentParser:
     check = commands.add_parser("check-config", help="validate a config file and the paths it names")
     check.add_argument("--config", type=Path, required=True)
     check.set_defaults(handler=_check_config)
+
+    from serving.loadtest.runner import add_arguments as add_loadtest_arguments
+
+    loadtest = commands.add_parser("loadtest", help="run the locust load test headless and summarise it")
+    add_loadtest_arguments(loadtest)
+    loadtest.set_defaults(handler=_loadtest)
     return parser
 
 

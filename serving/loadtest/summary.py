@@ -187,8 +187,8 @@ def format_table(summary: dict) -> str:
     row("Total generated tokens:", summary["total_output"])
     row("Request throughput (req/s):", summary["request_throughput"])
     if summary["request_goodput"] is not None:
-        slos = " ".join(f"{k}:{v:g}" for k, v in summary["goodput_slos_ms"].items())
-        row(f"Request goodput (req/s) [{slos}]:", summary["request_goodput"])
+        row("Goodput SLOs (ms):", " ".join(f"{k}:{v:g}" for k, v in summary["goodput_slos_ms"].items()))
+        row("Request goodput (req/s):", summary["request_goodput"])
     row("Output token throughput (tok/s):", summary["output_throughput"])
     row("Total token throughput (tok/s):", summary["total_token_throughput"])
     titles = {
