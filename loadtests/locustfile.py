@@ -148,7 +148,8 @@ def _open_records(environment: Any, **_: Any) -> None:
     global _records_file
     path = environment.parsed_options.records if environment.parsed_options else ""
     if path:
-        _records_file = open(path, "a", encoding="utf-8")  # noqa: SIM115 (closed at test stop)
+        # Line-buffered appends: one write per record, so --processes workers can share the file.
+        _records_file = open(path, "a", encoding="utf-8", buffering=1)  # noqa: SIM115 (closed at quit)
 
 
 @events.quitting.add_listener

@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import subprocess
+import sys
 from contextlib import nullcontext
 from pathlib import Path
 
