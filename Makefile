@@ -5,9 +5,11 @@ CONFIG ?= configs/dev.yaml
 HOST   ?= 127.0.0.1
 PORT   ?= 8000
 DEMO   ?= .demo
+USERS  ?= 8
+RUN_TIME ?= 60s
 PY     := $(VENV)/bin/python
 
-.PHONY: install demo-assets serve test bench clean
+.PHONY: install demo-assets serve test bench loadtest bench-alternatives clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,5 +33,12 @@ test: install
 bench: install
 	$(PY) loadtests/bench_lora.py --out results/bench_lora.json
 
+loadtest: demo-assets
+	$(VENV)/bin/loraserve loadtest --config $(CONFIG) --users $(USERS) --run-time $(RUN_TIME) --out .loadtest
+
+bench-alternatives: demo-assets
+	$(PY) -m pip install --quiet -e '.[bench]'
+	$(PY) loadtests/bench_alternatives.py --config $(CONFIG)
+
 clean:
-	rm -rf $(VENV) $(DEMO) .bench
+	rm -rf $(VENV) $(DEMO) .bench .loadtest

@@ -56,6 +56,12 @@ def _check_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _loadtest(args: argparse.Namespace) -> int:
+    from serving.loadtest.runner import run
+
+    return run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="loraserve", description="Multi-LoRA serving on vLLM.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -77,6 +83,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     keys_cli.add_parser(commands)
     add_routes_command(commands, lambda path: load_settings(path).routing)
+
+    from serving.loadtest.runner import add_arguments as add_loadtest_arguments
+
+    loadtest = commands.add_parser("loadtest", help="run the locust load test headless and summarise it")
+    add_loadtest_arguments(loadtest)
+    loadtest.set_defaults(handler=_loadtest)
     return parser
 
 

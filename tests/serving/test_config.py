@@ -128,7 +128,11 @@ def test_engine_args_carry_every_knob() -> None:
 
 def test_routes_file_resolves_against_the_config_file(tmp_path: Path) -> None:
     config = tmp_path / "c.yaml"
-    config.write_text(yaml.safe_dump({"model": {"path": "m", "name": "b"}, "routing": {"routes_file": "routes/r.yaml"}}))
+    config.write_text(
+        yaml.safe_dump(
+            {"model": {"path": "m", "name": "b"}, "auth": {"mode": "open"}, "routing": {"routes_file": "routes/r.yaml"}}
+        )
+    )
     settings = load_settings(config)
     assert settings.routing.routes_file == (tmp_path / "routes" / "r.yaml").resolve()
     assert settings.routing.auto_model == "auto" and settings.routing.default is None

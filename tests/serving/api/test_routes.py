@@ -19,7 +19,7 @@ def resolve(model: str) -> None:
 
 
 def serving(routing: dict | None) -> RoutesServing:
-    raw = {"model": {"path": "/m", "name": "base"}}
+    raw = {"model": {"path": "/m", "name": "base"}, "auth": {"mode": "open"}}
     if routing is not None:
         raw["routing"] = {"encoder": "hashing", "routes": [{"adapter": "code", "utterances": ["fix my bug"]}], **routing}
     settings = parse_settings(raw)

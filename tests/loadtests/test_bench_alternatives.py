@@ -1,0 +1,47 @@
+"""The vLLM server of the comparison runs with exactly our engine settings (parsed by vLLM's own parser)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from loadtests.bench_alternatives import vllm_server_command
+from serving.config import Settings
+from serving.engine import engine_args
+
+ENGINE_FIELDS = (
+    "model", "tokenizer", "served_model_name", "dtype", "max_model_len", "enable_lora", "max_loras",
+    "max_lora_rank", "max_cpu_loras", "max_num_seqs", "max_num_batched_tokens", "kv_cache_memory_bytes",
+    "gpu_memory_utilization", "enable_prefix_caching", "enforce_eager", "seed",
+)  # fmt: skip
+
+
+def settings(**engine) -> Settings:
+    return Settings.model_validate(
+        {
+            "model": {"path": "/m/base", "name": "base", "dtype": "bfloat16", "max_model_len": 1024},
+            "engine": {"max_loras": 2, "max_cpu_loras": 4, "max_num_seqs": 32, "kv_cache_gib": 1, **engine},
+            "adapters": [{"name": "code", "path": "/m/code"}, {"name": "legal", "path": "/m/legal"}],
+        }
+    )
+
+
+@pytest.mark.parametrize(
+    "engine",
+    [{}, {"enable_prefix_caching": False, "enforce_eager": True, "seed": 7, "max_lora_rank": 32}],
+)
+def test_vllm_server_gets_our_engine_args(engine) -> None:
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    s = settings(**engine)
+    command = vllm_server_command(s, port=8123)
+    assert command[1:3] == ["-m", "vllm.entrypoints.openai.api_server"]
+    parsed = make_arg_parser(FlexibleArgumentParser()).parse_args(command[3:])
+    theirs, ours = AsyncEngineArgs.from_cli_args(parsed), engine_args(s)
+    for field in ENGINE_FIELDS:
+        assert getattr(theirs, field) == getattr(ours, field), field
+    assert [(m.name, Path(m.path)) for m in parsed.lora_modules] == [("code", Path("/m/code")), ("legal", Path("/m/legal"))]
+    assert parsed.port == 8123
