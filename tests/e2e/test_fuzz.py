@@ -45,6 +45,12 @@ CASES = [
     ("POST /v1/completions", NEGATIVE, 40),
     ("POST /v1/chat/completions", POSITIVE, 40),
     ("POST /v1/chat/completions", NEGATIVE, 40),
+    # the runtime routes API (open mode: every caller is an admin); this server's own routes change
+    ("GET /admin/routes", POSITIVE, 5),
+    ("PUT /admin/routes/{name}", POSITIVE, 25),
+    ("PUT /admin/routes/{name}", NEGATIVE, 25),
+    ("DELETE /admin/routes/{name}", POSITIVE, 10),
+    ("DELETE /admin/routes/{name}", NEGATIVE, 10),
 ]
 OPERATIONS = {label for label, _, _ in CASES}
 
