@@ -142,7 +142,8 @@ class BitNetLinearMethod(LinearMethodBase):
         set_weight_attrs(weight, {"input_dim": 1, "output_dim": 0, "weight_loader": self._weight_loader(layer, layer_loader)})
         layer.register_parameter("weight", weight)
         # NaN until loaded: process_weights_after_loading refuses a shard whose scale never arrived.
-        scale = Parameter(torch.full((len(output_partition_sizes),), float("nan")), requires_grad=False)  # [shards]
+        nan_scales = torch.full((len(output_partition_sizes),), float("nan"), dtype=torch.float32)  # [shards]
+        scale = Parameter(nan_scales, requires_grad=False)
         set_weight_attrs(scale, {"needs_scalar_to_array": True, "weight_loader": self._scale_loader(layer_loader)})
         layer.register_parameter("weight_scale", scale)
         layer.logical_widths = list(output_partition_sizes)

@@ -99,7 +99,8 @@ def _load(layer: torch.nn.Module, shard, tensors: dict[str, torch.Tensor]) -> No
 def _build(layer_name: str, layout: str, dtype: torch.dtype, seed: int = 0):
     factory, shards = LAYERS[layer_name]
     linear_class, mode = LAYOUTS[layout]
-    layer = factory(BitNetQuantConfig(linear_class, mode))
+    with set_default_torch_dtype(dtype):  # vLLM builds and processes layers under the model dtype
+        layer = factory(BitNetQuantConfig(linear_class, mode))
     references = []
     for i, (shard, rows) in enumerate(shards):
         w = _masters(rows, seed + i)
