@@ -101,7 +101,7 @@ def test_invalid_yaml_and_missing_file(tmp_path: Path) -> None:
         load_settings(tmp_path / "absent.yaml")
 
 
-@pytest.mark.parametrize("name", ["dev.yaml", "gpu.yaml", "secure-example.yaml"])
+@pytest.mark.parametrize("name", ["dev.yaml", "gpu.yaml", "secure-example.yaml", "bitnet-2b-gpu.yaml"])
 def test_shipped_configs_validate(name: str) -> None:
     settings = load_settings(REPO / "configs" / name)
     assert {a.name for a in settings.adapters} == {"code", "legal", "medical"}
