@@ -47,6 +47,7 @@ def bitnet_lora(tmp_path_factory):
     }
     config = {
         "model": {"path": str(checkpoints["autobitlinear"]), "name": BASE, "dtype": "float32", "max_model_len": 256},
+        "auth": {"mode": "open"},
         "engine": {
             "max_loras": 2, "max_cpu_loras": 4, "max_lora_rank": 8, "max_num_seqs": 16,
             "max_num_batched_tokens": 512, "kv_cache_gib": 0.0625, "enable_prefix_caching": False,

@@ -84,7 +84,7 @@ def _stream_text(http: httpx.Client, body: dict) -> tuple[httpx.Headers, str]:
 
 def test_streaming_completion_is_routed_with_headers(http) -> None:
     prompt, adapter, _ = ROUTED[4]
-    body = {"prompt": prompt, "max_tokens": 10, "temperature": 0}
+    body = {"prompt": prompt, "max_tokens": 10, "temperature": 0, "ignore_eos": True}  # text, even if EOS comes first
     headers, routed_text = _stream_text(http, {**body, "model": "auto"})
     assert headers["x-routed-adapter"] == adapter and headers["x-route-method"] == "keyword"
     _, explicit_text = _stream_text(http, {**body, "model": adapter})

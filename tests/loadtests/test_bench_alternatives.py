@@ -21,6 +21,7 @@ def settings(**engine) -> Settings:
     return Settings.model_validate(
         {
             "model": {"path": "/m/base", "name": "base", "dtype": "bfloat16", "max_model_len": 1024},
+            "auth": {"mode": "open"},
             "engine": {"max_loras": 2, "max_cpu_loras": 4, "max_num_seqs": 32, "kv_cache_gib": 1, **engine},
             "adapters": [{"name": "code", "path": "/m/code"}, {"name": "legal", "path": "/m/legal"}],
         }

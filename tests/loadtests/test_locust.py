@@ -94,7 +94,7 @@ def test_streaming_metrics_are_locust_rows_per_adapter(loadtest) -> None:
     with (out / "locust_stats.csv").open() as f:
         rows = list(csv.DictReader(f))
     metric_rows = {(row["Type"], row["Name"]) for row in rows}
-    served = {"loraserve-demo-base", "code", "legal", "medical"}
+    served = {"loraserve-demo-base", "code", "legal", "medical", "auto"}  # "auto": routed requests
     for metric in ("TTFT", "ITL", "TPOT", "E2EL"):
         labels = {name for kind, name in metric_rows if kind == metric}
         assert labels and labels <= served, (metric, labels)
