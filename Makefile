@@ -9,7 +9,7 @@ USERS  ?= 8
 RUN_TIME ?= 60s
 PY     := $(VENV)/bin/python
 
-.PHONY: install demo-assets serve test bench loadtest bench-alternatives clean
+.PHONY: install demo-assets serve test bench loadtest bench-alternatives soak clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,9 @@ loadtest: demo-assets
 bench-alternatives: demo-assets
 	$(PY) -m pip install --quiet -e '.[bench]'
 	$(PY) loadtests/bench_alternatives.py --config $(CONFIG)
+
+soak: demo-assets
+	$(PY) loadtests/soak.py --config $(CONFIG) --minutes 10 --out results/soak.json
 
 clean:
 	rm -rf $(VENV) $(DEMO) .bench .loadtest
