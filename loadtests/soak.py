@@ -3,6 +3,7 @@
 Starts ``loraserve serve`` with a config, samples the resident memory of the
 server and its engine processes, and runs ``loraserve loadtest --host`` against
 it: both endpoints, streaming and not, Zipf-skewed adapters, ``model: auto``
+with every request generating its full ``max_tokens`` (``ignore_eos``),
 and a share of bad requests. At the end it prints requests served, errors by
 kind (only the bad requests' expected 4xx may appear), and memory at start,
 peak and end; it writes the same as JSON.
@@ -86,7 +87,7 @@ def main() -> int:
     loadtest = [sys.executable, "-m", "serving.cli", "loadtest", "--host", host, "--out", str(args.work),
                 "--users", str(args.users), "--run-time", f"{int(args.minutes * 60)}s",
                 "--", "--stream-share", "0.5", "--chat-share", "0.5", "--auto-share", "0.2",
-                "--bad-share", "0.1", "--zipf-s", "1.1", "--max-tokens", "48"]  # fmt: skip
+                "--bad-share", "0.1", "--zipf-s", "1.1", "--max-tokens", "48", "--ignore-eos"]  # fmt: skip
     with running_server(serve, f"{host}/health", args.work / "server.log", cwd=ROOT, timeout_s=900) as server:
         sampler = MemorySampler(server.pid)
         sampler.start()
