@@ -10,6 +10,14 @@ until it fits: the bytes on disk never exceed the budget. Entries that are
 pinned, or leased by running requests, are never evicted; if those alone fill
 the budget the fetch fails with :class:`CacheFull` instead.
 
+A hit is checked before it is handed out: the stat signature (name, size,
+mtime, inode) of every file is compared with the one recorded when the files
+were verified, and any change (a file swapped, truncated or rewritten in
+place) re-hashes the directory. Files that no longer match their digest are
+dropped and fetched again from the source, whose bytes must match the digest
+too; if they do not, the version cannot be served (``checksum_mismatch``).
+The check costs a few ``stat`` calls per request, not a hash.
+
 Leases and LRU order live in this process: one serving process owns a cache
 directory (the registry, not the cache, is what worker processes share).
 """
@@ -35,7 +43,20 @@ logger = logging.getLogger(__name__)
 
 # (source URI, empty destination directory) -> None: copies the adapter's files.
 Fetcher = Callable[[str, Path], None]
+# Per file: (relative name, size, mtime_ns, inode); equal signatures mean untouched files.
+Signature = tuple[tuple[str, int, int, int], ...]
 _HEX = frozenset("0123456789abcdef")
+
+
+def file_signature(directory: Path) -> Signature:
+    """What changes when any file under ``directory`` is replaced, truncated or rewritten."""
+    entries = []
+    for parent, _, names in os.walk(directory):
+        for name in names:
+            path = os.path.join(parent, name)
+            stat = os.lstat(path)
+            entries.append((os.path.relpath(path, directory), stat.st_size, stat.st_mtime_ns, stat.st_ino))
+    return tuple(sorted(entries))
 
 
 @dataclass
@@ -46,6 +67,7 @@ class CacheStats:
     misses: int = 0
     evictions: int = 0
     evicted_bytes: int = 0
+    corrupt: int = 0  # cached copies that no longer matched their digest
 
 
 class DiskCache:
@@ -68,6 +90,7 @@ class DiskCache:
         self._fetch_locks: dict[str, threading.Lock] = {}
         self._entries: OrderedDict[str, int] = OrderedDict()  # digest -> bytes, least recently used first
         self._leases: dict[str, int] = {}
+        self._signatures: dict[str, Signature] = {}  # digest -> signature when last verified
         self._reserved = 0
         self.stats = CacheStats()
         cache_dir.mkdir(parents=True, exist_ok=True)
@@ -86,6 +109,7 @@ class DiskCache:
                 _remove(path)
         for _, digest, size in sorted(found):
             self._entries[digest] = size
+            self._signatures[digest] = file_signature(self.cache_dir / digest)
         self._trim_to_budget()
 
     # -- measuring ----------------------------------------------------------------------
@@ -128,12 +152,13 @@ class DiskCache:
         with self._lock:
             fetch_lock = self._fetch_locks.setdefault(digest, threading.Lock())
         with fetch_lock:  # one download per version; others wait for it, then hit
+            intact = self._verify(digest)
             with self._lock:
-                if digest in self._entries:
+                if intact and digest in self._entries:
                     self._entries.move_to_end(digest)
                     self._leases[digest] = self._leases.get(digest, 0) + 1
                     self.stats.hits += 1
-                    os.utime(self.cache_dir / digest)
+                    os.utime(self.cache_dir / digest)  # the LRU order a restart reads back
                     return self.cache_dir / digest
                 self.stats.misses += 1
                 self._reserve(version.metadata.size_bytes, f"{version.name}@{digest[:16]}")
@@ -155,11 +180,41 @@ class DiskCache:
                 with self._lock:
                     self._reserved -= version.metadata.size_bytes
                 raise
+            signature = file_signature(self.cache_dir / digest)
             with self._lock:
                 self._reserved -= version.metadata.size_bytes
                 self._entries[digest] = version.metadata.size_bytes
+                self._signatures[digest] = signature
                 self._leases[digest] = self._leases.get(digest, 0) + 1
             return self.cache_dir / digest
+
+    def _verify(self, digest: str) -> bool:
+        """Whether a cached entry is still intact; a damaged one is dropped (leased or not) to be refetched.
+
+        Called under the version's fetch lock, so no fetch of it runs meanwhile.
+        """
+        with self._lock:
+            recorded = self._signatures.get(digest)
+            if digest not in self._entries:
+                return False
+        path = self.cache_dir / digest
+        try:
+            signature = file_signature(path)
+        except FileNotFoundError:
+            signature = None
+        if signature is not None and signature == recorded:
+            return True
+        if signature is not None and content_digest(path) == digest:  # touched, not changed
+            with self._lock:
+                self._signatures[digest] = signature
+            return True
+        logger.error("cached adapter version %s no longer matches its sha256; dropping it", digest[:16])
+        with self._lock:
+            self._entries.pop(digest, None)
+            self._signatures.pop(digest, None)
+            self.stats.corrupt += 1
+        _remove(path)
+        return False
 
     def release(self, digest: str) -> None:
         with self._lock:
@@ -193,6 +248,7 @@ class DiskCache:
                 raise
             self._reserved -= size
             self._entries[digest] = size
+            self._signatures[digest] = file_signature(self.cache_dir / digest)
         return self.cache_dir / digest
 
     def remove(self, digest: str) -> None:
@@ -202,6 +258,7 @@ class DiskCache:
                 raise AdapterInUse(
                     f"version {digest[:16]} is in use by {self._leases[digest]} running request(s); retry when they end"
                 )
+            self._signatures.pop(digest, None)
             if self._entries.pop(digest, None) is not None:
                 _remove(self.cache_dir / digest)
 
@@ -233,6 +290,7 @@ class DiskCache:
 
     def _evict(self, digest: str) -> None:
         size = self._entries.pop(digest)
+        self._signatures.pop(digest, None)
         _remove(self.cache_dir / digest)
         self.stats.evictions += 1
         self.stats.evicted_bytes += size

@@ -1,59 +1,92 @@
-"""The view of the store that serving's request path uses: model name → local adapter files.
+"""The view of the store that serving's request path uses: model name → leased local adapter files.
 
 A request names ``adapter``, ``adapter@version`` or ``adapter@alias``; the
-catalog resolves it to a content-addressed version whose files are on local
-disk. The engine keys its integer LoRA ids on (name, version), so a new
-version never reuses an old version's slot or prefix-cache blocks.
+catalog resolves it to a content-addressed version (:meth:`find`), says who
+may use it (:meth:`owner`), and leases its files for the life of the request
+(:meth:`acquire` / :meth:`release`): a leased version is never evicted from
+the disk cache, so the engine can load it at any point while the request runs.
+The engine keys its integer LoRA ids on (name, version), so a new version
+never reuses an old version's slot or prefix-cache blocks.
+
+Everything here may block (a fetch, the registry's lock): async callers use a
+worker thread.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from adapter_store.errors import AdapterNotFound, InvalidRef
+from adapter_store.models import AdapterVersion, HealthRecord
 from adapter_store.store import AdapterStore
 
 
 @dataclass(frozen=True)
 class ServedAdapter:
-    """An adapter version resolved to immutable local files."""
+    """An adapter version resolved to immutable local files, leased while a request uses it."""
 
     name: str
     version: str  # full sha256 of the files
     path: Path
     source: str = ""  # where the files came from (shown as ``root`` in /v1/models)
+    size_bytes: int = 0
 
 
 class AdapterCatalog:
-    """Resolves references against an :class:`AdapterStore`."""
+    """Resolves references against an :class:`AdapterStore`, with each adapter's owning tenant.
 
-    def __init__(self, store: AdapterStore) -> None:
+    ``tenants`` maps the adapters named in the server's config to their tenant
+    (``None``: public); the config wins over the ``tenant`` tag an adapter was
+    registered with, which decides for every other adapter.
+    """
+
+    def __init__(self, store: AdapterStore, tenants: Mapping[str, str | None] | None = None) -> None:
         self.store = store
+        self.tenants = dict(tenants or {})
 
-    def get(self, ref: str) -> ServedAdapter | None:
-        """The version ``ref`` names with its files on disk; ``None`` if no adapter matches.
+    def find(self, ref: str) -> AdapterVersion | None:
+        """The version ``ref`` names (registering it on demand if the store allows); ``None`` if none matches.
 
-        Other store errors (a source failing, a full cache) propagate: they are
-        not "no such model".
+        Other store errors (a source failing, an invalid adapter found on
+        demand) propagate: they are not "no such model".
         """
         try:
-            version = self.store.version(ref)
+            return self.store.version(ref)
         except (AdapterNotFound, InvalidRef):
             return None
-        # The lease ends here, not with the request: the files stay only while nothing evicts them,
-        # which holds as long as serving registers no more than the disk budget (no on-demand, no
-        # remote sources yet). Holding store.acquire/release across the request is issue 4's next step.
-        with self.store.cache.lease(version) as path:
-            return ServedAdapter(name=version.name, version=version.version, path=path, source=version.source)
 
-    def __iter__(self) -> Iterator[ServedAdapter]:
+    def owner(self, name: str) -> str | None:
+        """The tenant ``name`` belongs to; ``None`` for a public (or unknown) adapter."""
+        if name in self.tenants:
+            return self.tenants[name]
+        try:
+            return self.store.tenant(name)
+        except (AdapterNotFound, InvalidRef):
+            return None
+
+    def health(self, version: AdapterVersion) -> HealthRecord:
+        return self.store.registry.health(version.name, version.version)
+
+    def acquire(self, version: AdapterVersion) -> ServedAdapter:
+        """Lease the version's files (fetching them if the disk cache lacks them); pair with :meth:`release`."""
+        path = self.store.cache.acquire(version)
+        return ServedAdapter(
+            name=version.name,
+            version=version.version,
+            path=path,
+            source=version.source,
+            size_bytes=version.metadata.size_bytes,
+        )
+
+    def release(self, adapter: ServedAdapter) -> None:
+        self.store.cache.release(adapter.version)
+
+    def __iter__(self) -> Iterator[AdapterVersion]:
         """The latest version of every registered adapter."""
         for name in self.store.registry.names():
-            version = self.store.registry.get(name)
-            path = self.store.cache.cache_dir / version.version
-            yield ServedAdapter(name=name, version=version.version, path=path, source=version.source)
+            yield self.store.registry.get(name)
 
     def __len__(self) -> int:
         return len(self.store.registry.names())

@@ -238,11 +238,64 @@ class S3Source(AdapterSource):
             ) from e
 
 
+class UploadSource(AdapterSource):
+    """Adapters uploaded through the admin API, kept under the store root as ``upload:<sha256>``.
+
+    An uploaded version has no other source to be fetched from again after the
+    disk cache evicts it, so its files are kept here (outside the cache budget)
+    until the version is deleted. It is never searched by name.
+    """
+
+    scheme = "upload"
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        directory.mkdir(parents=True, exist_ok=True)
+
+    def describe(self) -> str:
+        return f"uploads under {self.directory}"
+
+    def uri(self, digest: str) -> str:
+        return f"{self.scheme}:{digest}"
+
+    def path_of(self, uri: str) -> Path:
+        digest = uri.removeprefix(f"{self.scheme}:")
+        if len(digest) != 64 or not set(digest) <= set("0123456789abcdef"):
+            raise SourceError(f"{uri!r} is not an upload (upload:<sha256>)", param="source")
+        return self.directory / digest
+
+    def allows(self, uri: str) -> bool:
+        return urlparse(uri).scheme == self.scheme
+
+    def keep(self, staging: Path, digest: str) -> tuple[str, bool]:
+        """Copy a validated upload here (atomically); its URI, and whether it was new."""
+        target = self.path_of(self.uri(digest))
+        if target.exists():
+            return self.uri(digest), False
+        partial = self.directory / f".partial-{digest}"
+        shutil.rmtree(partial, ignore_errors=True)
+        shutil.copytree(staging, partial)
+        partial.rename(target)
+        return self.uri(digest), True
+
+    def discard(self, uri: str) -> None:
+        shutil.rmtree(self.path_of(uri), ignore_errors=True)
+
+    def fetch(self, uri: str, dest: Path, *, max_bytes: int) -> None:
+        directory = self.path_of(uri)
+        if not directory.is_dir():
+            raise SourceError(f"upload {uri} is gone from {self.directory}; upload the adapter again", param="source")
+        shutil.copytree(directory, dest, dirs_exist_ok=True)
+
+    def find(self, name: str) -> str | None:
+        return None
+
+
 class SourceSet:
     """The configured sources; routes a URI to the one that accepts it."""
 
-    def __init__(self, settings: Iterable[SourceSettings]) -> None:
-        self.sources: list[AdapterSource] = [_SOURCE_TYPES[s.type](s) for s in settings]
+    def __init__(self, settings: Iterable[SourceSettings], extra: Iterable[AdapterSource] = ()) -> None:
+        self.sources: list[AdapterSource] = [_SOURCE_TYPES[s.type](s) for s in settings] + list(extra)
 
     def for_uri(self, uri: str) -> AdapterSource:
         scheme = urlparse(uri).scheme or "file"

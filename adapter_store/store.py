@@ -24,15 +24,19 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from adapter_store.cache import DiskCache
+from adapter_store.digest import content_digest
 from adapter_store.errors import AdapterInUse, AdapterNotFound, CacheFull
 from adapter_store.models import AdapterVersion, HealthRecord, HealthState, ResolvedAdapter
 from adapter_store.refs import LATEST, AdapterRef, check_name
 from adapter_store.registry import AdapterRegistry
 from adapter_store.settings import StoreSettings
-from adapter_store.sources import SourceSet
+from adapter_store.sources import SourceSet, UploadSource
 from adapter_store.validation import AdapterValidator, BaseModelSpec, register_directory
 
 logger = logging.getLogger(__name__)
+
+TENANT_TAG = "tenant"
+"""Tag naming the tenant an adapter belongs to; adapters without it are public."""
 
 
 class AdapterStore:
@@ -42,7 +46,8 @@ class AdapterStore:
         self.settings = settings
         self.registry = registry
         self.validator = validator
-        self.sources = SourceSet(settings.sources)
+        self.uploads = UploadSource(settings.root / "uploads")
+        self.sources = SourceSet(settings.sources, extra=[self.uploads])
         self.cache = DiskCache(
             settings.root / "cache",
             settings.root / "staging",
@@ -81,21 +86,63 @@ class AdapterStore:
         exactly the bytes that were checked.
         """
         check_name(name)
+        with self.staging() as staging:
+            self._fetch(source_uri, staging)
+            return self.register_staged(staging, name, source=source_uri, tags=tags, aliases=aliases)
+
+    @contextmanager
+    def staging(self) -> Iterator[Path]:
+        """A private empty directory for files on their way in (a fetch, an upload); removed afterwards."""
         staging = self.cache.new_staging()
         try:
-            self._fetch(source_uri, staging)
-            version, created = register_directory(
-                self.registry, self.validator, name, staging, source=source_uri, tags=tags, aliases=aliases
-            )
-            try:
-                self.cache.adopt(staging, version.version, f"{name}@{version.version[:16]}")
-            except CacheFull as e:  # registered all the same: fetched again when there is room
-                logger.warning("registered %s but could not cache it: %s", version.ref, e.message)
+            yield staging
         finally:
             if staging.exists():
                 shutil.rmtree(staging, ignore_errors=True)
-        logger.info("%s %s from %s", "registered" if created else "already had", version.ref, source_uri)
+
+    def register_staged(
+        self,
+        staging: Path,
+        name: str,
+        *,
+        source: str,
+        tags: dict[str, str] | None = None,
+        aliases: tuple[str, ...] = (),
+    ) -> AdapterVersion:
+        """Validate and register the files in ``staging`` (from :meth:`staging`), then move them into the cache.
+
+        Uploads come in this way; ``source`` records where they came from, but
+        such a version cannot be fetched again once evicted, so it is pinned
+        on disk by the caller if it must survive eviction.
+        """
+        check_name(name)
+        version, created = register_directory(
+            self.registry, self.validator, name, staging, source=source, tags=tags, aliases=aliases
+        )
+        try:
+            self.cache.adopt(staging, version.version, f"{name}@{version.version[:16]}")
+        except CacheFull as e:  # registered all the same: fetched again when there is room
+            logger.warning("registered %s but could not cache it: %s", version.ref, e.message)
+        logger.info("%s %s from %s", "registered" if created else "already had", version.ref, source)
         return version
+
+    def register_upload(
+        self, staging: Path, name: str, *, tags: dict[str, str] | None = None, aliases: tuple[str, ...] = ()
+    ) -> AdapterVersion:
+        """Register uploaded files (in a :meth:`staging` directory); they are kept as the version's source."""
+        check_name(name)
+        self.validator.validate(staging)  # nothing is kept for files that would be refused
+        uri, new = self.uploads.keep(staging, content_digest(staging))
+        try:
+            return self.register_staged(staging, name, source=uri, tags=tags, aliases=aliases)
+        except BaseException:
+            if new:
+                self.uploads.discard(uri)
+            raise
+
+    def tenant(self, name: str) -> str | None:
+        """The tenant an adapter was registered for (its latest version's ``tenant`` tag); ``None``: public."""
+        return self.registry.get(name).tags.get(TENANT_TAG)
 
     # -- resolving ----------------------------------------------------------------------
 
@@ -169,6 +216,8 @@ class AdapterStore:
                 self.cache.remove(version.version)
             except AdapterInUse:  # leased between the check and now: eviction removes it later
                 pass
+            if self.uploads.allows(version.source):
+                self.uploads.discard(version.source)
         return version
 
     def list(self) -> list[AdapterVersion]:

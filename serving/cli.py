@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from routing.cli import add_routes_command
-from serving import keys_cli
+from serving import adapters_cli, keys_cli
 from serving.config import ConfigError, load_settings
 
 logger = logging.getLogger("loraserve")
@@ -82,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     check.set_defaults(handler=_check_config)
 
     keys_cli.add_parser(commands)
+    adapters_cli.add_parser(commands)
     add_routes_command(commands, lambda path: load_settings(path).routing)
 
     from serving.loadtest.runner import add_arguments as add_loadtest_arguments

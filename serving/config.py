@@ -110,6 +110,9 @@ class LimitSettings(_Strict):
     """Bounds that keep one client from hurting the others; each breach is a 4xx or a 503."""
 
     max_body_bytes: int = Field(default=4 << 20, ge=1024, description="Largest request body (413 beyond).")
+    max_upload_bytes: int = Field(
+        default=64 << 20, ge=1024, description="Largest adapter upload (multipart body) to /v1/adapters/{name}/versions."
+    )
     max_prompt_tokens: int | None = Field(default=None, ge=1, description="Prompt tokens per prompt; null: context.")
     max_tokens: int | None = Field(default=None, ge=1, description="Largest max_tokens a request may ask for.")
     max_n: int = Field(default=16, ge=1, le=16, description="Largest n (choices per prompt); the API caps it at 16.")

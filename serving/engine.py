@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+from collections import OrderedDict
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
@@ -54,6 +55,40 @@ def engine_args(settings: Settings):
     )
 
 
+class ResidentAdapters:
+    """Serving's mirror of vLLM's host-memory adapter cache: an LRU of ``max_cpu_loras`` versions.
+
+    vLLM loads an adapter into its CPU cache on first use and evicts the least
+    recently used one when full; it reports neither. Replaying the same policy
+    over the requests sent gives per-adapter hits, misses (loads) and
+    evictions for the metrics. Under concurrency the engine may order uses a
+    little differently, so these are estimates; ``LoraEngine.loaded`` asks the
+    engine for the truth.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._entries: OrderedDict[tuple[str, str], ServedAdapter] = OrderedDict()
+
+    def use(self, adapter: ServedAdapter) -> tuple[bool, list[ServedAdapter]]:
+        """Record a use: whether it was resident, and what the load pushed out."""
+        key = (adapter.name, adapter.version)
+        if key in self._entries:
+            self._entries.move_to_end(key)
+            return True, []
+        self._entries[key] = adapter
+        evicted = []
+        while len(self._entries) > self.capacity:
+            evicted.append(self._entries.popitem(last=False)[1])
+        return False, evicted
+
+    def drop(self, name: str, version: str) -> None:
+        self._entries.pop((name, version), None)
+
+    def __iter__(self):
+        return iter(list(self._entries.values()))
+
+
 class LoraEngine:
     """Owns the ``AsyncLLM`` and the adapter → ``LoRARequest`` mapping."""
 
@@ -62,6 +97,8 @@ class LoraEngine:
         self._llm: AsyncLLM | None = None
         self._lora_ids: dict[tuple[str, str], int] = {}
         self._next_id = itertools.count(1)
+        cpu_slots = max_cpu_loras(settings) or settings.engine.max_loras  # vLLM's default: max_loras
+        self.resident = ResidentAdapters(cpu_slots)
 
     async def start(self) -> None:
         """Build the engine (loads the base model; takes seconds to minutes)."""
@@ -116,6 +153,24 @@ class LoraEngine:
         return self.llm.generate(
             TokensPrompt(prompt_token_ids=prompt_token_ids), params, request_id, lora_request=lora
         )
+
+    async def load(self, adapter: ServedAdapter) -> None:
+        """Load an adapter into the engine's host cache ahead of its first request (pinned adapters)."""
+        await self.llm.add_lora(self.lora_request(adapter))
+        self.resident.use(adapter)
+
+    async def unload(self, name: str, version: str) -> bool:
+        """Drop a version from the engine's caches; ``False`` if it was not loaded. Requests load it again."""
+        self.resident.drop(name, version)
+        lora_id = self._lora_ids.get((name, version))
+        if lora_id is None or lora_id not in await self.llm.list_loras():
+            return False
+        return await self.llm.remove_lora(lora_id)
+
+    async def loaded(self) -> list[tuple[str, str]]:
+        """The (name, version) of every adapter in the engine's host cache, as the engine reports it."""
+        ids = await self.llm.list_loras()
+        return sorted(key for key, lora_id in self._lora_ids.items() if lora_id in ids)
 
     async def abort(self, request_id: str) -> None:
         await self.llm.abort(request_id)

@@ -10,12 +10,22 @@ stays bounded by the config).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from adapter_store import AdapterCatalog
+    from serving.engine import ResidentAdapters
 
 BASE_LABEL = "base"
 UNKNOWN_LABEL = "unknown"
 
 _ROUTING_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0)
+_LOAD_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 
 
@@ -85,4 +95,89 @@ class AdapterMetrics:
             "Requests aborted in the engine because the client went away, by adapter.",
             ["adapter"],
             registry=registry,
+        )
+        self.fallbacks = Counter(
+            "loraserve_adapter_fallbacks",
+            "Requests served by the fallback (base model or another adapter) because their adapter could not be, "
+            "by the adapter asked for and the reason.",
+            ["adapter", "reason"],
+            registry=registry,
+        )
+        self.adapter_lookups = Counter(
+            "loraserve_adapter_cache_lookups",
+            "Adapter cache lookups by tier (disk: the store's cache; memory: the engine's host cache, as replayed "
+            "by serving) and result (hit, miss).",
+            ["adapter", "tier", "result"],
+            registry=registry,
+        )
+        self.adapter_load_latency = Histogram(
+            "loraserve_adapter_load_seconds",
+            "Adapter loads by tier: disk is fetching and verifying the files; memory is the time to first token "
+            "of the request that made the engine load it (an upper bound on the load).",
+            ["adapter", "tier"],
+            buckets=_LOAD_BUCKETS,
+            registry=registry,
+        )
+        self.adapter_evictions = Counter(
+            "loraserve_adapter_evictions",
+            "Adapters pushed out of the engine's host cache (as replayed by serving), by adapter.",
+            ["adapter", "tier"],
+            registry=registry,
+        )
+
+
+class AdapterStoreCollector(Collector):
+    """Adapter state read at scrape time: bytes per tier, health, disk-cache totals.
+
+    Read, not counted: a gauge set on events goes stale when files are removed
+    by another path (delete, eviction, restart); this asks the store and the
+    engine mirror each time.
+    """
+
+    def __init__(self, catalog: AdapterCatalog, resident: ResidentAdapters) -> None:
+        self.catalog = catalog
+        self.resident = resident
+
+    def collect(self) -> Iterator[Metric]:
+        store = self.catalog.store
+        adapter_bytes = GaugeMetricFamily(
+            "loraserve_adapter_bytes", "Bytes of an adapter's versions by tier (disk cache, engine host memory).",
+            labels=["adapter", "tier"],
+        )
+        cached = set(store.cache.digests())
+        disk: dict[str, int] = {}
+        for version in store.list():
+            if version.version in cached:
+                disk[version.name] = disk.get(version.name, 0) + version.metadata.size_bytes
+        for name, size in sorted(disk.items()):
+            adapter_bytes.add_metric([name, "disk"], size)
+        memory: dict[str, int] = {}
+        for adapter in self.resident:
+            memory[adapter.name] = memory.get(adapter.name, 0) + adapter.size_bytes
+        for name, size in sorted(memory.items()):
+            adapter_bytes.add_metric([name, "memory"], size)
+        yield adapter_bytes
+        health = GaugeMetricFamily(
+            "loraserve_adapter_health", "1 for the health state of each adapter's latest version.",
+            labels=["adapter", "state"],
+        )
+        for version in self.catalog:
+            health.add_metric([version.name, self.catalog.health(version).state], 1)
+        yield health
+        yield GaugeMetricFamily(
+            "loraserve_adapter_disk_cache_bytes", "Bytes the disk cache holds (its budget is store.disk_budget_bytes).",
+            value=store.cache.used_bytes(),
+        )
+        yield GaugeMetricFamily(
+            "loraserve_adapter_disk_cache_budget_bytes", "The disk cache's byte budget.", value=store.cache.budget_bytes
+        )
+        stats = store.cache.stats
+        evictions = CounterMetricFamily(
+            "loraserve_adapter_disk_cache_evictions", "Versions evicted from the disk cache.", value=stats.evictions
+        )
+        yield evictions
+        yield CounterMetricFamily(
+            "loraserve_adapter_disk_cache_corrupt",
+            "Cached copies found damaged (no longer matching their sha256) and dropped.",
+            value=stats.corrupt,
         )

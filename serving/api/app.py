@@ -9,10 +9,13 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 from fastapi import FastAPI
+from prometheus_client import REGISTRY
 
 from adapter_store import AdapterCatalog, AdapterStore
+from serving.api.resolver import AdapterResolver
 from routing import AsyncRouter, Router, build_encoder, load_routes
 from serving.adapters import open_store
+from serving.api.adapters import api_router as adapters_router
 from serving.api.auth import OPEN_PRINCIPAL, AuthMiddleware, KeyStore
 from serving.api.chat import api_router as chat_router
 from serving.api.completions import api_router as completions_router
@@ -24,11 +27,11 @@ from serving.api.routes import api_router as routes_router
 from serving.api.system import api_router as system_router
 from serving.config import ConfigError, Settings
 from serving.engine import LoraEngine
-from serving.metrics import AdapterMetrics
+from serving.metrics import AdapterMetrics, AdapterStoreCollector
 
 logger = logging.getLogger(__name__)
 
-_ROUTERS = (system_router, models_router, completions_router, chat_router, routes_router)
+_ROUTERS = (system_router, models_router, completions_router, chat_router, routes_router, adapters_router)
 
 
 def build_router(settings: Settings) -> AsyncRouter | None:
@@ -42,19 +45,22 @@ def build_state(
     settings: Settings, engine: LoraEngine, metrics: AdapterMetrics, store: AdapterStore, router: AsyncRouter | None
 ) -> AppState:
     """Wire the serving objects around a started engine."""
+    from serving.api.adapters.serving import AdaptersServing
     from serving.api.chat.serving import ChatServing
     from serving.api.completions.serving import CompletionServing
     from serving.api.models.serving import ModelsServing
     from serving.api.routes.serving import RoutesServing
 
-    catalog = AdapterCatalog(store)
+    catalog = AdapterCatalog(store, tenants={a.name: a.tenant for a in settings.adapters})
+    resolver = AdapterResolver(settings, catalog, metrics)
     tokenizer = engine.llm.get_tokenizer()
     limiter = RequestLimiter(settings.limits, settings.engine.max_num_seqs, metrics)
-    shared = (engine, catalog, settings, metrics, tokenizer, limiter, router)
-    completions = CompletionServing(*shared)
+    shared = (engine, resolver, settings, metrics, tokenizer, limiter, router)
 
     def resolve_any(ref: str) -> object:  # route targets are checked as the operator sees them: everything
-        return completions.resolve_model(ref, OPEN_PRINCIPAL)
+        if ref != settings.model.name and resolver.catalog.find(ref) is None:
+            raise resolver.not_found(ref, OPEN_PRINCIPAL)
+        return ref
 
     if router is not None:  # every route and the default must name a served model, checked like a client's
         targets = [s.adapter for s in router.router.table.specs] + [settings.routing.default or settings.model.name]
@@ -66,10 +72,11 @@ def build_state(
     return AppState(
         engine=engine,
         metrics=metrics,
-        completions=completions,
+        completions=CompletionServing(*shared),
         chat=ChatServing(*shared),
-        models=ModelsServing(settings, catalog),
+        models=ModelsServing(settings, resolver),
         routes=RoutesServing(settings, router, resolve_any),
+        adapters=AdaptersServing(engine, resolver, tokenizer),
     )
 
 
@@ -86,10 +93,15 @@ def build_app(settings: Settings) -> FastAPI:
             try:
                 prompt_router = build_router(settings)
                 await engine.start()
-                app.state.loraserve = build_state(settings, engine, AdapterMetrics(), store, prompt_router)
+                state = build_state(settings, engine, AdapterMetrics(), store, prompt_router)
+                await state.adapters.startup([a.name for a in settings.adapters])
+                collector = AdapterStoreCollector(state.adapters.catalog, engine.resident)
+                REGISTRY.register(collector)
+                app.state.loraserve = state
                 names = ", ".join(store.registry.names()) or "none"
                 logger.info("serving %s with adapters: %s", settings.model.name, names)
                 yield
+                REGISTRY.unregister(collector)
             finally:
                 engine.shutdown()
                 store.close()
@@ -101,7 +113,11 @@ def build_app(settings: Settings) -> FastAPI:
         logger.warning("auth.mode is open: every caller may use every adapter and admin endpoint")
     app = FastAPI(title="loraserve", version="0.1.0", lifespan=lifespan)
     # The middleware added last runs first: authenticate before any body is read, then bound it.
-    app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.limits.max_body_bytes)
+    app.add_middleware(
+        BodySizeLimitMiddleware,
+        max_bytes=settings.limits.max_body_bytes,
+        max_upload_bytes=settings.limits.max_upload_bytes,
+    )
     app.add_middleware(AuthMiddleware, keys=keys)
     install_error_handlers(app)
     for router in _ROUTERS:

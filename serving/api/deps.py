@@ -7,6 +7,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
+from serving.api.adapters.serving import AdaptersServing
 from serving.api.chat.serving import ChatServing
 from serving.api.completions.serving import CompletionServing
 from serving.api.models.serving import ModelsServing
@@ -25,6 +26,7 @@ class AppState:
     chat: ChatServing
     models: ModelsServing
     routes: RoutesServing
+    adapters: AdaptersServing
 
 
 def app_state(request: Request) -> AppState:
@@ -51,8 +53,13 @@ def _routes(request: Request) -> RoutesServing:
     return app_state(request).routes
 
 
+def _adapters(request: Request) -> AdaptersServing:
+    return app_state(request).adapters
+
+
 EngineDep = Annotated[LoraEngine, Depends(_engine)]
 CompletionServingDep = Annotated[CompletionServing, Depends(_completions)]
 ChatServingDep = Annotated[ChatServing, Depends(_chat)]
 ModelsServingDep = Annotated[ModelsServing, Depends(_models)]
 RoutesServingDep = Annotated[RoutesServing, Depends(_routes)]
+AdaptersServingDep = Annotated[AdaptersServing, Depends(_adapters)]

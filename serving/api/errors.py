@@ -21,6 +21,19 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from adapter_store import (
+    AdapterInUse,
+    AdapterNotFound,
+    AdapterPinned,
+    AdapterStoreError,
+    AmbiguousVersion,
+    CacheFull,
+    InvalidAdapter,
+    InvalidRef,
+    SourceError,
+    VersionConflict,
+)
+
 logger = logging.getLogger(__name__)
 
 
@@ -136,6 +149,52 @@ class RouteNotFoundError(ServingError):
         )
 
 
+class AdapterUnavailableError(ServingError):
+    """An adapter exists but cannot be served right now (fallback policy ``error``)."""
+
+    status = HTTPStatus.SERVICE_UNAVAILABLE
+    type = "ServiceUnavailableError"
+    code = "adapter_unavailable"
+
+
+class NotFoundError(ServingError):
+    status = HTTPStatus.NOT_FOUND
+    type = "NotFoundError"
+    code = "not_found"
+
+
+class ConflictError(ServingError):
+    status = HTTPStatus.CONFLICT
+    type = "ConflictError"
+    code = "conflict"
+
+
+class StorageFullError(ServingError):
+    status = HTTPStatus.INSUFFICIENT_STORAGE
+    type = "InsufficientStorageError"
+    code = "cache_full"
+
+
+# Store errors as API errors: (class, code); ``InvalidAdapter`` keeps its own reason as the code.
+_STORE_ERRORS: dict[type[AdapterStoreError], tuple[type[ServingError], str]] = {
+    InvalidRef: (InvalidRequestError, "invalid_ref"),
+    AdapterNotFound: (NotFoundError, "adapter_not_found"),
+    AmbiguousVersion: (InvalidRequestError, "ambiguous_version"),
+    InvalidAdapter: (InvalidRequestError, "invalid_adapter"),
+    SourceError: (InvalidRequestError, "source_refused"),
+    VersionConflict: (ConflictError, "version_conflict"),
+    AdapterInUse: (ConflictError, "adapter_in_use"),
+    AdapterPinned: (ConflictError, "adapter_pinned"),
+    CacheFull: (StorageFullError, "cache_full"),
+}
+
+
+def store_error(exc: AdapterStoreError) -> ServingError:
+    """The API error of an adapter-store error (``raise store_error(e) from e``)."""
+    cls, code = _STORE_ERRORS[type(exc)]
+    return cls(exc.message, param=exc.param, code=getattr(exc, "reason", code))
+
+
 class ClientDisconnectedError(ServingError):
     """The client closed the connection; nobody reads this response (nginx's 499)."""
 
@@ -153,6 +212,10 @@ class EngineUnavailableError(ServingError):
 # The error statuses a generation endpoint documents in the OpenAPI schema.
 GENERATION_ERRORS: dict[int | str, dict] = {
     status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 429, 503)
+}
+# ...and an admin endpoint of the adapter store.
+ADMIN_ERRORS: dict[int | str, dict] = {
+    status: {"model": ErrorResponse} for status in (400, 401, 403, 404, 409, 413, 503, 507)
 }
 
 

@@ -20,23 +20,18 @@ from fastapi import Request, Response
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 
-from adapter_store import AdapterCatalog, ServedAdapter
+from adapter_store import ServedAdapter
 from routing import AsyncRouter, RouteDecision
 from serving.api.auth import Principal
 from serving.api.disconnect import cancel_on_disconnect, event_stream
-from serving.api.errors import (
-    ContextLengthError,
-    EngineUnavailableError,
-    InvalidRequestError,
-    ModelNotFoundError,
-    ServingError,
-)
+from serving.api.errors import ContextLengthError, EngineUnavailableError, InvalidRequestError, ServingError
 from serving.api.limits import RequestLimiter
 from serving.api.protocol import SamplingRequest, UsageInfo
+from serving.api.resolver import AdapterResolver
 from serving.api.streams import merge_streams
 from serving.config import Settings
 from serving.engine import LoraEngine
-from serving.metrics import BASE_LABEL, UNKNOWN_LABEL, AdapterMetrics
+from serving.metrics import BASE_LABEL, AdapterMetrics
 
 if TYPE_CHECKING:
     from vllm import CompletionOutput, SamplingParams
@@ -81,7 +76,7 @@ class GenerationServing(ABC):
     def __init__(
         self,
         engine: LoraEngine,
-        catalog: AdapterCatalog,
+        resolver: AdapterResolver,
         settings: Settings,
         metrics: AdapterMetrics,
         tokenizer: Any,
@@ -89,17 +84,16 @@ class GenerationServing(ABC):
         router: AsyncRouter | None = None,
     ) -> None:
         self.engine = engine
-        self.catalog = catalog
+        self.resolver = resolver
         self.settings = settings
         self.metrics = metrics
         self.tokenizer = tokenizer
         self.limiter = limiter
         self.router = router
-        self.owners = {a.name: a.tenant for a in settings.adapters}
 
     @abstractmethod
-    async def prepare(self, request: Any, principal: Principal) -> GenerationJob:
-        """Validate and tokenize; every error here is raised before any engine work."""
+    async def prepare(self, request: Any, adapter: ServedAdapter | None) -> GenerationJob:
+        """Validate and tokenize for ``adapter`` (``None``: the base model); raises before any engine work."""
 
     @abstractmethod
     def routing_text(self, request: Any) -> str:
@@ -124,14 +118,22 @@ class GenerationServing(ABC):
         decision goes out in ``X-Route*`` headers.
         """
         permit = self.limiter.admit(principal, raw.client.host if raw.client else "-")
+        releases = [permit.release]
+
+        def release() -> None:  # the permit and the adapter's lease end with the response
+            while releases:
+                releases.pop()()
+
         streaming = False
         try:
             decision = await self.route(request, principal)
             if decision is not None:
                 request = request.model_copy(update={"model": decision.target or self.settings.model.name})
-            job = await self.prepare(request, principal)
+            resolution = await self.resolver.acquire(request.model, principal)
+            releases.append(lambda: self.resolver.release(resolution))
+            job = await self.prepare(request, resolution.adapter)
             if request.stream:
-                result = await event_stream(self.stream(request, job), on_close=permit.release)
+                result = await event_stream(self.stream(request, job), on_close=release)
                 streaming = True
                 headers = result.headers
             else:
@@ -139,10 +141,11 @@ class GenerationServing(ABC):
                 headers = response.headers
             if decision is not None:
                 headers.update(route_headers(decision))
+            headers.update(resolution.headers)
             return result
         finally:
             if not streaming:
-                permit.release()
+                release()
 
     async def route(self, request: SamplingRequest, principal: Principal) -> RouteDecision | None:
         """The router's decision for a request naming the auto model; ``None`` for any other model."""
@@ -150,7 +153,7 @@ class GenerationServing(ABC):
             return None
 
         def allowed(target: str) -> bool:
-            return principal.may_use(self.owners.get(target.partition("@")[0]))
+            return self.resolver.may_use(principal, target.partition("@")[0])
 
         decision = await self.router.route(self.routing_text(request), allowed)
         if decision.target is not None and not allowed(decision.target):  # a default this caller may not use
@@ -158,21 +161,6 @@ class GenerationServing(ABC):
         self.metrics.routing_decisions.labels(decision.target or BASE_LABEL, decision.method).inc()
         self.metrics.routing_latency.labels(decision.method).observe(decision.latency_s)
         return decision
-
-    def resolve_model(self, model: str, principal: Principal) -> ServedAdapter | None:
-        """``None`` for the base model, the adapter otherwise.
-
-        Unknown names and other tenants' adapters get the same 404, listing only
-        what this caller may use, so adapter names never leak across tenants.
-        """
-        if model == self.settings.model.name:
-            return None
-        adapter = self.catalog.get(model)
-        if adapter is None or not principal.may_use(self.owners.get(adapter.name)):
-            self.metrics.errors.labels(UNKNOWN_LABEL, ModelNotFoundError.code).inc()
-            visible = [a.name for a in self.catalog if principal.may_use(self.owners.get(a.name))]
-            raise ModelNotFoundError(model, [self.settings.model.name, *visible])
-        return adapter
 
     def check_n(self, n: int) -> None:
         limit = self.settings.limits.max_n
@@ -258,6 +246,14 @@ class GenerationServing(ABC):
             n=request.n,
         )
 
+    def _note_resident(self, adapter: ServedAdapter) -> bool:
+        """Replay the engine's host-cache LRU for the metrics; whether the adapter was resident."""
+        hit, evicted = self.engine.resident.use(adapter)
+        self.metrics.adapter_lookups.labels(adapter.name, "memory", "hit" if hit else "miss").inc()
+        for gone in evicted:
+            self.metrics.adapter_evictions.labels(gone.name, "memory").inc()
+        return hit
+
     def count_error(self, label: str, error: ServingError) -> None:
         self.metrics.errors.labels(label, error.code or error.type).inc()
 
@@ -274,6 +270,7 @@ class GenerationServing(ABC):
             for i, ids in enumerate(job.prompts)
         ]
         job.usage.prompt_tokens = sum(len(p) for p in job.prompts)
+        loading = job.adapter is not None and not self._note_resident(job.adapter)
         first_token_seen = False
         finished = False
         try:
@@ -281,7 +278,10 @@ class GenerationServing(ABC):
                 for output in request_output.outputs:
                     if output.token_ids and not first_token_seen:
                         first_token_seen = True
-                        self.metrics.time_to_first_token.labels(job.label).observe(time.perf_counter() - job.arrival)
+                        ttft = time.perf_counter() - job.arrival
+                        self.metrics.time_to_first_token.labels(job.label).observe(ttft)
+                        if loading:
+                            self.metrics.adapter_load_latency.labels(job.label, "memory").observe(ttft)
                     job.usage.completion_tokens += len(output.token_ids)
                     yield prompt_index * job.n + output.index, output
             finished = True

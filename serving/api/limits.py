@@ -11,6 +11,7 @@ Token counts (prompt, ``max_tokens``, ``n``) are checked where requests are toke
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -132,24 +133,36 @@ class RequestLimiter:
         self.metrics.limited.labels(limit).inc()
 
 
+UPLOAD_PATH = re.compile(r"^/v1/adapters/[^/]+/versions$")
+"""Adapter uploads: bounded by ``limits.max_upload_bytes`` instead of ``limits.max_body_bytes``."""
+
+
 class BodySizeLimitMiddleware:
-    """Refuse bodies over ``max_bytes`` with 413 before the application parses them.
+    """Refuse bodies over the limit with 413 before the application parses them.
 
     The body is read here (it is bounded) and replayed to the application, so a
-    body without ``Content-Length`` (chunked) is bounded too.
+    body without ``Content-Length`` (chunked) is bounded too. A declared length
+    over the limit is refused before a byte is read.
     """
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, max_upload_bytes: int) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.max_upload_bytes = max_upload_bytes
+
+    def _limit(self, scope: Scope) -> tuple[int, str]:
+        if scope.get("method") == "POST" and UPLOAD_PATH.match(scope.get("path", "")):
+            return self.max_upload_bytes, "limits.max_upload_bytes"
+        return self.max_bytes, "limits.max_body_bytes"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        limit, setting = self._limit(scope)
         declared = _content_length(scope)
-        if declared is not None and declared > self.max_bytes:
-            await self._refuse(scope, receive, send, declared)
+        if declared is not None and declared > limit:
+            await self._refuse(scope, receive, send, declared, limit, setting)
             return
         messages: list[Message] = []
         size = 0
@@ -159,8 +172,8 @@ class BodySizeLimitMiddleware:
             if message["type"] != "http.request":
                 break
             size += len(message.get("body", b""))
-            if size > self.max_bytes:
-                await self._refuse(scope, receive, send, size)
+            if size > limit:
+                await self._refuse(scope, receive, send, size, limit, setting)
                 return
             if not message.get("more_body", False):
                 break
@@ -170,13 +183,12 @@ class BodySizeLimitMiddleware:
 
         await self.app(scope, replay, send)
 
-    async def _refuse(self, scope: Scope, receive: Receive, send: Send, size: int) -> None:
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send, size: int, limit: int, setting: str) -> None:
         state = getattr(scope["app"].state, "loraserve", None)
         if state is not None:
-            state.metrics.limited.labels("body_size").inc()
+            state.metrics.limited.labels("upload_size" if setting.endswith("upload_bytes") else "body_size").inc()
         error = PayloadTooLargeError(
-            f"The request body has at least {size} bytes; the limit is {self.max_bytes} "
-            "(limits.max_body_bytes). Send a smaller request."
+            f"The request body has at least {size} bytes; the limit is {limit} ({setting}). Send a smaller request."
         )
         await create_error_response(error)(scope, receive, send)
 

@@ -170,3 +170,50 @@ def test_restart_keeps_intact_entries_and_drops_corrupt_ones(tmp_path: Path) -> 
     smaller = world.cache(budget=world.sizes[2] + 10)  # restart with a smaller budget: oldest go first
     assert smaller.digests() == [c.version]
     assert measured(smaller) <= world.sizes[2] + 10
+
+
+# How a cached file gets damaged while the server runs: swapped for other bytes, truncated, rewritten in place.
+DAMAGE = {
+    "swapped": lambda f: (f.with_suffix(".new").write_bytes(b"\0" * f.stat().st_size), f.with_suffix(".new").replace(f)),
+    "truncated": lambda f: f.write_bytes(f.read_bytes()[:-10]),
+    "rewritten_same_size": lambda f: f.write_bytes(bytes(reversed(f.read_bytes()))),
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGE.values(), ids=DAMAGE.keys())
+def test_damaged_cached_copy_is_fetched_again_from_an_intact_source(tmp_path: Path, damage) -> None:
+    world = World(tmp_path, 1)
+    (version,) = world.versions
+    cache = world.cache(budget=1 << 20)
+    with cache.lease(version):
+        pass
+    damage(cache.cache_dir / version.version / "adapter_model.safetensors")
+    with cache.lease(version) as path:
+        assert content_digest(path) == version.version
+    assert (cache.stats.corrupt, cache.stats.misses) == (1, 2)
+
+
+def test_damaged_cached_copy_of_a_changed_source_is_not_served(tmp_path: Path) -> None:
+    world = World(tmp_path, 1)
+    (version,) = world.versions
+    cache = world.cache(budget=1 << 20)
+    with cache.lease(version):
+        pass
+    DAMAGE["truncated"](cache.cache_dir / version.version / "adapter_model.safetensors")
+    write_adapter(world.volume / "a0", rank=8, seed=99)
+    with pytest.raises(InvalidAdapter) as info:
+        cache.acquire(version)
+    assert info.value.reason == "checksum_mismatch"
+    assert not cache.contains(version.version) and measured(cache) == 0
+
+
+def test_touched_but_unchanged_copy_is_still_a_hit(tmp_path: Path) -> None:
+    world = World(tmp_path, 1)
+    (version,) = world.versions
+    cache = world.cache(budget=1 << 20)
+    with cache.lease(version):
+        pass
+    os.utime(cache.cache_dir / version.version / "adapter_config.json", ns=(1, 1))
+    with cache.lease(version):
+        pass
+    assert (cache.stats.hits, cache.stats.misses, cache.stats.corrupt) == (1, 1, 0)

@@ -25,15 +25,23 @@ def test_catalog_resolves_refs_to_versions(tmp_path: Path) -> None:
     store = AdapterStore.open(settings, base=spec, max_lora_rank=16)
     v1 = store.register(str(write_adapter(volume / "code", seed=1)), "code", aliases=("stable",))
     v2 = store.register(str(write_adapter(volume / "code", seed=2)), "code")
-    catalog = AdapterCatalog(store)
+    store.register(str(write_adapter(volume / "legal", seed=3)), "legal", tags={"tenant": "lawfirm"})
+    store.register(str(write_adapter(volume / "medical", seed=4)), "medical", tags={"tenant": "clinic"})
+    catalog = AdapterCatalog(store, tenants={"medical": "hospital", "code": None})
 
     for ref, expected in [("code", v2), ("code@stable", v1), (f"code@{v1.version[:10]}", v1)]:
-        served = catalog.get(ref)
-        assert served is not None and (served.name, served.version) == ("code", expected.version)
-        assert content_digest(served.path) == expected.version
+        version = catalog.find(ref)
+        assert version == expected
+        served = catalog.acquire(version)
+        assert (served.name, served.version) == ("code", expected.version)
+        assert content_digest(served.path) == expected.version and store.cache.in_use(expected.version)
         assert served.source == str(volume / "code")
-    for missing in ("legal", "code@canary", "code@" + "0" * 8, "not a name", "base"):
-        assert catalog.get(missing) is None
-    assert [(s.name, s.version) for s in catalog] == [("code", v2.version)]
-    assert len(catalog) == 1
+        catalog.release(served)
+        assert not store.cache.in_use(expected.version)
+    for missing in ("nothing", "code@canary", "code@" + "0" * 8, "not a name", "base"):
+        assert catalog.find(missing) is None
+    # The config's tenant wins over the registered tag; other adapters keep their tag; unknown names are public.
+    assert [catalog.owner(n) for n in ("code", "legal", "medical", "nothing")] == [None, "lawfirm", "hospital", None]
+    assert [(v.name, v.version) for v in catalog][0] == ("code", v2.version)
+    assert len(catalog) == 3
     store.close()

@@ -203,11 +203,45 @@ def test_health_check_records_ok_and_failed(tmp_path: Path) -> None:
     ok = store.health("code")
     assert ok.state == "ok" and ok.reason is None and ok.latency_s > 0 and ok.checked_at is not None
     weights = store.cache.cache_dir / v.version / "adapter_model.safetensors"
-    weights.write_bytes(weights.read_bytes()[:-64])  # disk corruption after registration
-    with pytest.raises(Exception, match="incomplete metadata"):
+    weights.write_bytes(weights.read_bytes()[:-64])  # disk corruption after registration: healed from the source
+    with store.health_check("code") as adapter:
+        load_weights(adapter.path)
+    assert store.health("code").state == "ok"
+    weights.write_bytes(weights.read_bytes()[:-64])
+    write_adapter(tmp_path / "volume" / "code", seed=7)  # ...and the source changed too: nothing intact is left
+    with pytest.raises(InvalidAdapter, match="the source changed after registration"):
         with store.health_check("code") as adapter:
             load_weights(adapter.path)
     failed = store.health("code")
-    assert failed.state == "failed" and "incomplete metadata" in failed.reason and failed.checked_at > ok.checked_at
+    assert failed.state == "failed" and "InvalidAdapter" in failed.reason and failed.checked_at > ok.checked_at
     assert not store.cache.in_use(v.version)
+    store.close()
+
+
+def _upload(store: AdapterStore, files: Path, name: str, **kwargs):
+    with store.staging() as staging:
+        for file in files.iterdir():
+            (staging / file.name).write_bytes(file.read_bytes())
+        return store.register_upload(staging, name, **kwargs)
+
+
+def test_upload_is_kept_as_its_source_until_deleted(tmp_path: Path) -> None:
+    store = open_store(tmp_path, disk_budget_bytes=1 << 20)
+    v = _upload(store, write_adapter(tmp_path / "elsewhere" / "up"), "up", tags={"tenant": "acme"})
+    assert v.source == f"upload:{v.version}" and store.tenant("up") == "acme"
+    store.cache.remove(v.version)  # as if evicted: the next lease fetches the kept upload
+    with store.lease("up") as adapter:
+        assert content_digest(adapter.path) == v.version
+    store.delete("up")
+    assert list(store.uploads.directory.iterdir()) == [] and store.cache.bytes_on_disk() == 0
+    store.close()
+
+
+def test_invalid_upload_keeps_nothing(tmp_path: Path) -> None:
+    store = open_store(tmp_path)
+    with pytest.raises(InvalidAdapter) as info:
+        _upload(store, write_adapter(tmp_path / "elsewhere" / "big", rank=32), "big")
+    assert info.value.reason == "rank_too_large"
+    assert store.list() == [] and list(store.uploads.directory.iterdir()) == []
+    assert store.cache.bytes_on_disk() == 0 and list(store.cache.staging_dir.iterdir()) == []
     store.close()

@@ -48,11 +48,10 @@ async def main(config_path: Path) -> dict:
             for prompt in PROMPTS
             for model in ("base", *(a.name for a in catalog))
         ]
-        alone = [
-            await greedy(engine, catalog.get(model), ids, f"alone-{i}") for i, (model, _, ids) in enumerate(jobs)
-        ]
+        served = {v.name: catalog.acquire(v) for v in catalog} | {"base": None}  # leased until the store closes
+        alone = [await greedy(engine, served[model], ids, f"alone-{i}") for i, (model, _, ids) in enumerate(jobs)]
         together = await asyncio.gather(
-            *(greedy(engine, catalog.get(model), ids, f"mixed-{i}") for i, (model, _, ids) in enumerate(jobs))
+            *(greedy(engine, served[model], ids, f"mixed-{i}") for i, (model, _, ids) in enumerate(jobs))
         )
     finally:
         engine.shutdown()

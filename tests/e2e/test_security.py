@@ -13,12 +13,15 @@ import re
 import time
 from collections.abc import Iterator
 
+from pathlib import Path
+
 import httpx
 import pytest
 import yaml
 
 from serving.api.auth import hash_key, new_key
 from tests.conftest import RunningServer, demo_config, start_server, stop_server
+from tests.e2e.adapter_files import WEIGHTS, broken_adapter, copy_adapter
 
 KEYS = {
     name: new_key()
@@ -58,6 +61,13 @@ def secure(demo_assets, tmp_path_factory) -> Iterator[RunningServer]:
         if adapter["name"] in owners:
             adapter["tenant"] = owners[adapter["name"]]
     config["limits"] = LIMITS
+    (workdir / "volume").mkdir()
+    # Adapters registered at run time come from this volume; one that cannot be served answers as `code`.
+    config["store"] = {
+        "root": str(workdir / "store"),
+        "sources": [{"type": "local", "roots": [str(workdir / "volume")]}],
+        "fallback": "code",
+    }
     running = start_server(config, workdir)
     yield running
     stop_server(running)
@@ -265,3 +275,61 @@ def test_auto_routing_only_considers_the_keys_adapters(secure):
 
     assert routed("lawfirm") == "legal"
     assert routed("hospital") != "legal"  # the hospital's key never lands on the law firm's adapter
+
+
+def register(server: RunningServer, key: str, name: str, source: Path, **body) -> httpx.Response:
+    body = {"name": name, "source": str(source)} | body
+    return httpx.post(f"{server.url}/v1/adapters", json=body, headers=auth(key), timeout=300)
+
+
+def test_adapters_registered_for_a_tenant_are_that_tenants_alone(secure, demo_assets):
+    volume = Path(secure.config["store"]["sources"][0]["roots"][0])
+    source = copy_adapter(demo_assets.adapters["medical"], volume / "triage", scale=0.8)
+    denied = register(secure, "hospital", "triage", source, tenant="hospital")
+    assert denied.status_code == 403 and error_of(denied)["code"] == "permission_denied"
+    created = register(secure, "admin", "triage", source, tenant="hospital")
+    assert created.status_code == 201, created.text
+    assert created.json()["info"]["tags"] == {"tenant": "hospital"}
+
+    assert complete(secure, "hospital", model="triage").status_code == 200
+    hidden, unknown = complete(secure, "lawfirm", model="triage"), complete(secure, "lawfirm", model="nope")
+    assert hidden.status_code == unknown.status_code == 404
+    assert hidden.json() == json.loads(unknown.text.replace("nope", "triage"))
+    models = {m["id"] for m in httpx.get(f"{secure.url}/v1/models", headers=auth("lawfirm")).json()["data"]}
+    assert "triage" not in models
+    health = {k: httpx.get(f"{secure.url}/v1/adapters/triage/health", headers=auth(k)) for k in ("hospital", "lawfirm")}
+    assert health["hospital"].status_code == 200 and health["hospital"].json()["state"] == "ok"
+    nobody = httpx.get(f"{secure.url}/v1/adapters/nope/health", headers=auth("lawfirm"))
+    assert health["lawfirm"].status_code == nobody.status_code == 404
+    assert health["lawfirm"].json() == json.loads(nobody.text.replace("nope", "triage"))
+
+
+def test_traversal_and_pickle_are_refused_through_the_server(secure, demo_assets, tmp_path):
+    volume = Path(secure.config["store"]["sources"][0]["roots"][0])
+    outside = copy_adapter(demo_assets.adapters["code"], tmp_path / "outside")
+    (volume / "escape").symlink_to(outside)
+    for source in (volume / ".." / "outside", outside, volume / "escape"):
+        response = register(secure, "admin", "escape", source)
+        assert response.status_code == 400 and error_of(response)["code"] == "source_refused", response.text
+    pickled = broken_adapter(demo_assets.adapters["code"], volume / "pickled", "pickle_weights")
+    response = register(secure, "admin", "pickled", pickled)
+    assert response.status_code == 400 and error_of(response)["code"] == "pickle_weights"
+    names = {a["name"] for a in httpx.get(f"{secure.url}/v1/adapters", headers=auth("admin")).json()["data"]}
+    assert not names & {"escape", "pickled"}
+
+
+def test_named_fallback_answers_for_a_corrupt_adapter(secure, demo_assets):
+    volume = Path(secure.config["store"]["sources"][0]["roots"][0])
+    source = copy_adapter(demo_assets.adapters["legal"], volume / "brittle", scale=1.3)
+    created = register(secure, "admin", "brittle", source)
+    assert created.status_code == 201, created.text
+    digest = created.json()["info"]["version"]
+    code_text = complete(secure, "public", model="code", max_tokens=8).json()["choices"][0]["text"]
+    store_root = Path(secure.config["store"]["root"])
+    for weights in (store_root / "cache" / digest / WEIGHTS, source / WEIGHTS):
+        weights.write_bytes(b"\0" * weights.stat().st_size)  # same size, other bytes: only the checksum knows
+    response = complete(secure, "public", model="brittle", max_tokens=8)
+    assert response.status_code == 200, response.text
+    assert response.headers["X-Adapter-Fallback"] == "code"
+    assert response.headers["X-Adapter-Fallback-Reason"] == "checksum_mismatch"
+    assert response.json()["choices"][0]["text"] == code_text

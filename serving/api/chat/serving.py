@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
+from adapter_store import ServedAdapter
+
 from serving.api.chat.protocol import (
     AssistantMessage,
     ChatChoice,
@@ -14,7 +16,6 @@ from serving.api.chat.protocol import (
     DeltaMessage,
 )
 from serving.api.errors import InvalidRequestError
-from serving.api.auth import Principal
 from serving.api.generation import GenerationJob, GenerationServing
 from serving.api.logprobs import chat_logprobs
 from serving.api.streams import SSE_DONE, sse_event
@@ -24,8 +25,7 @@ class ChatServing(GenerationServing):
     endpoint = "chat"
     request_prefix = "chatcmpl"
 
-    async def prepare(self, request: ChatCompletionRequest, principal: Principal) -> GenerationJob:
-        adapter = self.resolve_model(request.model, principal)
+    async def prepare(self, request: ChatCompletionRequest, adapter: ServedAdapter | None) -> GenerationJob:
         self.check_n(request.n)
         messages = [{"role": m.role, "content": m.text} for m in request.messages]
         try:

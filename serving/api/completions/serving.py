@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
+from adapter_store import ServedAdapter
+
 from serving.api.completions.protocol import CompletionChoice, CompletionRequest, CompletionResponse
-from serving.api.auth import Principal
 from serving.api.errors import InvalidRequestError
 from serving.api.generation import GenerationJob, GenerationServing
 from serving.api.logprobs import completion_logprobs
@@ -16,8 +17,7 @@ class CompletionServing(GenerationServing):
     endpoint = "completions"
     request_prefix = "cmpl"
 
-    async def prepare(self, request: CompletionRequest, principal: Principal) -> GenerationJob:
-        adapter = self.resolve_model(request.model, principal)
+    async def prepare(self, request: CompletionRequest, adapter: ServedAdapter | None) -> GenerationJob:
         self.check_n(request.n)
         prompts = await self._prompt_ids(request.prompt)
         max_tokens = min(self.max_tokens_for(len(ids), request.max_tokens, "max_tokens") for ids in prompts)

@@ -14,7 +14,7 @@ router = APIRouter(tags=["models"])
 
 @router.get("/v1/models", response_model=ModelList, responses={401: {"model": ErrorResponse}})
 async def list_models(serving: ModelsServingDep, principal: PrincipalDep) -> ModelList:
-    return serving.list_models(principal)
+    return await serving.list_models(principal)
 
 
 def attach_router(app: FastAPI) -> None:

@@ -1,0 +1,116 @@
+"""Routes of /v1/adapters: the adapter store's admin API (admin role), and per-adapter health.
+
+``{ref}`` is ``name``, ``name@version`` (a unique prefix of the sha256 will do)
+or ``name@alias``, as in a request's ``model`` field.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, FastAPI, File, Form, Path, UploadFile, status
+
+from adapter_store.refs import ALIAS_PATTERN, NAME_PATTERN
+from serving.api.adapters.protocol import (
+    AdapterList,
+    AdapterView,
+    AliasRequest,
+    DeleteResult,
+    HealthView,
+    RegisterRequest,
+    UnloadResult,
+    VersionView,
+)
+from serving.api.auth import AdminDep, PrincipalDep
+from serving.api.deps import AdaptersServingDep
+from serving.api.errors import ADMIN_ERRORS
+from serving.config import TENANT_PATTERN
+
+router = APIRouter(tags=["adapters"])
+
+REF_PATTERN = NAME_PATTERN.removesuffix("$") + r"(@[A-Za-z0-9._-]{1,64})?$"
+Name = Annotated[str, Path(pattern=NAME_PATTERN, description="Adapter name.")]
+Ref = Annotated[str, Path(pattern=REF_PATTERN, description="name, name@version or name@alias.")]
+Alias = Annotated[str, Path(pattern=ALIAS_PATTERN, description="Alias to set (not 'latest', which follows new versions).")]
+
+
+@router.get("/v1/adapters", response_model=AdapterList, responses=ADMIN_ERRORS)
+async def list_adapters(serving: AdaptersServingDep, _: AdminDep) -> AdapterList:
+    """Every adapter with its versions, aliases, pins and health, and the cache tiers' state."""
+    return await serving.list_adapters()
+
+
+@router.post("/v1/adapters", response_model=VersionView, status_code=status.HTTP_201_CREATED, responses=ADMIN_ERRORS)
+async def register_adapter(request: RegisterRequest, serving: AdaptersServingDep, _: AdminDep) -> VersionView:
+    """Fetch, validate and register a version from a configured source, then health-check it."""
+    return await serving.register(request)
+
+
+@router.post(
+    "/v1/adapters/{name}/versions",
+    response_model=VersionView,
+    status_code=status.HTTP_201_CREATED,
+    responses=ADMIN_ERRORS,
+)
+async def upload_adapter(
+    name: Name,
+    files: Annotated[list[UploadFile], File(description="adapter_config.json and adapter_model.safetensors.")],
+    serving: AdaptersServingDep,
+    _: AdminDep,
+    tenant: Annotated[str | None, Form(pattern=TENANT_PATTERN)] = None,
+    aliases: Annotated[list[str], Form(max_length=16)] = [],  # noqa: B006 (FastAPI copies defaults)
+    check: Annotated[bool, Form()] = True,
+) -> VersionView:
+    """Upload a version's files (multipart, at most limits.max_upload_bytes) and register it."""
+    return await serving.upload(name, files, tenant=tenant, aliases=aliases, check=check)
+
+
+@router.get("/v1/adapters/{name}", response_model=AdapterView, responses=ADMIN_ERRORS)
+async def show_adapter(name: Name, serving: AdaptersServingDep, _: AdminDep) -> AdapterView:
+    return await serving.show(name)
+
+
+@router.put("/v1/adapters/{name}/aliases/{alias}", response_model=VersionView, responses=ADMIN_ERRORS)
+async def set_alias(
+    name: Name, alias: Alias, request: AliasRequest, serving: AdaptersServingDep, _: AdminDep
+) -> VersionView:
+    return await serving.set_alias(name, alias, request)
+
+
+@router.put("/v1/adapters/{ref}/pin", response_model=VersionView, responses=ADMIN_ERRORS)
+async def pin_adapter(ref: Ref, serving: AdaptersServingDep, _: AdminDep) -> VersionView:
+    """Keep the version on disk (never evicted) and load it into the engine now."""
+    return await serving.pin(ref, True)
+
+
+@router.delete("/v1/adapters/{ref}/pin", response_model=VersionView, responses=ADMIN_ERRORS)
+async def unpin_adapter(ref: Ref, serving: AdaptersServingDep, _: AdminDep) -> VersionView:
+    return await serving.pin(ref, False)
+
+
+@router.post("/v1/adapters/{ref}/unload", response_model=UnloadResult, responses=ADMIN_ERRORS)
+async def unload_adapter(ref: Ref, serving: AdaptersServingDep, _: AdminDep) -> UnloadResult:
+    """Drop the version from the engine's caches; the next request naming it loads it again."""
+    return await serving.unload(ref)
+
+
+@router.delete("/v1/adapters/{ref}", response_model=DeleteResult, responses=ADMIN_ERRORS)
+async def delete_adapter(ref: Ref, serving: AdaptersServingDep, _: AdminDep) -> DeleteResult:
+    """Delete a version; refused (409) while pinned, aliased or serving requests."""
+    return await serving.delete(ref)
+
+
+@router.get("/v1/adapters/{ref}/health", response_model=HealthView, responses=ADMIN_ERRORS)
+async def adapter_health(ref: Ref, serving: AdaptersServingDep, principal: PrincipalDep) -> HealthView:
+    """The last health check of the version (any caller who may use the adapter)."""
+    return await serving.health(ref, principal)
+
+
+@router.post("/v1/adapters/{ref}/health", response_model=HealthView, responses=ADMIN_ERRORS)
+async def check_adapter(ref: Ref, serving: AdaptersServingDep, _: AdminDep) -> HealthView:
+    """Check the version now: load it and generate a few tokens."""
+    return await serving.check(ref)
+
+
+def attach_router(app: FastAPI) -> None:
+    app.include_router(router)

@@ -1,0 +1,82 @@
+"""Models of /v1/adapters."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from adapter_store.refs import NAME_PATTERN
+from serving.api.models.protocol import AdapterInfo
+from serving.config import TENANT_PATTERN
+
+TAG_KEY_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"
+
+
+class RegisterRequest(BaseModel):
+    """Register the adapter at ``source`` (a path under a configured root, or an allowed s3:// URL)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=NAME_PATTERN, description="Adapter name; a new version if the name exists.")
+    source: str = Field(min_length=1, max_length=2048, description="Absolute path, file:// or s3:// URI.")
+    aliases: list[str] = Field(default=[], max_length=16, description="Aliases to point at the new version.")
+    tags: dict[str, str] = Field(default={}, max_length=32, description="Free-form labels kept with the version.")
+    tenant: str | None = Field(default=None, pattern=TENANT_PATTERN, description="Owning tenant; null: public.")
+    check: bool = Field(default=True, description="Load it and generate a few tokens before answering.")
+
+
+class AliasRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    version: str = Field(min_length=1, max_length=128, description="A version (or unique prefix) or another alias.")
+
+
+class HealthView(BaseModel):
+    name: str
+    version: str
+    state: Literal["ok", "failed", "unchecked"]
+    reason: str | None = None
+    checked_at: float | None = None
+    latency_s: float | None = None
+
+
+class VersionView(BaseModel):
+    name: str
+    id: str = Field(description="name@version: what a request's `model` field may name.")
+    source: str
+    pinned: bool
+    cached: bool = Field(description="Files in the local disk cache.")
+    loaded: bool = Field(description="In the engine's host-memory adapter cache.")
+    info: AdapterInfo
+
+
+class AdapterView(BaseModel):
+    name: str
+    tenant: str | None
+    aliases: dict[str, str]
+    versions: list[VersionView]
+
+
+class CacheView(BaseModel):
+    disk_bytes: int = Field(description="Bytes under the disk cache directory, measured.")
+    disk_budget_bytes: int
+    max_loras: int
+    max_cpu_loras: int
+    loaded: list[str] = Field(description="name@version of each adapter in the engine's host cache, as it reports.")
+
+
+class AdapterList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[AdapterView]
+    cache: CacheView
+
+
+class UnloadResult(BaseModel):
+    id: str
+    unloaded: bool = Field(description="False if the engine did not hold it.")
+
+
+class DeleteResult(BaseModel):
+    id: str
+    deleted: Literal[True] = True

@@ -1,0 +1,153 @@
+"""More adapters than every cache tier holds, through the real server, with Zipf popularity.
+
+Eight adapters (rescaled copies of the demo adapters, each with its own
+digest and its own outputs) live in a local source and are registered on
+demand by their first request. The engine holds ``max_cpu_loras = 3`` in host
+memory and ``max_loras = 2`` per batch; the disk cache holds five adapters.
+Under concurrent Zipf-distributed load every answer must equal that
+adapter's answer when it was served alone, while the tiers' limits are
+measured from outside, as the server reports them (``/v1/adapters``: the
+engine's own list of loaded adapters, the bytes under the cache directory).
+
+The same server runs the ``error`` fallback policy: a corrupt adapter gets
+503 ``adapter_unavailable`` while the requests around it are unaffected.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import RunningServer, demo_config, start_server, stop_server
+from tests.e2e.adapter_files import WEIGHTS, copy_adapter
+
+PROMPT = "Please explain how it works"
+TOKENS = 8
+ADAPTERS = 8
+MAX_LORAS, MAX_CPU_LORAS = 2, 3
+ADAPTER_BYTES = 200_000  # max_adapter_bytes; a demo adapter is ~170 kB
+DISK_BUDGET = 5 * ADAPTER_BYTES
+REQUESTS, CONCURRENCY = 64, 8
+
+
+@dataclass
+class Cached:
+    server: RunningServer
+    volume: Path
+    store: Path
+    names: list[str]
+
+
+@pytest.fixture(scope="module")
+def cached(demo_assets, tmp_path_factory) -> Iterator[Cached]:
+    workdir = tmp_path_factory.mktemp("adapter-cache")
+    volume = workdir / "volume"
+    names = []
+    for i in range(ADAPTERS):
+        domain = ("code", "legal", "medical")[i % 3]
+        names.append(f"{domain}-x{i}")
+        copy_adapter(demo_assets.adapters[domain], volume / names[-1], scale=0.6 + 0.15 * i)
+    config = demo_config(demo_assets, max_loras=MAX_LORAS, max_cpu_loras=MAX_CPU_LORAS, max_num_seqs=16)
+    config["store"] = {
+        "root": str(workdir / "store"),
+        "sources": [{"type": "local", "roots": [str(volume)]}],
+        "on_demand": True,
+        "fallback": "error",
+        "max_adapter_bytes": ADAPTER_BYTES,
+        "disk_budget_bytes": DISK_BUDGET,
+    }
+    running = start_server(config, workdir)
+    yield Cached(running, volume, workdir / "store", names)
+    stop_server(running)
+
+
+async def complete(client: httpx.AsyncClient, url: str, model: str) -> httpx.Response:
+    body = {"model": model, "prompt": PROMPT, "max_tokens": TOKENS, "temperature": 0, "ignore_eos": True}
+    return await client.post(f"{url}/v1/completions", json=body)
+
+
+def zipf(names: list[str], count: int, seed: int = 0) -> list[str]:
+    weights = [1 / (rank + 1) for rank in range(len(names))]
+    return random.Random(seed).choices(names, weights=weights, k=count)
+
+
+def test_zipf_load_over_every_tier_is_correct_and_within_limits(cached: Cached) -> None:
+    url = cached.server.url
+
+    async def run() -> tuple[dict[str, str], list[tuple[str, httpx.Response]], list[dict]]:
+        async with httpx.AsyncClient(timeout=300) as client:
+            alone = {}
+            for name in cached.names:  # one at a time: registers each on demand, no batch neighbours
+                response = await complete(client, url, name)
+                assert response.status_code == 200, response.text
+                alone[name] = response.json()["choices"][0]["text"]
+            samples: list[dict] = []
+            done = asyncio.Event()
+
+            async def sample() -> None:
+                while not done.is_set():
+                    samples.append((await client.get(f"{url}/v1/adapters")).json()["cache"])
+                    await asyncio.sleep(0.1)
+
+            sampler = asyncio.create_task(sample())
+            gate = asyncio.Semaphore(CONCURRENCY)
+
+            async def one(model: str) -> tuple[str, httpx.Response]:
+                async with gate:
+                    return model, await complete(client, url, model)
+
+            results = await asyncio.gather(*(one(m) for m in zipf(cached.names, REQUESTS)))
+            done.set()
+            await sampler
+            return alone, results, samples
+
+    alone, results, samples = asyncio.run(run())
+    assert len(set(alone.values())) == ADAPTERS  # eight different adapters, eight different answers
+    for model, response in results:
+        assert response.status_code == 200, (model, response.text)
+        assert response.json()["choices"][0]["text"] == alone[model], model
+    assert len(samples) >= 3
+    assert max(len(s["loaded"]) for s in samples) <= MAX_CPU_LORAS
+    assert max(s["disk_bytes"] for s in samples) <= DISK_BUDGET
+    seen_loaded = {ref for s in samples for ref in s["loaded"]}
+    assert len(seen_loaded) > MAX_CPU_LORAS  # the engine's host cache turned over: evictions happened
+    metrics = httpx.get(f"{url}/metrics").text
+    evictions = next(line for line in metrics.splitlines() if line.startswith("loraserve_adapter_disk_cache_evictions_total"))
+    assert float(evictions.split()[-1]) > 0
+    assert 'loraserve_adapter_cache_lookups_total{adapter="code-x0",result="hit",tier="memory"}' in metrics
+
+
+def test_error_policy_refuses_a_corrupt_adapter_and_nothing_else(cached: Cached) -> None:
+    url = cached.server.url
+    bad = cached.names[-1]
+    good = cached.names[:3]
+
+    async def run() -> list[tuple[str, httpx.Response]]:
+        async with httpx.AsyncClient(timeout=300) as client:
+            expected = {m: (await complete(client, url, m)).json()["choices"][0]["text"] for m in good}
+            digest = (await client.get(f"{url}/v1/adapters/{bad}")).json()["versions"][0]["info"]["version"]
+            # The source changes under the registered version, and so does the cached copy if there is one.
+            for weights in (cached.volume / bad / WEIGHTS, cached.store / "cache" / digest / WEIGHTS):
+                if weights.exists():
+                    weights.write_bytes(weights.read_bytes()[:-100])
+            models = good * 3 + [bad] * 3
+            responses = await asyncio.gather(*(complete(client, url, m) for m in models))
+            for model, response in zip(models, responses, strict=True):
+                if model != bad:
+                    assert response.json()["choices"][0]["text"] == expected[model]
+            return list(zip(models, responses, strict=True))
+
+    results = asyncio.run(run())
+    refused = [r for m, r in results if m == bad]
+    assert len(refused) == 3
+    for response in refused:
+        assert response.status_code == 503, response.text
+        error = response.json()["error"]
+        assert error["code"] == "adapter_unavailable" and bad in error["message"] and "checksum_mismatch" in error["message"]
+    assert all(r.status_code == 200 for m, r in results if m != bad)
