@@ -69,7 +69,6 @@ from serving.loadtest.summary import summarize  # noqa: E402
 
 WORKLOADS = ("base", "one", "uniform", "zipf")
 PROMPT = "Write a short note about the weather today and what to do in the afternoon."
-_GIB = 1 << 30
 
 
 # ------------------------------------------------------------------ adapters
@@ -268,7 +267,8 @@ async def cold_phase(client: httpx.AsyncClient, base: str, names: list[str], arg
     def ttfts(kind: str, rows: list[dict]) -> list[float]:
         return [row[kind]["ttft_s"] for row in rows]
 
-    cold, warm, base_t, reloaded = ttfts("cold", samples), ttfts("warm", samples), ttfts("base", samples), ttfts("reloaded", reloads)
+    cold, warm, base_t = ttfts("cold", samples), ttfts("warm", samples), ttfts("base", samples)
+    reloaded = ttfts("reloaded", reloads)
     paired = [c / w for c, w in zip(cold, warm, strict=True)]
     stats = {"base": stats_ms(base_t), "cold": stats_ms(cold), "warm": stats_ms(warm), "reloaded": stats_ms(reloaded)}
     ratios = {
@@ -302,7 +302,9 @@ def zipf_weights(n: int, s: float) -> list[float]:
     return [1.0 / (k + 1) ** s for k in range(n)]
 
 
-async def load_run(client: httpx.AsyncClient, models: list[str], weights: list[float], args: argparse.Namespace, seed: int) -> list[dict]:
+async def load_run(
+    client: httpx.AsyncClient, models: list[str], weights: list[float], args: argparse.Namespace, seed: int
+) -> list[dict]:
     """``args.clients`` closed-loop streaming clients for ``args.duration`` seconds; every request's record."""
     deadline = time.perf_counter() + args.duration
     records: list[dict] = []
@@ -369,7 +371,8 @@ def table(report: dict) -> str:
               "store_registration": "store registration alone, in-process"}  # fmt: skip
     for kind, label in labels.items():
         t = cold["ttft"][kind]
-        lines.append(f"{label:<40}{t['n']:>4}{fmt(t['p50_ms']):>9}ms{fmt(t['p90_ms']):>7}ms")
+        p50, p90 = (fmt(t[k]) + ("ms" if t[k] is not None else "  ") for k in ("p50_ms", "p90_ms"))
+        lines.append(f"{label:<40}{t['n']:>4}{p50:>11}{p90:>9}")
     r = cold["ratios"]
     lines.append(f"cold/warm: p50 {fmt(r['cold_over_warm_p50'], '.2f')}x, p90 {fmt(r['cold_over_warm_p90'], '.2f')}x "
                  f"(paired per adapter: p50 {fmt(r['cold_over_warm_paired_p50'], '.2f')}x, "
@@ -389,7 +392,8 @@ def table(report: dict) -> str:
             one = rot["ratios"]["one_over_base"]["median"]
             over_one = 1.0 / one if one else None
         lines.append(f"{titles[w]:<22}{m['output_throughput']:>9.1f}{m['request_throughput']:>8.2f}"
-                     f"{m['median_ttft_ms']:>9.1f}ms{m['p90_ttft_ms']:>7.0f}ms{fmt(over_base, '.2f'):>8}{fmt(over_one, '.2f'):>7}")
+                     f"{m['median_ttft_ms']:>9.1f}ms{m['p90_ttft_ms']:>7.0f}ms"
+                     f"{fmt(over_base, '.2f'):>8}{fmt(over_one, '.2f'):>7}")
     return "\n".join(lines)
 
 
@@ -435,7 +439,8 @@ async def measure(url: str, base: str, names: list[str], args: argparse.Namespac
         rotation = await rotation_phase(client, base, names, args)
         listed = {m["id"] for m in (await client.get("/v1/models")).json()["data"]}
     # Each phase raises if one of its requests failed, so these adapters all answered with their own name.
-    answered = ({s["adapter"] for s in cold["samples_ms"]} | set(names[args.cold :]) | set(rotation["answered"])) & set(names)
+    answered = {s["adapter"] for s in cold["samples_ms"]} | set(names[args.cold :]) | set(rotation["answered"])
+    answered &= set(names)  # the base model answered too
     return {"cold_load": cold, "registration": registration, "rotation": rotation, "listed": listed, "answered": answered}
 
 
