@@ -1,0 +1,516 @@
+"""Adapter store under load: cold-load latency, and throughput while many adapters rotate through few slots.
+
+    python loadtests/bench_store.py [--quick] [--config configs/dev.yaml] [--out loadtests/results/bench_store.json]
+
+Writes ``--adapters`` (default 100) distinct rank-16 PEFT LoRA adapters into a
+temporary directory, derived from the config's adapters (the demo ones): each
+template's LoRA weights, rescaled and padded to ``--rank`` with seeded noise,
+so every adapter has its own content digest and the shapes and target modules
+are whatever the base model's adapters have (nothing here assumes Llama).
+Then starts the real server (``loraserve serve``) with the config changed to
+``engine.max_loras`` slots (4), ``engine.max_cpu_loras`` (4), no configured
+adapters and a fresh adapter store whose only source is that directory, with
+``store.on_demand: true``: an adapter is registered the first time a request
+names it. Everything is measured over real HTTP with streaming
+``/v1/completions`` (httpx), greedy, ``ignore_eos``.
+
+**Cold load.** One request at a time, for ``--cold`` adapters never used
+before, interleaved per adapter: a base-model request, the adapter's first
+request (*cold*), its second (*warm*). "Cold" is everything a first use costs:
+on-demand registration (find in the source, validate config and shapes, sha256
+over the files, copy into the store's disk cache, SQLite insert), then vLLM
+loading the LoRA from disk into host memory and into a slot. Afterwards the
+adapters that have since left vLLM's ``max_cpu_loras`` cache are asked once
+more (*reloaded*: registered already, only vLLM's load from disk). Reported:
+median and p90 TTFT of each kind and the cold/warm ratios, and, for scale,
+the store's registration of the same files timed alone in-process. The remaining
+adapters are then registered by one short request each, so the throughput
+runs below see a steady state.
+
+**Rotation throughput.** ``--clients`` concurrent streaming clients for
+``--duration`` seconds, each request with fixed ``--max-tokens``, in four
+workloads interleaved ``--repeats`` times (base, one, uniform, zipf, base, ...):
+``base`` (no adapter), ``one`` (always the same adapter), ``uniform`` (each
+request picks one of all the adapters uniformly) and ``zipf`` (Zipf(``--zipf-s``)
+popularity). Output tokens/s per run from vLLM's benchmark fields
+(``serving.loadtest.summary``); each ratio is the median over repeats of the
+ratio within one repeat.
+
+Prints a table and writes JSON to ``--out``. The numbers are wall-clock: on a
+shared machine rerun to confirm (the JSON records the load average).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import hashlib
+import json
+import os
+import platform
+import random
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from serving.config import Settings, load_settings  # noqa: E402
+from serving.loadtest.process import free_port, running_server  # noqa: E402
+from serving.loadtest.summary import summarize  # noqa: E402
+
+WORKLOADS = ("base", "one", "uniform", "zipf")
+PROMPT = "Write a short note about the weather today and what to do in the afternoon."
+
+
+# ------------------------------------------------------------------ adapters
+def write_adapters(templates: list[Path], out: Path, count: int, *, rank: int, base_name: str, seed: int) -> list[str]:
+    """``count`` distinct PEFT LoRA adapters of rank ``rank`` under ``out/<name>``; returns their names.
+
+    Adapter ``i`` starts from template ``i % len(templates)``: its LoRA A/B
+    rows are rescaled by a random factor near 1 and the rank is padded (or
+    cut) to ``rank`` with small seeded noise, so shapes and target modules are
+    the template's and every adapter's bytes (and so its digest) differ.
+    ``lora_alpha`` keeps the template's alpha / r scaling.
+    """
+    from safetensors.numpy import save_file
+    from safetensors.torch import load_file  # torch reads bfloat16 too, numpy does not
+
+    loaded = []
+    for template in templates:
+        config = json.loads((template / "adapter_config.json").read_text())
+        weights = load_file(str(template / "adapter_model.safetensors"))
+        tensors = {k: v.float().numpy() for k, v in weights.items()}
+        loaded.append((config, tensors))
+    names = []
+    for i in range(count):
+        config, tensors = loaded[i % len(loaded)]
+        rng = np.random.default_rng([seed, i])
+        new = {}
+        for key, weight in tensors.items():
+            if ".lora_A." in key:  # [r, in] -> [rank, in]
+                new[key] = _resize_rank(weight, rank, rng, axis=0)
+            elif ".lora_B." in key:  # [out, r] -> [out, rank]
+                new[key] = _resize_rank(weight, rank, rng, axis=1)
+            else:
+                new[key] = weight
+        name = f"store-{i:03d}"
+        directory = out / name
+        directory.mkdir(parents=True, exist_ok=True)
+        alpha = config["lora_alpha"] * rank / config["r"]
+        alpha = int(alpha) if alpha == int(alpha) else alpha
+        meta = {**config, "r": rank, "lora_alpha": alpha, "base_model_name_or_path": base_name,
+                "rank_pattern": {}, "alpha_pattern": {}}  # fmt: skip
+        (directory / "adapter_config.json").write_text(json.dumps(meta, indent=2))
+        save_file(new, str(directory / "adapter_model.safetensors"))
+        names.append(name)
+    return names
+
+
+def _resize_rank(weight: np.ndarray, rank: int, rng: np.random.Generator, axis: int) -> np.ndarray:
+    """``weight`` with its rank axis rescaled and padded/cut to ``rank``; the padding is small noise."""
+    keep = min(rank, weight.shape[axis])
+    scale = float(weight.std()) or 1e-3
+    shape = list(weight.shape)
+    shape[axis] = rank
+    out = (rng.standard_normal(shape) * 0.1 * scale).astype(np.float32)
+    index = [slice(None), slice(None)]
+    index[axis] = slice(0, keep)
+    out[tuple(index)] = weight[tuple(index)] * rng.uniform(0.8, 1.2)
+    return out
+
+
+def digest(directory: Path) -> str:
+    h = hashlib.sha256()
+    for path in sorted(directory.iterdir()):
+        h.update(path.name.encode() + b"\0" + path.read_bytes())
+    return h.hexdigest()
+
+
+def bench_config(settings: Settings, source: Path, store_root: Path, args: argparse.Namespace) -> dict:
+    """The config under test: ``settings`` with the bench's slots, no configured adapters, an on-demand store."""
+    raw = settings.model_dump(mode="json")
+    raw["engine"].update(max_loras=args.max_loras, max_cpu_loras=args.max_cpu_loras, max_num_seqs=max(32, args.clients))
+    raw["adapters"] = []
+    raw["routing"] = None  # not under test; the encoder would only slow start-up
+    raw["store"] = {"root": str(store_root), "sources": [{"type": "local", "roots": [str(source)]}], "on_demand": True}
+    raw["server"]["log_level"] = "warning"
+    Settings.model_validate(raw)  # fail here, not after the server's start-up
+    return raw
+
+
+def registration_cost(config: dict, names: list[str], scratch: Path) -> dict:
+    """The store's share of a cold request, timed in-process on the same files (no server, no vLLM).
+
+    ``config`` with its store root moved to ``scratch``, opened as the server
+    opens it (``serving.adapters.open_store``); each name is resolved on demand
+    once: find in the source, validate, hash, copy into the disk cache, insert.
+    """
+    from serving.adapters import open_store
+
+    scratch_config = {**config, "store": {**config["store"], "root": str(scratch)}}
+    store = open_store(Settings.model_validate(scratch_config), scratch)
+    times = []
+    try:
+        for name in names:
+            start = time.perf_counter()
+            store.version(name)
+            times.append(time.perf_counter() - start)
+    finally:
+        store.close()
+    return stats_ms(times)
+
+
+# ------------------------------------------------------------------ one request
+def _carries_tokens(event: dict) -> bool:
+    """Whether a stream event carries generated tokens, by their ids (``return_token_ids``).
+
+    Not by text: the demo tokenizer decodes some tokens to "" (the demo base's
+    first three greedy tokens here), and a text test would time the fourth.
+    """
+    return any(choice.get("token_ids") for choice in event.get("choices") or ())
+
+
+async def stream_completion(client: httpx.AsyncClient, model: str, max_tokens: int, prompt: str) -> dict:
+    """One streamed completion, as a record of ``serving.loadtest.summary`` (times in seconds)."""
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
+            "stream": True, "stream_options": {"include_usage": True}, "return_token_ids": True}  # fmt: skip
+    record = {"kind": "targeted", "endpoint": "completions", "stream": True, "model": model, "label": model,
+              "start": time.time(), "expected_status": 200, "status": None, "success": False, "error": None,
+              "e2el_s": None, "ttft_s": None, "itl_s": [], "prompt_tokens": None, "completion_tokens": None,
+              "served_model": None}  # fmt: skip
+    start = time.perf_counter()
+    first = last = usage = None
+    done = False
+    try:
+        async with client.stream("POST", "/v1/completions", json=body) as response:
+            record["status"] = response.status_code
+            if response.status_code != 200:
+                record["error"] = f"status {response.status_code}: {(await response.aread())[:300]!r}"
+            else:
+                async for line in response.aiter_lines():
+                    if not line.startswith("data:"):
+                        continue
+                    data = line[5:].strip()
+                    if data == "[DONE]":
+                        done = True
+                        continue
+                    now = time.perf_counter()
+                    event = json.loads(data)
+                    if "error" in event:
+                        record["error"] = f"error event in stream: {event['error']}"
+                    usage = event.get("usage") or usage
+                    record["served_model"] = event.get("model", record["served_model"])
+                    if _carries_tokens(event):
+                        if first is None:
+                            first = now
+                        else:
+                            record["itl_s"].append(now - last)
+                        last = now
+    except httpx.HTTPError as e:
+        record["error"] = f"{type(e).__name__}: {e}"
+    record["e2el_s"] = time.perf_counter() - start
+    if record["error"] is None and not (done and usage and first is not None):
+        record["error"] = "stream without [DONE], usage or any token"
+    if record["error"] is None:
+        record["ttft_s"] = first - start
+        record["prompt_tokens"], record["completion_tokens"] = usage["prompt_tokens"], usage["completion_tokens"]
+        record["success"] = record["served_model"] == model and record["completion_tokens"] == max_tokens
+        if not record["success"]:
+            record["error"] = f"answered as {record['served_model']!r} with {record['completion_tokens']} tokens"
+    return record
+
+
+# ------------------------------------------------------------------ cold load
+def percentile(values: list[float], p: float) -> float | None:
+    return float(np.percentile(values, p)) if values else None
+
+
+def stats_ms(values_s: list[float]) -> dict:
+    ms = [v * 1000.0 for v in values_s]
+    return {"n": len(ms), "p50_ms": percentile(ms, 50), "p90_ms": percentile(ms, 90)}
+
+
+async def cold_phase(client: httpx.AsyncClient, base: str, names: list[str], args: argparse.Namespace) -> dict:
+    """Base, cold, warm per adapter, one request at a time; then reloads of adapters vLLM has evicted."""
+    counter = iter(range(10**9))
+
+    async def ttft(model: str) -> dict:
+        # A distinct leading number per request: no prompt shares a KV prefix with an earlier one.
+        return await stream_completion(client, model, args.cold_max_tokens, f"{next(counter)}. {PROMPT}")
+
+    samples = []
+    for i, name in enumerate(names[: args.cold]):
+        trio = {"adapter": name}
+        if i % 2 == 0:  # the base request alternates before and after the pair: no position bias
+            trio["base"] = await ttft(base)
+        trio["cold"], trio["warm"] = await ttft(name), await ttft(name)
+        if i % 2 == 1:
+            trio["base"] = await ttft(base)
+        samples.append(trio)
+    # vLLM keeps max_cpu_loras adapters in host memory (LRU): all but the last ones asked are out by now.
+    evicted = names[: max(0, args.cold - args.max_cpu_loras)]
+    reloads = [{"adapter": name, "reloaded": await ttft(name)} for name in evicted]
+    records = [s[k] for s in samples for k in ("base", "cold", "warm")] + [r["reloaded"] for r in reloads]
+    failed = [r["error"] for r in records if not r["success"]]
+    if failed:
+        raise RuntimeError(f"cold-load requests failed: {failed[:5]}")
+
+    def ttfts(kind: str, rows: list[dict]) -> list[float]:
+        return [row[kind]["ttft_s"] for row in rows]
+
+    cold, warm, base_t = ttfts("cold", samples), ttfts("warm", samples), ttfts("base", samples)
+    reloaded = ttfts("reloaded", reloads)
+    paired = [c / w for c, w in zip(cold, warm, strict=True)]
+    stats = {"base": stats_ms(base_t), "cold": stats_ms(cold), "warm": stats_ms(warm), "reloaded": stats_ms(reloaded)}
+    ratios = {
+        "cold_over_warm_p50": stats["cold"]["p50_ms"] / stats["warm"]["p50_ms"],
+        "cold_over_warm_p90": stats["cold"]["p90_ms"] / stats["warm"]["p90_ms"],
+        "cold_over_warm_paired_p50": percentile(paired, 50),
+        "cold_over_warm_paired_p90": percentile(paired, 90),
+        "cold_over_base_p50": stats["cold"]["p50_ms"] / stats["base"]["p50_ms"],
+        "warm_over_base_p50": stats["warm"]["p50_ms"] / stats["base"]["p50_ms"],
+        "reloaded_over_warm_p50": (stats["reloaded"]["p50_ms"] / stats["warm"]["p50_ms"]) if reloaded else None,
+    }
+    rows = [{"adapter": s["adapter"], **{k: round(s[k]["ttft_s"] * 1000.0, 2) for k in ("base", "cold", "warm")}}
+            for s in samples]  # fmt: skip
+    rows_reloaded = [{"adapter": r["adapter"], "reloaded": round(r["reloaded"]["ttft_s"] * 1000.0, 2)} for r in reloads]
+    return {"ttft": stats, "ratios": ratios, "samples_ms": rows, "reloaded_ms": rows_reloaded}
+
+
+async def register_rest(client: httpx.AsyncClient, names: list[str], max_tokens: int) -> dict:
+    """One short request per adapter not used yet (each registers it on demand)."""
+    start = time.perf_counter()
+    records = [await stream_completion(client, name, max_tokens, f"{i}. {PROMPT}") for i, name in enumerate(names)]
+    failed = [r["error"] for r in records if not r["success"]]
+    if failed:
+        raise RuntimeError(f"registration requests failed: {failed[:5]}")
+    return {"adapters": len(names), "wall_s": time.perf_counter() - start,
+            "ttft": stats_ms([r["ttft_s"] for r in records])}  # fmt: skip
+
+
+# ------------------------------------------------------------------ rotation throughput
+def zipf_weights(n: int, s: float) -> list[float]:
+    return [1.0 / (k + 1) ** s for k in range(n)]
+
+
+async def load_run(
+    client: httpx.AsyncClient, models: list[str], weights: list[float], args: argparse.Namespace, seed: int
+) -> list[dict]:
+    """``args.clients`` closed-loop streaming clients for ``args.duration`` seconds; every request's record."""
+    deadline = time.perf_counter() + args.duration
+    records: list[dict] = []
+
+    async def user(k: int) -> None:
+        rng = random.Random(seed * 1000 + k)
+        n = 0
+        while time.perf_counter() < deadline:
+            model = rng.choices(models, weights)[0]
+            records.append(await stream_completion(client, model, args.max_tokens, f"{seed}.{k}.{n}. {PROMPT}"))
+            n += 1
+
+    await asyncio.gather(*(user(k) for k in range(args.clients)))
+    return records
+
+
+RUN_KEYS = ("output_throughput", "request_throughput", "completed", "failed", "median_ttft_ms", "p90_ttft_ms",
+            "p99_ttft_ms", "median_tpot_ms", "median_e2el_ms", "duration_s")  # fmt: skip
+
+
+async def rotation_phase(client: httpx.AsyncClient, base: str, names: list[str], args: argparse.Namespace) -> dict:
+    uniform = [1.0] * len(names)
+    plans = {"base": ([base], [1.0]), "one": ([names[0]], [1.0]), "uniform": (names, uniform),
+             "zipf": (names, zipf_weights(len(names), args.zipf_s))}  # fmt: skip
+    runs: dict[str, list[dict]] = {w: [] for w in WORKLOADS}
+    answered: set[str] = set()
+    errors: list[str] = []
+    for rep in range(args.repeats):
+        for w in WORKLOADS:
+            models, weights = plans[w]
+            records = await load_run(client, models, weights, args, seed=rep * 10 + WORKLOADS.index(w))
+            summary = summarize(records, percentiles=(90, 99))
+            answered |= {r["model"] for r in records if r["success"]}
+            errors += summary["errors"]
+            run = {k: summary[k] for k in RUN_KEYS}
+            run["distinct_models"] = len({r["model"] for r in records})
+            runs[w].append(run)
+            print(f"  repeat {rep + 1}/{args.repeats} {w:<8} {run['output_throughput']:8.1f} tok/s "
+                  f"TTFT p50 {run['median_ttft_ms']:7.1f} ms  ({run['completed']} requests, {run['failed']} failed)",
+                  flush=True)  # fmt: skip
+    medians = {w: {k: statistics.median(r[k] for r in runs[w]) for k in RUN_KEYS} for w in WORKLOADS}
+    ratios = {}
+    for w in WORKLOADS[1:]:
+        for ref in ("base", "one"):
+            if w == ref:
+                continue
+            per_rep = [a["output_throughput"] / b["output_throughput"] for a, b in zip(runs[w], runs[ref], strict=True)
+                       if b["output_throughput"]]  # fmt: skip
+            ratios[f"{w}_over_{ref}"] = {"median": statistics.median(per_rep) if per_rep else None, "per_repeat": per_rep}
+    return {"runs": runs, "medians": medians, "ratios": ratios, "answered": sorted(answered), "errors": errors[:10]}
+
+
+# ------------------------------------------------------------------ report
+def fmt(x: float | None, spec: str = ".1f") -> str:
+    return "n/a" if x is None else format(x, spec)
+
+
+def table(report: dict) -> str:
+    s, cold, rot = report["settings"], report["cold_load"], report["rotation"]
+    lines = [f"cold load: {s['cold']} new adapters, one request at a time, max_tokens {s['cold_max_tokens']}",
+             f"{'request':<40}{'n':>4}{'TTFT p50':>11}{'p90':>9}"]  # fmt: skip
+    labels = {"base": "base model", "cold": "adapter, first use (register + load)",
+              "warm": "adapter, second use", "reloaded": "adapter, evicted by vLLM, reloaded",
+              "store_registration": "store registration alone, in-process"}  # fmt: skip
+    for kind, label in labels.items():
+        t = cold["ttft"][kind]
+        p50, p90 = (fmt(t[k]) + ("ms" if t[k] is not None else "  ") for k in ("p50_ms", "p90_ms"))
+        lines.append(f"{label:<40}{t['n']:>4}{p50:>11}{p90:>9}")
+    r = cold["ratios"]
+    lines.append(f"cold/warm: p50 {fmt(r['cold_over_warm_p50'], '.2f')}x, p90 {fmt(r['cold_over_warm_p90'], '.2f')}x "
+                 f"(paired per adapter: p50 {fmt(r['cold_over_warm_paired_p50'], '.2f')}x, "
+                 f"p90 {fmt(r['cold_over_warm_paired_p90'], '.2f')}x); warm/base p50 {fmt(r['warm_over_base_p50'], '.2f')}x")
+    lines += ["", f"rotation: {s['adapters']} adapters through {s['max_loras']} slots ({s['max_cpu_loras']} in host "
+              f"memory), {s['clients']} clients, {s['duration_s']:g} s x {s['repeats']} repeats, "
+              f"max_tokens {s['max_tokens']}"]  # fmt: skip
+    head = f"{'workload':<22}{'tok/s':>9}{'req/s':>8}{'TTFT p50':>11}{'p90':>9}{'x base':>8}{'x one':>7}"
+    lines += [head, "-" * len(head)]
+    titles = {"base": "base only", "one": "one adapter", "uniform": f"{s['adapters']} uniform",
+              "zipf": f"{s['adapters']} Zipf s={s['zipf_s']:g}"}  # fmt: skip
+    for w in WORKLOADS:
+        m = rot["medians"][w]
+        over_base = rot["ratios"].get(f"{w}_over_base", {}).get("median") if w != "base" else 1.0
+        over_one = rot["ratios"].get(f"{w}_over_one", {}).get("median") if w != "one" else 1.0
+        if w == "base":
+            one = rot["ratios"]["one_over_base"]["median"]
+            over_one = 1.0 / one if one else None
+        lines.append(f"{titles[w]:<22}{m['output_throughput']:>9.1f}{m['request_throughput']:>8.2f}"
+                     f"{m['median_ttft_ms']:>9.1f}ms{m['p90_ttft_ms']:>7.0f}ms"
+                     f"{fmt(over_base, '.2f'):>8}{fmt(over_one, '.2f'):>7}")
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", type=Path, default=ROOT / "configs" / "dev.yaml")
+    parser.add_argument("--out", type=Path, default=None, help="default loadtests/results/bench_store[_quick].json")
+    parser.add_argument("--work", type=Path, default=ROOT / ".bench" / "store", help="server log")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 8 adapters, 6 cold, 4 clients, 3 s x 2")
+    parser.add_argument("--adapters", type=int, default=100)
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--cold", type=int, default=20, help="adapters measured cold (first use) then warm")
+    parser.add_argument("--cold-max-tokens", type=int, default=8)
+    parser.add_argument("--max-loras", type=int, default=4)
+    parser.add_argument("--max-cpu-loras", type=int, default=4)
+    parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--duration", type=float, default=30.0, help="seconds per throughput run")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--zipf-s", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--start-timeout", type=float, default=900.0)
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.adapters, args.cold, args.clients, args.duration, args.max_tokens = 8, 6, 4, 3.0, 8
+    args.cold = min(args.cold, args.adapters)
+    if args.out is None:  # a smoke run never overwrites the measured numbers
+        args.out = ROOT / "loadtests" / "results" / f"bench_store{'_quick' if args.quick else ''}.json"
+    if args.repeats < 1 or args.adapters < 1 or args.clients < 1:
+        parser.error("--repeats, --adapters and --clients must be at least 1")
+    return args
+
+
+async def measure(url: str, base: str, names: list[str], args: argparse.Namespace) -> dict:
+    timeout = httpx.Timeout(600.0, connect=10.0)
+    limits = httpx.Limits(max_connections=args.clients + 4, max_keepalive_connections=args.clients + 4)
+    async with httpx.AsyncClient(base_url=url, timeout=timeout, limits=limits) as client:
+        print(f"cold load: {args.cold} adapters ...", flush=True)
+        cold = await cold_phase(client, base, names, args)
+        print(f"registering the other {len(names) - args.cold} adapters ...", flush=True)
+        registration = await register_rest(client, names[args.cold :], args.cold_max_tokens)
+        print("rotation throughput:", flush=True)
+        rotation = await rotation_phase(client, base, names, args)
+        listed = {m["id"] for m in (await client.get("/v1/models")).json()["data"]}
+    # Each phase raises if one of its requests failed, so these adapters all answered with their own name.
+    answered = {s["adapter"] for s in cold["samples_ms"]} | set(names[args.cold :]) | set(rotation["answered"])
+    answered &= set(names)  # the base model answered too
+    return {"cold_load": cold, "registration": registration, "rotation": rotation, "listed": listed, "answered": answered}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    settings = load_settings(args.config)
+    if args.config.resolve() == (ROOT / "configs" / "dev.yaml").resolve():
+        from serving.demo.assets import build_demo_assets
+
+        build_demo_assets(ROOT / ".demo")
+    settings.check_files()
+    if not settings.adapters:
+        print(f"{args.config} lists no adapters to derive the benchmark's adapters from", file=sys.stderr)
+        return 2
+    load_before = os.getloadavg()
+    with tempfile.TemporaryDirectory(prefix="bench-store-") as tmp:
+        tmp_path = Path(tmp)
+        t0 = time.perf_counter()
+        names = write_adapters([a.path for a in settings.adapters], tmp_path / "adapters", args.adapters,
+                               rank=args.rank, base_name=settings.model.name, seed=args.seed)  # fmt: skip
+        write_s = time.perf_counter() - t0
+        digests = {digest(tmp_path / "adapters" / n) for n in names}
+        size = sum(p.stat().st_size for p in (tmp_path / "adapters").rglob("*") if p.is_file())
+        print(f"wrote {len(names)} rank-{args.rank} adapters ({len(digests)} distinct digests, "
+              f"{size / 1e6:.1f} MB) in {write_s:.1f} s", flush=True)  # fmt: skip
+        config = bench_config(settings, tmp_path / "adapters", tmp_path / "store", args)
+        registration = registration_cost(config, names[: args.cold], tmp_path / "scratch-store")
+        config_path = tmp_path / "config.yaml"
+        config_path.write_text(yaml.safe_dump(config))
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        command = [sys.executable, "-m", "serving.cli", "serve", "--config", str(config_path),
+                   "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
+        env = {"VLLM_CPU_KVCACHE_SPACE": str(max(1, int(settings.engine.kv_cache_gib or 1)))}
+        print(f"starting the server (log in {args.work / 'server.log'}) ...", flush=True)
+        with running_server(command, f"{url}/health", args.work / "server.log", env=env,
+                            timeout_s=args.start_timeout, cwd=ROOT):  # fmt: skip
+            result = asyncio.run(measure(url, settings.model.name, names, args))
+    answered = result["answered"]
+    result["cold_load"]["ttft"]["store_registration"] = registration
+    report = {
+        "date": datetime.date.today().isoformat(),
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "loadavg_before": load_before,
+                    "loadavg_after": os.getloadavg()},  # fmt: skip
+        "settings": {
+            "config": str(args.config), "model": str(settings.model.path), "dtype": settings.model.dtype,
+            "adapters": args.adapters, "rank": args.rank, "max_loras": args.max_loras,
+            "max_cpu_loras": args.max_cpu_loras, "cold": args.cold, "cold_max_tokens": args.cold_max_tokens,
+            "clients": args.clients, "duration_s": args.duration, "repeats": args.repeats,
+            "max_tokens": args.max_tokens, "zipf_s": args.zipf_s, "seed": args.seed, "quick": args.quick,
+        },  # fmt: skip
+        "adapters": {"count": len(names), "distinct_digests": len(digests), "bytes": size, "write_s": write_s,
+                     "answered": len(answered), "not_answered": sorted(set(names) - answered),
+                     "listed_by_server": len(set(names) & result["listed"])},  # fmt: skip
+        "cold_load": result["cold_load"],
+        "registration": result["registration"],
+        "rotation": result["rotation"],
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print()
+    print(table(report))
+    print(f"wrote {args.out}")
+    failed = sum(r["failed"] for runs in report["rotation"]["runs"].values() for r in runs)
+    if failed or report["adapters"]["not_answered"]:
+        print(f"{failed} failed requests; adapters never answered: {report['adapters']['not_answered']}; "
+              f"first errors: {report['rotation']['errors']}", file=sys.stderr)  # fmt: skip
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,98 @@
+"""``loadtests/bench_store.py --quick`` end to end: real server, on-demand store, real HTTP; the JSON it writes.
+
+No timing thresholds (speed lives in the benchmark's own output): only that
+every phase ran, every adapter was registered on first use and answered under
+its own name, and the numbers are sane.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from safetensors.torch import load_file
+
+from loadtests.bench_store import WORKLOADS, digest, write_adapters
+from tests.conftest import REPO
+
+QUICK_ADAPTERS, QUICK_COLD, MAX_CPU_LORAS = 8, 6, 4
+
+
+def test_adapters_are_distinct_and_keep_the_templates_shapes(demo_assets, tmp_path) -> None:
+    templates = [demo_assets.adapters[name] for name in ("code", "legal")]
+    names = write_adapters(templates, tmp_path, 5, rank=16, base_name="some-base", seed=3)
+    assert len({digest(tmp_path / n) for n in names}) == 5  # content-addressed store: no two may dedupe
+    template = {k: v.float().numpy() for k, v in load_file(str(templates[0] / "adapter_model.safetensors")).items()}
+    made = {k: v.numpy() for k, v in load_file(str(tmp_path / names[0] / "adapter_model.safetensors")).items()}
+    assert made.keys() == template.keys()
+    for key, weight in template.items():
+        axis = 0 if ".lora_A." in key else 1
+        expected = list(weight.shape)
+        expected[axis] = 16
+        assert list(made[key].shape) == expected, key
+        kept = made[key][: weight.shape[0]] if axis == 0 else made[key][:, : weight.shape[1]]
+        ratio = kept / np.where(weight == 0, 1, weight).astype(np.float32)
+        assert np.allclose(ratio[weight != 0], ratio[weight != 0].flat[0], rtol=1e-3)  # one rescale per tensor
+    config = json.loads((tmp_path / names[0] / "adapter_config.json").read_text())
+    template_config = json.loads((templates[0] / "adapter_config.json").read_text())
+    assert config["r"] == 16 and config["base_model_name_or_path"] == "some-base"
+    assert config["lora_alpha"] / 16 == template_config["lora_alpha"] / template_config["r"]
+    again = write_adapters(templates, tmp_path / "again", 5, rank=16, base_name="some-base", seed=3)
+    assert [digest(tmp_path / "again" / n) for n in again] == [digest(tmp_path / n) for n in names]  # seeded
+
+
+@pytest.fixture(scope="module")
+def quick_report(demo_assets, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench_store") / "bench_store.json"
+    command = [sys.executable, "loadtests/bench_store.py", "--quick", "--out", str(out),
+               "--work", str(out.parent / "work"), "--max-cpu-loras", str(MAX_CPU_LORAS)]  # fmt: skip
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900)
+    print(result.stdout)
+    print(result.stderr[-5000:], file=sys.stderr)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return json.loads(out.read_text()), result.stdout
+
+
+def test_every_adapter_registered_on_demand_and_answered(quick_report) -> None:
+    report, _ = quick_report
+    adapters = report["adapters"]
+    assert adapters["count"] == adapters["distinct_digests"] == QUICK_ADAPTERS
+    assert adapters["answered"] == QUICK_ADAPTERS and adapters["not_answered"] == []
+    assert adapters["listed_by_server"] == QUICK_ADAPTERS  # in /v1/models: the registry holds every one
+    assert report["registration"]["adapters"] == QUICK_ADAPTERS - QUICK_COLD
+
+
+def test_cold_load_fields(quick_report) -> None:
+    report, stdout = quick_report
+    cold = report["cold_load"]
+    assert [row["adapter"] for row in cold["samples_ms"]] == [f"store-{i:03d}" for i in range(QUICK_COLD)]
+    for row in cold["samples_ms"]:
+        assert row["base"] > 0 and row["cold"] > 0 and row["warm"] > 0
+    assert len(cold["reloaded_ms"]) == QUICK_COLD - MAX_CPU_LORAS
+    for kind in ("base", "cold", "warm", "reloaded", "store_registration"):
+        t = cold["ttft"][kind]
+        assert t["n"] > 0 and 0 < t["p50_ms"] <= t["p90_ms"], kind
+    for name, value in cold["ratios"].items():
+        assert value > 0, name
+    assert "adapter, first use" in stdout and "cold/warm" in stdout
+
+
+def test_rotation_fields(quick_report) -> None:
+    report, stdout = quick_report
+    rotation, settings = report["rotation"], report["settings"]
+    assert settings["quick"] and settings["repeats"] >= 2
+    for workload in WORKLOADS:
+        runs = rotation["runs"][workload]
+        assert len(runs) == settings["repeats"]
+        for run in runs:
+            assert run["failed"] == 0 and run["completed"] > 0
+            assert run["output_throughput"] > 0 and run["median_ttft_ms"] > 0
+    assert all(r["distinct_models"] == 1 for w in ("base", "one") for r in rotation["runs"][w])
+    assert max(r["distinct_models"] for r in rotation["runs"]["uniform"]) > MAX_CPU_LORAS  # really rotating
+    for name in ("one_over_base", "uniform_over_base", "zipf_over_base", "uniform_over_one", "zipf_over_one"):
+        assert rotation["ratios"][name]["median"] > 0 and len(rotation["ratios"][name]["per_repeat"]) == settings["repeats"]
+    assert rotation["errors"] == []
+    assert "Zipf" in stdout and "x base" in stdout
