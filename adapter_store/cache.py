@@ -28,6 +28,7 @@ import logging
 import os
 import shutil
 import threading
+import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
@@ -80,13 +81,16 @@ class DiskCache:
         budget_bytes: int,
         fetch: Fetcher,
         pinned: Callable[[], set[str]] = set,
+        lease_wait_s: float = 0.0,
     ) -> None:
         self.cache_dir = cache_dir
+        self.lease_wait_s = lease_wait_s
         self.staging_dir = staging_dir
         self.budget_bytes = budget_bytes
         self._fetch = fetch
         self._pinned = pinned
         self._lock = threading.Lock()
+        self._released = threading.Condition(self._lock)  # a lease ended: leased bytes may be evictable now
         self._fetch_locks: dict[str, threading.Lock] = {}
         self._entries: OrderedDict[str, int] = OrderedDict()  # digest -> bytes, least recently used first
         self._leases: dict[str, int] = {}
@@ -161,7 +165,7 @@ class DiskCache:
                     os.utime(self.cache_dir / digest)  # the LRU order a restart reads back
                     return self.cache_dir / digest
                 self.stats.misses += 1
-                self._reserve(version.metadata.size_bytes, f"{version.name}@{digest[:16]}")
+                self._reserve_waiting(version.metadata.size_bytes, f"{version.name}@{digest[:16]}")
             staging = self.new_staging()
             try:
                 self._fetch(version.source, staging)
@@ -223,6 +227,7 @@ class DiskCache:
                 raise RuntimeError(f"release of {digest[:16]} without a lease")
             if count == 1:
                 del self._leases[digest]
+                self._released.notify_all()
             else:
                 self._leases[digest] = count - 1
 
@@ -263,6 +268,26 @@ class DiskCache:
                 _remove(self.cache_dir / digest)
 
     # -- evicting (called with the lock held) -------------------------------------------
+
+    def _reserve_waiting(self, size: int, label: str) -> None:
+        """:meth:`_reserve`, waiting up to ``lease_wait_s`` for running requests to release what blocks it.
+
+        More distinct adapters in flight than the budget holds is back-pressure,
+        not an error: the fetch waits for a lease to end. Only if pinned
+        versions alone leave no room, or the wait runs out, is it ``CacheFull``.
+        """
+        deadline = time.monotonic() + self.lease_wait_s
+        while True:
+            try:
+                self._reserve(size, label)
+                return
+            except CacheFull:
+                pinned = self._pinned()
+                held = sum(s for d, s in self._entries.items() if d in pinned)
+                remaining = deadline - time.monotonic()
+                if held + size > self.budget_bytes or remaining <= 0:
+                    raise
+                self._released.wait(remaining)
 
     def _reserve(self, size: int, label: str) -> None:
         """Make room for ``size`` bytes by evicting LRU entries; ``CacheFull`` if pinned/leased ones block it."""

@@ -70,6 +70,11 @@ class StoreSettings(_Strict):
     compatible_bases: list[str] = Field(default=[], description="Base names adapters may declare besides the served one.")
     pinned: list[str] = Field(default=[], description="Refs kept on disk and preloaded (name, name@version, name@alias).")
     busy_timeout_s: float = Field(default=30.0, gt=0, description="How long a writer waits for the registry lock.")
+    lease_wait_s: float = Field(
+        default=30.0,
+        ge=0,
+        description="How long a request waits for disk-cache room held by running requests before it fails.",
+    )
 
     @field_validator("fallback")
     @classmethod

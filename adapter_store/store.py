@@ -54,6 +54,7 @@ class AdapterStore:
             settings.disk_budget_bytes,
             fetch=self._fetch,
             pinned=self._pinned_digests,
+            lease_wait_s=settings.lease_wait_s,
         )
         self._name_locks: dict[str, threading.Lock] = {}
         self._lock = threading.Lock()

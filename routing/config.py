@@ -61,6 +61,11 @@ class RouteSpec(_Strict):
     utterances: list[str] = Field(default=[], description="Example prompts for the semantic layer.")
     keywords: list[KeywordRule] = Field(default=[], description="Rules of the keyword layer, all must hold.")
     threshold: float | None = Field(default=None, ge=-1.0, le=1.0, description="Minimum score; fitted by `routes fit`.")
+    tenant: str | None = Field(
+        default=None,
+        pattern=r"^[a-z0-9][a-z0-9_-]{0,63}$",
+        description="Owning tenant: only its keys (and admins) are routed by it. Null: every caller.",
+    )
 
     @model_validator(mode="after")
     def _has_a_signal(self) -> RouteSpec:

@@ -70,8 +70,8 @@ class EmbeddingCache:
         return len(self._vectors)
 
 
-# Whether a caller may be routed to a target (an adapter ref); the server passes the key's tenant check.
-Allowed = Callable[[str], bool]
+# Whether a caller may be routed by a route (its own tenant, its target's); the server passes the key's checks.
+Allowed = Callable[[RouteSpec], bool]
 
 
 @dataclass(frozen=True)
@@ -100,7 +100,7 @@ class RouteTable:
         if not text:
             return None
         return next(
-            (r for r in self.routes if (allowed is None or allowed(r.spec.adapter)) and r.keywords.matches(text)), None
+            (r for r in self.routes if (allowed is None or allowed(r.spec)) and r.keywords.matches(text)), None
         )
 
     def dense_scores(self, query: np.ndarray) -> np.ndarray:
@@ -189,7 +189,7 @@ class Router:
         """
         start = time.perf_counter()
         table = self.table
-        usable = [allowed is None or allowed(r.spec.adapter) for r in table.routes]
+        usable = [allowed is None or allowed(r.spec) for r in table.routes]
         if self.settings.mode == "keyword" or not any(usable) or not text.strip():
             return self._default(None, -1.0, None, start)
         query = self.cache.encoder.encode([text])[0]

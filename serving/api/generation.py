@@ -21,7 +21,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 
 from adapter_store import ServedAdapter
-from routing import AsyncRouter, RouteDecision
+from routing import AsyncRouter, RouteDecision, RouteSpec
 from serving.api.auth import Principal
 from serving.api.disconnect import cancel_on_disconnect, event_stream
 from serving.api.errors import ContextLengthError, EngineUnavailableError, InvalidRequestError, ServingError
@@ -152,11 +152,14 @@ class GenerationServing(ABC):
         if self.router is None or self.settings.routing is None or request.model != self.settings.routing.auto_model:
             return None
 
-        def allowed(target: str) -> bool:
+        def may_target(target: str) -> bool:
             return self.resolver.may_use(principal, target.partition("@")[0])
 
+        def allowed(spec: RouteSpec) -> bool:  # the route's own tenant, and its target's
+            return principal.may_use(spec.tenant) and may_target(spec.adapter)
+
         decision = await self.router.route(self.routing_text(request), allowed)
-        if decision.target is not None and not allowed(decision.target):  # a default this caller may not use
+        if decision.target is not None and not may_target(decision.target):  # a default this caller may not use
             decision = dataclasses.replace(decision, target=None)
         self.metrics.routing_decisions.labels(decision.target or BASE_LABEL, decision.method).inc()
         self.metrics.routing_latency.labels(decision.method).observe(decision.latency_s)

@@ -217,3 +217,19 @@ def test_touched_but_unchanged_copy_is_still_a_hit(tmp_path: Path) -> None:
     with cache.lease(version):
         pass
     assert (cache.stats.hits, cache.stats.misses, cache.stats.corrupt) == (1, 1, 0)
+
+
+def test_a_full_cache_waits_for_a_running_request_to_release(tmp_path: Path) -> None:
+    world = World(tmp_path, 2)
+    a, b = world.versions
+    cache = world.cache(budget=max(world.sizes))
+    cache.lease_wait_s = 10
+    got: list[Path] = []
+    with cache.lease(a):
+        waiter = threading.Thread(target=lambda: got.append(cache.acquire(b)))
+        waiter.start()
+        waiter.join(timeout=0.5)
+        assert waiter.is_alive() and not got  # b waits: a is in use and the budget holds one
+    waiter.join(timeout=10)
+    assert got == [cache.cache_dir / b.version] and cache.digests() == [b.version]
+    cache.release(b.version)

@@ -23,7 +23,8 @@ CALL_TIMEOUT_S = 60
 @pytest.fixture(scope="module")
 def fuzz_server(demo_assets, tmp_path_factory) -> Iterator[RunningServer]:
     config = demo_config(demo_assets)
-    config["limits"] = {"max_tokens": 8, "max_n": 2, "max_body_bytes": 65536}
+    config["limits"] = {"max_tokens": 8, "max_n": 2, "max_body_bytes": 65536, "max_upload_bytes": 65536}
+    config["store"] = {"root": str(tmp_path_factory.mktemp("fuzz-store")), "pinned": ["code", "legal", "medical"]}
     running = start_server(config, tmp_path_factory.mktemp("fuzz"))
     yield running
     stop_server(running)
@@ -51,6 +52,28 @@ CASES = [
     ("PUT /admin/routes/{name}", NEGATIVE, 25),
     ("DELETE /admin/routes/{name}", POSITIVE, 10),
     ("DELETE /admin/routes/{name}", NEGATIVE, 10),
+    # the adapter store's admin API (every caller is an admin here); the configured adapters are pinned
+    ("GET /v1/adapters", POSITIVE, 3),
+    ("POST /v1/adapters", POSITIVE, 15),
+    ("POST /v1/adapters", NEGATIVE, 15),
+    ("POST /v1/adapters/{name}/versions", POSITIVE, 10),
+    ("POST /v1/adapters/{name}/versions", NEGATIVE, 10),
+    ("GET /v1/adapters/{name}", POSITIVE, 5),
+    ("GET /v1/adapters/{name}", NEGATIVE, 5),
+    ("PUT /v1/adapters/{name}/aliases/{alias}", POSITIVE, 10),
+    ("PUT /v1/adapters/{name}/aliases/{alias}", NEGATIVE, 10),
+    ("PUT /v1/adapters/{ref}/pin", POSITIVE, 5),
+    ("PUT /v1/adapters/{ref}/pin", NEGATIVE, 5),
+    ("DELETE /v1/adapters/{ref}/pin", POSITIVE, 5),
+    ("DELETE /v1/adapters/{ref}/pin", NEGATIVE, 5),
+    ("POST /v1/adapters/{ref}/unload", POSITIVE, 5),
+    ("POST /v1/adapters/{ref}/unload", NEGATIVE, 5),
+    ("DELETE /v1/adapters/{ref}", POSITIVE, 5),
+    ("DELETE /v1/adapters/{ref}", NEGATIVE, 5),
+    ("GET /v1/adapters/{ref}/health", POSITIVE, 5),
+    ("GET /v1/adapters/{ref}/health", NEGATIVE, 5),
+    ("POST /v1/adapters/{ref}/health", POSITIVE, 5),
+    ("POST /v1/adapters/{ref}/health", NEGATIVE, 5),
 ]
 OPERATIONS = {label for label, _, _ in CASES}
 

@@ -328,8 +328,45 @@ def test_named_fallback_answers_for_a_corrupt_adapter(secure, demo_assets):
     store_root = Path(secure.config["store"]["root"])
     for weights in (store_root / "cache" / digest / WEIGHTS, source / WEIGHTS):
         weights.write_bytes(b"\0" * weights.stat().st_size)  # same size, other bytes: only the checksum knows
-    response = complete(secure, "public", model="brittle", max_tokens=8)
-    assert response.status_code == 200, response.text
-    assert response.headers["X-Adapter-Fallback"] == "code"
-    assert response.headers["X-Adapter-Fallback-Reason"] == "checksum_mismatch"
-    assert response.json()["choices"][0]["text"] == code_text
+    expected = {m: complete(secure, "admin", model=m, max_tokens=8).json()["choices"][0]["text"] for m in ("legal", "medical")}
+
+    async def at_once() -> list[httpx.Response]:  # four keys, four engine slots: nothing queues or is refused
+        calls = [("public", "brittle"), ("admin", "brittle"), ("lawfirm", "legal"), ("hospital", "medical")]
+        async with httpx.AsyncClient(timeout=120) as client:
+            return await asyncio.gather(
+                *(
+                    client.post(
+                        f"{secure.url}/v1/completions",
+                        json={"model": model, "prompt": "The patient", "max_tokens": 8, "temperature": 0},
+                        headers=auth(key),
+                    )
+                    for key, model in calls
+                )
+            )
+
+    fallback1, fallback2, legal, medical = asyncio.run(at_once())
+    for response in (fallback1, fallback2):
+        assert response.status_code == 200, response.text
+        assert response.headers["X-Adapter-Fallback"] == "code"
+        assert response.headers["X-Adapter-Fallback-Reason"] == "checksum_mismatch"
+        assert response.json()["choices"][0]["text"] == code_text
+    for model, response in (("legal", legal), ("medical", medical)):
+        assert "X-Adapter-Fallback" not in response.headers
+        assert response.json()["choices"][0]["text"] == expected[model]
+
+
+def test_a_tenants_route_routes_only_that_tenants_keys(secure):
+    route = {"adapter": "code", "tenant": "lawfirm", "keywords": [{"patterns": ["zorblax"]}]}
+    denied = httpx.put(f"{secure.url}/admin/routes/firm-intake", json=route, headers=auth("lawfirm"))
+    assert denied.status_code == 403
+    created = httpx.put(f"{secure.url}/admin/routes/firm-intake", json=route, headers=auth("admin"))
+    assert created.status_code == 201, created.text
+    assert created.json()["tenant"] == "lawfirm"
+    body = {"model": "auto", "prompt": "a zorblax question", "max_tokens": 2}
+    routed = {
+        key: httpx.post(f"{secure.url}/v1/completions", json=body, headers=auth(key), timeout=60)
+        for key in ("lawfirm", "hospital")
+    }
+    assert routed["lawfirm"].headers["x-routed-adapter"] == "code"
+    assert routed["lawfirm"].headers["x-route-method"] == "keyword"
+    assert routed["hospital"].headers["x-route-method"] != "keyword"

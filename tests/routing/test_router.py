@@ -161,6 +161,21 @@ def test_encoder_registry() -> None:
 )
 def test_routing_considers_only_allowed_targets(text, allowed, target):
     router = make_router()
-    decision = router.route(text, allowed.__contains__)
+
+    def may_use(spec) -> bool:
+        return spec.adapter in allowed
+
+    decision = router.route(text, may_use)
     assert decision.target == target
-    assert asyncio.run(AsyncRouter(router).route(text, allowed.__contains__)).target == target
+    assert asyncio.run(AsyncRouter(router).route(text, may_use)).target == target
+
+
+def test_a_tenants_route_routes_only_that_tenant() -> None:
+    private = RouteSpec(name="acme-code", adapter="code", tenant="acme", keywords=[{"patterns": ["zorblax"]}])
+    router = make_router(routes=[*ROUTES, private])
+
+    def caller(tenant: str | None):
+        return lambda spec: spec.tenant in (None, tenant)
+
+    assert router.route("a zorblax question", caller("acme")).target == "code"
+    assert router.route("a zorblax question", caller("other")).method != "keyword"

@@ -17,6 +17,7 @@ class RouteCard(BaseModel):
     utterances: list[str]
     keywords: list[KeywordRule]
     threshold: float
+    tenant: str | None = None
 
 
 class RouteList(BaseModel):

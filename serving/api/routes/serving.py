@@ -39,6 +39,7 @@ class RoutesServing:
                 utterances=route.spec.utterances,
                 keywords=route.spec.keywords,
                 threshold=route.threshold,
+                tenant=route.spec.tenant,
             )
             for route in table.routes
         ]
