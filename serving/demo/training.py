@@ -52,7 +52,8 @@ LORA_TARGETS = list(LINEAR_NAMES)
 
 # Small batches, many updates: per token of compute, a model this size learns its
 # corpus much faster that way, and a base that knows the domain text is what lets
-# a rank-8 LoRA write coherent domain sentences. About 40 s on two idle cores.
+# a rank-8 LoRA write coherent domain sentences. 1500 steps in all: about 80 s of one
+# core (the build runs one torch thread, see assets.BUILD_THREADS).
 SEQ_LEN = 128
 BATCH_SIZE = 4
 BASE_STEPS = 600

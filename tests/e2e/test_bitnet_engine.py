@@ -110,7 +110,9 @@ def test_bfloat16_engine_on_the_demo_base_matches_float32_transformers(demo_asse
     deviations = []
     for prompt, got in zip(prompts, engine["results"], strict=True):
         assert len(got["tokens"]) == MAX_TOKENS
-        result = compare(reference, prompt, got["tokens"], got["logprobs"], got["prompt_logprobs"], tie_gap=BF16_TIE_GAP)
+        result = compare(
+            reference, prompt, got["tokens"], got["logprobs"], got["prompt_logprobs"], tie_gap=BF16_TIE_GAP
+        )
         print(f"bf16 {prompt}: deviation {result.deviation:.2e}, exact tokens required {result.must_match}")
         check(result, got["tokens"], f"bf16 {prompt}", tolerance=BF16_LOGPROB_TOLERANCE, tie_gap=BF16_TIE_GAP)
         deviations.append(result.deviation)

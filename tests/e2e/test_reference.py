@@ -80,5 +80,6 @@ def test_server_matches_transformers_peft(server, reference, adapter: str | None
     assert prompt_ids == tokenizer.encode(prompt)
     assert len(tokens) == MAX_TOKENS
     result = compare(model, prompt_ids, tokens, choice["logprobs"]["token_logprobs"])
-    print(f"{adapter or 'base'} {prompt!r}: deviation {result.deviation:.2e}, exact tokens required {result.must_match}")
-    check(result, tokens, f"{adapter or 'base'} {prompt!r}")
+    what = f"{adapter or 'base'} {prompt!r}"
+    print(f"{what}: deviation {result.deviation:.2e}, exact tokens required {result.must_match}")
+    check(result, tokens, what)
