@@ -1,14 +1,20 @@
-"""Build the local demo model tree: one tiny base model and three LoRA adapters.
+"""Build the local demo model tree: one tiny BitNet b1.58 base model and three LoRA adapters.
 
 The demo, ``make serve`` and the test suites need a real base model with real
 adapters whose effect is visible, on machines that cannot reach a model hub.
-So everything is trained here, from the corpora shipped in ``data/``, in well
-under a minute on two CPU cores, and reproducibly: two builds give
-byte-identical weights.
+So everything is trained here, from the corpora shipped in ``data/``, in about
+a minute on two CPU cores, and reproducibly: two builds give byte-identical
+weights.
+
+The base is the project's base architecture, BitNet b1.58, trained
+quantization-aware and stored like ``microsoft/bitnet-b1.58-2B-4T``: ternary
+projections packed four to a byte with one β per matrix (``autobitlinear``,
+offline), bf16 embeddings and norms. The adapters are ordinary PEFT LoRA dirs,
+trained on the online (float-master) twin of the same weights.
 
 Layout under ``root``::
 
-    base/                  Hugging Face model dir (config, safetensors, tokenizer)
+    base/                  Hugging Face model dir (config, packed safetensors, tokenizer)
     adapters/<name>/       PEFT LoRA dir, one per name in DEMO_ADAPTERS
     MANIFEST.json          written last; its presence means the tree is complete
 """
@@ -31,8 +37,9 @@ from typing import TYPE_CHECKING
 from serving.demo import corpus
 
 if TYPE_CHECKING:
+    import torch
     from peft import PeftModel
-    from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
 logger = logging.getLogger(__name__)
 
@@ -59,10 +66,19 @@ DOMAIN_KEYWORDS: dict[str, tuple[str, ...]] = {
 }  # fmt: skip
 """Lowercase words that mark a domain; tests count them in generated text."""
 
-BUILD_FORMAT_VERSION = 1
-"""Bump whenever the builder's output changes, so existing trees are rebuilt."""
+BUILD_FORMAT_VERSION = 2
+"""Bump whenever the builder's output changes, so existing trees are rebuilt (2: BitNet base)."""
+
+BASE_LAYOUT = "autobitlinear"
+"""The packed layout of ``serving.bitnet.tiny.LAYOUTS`` the base is saved in."""
 
 MANIFEST_NAME = "MANIFEST.json"
+
+BUILD_THREADS = 1
+"""Torch threads for training. The matrices are tiny (batch 4 x 128 tokens, width 128), so a
+second thread buys little on an idle machine, while on a shared one the threads' barriers
+cost everything: measured on this 2-core machine under load, 0.34 s per training step with
+one thread against 6.7 s with two. One thread also makes the bytes independent of the core count."""
 
 
 @dataclass(frozen=True)
@@ -138,32 +154,30 @@ def _build_into(staging: Path) -> None:
     from serving.demo import training
 
     # Training seeds torch's global RNG; callers (test sessions) keep their own state.
-    with torch.random.fork_rng():
+    with torch.random.fork_rng(), _torch_threads(BUILD_THREADS):
         tokenizer = training.train_tokenizer()
-        base = training.train_base(tokenizer)
+        masters = training.train_base(tokenizer)
         layout = DemoAssets.at(staging)
-        _save_base(base, tokenizer, layout.base)
+        _save_base(masters, tokenizer, layout.base)
         for name in DEMO_ADAPTERS:
-            _save_adapter(training.train_adapter(base, tokenizer, name), layout.adapters[name])
+            _save_adapter(training.train_adapter(masters, tokenizer, name), layout.adapters[name])
     _write_manifest(staging)
 
 
-def _save_base(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, path: Path) -> None:
-    """Save weights, generation config and tokenizer, with the chat template inline.
+def _save_base(masters: dict[str, torch.Tensor], tokenizer: PreTrainedTokenizerFast, path: Path) -> None:
+    """Write the packed checkpoint with ``serving.bitnet.tiny``'s writer, plus a generation config.
 
-    transformers 5 writes the template to ``chat_template.jinja``; it goes into
-    ``tokenizer_config.json`` instead, where every reader (older transformers,
-    vLLM) looks for it.
+    The writer also saves the tokenizer with its chat template inline in
+    ``tokenizer_config.json``, where every reader (vLLM included) looks for it.
     """
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    template_file = path / "chat_template.jinja"
-    if template_file.exists():
-        config_file = path / "tokenizer_config.json"
-        config = json.loads(config_file.read_text(encoding="utf-8"))
-        config["chat_template"] = template_file.read_text(encoding="utf-8")
-        config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        template_file.unlink()
+    from transformers import GenerationConfig
+
+    from serving.bitnet.tiny import save_checkpoint
+    from serving.demo.training import base_config
+
+    config = base_config(tokenizer)
+    save_checkpoint(path, config, masters, BASE_LAYOUT, tokenizer)
+    GenerationConfig.from_model_config(config).save_pretrained(path)
 
 
 def _save_adapter(model: PeftModel, path: Path) -> None:
@@ -216,6 +230,19 @@ def _remove_leftovers(root: Path) -> None:
         for leftover in root.parent.glob(pattern):
             logger.info("removing leftover %s from an interrupted build", leftover)
             shutil.rmtree(leftover, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _torch_threads(n: int) -> Iterator[None]:
+    """Run the block with ``n`` torch intra-op threads, then restore the caller's setting."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 @contextlib.contextmanager

@@ -1,12 +1,23 @@
-"""Train the demo tokenizer, base model and LoRA adapters from the shipped corpora.
+"""Train the demo tokenizer, BitNet b1.58 base model and LoRA adapters from the shipped corpora.
 
-Everything here is sized to finish in well under a minute on two CPU cores and
-to be bit-for-bit reproducible: fixed seeds, a fixed data order and no dropout.
+The base is trained quantization-aware, the way BitNet b1.58 is: transformers'
+``BitNetForCausalLM`` with every projection an ``AutoBitLinear`` in online mode,
+whose forward ternarizes the float masters (absmean, one β per matrix) and
+quantizes activations to int8 per token, with straight-through gradients to
+the masters. So what the model learns is what the ternary model computes,
+and the packed checkpoint (``serving.bitnet.tiny`` writes it from the masters)
+serves the same function. Adapters are trained with PEFT on the same online
+model (PEFT cannot wrap the packed ``BitLinear`` class; an ``AutoBitLinear``
+is an ``nn.Linear`` to it).
+
+Everything here is sized to finish in about a minute on two CPU cores and to
+be bit-for-bit reproducible: fixed seeds, a fixed data order and no dropout.
+The quantizers run eagerly (transformers wraps them in ``torch.compile``):
+same math, no compiler in the build.
 """
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 import random
@@ -15,8 +26,10 @@ from collections.abc import Iterator
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import BitNetForCausalLM, PreTrainedTokenizerFast
+from transformers.integrations.bitnet import AutoBitLinear
 
+from serving.bitnet.tiny import LINEAR_NAMES, STORE_DTYPE, tiny_config
 from serving.demo import corpus
 
 logger = logging.getLogger(__name__)
@@ -35,11 +48,12 @@ CHAT_TEMPLATE = (
 )
 """One turn per role marker, each closed by ``</s>`` so generation stops at EOS."""
 
-LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+LORA_TARGETS = list(LINEAR_NAMES)
 
 # Small batches, many updates: per token of compute, a model this size learns its
 # corpus much faster that way, and a base that knows the domain text is what lets
-# a rank-8 LoRA write coherent domain sentences. About 40 s on two idle cores.
+# a rank-8 LoRA write coherent domain sentences. 1500 steps in all: about 80 s of one
+# core (the build runs one torch thread, see assets.BUILD_THREADS).
 SEQ_LEN = 128
 BATCH_SIZE = 4
 BASE_STEPS = 600
@@ -80,26 +94,48 @@ def train_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
-def new_base_model(tokenizer: PreTrainedTokenizerFast) -> LlamaForCausalLM:
-    """A tiny Llama; head_dim is 64 because vLLM's CPU attention rejects smaller heads."""
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=128,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        head_dim=64,
-        num_hidden_layers=2,
+def base_config(tokenizer: PreTrainedTokenizerFast):
+    """The tiny BitNet shape of ``serving.bitnet.tiny`` (head_dim 64: vLLM's CPU attention
+    rejects smaller heads) with the demo's vocabulary and context length."""
+    return tiny_config(
+        len(tokenizer),
         intermediate_size=384,
         max_position_embeddings=MAX_POSITIONS,
-        tie_word_embeddings=True,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
+
+
+def online_model(config, masters: dict[str, torch.Tensor] | None = None) -> BitNetForCausalLM:
+    """A float32 ``BitNetForCausalLM`` whose projections are online ``AutoBitLinear`` layers.
+
+    This is the model transformers loads from a ``quantization_mode: online``
+    checkpoint, built in memory: with ``masters`` (HF names) it is that
+    checkpoint's twin, without them a fresh, seeded initialisation.
+    """
     torch.manual_seed(SEED)
-    return LlamaForCausalLM(config).to(torch.float32)
+    model = BitNetForCausalLM(config).to(torch.float32)
+    for name, module in list(model.named_modules()):
+        if name.rsplit(".", 1)[-1] in LINEAR_NAMES and type(module) is torch.nn.Linear:
+            quantized = AutoBitLinear(module.in_features, module.out_features, bias=False, online_quant=True)
+            quantized.weight = module.weight  # the float master, shared
+            model.set_submodule(name, quantized)
+    if masters is not None:
+        model.load_state_dict(masters, strict=False)  # lm_head is tied, so absent
+        model.tie_weights()
+    return model
 
 
+def packed_masters(model: BitNetForCausalLM) -> dict[str, torch.Tensor]:
+    """The model's weights rounded to the checkpoint's storage dtype (bf16), as float32.
+
+    The packed checkpoint ternarizes these bf16 masters; adapters are trained on
+    an online twin of the same rounded masters, so they see exactly its ternary weights.
+    """
+    state = model.state_dict()
+    state.pop("lm_head.weight", None)  # tied to the embeddings
+    return {name: t.detach().to(STORE_DTYPE).float().contiguous() for name, t in state.items()}
 def encode_documents(
     tokenizer: PreTrainedTokenizerFast, lines: list[str], answers: list[str], seed: int
 ) -> list[list[int]]:
@@ -139,37 +175,44 @@ def _train(model: torch.nn.Module, docs: list[list[int]], *, steps: int, lr: flo
     model.train()
     losses: list[float] = []
     batches = _batches(docs, seed)
-    for _ in range(steps):
-        batch = next(batches)
-        loss = model(input_ids=batch, labels=batch).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
+    with torch._dynamo.config.patch(disable=True):  # the quantizers run eagerly
+        for _ in range(steps):
+            losses.append(_step(model, next(batches), params, optimizer, scheduler))
     model.eval()
     return sum(losses[-10:]) / len(losses[-10:])
 
 
-def train_base(tokenizer: PreTrainedTokenizerFast) -> LlamaForCausalLM:
-    """Pretrain a weak general LM that also knows the domain text (see ``corpus.base_documents``).
+def _step(model, batch, params, optimizer, scheduler) -> float:
+    """One optimiser step on one batch; returns its loss."""
+    loss = model(input_ids=batch, labels=batch).loss
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.item()
 
-    Its chat turns are answered with general text only, so the base stays
-    general on the chat path too.
+
+def train_base(tokenizer: PreTrainedTokenizerFast) -> dict[str, torch.Tensor]:
+    """Pretrain a weak general ternary LM that also knows the domain text; return its masters.
+
+    Quantization-aware from the first step (see the module docstring). Its chat
+    turns are answered with general text only, so the base stays general on
+    the chat path too. The result is ``packed_masters``: what the checkpoint
+    stores and what the adapters are trained on.
     """
-    model = new_base_model(tokenizer)
+    model = online_model(base_config(tokenizer))
     docs = encode_documents(tokenizer, corpus.base_documents(), corpus.read_lines("general"), SEED)
     loss = _train(model, docs, steps=BASE_STEPS, lr=BASE_LR, seed=SEED)
     logger.info("base: %d docs, %d steps, final loss %.3f", len(docs), BASE_STEPS, loss)
-    return model
+    return packed_masters(model)
 
 
-def train_adapter(base: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, domain: str) -> PeftModel:
+def train_adapter(masters: dict[str, torch.Tensor], tokenizer: PreTrainedTokenizerFast, domain: str) -> PeftModel:
     """Fine-tune a rank-8 LoRA on one domain's text (plain and chat-formatted) only.
 
-    Wraps a copy of ``base`` so that every adapter starts from the same,
-    untouched base weights whatever order the adapters are trained in.
+    Wraps a fresh online twin of the base masters, so that every adapter starts
+    from the same, untouched base whatever order the adapters are trained in.
     """
     seed = SEED + corpus.DOMAINS.index(domain)
     config = LoraConfig(
@@ -180,8 +223,9 @@ def train_adapter(base: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, do
         bias="none",
         task_type="CAUSAL_LM",
     )
+    base = online_model(base_config(tokenizer), masters)
     torch.manual_seed(seed)
-    model = get_peft_model(copy.deepcopy(base), config)
+    model = get_peft_model(base, config)
     lines = corpus.read_lines(domain)
     docs = encode_documents(tokenizer, lines, lines, seed)
     loss = _train(model, docs, steps=ADAPTER_STEPS, lr=ADAPTER_LR, seed=seed)

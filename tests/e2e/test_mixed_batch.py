@@ -29,8 +29,9 @@ def run_check(config: dict, workdir: Path, *, stock_ops: bool) -> dict:
     config_path.write_text(yaml.safe_dump(config))
     env = dict(os.environ)
     if stock_ops:
-        # VLLM_PLUGINS is vLLM's allow-list of plugin names: leaving ours out gives stock ops.
-        env["VLLM_PLUGINS"] = "lora_filesystem_resolver"
+        # VLLM_PLUGINS is vLLM's allow-list of plugin names: leaving our LoRA-ops plugin out
+        # gives stock ops; the BitNet plugin stays, as the demo base is a BitNet checkpoint.
+        env["VLLM_PLUGINS"] = "loraserve_bitnet,lora_filesystem_resolver"
     else:
         env.pop("VLLM_PLUGINS", None)
     done = subprocess.run(

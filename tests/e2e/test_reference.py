@@ -1,16 +1,22 @@
 """Server outputs against the reference: Hugging Face transformers + PEFT on the same files.
 
-For each demo adapter (and the base), the server's greedy tokens are replayed
-through the reference model with teacher forcing. At every position the
-server's token must be the reference's argmax, or within ``TIE_TOLERANCE``
-of it (a near tie that bf16 rounding may break either way), and the server's
-log-probability of each token must match the reference's within
-``LOGPROB_TOLERANCE``. The first 16 tokens must match the reference's own
-greedy decode exactly unless a near tie is the reason they part.
+The demo base is a packed BitNet b1.58 checkpoint (``autobitlinear``); the
+reference is transformers' ``BitNetForCausalLM`` loading those packed files
+(an ``AutoBitLinear`` is an ``nn.Linear`` to PEFT, so ``PeftModel`` wraps it
+and applies the demo adapter files unchanged), in float32 with BitNet's
+quantizers run eagerly. For each demo adapter (and the base), the server's
+greedy tokens are replayed through the reference with teacher forcing and
+checked by the rule of ``bitnet_reference.py``: every served log-probability
+within ``LOGPROB_TOLERANCE`` (0.15 nats) of the reference's, every served
+token the reference's argmax or within ``TIE_GAP`` (0.3) of it, and the
+first 16 tokens equal to the reference's own greedy decode up to its first
+near tie (top-2 gap < 0.3).
 
-Tolerances: the server runs the model in bfloat16 (as configured), the
-reference in float32 on the same weights; 0.15 nats covers bf16 rounding of a
-4-layer model and is far below the gap between an adapter and the base.
+Tolerances: the server runs the model as ``configs/dev.yaml`` says
+(``DEV_DTYPE``, float32); see ``bitnet_reference.py`` for why 0.15 nats covers
+the int8 activation-rounding flips that any two float32 implementations of
+BitNet can disagree on, and is far below what a wrong adapter, scale or shard
+does. Measured here: base <= 2.5e-6 nats, with an adapter <= 5.3e-3.
 """
 
 from __future__ import annotations
@@ -18,29 +24,36 @@ from __future__ import annotations
 import httpx
 import pytest
 import torch
+import yaml
 
-LOGPROB_TOLERANCE = 0.15
-TIE_TOLERANCE = 0.15
-MIN_EXACT_TOKENS = 16
+from tests.conftest import REPO
+from tests.e2e.bitnet_reference import check, compare
+
 MAX_TOKENS = 24
 PROMPTS = ("The", "Please explain how it works")
+DEV_DTYPE = "float32"
 
 
 @pytest.fixture(scope="module")
 def reference(demo_assets):
+    from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(demo_assets.base)
 
     def load(adapter: str | None):
-        from peft import PeftModel
-
-        model = AutoModelForCausalLM.from_pretrained(demo_assets.base, dtype=torch.float32)
+        with torch._dynamo.config.patch(disable=True):  # unpacking at load is a compiled function
+            model = AutoModelForCausalLM.from_pretrained(demo_assets.base, dtype=torch.float32)
         if adapter is not None:
             model = PeftModel.from_pretrained(model, demo_assets.adapters[adapter])
         return model.eval()
 
     return tokenizer, load
+
+
+def test_dev_config_dtype_is_the_one_checked_here() -> None:
+    config = yaml.safe_load((REPO / "configs" / "dev.yaml").read_text())
+    assert config["model"]["dtype"] == DEV_DTYPE
 
 
 def server_greedy(server, model: str, prompt: str) -> dict:
@@ -58,20 +71,6 @@ def server_greedy(server, model: str, prompt: str) -> dict:
     return response.json()["choices"][0]
 
 
-@torch.no_grad()
-def teacher_forced(model, prompt_ids: list[int], tokens: list[int]) -> torch.Tensor:
-    """Log-probabilities [len(tokens), vocab] of each position given the server's prefix."""
-    ids = torch.tensor([prompt_ids + tokens])
-    logits = model(ids).logits[0, len(prompt_ids) - 1 : -1].float()
-    return torch.log_softmax(logits, dim=-1)
-
-
-@torch.no_grad()
-def reference_greedy(model, prompt_ids: list[int], n: int) -> list[int]:
-    out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=n, do_sample=False, min_new_tokens=n)
-    return out[0, len(prompt_ids) :].tolist()
-
-
 @pytest.mark.parametrize("adapter", [None, "code", "legal", "medical"])
 @pytest.mark.parametrize("prompt", PROMPTS)
 def test_server_matches_transformers_peft(server, reference, adapter: str | None, prompt: str) -> None:
@@ -81,17 +80,7 @@ def test_server_matches_transformers_peft(server, reference, adapter: str | None
     prompt_ids, tokens = choice["prompt_token_ids"], choice["token_ids"]
     assert prompt_ids == tokenizer.encode(prompt)
     assert len(tokens) == MAX_TOKENS
-
-    logprobs = teacher_forced(model, prompt_ids, tokens)
-    server_logprobs = torch.tensor(choice["logprobs"]["token_logprobs"])
-    chosen = logprobs[torch.arange(len(tokens)), torch.tensor(tokens)]
-    best = logprobs.max(dim=-1).values
-    gap = best - chosen
-    assert (gap <= TIE_TOLERANCE).all(), f"server picked a token the reference ranks far lower: {gap.tolist()}"
-    assert torch.allclose(server_logprobs, chosen, atol=LOGPROB_TOLERANCE), (server_logprobs - chosen).abs().max()
-
-    expected = reference_greedy(model, prompt_ids, MAX_TOKENS)
-    parted = next((i for i, (a, b) in enumerate(zip(tokens, expected, strict=True)) if a != b), None)
-    if parted is not None and parted < MIN_EXACT_TOKENS:
-        # Same prefix up to `parted`, so the reference's greedy pick is the argmax there.
-        assert gap[parted] <= TIE_TOLERANCE, f"greedy tokens part at {parted} without a near tie"
+    result = compare(model, prompt_ids, tokens, choice["logprobs"]["token_logprobs"])
+    what = f"{adapter or 'base'} {prompt!r}"
+    print(f"{what}: deviation {result.deviation:.2e}, exact tokens required {result.must_match}")
+    check(result, tokens, what)

@@ -1,4 +1,4 @@
-"""Tests for the locally built demo assets (tiny Llama base + three LoRA adapters).
+"""Tests for the locally built demo assets (tiny packed BitNet b1.58 base + three LoRA adapters).
 
 Two full builds run per session (about a minute each on two CPU cores): one
 shared tree, and a forced rebuild over a copy of it to check determinism.
@@ -74,13 +74,20 @@ def _generate(model, tokenizer, mode: str) -> str:
 
 @pytest.fixture(scope="session")
 def outputs(assets: DemoAssets, tokenizer) -> dict[str, dict[str, str]]:
-    """Greedy outputs keyed by model ("base" or an adapter name), then by mode."""
-    base = AutoModelForCausalLM.from_pretrained(assets.base).eval()
-    result = {"base": {mode: _generate(base, tokenizer, mode) for mode in MODES}}
-    for name, path in assets.adapters.items():
-        fresh_base = AutoModelForCausalLM.from_pretrained(assets.base)
-        model = PeftModel.from_pretrained(fresh_base, path).eval()
-        result[name] = {mode: _generate(model, tokenizer, mode) for mode in MODES}
+    """Greedy outputs keyed by model ("base" or an adapter name), then by mode.
+
+    From the shipped files as transformers reads them: the packed base (float32
+    compute, BitNet's quantizers run eagerly) plus each PEFT adapter.
+    """
+
+    def load():
+        return AutoModelForCausalLM.from_pretrained(assets.base, dtype=torch.float32)
+
+    with torch._dynamo.config.patch(disable=True):
+        result = {"base": {mode: _generate(load().eval(), tokenizer, mode) for mode in MODES}}
+        for name, path in assets.adapters.items():
+            model = PeftModel.from_pretrained(load(), path).eval()
+            result[name] = {mode: _generate(model, tokenizer, mode) for mode in MODES}
     return result
 
 
@@ -111,12 +118,41 @@ def test_layout_and_base_config(assets: DemoAssets) -> None:
     for name in ("config.json", "model.safetensors", "generation_config.json", "tokenizer.json"):
         assert (assets.base / name).is_file(), name
     config = AutoConfig.from_pretrained(assets.base)
-    assert config.architectures == ["LlamaForCausalLM"]
+    assert config.architectures == ["BitNetForCausalLM"]
     assert config.head_dim == 64
     assert config.hidden_size // config.num_attention_heads == 64
     assert config.tie_word_embeddings
     assert config.max_position_embeddings == 2048
-    assert json.loads((assets.base / "config.json").read_text())["dtype"] == "float32"
+    raw = json.loads((assets.base / "config.json").read_text())
+    assert raw["dtype"] == "bfloat16"
+    assert raw["quantization_config"] == {
+        "quant_method": "bitnet", "linear_class": "autobitlinear", "quantization_mode": "offline",
+    }  # fmt: skip
+
+
+def test_base_is_packed_ternary_and_not_degenerate(assets: DemoAssets) -> None:
+    """Every projection is uint8 [N/4, K] with a positive β; the unpacked ternary weights use all
+    three values, and the projections of one layer are not copies of each other."""
+    from safetensors.torch import load_file
+
+    from serving.bitnet.packing import unpack_ternary
+
+    config = AutoConfig.from_pretrained(assets.base)
+    tensors = load_file(assets.base / "model.safetensors")
+    projections = [name for name in tensors if name.endswith("_proj.weight")]
+    assert len(projections) == 7 * config.num_hidden_layers
+    for name in projections:
+        packed, beta = tensors[name], tensors[name.removesuffix("weight") + "weight_scale"]
+        assert packed.dtype == torch.uint8 and packed.shape[0] * 4 in (
+            config.hidden_size, config.intermediate_size, config.head_dim * config.num_key_value_heads,
+            config.head_dim * config.num_attention_heads,
+        ), (name, packed.shape)  # fmt: skip
+        assert beta.shape == (1,) and beta.item() > 0, name
+        fractions = torch.bincount(unpack_ternary(packed).flatten().long() + 1, minlength=3) / (packed.numel() * 4)
+        assert (fractions > 0.1).all(), f"{name}: ternary value fractions {fractions.tolist()}"
+    assert not any(name.startswith("lm_head") for name in tensors), "the output head is tied to the embeddings"
+    assert tensors["model.embed_tokens.weight"].dtype == torch.bfloat16
+    assert tensors["model.embed_tokens.weight"].float().std() > 0.01
 
 
 def test_only_safetensors_weights(assets: DemoAssets) -> None:
