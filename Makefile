@@ -33,6 +33,7 @@ test: install
 bench: install
 	$(PY) loadtests/bench_lora.py --out results/bench_lora.json
 	$(PY) loadtests/bench_store.py --out loadtests/results/bench_store.json
+	$(PY) loadtests/bench_bitnet.py --out results/bench_bitnet.json
 
 loadtest: demo-assets
 	$(VENV)/bin/loraserve loadtest --config $(CONFIG) --users $(USERS) --run-time $(RUN_TIME) --out .loadtest

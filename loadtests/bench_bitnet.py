@@ -3,8 +3,9 @@
     python loadtests/bench_bitnet.py [--quick] [--out results/bench_bitnet.json]
 
 Builds (once, cached under ``--cache-dir``) a random BitNet model of
-``--layers`` layers (hidden 1024, MLP 2816, 16 heads, 4 KV heads: ~11M linear
-weights per layer) twice from the same ternary weights:
+``--layers`` layers of ``--shape`` (default ``2b``: the layer shape of
+bitnet-b1.58-2B-4T, hidden 2560, MLP 6912, 20 heads, 5 KV heads, ~66M linear
+weights per layer; ``small``: hidden 1024, ~11M) twice from the same ternary weights:
 
 * ``bitnet``: packed uint8 checkpoint (``autobitlinear``), served by our
   ``bitnet`` quant method: int8 ternary weights on vLLM's int8 W8A8 kernel;
@@ -44,26 +45,34 @@ sys.path.insert(0, str(ROOT))
 VARIANTS = ("bitnet", "dense")
 BATCHES = (1, 32)
 TARGETS = {"weight_bytes": 0.5, "decode_b1": 1.5, "decode_b32": 1.0}  # bitnet / dense
-SHAPE = dict(
-    hidden_size=1024, intermediate_size=2816, num_attention_heads=16, num_key_value_heads=4,
-    head_dim=64, max_position_embeddings=1024, tie_word_embeddings=True,
-)  # fmt: skip
+SHAPES = {
+    # ~11M linear weights per layer: a small model, where per-call overheads weigh
+    "small": dict(
+        hidden_size=1024, intermediate_size=2816, num_attention_heads=16, num_key_value_heads=4,
+        head_dim=64, max_position_embeddings=1024, tie_word_embeddings=True,
+    ),
+    # the layer of microsoft/bitnet-b1.58-2B-4T (~66M linear weights): what the targets are about
+    "2b": dict(
+        hidden_size=2560, intermediate_size=6912, num_attention_heads=20, num_key_value_heads=5,
+        head_dim=128, max_position_embeddings=1024, tie_word_embeddings=True,
+    ),
+}  # fmt: skip
 VOCAB = 2048
 
 
 # ------------------------------------------------------------------ building
-def build(cache_dir: Path, layers: int) -> dict[str, Path]:
+def build(cache_dir: Path, layers: int, shape: str) -> dict[str, Path]:
     """The two checkpoints, from one seeded set of masters (cached by shape)."""
     import torch
 
     from serving.bitnet.packing import absmean_ternarize
     from serving.bitnet.tiny import LINEAR_NAMES, random_masters, save_checkpoint, tiny_config
 
-    root = cache_dir / f"layers{layers}"
+    root = cache_dir / f"{shape}-layers{layers}"
     paths = {"bitnet": root / "bitnet", "dense": root / "dense"}
     if all((p / "model.safetensors").exists() for p in paths.values()):
         return paths
-    config = tiny_config(VOCAB, num_hidden_layers=layers, **SHAPE)
+    config = tiny_config(VOCAB, num_hidden_layers=layers, **SHAPES[shape])
     masters = random_masters(config, seed=0)
     save_checkpoint(paths["bitnet"], config, masters, "autobitlinear")
     dense = {}
@@ -190,8 +199,9 @@ def print_table(results: dict[str, dict], summary: dict) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="4 layers, 1 repeat, 32 output tokens")
-    p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--quick", action="store_true", help="small shape, 2 layers, 1 repeat, 32 output tokens")
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--shape", choices=sorted(SHAPES), default="2b", help="layer shape (default: the 2B model's)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--output-len", type=int, default=64)
     p.add_argument("--cache-dir", default=str(ROOT / ".bench" / "bitnet"))
@@ -205,13 +215,16 @@ def main() -> None:
         run_worker(args)
         return
     if args.quick:
-        args.layers, args.repeats, args.output_len = 4, 1, 32
-    paths = build(Path(args.cache_dir), args.layers)
+        args.shape, args.layers, args.repeats, args.output_len = "small", 2, 1, 32
+    paths = build(Path(args.cache_dir), args.layers, args.shape)
     results = {v: run_variant(v, paths[v], args) for v in VARIANTS}
     summary = summarize(results)
     print_table(results, summary)
     out = {
-        "config": {"layers": args.layers, "repeats": args.repeats, "output_len": args.output_len, **SHAPE},
+        "config": {
+            "shape": args.shape, "layers": args.layers, "repeats": args.repeats, "output_len": args.output_len,
+            **SHAPES[args.shape],
+        },  # fmt: skip
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
         "results": results,
         **summary,
