@@ -91,22 +91,27 @@ def build(cache_dir: Path, layers: int, shape: str) -> dict[str, Path]:
 
 
 # ------------------------------------------------------------------ worker side
-def linear_weight_bytes(model) -> int:
-    """Bytes of linear weights the backend holds, from each layer's shapes and storage dtype."""
+def linear_weight_bytes(model) -> tuple[int, int]:
+    """Bytes of linear weights and of their scales the backend holds, from shapes and storage dtypes.
+
+    The scales are counted as held after loading: vLLM's int8 kernel expands a
+    fused layer's per-shard scales to one fp32 per output channel.
+    """
     from vllm.model_executor.layers.linear import LinearBase
 
     from serving.bitnet.quant import BitNetLinearMethod
 
-    total = 0
+    weights = scales = 0
     for module in model.modules():
         if not isinstance(module, LinearBase):
             continue
         n, k = module.output_size_per_partition, module.input_size_per_partition
         if isinstance(module.quant_method, BitNetLinearMethod):
-            total += n * k + module.weight_scale.numel() * 4  # int8 + fp32 per-shard scales
+            weights += n * k  # int8
+            scales += module.weight_scale.numel() * 4  # fp32
         else:
-            total += n * k * 2  # bf16
-    return total
+            weights += n * k * 2  # bf16
+    return weights, scales
 
 
 def run_worker(args: argparse.Namespace) -> None:
@@ -121,7 +126,7 @@ def run_worker(args: argparse.Namespace) -> None:
         seed=0, distributed_executor_backend="uni",
     )  # fmt: skip
     startup_s = time.perf_counter() - t0
-    weight_bytes = llm.apply_model(linear_weight_bytes)[0]
+    weight_bytes, scale_bytes = llm.apply_model(linear_weight_bytes)[0]
     rss = psutil.Process().memory_info().rss
     counter = iter(range(10**9))
 
@@ -143,7 +148,7 @@ def run_worker(args: argparse.Namespace) -> None:
             runs[f"decode_b{b}"].append(tokens / (time.perf_counter() - start))
             print(f"[{args.variant}] rep {rep} batch {b:2d} {runs[f'decode_b{b}'][-1]:8.1f} tok/s", flush=True)
     result = {
-        "variant": args.variant, "startup_s": round(startup_s, 1), "linear_weight_bytes": weight_bytes,
+        "variant": args.variant, "startup_s": round(startup_s, 1), "linear_weight_bytes": weight_bytes, "linear_scale_bytes": scale_bytes,
         "rss_bytes": rss, "runs": runs, "loadavg": round(os.getloadavg()[0], 2),
     }  # fmt: skip
     Path(args.result).write_text(json.dumps(result))
@@ -188,6 +193,8 @@ def print_table(results: dict[str, dict], summary: dict) -> None:
         f"{'linear weights (MiB)':22s} {b['linear_weight_bytes'] / mib:12.1f} {d['linear_weight_bytes'] / mib:12.1f}"
         f" {summary['ratios']['weight_bytes']:8.3f} {'<= 0.5':>8s}  {summary['met']['weight_bytes']}"
     )
+    with_scales = (b["linear_weight_bytes"] + b["linear_scale_bytes"]) / d["linear_weight_bytes"]
+    print(f"{'  + fp32 scales (MiB)':22s} {b['linear_scale_bytes'] / mib:12.2f} {0:12.1f} {with_scales:8.4f}")
     print(f"{'process RSS (MiB)':22s} {b['rss_bytes'] / mib:12.1f} {d['rss_bytes'] / mib:12.1f} {b['rss_bytes'] / d['rss_bytes']:8.2f}")
     for k in summary["median_tok_s"]["bitnet"]:
         t = TARGETS[k]
