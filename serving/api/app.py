@@ -12,7 +12,6 @@ from fastapi import FastAPI
 from prometheus_client import REGISTRY
 
 from adapter_store import AdapterCatalog, AdapterStore
-from serving.api.resolver import AdapterResolver
 from routing import AsyncRouter, Router, build_encoder, load_routes
 from serving.adapters import open_store
 from serving.api.adapters import api_router as adapters_router
@@ -22,6 +21,7 @@ from serving.api.completions import api_router as completions_router
 from serving.api.deps import AppState
 from serving.api.errors import ServingError, install_error_handlers
 from serving.api.limits import BodySizeLimitMiddleware, RequestLimiter
+from serving.api.resolver import AdapterResolver
 from serving.api.models import api_router as models_router
 from serving.api.routes import api_router as routes_router
 from serving.api.system import api_router as system_router
@@ -88,7 +88,7 @@ def build_app(settings: Settings) -> FastAPI:
         with tempfile.TemporaryDirectory(prefix="loraserve-store-") as scratch:
             # Adapters are validated and registered before the engine starts: a bad one fails fast.
             store = open_store(settings, Path(scratch))
-            prompt_router = None
+            prompt_router = collector = None
             engine = LoraEngine(settings)
             try:
                 prompt_router = build_router(settings)
@@ -101,8 +101,9 @@ def build_app(settings: Settings) -> FastAPI:
                 names = ", ".join(store.registry.names()) or "none"
                 logger.info("serving %s with adapters: %s", settings.model.name, names)
                 yield
-                REGISTRY.unregister(collector)
             finally:
+                if collector is not None:
+                    REGISTRY.unregister(collector)
                 engine.shutdown()
                 store.close()
                 if prompt_router is not None:

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from adapter_store import AdapterCatalog, AdapterStoreError, ServedAdapter
 from adapter_store.settings import FALLBACK_POLICIES
 from serving.api.auth import Principal
-from serving.api.errors import AdapterUnavailableError, ModelNotFoundError
+from serving.api.errors import AdapterUnavailableError, ModelNotFoundError, store_error
 from serving.config import Settings
 from serving.metrics import BASE_LABEL, UNKNOWN_LABEL, AdapterMetrics
 
@@ -63,8 +63,8 @@ class _Unservable(Exception):
 
 
 def _reason(error: AdapterStoreError) -> str:
-    code = getattr(error, "reason", None) or type(error).__name__
-    return "".join(f"_{c.lower()}" if c.isupper() else c for c in code).lstrip("_")  # CacheFull -> cache_full
+    """The short code of a store error, as the API's error ``code`` would give it (e.g. ``checksum_mismatch``)."""
+    return store_error(error).code or type(error).__name__
 
 
 class AdapterResolver:
