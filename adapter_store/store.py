@@ -153,12 +153,12 @@ class AdapterStore:
         try:
             return self.registry.get(parsed)
         except AdapterNotFound:
-            if not (self.settings.on_demand and parsed.alias == LATEST) or parsed.name in self.registry.names():
+            if not (self.settings.on_demand and parsed.alias == LATEST):
                 raise
         with self._lock:
             name_lock = self._name_locks.setdefault(parsed.name, threading.Lock())
         with name_lock:  # one fetch per name, however many requests ask at once
-            if parsed.name in self.registry.names():
+            if parsed.name in self.registry.names():  # registered meanwhile (or known but missing the ref)
                 return self.registry.get(parsed)
             uri = self.sources.find(parsed.name)
             if uri is None:

@@ -127,6 +127,30 @@ def test_on_demand_under_concurrent_requests_registers_once(tmp_path: Path) -> N
     store.close()
 
 
+def test_on_demand_miss_racing_another_registration_still_resolves(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A request whose lookup misses just before another request registers the name gets that version."""
+    write_adapter(tmp_path / "volume" / "legal", seed=7)
+    store = open_store(tmp_path, on_demand=True)
+    real_get = store.registry.get
+    raced: list[str] = []
+
+    def get_then_race(ref):
+        try:
+            return real_get(ref)
+        except AdapterNotFound:
+            if not raced:  # the other request finishes registering between this miss and the retry
+                raced.append(store.register(store.sources.find("legal"), "legal").version)
+            raise
+
+    monkeypatch.setattr(store.registry, "get", get_then_race)
+    with store.lease("legal") as adapter:
+        assert [adapter.version] == raced
+    assert len(store.registry.versions("legal")) == 1
+    store.close()
+
+
 def test_s3_version_is_fetched_again_after_eviction(tmp_path: Path, s3_server: str) -> None:
     adapters = [write_adapter(tmp_path / "src" / f"s{i}", seed=10 + i) for i in range(3)]
     for i, directory in enumerate(adapters):
