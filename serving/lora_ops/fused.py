@@ -18,9 +18,12 @@ a slot's weights change:
   for all slots side by side (``x @ a.view(S*R, in).T``), built lazily.
 
 Invalidation: vLLM writes a slot in place (``reset_lora`` + ``copy_``), which
-bumps the stacked tensors' ``_version``. On a version change the slots whose
-contents differ from our copy are re-copied and lose their packed matmuls;
-the others keep theirs.
+bumps the stacked tensors' ``_version``, and only when it activates an
+adapter into that slot, which changes the slot's LoRA id. On a version change
+the slots whose id changed are re-copied and lose their packed matmuls; the
+others keep theirs, uncompared (one id always means the same weights: vLLM's
+prefix cache relies on that too). Only if no id changed, e.g. a slot written
+in place by other code, is every slot compared with our copy.
 """
 
 from __future__ import annotations
@@ -112,7 +115,8 @@ def _nonzero_slots(a: torch.Tensor, b: torch.Tensor) -> list[bool]:
 class FusedLinear:
     """Fused weights and packed matmuls of one LoRA linear layer."""
 
-    def __init__(self, lora_a, lora_b, output_slices, dtype):
+    def __init__(self, lora_a, lora_b, output_slices, dtype, slot_ids: tuple = ()):
+        self.slot_ids = slot_ids  # the LoRA id in each slot when copied
         self.sources = tuple(lora_a) + tuple(lora_b)
         self.versions = [t._version for t in self.sources]
         self.dtype = dtype
@@ -132,14 +136,18 @@ class FusedLinear:
             return False
         return [t._version for t in self.sources] == self.versions
 
-    def refresh(self, lora_a, lora_b, output_slices, dtype) -> None:
-        """Re-copy the slots whose contents changed; drop only their packed
-        matmuls (and the all-slots ones). An adapter swap rewrites one slot,
-        so the other slots keep their packed handlers."""
+    def refresh(self, lora_a, lora_b, output_slices, dtype, slot_ids: tuple = ()) -> None:
+        """Re-copy the slots that changed; drop only their packed matmuls (and
+        the all-slots ones). An adapter swap rewrites one slot, so the other
+        slots keep their packed handlers. ``slot_ids``: the LoRA id per slot
+        now (see the module docstring)."""
         if dtype is not self.dtype or tuple(output_slices) != self.output_slices:
-            self.__init__(lora_a, lora_b, output_slices, dtype)
+            self.__init__(lora_a, lora_b, output_slices, dtype, slot_ids)
             return
-        changed = [s for s in range(self.num_slots) if self._slot_changed(lora_a, lora_b, s)]
+        changed = [s for s, (old, new) in enumerate(zip(self.slot_ids, slot_ids)) if old != new]
+        if not changed or len(self.slot_ids) != len(slot_ids):
+            changed = [s for s in range(self.num_slots) if self._slot_changed(lora_a, lora_b, s)]
+        self.slot_ids = slot_ids
         for s in changed:
             self._write_slot(lora_a, lora_b, s)
             self._a_slot[s] = self._b_slot[s] = None

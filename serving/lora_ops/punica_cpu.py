@@ -45,6 +45,7 @@ class GroupedPunicaWrapperCPU(PunicaWrapperCPU):
         self._fused: dict[int, FusedLinear] = {}  # id(lora_a[0]) -> fused weights
         self._scratch: dict[tuple, torch.Tensor] = {}
         self._nonzero_cache: dict[int, tuple] = {}
+        self._slot_ids: list[int | None] = []  # the model manager's live slot -> LoRA id table
 
     # ------------------------------------------------------------------ metadata
     def update_metadata(
@@ -62,6 +63,7 @@ class GroupedPunicaWrapperCPU(PunicaWrapperCPU):
         """
         self._update_base_metadata(mapping, lora_index_to_id, max_loras, vocab_size)
         self.is_prefill = mapping.is_prefill
+        self._slot_ids = lora_index_to_id  # kept by reference: read when a layer's weights change
         slot_of = {lid: i for i, lid in enumerate(lora_index_to_id) if lid is not None}
         num_slots = len(lora_index_to_id)
         token_slots = [slot_of[i] if i > 0 else -1 for i in mapping.index_mapping]
@@ -105,10 +107,12 @@ class GroupedPunicaWrapperCPU(PunicaWrapperCPU):
             x, y = x[:n], y[:n]
         fused = self._fused.get(id(lora_a_stacked[0]))
         if fused is None:
-            fused = FusedLinear(lora_a_stacked, lora_b_stacked, output_slices, x.dtype)
+            slot_ids = tuple(self._slot_ids)
+            fused = FusedLinear(lora_a_stacked, lora_b_stacked, output_slices, x.dtype, slot_ids)
             self._fused[id(lora_a_stacked[0])] = fused
         elif not fused.matches(lora_a_stacked, x.dtype):
-            fused.refresh(lora_a_stacked, lora_b_stacked, output_slices, x.dtype)
+            slot_ids = tuple(self._slot_ids)
+            fused.refresh(lora_a_stacked, lora_b_stacked, output_slices, x.dtype, slot_ids)
         nonzero = fused.nonzero  # per slot: does its adapter target this layer?
         if not fused.all_nonzero and not any(nonzero[s] for s in plan.present):
             return

@@ -141,6 +141,41 @@ def test_scale_and_weight_reload(mode, matmul_kind):
             t[slot].copy_(torch.randn_like(t[slot]))
 
 
+def test_adapter_swap_recopies_only_the_slot_whose_id_changed(monkeypatch):
+    """vLLM activates an adapter by writing one slot and giving it a new id:
+    that slot is served with its new weights, the others keep their packed
+    matmuls (a swap must not cost a rebuild of every slot)."""
+    monkeypatch.setattr(fused, "PACK_AFTER_CALLS", 1)
+    slices = SLICES["qkv_like"]
+    token_ids = [11, 12, 13, 14]
+    a, b = _weights(slices, torch.float32)
+    w = GroupedPunicaWrapperCPU(64, 8, "cpu")
+    w.force_mode = RUNS
+    table = list(SLOT_IDS)
+    w.update_metadata(LoRAMapping(tuple(token_ids), tuple(token_ids)), table, 5, 1000)
+    x, y0 = torch.randn(4, IN), torch.randn(4, sum(slices))
+    w.add_lora_linear(y0.clone(), x, a, b, 1.0, slices)
+    layer = w._fused[id(a[0])]
+    kept = [layer.a_slot(s) for s in range(len(SLOT_IDS))]
+
+    table[2] = 15  # like activate_adapter: new id in slot 2, weights written in place
+    for t in a + b:
+        t[2] = 0
+        t[2].copy_(torch.randn_like(t[2]))
+    ids = [11, 12, 15, 14]
+    w.update_metadata(LoRAMapping(tuple(ids), tuple(ids)), table, 5, 1000)
+    compared = []
+    monkeypatch.setattr(fused.FusedLinear, "_slot_changed", lambda *args: compared.append(args) or True)
+    y = y0.clone()
+    w.add_lora_linear(y, x, a, b, 1.0, slices)
+
+    assert compared == []  # the id told which slot changed: no slot was compared
+    want = _reference(y0, x, a, b, slices, token_ids)  # slot order is unchanged: 11, 12, (15), 14
+    torch.testing.assert_close(y, want.to(y.dtype), atol=1e-4, rtol=1e-4)
+    assert [layer._a_slot[s] is kept[s] for s in range(4)] == [True, True, False, True]
+    assert layer.slot_ids == (11, 12, 15, 14)
+
+
 def test_new_mapping_replaces_plan():
     slices = SLICES["gate_up_like"]
     a, b = _weights(slices, torch.float32)
