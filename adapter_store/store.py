@@ -18,7 +18,6 @@ from __future__ import annotations
 import logging
 import shutil
 import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -229,30 +228,6 @@ class AdapterStore:
     ) -> HealthRecord:
         version = self.registry.get(ref)
         return self.registry.record_health(version.name, version.version, state, reason=reason, latency_s=latency_s)
-
-    @contextmanager
-    def health_check(self, ref: str) -> Iterator[ResolvedAdapter]:
-        """Lease the version for a probe (serving loads it and generates a few tokens) and record the result.
-
-        The block's duration is the latency; leaving it normally records ``ok``,
-        an exception records ``failed`` with the exception as the reason and
-        propagates. Usable from async code: ``with store.health_check(ref) as a: await probe(a)``.
-        """
-        started = time.perf_counter()
-        try:
-            with self.lease(ref) as adapter:
-                yield adapter
-        except Exception as e:
-            version = self.registry.get(ref)
-            self.registry.record_health(
-                version.name,
-                version.version,
-                "failed",
-                reason=f"{type(e).__name__}: {e}",
-                latency_s=time.perf_counter() - started,
-            )
-            raise
-        self.registry.record_health(adapter.name, adapter.version, "ok", latency_s=time.perf_counter() - started)
 
     def health(self, ref: str) -> HealthRecord:
         version = self.registry.get(ref)

@@ -265,6 +265,9 @@ class OpenAIUser(FastHttpUser):
         if stream:
             body["stream"] = True
             body["stream_options"] = {"include_usage": True}
+            # Token ids date the first token exactly: a byte-level tokenizer can
+            # emit tokens whose text is still empty (an incomplete UTF-8 sequence).
+            body["return_token_ids"] = True
         return body
 
     @staticmethod
@@ -406,8 +409,12 @@ class OpenAIUser(FastHttpUser):
 
 
 def _carries_tokens(event: dict) -> bool:
-    """Whether a stream event carries generated text (not only a role, usage or finish reason)."""
+    """Whether a stream event carries generated tokens (not only a role, usage or finish reason).
+
+    Token ids count even when their text is still empty; servers that do not
+    return ids are judged by text.
+    """
     for choice in event.get("choices") or ():
-        if choice.get("text") or (choice.get("delta") or {}).get("content"):
+        if choice.get("token_ids") or choice.get("text") or (choice.get("delta") or {}).get("content"):
             return True
     return False

@@ -218,24 +218,32 @@ def load_weights(path: Path) -> None:
     assert load_file(str(path / "adapter_model.safetensors"))
 
 
-def test_health_check_records_ok_and_failed(tmp_path: Path) -> None:
+def probe(store: AdapterStore, ref: str) -> None:
+    """What serving's probe does with the store: lease the files, load them, record the outcome."""
+    try:
+        with store.lease(ref) as adapter:
+            load_weights(adapter.path)
+    except Exception as e:
+        store.record_health(ref, "failed", reason=f"{type(e).__name__}: {e}")
+        raise
+    store.record_health(ref, "ok", latency_s=0.01)
+
+
+def test_probe_heals_a_damaged_copy_and_fails_when_nothing_intact_is_left(tmp_path: Path) -> None:
     store = open_store(tmp_path)
     v = store.register(str(write_adapter(tmp_path / "volume" / "code")), "code")
     assert store.health("code").state == "unchecked"
-    with store.health_check("code") as adapter:
-        load_weights(adapter.path)
+    probe(store, "code")
     ok = store.health("code")
     assert ok.state == "ok" and ok.reason is None and ok.latency_s > 0 and ok.checked_at is not None
     weights = store.cache.cache_dir / v.version / "adapter_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-64])  # disk corruption after registration: healed from the source
-    with store.health_check("code") as adapter:
-        load_weights(adapter.path)
+    probe(store, "code")
     assert store.health("code").state == "ok"
     weights.write_bytes(weights.read_bytes()[:-64])
     write_adapter(tmp_path / "volume" / "code", seed=7)  # ...and the source changed too: nothing intact is left
     with pytest.raises(InvalidAdapter, match="the source changed after registration"):
-        with store.health_check("code") as adapter:
-            load_weights(adapter.path)
+        probe(store, "code")
     failed = store.health("code")
     assert failed.state == "failed" and "InvalidAdapter" in failed.reason and failed.checked_at > ok.checked_at
     assert not store.cache.in_use(v.version)
