@@ -11,10 +11,12 @@ from adapter_store.errors import (
     CacheFull,
     InvalidAdapter,
     InvalidRef,
+    LegacyDigest,
+    OwnershipConflict,
     SourceError,
     VersionConflict,
 )
-from adapter_store.models import AdapterMetadata, AdapterVersion, HealthRecord, ResolvedAdapter
+from adapter_store.models import AdapterMetadata, AdapterVersion, Claim, HealthRecord, ResolvedAdapter
 from adapter_store.refs import AdapterRef
 from adapter_store.registry import AdapterRegistry
 from adapter_store.settings import StoreSettings
@@ -36,9 +38,12 @@ __all__ = [
     "AmbiguousVersion",
     "BaseModelSpec",
     "CacheFull",
+    "Claim",
     "HealthRecord",
     "InvalidAdapter",
     "InvalidRef",
+    "LegacyDigest",
+    "OwnershipConflict",
     "ResolvedAdapter",
     "ServedAdapter",
     "SourceError",

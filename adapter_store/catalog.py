@@ -14,12 +14,12 @@ worker thread.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from adapter_store.errors import AdapterNotFound, InvalidRef
-from adapter_store.models import AdapterVersion, HealthRecord
+from adapter_store.models import AdapterVersion, Claim, HealthRecord
 from adapter_store.store import AdapterStore
 
 
@@ -37,30 +37,31 @@ class ServedAdapter:
 class AdapterCatalog:
     """Resolves references against an :class:`AdapterStore`, with each adapter's owning tenant.
 
-    ``tenants`` maps the adapters named in the server's config to their tenant
-    (``None``: public); the config wins over the ``tenant`` tag an adapter was
-    registered with, which decides for every other adapter.
+    The owner is the registry's, set on the adapter name by its first
+    registration (config adapters register with their configured tenant).
     """
 
-    def __init__(self, store: AdapterStore, tenants: Mapping[str, str | None] | None = None) -> None:
+    def __init__(self, store: AdapterStore) -> None:
         self.store = store
-        self.tenants = dict(tenants or {})
 
-    def find(self, ref: str) -> AdapterVersion | None:
-        """The version ``ref`` names (registering it on demand if the store allows); ``None`` if none matches.
+    def find(self, ref: str, *, register_for: Claim | None = None) -> AdapterVersion | None:
+        """The version ``ref`` names; ``None`` if none matches.
 
-        Other store errors (a source failing, an invalid adapter found on
-        demand) propagate: they are not "no such model".
+        An unknown name is registered on demand for ``register_for`` only
+        (see :meth:`AdapterStore.version`). Other store errors (a source
+        failing, an invalid adapter found on demand) propagate: they are not
+        "no such model".
         """
         try:
-            return self.store.version(ref)
+            return self.store.version(ref, register_for=register_for)
         except (AdapterNotFound, InvalidRef):
             return None
 
+    def registered(self, name: str) -> bool:
+        return name in self.store.registry.names()
+
     def owner(self, name: str) -> str | None:
-        """The tenant ``name`` belongs to; ``None`` for a public (or unknown) adapter."""
-        if name in self.tenants:
-            return self.tenants[name]
+        """The tenant ``name`` belongs to; ``None`` for a public (or unknown) adapter. Never fetches."""
         try:
             return self.store.tenant(name)
         except (AdapterNotFound, InvalidRef):
@@ -71,7 +72,7 @@ class AdapterCatalog:
 
     def acquire(self, version: AdapterVersion) -> ServedAdapter:
         """Lease the version's files (fetching them if the disk cache lacks them); pair with :meth:`release`."""
-        path = self.store.cache.acquire(version)
+        path = self.store.acquire_files(version)
         return ServedAdapter(
             name=version.name,
             version=version.version,

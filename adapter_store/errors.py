@@ -47,6 +47,22 @@ class VersionConflict(AdapterStoreError):
     """An update lost a race or would break an invariant (e.g. deleting an aliased version)."""
 
 
+class OwnershipConflict(VersionConflict):
+    """A registration names an adapter that belongs to another tenant (or is public while it names one).
+
+    Ownership belongs to the name and is set once, by its first registration;
+    every later version inherits it.
+    """
+
+
+class LegacyDigest(AdapterStoreError):
+    """A version registered under an older content-digest format whose files could not be re-hashed.
+
+    It stays registered (nothing is silently dropped) but is not served until
+    an admin registers its files again.
+    """
+
+
 class AdapterInUse(AdapterStoreError):
     """A version is leased by running requests and cannot be deleted or evicted."""
 

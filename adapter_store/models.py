@@ -32,6 +32,7 @@ class AdapterVersion:
     created_at: float
     tags: dict[str, str] = field(default_factory=dict)
     pinned: bool = False
+    legacy_digest: bool = False  # registered under an older digest format and not re-hashed: not served
 
     @property
     def checksum(self) -> str:
@@ -40,6 +41,17 @@ class AdapterVersion:
     @property
     def ref(self) -> str:
         return f"{self.name}@{self.version}"
+
+
+@dataclass(frozen=True)
+class Claim:
+    """Who an unknown name is registered for when a request finds it in a source (on demand).
+
+    ``tenant=None`` registers it as public. Passing no claim at all means the
+    caller may not trigger an on-demand registration.
+    """
+
+    tenant: str | None
 
 
 @dataclass(frozen=True)

@@ -22,10 +22,11 @@ LATEST = "latest"
 _NAME = re.compile(NAME_PATTERN)
 _ALIAS = re.compile(ALIAS_PATTERN)
 _HEX = re.compile(r"^[0-9a-fA-F]+$")
+# Always ``fullmatch``: with ``match``, ``$`` also matches before a trailing newline ("code\n" would pass).
 
 
 def check_name(name: str, param: str = "name") -> str:
-    if not isinstance(name, str) or not _NAME.match(name):
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
         raise InvalidRef(
             f"adapter name {name!r} is invalid: use 1-64 characters from A-Z a-z 0-9 . _ -, "
             "starting with a letter or digit",
@@ -35,7 +36,7 @@ def check_name(name: str, param: str = "name") -> str:
 
 
 def check_alias(alias: str, param: str = "alias") -> str:
-    if not isinstance(alias, str) or not _ALIAS.match(alias) or _HEX.match(alias):
+    if not isinstance(alias, str) or not _ALIAS.fullmatch(alias) or _HEX.fullmatch(alias):
         raise InvalidRef(
             f"alias {alias!r} is invalid: use 1-32 characters from A-Z a-z 0-9 . _ -, starting with a letter "
             "and not made only of hex digits (those read as a version), e.g. 'stable' or 'canary'",
@@ -46,7 +47,7 @@ def check_alias(alias: str, param: str = "alias") -> str:
 
 def check_version(version: str, param: str = "version") -> str:
     """A full digest or a prefix of at least ``MIN_PREFIX`` hex digits, lower-cased."""
-    if not _HEX.match(version) or not MIN_PREFIX <= len(version) <= DIGEST_LEN:
+    if not _HEX.fullmatch(version) or not MIN_PREFIX <= len(version) <= DIGEST_LEN:
         raise InvalidRef(
             f"version {version!r} is invalid: give the sha256 of the adapter ({DIGEST_LEN} hex digits) "
             f"or a unique prefix of at least {MIN_PREFIX} hex digits",
@@ -71,7 +72,7 @@ class AdapterRef:
         check_name(name, param)
         if not sep:
             return cls(name=name, alias=LATEST)
-        if _HEX.match(selector):
+        if _HEX.fullmatch(selector):
             return cls(name=name, version=check_version(selector, param))
         return cls(name=name, alias=check_alias(selector, param))
 

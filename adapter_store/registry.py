@@ -10,15 +10,28 @@ A version is identified by the sha256 over its files; registering the same
 files again is a no-op that returns the existing version. The alias
 ``latest`` always points at the newest version and is maintained here; every
 other alias is set explicitly.
+
+Ownership belongs to the adapter *name*: ``adapters.tenant`` (NULL: public) is
+set by the name's first registration and never changed by a later version; a
+registration for a different tenant is refused with :class:`OwnershipConflict`.
+
+Schema history (``PRAGMA user_version``): 1 had no owner column (the owner was
+a ``tenant`` tag on each version) and hashed files with the old digest format;
+2 adds ``adapters.tenant`` and ``versions.legacy_digest``. Opening a version-1
+file upgrades it in place: each name's owner comes from its oldest version's
+tag (any tenant wins over public if versions disagree, logged), and every
+version is marked ``legacy_digest`` until the store re-hashes it
+(``adapter_store.migration``).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -27,18 +40,23 @@ from adapter_store.errors import (
     AdapterPinned,
     AmbiguousVersion,
     InvalidRef,
+    OwnershipConflict,
     VersionConflict,
 )
 from adapter_store.models import AdapterMetadata, AdapterVersion, HealthRecord, HealthState
 from adapter_store.refs import DIGEST_LEN, LATEST, AdapterRef, check_alias, check_name, check_version
 
+logger = logging.getLogger(__name__)
+
 DB_NAME = "registry.sqlite3"
-_SCHEMA_VERSION = 1
+_SCHEMA_VERSION = 2
+_V1_TENANT_TAG = "tenant"  # where schema 1 kept an adapter's owner, on each version
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS adapters (
     name TEXT PRIMARY KEY,
-    created_at REAL NOT NULL
+    created_at REAL NOT NULL,
+    tenant TEXT
 );
 CREATE TABLE IF NOT EXISTS versions (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -53,6 +71,7 @@ CREATE TABLE IF NOT EXISTS versions (
     source TEXT NOT NULL,
     tags TEXT NOT NULL,
     pinned INTEGER NOT NULL DEFAULT 0,
+    legacy_digest INTEGER NOT NULL DEFAULT 0,
     UNIQUE (name, digest)
 );
 CREATE TABLE IF NOT EXISTS aliases (
@@ -77,12 +96,12 @@ CREATE TABLE IF NOT EXISTS health (
 
 _VERSION_COLUMNS = (
     "v.name, v.digest, v.base_model, v.rank, v.alpha, v.target_modules, v.size_bytes, "
-    "v.created_at, v.source, v.tags, v.pinned"
+    "v.created_at, v.source, v.tags, v.pinned, v.legacy_digest"
 )
 
 
 def _row_to_version(row: tuple) -> AdapterVersion:
-    name, digest, base, rank, alpha, targets, size, created, source, tags, pinned = row
+    name, digest, base, rank, alpha, targets, size, created, source, tags, pinned, legacy = row
     return AdapterVersion(
         name=name,
         version=digest,
@@ -93,7 +112,12 @@ def _row_to_version(row: tuple) -> AdapterVersion:
         created_at=created,
         tags=json.loads(tags),
         pinned=bool(pinned),
+        legacy_digest=bool(legacy),
     )
+
+
+def _owner_text(tenant: str | None) -> str:
+    return "no tenant (public)" if tenant is None else f"tenant {tenant!r}"
 
 
 class AdapterRegistry:
@@ -107,11 +131,38 @@ class AdapterRegistry:
         self._connections: list[sqlite3.Connection] = []
         self._connections_lock = threading.Lock()
         with self._write() as conn:
-            if conn.execute("PRAGMA user_version").fetchone()[0] == 0:
+            schema = conn.execute("PRAGMA user_version").fetchone()[0]
+            if schema == 0:
                 for statement in _SCHEMA.split(";"):
                     if statement.strip():
                         conn.execute(statement)
-                conn.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
+            elif schema == 1:
+                self._upgrade_from_v1(conn)
+            elif schema > _SCHEMA_VERSION:
+                raise RuntimeError(
+                    f"{self.path} has registry schema {schema}, newer than this version of loraserve "
+                    f"understands ({_SCHEMA_VERSION}); upgrade loraserve or use another store root"
+                )
+            conn.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
+
+    def _upgrade_from_v1(self, conn: sqlite3.Connection) -> None:
+        """Schema 1 → 2: owners move from version tags onto names; every digest is marked for re-hashing."""
+        conn.execute("ALTER TABLE adapters ADD COLUMN tenant TEXT")
+        conn.execute("ALTER TABLE versions ADD COLUMN legacy_digest INTEGER NOT NULL DEFAULT 0")
+        conn.execute("UPDATE versions SET legacy_digest = 1")
+        for (name,) in conn.execute("SELECT name FROM adapters").fetchall():
+            tags = [json.loads(t).get(_V1_TENANT_TAG) for (t,) in conn.execute(
+                "SELECT tags FROM versions WHERE name = ? ORDER BY seq", (name,)
+            )]
+            owned = [t for t in tags if t is not None]
+            owner = owned[0] if owned else None  # the oldest tenant; any tenant is safer than public
+            if len(set(tags)) > 1:
+                logger.warning(
+                    "adapter %r: its versions were tagged with different tenants %s (oldest first); "
+                    "it now belongs to %s, for every version",
+                    name, tags, _owner_text(owner),
+                )
+            conn.execute("UPDATE adapters SET tenant = ? WHERE name = ?", (owner, name))
 
     # -- connections and transactions -------------------------------------------------
 
@@ -170,12 +221,15 @@ class AdapterRegistry:
         source: str,
         tags: dict[str, str] | None = None,
         aliases: tuple[str, ...] = (),
+        tenant: str | None = None,
     ) -> tuple[AdapterVersion, bool]:
         """Add a version (idempotent per digest); returns it and whether it is new.
 
         A new version becomes ``latest``; ``aliases`` are pointed at it as well.
         Registering files that are already a version changes nothing but the
         given aliases: versions are immutable, their source and tags included.
+        ``tenant`` must be the name's owner (``None``: public) if the name
+        exists, identical files included; a new name gets it as its owner.
         """
         check_name(name)
         if len(digest) != DIGEST_LEN:
@@ -185,7 +239,7 @@ class AdapterRegistry:
             self._check_settable(alias)
         now = time.time()
         with self._write() as conn:
-            conn.execute("INSERT OR IGNORE INTO adapters (name, created_at) VALUES (?, ?)", (name, now))
+            self._claim(conn, name, tenant, now)
             cursor = conn.execute(
                 "INSERT OR IGNORE INTO versions (name, digest, base_model, rank, alpha, target_modules, "
                 "size_bytes, created_at, source, tags) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -208,6 +262,28 @@ class AdapterRegistry:
             for alias in aliases:
                 self._point(conn, name, alias, digest, now)
             return self._version(conn, name, digest), created
+
+    def check_owner(self, name: str, tenant: str | None) -> None:
+        """Refuse early (before any fetch) what :meth:`register` would refuse for ownership."""
+        owner = self._conn().execute("SELECT tenant FROM adapters WHERE name = ?", (name,)).fetchone()
+        if owner is not None and owner[0] != tenant:
+            raise self._conflict(name, owner[0], tenant)
+
+    def _claim(self, conn: sqlite3.Connection, name: str, tenant: str | None, now: float) -> None:
+        owner = conn.execute("SELECT tenant FROM adapters WHERE name = ?", (name,)).fetchone()
+        if owner is None:
+            conn.execute("INSERT INTO adapters (name, created_at, tenant) VALUES (?, ?, ?)", (name, now, tenant))
+        elif owner[0] != tenant:
+            raise self._conflict(name, owner[0], tenant)
+
+    @staticmethod
+    def _conflict(name: str, owner: str | None, tenant: str | None) -> OwnershipConflict:
+        return OwnershipConflict(
+            f"adapter {name!r} belongs to {_owner_text(owner)}, so a version for {_owner_text(tenant)} is refused: "
+            "an adapter's owner is set by its first registration and every version shares it. Register with "
+            "the same tenant, or under another name",
+            param="tenant",
+        )
 
     @staticmethod
     def _point(conn: sqlite3.Connection, name: str, alias: str, digest: str, now: float) -> None:
@@ -278,6 +354,13 @@ class AdapterRegistry:
         if row is None:
             raise AdapterNotFound(f"adapter {name!r} has no version {digest[:16]}...", param="version")
         return _row_to_version(row)
+
+    def owner(self, name: str) -> str | None:
+        """The tenant that owns ``name`` (``None``: public); ``AdapterNotFound`` if it is not registered."""
+        row = self._conn().execute("SELECT tenant FROM adapters WHERE name = ?", (name,)).fetchone()
+        if row is None:
+            raise AdapterNotFound(f"adapter {name!r} is not registered", param="name")
+        return row[0]
 
     # -- listing ----------------------------------------------------------------------
 
@@ -384,6 +467,41 @@ class AdapterRegistry:
             else:
                 self._point(conn, name, LATEST, newest[0], time.time())
             return version
+
+    # -- digest migration -------------------------------------------------------------
+
+    def legacy_digests(self) -> list[str]:
+        """The digests still in an older format (every version with one shares its files)."""
+        rows = self._conn().execute("SELECT DISTINCT digest FROM versions WHERE legacy_digest = 1 ORDER BY digest")
+        return [r[0] for r in rows]
+
+    def rekey(self, old: str, new: str, *, move: Callable[[], None], upload_scheme: str = "upload") -> None:
+        """Give every version with digest ``old`` the digest ``new``, in one transaction.
+
+        Aliases and health move along; an ``upload:<old>`` source becomes
+        ``upload:<new>``. ``move`` renames the files on disk (cache and upload
+        directories); it runs inside the transaction, so if it fails nothing
+        in the registry changes.
+        """
+        with self._write() as conn:
+            conn.execute("PRAGMA defer_foreign_keys = ON")  # parent and child keys change together
+            if new != old:
+                # A name that meanwhile got these files again as a new-format version keeps that one.
+                for (name,) in conn.execute(
+                    "SELECT name FROM versions WHERE digest = ? AND name IN (SELECT name FROM versions WHERE digest = ?)",
+                    (old, new),
+                ).fetchall():
+                    conn.execute("UPDATE aliases SET digest = ? WHERE name = ? AND digest = ?", (new, name, old))
+                    conn.execute("DELETE FROM health WHERE name = ? AND digest = ?", (name, old))
+                    conn.execute("DELETE FROM versions WHERE name = ? AND digest = ?", (name, old))
+                for table in ("versions", "aliases", "health"):
+                    conn.execute(f"UPDATE {table} SET digest = ? WHERE digest = ?", (new, old))
+                conn.execute(
+                    "UPDATE versions SET source = ? WHERE digest = ? AND source = ?",
+                    (f"{upload_scheme}:{new}", new, f"{upload_scheme}:{old}"),
+                )
+            conn.execute("UPDATE versions SET legacy_digest = 0 WHERE digest = ?", (new,))
+            move()
 
     # -- health -----------------------------------------------------------------------
 

@@ -18,24 +18,30 @@ from __future__ import annotations
 import logging
 import shutil
 import threading
-from collections.abc import Iterator
+import zlib
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from adapter_store.cache import DiskCache
 from adapter_store.digest import content_digest
-from adapter_store.errors import AdapterInUse, AdapterNotFound, CacheFull
-from adapter_store.models import AdapterVersion, HealthRecord, HealthState, ResolvedAdapter
+from adapter_store.errors import AdapterInUse, AdapterNotFound, CacheFull, InvalidRef, LegacyDigest
+from adapter_store.migration import DigestMigration
+from adapter_store.models import AdapterVersion, Claim, HealthRecord, HealthState, ResolvedAdapter
 from adapter_store.refs import LATEST, AdapterRef, check_name
 from adapter_store.registry import AdapterRegistry
 from adapter_store.settings import StoreSettings
 from adapter_store.sources import SourceSet, UploadSource
-from adapter_store.validation import AdapterValidator, BaseModelSpec, register_directory
+from adapter_store.validation import AdapterValidator, BaseModelSpec
 
 logger = logging.getLogger(__name__)
 
 TENANT_TAG = "tenant"
-"""Tag naming the tenant an adapter belongs to; adapters without it are public."""
+"""Reserved tag name: the owner is the name's ``tenant`` (see the registry), never a tag."""
+
+NAME_LOCK_STRIPES = 64
+"""On-demand registrations of one name are serialised on one of this many locks (a fixed table, however
+many unknown names requests send); two names sharing a stripe merely wait for each other."""
 
 
 class AdapterStore:
@@ -47,6 +53,10 @@ class AdapterStore:
         self.validator = validator
         self.uploads = UploadSource(settings.root / "uploads")
         self.sources = SourceSet(settings.sources, extra=[self.uploads])
+        # Before the cache scans its directory: it drops entries whose name is not their digest.
+        DigestMigration(
+            registry, validator, settings.root, self.sources, self.uploads, max_bytes=settings.max_adapter_bytes
+        ).run()
         self.cache = DiskCache(
             settings.root / "cache",
             settings.root / "staging",
@@ -55,14 +65,29 @@ class AdapterStore:
             pinned=self._pinned_digests,
             lease_wait_s=settings.lease_wait_s,
         )
-        self._name_locks: dict[str, threading.Lock] = {}
-        self._lock = threading.Lock()
+        self._name_locks = tuple(threading.Lock() for _ in range(NAME_LOCK_STRIPES))
 
     @classmethod
-    def open(cls, settings: StoreSettings, *, base: BaseModelSpec, max_lora_rank: int) -> AdapterStore:
-        """Open (or create) the store under ``settings.root``; pins the configured refs."""
+    def open(
+        cls,
+        settings: StoreSettings,
+        *,
+        base: BaseModelSpec,
+        max_lora_rank: int,
+        loader_check: Callable[[dict], None] | None = None,
+    ) -> AdapterStore:
+        """Open (or create) the store under ``settings.root``, re-keying versions of an older digest format.
+
+        ``loader_check`` is the engine's own test of an ``adapter_config.json``
+        (serving builds it from vLLM), run by the validator on every adapter.
+        """
         registry = AdapterRegistry(settings.root, busy_timeout_s=settings.busy_timeout_s)
-        validator = AdapterValidator(base, max_lora_rank=max_lora_rank, max_adapter_bytes=settings.max_adapter_bytes)
+        validator = AdapterValidator(
+            base,
+            max_lora_rank=max_lora_rank,
+            max_adapter_bytes=settings.max_adapter_bytes,
+            loader_check=loader_check,
+        )
         return cls(settings, registry, validator)
 
     def close(self) -> None:
@@ -77,18 +102,27 @@ class AdapterStore:
     # -- registering --------------------------------------------------------------------
 
     def register(
-        self, source_uri: str, name: str, *, tags: dict[str, str] | None = None, aliases: tuple[str, ...] = ()
+        self,
+        source_uri: str,
+        name: str,
+        *,
+        tenant: str | None = None,
+        tags: dict[str, str] | None = None,
+        aliases: tuple[str, ...] = (),
     ) -> AdapterVersion:
         """Fetch, validate and register a version; nothing is registered if any step fails.
 
         The files are fetched into a private staging directory, validated and
         hashed there, then moved into the disk cache, so the version served is
-        exactly the bytes that were checked.
+        exactly the bytes that were checked. ``tenant`` must be the name's
+        owner if it exists (:class:`OwnershipConflict` otherwise, checked
+        before anything is fetched); a new name becomes the tenant's.
         """
         check_name(name)
+        self.registry.check_owner(name, tenant)
         with self.staging() as staging:
             self._fetch(source_uri, staging)
-            return self.register_staged(staging, name, source=source_uri, tags=tags, aliases=aliases)
+            return self.register_staged(staging, name, source=source_uri, tenant=tenant, tags=tags, aliases=aliases)
 
     @contextmanager
     def staging(self) -> Iterator[Path]:
@@ -106,6 +140,7 @@ class AdapterStore:
         name: str,
         *,
         source: str,
+        tenant: str | None = None,
         tags: dict[str, str] | None = None,
         aliases: tuple[str, ...] = (),
     ) -> AdapterVersion:
@@ -116,8 +151,11 @@ class AdapterStore:
         on disk by the caller if it must survive eviction.
         """
         check_name(name)
-        version, created = register_directory(
-            self.registry, self.validator, name, staging, source=source, tags=tags, aliases=aliases
+        if TENANT_TAG in (tags or {}):
+            raise InvalidRef(f"the tag {TENANT_TAG!r} is reserved: pass the owner as tenant", param="tags")
+        metadata = self.validator.validate(staging)  # an invalid adapter never reaches the registry
+        version, created = self.registry.register(
+            name, content_digest(staging), metadata, source=source, tags=tags, aliases=aliases, tenant=tenant
         )
         try:
             self.cache.adopt(staging, version.version, f"{name}@{version.version[:16]}")
@@ -127,35 +165,51 @@ class AdapterStore:
         return version
 
     def register_upload(
-        self, staging: Path, name: str, *, tags: dict[str, str] | None = None, aliases: tuple[str, ...] = ()
+        self,
+        staging: Path,
+        name: str,
+        *,
+        tenant: str | None = None,
+        tags: dict[str, str] | None = None,
+        aliases: tuple[str, ...] = (),
     ) -> AdapterVersion:
         """Register uploaded files (in a :meth:`staging` directory); they are kept as the version's source."""
         check_name(name)
+        self.registry.check_owner(name, tenant)
         self.validator.validate(staging)  # nothing is kept for files that would be refused
         uri, new = self.uploads.keep(staging, content_digest(staging))
         try:
-            return self.register_staged(staging, name, source=uri, tags=tags, aliases=aliases)
+            return self.register_staged(staging, name, source=uri, tenant=tenant, tags=tags, aliases=aliases)
         except BaseException:
             if new:
                 self.uploads.discard(uri)
             raise
 
     def tenant(self, name: str) -> str | None:
-        """The tenant an adapter was registered for (its latest version's ``tenant`` tag); ``None``: public."""
-        return self.registry.get(name).tags.get(TENANT_TAG)
+        """The tenant that owns adapter ``name`` (``None``: public); ``AdapterNotFound`` if unregistered.
+
+        Reads the registry only: nothing is fetched, so callers can check
+        access before touching any source.
+        """
+        return self.registry.owner(name)
 
     # -- resolving ----------------------------------------------------------------------
 
-    def version(self, ref: str) -> AdapterVersion:
-        """The version a reference names; an unknown bare name is looked up in the sources if on_demand."""
+    def version(self, ref: str, *, register_for: Claim | None = None) -> AdapterVersion:
+        """The version a reference names.
+
+        An unknown bare name is looked up in the sources and registered on
+        demand (if ``on_demand`` is set) for ``register_for``'s tenant;
+        without a claim nothing is looked up. A name registered meanwhile by
+        someone else is returned as it is: callers check its owner.
+        """
         parsed = AdapterRef.parse(ref)
         try:
             return self.registry.get(parsed)
         except AdapterNotFound:
-            if not (self.settings.on_demand and parsed.alias == LATEST):
+            if register_for is None or not (self.settings.on_demand and parsed.alias == LATEST):
                 raise
-        with self._lock:
-            name_lock = self._name_locks.setdefault(parsed.name, threading.Lock())
+        name_lock = self._name_locks[zlib.crc32(parsed.name.encode()) % NAME_LOCK_STRIPES]
         with name_lock:  # one fetch per name, however many requests ask at once
             if parsed.name in self.registry.names():  # registered meanwhile (or known but missing the ref)
                 return self.registry.get(parsed)
@@ -166,20 +220,31 @@ class AdapterStore:
                     f"({'; '.join(s.describe() for s in self.sources.sources)})",
                     param="model",
                 )
-            return self.register(uri, parsed.name, tags={"registered_by": "on_demand"})
+            return self.register(uri, parsed.name, tenant=register_for.tenant, tags={"registered_by": "on_demand"})
 
-    def acquire(self, ref: str) -> ResolvedAdapter:
-        """Resolve ``ref`` to local files and lease them; pair with :meth:`release`."""
-        version = self.version(ref)
-        path = self.cache.acquire(version)
+    def acquire_files(self, version: AdapterVersion) -> Path:
+        """Lease a version's local files (fetched if not cached); pair with ``cache.release(version.version)``."""
+        if version.legacy_digest:
+            raise LegacyDigest(
+                f"{version.name}@{version.version[:16]} was registered under an older digest format and its files "
+                f"could not be re-hashed when the store was upgraded (see the log); register its files again "
+                f"(POST /v1/adapters or loraserve-adapters register) and delete this version",
+                param="model",
+            )
+        return self.cache.acquire(version)
+
+    def acquire(self, ref: str, *, register_for: Claim | None = None) -> ResolvedAdapter:
+        """Resolve ``ref`` (see :meth:`version`) to local files and lease them; pair with :meth:`release`."""
+        version = self.version(ref, register_for=register_for)
+        path = self.acquire_files(version)
         return ResolvedAdapter(name=version.name, version=version.version, path=path, metadata=version.metadata)
 
     def release(self, adapter: ResolvedAdapter) -> None:
         self.cache.release(adapter.version)
 
     @contextmanager
-    def lease(self, ref: str) -> Iterator[ResolvedAdapter]:
-        adapter = self.acquire(ref)
+    def lease(self, ref: str, *, register_for: Claim | None = None) -> Iterator[ResolvedAdapter]:
+        adapter = self.acquire(ref, register_for=register_for)
         try:
             yield adapter
         finally:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -91,10 +91,18 @@ class BaseModelSpec:
 class AdapterValidator:
     """Checks an adapter directory against one base model and the engine's limits."""
 
-    def __init__(self, base: BaseModelSpec, *, max_lora_rank: int, max_adapter_bytes: int | None = None) -> None:
+    def __init__(
+        self,
+        base: BaseModelSpec,
+        *,
+        max_lora_rank: int,
+        max_adapter_bytes: int | None = None,
+        loader_check: Callable[[dict], None] | None = None,
+    ) -> None:
         self.base = base
         self.max_lora_rank = max_lora_rank
         self.max_adapter_bytes = max_adapter_bytes
+        self.loader_check = loader_check  # stored only here; the validation helper's branch calls it
 
     def validate(self, directory: Path) -> AdapterMetadata:
         """Metadata of a valid adapter; :class:`InvalidAdapter` naming the first failure otherwise."""

@@ -25,9 +25,9 @@ def test_catalog_resolves_refs_to_versions(tmp_path: Path) -> None:
     store = AdapterStore.open(settings, base=spec, max_lora_rank=16)
     v1 = store.register(str(write_adapter(volume / "code", seed=1)), "code", aliases=("stable",))
     v2 = store.register(str(write_adapter(volume / "code", seed=2)), "code")
-    store.register(str(write_adapter(volume / "legal", seed=3)), "legal", tags={"tenant": "lawfirm"})
-    store.register(str(write_adapter(volume / "medical", seed=4)), "medical", tags={"tenant": "clinic"})
-    catalog = AdapterCatalog(store, tenants={"medical": "hospital", "code": None})
+    store.register(str(write_adapter(volume / "legal", seed=3)), "legal", tenant="lawfirm")
+    store.register(str(write_adapter(volume / "medical", seed=4)), "medical", tenant="hospital")
+    catalog = AdapterCatalog(store)
 
     for ref, expected in [("code", v2), ("code@stable", v1), (f"code@{v1.version[:10]}", v1)]:
         version = catalog.find(ref)
@@ -40,7 +40,7 @@ def test_catalog_resolves_refs_to_versions(tmp_path: Path) -> None:
         assert not store.cache.in_use(expected.version)
     for missing in ("nothing", "code@canary", "code@" + "0" * 8, "not a name", "base"):
         assert catalog.find(missing) is None
-    # The config's tenant wins over the registered tag; other adapters keep their tag; unknown names are public.
+    # Owners are the names' registered tenants; unknown names are public (and never registered by a lookup).
     assert [catalog.owner(n) for n in ("code", "legal", "medical", "nothing")] == [None, "lawfirm", "hospital", None]
     assert [(v.name, v.version) for v in catalog][0] == ("code", v2.version)
     assert len(catalog) == 3

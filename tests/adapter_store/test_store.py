@@ -11,6 +11,7 @@ from adapter_store import (
     AdapterInUse,
     AdapterNotFound,
     AdapterPinned,
+    Claim,
     InvalidAdapter,
     SourceError,
     content_digest,
@@ -98,12 +99,12 @@ def test_on_demand_resolution(tmp_path: Path, on_demand: bool, ref: str, outcome
     write_adapter(tmp_path / "volume" / "legal", seed=7)
     store = open_store(tmp_path, on_demand=on_demand)
     if outcome == "registered":
-        with store.lease(ref) as adapter:
+        with store.lease(ref, register_for=Claim(None)) as adapter:
             assert content_digest(adapter.path) == content_digest(tmp_path / "volume" / "legal")
         assert store.version("legal").tags == {"registered_by": "on_demand"}
     else:
         with pytest.raises(outcome):
-            store.version(ref)
+            store.version(ref, register_for=Claim(None))
         assert store.list() == []
     store.close()
 
@@ -114,7 +115,7 @@ def test_on_demand_under_concurrent_requests_registers_once(tmp_path: Path) -> N
     seen: list[str] = []
 
     def request() -> None:
-        with store.lease("legal") as adapter:
+        with store.lease("legal", register_for=Claim(None)) as adapter:
             seen.append(adapter.version)
 
     threads = [threading.Thread(target=request) for _ in range(8)]
@@ -145,7 +146,7 @@ def test_on_demand_miss_racing_another_registration_still_resolves(
             raise
 
     monkeypatch.setattr(store.registry, "get", get_then_race)
-    with store.lease("legal") as adapter:
+    with store.lease("legal", register_for=Claim(None)) as adapter:
         assert [adapter.version] == raced
     assert len(store.registry.versions("legal")) == 1
     store.close()
@@ -163,7 +164,7 @@ def test_s3_version_is_fetched_again_after_eviction(tmp_path: Path, s3_server: s
         max_adapter_bytes=size + 10,
         on_demand=True,
     )
-    versions = [store.version(f"s{i}") for i in range(3)]  # on demand, from S3; the first is evicted
+    versions = [store.version(f"s{i}", register_for=Claim(None)) for i in range(3)]  # on demand, from S3; the first is evicted
     assert not store.cache.contains(versions[0].version) and store.cache.stats.evictions == 1
     with store.lease("s0") as adapter:  # fetched again from its source, checksum verified
         assert content_digest(adapter.path) == versions[0].version
@@ -259,7 +260,7 @@ def _upload(store: AdapterStore, files: Path, name: str, **kwargs):
 
 def test_upload_is_kept_as_its_source_until_deleted(tmp_path: Path) -> None:
     store = open_store(tmp_path, disk_budget_bytes=1 << 20)
-    v = _upload(store, write_adapter(tmp_path / "elsewhere" / "up"), "up", tags={"tenant": "acme"})
+    v = _upload(store, write_adapter(tmp_path / "elsewhere" / "up"), "up", tenant="acme")
     assert v.source == f"upload:{v.version}" and store.tenant("up") == "acme"
     store.cache.remove(v.version)  # as if evicted: the next lease fetches the kept upload
     with store.lease("up") as adapter:
