@@ -228,7 +228,7 @@ class AdapterStore:
             raise LegacyDigest(
                 f"{version.name}@{version.version[:16]} was registered under an older digest format and its files "
                 f"could not be re-hashed when the store was upgraded (see the log); register its files again "
-                f"(POST /v1/adapters or loraserve-adapters register) and delete this version",
+                f"(POST /v1/adapters or loraserve adapters register) and delete this version",
                 param="model",
             )
         return self.cache.acquire(version)

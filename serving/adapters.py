@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from adapter_store import AdapterStore, BaseModelSpec, StoreSettings
+from adapter_store import AdapterStore, BaseModelSpec, OwnershipConflict, StoreSettings
 from adapter_store.memory import cpu_loras_for_budget
 from adapter_store.settings import LocalSourceSettings
 from serving.config import ConfigError, Settings
@@ -30,15 +30,32 @@ def store_settings(settings: Settings, default_root: Path) -> StoreSettings:
 
 
 def open_store(settings: Settings, default_root: Path) -> AdapterStore:
-    """Open the store and register every configured adapter (a no-op for files already registered)."""
+    """Open the store and register every configured adapter (a no-op for files already registered).
+
+    A configured adapter registers for its configured ``tenant``; a persistent
+    registry in which that name already belongs to someone else refuses to
+    start rather than serve it to the wrong keys.
+    """
     resolved = store_settings(settings, default_root)
     base = BaseModelSpec.from_config(
         settings.model.path / "config.json", [settings.model.name, *resolved.compatible_bases]
     )
-    store = AdapterStore.open(resolved, base=base, max_lora_rank=settings.engine.max_lora_rank)
+    # LOADER CHECK: the one call site where serving plugs in vLLM's own adapter_config.json rules
+    # (serving/adapter_rules.py, from the validation work of issue #13); None until that lands.
+    loader_check = None
+    store = AdapterStore.open(
+        resolved, base=base, max_lora_rank=settings.engine.max_lora_rank, loader_check=loader_check
+    )
     try:
         for adapter in settings.adapters:
-            version = store.register(str(adapter.path), adapter.name)
+            try:
+                version = store.register(str(adapter.path), adapter.name, tenant=adapter.tenant)
+            except OwnershipConflict as e:
+                raise ConfigError(
+                    f"adapters[{adapter.name!r}].tenant does not match the store at {resolved.root}: {e.message}. "
+                    "Fix the tenant in the config, or delete the adapter's versions from the store "
+                    "(loraserve adapters delete NAME@VERSION) if its owner really changes"
+                ) from e
             logger.info("adapter %s is version %s", adapter.name, version.version[:16])
         store.pin_configured()
     except BaseException:

@@ -5,10 +5,23 @@ a content-addressed version, and this wrapper gives each (name, version) its
 own integer id, handed out once from a counter and never reused. vLLM keys its
 adapter slots and prefix-cache blocks on that id, so a new version of an
 adapter can never be served the KV cache or slot of an old one.
+
+A version reaches a generation request only after it loaded once through
+``add_lora`` (:meth:`LoraEngine.ensure_loaded`). vLLM runs ``add_lora`` as a
+utility call: ``EngineCoreProc._invoke_utility_method`` (vllm/v1/engine/core.py)
+catches the exception and returns it as ``UtilityOutput.failure_message``, and
+``_process_utility_output`` (core_client.py) raises it on the caller's future,
+so a refused adapter fails this one call and the engine keeps running. A
+LoRA load that fails inside the engine-core *step* (the path a request takes
+when the adapter is not loaded yet) is instead fatal for the whole engine.
+Once a version has loaded, a later reload by the step (after vLLM's LRU
+evicted it) reads the same content-addressed, verified files, so it loads
+again.
 """
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
 from collections import OrderedDict
@@ -27,6 +40,10 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 _GIB = 1 << 30
+
+
+class AdapterLoadFailed(Exception):
+    """The engine refused to load an adapter version (its ``add_lora`` call failed); the engine is fine."""
 
 
 def engine_args(settings: Settings):
@@ -97,6 +114,8 @@ class LoraEngine:
         self._llm: AsyncLLM | None = None
         self._lora_ids: dict[tuple[str, str], int] = {}
         self._next_id = itertools.count(1)
+        self._verified: set[tuple[str, str]] = set()  # versions add_lora has loaded once
+        self._loading: dict[tuple[str, str], asyncio.Future[None]] = {}  # loads in flight only
         cpu_slots = max_cpu_loras(settings) or settings.engine.max_loras  # vLLM's default: max_loras
         self.resident = ResidentAdapters(cpu_slots)
 
@@ -154,14 +173,44 @@ class LoraEngine:
             TokensPrompt(prompt_token_ids=prompt_token_ids), params, request_id, lora_request=lora
         )
 
+    async def ensure_loaded(self, adapter: ServedAdapter) -> None:
+        """Load a version with ``add_lora`` unless it loaded before; call before sending it any request.
+
+        Concurrent first requests share one load. Raises
+        :class:`AdapterLoadFailed` if the engine refuses the adapter (the
+        engine keeps serving everyone else); other errors (the engine being
+        down) propagate as they are.
+        """
+        key = (adapter.name, adapter.version)
+        if key in self._verified:
+            return
+        pending = self._loading.get(key)
+        if pending is None:
+            pending = self._loading[key] = asyncio.ensure_future(self._add(adapter))
+            pending.add_done_callback(lambda _: self._loading.pop(key, None))
+        await asyncio.shield(pending)  # one caller giving up does not cancel the others' load
+
+    async def _add(self, adapter: ServedAdapter) -> None:
+        try:
+            await self.llm.add_lora(self.lora_request(adapter))
+        except Exception as e:
+            if not self.ready:
+                raise
+            raise AdapterLoadFailed(f"the engine could not load it: {e}") from e
+        self._verified.add((adapter.name, adapter.version))
+
     async def load(self, adapter: ServedAdapter) -> None:
         """Load an adapter into the engine's host cache ahead of its first request (pinned adapters)."""
-        await self.llm.add_lora(self.lora_request(adapter))
+        if (adapter.name, adapter.version) in self._verified:  # known to load: bring it back into the host cache
+            await self.llm.add_lora(self.lora_request(adapter))
+        else:
+            await self.ensure_loaded(adapter)
         self.resident.use(adapter)
 
     async def unload(self, name: str, version: str) -> bool:
         """Drop a version from the engine's caches; ``False`` if it was not loaded. Requests load it again."""
         self.resident.drop(name, version)
+        self._verified.discard((name, version))
         lora_id = self._lora_ids.get((name, version))
         if lora_id is None or lora_id not in await self.llm.list_loras():
             return False

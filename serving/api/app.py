@@ -21,7 +21,7 @@ from serving.api.completions import api_router as completions_router
 from serving.api.deps import AppState
 from serving.api.errors import ServingError, install_error_handlers
 from serving.api.limits import BodySizeLimitMiddleware, RequestLimiter
-from serving.api.resolver import AdapterResolver
+from serving.api.resolver import AdapterResolver, on_demand_claim
 from serving.api.models import api_router as models_router
 from serving.api.routes import api_router as routes_router
 from serving.api.system import api_router as system_router
@@ -51,14 +51,15 @@ def build_state(
     from serving.api.models.serving import ModelsServing
     from serving.api.routes.serving import RoutesServing
 
-    catalog = AdapterCatalog(store, tenants={a.name: a.tenant for a in settings.adapters})
-    resolver = AdapterResolver(settings, catalog, metrics)
+    catalog = AdapterCatalog(store)
+    resolver = AdapterResolver(settings, catalog, metrics, engine)
     tokenizer = engine.llm.get_tokenizer()
     limiter = RequestLimiter(settings.limits, settings.engine.max_num_seqs, metrics)
     shared = (engine, resolver, settings, metrics, tokenizer, limiter, router)
 
     def resolve_any(ref: str) -> object:  # route targets are checked as the operator sees them: everything
-        if ref != settings.model.name and resolver.catalog.find(ref) is None:
+        claim = on_demand_claim(OPEN_PRINCIPAL)  # as before: found on demand, registered as public
+        if ref != settings.model.name and resolver.catalog.find(ref, register_for=claim) is None:
             raise resolver.not_found(ref, OPEN_PRINCIPAL)
         return ref
 

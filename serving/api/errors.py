@@ -30,6 +30,8 @@ from adapter_store import (
     CacheFull,
     InvalidAdapter,
     InvalidRef,
+    LegacyDigest,
+    OwnershipConflict,
     SourceError,
     VersionConflict,
 )
@@ -183,6 +185,8 @@ _STORE_ERRORS: dict[type[AdapterStoreError], tuple[type[ServingError], str]] = {
     InvalidAdapter: (InvalidRequestError, "invalid_adapter"),
     SourceError: (InvalidRequestError, "source_refused"),
     VersionConflict: (ConflictError, "version_conflict"),
+    OwnershipConflict: (ConflictError, "ownership_conflict"),
+    LegacyDigest: (ConflictError, "legacy_digest"),
     AdapterInUse: (ConflictError, "adapter_in_use"),
     AdapterPinned: (ConflictError, "adapter_pinned"),
     CacheFull: (StorageFullError, "cache_full"),

@@ -1,41 +1,58 @@
 """Model name → what one request runs on: tenant checks, leased files, and the fallback policy.
 
-A generation request names the base model or an adapter ref. The resolver
-finds the version (registering it on demand when the store allows), refuses
-names the caller may not see with the same 404 as unknown ones, and leases
-the version's files for the life of the request, so the disk cache cannot
-evict them while the engine may still load them.
+A generation request names the base model or an adapter ref. In this order,
+the resolver
+
+1. parses the ref and reads the registered name's owner (registry only:
+   nothing is fetched), refusing callers who may not use it with exactly the
+   404 an unknown name gets (same message shape, status and metric label);
+2. for an unregistered name, registers it on demand (when the store allows)
+   for the caller's tenant, as public for an admin without one, and never for
+   a key with neither: that key gets the plain 404;
+3. leases the version's files for the life of the request, so the disk cache
+   cannot evict them while the engine may still load them, and loads the
+   version into the engine with ``add_lora`` before any request can reach it
+   (a refusal fails this request and marks the version's health ``failed``;
+   it can never take the engine down).
 
 When an adapter exists but cannot be served (its files fail their checksum,
 its source is gone, the disk cache is full of pinned and leased versions, or
 its last health check failed), ``store.fallback`` decides:
 
-* ``error``: 503 ``adapter_unavailable``, naming the adapter and the reason;
+* ``error``: 503 ``adapter_unavailable``, naming the adapter and a reason
+  code; the detail (paths, URIs, validation messages) goes to the log, and
+  only admins see it in the response;
 * ``base``: the base model answers;
 * an adapter name: that adapter answers (if the caller may use it).
 
 A fallback answer carries ``X-Adapter-Fallback`` (what answered) and
 ``X-Adapter-Fallback-Reason``, and counts in
-``loraserve_adapter_fallbacks_total{adapter,reason}``. Nothing here touches
-any other request.
+``loraserve_adapter_fallbacks_total{adapter,reason}``. Metric labels name
+registered adapters only; anything a request names that is not registered
+counts under one ``unknown`` label. Nothing here touches any other request.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from dataclasses import dataclass
 
-from adapter_store import AdapterCatalog, AdapterStoreError, ServedAdapter
+from adapter_store import AdapterCatalog, AdapterNotFound, AdapterRef, AdapterStoreError, Claim, InvalidRef, ServedAdapter
 from adapter_store.settings import FALLBACK_POLICIES
 from serving.api.auth import Principal
-from serving.api.errors import AdapterUnavailableError, ModelNotFoundError, store_error
+from serving.api.errors import AdapterUnavailableError, EngineUnavailableError, ModelNotFoundError, store_error
 from serving.config import Settings
+from serving.engine import AdapterLoadFailed, LoraEngine
 from serving.metrics import BASE_LABEL, UNKNOWN_LABEL, AdapterMetrics
+
+logger = logging.getLogger(__name__)
 
 FALLBACK_HEADER = "X-Adapter-Fallback"
 FALLBACK_REASON_HEADER = "X-Adapter-Fallback-Reason"
 HEALTH_FAILED = "health_check_failed"
+ENGINE_LOAD_FAILED = "engine_load_failed"
 
 
 @dataclass(frozen=True)
@@ -55,11 +72,16 @@ class Resolution:
 
 
 class _Unservable(Exception):
-    """An adapter that exists but cannot be served; ``reason`` is a short code."""
+    """An adapter the caller may use that cannot be served; ``reason`` is a short code.
 
-    def __init__(self, name: str, reason: str, detail: str) -> None:
+    ``name`` is what the caller asked for (the only name its response may
+    carry), ``label`` the metric label (``unknown`` unless registered), and
+    ``detail`` the internal explanation (log and admins only).
+    """
+
+    def __init__(self, name: str, reason: str, detail: str, *, label: str) -> None:
         super().__init__(detail)
-        self.name, self.reason, self.detail = name, reason, detail
+        self.name, self.reason, self.detail, self.label = name, reason, detail, label
 
 
 def _reason(error: AdapterStoreError) -> str:
@@ -67,13 +89,21 @@ def _reason(error: AdapterStoreError) -> str:
     return store_error(error).code or type(error).__name__
 
 
-class AdapterResolver:
-    """Resolves and leases adapters for requests; one per server."""
+def on_demand_claim(principal: Principal) -> Claim | None:
+    """Whom an unknown name is registered for if this caller finds it on demand; ``None``: nobody."""
+    if principal.tenant is not None:
+        return Claim(principal.tenant)
+    return Claim(None) if principal.is_admin else None
 
-    def __init__(self, settings: Settings, catalog: AdapterCatalog, metrics: AdapterMetrics) -> None:
+
+class AdapterResolver:
+    """Resolves, leases and loads adapters for requests; one per server."""
+
+    def __init__(self, settings: Settings, catalog: AdapterCatalog, metrics: AdapterMetrics, engine: LoraEngine) -> None:
         self.base_name = settings.model.name
         self.catalog = catalog
         self.metrics = metrics
+        self.engine = engine
         self.policy = settings.store.fallback if settings.store is not None else "error"
 
     # -- access -------------------------------------------------------------------------
@@ -97,7 +127,7 @@ class AdapterResolver:
         if model == self.base_name:
             return Resolution(None)
         try:
-            return Resolution(await asyncio.to_thread(self._lease, model, principal))
+            return Resolution(await self._acquire(model, principal))
         except _Unservable as e:
             return await self._fall_back(e, principal)
 
@@ -105,45 +135,85 @@ class AdapterResolver:
         if resolution.adapter is not None:
             self.catalog.release(resolution.adapter)
 
+    async def _acquire(self, model: str, principal: Principal) -> ServedAdapter:
+        adapter = await asyncio.to_thread(self._lease, model, principal)
+        try:
+            await self.engine.ensure_loaded(adapter)
+        except AdapterLoadFailed as e:
+            self.catalog.release(adapter)
+            reason = f"{ENGINE_LOAD_FAILED}: {e}"
+            logger.warning("engine refused adapter %s@%s: %s", adapter.name, adapter.version[:16], e)
+            await asyncio.to_thread(
+                self.catalog.store.registry.record_health, adapter.name, adapter.version, "failed", reason=reason
+            )
+            raise _Unservable(adapter.name, ENGINE_LOAD_FAILED, str(e), label=adapter.name) from e
+        except BaseException as e:
+            self.catalog.release(adapter)
+            if isinstance(e, Exception) and not self.engine.ready:
+                raise EngineUnavailableError("The engine is not running; retry later.") from e
+            raise
+        return adapter
+
     def _lease(self, model: str, principal: Principal) -> ServedAdapter:
         try:
-            version = self.catalog.find(model)
+            name = AdapterRef.parse(model).name
+        except InvalidRef:
+            raise self.not_found(model, principal) from None
+        try:  # the owner first, from the registry alone: nothing is fetched for a caller who may not use it
+            owner = self.catalog.store.tenant(name)
+        except AdapterNotFound:
+            claim = on_demand_claim(principal)
+            if claim is None:
+                raise self.not_found(model, principal) from None
+        else:
+            if not principal.may_use(owner):
+                raise self.not_found(model, principal)
+            claim = None
+        try:
+            version = self.catalog.find(model, register_for=claim)
         except AdapterStoreError as e:  # found in a source on demand, but refused or unreadable
-            raise _Unservable(model.partition("@")[0], _reason(e), e.message) from e
+            raise _Unservable(name, _reason(e), e.message, label=UNKNOWN_LABEL) from e
+        # Checked again: a racing on-demand registration may have given the name to another tenant.
         if version is None or not self.may_use(principal, version.name):
             raise self.not_found(model, principal)
         health = self.catalog.health(version)
         if health.state == "failed":
-            raise _Unservable(version.name, HEALTH_FAILED, f"its last health check failed: {health.reason}")
+            raise _Unservable(version.name, HEALTH_FAILED, f"its last health check failed: {health.reason}", label=name)
         cached = self.catalog.store.cache.contains(version.version)
         started = time.perf_counter()
         try:
             adapter = self.catalog.acquire(version)
         except AdapterStoreError as e:
-            raise _Unservable(version.name, _reason(e), e.message) from e
+            raise _Unservable(version.name, _reason(e), e.message, label=name) from e
         self.metrics.adapter_lookups.labels(version.name, "disk", "hit" if cached else "miss").inc()
         if not cached:
             self.metrics.adapter_load_latency.labels(version.name, "disk").observe(time.perf_counter() - started)
         return adapter
 
+    def _unavailable(self, error: _Unservable, principal: Principal, suffix: str) -> AdapterUnavailableError:
+        """The 503 for ``error``: the name asked for and a reason code; the detail for admins and the log only."""
+        logger.warning("adapter %r cannot be served (%s): %s", error.name, error.reason, error.detail)
+        detail = f": {error.detail}" if principal.is_admin else ""
+        return AdapterUnavailableError(
+            f"The adapter {error.name!r} cannot be served ({error.reason}){detail}. {suffix}", param="model"
+        )
+
     async def _fall_back(self, error: _Unservable, principal: Principal) -> Resolution:
         if self.policy == "error":
-            self.metrics.errors.labels(error.name, AdapterUnavailableError.code).inc()
-            raise AdapterUnavailableError(
-                f"The adapter {error.name!r} cannot be served ({error.reason}): {error.detail}. "
+            self.metrics.errors.labels(error.label, AdapterUnavailableError.code).inc()
+            raise self._unavailable(
+                error,
+                principal,
                 "The server's fallback policy (store.fallback) is 'error'; retry later or use another model.",
-                param="model",
             )
-        self.metrics.fallbacks.labels(error.name, error.reason).inc()
+        self.metrics.fallbacks.labels(error.label, error.reason).inc()
         if self.policy == "base":
             return Resolution(None, replaced=error.name, reason=error.reason)
         assert self.policy not in FALLBACK_POLICIES
         try:
-            adapter = await asyncio.to_thread(self._lease, self.policy, principal)
+            adapter = await self._acquire(self.policy, principal)
         except (_Unservable, ModelNotFoundError) as e:
-            raise AdapterUnavailableError(
-                f"The adapter {error.name!r} cannot be served ({error.reason}), and neither can its fallback "
-                f"{self.policy!r} (store.fallback) for this caller.",
-                param="model",
+            raise self._unavailable(
+                error, principal, f"Neither can its fallback {self.policy!r} (store.fallback) for this caller."
             ) from e
         return Resolution(adapter, replaced=error.name, reason=error.reason)

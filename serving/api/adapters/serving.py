@@ -114,9 +114,14 @@ class AdaptersServing:
     # -- registering --------------------------------------------------------------------
 
     async def register(self, request: RegisterRequest) -> VersionView:
-        tags = self._tags(request.tags, request.tenant)
+        """A new name becomes ``request.tenant``'s; an existing one must already be (409 otherwise)."""
         version = await self._store(
-            self.store.register, request.source, request.name, tags=tags, aliases=tuple(request.aliases)
+            self.store.register,
+            request.source,
+            request.name,
+            tenant=request.tenant,
+            tags=self._tags(request.tags),
+            aliases=tuple(request.aliases),
         )
         return await self._registered(version, request.check)
 
@@ -126,11 +131,12 @@ class AdaptersServing:
         """Register uploaded files (``adapter_config.json`` and safetensors weights) as a new version."""
         if not files:
             raise InvalidRequestError("No files were uploaded; send adapter_config.json and the weights.", param="files")
-        tags = self._tags({}, tenant)
         with self.store.staging() as staging:
             for upload in files:
                 await self._save_upload(upload, staging)
-            version = await self._store(self.store.register_upload, staging, name, tags=tags, aliases=tuple(aliases))
+            version = await self._store(
+                self.store.register_upload, staging, name, tenant=tenant, aliases=tuple(aliases)
+            )
         return await self._registered(version, check)
 
     @staticmethod
@@ -150,10 +156,10 @@ class AdaptersServing:
                 out.write(chunk)
 
     @staticmethod
-    def _tags(tags: dict[str, str], tenant: str | None) -> dict[str, str]:
+    def _tags(tags: dict[str, str]) -> dict[str, str]:
         if TENANT_TAG in tags:
             raise InvalidRequestError(f"Set the tenant with the tenant field, not the {TENANT_TAG!r} tag.", param="tags")
-        return {**tags, TENANT_TAG: tenant} if tenant is not None else dict(tags)
+        return dict(tags)
 
     async def _registered(self, version: AdapterVersion, check: bool) -> VersionView:
         if check:
@@ -222,6 +228,7 @@ class AdaptersServing:
             reason = f"{type(e).__name__}: {e.message}"
         else:
             try:
+                await self.engine.ensure_loaded(adapter)  # the requests' path: a refusal fails the probe only
                 await self._generate(adapter)
             except Exception as e:
                 if not self.engine.ready:
