@@ -154,6 +154,7 @@ def registration_cost(config: dict, names: list[str], scratch: Path) -> dict:
     opens it (``serving.adapters.open_store``); each name is resolved on demand
     once: find in the source, validate, hash, copy into the disk cache, insert.
     """
+    from adapter_store import Claim
     from serving.adapters import open_store
 
     scratch_config = {**config, "store": {**config["store"], "root": str(scratch)}}
@@ -162,7 +163,7 @@ def registration_cost(config: dict, names: list[str], scratch: Path) -> dict:
     try:
         for name in names:
             start = time.perf_counter()
-            store.version(name)
+            store.version(name, register_for=Claim(None))  # as the server registers for an open-mode caller
             times.append(time.perf_counter() - start)
     finally:
         store.close()

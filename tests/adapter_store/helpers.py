@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import sqlite3
 from pathlib import Path
 
 import numpy as np
 from safetensors.numpy import save_file
+
+from adapter_store.registry import DB_NAME
 
 BASE_NAME = "tiny-base"
 BUCKET = "adapters"
@@ -95,3 +98,43 @@ def upload(endpoint: str, directory: Path, key_prefix: str) -> None:
     for path in directory.rglob("*"):
         if path.is_file():
             client.upload_file(str(path), BUCKET, key_prefix + path.relative_to(directory).as_posix())
+
+
+# The registry file as schema 1 (before owners on names and the current digest format) wrote it.
+_V1_SCHEMA = """
+CREATE TABLE adapters (name TEXT PRIMARY KEY, created_at REAL NOT NULL);
+CREATE TABLE versions (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT, name TEXT NOT NULL REFERENCES adapters(name), digest TEXT NOT NULL,
+    base_model TEXT NOT NULL, rank INTEGER NOT NULL, alpha REAL NOT NULL, target_modules TEXT NOT NULL,
+    size_bytes INTEGER NOT NULL, created_at REAL NOT NULL, source TEXT NOT NULL, tags TEXT NOT NULL,
+    pinned INTEGER NOT NULL DEFAULT 0, UNIQUE (name, digest)
+);
+CREATE TABLE aliases (
+    name TEXT NOT NULL, alias TEXT NOT NULL, digest TEXT NOT NULL, updated_at REAL NOT NULL,
+    PRIMARY KEY (name, alias), FOREIGN KEY (name, digest) REFERENCES versions(name, digest)
+);
+CREATE TABLE health (
+    name TEXT NOT NULL, digest TEXT NOT NULL, state TEXT NOT NULL, reason TEXT, checked_at REAL, latency_s REAL,
+    PRIMARY KEY (name, digest), FOREIGN KEY (name, digest) REFERENCES versions(name, digest) ON DELETE CASCADE
+);
+"""
+
+
+def write_v1_registry(root: Path, versions: list[tuple[str, str, str, dict]]) -> None:
+    """A registry file as schema 1 wrote it; ``versions`` are (name, digest, source, tags), oldest first."""
+    root.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(root / DB_NAME)
+    conn.executescript(_V1_SCHEMA)
+    for seq, (name, version, source, tags) in enumerate(versions):
+        conn.execute("INSERT OR IGNORE INTO adapters VALUES (?, ?)", (name, seq))
+        conn.execute(
+            "INSERT INTO versions (name, digest, base_model, rank, alpha, target_modules, size_bytes, created_at, "
+            "source, tags) VALUES (?, ?, 'base', 8, 16.0, '[\"q_proj\"]', 10, ?, ?, ?)",
+            (name, version, seq, source, json.dumps(tags)),
+        )
+        conn.execute(
+            "INSERT OR REPLACE INTO aliases VALUES (?, 'latest', ?, ?)", (name, version, seq)
+        )
+    conn.execute("PRAGMA user_version = 1")
+    conn.commit()
+    conn.close()

@@ -18,9 +18,11 @@ from adapter_store import (
     AdapterRegistry,
     AmbiguousVersion,
     InvalidRef,
+    OwnershipConflict,
     VersionConflict,
 )
 from adapter_store.registry import DB_NAME
+from tests.adapter_store.helpers import write_v1_registry
 
 META = AdapterMetadata(base_model="base", rank=8, alpha=16.0, target_modules=("q_proj", "v_proj"), size_bytes=1234)
 
@@ -63,6 +65,9 @@ def test_parse_valid_refs(text: str, expected: AdapterRef) -> None:
         ("code@sta ble", "alias 'sta ble'"),
         ("code@a@b", "alias 'a@b'"),
         ("../etc@x", "adapter name '../etc'"),
+        ("code\n", "adapter name 'code\\n'"),  # `$` alone would let a trailing newline through
+        ("code@stable\n", "alias 'stable\\n'"),
+        ("code@deadbeef\n", "alias 'deadbeef\\n'"),
     ],
 )
 def test_parse_invalid_refs(text: str, fragment: str) -> None:
@@ -223,3 +228,91 @@ def test_concurrent_processes(tmp_path: Path) -> None:
         p.join(timeout=120)
     assert [p.exitcode for p in procs] == [0] * workers
     _check_consistent(root, workers, count)
+
+
+# -- ownership: set on the name by its first registration, never changed by a later version ----------
+
+
+def test_owner_is_set_once_and_versions_inherit_it(registry: AdapterRegistry) -> None:
+    registry.register("medical", digest("one"), META, source="s", tenant="hospital")
+    registry.register("medical", digest("two"), META, source="s", tenant="hospital")  # a new version: same owner
+    assert registry.owner("medical") == "hospital"
+    for tenant in ("lawfirm", None):  # another tenant, or none (public), is refused: new files...
+        with pytest.raises(OwnershipConflict, match="belongs to tenant 'hospital'") as info:
+            registry.register("medical", digest("three"), META, source="s", tenant=tenant)
+        assert isinstance(info.value, VersionConflict) and info.value.param == "tenant"
+        with pytest.raises(OwnershipConflict):  # ...and the very same files as an existing version
+            registry.register("medical", digest("one"), META, source="s", tenant=tenant)
+        with pytest.raises(OwnershipConflict):
+            registry.check_owner("medical", tenant)
+    assert registry.owner("medical") == "hospital"
+    assert [v.version for v in registry.versions("medical")] == [digest("two"), digest("one")]
+
+
+def test_a_public_name_stays_public(registry: AdapterRegistry) -> None:
+    registry.register("code", digest("one"), META, source="s")
+    with pytest.raises(OwnershipConflict, match="belongs to no tenant \\(public\\)"):
+        registry.register("code", digest("two"), META, source="s", tenant="hospital")
+    assert registry.owner("code") is None and len(registry.versions("code")) == 1
+
+
+def test_owner_of_an_unknown_name_is_not_found(registry: AdapterRegistry) -> None:
+    with pytest.raises(AdapterNotFound):
+        registry.owner("nothing")
+
+
+def test_ownership_ends_with_the_last_version(registry: AdapterRegistry) -> None:
+    registry.register("code", digest("one"), META, source="s", tenant="a")
+    registry.delete("code")
+    registry.register("code", digest("two"), META, source="s", tenant="b")
+    assert registry.owner("code") == "b"
+
+
+# -- schema 1 files are upgraded in place --------------------------------------------------------------
+
+def test_v1_owner_comes_from_the_oldest_version_and_a_tenant_beats_public(tmp_path: Path, caplog) -> None:
+    write_v1_registry(
+        tmp_path,
+        [
+            ("medical", digest("m1"), "s", {"tenant": "hospital"}),
+            ("medical", digest("m2"), "s", {}),  # the later public upload that made every version public
+            ("mixed", digest("x1"), "s", {}),
+            ("mixed", digest("x2"), "s", {"tenant": "lawfirm"}),
+            ("code", digest("c1"), "s", {"team": "x"}),
+        ],
+    )
+    registry = AdapterRegistry(tmp_path)
+    assert [registry.owner(n) for n in ("medical", "mixed", "code")] == ["hospital", "lawfirm", None]
+    assert "'mixed'" in caplog.text and "'medical'" in caplog.text and "'code'" not in caplog.text
+    assert all(v.legacy_digest for v in registry.all_versions())
+    assert registry.legacy_digests() == sorted(digest(t) for t in ("m1", "m2", "x1", "x2", "c1"))
+    assert sqlite3.connect(tmp_path / DB_NAME).execute("PRAGMA user_version").fetchone()[0] == 2
+    registry.close()
+
+
+def test_rekey_moves_versions_aliases_health_and_upload_sources(tmp_path: Path) -> None:
+    old, new = digest("old"), digest("new")
+    write_v1_registry(tmp_path, [("code", old, f"upload:{old}", {}), ("copy", old, "file:///x", {})])
+    registry = AdapterRegistry(tmp_path)
+    registry.set_alias("code", "stable", "latest")
+    registry.record_health("code", old, "ok")
+    moved = []
+    registry.rekey(old, new, move=lambda: moved.append(True))
+    assert moved == [True] and registry.legacy_digests() == []
+    code, copy = registry.get("code@stable"), registry.get("copy")
+    assert (code.version, code.source, code.legacy_digest) == (new, f"upload:{new}", False)
+    assert (copy.version, copy.source) == (new, "file:///x")
+    assert registry.health("code", new).state == "ok"
+
+
+def test_a_failed_move_changes_nothing(tmp_path: Path) -> None:
+    old = digest("old")
+    write_v1_registry(tmp_path, [("code", old, "s", {})])
+    registry = AdapterRegistry(tmp_path)
+
+    def fail() -> None:
+        raise OSError("disk full")
+
+    with pytest.raises(OSError):
+        registry.rekey(old, digest("new"), move=fail)
+    assert registry.get("code").version == old and registry.legacy_digests() == [old]

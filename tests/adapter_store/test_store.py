@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import shutil
 import threading
 from pathlib import Path
 
@@ -13,14 +15,24 @@ from adapter_store import (
     AdapterPinned,
     Claim,
     InvalidAdapter,
+    InvalidRef,
+    LegacyDigest,
+    OwnershipConflict,
     SourceError,
     content_digest,
 )
 from adapter_store.memory import cpu_loras_for_budget, max_adapter_bytes_in_memory
 from adapter_store.settings import StoreSettings
-from adapter_store.store import AdapterStore
+from adapter_store.store import NAME_LOCK_STRIPES, AdapterStore
 from adapter_store.validation import BaseModelSpec
-from tests.adapter_store.helpers import BASE_NAME, BUCKET, upload, write_adapter, write_base_config
+from tests.adapter_store.helpers import (
+    BASE_NAME,
+    BUCKET,
+    upload,
+    write_adapter,
+    write_base_config,
+    write_v1_registry,
+)
 
 
 def open_store(tmp_path: Path, **overrides) -> AdapterStore:
@@ -277,4 +289,100 @@ def test_invalid_upload_keeps_nothing(tmp_path: Path) -> None:
     assert info.value.reason == "rank_too_large"
     assert store.list() == [] and list(store.uploads.directory.iterdir()) == []
     assert store.cache.bytes_on_disk() == 0 and list(store.cache.staging_dir.iterdir()) == []
+    store.close()
+
+
+# -- ownership and on-demand claims ------------------------------------------------------------------
+
+
+def test_register_and_upload_refuse_another_owner_before_fetching(tmp_path: Path) -> None:
+    store = open_store(tmp_path)
+    files = write_adapter(tmp_path / "volume" / "medical", seed=1)
+    v1 = store.register(str(files), "medical", tenant="hospital")
+    for tenant in ("lawfirm", None):
+        with pytest.raises(OwnershipConflict, match="belongs to tenant 'hospital'"):
+            store.register(str(files), "medical", tenant=tenant)  # identical files
+        with pytest.raises(OwnershipConflict):
+            store.register(str(tmp_path / "volume" / "gone"), "medical", tenant=tenant)  # refused before fetching
+        with pytest.raises(OwnershipConflict):
+            _upload(store, write_adapter(tmp_path / "new" / str(tenant), seed=2), "medical", tenant=tenant)
+    assert list(store.uploads.directory.iterdir()) == []  # nothing refused is kept
+    v2 = _upload(store, write_adapter(tmp_path / "new" / "own", seed=3), "medical", tenant="hospital")
+    assert store.tenant("medical") == "hospital" and [v.version for v in store.registry.versions("medical")] == [
+        v2.version,
+        v1.version,
+    ]
+    with pytest.raises(InvalidRef, match="reserved"):
+        store.register(str(files), "other", tags={"tenant": "hospital"})
+    store.close()
+
+
+@pytest.mark.parametrize(("claim", "owner"), [(Claim("hospital"), "hospital"), (Claim(None), None)])
+def test_on_demand_registers_for_the_claimant_only(tmp_path: Path, claim: Claim, owner: str | None) -> None:
+    write_adapter(tmp_path / "volume" / "legal", seed=7)
+    store = open_store(tmp_path, on_demand=True)
+    with pytest.raises(AdapterNotFound):  # no claim: nothing is looked up, nothing registered
+        store.version("legal")
+    assert store.list() == []
+    version = store.version("legal", register_for=claim)
+    assert store.tenant("legal") == owner and version.tags == {"registered_by": "on_demand"}
+    other = Claim("lawfirm")  # a later claimant gets the registered version back, owner unchanged (callers check)
+    assert store.version("legal", register_for=other) == version and store.tenant("legal") == owner
+    store.close()
+
+
+def test_unknown_names_leave_no_lock_behind(tmp_path: Path) -> None:
+    store = open_store(tmp_path, on_demand=True)
+    locks = store._name_locks
+    for i in range(1000):
+        with pytest.raises(AdapterNotFound):
+            store.version(f"unknown-{i}", register_for=Claim("t"))
+    assert store._name_locks is locks and len(locks) == NAME_LOCK_STRIPES
+    store.close()
+
+
+# -- re-keying a registry of the old digest format ---------------------------------------------------
+
+
+def old_digest(directory: Path) -> str:
+    """The schema-1 digest, copied here: sha256 over sorted files of name + b"\\0" + bytes + b"\\0"."""
+    h = hashlib.sha256()
+    for file in sorted((p for p in directory.rglob("*") if p.is_file()), key=lambda p: p.relative_to(directory).as_posix()):
+        h.update(file.relative_to(directory).as_posix().encode() + b"\0" + file.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+def test_old_registry_is_rekeyed_from_cache_source_and_uploads(tmp_path: Path, caplog) -> None:
+    root = tmp_path / "store"
+    cached = write_adapter(tmp_path / "volume" / "cached", seed=1)  # also in cache/<old>
+    fetched = write_adapter(tmp_path / "volume" / "fetched", seed=2)  # only in its source
+    uploaded = write_adapter(tmp_path / "up", seed=3)  # an upload: uploads/<old>
+    lost = write_adapter(tmp_path / "volume" / "lost", seed=4)  # source changed since: cannot be re-hashed
+    old = {d.name: old_digest(d) for d in (cached, fetched, uploaded, lost)}
+    shutil.copytree(cached, root / "cache" / old["cached"])
+    shutil.copytree(uploaded, root / "uploads" / old["up"])
+    write_v1_registry(
+        root,
+        [
+            ("cached", old["cached"], str(cached), {"tenant": "hospital"}),
+            ("fetched", old["fetched"], str(fetched), {}),
+            ("up", old["up"], f"upload:{old['up']}", {}),
+            ("lost", old["lost"], str(lost), {}),
+        ],
+    )
+    write_adapter(lost, seed=5)
+    store = open_store(tmp_path)
+    for name, directory in (("cached", cached), ("fetched", fetched), ("up", uploaded)):
+        version = store.version(name)
+        assert version.version == content_digest(directory) and not version.legacy_digest
+        with store.lease(name) as adapter:
+            assert content_digest(adapter.path) == version.version
+    assert store.version("up").source == f"upload:{content_digest(uploaded)}"
+    assert (root / "uploads" / content_digest(uploaded)).is_dir()
+    assert store.tenant("cached") == "hospital"
+    legacy = store.version("lost")  # still registered, flagged, refused at lease with the fix
+    assert legacy.version == old["lost"] and legacy.legacy_digest
+    with pytest.raises(LegacyDigest, match="register its files again"):
+        store.acquire("lost")
+    assert f"{old['lost'][:16]}" in caplog.text
     store.close()

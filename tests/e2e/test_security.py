@@ -289,7 +289,9 @@ def test_adapters_registered_for_a_tenant_are_that_tenants_alone(secure, demo_as
     assert denied.status_code == 403 and error_of(denied)["code"] == "permission_denied"
     created = register(secure, "admin", "triage", source, tenant="hospital")
     assert created.status_code == 201, created.text
-    assert created.json()["info"]["tags"] == {"tenant": "hospital"}
+    assert created.json()["info"]["tags"] == {}  # the owner is the name's, not a version tag
+    shown = httpx.get(f"{secure.url}/v1/adapters/triage", headers=auth("admin"))
+    assert shown.json()["tenant"] == "hospital"
 
     assert complete(secure, "hospital", model="triage").status_code == 200
     hidden, unknown = complete(secure, "lawfirm", model="triage"), complete(secure, "lawfirm", model="nope")

@@ -9,7 +9,7 @@ import yaml
 
 from adapter_store import InvalidAdapter
 from serving.adapters import open_store
-from serving.config import load_settings
+from serving.config import ConfigError, load_settings
 from tests.adapter_store.helpers import BASE_NAME, write_adapter, write_base_config
 
 
@@ -79,3 +79,18 @@ def test_memory_budget_sizes_the_host_adapter_cache(tmp_path: Path, engine: dict
             max_cpu_loras(settings)
     else:
         assert max_cpu_loras(settings) == expected
+
+
+def test_configured_tenant_owns_the_name_and_a_conflicting_registry_refuses_start_up(tmp_path: Path) -> None:
+    write_adapter(tmp_path / "adapters" / "medical", seed=1)
+    store_section = {"root": "store"}
+    entry = {"name": "medical", "path": "adapters/medical", "tenant": "hospital"}
+    store = open_store(load_settings(write_config(tmp_path, store_section, [entry])), tmp_path / "unused")
+    assert store.tenant("medical") == "hospital"
+    store.close()
+    moved = load_settings(write_config(tmp_path, store_section, [entry | {"tenant": "lawfirm"}]))
+    with pytest.raises(ConfigError, match=r"adapters\['medical'\].tenant does not match the store .*tenant 'hospital'"):
+        open_store(moved, tmp_path / "unused")
+    public = load_settings(write_config(tmp_path, store_section, [{"name": "medical", "path": "adapters/medical"}]))
+    with pytest.raises(ConfigError, match="for no tenant"):
+        open_store(public, tmp_path / "unused")

@@ -7,6 +7,7 @@ in worker threads; probes and unloads talk to the engine on the event loop.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import math
 import re
@@ -193,7 +194,11 @@ class AdaptersServing:
     # -- health -------------------------------------------------------------------------
 
     async def health(self, ref: str, principal: Principal) -> HealthView:
-        """Unknown refs and other tenants' adapters get the same 404, as for generation requests."""
+        """Unknown refs and other tenants' adapters get the same 404, as for generation requests.
+
+        Callers other than admins see the failure's code (``AdapterLoadFailed``,
+        ``engine_load_failed``, ``InvalidAdapter``...), not its detail.
+        """
         try:
             version = await asyncio.to_thread(self.store.registry.get, ref)
         except (AdapterNotFound, InvalidRef):
@@ -202,7 +207,10 @@ class AdaptersServing:
             raise NotFoundError(
                 f"No adapter {ref!r} is served to this key; GET /v1/models lists the ones it may use.", param="ref"
             )
-        return self._health_view(version, await self._store(self.catalog.health, version))
+        record = await self._store(self.catalog.health, version)
+        if record.reason is not None and not principal.is_admin:  # the code only: details name paths and sources
+            record = dataclasses.replace(record, reason=record.reason.partition(":")[0])
+        return self._health_view(version, record)
 
     async def check(self, ref: str) -> HealthView:
         version = await self._store(self.store.registry.get, ref)

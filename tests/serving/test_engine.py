@@ -1,0 +1,69 @@
+"""``LoraEngine.ensure_loaded``: each version is loaded once through ``add_lora`` before requests reach it.
+
+The engine here is a stand-in with vLLM's ``add_lora`` contract (an awaitable
+that raises when the adapter is refused); the real engine path, a refused
+adapter that leaves the server serving, is in tests/e2e/test_security_tenants.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from adapter_store import ServedAdapter
+from serving.config import load_settings
+from serving.engine import AdapterLoadFailed, LoraEngine
+from tests.serving.test_adapters import write_config
+
+
+class _Engine:
+    """What LoraEngine uses of vLLM's AsyncLLM for loading: add_lora (slow, refusing ``bad``) and errored."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+        self.errored = False
+
+    async def add_lora(self, request) -> bool:
+        self.calls.append(request.lora_name)
+        await asyncio.sleep(0.05)
+        if request.lora_name == "bad":
+            raise Exception("Call to add_lora method failed: Adapter bias is not supported.")
+        return True
+
+
+def _engine(tmp_path: Path) -> tuple[LoraEngine, _Engine]:
+    engine = LoraEngine(load_settings(write_config(tmp_path, None, [])))
+    fake = _Engine()
+    engine._llm = fake
+    return engine, fake
+
+
+def _adapter(name: str) -> ServedAdapter:
+    return ServedAdapter(name=name, version=name * 8, path=Path("/nonexistent") / name)
+
+
+def test_concurrent_first_requests_share_one_load_and_later_ones_none(tmp_path: Path) -> None:
+    engine, fake = _engine(tmp_path)
+
+    async def run() -> None:
+        await asyncio.gather(*(engine.ensure_loaded(_adapter("good")) for _ in range(10)))
+        await engine.ensure_loaded(_adapter("good"))
+
+    asyncio.run(run())
+    assert fake.calls == ["good"] and engine._loading == {}
+
+
+def test_a_refused_load_fails_every_waiting_caller_and_is_tried_again_later(tmp_path: Path) -> None:
+    engine, fake = _engine(tmp_path)
+
+    async def run() -> list[BaseException | None]:
+        return await asyncio.gather(*(engine.ensure_loaded(_adapter("bad")) for _ in range(3)), return_exceptions=True)
+
+    results = asyncio.run(run())
+    assert all(isinstance(r, AdapterLoadFailed) and "bias is not supported" in str(r) for r in results)
+    assert fake.calls == ["bad"] and engine._loading == {}  # nothing kept for a failed load
+    with pytest.raises(AdapterLoadFailed):
+        asyncio.run(engine.ensure_loaded(_adapter("bad")))
+    assert fake.calls == ["bad", "bad"]
