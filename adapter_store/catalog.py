@@ -57,9 +57,6 @@ class AdapterCatalog:
         except (AdapterNotFound, InvalidRef):
             return None
 
-    def registered(self, name: str) -> bool:
-        return name in self.store.registry.names()
-
     def owner(self, name: str) -> str | None:
         """The tenant ``name`` belongs to; ``None`` for a public (or unknown) adapter. Never fetches."""
         try:
