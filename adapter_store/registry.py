@@ -151,16 +151,17 @@ class AdapterRegistry:
         conn.execute("ALTER TABLE versions ADD COLUMN legacy_digest INTEGER NOT NULL DEFAULT 0")
         conn.execute("UPDATE versions SET legacy_digest = 1")
         for (name,) in conn.execute("SELECT name FROM adapters").fetchall():
-            tags = [json.loads(t).get(_V1_TENANT_TAG) for (t,) in conn.execute(
-                "SELECT tags FROM versions WHERE name = ? ORDER BY seq", (name,)
-            )]
+            rows = conn.execute("SELECT tags FROM versions WHERE name = ? ORDER BY seq", (name,)).fetchall()
+            tags = [json.loads(t).get(_V1_TENANT_TAG) for (t,) in rows]
             owned = [t for t in tags if t is not None]
             owner = owned[0] if owned else None  # the oldest tenant; any tenant is safer than public
             if len(set(tags)) > 1:
                 logger.warning(
                     "adapter %r: its versions were tagged with different tenants %s (oldest first); "
                     "it now belongs to %s, for every version",
-                    name, tags, _owner_text(owner),
+                    name,
+                    tags,
+                    _owner_text(owner),
                 )
             conn.execute("UPDATE adapters SET tenant = ? WHERE name = ?", (owner, name))
 
@@ -488,7 +489,8 @@ class AdapterRegistry:
             if new != old:
                 # A name that meanwhile got these files again as a new-format version keeps that one.
                 for (name,) in conn.execute(
-                    "SELECT name FROM versions WHERE digest = ? AND name IN (SELECT name FROM versions WHERE digest = ?)",
+                    "SELECT name FROM versions WHERE digest = ? "
+                    "AND name IN (SELECT name FROM versions WHERE digest = ?)",
                     (old, new),
                 ).fetchall():
                     conn.execute("UPDATE aliases SET digest = ? WHERE name = ? AND digest = ?", (new, name, old))

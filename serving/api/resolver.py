@@ -39,7 +39,15 @@ import logging
 import time
 from dataclasses import dataclass
 
-from adapter_store import AdapterCatalog, AdapterNotFound, AdapterRef, AdapterStoreError, Claim, InvalidRef, ServedAdapter
+from adapter_store import (
+    AdapterCatalog,
+    AdapterNotFound,
+    AdapterRef,
+    AdapterStoreError,
+    Claim,
+    InvalidRef,
+    ServedAdapter,
+)
 from adapter_store.settings import FALLBACK_POLICIES
 from serving.api.auth import Principal
 from serving.api.errors import AdapterUnavailableError, EngineUnavailableError, ModelNotFoundError, store_error
@@ -99,7 +107,9 @@ def on_demand_claim(principal: Principal) -> Claim | None:
 class AdapterResolver:
     """Resolves, leases and loads adapters for requests; one per server."""
 
-    def __init__(self, settings: Settings, catalog: AdapterCatalog, metrics: AdapterMetrics, engine: LoraEngine) -> None:
+    def __init__(
+        self, settings: Settings, catalog: AdapterCatalog, metrics: AdapterMetrics, engine: LoraEngine
+    ) -> None:
         self.base_name = settings.model.name
         self.catalog = catalog
         self.metrics = metrics

@@ -347,7 +347,8 @@ def test_unknown_names_leave_no_lock_behind(tmp_path: Path) -> None:
 def old_digest(directory: Path) -> str:
     """The schema-1 digest, copied here: sha256 over sorted files of name + b"\\0" + bytes + b"\\0"."""
     h = hashlib.sha256()
-    for file in sorted((p for p in directory.rglob("*") if p.is_file()), key=lambda p: p.relative_to(directory).as_posix()):
+    files = [p for p in directory.rglob("*") if p.is_file()]
+    for file in sorted(files, key=lambda p: p.relative_to(directory).as_posix()):
         h.update(file.relative_to(directory).as_posix().encode() + b"\0" + file.read_bytes() + b"\0")
     return h.hexdigest()
 

@@ -169,7 +169,8 @@ def test_registering_or_uploading_an_owned_name_for_another_owner_is_409(server,
 
 
 def test_new_versions_keep_the_names_owner(server, demo_assets, tmp_path):
-    v1 = register(server, "evolving", copy_adapter(demo_assets.adapters["legal"], volume(server) / "evolving"), tenant="alpha")
+    first = copy_adapter(demo_assets.adapters["legal"], volume(server) / "evolving")
+    v1 = register(server, "evolving", first, tenant="alpha")
     assert v1.status_code == 201, v1.text
     newer = copy_adapter(demo_assets.adapters["legal"], tmp_path / "evolving2", scale=1.5)
     public = upload(server, "evolving", newer)  # no tenant: refused, nothing changes
