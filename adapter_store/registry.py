@@ -31,7 +31,7 @@ import logging
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -123,7 +123,15 @@ def _owner_text(tenant: str | None) -> str:
 class AdapterRegistry:
     """Persistent registry of adapter versions; safe across threads and processes."""
 
-    def __init__(self, root: Path, *, busy_timeout_s: float = 30.0) -> None:
+    def __init__(
+        self, root: Path, *, busy_timeout_s: float = 30.0, configured_owners: Mapping[str, str | None] | None = None
+    ) -> None:
+        """Open (or create, or upgrade) the registry under ``root``.
+
+        ``configured_owners`` (name → tenant) are owners schema 1 did not keep
+        in the file because serving's config set them; they are used only when
+        upgrading a schema-1 file, and win over its tags, as they did then.
+        """
         root.mkdir(parents=True, exist_ok=True)
         self.path = root / DB_NAME
         self.busy_timeout_s = busy_timeout_s
@@ -137,7 +145,7 @@ class AdapterRegistry:
                     if statement.strip():
                         conn.execute(statement)
             elif schema == 1:
-                self._upgrade_from_v1(conn)
+                self._upgrade_from_v1(conn, configured_owners or {})
             elif schema > _SCHEMA_VERSION:
                 raise RuntimeError(
                     f"{self.path} has registry schema {schema}, newer than this version of loraserve "
@@ -145,7 +153,7 @@ class AdapterRegistry:
                 )
             conn.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
 
-    def _upgrade_from_v1(self, conn: sqlite3.Connection) -> None:
+    def _upgrade_from_v1(self, conn: sqlite3.Connection, configured: Mapping[str, str | None]) -> None:
         """Schema 1 → 2: owners move from version tags onto names; every digest is marked for re-hashing."""
         conn.execute("ALTER TABLE adapters ADD COLUMN tenant TEXT")
         conn.execute("ALTER TABLE versions ADD COLUMN legacy_digest INTEGER NOT NULL DEFAULT 0")
@@ -155,7 +163,9 @@ class AdapterRegistry:
             tags = [json.loads(t).get(_V1_TENANT_TAG) for (t,) in rows]
             owned = [t for t in tags if t is not None]
             owner = owned[0] if owned else None  # the oldest tenant; any tenant is safer than public
-            if len(set(tags)) > 1:
+            if name in configured:
+                owner = configured[name]
+            elif len(set(tags)) > 1:
                 logger.warning(
                     "adapter %r: its versions were tagged with different tenants %s (oldest first); "
                     "it now belongs to %s, for every version",

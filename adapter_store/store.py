@@ -19,7 +19,7 @@ import logging
 import shutil
 import threading
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -75,13 +75,17 @@ class AdapterStore:
         base: BaseModelSpec,
         max_lora_rank: int,
         loader_check: Callable[[dict], None] | None = None,
+        configured_owners: Mapping[str, str | None] | None = None,
     ) -> AdapterStore:
-        """Open (or create) the store under ``settings.root``, re-keying versions of an older digest format.
+        """Open (or create) the store under ``settings.root``, upgrading a registry of an older schema.
 
         ``loader_check`` is the engine's own test of an ``adapter_config.json``
         (serving builds it from vLLM), run by the validator on every adapter.
+        ``configured_owners``: see :class:`AdapterRegistry`.
         """
-        registry = AdapterRegistry(settings.root, busy_timeout_s=settings.busy_timeout_s)
+        registry = AdapterRegistry(
+            settings.root, busy_timeout_s=settings.busy_timeout_s, configured_owners=configured_owners
+        )
         validator = AdapterValidator(
             base,
             max_lora_rank=max_lora_rank,

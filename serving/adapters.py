@@ -44,7 +44,11 @@ def open_store(settings: Settings, default_root: Path) -> AdapterStore:
     # (serving/adapter_rules.py, from the validation work of issue #13); None until that lands.
     loader_check = None
     store = AdapterStore.open(
-        resolved, base=base, max_lora_rank=settings.engine.max_lora_rank, loader_check=loader_check
+        resolved,
+        base=base,
+        max_lora_rank=settings.engine.max_lora_rank,
+        loader_check=loader_check,
+        configured_owners={a.name: a.tenant for a in settings.adapters},  # schema 1 kept these in the config only
     )
     try:
         for adapter in settings.adapters:

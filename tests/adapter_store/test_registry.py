@@ -316,3 +316,14 @@ def test_a_failed_move_changes_nothing(tmp_path: Path) -> None:
     with pytest.raises(OSError):
         registry.rekey(old, digest("new"), move=fail)
     assert registry.get("code").version == old and registry.legacy_digests() == [old]
+
+
+def test_v1_owners_set_by_the_config_win_over_tags(tmp_path: Path) -> None:
+    """Schema 1 took configured adapters' owners from serving's config, not from the registry file."""
+    write_v1_registry(tmp_path, [("medical", digest("m1"), "s", {}), ("legal", digest("l1"), "s", {"tenant": "x"})])
+    registry = AdapterRegistry(tmp_path, configured_owners={"medical": "hospital", "legal": None})
+    assert (registry.owner("medical"), registry.owner("legal")) == ("hospital", None)
+    registry.close()
+    again = AdapterRegistry(tmp_path, configured_owners={"medical": "other"})  # schema 2 now: the file decides
+    assert again.owner("medical") == "hospital"
+    again.close()

@@ -8,9 +8,10 @@ import pytest
 import yaml
 
 from adapter_store import InvalidAdapter
+from adapter_store.migration import legacy_digest
 from serving.adapters import open_store
 from serving.config import ConfigError, load_settings
-from tests.adapter_store.helpers import BASE_NAME, write_adapter, write_base_config
+from tests.adapter_store.helpers import BASE_NAME, write_adapter, write_base_config, write_v1_registry
 
 
 def write_config(tmp_path: Path, store: dict | None, adapters: list[dict]) -> Path:
@@ -94,3 +95,14 @@ def test_configured_tenant_owns_the_name_and_a_conflicting_registry_refuses_star
     public = load_settings(write_config(tmp_path, store_section, [{"name": "medical", "path": "adapters/medical"}]))
     with pytest.raises(ConfigError, match="for no tenant"):
         open_store(public, tmp_path / "unused")
+
+
+def test_an_old_registry_keeps_the_configured_owner_of_its_adapters(tmp_path: Path) -> None:
+    """A schema-1 store never recorded configured adapters' tenants (the config did): upgrading keeps them."""
+    files = write_adapter(tmp_path / "adapters" / "medical", seed=1)
+    write_v1_registry(tmp_path / "store", [("medical", legacy_digest(files), str(files), {})])
+    entry = {"name": "medical", "path": "adapters/medical", "tenant": "hospital"}
+    store = open_store(load_settings(write_config(tmp_path, {"root": "store"}, [entry])), tmp_path / "unused")
+    assert store.tenant("medical") == "hospital" and len(store.registry.versions("medical")) == 1
+    assert not store.version("medical").legacy_digest
+    store.close()
