@@ -188,6 +188,7 @@ class LoraEngine:
         if pending is None:
             pending = self._loading[key] = asyncio.ensure_future(self._add(adapter))
             pending.add_done_callback(lambda _: self._loading.pop(key, None))
+            pending.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved even if all waiters left
         await asyncio.shield(pending)  # one caller giving up does not cancel the others' load
 
     async def _add(self, adapter: ServedAdapter) -> None:
