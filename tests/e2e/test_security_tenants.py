@@ -25,6 +25,10 @@ from tests.e2e.adapter_files import CONFIG, WEIGHTS, broken_adapter, copy_adapte
 pytestmark = pytest.mark.engine
 
 KEYS = {name: new_key() for name in ("alpha", "beta", "plain", "admin")}
+# Passes the store's validator but vLLM's loader refuses it ("Adapter bias is not supported."). Should the
+# validator learn vLLM's config rules, {"alpha_pattern": {"q_proj": "x"}} also loads only as far as the engine
+# (PEFTHelper accepts it; get_rank_and_scaling raises TypeError in add_lora).
+ENGINE_ONLY_CONFIG = {"bias": "all"}
 TENANTS = {"alpha": "alpha", "beta": "beta"}
 
 
@@ -243,7 +247,7 @@ def test_unknown_and_unregistrable_names_add_no_label_values(server, demo_assets
 def test_an_adapter_the_engine_refuses_cannot_kill_the_engine(server, demo_assets):
     biased = copy_adapter(demo_assets.adapters["code"], volume(server) / "biased", scale=0.6)
     config = json.loads((biased / CONFIG).read_text())
-    (biased / CONFIG).write_text(json.dumps(config | {"bias": "all"}))  # vLLM: "Adapter bias is not supported."
+    (biased / CONFIG).write_text(json.dumps(config | ENGINE_ONLY_CONFIG))
     created = register(server, "biased", biased)
     assert created.status_code == 201, created.text  # our validator lets it through; the engine's loader does not
     for key in ("plain", "alpha"):
@@ -259,6 +263,6 @@ def test_an_adapter_the_engine_refuses_cannot_kill_the_engine(server, demo_asset
     assert health.json()["reason"] == "engine_load_failed"  # the code; the detail is for admins
     check = httpx.post(f"{server.url}/v1/adapters/biased/health", headers=auth("admin"), timeout=120)
     assert check.status_code == 200 and check.json()["state"] == "failed", check.text
-    assert "bias is not supported" in check.json()["reason"]  # the admin sees why
+    assert "AdapterLoadFailed" in check.json()["reason"]  # the admin sees why
     assert httpx.get(f"{server.url}/health").status_code == 200
     assert complete(server, "plain", "code").status_code == 200
