@@ -22,7 +22,11 @@ class RegisterRequest(BaseModel):
     source: str = Field(min_length=1, max_length=2048, description="Absolute path, file:// or s3:// URI.")
     aliases: list[str] = Field(default=[], max_length=16, description="Aliases to point at the new version.")
     tags: dict[str, str] = Field(default={}, max_length=32, description="Free-form labels kept with the version.")
-    tenant: str | None = Field(default=None, pattern=TENANT_PATTERN, description="Owning tenant; null: public.")
+    tenant: str | None = Field(
+        default=None,
+        pattern=TENANT_PATTERN,
+        description="Owning tenant; null: public. Set by the name's first registration; later versions must match (409).",
+    )
     check: bool = Field(default=True, description="Load it and generate a few tokens before answering.")
 
 
