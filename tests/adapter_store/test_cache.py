@@ -27,7 +27,7 @@ class World:
         self.registry = AdapterRegistry(tmp_path / "store")
         self.sources = SourceSet([LocalSourceSettings(type="local", roots=[self.volume])])
         spec = BaseModelSpec.from_config(write_base_config(tmp_path / "base"), [BASE_NAME])
-        validator = AdapterValidator(spec, max_lora_rank=16)
+        self.validator = validator = AdapterValidator(spec, max_lora_rank=16)
         self.versions: list[AdapterVersion] = []
         for i in range(count):
             directory = write_adapter(self.volume / f"a{i}", rank=4 if i % 2 else 8, seed=i)
@@ -41,6 +41,7 @@ class World:
             self.tmp / "store" / "staging",
             budget,
             fetch=lambda uri, dest: self.sources.fetch(uri, dest, max_bytes=1 << 20),
+            check=self.validator.validate,
             pinned=lambda: {v.version for v in self.registry.pinned()},
         )
 
