@@ -7,6 +7,7 @@ the adapter inside the engine step; the check must turn every one into
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -102,3 +103,12 @@ def test_the_check_runs_inside_the_validator_after_its_own_rules(tmp_path: Path)
     with pytest.raises(InvalidAdapter) as info:
         validator.validate(write_adapter(tmp_path / "bias", bias="all"))
     assert (info.value.reason, info.value.param, len(seen)) == ("unsupported", "bias", 1)
+
+
+@pytest.mark.parametrize("name", ["code", "legal", "medical"])
+def test_the_demo_adapters_pass_the_validator_with_the_engine_check(demo_assets, name: str) -> None:
+    """PEFT's real configs (every field PEFT 0.21 writes) pass vLLM's rules and the validator's mirror of them."""
+    config = json.loads((demo_assets.adapters[name] / "adapter_config.json").read_text())
+    spec = BaseModelSpec.from_config(demo_assets.base / "config.json", [config["base_model_name_or_path"]])
+    validator = AdapterValidator(spec, max_lora_rank=MAX_RANK, loader_check=engine_lora_check(MAX_RANK))
+    assert validator.validate(demo_assets.adapters[name]).rank == config["r"]
