@@ -3,9 +3,9 @@
 vLLM keeps active adapters in ``max_loras`` slots and ``max_cpu_loras`` in host
 memory; it loads them from a local path. This cache is the tier under those:
 ``<cache>/<sha256>/`` holds one version's files, fetched from its source into a
-staging directory, checked against the version's digest, then renamed into
-place (a rename within one filesystem is atomic, so a reader never sees half an
-adapter). Before anything is added, least-recently-used entries are deleted
+staging directory, checked against the version's digest and validated, then
+renamed into place (a rename within one filesystem is atomic, so a reader never
+sees half an adapter). Before anything is added, least-recently-used entries are deleted
 until it fits: the bytes on disk never exceed the budget. Entries that are
 pinned, or leased by running requests, are never evicted; if those alone fill
 the budget the fetch fails with :class:`CacheFull` instead.
@@ -17,6 +17,14 @@ place) re-hashes the directory. Files that no longer match their digest are
 dropped and fetched again from the source, whose bytes must match the digest
 too; if they do not, the version cannot be served (``checksum_mismatch``).
 The check costs a few ``stat`` calls per request, not a hash.
+
+Every file set is validated (the ``check`` hook, the store's validator) before
+it enters the cache, however it comes: registered, fetched again after an
+eviction, or left on disk by a previous run. A matching digest is not enough:
+files are validated once at registration, but the digest scheme may change,
+and what a refetch or an old cache directory holds was never checked by this
+process; the engine must never load files that were not (a pickle weights file
+beside no safetensors would be ``torch.load``-ed).
 
 Leases and LRU order live in this process: one serving process owns a cache
 directory (the registry, not the cache, is what worker processes share).
@@ -44,6 +52,8 @@ logger = logging.getLogger(__name__)
 
 # (source URI, empty destination directory) -> None: copies the adapter's files.
 Fetcher = Callable[[str, Path], None]
+# A staged adapter directory -> anything; raises InvalidAdapter if its files may not be served.
+Check = Callable[[Path], object]
 # Per file: (relative name, size, mtime_ns, inode); equal signatures mean untouched files.
 Signature = tuple[tuple[str, int, int, int], ...]
 _HEX = frozenset("0123456789abcdef")
@@ -80,6 +90,8 @@ class DiskCache:
         staging_dir: Path,
         budget_bytes: int,
         fetch: Fetcher,
+        *,
+        check: Check,
         pinned: Callable[[], set[str]] = set,
         lease_wait_s: float = 0.0,
     ) -> None:
@@ -88,6 +100,7 @@ class DiskCache:
         self.staging_dir = staging_dir
         self.budget_bytes = budget_bytes
         self._fetch = fetch
+        self._check = check
         self._pinned = pinned
         self._lock = threading.Lock()
         self._released = threading.Condition(self._lock)  # a lease ended: leased bytes may be evictable now
@@ -103,18 +116,31 @@ class DiskCache:
         self._scan()
 
     def _scan(self) -> None:
-        """Adopt what a previous run left, oldest first; drop anything whose bytes no longer match its name."""
+        """Adopt what a previous run left, oldest first; drop anything whose bytes no longer match its name,
+        or that fails validation."""
         found = []
         for path in self.cache_dir.iterdir():
-            if path.is_dir() and len(path.name) == 64 and set(path.name) <= _HEX and content_digest(path) == path.name:
+            if self._intact_and_valid(path):
                 found.append((path.stat().st_mtime, path.name, directory_size(path)))
             else:
-                logger.warning("removing %s from the adapter cache: not a complete, intact version", path)
+                logger.warning("removing %s from the adapter cache: not a complete, intact, valid version", path)
                 _remove(path)
         for _, digest, size in sorted(found):
             self._entries[digest] = size
             self._signatures[digest] = file_signature(self.cache_dir / digest)
         self._trim_to_budget()
+
+    def _intact_and_valid(self, path: Path) -> bool:
+        if path.is_symlink() or not path.is_dir() or len(path.name) != 64 or not set(path.name) <= _HEX:
+            return False
+        if content_digest(path) != path.name:
+            return False
+        try:
+            self._check(path)
+        except InvalidAdapter as e:
+            logger.warning("cached adapter version %s fails validation: %s", path.name[:16], e.message)
+            return False
+        return True
 
     # -- measuring ----------------------------------------------------------------------
 
@@ -178,6 +204,7 @@ class DiskCache:
                         reason="checksum_mismatch",
                         param="source",
                     )
+                self._check(staging)
                 os.rename(staging, self.cache_dir / digest)
             except BaseException:
                 _remove(staging)
@@ -238,7 +265,8 @@ class DiskCache:
         return path
 
     def adopt(self, staging: Path, digest: str, label: str) -> Path:
-        """Move a fetched and validated directory into the cache (registration path)."""
+        """Move a fetched directory into the cache (registration path); validated once more on the way in."""
+        self._check(staging)
         size = directory_size(staging)
         with self._lock:
             if digest in self._entries:

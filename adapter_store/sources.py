@@ -6,6 +6,13 @@ private copy nobody else can change. Sources are confined: a local source reads
 only under its configured roots (after resolving symlinks), an S3 source only
 under its configured URL prefixes. Backends are chosen from a registry keyed on
 the settings' ``type``, and URIs are routed to the source that accepts them.
+
+The files themselves are untrusted, even from a configured source, and the copy
+runs before validation: every copy goes through :mod:`adapter_store.safe_copy`
+(names confined to the destination, bytes capped while copying, local files
+opened without following links and checked on the descriptor read). The
+adapter directory itself may be reached through a symlink that resolves inside
+a root; nothing inside it may be a link, and no file may have a second name.
 """
 
 from __future__ import annotations
@@ -18,8 +25,19 @@ from pathlib import Path, PurePosixPath
 from typing import Any, ClassVar
 from urllib.parse import unquote, urlparse
 
-from adapter_store.errors import InvalidAdapter, SourceError
+from adapter_store.errors import SourceError
 from adapter_store.refs import check_name
+from adapter_store.safe_copy import (
+    MAX_FILES,
+    ByteBudget,
+    copy_capped,
+    copy_directory,
+    emptied_on_failure,
+    safe_parts,
+    too_large,
+    too_many_files,
+    writable_target,
+)
 from adapter_store.settings import LocalSourceSettings, S3SourceSettings, SourceSettings
 
 logger = logging.getLogger(__name__)
@@ -60,14 +78,6 @@ def register_source_type(settings_type: str) -> Callable[[type[AdapterSource]], 
         return cls
 
     return add
-
-
-def _too_large(uri: str, size: int, max_bytes: int) -> InvalidAdapter:
-    return InvalidAdapter(
-        f"adapter at {uri} takes {size} bytes, more than the limit of {max_bytes} bytes (store.max_adapter_bytes); "
-        "lower its rank or raise the limit",
-        reason="too_large",
-    )
 
 
 @register_source_type("local")
@@ -114,18 +124,7 @@ class LocalSource(AdapterSource):
         directory = self._confined(self.path_of(uri), uri)
         if not directory.is_dir():
             raise SourceError(f"{uri!r} is not a directory (resolved to {directory})", param="source")
-        files = []
-        for path in sorted(directory.rglob("*")):
-            real = self._confined(path, f"{uri} ({path.relative_to(directory)})")
-            if real.is_file():
-                files.append((path.relative_to(directory), real))
-        size = sum(real.stat().st_size for _, real in files)
-        if size > max_bytes:
-            raise _too_large(uri, size, max_bytes)
-        for rel, real in files:
-            target = dest / rel
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(real, target)
+        copy_directory(directory, dest, ByteBudget(uri, max_bytes))
 
     def find(self, name: str) -> str | None:
         check_name(name)
@@ -192,21 +191,33 @@ class S3Source(AdapterSource):
         objects = self._list(bucket, key, uri)
         if not objects:
             raise SourceError(f"no objects under {uri}; check the bucket and prefix", param="source")
-        size = sum(obj["Size"] for obj in objects)
-        if size > max_bytes:
-            raise _too_large(uri, size, max_bytes)
-        for obj in objects:
-            rel = PurePosixPath(obj["Key"][len(key) :])
-            if not rel.parts or any(part in ("", ".", "..") for part in rel.parts):
-                raise SourceError(f"object {obj['Key']!r} under {uri} has an unsafe name", param="source")
-            target = dest.joinpath(*rel.parts)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            self._call(uri, self.client.download_file, bucket, obj["Key"], str(target))
+        listed = sum(obj["Size"] for obj in objects)
+        if listed > max_bytes:  # refused before any download; the running cap below is what holds
+            raise too_large(uri, listed, max_bytes)
+        budget = ByteBudget(uri, max_bytes)
+        names = [(obj["Key"], safe_parts(obj["Key"][len(key) :], uri)) for obj in objects]  # all, before any write
+        with emptied_on_failure(dest):
+            for object_key, parts in names:
+                target = writable_target(dest, parts, uri)
+                body = self._call(uri, lambda k=object_key: self.client.get_object(Bucket=bucket, Key=k))["Body"]
+                try:
+                    self._call(uri, copy_capped, body.read, target, budget)
+                finally:
+                    body.close()
 
     def _list(self, bucket: str, key: str, uri: str) -> list[dict]:
+        """The objects under ``key`` (not "directory" markers); listing stops past :data:`MAX_FILES`."""
         paginator = self.client.get_paginator("list_objects_v2")
-        pages = self._call(uri, lambda: list(paginator.paginate(Bucket=bucket, Prefix=key)))
-        return [obj for page in pages for obj in page.get("Contents", []) if not obj["Key"].endswith("/")]
+
+        def first_objects() -> list[dict]:
+            objects: list[dict] = []
+            for page in paginator.paginate(Bucket=bucket, Prefix=key):
+                objects += [obj for obj in page.get("Contents", []) if not obj["Key"].endswith("/")]
+                if len(objects) > MAX_FILES:
+                    raise too_many_files(uri)
+            return objects
+
+        return self._call(uri, first_objects)
 
     def find(self, name: str) -> str | None:
         from botocore.exceptions import ClientError
@@ -285,7 +296,7 @@ class UploadSource(AdapterSource):
         directory = self.path_of(uri)
         if not directory.is_dir():
             raise SourceError(f"upload {uri} is gone from {self.directory}; upload the adapter again", param="source")
-        shutil.copytree(directory, dest, dirs_exist_ok=True)
+        copy_directory(directory, dest, ByteBudget(uri, max_bytes))
 
     def find(self, name: str) -> str | None:
         return None

@@ -62,6 +62,7 @@ class AdapterStore:
             settings.root / "staging",
             settings.disk_budget_bytes,
             fetch=self._fetch,
+            check=self.validator.validate,
             pinned=self._pinned_digests,
             lease_wait_s=settings.lease_wait_s,
         )

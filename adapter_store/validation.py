@@ -3,26 +3,34 @@
 vLLM checks some of this only when it loads an adapter into a slot, mid-request
 (rank above ``max_lora_rank`` fails late); other mistakes it never catches
 (an adapter trained for another base with matching shapes, weights that are
-pickles able to run code). Here every rule runs once, up front, and a failure
-is an :class:`InvalidAdapter` with a reason code, the offending key or file,
-the value, the limit and the fix.
+pickles able to run code), and some it refuses only by raising inside the
+engine's step, which stops the engine for every tenant. Here every rule runs
+up front, on untrusted files: a failure is an :class:`InvalidAdapter` with a
+reason code, the offending key or file, the value, the limit and the fix, never
+another exception. The config rules live in :mod:`adapter_store.lora_config`;
+the tensors must be 2-D float16/bfloat16/float32 of exactly the shape the base
+layer and the rank the engine will use for that module (``rank_pattern``
+resolved as PEFT and vLLM resolve it) need, named as vLLM's loader parses
+names. A ``loader_check`` (the engine's own rules, from serving) runs last.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
+import stat
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 from adapter_store.digest import content_digest, directory_size
 from adapter_store.errors import InvalidAdapter
+from adapter_store.lora_config import CONFIG_FILE, LoraSettings, check_features, check_lora_fields, read_config
 from adapter_store.models import AdapterMetadata, AdapterVersion
 from adapter_store.refs import check_name
 from adapter_store.registry import AdapterRegistry
 
-CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 PICKLE_SUFFIXES = frozenset({".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib"})
 ALLOWED_SUFFIXES = frozenset({".json", ".safetensors", ".md", ".txt"})
@@ -32,9 +40,15 @@ _ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 _MLP = ("gate_proj", "up_proj", "down_proj")
 LLAMA_STYLE_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "bitnet"})
 
-# base_model.model.<module path>.lora_A.weight (PEFT's saved layout; ".default" appears in some versions)
-_TENSOR_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.default)?\.weight$")
-_LAYER = re.compile(r"(?:^|\.)layers\.(?P<index>\d+)\.")
+# base_model.model.<module path>.lora_A.weight: PEFT's saved layout, as vLLM parses it (a ".default"
+# before ".weight" makes vLLM's loader raise, so it is refused here).
+_TENSOR_KEY = re.compile(r"base_model\.model\.(?P<module>[A-Za-z0-9_]+(?:\.[A-Za-z0-9_]+)*)\.lora_(?P<ab>[AB])\.weight")
+# A layer index of at most 9 digits, without leading zeros: int() of it is cheap and cannot fail.
+_LAYER = re.compile(r"(?:^|\.)layers\.(?P<index>0|[1-9][0-9]{0,8})\.")
+FLOAT_DTYPES = frozenset({"F16", "BF16", "F32"})
+MAX_HEADER_BYTES = 8 << 20
+"""A safetensors header longer than this is refused before it is parsed (an adapter's is a few hundred kB at most)."""
+LoaderCheck = Callable[[dict], None]
 
 
 @dataclass(frozen=True)
@@ -97,23 +111,26 @@ class AdapterValidator:
         *,
         max_lora_rank: int,
         max_adapter_bytes: int | None = None,
-        loader_check: Callable[[dict], None] | None = None,
+        loader_check: LoaderCheck | None = None,
     ) -> None:
+        """``loader_check`` gets the parsed config after every rule here passed; it raises ``InvalidAdapter``."""
         self.base = base
         self.max_lora_rank = max_lora_rank
         self.max_adapter_bytes = max_adapter_bytes
-        self.loader_check = loader_check  # stored only here; the validation helper's branch calls it
+        self.loader_check = loader_check
 
     def validate(self, directory: Path) -> AdapterMetadata:
         """Metadata of a valid adapter; :class:`InvalidAdapter` naming the first failure otherwise."""
         self._check_files(directory)
-        config = self._read_config(directory)
-        rank, ranks = self._check_config(config)
-        targets = self._check_weights(directory / WEIGHTS_FILE, ranks)
+        config = read_config(directory / CONFIG_FILE)
+        settings = self._check_config(config)
+        targets = self._check_weights(directory / WEIGHTS_FILE, settings)
+        if self.loader_check is not None:
+            self.loader_check(config)
         return AdapterMetadata(
             base_model=config["base_model_name_or_path"],
-            rank=rank,
-            alpha=float(config.get("lora_alpha", 8)),
+            rank=settings.rank,
+            alpha=settings.alpha,
             target_modules=tuple(sorted(targets)),
             size_bytes=directory_size(directory),
         )
@@ -123,16 +140,23 @@ class AdapterValidator:
     def _check_files(self, directory: Path) -> None:
         if not directory.is_dir():
             raise InvalidAdapter(f"{directory} is not a directory of adapter files", reason="not_a_directory")
-        for path in sorted(directory.rglob("*")):
+        for path in _entries(directory):
             rel = path.relative_to(directory).as_posix()
-            if path.is_symlink():
+            mode = path.lstat().st_mode
+            if stat.S_ISLNK(mode):
                 raise InvalidAdapter(
                     f"{rel} is a symbolic link; adapters must be plain files (copy the target in)",
                     reason="symlink",
                     param=rel,
                 )
-            if path.is_dir():
+            if stat.S_ISDIR(mode):
                 continue
+            if not stat.S_ISREG(mode):
+                raise InvalidAdapter(
+                    f"{rel} is not a regular file (a FIFO, socket or device); adapters hold plain files",
+                    reason="unexpected_file",
+                    param=rel,
+                )
             suffix = path.suffix.lower()
             if suffix in PICKLE_SUFFIXES:
                 raise InvalidAdapter(
@@ -168,39 +192,11 @@ class AdapterValidator:
 
     # -- adapter_config.json ------------------------------------------------------------
 
-    @staticmethod
-    def _read_config(directory: Path) -> dict:
-        try:
-            config = json.loads((directory / CONFIG_FILE).read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise InvalidAdapter(
-                f"{CONFIG_FILE} is not valid JSON ({e}); write it with PEFT's save_pretrained",
-                reason="invalid_config",
-                param=CONFIG_FILE,
-            ) from e
-        if not isinstance(config, dict):
-            raise InvalidAdapter(f"{CONFIG_FILE} must hold a JSON object", reason="invalid_config", param=CONFIG_FILE)
-        return config
-
-    def _check_config(self, config: dict) -> tuple[int, frozenset[int]]:
-        """The adapter's rank and every rank its tensors may have (``rank_pattern``)."""
-        if config.get("peft_type") != "LORA":
-            raise InvalidAdapter(
-                f"peft_type is {config.get('peft_type')!r}; only PEFT LoRA adapters (peft_type 'LORA') are served",
-                reason="not_lora",
-                param="peft_type",
-            )
-        if config.get("use_dora"):
-            raise InvalidAdapter(
-                "use_dora is true; DoRA adapters are not supported by the engine. Train a plain LoRA",
-                reason="unsupported",
-                param="use_dora",
-            )
-        rank = config.get("r")
-        pattern = config.get("rank_pattern") or {}
-        ranks = [rank, *pattern.values()]
-        if not all(isinstance(r, int) and not isinstance(r, bool) and r > 0 for r in ranks):
-            raise InvalidAdapter(f"r must be a positive integer, got {rank!r}", reason="invalid_config", param="r")
+    def _check_config(self, config: dict) -> LoraSettings:
+        """Every field the engine reads, typed and within the served model's limits."""
+        check_features(config)
+        settings = check_lora_fields(config)
+        ranks = [settings.rank, *settings.rank_pattern.values()]
         if max(ranks) > self.max_lora_rank:
             raise InvalidAdapter(
                 f"rank {max(ranks)} is greater than max_lora_rank {self.max_lora_rank}; retrain with "
@@ -209,20 +205,20 @@ class AdapterValidator:
                 param="r",
             )
         declared = config.get("base_model_name_or_path")
-        if declared not in self.base.names:
+        if not isinstance(declared, str) or declared not in self.base.names:
+            shown = repr(declared)[:200] if isinstance(declared, str | None) else "(not a string)"
             raise InvalidAdapter(
-                f"adapter was trained for base model {declared!r}, but this server serves "
-                f"{' / '.join(sorted(self.base.names))}; use an adapter trained for it, or list {declared!r} "
+                f"adapter was trained for base model {shown}, but this server serves "
+                f"{' / '.join(sorted(self.base.names))}; use an adapter trained for it, or list {shown} "
                 "in store.compatible_bases if the weights are the same",
                 reason="wrong_base_model",
                 param="base_model_name_or_path",
             )
-        targets = config.get("target_modules")
-        if isinstance(targets, list):
-            unknown = sorted(set(targets) - set(self.base.module_shapes()))
+        if isinstance(settings.target_modules, tuple):
+            unknown = sorted(set(settings.target_modules) - set(self.base.module_shapes()))
             if unknown:
                 raise self._unknown_modules(unknown, "target_modules")
-        return rank, frozenset(ranks)
+        return settings
 
     def _unknown_modules(self, unknown: list[str], param: str) -> InvalidAdapter:
         return InvalidAdapter(
@@ -234,19 +230,19 @@ class AdapterValidator:
 
     # -- adapter_model.safetensors --------------------------------------------------------
 
-    def _check_weights(self, path: Path, ranks: frozenset[int]) -> set[str]:
-        """Parse the safetensors header (sizes included) and check every tensor's shape."""
-        shapes = self._read_shapes(path)
+    def _check_weights(self, path: Path, settings: LoraSettings) -> set[str]:
+        """Parse the safetensors header (sizes included) and check every tensor's name, dtype and shape."""
+        tensors = self._read_header(path)
         expected = self.base.module_shapes()
         pairs: dict[str, set[str]] = {}
-        for key, shape in sorted(shapes.items()):
-            match = _TENSOR_KEY.match(key)
+        for key, (shape, dtype) in sorted(tensors.items()):
+            match = _TENSOR_KEY.fullmatch(key)
             if match is None:
                 raise InvalidAdapter(
-                    f"tensor {key!r} is not a LoRA weight (expected base_model.model.<module>.lora_A/B.weight); "
+                    f"tensor {key[:200]!r} is not a LoRA weight (expected base_model.model.<module>.lora_A/B.weight); "
                     "modules_to_save and embedding adapters are not served",
                     reason="unexpected_tensor",
-                    param=key,
+                    param=key[:200],
                 )
             module_path, ab = match["module"], match["ab"]
             module = module_path.rsplit(".", 1)[-1]
@@ -255,12 +251,18 @@ class AdapterValidator:
             layer = _LAYER.search(module_path)
             if layer is None or int(layer["index"]) >= self.base.num_hidden_layers:
                 raise InvalidAdapter(
-                    f"tensor {key!r} names no layer of the base model, which has {self.base.num_hidden_layers} "
-                    "layers; the adapter was trained for another model",
+                    f"tensor {key[:200]!r} names no layer of the base model, which has "
+                    f"{self.base.num_hidden_layers} layers; the adapter was trained for another model",
                     reason="wrong_shape",
+                    param=key[:200],
+                )
+            if dtype not in FLOAT_DTYPES:
+                raise InvalidAdapter(
+                    f"tensor {key!r} has dtype {dtype}; LoRA weights must be float16, bfloat16 or float32",
+                    reason="wrong_dtype",
                     param=key,
                 )
-            self._check_shape(key, shape, ab, module, expected[module], ranks)
+            self._check_shape(key, shape, ab, module, expected[module], settings.rank_of(module_path))
             pairs.setdefault(module_path, set()).add(ab)
         for module_path, found in pairs.items():
             if found != {"A", "B"}:
@@ -275,38 +277,52 @@ class AdapterValidator:
         return {p.rsplit(".", 1)[-1] for p in pairs}
 
     def _check_shape(
-        self, key: str, shape: tuple[int, ...], ab: str, module: str, in_out: tuple[int, int], ranks: frozenset[int]
+        self, key: str, shape: tuple[int, ...], ab: str, module: str, in_out: tuple[int, int], rank: int
     ) -> None:
+        """``rank`` is the one the engine will use for this module (``rank_pattern`` applied)."""
         fan_in, fan_out = in_out
-        rank = shape[0] if ab == "A" else (shape[1] if len(shape) == 2 else -1)
         want = (rank, fan_in) if ab == "A" else (fan_out, rank)
-        if len(shape) != 2 or shape != want or rank not in ranks:
-            ranks_text = "/".join(str(r) for r in sorted(ranks))
-            layout = f"[r={ranks_text}, {fan_in}]" if ab == "A" else f"[{fan_out}, r={ranks_text}]"
+        if shape != want:
+            layout = f"[r={rank}, {fan_in}]" if ab == "A" else f"[{fan_out}, r={rank}]"
             raise InvalidAdapter(
                 f"tensor {key!r} has shape {list(shape)}, but {module} of the base model needs lora_{ab} of shape "
                 f"{layout} (hidden_size {self.base.hidden_size}, intermediate_size {self.base.intermediate_size}, "
-                f"head_dim {self.base.head_dim}); the adapter was trained for a differently shaped model",
+                f"head_dim {self.base.head_dim}, and the rank r or rank_pattern gives this module); the adapter was "
+                "trained for a differently shaped model, or its config does not match its weights",
                 reason="wrong_shape",
                 param=key,
             )
 
     @staticmethod
-    def _read_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    def _read_header(path: Path) -> dict[str, tuple[tuple[int, ...], str]]:
+        """Tensor name -> (shape, dtype), from a safetensors file whose header is sane."""
         from safetensors import SafetensorError, safe_open
 
         try:
+            with path.open("rb") as f:
+                header = int.from_bytes(f.read(8), "little")
+            if header > MAX_HEADER_BYTES:
+                raise ValueError(f"header of {header} bytes, more than {MAX_HEADER_BYTES}")
             # safe_open checks the header length and that the data section is exactly as long as
             # the header says: a truncated or padded file fails here, before any tensor is read.
             with safe_open(str(path), framework="numpy") as f:
-                return {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
-        except (SafetensorError, OSError, ValueError) as e:
+                slices = {key: f.get_slice(key) for key in f.keys()}
+                return {key: (tuple(s.get_shape()), s.get_dtype()) for key, s in slices.items()}
+        except (SafetensorError, OSError, ValueError, OverflowError) as e:
             raise InvalidAdapter(
                 f"{path.name} is not a valid safetensors file ({e}); it may be truncated or corrupt. "
                 "Copy or upload it again",
                 reason="corrupt_weights",
                 param=path.name,
             ) from e
+
+
+def _entries(directory: Path) -> list[Path]:
+    """Everything under ``directory``, links not followed, sorted."""
+    found = []
+    for parent, dirs, files in os.walk(directory):
+        found += [Path(parent, name) for name in dirs + files]
+    return sorted(found)
 
 
 def register_directory(
@@ -330,4 +346,4 @@ def register_directory(
     return registry.register(name, digest, metadata, source=source, tags=tags, aliases=aliases)
 
 
-__all__ = ["AdapterValidator", "BaseModelSpec", "register_directory"]
+__all__ = ["AdapterValidator", "BaseModelSpec", "LoaderCheck", "register_directory"]

@@ -15,6 +15,7 @@ from pathlib import Path
 from adapter_store import AdapterStore, BaseModelSpec, OwnershipConflict, StoreSettings
 from adapter_store.memory import cpu_loras_for_budget
 from adapter_store.settings import LocalSourceSettings
+from serving.adapter_rules import engine_lora_check
 from serving.config import ConfigError, Settings
 
 logger = logging.getLogger(__name__)
@@ -40,14 +41,12 @@ def open_store(settings: Settings, default_root: Path) -> AdapterStore:
     base = BaseModelSpec.from_config(
         settings.model.path / "config.json", [settings.model.name, *resolved.compatible_bases]
     )
-    # LOADER CHECK: the one call site where serving plugs in vLLM's own adapter_config.json rules
-    # (serving/adapter_rules.py, from the validation work of issue #13); None until that lands.
-    loader_check = None
     store = AdapterStore.open(
         resolved,
         base=base,
         max_lora_rank=settings.engine.max_lora_rank,
-        loader_check=loader_check,
+        # vLLM's own adapter_config.json rules: what its loader would refuse is refused at registration.
+        loader_check=engine_lora_check(settings.engine.max_lora_rank),
         configured_owners={a.name: a.tenant for a in settings.adapters},  # schema 1 kept these in the config only
     )
     try:

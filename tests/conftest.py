@@ -1,4 +1,4 @@
-"""Shared fixtures: the demo assets, and one real server per test session.
+"""Shared fixtures: the demo assets, one real server per test session, and a real S3 API (moto).
 
 The server is the real thing: ``loraserve serve`` in a subprocess, with the real
 vLLM engine on the CPU, the demo adapters on disk, and HTTP on a free port.
@@ -110,3 +110,24 @@ def server(demo_assets, tmp_path_factory) -> Iterator[RunningServer]:
     running = start_server(demo_config(demo_assets), tmp_path_factory.mktemp("server"))
     yield running
     stop_server(running)
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[str]:
+    """A real S3-compatible HTTP server in this process (moto), with credentials in the environment."""
+    from moto.server import ThreadedMotoServer
+
+    saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}
+    os.environ.update(AWS_ACCESS_KEY_ID="test-key", AWS_SECRET_ACCESS_KEY="test-secret", AWS_DEFAULT_REGION="us-east-1")
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.stop()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value

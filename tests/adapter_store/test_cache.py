@@ -27,7 +27,7 @@ class World:
         self.registry = AdapterRegistry(tmp_path / "store")
         self.sources = SourceSet([LocalSourceSettings(type="local", roots=[self.volume])])
         spec = BaseModelSpec.from_config(write_base_config(tmp_path / "base"), [BASE_NAME])
-        validator = AdapterValidator(spec, max_lora_rank=16)
+        self.validator = validator = AdapterValidator(spec, max_lora_rank=16)
         self.versions: list[AdapterVersion] = []
         for i in range(count):
             directory = write_adapter(self.volume / f"a{i}", rank=4 if i % 2 else 8, seed=i)
@@ -41,6 +41,7 @@ class World:
             self.tmp / "store" / "staging",
             budget,
             fetch=lambda uri, dest: self.sources.fetch(uri, dest, max_bytes=1 << 20),
+            check=self.validator.validate,
             pinned=lambda: {v.version for v in self.registry.pinned()},
         )
 
@@ -233,3 +234,69 @@ def test_a_full_cache_waits_for_a_running_request_to_release(tmp_path: Path) -> 
     waiter.join(timeout=10)
     assert got == [cache.cache_dir / b.version] and cache.digests() == [b.version]
     cache.release(b.version)
+
+
+# -- every file set is validated before it enters the cache ------------------------------------------
+
+
+def _pickle_adapter(directory: Path) -> Path:
+    """Files vLLM would torch.load: a pickle weights file and no safetensors."""
+    write_adapter(directory, seed=99)
+    (directory / "adapter_model.safetensors").unlink()
+    (directory / "adapter_model.bin").write_bytes(b"\x80\x04K\x01.")
+    return directory
+
+
+def test_a_refetch_is_validated_before_it_is_cached(tmp_path: Path) -> None:
+    """A version whose digest matches files that were never validated (an older registry, an older scheme)."""
+    world = World(tmp_path, 1)
+    bad = _pickle_adapter(world.volume / "bad")
+    meta = world.versions[0].metadata
+    version, _ = world.registry.register("bad", content_digest(bad), meta, source=bad.as_uri())
+    cache = world.cache(budget=1 << 20)
+    with pytest.raises(InvalidAdapter) as info:
+        cache.acquire(version)
+    assert info.value.reason == "pickle_weights"
+    assert not cache.contains(version.version) and not (cache.cache_dir / version.version).exists()
+    assert list(cache.staging_dir.iterdir()) == [] and cache.used_bytes() == 0
+
+
+def test_a_refetch_after_eviction_is_validated_again(tmp_path: Path) -> None:
+    world = World(tmp_path, 1)
+    (version,) = world.versions
+    checked: list[Path] = []
+    cache = DiskCache(
+        tmp_path / "store" / "cache",
+        tmp_path / "store" / "staging",
+        1 << 20,
+        fetch=lambda uri, dest: world.sources.fetch(uri, dest, max_bytes=1 << 20),
+        check=lambda path: (checked.append(path), world.validator.validate(path)),
+    )
+    with cache.lease(version):
+        pass
+    cache.remove(version.version)  # evicted: the next lease fetches again
+    with cache.lease(version) as path:
+        assert content_digest(path) == version.version
+    assert len(checked) == 2 and all(p.parent == cache.staging_dir for p in checked)
+
+
+def test_an_invalid_leftover_of_a_previous_run_is_dropped(tmp_path: Path) -> None:
+    world = World(tmp_path, 1)
+    cache = world.cache(budget=1 << 20)
+    with cache.lease(world.versions[0]):
+        pass
+    bad = _pickle_adapter(tmp_path / "bad")
+    leftover = cache.cache_dir / content_digest(bad)
+    bad.rename(leftover)  # named by its own digest: intact, but never valid
+    again = world.cache(budget=1 << 20)
+    assert again.digests() == [world.versions[0].version]
+    assert not leftover.exists()
+
+
+def test_adopt_refuses_invalid_files(tmp_path: Path) -> None:
+    world = World(tmp_path, 0)
+    cache = world.cache(budget=1 << 20)
+    staging = _pickle_adapter(cache.new_staging())
+    with pytest.raises(InvalidAdapter, match="pickle"):
+        cache.adopt(staging, content_digest(staging), "bad@x")
+    assert cache.digests() == [] and cache.used_bytes() == 0
