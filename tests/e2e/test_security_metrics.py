@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import re
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 
@@ -17,7 +19,7 @@ import pytest
 import yaml
 
 from serving.api.auth import hash_key, new_key
-from tests.conftest import RunningServer, demo_config, start_server, stop_server
+from tests.conftest import REPO, RunningServer, demo_config, free_port, start_server, stop_server
 
 pytestmark = pytest.mark.engine
 
@@ -106,6 +108,33 @@ def test_denials_are_counted_by_reason(secure):
     after = denials(secure)
     delta = {reason: after.get(reason, 0.0) - before.get(reason, 0.0) for reason in after}
     assert delta == {**{reason: 0.0 for reason in after}, "missing_key": 1.0, "not_metrics": 2.0, "metrics_only": 3.0}
+
+
+def test_the_relay_serves_the_metrics_with_the_metrics_key(secure, tmp_path):
+    """What the endpoint picker scrapes in Kubernetes (it cannot send a key): the relay beside the server."""
+    (tmp_path / "token").write_text(KEYS["metrics"] + "\n")
+    port = free_port()
+    command = ["metrics-relay", "--upstream", f"{secure.url}/metrics", "--token-file", str(tmp_path / "token")]
+    relay = subprocess.Popen(
+        [sys.executable, "-m", "serving.cli", *command, "--host", "127.0.0.1", "--port", str(port)], cwd=REPO
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                response = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10)
+                break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline and relay.poll() is None, "the relay did not start"
+                time.sleep(0.2)
+        assert response.status_code == 200
+        assert "vllm:num_requests_waiting" in response.text
+        assert 'loraserve_adapter_health{adapter="medical"' in response.text
+        assert httpx.post(f"http://127.0.0.1:{port}/metrics").status_code == 405
+        assert httpx.get(f"http://127.0.0.1:{port}/v1/models").status_code == 404
+    finally:
+        relay.terminate()
+        relay.wait(timeout=30)
 
 
 def test_a_route_with_lookaround_is_refused_naming_the_field(secure):
