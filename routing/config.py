@@ -9,12 +9,14 @@ an empty route fails at start-up with the key that is wrong.
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Literal
 
+import re2
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from routing.keywords import compile_pattern
 
 TARGET_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}(@[A-Za-z0-9][A-Za-z0-9._-]{0,63})?$"
 """An adapter name, optionally ``@alias`` (or ``@version``), resolved by the serving side."""
@@ -34,7 +36,9 @@ class KeywordRule(_Strict):
     """Case-insensitive word-boundary patterns (regular expressions), combined by ``operator``.
 
     ``any``: at least one pattern occurs; ``all``: every pattern occurs; ``none``:
-    no pattern occurs (a veto, e.g. ``python`` but not ``snake``).
+    no pattern occurs (a veto, e.g. ``python`` but not ``snake``). Patterns are
+    RE2 syntax (linear-time matching: no lookaround, no backreferences) and see
+    the first ``routing.keywords.KEYWORD_TEXT_CHARS`` characters of a prompt.
     """
 
     operator: Literal["any", "all", "none"] = "any"
@@ -47,9 +51,13 @@ class KeywordRule(_Strict):
             if not pattern.strip():
                 raise ValueError("a keyword pattern must not be empty")
             try:
-                re.compile(pattern)
-            except re.error as e:
-                raise ValueError(f"keyword pattern {pattern!r} is not a valid regular expression: {e}") from e
+                compile_pattern(pattern)
+            except re2.error as e:
+                reason = e.args[0].decode(errors="replace") if e.args and isinstance(e.args[0], bytes) else str(e)
+                raise ValueError(
+                    f"keyword pattern {pattern!r} is not a valid regular expression in RE2 syntax "
+                    f"(which has no lookaround or backreferences): {reason}"
+                ) from e
         return patterns
 
 

@@ -166,7 +166,7 @@ class Router:
 
     # ---- routing ------------------------------------------------------------------------------
     def route_by_keywords(self, text: str, allowed: Allowed | None = None) -> RouteDecision | None:
-        """The keyword layer alone (microseconds); ``None`` when no route's rules hold."""
+        """The keyword layer alone (RE2, bounded text: microseconds to a millisecond); ``None`` when no rule holds."""
         start = time.perf_counter()
         route = self.table.keyword_route(text, allowed)
         if route is None:
@@ -237,11 +237,13 @@ class Router:
 
 
 class AsyncRouter:
-    """The router for an event loop: keyword matching inline, encoding in one worker thread.
+    """The router for an event loop: both layers in one worker thread, one hop per request.
 
-    One worker, because the encoder runs with one torch thread and requests
-    would only queue for the same core anyway; route changes (which encode new
-    utterances) go through the same worker.
+    The keyword layer runs there too: its patterns are linear-time and see a
+    bounded text, but on a long prompt and many rules it is still CPU work the
+    event loop should not wait for. One worker, because the encoder runs with
+    one torch thread and requests would only queue for the same core anyway;
+    route changes (which encode new utterances) go through the same worker.
     """
 
     def __init__(self, router: Router) -> None:
@@ -250,11 +252,7 @@ class AsyncRouter:
 
     async def route(self, text: str, allowed: Allowed | None = None) -> RouteDecision:
         start = time.perf_counter()
-        decision = self.router.route_by_keywords(text, allowed)
-        if decision is None:
-            decision = await asyncio.get_running_loop().run_in_executor(
-                self._executor, self.router.route_by_similarity, text, allowed
-            )
+        decision = await asyncio.get_running_loop().run_in_executor(self._executor, self.router.route, text, allowed)
         return dataclasses.replace(decision, latency_s=time.perf_counter() - start)
 
     async def put_route(self, spec: RouteSpec) -> bool:

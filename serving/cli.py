@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from routing.cli import add_routes_command
-from serving import adapters_cli, keys_cli
+from serving import adapters_cli, keys_cli, metrics_relay
 from serving.config import ConfigError, load_settings
 
 logger = logging.getLogger("loraserve")
@@ -83,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     keys_cli.add_parser(commands)
     adapters_cli.add_parser(commands)
+    metrics_relay.add_parser(commands)
     add_routes_command(commands, lambda path: load_settings(path).routing)
 
     from serving.loadtest.runner import add_arguments as add_loadtest_arguments

@@ -47,5 +47,10 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     new.add_argument("--file", type=Path, required=True, help="keys file (auth.keys_file)")
     new.add_argument("--id", required=True, help="name of the key, shown in logs")
     new.add_argument("--tenant", help="tenant whose adapters the key may use (omit: public adapters only)")
-    new.add_argument("--role", choices=["user", "admin"], default="user")
+    new.add_argument(
+        "--role",
+        choices=["user", "metrics", "admin"],
+        default="user",
+        help="user: the API; metrics: GET /metrics only (a scraper's key); admin: everything",
+    )
     new.set_defaults(handler=_new)

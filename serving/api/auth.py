@@ -7,7 +7,13 @@ key is hashed and compared with every digest in constant time.
 
 Authentication runs as ASGI middleware, before the body is read, so a caller
 without a valid key cannot make the server parse anything. Authorization
-(admin role, tenant of an adapter) is decided where the resource is known.
+(admin role, tenant of an adapter) is decided where the resource is known,
+except for the ``metrics`` role, which is a rule on paths and so is decided in
+the middleware too (see :meth:`Principal.may_call`).
+
+Roles: ``user`` calls the API (its tenant's and public adapters); ``metrics``
+reads ``/metrics`` and nothing else (a scraper's key: the series name every
+adapter, private ones included); ``admin`` may do everything.
 """
 
 from __future__ import annotations
@@ -32,8 +38,12 @@ from serving.config import TENANT_PATTERN, AuthSettings, ConfigError, RateSettin
 logger = logging.getLogger(__name__)
 
 KEY_PREFIX = "sk-ls-"
-# Paths anyone may call: probes, Prometheus, and the API description.
-PUBLIC_PATHS = frozenset({"/health", "/metrics", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"})
+# Paths anyone may call: probes and the API description.
+PUBLIC_PATHS = frozenset({"/health", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"})
+# Paths only the metrics and admin roles may call, and the only ones (besides the public) a metrics key may.
+METRICS_PATHS = frozenset({"/metrics"})
+
+Role = Literal["user", "metrics", "admin"]
 
 
 @dataclass(frozen=True)
@@ -42,7 +52,7 @@ class Principal:
 
     key_id: str
     tenant: str | None
-    role: Literal["user", "admin"]
+    role: Role
     rate: RateSettings | None = None  # overrides limits.rate for this key
     max_concurrent: int | None = None  # overrides limits.max_concurrent_per_key
 
@@ -54,6 +64,12 @@ class Principal:
         """Public resources are everyone's; owned ones their tenant's and the operators' (admin role)."""
         return owner is None or self.is_admin or owner == self.tenant
 
+    def may_call(self, path: str) -> bool:
+        """The role's rule on paths: /metrics is for metrics and admin keys, a metrics key gets nothing else."""
+        if path in METRICS_PATHS:
+            return self.role in ("metrics", "admin")
+        return self.role != "metrics" or path in PUBLIC_PATHS
+
 
 OPEN_PRINCIPAL = Principal(key_id="open", tenant=None, role="admin")
 
@@ -64,7 +80,7 @@ class KeyEntry(BaseModel):
     id: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$", description="Shown in logs instead of the key.")
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     tenant: str | None = Field(default=None, pattern=TENANT_PATTERN)
-    role: Literal["user", "admin"] = "user"
+    role: Role = Field(default="user", description="user: the API; metrics: /metrics only; admin: everything.")
     rate: RateSettings | None = Field(default=None, description="This key's token bucket instead of limits.rate.")
     max_concurrent: int | None = Field(default=None, ge=1, description="Instead of limits.max_concurrent_per_key.")
 
@@ -151,6 +167,9 @@ class AuthMiddleware:
             error = self._denial(scope)
             await create_error_response(error)(scope, receive, send)
             return
+        if principal is not None and not principal.may_call(scope["path"]):
+            await create_error_response(_role_denial(scope, principal))(scope, receive, send)
+            return
         scope.setdefault("state", {})["principal"] = principal
         await self.app(scope, receive, send)
 
@@ -173,6 +192,18 @@ class AuthMiddleware:
                 "Missing API key: send it as 'Authorization: Bearer <key>'.", code="missing_api_key"
             )
         return AuthenticationError("Incorrect API key provided.", code="invalid_api_key")
+
+
+def _role_denial(scope: Scope, principal: Principal) -> PermissionDeniedError:
+    """A valid key on a path its role may not call (:meth:`Principal.may_call`): 403, counted."""
+    metrics_path = scope["path"] in METRICS_PATHS
+    reason = "not_metrics" if metrics_path else "metrics_only"
+    method, path = scope["method"], scope["path"]
+    logger.warning("denied %s %s: key %s has the %s role", method, path, principal.key_id, principal.role)
+    count_denial(scope, reason)
+    if metrics_path:
+        return PermissionDeniedError("/metrics needs an API key with the metrics or admin role.")
+    return PermissionDeniedError("This API key has the metrics role: it may only read /metrics.")
 
 
 def count_denial(scope: Scope, reason: str) -> None:

@@ -1,8 +1,13 @@
-"""Fuzz the HTTP API from its own OpenAPI schema (schemathesis) against the real server.
+"""Fuzz the HTTP API from its own OpenAPI schema (schemathesis) against the real server, with API keys.
 
-Every generated request, valid or not, must get a non-5xx answer within the
-timeout, every error must be in the one error shape, and the server must still
+One server with auth on, fuzzed as a user key and as an admin key. Every
+generated request, valid or not, must get a non-5xx answer within the timeout,
+every error must be in the one error shape, a user key must never get through
+to an admin operation (403 for every valid request), and the server must still
 be healthy and serving afterwards. Tight limits keep valid requests short.
+
+Open mode is not fuzzed separately: there every caller is the admin principal,
+which the admin key's runs exercise on the same code.
 """
 
 from __future__ import annotations
@@ -12,20 +17,29 @@ from collections.abc import Iterator
 import httpx
 import pytest
 import schemathesis
+import yaml
 from hypothesis import HealthCheck, given, settings
 from schemathesis import GenerationMode
 
+from serving.api.auth import hash_key, new_key
 from tests.conftest import RunningServer, demo_config, start_server, stop_server
 
+pytestmark = pytest.mark.engine
+
 CALL_TIMEOUT_S = 60
+KEYS = {role: new_key() for role in ("user", "admin")}
 
 
 @pytest.fixture(scope="module")
 def fuzz_server(demo_assets, tmp_path_factory) -> Iterator[RunningServer]:
+    workdir = tmp_path_factory.mktemp("fuzz")
+    entries = [{"id": role, "sha256": hash_key(key), "role": role} for role, key in KEYS.items()]
+    (workdir / "keys.yaml").write_text(yaml.safe_dump({"keys": entries}))
     config = demo_config(demo_assets)
+    config["auth"] = {"mode": "api_keys", "keys_file": str(workdir / "keys.yaml")}
     config["limits"] = {"max_tokens": 8, "max_n": 2, "max_body_bytes": 65536, "max_upload_bytes": 65536}
     config["store"] = {"root": str(tmp_path_factory.mktemp("fuzz-store")), "pinned": ["code", "legal", "medical"]}
-    running = start_server(config, tmp_path_factory.mktemp("fuzz"))
+    running = start_server(config, workdir)
     yield running
     stop_server(running)
 
@@ -35,24 +49,31 @@ def api_schema(fuzz_server):
     return schemathesis.openapi.from_url(f"{fuzz_server.url}/openapi.json")
 
 
-# Every operation of the schema except /metrics (plain text, no input) is fuzzed;
-# test_every_operation_is_fuzzed keeps this list complete as the API grows.
-# Operations without inputs have no invalid requests to generate: positive cases only.
+def auth(role: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {KEYS[role]}"}
+
+
+# Every operation of the schema is fuzzed; test_every_operation_is_fuzzed keeps this list complete as the API grows.
+# Operations without inputs have no invalid requests to generate: positive cases only. `examples` is for the role
+# the operation is for (admin operations: the admin key; the rest: the user key); the other role gets
+# ROLE_CHECK_EXAMPLES, enough to show what it is allowed or refused.
 POSITIVE, NEGATIVE = GenerationMode.POSITIVE, GenerationMode.NEGATIVE
+ROLE_CHECK_EXAMPLES = 5
 CASES = [
     ("GET /health", POSITIVE, 5),
+    ("GET /metrics", POSITIVE, 3),
     ("GET /v1/models", POSITIVE, 5),
     ("POST /v1/completions", POSITIVE, 40),
     ("POST /v1/completions", NEGATIVE, 40),
     ("POST /v1/chat/completions", POSITIVE, 40),
     ("POST /v1/chat/completions", NEGATIVE, 40),
-    # the runtime routes API (open mode: every caller is an admin); this server's own routes change
+    # the runtime routes API; this server's own routes change
     ("GET /admin/routes", POSITIVE, 5),
     ("PUT /admin/routes/{name}", POSITIVE, 25),
     ("PUT /admin/routes/{name}", NEGATIVE, 25),
     ("DELETE /admin/routes/{name}", POSITIVE, 10),
     ("DELETE /admin/routes/{name}", NEGATIVE, 10),
-    # the adapter store's admin API (every caller is an admin here); the configured adapters are pinned
+    # the adapter store's admin API; the configured adapters are pinned
     ("GET /v1/adapters", POSITIVE, 3),
     ("POST /v1/adapters", POSITIVE, 15),
     ("POST /v1/adapters", NEGATIVE, 15),
@@ -76,27 +97,50 @@ CASES = [
     ("POST /v1/adapters/{ref}/health", NEGATIVE, 5),
 ]
 OPERATIONS = {label for label, _, _ in CASES}
+# What a user key may not do: every operation of the two admin APIs except an adapter's health (its own adapters'),
+# and /metrics (metrics and admin keys only).
+USER_IS_REFUSED = {
+    label
+    for label in OPERATIONS
+    if label.split()[1].startswith(("/admin/", "/v1/adapters")) and label != "GET /v1/adapters/{ref}/health"
+} | {"GET /metrics"}
+
+def _examples(role: str, label: str, examples: int) -> int:
+    """``examples`` for the role the operation is for, a role check's worth for the other."""
+    meant_for = "admin" if label in USER_IS_REFUSED else "user"
+    return examples if role == meant_for else min(examples, ROLE_CHECK_EXAMPLES)
+
+
+ROLE_CASES = [
+    (role, label, mode, _examples(role, label, examples))
+    for role in ("user", "admin")
+    for label, mode, examples in CASES
+]
 
 
 def test_every_operation_is_fuzzed(api_schema):
-    labels = {result.ok().label for result in api_schema.get_all_operations()}
-    assert labels - {"GET /metrics"} == OPERATIONS
+    assert {result.ok().label for result in api_schema.get_all_operations()} == OPERATIONS
 
 
-@pytest.mark.parametrize(("label", "mode", "examples"), CASES, ids=[f"{c[0]}-{c[1].value}" for c in CASES])
-def test_no_server_errors(api_schema, fuzz_server, label, mode, examples):
+@pytest.mark.parametrize(
+    ("role", "label", "mode", "examples"), ROLE_CASES, ids=[f"{c[0]}-{c[1]}-{c[2].value}" for c in ROLE_CASES]
+)
+def test_no_server_errors(api_schema, fuzz_server, role, label, mode, examples):
     operation = api_schema.find_operation_by_label(label)
+    refused = role == "user" and label in USER_IS_REFUSED
 
     @given(case=operation.as_strategy(generation_mode=mode))
-    @settings(
-        max_examples=examples, deadline=None, database=None, suppress_health_check=list(HealthCheck)
-    )
+    @settings(max_examples=examples, deadline=None, database=None, suppress_health_check=list(HealthCheck))
     def check(case) -> None:
-        response = case.call(timeout=CALL_TIMEOUT_S)
+        response = case.call(headers=auth(role), timeout=CALL_TIMEOUT_S)
         assert response.status_code < 500, (case.method, case.path, case.body, response.text[:500])
         if response.status_code >= 400:
             error = response.json()["error"]
             assert {"message", "type", "param", "code"} <= set(error), response.text
+        if refused:  # never through; a valid request is refused for its role (an invalid one may be a 400 first)
+            assert response.status_code >= 400, (case.method, case.path, response.text[:500])
+            if mode is POSITIVE:
+                assert (response.status_code, error["code"]) == (403, "permission_denied"), response.text
 
     check()
     assert httpx.get(f"{fuzz_server.url}/health", timeout=10).status_code == 200
@@ -104,10 +148,12 @@ def test_no_server_errors(api_schema, fuzz_server, label, mode, examples):
 
 def test_still_healthy_and_serving_after_fuzzing(fuzz_server):
     assert httpx.get(f"{fuzz_server.url}/health", timeout=10).status_code == 200
-    response = httpx.post(
-        f"{fuzz_server.url}/v1/completions",
-        json={"model": "code", "prompt": "def f():", "max_tokens": 4},
-        timeout=CALL_TIMEOUT_S,
-    )
-    assert response.status_code == 200 and response.json()["usage"]["completion_tokens"] == 4
+    for role in KEYS:
+        response = httpx.post(
+            f"{fuzz_server.url}/v1/completions",
+            json={"model": "code", "prompt": "def f():", "max_tokens": 4, "ignore_eos": True},
+            headers=auth(role),
+            timeout=CALL_TIMEOUT_S,
+        )
+        assert response.status_code == 200 and response.json()["usage"]["completion_tokens"] == 4
     assert "Traceback" not in fuzz_server.log()

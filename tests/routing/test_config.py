@@ -22,6 +22,11 @@ BAD_ROUTES = [
     ({"adapter": "code"}, "needs utterances, keyword rules, or both"),
     ({"adapter": "code", "keywords": [{"operator": "none", "patterns": ["x"]}]}, "only 'none' keyword rules"),
     ({"adapter": "code", "keywords": [{"patterns": ["(unclosed"]}]}, "not a valid regular expression"),
+    # RE2 syntax: lookaround and backreferences (which need backtracking) are refused at load
+    ({"adapter": "code", "keywords": [{"patterns": ["(?<!un)safe"]}]}, "RE2 syntax"),
+    ({"adapter": "code", "keywords": [{"patterns": [r"(a)\1"]}]}, "RE2 syntax"),
+    # valid only inside the word-boundary wrapper, where it would change its meaning
+    ({"adapter": "code", "keywords": [{"patterns": ["a)|(b"]}]}, "not a valid regular expression"),
     ({"adapter": "code", "utterances": ["  "]}, "empty utterance"),
     ({"adapter": "code/../x", "utterances": ["a"]}, "String should match pattern"),
     ({"adapter": "code", "utterances": ["a"], "threshold": 2}, "less than or equal to 1"),
@@ -75,3 +80,10 @@ def test_unreadable_and_invalid_routes_files(tmp_path: Path) -> None:
     bad.write_text("routes:\n- adapter: code\n  utterances: []\n")
     with pytest.raises(RoutesFileError, match="invalid routes file .*bad.yaml"):
         read_routes_file(bad)
+
+
+def test_a_routes_file_with_a_backtracking_only_pattern_names_the_rule(tmp_path: Path) -> None:
+    path = tmp_path / "routes.yaml"
+    path.write_text("routes:\n  - adapter: code\n    keywords:\n      - patterns: [python, '(?=py)\\w+']\n")
+    with pytest.raises(RoutesFileError, match=r"routes\.0\.keywords\.0\.patterns: .*RE2 syntax"):
+        read_routes_file(path)

@@ -137,6 +137,24 @@ async def test_async_router_encodes_off_the_event_loop() -> None:
         router.close()
 
 
+async def test_async_router_runs_the_keyword_layer_off_the_event_loop(monkeypatch) -> None:
+    router = make_router()
+    threads: list[str] = []
+    keyword_route = router.table.keyword_route
+
+    def recorded(text, allowed=None):
+        threads.append(threading.current_thread().name)
+        return keyword_route(text, allowed)
+
+    monkeypatch.setattr(router.table, "keyword_route", recorded)
+    async_router = AsyncRouter(router)
+    try:
+        assert (await async_router.route("a traceback")).method == "keyword"
+        assert threads and all(name.startswith("router") for name in threads)
+    finally:
+        async_router.close()
+
+
 def test_encoder_registry() -> None:
     assert {"hashing", "minilm"} <= set(encoder_names())
     vectors = build_encoder("hashing").encode(["a b c", "a b c", "x y z"])

@@ -6,7 +6,7 @@ from fastapi import APIRouter, FastAPI, Response
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
 from serving.api.deps import EngineDep
-from serving.api.errors import EngineUnavailableError
+from serving.api.errors import EngineUnavailableError, ErrorResponse
 
 router = APIRouter(tags=["system"])
 
@@ -23,9 +23,13 @@ async def health(engine: EngineDep) -> Response:
     return Response(status_code=200)
 
 
-@router.get("/metrics")
+@router.get("/metrics", responses={401: {"model": ErrorResponse}, 403: {"model": ErrorResponse}})
 async def metrics() -> Response:
-    """vLLM's ``vllm:*`` metrics and the per-adapter ``loraserve_*`` metrics."""
+    """vLLM's ``vllm:*`` metrics and the per-adapter ``loraserve_*`` metrics.
+
+    The series name every adapter, private ones included, so with API keys on
+    only a metrics or admin key may read them (decided in the auth middleware).
+    """
     return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
 
 
