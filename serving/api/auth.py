@@ -151,6 +151,14 @@ class AuthMiddleware:
             error = self._denial(scope)
             await create_error_response(error)(scope, receive, send)
             return
+        if principal is not None and not principal.is_admin and admin_only(scope):
+            # The routes check the role too (AdminDep); refusing here keeps a user's body (an upload) unread.
+            path, key_id = scope["path"], principal.key_id
+            logger.warning("denied %s %s: key %s lacks the admin role", scope["method"], path, key_id)
+            count_denial(scope, "not_admin")
+            error = PermissionDeniedError("This endpoint needs an API key with the admin role.")
+            await create_error_response(error)(scope, receive, send)
+            return
         scope.setdefault("state", {})["principal"] = principal
         await self.app(scope, receive, send)
 
@@ -173,6 +181,14 @@ class AuthMiddleware:
                 "Missing API key: send it as 'Authorization: Bearer <key>'.", code="missing_api_key"
             )
         return AuthenticationError("Incorrect API key provided.", code="invalid_api_key")
+
+
+def admin_only(scope: Scope) -> bool:
+    """Routes only admins may call that take a body: the route admin, and every write to the adapter store."""
+    path = scope["path"]
+    if path.startswith("/admin/"):
+        return True
+    return scope["method"] not in ("GET", "HEAD") and (path == "/v1/adapters" or path.startswith("/v1/adapters/"))
 
 
 def count_denial(scope: Scope, reason: str) -> None:

@@ -52,7 +52,7 @@ def test_rate_limit_is_per_key_and_recovers():
     with pytest.raises(RateLimitError) as denied:
         lim.admit(ALICE, "h")
     assert denied.value.headers == {"Retry-After": "1"}
-    assert "60 requests per minute" in denied.value.message
+    assert "60 sequences per minute" in denied.value.message
     lim.admit(BOB, "h").release()  # another key has its own bucket
     clock.now += 1.0
     lim.admit(ALICE, "h").release()  # one token refilled
@@ -100,7 +100,7 @@ def test_a_keys_own_limits_override_the_defaults():
     with pytest.raises(RateLimitError, match="concurrent"):
         lim.admit(strict, "h")
     held.release()
-    with pytest.raises(RateLimitError, match="60 requests per minute"):
+    with pytest.raises(RateLimitError, match="60 sequences per minute"):
         lim.admit(strict, "h")
     for _ in range(5):
         lim.admit(ALICE, "h").release()
