@@ -19,6 +19,8 @@ from serving.api.protocol import SamplingRequest
 if TYPE_CHECKING:
     from vllm import SamplingParams
 
+GREEDY_TEMPERATURE = 1e-5  # vLLM samples greedily below this temperature, and then allows only n=1
+
 
 def sampling_params(request: SamplingRequest, max_tokens: int, logprobs: int | None, stream: bool) -> SamplingParams:
     """The engine's parameters for ``request`` with its output budget ``max_tokens``."""
@@ -26,6 +28,12 @@ def sampling_params(request: SamplingRequest, max_tokens: int, logprobs: int | N
     from vllm.exceptions import VLLMClientError
     from vllm.sampling_params import RequestOutputKind
 
+    if request.n > 1 and request.temperature < GREEDY_TEMPERATURE:
+        raise InvalidRequestError(
+            f"n is {request.n}, but temperature {request.temperature} means greedy sampling: every choice would be "
+            "the same. Use n=1, or a temperature above 0.",
+            param="n",
+        )
     if request.min_tokens > max_tokens:
         raise InvalidRequestError(
             f"min_tokens is {request.min_tokens}, more than the {max_tokens} output tokens this request may "

@@ -74,6 +74,13 @@ def test_min_tokens_above_the_output_budget_names_min_tokens():
     assert sampling_params(completion(min_tokens=8), max_tokens=8, logprobs=None, stream=False).min_tokens == 8
 
 
+def test_several_choices_need_sampling():
+    with pytest.raises(InvalidRequestError) as refused:
+        sampling_params(completion(n=2, temperature=0), max_tokens=8, logprobs=None, stream=False)
+    assert refused.value.param == "n" and "greedy" in refused.value.message
+    assert sampling_params(completion(n=2, temperature=0.5), max_tokens=8, logprobs=None, stream=False).n == 2
+
+
 def test_what_vllm_refuses_beyond_the_mirrored_rules_is_still_a_400():
     # Built without validation: a value only vLLM's own verification catches.
     unchecked = CompletionRequest.model_construct(**(completion().model_dump() | {"top_p": 0.0}))
