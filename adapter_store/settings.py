@@ -45,7 +45,7 @@ class S3SourceSettings(_Strict):
     @classmethod
     def _prefixes_are_s3_folders(cls, prefixes: list[str]) -> list[str]:
         for prefix in prefixes:
-            if not re.match(S3_PREFIX_PATTERN, prefix) or "/../" in prefix or "/./" in prefix:
+            if not re.fullmatch(S3_PREFIX_PATTERN, prefix) or "/../" in prefix or "/./" in prefix:
                 raise ValueError(
                     f"url prefix {prefix!r} must look like s3://bucket/ or s3://bucket/folder/ (ending in '/')"
                 )
@@ -79,7 +79,7 @@ class StoreSettings(_Strict):
     @field_validator("fallback")
     @classmethod
     def _fallback_policy(cls, value: str) -> str:
-        if value not in FALLBACK_POLICIES and not re.match(NAME_PATTERN, value):
+        if value not in FALLBACK_POLICIES and not re.fullmatch(NAME_PATTERN, value):
             raise ValueError(f"fallback must be 'error', 'base' or an adapter name, got {value!r}")
         return value
 

@@ -100,10 +100,13 @@ class AuthSettings(_Strict):
 
 
 class RateSettings(_Strict):
-    """A token bucket per API key: ``burst`` requests at once, refilled at ``per_minute``."""
+    """A token bucket per API key: ``burst`` tokens at once, refilled at ``per_minute``.
 
-    per_minute: float = Field(gt=0, description="Sustained requests per minute per key.")
-    burst: int = Field(ge=1, description="Requests a key may send at once after being idle.")
+    A generation request takes one token per sequence (prompts x n); an upload takes one.
+    """
+
+    per_minute: float = Field(gt=0, description="Sustained tokens (sequences, uploads) per minute per key.")
+    burst: int = Field(ge=1, description="Tokens a key may spend at once after being idle.")
 
 
 class LimitSettings(_Strict):
@@ -116,10 +119,30 @@ class LimitSettings(_Strict):
     max_prompt_tokens: int | None = Field(default=None, ge=1, description="Prompt tokens per prompt; null: context.")
     max_tokens: int | None = Field(default=None, ge=1, description="Largest max_tokens a request may ask for.")
     max_n: int = Field(default=16, ge=1, le=16, description="Largest n (choices per prompt); the API caps it at 16.")
-    max_concurrent_per_key: int | None = Field(default=None, ge=1, description="In-flight requests per key (429).")
-    rate: RateSettings | None = None
+    max_prompts_per_request: int = Field(
+        default=64, ge=1, le=2048, description="Prompts in one completions request (a list); the API caps it at 2048."
+    )
+    max_stop: int = Field(default=16, ge=0, le=64, description="Stop strings per request; the API caps it at 64.")
+    max_stop_chars: int = Field(
+        default=256, ge=1, le=1024, description="Characters per stop string; the API caps it at 1024."
+    )
+    max_concurrent_per_key: int | None = Field(
+        default=None, ge=1, description="Sequences (prompts x n) in flight per key (429)."
+    )
+    rate: RateSettings | None = Field(
+        default=None, description="Token bucket per key; a request takes one token per sequence (prompts x n)."
+    )
+    max_rate_buckets: int = Field(
+        default=10_000,
+        ge=1,
+        description="Token buckets kept (per key; per client address in open mode); full ones are dropped first.",
+    )
+    upload_rate: RateSettings = Field(
+        default=RateSettings(per_minute=30, burst=10),
+        description="Token bucket per key for adapter uploads (429 beyond).",
+    )
     max_queued_requests: int = Field(
-        default=256, ge=0, description="Requests admitted beyond engine.max_num_seqs before new ones get 503."
+        default=256, ge=0, description="Sequences admitted beyond engine.max_num_seqs before new requests get 503."
     )
 
 

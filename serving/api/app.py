@@ -77,7 +77,7 @@ def build_state(
         chat=ChatServing(*shared),
         models=ModelsServing(settings, resolver),
         routes=RoutesServing(settings, router, resolve_any),
-        adapters=AdaptersServing(engine, resolver, tokenizer),
+        adapters=AdaptersServing(engine, resolver, tokenizer, limiter),
     )
 
 

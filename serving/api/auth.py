@@ -167,8 +167,9 @@ class AuthMiddleware:
             error = self._denial(scope)
             await create_error_response(error)(scope, receive, send)
             return
-        if principal is not None and not principal.may_call(scope["path"]):
-            await create_error_response(_role_denial(scope, principal))(scope, receive, send)
+        denial = None if principal is None else _role_denial(scope, principal)
+        if denial is not None:  # decided before the body is read: a user's upload is never received
+            await create_error_response(denial)(scope, receive, send)
             return
         scope.setdefault("state", {})["principal"] = principal
         await self.app(scope, receive, send)
@@ -194,16 +195,36 @@ class AuthMiddleware:
         return AuthenticationError("Incorrect API key provided.", code="invalid_api_key")
 
 
-def _role_denial(scope: Scope, principal: Principal) -> PermissionDeniedError:
-    """A valid key on a path its role may not call (:meth:`Principal.may_call`): 403, counted."""
-    metrics_path = scope["path"] in METRICS_PATHS
-    reason = "not_metrics" if metrics_path else "metrics_only"
+def admin_only(scope: Scope) -> bool:
+    """Routes only admins may call that take a body: the route admin, and every write to the adapter store."""
+    path = scope["path"]
+    if path.startswith("/admin/"):
+        return True
+    return scope["method"] not in ("GET", "HEAD") and (path == "/v1/adapters" or path.startswith("/v1/adapters/"))
+
+
+def _role_denial(scope: Scope, principal: Principal) -> PermissionDeniedError | None:
+    """403 for a valid key on a path its role may not call, counted and logged; ``None`` if it may.
+
+    The routes check the admin role too (``AdminDep``); deciding here, in the
+    middleware, keeps a non-admin's body (an upload) from being read at all.
+    """
     method, path = scope["method"], scope["path"]
-    logger.warning("denied %s %s: key %s has the %s role", method, path, principal.key_id, principal.role)
+    if not principal.may_call(path):
+        metrics_path = path in METRICS_PATHS
+        reason = "not_metrics" if metrics_path else "metrics_only"
+        message = (
+            "/metrics needs an API key with the metrics or admin role."
+            if metrics_path
+            else "This API key has the metrics role: it may only read /metrics."
+        )
+    elif not principal.is_admin and admin_only(scope):
+        reason, message = "not_admin", "This endpoint needs an API key with the admin role."
+    else:
+        return None
+    logger.warning("denied %s %s: key %s has the %s role (%s)", method, path, principal.key_id, principal.role, reason)
     count_denial(scope, reason)
-    if metrics_path:
-        return PermissionDeniedError("/metrics needs an API key with the metrics or admin role.")
-    return PermissionDeniedError("This API key has the metrics role: it may only read /metrics.")
+    return PermissionDeniedError(message)
 
 
 def count_denial(scope: Scope, reason: str) -> None:

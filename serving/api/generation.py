@@ -1,8 +1,9 @@
-"""What the completion and chat endpoints share: model resolution, length checks,
-sampling parameters, and one instrumented stream of engine outputs.
+"""What the completion and chat endpoints share: admission by cost, model resolution,
+length checks, sampling parameters, and one instrumented stream of engine outputs.
 
 The endpoint classes only turn prompts into token ids and engine outputs into
-their own response shapes.
+their own response shapes. Tokenization (and chat templates) block on the CPU:
+each request does all of its own in one worker thread, off the event loop.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from serving.api.errors import ContextLengthError, EngineUnavailableError, Inval
 from serving.api.limits import RequestLimiter
 from serving.api.protocol import SamplingRequest, UsageInfo
 from serving.api.resolver import AdapterResolver
+from serving.api.sampling import sampling_params
 from serving.api.streams import merge_streams
 from serving.config import Settings
 from serving.engine import LoraEngine
@@ -35,9 +37,6 @@ from serving.metrics import BASE_LABEL, AdapterMetrics
 
 if TYPE_CHECKING:
     from vllm import CompletionOutput, SamplingParams
-
-# Prompts longer than this are tokenized in a worker thread, off the event loop.
-_INLINE_TOKENIZE_CHARS = 4096
 
 
 @dataclass
@@ -90,10 +89,15 @@ class GenerationServing(ABC):
         self.tokenizer = tokenizer
         self.limiter = limiter
         self.router = router
+        # Ids a client may send: the tokenizer's and the model's vocabularies can differ; vLLM takes either.
+        self.vocab_size = max(tokenizer.max_token_id + 1, engine.llm.model_config.get_vocab_size())
 
     @abstractmethod
     async def prepare(self, request: Any, adapter: ServedAdapter | None) -> GenerationJob:
-        """Validate and tokenize for ``adapter`` (``None``: the base model); raises before any engine work."""
+        """Tokenize (in one worker thread) and validate for ``adapter`` (``None``: the base model).
+
+        Raises before any engine work.
+        """
 
     @abstractmethod
     def routing_text(self, request: Any) -> str:
@@ -117,7 +121,8 @@ class GenerationServing(ABC):
         model's name) and is then resolved like any model a client names; the
         decision goes out in ``X-Route*`` headers.
         """
-        permit = self.limiter.admit(principal, raw.client.host if raw.client else "-")
+        cost = self.cost(request)
+        permit = self.limiter.admit(principal, raw.client.host if raw.client else "-", cost)
         releases = [permit.release]
 
         def release() -> None:  # the permit and the adapter's lease end with the response
@@ -165,15 +170,35 @@ class GenerationServing(ABC):
         self.metrics.routing_latency.labels(decision.method).observe(decision.latency_s)
         return decision
 
-    def check_n(self, n: int) -> None:
-        limit = self.settings.limits.max_n
-        if n > limit:
-            raise InvalidRequestError(f"n is {n}; this server allows at most {limit} (limits.max_n).", param="n")
+    def cost(self, request: SamplingRequest) -> int:
+        """Sequences the request asks the engine for (prompts x ``n``), after the limits that bound them.
 
-    async def encode(self, text: str, *, add_special_tokens: bool) -> list[int]:
-        if len(text) <= _INLINE_TOKENIZE_CHARS:
-            return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
-        return await asyncio.to_thread(self.tokenizer.encode, text, add_special_tokens=add_special_tokens)
+        Known from the parsed body alone, before admission, tokenization or any engine work.
+        """
+        limits = self.settings.limits
+        if request.n > limits.max_n:
+            raise InvalidRequestError(
+                f"n is {request.n}; this server allows at most {limits.max_n} (limits.max_n).", param="n"
+            )
+        if request.prompt_count > limits.max_prompts_per_request:
+            raise InvalidRequestError(
+                f"The request has {request.prompt_count} prompts; this server allows at most "
+                f"{limits.max_prompts_per_request} (limits.max_prompts_per_request). Split it into several requests.",
+                param="prompt",
+            )
+        stops = request.stop_list
+        if len(stops) > limits.max_stop:
+            raise InvalidRequestError(
+                f"The request has {len(stops)} stop strings; this server allows at most {limits.max_stop} "
+                "(limits.max_stop).",
+                param="stop",
+            )
+        if any(len(s) > limits.max_stop_chars for s in stops):
+            raise InvalidRequestError(
+                f"A stop string has more than {limits.max_stop_chars} characters (limits.max_stop_chars).",
+                param="stop",
+            )
+        return request.prompt_count * request.n
 
     def max_tokens_for(self, prompt_len: int, requested: int | None, param: str) -> int:
         """Output budget of one prompt; a request that cannot fit the context or the limits is a 400."""
@@ -207,30 +232,6 @@ class GenerationServing(ABC):
             )
         return requested
 
-    def sampling_params(
-        self, request: SamplingRequest, max_tokens: int, logprobs: int | None, stream: bool
-    ) -> SamplingParams:
-        from vllm import SamplingParams
-        from vllm.sampling_params import RequestOutputKind
-
-        return SamplingParams(
-            n=request.n,
-            temperature=request.temperature,
-            top_p=request.top_p,
-            top_k=request.top_k,
-            min_p=request.min_p,
-            presence_penalty=request.presence_penalty,
-            frequency_penalty=request.frequency_penalty,
-            repetition_penalty=request.repetition_penalty,
-            seed=request.seed,
-            stop=request.stop_list,
-            max_tokens=max_tokens,
-            min_tokens=request.min_tokens,
-            ignore_eos=request.ignore_eos,
-            logprobs=logprobs,
-            output_kind=RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY,
-        )
-
     def new_job(
         self,
         request: SamplingRequest,
@@ -245,7 +246,7 @@ class GenerationServing(ABC):
             model=request.model,
             adapter=adapter,
             prompts=prompts,
-            params=self.sampling_params(request, max_tokens, logprobs, request.stream),
+            params=sampling_params(request, max_tokens, logprobs, request.stream),
             n=request.n,
         )
 

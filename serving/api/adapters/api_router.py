@@ -8,7 +8,10 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, FastAPI, File, Form, Path, UploadFile, status
+from fastapi import APIRouter, FastAPI, Path, Request, status
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.datastructures import UploadFile
 
 from adapter_store.refs import ALIAS_PATTERN, NAME_PATTERN
 from serving.api.adapters.protocol import (
@@ -23,7 +26,7 @@ from serving.api.adapters.protocol import (
 )
 from serving.api.auth import AdminDep, PrincipalDep
 from serving.api.deps import AdaptersServingDep
-from serving.api.errors import ADMIN_ERRORS
+from serving.api.errors import ADMIN_ERRORS, ErrorResponse, InvalidRequestError
 from serving.config import TENANT_PATTERN
 
 router = APIRouter(tags=["adapters"])
@@ -46,23 +49,69 @@ async def register_adapter(request: RegisterRequest, serving: AdaptersServingDep
     return await serving.register(request)
 
 
+MAX_UPLOAD_FILES = 8
+MAX_UPLOAD_FIELDS = 32
+MAX_UPLOAD_FIELD_BYTES = 64 << 10
+
+
+class UploadFields(BaseModel):
+    """The upload's form fields besides ``files``; other fields are ignored."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    tenant: str | None = Field(default=None, pattern=TENANT_PATTERN, description="Owning tenant; null: public.")
+    aliases: list[str] = Field(default=[], max_length=16, description="Aliases to point at the new version.")
+    check: bool = Field(default=True, description="Load it and generate a few tokens before answering.")
+
+
+_UPLOAD_BODY = {
+    "required": True,
+    "content": {
+        "multipart/form-data": {
+            "schema": {
+                "type": "object",
+                "required": ["files"],
+                "properties": {
+                    "files": {
+                        "type": "array",
+                        "items": {"type": "string", "format": "binary"},
+                        "maxItems": MAX_UPLOAD_FILES,
+                        "description": "adapter_config.json and adapter_model.safetensors.",
+                    },
+                    **UploadFields.model_json_schema()["properties"],
+                },
+            }
+        }
+    },
+}
+
+
 @router.post(
     "/v1/adapters/{name}/versions",
     response_model=VersionView,
     status_code=status.HTTP_201_CREATED,
-    responses=ADMIN_ERRORS,
+    responses=ADMIN_ERRORS | {429: {"model": ErrorResponse}},
+    openapi_extra={"requestBody": _UPLOAD_BODY},
 )
-async def upload_adapter(
-    name: Name,
-    files: Annotated[list[UploadFile], File(description="adapter_config.json and adapter_model.safetensors.")],
-    serving: AdaptersServingDep,
-    _: AdminDep,
-    tenant: Annotated[str | None, Form(pattern=TENANT_PATTERN)] = None,
-    aliases: Annotated[list[str], Form(max_length=16)] = [],  # noqa: B006 (FastAPI copies defaults)
-    check: Annotated[bool, Form()] = True,
-) -> VersionView:
-    """Upload a version's files (multipart, at most limits.max_upload_bytes) and register it."""
-    return await serving.upload(name, files, tenant=tenant, aliases=aliases, check=check)
+async def upload_adapter(name: Name, request: Request, serving: AdaptersServingDep, principal: AdminDep) -> VersionView:
+    """Upload a version's files (multipart, at most limits.max_upload_bytes) and register it.
+
+    The body is read only here, after the caller's role and upload rate are
+    checked; it streams through the body limit, and each file is copied to
+    the store's staging directory with the same byte cap.
+    """
+    serving.admit_upload(principal, request.client.host if request.client else "-")
+    form = request.form(max_files=MAX_UPLOAD_FILES, max_fields=MAX_UPLOAD_FIELDS, max_part_size=MAX_UPLOAD_FIELD_BYTES)
+    async with form as form:
+        present = [key for key in UploadFields.model_fields if key in form]
+        try:
+            fields = UploadFields.model_validate({k: form.getlist(k) if k == "aliases" else form[k] for k in present})
+        except ValidationError as e:
+            raise RequestValidationError(e.errors()) from e
+        files = form.getlist("files")
+        if not all(isinstance(f, UploadFile) for f in files):
+            raise InvalidRequestError("Each files part must be a file (with a filename).", param="files")
+        return await serving.upload(name, files, tenant=fields.tenant, aliases=fields.aliases, check=fields.check)
 
 
 @router.get("/v1/adapters/{name}", response_model=AdapterView, responses=ADMIN_ERRORS)

@@ -30,7 +30,14 @@ from serving.api.adapters.protocol import (
     VersionView,
 )
 from serving.api.auth import Principal
-from serving.api.errors import EngineUnavailableError, InvalidRequestError, NotFoundError, store_error
+from serving.api.errors import (
+    EngineUnavailableError,
+    InvalidRequestError,
+    NotFoundError,
+    PayloadTooLargeError,
+    store_error,
+)
+from serving.api.limits import RequestLimiter
 from serving.api.models.serving import adapter_info
 from serving.api.resolver import AdapterResolver
 from serving.engine import LoraEngine
@@ -52,8 +59,9 @@ class ProbeFailed(Exception):
 
 
 class AdaptersServing:
-    def __init__(self, engine: LoraEngine, resolver: AdapterResolver, tokenizer: Any) -> None:
+    def __init__(self, engine: LoraEngine, resolver: AdapterResolver, tokenizer: Any, limiter: RequestLimiter) -> None:
         self.engine = engine
+        self.limiter = limiter
         self.resolver = resolver
         self.catalog = resolver.catalog
         self.store = resolver.catalog.store
@@ -126,6 +134,10 @@ class AdaptersServing:
         )
         return await self._registered(version, request.check)
 
+    def admit_upload(self, principal: Principal, client: str) -> None:
+        """429 beyond ``limits.upload_rate``; checked before the upload's body is read."""
+        self.limiter.admit_upload(principal, client)
+
     async def upload(
         self, name: str, files: list[UploadFile], *, tenant: str | None, aliases: list[str], check: bool
     ) -> VersionView:
@@ -133,17 +145,19 @@ class AdaptersServing:
         if not files:
             raise InvalidRequestError("No files were uploaded; send adapter_config.json and the weights.", param="files")
         with self.store.staging() as staging:
+            budget = self.limiter.limits.max_upload_bytes
             for upload in files:
-                await self._save_upload(upload, staging)
+                budget -= await asyncio.to_thread(self._save_upload, upload, staging, budget)
             version = await self._store(
                 self.store.register_upload, staging, name, tenant=tenant, aliases=tuple(aliases)
             )
         return await self._registered(version, check)
 
     @staticmethod
-    async def _save_upload(upload: UploadFile, staging: Path) -> None:
+    def _save_upload(upload: UploadFile, staging: Path, budget: int) -> int:
+        """Copy one part into ``staging`` (blocking); its size, or 413 once ``budget`` bytes are exceeded."""
         filename = upload.filename or ""
-        if not UPLOAD_NAME_PATTERN.match(filename):
+        if not UPLOAD_NAME_PATTERN.fullmatch(filename):
             raise InvalidRequestError(
                 f"Uploaded file name {filename!r} is not a plain file name (letters, digits, '.', '_', '-'; "
                 "no directories); name the parts adapter_config.json and adapter_model.safetensors.",
@@ -152,9 +166,18 @@ class AdaptersServing:
         target = staging / filename
         if target.exists():
             raise InvalidRequestError(f"The file {filename!r} is uploaded twice.", param="files")
+        size = 0
+        upload.file.seek(0)
         with target.open("wb") as out:
-            while chunk := await upload.read(_CHUNK):
+            while chunk := upload.file.read(_CHUNK):
+                size += len(chunk)
+                if size > budget:
+                    raise PayloadTooLargeError(
+                        "The uploaded files are larger than limits.max_upload_bytes allows. Send a smaller adapter.",
+                        param="files",
+                    )
                 out.write(chunk)
+        return size
 
     @staticmethod
     def _tags(tags: dict[str, str]) -> dict[str, str]:

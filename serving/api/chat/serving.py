@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 from adapter_store import ServedAdapter
@@ -26,15 +27,18 @@ class ChatServing(GenerationServing):
     request_prefix = "chatcmpl"
 
     async def prepare(self, request: ChatCompletionRequest, adapter: ServedAdapter | None) -> GenerationJob:
-        self.check_n(request.n)
+        prompt = await asyncio.to_thread(self._prompt_ids, request)
+        max_tokens = self.max_tokens_for(len(prompt), request.output_budget, "max_completion_tokens")
+        return self.new_job(request, adapter, [prompt], max_tokens, request.engine_logprobs)
+
+    def _prompt_ids(self, request: ChatCompletionRequest) -> list[int]:
+        """The chat template, then the tokenizer (blocking: runs in a worker thread)."""
         messages = [{"role": m.role, "content": m.text} for m in request.messages]
         try:
             text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         except Exception as e:  # the template's own error (e.g. roles out of order) explains it
             raise InvalidRequestError(f"The chat template rejected the messages: {e}", param="messages") from e
-        prompt = await self.encode(text, add_special_tokens=False)
-        max_tokens = self.max_tokens_for(len(prompt), request.output_budget, "max_completion_tokens")
-        return self.new_job(request, adapter, [prompt], max_tokens, request.engine_logprobs)
+        return self.tokenizer.encode(text, add_special_tokens=False)
 
     def routing_text(self, request: ChatCompletionRequest) -> str:
         for message in reversed(request.messages):

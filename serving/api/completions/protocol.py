@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field, field_validator
 
-from serving.api.protocol import MAX_LOGPROBS, SamplingRequest, UsageInfo
+from serving.api.protocol import MAX_LOGPROBS, MAX_PROMPTS, SamplingRequest, UsageInfo
 
 
 class CompletionRequest(SamplingRequest):
@@ -20,7 +20,14 @@ class CompletionRequest(SamplingRequest):
     def _not_empty(cls, prompt: str | list) -> str | list:
         if isinstance(prompt, list) and (not prompt or any(isinstance(p, list) and not p for p in prompt)):
             raise ValueError("prompt must not be an empty list")
+        if isinstance(prompt, list) and not isinstance(prompt[0], int) and len(prompt) > MAX_PROMPTS:
+            raise ValueError(f"at most {MAX_PROMPTS} prompts are allowed in one request, got {len(prompt)}")
         return prompt
+
+    @property
+    def prompt_count(self) -> int:
+        """A string or one list of token ids is one prompt; a list of either is one prompt per item."""
+        return 1 if isinstance(self.prompt, str) or isinstance(self.prompt[0], int) else len(self.prompt)
 
 
 class CompletionLogprobs(BaseModel):

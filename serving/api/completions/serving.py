@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 from adapter_store import ServedAdapter
@@ -10,6 +11,7 @@ from serving.api.completions.protocol import CompletionChoice, CompletionRequest
 from serving.api.errors import InvalidRequestError
 from serving.api.generation import GenerationJob, GenerationServing
 from serving.api.logprobs import completion_logprobs
+from serving.api.sampling import check_token_ids
 from serving.api.streams import SSE_DONE, sse_event
 
 
@@ -18,8 +20,7 @@ class CompletionServing(GenerationServing):
     request_prefix = "cmpl"
 
     async def prepare(self, request: CompletionRequest, adapter: ServedAdapter | None) -> GenerationJob:
-        self.check_n(request.n)
-        prompts = await self._prompt_ids(request.prompt)
+        prompts = await asyncio.to_thread(self._prompt_ids, request.prompt)
         max_tokens = min(self.max_tokens_for(len(ids), request.max_tokens, "max_tokens") for ids in prompts)
         return self.new_job(request, adapter, prompts, max_tokens, request.logprobs)
 
@@ -33,14 +34,16 @@ class CompletionServing(GenerationServing):
             param="prompt",
         )
 
-    async def _prompt_ids(self, prompt: str | list[str] | list[int] | list[list[int]]) -> list[list[int]]:
+    def _prompt_ids(self, prompt: str | list[str] | list[int] | list[list[int]]) -> list[list[int]]:
+        """Every prompt as token ids (blocking: runs in a worker thread); sent ids must be in the vocabulary."""
         if isinstance(prompt, str):
-            return [await self.encode(prompt, add_special_tokens=True)]
-        if all(isinstance(p, int) for p in prompt):
-            return [list(prompt)]  # type: ignore[arg-type]
-        if all(isinstance(p, str) for p in prompt):
-            return [await self.encode(p, add_special_tokens=True) for p in prompt]  # type: ignore[arg-type]
-        return [list(p) for p in prompt]  # type: ignore[arg-type]
+            return [self.tokenizer.encode(prompt, add_special_tokens=True)]
+        if isinstance(prompt[0], str):
+            return [self.tokenizer.encode(p, add_special_tokens=True) for p in prompt]  # type: ignore[arg-type]
+        prompts = [list(prompt)] if isinstance(prompt[0], int) else [list(p) for p in prompt]  # type: ignore[arg-type]
+        for ids in prompts:
+            check_token_ids(ids, self.vocab_size)
+        return prompts
 
     async def complete(self, request: CompletionRequest, job: GenerationJob) -> CompletionResponse:
         choices: dict[int, CompletionChoice] = {}

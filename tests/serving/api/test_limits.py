@@ -6,8 +6,8 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from serving.api.auth import OPEN_PRINCIPAL, Principal
-from serving.api.errors import RateLimitError, ServerBusyError
-from serving.api.limits import RequestLimiter, TokenBucket
+from serving.api.errors import InvalidRequestError, RateLimitError, ServerBusyError
+from serving.api.limits import RateBuckets, RequestLimiter, TokenBucket
 from serving.config import LimitSettings, RateSettings
 from serving.metrics import AdapterMetrics
 
@@ -52,7 +52,7 @@ def test_rate_limit_is_per_key_and_recovers():
     with pytest.raises(RateLimitError) as denied:
         lim.admit(ALICE, "h")
     assert denied.value.headers == {"Retry-After": "1"}
-    assert "60 requests per minute" in denied.value.message
+    assert "60 sequences per minute" in denied.value.message
     lim.admit(BOB, "h").release()  # another key has its own bucket
     clock.now += 1.0
     lim.admit(ALICE, "h").release()  # one token refilled
@@ -100,7 +100,108 @@ def test_a_keys_own_limits_override_the_defaults():
     with pytest.raises(RateLimitError, match="concurrent"):
         lim.admit(strict, "h")
     held.release()
-    with pytest.raises(RateLimitError, match="60 requests per minute"):
+    with pytest.raises(RateLimitError, match="60 sequences per minute"):
         lim.admit(strict, "h")
     for _ in range(5):
         lim.admit(ALICE, "h").release()
+
+
+def test_token_bucket_takes_the_cost_at_once():
+    bucket = TokenBucket(capacity=4, rate=1.0)
+    assert bucket.take(0, 3) == 0.0
+    assert bucket.take(0, 2) == pytest.approx(1.0)  # one token left, two needed: wait for one more
+    assert bucket.take(1, 2) == 0.0
+
+
+def test_the_rate_is_charged_by_sequences_not_requests():
+    clock = Clock()
+    lim = limiter(clock, rate=RateSettings(per_minute=60, burst=4))
+    lim.admit(ALICE, "h", cost=4).release()  # e.g. 2 prompts x n=2: the whole burst
+    with pytest.raises(RateLimitError, match="needs 1") as denied:
+        lim.admit(ALICE, "h")
+    assert denied.value.headers == {"Retry-After": "1"}
+    for _ in range(4):  # the same burst as four requests of one sequence each
+        lim.admit(BOB, "h").release()
+    with pytest.raises(RateLimitError):
+        lim.admit(BOB, "h")
+
+
+@pytest.mark.parametrize(
+    ("limits", "setting"),
+    [
+        ({"rate": RateSettings(per_minute=60, burst=4)}, "limits.rate.burst"),
+        ({"max_concurrent_per_key": 4}, "limits.max_concurrent_per_key"),
+        ({"max_queued_requests": 0}, "engine.max_num_seqs plus limits.max_queued_requests"),
+    ],
+)
+def test_a_request_that_can_never_fit_is_a_400_that_names_the_limit(limits, setting):
+    lim = limiter(slots=4, **limits)
+    with pytest.raises(InvalidRequestError) as denied:
+        lim.admit(ALICE, "h", cost=5)
+    assert denied.value.status == 400 and denied.value.param == "n"
+    assert setting in denied.value.message and "needs 5 sequences" in denied.value.message
+    assert lim.in_flight == 0 and not lim._per_key
+    lim.admit(ALICE, "h", cost=4).release()  # exactly the bound fits
+
+
+def test_concurrency_and_capacity_count_sequences_until_release():
+    lim = limiter(slots=4, max_queued_requests=2, max_concurrent_per_key=4)
+    held = lim.admit(ALICE, "h", cost=3)
+    with pytest.raises(RateLimitError, match="3 in flight, this request needs 2"):
+        lim.admit(ALICE, "h", cost=2)
+    lim.admit(ALICE, "h", cost=1).release()
+    other = lim.admit(BOB, "h", cost=3)  # 6 of 6 sequences admitted
+    with pytest.raises(ServerBusyError):
+        lim.admit(BOB, "h", cost=1)
+    held.release()
+    held.release()  # once only: a second release gives nothing back twice
+    assert lim.in_flight == 3 and lim._per_key == {"key:bob": 3}
+    other.release()
+    assert lim.in_flight == 0 and not lim._per_key
+
+
+def test_rate_buckets_are_bounded_under_an_address_flood():
+    clock = Clock()
+    lim = limiter(clock, rate=RateSettings(per_minute=60, burst=2), max_rate_buckets=1000)
+    for i in range(100_000):
+        lim.admit(OPEN_PRINCIPAL, f"10.{i >> 16}.{(i >> 8) & 255}.{i & 255}").release()
+        clock.now += 0.0001
+    assert len(lim._buckets) <= 1000
+
+
+def test_refilled_buckets_are_dropped_before_the_cap_is_reached():
+    clock = Clock()
+    buckets = RateBuckets(max_size=100)
+    rate = RateSettings(per_minute=60, burst=2)
+    for i in range(50):
+        buckets.take(f"c{i}", rate, clock())
+    clock.now += 2  # every bucket has refilled: they hold nothing a new one would not
+    buckets.take("late", rate, clock())
+    assert len(buckets) == 1
+
+
+def test_at_the_cap_the_least_recently_used_bucket_goes():
+    clock = Clock()
+    buckets = RateBuckets(max_size=2)
+    rate = RateSettings(per_minute=60, burst=1)
+    assert buckets.take("a", rate, clock()) == 0.0
+    assert buckets.take("b", rate, clock()) == 0.0
+    assert buckets.take("a", rate, clock()) > 0  # "a" is now the most recently used
+    buckets.take("c", rate, clock())  # evicts "b", not "a"
+    assert buckets.take("a", rate, clock()) > 0
+    assert len(buckets) == 2
+
+
+def test_uploads_have_their_own_bucket_per_key():
+    clock = Clock()
+    lim = limiter(clock, upload_rate=RateSettings(per_minute=6, burst=2), rate=RateSettings(per_minute=60, burst=1))
+    lim.admit_upload(ALICE, "h")
+    lim.admit_upload(ALICE, "h")
+    with pytest.raises(RateLimitError, match="limits.upload_rate") as denied:
+        lim.admit_upload(ALICE, "h")
+    assert denied.value.headers == {"Retry-After": "10"}
+    lim.admit_upload(BOB, "h")
+    lim.admit(ALICE, "h").release()  # generation has its own bucket
+    clock.now += 10
+    lim.admit_upload(ALICE, "h")
+    assert lim.metrics.limited.labels("upload_rate")._value.get() == 1
