@@ -41,7 +41,7 @@ import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from adapter_store.digest import content_digest, directory_size
@@ -68,6 +68,14 @@ def file_signature(directory: Path) -> Signature:
             stat = os.lstat(path)
             entries.append((os.path.relpath(path, directory), stat.st_size, stat.st_mtime_ns, stat.st_ino))
     return tuple(sorted(entries))
+
+
+@dataclass
+class _FetchLock:
+    """One version's fetch lock and how many callers hold or wait for it (dropped at zero)."""
+
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    holders: int = 0
 
 
 @dataclass
@@ -104,7 +112,7 @@ class DiskCache:
         self._pinned = pinned
         self._lock = threading.Lock()
         self._released = threading.Condition(self._lock)  # a lease ended: leased bytes may be evictable now
-        self._fetch_locks: dict[str, threading.Lock] = {}
+        self._fetch_locks: dict[str, _FetchLock] = {}
         self._entries: OrderedDict[str, int] = OrderedDict()  # digest -> bytes, least recently used first
         self._leases: dict[str, int] = {}
         self._signatures: dict[str, Signature] = {}  # digest -> signature when last verified
@@ -178,46 +186,62 @@ class DiskCache:
 
     def acquire(self, version: AdapterVersion) -> Path:
         """Take a lease (pair with :meth:`release`); fetch the files if they are not cached."""
-        digest = version.version
+        with self._fetch_lock(version.version):  # one download per version; others wait for it, then hit
+            return self._acquire_locked(version)
+
+    @contextmanager
+    def _fetch_lock(self, digest: str) -> Iterator[None]:
+        """The version's own lock, kept only while someone holds or waits for it (the table stays bounded)."""
         with self._lock:
-            fetch_lock = self._fetch_locks.setdefault(digest, threading.Lock())
-        with fetch_lock:  # one download per version; others wait for it, then hit
-            intact = self._verify(digest)
+            entry = self._fetch_locks.setdefault(digest, _FetchLock())
+            entry.holders += 1
+        try:
+            with entry.lock:
+                yield
+        finally:
             with self._lock:
-                if intact and digest in self._entries:
-                    self._entries.move_to_end(digest)
-                    self._leases[digest] = self._leases.get(digest, 0) + 1
-                    self.stats.hits += 1
-                    os.utime(self.cache_dir / digest)  # the LRU order a restart reads back
-                    return self.cache_dir / digest
-                self.stats.misses += 1
-                self._reserve_waiting(version.metadata.size_bytes, f"{version.name}@{digest[:16]}")
-            staging = self.new_staging()
-            try:
-                self._fetch(version.source, staging)
-                actual = content_digest(staging)
-                if actual != digest:
-                    raise InvalidAdapter(
-                        f"files fetched from {version.source} have sha256 {actual[:16]}..., but version "
-                        f"{version.name}@{digest[:16]} was registered with {digest[:16]}...: the source changed "
-                        "after registration. Register the new files as a new version",
-                        reason="checksum_mismatch",
-                        param="source",
-                    )
-                self._check(staging)
-                os.rename(staging, self.cache_dir / digest)
-            except BaseException:
-                _remove(staging)
-                with self._lock:
-                    self._reserved -= version.metadata.size_bytes
-                raise
-            signature = file_signature(self.cache_dir / digest)
+                entry.holders -= 1
+                if entry.holders == 0:
+                    del self._fetch_locks[digest]
+
+    def _acquire_locked(self, version: AdapterVersion) -> Path:
+        digest = version.version
+        intact = self._verify(digest)
+        with self._lock:
+            if intact and digest in self._entries:
+                self._entries.move_to_end(digest)
+                self._leases[digest] = self._leases.get(digest, 0) + 1
+                self.stats.hits += 1
+                os.utime(self.cache_dir / digest)  # the LRU order a restart reads back
+                return self.cache_dir / digest
+            self.stats.misses += 1
+            self._reserve_waiting(version.metadata.size_bytes, f"{version.name}@{digest[:16]}")
+        staging = self.new_staging()
+        try:
+            self._fetch(version.source, staging)
+            actual = content_digest(staging)
+            if actual != digest:
+                raise InvalidAdapter(
+                    f"files fetched from {version.source} have sha256 {actual[:16]}..., but version "
+                    f"{version.name}@{digest[:16]} was registered with {digest[:16]}...: the source changed "
+                    "after registration. Register the new files as a new version",
+                    reason="checksum_mismatch",
+                    param="source",
+                )
+            self._check(staging)
+            os.rename(staging, self.cache_dir / digest)
+        except BaseException:
+            _remove(staging)
             with self._lock:
                 self._reserved -= version.metadata.size_bytes
-                self._entries[digest] = version.metadata.size_bytes
-                self._signatures[digest] = signature
-                self._leases[digest] = self._leases.get(digest, 0) + 1
-            return self.cache_dir / digest
+            raise
+        signature = file_signature(self.cache_dir / digest)
+        with self._lock:
+            self._reserved -= version.metadata.size_bytes
+            self._entries[digest] = version.metadata.size_bytes
+            self._signatures[digest] = signature
+            self._leases[digest] = self._leases.get(digest, 0) + 1
+        return self.cache_dir / digest
 
     def _verify(self, digest: str) -> bool:
         """Whether a cached entry is still intact; a damaged one is dropped (leased or not) to be refetched.

@@ -300,3 +300,13 @@ def test_adopt_refuses_invalid_files(tmp_path: Path) -> None:
     with pytest.raises(InvalidAdapter, match="pickle"):
         cache.adopt(staging, content_digest(staging), "bad@x")
     assert cache.digests() == [] and cache.used_bytes() == 0
+
+
+def test_fetch_locks_are_dropped_when_no_one_holds_them(tmp_path: Path) -> None:
+    """A lock per version ever fetched would grow with every version the store has seen; only held ones stay."""
+    world = World(tmp_path, 4)
+    cache = world.cache(budget=sum(world.sizes))
+    for version in world.versions:
+        with cache.lease(version):
+            pass
+    assert cache._fetch_locks == {}

@@ -1,4 +1,4 @@
-"""Tenant isolation of adapter names through the real server (issue #13, findings 3, 4, 6 and 10).
+"""Tenant isolation of adapter names through the real server (issue #13, findings 4, 6 and 10).
 
 One server with API keys for two tenants (``alpha``, ``beta``), a user key
 without a tenant (``plain``) and an admin, and a store that registers names
@@ -20,15 +20,11 @@ import yaml
 
 from serving.api.auth import hash_key, new_key
 from tests.conftest import RunningServer, demo_config, start_server, stop_server
-from tests.e2e.adapter_files import CONFIG, WEIGHTS, broken_adapter, copy_adapter
+from tests.e2e.adapter_files import WEIGHTS, broken_adapter, copy_adapter
 
 pytestmark = pytest.mark.engine
 
 KEYS = {name: new_key() for name in ("alpha", "beta", "plain", "admin")}
-# Passes the store's validator but vLLM's loader refuses it ("Adapter bias is not supported."). Should the
-# validator learn vLLM's config rules, {"alpha_pattern": {"q_proj": "x"}} also loads only as far as the engine
-# (PEFTHelper accepts it; get_rank_and_scaling raises TypeError in add_lora).
-ENGINE_ONLY_CONFIG = {"bias": "all"}
 TENANTS = {"alpha": "alpha", "beta": "beta"}
 
 
@@ -242,27 +238,3 @@ def test_unknown_and_unregistrable_names_add_no_label_values(server, demo_assets
 
 
 # -- (6) an adapter the engine refuses fails its request, never the engine ------------------------------
-
-
-def test_an_adapter_the_engine_refuses_cannot_kill_the_engine(server, demo_assets):
-    biased = copy_adapter(demo_assets.adapters["code"], volume(server) / "biased", scale=0.6)
-    config = json.loads((biased / CONFIG).read_text())
-    (biased / CONFIG).write_text(json.dumps(config | ENGINE_ONLY_CONFIG))
-    created = register(server, "biased", biased)
-    assert created.status_code == 201, created.text  # our validator lets it through; the engine's loader does not
-    for key in ("plain", "alpha"):
-        refused = complete(server, key, "biased")
-        assert refused.status_code == 503, refused.text
-        assert error_of(refused)["code"] == "adapter_unavailable", refused.text
-        assert "not supported" not in refused.text and "add_lora" not in refused.text  # vLLM's detail: log only
-    assert httpx.get(f"{server.url}/health").status_code == 200
-    assert complete(server, "plain", "code").status_code == 200
-    assert complete(server, "alpha", server.base_model).status_code == 200
-    health = httpx.get(f"{server.url}/v1/adapters/biased/health", headers=auth("plain"))
-    assert health.status_code == 200 and health.json()["state"] == "failed"
-    assert health.json()["reason"] == "engine_load_failed"  # the code; the detail is for admins
-    check = httpx.post(f"{server.url}/v1/adapters/biased/health", headers=auth("admin"), timeout=120)
-    assert check.status_code == 200 and check.json()["state"] == "failed", check.text
-    assert "AdapterLoadFailed" in check.json()["reason"]  # the admin sees why
-    assert httpx.get(f"{server.url}/health").status_code == 200
-    assert complete(server, "plain", "code").status_code == 200
