@@ -15,19 +15,12 @@ Ownership belongs to the adapter *name*: ``adapters.tenant`` (NULL: public) is
 set by the name's first registration and never changed by a later version; a
 registration for a different tenant is refused with :class:`OwnershipConflict`.
 
-Schema history (``PRAGMA user_version``): 1 had no owner column (the owner was
-a ``tenant`` tag on each version) and hashed files with the old digest format;
-2 adds ``adapters.tenant`` and ``versions.legacy_digest``. Opening a version-1
-file upgrades it in place: each name's owner comes from its oldest version's
-tag (any tenant wins over public if versions disagree, logged), and every
-version is marked ``legacy_digest`` until the store re-hashes it
-(``adapter_store.migration``).
+The tables and their upgrades from older files are in ``adapter_store.schema``.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import sqlite3
 import threading
 import time
@@ -45,54 +38,9 @@ from adapter_store.errors import (
 )
 from adapter_store.models import AdapterMetadata, AdapterVersion, HealthRecord, HealthState
 from adapter_store.refs import DIGEST_LEN, LATEST, AdapterRef, check_alias, check_name, check_version
-
-logger = logging.getLogger(__name__)
+from adapter_store.schema import migrate, owner_text
 
 DB_NAME = "registry.sqlite3"
-_SCHEMA_VERSION = 2
-_V1_TENANT_TAG = "tenant"  # where schema 1 kept an adapter's owner, on each version
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS adapters (
-    name TEXT PRIMARY KEY,
-    created_at REAL NOT NULL,
-    tenant TEXT
-);
-CREATE TABLE IF NOT EXISTS versions (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    name TEXT NOT NULL REFERENCES adapters(name),
-    digest TEXT NOT NULL,
-    base_model TEXT NOT NULL,
-    rank INTEGER NOT NULL,
-    alpha REAL NOT NULL,
-    target_modules TEXT NOT NULL,
-    size_bytes INTEGER NOT NULL,
-    created_at REAL NOT NULL,
-    source TEXT NOT NULL,
-    tags TEXT NOT NULL,
-    pinned INTEGER NOT NULL DEFAULT 0,
-    legacy_digest INTEGER NOT NULL DEFAULT 0,
-    UNIQUE (name, digest)
-);
-CREATE TABLE IF NOT EXISTS aliases (
-    name TEXT NOT NULL,
-    alias TEXT NOT NULL,
-    digest TEXT NOT NULL,
-    updated_at REAL NOT NULL,
-    PRIMARY KEY (name, alias),
-    FOREIGN KEY (name, digest) REFERENCES versions(name, digest)
-);
-CREATE TABLE IF NOT EXISTS health (
-    name TEXT NOT NULL,
-    digest TEXT NOT NULL,
-    state TEXT NOT NULL,
-    reason TEXT,
-    checked_at REAL,
-    latency_s REAL,
-    PRIMARY KEY (name, digest),
-    FOREIGN KEY (name, digest) REFERENCES versions(name, digest) ON DELETE CASCADE
-);
-"""
 
 _VERSION_COLUMNS = (
     "v.name, v.digest, v.base_model, v.rank, v.alpha, v.target_modules, v.size_bytes, "
@@ -116,10 +64,6 @@ def _row_to_version(row: tuple) -> AdapterVersion:
     )
 
 
-def _owner_text(tenant: str | None) -> str:
-    return "no tenant (public)" if tenant is None else f"tenant {tenant!r}"
-
-
 class AdapterRegistry:
     """Persistent registry of adapter versions; safe across threads and processes."""
 
@@ -139,41 +83,7 @@ class AdapterRegistry:
         self._connections: list[sqlite3.Connection] = []
         self._connections_lock = threading.Lock()
         with self._write() as conn:
-            schema = conn.execute("PRAGMA user_version").fetchone()[0]
-            if schema == 0:
-                for statement in _SCHEMA.split(";"):
-                    if statement.strip():
-                        conn.execute(statement)
-            elif schema == 1:
-                self._upgrade_from_v1(conn, configured_owners or {})
-            elif schema > _SCHEMA_VERSION:
-                raise RuntimeError(
-                    f"{self.path} has registry schema {schema}, newer than this version of loraserve "
-                    f"understands ({_SCHEMA_VERSION}); upgrade loraserve or use another store root"
-                )
-            conn.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
-
-    def _upgrade_from_v1(self, conn: sqlite3.Connection, configured: Mapping[str, str | None]) -> None:
-        """Schema 1 → 2: owners move from version tags onto names; every digest is marked for re-hashing."""
-        conn.execute("ALTER TABLE adapters ADD COLUMN tenant TEXT")
-        conn.execute("ALTER TABLE versions ADD COLUMN legacy_digest INTEGER NOT NULL DEFAULT 0")
-        conn.execute("UPDATE versions SET legacy_digest = 1")
-        for (name,) in conn.execute("SELECT name FROM adapters").fetchall():
-            rows = conn.execute("SELECT tags FROM versions WHERE name = ? ORDER BY seq", (name,)).fetchall()
-            tags = [json.loads(t).get(_V1_TENANT_TAG) for (t,) in rows]
-            owned = [t for t in tags if t is not None]
-            owner = owned[0] if owned else None  # the oldest tenant; any tenant is safer than public
-            if name in configured:
-                owner = configured[name]
-            elif len(set(tags)) > 1:
-                logger.warning(
-                    "adapter %r: its versions were tagged with different tenants %s (oldest first); "
-                    "it now belongs to %s, for every version",
-                    name,
-                    tags,
-                    _owner_text(owner),
-                )
-            conn.execute("UPDATE adapters SET tenant = ? WHERE name = ?", (owner, name))
+            migrate(conn, self.path, configured_owners or {})
 
     # -- connections and transactions -------------------------------------------------
 
@@ -290,7 +200,7 @@ class AdapterRegistry:
     @staticmethod
     def _conflict(name: str, owner: str | None, tenant: str | None) -> OwnershipConflict:
         return OwnershipConflict(
-            f"adapter {name!r} belongs to {_owner_text(owner)}, so a version for {_owner_text(tenant)} is refused: "
+            f"adapter {name!r} belongs to {owner_text(owner)}, so a version for {owner_text(tenant)} is refused: "
             "an adapter's owner is set by its first registration and every version shares it. Register with "
             "the same tenant, or under another name",
             param="tenant",
