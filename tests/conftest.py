@@ -52,6 +52,13 @@ def demo_config(demo_assets, **engine_overrides) -> dict:
     return config
 
 
+def use_api_keys(config: dict, workdir: Path, entries: list[dict]) -> None:
+    """Turn on ``auth.mode: api_keys`` in ``config`` with a keys file of ``entries`` written to ``workdir``."""
+    keys_file = workdir / "keys.yaml"
+    keys_file.write_text(yaml.safe_dump({"keys": entries}))
+    config["auth"] = {"mode": "api_keys", "keys_file": str(keys_file)}
+
+
 @dataclass
 class RunningServer:
     url: str

@@ -17,12 +17,11 @@ from collections.abc import Iterator
 import httpx
 import pytest
 import schemathesis
-import yaml
 from hypothesis import HealthCheck, given, settings
 from schemathesis import GenerationMode
 
 from serving.api.auth import hash_key, new_key
-from tests.conftest import RunningServer, demo_config, start_server, stop_server
+from tests.conftest import RunningServer, demo_config, start_server, stop_server, use_api_keys
 
 pytestmark = pytest.mark.engine
 
@@ -34,9 +33,8 @@ KEYS = {role: new_key() for role in ("user", "admin")}
 def fuzz_server(demo_assets, tmp_path_factory) -> Iterator[RunningServer]:
     workdir = tmp_path_factory.mktemp("fuzz")
     entries = [{"id": role, "sha256": hash_key(key), "role": role} for role, key in KEYS.items()]
-    (workdir / "keys.yaml").write_text(yaml.safe_dump({"keys": entries}))
     config = demo_config(demo_assets)
-    config["auth"] = {"mode": "api_keys", "keys_file": str(workdir / "keys.yaml")}
+    use_api_keys(config, workdir, entries)
     config["limits"] = {"max_tokens": 8, "max_n": 2, "max_body_bytes": 65536, "max_upload_bytes": 65536}
     config["store"] = {"root": str(tmp_path_factory.mktemp("fuzz-store")), "pinned": ["code", "legal", "medical"]}
     running = start_server(config, workdir)

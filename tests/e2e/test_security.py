@@ -17,10 +17,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-import yaml
 
 from serving.api.auth import hash_key, new_key
-from tests.conftest import RunningServer, demo_config, start_server, stop_server
+from tests.conftest import RunningServer, demo_config, start_server, stop_server, use_api_keys
 from tests.e2e.adapter_files import WEIGHTS, broken_adapter, copy_adapter
 
 KEYS = {
@@ -53,9 +52,8 @@ def secure(demo_assets, tmp_path_factory) -> Iterator[RunningServer]:
         | ({"rate": STRICT_RATE} if name in ("burst", "counted") else {})
         for name, key in KEYS.items()
     ]
-    (workdir / "keys.yaml").write_text(yaml.safe_dump({"keys": entries}))
     config = demo_config(demo_assets, max_num_seqs=ENGINE_SLOTS)
-    config["auth"] = {"mode": "api_keys", "keys_file": str(workdir / "keys.yaml")}
+    use_api_keys(config, workdir, entries)
     owners = {"legal": "lawfirm", "medical": "hospital"}
     for adapter in config["adapters"]:
         if adapter["name"] in owners:

@@ -18,10 +18,9 @@ from urllib.parse import urlsplit
 
 import httpx
 import pytest
-import yaml
 
 from serving.api.auth import hash_key, new_key
-from tests.conftest import RunningServer, demo_config, start_server, stop_server
+from tests.conftest import RunningServer, demo_config, start_server, stop_server, use_api_keys
 
 pytestmark = pytest.mark.engine
 
@@ -52,9 +51,8 @@ def limited(demo_assets, tmp_path_factory) -> Iterator[RunningServer]:
         | ({"rate": RATE} if name in RATED else {})
         for name, key in KEYS.items()
     ]
-    (workdir / "keys.yaml").write_text(yaml.safe_dump({"keys": entries}))
     config = demo_config(demo_assets, max_num_seqs=ENGINE_SLOTS)
-    config["auth"] = {"mode": "api_keys", "keys_file": str(workdir / "keys.yaml")}
+    use_api_keys(config, workdir, entries)
     config["limits"] = LIMITS
     config["store"] = {"root": str(workdir / "store")}
     running = start_server(config, workdir)
@@ -84,7 +82,9 @@ def error_of(response: httpx.Response) -> dict:
 
 
 def metric(server: RunningServer, name: str, label: str) -> float:
-    text = httpx.get(f"{server.url}/metrics").text
+    response = httpx.get(f"{server.url}/metrics", headers=auth("admin"))  # /metrics needs a metrics or admin key
+    assert response.status_code == 200, response.text
+    text = response.text
     match = re.search(rf'^{name}_total\{{[a-z]+="{label}"\}} (\S+)$', text, re.M)
     return float(match.group(1)) if match else 0.0
 

@@ -16,10 +16,9 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
-import yaml
 
 from serving.api.auth import hash_key, new_key
-from tests.conftest import REPO, RunningServer, demo_config, free_port, start_server, stop_server
+from tests.conftest import REPO, RunningServer, demo_config, free_port, start_server, stop_server, use_api_keys
 
 pytestmark = pytest.mark.engine
 
@@ -33,9 +32,8 @@ LONG_PROMPT = ("x" * 30 + " ") * 30_000  # 930 KB, under the 4 MiB body limit
 def secure(demo_assets, tmp_path_factory) -> Iterator[RunningServer]:
     workdir = tmp_path_factory.mktemp("secure-metrics")
     entries = [{"id": role, "sha256": hash_key(key), "role": role} for role, key in KEYS.items()]
-    (workdir / "keys.yaml").write_text(yaml.safe_dump({"keys": entries}))
     config = demo_config(demo_assets)
-    config["auth"] = {"mode": "api_keys", "keys_file": str(workdir / "keys.yaml")}
+    use_api_keys(config, workdir, entries)
     for adapter in config["adapters"]:
         if adapter["name"] == "medical":
             adapter["tenant"] = "hospital"

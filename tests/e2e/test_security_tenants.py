@@ -16,10 +16,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-import yaml
 
 from serving.api.auth import hash_key, new_key
-from tests.conftest import RunningServer, demo_config, start_server, stop_server
+from tests.conftest import RunningServer, demo_config, start_server, stop_server, use_api_keys
 from tests.e2e.adapter_files import WEIGHTS, broken_adapter, copy_adapter
 
 pytestmark = pytest.mark.engine
@@ -36,9 +35,8 @@ def server(demo_assets, tmp_path_factory) -> Iterator[RunningServer]:
         | ({"tenant": TENANTS[name]} if name in TENANTS else {})
         for name, key in KEYS.items()
     ]
-    (workdir / "keys.yaml").write_text(yaml.safe_dump({"keys": entries}))
     config = demo_config(demo_assets)
-    config["auth"] = {"mode": "api_keys", "keys_file": str(workdir / "keys.yaml")}
+    use_api_keys(config, workdir, entries)
     (workdir / "volume").mkdir()
     config["store"] = {
         "root": str(workdir / "store"),
@@ -238,3 +236,15 @@ def test_unknown_and_unregistrable_names_add_no_label_values(server, demo_assets
 
 
 # -- (6) an adapter the engine refuses fails its request, never the engine ------------------------------
+
+
+# -- (7) names are whole-string matches: a trailing newline is no name --------------------------------------
+
+
+def test_a_source_directory_named_with_a_trailing_newline_is_never_registered(server, demo_assets):
+    """``re.match`` with ``$`` accepts ``"name\\n"``: a tenant-written directory so named would become a name."""
+    copy_adapter(demo_assets.adapters["code"], volume(server) / "tricky\n", scale=0.8)
+    refused = complete(server, "alpha", "tricky\n")
+    assert refused.status_code == 404 and error_of(refused)["code"] == "model_not_found", refused.text
+    listed = httpx.get(f"{server.url}/v1/adapters", headers=auth("admin")).json()["data"]
+    assert not any(a["name"].startswith("tricky") for a in listed)
