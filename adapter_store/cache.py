@@ -289,10 +289,15 @@ class DiskCache:
         return path
 
     def adopt(self, staging: Path, digest: str, label: str) -> Path:
-        """Move a fetched directory into the cache (registration path); validated once more on the way in."""
+        """Move a fetched directory into the cache (registration path); validated once more on the way in.
+
+        Under the version's fetch lock: a request that found the version
+        registered a moment earlier may be fetching it right now, and the two
+        renames into ``cache/<digest>`` must not cross.
+        """
         self._check(staging)
         size = directory_size(staging)
-        with self._lock:
+        with self._fetch_lock(digest), self._lock:
             if digest in self._entries:
                 _remove(staging)
                 self._entries.move_to_end(digest)

@@ -310,3 +310,36 @@ def test_fetch_locks_are_dropped_when_no_one_holds_them(tmp_path: Path) -> None:
         with cache.lease(version):
             pass
     assert cache._fetch_locks == {}
+
+
+def test_a_registration_adopting_files_while_a_request_fetches_them_does_not_collide(tmp_path: Path) -> None:
+    """On demand, a request may find the version registered and fetch it while the registration moves its copy in."""
+    world = World(tmp_path, 1)
+    version = world.versions[0]
+    adopted, errors = threading.Event(), []
+
+    def adopt() -> None:
+        staging = cache.new_staging()
+        world.sources.fetch(version.source, staging, max_bytes=1 << 20)
+        try:
+            cache.adopt(staging, version.version, "registration")
+        except Exception as e:  # noqa: BLE001 (recorded for the assert)
+            errors.append(e)
+        adopted.set()
+
+    def fetch_while_adopting(uri: str, dest: Path) -> None:
+        world.sources.fetch(uri, dest, max_bytes=1 << 20)
+        threading.Thread(target=adopt).start()
+        adopted.wait(timeout=1)  # unfixed, the registration's rename lands here, before the request's
+
+    cache = DiskCache(
+        tmp_path / "store" / "cache",
+        tmp_path / "store" / "staging",
+        sum(world.sizes),
+        fetch=fetch_while_adopting,
+        check=world.validator.validate,
+    )
+    with cache.lease(version) as path:
+        assert content_digest(path) == version.version
+    assert adopted.wait(timeout=10) and errors == []
+    assert cache.digests() == [version.version] and content_digest(cache.cache_dir / version.version) == version.version
