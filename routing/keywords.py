@@ -11,13 +11,11 @@ keeps a request's cost bounded however many rules there are.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import re2
-
-if TYPE_CHECKING:  # routing.config validates patterns with compile_pattern, so no import back at run time
-    from routing.config import KeywordRule
 
 Pattern = re2._Regexp  # google-re2 has no public name for a compiled pattern
 
@@ -41,6 +39,16 @@ def compile_pattern(pattern: str) -> Pattern:
     """
     re2.compile(pattern, _OPTIONS)
     return re2.compile(rf"(?:^|{_NOT_WORD})(?:{pattern})(?:{_NOT_WORD}|$)", _OPTIONS)
+
+
+class KeywordRule(Protocol):
+    """What a rule is made of (``routing.config.KeywordRule`` is one); config imports this module, not back."""
+
+    @property
+    def operator(self) -> str: ...
+
+    @property
+    def patterns(self) -> Sequence[str]: ...
 
 
 @dataclass(frozen=True)
