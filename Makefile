@@ -31,19 +31,19 @@ test: install
 	$(PY) -m pytest
 
 bench: install
-	$(PY) loadtests/bench_lora.py --out results/bench_lora.json
-	$(PY) loadtests/bench_store.py --out loadtests/results/bench_store.json
-	$(PY) loadtests/bench_bitnet.py --out results/bench_bitnet.json
+	$(PY) -m loadtests.bench_lora --out results/bench_lora.json
+	$(PY) -m loadtests.bench_store --out results/bench_store.json
+	$(PY) -m loadtests.bench_bitnet --out results/bench_bitnet.json
 
 loadtest: demo-assets
 	$(VENV)/bin/loraserve loadtest --config $(CONFIG) --users $(USERS) --run-time $(RUN_TIME) --out .loadtest
 
 bench-alternatives: demo-assets
 	$(PY) -m pip install --quiet -e '.[bench]'
-	$(PY) loadtests/bench_alternatives.py --config $(CONFIG)
+	$(PY) -m loadtests.bench_alternatives --config $(CONFIG)
 
 soak: demo-assets
-	$(PY) loadtests/soak.py --config $(CONFIG) --minutes 10 --out results/soak.json
+	$(PY) -m loadtests.soak --config $(CONFIG) --minutes 10 --out results/soak.json
 
 clean:
 	rm -rf $(VENV) $(DEMO) .bench .loadtest

@@ -1,6 +1,6 @@
 """Our server against the alternatives, in one run: vLLM's own OpenAI server and the naive design.
 
-    python loadtests/bench_alternatives.py [--quick] [--config configs/dev.yaml] [--out loadtests/results]
+    python -m loadtests.bench_alternatives [--quick] [--config configs/dev.yaml] [--out results]
 
 Starts three servers on the same model, adapters and (for vLLM) engine settings,
 all from one loraserve config:
@@ -44,11 +44,10 @@ from contextlib import ExitStack
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from serving.config import Settings, load_settings  # noqa: E402
-from serving.loadtest import runner  # noqa: E402
-from serving.loadtest.process import free_port, running_server  # noqa: E402
+from serving.config import Settings, load_settings
+from loadtests import runner
+from loadtests.process import free_port, running_server
 
 SERVERS = ("ours", "vllm", "naive")
 COMPARISONS = {
@@ -85,7 +84,7 @@ def server_commands(config: Path, settings: Settings, ports: dict[str, int]) -> 
     return {
         "ours": [*serve, "--port", str(ports["ours"])],
         "vllm": vllm_server_command(settings, ports["vllm"]),
-        "naive": [sys.executable, str(ROOT / "loadtests" / "naive_server.py"), "--config", str(config),
+        "naive": [sys.executable, "-m", "loadtests.naive_server", "--config", str(config),
                   "--port", str(ports["naive"])],  # fmt: skip
     }
 
@@ -186,7 +185,7 @@ def plot(report: dict, other: str, path: Path) -> None:
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", type=Path, default=ROOT / "configs" / "dev.yaml")
-    parser.add_argument("--out", type=Path, default=ROOT / "loadtests" / "results")
+    parser.add_argument("--out", type=Path, default=ROOT / "results")
     parser.add_argument("--work", type=Path, default=ROOT / ".bench" / "alternatives", help="raw locust output")
     parser.add_argument("--quick", action="store_true", help="smoke run: 2 repeats of 10 s, 32 tokens")
     parser.add_argument("--repeats", type=int, default=3)
@@ -210,7 +209,7 @@ def main() -> int:
         return 2
     settings = load_settings(args.config)
     if args.config.resolve() == (ROOT / "configs" / "dev.yaml").resolve():
-        from serving.demo.assets import build_demo_assets
+        from checkpoints.assets import build_demo_assets
 
         build_demo_assets(ROOT / ".demo")
     settings.check_files()

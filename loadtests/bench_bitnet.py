@@ -1,6 +1,6 @@
 """BitNet b1.58 vs the same weights as a dense bf16 model: decode speed and weight memory.
 
-    python loadtests/bench_bitnet.py [--quick] [--out results/bench_bitnet.json]
+    python -m loadtests.bench_bitnet [--quick] [--out results/bench_bitnet.json]
 
 Builds (once, cached under ``--cache-dir``) a random BitNet model of
 ``--layers`` layers of ``--shape`` (default ``2b``: the layer shape of
@@ -40,7 +40,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 VARIANTS = ("bitnet", "dense")
 BATCHES = (1, 32)
@@ -65,8 +64,8 @@ def build(cache_dir: Path, layers: int, shape: str) -> dict[str, Path]:
     """The two checkpoints, from one seeded set of masters (cached by shape)."""
     import torch
 
-    from serving.bitnet.packing import absmean_ternarize
-    from serving.bitnet.tiny import LINEAR_NAMES, random_masters, save_checkpoint, tiny_config
+    from bitnet.packing import absmean_ternarize
+    from checkpoints.tiny_bitnet import LINEAR_NAMES, random_masters, save_checkpoint, tiny_config
 
     root = cache_dir / f"{shape}-layers{layers}"
     paths = {"bitnet": root / "bitnet", "dense": root / "dense"}
@@ -99,7 +98,7 @@ def linear_weight_bytes(model) -> tuple[int, int]:
     """
     from vllm.model_executor.layers.linear import LinearBase
 
-    from serving.bitnet.quant import BitNetLinearMethod
+    from bitnet.quant import BitNetLinearMethod
 
     weights = scales = 0
     for module in model.modules():

@@ -1,9 +1,9 @@
 """Multi-LoRA throughput on the CPU: our LoRA ops vs vLLM's stock ops.
 
-    python loadtests/bench_lora.py [--quick] [--out results/bench_lora.json]
+    python -m loadtests.bench_lora [--quick] [--out results/bench_lora.json]
 
 Builds (once, cached under ``--cache-dir``) a random Llama-shaped model with
-≥ 50M parameters and 8 random rank-16 adapters (``serving.demo.synthetic``),
+≥ 50M parameters and 8 random rank-16 adapters (``checkpoints.synthetic``),
 then, for each ops variant, starts one vLLM engine in its own subprocess (the
 plugin is chosen per process: ``project`` = our plugin, ``stock`` =
 ``VLLM_PLUGINS=none``) and measures output-token throughput of greedy,
@@ -48,7 +48,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 WORKLOADS = ("base", "one", "zipf8")
 TARGETS = {"one": 0.8, "zipf8": 0.7}  # min ratio to base with our ops
@@ -220,7 +219,7 @@ def main(argv: list[str] | None = None) -> None:
         run_worker(args)
         return
 
-    from serving.demo.synthetic import count_params, ensure_synthetic
+    from checkpoints.synthetic import count_params, ensure_synthetic
 
     t0 = time.perf_counter()
     model_dir, _ = ensure_synthetic(args.cache_dir, NUM_ADAPTERS)

@@ -1,6 +1,6 @@
 """Routing latency: p50/p99 of one routing decision, per path, on this CPU.
 
-    python loadtests/bench_routing.py [--config configs/dev.yaml] [--rounds 5] [--out results/bench_routing.json]
+    python -m loadtests.bench_routing [--config configs/dev.yaml] [--rounds 5] [--out results/bench_routing.json]
 
 Routes every prompt of the held-out demo set (``configs/routes/demo-eval.jsonl``)
 ``--rounds`` times with the configured encoder (all-MiniLM-L6-v2, one torch
@@ -31,7 +31,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 TARGET_P50_MS = 10.0

@@ -1,6 +1,6 @@
 """Adapter store under load: cold-load latency, and throughput while many adapters rotate through few slots.
 
-    python loadtests/bench_store.py [--quick] [--config configs/dev.yaml] [--out loadtests/results/bench_store.json]
+    python -m loadtests.bench_store [--quick] [--config configs/dev.yaml] [--out results/bench_store.json]
 
 Writes ``--adapters`` (default 100) distinct rank-16 PEFT LoRA adapters into a
 temporary directory, derived from the config's adapters (the demo ones): each
@@ -33,7 +33,7 @@ workloads interleaved ``--repeats`` times (base, one, uniform, zipf, base, ...):
 ``base`` (no adapter), ``one`` (always the same adapter), ``uniform`` (each
 request picks one of all the adapters uniformly) and ``zipf`` (Zipf(``--zipf-s``)
 popularity). Output tokens/s per run from vLLM's benchmark fields
-(``serving.loadtest.summary``); each ratio is the median over repeats of the
+(``loadtests.summary``); each ratio is the median over repeats of the
 ratio within one repeat.
 
 Prints a table and writes JSON to ``--out``. The numbers are wall-clock: on a
@@ -61,11 +61,10 @@ import numpy as np
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from serving.config import Settings, load_settings  # noqa: E402
-from serving.loadtest.process import free_port, running_server  # noqa: E402
-from serving.loadtest.summary import summarize  # noqa: E402
+from serving.config import Settings, load_settings
+from loadtests.process import free_port, running_server
+from loadtests.summary import summarize
 
 WORKLOADS = ("base", "one", "uniform", "zipf")
 PROMPT = "Write a short note about the weather today and what to do in the afternoon."
@@ -181,7 +180,7 @@ def _carries_tokens(event: dict) -> bool:
 
 
 async def stream_completion(client: httpx.AsyncClient, model: str, max_tokens: int, prompt: str) -> dict:
-    """One streamed completion, as a record of ``serving.loadtest.summary`` (times in seconds)."""
+    """One streamed completion, as a record of ``loadtests.summary`` (times in seconds)."""
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
             "stream": True, "stream_options": {"include_usage": True}, "return_token_ids": True}  # fmt: skip
     record = {"kind": "targeted", "endpoint": "completions", "stream": True, "model": model, "label": model,
@@ -401,7 +400,7 @@ def table(report: dict) -> str:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", type=Path, default=ROOT / "configs" / "dev.yaml")
-    parser.add_argument("--out", type=Path, default=None, help="default loadtests/results/bench_store[_quick].json")
+    parser.add_argument("--out", type=Path, default=None, help="default results/bench_store[_quick].json")
     parser.add_argument("--work", type=Path, default=ROOT / ".bench" / "store", help="server log")
     parser.add_argument("--quick", action="store_true", help="smoke run: 8 adapters, 6 cold, 4 clients, 3 s x 2")
     parser.add_argument("--adapters", type=int, default=100)
@@ -422,7 +421,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.adapters, args.cold, args.clients, args.duration, args.max_tokens = 8, 6, 4, 3.0, 8
     args.cold = min(args.cold, args.adapters)
     if args.out is None:  # a smoke run never overwrites the measured numbers
-        args.out = ROOT / "loadtests" / "results" / f"bench_store{'_quick' if args.quick else ''}.json"
+        args.out = ROOT / "results" / f"bench_store{'_quick' if args.quick else ''}.json"
     if args.repeats < 1 or args.adapters < 1 or args.clients < 1:
         parser.error("--repeats, --adapters and --clients must be at least 1")
     return args
@@ -449,7 +448,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     settings = load_settings(args.config)
     if args.config.resolve() == (ROOT / "configs" / "dev.yaml").resolve():
-        from serving.demo.assets import build_demo_assets
+        from checkpoints.assets import build_demo_assets
 
         build_demo_assets(ROOT / ".demo")
     settings.check_files()

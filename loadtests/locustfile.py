@@ -118,7 +118,7 @@ class Workload:
 
 @dataclass
 class Record:
-    """One request, as written to ``--records`` and read by ``serving.loadtest.summary``."""
+    """One request, as written to ``--records`` and read by ``loadtests.summary``."""
 
     kind: str  # "targeted" | "auto" | "bad"
     endpoint: str  # "completions" | "chat"

@@ -1,6 +1,6 @@
 """The naive design, for comparison only: transformers + PEFT, one model, adapter switched per request.
 
-    python loadtests/naive_server.py --config configs/dev.yaml --port 8100
+    python -m loadtests.naive_server --config configs/dev.yaml --port 8100
 
 The straightforward way to serve several LoRA adapters without a serving
 engine: load the base model once with every adapter of the config attached
@@ -32,7 +32,6 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 
 class NaiveModel:

@@ -8,7 +8,7 @@ and a share of bad requests. At the end it prints requests served, errors by
 kind (only the bad requests' expected 4xx may appear), and memory at start,
 peak and end; it writes the same as JSON.
 
-    python loadtests/soak.py --minutes 10            # configs/dev.yaml, 8 users
+    python -m loadtests.soak --minutes 10            # configs/dev.yaml, 8 users
 """
 
 from __future__ import annotations
@@ -23,9 +23,8 @@ from collections import Counter
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from serving.loadtest.process import free_port, running_server  # noqa: E402
+from loadtests.process import free_port, running_server
 
 MIB = 1 << 20
 

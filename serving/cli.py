@@ -39,7 +39,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _demo_assets(args: argparse.Namespace) -> int:
-    from serving.demo.assets import build_demo_assets
+    from checkpoints.assets import build_demo_assets
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     assets = build_demo_assets(args.root, force=args.force)
@@ -57,7 +57,7 @@ def _check_config(args: argparse.Namespace) -> int:
 
 
 def _loadtest(args: argparse.Namespace) -> int:
-    from serving.loadtest.runner import run
+    from loadtests.runner import run
 
     return run(args)
 
@@ -86,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     metrics_relay.add_parser(commands)
     add_routes_command(commands, lambda path: load_settings(path).routing)
 
-    from serving.loadtest.runner import add_arguments as add_loadtest_arguments
+    from loadtests.runner import add_arguments as add_loadtest_arguments
 
     loadtest = commands.add_parser("loadtest", help="run the locust load test headless and summarise it")
     add_loadtest_arguments(loadtest)

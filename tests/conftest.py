@@ -27,7 +27,7 @@ SERVER_START_TIMEOUT_S = 300
 @pytest.fixture(scope="session")
 def demo_assets():
     """Built once into the repo's .demo/ (idempotent: a manifest marks a finished build)."""
-    from serving.demo.assets import build_demo_assets
+    from checkpoints.assets import build_demo_assets
 
     return build_demo_assets(DEMO_ROOT)
 

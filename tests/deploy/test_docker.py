@@ -99,7 +99,7 @@ def test_copy_sources_exist_and_reach_the_build_context(image: str) -> None:
         ("pyproject.toml", False),
         ("README.md", False),
         ("serving/cli.py", False),
-        ("serving/demo/data/code.txt", False),
+        ("checkpoints/data/code.txt", False),
         ("adapter_store/__init__.py", False),
         ("serving/__pycache__/cli.cpython-311.pyc", True),
         (".venv/bin/python", True),

@@ -1,6 +1,6 @@
 """BitNet b1.58 through the real vLLM engine against Hugging Face transformers.
 
-One tiny seeded BitNet model (``serving.bitnet.tiny``) is written in all three
+One tiny seeded BitNet model (``checkpoints.tiny_bitnet``) is written in all three
 published layouts, each served by its own vLLM engine (float32, eager) in a
 subprocess, and compared with transformers' ``BitNetForCausalLM`` loading the
 same files, by the rule and tolerances in ``bitnet_reference.py``
@@ -47,7 +47,7 @@ pytestmark = pytest.mark.engine
 
 @pytest.fixture(scope="module")
 def tiny_bitnet(tmp_path_factory) -> dict[str, Path]:
-    from serving.bitnet.tiny import build_tiny_bitnet
+    from checkpoints.tiny_bitnet import build_tiny_bitnet
 
     return build_tiny_bitnet(tmp_path_factory.mktemp("tiny_bitnet"))
 

@@ -37,7 +37,7 @@ def bitnet_lora(tmp_path_factory):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from serving.bitnet.tiny import build_tiny_bitnet, random_lora
+    from checkpoints.tiny_bitnet import build_tiny_bitnet, random_lora
 
     root = tmp_path_factory.mktemp("bitnet_lora")
     checkpoints = build_tiny_bitnet(root / "models", layouts=("autobitlinear", "online"))

@@ -36,9 +36,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from serving.bitnet.kernels import IntMMKernel
-from serving.bitnet.packing import absmean_ternarize, pack_ternary, unpack_ternary
-from serving.bitnet.tiny import LAYOUTS, LINEAR_NAMES, random_lora, random_masters, save_checkpoint, tiny_config
+from bitnet.kernels import IntMMKernel
+from bitnet.packing import absmean_ternarize, pack_ternary, unpack_ternary
+from checkpoints.tiny_bitnet import LAYOUTS, LINEAR_NAMES, random_lora, random_masters, save_checkpoint, tiny_config
 from tests.e2e.bitnet_reference import MIN_EXACT_TOKENS, check, compare
 
 LINEAR_TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2}  # relative to max|reference|, as test_quant.py

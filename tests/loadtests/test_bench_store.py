@@ -1,4 +1,4 @@
-"""``loadtests/bench_store.py --quick`` end to end: real server, on-demand store, real HTTP; the JSON it writes.
+"""``python -m loadtests.bench_store --quick`` end to end: real server, on-demand store, real HTTP; the JSON it writes.
 
 No timing thresholds (speed lives in the benchmark's own output): only that
 every phase ran, every adapter was registered on first use and answered under
@@ -47,7 +47,7 @@ def test_adapters_are_distinct_and_keep_the_templates_shapes(demo_assets, tmp_pa
 @pytest.fixture(scope="module")
 def quick_report(demo_assets, tmp_path_factory):
     out = tmp_path_factory.mktemp("bench_store") / "bench_store.json"
-    command = [sys.executable, "loadtests/bench_store.py", "--quick", "--out", str(out),
+    command = [sys.executable, "-m", "loadtests.bench_store", "--quick", "--out", str(out),
                "--work", str(out.parent / "work"), "--max-cpu-loras", str(MAX_CPU_LORAS)]  # fmt: skip
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900)
     print(result.stdout)

@@ -9,7 +9,7 @@ import httpx
 import pytest
 import yaml
 
-from serving.loadtest.process import free_port, running_server
+from loadtests.process import free_port, running_server
 from tests.conftest import REPO, demo_config
 
 
@@ -19,7 +19,7 @@ def naive_url(demo_assets, tmp_path_factory):
     config = work / "config.yaml"
     config.write_text(yaml.safe_dump(demo_config(demo_assets)))
     port = free_port()
-    command = [sys.executable, str(REPO / "loadtests" / "naive_server.py"), "--config", str(config), "--port", str(port)]
+    command = [sys.executable, "-m", "loadtests.naive_server", "--config", str(config), "--port", str(port)]
     url = f"http://127.0.0.1:{port}"
     with running_server(command, f"{url}/health", work / "naive.log", timeout_s=300):
         yield url

@@ -16,7 +16,7 @@ import torch
 from peft import PeftModel
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from serving.demo import (
+from checkpoints import (
     DEMO_ADAPTERS,
     DEMO_BASE_NAME,
     DOMAIN_KEYWORDS,
@@ -24,8 +24,8 @@ from serving.demo import (
     build_demo_assets,
     demo_assets_ready,
 )
-from serving.demo import assets as assets_module
-from serving.demo import corpus
+from checkpoints import assets as assets_module
+from checkpoints import corpus
 
 NEUTRAL_PROMPT = "The"
 CHAT_MESSAGES = [{"role": "user", "content": "Tell me something."}]
@@ -135,7 +135,7 @@ def test_base_is_packed_ternary_and_not_degenerate(assets: DemoAssets) -> None:
     three values, and the projections of one layer are not copies of each other."""
     from safetensors.torch import load_file
 
-    from serving.bitnet.packing import unpack_ternary
+    from bitnet.packing import unpack_ternary
 
     config = AutoConfig.from_pretrained(assets.base)
     tensors = load_file(assets.base / "model.safetensors")

@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from serving.loadtest.summary import (
+from loadtests.summary import (
     SummaryError,
     format_table,
     is_good,

@@ -11,14 +11,14 @@ imports only when a BitNet checkpoint is actually loaded.
 from __future__ import annotations
 
 ARCHITECTURE = "BitNetForCausalLM"
-MODEL_QUALNAME = "serving.bitnet.model:BitNetForCausalLM"
+MODEL_QUALNAME = "bitnet.model:BitNetForCausalLM"
 
 
 def register() -> None:
     """Entry point of the ``vllm.general_plugins`` group."""
     from vllm import ModelRegistry
 
-    import serving.bitnet.quant  # noqa: F401  (@register_quantization_config("bitnet"))
+    import bitnet.quant  # noqa: F401  (@register_quantization_config("bitnet"))
 
     if ARCHITECTURE not in ModelRegistry.get_supported_archs():
         ModelRegistry.register_model(ARCHITECTURE, MODEL_QUALNAME)

@@ -4,7 +4,7 @@ Llama with two changes: an RMSNorm on the attention output before ``o_proj``
 (``attn_sub_norm``) and a squared-ReLU MLP with an RMSNorm before ``down_proj``
 (``ffn_sub_norm``). The projections are vLLM's stock ``QKVParallelLinear``,
 ``MergedColumnParallelLinear`` and ``RowParallelLinear``, used as they are:
-the ternary math lives in their quant method (``serving.bitnet.quant``), and
+the ternary math lives in their quant method (``bitnet.quant``), and
 vLLM's LoRA wrappers, which check these classes by exact type, wrap them
 unchanged. Shapes: T tokens in the batch, H/KV query/key-value heads of size
 D, hidden size E, MLP width I.

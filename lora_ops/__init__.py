@@ -15,7 +15,7 @@ Disable per process with ``VLLM_PLUGINS`` set to a list without
 
 from __future__ import annotations
 
-WRAPPER_QUALNAME = "serving.lora_ops.punica_cpu.GroupedPunicaWrapperCPU"
+WRAPPER_QUALNAME = "lora_ops.punica_cpu.GroupedPunicaWrapperCPU"
 _logged = False
 
 

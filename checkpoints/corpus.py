@@ -1,6 +1,6 @@
 """The shipped demo corpora and the training documents built from them.
 
-The text lives in ``serving/demo/data/*.txt`` (package data) so that the demo
+The text lives in ``checkpoints/data/*.txt`` (package data) so that the demo
 needs no download: the tokenizer, the base model and every adapter are trained
 from these files alone.
 """
@@ -17,7 +17,7 @@ DOMAINS: tuple[str, ...] = ("general", "code", "legal", "medical")
 CHAT_PROMPTS = "chat"
 """Generic user turns, paired with domain text to teach the chat path."""
 
-_DATA_PACKAGE = "serving.demo"
+_DATA_PACKAGE = "checkpoints"
 
 
 def read_lines(name: str) -> list[str]:

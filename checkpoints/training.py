@@ -5,7 +5,7 @@ The base is trained quantization-aware, the way BitNet b1.58 is: transformers'
 whose forward ternarizes the float masters (absmean, one β per matrix) and
 quantizes activations to int8 per token, with straight-through gradients to
 the masters. So what the model learns is what the ternary model computes,
-and the packed checkpoint (``serving.bitnet.tiny`` writes it from the masters)
+and the packed checkpoint (``checkpoints.tiny_bitnet`` writes it from the masters)
 serves the same function. Adapters are trained with PEFT on the same online
 model (PEFT cannot wrap the packed ``BitLinear`` class; an ``AutoBitLinear``
 is an ``nn.Linear`` to it).
@@ -25,28 +25,14 @@ from collections.abc import Iterator
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import BitNetForCausalLM, PreTrainedTokenizerFast
 from transformers.integrations.bitnet import AutoBitLinear
 
-from serving.bitnet.tiny import LINEAR_NAMES, STORE_DTYPE, tiny_config
-from serving.demo import corpus
+from checkpoints.tiny_bitnet import LINEAR_NAMES, STORE_DTYPE, tiny_config
+from checkpoints import corpus
+from checkpoints.tokenizer import MAX_POSITIONS
 
 logger = logging.getLogger(__name__)
-
-BOS, EOS, PAD = "<s>", "</s>", "<pad>"
-ROLE_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>")
-VOCAB_SIZE = 2048
-MAX_POSITIONS = 2048
-
-CHAT_TEMPLATE = (
-    "{{ bos_token }}"
-    "{% for message in messages %}"
-    "{{ '<|' + message['role'] + '|>\n' + message['content'] + eos_token + '\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
-)
-"""One turn per role marker, each closed by ``</s>`` so generation stops at EOS."""
 
 LORA_TARGETS = list(LINEAR_NAMES)
 
@@ -63,39 +49,8 @@ ADAPTER_LR = 1e-2
 SEED = 1234
 
 
-def train_tokenizer() -> PreTrainedTokenizerFast:
-    """A byte-level BPE over all shipped text, with chat role markers as special tokens.
-
-    Byte-level means no ``<unk>``: any prompt a client sends can be encoded.
-    The post-processor prepends ``<s>`` like Llama tokenizers do.
-    """
-    special = [BOS, EOS, PAD, *ROLE_TOKENS]
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=VOCAB_SIZE,
-        special_tokens=special,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(corpus.all_text(), trainer)
-    tok.post_processor = processors.TemplateProcessing(
-        single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, tok.token_to_id(BOS))]
-    )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token=BOS,
-        eos_token=EOS,
-        pad_token=PAD,
-        additional_special_tokens=list(ROLE_TOKENS),
-        chat_template=CHAT_TEMPLATE,
-        model_max_length=MAX_POSITIONS,
-    )
-
-
 def base_config(tokenizer: PreTrainedTokenizerFast):
-    """The tiny BitNet shape of ``serving.bitnet.tiny`` (head_dim 64: vLLM's CPU attention
+    """The tiny BitNet shape of ``checkpoints.tiny_bitnet`` (head_dim 64: vLLM's CPU attention
     rejects smaller heads) with the demo's vocabulary and context length."""
     return tiny_config(
         len(tokenizer),

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers.integrations.bitnet import WeightQuant, pack_weights, unpack_weights
 
-from serving.bitnet.packing import absmean_ternarize, pack_ternary, unpack_ternary
+from bitnet.packing import absmean_ternarize, pack_ternary, unpack_ternary
 
 SHAPES = {
     "square": (16, 16),

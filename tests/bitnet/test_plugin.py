@@ -43,7 +43,7 @@ print("RESULT " + json.dumps(result))
 
 @pytest.fixture(scope="module")
 def bitnet_checkpoint(tmp_path_factory):
-    from serving.bitnet.tiny import build_tiny_bitnet
+    from checkpoints.tiny_bitnet import build_tiny_bitnet
 
     return build_tiny_bitnet(tmp_path_factory.mktemp("plugin"), layouts=("bitlinear",))["bitlinear"]
 
@@ -71,11 +71,11 @@ def probe(checkpoint, plugins: str | None) -> dict:
 )
 def test_vllm_plugins_filtering(bitnet_checkpoint, plugins, bitnet_loaded, our_lora_ops) -> None:
     result = probe(bitnet_checkpoint, plugins)
-    assert result["entry_points"]["loraserve_bitnet"] == "serving.bitnet:register"
-    assert result["entry_points"]["loraserve_lora_ops"] == "serving.lora_ops:register"
+    assert result["entry_points"]["loraserve_bitnet"] == "bitnet:register"
+    assert result["entry_points"]["loraserve_lora_ops"] == "lora_ops:register"
     assert result["quant_method"] is bitnet_loaded
     assert result["architecture"] is bitnet_loaded
-    assert result["punica_wrapper"].startswith("serving.lora_ops") is our_lora_ops
+    assert result["punica_wrapper"].startswith("lora_ops") is our_lora_ops
     if bitnet_loaded:
         assert result.get("quantization") == "bitnet", result.get("error")
     else:
@@ -86,7 +86,7 @@ def test_register_is_idempotent() -> None:
     from vllm import ModelRegistry
     from vllm.model_executor.layers.quantization import QUANTIZATION_METHODS
 
-    from serving.bitnet import register
+    from bitnet import register
 
     register()
     register()

@@ -10,7 +10,7 @@ greedy tokens (``init_lora_weights=False`` gives non-zero A *and* B).
 No tokenizer is written: run vLLM with ``skip_tokenizer_init=True`` and
 token-id prompts.
 
-    python -m serving.demo.synthetic /tmp/synth --adapters 3
+    python -m checkpoints.synthetic /tmp/synth --adapters 3
 """
 
 from __future__ import annotations

@@ -24,10 +24,10 @@ import sys
 from contextlib import nullcontext
 from pathlib import Path
 
-from serving.loadtest.process import free_port, running_server
-from serving.loadtest.summary import SummaryError, format_table, load_records, parse_goodput, summarize
+from loadtests.process import free_port, running_server
+from loadtests.summary import SummaryError, format_table, load_records, parse_goodput, summarize
 
-DEFAULT_LOCUSTFILE = Path(__file__).resolve().parents[2] / "loadtests" / "locustfile.py"
+DEFAULT_LOCUSTFILE = Path(__file__).resolve().parent / "locustfile.py"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -84,9 +84,12 @@ def run(args: argparse.Namespace) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     host, server = args.host, nullcontext()
     if args.config is not None:
-        from serving.config import load_settings
-
-        load_settings(args.config).check_files()  # a bad config fails here, not after minutes of start-up
+        # A bad config fails here, not after minutes of start-up (its message is the CLI's own).
+        checked = subprocess.run([sys.executable, "-m", "serving.cli", "check-config", "--config", str(args.config)],
+                                 capture_output=True, text=True)  # fmt: skip
+        if checked.returncode != 0:
+            print(checked.stderr.strip() or checked.stdout.strip(), file=sys.stderr)
+            return 2
         port = free_port()
         host = f"http://127.0.0.1:{port}"
         command = [sys.executable, "-m", "serving.cli", "serve", "--config", str(args.config),

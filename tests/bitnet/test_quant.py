@@ -26,8 +26,8 @@ from vllm.model_executor.layers.linear import (
 )
 from vllm.utils.torch_utils import set_default_torch_dtype
 
-from serving.bitnet.packing import absmean_ternarize, pack_ternary
-from serving.bitnet.quant import BitNetLinearMethod, BitNetQuantConfig
+from bitnet.packing import absmean_ternarize, pack_ternary
+from bitnet.quant import BitNetLinearMethod, BitNetQuantConfig
 
 K = 128
 # name -> (factory(quant_config), [(shard id or None, out rows)])

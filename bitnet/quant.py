@@ -35,8 +35,8 @@ from vllm.model_executor.layers.quantization.base_config import QuantizationConf
 from vllm.model_executor.layers.quantization.utils.quant_utils import is_layer_skipped
 from vllm.model_executor.utils import set_weight_attrs
 
-from serving.bitnet.kernels import KERNELS, TernaryKernel, VllmInt8Kernel
-from serving.bitnet.packing import absmean_ternarize, unpack_ternary
+from bitnet.kernels import KERNELS, TernaryKernel, VllmInt8Kernel
+from bitnet.packing import absmean_ternarize, unpack_ternary
 
 logger = logging.getLogger(__name__)
 

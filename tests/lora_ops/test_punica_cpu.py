@@ -14,9 +14,9 @@ import torch
 from vllm.lora.layers import LoRAMapping
 from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
 
-from serving.lora_ops import fused
-from serving.lora_ops.plan import GATHER, MASKED, RUNS
-from serving.lora_ops.punica_cpu import GroupedPunicaWrapperCPU
+from lora_ops import fused
+from lora_ops.plan import GATHER, MASKED, RUNS
+from lora_ops.punica_cpu import GroupedPunicaWrapperCPU
 
 IN, RANK = 96, 8
 SLOT_IDS = [11, 12, 13, 14]  # lora_index_to_id: slot s holds LoRA id SLOT_IDS[s]
@@ -277,7 +277,7 @@ def test_register_selects_our_wrapper_on_cpu():
     from vllm.lora.punica_wrapper.punica_selector import get_punica_wrapper
     from vllm.platforms import current_platform
 
-    import serving.lora_ops as plugin
+    import lora_ops as plugin
 
     assert current_platform.is_cpu()
     plugin.register()
@@ -290,7 +290,7 @@ def test_register_selects_our_wrapper_on_cpu():
 def test_register_is_noop_off_cpu(monkeypatch):
     import vllm.platforms
 
-    import serving.lora_ops as plugin
+    import lora_ops as plugin
 
     class FakeCuda:
         def is_cpu(self):
@@ -306,7 +306,7 @@ def test_register_is_noop_off_cpu(monkeypatch):
 
 
 def test_cost_model_picks_expected_modes():
-    from serving.lora_ops.plan import NONE, build_plan
+    from lora_ops.plan import NONE, build_plan
 
     assert build_plan([-1] * 8, 4).mode == NONE
     assert build_plan([2] * 512, 4).mode == RUNS  # one adapter, prefill-sized

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from serving.demo import corpus
+from checkpoints import corpus
 
 if TYPE_CHECKING:
     import torch
@@ -70,7 +70,7 @@ BUILD_FORMAT_VERSION = 2
 """Bump whenever the builder's output changes, so existing trees are rebuilt (2: BitNet base)."""
 
 BASE_LAYOUT = "autobitlinear"
-"""The packed layout of ``serving.bitnet.tiny.LAYOUTS`` the base is saved in."""
+"""The packed layout of ``checkpoints.tiny_bitnet.LAYOUTS`` the base is saved in."""
 
 MANIFEST_NAME = "MANIFEST.json"
 
@@ -151,11 +151,12 @@ def _build_into(staging: Path) -> None:
     # Imported here so that readiness checks and ready trees never pay for torch.
     import torch
 
-    from serving.demo import training
+    from checkpoints import training
+    from checkpoints.tokenizer import train_tokenizer
 
     # Training seeds torch's global RNG; callers (test sessions) keep their own state.
     with torch.random.fork_rng(), _torch_threads(BUILD_THREADS):
-        tokenizer = training.train_tokenizer()
+        tokenizer = train_tokenizer()
         masters = training.train_base(tokenizer)
         layout = DemoAssets.at(staging)
         _save_base(masters, tokenizer, layout.base)
@@ -165,15 +166,15 @@ def _build_into(staging: Path) -> None:
 
 
 def _save_base(masters: dict[str, torch.Tensor], tokenizer: PreTrainedTokenizerFast, path: Path) -> None:
-    """Write the packed checkpoint with ``serving.bitnet.tiny``'s writer, plus a generation config.
+    """Write the packed checkpoint with ``checkpoints.tiny_bitnet``'s writer, plus a generation config.
 
     The writer also saves the tokenizer with its chat template inline in
     ``tokenizer_config.json``, where every reader (vLLM included) looks for it.
     """
     from transformers import GenerationConfig
 
-    from serving.bitnet.tiny import save_checkpoint
-    from serving.demo.training import base_config
+    from checkpoints.tiny_bitnet import save_checkpoint
+    from checkpoints.training import base_config
 
     config = base_config(tokenizer)
     save_checkpoint(path, config, masters, BASE_LAYOUT, tokenizer)

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from serving.bitnet.packing import absmean_ternarize, pack_ternary
+from bitnet.packing import absmean_ternarize, pack_ternary
 
 LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 LAYOUTS: dict[str, dict] = {
@@ -126,7 +126,7 @@ def _save_tokenizer(tokenizer, path: Path) -> None:
 
 def build_tiny_bitnet(root: Path, layouts: tuple[str, ...] = tuple(LAYOUTS), seed: int = 0) -> dict[str, Path]:
     """One seeded tiny BitNet model written under ``root/<layout>`` for each layout."""
-    from serving.demo.training import train_tokenizer
+    from checkpoints.tokenizer import train_tokenizer
 
     tokenizer = train_tokenizer()
     config = tiny_config(

@@ -1,0 +1,12 @@
+"""Load tests and benchmarks: everything that drives a running server, or the engine, to measure it.
+
+``loraserve loadtest`` runs ``locustfile`` headless against a server it starts
+(``runner``, with ``process`` for the subprocess and ``summary`` for vLLM's
+benchmark fields). The ``bench_*`` modules are the benchmarks behind every
+figure in the README (``python -m loadtests.bench_lora`` ...); ``soak`` runs a
+long load for leaks, and ``naive_server`` is the transformers + PEFT baseline
+the alternatives benchmark compares against. Results go to ``results/``.
+
+The runner talks to the server only through processes and HTTP, so the CLI's
+``loadtest`` command pulls nothing of the server into this package.
+"""
