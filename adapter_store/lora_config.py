@@ -133,12 +133,18 @@ def _pattern(config: dict, param: str, valid: type | tuple, check) -> dict:
     if pattern is None:
         return {}
     if not isinstance(pattern, dict) or len(pattern) > MAX_PATTERN_KEYS:
-        raise _invalid(param, f"must be an object of at most {MAX_PATTERN_KEYS} entries, got {_show(pattern)}",
-                       "map module names to values, as PEFT writes it")
+        raise _invalid(
+            param,
+            f"must be an object of at most {MAX_PATTERN_KEYS} entries, got {_show(pattern)}",
+            "map module names to values, as PEFT writes it",
+        )
     for key, value in pattern.items():
         if not PATTERN_KEY.fullmatch(key):
-            raise _invalid(param, f"has the key {_show(key)}, which is not a module name",
-                           "use module names of letters, digits, '_' and '.' (e.g. model.layers.0.self_attn.q_proj)")
+            raise _invalid(
+                param,
+                f"has the key {_show(key)}, which is not a module name",
+                "use module names of letters, digits, '_' and '.' (e.g. model.layers.0.self_attn.q_proj)",
+            )
         if not check(value):
             raise _invalid(param, f"maps {key!r} to {_show(value)}", f"give a {valid}")
     return dict(pattern)
@@ -182,18 +188,27 @@ def check_lora_fields(config: dict) -> LoraSettings:
         raise InvalidAdapter(f"r must be a positive integer, got {_show(rank)}", reason="invalid_config", param="r")
     alpha = config.get("lora_alpha")
     if not _is_number(alpha):
-        raise _invalid("lora_alpha", f"must be a finite number, got {_show(alpha)}",
-                       "set it as PEFT's LoraConfig does (e.g. 2 * r)")
+        raise _invalid(
+            "lora_alpha",
+            f"must be a finite number, got {_show(alpha)}",
+            "set it as PEFT's LoraConfig does (e.g. 2 * r)",
+        )
     rank_pattern = _pattern(config, "rank_pattern", "positive integer rank", lambda v: _is_int(v) and v > 0)
     alpha_pattern = _pattern(config, "alpha_pattern", "finite number", _is_number)
     targets = config.get("target_modules")
     if isinstance(targets, str):
         if not 0 < len(targets) <= 1024:
-            raise _invalid("target_modules", "must be a non-empty name or pattern of at most 1024 characters",
-                           "list the module names")
+            raise _invalid(
+                "target_modules",
+                "must be a non-empty name or pattern of at most 1024 characters",
+                "list the module names",
+            )
     elif not (isinstance(targets, list) and targets and all(isinstance(t, str) for t in targets)):
-        raise _invalid("target_modules", f"must be a module name or a non-empty list of them, got {_show(targets)}",
-                       "list the modules the adapter trains, e.g. [\"q_proj\", \"v_proj\"]")
+        raise _invalid(
+            "target_modules",
+            f"must be a module name or a non-empty list of them, got {_show(targets)}",
+            'list the modules the adapter trains, e.g. ["q_proj", "v_proj"]',
+        )
     return LoraSettings(
         rank,
         float(alpha),

@@ -258,13 +258,10 @@ class AdapterRegistry:
 
     def _raise_missing(self, conn: sqlite3.Connection, name: str, what: str, param: str) -> None:
         if conn.execute("SELECT 1 FROM adapters WHERE name = ?", (name,)).fetchone() is None:
-            raise AdapterNotFound(
-                f"adapter {name!r} is not registered; register it from a source first", param="name"
-            )
+            raise AdapterNotFound(f"adapter {name!r} is not registered; register it from a source first", param="name")
         aliases = [r[0] for r in conn.execute("SELECT alias FROM aliases WHERE name = ? ORDER BY alias", (name,))]
         raise AdapterNotFound(
-            f"adapter {name!r} {what}; its aliases are {', '.join(aliases) or 'none'} "
-            "(list its versions to pick one)",
+            f"adapter {name!r} {what}; its aliases are {', '.join(aliases) or 'none'} (list its versions to pick one)",
             param=param,
         )
 
@@ -290,9 +287,11 @@ class AdapterRegistry:
 
     def versions(self, name: str) -> list[AdapterVersion]:
         """Every version of ``name``, newest first."""
-        rows = self._conn().execute(
-            f"SELECT {_VERSION_COLUMNS} FROM versions v WHERE v.name = ? ORDER BY v.seq DESC", (name,)
-        ).fetchall()
+        rows = (
+            self._conn()
+            .execute(f"SELECT {_VERSION_COLUMNS} FROM versions v WHERE v.name = ? ORDER BY v.seq DESC", (name,))
+            .fetchall()
+        )
         if not rows:
             raise AdapterNotFound(f"adapter {name!r} is not registered", param="name")
         return [_row_to_version(r) for r in rows]
@@ -361,9 +360,7 @@ class AdapterRegistry:
             version = self._resolve(conn, AdapterRef.parse(ref))
             name, digest = version.name, version.version
             if version.pinned:
-                raise AdapterPinned(
-                    f"{name}@{digest[:16]} is pinned; unpin it before deleting it", param="version"
-                )
+                raise AdapterPinned(f"{name}@{digest[:16]} is pinned; unpin it before deleting it", param="version")
             aliased = [
                 r[0]
                 for r in conn.execute(
@@ -444,7 +441,11 @@ class AdapterRegistry:
         return record
 
     def health(self, name: str, digest: str) -> HealthRecord:
-        row = self._conn().execute(
-            "SELECT state, reason, checked_at, latency_s FROM health WHERE name = ? AND digest = ?", (name, digest)
-        ).fetchone()
+        row = (
+            self._conn()
+            .execute(
+                "SELECT state, reason, checked_at, latency_s FROM health WHERE name = ? AND digest = ?", (name, digest)
+            )
+            .fetchone()
+        )
         return HealthRecord() if row is None else HealthRecord(*row)

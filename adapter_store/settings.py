@@ -67,8 +67,12 @@ class StoreSettings(_Strict):
     )
     on_demand: bool = Field(default=False, description="Register unknown names found in a source on first use.")
     fallback: str = Field(default="error", description="'error', 'base' or the name of an adapter to serve instead.")
-    compatible_bases: list[str] = Field(default=[], description="Base names adapters may declare besides the served one.")
-    pinned: list[str] = Field(default=[], description="Refs kept on disk and preloaded (name, name@version, name@alias).")
+    compatible_bases: list[str] = Field(
+        default=[], description="Base names adapters may declare besides the served one."
+    )
+    pinned: list[str] = Field(
+        default=[], description="Refs kept on disk and preloaded (name, name@version, name@alias)."
+    )
     busy_timeout_s: float = Field(default=30.0, gt=0, description="How long a writer waits for the registry lock.")
     lease_wait_s: float = Field(
         default=30.0,

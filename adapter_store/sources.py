@@ -97,7 +97,9 @@ class LocalSource(AdapterSource):
         raw = unquote(urlparse(uri).path) if uri.startswith("file://") else uri
         path = PurePosixPath(raw)
         if ".." in path.parts:
-            raise SourceError(f"{uri!r} contains '..'; give the adapter's path inside a configured root", param="source")
+            raise SourceError(
+                f"{uri!r} contains '..'; give the adapter's path inside a configured root", param="source"
+            )
         if not path.is_absolute():
             raise SourceError(f"{uri!r} is relative; give an absolute path or a file:// URI", param="source")
         return Path(raw)
@@ -155,9 +157,7 @@ class S3Source(AdapterSource):
         if self._client is None:
             import boto3
 
-            self._client = boto3.client(
-                "s3", endpoint_url=self.settings.endpoint_url, region_name=self.settings.region
-            )
+            self._client = boto3.client("s3", endpoint_url=self.settings.endpoint_url, region_name=self.settings.region)
         return self._client
 
     @staticmethod

@@ -15,6 +15,7 @@ write lock): async callers run it in a worker thread.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 import threading
@@ -282,10 +283,8 @@ class AdapterStore:
             )
         self.registry.delete(version.ref)
         if not any(v.version == version.version for v in self.registry.all_versions()):
-            try:
+            with contextlib.suppress(AdapterInUse):  # leased between the check and now: eviction removes it later
                 self.cache.remove(version.version)
-            except AdapterInUse:  # leased between the check and now: eviction removes it later
-                pass
             if self.uploads.allows(version.source):
                 self.uploads.discard(version.source)
         return version

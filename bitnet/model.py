@@ -88,9 +88,7 @@ class BitNetAttention(nn.Module):
             quant_config=quant_config, prefix=f"{prefix}.attn",
         )  # fmt: skip
         self.attn_sub_norm = RMSNorm(self.q_size, eps=config.rms_norm_eps)
-        self.o_proj = RowParallelLinear(
-            self.q_size, e, bias=bias, quant_config=quant_config, prefix=f"{prefix}.o_proj"
-        )
+        self.o_proj = RowParallelLinear(self.q_size, e, bias=bias, quant_config=quant_config, prefix=f"{prefix}.o_proj")
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         qkv, _ = self.qkv_proj(x)  # [T, (H + 2·KV)·D]

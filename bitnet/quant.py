@@ -139,7 +139,9 @@ class BitNetLinearMethod(LinearMethodBase):
             torch.empty(sum(output_partition_sizes), input_size_per_partition, dtype=torch.int8),  # [N, K]
             requires_grad=False,
         )
-        set_weight_attrs(weight, {"input_dim": 1, "output_dim": 0, "weight_loader": self._weight_loader(layer, layer_loader)})
+        set_weight_attrs(
+            weight, {"input_dim": 1, "output_dim": 0, "weight_loader": self._weight_loader(layer, layer_loader)}
+        )
         layer.register_parameter("weight", weight)
         # NaN until loaded: process_weights_after_loading refuses a shard whose scale never arrived.
         nan_scales = torch.full((len(output_partition_sizes),), float("nan"), dtype=torch.float32)  # [shards]
@@ -196,7 +198,9 @@ class BitNetLinearMethod(LinearMethodBase):
         if getattr(layer, "weight", None) is None:
             # vLLM's CPU int8 kernel hands the weight to oneDNN and sets it to None, but
             # LoRA wrappers (created after this) read base_layer.weight.device.
-            layer.register_parameter("weight", Parameter(torch.empty(0, dtype=torch.int8, device=device), requires_grad=False))
+            layer.register_parameter(
+                "weight", Parameter(torch.empty(0, dtype=torch.int8, device=device), requires_grad=False)
+            )
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         return self.backend.apply(layer, x, bias)

@@ -192,9 +192,7 @@ def _save_adapter(model: PeftModel, path: Path) -> None:
 
 def _write_manifest(root: Path) -> None:
     """Record every file and its size, atomically (temp file + rename)."""
-    files = {
-        str(p.relative_to(root)): p.stat().st_size for p in sorted(root.rglob("*")) if p.is_file()
-    }
+    files = {str(p.relative_to(root)): p.stat().st_size for p in sorted(root.rglob("*")) if p.is_file()}
     manifest = {
         "format_version": BUILD_FORMAT_VERSION,
         "corpus_digest": corpus.corpus_digest(),

@@ -119,10 +119,7 @@ def ensure_synthetic(
     """Build (once) ``root/model`` and ``root/adapter_<i>`` for i < n_adapters."""
     root = Path(root)
     model_dir = build_model(root / "model", shape)
-    adapters = [
-        build_adapter(model_dir, root / f"adapter_{i}", seed=1000 + i, rank=rank)
-        for i in range(n_adapters)
-    ]
+    adapters = [build_adapter(model_dir, root / f"adapter_{i}", seed=1000 + i, rank=rank) for i in range(n_adapters)]
     return model_dir, adapters
 
 

@@ -28,8 +28,8 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import BitNetForCausalLM, PreTrainedTokenizerFast
 from transformers.integrations.bitnet import AutoBitLinear
 
-from checkpoints.tiny_bitnet import LINEAR_NAMES, STORE_DTYPE, tiny_config
 from checkpoints import corpus
+from checkpoints.tiny_bitnet import LINEAR_NAMES, STORE_DTYPE, tiny_config
 from checkpoints.tokenizer import MAX_POSITIONS
 
 logger = logging.getLogger(__name__)
@@ -91,6 +91,8 @@ def packed_masters(model: BitNetForCausalLM) -> dict[str, torch.Tensor]:
     state = model.state_dict()
     state.pop("lm_head.weight", None)  # tied to the embeddings
     return {name: t.detach().to(STORE_DTYPE).float().contiguous() for name, t in state.items()}
+
+
 def encode_documents(
     tokenizer: PreTrainedTokenizerFast, lines: list[str], answers: list[str], seed: int
 ) -> list[list[int]]:

@@ -43,11 +43,12 @@ import sys
 from contextlib import ExitStack
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-
-from serving.config import Settings, load_settings
 from loadtests import runner
 from loadtests.process import free_port, running_server
+from serving.config import Settings, load_settings
+
+ROOT = Path(__file__).resolve().parents[1]
+
 
 SERVERS = ("ours", "vllm", "naive")
 COMPARISONS = {
@@ -84,8 +85,15 @@ def server_commands(config: Path, settings: Settings, ports: dict[str, int]) -> 
     return {
         "ours": [*serve, "--port", str(ports["ours"])],
         "vllm": vllm_server_command(settings, ports["vllm"]),
-        "naive": [sys.executable, "-m", "loadtests.naive_server", "--config", str(config),
-                  "--port", str(ports["naive"])],  # fmt: skip
+        "naive": [
+            sys.executable,
+            "-m",
+            "loadtests.naive_server",
+            "--config",
+            str(config),
+            "--port",
+            str(ports["naive"]),
+        ],  # fmt: skip
     }
 
 
@@ -162,7 +170,10 @@ def plot(report: dict, other: str, path: Path) -> None:
     reps = range(1, len(runs["ours"]) + 1)
     c = report["comparisons"][other]
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, key, label in ((axes[0], "output_throughput", "output tokens/s"), (axes[1], "median_ttft_ms", "TTFT p50 (ms)")):
+    for ax, key, label in (
+        (axes[0], "output_throughput", "output tokens/s"),
+        (axes[1], "median_ttft_ms", "TTFT p50 (ms)"),
+    ):
         width = 0.38
         ax.bar([r - width / 2 for r in reps], [s[key] for s in runs["ours"]], width, label="ours (loraserve)")
         ax.bar([r + width / 2 for r in reps], [s[key] for s in runs[other]], width, label=other)
@@ -228,16 +239,25 @@ def main() -> int:
                 print(f"=== repeat {rep + 1}/{args.repeats}: {name} ===", flush=True)
                 url = f"http://127.0.0.1:{ports[name]}"
                 runs[name].append(load_once(args, settings, url, args.work / f"rep{rep}_{name}"))
-    failed = [f"{n} rep {i}" for n in SERVERS for i, s in enumerate(runs[n]) if s["unexpected_failures"] or not s["completed"]]
+    failed = [
+        f"{n} rep {i}" for n in SERVERS for i, s in enumerate(runs[n]) if s["unexpected_failures"] or not s["completed"]
+    ]
     keys = ("output_throughput", "request_throughput", "median_ttft_ms", "p99_ttft_ms", "median_tpot_ms",
             "median_itl_ms", "median_e2el_ms", "completed")  # fmt: skip
     report = {
         "date": datetime.date.today().isoformat(),
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "loadavg": os.getloadavg()},
         "settings": {
-            "config": str(args.config), "model": str(settings.model.path), "dtype": settings.model.dtype,
-            "engine": settings.engine.model_dump(), "users": args.users, "run_time": args.run_time,
-            "repeats": args.repeats, "max_tokens": args.max_tokens, "zipf_s": args.zipf_s, "quick": args.quick,
+            "config": str(args.config),
+            "model": str(settings.model.path),
+            "dtype": settings.model.dtype,
+            "engine": settings.engine.model_dump(),
+            "users": args.users,
+            "run_time": args.run_time,
+            "repeats": args.repeats,
+            "max_tokens": args.max_tokens,
+            "zipf_s": args.zipf_s,
+            "quick": args.quick,
             "targets": [settings.model.name] + [a.name for a in settings.adapters][:3],
         },  # fmt: skip
         "runs": {n: [{k: s[k] for k in keys} for s in runs[n]] for n in SERVERS},

@@ -178,9 +178,7 @@ def summarize(results: dict[str, dict]) -> dict:
         "weight_bytes": results["bitnet"]["linear_weight_bytes"] / results["dense"]["linear_weight_bytes"],
         **{k: med["bitnet"][k] / med["dense"][k] for k in med["bitnet"]},
     }
-    met = {
-        k: (ratios[k] <= t if k == "weight_bytes" else ratios[k] >= t) for k, t in TARGETS.items()
-    }
+    met = {k: (ratios[k] <= t if k == "weight_bytes" else ratios[k] >= t) for k, t in TARGETS.items()}
     return {"median_tok_s": med, "ratios": ratios, "targets": TARGETS, "met": met}
 
 
@@ -194,7 +192,9 @@ def print_table(results: dict[str, dict], summary: dict) -> None:
     )
     with_scales = (b["linear_weight_bytes"] + b["linear_scale_bytes"]) / d["linear_weight_bytes"]
     print(f"{'  + fp32 scales (MiB)':22s} {b['linear_scale_bytes'] / mib:12.2f} {0:12.1f} {with_scales:8.4f}")
-    print(f"{'process RSS (MiB)':22s} {b['rss_bytes'] / mib:12.1f} {d['rss_bytes'] / mib:12.1f} {b['rss_bytes'] / d['rss_bytes']:8.2f}")
+    print(
+        f"{'process RSS (MiB)':22s} {b['rss_bytes'] / mib:12.1f} {d['rss_bytes'] / mib:12.1f} {b['rss_bytes'] / d['rss_bytes']:8.2f}"
+    )
     for k in summary["median_tok_s"]["bitnet"]:
         t = TARGETS[k]
         print(
@@ -228,7 +228,10 @@ def main() -> None:
     print_table(results, summary)
     out = {
         "config": {
-            "shape": args.shape, "layers": args.layers, "repeats": args.repeats, "output_len": args.output_len,
+            "shape": args.shape,
+            "layers": args.layers,
+            "repeats": args.repeats,
+            "output_len": args.output_len,
             **SHAPES[args.shape],
         },  # fmt: skip
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},

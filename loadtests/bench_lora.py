@@ -74,9 +74,7 @@ def run_worker(args: argparse.Namespace) -> None:
     enable_lora = args.ops != "nolora"
     adapters = [Path(args.cache_dir) / f"adapter_{i}" for i in range(NUM_ADAPTERS)]
     lora_kwargs = (
-        dict(enable_lora=True, max_loras=4, max_cpu_loras=NUM_ADAPTERS, max_lora_rank=16)
-        if enable_lora
-        else {}
+        dict(enable_lora=True, max_loras=4, max_cpu_loras=NUM_ADAPTERS, max_lora_rank=16) if enable_lora else {}
     )
     t0 = time.perf_counter()
     llm = LLM(
@@ -91,9 +89,8 @@ def run_worker(args: argparse.Namespace) -> None:
     )
     startup_s = time.perf_counter() - t0
     loras = [LoRARequest(f"adapter_{i}", i + 1, str(p)) for i, p in enumerate(adapters)]
-    params = SamplingParams(
-        max_tokens=args.output_len, temperature=0.0, ignore_eos=True, detokenize=False
-    )
+    params = SamplingParams(max_tokens=args.output_len, temperature=0.0, ignore_eos=True, detokenize=False)
+
     def assignment(workload: str, rep: int) -> list[LoRARequest | None]:
         if workload == "base":
             return [None] * args.requests
@@ -196,9 +193,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="~2-3 min smoke run")
     p.add_argument("--out", default=None, help="write results JSON here")
-    p.add_argument(
-        "--cache-dir", default=os.environ.get("LORASERVE_SYNTH_DIR", "/tmp/loraserve_synth")
-    )
+    p.add_argument("--cache-dir", default=os.environ.get("LORASERVE_SYNTH_DIR", "/tmp/loraserve_synth"))
     p.add_argument("--ops", default="project,stock", help="comma list of project,stock")
     p.add_argument("--no-reference", action="store_true", help="skip the enable_lora=False engine")
     p.add_argument("--requests", type=int, default=None, help="per workload and repeat (default 128)")
@@ -241,24 +236,28 @@ def main(argv: list[str] | None = None) -> None:
 
     print(f"\n{'ops':8s} {'workload':8s} {'tok/s':>8s} {'ratio':>6s}  runs (load avg)")
     for r in rows:
-        print(f"{r['ops']:8s} {r['workload']:8s} {r['tok_s']:8.1f} {r['ratio_to_base']:6.2f}  "
-              f"{r['runs_tok_s']} ({r['loadavg_before_after']})")
+        print(
+            f"{r['ops']:8s} {r['workload']:8s} {r['tok_s']:8.1f} {r['ratio_to_base']:6.2f}  "
+            f"{r['runs_tok_s']} ({r['loadavg_before_after']})"
+        )
     cpus = os.cpu_count() or 1
     # The engine alone keeps every core busy (load ~= cpus); more means others competed.
     if max(max(r["loadavg_before_after"]) for r in rows) > cpus + 1:
-        print(f"WARNING: load average above {cpus + 1} on {cpus} CPUs: other "
-              "processes competed for the cores; rerun on a quiet machine.")
+        print(
+            f"WARNING: load average above {cpus + 1} on {cpus} CPUs: other "
+            "processes competed for the cores; rerun on a quiet machine."
+        )
     by = {(r["ops"], r["workload"]): r for r in rows}
-    checks = {
-        w: by[("project", w)]["ratio_to_base"] >= t
-        for w, t in TARGETS.items()
-        if ("project", w) in by
-    }
+    checks = {w: by[("project", w)]["ratio_to_base"] >= t for w, t in TARGETS.items() if ("project", w) in by}
     if ("project", "base") in by and ("nolora", "base") in by:
         lora_tax = by[("project", "base")]["tok_s"] / by[("nolora", "base")]["tok_s"]
         print(f"base with LoRA enabled / base without LoRA: {lora_tax:.2f}")
-    print("targets (project ratio >= " + ", ".join(f"{w} {t}" for w, t in TARGETS.items()) +
-          "): " + ", ".join(f"{w} {'PASS' if ok else 'FAIL'}" for w, ok in checks.items()))
+    print(
+        "targets (project ratio >= "
+        + ", ".join(f"{w} {t}" for w, t in TARGETS.items())
+        + "): "
+        + ", ".join(f"{w} {'PASS' if ok else 'FAIL'}" for w, ok in checks.items())
+    )
 
     if args.out:
         out = Path(args.out)

@@ -73,7 +73,7 @@ def run_rounds(paths: dict, rounds: int) -> dict[str, list[float]]:
         return out
 
     times: dict[str, list[float]] = {name: [] for name in paths}
-    for name, (route, texts) in paths.items():  # warm-up
+    for route, texts in paths.values():  # warm-up
         timed(route, texts[:5])
     for _ in range(rounds):
         for name, (route, texts) in paths.items():
@@ -86,7 +86,9 @@ def main() -> int:
     parser.add_argument("--config", type=Path, default=ROOT / "configs" / "dev.yaml")
     parser.add_argument("--data", type=Path, default=ROOT / "configs" / "routes" / "demo-eval.jsonl")
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--compare", default="minilm", help="also time the semantic path with this encoder ('' for none)")
+    parser.add_argument(
+        "--compare", default="minilm", help="also time the semantic path with this encoder ('' for none)"
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "bench_routing.json")
     args = parser.parse_args()
 

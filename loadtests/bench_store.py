@@ -60,11 +60,12 @@ import httpx
 import numpy as np
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-
-from serving.config import Settings, load_settings
 from loadtests.process import free_port, running_server
 from loadtests.summary import summarize
+from serving.config import Settings, load_settings
+
+ROOT = Path(__file__).resolve().parents[1]
+
 
 WORKLOADS = ("base", "one", "uniform", "zipf")
 PROMPT = "Write a short note about the weather today and what to do in the afternoon."
@@ -353,7 +354,10 @@ async def rotation_phase(client: httpx.AsyncClient, base: str, names: list[str],
                 continue
             per_rep = [a["output_throughput"] / b["output_throughput"] for a, b in zip(runs[w], runs[ref], strict=True)
                        if b["output_throughput"]]  # fmt: skip
-            ratios[f"{w}_over_{ref}"] = {"median": statistics.median(per_rep) if per_rep else None, "per_repeat": per_rep}
+            ratios[f"{w}_over_{ref}"] = {
+                "median": statistics.median(per_rep) if per_rep else None,
+                "per_repeat": per_rep,
+            }
     return {"runs": runs, "medians": medians, "ratios": ratios, "answered": sorted(answered), "errors": errors[:10]}
 
 
@@ -374,9 +378,11 @@ def table(report: dict) -> str:
         p50, p90 = (fmt(t[k]) + ("ms" if t[k] is not None else "  ") for k in ("p50_ms", "p90_ms"))
         lines.append(f"{label:<40}{t['n']:>4}{p50:>11}{p90:>9}")
     r = cold["ratios"]
-    lines.append(f"cold/warm: p50 {fmt(r['cold_over_warm_p50'], '.2f')}x, p90 {fmt(r['cold_over_warm_p90'], '.2f')}x "
-                 f"(paired per adapter: p50 {fmt(r['cold_over_warm_paired_p50'], '.2f')}x, "
-                 f"p90 {fmt(r['cold_over_warm_paired_p90'], '.2f')}x); warm/base p50 {fmt(r['warm_over_base_p50'], '.2f')}x")
+    lines.append(
+        f"cold/warm: p50 {fmt(r['cold_over_warm_p50'], '.2f')}x, p90 {fmt(r['cold_over_warm_p90'], '.2f')}x "
+        f"(paired per adapter: p50 {fmt(r['cold_over_warm_paired_p50'], '.2f')}x, "
+        f"p90 {fmt(r['cold_over_warm_paired_p90'], '.2f')}x); warm/base p50 {fmt(r['warm_over_base_p50'], '.2f')}x"
+    )
     lines += ["", f"rotation: {s['adapters']} adapters through {s['max_loras']} slots ({s['max_cpu_loras']} in host "
               f"memory), {s['clients']} clients, {s['duration_s']:g} s x {s['repeats']} repeats, "
               f"max_tokens {s['max_tokens']}"]  # fmt: skip
@@ -391,9 +397,11 @@ def table(report: dict) -> str:
         if w == "base":
             one = rot["ratios"]["one_over_base"]["median"]
             over_one = 1.0 / one if one else None
-        lines.append(f"{titles[w]:<22}{m['output_throughput']:>9.1f}{m['request_throughput']:>8.2f}"
-                     f"{m['median_ttft_ms']:>9.1f}ms{m['p90_ttft_ms']:>7.0f}ms"
-                     f"{fmt(over_base, '.2f'):>8}{fmt(over_one, '.2f'):>7}")
+        lines.append(
+            f"{titles[w]:<22}{m['output_throughput']:>9.1f}{m['request_throughput']:>8.2f}"
+            f"{m['median_ttft_ms']:>9.1f}ms{m['p90_ttft_ms']:>7.0f}ms"
+            f"{fmt(over_base, '.2f'):>8}{fmt(over_one, '.2f'):>7}"
+        )
     return "\n".join(lines)
 
 
@@ -441,7 +449,13 @@ async def measure(url: str, base: str, names: list[str], args: argparse.Namespac
     # Each phase raises if one of its requests failed, so these adapters all answered with their own name.
     answered = {s["adapter"] for s in cold["samples_ms"]} | set(names[args.cold :]) | set(rotation["answered"])
     answered &= set(names)  # the base model answered too
-    return {"cold_load": cold, "registration": registration, "rotation": rotation, "listed": listed, "answered": answered}
+    return {
+        "cold_load": cold,
+        "registration": registration,
+        "rotation": rotation,
+        "listed": listed,
+        "answered": answered,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -483,18 +497,39 @@ def main(argv: list[str] | None = None) -> int:
     result["cold_load"]["ttft"]["store_registration"] = registration
     report = {
         "date": datetime.date.today().isoformat(),
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "loadavg_before": load_before,
-                    "loadavg_after": os.getloadavg()},  # fmt: skip
-        "settings": {
-            "config": str(args.config), "model": str(settings.model.path), "dtype": settings.model.dtype,
-            "adapters": args.adapters, "rank": args.rank, "max_loras": args.max_loras,
-            "max_cpu_loras": args.max_cpu_loras, "cold": args.cold, "cold_max_tokens": args.cold_max_tokens,
-            "clients": args.clients, "duration_s": args.duration, "repeats": args.repeats,
-            "max_tokens": args.max_tokens, "zipf_s": args.zipf_s, "seed": args.seed, "quick": args.quick,
+        "machine": {
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+            "loadavg_before": load_before,
+            "loadavg_after": os.getloadavg(),
         },  # fmt: skip
-        "adapters": {"count": len(names), "distinct_digests": len(digests), "bytes": size, "write_s": write_s,
-                     "answered": len(answered), "not_answered": sorted(set(names) - answered),
-                     "listed_by_server": len(set(names) & result["listed"])},  # fmt: skip
+        "settings": {
+            "config": str(args.config),
+            "model": str(settings.model.path),
+            "dtype": settings.model.dtype,
+            "adapters": args.adapters,
+            "rank": args.rank,
+            "max_loras": args.max_loras,
+            "max_cpu_loras": args.max_cpu_loras,
+            "cold": args.cold,
+            "cold_max_tokens": args.cold_max_tokens,
+            "clients": args.clients,
+            "duration_s": args.duration,
+            "repeats": args.repeats,
+            "max_tokens": args.max_tokens,
+            "zipf_s": args.zipf_s,
+            "seed": args.seed,
+            "quick": args.quick,
+        },  # fmt: skip
+        "adapters": {
+            "count": len(names),
+            "distinct_digests": len(digests),
+            "bytes": size,
+            "write_s": write_s,
+            "answered": len(answered),
+            "not_answered": sorted(set(names) - answered),
+            "listed_by_server": len(set(names) & result["listed"]),
+        },  # fmt: skip
         "cold_load": result["cold_load"],
         "registration": result["registration"],
         "rotation": result["rotation"],

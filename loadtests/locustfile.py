@@ -93,7 +93,9 @@ def zipf_weights(n: int, s: float) -> list[float]:
 @events.init_command_line_parser.add_listener
 def _arguments(parser: Any) -> None:
     group = parser.add_argument_group("loraserve workload")
-    group.add_argument("--models", default="", help="comma-separated model names, most popular first (default: all served)")
+    group.add_argument(
+        "--models", default="", help="comma-separated model names, most popular first (default: all served)"
+    )
     group.add_argument("--zipf-s", type=float, default=1.0, help="Zipf exponent of model popularity (0 = uniform)")
     group.add_argument("--stream-share", type=float, default=0.5, help="share of targeted requests that stream")
     group.add_argument("--chat-share", type=float, default=0.5, help="share of requests sent to /v1/chat/completions")

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import sys
 import threading
 import time
 import uuid
@@ -129,7 +128,9 @@ def build_app(settings) -> FastAPI:
         if model not in naive.names:
             return error(404, f"The model {model!r} does not exist.", "model", "model_not_found")
         if chat:
-            prompt_ids = naive.tokenizer.apply_chat_template(body["messages"], add_generation_prompt=True, tokenize=True)
+            prompt_ids = naive.tokenizer.apply_chat_template(
+                body["messages"], add_generation_prompt=True, tokenize=True
+            )
             if not isinstance(prompt_ids, list):  # transformers 5 returns a BatchEncoding
                 prompt_ids = list(prompt_ids["input_ids"])
         else:
@@ -167,7 +168,7 @@ def build_app(settings) -> FastAPI:
             async for token in naive.generate(*args):
                 tokens.append(token)
                 text = naive.tokenizer.decode(tokens, skip_special_tokens=True)
-                delta, sent = text[len(sent):], text
+                delta, sent = text[len(sent) :], text
                 chunk = {"id": rid, "object": chunk_kind, "created": created, "model": model,
                          "choices": [choice(delta, None, True)]}  # fmt: skip
                 yield f"data: {json.dumps(chunk)}\n\n"

@@ -37,7 +37,9 @@ def wait_healthy(url: str, process: subprocess.Popen, log_path: Path, timeout_s:
             pass
         time.sleep(1)
     tail = log_path.read_text(errors="replace")[-4000:]
-    raise ServerStartError(f"{url} not healthy after {timeout_s:.0f} s (raise --start-timeout if loading is slow):\n{tail}")
+    raise ServerStartError(
+        f"{url} not healthy after {timeout_s:.0f} s (raise --start-timeout if loading is slow):\n{tail}"
+    )
 
 
 @contextmanager

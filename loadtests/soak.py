@@ -22,9 +22,10 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from loadtests.process import free_port, running_server
+
 ROOT = Path(__file__).resolve().parents[1]
 
-from loadtests.process import free_port, running_server
 
 MIB = 1 << 20
 

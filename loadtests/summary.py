@@ -96,7 +96,9 @@ def is_good(record: dict, slos: dict[str, float]) -> bool:
     return all(values[name] * 1000.0 <= limit for name, limit in slos.items())
 
 
-def summarize(records: list[dict], goodput: dict[str, float] | None = None, percentiles: Iterable[float] = (99,)) -> dict:
+def summarize(
+    records: list[dict], goodput: dict[str, float] | None = None, percentiles: Iterable[float] = (99,)
+) -> dict:
     """vLLM's benchmark fields (plus bad-request counts and a per-model split) from the records."""
     percentiles = list(percentiles)
     generation = [r for r in records if r["kind"] != "bad"]

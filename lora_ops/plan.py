@@ -104,9 +104,7 @@ def _contiguous_runs(slots: list[int]) -> list[tuple[int, int, int]]:
     return runs
 
 
-def choose_mode(
-    num_tokens: int, num_active: int, num_present: int, num_runs: int, num_slots: int
-) -> str:
+def choose_mode(num_tokens: int, num_active: int, num_present: int, num_runs: int, num_slots: int) -> str:
     """Cheapest of RUNS / GATHER / MASKED by the rough cost model above."""
     if num_runs == 1:  # one adapter, contiguous tokens: nothing beats a plain run
         return RUNS

@@ -4,7 +4,7 @@ Never imports vLLM or FastAPI; the server hands it text and gets back an
 adapter ref (a name, or ``name@alias``) to resolve like any client-sent model.
 """
 
-from routing.config import KeywordRule, RouteSpec, RoutesFile, RoutingSettings, load_routes
+from routing.config import KeywordRule, RoutesFile, RouteSpec, RoutingSettings, load_routes
 from routing.encoders import Encoder, build_encoder, register_encoder
 from routing.router import AsyncRouter, RouteDecision, Router
 

@@ -57,7 +57,9 @@ def fit_threshold(route: str, members: list[ScoredSample]) -> tuple[float, int]:
     candidates = [scores[0] - 0.01] + [(a + b) / 2 for a, b in zip(scores, scores[1:])] + [scores[-1] + 0.01]
 
     def right(t: float) -> int:
-        return sum((m.best_score >= t and m.label == route) or (m.best_score < t and m.label == NONE_LABEL) for m in members)
+        return sum(
+            (m.best_score >= t and m.label == route) or (m.best_score < t and m.label == NONE_LABEL) for m in members
+        )
 
     counts = [right(t) for t in candidates]
     best = max(counts)

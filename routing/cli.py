@@ -12,7 +12,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 from routing.calibrate import fit
-from routing.config import RoutesFile, RoutesFileError, RoutingSettings, load_routes, read_routes_file, write_routes_file
+from routing.config import (
+    RoutesFile,
+    RoutesFileError,
+    RoutingSettings,
+    load_routes,
+    read_routes_file,
+    write_routes_file,
+)
 from routing.encoders import build_encoder
 from routing.evaluate import LabelledDataError, evaluate, format_report, read_samples
 from routing.router import Router
@@ -47,7 +54,9 @@ def _fit(args: argparse.Namespace) -> int:
     for spec in fitted.routes:
         print(f"  {spec.key:<12} threshold {spec.threshold}")
     cal = fitted.calibration
-    print(f"  confidence = sigmoid({cal.platt_a} * (score - threshold) + {cal.platt_b}); keyword precision {cal.keyword_precision}")
+    print(
+        f"  confidence = sigmoid({cal.platt_a} * (score - threshold) + {cal.platt_b}); keyword precision {cal.keyword_precision}"
+    )
     return 0
 
 
@@ -81,12 +90,16 @@ def add_routes_command(commands: argparse._SubParsersAction, load_routing: LoadR
 
     fit_parser = sub.add_parser("fit", help="fit per-route thresholds on labelled prompts (JSONL prompt/label)")
     fit_parser.add_argument("--config", type=Path, required=True, help="server config with a routing section")
-    fit_parser.add_argument("--data", type=Path, required=True, help="JSONL: {\"prompt\", \"label\"}; label none = no route")
+    fit_parser.add_argument(
+        "--data", type=Path, required=True, help='JSONL: {"prompt", "label"}; label none = no route'
+    )
     fit_parser.add_argument("--out", type=Path, help="where to write the fitted routes (default: the routes file)")
     fit_parser.set_defaults(handler=_run(_fit), load_routing=load_routing)
 
     eval_parser = sub.add_parser("eval", help="accuracy, per-route precision/recall, confusion, calibration error")
     eval_parser.add_argument("--config", type=Path, required=True, help="server config with a routing section")
-    eval_parser.add_argument("--data", type=Path, required=True, help="JSONL: {\"prompt\", \"label\"}; label none = no route")
+    eval_parser.add_argument(
+        "--data", type=Path, required=True, help='JSONL: {"prompt", "label"}; label none = no route'
+    )
     eval_parser.add_argument("--json", type=Path, help="also write the report as JSON here")
     eval_parser.set_defaults(handler=_run(_eval), load_routing=load_routing)

@@ -128,7 +128,7 @@ class HashingEncoder(Encoder):
 
     def _features(self, text: str) -> list[str]:
         words = _TOKEN.findall(text.lower())
-        grams = [f"#{w[i:i + 3]}" for w in words for i in range(max(1, len(w) - 2))]
+        grams = [f"#{w[i : i + 3]}" for w in words for i in range(max(1, len(w) - 2))]
         return words + grams
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:

@@ -42,7 +42,7 @@ def read_samples(path: Path, route_keys: list[str]) -> list[Sample]:
             record = json.loads(line)
             sample = Sample(prompt=str(record["prompt"]), label=str(record["label"]))
         except (ValueError, KeyError, TypeError) as e:
-            raise LabelledDataError(f"{path}:{number}: expected {{\"prompt\": ..., \"label\": ...}}: {e}") from e
+            raise LabelledDataError(f'{path}:{number}: expected {{"prompt": ..., "label": ...}}: {e}') from e
         if sample.label not in allowed:
             raise LabelledDataError(
                 f"{path}:{number}: label {sample.label!r} is not a route; use one of {sorted(allowed)}"
@@ -142,7 +142,10 @@ def evaluate(router: Router, samples: list[Sample]) -> EvalReport:
 def format_report(report: EvalReport) -> str:
     """The table ``loraserve routes eval`` prints."""
     lines = [f"samples: {report.samples}", f"accuracy: {report.accuracy:.3f}"]
-    lines.append("calibration error (ECE): " + ("n/a (no calibration; run routes fit)" if report.ece is None else f"{report.ece:.3f}"))
+    lines.append(
+        "calibration error (ECE): "
+        + ("n/a (no calibration; run routes fit)" if report.ece is None else f"{report.ece:.3f}")
+    )
     lines.append("decisions by method: " + ", ".join(f"{k}={v}" for k, v in sorted(report.methods.items())))
     lines.append("")
     lines.append(f"{'route':<12}{'precision':>10}{'recall':>10}{'support':>10}")

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from routing.config import Calibration, RouteSpec, RoutesFile, RoutingSettings, check_unique_keys
+from routing.config import Calibration, RoutesFile, RouteSpec, RoutingSettings, check_unique_keys
 from routing.encoders import Encoder
 from routing.keywords import KeywordMatcher
 from routing.sparse import TfidfIndex
@@ -99,9 +99,7 @@ class RouteTable:
         """The first route (in order) that ``allowed`` admits and whose keyword rules all hold."""
         if not text:
             return None
-        return next(
-            (r for r in self.routes if (allowed is None or allowed(r.spec)) and r.keywords.matches(text)), None
-        )
+        return next((r for r in self.routes if (allowed is None or allowed(r.spec)) and r.keywords.matches(text)), None)
 
     def dense_scores(self, query: np.ndarray) -> np.ndarray:
         """Per route: the mean of its ``top_k`` best cosine similarities to ``query``."""

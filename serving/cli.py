@@ -25,7 +25,9 @@ def _serve(args: argparse.Namespace) -> int:
     settings.check_files()
     host = args.host or settings.server.host
     port = args.port if args.port is not None else settings.server.port
-    logging.basicConfig(level=settings.server.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=settings.server.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     # On SIGTERM uvicorn stops accepting connections and lets in-flight requests
     # (streams included) finish for up to the grace period; then the lifespan stops the engine.
     uvicorn.run(

@@ -16,7 +16,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from adapter_store.refs import NAME_PATTERN as ADAPTER_NAME_PATTERN
 from adapter_store.settings import StoreSettings
-
 from routing.config import RoutingSettings
 
 TENANT_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,63}$"
@@ -114,7 +113,9 @@ class LimitSettings(_Strict):
 
     max_body_bytes: int = Field(default=4 << 20, ge=1024, description="Largest request body (413 beyond).")
     max_upload_bytes: int = Field(
-        default=64 << 20, ge=1024, description="Largest adapter upload (multipart body) to /v1/adapters/{name}/versions."
+        default=64 << 20,
+        ge=1024,
+        description="Largest adapter upload (multipart body) to /v1/adapters/{name}/versions.",
     )
     max_prompt_tokens: int | None = Field(default=None, ge=1, description="Prompt tokens per prompt; null: context.")
     max_tokens: int | None = Field(default=None, ge=1, description="Largest max_tokens a request may ask for.")

@@ -169,9 +169,7 @@ class LoraEngine:
         from vllm.inputs import TokensPrompt
 
         lora = None if adapter is None else self.lora_request(adapter)
-        return self.llm.generate(
-            TokensPrompt(prompt_token_ids=prompt_token_ids), params, request_id, lora_request=lora
-        )
+        return self.llm.generate(TokensPrompt(prompt_token_ids=prompt_token_ids), params, request_id, lora_request=lora)
 
     async def ensure_loaded(self, adapter: ServedAdapter) -> None:
         """Load a version with ``add_lora`` unless it loaded before; call before sending it any request.

@@ -141,7 +141,8 @@ class AdapterStoreCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         store = self.catalog.store
         adapter_bytes = GaugeMetricFamily(
-            "loraserve_adapter_bytes", "Bytes of an adapter's versions by tier (disk cache, engine host memory).",
+            "loraserve_adapter_bytes",
+            "Bytes of an adapter's versions by tier (disk cache, engine host memory).",
             labels=["adapter", "tier"],
         )
         cached = set(store.cache.digests())
@@ -158,14 +159,16 @@ class AdapterStoreCollector(Collector):
             adapter_bytes.add_metric([name, "memory"], size)
         yield adapter_bytes
         health = GaugeMetricFamily(
-            "loraserve_adapter_health", "1 for the health state of each adapter's latest version.",
+            "loraserve_adapter_health",
+            "1 for the health state of each adapter's latest version.",
             labels=["adapter", "state"],
         )
         for version in self.catalog:
             health.add_metric([version.name, self.catalog.health(version).state], 1)
         yield health
         yield GaugeMetricFamily(
-            "loraserve_adapter_disk_cache_bytes", "Bytes the disk cache holds (its budget is store.disk_budget_bytes).",
+            "loraserve_adapter_disk_cache_bytes",
+            "Bytes the disk cache holds (its budget is store.disk_budget_bytes).",
             value=store.cache.used_bytes(),
         )
         yield GaugeMetricFamily(

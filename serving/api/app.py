@@ -21,8 +21,8 @@ from serving.api.completions import api_router as completions_router
 from serving.api.deps import AppState
 from serving.api.errors import ServingError, install_error_handlers
 from serving.api.limits import BodySizeLimitMiddleware, RequestLimiter
-from serving.api.resolver import AdapterResolver, on_demand_claim
 from serving.api.models import api_router as models_router
+from serving.api.resolver import AdapterResolver, on_demand_claim
 from serving.api.routes import api_router as routes_router
 from serving.api.system import api_router as system_router
 from serving.config import ConfigError, Settings

@@ -71,7 +71,9 @@ async def event_stream(events: AsyncIterator[str], on_close: Callable[[], None])
             yield SSE_DONE
         except Exception as e:
             logger.exception("stream failed")
-            yield sse_event(error_model(ServingError(f"Internal server error ({type(e).__name__}); see the server log.")))
+            yield sse_event(
+                error_model(ServingError(f"Internal server error ({type(e).__name__}); see the server log."))
+            )
             yield SSE_DONE
         finally:
             on_close()

@@ -87,8 +87,7 @@ class ModelNotFoundError(ServingError):
 
     def __init__(self, model: str, available: list[str]) -> None:
         super().__init__(
-            f"The model {model!r} does not exist. Served models: {', '.join(available)}. "
-            "GET /v1/models lists them.",
+            f"The model {model!r} does not exist. Served models: {', '.join(available)}. GET /v1/models lists them.",
             param="model",
         )
 
@@ -139,6 +138,8 @@ class ServerBusyError(_RetryLater):
     status = HTTPStatus.SERVICE_UNAVAILABLE
     type = "ServiceUnavailableError"
     code = "server_overloaded"
+
+
 class RouteNotFoundError(ServingError):
     status = HTTPStatus.NOT_FOUND
     type = "NotFoundError"

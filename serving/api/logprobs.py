@@ -58,7 +58,9 @@ def chat_logprobs(token_ids: list[int], positions: list[Position], k: int) -> Ch
                 logprob=_finite(entry.logprob),
                 bytes=list(text.encode()),
                 top_logprobs=[
-                    TopLogprob(token=_token_text(t, e), logprob=_finite(e.logprob), bytes=list(_token_text(t, e).encode()))
+                    TopLogprob(
+                        token=_token_text(t, e), logprob=_finite(e.logprob), bytes=list(_token_text(t, e).encode())
+                    )
                     for t, e in _top(position, k)
                 ],
             )

@@ -132,9 +132,7 @@ def write_v1_registry(root: Path, versions: list[tuple[str, str, str, dict]]) ->
             "source, tags) VALUES (?, ?, 'base', 8, 16.0, '[\"q_proj\"]', 10, ?, ?, ?)",
             (name, version, seq, source, json.dumps(tags)),
         )
-        conn.execute(
-            "INSERT OR REPLACE INTO aliases VALUES (?, 'latest', ?, ?)", (name, version, seq)
-        )
+        conn.execute("INSERT OR REPLACE INTO aliases VALUES (?, 'latest', ?, ?)", (name, version, seq))
     conn.execute("PRAGMA user_version = 1")
     conn.commit()
     conn.close()

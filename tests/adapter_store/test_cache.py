@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from pathlib import Path
@@ -51,10 +52,8 @@ def measured(cache: DiskCache) -> int:
     total = 0
     for parent, _, names in os.walk(cache.cache_dir):
         for name in names:
-            try:  # another thread may be evicting while we walk
+            with contextlib.suppress(FileNotFoundError):  # another thread may be evicting while we walk
                 total += os.stat(os.path.join(parent, name)).st_size
-            except FileNotFoundError:
-                pass
     return total
 
 
@@ -94,7 +93,7 @@ def test_zipf_access_stays_within_budget(tmp_path: Path, threads: int) -> None:
                 with cache.lease(version) as path:
                     assert content_digest(path) == version.version
                 assert measured(cache) <= budget
-        except BaseException as e:  # noqa: BLE001 - reported below
+        except BaseException as e:
             errors.append(e)
 
     with cache.lease(held):  # in use for the whole run
@@ -148,9 +147,8 @@ def test_remove_refused_while_leased(tmp_path: Path) -> None:
     world = World(tmp_path, 1)
     (version,) = world.versions
     cache = world.cache(budget=1 << 20)
-    with cache.lease(version):
-        with pytest.raises(AdapterInUse, match="in use by 1 running request"):
-            cache.remove(version.version)
+    with cache.lease(version), pytest.raises(AdapterInUse, match="in use by 1 running request"):
+        cache.remove(version.version)
     cache.remove(version.version)
     assert measured(cache) == 0
 
@@ -175,7 +173,10 @@ def test_restart_keeps_intact_entries_and_drops_corrupt_ones(tmp_path: Path) -> 
 
 # How a cached file gets damaged while the server runs: swapped for other bytes, truncated, rewritten in place.
 DAMAGE = {
-    "swapped": lambda f: (f.with_suffix(".new").write_bytes(b"\0" * f.stat().st_size), f.with_suffix(".new").replace(f)),
+    "swapped": lambda f: (
+        f.with_suffix(".new").write_bytes(b"\0" * f.stat().st_size),
+        f.with_suffix(".new").replace(f),
+    ),
     "truncated": lambda f: f.write_bytes(f.read_bytes()[:-10]),
     "rewritten_same_size": lambda f: f.write_bytes(bytes(reversed(f.read_bytes()))),
 }
@@ -323,7 +324,7 @@ def test_a_registration_adopting_files_while_a_request_fetches_them_does_not_col
         world.sources.fetch(version.source, staging, max_bytes=1 << 20)
         try:
             cache.adopt(staging, version.version, "registration")
-        except Exception as e:  # noqa: BLE001 (recorded for the assert)
+        except Exception as e:
             errors.append(e)
         adopted.set()
 

@@ -20,7 +20,9 @@ def test_digest_depends_on_bytes_and_names(tmp_path: Path) -> None:
 
 def test_catalog_resolves_refs_to_versions(tmp_path: Path) -> None:
     volume = tmp_path / "volume"
-    settings = StoreSettings.model_validate({"root": tmp_path / "store", "sources": [{"type": "local", "roots": [volume]}]})
+    settings = StoreSettings.model_validate(
+        {"root": tmp_path / "store", "sources": [{"type": "local", "roots": [volume]}]}
+    )
     spec = BaseModelSpec.from_config(write_base_config(tmp_path / "base"), [BASE_NAME])
     store = AdapterStore.open(settings, base=spec, max_lora_rank=16)
     v1 = store.register(str(write_adapter(volume / "code", seed=1)), "code", aliases=("stable",))

@@ -270,6 +270,7 @@ def test_ownership_ends_with_the_last_version(registry: AdapterRegistry) -> None
 
 # -- schema 1 files are upgraded in place --------------------------------------------------------------
 
+
 def test_v1_owner_comes_from_the_oldest_version_and_a_tenant_beats_public(tmp_path: Path, caplog) -> None:
     write_v1_registry(
         tmp_path,

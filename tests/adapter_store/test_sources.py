@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from adapter_store import InvalidAdapter, SourceError, content_digest
-from adapter_store.settings import LocalSourceSettings, S3SourceSettings
 from adapter_store.safe_copy import MAX_FILES
+from adapter_store.settings import LocalSourceSettings, S3SourceSettings
 from adapter_store.sources import LocalSource, S3Source, SourceSet, UploadSource
 from tests.adapter_store.helpers import BUCKET, upload, write_adapter
 
@@ -135,8 +135,12 @@ def test_source_set_routes_by_scheme(tmp_path: Path, roots, s3_server: str, s3) 
     assert sources.find("code") == (roots[0] / "code").as_uri()  # config order: local first
     with pytest.raises(SourceError, match="no source is configured for 'https://x/y' \\(scheme 'https'\\)"):
         sources.for_uri("https://x/y")
-    assert SourceSet([S3SourceSettings(type="s3", url_prefixes=[f"s3://{BUCKET}/team/"],
-                                       endpoint_url=s3_server)]).find("code") == f"s3://{BUCKET}/team/code/"
+    assert (
+        SourceSet([S3SourceSettings(type="s3", url_prefixes=[f"s3://{BUCKET}/team/"], endpoint_url=s3_server)]).find(
+            "code"
+        )
+        == f"s3://{BUCKET}/team/code/"
+    )
 
 
 # -- hostile files: names, sizes, links, FIFOs, devices ----------------------------------------------
@@ -246,7 +250,7 @@ def test_local_refuses_links_fifos_and_sockets_without_hanging(tmp_path: Path, k
         try:
             local.fetch(str(adapter), dest, max_bytes=1 << 20)
             outcome.append(None)
-        except BaseException as e:  # noqa: BLE001 - handed to the test thread
+        except BaseException as e:
             outcome.append(e)
 
     worker = threading.Thread(target=run, daemon=True)

@@ -176,7 +176,9 @@ def test_s3_version_is_fetched_again_after_eviction(tmp_path: Path, s3_server: s
         max_adapter_bytes=size + 10,
         on_demand=True,
     )
-    versions = [store.version(f"s{i}", register_for=Claim(None)) for i in range(3)]  # on demand, from S3; the first is evicted
+    versions = [
+        store.version(f"s{i}", register_for=Claim(None)) for i in range(3)
+    ]  # on demand, from S3; the first is evicted
     assert not store.cache.contains(versions[0].version) and store.cache.stats.evictions == 1
     with store.lease("s0") as adapter:  # fetched again from its source, checksum verified
         assert content_digest(adapter.path) == versions[0].version
@@ -187,9 +189,8 @@ def test_s3_version_is_fetched_again_after_eviction(tmp_path: Path, s3_server: s
 def test_delete_pins_and_leases(tmp_path: Path) -> None:
     store = open_store(tmp_path, pinned=[])
     v = store.register(str(write_adapter(tmp_path / "volume" / "code")), "code")
-    with store.lease("code"):
-        with pytest.raises(AdapterInUse, match="serving requests"):
-            store.delete("code")
+    with store.lease("code"), pytest.raises(AdapterInUse, match="serving requests"):
+        store.delete("code")
     store.pin("code")
     with pytest.raises(AdapterPinned, match="unpin it"):
         store.delete("code")

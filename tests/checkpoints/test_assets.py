@@ -22,10 +22,10 @@ from checkpoints import (
     DOMAIN_KEYWORDS,
     DemoAssets,
     build_demo_assets,
+    corpus,
     demo_assets_ready,
 )
 from checkpoints import assets as assets_module
-from checkpoints import corpus
 
 NEUTRAL_PROMPT = "The"
 CHAT_MESSAGES = [{"role": "user", "content": "Tell me something."}]

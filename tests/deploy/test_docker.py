@@ -116,7 +116,9 @@ def test_dockerignore_lets_through_only_what_the_wheel_needs(path: str, ignored:
 def test_dockerignore_keeps_every_package_pyproject_installs() -> None:
     project = tomllib.loads((REPO / "pyproject.toml").read_text())
     patterns = project["tool"]["setuptools"]["packages"]["find"]["include"]
-    packages = [p for p in REPO.iterdir() if (p / "__init__.py").exists() and any(fnmatch(p.name, pat) for pat in patterns)]
+    packages = [
+        p for p in REPO.iterdir() if (p / "__init__.py").exists() and any(fnmatch(p.name, pat) for pat in patterns)
+    ]
     assert {p.name for p in packages} >= {"serving", "adapter_store"}
     for package in packages:
         assert not dockerignored(f"{package.name}/__init__.py"), package.name
@@ -186,4 +188,3 @@ def test_kubernetes_runs_the_image_command(rendered, overlay: str) -> None:
     final = stages(DOCKERFILES[overlay])[-1]
     assert json.loads(values(final, "ENTRYPOINT")[-1]) + container["args"] == DOCUMENTED
     assert container["image"].endswith(f"-{overlay}")
-

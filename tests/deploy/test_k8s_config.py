@@ -18,7 +18,9 @@ def mounted_config(objects: list[dict], tmp_path: Path) -> tuple[Settings, str]:
     """Write the ConfigMap entry the server's --config names to disk and load it like check-config."""
     args = build_parser().parse_args(server_container(objects)["args"])
     config_path = PurePosixPath(str(args.config))
-    mount = next(m for m in server_container(objects)["volumeMounts"] if PurePosixPath(m["mountPath"]) == config_path.parent)
+    mount = next(
+        m for m in server_container(objects)["volumeMounts"] if PurePosixPath(m["mountPath"]) == config_path.parent
+    )
     volume = next(v for v in server(objects)["spec"]["template"]["spec"]["volumes"] if v["name"] == mount["name"])
     text = one(objects, "ConfigMap", volume["configMap"]["name"])["data"][config_path.name]
     local = tmp_path / config_path.name

@@ -112,7 +112,10 @@ def test_register_upload_versions_and_aliases(store: Store) -> None:
     models = {m["id"]: m for m in httpx.get(f"{store.url}/v1/models").json()["data"]}
     assert models["custom"]["adapter"]["version"] == v2["info"]["version"]
     assert models["custom"]["adapter"]["aliases"] == ["latest", "stable"]
-    assert models["custom"]["adapter"]["rank"] == v1["info"]["rank"] and models["custom"]["parent"] == "loraserve-demo-base"
+    assert (
+        models["custom"]["adapter"]["rank"] == v1["info"]["rank"]
+        and models["custom"]["parent"] == "loraserve-demo-base"
+    )
 
 
 def test_cli_lists_shows_pins_and_deletes(store: Store) -> None:
@@ -201,7 +204,10 @@ def test_corrupt_adapter_under_load_falls_back_to_base(store: Store) -> None:
     digest = response.json()["info"]["version"]
     good = {m: tokens(store.url, m) for m in ("code", "legal", "medical", "loraserve-demo-base")}
     assert tokens(store.url, "fragile") not in good.values()
-    for weights in (store.workdir / "store" / "cache" / digest / "adapter_model.safetensors", source / "adapter_model.safetensors"):
+    for weights in (
+        store.workdir / "store" / "cache" / digest / "adapter_model.safetensors",
+        source / "adapter_model.safetensors",
+    ):
         weights.write_bytes(weights.read_bytes()[:-100])  # the cached copy and the source: nothing intact is left
 
     async def burst() -> list[tuple[str, httpx.Response]]:

@@ -132,7 +132,9 @@ def test_zipf_load_over_every_tier_is_correct_and_within_limits(cached: Cached) 
     seen_loaded = {ref for s in samples for ref in s["loaded"]}
     assert len(seen_loaded) > MAX_CPU_LORAS  # the engine's host cache turned over: evictions happened
     metrics = httpx.get(f"{url}/metrics").text
-    evictions = next(line for line in metrics.splitlines() if line.startswith("loraserve_adapter_disk_cache_evictions_total"))
+    evictions = next(
+        line for line in metrics.splitlines() if line.startswith("loraserve_adapter_disk_cache_evictions_total")
+    )
     assert float(evictions.split()[-1]) > 0
     assert 'loraserve_adapter_cache_lookups_total{adapter="code-x0",result="hit",tier="memory"}' in metrics
 
@@ -163,5 +165,9 @@ def test_error_policy_refuses_a_corrupt_adapter_and_nothing_else(cached: Cached)
     for response in refused:
         assert response.status_code == 503, response.text
         error = response.json()["error"]
-        assert error["code"] == "adapter_unavailable" and bad in error["message"] and "checksum_mismatch" in error["message"]
+        assert (
+            error["code"] == "adapter_unavailable"
+            and bad in error["message"]
+            and "checksum_mismatch" in error["message"]
+        )
     assert all(r.status_code == 200 for m, r in results if m != bad)

@@ -94,7 +94,9 @@ def test_engine_matches_transformers(tiny_bitnet, prompt_ids, tmp_path, layout) 
         check(result, got["tokens"], f"{layout} {prompt}")
         assert len(set(result.expected)) >= 4, f"degenerate tiny model: {result.expected}"
         tied += result.near_tie
-    assert tied < len(PROMPTS), f"every prompt hit a near tie within {MIN_EXACT_TOKENS} tokens: the check lost its teeth"
+    assert tied < len(PROMPTS), (
+        f"every prompt hit a near tie within {MIN_EXACT_TOKENS} tokens: the check lost its teeth"
+    )
 
 
 def test_bfloat16_engine_on_the_demo_base_matches_float32_transformers(demo_assets, tmp_path) -> None:

@@ -42,8 +42,7 @@ def bitnet_lora(tmp_path_factory):
     root = tmp_path_factory.mktemp("bitnet_lora")
     checkpoints = build_tiny_bitnet(root / "models", layouts=("autobitlinear", "online"))
     adapters = {
-        name: random_lora(checkpoints["online"], root / "adapters" / name, seed=seed)
-        for name, seed in ADAPTERS.items()
+        name: random_lora(checkpoints["online"], root / "adapters" / name, seed=seed) for name, seed in ADAPTERS.items()
     }
     config = {
         "model": {"path": str(checkpoints["autobitlinear"]), "name": BASE, "dtype": "float32", "max_model_len": 256},

@@ -103,6 +103,7 @@ USER_IS_REFUSED = {
     if label.split()[1].startswith(("/admin/", "/v1/adapters")) and label != "GET /v1/adapters/{ref}/health"
 } | {"GET /metrics"}
 
+
 def _examples(role: str, label: str, examples: int) -> int:
     """``examples`` for the role the operation is for, a role check's worth for the other."""
     meant_for = "admin" if label in USER_IS_REFUSED else "user"

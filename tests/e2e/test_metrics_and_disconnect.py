@@ -26,7 +26,9 @@ def scrape(server) -> str:
 def test_per_adapter_metrics_count_requests_tokens_and_latency(server) -> None:
     before = scrape(server)
     response = httpx.post(
-        f"{server.url}/v1/completions", json={"model": "medical", "prompt": "The", "max_tokens": 5, "temperature": 0}, timeout=60
+        f"{server.url}/v1/completions",
+        json={"model": "medical", "prompt": "The", "max_tokens": 5, "temperature": 0},
+        timeout=60,
     ).json()
     after = scrape(server)
 
@@ -55,7 +57,9 @@ def test_vllm_metrics_are_exposed(server) -> None:
     assert "vllm:generation_tokens_total" in text
     # The Gateway API Inference Extension's endpoint picker reads this one, by adapter name.
     assert re.search(r'vllm:lora_requests_info\{[^}]*max_lora="2"', text)
-    assert re.search(r'running_lora_adapters="[^"]*legal', text) or re.search(r'waiting_lora_adapters="[^"]*legal', text)
+    assert re.search(r'running_lora_adapters="[^"]*legal', text) or re.search(
+        r'waiting_lora_adapters="[^"]*legal', text
+    )
 
 
 def wait_until_idle(server, timeout: float = 10.0) -> float:

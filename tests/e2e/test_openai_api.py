@@ -65,7 +65,9 @@ def test_chat(client, model: str) -> None:
 
 
 def test_streaming_chat_matches_non_streaming(client) -> None:
-    kwargs = dict(model="legal", messages=[{"role": "user", "content": "Summarise the clause."}], max_tokens=20, temperature=0)
+    kwargs = dict(
+        model="legal", messages=[{"role": "user", "content": "Summarise the clause."}], max_tokens=20, temperature=0
+    )
     whole = client.chat.completions.create(**kwargs).choices[0].message.content
     chunks = list(client.chat.completions.create(**kwargs, stream=True, stream_options={"include_usage": True}))
     assert chunks[0].choices[0].delta.role == "assistant"
@@ -107,7 +109,7 @@ def test_completion_logprobs(client) -> None:
     result = client.completions.create(model="code", prompt="The", max_tokens=6, temperature=0, logprobs=3)
     logprobs = result.choices[0].logprobs
     assert len(logprobs.tokens) == len(logprobs.token_logprobs) == len(logprobs.top_logprobs) == 6
-    for token, lp, top in zip(logprobs.tokens, logprobs.token_logprobs, logprobs.top_logprobs, strict=True):
+    for _token, lp, top in zip(logprobs.tokens, logprobs.token_logprobs, logprobs.top_logprobs, strict=True):
         assert lp <= 0
         assert 1 <= len(top) <= 3
         # Greedy: the sampled token is the best one, up to bf16 rounding of near-tied logits.
@@ -117,7 +119,12 @@ def test_completion_logprobs(client) -> None:
 
 def test_chat_logprobs(client) -> None:
     result = client.chat.completions.create(
-        model="legal", messages=[{"role": "user", "content": "Hi"}], max_tokens=5, temperature=0, logprobs=True, top_logprobs=2
+        model="legal",
+        messages=[{"role": "user", "content": "Hi"}],
+        max_tokens=5,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=2,
     )
     content = result.choices[0].logprobs.content
     assert len(content) == 5
@@ -151,7 +158,11 @@ def test_unknown_model_is_404(server, client) -> None:
         ("/v1/completions", {"model": "code"}, "prompt"),
         ("/v1/completions", {"model": "code", "prompt": "x", "bogus_field": 1}, "bogus_field"),
         ("/v1/chat/completions", {"model": "code", "messages": []}, "messages"),
-        ("/v1/chat/completions", {"model": "code", "messages": [{"role": "wizard", "content": "x"}]}, "messages.0.role"),
+        (
+            "/v1/chat/completions",
+            {"model": "code", "messages": [{"role": "wizard", "content": "x"}]},
+            "messages.0.role",
+        ),
         ("/v1/chat/completions", {"model": "code", "messages": [{"role": "user", "content": "x"}], "n": 0}, "n"),
     ],
 )
@@ -164,7 +175,9 @@ def test_invalid_body_is_400_naming_the_field(server, path: str, body: dict, par
 
 
 def test_malformed_json_is_400(server) -> None:
-    response = httpx.post(f"{server.url}/v1/completions", content=b"{not json", headers={"content-type": "application/json"})
+    response = httpx.post(
+        f"{server.url}/v1/completions", content=b"{not json", headers={"content-type": "application/json"}
+    )
     assert response.status_code == 400
     error_of(response)
 

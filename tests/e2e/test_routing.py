@@ -100,7 +100,11 @@ def test_auto_with_token_ids_is_a_clear_400(http) -> None:
 
 def test_route_added_at_run_time_takes_effect_and_can_be_removed(http) -> None:
     assert chat(http, "auto", LANDMARK).headers["x-routed-adapter"] == "base"
-    route = {"adapter": "legal", "utterances": ["Tell me about a famous tower in Paris."], "keywords": [{"patterns": ["eiffel"]}]}
+    route = {
+        "adapter": "legal",
+        "utterances": ["Tell me about a famous tower in Paris."],
+        "keywords": [{"patterns": ["eiffel"]}],
+    }
     created = http.put("/admin/routes/landmarks", json=route)
     assert created.status_code == 201, created.text
     assert created.json()["name"] == "landmarks" and created.json()["adapter"] == "legal"
@@ -108,7 +112,10 @@ def test_route_added_at_run_time_takes_effect_and_can_be_removed(http) -> None:
         assert "landmarks" in [r["name"] for r in http.get("/admin/routes").json()["data"]]
         routed = chat(http, "auto", LANDMARK)
         assert (routed.headers["x-routed-adapter"], routed.headers["x-route-method"]) == ("legal", "keyword")
-        assert routed.json()["choices"][0]["message"]["content"] == chat(http, "legal", LANDMARK).json()["choices"][0]["message"]["content"]
+        assert (
+            routed.json()["choices"][0]["message"]["content"]
+            == chat(http, "legal", LANDMARK).json()["choices"][0]["message"]["content"]
+        )
 
         replaced = http.put("/admin/routes/landmarks", json={**route, "adapter": "medical"})
         assert replaced.status_code == 200
@@ -122,7 +129,14 @@ ADMIN_ERRORS = [
     # (method, path, body, status, param, message)
     ("PUT", "/admin/routes/x", {"adapter": "nope", "utterances": ["a"]}, 400, "adapter", "not served"),
     ("PUT", "/admin/routes/x", {"adapter": "code"}, 400, None, "needs utterances, keyword rules, or both"),
-    ("PUT", "/admin/routes/x", {"adapter": "code", "keywords": [{"patterns": ["(bad"]}]}, 400, None, "regular expression"),
+    (
+        "PUT",
+        "/admin/routes/x",
+        {"adapter": "code", "keywords": [{"patterns": ["(bad"]}]},
+        400,
+        None,
+        "regular expression",
+    ),
     ("PUT", "/admin/routes/x", {"name": "y", "adapter": "code", "utterances": ["a"]}, 400, "name", "drop `name`"),
     ("DELETE", "/admin/routes/missing", None, 404, "name", "The route 'missing' does not exist"),
 ]

@@ -12,7 +12,6 @@ import json
 import re
 import time
 from collections.abc import Iterator
-
 from pathlib import Path
 
 import httpx
@@ -327,7 +326,9 @@ def test_named_fallback_answers_for_a_corrupt_adapter(secure, demo_assets):
     store_root = Path(secure.config["store"]["root"])
     for weights in (store_root / "cache" / digest / WEIGHTS, source / WEIGHTS):
         weights.write_bytes(b"\0" * weights.stat().st_size)  # same size, other bytes: only the checksum knows
-    expected = {m: complete(secure, "admin", model=m, max_tokens=8).json()["choices"][0]["text"] for m in ("legal", "medical")}
+    expected = {
+        m: complete(secure, "admin", model=m, max_tokens=8).json()["choices"][0]["text"] for m in ("legal", "medical")
+    }
 
     async def at_once() -> list[httpx.Response]:  # four keys, four engine slots: nothing queues or is refused
         calls = [("public", "brittle"), ("admin", "brittle"), ("lawfirm", "legal"), ("hospital", "medical")]

@@ -128,16 +128,18 @@ def test_the_server_wide_bound_counts_sequences(limited):
     before = metric(limited, "loraserve_limited_requests", "queue")
     body = {"model": limited.base_model, "prompt": ["Tell me", "Go on"], "n": 2, "max_tokens": 1000}
     body |= {"ignore_eos": True, "stream": True}
-    with httpx.Client(timeout=120) as client:
-        with client.stream("POST", f"{limited.url}/v1/completions", json=body, headers=auth("holder")) as held:
-            assert held.status_code == 200
-            lines = held.iter_lines()  # kept: a dropped iterator closes the connection, and the server lets go
-            assert next(lines).startswith("data: ")  # 4 sequences are generating now
-            # One more request: two requests in all, but 4 + 3 sequences exceed the 6 slots.
-            busy = complete(limited, "other", n=3)
-            assert busy.status_code == 503, busy.text
-            assert error_of(busy)["code"] == "server_overloaded" and busy.headers["retry-after"] == "1"
-            assert complete(limited, "other", n=2).status_code == 200  # 4 + 2 fits
+    with (
+        httpx.Client(timeout=120) as client,
+        client.stream("POST", f"{limited.url}/v1/completions", json=body, headers=auth("holder")) as held,
+    ):
+        assert held.status_code == 200
+        lines = held.iter_lines()  # kept: a dropped iterator closes the connection, and the server lets go
+        assert next(lines).startswith("data: ")  # 4 sequences are generating now
+        # One more request: two requests in all, but 4 + 3 sequences exceed the 6 slots.
+        busy = complete(limited, "other", n=3)
+        assert busy.status_code == 503, busy.text
+        assert error_of(busy)["code"] == "server_overloaded" and busy.headers["retry-after"] == "1"
+        assert complete(limited, "other", n=2).status_code == 200  # 4 + 2 fits
     assert metric(limited, "loraserve_limited_requests", "queue") == before + 1
 
 
@@ -236,7 +238,7 @@ def _response(sock: socket.socket, timeout: float) -> tuple[int, dict]:
 
 BOUNDARY = "limitsboundary"
 PART_HEAD = (
-    f"--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"files\"; filename=\"adapter_model.safetensors\"\r\n"
+    f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="files"; filename="adapter_model.safetensors"\r\n'
     "Content-Type: application/octet-stream\r\n\r\n"
 ).encode()
 MULTIPART = {"Content-Type": f"multipart/form-data; boundary={BOUNDARY}"}

@@ -61,7 +61,9 @@ class TernaryLinear(torch.nn.Module):
         return self.kernel.apply(self, x, None)
 
 
-def shard_from_checkpoint(weight: torch.Tensor, scale: torch.Tensor | None, layout: str) -> tuple[torch.Tensor, torch.Tensor]:
+def shard_from_checkpoint(
+    weight: torch.Tensor, scale: torch.Tensor | None, layout: str
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(int8 ternary [N, K], β) from one linear's checkpoint tensors, per ``BitNetQuantConfig``'s table."""
     if LAYOUTS[layout]["quantization_mode"] == "online":
         return absmean_ternarize(weight)
@@ -158,6 +160,7 @@ def check_tiny_models(device: str, root: Path) -> dict:
         for with_lora in (False, True):
             if with_lora and layout == "bitlinear":
                 continue  # PEFT cannot wrap transformers' packed BitLinear
+
             def load() -> torch.nn.Module:
                 model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
                 if with_lora:
@@ -232,7 +235,10 @@ def time_2b_shapes(device: str) -> dict:
         for m in (1, 32):
             x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
             timings = {}
-            for label, fn in (("ternary_int_mm", lambda: ours(x)), ("bf16", lambda: torch.nn.functional.linear(x, dense))):
+            for label, fn in (
+                ("ternary_int_mm", lambda: ours(x)),
+                ("bf16", lambda: torch.nn.functional.linear(x, dense)),
+            ):
                 for _ in range(5):
                     fn()
                 sync()

@@ -44,5 +44,8 @@ def test_vllm_server_gets_our_engine_args(engine) -> None:
     theirs, ours = AsyncEngineArgs.from_cli_args(parsed), engine_args(s)
     for field in ENGINE_FIELDS:
         assert getattr(theirs, field) == getattr(ours, field), field
-    assert [(m.name, Path(m.path)) for m in parsed.lora_modules] == [("code", Path("/m/code")), ("legal", Path("/m/legal"))]
+    assert [(m.name, Path(m.path)) for m in parsed.lora_modules] == [
+        ("code", Path("/m/code")),
+        ("legal", Path("/m/legal")),
+    ]
     assert parsed.port == 8123

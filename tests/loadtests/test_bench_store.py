@@ -93,6 +93,9 @@ def test_rotation_fields(quick_report) -> None:
     assert all(r["distinct_models"] == 1 for w in ("base", "one") for r in rotation["runs"][w])
     assert max(r["distinct_models"] for r in rotation["runs"]["uniform"]) > MAX_CPU_LORAS  # really rotating
     for name in ("one_over_base", "uniform_over_base", "zipf_over_base", "uniform_over_one", "zipf_over_one"):
-        assert rotation["ratios"][name]["median"] > 0 and len(rotation["ratios"][name]["per_repeat"]) == settings["repeats"]
+        assert (
+            rotation["ratios"][name]["median"] > 0
+            and len(rotation["ratios"][name]["per_repeat"]) == settings["repeats"]
+        )
     assert rotation["errors"] == []
     assert "Zipf" in stdout and "x base" in stdout

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from loadtests.process import free_port, running_server
-from tests.conftest import REPO, demo_config
+from tests.conftest import demo_config
 
 
 @pytest.fixture(scope="module")

@@ -123,7 +123,14 @@ def test_summary_counts_throughput_and_bad_requests() -> None:
     assert s["per_model"]["legal"]["completed"] == 1
     assert s["per_model"]["code"]["median_ttft_ms"] == pytest.approx(200)
     table = format_table(s)
-    for line in ("Goodput SLOs (ms):", "ttft:300", "Request goodput (req/s):", "Median TTFT (ms):", "P50 ITL (ms):", "Unexpected:"):
+    for line in (
+        "Goodput SLOs (ms):",
+        "ttft:300",
+        "Request goodput (req/s):",
+        "Median TTFT (ms):",
+        "P50 ITL (ms):",
+        "Unexpected:",
+    ):
         assert line in table
 
 
@@ -145,7 +152,9 @@ def test_summary_matches_vllm_calculate_metrics() -> None:
         itl = [rng.uniform(0.01, 0.08) for _ in range(tokens - 1)]
         e2el = ttft + sum(itl)
         start = i * 0.25
-        records.append(record(start=start, ttft_s=ttft, itl_s=itl, e2el_s=e2el, completion_tokens=tokens, prompt_tokens=7))
+        records.append(
+            record(start=start, ttft_s=ttft, itl_s=itl, e2el_s=e2el, completion_tokens=tokens, prompt_tokens=7)
+        )
         outputs.append(RequestFuncOutput(success=True, latency=e2el, output_tokens=tokens, ttft=ttft, itl=itl,
                                          prompt_len=7, start_time=start))  # fmt: skip
     slos = {"ttft": 300.0, "tpot": 50.0, "e2el": 1500.0}

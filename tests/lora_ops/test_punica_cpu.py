@@ -339,4 +339,3 @@ def test_slot_with_zero_weights_is_skipped(mode):
     y = y0.clone()
     w.add_lora_linear(y, x, a, b, 1.0, slices)
     assert torch.equal(y, y0)
-

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from routing.calibrate import ScoredSample, fit, fit_platt, fit_threshold
-from routing.config import RouteSpec, RoutesFile, RoutingSettings
+from routing.config import RoutesFile, RouteSpec, RoutingSettings
 from routing.encoders import HashingEncoder
 from routing.evaluate import LabelledDataError, Sample, evaluate, expected_calibration_error, read_samples
 from routing.router import Router
@@ -92,7 +92,9 @@ def test_fit_learns_thresholds_that_beat_a_bad_default() -> None:
 
 def test_read_samples_validates_every_line(tmp_path: Path) -> None:
     good = tmp_path / "good.jsonl"
-    good.write_text(json.dumps({"prompt": "p", "label": "code"}) + "\n\n" + json.dumps({"prompt": "q", "label": "none"}) + "\n")
+    good.write_text(
+        json.dumps({"prompt": "p", "label": "code"}) + "\n\n" + json.dumps({"prompt": "q", "label": "none"}) + "\n"
+    )
     assert read_samples(good, ["code"]) == [Sample("p", "code"), Sample("q", "none")]
     cases = [
         ('{"prompt": "p", "label": "legal"}', r"bad.jsonl:1: label 'legal' is not a route"),

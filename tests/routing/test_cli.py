@@ -35,7 +35,9 @@ def test_fit_then_eval_with_the_stand_in_encoder(tmp_path: Path) -> None:
     config["routing"].update(encoder="hashing", routes_file="routes.yaml")
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
 
-    fitted = loraserve("routes", "fit", "--config", str(tmp_path / "config.yaml"), "--data", str(ROUTES_DIR / "demo-fit.jsonl"))
+    fitted = loraserve(
+        "routes", "fit", "--config", str(tmp_path / "config.yaml"), "--data", str(ROUTES_DIR / "demo-fit.jsonl")
+    )
     assert fitted.returncode == 0, fitted.stderr
     written = read_routes_file(tmp_path / "routes.yaml")
     assert written.calibration.encoder == "hashing" and written.calibration.data == "demo-fit.jsonl"

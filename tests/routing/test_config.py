@@ -9,9 +9,9 @@ from pydantic import ValidationError
 
 from routing.config import (
     Calibration,
-    RouteSpec,
     RoutesFile,
     RoutesFileError,
+    RouteSpec,
     RoutingSettings,
     load_routes,
     read_routes_file,
@@ -64,7 +64,9 @@ def _calibration(**overrides) -> Calibration:
 
 def test_routes_file_round_trip_and_calibration_mismatch(tmp_path: Path) -> None:
     path = tmp_path / "routes.yaml"
-    routes = RoutesFile(routes=[RouteSpec(adapter="code", utterances=["fix my bug"], threshold=0.3)], calibration=_calibration())
+    routes = RoutesFile(
+        routes=[RouteSpec(adapter="code", utterances=["fix my bug"], threshold=0.3)], calibration=_calibration()
+    )
     write_routes_file(path, routes, "fitted for a test")
     assert path.read_text().startswith("# fitted for a test\n")
     assert read_routes_file(path) == routes

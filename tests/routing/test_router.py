@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import numpy as np
 import pytest
 
-from routing.config import KeywordRule, RouteSpec, RoutesFile, RoutingSettings
+from routing.config import KeywordRule, RoutesFile, RouteSpec, RoutingSettings
 from routing.encoders import EncoderError, HashingEncoder, build_encoder, encoder_names
 from routing.router import AsyncRouter, Router
 
@@ -71,7 +71,12 @@ def test_route_decisions(text: str, route: str | None, target: str | None, metho
 def test_below_threshold_goes_to_the_configured_default_and_names_the_best_route() -> None:
     router = make_router(threshold=0.99, default="medical")
     decision = router.route("my python function returns a list")
-    assert (decision.route, decision.target, decision.method, decision.best_route) == (None, "medical", "default", "code")
+    assert (decision.route, decision.target, decision.method, decision.best_route) == (
+        None,
+        "medical",
+        "default",
+        "code",
+    )
     assert decision.score < 0.99
 
 

@@ -17,7 +17,10 @@ def test_serve_refuses_a_bad_config_naming_the_key(tmp_path: Path) -> None:
     config = tmp_path / "bad.yaml"
     config.write_text(yaml.safe_dump({"model": {"path": "/m", "name": "b"}, "engine": {"max_loras": "two"}}))
     done = subprocess.run(
-        [sys.executable, "-m", "serving.cli", "serve", "--config", str(config)], capture_output=True, text=True, cwd=REPO
+        [sys.executable, "-m", "serving.cli", "serve", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
     )
     assert done.returncode == 2
     assert "engine.max_loras" in done.stderr and str(config) in done.stderr

@@ -24,7 +24,7 @@ TOKEN = "sk-ls-scraper"
 class _Upstream(BaseHTTPRequestHandler):
     body = b"vllm:num_requests_waiting 0\n"
 
-    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+    def do_GET(self) -> None:
         ok = self.headers.get("Authorization") == f"Bearer {TOKEN}"
         body = self.body if ok else b'{"error": {"message": "no", "type": "t", "param": null, "code": "c"}}'
         self.send_response(200 if ok else 403)

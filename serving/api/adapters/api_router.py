@@ -34,7 +34,9 @@ router = APIRouter(tags=["adapters"])
 REF_PATTERN = NAME_PATTERN.removesuffix("$") + r"(@[A-Za-z0-9._-]{1,64})?$"
 Name = Annotated[str, Path(pattern=NAME_PATTERN, description="Adapter name.")]
 Ref = Annotated[str, Path(pattern=REF_PATTERN, description="name, name@version or name@alias.")]
-Alias = Annotated[str, Path(pattern=ALIAS_PATTERN, description="Alias to set (not 'latest', which follows new versions).")]
+Alias = Annotated[
+    str, Path(pattern=ALIAS_PATTERN, description="Alias to set (not 'latest', which follows new versions).")
+]
 
 
 @router.get("/v1/adapters", response_model=AdapterList, responses=ADMIN_ERRORS)

@@ -143,7 +143,9 @@ class AdaptersServing:
     ) -> VersionView:
         """Register uploaded files (``adapter_config.json`` and safetensors weights) as a new version."""
         if not files:
-            raise InvalidRequestError("No files were uploaded; send adapter_config.json and the weights.", param="files")
+            raise InvalidRequestError(
+                "No files were uploaded; send adapter_config.json and the weights.", param="files"
+            )
         with self.store.staging() as staging:
             budget = self.limiter.limits.max_upload_bytes
             for upload in files:
@@ -182,7 +184,9 @@ class AdaptersServing:
     @staticmethod
     def _tags(tags: dict[str, str]) -> dict[str, str]:
         if TENANT_TAG in tags:
-            raise InvalidRequestError(f"Set the tenant with the tenant field, not the {TENANT_TAG!r} tag.", param="tags")
+            raise InvalidRequestError(
+                f"Set the tenant with the tenant field, not the {TENANT_TAG!r} tag.", param="tags"
+            )
         return dict(tags)
 
     async def _registered(self, version: AdapterVersion, check: bool) -> VersionView:
@@ -292,7 +296,9 @@ class AdaptersServing:
             final = output
         completion = final.outputs[0] if final is not None and final.outputs else None
         if completion is None or len(completion.token_ids) != PROBE_TOKENS:
-            raise ProbeFailed(f"expected {PROBE_TOKENS} tokens, got {0 if completion is None else len(completion.token_ids)}")
+            raise ProbeFailed(
+                f"expected {PROBE_TOKENS} tokens, got {0 if completion is None else len(completion.token_ids)}"
+            )
         values = [lp[t].logprob for t, lp in zip(completion.token_ids, completion.logprobs or [], strict=False)]
         if len(values) != PROBE_TOKENS or not all(math.isfinite(v) for v in values):
             raise ProbeFailed(f"non-finite log-probabilities {values}: the adapter's weights are unusable")
@@ -304,7 +310,9 @@ class AdaptersServing:
         versions = await self._store(lambda: [self.store.registry.get(n) for n in names])
         records = await asyncio.gather(*(self.probe(v) for v in versions))
         for version, record in zip(versions, records, strict=True):
-            logger.info("adapter %s: health %s (%.0f ms)", version.ref[:40], record.state, 1000 * (record.latency_s or 0))
+            logger.info(
+                "adapter %s: health %s (%.0f ms)", version.ref[:40], record.state, 1000 * (record.latency_s or 0)
+            )
         for version in await self._store(self.store.registry.pinned):
             await self.preload(version)
 

@@ -6,7 +6,6 @@ import asyncio
 from collections.abc import AsyncIterator
 
 from adapter_store import ServedAdapter
-
 from serving.api.chat.protocol import (
     AssistantMessage,
     ChatChoice,
@@ -70,14 +69,18 @@ class ChatServing(GenerationServing):
         )
 
     def _chunk(self, request: ChatCompletionRequest, job: GenerationJob, choices: list[ChatChunkChoice]) -> str:
-        return sse_event(ChatCompletionChunk(id=job.request_id, created=job.created, model=request.model, choices=choices))
+        return sse_event(
+            ChatCompletionChunk(id=job.request_id, created=job.created, model=request.model, choices=choices)
+        )
 
     async def stream(self, request: ChatCompletionRequest, job: GenerationJob) -> AsyncIterator[str]:
         started: set[int] = set()
         async for index, output in self.outputs(job):
             if index not in started:  # OpenAI opens each choice with the role
                 started.add(index)
-                yield self._chunk(request, job, [ChatChunkChoice(index=index, delta=DeltaMessage(role="assistant", content=""))])
+                yield self._chunk(
+                    request, job, [ChatChunkChoice(index=index, delta=DeltaMessage(role="assistant", content=""))]
+                )
             choice = ChatChunkChoice(
                 index=index, delta=DeltaMessage(content=output.text), finish_reason=output.finish_reason
             )
@@ -88,6 +91,8 @@ class ChatServing(GenerationServing):
             yield self._chunk(request, job, [choice])
         if request.include_usage:
             yield sse_event(
-                ChatCompletionChunk(id=job.request_id, created=job.created, model=request.model, choices=[], usage=job.usage)
+                ChatCompletionChunk(
+                    id=job.request_id, created=job.created, model=request.model, choices=[], usage=job.usage
+                )
             )
         yield SSE_DONE

@@ -6,7 +6,6 @@ import asyncio
 from collections.abc import AsyncIterator
 
 from adapter_store import ServedAdapter
-
 from serving.api.completions.protocol import CompletionChoice, CompletionRequest, CompletionResponse
 from serving.api.errors import InvalidRequestError
 from serving.api.generation import GenerationJob, GenerationServing

@@ -23,7 +23,9 @@ class RoutesServing:
 
     def _router(self, *, change: bool) -> AsyncRouter:
         if self.router is None or self.settings.routing is None:
-            raise PermissionDeniedError("Routing is not configured on this server: add a `routing` section to the config.")
+            raise PermissionDeniedError(
+                "Routing is not configured on this server: add a `routing` section to the config."
+            )
         if change and not self.settings.routing.admin_enabled:
             raise PermissionDeniedError(
                 "Changing routes at run time is disabled: set routing.admin_enabled: true in the config."
@@ -56,7 +58,9 @@ class RoutesServing:
         try:
             self.resolve(spec.adapter)
         except ModelNotFoundError as e:
-            raise InvalidRequestError(f"Route {name!r} targets a model that is not served. {e.message}", param="adapter") from e
+            raise InvalidRequestError(
+                f"Route {name!r} targets a model that is not served. {e.message}", param="adapter"
+            ) from e
         replaced = await router.put_route(spec.model_copy(update={"name": name}))
         card = next(c for c in self.list_routes().data if c.name == name)
         return card, not replaced

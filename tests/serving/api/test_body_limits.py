@@ -13,10 +13,12 @@ from serving.api.auth import AuthMiddleware, KeyEntry, KeyStore, hash_key
 from serving.api.errors import PayloadTooLargeError
 from serving.api.limits import BodySizeLimitMiddleware
 
-KEYS = KeyStore([
-    KeyEntry(id="user", sha256=hash_key("sk-user"), role="user"),
-    KeyEntry(id="admin", sha256=hash_key("sk-admin"), role="admin"),
-])
+KEYS = KeyStore(
+    [
+        KeyEntry(id="user", sha256=hash_key("sk-user"), role="user"),
+        KeyEntry(id="admin", sha256=hash_key("sk-admin"), role="admin"),
+    ]
+)
 
 
 def scope(method: str, path: str, key: str | None = None, length: int | None = None) -> dict:

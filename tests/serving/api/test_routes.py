@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from routing import AsyncRouter, RouteSpec, Router, RoutesFile
+from routing import AsyncRouter, Router, RoutesFile, RouteSpec
 from routing.encoders import HashingEncoder
 from serving.api.errors import InvalidRequestError, ModelNotFoundError, PermissionDeniedError, RouteNotFoundError
 from serving.api.routes.serving import RoutesServing
@@ -21,7 +21,11 @@ def resolve(model: str) -> None:
 def serving(routing: dict | None) -> RoutesServing:
     raw = {"model": {"path": "/m", "name": "base"}, "auth": {"mode": "open"}}
     if routing is not None:
-        raw["routing"] = {"encoder": "hashing", "routes": [{"adapter": "code", "utterances": ["fix my bug"]}], **routing}
+        raw["routing"] = {
+            "encoder": "hashing",
+            "routes": [{"adapter": "code", "utterances": ["fix my bug"]}],
+            **routing,
+        }
     settings = parse_settings(raw)
     router = None
     if settings.routing is not None:
