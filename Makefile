@@ -9,7 +9,7 @@ USERS  ?= 8
 RUN_TIME ?= 60s
 PY     := $(VENV)/bin/python
 
-.PHONY: install demo-assets serve test bench loadtest bench-alternatives soak clean
+.PHONY: install demo-assets serve lint test bench loadtest bench-alternatives soak clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,11 @@ demo-assets: install
 
 serve: demo-assets
 	$(VENV)/bin/loraserve serve --config $(CONFIG) --host $(HOST) --port $(PORT)
+
+lint: install
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 
 test: install
 	$(PY) -m pytest
