@@ -18,7 +18,7 @@ Backends (chosen by name from ``KERNELS``):
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import ClassVar
+from typing import ClassVar, cast
 
 import torch
 
@@ -73,9 +73,10 @@ class IntMMKernel(TernaryKernel):
     name = "int_mm"
 
     def process(self, layer: torch.nn.Module) -> None:
-        scale = layer.weight_scale.data
+        # torch types a module's registered attributes as Tensor | Module; these are tensors / a list.
+        scale = cast(torch.Tensor, layer.weight_scale).data
         # One fp32 multiplier per output row: shard i's β repeated over its width.
-        widths = torch.tensor(layer.logical_widths, device=scale.device)
+        widths = torch.tensor(cast(list[int], layer.logical_widths), device=scale.device)
         channel_scale = torch.repeat_interleave(scale, widths)  # [N]
         layer.register_buffer("channel_scale", channel_scale, persistent=False)
 
@@ -88,8 +89,9 @@ class IntMMKernel(TernaryKernel):
         if x_q.is_cuda and (m <= 16 or m % 8):
             # cuBLAS int8 GEMM needs M > 16 and a multiple of 8: pad with zero rows.
             x_q = torch.nn.functional.pad(x_q, (0, 0, 0, max(24, -(-m // 8) * 8) - m))
-        acc = torch._int_mm(x_q, layer.weight.t())[:m]  # [M, N] int32
-        y = acc.float() * (layer.channel_scale / s_x)  # [M, N]
+        weight, channel_scale = cast(torch.Tensor, layer.weight), cast(torch.Tensor, layer.channel_scale)
+        acc = torch._int_mm(x_q, weight.t())[:m]  # [M, N] int32
+        y = acc.float() * (channel_scale / s_x)  # [M, N]
         if bias is not None:
             y = y + bias.float()
         return y.to(x.dtype).reshape(*shape[:-1], -1)

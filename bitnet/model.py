@@ -16,6 +16,7 @@ would shard (heads for ``attn_sub_norm``, I for ``ffn_sub_norm``).
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import ClassVar, cast
 
 import torch
 from torch import nn
@@ -66,7 +67,7 @@ class BitNetAttention(nn.Module):
         super().__init__()
         e = config.hidden_size
         self.num_heads = config.num_attention_heads
-        self.num_kv_heads = config.num_key_value_heads
+        self.num_kv_heads = config.num_key_value_heads or self.num_heads  # None: BitNetConfig fills it the same way
         self.head_dim = getattr(config, "head_dim", None) or e // self.num_heads
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
@@ -79,7 +80,8 @@ class BitNetAttention(nn.Module):
         self.rotary_emb = get_rope(
             self.head_dim,
             max_position=config.max_position_embeddings,
-            rope_parameters=config.rope_parameters,
+            # transformers types it as a RopeParameters TypedDict, vLLM as dict[str, Any]: the same dict.
+            rope_parameters=config.rope_parameters,  # type: ignore[arg-type]
             is_neox_style=True,
         )
         self.attn = Attention(
@@ -130,7 +132,7 @@ class BitNetDecoderLayer(nn.Module):
 class BitNetModel(nn.Module):
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
         super().__init__()
-        config = vllm_config.model_config.hf_config
+        config = cast(BitNetConfig, vllm_config.model_config.hf_config)  # vLLM types it as any HF config
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(
             BitNetDecoderLayer(
@@ -150,7 +152,10 @@ class BitNetModel(nn.Module):
         intermediate_tensors: IntermediateTensors | None = None,
         inputs_embeds: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        x = inputs_embeds if inputs_embeds is not None else self.embed_input_ids(input_ids)  # [T, E]
+        if inputs_embeds is None:
+            assert input_ids is not None, "vLLM passes input_ids or inputs_embeds"
+            inputs_embeds = self.embed_input_ids(input_ids)
+        x = inputs_embeds  # [T, E]
         residual = None
         for layer in self.layers:
             x, residual = layer(positions, x, residual)
@@ -174,7 +179,7 @@ class BitNetForCausalLM(nn.Module, SupportsLoRA, SupportsQuant):
         "qkv_proj": ["q_proj", "k_proj", "v_proj"],
         "gate_up_proj": ["gate_proj", "up_proj"],
     }
-    embedding_modules: dict[str, str] = {}
+    embedding_modules: ClassVar[dict[str, str]] = {}
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
         super().__init__()

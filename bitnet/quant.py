@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import torch
 from torch.nn import Parameter
@@ -75,7 +75,8 @@ class BitNetQuantConfig(QuantizationConfig):
         """HF ``BitLinear`` stores 1/β and divides by it; ``AutoBitLinear`` stores β."""
         return self.linear_class == "bitlinear"
 
-    def get_name(self) -> str:
+    # vLLM's stub lists its built-in names only; out-of-tree configs (register_quantization_config) add theirs.
+    def get_name(self) -> str:  # type: ignore[override]
         return "bitnet"
 
     def get_supported_act_dtypes(self) -> list[torch.dtype]:
@@ -120,9 +121,11 @@ class BitNetLinearMethod(LinearMethodBase):
     kernel: ClassVar[str] = "auto"
     """A name in ``KERNELS``, or ``auto``: vLLM's int8 kernel where the platform has one, else ``int_mm``."""
 
+    backend: TernaryKernel
+    """Set by ``process_weights_after_loading``, before vLLM calls ``apply``."""
+
     def __init__(self, config: BitNetQuantConfig) -> None:
         self.config = config
-        self.backend: TernaryKernel | None = None
 
     def create_weights(
         self,
@@ -148,7 +151,7 @@ class BitNetLinearMethod(LinearMethodBase):
         scale = Parameter(nan_scales, requires_grad=False)
         set_weight_attrs(scale, {"needs_scalar_to_array": True, "weight_loader": self._scale_loader(layer_loader)})
         layer.register_parameter("weight_scale", scale)
-        layer.logical_widths = list(output_partition_sizes)
+        layer.logical_widths = list(output_partition_sizes)  # type: ignore[assignment]  # torch: Module attributes are Tensor | Module
 
     def _weight_loader(self, layer: torch.nn.Module, layer_loader: Callable) -> Callable:
         online = self.config.quantization_mode == "online"
@@ -161,7 +164,7 @@ class BitNetLinearMethod(LinearMethodBase):
                         "online mode expects float masters (set quantization_mode to offline for packed weights)"
                     )
                 ternary, beta = absmean_ternarize(loaded)  # β over the full, unsharded tensor
-                layer.weight_scale.data[_shard_index(shard)] = beta
+                cast(torch.Tensor, layer.weight_scale).data[_shard_index(shard)] = beta
             elif loaded.dtype == torch.uint8:
                 ternary = unpack_ternary(loaded)  # all rows, before any narrowing
             else:
@@ -189,10 +192,11 @@ class BitNetLinearMethod(LinearMethodBase):
         return load
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
-        missing = torch.isnan(layer.weight_scale.data).nonzero().flatten().tolist()
+        # torch types a module's registered attributes as Tensor | Module; these are tensors.
+        missing = torch.isnan(cast(torch.Tensor, layer.weight_scale).data).nonzero().flatten().tolist()
         if missing:
             raise ValueError(f"bitnet: no weight_scale loaded for shard(s) {missing} of {layer.prefix}")
-        device = layer.weight.device
+        device = cast(torch.Tensor, layer.weight).device
         self.backend = _make_kernel(self.kernel)
         self.backend.process(layer)
         if getattr(layer, "weight", None) is None:

@@ -19,11 +19,8 @@ WRAPPER_QUALNAME = "lora_ops.punica_cpu.GroupedPunicaWrapperCPU"
 _logged = False
 
 
-def _get_punica_wrapper(cls) -> str:
+def _get_punica_wrapper(cls: type) -> str:
     return WRAPPER_QUALNAME
-
-
-_get_punica_wrapper.loraserve = True  # marks our patch, for idempotence
 
 
 def register() -> None:
@@ -33,9 +30,9 @@ def register() -> None:
 
     if not current_platform.is_cpu():
         return
-    platform_cls = type(current_platform)
-    if not getattr(platform_cls.get_punica_wrapper, "loraserve", False):
-        platform_cls.get_punica_wrapper = classmethod(_get_punica_wrapper)
+    # A patch of vLLM's platform class (which mypy rightly flags: it replaces a method);
+    # setting the same classmethod again is a no-op, so repeated calls are idempotent.
+    type(current_platform).get_punica_wrapper = classmethod(_get_punica_wrapper)  # type: ignore[method-assign,assignment]
     if not _logged:
         _logged = True
         from vllm.logger import init_logger

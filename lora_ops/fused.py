@@ -28,7 +28,12 @@ in place by other code, is every slot compared with our copy.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Literal
+
 import torch
+
+if TYPE_CHECKING:
+    from vllm._custom_ops import CPUDNNLGEMMHandler
 
 _ONEDNN_DTYPES = (torch.bfloat16, torch.float32)
 
@@ -59,8 +64,9 @@ class Gemm:
 
     def __init__(self, w: torch.Tensor):
         self.w = w.contiguous()  # (K, N)
-        self._handler = None  # owns the oneDNN handle (freed with it); False: none
-        self._handle = None
+        # Owns the oneDNN handle (freed with it). None: not packed yet; False: cannot pack.
+        self._handler: CPUDNNLGEMMHandler | Literal[False] | None = None
+        self._handle: torch.Tensor | None = None
         self._small_calls = 0
 
     def _pack(self) -> None:
@@ -116,6 +122,10 @@ class FusedLinear:
     """Fused weights and packed matmuls of one LoRA linear layer."""
 
     def __init__(self, lora_a, lora_b, output_slices, dtype, slot_ids: tuple = ()):
+        self._build(lora_a, lora_b, output_slices, dtype, slot_ids)
+
+    def _build(self, lora_a, lora_b, output_slices, dtype, slot_ids: tuple) -> None:
+        """Copy every slot and drop every packed matmul."""
         self.slot_ids = slot_ids  # the LoRA id in each slot when copied
         self.sources = tuple(lora_a) + tuple(lora_b)
         self.versions = [t._version for t in self.sources]
@@ -142,7 +152,7 @@ class FusedLinear:
         slots keep their packed handlers. ``slot_ids``: the LoRA id per slot
         now (see the module docstring)."""
         if dtype is not self.dtype or tuple(output_slices) != self.output_slices:
-            self.__init__(lora_a, lora_b, output_slices, dtype, slot_ids)
+            self._build(lora_a, lora_b, output_slices, dtype, slot_ids)
             return
         changed = [s for s, (old, new) in enumerate(zip(self.slot_ids, slot_ids)) if old != new]
         if not changed or len(self.slot_ids) != len(slot_ids):

@@ -167,6 +167,7 @@ class GroupedPunicaWrapperCPU(PunicaWrapperCPU):
         """Active rows gathered in slot order, one shrink + expand per slot,
         one scatter-add back: least flops for long interleaved batches."""
         perm, dtype = plan.perm, fused.dtype
+        assert perm is not None, "GATHER plans always carry perm"
         active = perm.shape[0]
         xs = torch.index_select(x, 0, perm, out=self._buffer("x", active, x.shape[1], dtype))
         h = self._buffer("h", active, fused.rank, dtype)  # (active, R), slot-sorted
