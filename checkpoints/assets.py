@@ -185,7 +185,7 @@ def _save_adapter(model: PeftModel, path: Path) -> None:
     """Save a LoRA as safetensors, naming the base by name rather than by build path."""
     model.peft_config["default"].base_model_name_or_path = DEMO_BASE_NAME
     # Embeddings are never trained or resized; "auto" would look the base name up on the Hub.
-    model.save_pretrained(path, safe_serialization=True, save_embedding_layers=False)
+    model.save_pretrained(str(path), safe_serialization=True, save_embedding_layers=False)
     # PEFT adds a model card that records the training-time path; the tree is path-independent.
     (path / "README.md").unlink(missing_ok=True)
 

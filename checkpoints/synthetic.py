@@ -63,7 +63,7 @@ def build_model(out_dir: str | Path, shape: ModelShape = ModelShape(), seed: int
         tie_word_embeddings=False,
         bos_token_id=1,
         eos_token_id=2,
-        torch_dtype="bfloat16",
+        dtype="bfloat16",
     )
     model = LlamaForCausalLM(config)
     # Random init gives near-uniform logits; a larger lm_head makes greedy
@@ -71,7 +71,7 @@ def build_model(out_dir: str | Path, shape: ModelShape = ModelShape(), seed: int
     # rounding noise.
     with torch.no_grad():
         model.lm_head.weight.mul_(4.0)
-    model.to(torch.bfloat16).save_pretrained(out, safe_serialization=True)
+    model.to(torch.bfloat16).save_pretrained(out, safe_serialization=True)  # type: ignore[arg-type]  # transformers wraps .to in functools.wraps(Module.to): mypy sees an unbound method
     (out / _DONE).write_text(json.dumps(spec))
     return out
 
@@ -103,7 +103,7 @@ def build_adapter(model_dir: str | Path, out_dir: str | Path, seed: int, rank: i
         init_lora_weights=False,
     )
     peft_model = get_peft_model(base, config)
-    peft_model.save_pretrained(out, safe_serialization=True)
+    peft_model.save_pretrained(str(out), safe_serialization=True)
     # PEFT records the base path it was given; keep it absolute and stable.
     cfg_path = out / "adapter_config.json"
     cfg = json.loads(cfg_path.read_text())

@@ -154,6 +154,6 @@ def random_lora(base: Path, path: Path, seed: int, rank: int = 8) -> Path:
         torch.manual_seed(seed)
         peft_model = get_peft_model(model, config)
     peft_model.peft_config["default"].base_model_name_or_path = "tiny-bitnet"
-    peft_model.save_pretrained(path, safe_serialization=True, save_embedding_layers=False)
+    peft_model.save_pretrained(str(path), safe_serialization=True, save_embedding_layers=False)
     (Path(path) / "README.md").unlink(missing_ok=True)
     return Path(path)

@@ -42,6 +42,7 @@ import statistics
 import sys
 from contextlib import ExitStack
 from pathlib import Path
+from typing import Any
 
 from loadtests import runner
 from loadtests.process import free_port, running_server
@@ -51,7 +52,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 SERVERS = ("ours", "vllm", "naive")
-COMPARISONS = {
+COMPARISONS: dict[str, dict[str, float | None]] = {
     "vllm": {"throughput_min": 0.95, "ttft_p50_max": 1.10},
     "naive": {"throughput_min": 5.0, "ttft_p50_max": None},
 }
@@ -244,7 +245,7 @@ def main() -> int:
     ]
     keys = ("output_throughput", "request_throughput", "median_ttft_ms", "p99_ttft_ms", "median_tpot_ms",
             "median_itl_ms", "median_e2el_ms", "completed")  # fmt: skip
-    report = {
+    report: dict[str, Any] = {
         "date": datetime.date.today().isoformat(),
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "loadavg": os.getloadavg()},
         "settings": {

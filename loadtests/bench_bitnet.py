@@ -38,6 +38,10 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
+
+if TYPE_CHECKING:
+    import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -104,10 +108,11 @@ def linear_weight_bytes(model) -> tuple[int, int]:
     for module in model.modules():
         if not isinstance(module, LinearBase):
             continue
-        n, k = module.output_size_per_partition, module.input_size_per_partition
+        # torch types a module's registered attributes as Tensor | Module: these are ints and a tensor.
+        n, k = cast(int, module.output_size_per_partition), cast(int, module.input_size_per_partition)
         if isinstance(module.quant_method, BitNetLinearMethod):
             weights += n * k  # int8
-            scales += module.weight_scale.numel() * 4  # fp32
+            scales += cast("torch.Tensor", module.weight_scale).numel() * 4  # fp32
         else:
             weights += n * k * 2  # bf16
     return weights, scales

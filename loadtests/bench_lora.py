@@ -46,6 +46,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -73,7 +74,7 @@ def run_worker(args: argparse.Namespace) -> None:
 
     enable_lora = args.ops != "nolora"
     adapters = [Path(args.cache_dir) / f"adapter_{i}" for i in range(NUM_ADAPTERS)]
-    lora_kwargs = (
+    lora_kwargs: dict[str, Any] = (
         dict(enable_lora=True, max_loras=4, max_cpu_loras=NUM_ADAPTERS, max_lora_rank=16) if enable_lora else {}
     )
     t0 = time.perf_counter()
@@ -114,7 +115,7 @@ def run_worker(args: argparse.Namespace) -> None:
     def measure(workload: str, rep: int) -> float:
         reqs = assignment(workload, rep)
         start = time.perf_counter()
-        outs = llm.generate(prompts(len(reqs)), params, lora_request=reqs, use_tqdm=False)
+        outs = llm.generate(prompts(len(reqs)), params, lora_request=reqs, use_tqdm=False)  # type: ignore[arg-type]  # None = base; vLLM's _lora_request_to_seq takes Sequence[LoRARequest | None], generate's hint omits it
         wall = time.perf_counter() - start
         tokens = sum(len(o.outputs[0].token_ids) for o in outs)
         return tokens / wall
@@ -123,7 +124,7 @@ def run_worker(args: argparse.Namespace) -> None:
     # Warm-up: every adapter once (disk -> CPU cache -> slot) plus base.
     warm = [None] + loras if enable_lora else [None]
     short = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True, detokenize=False)
-    llm.generate(prompts(len(warm)), short, lora_request=warm, use_tqdm=False)
+    llm.generate(prompts(len(warm)), short, lora_request=warm, use_tqdm=False)  # type: ignore[arg-type]  # None = base; vLLM's _lora_request_to_seq takes Sequence[LoRARequest | None], generate's hint omits it
 
     runs: dict[str, list[float]] = {w: [] for w in workloads}
     load_before = os.getloadavg()[0]

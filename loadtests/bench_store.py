@@ -55,6 +55,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -184,12 +185,14 @@ async def stream_completion(client: httpx.AsyncClient, model: str, max_tokens: i
     """One streamed completion, as a record of ``loadtests.summary`` (times in seconds)."""
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
             "stream": True, "stream_options": {"include_usage": True}, "return_token_ids": True}  # fmt: skip
-    record = {"kind": "targeted", "endpoint": "completions", "stream": True, "model": model, "label": model,
+    record: dict[str, Any] = {"kind": "targeted", "endpoint": "completions", "stream": True, "model": model, "label": model,
               "start": time.time(), "expected_status": 200, "status": None, "success": False, "error": None,
               "e2el_s": None, "ttft_s": None, "itl_s": [], "prompt_tokens": None, "completion_tokens": None,
               "served_model": None}  # fmt: skip
     start = time.perf_counter()
-    first = last = usage = None
+    first: float | None = None
+    last = start
+    usage: dict | None = None
     done = False
     try:
         async with client.stream("POST", "/v1/completions", json=body) as response:
@@ -219,14 +222,14 @@ async def stream_completion(client: httpx.AsyncClient, model: str, max_tokens: i
     except httpx.HTTPError as e:
         record["error"] = f"{type(e).__name__}: {e}"
     record["e2el_s"] = time.perf_counter() - start
-    if record["error"] is None and not (done and usage and first is not None):
-        record["error"] = "stream without [DONE], usage or any token"
-    if record["error"] is None:
+    if record["error"] is None and done and usage and first is not None:
         record["ttft_s"] = first - start
         record["prompt_tokens"], record["completion_tokens"] = usage["prompt_tokens"], usage["completion_tokens"]
         record["success"] = record["served_model"] == model and record["completion_tokens"] == max_tokens
         if not record["success"]:
             record["error"] = f"answered as {record['served_model']!r} with {record['completion_tokens']} tokens"
+    elif record["error"] is None:
+        record["error"] = "stream without [DONE], usage or any token"
     return record
 
 
@@ -248,9 +251,9 @@ async def cold_phase(client: httpx.AsyncClient, base: str, names: list[str], arg
         # A distinct leading number per request: no prompt shares a KV prefix with an earlier one.
         return await stream_completion(client, model, args.cold_max_tokens, f"{next(counter)}. {PROMPT}")
 
-    samples = []
+    samples: list[dict[str, Any]] = []
     for i, name in enumerate(names[: args.cold]):
-        trio = {"adapter": name}
+        trio: dict[str, Any] = {"adapter": name}
         if i % 2 == 0:  # the base request alternates before and after the pair: no position bias
             trio["base"] = await ttft(base)
         trio["cold"], trio["warm"] = await ttft(name), await ttft(name)
@@ -259,7 +262,7 @@ async def cold_phase(client: httpx.AsyncClient, base: str, names: list[str], arg
         samples.append(trio)
     # vLLM keeps max_cpu_loras adapters in host memory (LRU): all but the last ones asked are out by now.
     evicted = names[: max(0, args.cold - args.max_cpu_loras)]
-    reloads = [{"adapter": name, "reloaded": await ttft(name)} for name in evicted]
+    reloads: list[dict[str, Any]] = [{"adapter": name, "reloaded": await ttft(name)} for name in evicted]
     records = [s[k] for s in samples for k in ("base", "cold", "warm")] + [r["reloaded"] for r in reloads]
     failed = [r["error"] for r in records if not r["success"]]
     if failed:

@@ -209,6 +209,7 @@ class OpenAIUser(FastHttpUser):
         if _workload is None:
             _workload = self._discover()
         OpenAIUser._count += 1
+        self.workload = _workload  # discovered once, shared by every user
         self.rng = random.Random(_workload.options.workload_seed + OpenAIUser._count)
         self.bad_sent = 0
 
@@ -233,7 +234,7 @@ class OpenAIUser(FastHttpUser):
     # -------------------------------------------------------------- the task
     @task
     def one_request(self) -> None:
-        w, rng = _workload, self.rng
+        w, rng = self.workload, self.rng
         opts = w.options
         draw = rng.random()
         endpoint = "chat" if rng.random() < opts.chat_share else "completions"
@@ -280,7 +281,7 @@ class OpenAIUser(FastHttpUser):
         start = time.perf_counter()
         path = self._path(record.endpoint)
         with self.client.post(path, json=body, name=path, catch_response=True) as response:
-            record.e2el_s = time.perf_counter() - start
+            record.e2el_s = e2el = time.perf_counter() - start
             record.status = response.status_code
             if response.status_code != 200:
                 record.error = f"status {response.status_code}: {(response.text or '')[:300]}"
@@ -301,7 +302,7 @@ class OpenAIUser(FastHttpUser):
                 response.failure(record.error)
                 return
             record.success = True
-        fire_metric("E2EL", record.label, record.e2el_s, record.completion_tokens or 0)
+        fire_metric("E2EL", record.label, e2el, record.completion_tokens or 0)
 
     def _streamed(self, body: dict, record: Record) -> None:
         start = time.perf_counter()
@@ -313,7 +314,7 @@ class OpenAIUser(FastHttpUser):
                 record.error = f"status {response.status_code}: {(response.text or '')[:300]}"
                 response.failure(record.error)
                 return
-            done, usage, first, last = False, None, None, None
+            done, usage, first, last = False, None, None, start
             for line in sse_lines(response):
                 if not line.startswith(b"data:"):
                     continue
@@ -338,9 +339,8 @@ class OpenAIUser(FastHttpUser):
                     else:
                         record.itl_s.append(now - last)
                     last = now
-            end = time.perf_counter()
-            record.e2el_s = end - start
-            response.request_meta["response_time"] = record.e2el_s * 1000.0  # end to end, not headers
+            record.e2el_s = e2el = time.perf_counter() - start
+            response.request_meta["response_time"] = e2el * 1000.0  # end to end, not headers
             if record.error is None and not done:
                 record.error = "stream ended without data: [DONE]"
             if record.error is None and (usage is None or first is None):
@@ -348,25 +348,26 @@ class OpenAIUser(FastHttpUser):
             if record.error is not None:
                 response.failure(record.error)
                 return
-            record.ttft_s = first - start
+            assert usage is not None and first is not None  # else record.error is set
+            record.ttft_s = ttft = first - start
             record.prompt_tokens = usage.get("prompt_tokens")
             record.completion_tokens = usage.get("completion_tokens")
             record.success = True
-        self._fire_stream_metrics(record)
+        self._fire_stream_metrics(record, ttft, e2el)
 
     @staticmethod
-    def _fire_stream_metrics(record: Record) -> None:
+    def _fire_stream_metrics(record: Record, ttft: float, e2el: float) -> None:
         tokens = record.completion_tokens or 0
-        fire_metric("TTFT", record.label, record.ttft_s)
+        fire_metric("TTFT", record.label, ttft)
         for gap in record.itl_s:
             fire_metric("ITL", record.label, gap)
         if tokens > 1:
-            fire_metric("TPOT", record.label, (record.e2el_s - record.ttft_s) / (tokens - 1))
-        fire_metric("E2EL", record.label, record.e2el_s, tokens)
+            fire_metric("TPOT", record.label, (e2el - ttft) / (tokens - 1))
+        fire_metric("E2EL", record.label, e2el, tokens)
 
     # -------------------------------------------------------------- bad requests
     def _bad(self, endpoint: str) -> None:
-        w, rng = _workload, self.rng
+        w, rng = self.workload, self.rng
         model = rng.choice(w.models)
         cases = self._bad_cases(endpoint, model, w.max_model_len)
         case, status, body = cases[self.bad_sent % len(cases)]  # every case in turn

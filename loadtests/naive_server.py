@@ -26,6 +26,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import cast
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -102,6 +103,22 @@ class NaiveModel:
         while (token := await tokens.get()) is not None:
             yield token
 
+    def prompt_ids(self, body: dict, chat: bool) -> list[int]:
+        """The request's prompt as token ids (chat: through the chat template)."""
+        from transformers import BatchEncoding
+
+        if not chat:
+            return list(self.tokenizer(body["prompt"])["input_ids"])
+        # One conversation, tokenized: a BatchEncoding (transformers 5) or the ids themselves.
+        encoded = self.tokenizer.apply_chat_template(body["messages"], add_generation_prompt=True, tokenize=True)
+        if isinstance(encoded, BatchEncoding):
+            return list(encoded["input_ids"])
+        return cast(list[int], encoded)
+
+    def decode(self, ids: list[int]) -> str:
+        """One sequence's text (transformers types ``decode`` for batches too)."""
+        return cast(str, self.tokenizer.decode(ids, skip_special_tokens=True))
+
 
 def build_app(settings) -> FastAPI:
     """The OpenAI-shaped app around one :class:`NaiveModel` (FastAPI resolves the annotations at module level)."""
@@ -127,19 +144,12 @@ def build_app(settings) -> FastAPI:
         model = body.get("model")
         if model not in naive.names:
             return error(404, f"The model {model!r} does not exist.", "model", "model_not_found")
-        if chat:
-            prompt_ids = naive.tokenizer.apply_chat_template(
-                body["messages"], add_generation_prompt=True, tokenize=True
-            )
-            if not isinstance(prompt_ids, list):  # transformers 5 returns a BatchEncoding
-                prompt_ids = list(prompt_ids["input_ids"])
-        else:
-            prompt_ids = naive.tokenizer(body["prompt"])["input_ids"]
+        prompt_ids = naive.prompt_ids(body, chat)
         max_tokens = int(body.get("max_tokens") or 16)
         if len(prompt_ids) + max_tokens > limit:
             return error(400, f"{len(prompt_ids)} + {max_tokens} tokens exceed {limit}", "max_tokens",
                          "context_length_exceeded")  # fmt: skip
-        args = (model, prompt_ids, max_tokens, float(body.get("temperature", 1.0)), bool(body.get("ignore_eos")))
+        temperature, ignore_eos = float(body.get("temperature", 1.0)), bool(body.get("ignore_eos"))
         rid, created = f"naive-{uuid.uuid4().hex}", int(time.time())
         kind = "chat.completion" if chat else "text_completion"
 
@@ -153,8 +163,8 @@ def build_app(settings) -> FastAPI:
             return {"prompt_tokens": len(prompt_ids), "completion_tokens": n, "total_tokens": len(prompt_ids) + n}
 
         if not body.get("stream"):
-            out = [token async for token in naive.generate(*args)]
-            text = naive.tokenizer.decode(out, skip_special_tokens=True)
+            out = [token async for token in naive.generate(model, prompt_ids, max_tokens, temperature, ignore_eos)]
+            text = naive.decode(out)
             return {"id": rid, "object": kind, "created": created, "model": model,
                     "choices": [choice(text, "length" if len(out) >= max_tokens else "stop", False)],
                     "usage": usage(len(out))}  # fmt: skip
@@ -165,9 +175,9 @@ def build_app(settings) -> FastAPI:
         async def events():
             tokens: list[int] = []
             sent = ""
-            async for token in naive.generate(*args):
+            async for token in naive.generate(model, prompt_ids, max_tokens, temperature, ignore_eos):
                 tokens.append(token)
-                text = naive.tokenizer.decode(tokens, skip_special_tokens=True)
+                text = naive.decode(tokens)
                 delta, sent = text[len(sent) :], text
                 chunk = {"id": rid, "object": chunk_kind, "created": created, "model": model,
                          "choices": [choice(delta, None, True)]}  # fmt: skip

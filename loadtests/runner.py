@@ -21,7 +21,7 @@ import argparse
 import json
 import subprocess
 import sys
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
 from loadtests.process import free_port, running_server
@@ -82,7 +82,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"loraserve loadtest: no locustfile at {args.locustfile}; pass --locustfile", file=sys.stderr)
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
-    host, server = args.host, nullcontext()
+    host = args.host
+    server: AbstractContextManager[object] = nullcontext()  # or the server this run starts
     if args.config is not None:
         # A bad config fails here, not after minutes of start-up (its message is the CLI's own).
         checked = subprocess.run([sys.executable, "-m", "serving.cli", "check-config", "--config", str(args.config)],

@@ -35,7 +35,8 @@ def _serve(args: argparse.Namespace) -> int:
         host=host,
         port=port,
         log_level=settings.server.log_level,
-        timeout_graceful_shutdown=settings.server.shutdown_grace_s,
+        # uvicorn hints int, but only hands it to asyncio.wait_for, which takes float seconds.
+        timeout_graceful_shutdown=settings.server.shutdown_grace_s,  # type: ignore[arg-type]
     )
     return 0
 
