@@ -1,4 +1,13 @@
-"""Adapters: names, versions, files. Never imports vLLM or FastAPI."""
+"""Adapters: names, versions and files, from registration to a directory vLLM can load.
+
+It owns the registry (SQLite: adapters, versions, aliases, owners, health),
+the validation of a LoRA checkpoint against the base model, the sources
+adapters are fetched from (local paths, S3), the content digest, and the
+local cache with its memory budget, behind the store façade the server opens.
+It is a library with no opinion on HTTP or inference: it never imports vLLM or
+FastAPI, nor anything of ``serving``, ``checkpoints`` or ``loadtests``
+(``tests/test_boundaries.py``), so it runs and tests without an engine.
+"""
 
 from adapter_store.catalog import AdapterCatalog, ServedAdapter
 from adapter_store.digest import content_digest

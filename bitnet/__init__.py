@@ -6,6 +6,12 @@ without the other). vLLM calls it in every process it starts, possibly many
 times, so it is idempotent and cheap: it registers the quantization config (a
 light import) and the model by its ``"module:Class"`` string, which vLLM
 imports only when a BitNet checkpoint is actually loaded.
+
+It owns the model (``model``), the quantization method (``quant``), its
+matmul backends (``kernels``) and the ternary weight packing (``packing``).
+Like ``lora_ops`` it is loaded by any vLLM process, so it depends on vLLM,
+torch and transformers only, never on another package of ours
+(``tests/test_boundaries.py``); checkpoint builders live in ``checkpoints``.
 """
 
 from __future__ import annotations

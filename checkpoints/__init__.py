@@ -7,7 +7,8 @@ corpora, and three domain LoRA adapters trained with PEFT, ``assets`` and
 ``training``), tiny BitNet checkpoints in every published layout for tests
 (``tiny_bitnet``), and synthetic Llama-shaped models and adapters for
 benchmarks (``synthetic``). It is a build tool: the serving process imports it
-only for ``loraserve demo-assets``, and it imports nothing of ``serving``.
+only for ``loraserve demo-assets``, and it imports nothing of ``serving`` or
+``loadtests`` (``tests/test_boundaries.py``).
 """
 
 from checkpoints.assets import (

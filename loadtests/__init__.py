@@ -8,5 +8,7 @@ long load for leaks, and ``naive_server`` is the transformers + PEFT baseline
 the alternatives benchmark compares against. Results go to ``results/``.
 
 The runner talks to the server only through processes and HTTP, so the CLI's
-``loadtest`` command pulls nothing of the server into this package.
+``loadtest`` command pulls nothing of the server into this package: ``runner``,
+``process``, ``summary`` and ``locustfile`` never import ``serving``
+(``tests/test_boundaries.py``); the benchmarks may (its settings, its store).
 """

@@ -11,6 +11,11 @@ On any other platform (CUDA uses Triton kernels) it does nothing.
 
 Disable per process with ``VLLM_PLUGINS`` set to a list without
 ``loraserve_lora_ops`` (e.g. ``VLLM_PLUGINS=none``) to get vLLM's stock ops.
+
+It owns the CPU punica wrapper (``punica_cpu``), its per-step plan (``plan``)
+and the fused, pre-packed LoRA weights (``fused``). Because vLLM loads it into
+any process, also a plain ``vllm serve``, it depends on vLLM and torch only,
+never on another package of ours (``tests/test_boundaries.py``).
 """
 
 from __future__ import annotations
