@@ -48,8 +48,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-
 WORKLOADS = ("base", "one", "zipf8")
 TARGETS = {"one": 0.8, "zipf8": 0.7}  # min ratio to base with our ops
 NUM_ADAPTERS = 8

@@ -31,8 +31,6 @@ from typing import cast
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 class NaiveModel:
     """One transformers model with every adapter attached; one request at a time."""
