@@ -141,7 +141,8 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 def test_the_graph_sees_real_imports() -> None:
     """The parser is not vacuous: known edges of each kind are found."""
     graph = import_graph()
-    assert any(_inside(t, "adapter_store") for t in graph["serving.engine"])  # from adapter_store import X
+    assert "adapter_store" in graph["loadtests.bench_store"]  # from adapter_store import X: the package
+    assert "bitnet.packing" in graph["checkpoints.tiny_bitnet"]  # across packages
     assert "lora_ops.fused" in graph["lora_ops.punica_cpu"]  # relative import
     assert "loadtests.runner" in graph["serving.cli"]  # an import inside a function
     assert "bitnet.quant" in graph["bitnet"]  # `import bitnet.quant` inside register()
