@@ -6,15 +6,15 @@ adapter ref (a name, or ``name@alias``) to resolve like any client-sent model.
 
 from routing.config import KeywordRule, RoutesFile, RouteSpec, RoutingSettings, load_routes
 from routing.encoders import Encoder, build_encoder, register_encoder
-from routing.router import AsyncRouter, RouteDecision, Router
+from routing.prompt_router import AsyncPromptRouter, PromptRouter, RouteDecision
 
 __all__ = [
-    "AsyncRouter",
+    "AsyncPromptRouter",
     "Encoder",
     "KeywordRule",
     "RouteDecision",
     "RouteSpec",
-    "Router",
+    "PromptRouter",
     "RoutesFile",
     "RoutingSettings",
     "build_encoder",
