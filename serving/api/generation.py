@@ -22,7 +22,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 
 from adapter_store import ServedAdapter
-from routing import AsyncRouter, RouteDecision, RouteSpec
+from routing import AsyncPromptRouter, RouteDecision, RouteSpec
 from serving.api.auth import Principal
 from serving.api.disconnect import cancel_on_disconnect, event_stream
 from serving.api.errors import ContextLengthError, EngineUnavailableError, InvalidRequestError, ServingError
@@ -80,7 +80,7 @@ class GenerationServing(ABC):
         metrics: AdapterMetrics,
         tokenizer: Any,
         limiter: RequestLimiter,
-        router: AsyncRouter | None = None,
+        prompt_router: AsyncPromptRouter | None = None,
     ) -> None:
         self.engine = engine
         self.resolver = resolver
@@ -88,7 +88,7 @@ class GenerationServing(ABC):
         self.metrics = metrics
         self.tokenizer = tokenizer
         self.limiter = limiter
-        self.router = router
+        self.prompt_router = prompt_router
         # Ids a client may send: the tokenizer's and the model's vocabularies can differ; vLLM takes either.
         self.vocab_size = max(tokenizer.max_token_id + 1, engine.llm.model_config.get_vocab_size())
 
@@ -101,7 +101,7 @@ class GenerationServing(ABC):
 
     @abstractmethod
     def routing_text(self, request: Any) -> str:
-        """The text the router sees for ``model: auto`` (e.g. the last user message)."""
+        """The text the prompt router sees for ``model: auto`` (e.g. the last user message)."""
 
     @abstractmethod
     async def complete(self, request: Any, job: GenerationJob) -> BaseModel:
@@ -153,8 +153,12 @@ class GenerationServing(ABC):
                 release()
 
     async def route(self, request: SamplingRequest, principal: Principal) -> RouteDecision | None:
-        """The router's decision for a request naming the auto model; ``None`` for any other model."""
-        if self.router is None or self.settings.routing is None or request.model != self.settings.routing.auto_model:
+        """The prompt router's decision for a request naming the auto model; ``None`` for any other model."""
+        if (
+            self.prompt_router is None
+            or self.settings.routing is None
+            or request.model != self.settings.routing.auto_model
+        ):
             return None
 
         def may_target(target: str) -> bool:
@@ -163,7 +167,7 @@ class GenerationServing(ABC):
         def allowed(spec: RouteSpec) -> bool:  # the route's own tenant, and its target's
             return principal.may_use(spec.tenant) and may_target(spec.adapter)
 
-        decision = await self.router.route(self.routing_text(request), allowed)
+        decision = await self.prompt_router.route(self.routing_text(request), allowed)
         if decision.target is not None and not may_target(decision.target):  # a default this caller may not use
             decision = dataclasses.replace(decision, target=None)
         self.metrics.routing_decisions.labels(decision.target or BASE_LABEL, decision.method).inc()

@@ -29,7 +29,7 @@ from serving.api.errors import (
     PayloadTooLargeError,
     RateLimitError,
     ServerBusyError,
-    create_error_response,
+    error_response,
 )
 from serving.config import LimitSettings, RateSettings
 from serving.metrics import AdapterMetrics
@@ -242,7 +242,7 @@ class BodySizeLimitMiddleware:
         )
         declared = _content_length(scope)
         if declared is not None and declared > limit:
-            await create_error_response(_too_large(scope, declared, limit, setting))(scope, receive, send)
+            await error_response(_too_large(scope, declared, limit, setting))(scope, receive, send)
             return
         if upload:
             await self.app(scope, _counted(scope, receive, limit, setting), send)
@@ -256,7 +256,7 @@ class BodySizeLimitMiddleware:
                 break
             size += len(message.get("body", b""))
             if size > limit:
-                await create_error_response(_too_large(scope, size, limit, setting))(scope, receive, send)
+                await error_response(_too_large(scope, size, limit, setting))(scope, receive, send)
                 return
             if not message.get("more_body", False):
                 break
@@ -284,9 +284,9 @@ def _counted(scope: Scope, receive: Receive, limit: int, setting: str) -> Receiv
 
 
 def _too_large(scope: Scope, size: int, limit: int, setting: str) -> PayloadTooLargeError:
-    state = getattr(scope["app"].state, "loraserve", None)
-    if state is not None:
-        state.metrics.limited.labels("upload_size" if setting.endswith("upload_bytes") else "body_size").inc()
+    metrics: AdapterMetrics | None = getattr(scope["app"].state, "metrics", None)  # set once the engine is up
+    if metrics is not None:
+        metrics.limited.labels("upload_size" if setting.endswith("upload_bytes") else "body_size").inc()
     return PayloadTooLargeError(
         f"The request body has at least {size} bytes; the limit is {limit} ({setting}). Send a smaller request."
     )

@@ -7,6 +7,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field, model_validator
 
+from serving.api.logprobs import TokenLogprob
 from serving.api.protocol import MAX_LOGPROBS, OpenAIBaseModel, SamplingRequest, UsageInfo
 
 
@@ -60,6 +61,21 @@ class ChatTokenLogprob(TopLogprob):
 
 class ChatLogprobs(BaseModel):
     content: list[ChatTokenLogprob] | None = None
+
+    @classmethod
+    def of(cls, tokens: list[TokenLogprob]) -> ChatLogprobs:
+        """Chat's format: one entry per token, each with its UTF-8 bytes and its top alternatives."""
+        return cls(
+            content=[
+                ChatTokenLogprob(
+                    token=t.token,
+                    logprob=t.logprob,
+                    bytes=list(t.token.encode()),
+                    top_logprobs=[TopLogprob(token=text, logprob=lp, bytes=list(text.encode())) for text, lp in t.top],
+                )
+                for t in tokens
+            ]
+        )
 
 
 class AssistantMessage(BaseModel):

@@ -6,10 +6,15 @@ import asyncio
 from collections.abc import AsyncIterator
 
 from adapter_store import ServedAdapter
-from serving.api.completions.protocol import CompletionChoice, CompletionRequest, CompletionResponse
+from serving.api.completions.protocol import (
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    CompletionResponse,
+)
 from serving.api.errors import InvalidRequestError
 from serving.api.generation import GenerationJob, GenerationServing
-from serving.api.logprobs import completion_logprobs
+from serving.api.logprobs import token_logprobs
 from serving.api.sampling import check_token_ids
 from serving.api.streams import SSE_DONE, sse_event
 
@@ -49,7 +54,8 @@ class CompletionServing(GenerationServing):
         async for index, output in self.outputs(job):
             choice = CompletionChoice(index=index, text=output.text, finish_reason=output.finish_reason)
             if request.logprobs is not None and output.logprobs is not None:
-                choice.logprobs = completion_logprobs(list(output.token_ids), output.logprobs, request.logprobs, 0)
+                tokens = token_logprobs(list(output.token_ids), output.logprobs, request.logprobs)
+                choice.logprobs = CompletionLogprobs.of(tokens, request.logprobs, 0)
             if request.return_token_ids:
                 choice.prompt_token_ids = job.prompts[index // job.n]
                 choice.token_ids = list(output.token_ids)
@@ -68,7 +74,8 @@ class CompletionServing(GenerationServing):
             choice = CompletionChoice(index=index, text=output.text, finish_reason=output.finish_reason)
             if request.logprobs is not None and output.logprobs is not None:
                 start = text_offsets.get(index, 0)
-                choice.logprobs = completion_logprobs(list(output.token_ids), output.logprobs, request.logprobs, start)
+                tokens = token_logprobs(list(output.token_ids), output.logprobs, request.logprobs)
+                choice.logprobs = CompletionLogprobs.of(tokens, request.logprobs, start)
                 text_offsets[index] = start + len(output.text)
             if request.return_token_ids:
                 choice.token_ids = list(output.token_ids)

@@ -6,8 +6,6 @@ end-to-end check with the real server is tests/e2e/test_security_metrics.py).
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import httpx
 import pytest
 from fastapi import FastAPI
@@ -50,7 +48,7 @@ def test_keys_file_accepts_the_metrics_role():
 def app() -> FastAPI:
     app = FastAPI()
     install_error_handlers(app)
-    app.state.loraserve = SimpleNamespace(metrics=AdapterMetrics(CollectorRegistry()))
+    app.state.metrics = AdapterMetrics(CollectorRegistry())
 
     @app.get("/metrics")
     async def metrics() -> str:
@@ -70,7 +68,7 @@ def app() -> FastAPI:
 
 
 def denied(app: FastAPI, reason: str) -> float:
-    return app.state.loraserve.metrics.denied.labels(reason)._value.get()
+    return app.state.metrics.denied.labels(reason)._value.get()
 
 
 @pytest.mark.parametrize(
