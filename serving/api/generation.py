@@ -1,5 +1,5 @@
 """What the completion and chat endpoints share: admission by cost, model resolution,
-length checks, sampling parameters, and one instrumented stream of engine outputs.
+sampling parameters, and one instrumented stream of engine outputs.
 
 The endpoint classes only turn prompts into token ids and engine outputs into
 their own response shapes. Tokenization (and chat templates) block on the CPU:
@@ -25,8 +25,8 @@ from adapter_store import ServedAdapter
 from routing import AsyncPromptRouter, RouteDecision, RouteSpec
 from serving.api.auth import Principal
 from serving.api.disconnect import cancel_on_disconnect, event_stream
-from serving.api.errors import ContextLengthError, EngineUnavailableError, InvalidRequestError, ServingError
-from serving.api.limits import RequestLimiter
+from serving.api.errors import EngineUnavailableError, ServingError
+from serving.api.limits import RequestLimiter, request_cost
 from serving.api.protocol import SamplingRequest, UsageInfo
 from serving.api.resolver import AdapterResolver
 from serving.api.sampling import sampling_params
@@ -121,7 +121,7 @@ class GenerationServing(ABC):
         model's name) and is then resolved like any model a client names; the
         decision goes out in ``X-Route*`` headers.
         """
-        cost = self.cost(request)
+        cost = request_cost(request, self.settings.limits)
         permit = self.limiter.admit(principal, raw.client.host if raw.client else "-", cost)
         releases = [permit.release]
 
@@ -173,68 +173,6 @@ class GenerationServing(ABC):
         self.metrics.routing_decisions.labels(decision.target or BASE_LABEL, decision.method).inc()
         self.metrics.routing_latency.labels(decision.method).observe(decision.latency_s)
         return decision
-
-    def cost(self, request: SamplingRequest) -> int:
-        """Sequences the request asks the engine for (prompts x ``n``), after the limits that bound them.
-
-        Known from the parsed body alone, before admission, tokenization or any engine work.
-        """
-        limits = self.settings.limits
-        if request.n > limits.max_n:
-            raise InvalidRequestError(
-                f"n is {request.n}; this server allows at most {limits.max_n} (limits.max_n).", param="n"
-            )
-        if request.prompt_count > limits.max_prompts_per_request:
-            raise InvalidRequestError(
-                f"The request has {request.prompt_count} prompts; this server allows at most "
-                f"{limits.max_prompts_per_request} (limits.max_prompts_per_request). Split it into several requests.",
-                param="prompt",
-            )
-        stops = request.stop_list
-        if len(stops) > limits.max_stop:
-            raise InvalidRequestError(
-                f"The request has {len(stops)} stop strings; this server allows at most {limits.max_stop} "
-                "(limits.max_stop).",
-                param="stop",
-            )
-        if any(len(s) > limits.max_stop_chars for s in stops):
-            raise InvalidRequestError(
-                f"A stop string has more than {limits.max_stop_chars} characters (limits.max_stop_chars).",
-                param="stop",
-            )
-        return request.prompt_count * request.n
-
-    def max_tokens_for(self, prompt_len: int, requested: int | None, param: str) -> int:
-        """Output budget of one prompt; a request that cannot fit the context or the limits is a 400."""
-        limit = self.settings.model.max_model_len
-        limits = self.settings.limits
-        if limits.max_prompt_tokens is not None and prompt_len > limits.max_prompt_tokens:
-            raise ContextLengthError(
-                f"The prompt has {prompt_len} tokens; this server allows at most {limits.max_prompt_tokens} "
-                "(limits.max_prompt_tokens). Shorten the prompt.",
-                param="prompt",
-            )
-        if requested is not None and limits.max_tokens is not None and requested > limits.max_tokens:
-            raise InvalidRequestError(
-                f"{param} is {requested}; this server allows at most {limits.max_tokens} (limits.max_tokens).",
-                param=param,
-            )
-        if prompt_len >= limit:
-            raise ContextLengthError(
-                f"This model's maximum context length is {limit} tokens, but the prompt has {prompt_len} tokens. "
-                "Shorten the prompt.",
-                param="prompt",
-            )
-        if requested is None:
-            return min(limit - prompt_len, limits.max_tokens or limit)
-        if prompt_len + requested > limit:
-            raise ContextLengthError(
-                f"This model's maximum context length is {limit} tokens. However, you requested "
-                f"{prompt_len + requested} tokens ({prompt_len} in the prompt, {requested} for the completion). "
-                f"Reduce the prompt or {param}.",
-                param=param,
-            )
-        return requested
 
     def new_job(
         self,

@@ -19,6 +19,7 @@ from serving.api.chat.protocol import (
 )
 from serving.api.errors import InvalidRequestError
 from serving.api.generation import GenerationJob, GenerationServing
+from serving.api.limits import max_tokens_for
 from serving.api.logprobs import token_logprobs
 from serving.api.streams import SSE_DONE, sse_event
 
@@ -32,7 +33,13 @@ class ChatServing(GenerationServing):
 
     async def prepare(self, request: ChatCompletionRequest, adapter: ServedAdapter | None) -> GenerationJob:
         prompt = await asyncio.to_thread(self._prompt_ids, request)
-        max_tokens = self.max_tokens_for(len(prompt), request.output_budget, "max_completion_tokens")
+        max_tokens = max_tokens_for(
+            len(prompt),
+            request.output_budget,
+            "max_completion_tokens",
+            self.settings.model.max_model_len,
+            self.settings.limits,
+        )
         return self.new_job(request, adapter, [prompt], max_tokens, request.engine_logprobs)
 
     def _prompt_ids(self, request: ChatCompletionRequest) -> list[int]:

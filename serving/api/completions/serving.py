@@ -14,6 +14,7 @@ from serving.api.completions.protocol import (
 )
 from serving.api.errors import InvalidRequestError
 from serving.api.generation import GenerationJob, GenerationServing
+from serving.api.limits import max_tokens_for
 from serving.api.logprobs import token_logprobs
 from serving.api.sampling import check_token_ids
 from serving.api.streams import SSE_DONE, sse_event
@@ -25,7 +26,10 @@ class CompletionServing(GenerationServing):
 
     async def prepare(self, request: CompletionRequest, adapter: ServedAdapter | None) -> GenerationJob:
         prompts = await asyncio.to_thread(self._prompt_ids, request.prompt)
-        max_tokens = min(self.max_tokens_for(len(ids), request.max_tokens, "max_tokens") for ids in prompts)
+        model_len, limits = self.settings.model.max_model_len, self.settings.limits
+        max_tokens = min(
+            max_tokens_for(len(ids), request.max_tokens, "max_tokens", model_len, limits) for ids in prompts
+        )
         return self.new_job(request, adapter, prompts, max_tokens, request.logprobs)
 
     def routing_text(self, request: CompletionRequest) -> str:
