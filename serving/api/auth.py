@@ -120,9 +120,10 @@ class KeyStore:
         if auth.keys_file is not None:
             source, text = str(auth.keys_file), _read(auth.keys_file)
         else:
-            source, text = f"${auth.keys_env}", os.environ.get(auth.keys_env or "")
-            if text is None:
+            value = os.environ.get(auth.keys_env or "")
+            if value is None:
                 raise ConfigError(f"auth.keys_env: environment variable {auth.keys_env} is not set")
+            source, text = f"${auth.keys_env}", value
         try:
             return cls(KeysFile.model_validate(yaml.safe_load(text)).keys)
         except (yaml.YAMLError, ValidationError) as e:

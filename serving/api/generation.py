@@ -137,16 +137,16 @@ class GenerationServing(ABC):
             resolution = await self.resolver.acquire(request.model, principal)
             releases.append(lambda: self.resolver.release(resolution))
             job = await self.prepare(request, resolution.adapter)
+            headers = (
+                dict(resolution.headers) if decision is None else {**route_headers(decision), **resolution.headers}
+            )
             if request.stream:
-                result = await event_stream(self.stream(request, job), on_close=release)
+                stream = await event_stream(self.stream(request, job), on_close=release)
                 streaming = True
-                headers = result.headers
-            else:
-                result = await cancel_on_disconnect(raw, self.complete(request, job))
-                headers = response.headers
-            if decision is not None:
-                headers.update(route_headers(decision))
-            headers.update(resolution.headers)
+                stream.headers.update(headers)
+                return stream
+            result = await cancel_on_disconnect(raw, self.complete(request, job))
+            response.headers.update(headers)
             return result
         finally:
             if not streaming:

@@ -12,10 +12,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from vllm.logprobs import Logprob
-
-# One engine position: token id → Logprob, holding the sampled token and the top-k.
-Position = dict[int, "Logprob"]
+    from vllm.logprobs import Logprob, SampleLogprobs
 
 
 @dataclass(frozen=True)
@@ -36,10 +33,16 @@ def _token_text(token_id: int, entry: Logprob) -> str:
     return entry.decoded_token if entry.decoded_token is not None else f"<{token_id}>"
 
 
-def token_logprobs(token_ids: list[int], positions: list[Position], k: int) -> list[TokenLogprob]:
-    """Each sampled token of an output with its top ``k`` alternatives (``k`` = 0: none)."""
+def token_logprobs(token_ids: list[int], positions: SampleLogprobs, k: int) -> list[TokenLogprob]:
+    """Each sampled token of an output with its top ``k`` alternatives (``k`` = 0: none).
+
+    ``positions`` holds, per generated token, token id → ``Logprob`` for the
+    sampled token and the top ``k`` (vLLM's list of dicts, or its flat form).
+    """
     tokens = []
     for token_id, position in zip(token_ids, positions, strict=True):
+        if position is None:  # vLLM leaves only a prompt's first position empty, never a sampled one
+            raise ValueError(f"the engine returned no logprobs for sampled token {token_id}")
         entry = position[token_id]
         ranked = sorted(position.items(), key=lambda item: item[1].rank if item[1].rank is not None else 0)
         top = [(_token_text(t, e), _finite(e.logprob)) for t, e in ranked[:k]]

@@ -87,7 +87,7 @@ class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
     logprobs: ChatLogprobs | None = None
-    finish_reason: Literal["stop", "length", "abort"] | None = None
+    finish_reason: str | None = None  # vLLM's reason, passed through as its own server does (stop, length, ...)
     prompt_token_ids: list[int] | None = None
     token_ids: list[int] | None = None
 
@@ -110,7 +110,7 @@ class ChatChunkChoice(BaseModel):
     index: int
     delta: DeltaMessage
     logprobs: ChatLogprobs | None = None
-    finish_reason: Literal["stop", "length", "abort"] | None = None
+    finish_reason: str | None = None  # vLLM's reason, passed through as its own server does (stop, length, ...)
     token_ids: list[int] | None = None
 
 

@@ -56,7 +56,7 @@ class CompletionChoice(BaseModel):
     index: int
     text: str
     logprobs: CompletionLogprobs | None = None
-    finish_reason: Literal["stop", "length", "abort"] | None = None
+    finish_reason: str | None = None  # vLLM's reason, passed through as its own server does (stop, length, ...)
     prompt_token_ids: list[int] | None = None
     token_ids: list[int] | None = None
 

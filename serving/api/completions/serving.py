@@ -47,8 +47,8 @@ class CompletionServing(GenerationServing):
         if isinstance(prompt, str):
             return [self.tokenizer.encode(prompt, add_special_tokens=True)]
         if isinstance(prompt[0], str):
-            return [self.tokenizer.encode(p, add_special_tokens=True) for p in prompt]  # type: ignore[arg-type]
-        prompts = [list(prompt)] if isinstance(prompt[0], int) else [list(p) for p in prompt]  # type: ignore[arg-type]
+            return [self.tokenizer.encode(p, add_special_tokens=True) for p in prompt]
+        prompts = [list(prompt)] if isinstance(prompt[0], int) else [list(p) for p in prompt]
         for ids in prompts:
             check_token_ids(ids, self.vocab_size)
         return prompts

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, FastAPI, Path, Request, Response
 
@@ -24,7 +24,7 @@ def prompt_routes_serving(request: Request) -> PromptRoutesServing:
 PromptRoutesServingDep = Annotated[PromptRoutesServing, Depends(prompt_routes_serving)]
 
 RouteName = Annotated[str, Path(pattern=TARGET_PATTERN, description="Route name (defaults to its adapter).")]
-_ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 403, 404)}
+_ERRORS: dict[int | str, dict[str, Any]] = {status: {"model": ErrorResponse} for status in (400, 401, 403, 404)}
 
 
 @router.get("/admin/routes", response_model=RouteList, responses=_ERRORS)
