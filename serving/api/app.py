@@ -1,4 +1,8 @@
-"""``build_app``: the FastAPI application and its lifespan."""
+"""``build_app``: the FastAPI application and its lifespan; the API's one composition root.
+
+Only this module knows every endpoint package: :func:`init_app_state` builds
+their serving objects onto ``app.state`` and ``_API_ROUTERS`` attaches their routes.
+"""
 
 from __future__ import annotations
 
