@@ -6,7 +6,8 @@
 * The shared layer, the modules directly here: ``errors`` (the one error shape),
   ``protocol`` (request fields every generation endpoint takes), ``sampling``,
   ``generation`` (the base of the generation endpoints), ``streams``,
-  ``disconnect``, ``limits``, ``auth``, ``logprobs``. It imports no endpoint.
+  ``disconnect``, ``limits``, ``auth``, ``logprobs``, and the selection of the adapter a
+  request names. It imports no endpoint.
 * ``app``: builds every serving object onto ``app.state`` and attaches every
   package's routes; the only module that knows them all.
 
