@@ -106,3 +106,26 @@ def test_the_composition_root_wires_every_endpoint() -> None:
 def test_imports_are_seen_wherever_they_are(source: str, expected: set[str]) -> None:
     """The checker itself: a shared module with this source would (or would not) be flagged."""
     assert endpoints_in(source, PACKAGE) == expected
+
+
+def state_names(source: str, *, written: bool) -> set[str]:
+    """Attributes of ``state`` / ``app.state`` that ``source`` assigns (``written``) or reads."""
+    names = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store if written else ast.Load):
+            owner = node.value
+            if (isinstance(owner, ast.Name) and owner.id == "state") or (
+                isinstance(owner, ast.Attribute) and owner.attr == "state"
+            ):
+                names.add(node.attr)
+    return names
+
+
+def test_every_object_an_endpoint_reads_from_app_state_is_put_there_by_the_root() -> None:
+    """The endpoints find their serving objects by name on ``app.state``; a misspelt one would be a 500."""
+    written = state_names((API / f"{ROOT}.py").read_text(), written=True)
+    read = {
+        endpoint: state_names((API / endpoint / "api_router.py").read_text(), written=False) for endpoint in ENDPOINTS
+    }
+    assert all(read.values())  # each endpoint reads its serving object (or the engine) from app.state
+    assert {e: names - written for e, names in read.items()} == {e: set() for e in ENDPOINTS}
