@@ -9,7 +9,7 @@ thread) and times each decision, grouped by path:
 * ``keyword``: prompts the keyword rules decide (no embedding computed);
 * ``semantic``: the rest, scored by dense similarity (the dev config's mode);
 * ``hybrid``: the same prompts scored dense + TF-IDF (mode switched for the run);
-* ``semantic via AsyncRouter``: the server's path, the encoder in its worker thread,
+* ``semantic via AsyncPromptRouter``: the server's path, the encoder in its worker thread,
   awaited from an event loop (includes the thread hand-off);
 * ``semantic [minilm]``: the same prompts with the float32 encoder, for the ratio.
 
@@ -92,7 +92,7 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "bench_routing.json")
     args = parser.parse_args()
 
-    from routing import AsyncRouter, Router, build_encoder, load_routes
+    from routing import AsyncPromptRouter, PromptRouter, build_encoder, load_routes
     from routing.evaluate import read_samples
     from serving.config import load_settings
 
@@ -102,31 +102,31 @@ def main() -> int:
     routes = load_routes(settings)
     encoder = build_encoder(settings.encoder)
     start = time.perf_counter()
-    router = Router(settings, encoder, routes)
+    prompt_router = PromptRouter(settings, encoder, routes)
     build_s = time.perf_counter() - start
     prompts = [s.prompt for s in read_samples(args.data, [r.key for r in routes.routes])]
-    keyword = [p for p in prompts if router.route_by_keywords(p) is not None]
-    rest = [p for p in prompts if router.route_by_keywords(p) is None]
+    keyword = [p for p in prompts if prompt_router.route_by_keywords(p) is not None]
+    rest = [p for p in prompts if prompt_router.route_by_keywords(p) is None]
 
     other = "hybrid" if settings.mode != "hybrid" else "semantic"
-    switched = Router(settings.model_copy(update={"mode": other}), encoder, routes)
-    async_router = AsyncRouter(router)
+    switched = PromptRouter(settings.model_copy(update={"mode": other}), encoder, routes)
+    async_prompt_router = AsyncPromptRouter(prompt_router)
     paths = {
-        "keyword": (router.route, keyword),
-        settings.mode: (router.route, rest),
+        "keyword": (prompt_router.route, keyword),
+        settings.mode: (prompt_router.route, rest),
         other: (switched.route, rest),
-        f"{settings.mode} via AsyncRouter": (async_router.route, rest),
+        f"{settings.mode} via AsyncPromptRouter": (async_prompt_router.route, rest),
     }
     if args.compare and args.compare != settings.encoder:
-        compared = Router(settings.model_copy(update={"mode": "semantic"}), build_encoder(args.compare), routes)
+        compared = PromptRouter(settings.model_copy(update={"mode": "semantic"}), build_encoder(args.compare), routes)
         paths[f"semantic [{args.compare}]"] = (compared.route, rest)
     try:
         results = {name: summary(times) for name, times in run_rounds(paths, args.rounds).items()}
     finally:
-        async_router.close()
+        async_prompt_router.close()
 
     print(f"routing latency, encoder {settings.encoder}, {len(prompts)} prompts x {args.rounds} rounds "
-          f"(router built in {build_s:.2f} s)")  # fmt: skip
+          f"(prompt router built in {build_s:.2f} s)")  # fmt: skip
     print(f"{'path':<28}{'n':>6}{'p50 ms':>10}{'p99 ms':>10}{'mean ms':>10}  target p50 <= {TARGET_P50_MS:g} ms")
     for path, row in results.items():
         verdict = "ok" if row["p50_ms"] <= TARGET_P50_MS else "MISSED"

@@ -12,15 +12,15 @@ nor anything of ``serving``, ``checkpoints`` or ``loadtests``
 
 from routing.config import KeywordRule, RoutesFile, RouteSpec, RoutingSettings, load_routes
 from routing.encoders import Encoder, build_encoder, register_encoder
-from routing.router import AsyncRouter, RouteDecision, Router
+from routing.prompt_router import AsyncPromptRouter, PromptRouter, RouteDecision
 
 __all__ = [
-    "AsyncRouter",
+    "AsyncPromptRouter",
     "Encoder",
     "KeywordRule",
     "RouteDecision",
     "RouteSpec",
-    "Router",
+    "PromptRouter",
     "RoutesFile",
     "RoutingSettings",
     "build_encoder",

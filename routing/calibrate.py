@@ -1,6 +1,6 @@
 """``routes fit``: per-route thresholds and a Platt confidence, learned from labelled prompts.
 
-The router takes the best-scoring route and accepts it only if its score
+The prompt router takes the best-scoring route and accepts it only if its score
 reaches that route's threshold. Because the best route does not depend on the
 thresholds, each route's threshold can be fitted alone, exactly: over the
 prompts whose best route it is, pick the cut that maximises correct decisions
@@ -22,7 +22,7 @@ import numpy as np
 
 from routing.config import Calibration, RoutesFile
 from routing.evaluate import NONE_LABEL, Sample
-from routing.router import Router
+from routing.prompt_router import PromptRouter
 
 
 @dataclass(frozen=True)
@@ -33,15 +33,15 @@ class ScoredSample:
     best_score: float
 
 
-def score_samples(router: Router, samples: list[Sample]) -> list[ScoredSample]:
+def score_samples(prompt_router: PromptRouter, samples: list[Sample]) -> list[ScoredSample]:
     """Keyword decision or best similarity route of every sample, thresholds not applied."""
     scored = []
     for sample in samples:
-        keyword = router.route_by_keywords(sample.prompt)
+        keyword = prompt_router.route_by_keywords(sample.prompt)
         if keyword is not None:
             scored.append(ScoredSample(sample.label, keyword.route, None, 1.0))
             continue
-        scores = router.scores(sample.prompt) if router.table.routes else {}
+        scores = prompt_router.scores(sample.prompt) if prompt_router.table.routes else {}
         best = max(scores, key=scores.__getitem__) if scores else None
         scored.append(ScoredSample(sample.label, None, best, scores[best] if best else -1.0))
     return scored
@@ -83,9 +83,9 @@ def fit_platt(margins: np.ndarray, outcomes: np.ndarray, l2: float = 1e-3, steps
     return float(w[0]), float(w[1])
 
 
-def fit(router: Router, routes: RoutesFile, samples: list[Sample], data_name: str) -> RoutesFile:
+def fit(prompt_router: PromptRouter, routes: RoutesFile, samples: list[Sample], data_name: str) -> RoutesFile:
     """``routes`` with fitted thresholds and a :class:`Calibration` block."""
-    scored = score_samples(router, samples)
+    scored = score_samples(prompt_router, samples)
     by_route: dict[str, list[ScoredSample]] = defaultdict(list)
     for s in scored:
         if s.keyword_route is None and s.best_route is not None:
@@ -97,14 +97,14 @@ def fit(router: Router, routes: RoutesFile, samples: list[Sample], data_name: st
             threshold, _ = fit_threshold(spec.key, members)
             spec = spec.model_copy(update={"threshold": round(threshold, 4)})
         specs.append(spec)
-    thresholds = {s.key: s.threshold if s.threshold is not None else router.settings.threshold for s in specs}
-    semantic = [s for s in scored if s.keyword_route is None and s.best_route is not None]
-    margins = np.array([s.best_score - thresholds[s.best_route] for s in semantic])
-    outcomes = np.array([s.label == s.best_route for s in semantic])
+    thresholds = {s.key: s.threshold if s.threshold is not None else prompt_router.settings.threshold for s in specs}
+    semantic = [(s, route) for s in scored if s.keyword_route is None and (route := s.best_route) is not None]
+    margins = np.array([s.best_score - thresholds[route] for s, route in semantic])
+    outcomes = np.array([s.label == route for s, route in semantic])
     a, b = fit_platt(margins, outcomes) if len(semantic) and 0 < outcomes.sum() < len(outcomes) else (1.0, 0.0)
     keyword = [s for s in scored if s.keyword_route is not None]
     precision = sum(s.label == s.keyword_route for s in keyword) / len(keyword) if keyword else 1.0
-    settings = router.settings
+    settings = prompt_router.settings
     calibration = Calibration(
         encoder=settings.encoder,
         mode=settings.mode,

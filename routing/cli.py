@@ -1,4 +1,4 @@
-"""``loraserve routes fit|eval``: calibrate the router on labelled prompts and measure it.
+"""``loraserve routes fit|eval``: calibrate the prompt router on labelled prompts and measure it.
 
 The server's CLI hands in how to read the ``routing`` section of a config
 file, so this package never imports the server.
@@ -22,7 +22,7 @@ from routing.config import (
 )
 from routing.encoders import build_encoder
 from routing.evaluate import LabelledDataError, evaluate, format_report, read_samples
-from routing.router import Router
+from routing.prompt_router import PromptRouter
 
 LoadRouting = Callable[[Path], RoutingSettings | None]
 
@@ -40,20 +40,21 @@ def _routing(args: argparse.Namespace) -> RoutingSettings:
 
 def _fit(args: argparse.Namespace) -> int:
     routing = _routing(args)
-    if routing.routes_file is None and args.out is None:
+    out: Path | None = args.out or routing.routes_file
+    if out is None:
         raise RoutesCommandError("the routes are inline in the config: give --out FILE for the fitted routes")
     source = read_routes_file(routing.routes_file) if routing.routes_file else RoutesFile(routes=list(routing.routes))
     unfitted = RoutesFile(routes=source.routes)  # old thresholds and calibration play no part
-    router = Router(routing, build_encoder(routing.encoder), unfitted)
+    prompt_router = PromptRouter(routing, build_encoder(routing.encoder), unfitted)
     samples = read_samples(args.data, [spec.key for spec in unfitted.routes])
-    fitted = fit(router, unfitted, samples, data_name=args.data.name)
-    out = args.out or routing.routes_file
-    header = f"Routes of the semantic router; thresholds and calibration written by `loraserve routes fit` on {args.data.name}."
+    fitted = fit(prompt_router, unfitted, samples, data_name=args.data.name)
+    header = f"Routes of the semantic prompt router; thresholds and calibration written by `loraserve routes fit` on {args.data.name}."
     write_routes_file(out, fitted, header)
     print(f"fitted on {len(samples)} prompts ({routing.encoder}, {routing.mode}); wrote {out}")
     for spec in fitted.routes:
         print(f"  {spec.key:<12} threshold {spec.threshold}")
     cal = fitted.calibration
+    assert cal is not None  # fit always calibrates
     print(
         f"  confidence = sigmoid({cal.platt_a} * (score - threshold) + {cal.platt_b}); keyword precision {cal.keyword_precision}"
     )
@@ -63,9 +64,9 @@ def _fit(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     routing = _routing(args)
     routes = load_routes(routing)
-    router = Router(routing, build_encoder(routing.encoder), routes)
+    prompt_router = PromptRouter(routing, build_encoder(routing.encoder), routes)
     samples = read_samples(args.data, [spec.key for spec in routes.routes])
-    report = evaluate(router, samples)
+    report = evaluate(prompt_router, samples)
     print(format_report(report))
     if args.json is not None:
         args.json.write_text(json.dumps(report.to_json(), indent=2) + "\n")
@@ -85,7 +86,7 @@ def _run(handler: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Nam
 
 def add_routes_command(commands: argparse._SubParsersAction, load_routing: LoadRouting) -> None:
     """Add ``routes fit`` and ``routes eval`` to a CLI's subcommands."""
-    routes = commands.add_parser("routes", help="calibrate and evaluate the adapter router")
+    routes = commands.add_parser("routes", help="calibrate and evaluate the adapter prompt router")
     sub = routes.add_subparsers(dest="routes_command", required=True)
 
     fit_parser = sub.add_parser("fit", help="fit per-route thresholds on labelled prompts (JSONL prompt/label)")

@@ -1,4 +1,4 @@
-"""Labelled prompts and what the router makes of them: accuracy, per-route precision and
+"""Labelled prompts and what the prompt router makes of them: accuracy, per-route precision and
 recall, the confusion matrix, and expected calibration error.
 
 A labelled file is JSONL, one ``{"prompt": ..., "label": ...}`` per line, where
@@ -11,7 +11,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from routing.router import RouteDecision, Router
+from routing.prompt_router import PromptRouter, RouteDecision
 
 NONE_LABEL = "none"
 ECE_BINS = 10
@@ -100,16 +100,16 @@ def expected_calibration_error(confidences: list[float], correct: list[bool], bi
     return ece
 
 
-def evaluate(router: Router, samples: list[Sample]) -> EvalReport:
-    """Route every sample with the router as configured (thresholds applied) and score it."""
-    labels = [*(spec.key for spec in router.table.specs), NONE_LABEL]
+def evaluate(prompt_router: PromptRouter, samples: list[Sample]) -> EvalReport:
+    """Route every sample with the prompt router as configured (thresholds applied) and score it."""
+    labels = [*(spec.key for spec in prompt_router.table.specs), NONE_LABEL]
     confusion = {t: dict.fromkeys(labels, 0) for t in labels}
     confidences: list[float] = []
     correct: list[bool] = []
     methods: dict[str, int] = {}
     errors: list[tuple[str, str, str]] = []
     for sample in samples:
-        decision = router.route(sample.prompt)
+        decision = prompt_router.route(sample.prompt)
         predicted = predicted_label(decision)
         confusion[sample.label][predicted] += 1
         methods[decision.method] = methods.get(decision.method, 0) + 1

@@ -13,11 +13,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, TypeAlias
 
 import re2
 
-Pattern = re2._Regexp  # google-re2 has no public name for a compiled pattern
+Pattern: TypeAlias = re2._Regexp  # google-re2 has no public name for a compiled pattern
 
 KEYWORD_TEXT_CHARS = 8192
 """How much of the routing text (from its start) the keyword rules see; the rest is never searched."""
@@ -76,7 +76,7 @@ class KeywordMatcher:
     rules: tuple[CompiledRule, ...]
 
     @classmethod
-    def compile(cls, rules: list[KeywordRule]) -> KeywordMatcher:
+    def compile(cls, rules: Sequence[KeywordRule]) -> KeywordMatcher:
         return cls(tuple(CompiledRule.compile(r) for r in rules))
 
     def matches(self, text: str) -> bool:

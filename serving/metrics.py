@@ -79,13 +79,13 @@ class AdapterMetrics:
         )
         self.routing_decisions = Counter(
             "loraserve_routing_decisions",
-            "Requests for the auto model, by the adapter the router chose and the method that decided.",
+            "Requests for the auto model, by the adapter the prompt router chose and the method that decided.",
             ["adapter", "method"],
             registry=registry,
         )
         self.routing_latency = Histogram(
             "loraserve_routing_latency_seconds",
-            "Time the router took to pick an adapter, by the method that decided.",
+            "Time the prompt router took to pick an adapter, by the method that decided.",
             ["method"],
             buckets=_ROUTING_BUCKETS,
             registry=registry,

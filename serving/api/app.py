@@ -1,4 +1,8 @@
-"""``build_app``: the FastAPI application and its lifespan."""
+"""``build_app``: the FastAPI application and its lifespan; the API's one composition root.
+
+Only this module knows every endpoint package: :func:`init_app_state` builds
+their serving objects onto ``app.state`` and ``_API_ROUTERS`` attaches their routes.
+"""
 
 from __future__ import annotations
 
@@ -10,52 +14,62 @@ from pathlib import Path
 
 from fastapi import FastAPI
 from prometheus_client import REGISTRY
+from starlette.datastructures import State
 
 from adapter_store import AdapterCatalog, AdapterStore
-from routing import AsyncRouter, Router, build_encoder, load_routes
+from routing import AsyncPromptRouter, PromptRouter, build_encoder, load_routes
 from serving.adapters import open_store
-from serving.api.adapters import api_router as adapters_router
+from serving.api.adapters import api_router as adapters_api
+from serving.api.adapters.serving import AdaptersServing
 from serving.api.auth import OPEN_PRINCIPAL, AuthMiddleware, KeyStore
-from serving.api.chat import api_router as chat_router
-from serving.api.completions import api_router as completions_router
-from serving.api.deps import AppState
+from serving.api.chat import api_router as chat_api
+from serving.api.chat.serving import ChatServing
+from serving.api.completions import api_router as completions_api
+from serving.api.completions.serving import CompletionServing
 from serving.api.errors import ServingError, install_error_handlers
 from serving.api.limits import BodySizeLimitMiddleware, RequestLimiter
-from serving.api.models import api_router as models_router
+from serving.api.models import api_router as models_api
+from serving.api.models.serving import ModelsServing
+from serving.api.prompt_routes import api_router as prompt_routes_api
+from serving.api.prompt_routes.serving import PromptRoutesServing
 from serving.api.resolver import AdapterResolver, on_demand_claim
-from serving.api.routes import api_router as routes_router
-from serving.api.system import api_router as system_router
+from serving.api.system import api_router as system_api
 from serving.config import ConfigError, Settings
 from serving.engine import LoraEngine
 from serving.metrics import AdapterMetrics, AdapterStoreCollector
 
 logger = logging.getLogger(__name__)
 
-_ROUTERS = (system_router, models_router, completions_router, chat_router, routes_router, adapters_router)
+_API_ROUTERS = (system_api, models_api, completions_api, chat_api, prompt_routes_api, adapters_api)
 
 
-def build_router(settings: Settings) -> AsyncRouter | None:
+def build_prompt_router(settings: Settings) -> AsyncPromptRouter | None:
     """The prompt router (encoder loaded, utterances embedded), or ``None`` without a routing section."""
     if settings.routing is None:
         return None
-    return AsyncRouter(Router(settings.routing, build_encoder(settings.routing.encoder), load_routes(settings.routing)))
+    routing = settings.routing
+    return AsyncPromptRouter(PromptRouter(routing, build_encoder(routing.encoder), load_routes(routing)))
 
 
-def build_state(
-    settings: Settings, engine: LoraEngine, metrics: AdapterMetrics, store: AdapterStore, router: AsyncRouter | None
-) -> AppState:
-    """Wire the serving objects around a started engine."""
-    from serving.api.adapters.serving import AdaptersServing
-    from serving.api.chat.serving import ChatServing
-    from serving.api.completions.serving import CompletionServing
-    from serving.api.models.serving import ModelsServing
-    from serving.api.routes.serving import RoutesServing
+def init_app_state(
+    state: State,
+    settings: Settings,
+    engine: LoraEngine,
+    metrics: AdapterMetrics,
+    store: AdapterStore,
+    prompt_router: AsyncPromptRouter | None,
+) -> None:
+    """Wire the serving objects around a started engine, onto ``app.state``.
 
+    This is the one place that knows every endpoint package: each package's
+    ``api_router`` reads its own serving object back from ``app.state`` (as
+    vLLM's OpenAI server does), so no shared module imports an endpoint.
+    """
     catalog = AdapterCatalog(store)
     resolver = AdapterResolver(settings, catalog, metrics, engine)
     tokenizer = engine.llm.get_tokenizer()
     limiter = RequestLimiter(settings.limits, settings.engine.max_num_seqs, metrics)
-    shared = (engine, resolver, settings, metrics, tokenizer, limiter, router)
+    shared = (engine, resolver, settings, metrics, tokenizer, limiter, prompt_router)
 
     def resolve_any(ref: str) -> object:  # route targets are checked as the operator sees them: everything
         claim = on_demand_claim(OPEN_PRINCIPAL)  # as before: found on demand, registered as public
@@ -63,22 +77,20 @@ def build_state(
             raise resolver.not_found(ref, OPEN_PRINCIPAL)
         return ref
 
-    if router is not None:  # every route and the default must name a served model, checked like a client's
-        targets = [s.adapter for s in router.router.table.specs] + [settings.routing.default or settings.model.name]
+    if prompt_router is not None and settings.routing is not None:  # routes and the default must be served models
+        targets = [s.adapter for s in prompt_router.table.specs] + [settings.routing.default or settings.model.name]
         for target in targets:
             try:
                 resolve_any(target)
             except ServingError as e:
                 raise ConfigError(f"routing refers to a model that is not served: {e.message}") from e
-    return AppState(
-        engine=engine,
-        metrics=metrics,
-        completions=CompletionServing(*shared),
-        chat=ChatServing(*shared),
-        models=ModelsServing(settings, resolver),
-        routes=RoutesServing(settings, router, resolve_any),
-        adapters=AdaptersServing(engine, resolver, tokenizer, limiter),
-    )
+    state.engine = engine
+    state.metrics = metrics
+    state.completion_serving = CompletionServing(*shared)
+    state.chat_serving = ChatServing(*shared)
+    state.models_serving = ModelsServing(settings, resolver)
+    state.prompt_routes_serving = PromptRoutesServing(settings, prompt_router, resolve_any)
+    state.adapters_serving = AdaptersServing(engine, resolver, tokenizer, limiter)
 
 
 def build_app(settings: Settings) -> FastAPI:
@@ -92,13 +104,13 @@ def build_app(settings: Settings) -> FastAPI:
             prompt_router = collector = None
             engine = LoraEngine(settings)
             try:
-                prompt_router = build_router(settings)
+                prompt_router = build_prompt_router(settings)
                 await engine.start()
-                state = build_state(settings, engine, AdapterMetrics(), store, prompt_router)
-                await state.adapters.startup([a.name for a in settings.adapters])
-                collector = AdapterStoreCollector(state.adapters.catalog, engine.resident)
+                init_app_state(app.state, settings, engine, AdapterMetrics(), store, prompt_router)
+                adapters: AdaptersServing = app.state.adapters_serving
+                await adapters.startup([a.name for a in settings.adapters])
+                collector = AdapterStoreCollector(adapters.catalog, engine.resident)
                 REGISTRY.register(collector)
-                app.state.loraserve = state
                 names = ", ".join(store.registry.names()) or "none"
                 logger.info("serving %s with adapters: %s", settings.model.name, names)
                 yield
@@ -122,6 +134,6 @@ def build_app(settings: Settings) -> FastAPI:
     )
     app.add_middleware(AuthMiddleware, keys=keys)
     install_error_handlers(app)
-    for router in _ROUTERS:
-        router.attach_router(app)
+    for api in _API_ROUTERS:
+        api.attach_router(app)
     return app

@@ -32,8 +32,9 @@ from fastapi import Depends, Request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from serving.api.errors import AuthenticationError, PermissionDeniedError, create_error_response
+from serving.api.errors import AuthenticationError, PermissionDeniedError, error_response
 from serving.config import TENANT_PATTERN, AuthSettings, ConfigError, RateSettings
+from serving.metrics import AdapterMetrics
 
 logger = logging.getLogger(__name__)
 
@@ -119,9 +120,10 @@ class KeyStore:
         if auth.keys_file is not None:
             source, text = str(auth.keys_file), _read(auth.keys_file)
         else:
-            source, text = f"${auth.keys_env}", os.environ.get(auth.keys_env or "")
-            if text is None:
+            value = os.environ.get(auth.keys_env or "")
+            if value is None:
                 raise ConfigError(f"auth.keys_env: environment variable {auth.keys_env} is not set")
+            source, text = f"${auth.keys_env}", value
         try:
             return cls(KeysFile.model_validate(yaml.safe_load(text)).keys)
         except (yaml.YAMLError, ValidationError) as e:
@@ -165,11 +167,11 @@ class AuthMiddleware:
         principal = self._principal(scope)
         if principal is None and scope["path"] not in PUBLIC_PATHS:
             error = self._denial(scope)
-            await create_error_response(error)(scope, receive, send)
+            await error_response(error)(scope, receive, send)
             return
         denial = None if principal is None else _role_denial(scope, principal)
         if denial is not None:  # decided before the body is read: a user's upload is never received
-            await create_error_response(denial)(scope, receive, send)
+            await error_response(denial)(scope, receive, send)
             return
         scope.setdefault("state", {})["principal"] = principal
         await self.app(scope, receive, send)
@@ -229,9 +231,9 @@ def _role_denial(scope: Scope, principal: Principal) -> PermissionDeniedError | 
 
 def count_denial(scope: Scope, reason: str) -> None:
     """Every denied request is counted, whoever denied it (middleware or a route)."""
-    state = getattr(scope["app"].state, "loraserve", None)
-    if state is not None:
-        state.metrics.denied.labels(reason).inc()
+    metrics: AdapterMetrics | None = getattr(scope["app"].state, "metrics", None)  # set once the engine is up
+    if metrics is not None:
+        metrics.denied.labels(reason).inc()
 
 
 def _principal(request: Request) -> Principal:

@@ -18,7 +18,7 @@ from fastapi import Request
 from fastapi.responses import StreamingResponse
 from starlette.background import BackgroundTask
 
-from serving.api.errors import ClientDisconnectedError, ServingError, error_model
+from serving.api.errors import ClientDisconnectedError, ServingError, internal_error
 from serving.api.streams import SSE_DONE, sse_event
 
 T = TypeVar("T")
@@ -67,13 +67,11 @@ async def event_stream(events: AsyncIterator[str], on_close: Callable[[], None])
             async for event in events:
                 yield event
         except ServingError as e:
-            yield sse_event(error_model(e))
+            yield sse_event(e.body())
             yield SSE_DONE
         except Exception as e:
             logger.exception("stream failed")
-            yield sse_event(
-                error_model(ServingError(f"Internal server error ({type(e).__name__}); see the server log."))
-            )
+            yield sse_event(internal_error(e).body())
             yield SSE_DONE
         finally:
             on_close()

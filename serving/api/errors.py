@@ -4,9 +4,13 @@ Every error response has OpenAI's shape::
 
     {"error": {"message": ..., "type": ..., "param": ..., "code": ...}}
 
-Code raises a :class:`ServingError` subclass; the exception handlers installed
-by :func:`install_error_handlers` turn it (and FastAPI's own validation and
-routing errors) into that shape. Nothing else builds error responses.
+Code raises a :class:`ServingError` subclass. :func:`error_response` is the one
+builder of that shape: the exception handlers installed by
+:func:`install_error_handlers` use it (FastAPI's own validation and routing
+errors are first turned into a :class:`ServingError`), and so do the ASGI
+middlewares that answer before the application runs (auth, body limits). A
+stream that fails after its first event sends :meth:`ServingError.body` as its
+last event.
 """
 
 from __future__ import annotations
@@ -68,6 +72,30 @@ class ServingError(Exception):
     def headers(self) -> dict[str, str] | None:
         """Extra response headers (``Retry-After``, ``WWW-Authenticate``)."""
         return None
+
+    def body(self) -> ErrorResponse:
+        """The error in OpenAI's shape."""
+        return ErrorResponse(error=ErrorInfo(message=self.message, type=self.type, param=self.param, code=self.code))
+
+
+def error_response(exc: ServingError) -> JSONResponse:
+    """The one place an error response is built: ``exc``'s status, headers and body."""
+    return JSONResponse(status_code=exc.status, content=exc.body().model_dump(), headers=exc.headers)
+
+
+def internal_error(exc: Exception) -> ServingError:
+    """An unexpected failure as the client sees it: its class name, never its message (which may hold secrets)."""
+    return ServingError(f"Internal server error ({type(exc).__name__}); see the server log.")
+
+
+class HTTPStatusError(ServingError):
+    """Starlette's own HTTP errors (an unknown path, a wrong method), typed by their status."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        phrase = HTTPStatus(status).phrase
+        self.status = status
+        self.type = phrase.replace(" ", "") + "Error"
 
 
 class InvalidRequestError(ServingError):
@@ -224,23 +252,6 @@ ADMIN_ERRORS: dict[int | str, dict] = {
 }
 
 
-def error_body(
-    message: str, err_type: str, status: HTTPStatus, *, param: str | None = None, code: str | None = None
-) -> JSONResponse:
-    """The one place an error response is built."""
-    body = ErrorResponse(error=ErrorInfo(message=message, type=err_type, param=param, code=code))
-    return JSONResponse(status_code=status.value, content=body.model_dump())
-
-
-def error_model(exc: ServingError) -> ErrorResponse:
-    """The error body of ``exc``; also sent as the last event of a failed stream."""
-    return ErrorResponse(error=ErrorInfo(message=exc.message, type=exc.type, param=exc.param, code=exc.code))
-
-
-def create_error_response(exc: ServingError) -> JSONResponse:
-    return JSONResponse(status_code=exc.status, content=error_model(exc).model_dump(), headers=exc.headers)
-
-
 def _validation_param(loc: tuple) -> str | None:
     parts = [str(p) for p in loc if p not in ("body", "query", "path")]
     return ".".join(parts) or None
@@ -257,27 +268,22 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    """Route every failure through :func:`error_body`."""
+    """Route every failure through :func:`error_response`."""
 
     @app.exception_handler(ServingError)
     async def _serving_error(_: Request, exc: ServingError) -> JSONResponse:
-        return create_error_response(exc)
+        return error_response(exc)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
         message, param = _validation_message(exc)
-        return error_body(message, "BadRequestError", HTTPStatus.BAD_REQUEST, param=param, code="invalid_request")
+        return error_response(InvalidRequestError(message, param=param))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        status = HTTPStatus(exc.status_code)
-        return error_body(str(exc.detail), status.phrase.replace(" ", "") + "Error", status)
+        return error_response(HTTPStatusError(exc.status_code, str(exc.detail)))
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         logger.exception("unhandled error on %s %s", request.method, request.url.path)
-        return error_body(
-            f"Internal server error ({type(exc).__name__}); see the server log.",
-            "InternalServerError",
-            HTTPStatus.INTERNAL_SERVER_ERROR,
-        )
+        return error_response(internal_error(exc))

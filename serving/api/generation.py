@@ -1,5 +1,5 @@
 """What the completion and chat endpoints share: admission by cost, model resolution,
-length checks, sampling parameters, and one instrumented stream of engine outputs.
+sampling parameters, and one instrumented stream of engine outputs.
 
 The endpoint classes only turn prompts into token ids and engine outputs into
 their own response shapes. Tokenization (and chat templates) block on the CPU:
@@ -22,11 +22,11 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 
 from adapter_store import ServedAdapter
-from routing import AsyncRouter, RouteDecision, RouteSpec
+from routing import AsyncPromptRouter, RouteDecision, RouteSpec
 from serving.api.auth import Principal
 from serving.api.disconnect import cancel_on_disconnect, event_stream
-from serving.api.errors import ContextLengthError, EngineUnavailableError, InvalidRequestError, ServingError
-from serving.api.limits import RequestLimiter
+from serving.api.errors import EngineUnavailableError, ServingError
+from serving.api.limits import RequestLimiter, request_cost
 from serving.api.protocol import SamplingRequest, UsageInfo
 from serving.api.resolver import AdapterResolver
 from serving.api.sampling import sampling_params
@@ -80,7 +80,7 @@ class GenerationServing(ABC):
         metrics: AdapterMetrics,
         tokenizer: Any,
         limiter: RequestLimiter,
-        router: AsyncRouter | None = None,
+        prompt_router: AsyncPromptRouter | None = None,
     ) -> None:
         self.engine = engine
         self.resolver = resolver
@@ -88,7 +88,7 @@ class GenerationServing(ABC):
         self.metrics = metrics
         self.tokenizer = tokenizer
         self.limiter = limiter
-        self.router = router
+        self.prompt_router = prompt_router
         # Ids a client may send: the tokenizer's and the model's vocabularies can differ; vLLM takes either.
         self.vocab_size = max(tokenizer.max_token_id + 1, engine.llm.model_config.get_vocab_size())
 
@@ -101,7 +101,7 @@ class GenerationServing(ABC):
 
     @abstractmethod
     def routing_text(self, request: Any) -> str:
-        """The text the router sees for ``model: auto`` (e.g. the last user message)."""
+        """The text the prompt router sees for ``model: auto`` (e.g. the last user message)."""
 
     @abstractmethod
     async def complete(self, request: Any, job: GenerationJob) -> BaseModel:
@@ -121,7 +121,7 @@ class GenerationServing(ABC):
         model's name) and is then resolved like any model a client names; the
         decision goes out in ``X-Route*`` headers.
         """
-        cost = self.cost(request)
+        cost = request_cost(request, self.settings.limits)
         permit = self.limiter.admit(principal, raw.client.host if raw.client else "-", cost)
         releases = [permit.release]
 
@@ -137,24 +137,28 @@ class GenerationServing(ABC):
             resolution = await self.resolver.acquire(request.model, principal)
             releases.append(lambda: self.resolver.release(resolution))
             job = await self.prepare(request, resolution.adapter)
+            headers = (
+                dict(resolution.headers) if decision is None else {**route_headers(decision), **resolution.headers}
+            )
             if request.stream:
-                result = await event_stream(self.stream(request, job), on_close=release)
+                stream = await event_stream(self.stream(request, job), on_close=release)
                 streaming = True
-                headers = result.headers
-            else:
-                result = await cancel_on_disconnect(raw, self.complete(request, job))
-                headers = response.headers
-            if decision is not None:
-                headers.update(route_headers(decision))
-            headers.update(resolution.headers)
+                stream.headers.update(headers)
+                return stream
+            result = await cancel_on_disconnect(raw, self.complete(request, job))
+            response.headers.update(headers)
             return result
         finally:
             if not streaming:
                 release()
 
     async def route(self, request: SamplingRequest, principal: Principal) -> RouteDecision | None:
-        """The router's decision for a request naming the auto model; ``None`` for any other model."""
-        if self.router is None or self.settings.routing is None or request.model != self.settings.routing.auto_model:
+        """The prompt router's decision for a request naming the auto model; ``None`` for any other model."""
+        if (
+            self.prompt_router is None
+            or self.settings.routing is None
+            or request.model != self.settings.routing.auto_model
+        ):
             return None
 
         def may_target(target: str) -> bool:
@@ -163,74 +167,12 @@ class GenerationServing(ABC):
         def allowed(spec: RouteSpec) -> bool:  # the route's own tenant, and its target's
             return principal.may_use(spec.tenant) and may_target(spec.adapter)
 
-        decision = await self.router.route(self.routing_text(request), allowed)
+        decision = await self.prompt_router.route(self.routing_text(request), allowed)
         if decision.target is not None and not may_target(decision.target):  # a default this caller may not use
             decision = dataclasses.replace(decision, target=None)
         self.metrics.routing_decisions.labels(decision.target or BASE_LABEL, decision.method).inc()
         self.metrics.routing_latency.labels(decision.method).observe(decision.latency_s)
         return decision
-
-    def cost(self, request: SamplingRequest) -> int:
-        """Sequences the request asks the engine for (prompts x ``n``), after the limits that bound them.
-
-        Known from the parsed body alone, before admission, tokenization or any engine work.
-        """
-        limits = self.settings.limits
-        if request.n > limits.max_n:
-            raise InvalidRequestError(
-                f"n is {request.n}; this server allows at most {limits.max_n} (limits.max_n).", param="n"
-            )
-        if request.prompt_count > limits.max_prompts_per_request:
-            raise InvalidRequestError(
-                f"The request has {request.prompt_count} prompts; this server allows at most "
-                f"{limits.max_prompts_per_request} (limits.max_prompts_per_request). Split it into several requests.",
-                param="prompt",
-            )
-        stops = request.stop_list
-        if len(stops) > limits.max_stop:
-            raise InvalidRequestError(
-                f"The request has {len(stops)} stop strings; this server allows at most {limits.max_stop} "
-                "(limits.max_stop).",
-                param="stop",
-            )
-        if any(len(s) > limits.max_stop_chars for s in stops):
-            raise InvalidRequestError(
-                f"A stop string has more than {limits.max_stop_chars} characters (limits.max_stop_chars).",
-                param="stop",
-            )
-        return request.prompt_count * request.n
-
-    def max_tokens_for(self, prompt_len: int, requested: int | None, param: str) -> int:
-        """Output budget of one prompt; a request that cannot fit the context or the limits is a 400."""
-        limit = self.settings.model.max_model_len
-        limits = self.settings.limits
-        if limits.max_prompt_tokens is not None and prompt_len > limits.max_prompt_tokens:
-            raise ContextLengthError(
-                f"The prompt has {prompt_len} tokens; this server allows at most {limits.max_prompt_tokens} "
-                "(limits.max_prompt_tokens). Shorten the prompt.",
-                param="prompt",
-            )
-        if requested is not None and limits.max_tokens is not None and requested > limits.max_tokens:
-            raise InvalidRequestError(
-                f"{param} is {requested}; this server allows at most {limits.max_tokens} (limits.max_tokens).",
-                param=param,
-            )
-        if prompt_len >= limit:
-            raise ContextLengthError(
-                f"This model's maximum context length is {limit} tokens, but the prompt has {prompt_len} tokens. "
-                "Shorten the prompt.",
-                param="prompt",
-            )
-        if requested is None:
-            return min(limit - prompt_len, limits.max_tokens or limit)
-        if prompt_len + requested > limit:
-            raise ContextLengthError(
-                f"This model's maximum context length is {limit} tokens. However, you requested "
-                f"{prompt_len + requested} tokens ({prompt_len} in the prompt, {requested} for the completion). "
-                f"Reduce the prompt or {param}.",
-                param=param,
-            )
-        return requested
 
     def new_job(
         self,

@@ -8,8 +8,9 @@
 * a token bucket per key for adapter uploads.
 
 Limits count work, not HTTP requests: a request costs one unit per sequence it
-asks the engine for (prompts x ``n``). Token counts (prompt, ``max_tokens``)
-are checked where requests are tokenized.
+asks the engine for (prompts x ``n``, :func:`request_cost`, known from the
+parsed body). Token counts (prompt, ``max_tokens``) are checked once a request
+is tokenized (:func:`max_tokens_for`).
 """
 
 from __future__ import annotations
@@ -25,16 +26,81 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from serving.api.auth import Principal
 from serving.api.errors import (
+    ContextLengthError,
     InvalidRequestError,
     PayloadTooLargeError,
     RateLimitError,
     ServerBusyError,
-    create_error_response,
+    error_response,
 )
+from serving.api.protocol import SamplingRequest
 from serving.config import LimitSettings, RateSettings
 from serving.metrics import AdapterMetrics
 
 logger = logging.getLogger(__name__)
+
+
+def request_cost(request: SamplingRequest, limits: LimitSettings) -> int:
+    """Sequences the request asks the engine for (prompts x ``n``), after the limits that bound them.
+
+    Known from the parsed body alone, before admission, tokenization or any engine work.
+    """
+    if request.n > limits.max_n:
+        raise InvalidRequestError(
+            f"n is {request.n}; this server allows at most {limits.max_n} (limits.max_n).", param="n"
+        )
+    if request.prompt_count > limits.max_prompts_per_request:
+        raise InvalidRequestError(
+            f"The request has {request.prompt_count} prompts; this server allows at most "
+            f"{limits.max_prompts_per_request} (limits.max_prompts_per_request). Split it into several requests.",
+            param="prompt",
+        )
+    stops = request.stop_list
+    if len(stops) > limits.max_stop:
+        raise InvalidRequestError(
+            f"The request has {len(stops)} stop strings; this server allows at most {limits.max_stop} "
+            "(limits.max_stop).",
+            param="stop",
+        )
+    if any(len(s) > limits.max_stop_chars for s in stops):
+        raise InvalidRequestError(
+            f"A stop string has more than {limits.max_stop_chars} characters (limits.max_stop_chars).",
+            param="stop",
+        )
+    return request.prompt_count * request.n
+
+
+def max_tokens_for(
+    prompt_len: int, requested: int | None, param: str, max_model_len: int, limits: LimitSettings
+) -> int:
+    """Output budget of one prompt; a request that cannot fit the context or the limits is a 400."""
+    if limits.max_prompt_tokens is not None and prompt_len > limits.max_prompt_tokens:
+        raise ContextLengthError(
+            f"The prompt has {prompt_len} tokens; this server allows at most {limits.max_prompt_tokens} "
+            "(limits.max_prompt_tokens). Shorten the prompt.",
+            param="prompt",
+        )
+    if requested is not None and limits.max_tokens is not None and requested > limits.max_tokens:
+        raise InvalidRequestError(
+            f"{param} is {requested}; this server allows at most {limits.max_tokens} (limits.max_tokens).",
+            param=param,
+        )
+    if prompt_len >= max_model_len:
+        raise ContextLengthError(
+            f"This model's maximum context length is {max_model_len} tokens, but the prompt has {prompt_len} tokens. "
+            "Shorten the prompt.",
+            param="prompt",
+        )
+    if requested is None:
+        return min(max_model_len - prompt_len, limits.max_tokens or max_model_len)
+    if prompt_len + requested > max_model_len:
+        raise ContextLengthError(
+            f"This model's maximum context length is {max_model_len} tokens. However, you requested "
+            f"{prompt_len + requested} tokens ({prompt_len} in the prompt, {requested} for the completion). "
+            f"Reduce the prompt or {param}.",
+            param=param,
+        )
+    return requested
 
 
 @dataclass
@@ -242,7 +308,7 @@ class BodySizeLimitMiddleware:
         )
         declared = _content_length(scope)
         if declared is not None and declared > limit:
-            await create_error_response(_too_large(scope, declared, limit, setting))(scope, receive, send)
+            await error_response(_too_large(scope, declared, limit, setting))(scope, receive, send)
             return
         if upload:
             await self.app(scope, _counted(scope, receive, limit, setting), send)
@@ -256,7 +322,7 @@ class BodySizeLimitMiddleware:
                 break
             size += len(message.get("body", b""))
             if size > limit:
-                await create_error_response(_too_large(scope, size, limit, setting))(scope, receive, send)
+                await error_response(_too_large(scope, size, limit, setting))(scope, receive, send)
                 return
             if not message.get("more_body", False):
                 break
@@ -284,9 +350,9 @@ def _counted(scope: Scope, receive: Receive, limit: int, setting: str) -> Receiv
 
 
 def _too_large(scope: Scope, size: int, limit: int, setting: str) -> PayloadTooLargeError:
-    state = getattr(scope["app"].state, "loraserve", None)
-    if state is not None:
-        state.metrics.limited.labels("upload_size" if setting.endswith("upload_bytes") else "body_size").inc()
+    metrics: AdapterMetrics | None = getattr(scope["app"].state, "metrics", None)  # set once the engine is up
+    if metrics is not None:
+        metrics.limited.labels("upload_size" if setting.endswith("upload_bytes") else "body_size").inc()
     return PayloadTooLargeError(
         f"The request body has at least {size} bytes; the limit is {limit} ({setting}). Send a smaller request."
     )

@@ -1,18 +1,27 @@
-"""Engine log-probabilities in the two OpenAI response shapes."""
+"""The engine's log-probabilities as plain data, for each endpoint to put in its own response shape.
+
+The completion and chat formats differ (parallel lists against one entry per
+token); each lives with its endpoint's protocol. What they share is read here:
+the sampled token's text and log-probability, and its top ``k`` alternatives.
+"""
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from serving.api.chat.protocol import ChatLogprobs, ChatTokenLogprob, TopLogprob
-from serving.api.completions.protocol import CompletionLogprobs
-
 if TYPE_CHECKING:
-    from vllm.logprobs import Logprob
+    from vllm.logprobs import Logprob, SampleLogprobs
 
-# One engine position: token id → Logprob, holding the sampled token and the top-k.
-Position = dict[int, "Logprob"]
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One generated token: its text, its log-probability and the top ``k`` ``(text, logprob)`` by rank."""
+
+    token: str
+    logprob: float
+    top: list[tuple[str, float]]
 
 
 def _finite(value: float) -> float:
@@ -24,45 +33,18 @@ def _token_text(token_id: int, entry: Logprob) -> str:
     return entry.decoded_token if entry.decoded_token is not None else f"<{token_id}>"
 
 
-def _top(position: Position, k: int) -> list[tuple[int, Logprob]]:
-    ranked = sorted(position.items(), key=lambda item: item[1].rank if item[1].rank is not None else 0)
-    return ranked[:k]
+def token_logprobs(token_ids: list[int], positions: SampleLogprobs, k: int) -> list[TokenLogprob]:
+    """Each sampled token of an output with its top ``k`` alternatives (``k`` = 0: none).
 
-
-def completion_logprobs(
-    token_ids: list[int], positions: list[Position], k: int, text_offset_start: int
-) -> CompletionLogprobs:
-    """``logprobs`` of a completion choice: sampled token, its logprob, the top ``k``."""
-    result = CompletionLogprobs()
-    offset = text_offset_start
+    ``positions`` holds, per generated token, token id → ``Logprob`` for the
+    sampled token and the top ``k`` (vLLM's list of dicts, or its flat form).
+    """
+    tokens = []
     for token_id, position in zip(token_ids, positions, strict=True):
+        if position is None:  # vLLM leaves only a prompt's first position empty, never a sampled one
+            raise ValueError(f"the engine returned no logprobs for sampled token {token_id}")
         entry = position[token_id]
-        text = _token_text(token_id, entry)
-        result.tokens.append(text)
-        result.token_logprobs.append(_finite(entry.logprob))
-        result.top_logprobs.append({_token_text(t, e): _finite(e.logprob) for t, e in _top(position, k)} if k else None)
-        result.text_offset.append(offset)
-        offset += len(text)
-    return result
-
-
-def chat_logprobs(token_ids: list[int], positions: list[Position], k: int) -> ChatLogprobs:
-    """``logprobs`` of a chat choice: one entry per token with its top ``k``."""
-    content = []
-    for token_id, position in zip(token_ids, positions, strict=True):
-        entry = position[token_id]
-        text = _token_text(token_id, entry)
-        content.append(
-            ChatTokenLogprob(
-                token=text,
-                logprob=_finite(entry.logprob),
-                bytes=list(text.encode()),
-                top_logprobs=[
-                    TopLogprob(
-                        token=_token_text(t, e), logprob=_finite(e.logprob), bytes=list(_token_text(t, e).encode())
-                    )
-                    for t, e in _top(position, k)
-                ],
-            )
-        )
-    return ChatLogprobs(content=content)
+        ranked = sorted(position.items(), key=lambda item: item[1].rank if item[1].rank is not None else 0)
+        top = [(_token_text(t, e), _finite(e.logprob)) for t, e in ranked[:k]]
+        tokens.append(TokenLogprob(_token_text(token_id, entry), _finite(entry.logprob), top))
+    return tokens

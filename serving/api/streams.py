@@ -10,8 +10,6 @@ from pydantic import BaseModel
 
 T = TypeVar("T")
 
-_DONE = object()
-
 
 async def merge_streams(streams: Sequence[AsyncIterator[T]]) -> AsyncIterator[tuple[int, T]]:
     """Yield ``(stream index, item)`` from several streams as items arrive.
@@ -23,28 +21,29 @@ async def merge_streams(streams: Sequence[AsyncIterator[T]]) -> AsyncIterator[tu
         async for item in streams[0]:
             yield 0, item
         return
-    queue: asyncio.Queue[tuple[int, object, BaseException | None]] = asyncio.Queue()
+    # An item with its stream's index; an exception (re-raised by the consumer); None: a stream ended.
+    queue: asyncio.Queue[tuple[int, T] | BaseException | None] = asyncio.Queue()
 
     async def pump(index: int, stream: AsyncIterator[T]) -> None:
         try:
             async for item in stream:
-                await queue.put((index, item, None))
-        except Exception as e:  # handed to the consumer, which re-raises it
-            await queue.put((index, None, e))
+                await queue.put((index, item))
+        except Exception as e:
+            await queue.put(e)
             return
-        await queue.put((index, _DONE, None))
+        await queue.put(None)
 
     tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
     try:
         remaining = len(tasks)
         while remaining:
-            index, item, error = await queue.get()
-            if error is not None:
-                raise error
-            if item is _DONE:
+            entry = await queue.get()
+            if entry is None:
                 remaining -= 1
-                continue
-            yield index, item  # type: ignore[misc]
+            elif isinstance(entry, BaseException):
+                raise entry
+            else:
+                yield entry
     finally:
         for task in tasks:
             task.cancel()

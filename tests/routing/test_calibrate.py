@@ -12,7 +12,7 @@ from routing.calibrate import ScoredSample, fit, fit_platt, fit_threshold
 from routing.config import RoutesFile, RouteSpec, RoutingSettings
 from routing.encoders import HashingEncoder
 from routing.evaluate import LabelledDataError, Sample, evaluate, expected_calibration_error, read_samples
-from routing.router import Router
+from routing.prompt_router import PromptRouter
 
 
 def members(*pairs: tuple[str, float]) -> list[ScoredSample]:
@@ -77,9 +77,9 @@ FIT = [
 def test_fit_learns_thresholds_that_beat_a_bad_default() -> None:
     settings = RoutingSettings(encoder="hashing", mode="semantic", top_k=1, threshold=-1.0)
     encoder = HashingEncoder()
-    before = evaluate(Router(settings, encoder, ROUTES), FIT)
-    fitted = fit(Router(settings, encoder, ROUTES), ROUTES, FIT, "fit.jsonl")
-    after = evaluate(Router(settings, encoder, fitted), FIT)
+    before = evaluate(PromptRouter(settings, encoder, ROUTES), FIT)
+    fitted = fit(PromptRouter(settings, encoder, ROUTES), ROUTES, FIT, "fit.jsonl")
+    after = evaluate(PromptRouter(settings, encoder, fitted), FIT)
     assert before.accuracy == 0.5  # threshold -1: every 'none' prompt is routed
     assert after.accuracy > before.accuracy
     assert all(spec.threshold is not None for spec in fitted.routes)

@@ -65,7 +65,7 @@ def test_eval_reports_a_clear_error_for_unknown_labels(tmp_path: Path) -> None:
 
 
 def test_shipped_demo_routes_reach_090_on_the_held_out_half_with_minilm(tmp_path: Path) -> None:
-    """The target of issue 5: accuracy >= 0.9 on prompts the router was not fitted on."""
+    """The target of issue 5: accuracy >= 0.9 on prompts the prompt router was not fitted on."""
     fit_prompts = {json.loads(line)["prompt"] for line in (ROUTES_DIR / "demo-fit.jsonl").read_text().splitlines()}
     eval_prompts = {json.loads(line)["prompt"] for line in (ROUTES_DIR / "demo-eval.jsonl").read_text().splitlines()}
     assert not fit_prompts & eval_prompts and len(fit_prompts | eval_prompts) >= 150

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, FastAPI, Path, Request, status
+from fastapi import APIRouter, Depends, FastAPI, Path, Request, status
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.datastructures import UploadFile
@@ -24,12 +24,20 @@ from serving.api.adapters.protocol import (
     UnloadResult,
     VersionView,
 )
+from serving.api.adapters.serving import AdaptersServing
 from serving.api.auth import AdminDep, PrincipalDep
-from serving.api.deps import AdaptersServingDep
 from serving.api.errors import ADMIN_ERRORS, ErrorResponse, InvalidRequestError
 from serving.config import TENANT_PATTERN
 
 router = APIRouter(tags=["adapters"])
+
+
+def adapters_serving(request: Request) -> AdaptersServing:
+    """Built with the engine by :mod:`serving.api.app`, which holds it on ``app.state``."""
+    return request.app.state.adapters_serving
+
+
+AdaptersServingDep = Annotated[AdaptersServing, Depends(adapters_serving)]
 
 REF_PATTERN = NAME_PATTERN.removesuffix("$") + r"(@[A-Za-z0-9._-]{1,64})?$"
 Name = Annotated[str, Path(pattern=NAME_PATTERN, description="Adapter name.")]

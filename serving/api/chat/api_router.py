@@ -2,14 +2,24 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, FastAPI, Request, Response
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, FastAPI, Request, Response
 
 from serving.api.auth import PrincipalDep
 from serving.api.chat.protocol import ChatCompletionRequest, ChatCompletionResponse
-from serving.api.deps import ChatServingDep
+from serving.api.chat.serving import ChatServing
 from serving.api.errors import GENERATION_ERRORS
 
 router = APIRouter(tags=["chat"])
+
+
+def chat_serving(request: Request) -> ChatServing:
+    """Built with the engine by :mod:`serving.api.app`, which holds it on ``app.state``."""
+    return request.app.state.chat_serving
+
+
+ChatServingDep = Annotated[ChatServing, Depends(chat_serving)]
 
 
 @router.post(

@@ -7,6 +7,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field, model_validator
 
+from serving.api.logprobs import TokenLogprob
 from serving.api.protocol import MAX_LOGPROBS, OpenAIBaseModel, SamplingRequest, UsageInfo
 
 
@@ -61,6 +62,21 @@ class ChatTokenLogprob(TopLogprob):
 class ChatLogprobs(BaseModel):
     content: list[ChatTokenLogprob] | None = None
 
+    @classmethod
+    def of(cls, tokens: list[TokenLogprob]) -> ChatLogprobs:
+        """Chat's format: one entry per token, each with its UTF-8 bytes and its top alternatives."""
+        return cls(
+            content=[
+                ChatTokenLogprob(
+                    token=t.token,
+                    logprob=t.logprob,
+                    bytes=list(t.token.encode()),
+                    top_logprobs=[TopLogprob(token=text, logprob=lp, bytes=list(text.encode())) for text, lp in t.top],
+                )
+                for t in tokens
+            ]
+        )
+
 
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
@@ -71,7 +87,7 @@ class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
     logprobs: ChatLogprobs | None = None
-    finish_reason: Literal["stop", "length", "abort"] | None = None
+    finish_reason: str | None = None  # vLLM's reason, passed through as its own server does (stop, length, ...)
     prompt_token_ids: list[int] | None = None
     token_ids: list[int] | None = None
 
@@ -94,7 +110,7 @@ class ChatChunkChoice(BaseModel):
     index: int
     delta: DeltaMessage
     logprobs: ChatLogprobs | None = None
-    finish_reason: Literal["stop", "length", "abort"] | None = None
+    finish_reason: str | None = None  # vLLM's reason, passed through as its own server does (stop, length, ...)
     token_ids: list[int] | None = None
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
 
 from adapter_store import ServedAdapter
 from serving.api.chat.protocol import (
@@ -13,12 +14,17 @@ from serving.api.chat.protocol import (
     ChatCompletionChunk,
     ChatCompletionRequest,
     ChatCompletionResponse,
+    ChatLogprobs,
     DeltaMessage,
 )
 from serving.api.errors import InvalidRequestError
 from serving.api.generation import GenerationJob, GenerationServing
-from serving.api.logprobs import chat_logprobs
+from serving.api.limits import max_tokens_for
+from serving.api.logprobs import token_logprobs
 from serving.api.streams import SSE_DONE, sse_event
+
+if TYPE_CHECKING:
+    from vllm import CompletionOutput
 
 
 class ChatServing(GenerationServing):
@@ -27,7 +33,13 @@ class ChatServing(GenerationServing):
 
     async def prepare(self, request: ChatCompletionRequest, adapter: ServedAdapter | None) -> GenerationJob:
         prompt = await asyncio.to_thread(self._prompt_ids, request)
-        max_tokens = self.max_tokens_for(len(prompt), request.output_budget, "max_completion_tokens")
+        max_tokens = max_tokens_for(
+            len(prompt),
+            request.output_budget,
+            "max_completion_tokens",
+            self.settings.model.max_model_len,
+            self.settings.limits,
+        )
         return self.new_job(request, adapter, [prompt], max_tokens, request.engine_logprobs)
 
     def _prompt_ids(self, request: ChatCompletionRequest) -> list[int]:
@@ -48,14 +60,19 @@ class ChatServing(GenerationServing):
             param="messages",
         )
 
+    @staticmethod
+    def _logprobs(request: ChatCompletionRequest, output: CompletionOutput) -> ChatLogprobs | None:
+        if not request.logprobs or output.logprobs is None:
+            return None
+        return ChatLogprobs.of(token_logprobs(list(output.token_ids), output.logprobs, request.top_logprobs or 0))
+
     async def complete(self, request: ChatCompletionRequest, job: GenerationJob) -> ChatCompletionResponse:
         choices: dict[int, ChatChoice] = {}
         async for index, output in self.outputs(job):
             choice = ChatChoice(
                 index=index, message=AssistantMessage(content=output.text), finish_reason=output.finish_reason
             )
-            if request.logprobs and output.logprobs is not None:
-                choice.logprobs = chat_logprobs(list(output.token_ids), output.logprobs, request.top_logprobs or 0)
+            choice.logprobs = self._logprobs(request, output)
             if request.return_token_ids:
                 choice.prompt_token_ids = job.prompts[0]
                 choice.token_ids = list(output.token_ids)
@@ -84,8 +101,7 @@ class ChatServing(GenerationServing):
             choice = ChatChunkChoice(
                 index=index, delta=DeltaMessage(content=output.text), finish_reason=output.finish_reason
             )
-            if request.logprobs and output.logprobs is not None:
-                choice.logprobs = chat_logprobs(list(output.token_ids), output.logprobs, request.top_logprobs or 0)
+            choice.logprobs = self._logprobs(request, output)
             if request.return_token_ids:
                 choice.token_ids = list(output.token_ids)
             yield self._chunk(request, job, [choice])

@@ -2,14 +2,24 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, FastAPI, Request, Response
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, FastAPI, Request, Response
 
 from serving.api.auth import PrincipalDep
 from serving.api.completions.protocol import CompletionRequest, CompletionResponse
-from serving.api.deps import CompletionServingDep
+from serving.api.completions.serving import CompletionServing
 from serving.api.errors import GENERATION_ERRORS
 
 router = APIRouter(tags=["completions"])
+
+
+def completion_serving(request: Request) -> CompletionServing:
+    """Built with the engine by :mod:`serving.api.app`, which holds it on ``app.state``."""
+    return request.app.state.completion_serving
+
+
+CompletionServingDep = Annotated[CompletionServing, Depends(completion_serving)]
 
 
 @router.post(

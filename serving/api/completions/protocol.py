@@ -7,6 +7,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field, field_validator
 
+from serving.api.logprobs import TokenLogprob
 from serving.api.protocol import MAX_LOGPROBS, MAX_PROMPTS, SamplingRequest, UsageInfo
 
 
@@ -36,12 +37,26 @@ class CompletionLogprobs(BaseModel):
     top_logprobs: list[dict[str, float] | None] = []
     text_offset: list[int] = []
 
+    @classmethod
+    def of(cls, tokens: list[TokenLogprob], k: int, text_offset_start: int) -> CompletionLogprobs:
+        """The legacy format: parallel lists, ``top_logprobs`` a dict per token (``None`` when ``k`` is 0),
+        offsets counted from ``text_offset_start`` (where this chunk's text starts in the choice)."""
+        result = cls()
+        offset = text_offset_start
+        for t in tokens:
+            result.tokens.append(t.token)
+            result.token_logprobs.append(t.logprob)
+            result.top_logprobs.append(dict(t.top) if k else None)
+            result.text_offset.append(offset)
+            offset += len(t.token)
+        return result
+
 
 class CompletionChoice(BaseModel):
     index: int
     text: str
     logprobs: CompletionLogprobs | None = None
-    finish_reason: Literal["stop", "length", "abort"] | None = None
+    finish_reason: str | None = None  # vLLM's reason, passed through as its own server does (stop, length, ...)
     prompt_token_ids: list[int] | None = None
     token_ids: list[int] | None = None
 

@@ -6,10 +6,16 @@ import asyncio
 from collections.abc import AsyncIterator
 
 from adapter_store import ServedAdapter
-from serving.api.completions.protocol import CompletionChoice, CompletionRequest, CompletionResponse
+from serving.api.completions.protocol import (
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    CompletionResponse,
+)
 from serving.api.errors import InvalidRequestError
 from serving.api.generation import GenerationJob, GenerationServing
-from serving.api.logprobs import completion_logprobs
+from serving.api.limits import max_tokens_for
+from serving.api.logprobs import token_logprobs
 from serving.api.sampling import check_token_ids
 from serving.api.streams import SSE_DONE, sse_event
 
@@ -20,7 +26,10 @@ class CompletionServing(GenerationServing):
 
     async def prepare(self, request: CompletionRequest, adapter: ServedAdapter | None) -> GenerationJob:
         prompts = await asyncio.to_thread(self._prompt_ids, request.prompt)
-        max_tokens = min(self.max_tokens_for(len(ids), request.max_tokens, "max_tokens") for ids in prompts)
+        model_len, limits = self.settings.model.max_model_len, self.settings.limits
+        max_tokens = min(
+            max_tokens_for(len(ids), request.max_tokens, "max_tokens", model_len, limits) for ids in prompts
+        )
         return self.new_job(request, adapter, prompts, max_tokens, request.logprobs)
 
     def routing_text(self, request: CompletionRequest) -> str:
@@ -38,8 +47,8 @@ class CompletionServing(GenerationServing):
         if isinstance(prompt, str):
             return [self.tokenizer.encode(prompt, add_special_tokens=True)]
         if isinstance(prompt[0], str):
-            return [self.tokenizer.encode(p, add_special_tokens=True) for p in prompt]  # type: ignore[arg-type]
-        prompts = [list(prompt)] if isinstance(prompt[0], int) else [list(p) for p in prompt]  # type: ignore[arg-type]
+            return [self.tokenizer.encode(p, add_special_tokens=True) for p in prompt]
+        prompts = [list(prompt)] if isinstance(prompt[0], int) else [list(p) for p in prompt]
         for ids in prompts:
             check_token_ids(ids, self.vocab_size)
         return prompts
@@ -49,7 +58,8 @@ class CompletionServing(GenerationServing):
         async for index, output in self.outputs(job):
             choice = CompletionChoice(index=index, text=output.text, finish_reason=output.finish_reason)
             if request.logprobs is not None and output.logprobs is not None:
-                choice.logprobs = completion_logprobs(list(output.token_ids), output.logprobs, request.logprobs, 0)
+                tokens = token_logprobs(list(output.token_ids), output.logprobs, request.logprobs)
+                choice.logprobs = CompletionLogprobs.of(tokens, request.logprobs, 0)
             if request.return_token_ids:
                 choice.prompt_token_ids = job.prompts[index // job.n]
                 choice.token_ids = list(output.token_ids)
@@ -68,7 +78,8 @@ class CompletionServing(GenerationServing):
             choice = CompletionChoice(index=index, text=output.text, finish_reason=output.finish_reason)
             if request.logprobs is not None and output.logprobs is not None:
                 start = text_offsets.get(index, 0)
-                choice.logprobs = completion_logprobs(list(output.token_ids), output.logprobs, request.logprobs, start)
+                tokens = token_logprobs(list(output.token_ids), output.logprobs, request.logprobs)
+                choice.logprobs = CompletionLogprobs.of(tokens, request.logprobs, start)
                 text_offsets[index] = start + len(output.text)
             if request.return_token_ids:
                 choice.token_ids = list(output.token_ids)

@@ -2,14 +2,24 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, FastAPI
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, FastAPI, Request
 
 from serving.api.auth import PrincipalDep
-from serving.api.deps import ModelsServingDep
 from serving.api.errors import ErrorResponse
 from serving.api.models.protocol import ModelList
+from serving.api.models.serving import ModelsServing
 
 router = APIRouter(tags=["models"])
+
+
+def models_serving(request: Request) -> ModelsServing:
+    """Built with the engine by :mod:`serving.api.app`, which holds it on ``app.state``."""
+    return request.app.state.models_serving
+
+
+ModelsServingDep = Annotated[ModelsServing, Depends(models_serving)]
 
 
 @router.get("/v1/models", response_model=ModelList, responses={401: {"model": ErrorResponse}})

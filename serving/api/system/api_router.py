@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, FastAPI, Response
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, FastAPI, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
-from serving.api.deps import EngineDep
 from serving.api.errors import EngineUnavailableError, ErrorResponse
+from serving.engine import LoraEngine
 
 router = APIRouter(tags=["system"])
+
+
+def engine(request: Request) -> LoraEngine:
+    """Started in the lifespan by :mod:`serving.api.app`, which holds it on ``app.state``."""
+    return request.app.state.engine
+
+
+EngineDep = Annotated[LoraEngine, Depends(engine)]
 
 
 @router.get("/health", responses={503: {"description": "engine not ready or dead"}})

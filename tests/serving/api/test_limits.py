@@ -6,8 +6,10 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from serving.api.auth import OPEN_PRINCIPAL, Principal
-from serving.api.errors import InvalidRequestError, RateLimitError, ServerBusyError
-from serving.api.limits import RateBuckets, RequestLimiter, TokenBucket
+from serving.api.chat.protocol import ChatCompletionRequest
+from serving.api.completions.protocol import CompletionRequest
+from serving.api.errors import ContextLengthError, InvalidRequestError, RateLimitError, ServerBusyError
+from serving.api.limits import RateBuckets, RequestLimiter, TokenBucket, max_tokens_for, request_cost
 from serving.config import LimitSettings, RateSettings
 from serving.metrics import AdapterMetrics
 
@@ -205,3 +207,85 @@ def test_uploads_have_their_own_bucket_per_key():
     clock.now += 10
     lim.admit_upload(ALICE, "h")
     assert lim.metrics.limited.labels("upload_rate")._value.get() == 1
+
+
+@pytest.mark.parametrize(
+    ("request_", "cost"),
+    [
+        (CompletionRequest(model="m", prompt="hi"), 1),
+        (CompletionRequest(model="m", prompt="hi", n=3), 3),
+        (CompletionRequest(model="m", prompt=["a", "b"], n=3), 6),  # prompts x n
+        (CompletionRequest(model="m", prompt=[1, 2, 3], n=2), 2),  # one prompt of token ids
+        (CompletionRequest(model="m", prompt=[[1], [2], [3]], n=2), 6),
+        (ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "hi"}], n=4), 4),
+    ],
+)
+def test_a_request_costs_prompts_times_n(request_, cost):
+    assert request_cost(request_, LimitSettings()) == cost
+
+
+@pytest.mark.parametrize(
+    ("limits", "fields", "param", "setting"),
+    [
+        ({"max_n": 2}, {"n": 3}, "n", "limits.max_n"),
+        ({"max_prompts_per_request": 2}, {"prompt": ["a", "b", "c"]}, "prompt", "limits.max_prompts_per_request"),
+        ({"max_stop": 1}, {"stop": ["x", "y"]}, "stop", "limits.max_stop"),
+        ({"max_stop_chars": 4}, {"stop": "abcde"}, "stop", "limits.max_stop_chars"),
+    ],
+)
+def test_a_request_over_a_body_limit_is_a_400_naming_field_and_setting(limits, fields, param, setting):
+    request = CompletionRequest(model="m", **{"prompt": "hi", **fields})
+    with pytest.raises(InvalidRequestError) as refused:
+        request_cost(request, LimitSettings(**limits))
+    assert refused.value.param == param and setting in refused.value.message
+
+
+@pytest.mark.parametrize(
+    ("limits", "fields", "param"),
+    [  # exactly at each bound is allowed
+        ({"max_n": 2}, {"n": 2}, "n"),
+        ({"max_prompts_per_request": 2}, {"prompt": ["a", "b"]}, "prompt"),
+        ({"max_stop": 1}, {"stop": ["x"]}, "stop"),
+        ({"max_stop_chars": 4}, {"stop": "abcd"}, "stop"),
+    ],
+)
+def test_a_request_at_a_body_limit_passes(limits, fields, param):
+    request = CompletionRequest(model="m", **{"prompt": "hi", **fields})
+    assert request_cost(request, LimitSettings(**limits)) == request.prompt_count * request.n
+
+
+CONTEXT = 100
+
+
+@pytest.mark.parametrize(
+    ("prompt_len", "requested", "limits", "budget"),
+    [
+        (10, 5, {}, 5),  # what was asked
+        (10, 90, {}, 90),  # exactly fills the context
+        (10, None, {}, 90),  # unasked: what the context leaves
+        (10, None, {"max_tokens": 20}, 20),  # ...capped by limits.max_tokens
+        (95, None, {"max_tokens": 20}, 5),  # ...or by the context, whichever is less
+        (10, 20, {"max_tokens": 20}, 20),  # at the limit
+        (50, 5, {"max_prompt_tokens": 50}, 5),  # a prompt at its limit
+    ],
+)
+def test_max_tokens_for_the_output_budget(prompt_len, requested, limits, budget):
+    assert max_tokens_for(prompt_len, requested, "max_tokens", CONTEXT, LimitSettings(**limits)) == budget
+
+
+@pytest.mark.parametrize(
+    ("prompt_len", "requested", "limits", "error", "param", "says"),
+    [
+        (51, 5, {"max_prompt_tokens": 50}, ContextLengthError, "prompt", "limits.max_prompt_tokens"),
+        (10, 21, {"max_tokens": 20}, InvalidRequestError, "max_completion_tokens", "limits.max_tokens"),
+        (100, None, {}, ContextLengthError, "prompt", "the prompt has 100 tokens"),
+        (100, 1, {}, ContextLengthError, "prompt", "the prompt has 100 tokens"),
+        (10, 91, {}, ContextLengthError, "max_completion_tokens", "you requested 101 tokens (10 in the prompt, 91"),
+    ],
+)
+def test_max_tokens_for_refuses_what_cannot_fit(prompt_len, requested, limits, error, param, says):
+    with pytest.raises(error) as refused:
+        max_tokens_for(prompt_len, requested, "max_completion_tokens", CONTEXT, LimitSettings(**limits))
+    assert type(refused.value) is error
+    assert refused.value.param == param and says in refused.value.message
+    assert refused.value.code == ("context_length_exceeded" if error is ContextLengthError else "invalid_request")

@@ -9,20 +9,22 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from routing import AsyncRouter, RouteSpec
+from routing import AsyncPromptRouter, RouteSpec
 from serving.api.errors import InvalidRequestError, ModelNotFoundError, PermissionDeniedError, RouteNotFoundError
-from serving.api.routes.protocol import RouteCard, RouteDeleted, RouteList
+from serving.api.prompt_routes.protocol import RouteCard, RouteDeleted, RouteList
 from serving.config import Settings
 
 
-class RoutesServing:
-    def __init__(self, settings: Settings, router: AsyncRouter | None, resolve: Callable[[str], object]) -> None:
+class PromptRoutesServing:
+    def __init__(
+        self, settings: Settings, prompt_router: AsyncPromptRouter | None, resolve: Callable[[str], object]
+    ) -> None:
         self.settings = settings
-        self.router = router
+        self.prompt_router = prompt_router
         self.resolve = resolve
 
-    def _router(self, *, change: bool) -> AsyncRouter:
-        if self.router is None or self.settings.routing is None:
+    def _prompt_router(self, *, change: bool) -> AsyncPromptRouter:
+        if self.prompt_router is None or self.settings.routing is None:
             raise PermissionDeniedError(
                 "Routing is not configured on this server: add a `routing` section to the config."
             )
@@ -30,10 +32,10 @@ class RoutesServing:
             raise PermissionDeniedError(
                 "Changing routes at run time is disabled: set routing.admin_enabled: true in the config."
             )
-        return self.router
+        return self.prompt_router
 
     def list_routes(self) -> RouteList:
-        table = self._router(change=False).router.table
+        table = self._prompt_router(change=False).table
         cards = [
             RouteCard(
                 name=route.spec.key,
@@ -49,7 +51,7 @@ class RoutesServing:
 
     async def put_route(self, name: str, spec: RouteSpec) -> tuple[RouteCard, bool]:
         """Add or replace route ``name``; True when it was created."""
-        router = self._router(change=True)
+        prompt_router = self._prompt_router(change=True)
         if spec.name is not None and spec.name != name:
             raise InvalidRequestError(
                 f"The body names route {spec.name!r} but the path names {name!r}; drop `name` from the body.",
@@ -61,12 +63,12 @@ class RoutesServing:
             raise InvalidRequestError(
                 f"Route {name!r} targets a model that is not served. {e.message}", param="adapter"
             ) from e
-        replaced = await router.put_route(spec.model_copy(update={"name": name}))
+        replaced = await prompt_router.put_route(spec.model_copy(update={"name": name}))
         card = next(c for c in self.list_routes().data if c.name == name)
         return card, not replaced
 
     async def delete_route(self, name: str) -> RouteDeleted:
-        router = self._router(change=True)
-        if not await router.delete_route(name):
-            raise RouteNotFoundError(name, [s.key for s in router.router.table.specs])
+        prompt_router = self._prompt_router(change=True)
+        if not await prompt_router.delete_route(name):
+            raise RouteNotFoundError(name, [s.key for s in prompt_router.table.specs])
         return RouteDeleted(name=name)

@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 
@@ -31,7 +32,7 @@ METHOD_DEFAULT = "default"
 
 @dataclass(frozen=True)
 class RouteDecision:
-    """What the router chose and why.
+    """What the prompt router chose and why.
 
     ``target`` is the adapter ref to serve (``None``: the base model); ``route``
     the route that decided (``None`` when none did); ``score`` the winning (or
@@ -72,6 +73,7 @@ class EmbeddingCache:
 
 # Whether a caller may be routed by a route (its own tenant, its target's); the server passes the key's checks.
 Allowed = Callable[[RouteSpec], bool]
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
@@ -119,8 +121,8 @@ class RouteTable:
         return w * dense + (1.0 - w) * self.sparse.scores(text)
 
 
-class Router:
-    """Synchronous routing; :class:`AsyncRouter` runs it off the event loop."""
+class PromptRouter:
+    """Synchronous routing; :class:`AsyncPromptRouter` runs it off the event loop."""
 
     def __init__(self, settings: RoutingSettings, encoder: Encoder, routes: RoutesFile) -> None:
         self.settings = settings
@@ -234,8 +236,8 @@ class Router:
         )
 
 
-class AsyncRouter:
-    """The router for an event loop: both layers in one worker thread, one hop per request.
+class AsyncPromptRouter:
+    """The prompt router for an event loop: both layers in one worker thread, one hop per request.
 
     The keyword layer runs there too: its patterns are linear-time and see a
     bounded text, but on a long prompt and many rules it is still CPU work the
@@ -244,20 +246,28 @@ class AsyncRouter:
     route changes (which encode new utterances) go through the same worker.
     """
 
-    def __init__(self, router: Router) -> None:
-        self.router = router
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="router")
+    def __init__(self, prompt_router: PromptRouter) -> None:
+        self._sync = prompt_router
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prompt-router")
+
+    @property
+    def table(self) -> RouteTable:
+        """The current routes: an immutable snapshot, safe to read from the event loop."""
+        return self._sync.table
 
     async def route(self, text: str, allowed: Allowed | None = None) -> RouteDecision:
         start = time.perf_counter()
-        decision = await asyncio.get_running_loop().run_in_executor(self._executor, self.router.route, text, allowed)
+        decision = await self._run(self._sync.route, text, allowed)
         return dataclasses.replace(decision, latency_s=time.perf_counter() - start)
 
     async def put_route(self, spec: RouteSpec) -> bool:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, self.router.put_route, spec)
+        return await self._run(self._sync.put_route, spec)
 
     async def delete_route(self, key: str) -> bool:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, self.router.delete_route, key)
+        return await self._run(self._sync.delete_route, key)
+
+    async def _run(self, fn: Callable[..., _T], *args: object) -> _T:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)

@@ -1,13 +1,13 @@
-"""RoutesServing without a server: the admin switch and the target check (stand-in encoder)."""
+"""PromptRoutesServing without a server: the admin switch and the target check (stand-in encoder)."""
 
 from __future__ import annotations
 
 import pytest
 
-from routing import AsyncRouter, Router, RoutesFile, RouteSpec
+from routing import AsyncPromptRouter, PromptRouter, RoutesFile, RouteSpec
 from routing.encoders import HashingEncoder
 from serving.api.errors import InvalidRequestError, ModelNotFoundError, PermissionDeniedError, RouteNotFoundError
-from serving.api.routes.serving import RoutesServing
+from serving.api.prompt_routes.serving import PromptRoutesServing
 from serving.config import parse_settings
 
 SERVED = {"base", "code", "legal"}
@@ -18,7 +18,7 @@ def resolve(model: str) -> None:
         raise ModelNotFoundError(model, sorted(SERVED))
 
 
-def serving(routing: dict | None) -> RoutesServing:
+def serving(routing: dict | None) -> PromptRoutesServing:
     raw = {"model": {"path": "/m", "name": "base"}, "auth": {"mode": "open"}}
     if routing is not None:
         raw["routing"] = {
@@ -27,11 +27,11 @@ def serving(routing: dict | None) -> RoutesServing:
             **routing,
         }
     settings = parse_settings(raw)
-    router = None
+    prompt_router = None
     if settings.routing is not None:
         routes = RoutesFile(routes=settings.routing.routes)
-        router = AsyncRouter(Router(settings.routing, HashingEncoder(), routes))
-    return RoutesServing(settings, router, resolve)
+        prompt_router = AsyncPromptRouter(PromptRouter(settings.routing, HashingEncoder(), routes))
+    return PromptRoutesServing(settings, prompt_router, resolve)
 
 
 async def test_admin_switch_off_allows_listing_but_not_changes() -> None:

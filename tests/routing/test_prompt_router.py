@@ -1,4 +1,4 @@
-"""Router logic with the deterministic ``hashing`` stand-in encoder (no model)."""
+"""PromptRouter logic with the deterministic ``hashing`` stand-in encoder (no model)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 
 from routing.config import KeywordRule, RoutesFile, RouteSpec, RoutingSettings
 from routing.encoders import EncoderError, HashingEncoder, build_encoder, encoder_names
-from routing.router import AsyncRouter, Router
+from routing.prompt_router import AsyncPromptRouter, PromptRouter
 
 ROUTES = [
     RouteSpec(
@@ -42,9 +42,9 @@ class CountingEncoder(HashingEncoder):
         return super().encode(texts)
 
 
-def make_router(encoder=None, routes=ROUTES, **settings) -> Router:
+def make_router(encoder=None, routes=ROUTES, **settings) -> PromptRouter:
     settings = {"encoder": "hashing", "mode": "semantic", "threshold": 0.3, "top_k": 2, **settings}
-    return Router(RoutingSettings(**settings), encoder or HashingEncoder(), RoutesFile(routes=list(routes)))
+    return PromptRouter(RoutingSettings(**settings), encoder or HashingEncoder(), RoutesFile(routes=list(routes)))
 
 
 CASES = [
@@ -69,8 +69,8 @@ def test_route_decisions(text: str, route: str | None, target: str | None, metho
 
 
 def test_below_threshold_goes_to_the_configured_default_and_names_the_best_route() -> None:
-    router = make_router(threshold=0.99, default="medical")
-    decision = router.route("my python function returns a list")
+    prompt_router = make_router(threshold=0.99, default="medical")
+    decision = prompt_router.route("my python function returns a list")
     assert (decision.route, decision.target, decision.method, decision.best_route) == (
         None,
         "medical",
@@ -88,10 +88,10 @@ def test_per_route_threshold_overrides_the_default_threshold() -> None:
 
 def test_keyword_mode_never_encodes_prompts() -> None:
     encoder = CountingEncoder()
-    router = make_router(encoder, mode="keyword")
+    prompt_router = make_router(encoder, mode="keyword")
     encoded_at_start = len(encoder.texts)
-    assert router.route("my python function returns a list").method == "default"
-    assert router.route("a traceback").route == "code"
+    assert prompt_router.route("my python function returns a list").method == "default"
+    assert prompt_router.route("a traceback").route == "code"
     assert len(encoder.texts) == encoded_at_start
 
 
@@ -106,58 +106,61 @@ def test_hybrid_adds_the_sparse_signal() -> None:
 
 def test_utterance_embeddings_are_computed_once_and_reused_across_updates() -> None:
     encoder = CountingEncoder()
-    router = make_router(encoder)
+    prompt_router = make_router(encoder)
     n_utterances = sum(len(r.utterances) for r in ROUTES)
     assert len(encoder.texts) == n_utterances
-    router.route("patient fever")  # one query
+    prompt_router.route("patient fever")  # one query
     new = RouteSpec(adapter="code", utterances=["python function returns list", "rust borrow checker"])
-    assert router.put_route(new) is True  # replaced the code route
+    assert prompt_router.put_route(new) is True  # replaced the code route
     assert encoder.texts[n_utterances + 1 :] == ["rust borrow checker"]  # only the new utterance
 
 
 def test_put_and_delete_routes_take_effect() -> None:
-    router = make_router()
-    assert router.route("garden roses tulips bloom").route is None
-    assert router.put_route(RouteSpec(adapter="garden", utterances=["garden roses tulips", "flowers bloom"])) is False
-    assert router.route("garden roses tulips bloom").target == "garden"
-    assert router.delete_route("garden") is True
-    assert router.delete_route("garden") is False
-    assert router.route("garden roses tulips bloom").route is None
-    assert [s.key for s in router.table.specs] == ["code", "legal", "medical"]
+    prompt_router = make_router()
+    assert prompt_router.route("garden roses tulips bloom").route is None
+    assert (
+        prompt_router.put_route(RouteSpec(adapter="garden", utterances=["garden roses tulips", "flowers bloom"]))
+        is False
+    )
+    assert prompt_router.route("garden roses tulips bloom").target == "garden"
+    assert prompt_router.delete_route("garden") is True
+    assert prompt_router.delete_route("garden") is False
+    assert prompt_router.route("garden roses tulips bloom").route is None
+    assert [s.key for s in prompt_router.table.specs] == ["code", "legal", "medical"]
 
 
 async def test_async_router_encodes_off_the_event_loop() -> None:
     encoder = CountingEncoder()
-    router = AsyncRouter(make_router(encoder))
+    prompt_router = AsyncPromptRouter(make_router(encoder))
     try:
         encoder.threads.clear()
-        decision = await router.route("patient with fever and symptoms")
+        decision = await prompt_router.route("patient with fever and symptoms")
         assert decision.route == "medical" and decision.latency_s > 0
-        assert encoder.threads and all(name.startswith("router") for name in encoder.threads)
-        assert (await router.route("a traceback")).method == "keyword"
-        await router.put_route(RouteSpec(adapter="garden", utterances=["garden roses tulips"]))
-        results = await asyncio.gather(*(router.route("garden roses tulips") for _ in range(5)))
+        assert encoder.threads and all(name.startswith("prompt-router") for name in encoder.threads)
+        assert (await prompt_router.route("a traceback")).method == "keyword"
+        await prompt_router.put_route(RouteSpec(adapter="garden", utterances=["garden roses tulips"]))
+        results = await asyncio.gather(*(prompt_router.route("garden roses tulips") for _ in range(5)))
         assert {r.target for r in results} == {"garden"}
     finally:
-        router.close()
+        prompt_router.close()
 
 
 async def test_async_router_runs_the_keyword_layer_off_the_event_loop(monkeypatch) -> None:
-    router = make_router()
+    prompt_router = make_router()
     threads: list[str] = []
-    keyword_route = router.table.keyword_route
+    keyword_route = prompt_router.table.keyword_route
 
     def recorded(text, allowed=None):
         threads.append(threading.current_thread().name)
         return keyword_route(text, allowed)
 
-    monkeypatch.setattr(router.table, "keyword_route", recorded)
-    async_router = AsyncRouter(router)
+    monkeypatch.setattr(prompt_router.table, "keyword_route", recorded)
+    async_prompt_router = AsyncPromptRouter(prompt_router)
     try:
-        assert (await async_router.route("a traceback")).method == "keyword"
-        assert threads and all(name.startswith("router") for name in threads)
+        assert (await async_prompt_router.route("a traceback")).method == "keyword"
+        assert threads and all(name.startswith("prompt-router") for name in threads)
     finally:
-        async_router.close()
+        async_prompt_router.close()
 
 
 def test_encoder_registry() -> None:
@@ -183,22 +186,22 @@ def test_encoder_registry() -> None:
     ],
 )
 def test_routing_considers_only_allowed_targets(text, allowed, target):
-    router = make_router()
+    prompt_router = make_router()
 
     def may_use(spec) -> bool:
         return spec.adapter in allowed
 
-    decision = router.route(text, may_use)
+    decision = prompt_router.route(text, may_use)
     assert decision.target == target
-    assert asyncio.run(AsyncRouter(router).route(text, may_use)).target == target
+    assert asyncio.run(AsyncPromptRouter(prompt_router).route(text, may_use)).target == target
 
 
 def test_a_tenants_route_routes_only_that_tenant() -> None:
     private = RouteSpec(name="acme-code", adapter="code", tenant="acme", keywords=[{"patterns": ["zorblax"]}])
-    router = make_router(routes=[*ROUTES, private])
+    prompt_router = make_router(routes=[*ROUTES, private])
 
     def caller(tenant: str | None):
         return lambda spec: spec.tenant in (None, tenant)
 
-    assert router.route("a zorblax question", caller("acme")).target == "code"
-    assert router.route("a zorblax question", caller("other")).method != "keyword"
+    assert prompt_router.route("a zorblax question", caller("acme")).target == "code"
+    assert prompt_router.route("a zorblax question", caller("other")).method != "keyword"

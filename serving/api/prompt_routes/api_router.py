@@ -2,31 +2,39 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
-from fastapi import APIRouter, FastAPI, Path, Response
+from fastapi import APIRouter, Depends, FastAPI, Path, Request, Response
 
 from routing import RouteSpec
 from routing.config import TARGET_PATTERN
 from serving.api.auth import AdminDep
-from serving.api.deps import RoutesServingDep
 from serving.api.errors import ErrorResponse
-from serving.api.routes.protocol import RouteCard, RouteDeleted, RouteList
+from serving.api.prompt_routes.protocol import RouteCard, RouteDeleted, RouteList
+from serving.api.prompt_routes.serving import PromptRoutesServing
 
 router = APIRouter(tags=["routes"])
 
+
+def prompt_routes_serving(request: Request) -> PromptRoutesServing:
+    """Built with the engine by :mod:`serving.api.app`, which holds it on ``app.state``."""
+    return request.app.state.prompt_routes_serving
+
+
+PromptRoutesServingDep = Annotated[PromptRoutesServing, Depends(prompt_routes_serving)]
+
 RouteName = Annotated[str, Path(pattern=TARGET_PATTERN, description="Route name (defaults to its adapter).")]
-_ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 403, 404)}
+_ERRORS: dict[int | str, dict[str, Any]] = {status: {"model": ErrorResponse} for status in (400, 401, 403, 404)}
 
 
 @router.get("/admin/routes", response_model=RouteList, responses=_ERRORS)
-async def list_routes(serving: RoutesServingDep, _: AdminDep) -> RouteList:
+async def list_routes(serving: PromptRoutesServingDep, _: AdminDep) -> RouteList:
     return serving.list_routes()
 
 
 @router.put("/admin/routes/{name}", response_model=RouteCard, responses=_ERRORS)
 async def put_route(
-    name: RouteName, spec: RouteSpec, response: Response, serving: RoutesServingDep, _: AdminDep
+    name: RouteName, spec: RouteSpec, response: Response, serving: PromptRoutesServingDep, _: AdminDep
 ) -> RouteCard:
     """Add the route (201) or replace it (200); effective for the next request."""
     card, created = await serving.put_route(name, spec)
@@ -35,7 +43,7 @@ async def put_route(
 
 
 @router.delete("/admin/routes/{name}", response_model=RouteDeleted, responses=_ERRORS)
-async def delete_route(name: RouteName, serving: RoutesServingDep, _: AdminDep) -> RouteDeleted:
+async def delete_route(name: RouteName, serving: PromptRoutesServingDep, _: AdminDep) -> RouteDeleted:
     return await serving.delete_route(name)
 
 

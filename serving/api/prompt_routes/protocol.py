@@ -10,7 +10,7 @@ from routing.config import KeywordRule
 
 
 class RouteCard(BaseModel):
-    """A route as the router uses it; ``threshold`` is the effective one."""
+    """A route as the prompt router uses it; ``threshold`` is the effective one."""
 
     name: str
     adapter: str

@@ -1,0 +1,1 @@
+"""GET/PUT/DELETE /admin/routes: the prompt router's routes, changed at run time."""

@@ -1,1 +1,0 @@
-"""GET/PUT/DELETE /admin/routes: the router's routes, changed at run time."""
