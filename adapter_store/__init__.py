@@ -1,6 +1,13 @@
-"""Adapters: names, versions, files. Never imports vLLM or FastAPI."""
+"""Adapters: names, versions, files. Never imports vLLM, FastAPI or anything of serving.
 
-from adapter_store.catalog import AdapterCatalog, ServedAdapter
+:class:`AdapterStore` is the one entry point: it registers adapters from their
+sources (or uploads), resolves references to content-addressed versions, says
+who owns each name, and leases a version's local files as a
+:class:`ServedAdapter` while a request uses them. Its registry, sources,
+validator and disk cache are internal. Everything it does may block (SQLite,
+fetches, hashing): async callers use a worker thread.
+"""
+
 from adapter_store.digest import content_digest
 from adapter_store.errors import (
     AdapterInUse,
@@ -16,38 +23,42 @@ from adapter_store.errors import (
     SourceError,
     VersionConflict,
 )
-from adapter_store.models import AdapterMetadata, AdapterVersion, Claim, HealthRecord, ResolvedAdapter
-from adapter_store.refs import AdapterRef
-from adapter_store.registry import AdapterRegistry
-from adapter_store.settings import StoreSettings
-from adapter_store.store import AdapterStore
-from adapter_store.validation import AdapterValidator, BaseModelSpec
+from adapter_store.memory import cpu_loras_for_budget
+from adapter_store.models import AdapterMetadata, AdapterVersion, Claim, HealthRecord, HealthState, ServedAdapter
+from adapter_store.refs import ALIAS_PATTERN, NAME_PATTERN, AdapterRef
+from adapter_store.settings import FALLBACK_POLICIES, LocalSourceSettings, StoreSettings
+from adapter_store.store import TENANT_TAG, AdapterStore, DiskCacheState
+from adapter_store.validation import BaseModelSpec
 
 __all__ = [
-    "AdapterCatalog",
+    "ALIAS_PATTERN",
+    "FALLBACK_POLICIES",
+    "NAME_PATTERN",
+    "TENANT_TAG",
     "AdapterInUse",
     "AdapterMetadata",
     "AdapterNotFound",
     "AdapterPinned",
     "AdapterRef",
-    "AdapterRegistry",
     "AdapterStore",
     "AdapterStoreError",
-    "AdapterValidator",
     "AdapterVersion",
     "AmbiguousVersion",
     "BaseModelSpec",
     "CacheFull",
     "Claim",
+    "DiskCacheState",
     "HealthRecord",
+    "HealthState",
     "InvalidAdapter",
     "InvalidRef",
     "LegacyDigest",
+    "LocalSourceSettings",
     "OwnershipConflict",
-    "ResolvedAdapter",
     "ServedAdapter",
     "SourceError",
     "StoreSettings",
     "VersionConflict",
     "content_digest",
+    "cpu_loras_for_budget",
 ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import tempfile
 from collections.abc import AsyncIterator
@@ -11,9 +12,8 @@ from pathlib import Path
 from fastapi import FastAPI
 from prometheus_client import REGISTRY
 
-from adapter_store import AdapterCatalog, AdapterStore
+from adapter_store import AdapterStore
 from routing import AsyncRouter, Router, build_encoder, load_routes
-from serving.adapters import open_store
 from serving.api.adapters import api_router as adapters_router
 from serving.api.auth import OPEN_PRINCIPAL, AuthMiddleware, KeyStore
 from serving.api.chat import api_router as chat_router
@@ -22,12 +22,13 @@ from serving.api.deps import AppState
 from serving.api.errors import ServingError, install_error_handlers
 from serving.api.limits import BodySizeLimitMiddleware, RequestLimiter
 from serving.api.models import api_router as models_router
-from serving.api.resolver import AdapterResolver, on_demand_claim
 from serving.api.routes import api_router as routes_router
+from serving.api.selector import AdapterSelector
 from serving.api.system import api_router as system_router
 from serving.config import ConfigError, Settings
 from serving.engine import LoraEngine
 from serving.metrics import AdapterMetrics, AdapterStoreCollector
+from serving.store import open_store
 
 logger = logging.getLogger(__name__)
 
@@ -45,22 +46,20 @@ def build_state(
     settings: Settings, engine: LoraEngine, metrics: AdapterMetrics, store: AdapterStore, router: AsyncRouter | None
 ) -> AppState:
     """Wire the serving objects around a started engine."""
+    from serving.api.adapters.probe import AdapterProbe
     from serving.api.adapters.serving import AdaptersServing
     from serving.api.chat.serving import ChatServing
     from serving.api.completions.serving import CompletionServing
     from serving.api.models.serving import ModelsServing
     from serving.api.routes.serving import RoutesServing
 
-    catalog = AdapterCatalog(store)
-    resolver = AdapterResolver(settings, catalog, metrics, engine)
+    selector = AdapterSelector(settings, store, metrics, engine)
     tokenizer = engine.llm.get_tokenizer()
     limiter = RequestLimiter(settings.limits, settings.engine.max_num_seqs, metrics)
-    shared = (engine, resolver, settings, metrics, tokenizer, limiter, router)
+    shared = (engine, selector, settings, metrics, tokenizer, limiter, router)
 
     def resolve_any(ref: str) -> object:  # route targets are checked as the operator sees them: everything
-        claim = on_demand_claim(OPEN_PRINCIPAL)  # as before: found on demand, registered as public
-        if ref != settings.model.name and resolver.catalog.find(ref, register_for=claim) is None:
-            raise resolver.not_found(ref, OPEN_PRINCIPAL)
+        selector.require(ref, OPEN_PRINCIPAL)  # found on demand: registered as public
         return ref
 
     if router is not None:  # every route and the default must name a served model, checked like a client's
@@ -75,9 +74,9 @@ def build_state(
         metrics=metrics,
         completions=CompletionServing(*shared),
         chat=ChatServing(*shared),
-        models=ModelsServing(settings, resolver),
+        models=ModelsServing(settings, selector),
         routes=RoutesServing(settings, router, resolve_any),
-        adapters=AdaptersServing(engine, resolver, tokenizer, limiter),
+        adapters=AdaptersServing(engine, selector, AdapterProbe(engine, store, tokenizer), limiter),
     )
 
 
@@ -94,12 +93,13 @@ def build_app(settings: Settings) -> FastAPI:
             try:
                 prompt_router = build_router(settings)
                 await engine.start()
-                state = build_state(settings, engine, AdapterMetrics(), store, prompt_router)
-                await state.adapters.startup([a.name for a in settings.adapters])
-                collector = AdapterStoreCollector(state.adapters.catalog, engine.resident)
+                # In a worker thread: checking the routes' targets reads (and may fetch into) the store.
+                state = await asyncio.to_thread(build_state, settings, engine, AdapterMetrics(), store, prompt_router)
+                await state.adapters.probe.startup([a.name for a in settings.adapters])
+                collector = AdapterStoreCollector(store, engine.resident)
                 REGISTRY.register(collector)
                 app.state.loraserve = state
-                names = ", ".join(store.registry.names()) or "none"
+                names = ", ".join(await asyncio.to_thread(store.names)) or "none"
                 logger.info("serving %s with adapters: %s", settings.model.name, names)
                 yield
             finally:
