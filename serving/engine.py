@@ -29,6 +29,7 @@ from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
 from adapter_store import BaseModelSpec, ServedAdapter, cpu_loras_for_budget
+from serving.adapter_rules import vllm_lora_rank
 from serving.config import ConfigError, Settings
 
 if TYPE_CHECKING:
@@ -88,7 +89,7 @@ def engine_args(settings: Settings):
         max_model_len=model.max_model_len,
         enable_lora=True,
         max_loras=engine.max_loras,
-        max_lora_rank=engine.max_lora_rank,
+        max_lora_rank=vllm_lora_rank(engine.max_lora_rank),
         max_cpu_loras=max_cpu_loras(settings),
         max_num_seqs=engine.max_num_seqs,
         max_num_batched_tokens=engine.max_num_batched_tokens,
