@@ -171,6 +171,23 @@ async def test_on_demand_registers_for_the_callers_tenant_only(
     assert world.selector.may_use(LAWFIRM, "fresh") is (owner is None)  # the hospital's now: not the lawfirm's
 
 
+@store_settings(on_demand=True)
+async def test_a_name_another_tenant_registered_meanwhile_is_not_served(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The owner is read again after resolving: a racing on-demand registration may have given the name away."""
+    real_version = world.store.version
+
+    def lawfirm_wins_the_race(ref: str, *, register_for=None):  # between the owner lookup and the resolution
+        world.store.register(str(world.volume / "fresh"), "fresh", tenant="lawfirm")
+        return real_version(ref, register_for=register_for)
+
+    monkeypatch.setattr(world.store, "version", lawfirm_wins_the_race)
+    with pytest.raises(ModelNotFoundError):
+        await world.selector.acquire("fresh", HOSPITAL)
+    assert world.store.tenant("fresh") == "lawfirm" and world.engine.loaded == []
+
+
 async def test_without_on_demand_an_unregistered_name_is_not_looked_up(world: World) -> None:
     with pytest.raises(ModelNotFoundError):
         await world.selector.acquire("fresh", ADMIN)
