@@ -13,7 +13,7 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.datastructures import UploadFile
 
-from adapter_store.refs import ALIAS_PATTERN, NAME_PATTERN
+from adapter_store import ALIAS_PATTERN, NAME_PATTERN
 from serving.api.adapters.protocol import (
     AdapterList,
     AdapterView,

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from adapter_store.refs import NAME_PATTERN
+from adapter_store import NAME_PATTERN
 from serving.api.models.protocol import AdapterInfo
 from serving.config import TENANT_PATTERN
 
