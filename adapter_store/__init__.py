@@ -3,13 +3,17 @@
 It owns the registry (SQLite: adapters, versions, aliases, owners, health),
 the validation of a LoRA checkpoint against the base model, the sources
 adapters are fetched from (local paths, S3), the content digest, and the
-local cache with its memory budget, behind the store façade the server opens.
-It is a library with no opinion on HTTP or inference: it never imports vLLM or
-FastAPI, nor anything of ``serving``, ``checkpoints`` or ``loadtests``
-(``tests/test_boundaries.py``), so it runs and tests without an engine.
+local cache with its memory budget. :class:`AdapterStore` is the one entry
+point: it registers adapters, resolves references to content-addressed
+versions, says who owns each name, and leases a version's local files as a
+:class:`ServedAdapter` while a request uses them; everything behind it is
+internal. Everything it does may block (SQLite, fetches, hashing): async
+callers use a worker thread. It is a library with no opinion on HTTP or
+inference: it never imports vLLM or FastAPI, nor anything of ``serving``,
+``checkpoints`` or ``loadtests`` (``tests/test_boundaries.py``), so it runs
+and tests without an engine.
 """
 
-from adapter_store.catalog import AdapterCatalog, ServedAdapter
 from adapter_store.digest import content_digest
 from adapter_store.errors import (
     AdapterInUse,
@@ -25,38 +29,42 @@ from adapter_store.errors import (
     SourceError,
     VersionConflict,
 )
-from adapter_store.models import AdapterMetadata, AdapterVersion, Claim, HealthRecord, ResolvedAdapter
-from adapter_store.refs import AdapterRef
-from adapter_store.registry import AdapterRegistry
-from adapter_store.settings import StoreSettings
-from adapter_store.store import AdapterStore
-from adapter_store.validation import AdapterValidator, BaseModelSpec
+from adapter_store.memory import cpu_loras_for_budget
+from adapter_store.models import AdapterMetadata, AdapterVersion, Claim, HealthRecord, HealthState, ServedAdapter
+from adapter_store.refs import ALIAS_PATTERN, NAME_PATTERN, AdapterRef
+from adapter_store.settings import FALLBACK_POLICIES, LocalSourceSettings, StoreSettings
+from adapter_store.store import TENANT_TAG, AdapterStore, DiskCacheState
+from adapter_store.validation import BaseModelSpec
 
 __all__ = [
-    "AdapterCatalog",
+    "ALIAS_PATTERN",
+    "FALLBACK_POLICIES",
+    "NAME_PATTERN",
+    "TENANT_TAG",
     "AdapterInUse",
     "AdapterMetadata",
     "AdapterNotFound",
     "AdapterPinned",
     "AdapterRef",
-    "AdapterRegistry",
     "AdapterStore",
     "AdapterStoreError",
-    "AdapterValidator",
     "AdapterVersion",
     "AmbiguousVersion",
     "BaseModelSpec",
     "CacheFull",
     "Claim",
+    "DiskCacheState",
     "HealthRecord",
+    "HealthState",
     "InvalidAdapter",
     "InvalidRef",
     "LegacyDigest",
+    "LocalSourceSettings",
     "OwnershipConflict",
-    "ResolvedAdapter",
     "ServedAdapter",
     "SourceError",
     "StoreSettings",
     "VersionConflict",
     "content_digest",
+    "cpu_loras_for_budget",
 ]

@@ -22,8 +22,10 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeGuard
 
 from adapter_store.errors import InvalidAdapter
 
@@ -117,18 +119,18 @@ def read_config(path: Path) -> dict:
     return config
 
 
-def _is_int(value: object) -> bool:
+def _is_int(value: object) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _is_number(value: object) -> bool:
+def _is_number(value: object) -> TypeGuard[int | float]:
     """A finite float, or an integer a float holds exactly (``math.isfinite`` of a huge int overflows)."""
     if _is_int(value):
         return abs(value) <= 1 << 53
     return isinstance(value, float) and math.isfinite(value)
 
 
-def _pattern(config: dict, param: str, valid: type | tuple, check) -> dict:
+def _pattern(config: dict, param: str, valid: str, check: Callable[[object], bool]) -> dict:
     pattern = config.get(param)
     if pattern is None:
         return {}

@@ -1,5 +1,5 @@
 """Plain records the store hands out: what validation learns about an adapter,
-a registered version, and the health of a version."""
+a registered version, the health of a version, and a version leased for serving."""
 
 from __future__ import annotations
 
@@ -65,10 +65,16 @@ class HealthRecord:
 
 
 @dataclass(frozen=True)
-class ResolvedAdapter:
-    """A version with local files ready to load: what serving turns into a ``LoRARequest``."""
+class ServedAdapter:
+    """A version resolved to immutable local files, leased while a request uses it.
+
+    What serving turns into a ``LoRARequest``: the engine keys its integer
+    LoRA ids on (name, version), so a new version never reuses an old
+    version's slot or prefix-cache blocks.
+    """
 
     name: str
-    version: str
+    version: str  # full sha256 of the files
     path: Path
-    metadata: AdapterMetadata
+    source: str = ""  # where the files came from (shown as ``root`` in /v1/models)
+    size_bytes: int = 0

@@ -18,6 +18,7 @@ A refused copy leaves the destination empty.
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import stat
@@ -193,6 +194,6 @@ def _copy_entries(dir_fd: int, prefix: tuple[str, ...], dest: Path, budget: Byte
                     "adapter files must have exactly one name. Copy the file instead of linking it",
                     param="source",
                 )
-            copy_capped(lambda n, fd=fd: os.read(fd, n), writable_target(dest, parts, budget.uri), budget)
+            copy_capped(functools.partial(os.read, fd), writable_target(dest, parts, budget.uri), budget)
         finally:
             os.close(fd)

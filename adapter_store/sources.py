@@ -67,7 +67,8 @@ class AdapterSource(ABC):
         """The configured locations, for error messages."""
 
 
-_SOURCE_TYPES: dict[str, type[AdapterSource]] = {}
+_SOURCE_TYPES: dict[str, Callable[..., AdapterSource]] = {}
+"""Settings ``type`` -> the backend class, built from those settings."""
 
 
 def register_source_type(settings_type: str) -> Callable[[type[AdapterSource]], type[AdapterSource]]:

@@ -2,20 +2,33 @@
 
 It ties the registry (what exists), the sources (where files come from), the
 validator (what may be served) and the disk cache (local files under a budget)
-together::
+together; none of them is reachable from outside::
 
     store = AdapterStore.open(settings, base=spec, max_lora_rank=16)
     store.register("s3://bucket/adapters/code/", "code", aliases=("stable",))
-    with store.lease("code@stable") as adapter:   # ResolvedAdapter(name, version, path, metadata)
-        ...  # hand adapter.path to the engine; the files stay on disk until the block ends
+    version = store.version("code@stable")        # registry only: nothing fetched
+    adapter = store.acquire(version)              # ServedAdapter(name, version, path, ...)
+    try:
+        ...  # hand adapter.path to the engine; the files stay on disk until released
+    finally:
+        store.release(adapter)
 
-Everything here is synchronous and may block on I/O (a fetch, the registry's
-write lock): async callers run it in a worker thread.
+A request names ``adapter``, ``adapter@version`` or ``adapter@alias``;
+:meth:`AdapterStore.version` resolves it to a content-addressed version,
+:meth:`AdapterStore.tenant` says who owns the name (so callers check access
+before anything is fetched), and :meth:`AdapterStore.acquire` leases the
+version's files for the life of the request: a leased version is never
+evicted from the disk cache, so the engine can load it at any point while the
+request runs.
+
+Everything here is synchronous and may block on I/O (a fetch, hashing, the
+registry's SQLite lock): async callers run it in a worker thread.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import shutil
 import threading
@@ -24,11 +37,11 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
-from adapter_store.cache import DiskCache
+from adapter_store.cache import CacheStats, DiskCache
 from adapter_store.digest import content_digest
 from adapter_store.errors import AdapterInUse, AdapterNotFound, CacheFull, InvalidRef, LegacyDigest
 from adapter_store.migration import DigestMigration
-from adapter_store.models import AdapterVersion, Claim, HealthRecord, HealthState, ResolvedAdapter
+from adapter_store.models import AdapterVersion, Claim, HealthRecord, HealthState, ServedAdapter
 from adapter_store.refs import LATEST, AdapterRef, check_name
 from adapter_store.registry import AdapterRegistry
 from adapter_store.settings import StoreSettings
@@ -45,25 +58,35 @@ NAME_LOCK_STRIPES = 64
 many unknown names requests send); two names sharing a stripe merely wait for each other."""
 
 
+@dataclasses.dataclass(frozen=True)
+class DiskCacheState:
+    """The disk cache at one moment: what it holds and its counters (serving exports them as metrics)."""
+
+    used_bytes: int  # counted: cached versions plus space reserved for fetches in progress
+    budget_bytes: int
+    cached: frozenset[str]  # digests of the versions on disk
+    stats: CacheStats
+
+
 class AdapterStore:
     """Registered, validated, cached adapter versions."""
 
     def __init__(self, settings: StoreSettings, registry: AdapterRegistry, validator: AdapterValidator) -> None:
         self.settings = settings
-        self.registry = registry
-        self.validator = validator
-        self.uploads = UploadSource(settings.root / "uploads")
-        self.sources = SourceSet(settings.sources, extra=[self.uploads])
+        self._registry = registry
+        self._validator = validator
+        self._uploads = UploadSource(settings.root / "uploads")
+        self._sources = SourceSet(settings.sources, extra=[self._uploads])
         # Before the cache scans its directory: it drops entries whose name is not their digest.
         DigestMigration(
-            registry, validator, settings.root, self.sources, self.uploads, max_bytes=settings.max_adapter_bytes
+            registry, validator, settings.root, self._sources, self._uploads, max_bytes=settings.max_adapter_bytes
         ).run()
-        self.cache = DiskCache(
+        self._cache = DiskCache(
             settings.root / "cache",
             settings.root / "staging",
             settings.disk_budget_bytes,
             fetch=self._fetch,
-            check=self.validator.validate,
+            check=self._validator.validate,
             pinned=self._pinned_digests,
             lease_wait_s=settings.lease_wait_s,
         )
@@ -97,13 +120,13 @@ class AdapterStore:
         return cls(settings, registry, validator)
 
     def close(self) -> None:
-        self.registry.close()
+        self._registry.close()
 
     def _fetch(self, uri: str, dest: Path) -> None:
-        self.sources.fetch(uri, dest, max_bytes=self.settings.max_adapter_bytes)
+        self._sources.fetch(uri, dest, max_bytes=self.settings.max_adapter_bytes)
 
     def _pinned_digests(self) -> set[str]:
-        return {v.version for v in self.registry.pinned()}
+        return {v.version for v in self._registry.pinned()}
 
     # -- registering --------------------------------------------------------------------
 
@@ -125,22 +148,22 @@ class AdapterStore:
         before anything is fetched); a new name becomes the tenant's.
         """
         check_name(name)
-        self.registry.check_owner(name, tenant)
+        self._registry.check_owner(name, tenant)
         with self.staging() as staging:
             self._fetch(source_uri, staging)
-            return self.register_staged(staging, name, source=source_uri, tenant=tenant, tags=tags, aliases=aliases)
+            return self._register_staged(staging, name, source=source_uri, tenant=tenant, tags=tags, aliases=aliases)
 
     @contextmanager
     def staging(self) -> Iterator[Path]:
         """A private empty directory for files on their way in (a fetch, an upload); removed afterwards."""
-        staging = self.cache.new_staging()
+        staging = self._cache.new_staging()
         try:
             yield staging
         finally:
             if staging.exists():
                 shutil.rmtree(staging, ignore_errors=True)
 
-    def register_staged(
+    def _register_staged(
         self,
         staging: Path,
         name: str,
@@ -152,19 +175,18 @@ class AdapterStore:
     ) -> AdapterVersion:
         """Validate and register the files in ``staging`` (from :meth:`staging`), then move them into the cache.
 
-        Uploads come in this way; ``source`` records where they came from, but
-        such a version cannot be fetched again once evicted, so it is pinned
-        on disk by the caller if it must survive eviction.
+        ``source`` records where they came from: a source URI, or the kept
+        copy of an upload (:meth:`register_upload`).
         """
         check_name(name)
         if TENANT_TAG in (tags or {}):
             raise InvalidRef(f"the tag {TENANT_TAG!r} is reserved: pass the owner as tenant", param="tags")
-        metadata = self.validator.validate(staging)  # an invalid adapter never reaches the registry
-        version, created = self.registry.register(
+        metadata = self._validator.validate(staging)  # an invalid adapter never reaches the registry
+        version, created = self._registry.register(
             name, content_digest(staging), metadata, source=source, tags=tags, aliases=aliases, tenant=tenant
         )
         try:
-            self.cache.adopt(staging, version.version, f"{name}@{version.version[:16]}")
+            self._cache.adopt(staging, version.version, f"{name}@{version.version[:16]}")
         except CacheFull as e:  # registered all the same: fetched again when there is room
             logger.warning("registered %s but could not cache it: %s", version.ref, e.message)
         logger.info("%s %s from %s", "registered" if created else "already had", version.ref, source)
@@ -181,14 +203,14 @@ class AdapterStore:
     ) -> AdapterVersion:
         """Register uploaded files (in a :meth:`staging` directory); they are kept as the version's source."""
         check_name(name)
-        self.registry.check_owner(name, tenant)
-        self.validator.validate(staging)  # nothing is kept for files that would be refused
-        uri, new = self.uploads.keep(staging, content_digest(staging))
+        self._registry.check_owner(name, tenant)
+        self._validator.validate(staging)  # nothing is kept for files that would be refused
+        uri, new = self._uploads.keep(staging, content_digest(staging))
         try:
-            return self.register_staged(staging, name, source=uri, tenant=tenant, tags=tags, aliases=aliases)
+            return self._register_staged(staging, name, source=uri, tenant=tenant, tags=tags, aliases=aliases)
         except BaseException:
             if new:
-                self.uploads.discard(uri)
+                self._uploads.discard(uri)
             raise
 
     def tenant(self, name: str) -> str | None:
@@ -197,7 +219,40 @@ class AdapterStore:
         Reads the registry only: nothing is fetched, so callers can check
         access before touching any source.
         """
-        return self.registry.owner(name)
+        return self._registry.owner(name)
+
+    # -- reading the registry (nothing is fetched) ---------------------------------------
+
+    def names(self) -> list[str]:
+        return self._registry.names()
+
+    def versions(self, name: str) -> list[AdapterVersion]:
+        """Every version of ``name``, newest first (empty if unregistered)."""
+        return self._registry.versions(name)
+
+    def latest(self) -> list[AdapterVersion]:
+        """The latest version of every registered adapter."""
+        return [self._registry.get(name) for name in self._registry.names()]
+
+    def all_versions(self) -> list[AdapterVersion]:
+        """Every registered version of every adapter."""
+        return self._registry.all_versions()
+
+    def aliases(self, name: str) -> dict[str, str]:
+        """``name``'s aliases (``latest`` included) and the digests they point at."""
+        return self._registry.aliases(name)
+
+    def pinned(self) -> list[AdapterVersion]:
+        return self._registry.pinned()
+
+    def health(self, name: str, version: str) -> HealthRecord:
+        """The last health check of version ``version`` (a full digest) of ``name``."""
+        return self._registry.health(name, version)
+
+    def record_health(
+        self, name: str, version: str, state: HealthState, *, reason: str | None = None, latency_s: float | None = None
+    ) -> HealthRecord:
+        return self._registry.record_health(name, version, state, reason=reason, latency_s=latency_s)
 
     # -- resolving ----------------------------------------------------------------------
 
@@ -211,25 +266,25 @@ class AdapterStore:
         """
         parsed = AdapterRef.parse(ref)
         try:
-            return self.registry.get(parsed)
+            return self._registry.get(parsed)
         except AdapterNotFound:
             if register_for is None or not (self.settings.on_demand and parsed.alias == LATEST):
                 raise
         name_lock = self._name_locks[zlib.crc32(parsed.name.encode()) % NAME_LOCK_STRIPES]
         with name_lock:  # one fetch per name, however many requests ask at once
-            if parsed.name in self.registry.names():  # registered meanwhile (or known but missing the ref)
-                return self.registry.get(parsed)
-            uri = self.sources.find(parsed.name)
+            if parsed.name in self._registry.names():  # registered meanwhile (or known but missing the ref)
+                return self._registry.get(parsed)
+            uri = self._sources.find(parsed.name)
             if uri is None:
                 raise AdapterNotFound(
                     f"adapter {parsed.name!r} is not registered and no configured source has it "
-                    f"({'; '.join(s.describe() for s in self.sources.sources)})",
+                    f"({'; '.join(s.describe() for s in self._sources.sources)})",
                     param="model",
                 )
             return self.register(uri, parsed.name, tenant=register_for.tenant, tags={"registered_by": "on_demand"})
 
-    def acquire_files(self, version: AdapterVersion) -> Path:
-        """Lease a version's local files (fetched if not cached); pair with ``cache.release(version.version)``."""
+    def acquire(self, version: AdapterVersion) -> ServedAdapter:
+        """Lease the version's local files (fetched and verified if not cached); pair with :meth:`release`."""
         if version.legacy_digest:
             raise LegacyDigest(
                 f"{version.name}@{version.version[:16]} was registered under an older digest format and its files "
@@ -237,67 +292,64 @@ class AdapterStore:
                 f"(POST /v1/adapters or loraserve adapters register) and delete this version",
                 param="model",
             )
-        return self.cache.acquire(version)
+        path = self._cache.acquire(version)
+        return ServedAdapter(
+            name=version.name,
+            version=version.version,
+            path=path,
+            source=version.source,
+            size_bytes=version.metadata.size_bytes,
+        )
 
-    def acquire(self, ref: str, *, register_for: Claim | None = None) -> ResolvedAdapter:
-        """Resolve ``ref`` (see :meth:`version`) to local files and lease them; pair with :meth:`release`."""
-        version = self.version(ref, register_for=register_for)
-        path = self.acquire_files(version)
-        return ResolvedAdapter(name=version.name, version=version.version, path=path, metadata=version.metadata)
+    def release(self, adapter: ServedAdapter) -> None:
+        self._cache.release(adapter.version)
 
-    def release(self, adapter: ResolvedAdapter) -> None:
-        self.cache.release(adapter.version)
+    def is_cached(self, version: AdapterVersion) -> bool:
+        """Whether the version's files are on disk now (a lease would not fetch them)."""
+        return self._cache.contains(version.version)
 
-    @contextmanager
-    def lease(self, ref: str, *, register_for: Claim | None = None) -> Iterator[ResolvedAdapter]:
-        adapter = self.acquire(ref, register_for=register_for)
-        try:
-            yield adapter
-        finally:
-            self.release(adapter)
+    def disk_cache(self) -> DiskCacheState:
+        return DiskCacheState(
+            used_bytes=self._cache.used_bytes(),
+            budget_bytes=self._cache.budget_bytes,
+            cached=frozenset(self._cache.digests()),
+            stats=dataclasses.replace(self._cache.stats),
+        )
+
+    def bytes_on_disk(self) -> int:
+        """Measured, not counted: the bytes of every file in the disk cache (walks the directory)."""
+        return self._cache.bytes_on_disk()
 
     # -- managing -----------------------------------------------------------------------
 
     def set_alias(self, name: str, alias: str, ref: str, *, expected: str | None = None) -> AdapterVersion:
-        return self.registry.set_alias(name, alias, ref, expected=expected)
+        return self._registry.set_alias(name, alias, ref, expected=expected)
 
     def pin(self, ref: str, pinned: bool = True) -> AdapterVersion:
-        return self.registry.set_pinned(ref, pinned)
+        """Keep (or stop keeping) the version on disk: the cache never evicts a pinned version."""
+        return self._registry.set_pinned(ref, pinned)
 
-    def pin_configured(self) -> list[ResolvedAdapter]:
+    def pin_configured(self) -> list[AdapterVersion]:
         """Pin ``settings.pinned`` and make sure their files are on disk (start-up preloading)."""
         loaded = []
         for ref in self.settings.pinned:
             version = self.pin(ref)
-            with self.lease(version.ref) as adapter:
-                loaded.append(adapter)
+            self.release(self.acquire(version))
+            loaded.append(version)
         return loaded
 
     def delete(self, ref: str) -> AdapterVersion:
         """Remove a version from the registry and its files from the cache; refused while pinned or in use."""
-        version = self.registry.get(ref)
-        if self.cache.in_use(version.version):
+        version = self._registry.get(ref)
+        if self._cache.in_use(version.version):
             raise AdapterInUse(
                 f"{version.name}@{version.version[:16]} is serving requests; retry when they end",
                 param="version",
             )
-        self.registry.delete(version.ref)
-        if not any(v.version == version.version for v in self.registry.all_versions()):
+        self._registry.delete(version.ref)
+        if not any(v.version == version.version for v in self._registry.all_versions()):
             with contextlib.suppress(AdapterInUse):  # leased between the check and now: eviction removes it later
-                self.cache.remove(version.version)
-            if self.uploads.allows(version.source):
-                self.uploads.discard(version.source)
+                self._cache.remove(version.version)
+            if self._uploads.allows(version.source):
+                self._uploads.discard(version.source)
         return version
-
-    def list(self) -> list[AdapterVersion]:
-        return self.registry.all_versions()
-
-    def record_health(
-        self, ref: str, state: HealthState, *, reason: str | None = None, latency_s: float | None = None
-    ) -> HealthRecord:
-        version = self.registry.get(ref)
-        return self.registry.record_health(version.name, version.version, state, reason=reason, latency_s=latency_s)
-
-    def health(self, ref: str) -> HealthRecord:
-        version = self.registry.get(ref)
-        return self.registry.health(version.name, version.version)

@@ -152,11 +152,11 @@ def registration_cost(config: dict, names: list[str], scratch: Path) -> dict:
     """The store's share of a cold request, timed in-process on the same files (no server, no vLLM).
 
     ``config`` with its store root moved to ``scratch``, opened as the server
-    opens it (``serving.adapters.open_store``); each name is resolved on demand
+    opens it (``serving.store.open_store``); each name is resolved on demand
     once: find in the source, validate, hash, copy into the disk cache, insert.
     """
     from adapter_store import Claim
-    from serving.adapters import open_store
+    from serving.store import open_store
 
     scratch_config = {**config, "store": {**config["store"], "root": str(scratch)}}
     store = open_store(Settings.model_validate(scratch_config), scratch)

@@ -18,8 +18,12 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable
+from typing import TYPE_CHECKING, cast
 
-from adapter_store.errors import InvalidAdapter
+from adapter_store import InvalidAdapter
+
+if TYPE_CHECKING:
+    from vllm.config.lora import MaxLoRARanks
 
 CONFIG_FILE = "adapter_config.json"
 # What vLLM's PEFTHelper raises on malformed values: bad types and numbers, missing fields, bad patterns.
@@ -35,6 +39,15 @@ _REFUSALS: tuple[type[BaseException], ...] = (
 )
 
 
+def vllm_lora_rank(rank: int) -> MaxLoRARanks:
+    """``engine.max_lora_rank`` as vLLM types it (a ``Literal`` of the ranks its kernels support).
+
+    Not checked here: vLLM's own config validation refuses any other value
+    when the engine (or :func:`engine_lora_check`) builds its ``LoRAConfig``.
+    """
+    return cast("MaxLoRARanks", rank)
+
+
 def engine_lora_check(max_lora_rank: int) -> Callable[[dict], None]:
     """A validator ``loader_check``: ``PEFTHelper.from_dict`` + ``validate_legal`` for the served rank,
     every pattern compiled as vLLM compiles it, and each rank and scaling vLLM would use, which must be finite."""
@@ -43,7 +56,7 @@ def engine_lora_check(max_lora_rank: int) -> Callable[[dict], None]:
     from vllm.config.lora import LoRAConfig
     from vllm.lora.peft_helper import PEFTHelper
 
-    lora_config = LoRAConfig(max_lora_rank=max_lora_rank)
+    lora_config = LoRAConfig(max_lora_rank=vllm_lora_rank(max_lora_rank))
     refusals = (*_REFUSALS, regex.error)
 
     def check(config: dict) -> None:

@@ -14,8 +14,8 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from adapter_store.refs import NAME_PATTERN as ADAPTER_NAME_PATTERN
-from adapter_store.settings import StoreSettings
+from adapter_store import NAME_PATTERN as ADAPTER_NAME_PATTERN
+from adapter_store import StoreSettings
 from routing.config import RoutingSettings
 
 TENANT_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,63}$"

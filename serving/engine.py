@@ -1,6 +1,6 @@
 """The one vLLM engine: an ``AsyncLLM`` with multi-LoRA enabled, built from config.
 
-Clients never see ``LoRARequest``: they name an adapter, the catalog pins it to
+Clients never see ``LoRARequest``: they name an adapter, the store pins it to
 a content-addressed version, and this wrapper gives each (name, version) its
 own integer id, handed out once from a counter and never reused. vLLM keys its
 adapter slots and prefix-cache blocks on that id, so a new version of an
@@ -28,9 +28,9 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
-from adapter_store import ServedAdapter
-from serving.adapters import max_cpu_loras
-from serving.config import Settings
+from adapter_store import BaseModelSpec, ServedAdapter, cpu_loras_for_budget
+from serving.adapter_rules import vllm_lora_rank
+from serving.config import ConfigError, Settings
 
 if TYPE_CHECKING:
     from vllm import RequestOutput, SamplingParams
@@ -46,6 +46,36 @@ class AdapterLoadFailed(Exception):
     """The engine refused to load an adapter version (its ``add_lora`` call failed); the engine is fine."""
 
 
+def max_cpu_loras(settings: Settings) -> int | None:
+    """``engine.max_cpu_loras``, or the count ``store.memory_budget_bytes`` holds when a budget is set.
+
+    A budget that cannot hold ``max_loras`` adapters, or an explicit
+    ``max_cpu_loras`` larger than the budget holds, is a configuration error.
+    """
+    budget = settings.store.memory_budget_bytes if settings.store is not None else None
+    configured = settings.engine.max_cpu_loras
+    if budget is None:
+        return configured
+    spec = BaseModelSpec.from_config(settings.model.path / "config.json", [settings.model.name])
+    try:
+        fits = cpu_loras_for_budget(
+            budget,
+            base=spec,
+            max_lora_rank=settings.engine.max_lora_rank,
+            dtype=settings.model.dtype,
+            max_loras=settings.engine.max_loras,
+        )
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+    if configured is not None and configured > fits:
+        raise ConfigError(
+            f"engine.max_cpu_loras {configured} does not fit store.memory_budget_bytes {budget}, which holds {fits} "
+            f"adapters of up to rank {settings.engine.max_lora_rank}: lower max_cpu_loras, leave it out to derive it, "
+            "or raise the budget"
+        )
+    return configured or fits
+
+
 def engine_args(settings: Settings):
     """Translate settings into vLLM ``AsyncEngineArgs``; every knob is explicit."""
     from vllm.engine.arg_utils import AsyncEngineArgs
@@ -59,7 +89,7 @@ def engine_args(settings: Settings):
         max_model_len=model.max_model_len,
         enable_lora=True,
         max_loras=engine.max_loras,
-        max_lora_rank=engine.max_lora_rank,
+        max_lora_rank=vllm_lora_rank(engine.max_lora_rank),
         max_cpu_loras=max_cpu_loras(settings),
         max_num_seqs=engine.max_num_seqs,
         max_num_batched_tokens=engine.max_num_batched_tokens,

@@ -18,7 +18,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
-    from adapter_store import AdapterCatalog
+    from adapter_store import AdapterStore
     from serving.engine import ResidentAdapters
 
 BASE_LABEL = "base"
@@ -134,21 +134,21 @@ class AdapterStoreCollector(Collector):
     engine mirror each time.
     """
 
-    def __init__(self, catalog: AdapterCatalog, resident: ResidentAdapters) -> None:
-        self.catalog = catalog
+    def __init__(self, store: AdapterStore, resident: ResidentAdapters) -> None:
+        self.store = store
         self.resident = resident
 
     def collect(self) -> Iterator[Metric]:
-        store = self.catalog.store
+        store = self.store
+        cache = store.disk_cache()
         adapter_bytes = GaugeMetricFamily(
             "loraserve_adapter_bytes",
             "Bytes of an adapter's versions by tier (disk cache, engine host memory).",
             labels=["adapter", "tier"],
         )
-        cached = set(store.cache.digests())
         disk: dict[str, int] = {}
-        for version in store.list():
-            if version.version in cached:
+        for version in store.all_versions():
+            if version.version in cache.cached:
                 disk[version.name] = disk.get(version.name, 0) + version.metadata.size_bytes
         for name, size in sorted(disk.items()):
             adapter_bytes.add_metric([name, "disk"], size)
@@ -163,18 +163,18 @@ class AdapterStoreCollector(Collector):
             "1 for the health state of each adapter's latest version.",
             labels=["adapter", "state"],
         )
-        for version in self.catalog:
-            health.add_metric([version.name, self.catalog.health(version).state], 1)
+        for version in store.latest():
+            health.add_metric([version.name, store.health(version.name, version.version).state], 1)
         yield health
         yield GaugeMetricFamily(
             "loraserve_adapter_disk_cache_bytes",
             "Bytes the disk cache holds (its budget is store.disk_budget_bytes).",
-            value=store.cache.used_bytes(),
+            value=cache.used_bytes,
         )
         yield GaugeMetricFamily(
-            "loraserve_adapter_disk_cache_budget_bytes", "The disk cache's byte budget.", value=store.cache.budget_bytes
+            "loraserve_adapter_disk_cache_budget_bytes", "The disk cache's byte budget.", value=cache.budget_bytes
         )
-        stats = store.cache.stats
+        stats = cache.stats
         evictions = CounterMetricFamily(
             "loraserve_adapter_disk_cache_evictions", "Versions evicted from the disk cache.", value=stats.evictions
         )

@@ -203,3 +203,20 @@ def test_importing_loads_nothing_heavy(module: str, submodules: bool, absent: tu
     loaded = set(json.loads(out))
     assert module.split(".")[0] in loaded
     assert not loaded & set(absent), f"importing {module} loads {sorted(loaded & set(absent))}"
+
+
+def test_code_outside_the_store_uses_only_its_facade() -> None:
+    """Everything else reaches adapters through the ``adapter_store`` package (``AdapterStore`` and its records),
+    never through a module of it, and never through the store's private registry, cache, sources or uploads."""
+    offenders = []
+    for module, path in sources().items():
+        if _inside(module, "adapter_store"):
+            continue
+        imported = _imported_names(module, path) & sources().keys()  # modules only, not names from the package
+        offenders += [f"{module}: imports {name}" for name in sorted(imported) if name.startswith("adapter_store.")]
+        offenders += [
+            f"{module}:{node.lineno}: .{node.attr}"
+            for node in ast.walk(ast.parse(path.read_text(), str(path)))
+            if isinstance(node, ast.Attribute) and node.attr in ("_registry", "_cache", "_sources", "_uploads")
+        ]
+    assert offenders == []

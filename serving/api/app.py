@@ -6,6 +6,7 @@ their serving objects onto ``app.state`` and ``_API_ROUTERS`` attaches their rou
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import tempfile
 from collections.abc import AsyncIterator
@@ -16,10 +17,10 @@ from fastapi import FastAPI
 from prometheus_client import REGISTRY
 from starlette.datastructures import State
 
-from adapter_store import AdapterCatalog, AdapterStore
+from adapter_store import AdapterStore
 from routing import AsyncPromptRouter, PromptRouter, build_encoder, load_routes
-from serving.adapters import open_store
 from serving.api.adapters import api_router as adapters_api
+from serving.api.adapters.probe import AdapterProbe
 from serving.api.adapters.serving import AdaptersServing
 from serving.api.auth import OPEN_PRINCIPAL, AuthMiddleware, KeyStore
 from serving.api.chat import api_router as chat_api
@@ -32,11 +33,12 @@ from serving.api.models import api_router as models_api
 from serving.api.models.serving import ModelsServing
 from serving.api.prompt_routes import api_router as prompt_routes_api
 from serving.api.prompt_routes.serving import PromptRoutesServing
-from serving.api.resolver import AdapterResolver, on_demand_claim
+from serving.api.selector import AdapterSelector
 from serving.api.system import api_router as system_api
 from serving.config import ConfigError, Settings
 from serving.engine import LoraEngine
 from serving.metrics import AdapterMetrics, AdapterStoreCollector
+from serving.store import open_store
 
 logger = logging.getLogger(__name__)
 
@@ -63,18 +65,17 @@ def init_app_state(
 
     This is the one place that knows every endpoint package: each package's
     ``api_router`` reads its own serving object back from ``app.state`` (as
-    vLLM's OpenAI server does), so no shared module imports an endpoint.
+    vLLM's OpenAI server does), so no shared module imports an endpoint. It
+    blocks (checking the routes' targets reads, and may fetch into, the store):
+    call it in a worker thread.
     """
-    catalog = AdapterCatalog(store)
-    resolver = AdapterResolver(settings, catalog, metrics, engine)
+    selector = AdapterSelector(settings, store, metrics, engine)
     tokenizer = engine.llm.get_tokenizer()
     limiter = RequestLimiter(settings.limits, settings.engine.max_num_seqs, metrics)
-    shared = (engine, resolver, settings, metrics, tokenizer, limiter, prompt_router)
+    shared = (engine, selector, settings, metrics, tokenizer, limiter, prompt_router)
 
     def resolve_any(ref: str) -> object:  # route targets are checked as the operator sees them: everything
-        claim = on_demand_claim(OPEN_PRINCIPAL)  # as before: found on demand, registered as public
-        if ref != settings.model.name and resolver.catalog.find(ref, register_for=claim) is None:
-            raise resolver.not_found(ref, OPEN_PRINCIPAL)
+        selector.require(ref, OPEN_PRINCIPAL)  # found on demand: registered as public
         return ref
 
     if prompt_router is not None and settings.routing is not None:  # routes and the default must be served models
@@ -88,9 +89,9 @@ def init_app_state(
     state.metrics = metrics
     state.completion_serving = CompletionServing(*shared)
     state.chat_serving = ChatServing(*shared)
-    state.models_serving = ModelsServing(settings, resolver)
+    state.models_serving = ModelsServing(settings, selector)
     state.prompt_routes_serving = PromptRoutesServing(settings, prompt_router, resolve_any)
-    state.adapters_serving = AdaptersServing(engine, resolver, tokenizer, limiter)
+    state.adapters_serving = AdaptersServing(engine, selector, AdapterProbe(engine, store, tokenizer), limiter)
 
 
 def build_app(settings: Settings) -> FastAPI:
@@ -106,12 +107,13 @@ def build_app(settings: Settings) -> FastAPI:
             try:
                 prompt_router = build_prompt_router(settings)
                 await engine.start()
-                init_app_state(app.state, settings, engine, AdapterMetrics(), store, prompt_router)
+                metrics = AdapterMetrics()
+                await asyncio.to_thread(init_app_state, app.state, settings, engine, metrics, store, prompt_router)
                 adapters: AdaptersServing = app.state.adapters_serving
-                await adapters.startup([a.name for a in settings.adapters])
-                collector = AdapterStoreCollector(adapters.catalog, engine.resident)
+                await adapters.probe.startup([a.name for a in settings.adapters])
+                collector = AdapterStoreCollector(store, engine.resident)
                 REGISTRY.register(collector)
-                names = ", ".join(store.registry.names()) or "none"
+                names = ", ".join(await asyncio.to_thread(store.names)) or "none"
                 logger.info("serving %s with adapters: %s", settings.model.name, names)
                 yield
             finally:

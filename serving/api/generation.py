@@ -28,8 +28,8 @@ from serving.api.disconnect import cancel_on_disconnect, event_stream
 from serving.api.errors import EngineUnavailableError, ServingError
 from serving.api.limits import RequestLimiter, request_cost
 from serving.api.protocol import SamplingRequest, UsageInfo
-from serving.api.resolver import AdapterResolver
 from serving.api.sampling import sampling_params
+from serving.api.selector import AdapterSelector
 from serving.api.streams import merge_streams
 from serving.config import Settings
 from serving.engine import LoraEngine
@@ -75,7 +75,7 @@ class GenerationServing(ABC):
     def __init__(
         self,
         engine: LoraEngine,
-        resolver: AdapterResolver,
+        selector: AdapterSelector,
         settings: Settings,
         metrics: AdapterMetrics,
         tokenizer: Any,
@@ -83,7 +83,7 @@ class GenerationServing(ABC):
         prompt_router: AsyncPromptRouter | None = None,
     ) -> None:
         self.engine = engine
-        self.resolver = resolver
+        self.selector = selector
         self.settings = settings
         self.metrics = metrics
         self.tokenizer = tokenizer
@@ -134,8 +134,8 @@ class GenerationServing(ABC):
             decision = await self.route(request, principal)
             if decision is not None:
                 request = request.model_copy(update={"model": decision.target or self.settings.model.name})
-            resolution = await self.resolver.acquire(request.model, principal)
-            releases.append(lambda: self.resolver.release(resolution))
+            resolution = await self.selector.acquire(request.model, principal)
+            releases.append(lambda: self.selector.release(resolution))
             job = await self.prepare(request, resolution.adapter)
             headers = (
                 dict(resolution.headers) if decision is None else {**route_headers(decision), **resolution.headers}
@@ -162,7 +162,7 @@ class GenerationServing(ABC):
             return None
 
         def may_target(target: str) -> bool:
-            return self.resolver.may_use(principal, target.partition("@")[0])
+            return self.selector.may_use(principal, target.partition("@")[0])
 
         def allowed(spec: RouteSpec) -> bool:  # the route's own tenant, and its target's
             return principal.may_use(spec.tenant) and may_target(spec.adapter)

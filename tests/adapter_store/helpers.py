@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 from safetensors.numpy import save_file
 
+from adapter_store import AdapterStore, Claim, ServedAdapter
 from adapter_store.registry import DB_NAME
 
 BASE_NAME = "tiny-base"
@@ -136,3 +139,13 @@ def write_v1_registry(root: Path, versions: list[tuple[str, str, str, dict]]) ->
     conn.execute("PRAGMA user_version = 1")
     conn.commit()
     conn.close()
+
+
+@contextmanager
+def lease(store: AdapterStore, ref: str, *, register_for: Claim | None = None) -> Iterator[ServedAdapter]:
+    """``ref``'s files for the block, as a request holds them: resolve, acquire, release."""
+    adapter = store.acquire(store.version(ref, register_for=register_for))
+    try:
+        yield adapter
+    finally:
+        store.release(adapter)

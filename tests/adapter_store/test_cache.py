@@ -10,9 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from adapter_store import AdapterInUse, AdapterRegistry, AdapterVersion, CacheFull, InvalidAdapter, content_digest
+from adapter_store import AdapterInUse, AdapterVersion, CacheFull, InvalidAdapter, content_digest
 from adapter_store.cache import DiskCache
 from adapter_store.digest import directory_size
+from adapter_store.registry import AdapterRegistry
 from adapter_store.settings import LocalSourceSettings
 from adapter_store.sources import SourceSet
 from adapter_store.validation import AdapterValidator, BaseModelSpec, register_directory

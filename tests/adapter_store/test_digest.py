@@ -7,6 +7,7 @@ import struct
 from pathlib import Path
 
 from adapter_store.digest import ManifestEntry, content_digest, file_manifest, manifest_digest
+from tests.adapter_store.helpers import write_adapter
 
 
 def _write(directory: Path, files: dict[str, bytes]) -> Path:
@@ -61,3 +62,13 @@ def test_symlinks_are_not_followed(tmp_path: Path) -> None:
     (directory / "link").symlink_to(tmp_path / "elsewhere")
     (tmp_path / "elsewhere").write_bytes(b"secret")
     assert content_digest(directory) == before
+
+
+def test_digest_depends_on_bytes_and_names(tmp_path: Path) -> None:
+    a = write_adapter(tmp_path / "a", seed=1)
+    b = write_adapter(tmp_path / "b", seed=1)
+    c = write_adapter(tmp_path / "c", seed=2)
+    assert content_digest(a) == content_digest(b)
+    assert content_digest(a) != content_digest(c)
+    (b / "adapter_model.safetensors").rename(b / "renamed.safetensors")
+    assert content_digest(a) != content_digest(b)

@@ -15,13 +15,12 @@ from adapter_store import (
     AdapterNotFound,
     AdapterPinned,
     AdapterRef,
-    AdapterRegistry,
     AmbiguousVersion,
     InvalidRef,
     OwnershipConflict,
     VersionConflict,
 )
-from adapter_store.registry import DB_NAME
+from adapter_store.registry import DB_NAME, AdapterRegistry
 from tests.adapter_store.helpers import write_v1_registry
 
 META = AdapterMetadata(base_model="base", rank=8, alpha=16.0, target_modules=("q_proj", "v_proj"), size_bytes=1234)

@@ -1,4 +1,4 @@
-"""The facade: register from sources, resolve refs to leased files, on-demand, delete, restart."""
+"""The facade: register from sources, resolve refs to versions and leased files, on-demand, delete, restart."""
 
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ from adapter_store.validation import BaseModelSpec
 from tests.adapter_store.helpers import (
     BASE_NAME,
     BUCKET,
+    lease,
     upload,
     write_adapter,
     write_base_config,
@@ -50,8 +51,8 @@ def open_store(tmp_path: Path, **overrides) -> AdapterStore:
 
 
 def state(store: AdapterStore) -> tuple:
-    names = store.registry.names()
-    return store.list(), {n: store.registry.aliases(n) for n in names}, sorted(store.cache.digests())
+    names = store.names()
+    return store.all_versions(), {n: store.aliases(n) for n in names}, sorted(store.disk_cache().cached)
 
 
 def test_versions_aliases_and_old_versions_keep_their_files(tmp_path: Path) -> None:
@@ -61,11 +62,51 @@ def test_versions_aliases_and_old_versions_keep_their_files(tmp_path: Path) -> N
     v2 = store.register(str(write_adapter(src, seed=2)), "code")  # same path, new weights: a new version
     assert v1.version != v2.version and v1.tags == {"owner": "a"}
     assert store.version("code") == v2 and store.version("code@stable") == v1
-    with store.lease(f"code@{v1.version[:8]}") as old, store.lease("code") as new:
+    with lease(store, f"code@{v1.version[:8]}") as old, lease(store, "code") as new:
         assert (old.version, new.version) == (v1.version, v2.version)
         assert content_digest(old.path) == v1.version and content_digest(new.path) == v2.version
     store.set_alias("code", "stable", v2.version)
     assert store.version("code@stable") == v2
+    store.close()
+
+
+def test_refs_resolve_to_versions_leased_files_and_owners(tmp_path: Path) -> None:
+    """What serving's selector uses: a ref's version, its leased files, and the name's owner."""
+    volume = tmp_path / "volume"
+    store = open_store(tmp_path)
+    v1 = store.register(str(write_adapter(volume / "code", seed=1)), "code", aliases=("stable",))
+    v2 = store.register(str(write_adapter(volume / "code", seed=2)), "code")
+    store.register(str(write_adapter(volume / "legal", seed=3)), "legal", tenant="lawfirm")
+    store.register(str(write_adapter(volume / "medical", seed=4)), "medical", tenant="hospital")
+
+    for ref, expected in [("code", v2), ("code@stable", v1), (f"code@{v1.version[:10]}", v1)]:
+        version = store.version(ref)
+        assert version == expected
+        served = store.acquire(version)
+        assert (served.name, served.version) == ("code", expected.version)
+        assert content_digest(served.path) == expected.version and store._cache.in_use(expected.version)
+        assert served.source == str(volume / "code") and served.size_bytes == expected.metadata.size_bytes
+        store.release(served)
+        assert not store._cache.in_use(expected.version)
+    for missing, error in [
+        ("nothing", AdapterNotFound),
+        ("code@canary", AdapterNotFound),
+        ("code@" + "0" * 8, AdapterNotFound),
+        ("not a name", InvalidRef),
+        ("base", AdapterNotFound),
+    ]:
+        with pytest.raises(error):
+            store.version(missing)
+    # Owners are the names' registered tenants (None: public); an unknown name is not found (never registered).
+    assert [store.tenant(n) for n in ("code", "legal", "medical")] == [None, "lawfirm", "hospital"]
+    with pytest.raises(AdapterNotFound):
+        store.tenant("nothing")
+    assert [(v.name, v.version) for v in store.latest()] == [
+        ("code", v2.version),
+        ("legal", store.version("legal").version),
+        ("medical", store.version("medical").version),
+    ]
+    assert store.names() == ["code", "legal", "medical"]
     store.close()
 
 
@@ -86,7 +127,7 @@ def test_invalid_adapter_leaves_registry_and_cache_unchanged(tmp_path: Path, bui
         store.register(str(tmp_path / "volume" / "bad"), "code")
     assert info.value.reason == reason
     assert state(store) == before
-    assert list(store.cache.staging_dir.iterdir()) == []
+    assert list((tmp_path / "store" / "staging").iterdir()) == []
     store.close()
 
 
@@ -94,7 +135,7 @@ def test_source_outside_roots_is_refused(tmp_path: Path) -> None:
     store = open_store(tmp_path)
     with pytest.raises(SourceError, match="outside the configured local roots"):
         store.register(str(write_adapter(tmp_path / "elsewhere" / "x")), "x")
-    assert store.list() == []
+    assert store.all_versions() == []
     store.close()
 
 
@@ -111,13 +152,13 @@ def test_on_demand_resolution(tmp_path: Path, on_demand: bool, ref: str, outcome
     write_adapter(tmp_path / "volume" / "legal", seed=7)
     store = open_store(tmp_path, on_demand=on_demand)
     if outcome == "registered":
-        with store.lease(ref, register_for=Claim(None)) as adapter:
+        with lease(store, ref, register_for=Claim(None)) as adapter:
             assert content_digest(adapter.path) == content_digest(tmp_path / "volume" / "legal")
         assert store.version("legal").tags == {"registered_by": "on_demand"}
     else:
         with pytest.raises(outcome):
             store.version(ref, register_for=Claim(None))
-        assert store.list() == []
+        assert store.all_versions() == []
     store.close()
 
 
@@ -127,7 +168,7 @@ def test_on_demand_under_concurrent_requests_registers_once(tmp_path: Path) -> N
     seen: list[str] = []
 
     def request() -> None:
-        with store.lease("legal", register_for=Claim(None)) as adapter:
+        with lease(store, "legal", register_for=Claim(None)) as adapter:
             seen.append(adapter.version)
 
     threads = [threading.Thread(target=request) for _ in range(8)]
@@ -136,7 +177,7 @@ def test_on_demand_under_concurrent_requests_registers_once(tmp_path: Path) -> N
     for t in threads:
         t.join()
     assert len(seen) == 8 and len(set(seen)) == 1
-    assert len(store.registry.versions("legal")) == 1
+    assert len(store.versions("legal")) == 1
     store.close()
 
 
@@ -146,7 +187,7 @@ def test_on_demand_miss_racing_another_registration_still_resolves(
     """A request whose lookup misses just before another request registers the name gets that version."""
     write_adapter(tmp_path / "volume" / "legal", seed=7)
     store = open_store(tmp_path, on_demand=True)
-    real_get = store.registry.get
+    real_get = store._registry.get  # white-box: the miss races a registration between lookup and retry
     raced: list[str] = []
 
     def get_then_race(ref):
@@ -154,13 +195,13 @@ def test_on_demand_miss_racing_another_registration_still_resolves(
             return real_get(ref)
         except AdapterNotFound:
             if not raced:  # the other request finishes registering between this miss and the retry
-                raced.append(store.register(store.sources.find("legal"), "legal").version)
+                raced.append(store.register(str(tmp_path / "volume" / "legal"), "legal").version)
             raise
 
-    monkeypatch.setattr(store.registry, "get", get_then_race)
-    with store.lease("legal", register_for=Claim(None)) as adapter:
+    monkeypatch.setattr(store._registry, "get", get_then_race)
+    with lease(store, "legal", register_for=Claim(None)) as adapter:
         assert [adapter.version] == raced
-    assert len(store.registry.versions("legal")) == 1
+    assert len(store.versions("legal")) == 1
     store.close()
 
 
@@ -179,39 +220,41 @@ def test_s3_version_is_fetched_again_after_eviction(tmp_path: Path, s3_server: s
     versions = [
         store.version(f"s{i}", register_for=Claim(None)) for i in range(3)
     ]  # on demand, from S3; the first is evicted
-    assert not store.cache.contains(versions[0].version) and store.cache.stats.evictions == 1
-    with store.lease("s0") as adapter:  # fetched again from its source, checksum verified
+    assert not store.is_cached(versions[0]) and store.disk_cache().stats.evictions == 1
+    with lease(store, "s0") as adapter:  # fetched again from its source, checksum verified
         assert content_digest(adapter.path) == versions[0].version
-    assert store.cache.bytes_on_disk() <= 2 * size + 10
+    assert store.bytes_on_disk() <= 2 * size + 10
     store.close()
 
 
 def test_delete_pins_and_leases(tmp_path: Path) -> None:
     store = open_store(tmp_path, pinned=[])
     v = store.register(str(write_adapter(tmp_path / "volume" / "code")), "code")
-    with store.lease("code"), pytest.raises(AdapterInUse, match="serving requests"):
+    with lease(store, "code"), pytest.raises(AdapterInUse, match="serving requests"):
         store.delete("code")
     store.pin("code")
     with pytest.raises(AdapterPinned, match="unpin it"):
         store.delete("code")
     store.pin("code", False)
     store.delete("code")
-    assert store.list() == [] and not store.cache.contains(v.version)
-    assert store.cache.bytes_on_disk() == 0
+    assert store.all_versions() == [] and not store.is_cached(v)
+    assert store.bytes_on_disk() == 0
     store.close()
 
 
 def test_restart_keeps_everything_and_preloads_pinned(tmp_path: Path) -> None:
     store = open_store(tmp_path)
     v = store.register(str(write_adapter(tmp_path / "volume" / "code")), "code", aliases=("stable",))
-    store.record_health("code", "ok", latency_s=0.5)
+    store.record_health("code", v.version, "ok", latency_s=0.5)
     store.close()
     again = open_store(tmp_path, pinned=["code@stable"])
     assert again.version("code@stable") == v
-    assert again.health("code").state == "ok" and again.health("code").latency_s == 0.5
+    health = again.health("code", v.version)
+    assert health.state == "ok" and health.latency_s == 0.5
     (preloaded,) = again.pin_configured()
     assert preloaded.version == v.version and again.version("code").pinned
-    assert again.cache.stats.hits == 1 and again.cache.stats.misses == 0  # still on disk from before
+    stats = again.disk_cache().stats
+    assert stats.hits == 1 and stats.misses == 0  # still on disk from before
     again.close()
 
 
@@ -234,33 +277,34 @@ def load_weights(path: Path) -> None:
 
 def probe(store: AdapterStore, ref: str) -> None:
     """What serving's probe does with the store: lease the files, load them, record the outcome."""
+    version = store.version(ref)
     try:
-        with store.lease(ref) as adapter:
+        with lease(store, ref) as adapter:
             load_weights(adapter.path)
     except Exception as e:
-        store.record_health(ref, "failed", reason=f"{type(e).__name__}: {e}")
+        store.record_health(version.name, version.version, "failed", reason=f"{type(e).__name__}: {e}")
         raise
-    store.record_health(ref, "ok", latency_s=0.01)
+    store.record_health(version.name, version.version, "ok", latency_s=0.01)
 
 
 def test_probe_heals_a_damaged_copy_and_fails_when_nothing_intact_is_left(tmp_path: Path) -> None:
     store = open_store(tmp_path)
     v = store.register(str(write_adapter(tmp_path / "volume" / "code")), "code")
-    assert store.health("code").state == "unchecked"
+    assert store.health("code", v.version).state == "unchecked"
     probe(store, "code")
-    ok = store.health("code")
+    ok = store.health("code", v.version)
     assert ok.state == "ok" and ok.reason is None and ok.latency_s > 0 and ok.checked_at is not None
-    weights = store.cache.cache_dir / v.version / "adapter_model.safetensors"
+    weights = tmp_path / "store" / "cache" / v.version / "adapter_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-64])  # disk corruption after registration: healed from the source
     probe(store, "code")
-    assert store.health("code").state == "ok"
+    assert store.health("code", v.version).state == "ok"
     weights.write_bytes(weights.read_bytes()[:-64])
     write_adapter(tmp_path / "volume" / "code", seed=7)  # ...and the source changed too: nothing intact is left
     with pytest.raises(InvalidAdapter, match="the source changed after registration"):
         probe(store, "code")
-    failed = store.health("code")
+    failed = store.health("code", v.version)
     assert failed.state == "failed" and "InvalidAdapter" in failed.reason and failed.checked_at > ok.checked_at
-    assert not store.cache.in_use(v.version)
+    store.delete("code")  # not AdapterInUse: the failed probe released its lease
     store.close()
 
 
@@ -275,11 +319,11 @@ def test_upload_is_kept_as_its_source_until_deleted(tmp_path: Path) -> None:
     store = open_store(tmp_path, disk_budget_bytes=1 << 20)
     v = _upload(store, write_adapter(tmp_path / "elsewhere" / "up"), "up", tenant="acme")
     assert v.source == f"upload:{v.version}" and store.tenant("up") == "acme"
-    store.cache.remove(v.version)  # as if evicted: the next lease fetches the kept upload
-    with store.lease("up") as adapter:
+    store._cache.remove(v.version)  # white-box, as if evicted: the next lease fetches the kept upload
+    with lease(store, "up") as adapter:
         assert content_digest(adapter.path) == v.version
     store.delete("up")
-    assert list(store.uploads.directory.iterdir()) == [] and store.cache.bytes_on_disk() == 0
+    assert list((tmp_path / "store" / "uploads").iterdir()) == [] and store.bytes_on_disk() == 0
     store.close()
 
 
@@ -288,8 +332,8 @@ def test_invalid_upload_keeps_nothing(tmp_path: Path) -> None:
     with pytest.raises(InvalidAdapter) as info:
         _upload(store, write_adapter(tmp_path / "elsewhere" / "big", rank=32), "big")
     assert info.value.reason == "rank_too_large"
-    assert store.list() == [] and list(store.uploads.directory.iterdir()) == []
-    assert store.cache.bytes_on_disk() == 0 and list(store.cache.staging_dir.iterdir()) == []
+    assert store.all_versions() == [] and list((tmp_path / "store" / "uploads").iterdir()) == []
+    assert store.bytes_on_disk() == 0 and list((tmp_path / "store" / "staging").iterdir()) == []
     store.close()
 
 
@@ -307,9 +351,9 @@ def test_register_and_upload_refuse_another_owner_before_fetching(tmp_path: Path
             store.register(str(tmp_path / "volume" / "gone"), "medical", tenant=tenant)  # refused before fetching
         with pytest.raises(OwnershipConflict):
             _upload(store, write_adapter(tmp_path / "new" / str(tenant), seed=2), "medical", tenant=tenant)
-    assert list(store.uploads.directory.iterdir()) == []  # nothing refused is kept
+    assert list((tmp_path / "store" / "uploads").iterdir()) == []  # nothing refused is kept
     v2 = _upload(store, write_adapter(tmp_path / "new" / "own", seed=3), "medical", tenant="hospital")
-    assert store.tenant("medical") == "hospital" and [v.version for v in store.registry.versions("medical")] == [
+    assert store.tenant("medical") == "hospital" and [v.version for v in store.versions("medical")] == [
         v2.version,
         v1.version,
     ]
@@ -324,7 +368,7 @@ def test_on_demand_registers_for_the_claimant_only(tmp_path: Path, claim: Claim,
     store = open_store(tmp_path, on_demand=True)
     with pytest.raises(AdapterNotFound):  # no claim: nothing is looked up, nothing registered
         store.version("legal")
-    assert store.list() == []
+    assert store.all_versions() == []
     version = store.version("legal", register_for=claim)
     assert store.tenant("legal") == owner and version.tags == {"registered_by": "on_demand"}
     other = Claim("lawfirm")  # a later claimant gets the registered version back, owner unchanged (callers check)
@@ -377,7 +421,7 @@ def test_old_registry_is_rekeyed_from_cache_source_and_uploads(tmp_path: Path, c
     for name, directory in (("cached", cached), ("fetched", fetched), ("up", uploaded)):
         version = store.version(name)
         assert version.version == content_digest(directory) and not version.legacy_digest
-        with store.lease(name) as adapter:
+        with lease(store, name) as adapter:
             assert content_digest(adapter.path) == version.version
     assert store.version("up").source == f"upload:{content_digest(uploaded)}"
     assert (root / "uploads" / content_digest(uploaded)).is_dir()
@@ -385,6 +429,6 @@ def test_old_registry_is_rekeyed_from_cache_source_and_uploads(tmp_path: Path, c
     legacy = store.version("lost")  # still registered, flagged, refused at lease with the fix
     assert legacy.version == old["lost"] and legacy.legacy_digest
     with pytest.raises(LegacyDigest, match="register its files again"):
-        store.acquire("lost")
+        store.acquire(legacy)
     assert f"{old['lost'][:16]}" in caplog.text
     store.close()

@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from adapter_store import AdapterMetadata, AdapterRegistry, InvalidAdapter
+from adapter_store import AdapterMetadata, InvalidAdapter
+from adapter_store.registry import AdapterRegistry
 from adapter_store.validation import AdapterValidator, BaseModelSpec, register_directory
 from tests.adapter_store.helpers import BASE_CONFIG, BASE_NAME, lora_tensors, write_adapter, write_base_config
 

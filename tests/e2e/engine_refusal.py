@@ -32,21 +32,21 @@ async def tokens(engine, adapter, prompt_ids: list[int], request_id: str) -> lis
 
 
 async def main(config_path: Path, refused_dir: Path) -> dict:
-    from adapter_store import AdapterCatalog, ServedAdapter
-    from serving.adapters import open_store
+    from adapter_store import ServedAdapter
     from serving.config import load_settings
     from serving.engine import AdapterLoadFailed, LoraEngine
+    from serving.store import open_store
 
     settings = load_settings(config_path)
     scratch = tempfile.TemporaryDirectory(prefix="engine-refusal-store-")
-    catalog = AdapterCatalog(open_store(settings, Path(scratch.name)))
+    store = open_store(settings, Path(scratch.name))
     engine = LoraEngine(settings)
     await engine.start()
     refused = ServedAdapter(name="refused", version="f" * 64, path=refused_dir)
     result: dict = {}
     try:
         ids = engine.llm.get_tokenizer().encode("The")
-        good = catalog.acquire(next(v for v in catalog if v.name == "code"))
+        good = store.acquire(store.version("code"))
         await engine.ensure_loaded(good)
         try:
             await engine.ensure_loaded(refused)
@@ -65,7 +65,7 @@ async def main(config_path: Path, refused_dir: Path) -> dict:
         result["ready_after_unguarded"] = engine.ready
     finally:
         engine.shutdown()
-        catalog.store.close()
+        store.close()
         scratch.cleanup()
     return result
 

@@ -31,31 +31,26 @@ async def greedy(engine, adapter, prompt_ids: list[int], request_id: str) -> lis
 
 
 async def main(config_path: Path) -> dict:
-    from adapter_store import AdapterCatalog
-    from serving.adapters import open_store
     from serving.config import load_settings
     from serving.engine import LoraEngine
+    from serving.store import open_store
 
     settings = load_settings(config_path)
     scratch = tempfile.TemporaryDirectory(prefix="mixed-batch-store-")
-    catalog = AdapterCatalog(open_store(settings, Path(scratch.name)))
+    store = open_store(settings, Path(scratch.name))
     engine = LoraEngine(settings)
     await engine.start()
     try:
         tokenizer = engine.llm.get_tokenizer()
-        jobs = [
-            (model, prompt, tokenizer.encode(prompt))
-            for prompt in PROMPTS
-            for model in ("base", *(a.name for a in catalog))
-        ]
-        served = {v.name: catalog.acquire(v) for v in catalog} | {"base": None}  # leased until the store closes
+        jobs = [(model, prompt, tokenizer.encode(prompt)) for prompt in PROMPTS for model in ("base", *store.names())]
+        served = {v.name: store.acquire(v) for v in store.latest()} | {"base": None}  # leased until the store closes
         alone = [await greedy(engine, served[model], ids, f"alone-{i}") for i, (model, _, ids) in enumerate(jobs)]
         together = await asyncio.gather(
             *(greedy(engine, served[model], ids, f"mixed-{i}") for i, (model, _, ids) in enumerate(jobs))
         )
     finally:
         engine.shutdown()
-        catalog.store.close()
+        store.close()
         scratch.cleanup()
     return {
         "requests": [{"model": m, "prompt": p} for m, p, _ in jobs],

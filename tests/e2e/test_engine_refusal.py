@@ -3,7 +3,7 @@
 The store's validation refuses everything vLLM's loader is known to refuse
 (``tests/serving/test_adapter_rules.py``), so no file set that reaches the
 server can show this through HTTP. The guard under it is checked here on the
-real engine: ``LoraEngine.ensure_loaded`` (the resolver calls it before any
+real engine: ``LoraEngine.ensure_loaded`` (the selector calls it before any
 request for a new version) gets the loader's refusal back as an exception and
 the engine keeps serving, while the same adapter sent straight to a request
 stops the engine for everyone: the failure the guard exists for.

@@ -1,4 +1,5 @@
-"""``LoraEngine.ensure_loaded``: each version is loaded once through ``add_lora`` before requests reach it.
+"""The engine wrapper: each version is loaded once through ``add_lora`` before requests reach it, and
+``max_cpu_loras`` sizes vLLM's host adapter cache from ``store.memory_budget_bytes``.
 
 The engine here is a stand-in with vLLM's ``add_lora`` contract (an awaitable
 that raises when the adapter is refused); the real engine path, a refused
@@ -11,11 +12,12 @@ import asyncio
 from pathlib import Path
 
 import pytest
+import yaml
 
 from adapter_store import ServedAdapter
-from serving.config import load_settings
-from serving.engine import AdapterLoadFailed, LoraEngine
-from tests.serving.test_adapters import write_config
+from serving.config import ConfigError, load_settings
+from serving.engine import AdapterLoadFailed, LoraEngine, max_cpu_loras
+from tests.serving.test_store import write_config
 
 
 class _Engine:
@@ -67,3 +69,33 @@ def test_a_refused_load_fails_every_waiting_caller_and_is_tried_again_later(tmp_
     with pytest.raises(AdapterLoadFailed):
         asyncio.run(engine.ensure_loaded(_adapter("bad")))
     assert fake.calls == ["bad", "bad"]
+
+
+# The tiny base's largest valid adapter at rank 16 in bfloat16 (see tests/adapter_store/test_store.py).
+PER_ADAPTER = 2 * 16 * (256 + 192 + 192 + 256 + 384 + 384 + 384) * 2
+
+
+@pytest.mark.parametrize(
+    ("engine", "budget", "expected"),
+    [
+        ({"max_loras": 2}, None, None),
+        ({"max_loras": 2, "max_cpu_loras": 3}, None, 3),
+        ({"max_loras": 2}, 5 * PER_ADAPTER + 7, 5),
+        ({"max_loras": 2, "max_cpu_loras": 4}, 5 * PER_ADAPTER, 4),
+        ({"max_loras": 2, "max_cpu_loras": 6}, 5 * PER_ADAPTER, "does not fit store.memory_budget_bytes"),
+        ({"max_loras": 4}, 3 * PER_ADAPTER, f"raise the budget to at least {4 * PER_ADAPTER} bytes"),
+    ],
+)
+def test_memory_budget_sizes_the_host_adapter_cache(tmp_path: Path, engine: dict, budget, expected) -> None:
+    store = {"root": "store"} if budget is None else {"root": "store", "memory_budget_bytes": budget}
+    path = write_config(tmp_path, store, [])
+    raw = yaml.safe_load(path.read_text())
+    raw["engine"] = engine
+    raw["model"]["dtype"] = "bfloat16"
+    path.write_text(yaml.safe_dump(raw))
+    settings = load_settings(path)
+    if isinstance(expected, str):
+        with pytest.raises(ConfigError, match=expected):
+            max_cpu_loras(settings)
+    else:
+        assert max_cpu_loras(settings) == expected

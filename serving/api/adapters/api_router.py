@@ -13,7 +13,7 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.datastructures import UploadFile
 
-from adapter_store.refs import ALIAS_PATTERN, NAME_PATTERN
+from adapter_store import ALIAS_PATTERN, NAME_PATTERN
 from serving.api.adapters.protocol import (
     AdapterList,
     AdapterView,
@@ -111,15 +111,16 @@ async def upload_adapter(name: Name, request: Request, serving: AdaptersServingD
     the store's staging directory with the same byte cap.
     """
     serving.admit_upload(principal, request.client.host if request.client else "-")
-    form = request.form(max_files=MAX_UPLOAD_FILES, max_fields=MAX_UPLOAD_FIELDS, max_part_size=MAX_UPLOAD_FIELD_BYTES)
-    async with form as form:
+    limits = {"max_files": MAX_UPLOAD_FILES, "max_fields": MAX_UPLOAD_FIELDS, "max_part_size": MAX_UPLOAD_FIELD_BYTES}
+    async with request.form(**limits) as form:
         present = [key for key in UploadFields.model_fields if key in form]
         try:
             fields = UploadFields.model_validate({k: form.getlist(k) if k == "aliases" else form[k] for k in present})
         except ValidationError as e:
             raise RequestValidationError(e.errors()) from e
-        files = form.getlist("files")
-        if not all(isinstance(f, UploadFile) for f in files):
+        parts = form.getlist("files")
+        files = [f for f in parts if isinstance(f, UploadFile)]
+        if len(files) != len(parts):
             raise InvalidRequestError("Each files part must be a file (with a filename).", param="files")
         return await serving.upload(name, files, tenant=fields.tenant, aliases=fields.aliases, check=fields.check)
 

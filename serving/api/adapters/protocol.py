@@ -6,8 +6,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from adapter_store.refs import NAME_PATTERN
-from serving.api.models.protocol import AdapterInfo
+from adapter_store import NAME_PATTERN
+from serving.api.adapter_info import AdapterInfo
 from serving.config import TENANT_PATTERN
 
 TAG_KEY_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"

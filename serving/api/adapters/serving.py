@@ -1,23 +1,24 @@
-"""Serving class of /v1/adapters: the store's admin operations, and health probes through the engine.
+"""Serving class of /v1/adapters: the store's admin operations (list, register, upload, alias, pin, unload,
+delete) and the per-adapter health view; health probes and start-up warm-up are in
+:mod:`serving.api.adapters.probe`.
 
-Store calls block (fetches, hashing, the registry's write lock), so they run
-in worker threads; probes and unloads talk to the engine on the event loop.
+Store calls block (fetches, hashing, the registry's SQLite lock), so each
+operation does its store work in one worker-thread hop; unloads talk to the
+engine on the event loop.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
-import logging
-import math
 import re
-import time
-import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, TypeVar
 
-from adapter_store import AdapterNotFound, AdapterStoreError, AdapterVersion, HealthRecord, InvalidRef
-from adapter_store.store import TENANT_TAG
+from adapter_store import TENANT_TAG, AdapterNotFound, AdapterStoreError, AdapterVersion, HealthRecord, InvalidRef
+from serving.api.adapter_info import adapter_info
+from serving.api.adapters.probe import AdapterProbe
 from serving.api.adapters.protocol import (
     AdapterList,
     AdapterView,
@@ -38,37 +39,32 @@ from serving.api.errors import (
     store_error,
 )
 from serving.api.limits import RequestLimiter
-from serving.api.models.serving import adapter_info
-from serving.api.resolver import AdapterResolver
+from serving.api.selector import AdapterSelector
 from serving.engine import LoraEngine
 
 if TYPE_CHECKING:
     from starlette.datastructures import UploadFile
 
-logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
-PROBE_PROMPT = "Hello"
-PROBE_TOKENS = 4
 UPLOAD_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 """A plain file name: no directories, no leading dot."""
 _CHUNK = 1 << 20
 
 
-class ProbeFailed(Exception):
-    """The engine served the adapter, but its output is unusable (no tokens, non-finite log-probabilities)."""
-
-
 class AdaptersServing:
-    def __init__(self, engine: LoraEngine, resolver: AdapterResolver, tokenizer: Any, limiter: RequestLimiter) -> None:
+    def __init__(
+        self, engine: LoraEngine, selector: AdapterSelector, probe: AdapterProbe, limiter: RequestLimiter
+    ) -> None:
         self.engine = engine
         self.limiter = limiter
-        self.resolver = resolver
-        self.catalog = resolver.catalog
-        self.store = resolver.catalog.store
-        self.tokenizer = tokenizer
+        self.selector = selector
+        self.store = selector.store
+        self.probe = probe
 
-    async def _store(self, fn, *args, **kwargs):
-        """Run a blocking store call in a thread; its typed errors become API errors."""
+    @staticmethod
+    async def _store(fn: Callable[..., T], *args: object, **kwargs: object) -> T:
+        """Run blocking store work in a worker thread; its typed errors become API errors."""
         try:
             return await asyncio.to_thread(fn, *args, **kwargs)
         except AdapterStoreError as e:
@@ -78,11 +74,14 @@ class AdaptersServing:
 
     async def list_adapters(self) -> AdapterList:
         loaded = await self._loaded()
-        views = await self._store(lambda: [self._adapter_view(name, loaded) for name in self.store.registry.names()])
-        disk = await asyncio.to_thread(self.store.cache.bytes_on_disk)
+
+        def read() -> tuple[list[AdapterView], int]:
+            return [self._adapter_view(name, loaded) for name in self.store.names()], self.store.bytes_on_disk()
+
+        views, disk = await self._store(read)
         cache = CacheView(
             disk_bytes=disk,
-            disk_budget_bytes=self.store.cache.budget_bytes,
+            disk_budget_bytes=self.store.settings.disk_budget_bytes,
             max_loras=self.engine.settings.engine.max_loras,
             max_cpu_loras=self.engine.resident.capacity,
             loaded=[f"{name}@{version}" for name, version in sorted(loaded)],
@@ -94,25 +93,27 @@ class AdaptersServing:
         return await self._store(self._adapter_view, name, loaded)
 
     def _adapter_view(self, name: str, loaded: set[tuple[str, str]]) -> AdapterView:
-        versions = self.store.registry.versions(name)
+        """Blocking: reads the registry."""
+        versions = self.store.versions(name)
         if not versions:
             raise NotFoundError(f"No adapter is registered as {name!r}; GET /v1/adapters lists them.", param="name")
         return AdapterView(
             name=name,
-            tenant=self.catalog.owner(name),
-            aliases=self.store.registry.aliases(name),
+            tenant=self.store.tenant(name),
+            aliases=self.store.aliases(name),
             versions=[self._version_view(v, loaded) for v in versions],
         )
 
     def _version_view(self, version: AdapterVersion, loaded: set[tuple[str, str]]) -> VersionView:
+        """Blocking: reads the registry."""
         return VersionView(
             name=version.name,
             id=version.ref,
             source=version.source,
             pinned=version.pinned,
-            cached=self.store.cache.contains(version.version),
+            cached=self.store.is_cached(version),
             loaded=(version.name, version.version) in loaded,
-            info=adapter_info(self.catalog, version),
+            info=adapter_info(self.store, version),
         )
 
     async def _loaded(self) -> set[tuple[str, str]]:
@@ -146,13 +147,16 @@ class AdaptersServing:
             raise InvalidRequestError(
                 "No files were uploaded; send adapter_config.json and the weights.", param="files"
             )
-        with self.store.staging() as staging:
-            budget = self.limiter.limits.max_upload_bytes
-            for upload in files:
-                budget -= await asyncio.to_thread(self._save_upload, upload, staging, budget)
-            version = await self._store(
-                self.store.register_upload, staging, name, tenant=tenant, aliases=tuple(aliases)
-            )
+        budget = self.limiter.limits.max_upload_bytes
+
+        def stage_and_register() -> AdapterVersion:  # files and the registry: one worker-thread hop
+            left = budget
+            with self.store.staging() as staging:
+                for upload in files:
+                    left -= self._save_upload(upload, staging, left)
+                return self.store.register_upload(staging, name, tenant=tenant, aliases=tuple(aliases))
+
+        version = await self._store(stage_and_register)
         return await self._registered(version, check)
 
     @staticmethod
@@ -191,9 +195,9 @@ class AdaptersServing:
 
     async def _registered(self, version: AdapterVersion, check: bool) -> VersionView:
         if check:
-            await self.probe(version)
+            await self.probe.probe(version)
         loaded = await self._loaded()
-        return await self._store(self._version_view, self.store.registry.get(version.ref), loaded)
+        return await self._store(lambda: self._version_view(self.store.version(version.ref), loaded))
 
     # -- managing -----------------------------------------------------------------------
 
@@ -204,11 +208,11 @@ class AdaptersServing:
     async def pin(self, ref: str, pinned: bool) -> VersionView:
         version = await self._store(self.store.pin, ref, pinned)
         if pinned:  # pinned: kept on disk and loaded now, like pins at start-up
-            await self.preload(version)
+            await self.probe.preload(version)
         return await self._store(self._version_view, version, await self._loaded())
 
     async def unload(self, ref: str) -> UnloadResult:
-        version = await self._store(self.store.registry.get, ref)
+        version = await self._store(self.store.version, ref)
         unloaded = await self.engine.unload(version.name, version.version)
         return UnloadResult(id=version.ref, unloaded=unloaded)
 
@@ -226,100 +230,30 @@ class AdaptersServing:
         Callers other than admins see the failure's code (``AdapterLoadFailed``,
         ``engine_load_failed``, ``InvalidAdapter``...), not its detail.
         """
-        try:
-            version = await asyncio.to_thread(self.store.registry.get, ref)
-        except (AdapterNotFound, InvalidRef):
-            version = None
-        if version is None or not self.resolver.may_use(principal, version.name):
+
+        def read() -> tuple[AdapterVersion, HealthRecord] | None:
+            try:
+                version = self.store.version(ref)
+            except (AdapterNotFound, InvalidRef):
+                return None
+            if not self.selector.may_use(principal, version.name):
+                return None
+            return version, self.store.health(version.name, version.version)
+
+        found = await self._store(read)
+        if found is None:
             raise NotFoundError(
                 f"No adapter {ref!r} is served to this key; GET /v1/models lists the ones it may use.", param="ref"
             )
-        record = await self._store(self.catalog.health, version)
+        version, record = found
         if record.reason is not None and not principal.is_admin:  # the code only: details name paths and sources
             record = dataclasses.replace(record, reason=record.reason.partition(":")[0])
         return self._health_view(version, record)
 
     async def check(self, ref: str) -> HealthView:
-        version = await self._store(self.store.registry.get, ref)
-        return self._health_view(version, await self.probe(version))
+        version = await self._store(self.store.version, ref)
+        return self._health_view(version, await self.probe.probe(version))
 
     @staticmethod
     def _health_view(version: AdapterVersion, record: HealthRecord) -> HealthView:
         return HealthView(name=version.name, version=version.version, **vars(record))
-
-    async def probe(self, version: AdapterVersion) -> HealthRecord:
-        """Load the version and generate a few greedy tokens; record ``ok`` or ``failed`` with the reason.
-
-        Fails on files that cannot be leased (checksum, source), an engine
-        error for this adapter, or output without tokens or with non-finite
-        log-probabilities (e.g. NaN weights). If the engine itself is down the
-        adapter is not blamed: the probe raises 503 and records nothing.
-        """
-        started = time.perf_counter()
-        reason = None
-        try:
-            adapter = await asyncio.to_thread(self.catalog.acquire, version)
-        except AdapterStoreError as e:
-            reason = f"{type(e).__name__}: {e.message}"
-        else:
-            try:
-                await self.engine.ensure_loaded(adapter)  # the requests' path: a refusal fails the probe only
-                await self._generate(adapter)
-            except Exception as e:
-                if not self.engine.ready:
-                    raise EngineUnavailableError("The engine is not running; retry the check later.") from e
-                reason = f"{type(e).__name__}: {e}"
-            finally:
-                self.catalog.release(adapter)
-        state = "ok" if reason is None else "failed"
-        if reason is not None:
-            logger.warning("health check of %s failed: %s", version.ref, reason)
-        latency = time.perf_counter() - started
-        return await self._store(
-            self.store.registry.record_health, version.name, version.version, state, reason=reason, latency_s=latency
-        )
-
-    async def _generate(self, adapter) -> None:
-        from vllm import SamplingParams
-        from vllm.sampling_params import RequestOutputKind
-
-        params = SamplingParams(
-            max_tokens=PROBE_TOKENS,
-            temperature=0.0,
-            ignore_eos=True,
-            logprobs=0,
-            output_kind=RequestOutputKind.FINAL_ONLY,
-        )
-        ids = self.tokenizer.encode(PROBE_PROMPT)
-        final = None
-        async for output in self.engine.generate(ids, params, f"health-{uuid.uuid4().hex}", adapter):
-            final = output
-        completion = final.outputs[0] if final is not None and final.outputs else None
-        if completion is None or len(completion.token_ids) != PROBE_TOKENS:
-            raise ProbeFailed(
-                f"expected {PROBE_TOKENS} tokens, got {0 if completion is None else len(completion.token_ids)}"
-            )
-        values = [lp[t].logprob for t, lp in zip(completion.token_ids, completion.logprobs or [], strict=False)]
-        if len(values) != PROBE_TOKENS or not all(math.isfinite(v) for v in values):
-            raise ProbeFailed(f"non-finite log-probabilities {values}: the adapter's weights are unusable")
-
-    # -- start-up -----------------------------------------------------------------------
-
-    async def startup(self, names: list[str]) -> None:
-        """Check the configured adapters and load the pinned ones, so first requests find them warm."""
-        versions = await self._store(lambda: [self.store.registry.get(n) for n in names])
-        records = await asyncio.gather(*(self.probe(v) for v in versions))
-        for version, record in zip(versions, records, strict=True):
-            logger.info(
-                "adapter %s: health %s (%.0f ms)", version.ref[:40], record.state, 1000 * (record.latency_s or 0)
-            )
-        for version in await self._store(self.store.registry.pinned):
-            await self.preload(version)
-
-    async def preload(self, version: AdapterVersion) -> None:
-        adapter = await self._store(self.catalog.acquire, version)
-        try:
-            await self.engine.load(adapter)
-        finally:
-            self.catalog.release(adapter)
-        logger.info("preloaded pinned adapter %s", version.ref[:40])

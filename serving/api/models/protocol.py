@@ -6,21 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel
 
-
-class AdapterInfo(BaseModel):
-    """What the store knows of the version a bare adapter name serves (its ``latest``)."""
-
-    version: str  # sha256 of the files
-    aliases: list[str]
-    base_model: str
-    rank: int
-    alpha: float
-    target_modules: list[str]
-    size_bytes: int
-    created: int
-    checksum: str
-    tags: dict[str, str]
-    health: Literal["ok", "failed", "unchecked"]
+from serving.api.adapter_info import AdapterInfo
 
 
 class ModelCard(BaseModel):

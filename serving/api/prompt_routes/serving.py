@@ -7,6 +7,7 @@ client's ``model``.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 
 from routing import AsyncPromptRouter, RouteSpec
@@ -58,7 +59,7 @@ class PromptRoutesServing:
                 param="name",
             )
         try:
-            self.resolve(spec.adapter)
+            await asyncio.to_thread(self.resolve, spec.adapter)  # reads (and may fetch into) the store
         except ModelNotFoundError as e:
             raise InvalidRequestError(
                 f"Route {name!r} targets a model that is not served. {e.message}", param="adapter"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, FastAPI, Request, Response
@@ -40,7 +41,8 @@ async def metrics() -> Response:
     The series name every adapter, private ones included, so with API keys on
     only a metrics or admin key may read them (decided in the auth middleware).
     """
-    return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
+    body = await asyncio.to_thread(generate_latest, REGISTRY)  # the store's collector reads SQLite
+    return Response(body, media_type=CONTENT_TYPE_LATEST)
 
 
 def attach_router(app: FastAPI) -> None:

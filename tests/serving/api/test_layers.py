@@ -22,13 +22,6 @@ ROOT = "app"  # the composition root
 ENDPOINTS = sorted(p.name for p in API.iterdir() if (p / "__init__.py").is_file())
 SHARED = sorted(p.stem for p in API.glob("*.py") if p.stem not in ("__init__", ROOT))
 
-# Known edges still to remove, each with its reason; test_pending_edges_still_exist fails once one is gone.
-PENDING = {
-    # adapters shows a version as /v1/models does (AdapterInfo, adapter_info); helper "store" is rewriting
-    # adapter_info for the store facade in this issue, so it moves to the shared layer after that merge.
-    ("adapters", "models"),
-}
-
 
 def imported_modules(source: str, package: str) -> set[str]:
     """Every module ``source`` imports, absolute (relative imports resolved against ``package``)."""
@@ -77,14 +70,7 @@ def test_endpoint_imports_only_the_shared_layer_and_itself(endpoint: str) -> Non
     others = set()
     for path in sorted((API / endpoint).rglob("*.py")):
         others |= endpoints_imported(path) - {endpoint}
-    assert others - {target for source, target in PENDING if source == endpoint} == set()
-
-
-@pytest.mark.parametrize(("source", "target"), sorted(PENDING))
-def test_pending_edges_still_exist(source: str, target: str) -> None:
-    """A known edge that is gone must leave PENDING too, so the exception cannot outlive its reason."""
-    found = set().union(*(endpoints_imported(p) for p in (API / source).rglob("*.py")))
-    assert target in found
+    assert others == set()
 
 
 def test_the_composition_root_wires_every_endpoint() -> None:

@@ -9,8 +9,8 @@ import yaml
 
 from adapter_store import InvalidAdapter
 from adapter_store.migration import legacy_digest
-from serving.adapters import open_store
 from serving.config import ConfigError, load_settings
+from serving.store import open_store
 from tests.adapter_store.helpers import BASE_NAME, write_adapter, write_base_config, write_v1_registry
 
 
@@ -37,7 +37,7 @@ def test_configured_adapters_are_registered_and_survive_restart(tmp_path: Path) 
     store.register(str(tmp_path / "volume" / "legal"), "legal")
     store.close()
     again = open_store(settings, tmp_path / "unused")
-    assert again.registry.names() == ["code", "legal"] and again.version("code") == code
+    assert again.names() == ["code", "legal"] and again.version("code") == code
     again.close()
     assert not (tmp_path / "unused").exists()
 
@@ -47,39 +47,6 @@ def test_invalid_configured_adapter_fails_start_up(tmp_path: Path) -> None:
     settings = load_settings(write_config(tmp_path, None, [{"name": "big", "path": "adapters/big"}]))
     with pytest.raises(InvalidAdapter, match="rank 64 is greater than max_lora_rank 16"):
         open_store(settings, tmp_path / "scratch")
-
-
-# The tiny base's largest valid adapter at rank 16 in bfloat16 (see tests/adapter_store/test_store.py).
-PER_ADAPTER = 2 * 16 * (256 + 192 + 192 + 256 + 384 + 384 + 384) * 2
-
-
-@pytest.mark.parametrize(
-    ("engine", "budget", "expected"),
-    [
-        ({"max_loras": 2}, None, None),
-        ({"max_loras": 2, "max_cpu_loras": 3}, None, 3),
-        ({"max_loras": 2}, 5 * PER_ADAPTER + 7, 5),
-        ({"max_loras": 2, "max_cpu_loras": 4}, 5 * PER_ADAPTER, 4),
-        ({"max_loras": 2, "max_cpu_loras": 6}, 5 * PER_ADAPTER, "does not fit store.memory_budget_bytes"),
-        ({"max_loras": 4}, 3 * PER_ADAPTER, f"raise the budget to at least {4 * PER_ADAPTER} bytes"),
-    ],
-)
-def test_memory_budget_sizes_the_host_adapter_cache(tmp_path: Path, engine: dict, budget, expected) -> None:
-    from serving.adapters import max_cpu_loras
-    from serving.config import ConfigError
-
-    store = {"root": "store"} if budget is None else {"root": "store", "memory_budget_bytes": budget}
-    path = write_config(tmp_path, store, [])
-    raw = yaml.safe_load(path.read_text())
-    raw["engine"] = engine
-    raw["model"]["dtype"] = "bfloat16"
-    path.write_text(yaml.safe_dump(raw))
-    settings = load_settings(path)
-    if isinstance(expected, str):
-        with pytest.raises(ConfigError, match=expected):
-            max_cpu_loras(settings)
-    else:
-        assert max_cpu_loras(settings) == expected
 
 
 def test_configured_tenant_owns_the_name_and_a_conflicting_registry_refuses_start_up(tmp_path: Path) -> None:
@@ -103,6 +70,6 @@ def test_an_old_registry_keeps_the_configured_owner_of_its_adapters(tmp_path: Pa
     write_v1_registry(tmp_path / "store", [("medical", legacy_digest(files), str(files), {})])
     entry = {"name": "medical", "path": "adapters/medical", "tenant": "hospital"}
     store = open_store(load_settings(write_config(tmp_path, {"root": "store"}, [entry])), tmp_path / "unused")
-    assert store.tenant("medical") == "hospital" and len(store.registry.versions("medical")) == 1
+    assert store.tenant("medical") == "hospital" and len(store.versions("medical")) == 1
     assert not store.version("medical").legacy_digest
     store.close()

@@ -1,7 +1,7 @@
 """Model name → what one request runs on: tenant checks, leased files, and the fallback policy.
 
 A generation request names the base model or an adapter ref. In this order,
-the resolver
+the selector
 
 1. parses the ref and reads the registered name's owner (registry only:
    nothing is fetched), refusing callers who may not use it with exactly the
@@ -30,6 +30,10 @@ A fallback answer carries ``X-Adapter-Fallback`` (what answered) and
 ``loraserve_adapter_fallbacks_total{adapter,reason}``. Metric labels name
 registered adapters only; anything a request names that is not registered
 counts under one ``unknown`` label. Nothing here touches any other request.
+
+The store blocks (SQLite, fetches): :meth:`AdapterSelector.acquire` makes one
+worker-thread hop for all of it; the other methods are synchronous and are
+called from worker threads (the router's executor, a ``to_thread`` block).
 """
 
 from __future__ import annotations
@@ -40,15 +44,15 @@ import time
 from dataclasses import dataclass
 
 from adapter_store import (
-    AdapterCatalog,
+    FALLBACK_POLICIES,
     AdapterNotFound,
     AdapterRef,
+    AdapterStore,
     AdapterStoreError,
     Claim,
     InvalidRef,
     ServedAdapter,
 )
-from adapter_store.settings import FALLBACK_POLICIES
 from serving.api.auth import Principal
 from serving.api.errors import AdapterUnavailableError, EngineUnavailableError, ModelNotFoundError, store_error
 from serving.config import Settings
@@ -104,14 +108,12 @@ def on_demand_claim(principal: Principal) -> Claim | None:
     return Claim(None) if principal.is_admin else None
 
 
-class AdapterResolver:
-    """Resolves, leases and loads adapters for requests; one per server."""
+class AdapterSelector:
+    """Selects what each request runs on: checks access, leases and loads adapters; one per server."""
 
-    def __init__(
-        self, settings: Settings, catalog: AdapterCatalog, metrics: AdapterMetrics, engine: LoraEngine
-    ) -> None:
+    def __init__(self, settings: Settings, store: AdapterStore, metrics: AdapterMetrics, engine: LoraEngine) -> None:
         self.base_name = settings.model.name
-        self.catalog = catalog
+        self.store = store
         self.metrics = metrics
         self.engine = engine
         self.policy = settings.store.fallback if settings.store is not None else "error"
@@ -119,11 +121,32 @@ class AdapterResolver:
     # -- access -------------------------------------------------------------------------
 
     def may_use(self, principal: Principal, name: str) -> bool:
-        return principal.may_use(self.catalog.owner(name))
+        """Whether the caller may use adapter ``name``; an unknown name counts as public. Reads the registry."""
+        try:
+            owner = self.store.tenant(name)
+        except (AdapterNotFound, InvalidRef):
+            owner = None
+        return principal.may_use(owner)
 
     def visible(self, principal: Principal) -> list[str]:
-        """The base model and every adapter this caller may use."""
-        return [self.base_name, *(v.name for v in self.catalog if self.may_use(principal, v.name))]
+        """The base model and every adapter this caller may use. Reads the registry."""
+        return [self.base_name, *(name for name in self.store.names() if self.may_use(principal, name))]
+
+    def require(self, model: str, principal: Principal) -> None:
+        """The 404 unless ``model`` is the base model or an adapter the caller may use; nothing is leased.
+
+        An unknown name is registered on demand as for a request of this
+        caller. Other store errors (a source failing, an invalid adapter
+        found on demand) propagate: they are not "no such model".
+        """
+        if model == self.base_name:
+            return
+        try:
+            version = self.store.version(model, register_for=on_demand_claim(principal))
+        except (AdapterNotFound, InvalidRef):
+            raise self.not_found(model, principal) from None
+        if not self.may_use(principal, version.name):
+            raise self.not_found(model, principal)
 
     def not_found(self, model: str, principal: Principal) -> ModelNotFoundError:
         """The one 404 for unknown names and other tenants' adapters alike, so names never leak."""
@@ -143,22 +166,20 @@ class AdapterResolver:
 
     def release(self, resolution: Resolution) -> None:
         if resolution.adapter is not None:
-            self.catalog.release(resolution.adapter)
+            self.store.release(resolution.adapter)
 
     async def _acquire(self, model: str, principal: Principal) -> ServedAdapter:
         adapter = await asyncio.to_thread(self._lease, model, principal)
         try:
             await self.engine.ensure_loaded(adapter)
         except AdapterLoadFailed as e:
-            self.catalog.release(adapter)
+            self.store.release(adapter)
             reason = f"{ENGINE_LOAD_FAILED}: {e}"
             logger.warning("engine refused adapter %s@%s: %s", adapter.name, adapter.version[:16], e)
-            await asyncio.to_thread(
-                self.catalog.store.registry.record_health, adapter.name, adapter.version, "failed", reason=reason
-            )
+            await asyncio.to_thread(self.store.record_health, adapter.name, adapter.version, "failed", reason=reason)
             raise _Unservable(adapter.name, ENGINE_LOAD_FAILED, str(e), label=adapter.name) from e
         except BaseException as e:
-            self.catalog.release(adapter)
+            self.store.release(adapter)
             if isinstance(e, Exception) and not self.engine.ready:
                 raise EngineUnavailableError("The engine is not running; retry later.") from e
             raise
@@ -170,7 +191,7 @@ class AdapterResolver:
         except InvalidRef:
             raise self.not_found(model, principal) from None
         try:  # the owner first, from the registry alone: nothing is fetched for a caller who may not use it
-            owner = self.catalog.store.tenant(name)
+            owner = self.store.tenant(name)
         except AdapterNotFound:
             claim = on_demand_claim(principal)
             if claim is None:
@@ -180,19 +201,21 @@ class AdapterResolver:
                 raise self.not_found(model, principal)
             claim = None
         try:
-            version = self.catalog.find(model, register_for=claim)
+            version = self.store.version(model, register_for=claim)
+        except (AdapterNotFound, InvalidRef):
+            raise self.not_found(model, principal) from None
         except AdapterStoreError as e:  # found in a source on demand, but refused or unreadable
             raise _Unservable(name, _reason(e), e.message, label=UNKNOWN_LABEL) from e
         # Checked again: a racing on-demand registration may have given the name to another tenant.
-        if version is None or not self.may_use(principal, version.name):
+        if not self.may_use(principal, version.name):
             raise self.not_found(model, principal)
-        health = self.catalog.health(version)
+        health = self.store.health(version.name, version.version)
         if health.state == "failed":
             raise _Unservable(version.name, HEALTH_FAILED, f"its last health check failed: {health.reason}", label=name)
-        cached = self.catalog.store.cache.contains(version.version)
+        cached = self.store.is_cached(version)
         started = time.perf_counter()
         try:
-            adapter = self.catalog.acquire(version)
+            adapter = self.store.acquire(version)
         except AdapterStoreError as e:
             raise _Unservable(version.name, _reason(e), e.message, label=name) from e
         self.metrics.adapter_lookups.labels(version.name, "disk", "hit" if cached else "miss").inc()

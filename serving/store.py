@@ -12,9 +12,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from adapter_store import AdapterStore, BaseModelSpec, OwnershipConflict, StoreSettings
-from adapter_store.memory import cpu_loras_for_budget
-from adapter_store.settings import LocalSourceSettings
+from adapter_store import AdapterStore, BaseModelSpec, LocalSourceSettings, OwnershipConflict, StoreSettings
 from serving.adapter_rules import engine_lora_check
 from serving.config import ConfigError, Settings
 
@@ -65,33 +63,3 @@ def open_store(settings: Settings, default_root: Path) -> AdapterStore:
         store.close()
         raise
     return store
-
-
-def max_cpu_loras(settings: Settings) -> int | None:
-    """``engine.max_cpu_loras``, or the count ``store.memory_budget_bytes`` holds when a budget is set.
-
-    A budget that cannot hold ``max_loras`` adapters, or an explicit
-    ``max_cpu_loras`` larger than the budget holds, is a configuration error.
-    """
-    budget = settings.store.memory_budget_bytes if settings.store is not None else None
-    configured = settings.engine.max_cpu_loras
-    if budget is None:
-        return configured
-    spec = BaseModelSpec.from_config(settings.model.path / "config.json", [settings.model.name])
-    try:
-        fits = cpu_loras_for_budget(
-            budget,
-            base=spec,
-            max_lora_rank=settings.engine.max_lora_rank,
-            dtype=settings.model.dtype,
-            max_loras=settings.engine.max_loras,
-        )
-    except ValueError as e:
-        raise ConfigError(str(e)) from e
-    if configured is not None and configured > fits:
-        raise ConfigError(
-            f"engine.max_cpu_loras {configured} does not fit store.memory_budget_bytes {budget}, which holds {fits} "
-            f"adapters of up to rank {settings.engine.max_lora_rank}: lower max_cpu_loras, leave it out to derive it, "
-            "or raise the budget"
-        )
-    return configured or fits
