@@ -17,7 +17,11 @@ import json
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable
 from pathlib import Path
+from typing import TypeVar
+
+T = TypeVar("T")
 
 STEPS = "vllm:iteration_tokens_total_count"
 GENERATED = "vllm:generation_tokens_total"
@@ -51,7 +55,7 @@ def engine_counters() -> dict[str, float]:
     return totals
 
 
-async def counted(run, expected_tokens: int) -> tuple[object, dict[str, float]]:
+async def counted(run: Awaitable[T], expected_tokens: int) -> tuple[T, dict[str, float]]:
     """Await ``run``, then the steps and tokens it added (waiting, under a deadline, for the last step's stats)."""
     before = engine_counters()
     result = await run

@@ -27,6 +27,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from checkpoints.assets import DemoAssets
 from tests.conftest import REPO, RunningServer, demo_config, start_server, stop_server
 from tests.e2e.adapter_files import BROKEN, WEIGHTS, broken_adapter, copy_adapter, nan_adapter
 
@@ -46,7 +47,7 @@ class Store:
     workdir: Path
     volume: Path  # the configured local source root
     outside: Path  # a directory no source may read
-    demo: object
+    demo: DemoAssets
 
     @property
     def url(self) -> str:

@@ -29,6 +29,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from checkpoints.assets import DemoAssets
 from tests.conftest import RunningServer, demo_config, start_server, stop_server
 from tests.e2e.adapter_files import WEIGHTS, copy_adapter
 
@@ -64,7 +65,7 @@ class Cached:
     names: list[str]
     memory_budget: int
     per_adapter: int
-    demo: object
+    demo: DemoAssets
 
 
 @pytest.fixture(scope="module")
@@ -100,13 +101,16 @@ async def complete(client: httpx.AsyncClient, url: str, model: str) -> httpx.Res
     return await client.post(f"{url}/v1/completions", json=body)
 
 
-def answer(response: httpx.Response) -> tuple[str, list[float]]:
+Answer = tuple[str, list[float]]
+
+
+def answer(response: httpx.Response) -> Answer:
     """The greedy text and its tokens' log-probabilities (which tell apart adapters that agree on the text)."""
     choice = response.json()["choices"][0]
     return choice["text"], choice["logprobs"]["token_logprobs"]
 
 
-def same(a: tuple[str, list[float]], b: tuple[str, list[float]], tolerance: float = LOGPROB_TOLERANCE) -> bool:
+def same(a: Answer, b: Answer, tolerance: float = LOGPROB_TOLERANCE) -> bool:
     return a[0] == b[0] and max(abs(x - y) for x, y in zip(a[1], b[1], strict=True)) <= tolerance
 
 
@@ -128,7 +132,7 @@ def test_zipf_load_over_every_tier_is_correct_and_within_limits(cached: Cached) 
     url = cached.server.url
     before = ""
 
-    async def run() -> tuple[dict[str, str], list[tuple[str, httpx.Response]], list[dict]]:
+    async def run() -> tuple[dict[str, Answer], list[tuple[str, httpx.Response]], list[dict]]:
         async with httpx.AsyncClient(timeout=300) as client:
             alone = {}
             for name in cached.names:  # one at a time: registers each on demand, no batch neighbours

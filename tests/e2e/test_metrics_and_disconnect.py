@@ -103,7 +103,8 @@ def assert_engine_stopped(server, aborts_before: float, tokens_before: float, as
     assert metric(scrape(server), "vllm:generation_tokens_total") - tokens_before < asked / 2
 
 
-BODY = {"model": "code", "prompt": "The", "max_tokens": 900, "ignore_eos": True}
+ASKED = 900
+BODY = {"model": "code", "prompt": "The", "max_tokens": ASKED, "ignore_eos": True}
 
 
 def running_since(server, tokens_before: float) -> Callable[[], bool]:
@@ -131,7 +132,7 @@ def test_disconnect_during_a_non_streaming_request_aborts_it(server) -> None:
         sock.setblocking(False)
         with pytest.raises(BlockingIOError):
             sock.recv(1)  # no answer yet: the client leaves while the request runs
-    assert_engine_stopped(server, aborts, tokens, BODY["max_tokens"])
+    assert_engine_stopped(server, aborts, tokens, ASKED)
 
 
 def test_disconnect_during_a_stream_aborts_it(server) -> None:
@@ -142,4 +143,4 @@ def test_disconnect_during_a_stream_aborts_it(server) -> None:
         for _ in range(3):
             assert next(events).startswith("data: ")
         wait_for(running_since(server, tokens), "the engine running the request")
-    assert_engine_stopped(server, aborts, tokens, BODY["max_tokens"])
+    assert_engine_stopped(server, aborts, tokens, ASKED)
