@@ -130,16 +130,14 @@ def metric(text: str, sample: str) -> float:
 
 def test_zipf_load_over_every_tier_is_correct_and_within_limits(cached: Cached) -> None:
     url = cached.server.url
-    before = ""
 
-    async def run() -> tuple[dict[str, Answer], list[tuple[str, httpx.Response]], list[dict]]:
+    async def run() -> tuple[dict[str, Answer], list[tuple[str, httpx.Response]], list[dict], str]:
         async with httpx.AsyncClient(timeout=300) as client:
             alone = {}
             for name in cached.names:  # one at a time: registers each on demand, no batch neighbours
                 response = await complete(client, url, name)
                 assert response.status_code == 200, response.text
                 alone[name] = answer(response)
-            nonlocal before
             before = (await client.get(f"{url}/metrics")).text  # eight adapters in five slots: some evicted already
             samples: list[dict] = [(await client.get(f"{url}/v1/adapters")).json()["cache"]]
             done = asyncio.Event()
@@ -159,9 +157,9 @@ def test_zipf_load_over_every_tier_is_correct_and_within_limits(cached: Cached) 
             results = await asyncio.gather(*(one(m) for m in zipf(cached.names, REQUESTS)))
             done.set()
             await sampler
-            return alone, results, samples
+            return alone, results, samples, before
 
-    alone, results, samples = asyncio.run(run())
+    alone, results, samples, before = asyncio.run(run())
     for a in cached.names:  # eight different adapters, eight different answers
         assert not any(same(alone[a], alone[b], 10 * LOGPROB_TOLERANCE) for b in cached.names if b != a), a
     for model, response in results:
