@@ -12,6 +12,12 @@ import json
 import sys
 
 
+def logprob(step: dict | None, token: int) -> float:
+    """The log-probability vLLM reports for ``token`` at one position (which must have logprobs)."""
+    assert step is not None
+    return step[token].logprob
+
+
 def main(spec: dict) -> dict:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
@@ -36,13 +42,14 @@ def main(spec: dict) -> dict:
     for out in outputs:
         completion = out.outputs[0]
         tokens = list(completion.token_ids)
+        assert completion.logprobs is not None and out.prompt_logprobs is not None and out.prompt_token_ids
         results.append(
             {
                 "tokens": tokens,
-                "logprobs": [step[t].logprob for step, t in zip(completion.logprobs, tokens, strict=True)],
+                "logprobs": [logprob(step, t) for step, t in zip(completion.logprobs, tokens, strict=True)],
                 # Entry 0 is None (nothing predicts the first prompt token).
                 "prompt_logprobs": [
-                    step[t].logprob for step, t in zip(out.prompt_logprobs[1:], out.prompt_token_ids[1:], strict=True)
+                    logprob(step, t) for step, t in zip(out.prompt_logprobs[1:], out.prompt_token_ids[1:], strict=True)
                 ],
             }
         )

@@ -54,7 +54,7 @@ def reference_greedy(model, prompt: list[int], n: int) -> tuple[list[int], list[
     for _ in range(n):
         top = reference_logprobs(model, ids + [0])[-1].topk(2)
         gaps.append((top.values[0] - top.values[1]).item())
-        ids.append(top.indices[0].item())
+        ids.append(int(top.indices[0].item()))
     return ids[len(prompt) :], gaps
 
 

@@ -2,7 +2,12 @@
 
 Used by test_mixed_batch.py in a subprocess (so the stock-ops variant can run
 with our vLLM plugin switched off): ``python tests/e2e/mixed_batch.py CONFIG``
-prints one JSON object with the greedy tokens of each request both ways.
+prints one JSON object with the greedy tokens of each request both ways, and
+for each way the engine steps it took and the tokens those steps generated
+(from vLLM's own metrics in this process: ``vllm:iteration_tokens_total`` counts
+engine steps, ``vllm:generation_tokens_total`` generated tokens). A step
+generates at most one token per request, so fewer steps than tokens proves
+requests shared steps.
 """
 
 from __future__ import annotations
@@ -11,7 +16,15 @@ import asyncio
 import json
 import sys
 import tempfile
+import time
+from collections.abc import Awaitable
 from pathlib import Path
+from typing import TypeVar
+
+T = TypeVar("T")
+
+STEPS = "vllm:iteration_tokens_total_count"
+GENERATED = "vllm:generation_tokens_total"
 
 PROMPTS = ("The", "Tell me about the", "In the morning we")
 MAX_TOKENS = 24
@@ -30,6 +43,29 @@ async def greedy(engine, adapter, prompt_ids: list[int], request_id: str) -> lis
     return tokens
 
 
+def engine_counters() -> dict[str, float]:
+    """Engine steps and generated tokens so far, from vLLM's metrics in this process."""
+    from prometheus_client import REGISTRY
+
+    totals = dict.fromkeys((STEPS, GENERATED), 0.0)
+    for family in REGISTRY.collect():
+        for sample in family.samples:
+            if sample.name in totals:
+                totals[sample.name] += sample.value
+    return totals
+
+
+async def counted(run: Awaitable[T], expected_tokens: int) -> tuple[T, dict[str, float]]:
+    """Await ``run``, then the steps and tokens it added (waiting, under a deadline, for the last step's stats)."""
+    before = engine_counters()
+    result = await run
+    deadline = time.monotonic() + 30
+    while engine_counters()[GENERATED] - before[GENERATED] < expected_tokens and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    after = engine_counters()
+    return result, {"steps": after[STEPS] - before[STEPS], "tokens": after[GENERATED] - before[GENERATED]}
+
+
 async def main(config_path: Path) -> dict:
     from serving.config import load_settings
     from serving.engine import LoraEngine
@@ -44,9 +80,15 @@ async def main(config_path: Path) -> dict:
         tokenizer = engine.llm.get_tokenizer()
         jobs = [(model, prompt, tokenizer.encode(prompt)) for prompt in PROMPTS for model in ("base", *store.names())]
         served = {v.name: store.acquire(v) for v in store.latest()} | {"base": None}  # leased until the store closes
-        alone = [await greedy(engine, served[model], ids, f"alone-{i}") for i, (model, _, ids) in enumerate(jobs)]
-        together = await asyncio.gather(
-            *(greedy(engine, served[model], ids, f"mixed-{i}") for i, (model, _, ids) in enumerate(jobs))
+        expected = MAX_TOKENS * len(jobs)
+
+        async def one_at_a_time() -> list[list[int]]:
+            return [await greedy(engine, served[m], ids, f"alone-{i}") for i, (m, _, ids) in enumerate(jobs)]
+
+        alone, alone_steps = await counted(one_at_a_time(), expected)
+        together, together_steps = await counted(
+            asyncio.gather(*(greedy(engine, served[m], ids, f"mixed-{i}") for i, (m, _, ids) in enumerate(jobs))),
+            expected,
         )
     finally:
         engine.shutdown()
@@ -56,6 +98,7 @@ async def main(config_path: Path) -> dict:
         "requests": [{"model": m, "prompt": p} for m, p, _ in jobs],
         "alone": alone,
         "together": list(together),
+        "engine": {"alone": alone_steps, "together": together_steps},
     }
 
 

@@ -2,8 +2,11 @@
 
 Eight adapters (rescaled copies of the demo adapters, each with its own
 digest and its own outputs) live in a local source and are registered on
-demand by their first request. The engine holds ``max_cpu_loras = 3`` in host
-memory and ``max_loras = 2`` per batch; the disk cache holds five adapters.
+demand by their first request. ``store.memory_budget_bytes`` is set to hold
+three adapters of the maximal rank (computed here from the base's shapes) and
+``engine.max_cpu_loras`` is left out, so our code must size the engine's host
+cache from the budget: three adapters, where vLLM's own default would be
+``max_loras = 2``. The disk cache holds five adapters.
 Under concurrent Zipf-distributed load every answer must equal that
 adapter's answer when it was served alone, while the tiers' limits are
 measured from outside, as the server reports them (``/v1/adapters``: the
@@ -16,7 +19,9 @@ The same server runs the ``error`` fallback policy: a corrupt adapter gets
 from __future__ import annotations
 
 import asyncio
+import json
 import random
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,19 +29,32 @@ from pathlib import Path
 import httpx
 import pytest
 
+from checkpoints.assets import DemoAssets
 from tests.conftest import RunningServer, demo_config, start_server, stop_server
 from tests.e2e.adapter_files import WEIGHTS, copy_adapter
 
 PROMPT = "Please explain how it works"
 TOKENS = 8
 ADAPTERS = 8
-MAX_LORAS, MAX_CPU_LORAS = 2, 3
+MAX_LORAS, BUDGETED_LORAS = 2, 3
 ADAPTER_BYTES = 200_000  # max_adapter_bytes; a demo adapter is ~170 kB
 DISK_BUDGET = 5 * ADAPTER_BYTES
 REQUESTS, CONCURRENCY = 64, 8
 # float32 serving: a request's numbers do not depend on its batch neighbours beyond summation order (~1e-6),
 # while two of these adapters differ by far more than this.
 LOGPROB_TOLERANCE = 1e-3
+
+pytestmark = pytest.mark.engine
+
+
+def adapter_bytes_in_memory(base: Path, rank: int, dtype_bytes: int) -> int:
+    """A rank-``rank`` adapter on all seven projections of every layer: A (r x in) + B (out x r) each."""
+    config = json.loads((base / "config.json").read_text())
+    hidden, inter, layers = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]
+    head_dim = config.get("head_dim") or hidden // config["num_attention_heads"]
+    q, kv = config["num_attention_heads"] * head_dim, config["num_key_value_heads"] * head_dim
+    fans = [(hidden, q), (hidden, kv), (hidden, kv), (q, hidden), (hidden, inter), (hidden, inter), (inter, hidden)]
+    return layers * rank * sum(i + o for i, o in fans) * dtype_bytes
 
 
 @dataclass
@@ -45,6 +63,9 @@ class Cached:
     volume: Path
     store: Path
     names: list[str]
+    memory_budget: int
+    per_adapter: int
+    demo: DemoAssets
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +77,11 @@ def cached(demo_assets, tmp_path_factory) -> Iterator[Cached]:
         domain = ("code", "legal", "medical")[i % 3]
         names.append(f"{domain}-x{i}")
         copy_adapter(demo_assets.adapters[domain], volume / names[-1], scale=0.6 + 0.15 * i)
-    config = demo_config(demo_assets, max_loras=MAX_LORAS, max_cpu_loras=MAX_CPU_LORAS, max_num_seqs=16)
+    config = demo_config(demo_assets, max_loras=MAX_LORAS, max_num_seqs=16)
+    del config["engine"]["max_cpu_loras"]  # derived from the memory budget
+    assert config["model"]["dtype"] == "float32"
+    per_adapter = adapter_bytes_in_memory(demo_assets.base, config["engine"]["max_lora_rank"], 4)
+    memory_budget = BUDGETED_LORAS * per_adapter + per_adapter // 2
     config["store"] = {
         "root": str(workdir / "store"),
         "sources": [{"type": "local", "roots": [str(volume)]}],
@@ -64,9 +89,10 @@ def cached(demo_assets, tmp_path_factory) -> Iterator[Cached]:
         "fallback": "error",
         "max_adapter_bytes": ADAPTER_BYTES,
         "disk_budget_bytes": DISK_BUDGET,
+        "memory_budget_bytes": memory_budget,
     }
     running = start_server(config, workdir)
-    yield Cached(running, volume, workdir / "store", names)
+    yield Cached(running, volume, workdir / "store", names, memory_budget, per_adapter, demo_assets)
     stop_server(running)
 
 
@@ -75,13 +101,16 @@ async def complete(client: httpx.AsyncClient, url: str, model: str) -> httpx.Res
     return await client.post(f"{url}/v1/completions", json=body)
 
 
-def answer(response: httpx.Response) -> tuple[str, list[float]]:
+Answer = tuple[str, list[float]]
+
+
+def answer(response: httpx.Response) -> Answer:
     """The greedy text and its tokens' log-probabilities (which tell apart adapters that agree on the text)."""
     choice = response.json()["choices"][0]
     return choice["text"], choice["logprobs"]["token_logprobs"]
 
 
-def same(a: tuple[str, list[float]], b: tuple[str, list[float]], tolerance: float = LOGPROB_TOLERANCE) -> bool:
+def same(a: Answer, b: Answer, tolerance: float = LOGPROB_TOLERANCE) -> bool:
     return a[0] == b[0] and max(abs(x - y) for x, y in zip(a[1], b[1], strict=True)) <= tolerance
 
 
@@ -90,17 +119,27 @@ def zipf(names: list[str], count: int, seed: int = 0) -> list[str]:
     return random.Random(seed).choices(names, weights=weights, k=count)
 
 
+DISK_EVICTIONS = "loraserve_adapter_disk_cache_evictions_total"
+MEMORY_HITS = 'loraserve_adapter_cache_lookups_total{adapter="code-x0",result="hit",tier="memory"}'
+
+
+def metric(text: str, sample: str) -> float:
+    """One exposition line's value (``name{labels}`` exactly), 0 when the series does not exist yet."""
+    return next((float(line.split()[-1]) for line in text.splitlines() if line.startswith(sample + " ")), 0.0)
+
+
 def test_zipf_load_over_every_tier_is_correct_and_within_limits(cached: Cached) -> None:
     url = cached.server.url
 
-    async def run() -> tuple[dict[str, str], list[tuple[str, httpx.Response]], list[dict]]:
+    async def run() -> tuple[dict[str, Answer], list[tuple[str, httpx.Response]], list[dict], str]:
         async with httpx.AsyncClient(timeout=300) as client:
             alone = {}
             for name in cached.names:  # one at a time: registers each on demand, no batch neighbours
                 response = await complete(client, url, name)
                 assert response.status_code == 200, response.text
                 alone[name] = answer(response)
-            samples: list[dict] = []
+            before = (await client.get(f"{url}/metrics")).text  # eight adapters in five slots: some evicted already
+            samples: list[dict] = [(await client.get(f"{url}/v1/adapters")).json()["cache"]]
             done = asyncio.Event()
 
             async def sample() -> None:
@@ -118,35 +157,39 @@ def test_zipf_load_over_every_tier_is_correct_and_within_limits(cached: Cached) 
             results = await asyncio.gather(*(one(m) for m in zipf(cached.names, REQUESTS)))
             done.set()
             await sampler
-            return alone, results, samples
+            return alone, results, samples, before
 
-    alone, results, samples = asyncio.run(run())
+    alone, results, samples, before = asyncio.run(run())
     for a in cached.names:  # eight different adapters, eight different answers
         assert not any(same(alone[a], alone[b], 10 * LOGPROB_TOLERANCE) for b in cached.names if b != a), a
     for model, response in results:
         assert response.status_code == 200, (model, response.text)
         assert same(answer(response), alone[model]), (model, answer(response), alone[model])
     assert len(samples) >= 3
-    assert max(len(s["loaded"]) for s in samples) <= MAX_CPU_LORAS
+    # The budget sized the engine: it reports three host slots (vLLM alone would keep max_loras = 2), after eight
+    # adapters one at a time its own list holds exactly three, and it never holds more than the budget.
+    assert {s["max_cpu_loras"] for s in samples} == {BUDGETED_LORAS}
+    assert len(samples[0]["loaded"]) == BUDGETED_LORAS, samples[0]
+    assert max(len(s["loaded"]) for s in samples) * cached.per_adapter <= cached.memory_budget
     assert max(s["disk_bytes"] for s in samples) <= DISK_BUDGET
     seen_loaded = {ref for s in samples for ref in s["loaded"]}
-    assert len(seen_loaded) > MAX_CPU_LORAS  # the engine's host cache turned over: evictions happened
-    metrics = httpx.get(f"{url}/metrics").text
-    evictions = next(
-        line for line in metrics.splitlines() if line.startswith("loraserve_adapter_disk_cache_evictions_total")
-    )
-    assert float(evictions.split()[-1]) > 0
-    assert 'loraserve_adapter_cache_lookups_total{adapter="code-x0",result="hit",tier="memory"}' in metrics
+    assert len(seen_loaded) > BUDGETED_LORAS  # the engine's host cache turned over: evictions happened
+    after = httpx.get(f"{url}/metrics").text
+    for series in (DISK_EVICTIONS, MEMORY_HITS):
+        assert metric(after, series) > metric(before, series), series
 
 
 def test_error_policy_refuses_a_corrupt_adapter_and_nothing_else(cached: Cached) -> None:
     url = cached.server.url
-    bad = cached.names[-1]
+    bad = f"corrupt-{uuid.uuid4().hex[:8]}"  # its own adapter: the load test's stay intact, in any order
+    copy_adapter(cached.demo.adapters["legal"], cached.volume / bad, scale=1.3)
     good = cached.names[:3]
 
     async def run() -> list[tuple[str, httpx.Response]]:
         async with httpx.AsyncClient(timeout=300) as client:
             expected = {m: answer(await complete(client, url, m)) for m in good}
+            first = await complete(client, url, bad)  # registers it on demand, and it serves
+            assert first.status_code == 200, first.text
             digest = (await client.get(f"{url}/v1/adapters/{bad}")).json()["versions"][0]["info"]["version"]
             # The source changes under the registered version, and so does the cached copy if there is one.
             for weights in (cached.volume / bad / WEIGHTS, cached.store / "cache" / digest / WEIGHTS):

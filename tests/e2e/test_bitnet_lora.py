@@ -9,12 +9,16 @@ batch under slot pressure. Greedy completions, requested one at a time and
 then all at once (a mixed batch of every adapter and the base), must match
 transformers' ``BitNetForCausalLM`` on the same packed files plus
 ``PeftModel`` on the same adapter files, by the rule and tolerances in
-``bitnet_reference.py``.
+``bitnet_reference.py``. That the concurrent requests really shared engine
+steps is measured from the server's vLLM metrics: one at a time they take a
+step per generated token; together, fewer than half as many steps as tokens.
 """
 
 from __future__ import annotations
 
 import asyncio
+import re
+import time
 
 import httpx
 import pytest
@@ -73,6 +77,28 @@ def completion_body(model: str, prompt: str) -> dict:
     }  # fmt: skip
 
 
+STEPS, GENERATED = "vllm:iteration_tokens_total_count", "vllm:generation_tokens_total"
+
+
+def engine_counters(url: str) -> dict[str, float]:
+    """Engine steps and generated tokens so far (summed over the engine's label sets)."""
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    return {
+        name: sum(float(v) for v in re.findall(rf"^{re.escape(name)}(?:\{{[^}}]*\}})? (\S+)$", text, re.MULTILINE))
+        for name in (STEPS, GENERATED)
+    }
+
+
+def steps_for(url: str, before: dict[str, float], tokens: int) -> float:
+    """Engine steps since ``before``, once the stats of all ``tokens`` arrived (they trail the responses)."""
+    deadline = time.monotonic() + 30
+    while (now := engine_counters(url))[GENERATED] - before[GENERATED] < tokens:
+        assert time.monotonic() < deadline, f"{now[GENERATED] - before[GENERATED]} of {tokens} tokens counted"
+        time.sleep(0.05)
+    assert now[GENERATED] - before[GENERATED] == tokens
+    return now[STEPS] - before[STEPS]
+
+
 async def complete_all(url: str, jobs: list[tuple[str, str]], concurrently: bool) -> list[dict]:
     async with httpx.AsyncClient(base_url=url, timeout=120) as client:
 
@@ -90,7 +116,13 @@ async def complete_all(url: str, jobs: list[tuple[str, str]], concurrently: bool
 def test_lora_on_bitnet_matches_transformers_peft(bitnet_lora, concurrently: bool) -> None:
     server, references = bitnet_lora
     jobs = [(model, prompt) for prompt in PROMPTS for model in (BASE, *ADAPTERS)]
+    before = engine_counters(server.url)
     choices = asyncio.run(complete_all(server.url, jobs, concurrently))
+    steps, tokens = steps_for(server.url, before, MAX_TOKENS * len(jobs)), MAX_TOKENS * len(jobs)
+    if concurrently:  # a step adds at most one token per request: the requests shared steps
+        assert steps < tokens / 2, (steps, tokens)
+    else:
+        assert steps >= tokens, (steps, tokens)
     outputs: dict[str, dict[str, list[int]]] = {}
     untied: set[str] = set()
     for (model, prompt), choice in zip(jobs, choices, strict=True):

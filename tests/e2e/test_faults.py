@@ -1,6 +1,8 @@
 """Fault tests: the engine dies, the pod is told to stop.
 
 Each test starts (and ends) its own server, since both leave it unusable.
+Every wait polls under a deadline, and the request that must be in flight when
+the fault hits is seen running in the engine (/metrics) first.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -18,6 +21,13 @@ import pytest
 from tests.conftest import RunningServer, demo_config, start_server, stop_server
 
 STREAM_TOKENS = 300
+
+pytestmark = pytest.mark.engine
+
+
+def requests_running(url: str) -> float:
+    text = httpx.get(f"{url}/metrics", timeout=5).text
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith("vllm:num_requests_running"))
 
 
 def children(pid: int) -> list[int]:
@@ -46,7 +56,7 @@ def stream_body(max_tokens: int = STREAM_TOKENS) -> dict:
 
 
 @pytest.fixture
-def own_server(demo_assets, tmp_path) -> RunningServer:
+def own_server(demo_assets, tmp_path) -> Iterator[RunningServer]:
     config = demo_config(demo_assets)
     config["server"]["shutdown_grace_s"] = 60
     server = start_server(config, tmp_path)
@@ -73,8 +83,10 @@ def test_engine_death_turns_health_red_and_requests_fail_fast(own_server):
     reader = threading.Thread(target=stream)
     reader.start()
     deadline = time.monotonic() + 60
-    while not any(e.startswith("data: {") for e in events) and time.monotonic() < deadline:
+    while not any(e.startswith("data: {") for e in events):
+        assert time.monotonic() < deadline and not done.is_set(), events
         time.sleep(0.05)
+    assert requests_running(own_server.url) == 1  # the stream is in the engine when it dies
 
     os.kill(engine_core[0], signal.SIGKILL)
     killed_at = time.monotonic()
@@ -105,8 +117,16 @@ def test_sigterm_lets_streams_finish_and_refuses_new_requests(own_server):
         assert r.status_code == 200
         chunks = r.iter_lines()
         lines.append(next(chunks))
+        assert requests_running(own_server.url) == 1  # the stream is in the engine when the signal comes
         own_server.process.send_signal(signal.SIGTERM)
-        time.sleep(1.0)  # uvicorn closes its listening socket at once
+        deadline = time.monotonic() + 10  # uvicorn closes its listening socket at once
+        while True:
+            try:
+                httpx.get(f"{own_server.url}/health", timeout=5)
+            except httpx.ConnectError:
+                break
+            assert time.monotonic() < deadline, "still accepting connections 10 s after SIGTERM"
+            time.sleep(0.05)
         with pytest.raises(httpx.ConnectError):
             httpx.post(f"{own_server.url}/v1/completions", json={"model": "code", "prompt": "x"}, timeout=5)
         lines += list(chunks)

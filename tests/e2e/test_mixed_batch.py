@@ -6,6 +6,11 @@ beside them. vLLM 0.32's own CPU LoRA ops index the stacked weights with the
 base requests' LoRA index -1, i.e. the last slot, and give base requests an
 adapter's output; the same check against those stock ops must therefore fail,
 which shows this test can see the bug our plugin fixes.
+
+"All in flight at once" is measured, not assumed: vLLM's own step and token
+counters show the requests run one at a time took a step per generated token,
+and the same requests together took fewer than half as many steps as tokens,
+so they shared engine steps (mixed batches).
 """
 
 from __future__ import annotations
@@ -22,6 +27,8 @@ import yaml
 from tests.conftest import REPO, demo_config
 
 SCRIPT = Path(__file__).with_name("mixed_batch.py")
+
+pytestmark = pytest.mark.engine
 
 
 def run_check(config: dict, workdir: Path, *, stock_ops: bool) -> dict:
@@ -40,6 +47,15 @@ def run_check(config: dict, workdir: Path, *, stock_ops: bool) -> dict:
     result = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     assert done.returncode == 0 and result, done.stderr[-5000:]
     return json.loads(result[-1].removeprefix("RESULT "))
+
+
+def assert_shared_steps(result: dict) -> None:
+    """Alone: at least a step per token (a step adds one token per request); together: < 0.5 steps per token."""
+    tokens = sum(len(t) for t in result["alone"])
+    alone, together = result["engine"]["alone"], result["engine"]["together"]
+    assert alone["tokens"] == together["tokens"] == tokens, result["engine"]
+    assert alone["steps"] >= tokens, result["engine"]
+    assert together["steps"] < tokens / 2, result["engine"]
 
 
 def mismatches(result: dict) -> list[str]:
@@ -61,6 +77,7 @@ def slot_pressure_config(demo_assets) -> dict:
 
 def test_mixed_batch_matches_requests_run_alone(slot_pressure_config, tmp_path) -> None:
     result = run_check(slot_pressure_config, tmp_path, stock_ops=False)
+    assert_shared_steps(result)
     assert {r["model"] for r in result["requests"]} == {"base", "code", "legal", "medical"}
     assert all(len(tokens) == 24 for tokens in result["alone"])
     # The adapters matter: each one's tokens differ from the base's for the same prompt.
@@ -74,6 +91,7 @@ def test_mixed_batch_matches_requests_run_alone(slot_pressure_config, tmp_path) 
 
 def test_stock_vllm_cpu_ops_fail_the_same_check(slot_pressure_config, tmp_path) -> None:
     result = run_check(slot_pressure_config, tmp_path, stock_ops=True)
+    assert_shared_steps(result)
     wrong = mismatches(result)
     assert wrong, "stock vLLM CPU LoRA ops passed the mixed-batch check; is the plugin still needed?"
     assert any(entry.startswith("base") for entry in wrong)

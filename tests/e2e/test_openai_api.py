@@ -12,6 +12,8 @@ import pytest
 
 ADAPTERS = ("code", "legal", "medical")
 
+pytestmark = pytest.mark.engine
+
 
 @pytest.fixture(scope="module")
 def client(server) -> openai.OpenAI:
@@ -53,6 +55,21 @@ def test_adapters_change_the_output(client, server) -> None:
     assert len(set(outputs.values())) == 4, outputs
 
 
+def chat_tokens(server, model: str, content: str) -> dict:
+    """A greedy chat answer with its prompt and output token ids."""
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": content}],
+        "max_tokens": 16,
+        "temperature": 0,
+        "ignore_eos": True,
+        "return_token_ids": True,
+    }
+    response = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=120)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
 @pytest.mark.parametrize("model", ADAPTERS)
 def test_chat(client, model: str) -> None:
     result = client.chat.completions.create(
@@ -62,6 +79,24 @@ def test_chat(client, model: str) -> None:
     assert result.choices[0].message.role == "assistant"
     assert result.choices[0].message.content
     assert result.usage.prompt_tokens > 5  # the chat template wrapped the message
+
+
+@pytest.mark.parametrize("model", ADAPTERS)
+def test_chat_applies_the_adapter(server, model: str) -> None:
+    """Chat answers with the adapter: its tokens differ from the base's, and equal the adapter's completion
+    of the same templated prompt (completions are checked against transformers + PEFT in test_reference.py,
+    and so is chat itself there)."""
+    content = "Tell me something."
+    chat = chat_tokens(server, model, content)["choices"][0]
+    base = chat_tokens(server, server.base_model, content)["choices"][0]
+    assert chat["prompt_token_ids"] == base["prompt_token_ids"]
+    assert chat["token_ids"] != base["token_ids"], "chat with an adapter answered like the base model"
+    body = {"model": model, "prompt": chat["prompt_token_ids"], "max_tokens": 16, "temperature": 0}
+    completion = httpx.post(
+        f"{server.url}/v1/completions", json={**body, "ignore_eos": True, "return_token_ids": True}, timeout=120
+    )
+    assert completion.status_code == 200, completion.text
+    assert completion.json()["choices"][0]["token_ids"] == chat["token_ids"]
 
 
 def test_streaming_chat_matches_non_streaming(client) -> None:
@@ -88,12 +123,44 @@ def test_streaming_completion_ends_with_done(server) -> None:
     assert len(lines) >= 3
 
 
-def test_n_seed_and_sampling(client) -> None:
-    kwargs = dict(model="medical", prompt="The patient", max_tokens=12, temperature=1.0, top_p=0.95, seed=7)
-    first = client.completions.create(n=3, **kwargs)
-    assert sorted(c.index for c in first.choices) == [0, 1, 2]
-    again = client.completions.create(n=3, **kwargs)
-    assert [c.text for c in first.choices] == [c.text for c in again.choices]  # same seed, same samples
+SAMPLED = {"model": "medical", "prompt": "The patient", "max_tokens": 12, "temperature": 1.0}
+SEEDS = (7, 8, 9, 10)
+
+
+def samples(client, **kwargs) -> list[str]:
+    """The texts of one request's choices, in index order."""
+    result = client.completions.create(**{**SAMPLED, **kwargs})
+    assert sorted(c.index for c in result.choices) == list(range(kwargs.get("n", 1)))
+    return [c.text for c in sorted(result.choices, key=lambda c: c.index)]
+
+
+def test_same_seed_gives_the_same_samples(client) -> None:
+    first = samples(client, n=3, seed=SEEDS[0])
+    assert samples(client, n=3, seed=SEEDS[0]) == first
+
+
+def test_different_seeds_give_different_samples(client) -> None:
+    by_seed = {seed: tuple(samples(client, seed=seed)) for seed in SEEDS}
+    assert len(set(by_seed.values())) >= len(SEEDS) - 1, by_seed  # a collision of 12 sampled tokens is rare
+
+
+def test_n_gives_distinct_samples(client) -> None:
+    texts = samples(client, n=4, seed=SEEDS[0])
+    assert len(texts) == 4
+    assert len(set(texts)) >= 3, texts
+
+
+def test_temperature_zero_is_greedy_and_temperature_samples(client) -> None:
+    greedy = samples(client, temperature=0)
+    assert all(samples(client, temperature=0, seed=seed) == greedy for seed in SEEDS)  # the seed does not matter
+    sampled = [samples(client, seed=seed) for seed in SEEDS]
+    assert any(s != greedy for s in sampled), (greedy, sampled)
+
+
+def test_tiny_top_p_is_greedy(client) -> None:
+    greedy = samples(client, temperature=0)
+    assert all(samples(client, top_p=1e-6, seed=seed) == greedy for seed in SEEDS)
+    assert any(samples(client, top_p=1.0, seed=seed) != greedy for seed in SEEDS)  # top_p is what made it greedy
 
 
 def test_stop_strings_end_the_text(client) -> None:

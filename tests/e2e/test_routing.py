@@ -24,6 +24,8 @@ ROUTED = [
 OFF_TOPIC = "What's the capital of Australia?"
 LANDMARK = "Tell me about the history of the Eiffel Tower."
 
+pytestmark = pytest.mark.engine
+
 
 @pytest.fixture(scope="module")
 def http(server):
@@ -40,8 +42,12 @@ def routing_headers(response: httpx.Response) -> dict[str, str]:
     return {k: v for k, v in response.headers.items() if k.lower().startswith("x-route")}
 
 
+def content(response: httpx.Response) -> str:
+    return response.json()["choices"][0]["message"]["content"]
+
+
 @pytest.mark.parametrize(("prompt", "adapter", "method"), ROUTED)
-def test_auto_picks_the_adapter_and_serves_its_output(http, prompt: str, adapter: str, method: str) -> None:
+def test_auto_picks_the_adapter_and_serves_its_output(http, server, prompt: str, adapter: str, method: str) -> None:
     routed = chat(http, "auto", prompt)
     assert routed.status_code == 200, routed.text
     assert routed.headers["x-routed-adapter"] == adapter
@@ -52,7 +58,9 @@ def test_auto_picks_the_adapter_and_serves_its_output(http, prompt: str, adapter
     explicit = chat(http, adapter, prompt)
     assert explicit.status_code == 200
     assert routing_headers(explicit) == {}
-    assert routed.json()["choices"][0]["message"]["content"] == explicit.json()["choices"][0]["message"]["content"]
+    assert content(routed) == content(explicit)
+    # ...and that is the adapter's answer, not the base model's (test_reference.py checks chat against PEFT).
+    assert content(routed) != content(chat(http, server.base_model, prompt))
 
 
 def test_off_topic_prompt_goes_to_the_base_model(http, server) -> None:
@@ -62,7 +70,7 @@ def test_off_topic_prompt_goes_to_the_base_model(http, server) -> None:
     assert routed.headers["x-route-method"] == "default"
     assert routed.json()["model"] == server.base_model
     base = chat(http, server.base_model, OFF_TOPIC)
-    assert routed.json()["choices"][0]["message"]["content"] == base.json()["choices"][0]["message"]["content"]
+    assert content(routed) == content(base)
 
 
 def test_explicit_model_is_never_rerouted(http) -> None:
@@ -82,13 +90,15 @@ def _stream_text(http: httpx.Client, body: dict) -> tuple[httpx.Headers, str]:
     return response.headers, text
 
 
-def test_streaming_completion_is_routed_with_headers(http) -> None:
+def test_streaming_completion_is_routed_with_headers(http, server) -> None:
     prompt, adapter, _ = ROUTED[4]
     body = {"prompt": prompt, "max_tokens": 10, "temperature": 0, "ignore_eos": True}  # text, even if EOS comes first
     headers, routed_text = _stream_text(http, {**body, "model": "auto"})
     assert headers["x-routed-adapter"] == adapter and headers["x-route-method"] == "keyword"
     _, explicit_text = _stream_text(http, {**body, "model": adapter})
     assert routed_text == explicit_text and routed_text
+    _, base_text = _stream_text(http, {**body, "model": server.base_model})
+    assert routed_text != base_text
 
 
 def test_auto_with_token_ids_is_a_clear_400(http) -> None:
@@ -112,10 +122,7 @@ def test_route_added_at_run_time_takes_effect_and_can_be_removed(http) -> None:
         assert "landmarks" in [r["name"] for r in http.get("/admin/routes").json()["data"]]
         routed = chat(http, "auto", LANDMARK)
         assert (routed.headers["x-routed-adapter"], routed.headers["x-route-method"]) == ("legal", "keyword")
-        assert (
-            routed.json()["choices"][0]["message"]["content"]
-            == chat(http, "legal", LANDMARK).json()["choices"][0]["message"]["content"]
-        )
+        assert content(routed) == content(chat(http, "legal", LANDMARK))
 
         replaced = http.put("/admin/routes/landmarks", json={**route, "adapter": "medical"})
         assert replaced.status_code == 200
@@ -153,10 +160,28 @@ def test_admin_errors_are_openai_shaped(http, method, path, body, status, param,
     assert [r["name"] for r in http.get("/admin/routes").json()["data"]] == ["code", "legal", "medical"]
 
 
+def metric(text: str, sample: str) -> float:
+    """The value of one exposition line (``name{labels}``), 0 when the series does not exist yet."""
+    for line in text.splitlines():
+        if line.startswith(sample + " "):
+            return float(line.split()[-1])
+    return 0.0
+
+
+ROUTING_SERIES = (
+    'loraserve_routing_decisions_total{adapter="legal",method="keyword"}',
+    'loraserve_routing_decisions_total{adapter="code",method="semantic"}',
+    'loraserve_routing_decisions_total{adapter="base",method="default"}',
+    'loraserve_routing_latency_seconds_count{method="keyword"}',
+    'loraserve_routing_latency_seconds_count{method="semantic"}',
+    'loraserve_routing_latency_seconds_count{method="default"}',
+)
+
+
 def test_routing_metrics(http) -> None:
-    for prompt in (ROUTED[2][0], ROUTED[1][0], OFF_TOPIC):  # keyword, semantic, default
+    before = http.get("/metrics").text
+    for prompt in (ROUTED[2][0], ROUTED[1][0], OFF_TOPIC):  # keyword (legal), semantic (code), default
         assert chat(http, "auto", prompt).status_code == 200
-    text = http.get("/metrics").text
-    assert 'loraserve_routing_decisions_total{adapter="legal",method="keyword"}' in text
-    assert 'loraserve_routing_decisions_total{adapter="base",method="default"}' in text
-    assert 'loraserve_routing_latency_seconds_count{method="semantic"}' in text
+    after = http.get("/metrics").text
+    deltas = {series: metric(after, series) - metric(before, series) for series in ROUTING_SERIES}
+    assert deltas == dict.fromkeys(ROUTING_SERIES, 1.0)
