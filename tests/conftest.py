@@ -27,6 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 DEMO_ROOT = REPO / ".demo"
 SERVER_START_TIMEOUT_S = 300
 ENGINE_PROCESS_TITLE = "VLLM::EngineCore"  # vLLM's name for the process that runs an engine
+IN_PROCESS_ENGINE = "VLLM_ENABLE_V1_MULTIPROCESSING"  # "0": the engine runs in the process that starts it
 
 
 class EngineCounter:
@@ -38,7 +39,8 @@ class EngineCounter:
     that process is counted instead.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, title: str = ENGINE_PROCESS_TITLE, in_process: str = IN_PROCESS_ENGINE) -> None:
+        self.title, self.in_process = title, in_process
         self.started = time.monotonic()
         self.engines: set[tuple[int, float]] = set()  # (pid, create time): a reused pid is another process
         self._stop = threading.Event()
@@ -55,14 +57,14 @@ class EngineCounter:
                 except psutil.Error:  # gone between listing and reading: seen on an earlier poll if it ran
                     continue
 
-    @staticmethod
-    def _is_engine(process: psutil.Process) -> bool:
-        if " ".join(process.cmdline()).startswith(ENGINE_PROCESS_TITLE):
+    def _is_engine(self, process: psutil.Process) -> bool:
+        if " ".join(process.cmdline()).startswith(self.title):
             return True
         # The process a test started with the engine in-process (its children inherit the variable).
-        in_process = "VLLM_ENABLE_V1_MULTIPROCESSING"
         parent = process.parent()
-        return process.environ().get(in_process) == "0" and (parent is None or in_process not in parent.environ())
+        return process.environ().get(self.in_process) == "0" and (
+            parent is None or self.in_process not in parent.environ()
+        )
 
     def stop(self) -> tuple[float, int]:
         """(seconds since the session started, engines started)."""
