@@ -22,6 +22,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from checkpoints import DemoAssets
 from tests.conftest import RunningServer, demo_config, start_server, stop_server
 from tests.e2e.adapter_files import CONFIG, WEIGHTS, copy_adapter
 
@@ -38,7 +39,7 @@ class Files:
     volume: Path  # the local source root
     outside: Path  # a directory no source may write or read
     s3_endpoint: str
-    demo: object
+    demo: DemoAssets
 
     @property
     def url(self) -> str:

@@ -14,6 +14,7 @@ import re
 import socket
 import time
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
@@ -132,7 +133,7 @@ def test_too_many_or_too_long_stop_strings_are_a_400(limited, stop, message):
         assert error["param"] == "stop" and message in error["message"], error
 
 
-BAD_VALUES = [
+BAD_VALUES: list[tuple[dict[str, Any], str]] = [
     ({"seed": 2**64}, "seed"),
     ({"seed": 2**63}, "seed"),
     ({"seed": -(2**63) - 1}, "seed"),
@@ -200,7 +201,9 @@ def _response(sock: socket.socket, timeout: float) -> tuple[int, dict]:
         assert chunk, f"connection closed before an answer: {data!r}"
         data += chunk
     head, _, body = data.partition(b"\r\n\r\n")
-    length = int(re.search(rb"content-length: (\d+)", head, re.I).group(1))
+    declared = re.search(rb"content-length: (\d+)", head, re.I)
+    assert declared, head
+    length = int(declared[1])
     while len(body) < length:
         body += sock.recv(65536)
     return int(head.split()[1]), json.loads(body[:length])
@@ -241,7 +244,9 @@ def test_a_user_upload_is_refused_before_its_body_is_read(limited, framing):
 
 def _rss_kib(pid: int) -> int:
     status = Path(f"/proc/{pid}/status").read_text()
-    return int(re.search(r"^VmRSS:\s+(\d+) kB", status, re.M).group(1))
+    rss = re.search(r"^VmRSS:\s+(\d+) kB", status, re.M)
+    assert rss, status
+    return int(rss[1])
 
 
 def test_an_admin_upload_streams_and_stops_at_the_limit_without_leftovers(limited):
