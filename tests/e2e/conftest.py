@@ -3,7 +3,7 @@
 Starting a server costs this machine a minute of engine start-up, so modules
 that can run on the same config share one session server: ``secure`` serves
 test_security.py and test_security_metrics.py, ``limited`` serves
-test_security_limits.py and test_security_tenants.py. Each module has keys of
+test_security_limits.py, test_security_tenants.py and test_security_files.py. Each module has keys of
 its own (ids ``<module>.<name>``, see ``keys_of``), so one module's rate
 buckets, concurrency slots and denials never touch another's.
 
@@ -13,7 +13,7 @@ tests check that the error tells nothing), and their limits differ (per-key
 concurrency 2 against requests of 4 sequences). Modules keep a server of their
 own where the config differs from both: test_fuzz.py (max_tokens 8 keeps
 thousands of generated requests short, and it changes routes and adapters at
-random) and test_security_files.py (open mode, an S3 source).
+random).
 """
 
 from __future__ import annotations
@@ -58,9 +58,10 @@ SECURE_KEYS: dict[str, dict[str, Any]] = {
     "metrics.admin": {"role": "admin"},
 }
 
+BUCKET, PREFIX = "hostile", "adapters/"  # the S3 source of `limited`
 LIMITED_SLOTS = 6  # engine.max_num_seqs of `limited`; no queue: at most 6 sequences admitted at once
 SMALL_RATE = {"per_minute": 6, "burst": 4}
-UPLOAD_BURST = 8  # every upload attempt takes a token, refused or not
+UPLOAD_BURST = 12  # every upload attempt takes a token, refused or not
 LIMITED_LIMITS: dict[str, Any] = {
     "max_prompts_per_request": 3,
     "max_stop": 4,
@@ -84,6 +85,7 @@ LIMITED_KEYS: dict[str, dict[str, Any]] = {
     "tenants.beta": {"role": "user", "tenant": "beta"},
     "tenants.plain": {"role": "user"},
     "tenants.admin": {"role": "admin"},
+    "files.admin": {"role": "admin"},
 }
 _SECRETS = {key_id: new_key() for key_id in SECURE_KEYS | LIMITED_KEYS}
 
@@ -122,9 +124,13 @@ def secure(demo_assets, tmp_path_factory) -> Iterator[RunningServer]:
 
 
 @pytest.fixture(scope="session")
-def limited(demo_assets, tmp_path_factory) -> Iterator[RunningServer]:
+def limited(demo_assets, s3_server: str, tmp_path_factory) -> Iterator[RunningServer]:
     """API keys, limits that count work (sequences, prompts, stop strings, uploads), 6 engine slots and no
-    queue; names found in a local volume are registered on first use, and a broken adapter is an error."""
+    queue; names found in a local volume are registered on first use, and a broken adapter is an error.
+    Adapters also come from an S3 prefix (moto)."""
+    import boto3
+
+    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=BUCKET)
     workdir = tmp_path_factory.mktemp("limited")
     config = demo_config(demo_assets, max_num_seqs=LIMITED_SLOTS)
     use_api_keys(config, workdir, _key_entries(LIMITED_KEYS))
@@ -132,7 +138,10 @@ def limited(demo_assets, tmp_path_factory) -> Iterator[RunningServer]:
     (workdir / "volume").mkdir()
     config["store"] = {
         "root": str(workdir / "store"),
-        "sources": [{"type": "local", "roots": [str(workdir / "volume")]}],
+        "sources": [
+            {"type": "local", "roots": [str(workdir / "volume")]},
+            {"type": "s3", "url_prefixes": [f"s3://{BUCKET}/{PREFIX}"], "endpoint_url": s3_server},
+        ],
         "on_demand": True,
         "fallback": "error",
     }
