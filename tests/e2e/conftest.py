@@ -1,20 +1,18 @@
-"""A server with API keys shared by the e2e modules whose configs agree.
+"""Servers with API keys shared by the e2e modules whose configs agree.
 
 Starting a server costs this machine a minute of engine start-up, so modules
-that can run on the same config share one session server: ``secure`` serves
-test_security.py and test_security_metrics.py, ``limited`` serves
-test_security_limits.py, test_security_tenants.py and test_security_files.py. Each module has keys of
-its own (ids ``<module>.<name>``, see ``keys_of``), so one module's rate
-buckets, concurrency slots and denials never touch another's.
+that can run on the same config share a session server: ``secure`` serves
+test_security.py and test_security_metrics.py; ``limited`` serves
+test_security_limits.py, test_security_tenants.py and test_security_files.py.
+Each module has keys of its own (ids ``<module>.<name>``, see ``keys_of``), so
+one module's rate buckets, concurrency slots and denials never touch another's.
 
 The two cannot be one: ``secure`` answers for a broken adapter with a named
 fallback (test_security.py checks it), ``limited`` must answer 503 (the tenant
 tests check that the error tells nothing), and their limits differ (per-key
-concurrency 2 against requests of 4 sequences). Modules keep a server of their
-own where the config differs from both: test_fuzz.py (max_tokens 8 keeps
-thousands of generated requests short, and it changes routes and adapters at
-random).
-"""
+concurrency 2 against requests of 4 sequences). test_fuzz.py keeps a server of
+its own: max_tokens 8 keeps its thousands of generated requests short, and it
+changes routes and adapters at random, which no other module may see."""
 
 from __future__ import annotations
 
