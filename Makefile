@@ -9,7 +9,7 @@ USERS  ?= 8
 RUN_TIME ?= 60s
 PY     := $(VENV)/bin/python
 
-.PHONY: install demo-assets serve lint test bench loadtest bench-alternatives soak clean
+.PHONY: install demo-assets serve lint test test-unit bench loadtest bench-alternatives soak clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,8 +32,13 @@ lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
 
-test: install
+# Lint first, then every test; the run ends with its duration and the number of engines it started.
+test: lint
 	$(PY) -m pytest
+
+# The tests that start no engine (no server, no load test): the quick loop while editing.
+test-unit: install
+	$(PY) -m pytest -m "not engine"
 
 bench: install
 	$(PY) -m loadtests.bench_lora --out results/bench_lora.json

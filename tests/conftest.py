@@ -2,6 +2,8 @@
 
 The server is the real thing: ``loraserve serve`` in a subprocess, with the real
 vLLM engine on the CPU, the demo adapters on disk, and HTTP on a free port.
+Engines are what make the suite slow, so the run ends with its duration and the
+number of engines it started (``pytest -m "not engine"`` starts none).
 """
 
 from __future__ import annotations
@@ -10,18 +12,81 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_ROOT = REPO / ".demo"
 SERVER_START_TIMEOUT_S = 300
+ENGINE_PROCESS_TITLE = "VLLM::EngineCore"  # vLLM's name for the process that runs an engine
+IN_PROCESS_ENGINE = "VLLM_ENABLE_V1_MULTIPROCESSING"  # "0": the engine runs in the process that starts it
+
+
+class EngineCounter:
+    """Counts the vLLM engines this session starts, whoever starts them (servers, load tests, scripts).
+
+    vLLM runs each engine in a process it titles ``VLLM::EngineCore``; a thread looks for them among
+    this process's descendants twice a second (an engine lives for tens of seconds, so none is missed).
+    A script run with ``VLLM_ENABLE_V1_MULTIPROCESSING=0`` runs its engine in its own process, untitled:
+    that process is counted instead.
+    """
+
+    def __init__(self, title: str = ENGINE_PROCESS_TITLE, in_process: str = IN_PROCESS_ENGINE) -> None:
+        self.title, self.in_process = title, in_process
+        self.started = time.monotonic()
+        self.engines: set[tuple[int, float]] = set()  # (pid, create time): a reused pid is another process
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="engine-counter", daemon=True)
+        self._thread.start()
+
+    def _watch(self) -> None:
+        me = psutil.Process()
+        while not self._stop.wait(0.5):
+            for process in me.children(recursive=True):
+                try:
+                    if self._is_engine(process):
+                        self.engines.add((process.pid, process.create_time()))
+                except psutil.Error:  # gone between listing and reading: seen on an earlier poll if it ran
+                    continue
+
+    def _is_engine(self, process: psutil.Process) -> bool:
+        if " ".join(process.cmdline()).startswith(self.title):
+            return True
+        # The process a test started with the engine in-process (its children inherit the variable).
+        parent = process.parent()
+        return process.environ().get(self.in_process) == "0" and (
+            parent is None or self.in_process not in parent.environ()
+        )
+
+    def stop(self) -> tuple[float, int]:
+        """(seconds since the session started, engines started)."""
+        self._stop.set()
+        self._thread.join()
+        return time.monotonic() - self.started, len(self.engines)
+
+
+ENGINE_COUNTER = pytest.StashKey[EngineCounter]()
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    session.config.stash[ENGINE_COUNTER] = EngineCounter()
+
+
+@pytest.hookimpl(trylast=True)  # the last lines of the run, after pytest's own summaries
+def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
+    counter = config.stash.get(ENGINE_COUNTER, None)
+    if counter is not None:
+        seconds, engines = counter.stop()
+        summary = f"loraserve tests: {seconds / 60:.1f} min ({seconds:.0f} s), {engines} engine starts"
+        terminalreporter.write_sep("=", summary)
 
 
 @pytest.fixture(scope="session")

@@ -15,6 +15,9 @@ in bfloat16 (the output is rounded to bf16, ~4e-3 relative).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import pytest
 import torch
 from transformers.integrations.bitnet import AutoBitLinear, BitLinear
@@ -31,7 +34,7 @@ from bitnet.quant import BitNetLinearMethod, BitNetQuantConfig
 
 K = 128
 # name -> (factory(quant_config), [(shard id or None, out rows)])
-LAYERS = {
+LAYERS: dict[str, tuple[Callable[[BitNetQuantConfig], Any], list[tuple[Any, int]]]] = {
     "row": (lambda qc: RowParallelLinear(K, 96, bias=False, quant_config=qc, prefix="o_proj"), [(None, 96)]),
     "qkv": (
         lambda qc: QKVParallelLinear(K, 32, 4, 2, bias=False, quant_config=qc, prefix="qkv_proj"),
@@ -67,6 +70,7 @@ def _reference(layout: str, w: torch.Tensor) -> torch.nn.Module:
     """The transformers layer that a checkpoint of ``layout`` makes of master ``w``."""
     ternary, beta = absmean_ternarize(w)
     rows = w.shape[0]
+    layer: torch.nn.Module
     if layout == "bitlinear":
         layer = BitLinear(K, rows, bias=False, dtype=torch.float32)
         layer.load_state_dict({"weight": pack_ternary(ternary), "weight_scale": (1 / beta).reshape(1)})

@@ -1,7 +1,9 @@
 """Tests for the locally built demo assets (tiny packed BitNet b1.58 base + three LoRA adapters).
 
-Two full builds run per session (about a minute each on two CPU cores): one
-shared tree, and a forced rebuild over a copy of it to check determinism.
+Every check that only reads a build reads the session's ``.demo`` (the
+``demo_assets`` fixture: built once per session, reused by the servers too).
+One real build runs here: a forced rebuild over a copy of that tree, which must
+come out byte-identical (determinism) and clean up after itself.
 """
 
 from __future__ import annotations
@@ -34,8 +36,9 @@ MODES = ("completion", "chat")
 
 
 @pytest.fixture(scope="session")
-def assets(tmp_path_factory: pytest.TempPathFactory) -> DemoAssets:
-    return build_demo_assets(tmp_path_factory.mktemp("demo") / "assets")
+def assets(demo_assets: DemoAssets) -> DemoAssets:
+    """The session's build, shared with every server of the suite: read it, never write it."""
+    return demo_assets
 
 
 @pytest.fixture(scope="session")
@@ -219,6 +222,7 @@ def test_second_build_is_a_no_op(assets: DemoAssets) -> None:
     assert {p: p.stat().st_mtime_ns for p in assets.root.rglob("*")} == before
 
 
+@pytest.mark.engine  # the suite's one real build: minutes of training, as costly as an engine start
 def test_forced_rebuild_is_byte_identical(assets: DemoAssets, rebuilt: DemoAssets) -> None:
     assert not (rebuilt.root / "stale.txt").exists(), "force=True must replace the old tree"
     assert not list(rebuilt.root.parent.glob(".assets.*-*")), "staging leftovers remain"
@@ -229,22 +233,22 @@ def test_forced_rebuild_is_byte_identical(assets: DemoAssets, rebuilt: DemoAsset
     assert (rebuilt.root / "MANIFEST.json").read_text() == (assets.root / "MANIFEST.json").read_text()
 
 
-def test_ready_requires_complete_current_tree(rebuilt: DemoAssets, tmp_path: Path) -> None:
-    missing = shutil.copytree(rebuilt.root, tmp_path / "missing")
+def test_ready_requires_complete_current_tree(assets: DemoAssets, tmp_path: Path) -> None:
+    missing = shutil.copytree(assets.root, tmp_path / "missing")
     (missing / "adapters" / "legal" / "adapter_model.safetensors").unlink()
     assert not demo_assets_ready(missing)
 
-    truncated = shutil.copytree(rebuilt.root, tmp_path / "truncated")
+    truncated = shutil.copytree(assets.root, tmp_path / "truncated")
     (truncated / "base" / "model.safetensors").write_bytes(b"")
     assert not demo_assets_ready(truncated)
 
-    outdated = shutil.copytree(rebuilt.root, tmp_path / "outdated")
+    outdated = shutil.copytree(assets.root, tmp_path / "outdated")
     manifest = json.loads((outdated / "MANIFEST.json").read_text())
     manifest["format_version"] = assets_module.BUILD_FORMAT_VERSION - 1
     (outdated / "MANIFEST.json").write_text(json.dumps(manifest))
     assert not demo_assets_ready(outdated)
 
-    unmanifested = shutil.copytree(rebuilt.root, tmp_path / "unmanifested")
+    unmanifested = shutil.copytree(assets.root, tmp_path / "unmanifested")
     (unmanifested / "MANIFEST.json").unlink()
     assert not demo_assets_ready(unmanifested)
-    assert demo_assets_ready(rebuilt.root)
+    assert demo_assets_ready(assets.root)

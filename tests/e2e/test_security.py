@@ -1,8 +1,11 @@
 """Keys, tenants and limits through the real server.
 
-One server with API keys: ``medical`` belongs to tenant ``hospital``, ``legal``
-to ``lawfirm``, ``code`` is public. Each limit test uses its own key, so the
-per-key buckets and counters of one test never touch another's.
+The shared ``secure`` server (tests/e2e/conftest.py): ``medical`` belongs to
+tenant ``hospital``, ``legal`` to ``lawfirm``, ``code`` is public. Each limit
+test uses its own key, so the per-key buckets and counters of one test never
+touch another's; counters are compared before and after, and every name a test
+registers or creates is its own (``unique``), so each test passes alone, in any
+order and next to the other modules on that server.
 """
 
 from __future__ import annotations
@@ -11,63 +14,27 @@ import asyncio
 import json
 import re
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
-from serving.api.auth import hash_key, new_key
-from tests.conftest import RunningServer, demo_config, start_server, stop_server, use_api_keys
+from serving.api.auth import new_key
+from tests.conftest import RunningServer
 from tests.e2e.adapter_files import WEIGHTS, broken_adapter, copy_adapter
+from tests.e2e.conftest import ENGINE_SLOTS, MAX_BODY, PER_KEY_CONCURRENCY, RATE_BURST, keys_of
+from tests.e2e.conftest import SECURE_LIMITS as LIMITS
 
-KEYS = {
-    name: new_key()
-    for name in ("hospital", "lawfirm", "admin", "public", "burst", "counted", "busy1", "busy2", "busy3")
-}
-TENANTS = {"hospital": "hospital", "lawfirm": "lawfirm"}
-RATE_BURST = 3
-STRICT_RATE = {"per_minute": 60, "burst": RATE_BURST}  # the keys "burst" and "counted" have their own bucket
-PER_KEY_CONCURRENCY = 2
-MAX_BODY = 64 * 1024
-LIMITS = {
-    "max_body_bytes": MAX_BODY,
-    "max_prompt_tokens": 200,
-    "max_tokens": 1000,
-    "max_n": 2,
-    "max_concurrent_per_key": PER_KEY_CONCURRENCY,
-    "rate": {"per_minute": 6000, "burst": 1000},
-    "max_queued_requests": 0,
-}
-ENGINE_SLOTS = 4  # engine.max_num_seqs; with no queue, the 5th concurrent request gets 503
+pytestmark = pytest.mark.engine
+
+KEYS = keys_of("security")
 
 
-@pytest.fixture(scope="module")
-def secure(demo_assets, tmp_path_factory) -> Iterator[RunningServer]:
-    workdir = tmp_path_factory.mktemp("secure")
-    entries = [
-        {"id": name, "sha256": hash_key(key), "role": "admin" if name == "admin" else "user"}
-        | ({"tenant": TENANTS[name]} if name in TENANTS else {})
-        | ({"rate": STRICT_RATE} if name in ("burst", "counted") else {})
-        for name, key in KEYS.items()
-    ]
-    config = demo_config(demo_assets, max_num_seqs=ENGINE_SLOTS)
-    use_api_keys(config, workdir, entries)
-    owners = {"legal": "lawfirm", "medical": "hospital"}
-    for adapter in config["adapters"]:
-        if adapter["name"] in owners:
-            adapter["tenant"] = owners[adapter["name"]]
-    config["limits"] = LIMITS
-    (workdir / "volume").mkdir()
-    # Adapters registered at run time come from this volume; one that cannot be served answers as `code`.
-    config["store"] = {
-        "root": str(workdir / "store"),
-        "sources": [{"type": "local", "roots": [str(workdir / "volume")]}],
-        "fallback": "code",
-    }
-    running = start_server(config, workdir)
-    yield running
-    stop_server(running)
+def unique(name: str) -> str:
+    """A name no other test (or earlier run on the same server) uses."""
+    return f"{name}-{uuid.uuid4().hex[:8]}"
 
 
 def auth(name: str) -> dict[str, str]:
@@ -223,23 +190,31 @@ async def test_server_wide_queue_bound_gives_503(secure):
     assert complete(secure, "busy3").status_code == 200
 
 
+def denials(server: RunningServer) -> dict[tuple[str, str], float]:
+    """(series, label) -> value of the denied and limited request counters, read with an admin key."""
+    metrics = httpx.get(f"{server.url}/metrics", headers=auth("admin")).text  # needs a metrics or admin key
+    found = re.finditer(r'^(loraserve_(?:denied|limited)_requests)_total\{[a-z]+="(\w+)"\} (\S+)$', metrics, re.M)
+    return {(match[1], match[2]): float(match[3]) for match in found}
+
+
 def test_denials_are_counted_and_logged_without_the_key(secure):
+    before = denials(secure)
     wrong = "sk-ls-wrong-" + new_key()
     assert httpx.get(f"{secure.url}/v1/models", headers={"Authorization": f"Bearer {wrong}"}).status_code == 401
     assert httpx.get(f"{secure.url}/v1/models").status_code == 401
     assert [complete(secure, "counted").status_code for _ in range(RATE_BURST + 1)][-1] == 429
     huge = {"model": secure.base_model, "prompt": "x" * MAX_BODY}
     assert httpx.post(f"{secure.url}/v1/completions", json=huge, headers=auth("public")).status_code == 413
-    metrics = httpx.get(f"{secure.url}/metrics", headers=auth("admin")).text  # /metrics needs a metrics or admin key
-
-    def count(name: str, label: str) -> float:
-        match = re.search(rf'^{name}_total\{{[a-z]+="{label}"\}} (\S+)$', metrics, re.M)
-        return float(match.group(1)) if match else 0.0
-
-    assert count("loraserve_denied_requests", "invalid_key") >= 1
-    assert count("loraserve_denied_requests", "missing_key") >= 1
-    assert count("loraserve_limited_requests", "rate") >= 1
-    assert count("loraserve_limited_requests", "body_size") >= 1
+    after = denials(secure)
+    changed = {
+        series: after[series] - before.get(series, 0.0) for series in after if after[series] != before.get(series)
+    }
+    assert changed == {
+        ("loraserve_denied_requests", "invalid_key"): 1.0,
+        ("loraserve_denied_requests", "missing_key"): 1.0,
+        ("loraserve_limited_requests", "rate"): 1.0,
+        ("loraserve_limited_requests", "body_size"): 1.0,
+    }
     log = secure.log()
     assert "invalid_key" in log
     assert wrong not in log and not any(key in log for key in KEYS.values())
@@ -280,46 +255,51 @@ def register(server: RunningServer, key: str, name: str, source: Path, **body) -
 
 def test_adapters_registered_for_a_tenant_are_that_tenants_alone(secure, demo_assets):
     volume = Path(secure.config["store"]["sources"][0]["roots"][0])
-    source = copy_adapter(demo_assets.adapters["medical"], volume / "triage", scale=0.8)
-    denied = register(secure, "hospital", "triage", source, tenant="hospital")
+    triage, nope = unique("triage"), unique("nope")
+    source = copy_adapter(demo_assets.adapters["medical"], volume / triage, scale=0.8)
+    denied = register(secure, "hospital", triage, source, tenant="hospital")
     assert denied.status_code == 403 and error_of(denied)["code"] == "permission_denied"
-    created = register(secure, "admin", "triage", source, tenant="hospital")
+    created = register(secure, "admin", triage, source, tenant="hospital")
     assert created.status_code == 201, created.text
     assert created.json()["info"]["tags"] == {}  # the owner is the name's, not a version tag
-    shown = httpx.get(f"{secure.url}/v1/adapters/triage", headers=auth("admin"))
+    shown = httpx.get(f"{secure.url}/v1/adapters/{triage}", headers=auth("admin"))
     assert shown.json()["tenant"] == "hospital"
 
-    assert complete(secure, "hospital", model="triage").status_code == 200
-    hidden, unknown = complete(secure, "lawfirm", model="triage"), complete(secure, "lawfirm", model="nope")
+    assert complete(secure, "hospital", model=triage).status_code == 200
+    hidden, unknown = complete(secure, "lawfirm", model=triage), complete(secure, "lawfirm", model=nope)
     assert hidden.status_code == unknown.status_code == 404
-    assert hidden.json() == json.loads(unknown.text.replace("nope", "triage"))
+    assert hidden.json() == json.loads(unknown.text.replace(nope, triage))
     models = {m["id"] for m in httpx.get(f"{secure.url}/v1/models", headers=auth("lawfirm")).json()["data"]}
-    assert "triage" not in models
-    health = {k: httpx.get(f"{secure.url}/v1/adapters/triage/health", headers=auth(k)) for k in ("hospital", "lawfirm")}
+    assert triage not in models
+    health = {
+        k: httpx.get(f"{secure.url}/v1/adapters/{triage}/health", headers=auth(k)) for k in ("hospital", "lawfirm")
+    }
     assert health["hospital"].status_code == 200 and health["hospital"].json()["state"] == "ok"
-    nobody = httpx.get(f"{secure.url}/v1/adapters/nope/health", headers=auth("lawfirm"))
+    nobody = httpx.get(f"{secure.url}/v1/adapters/{nope}/health", headers=auth("lawfirm"))
     assert health["lawfirm"].status_code == nobody.status_code == 404
-    assert health["lawfirm"].json() == json.loads(nobody.text.replace("nope", "triage"))
+    assert health["lawfirm"].json() == json.loads(nobody.text.replace(nope, triage))
 
 
 def test_traversal_and_pickle_are_refused_through_the_server(secure, demo_assets, tmp_path):
     volume = Path(secure.config["store"]["sources"][0]["roots"][0])
+    escape, pickled_name = unique("escape"), unique("pickled")
     outside = copy_adapter(demo_assets.adapters["code"], tmp_path / "outside")
-    (volume / "escape").symlink_to(outside)
-    for source in (volume / ".." / "outside", outside, volume / "escape"):
-        response = register(secure, "admin", "escape", source)
+    (volume / escape).symlink_to(outside)
+    for source in (volume / ".." / "outside", outside, volume / escape):
+        response = register(secure, "admin", escape, source)
         assert response.status_code == 400 and error_of(response)["code"] == "source_refused", response.text
-    pickled = broken_adapter(demo_assets.adapters["code"], volume / "pickled", "pickle_weights")
-    response = register(secure, "admin", "pickled", pickled)
+    pickled = broken_adapter(demo_assets.adapters["code"], volume / pickled_name, "pickle_weights")
+    response = register(secure, "admin", pickled_name, pickled)
     assert response.status_code == 400 and error_of(response)["code"] == "pickle_weights"
     names = {a["name"] for a in httpx.get(f"{secure.url}/v1/adapters", headers=auth("admin")).json()["data"]}
-    assert not names & {"escape", "pickled"}
+    assert not names & {escape, pickled_name}
 
 
 def test_named_fallback_answers_for_a_corrupt_adapter(secure, demo_assets):
     volume = Path(secure.config["store"]["sources"][0]["roots"][0])
-    source = copy_adapter(demo_assets.adapters["legal"], volume / "brittle", scale=1.3)
-    created = register(secure, "admin", "brittle", source)
+    brittle = unique("brittle")
+    source = copy_adapter(demo_assets.adapters["legal"], volume / brittle, scale=1.3)
+    created = register(secure, "admin", brittle, source)
     assert created.status_code == 201, created.text
     digest = created.json()["info"]["version"]
     code_text = complete(secure, "public", model="code", max_tokens=8).json()["choices"][0]["text"]
@@ -331,7 +311,7 @@ def test_named_fallback_answers_for_a_corrupt_adapter(secure, demo_assets):
     }
 
     async def at_once() -> list[httpx.Response]:  # four keys, four engine slots: nothing queues or is refused
-        calls = [("public", "brittle"), ("admin", "brittle"), ("lawfirm", "legal"), ("hospital", "medical")]
+        calls = [("public", brittle), ("admin", brittle), ("lawfirm", "legal"), ("hospital", "medical")]
         async with httpx.AsyncClient(timeout=120) as client:
             return await asyncio.gather(
                 *(
@@ -355,11 +335,19 @@ def test_named_fallback_answers_for_a_corrupt_adapter(secure, demo_assets):
         assert response.json()["choices"][0]["text"] == expected[model]
 
 
-def test_a_tenants_route_routes_only_that_tenants_keys(secure):
+@pytest.fixture
+def new_route(secure) -> Iterator[str]:
+    """A route name of this test's own, deleted afterwards: the shared server's routing is as it was."""
+    name = unique("firm-intake")
+    yield name
+    httpx.delete(f"{secure.url}/admin/routes/{name}", headers=auth("admin"))
+
+
+def test_a_tenants_route_routes_only_that_tenants_keys(secure, new_route):
     route = {"adapter": "code", "tenant": "lawfirm", "keywords": [{"patterns": ["zorblax"]}]}
-    denied = httpx.put(f"{secure.url}/admin/routes/firm-intake", json=route, headers=auth("lawfirm"))
+    denied = httpx.put(f"{secure.url}/admin/routes/{new_route}", json=route, headers=auth("lawfirm"))
     assert denied.status_code == 403
-    created = httpx.put(f"{secure.url}/admin/routes/firm-intake", json=route, headers=auth("admin"))
+    created = httpx.put(f"{secure.url}/admin/routes/{new_route}", json=route, headers=auth("admin"))
     assert created.status_code == 201, created.text
     assert created.json()["tenant"] == "lawfirm"
     body = {"model": "auto", "prompt": "a zorblax question", "max_tokens": 2}

@@ -1,7 +1,8 @@
 """Hostile adapter files through the real server (issue #13: sources, digest, validation).
 
-One server with a local source root and an S3 source (a real S3 API: moto in
-server mode). Each test sends what an attacker, or a careless tenant, could
+The shared ``limited`` server (tests/e2e/conftest.py), called with this
+module's admin key, with a local source root and an S3 source (a real S3 API:
+moto in server mode). Each test sends what an attacker, or a careless tenant, could
 put in a source or an upload: S3 keys that climb out of the staging directory,
 hard links to secrets, and configs or tensors that vLLM's loader refuses by
 raising inside the engine step. Each must get a 400 naming the problem, write
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,13 +23,14 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from tests.conftest import RunningServer, demo_config, start_server, stop_server
+from checkpoints import DemoAssets
+from tests.conftest import RunningServer
 from tests.e2e.adapter_files import CONFIG, WEIGHTS, copy_adapter
+from tests.e2e.conftest import BUCKET, PREFIX, keys_of
 
 pytestmark = pytest.mark.engine
 
-BUCKET = "hostile"
-PREFIX = "adapters/"
+ADMIN = {"Authorization": f"Bearer {keys_of('files')['admin']}"}
 
 
 @dataclass
@@ -38,7 +40,7 @@ class Files:
     volume: Path  # the local source root
     outside: Path  # a directory no source may write or read
     s3_endpoint: str
-    demo: object
+    demo: DemoAssets
 
     @property
     def url(self) -> str:
@@ -46,27 +48,12 @@ class Files:
 
 
 @pytest.fixture(scope="module")
-def files(demo_assets, s3_server: str, tmp_path_factory) -> Iterator[Files]:
-    import boto3
-
-    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=BUCKET)
-    workdir = tmp_path_factory.mktemp("security-files")
-    volume, outside = workdir / "volume", workdir / "outside"
-    volume.mkdir()
-    outside.mkdir()
-    config = demo_config(demo_assets)
-    config["store"] = {
-        "root": str(workdir / "store"),
-        "sources": [
-            {"type": "local", "roots": [str(volume)]},
-            {"type": "s3", "url_prefixes": [f"s3://{BUCKET}/{PREFIX}"], "endpoint_url": s3_server},
-        ],
-        "fallback": "base",
-        "max_adapter_bytes": 1 << 20,
-    }
-    state = Files(start_server(config, workdir), workdir, volume, outside, s3_server, demo_assets)
-    yield state
-    stop_server(state.server)
+def files(limited: RunningServer, demo_assets, s3_server: str) -> Files:
+    """The shared ``limited`` server seen as this module needs it."""
+    workdir = limited.log_path.parent  # the server's: its store, its volume, and beside them a directory outside
+    (workdir / "outside").mkdir(exist_ok=True)
+    volume = Path(limited.config["store"]["sources"][0]["roots"][0])
+    return Files(limited, workdir, volume, workdir / "outside", s3_server, demo_assets)
 
 
 def error_of(response: httpx.Response, status: int = 400) -> dict:
@@ -77,16 +64,16 @@ def error_of(response: httpx.Response, status: int = 400) -> dict:
 
 
 def registry(url: str) -> dict:
-    response = httpx.get(f"{url}/v1/adapters", timeout=60)
+    response = httpx.get(f"{url}/v1/adapters", headers=ADMIN, timeout=60)
     assert response.status_code == 200, response.text
     return {a["name"]: [v["id"] for v in a["versions"]] for a in response.json()["data"]}
 
 
 def still_serving(files: Files) -> None:
     """/health is 200 and the demo adapter `code` answers a completion."""
-    assert httpx.get(f"{files.url}/health", timeout=30).status_code == 200
+    assert httpx.get(f"{files.url}/health", headers=ADMIN, timeout=30).status_code == 200
     body = {"model": "code", "prompt": "def add(a, b):", "max_tokens": 4, "temperature": 0, "ignore_eos": True}
-    response = httpx.post(f"{files.url}/v1/completions", json=body, timeout=120)
+    response = httpx.post(f"{files.url}/v1/completions", json=body, headers=ADMIN, timeout=120)
     assert response.status_code == 200, response.text
     assert response.json()["model"] == "code" and response.json()["usage"]["completion_tokens"] == 4
 
@@ -117,7 +104,7 @@ def test_s3_keys_that_leave_staging_are_refused(files: Files, shape: str) -> Non
     )
     before = registry(files.url)
     body = {"name": name, "source": f"s3://{BUCKET}/{key_prefix}", "check": False}
-    error = error_of(httpx.post(f"{files.url}/v1/adapters", json=body, timeout=120))
+    error = error_of(httpx.post(f"{files.url}/v1/adapters", json=body, headers=ADMIN, timeout=120))
     assert error["code"] == "source_refused" and error["param"] == "source"
     assert "unsafe name" in error["message"]
     assert not victim.exists() and not victim.parent.exists()
@@ -134,7 +121,7 @@ def test_a_hard_link_to_a_secret_is_not_copied(files: Files) -> None:
     os.link(secret, adapter / "README.md")
     before = registry(files.url)
     body = {"name": "linked", "source": str(adapter), "check": False}
-    error = error_of(httpx.post(f"{files.url}/v1/adapters", json=body, timeout=120))
+    error = error_of(httpx.post(f"{files.url}/v1/adapters", json=body, headers=ADMIN, timeout=120))
     assert error["code"] == "source_refused" and "2 hard links" in error["message"]
     assert "sk-secret" not in error["message"]
     assert registry(files.url) == before
@@ -196,7 +183,9 @@ REFUSED: dict[str, tuple[Callable[[Path], None], str, str]] = {
 
 def upload(url: str, name: str, directory: Path) -> httpx.Response:
     parts = [("files", (p.name, p.read_bytes())) for p in sorted(directory.iterdir())]
-    return httpx.post(f"{url}/v1/adapters/{name}/versions", files=parts, data={"check": "false"}, timeout=300)
+    return httpx.post(
+        f"{url}/v1/adapters/{name}/versions", files=parts, data={"check": "false"}, headers=ADMIN, timeout=300
+    )
 
 
 @pytest.mark.parametrize("route", ["register", "upload"])
@@ -208,7 +197,9 @@ def test_adapters_the_engine_would_refuse_are_invalid_not_fatal(files: Files, ki
     edit(directory)
     before = registry(files.url)
     if route == "register":
-        response = httpx.post(f"{files.url}/v1/adapters", json={"name": name, "source": str(directory)}, timeout=300)
+        response = httpx.post(
+            f"{files.url}/v1/adapters", json={"name": name, "source": str(directory)}, headers=ADMIN, timeout=300
+        )
     else:
         response = upload(files.url, name, directory)
     error = error_of(response)
@@ -216,6 +207,6 @@ def test_adapters_the_engine_would_refuse_are_invalid_not_fatal(files: Files, ki
     assert fragment in error["message"] or fragment == error["param"], error
     assert error["type"] == "BadRequestError"
     assert registry(files.url) == before
-    models = {m["id"] for m in httpx.get(f"{files.url}/v1/models", timeout=30).json()["data"]}
+    models = {m["id"] for m in httpx.get(f"{files.url}/v1/models", headers=ADMIN, timeout=30).json()["data"]}
     assert name not in models and "code" in models
     still_serving(files)

@@ -1,7 +1,8 @@
 """Limits that count work, checked sampling values and safe uploads, through the real server.
 
-One server with API keys (issue #13 findings 5 and 7). Each test uses its own
-keys, so one test's buckets and counters never touch another's. Uploads are
+The shared ``limited`` server (tests/e2e/conftest.py; issue #13 findings 5 and
+7). Each test uses its own keys, so one test's buckets and counters never touch
+another's, and counters are compared before and after. Uploads are
 sent over raw sockets where the test must see the answer before the body is
 complete: a client library would finish sending first.
 """
@@ -12,52 +13,22 @@ import json
 import re
 import socket
 import time
-from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
 import pytest
 
-from serving.api.auth import hash_key, new_key
-from tests.conftest import RunningServer, demo_config, start_server, stop_server, use_api_keys
+from tests.conftest import RunningServer
+from tests.e2e.conftest import LIMITED_LIMITS as LIMITS
+from tests.e2e.conftest import keys_of
 
 pytestmark = pytest.mark.engine
 
-ADMINS = ("admin", "uploader")
-RATED = ("cost", "single")  # a small bucket each: RATE below
-KEYS = {name: new_key() for name in (*ADMINS, *RATED, "user", "params", "holder", "other")}
-RATE = {"per_minute": 6, "burst": 4}
-ENGINE_SLOTS = 6  # engine.max_num_seqs; no queue: at most 6 sequences admitted at once
-LIMITS = {
-    "max_prompts_per_request": 3,
-    "max_stop": 4,
-    "max_stop_chars": 32,
-    "max_n": 3,
-    "max_tokens": 1000,
-    "max_queued_requests": 0,
-    "rate": {"per_minute": 6000, "burst": 1000},
-    "upload_rate": {"per_minute": 1, "burst": 2},
-}
+KEYS = keys_of("limits")
 MiB = 1 << 20
 UPLOAD_LIMIT = 64 * MiB  # limits.max_upload_bytes (the default)
-
-
-@pytest.fixture(scope="module")
-def limited(demo_assets, tmp_path_factory) -> Iterator[RunningServer]:
-    workdir = tmp_path_factory.mktemp("limits")
-    entries = [
-        {"id": name, "sha256": hash_key(key), "role": "admin" if name in ADMINS else "user"}
-        | ({"rate": RATE} if name in RATED else {})
-        for name, key in KEYS.items()
-    ]
-    config = demo_config(demo_assets, max_num_seqs=ENGINE_SLOTS)
-    use_api_keys(config, workdir, entries)
-    config["limits"] = LIMITS
-    config["store"] = {"root": str(workdir / "store")}
-    running = start_server(config, workdir)
-    yield running
-    stop_server(running)
 
 
 def auth(name: str) -> dict[str, str]:
@@ -162,7 +133,7 @@ def test_too_many_or_too_long_stop_strings_are_a_400(limited, stop, message):
         assert error["param"] == "stop" and message in error["message"], error
 
 
-BAD_VALUES = [
+BAD_VALUES: list[tuple[dict[str, Any], str]] = [
     ({"seed": 2**64}, "seed"),
     ({"seed": 2**63}, "seed"),
     ({"seed": -(2**63) - 1}, "seed"),
@@ -230,7 +201,9 @@ def _response(sock: socket.socket, timeout: float) -> tuple[int, dict]:
         assert chunk, f"connection closed before an answer: {data!r}"
         data += chunk
     head, _, body = data.partition(b"\r\n\r\n")
-    length = int(re.search(rb"content-length: (\d+)", head, re.I).group(1))
+    declared = re.search(rb"content-length: (\d+)", head, re.I)
+    assert declared, head
+    length = int(declared[1])
     while len(body) < length:
         body += sock.recv(65536)
     return int(head.split()[1]), json.loads(body[:length])
@@ -271,7 +244,9 @@ def test_a_user_upload_is_refused_before_its_body_is_read(limited, framing):
 
 def _rss_kib(pid: int) -> int:
     status = Path(f"/proc/{pid}/status").read_text()
-    return int(re.search(r"^VmRSS:\s+(\d+) kB", status, re.M).group(1))
+    rss = re.search(r"^VmRSS:\s+(\d+) kB", status, re.M)
+    assert rss, status
+    return int(rss[1])
 
 
 def test_an_admin_upload_streams_and_stops_at_the_limit_without_leftovers(limited):
@@ -306,7 +281,7 @@ def test_uploads_are_rate_limited_per_key(limited):
     statuses = []
     for _ in range(LIMITS["upload_rate"]["burst"]):  # no files: a 400, but each attempt takes a token
         statuses.append(httpx.post(url, files={"tenant": (None, "t")}, headers=auth("uploader")).status_code)
-    assert statuses == [400, 400]
+    assert statuses == [400] * LIMITS["upload_rate"]["burst"]
     refused = httpx.post(url, files={"tenant": (None, "t")}, headers=auth("uploader"))
     assert refused.status_code == 429
     assert error_of(refused)["code"] == "rate_limit_exceeded" and "limits.upload_rate" in error_of(refused)["message"]

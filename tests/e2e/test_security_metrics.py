@@ -1,8 +1,10 @@
 """/metrics behind keys, and admin keyword rules that cannot stall the server, through the real server.
 
-One server with API keys (a user, a metrics and an admin key) and the demo
-routes with run-time route changes on. ``medical`` belongs to a tenant, so its
-name in the metrics is one a user key must not read.
+The shared ``secure`` server (tests/e2e/conftest.py), with keys of this
+module's own (a user, a metrics and an admin key) and the demo routes with
+run-time route changes on. ``medical`` belongs to a tenant, so its name in the
+metrics is one a user key must not read. Routes a test adds are its own and
+deleted afterwards.
 """
 
 from __future__ import annotations
@@ -12,35 +14,30 @@ import re
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 
 import httpx
 import pytest
 
-from serving.api.auth import hash_key, new_key
-from tests.conftest import REPO, RunningServer, demo_config, free_port, start_server, stop_server, use_api_keys
+from tests.conftest import REPO, RunningServer, free_port
+from tests.e2e.conftest import MAX_BODY, keys_of
 
 pytestmark = pytest.mark.engine
 
-KEYS = {role: new_key() for role in ("user", "metrics", "admin")}
+KEYS = keys_of("metrics")
 # Backtracking needs ~2^n steps for each run of n x's without a y: 11 s for 28 on Python's re.
 STALLING_PATTERN = "(x+x+)+y"
-LONG_PROMPT = ("x" * 30 + " ") * 30_000  # 930 KB, under the 4 MiB body limit
+LONG_PROMPT = ("x" * 30 + " ") * 2000  # 62 KB of 30-x runs, under the shared server's 64 KiB body limit
+assert len(LONG_PROMPT) < MAX_BODY - 1024
 
 
-@pytest.fixture(scope="module")
-def secure(demo_assets, tmp_path_factory) -> Iterator[RunningServer]:
-    workdir = tmp_path_factory.mktemp("secure-metrics")
-    entries = [{"id": role, "sha256": hash_key(key), "role": role} for role, key in KEYS.items()]
-    config = demo_config(demo_assets)
-    use_api_keys(config, workdir, entries)
-    for adapter in config["adapters"]:
-        if adapter["name"] == "medical":
-            adapter["tenant"] = "hospital"
-    assert config["routing"]["admin_enabled"]
-    running = start_server(config, workdir)
-    yield running
-    stop_server(running)
+@pytest.fixture
+def route_name(secure) -> Iterator[str]:
+    """A route name of this test's own, deleted afterwards: the shared server's routing is as it was."""
+    name = f"stall-{uuid.uuid4().hex[:8]}"
+    yield name
+    httpx.delete(f"{secure.url}/admin/routes/{name}", headers=auth("admin"))
 
 
 def auth(role: str | None) -> dict[str, str]:
@@ -137,15 +134,17 @@ def test_the_relay_serves_the_metrics_with_the_metrics_key(secure, tmp_path):
 
 def test_a_route_with_lookaround_is_refused_naming_the_field(secure):
     spec = {"adapter": "code", "keywords": [{"patterns": ["(?<!un)safe"]}]}
-    response = httpx.put(f"{secure.url}/admin/routes/lookbehind", json=spec, headers=auth("admin"))
+    response = httpx.put(
+        f"{secure.url}/admin/routes/lookbehind-{uuid.uuid4().hex[:8]}", json=spec, headers=auth("admin")
+    )
     assert response.status_code == 400
     error = error_of(response)
     assert error["param"] == "keywords.0.patterns" and "RE2 syntax" in error["message"]
 
 
-async def test_a_backtracking_pattern_cannot_stall_the_server(secure):
+async def test_a_backtracking_pattern_cannot_stall_the_server(secure, route_name):
     spec = {"adapter": "code", "keywords": [{"patterns": [STALLING_PATTERN]}]}
-    put = httpx.put(f"{secure.url}/admin/routes/stall", json=spec, headers=auth("admin"))
+    put = httpx.put(f"{secure.url}/admin/routes/{route_name}", json=spec, headers=auth("admin"))
     assert put.status_code in (200, 201), put.text
     async with httpx.AsyncClient(base_url=secure.url, timeout=120) as client:
         body = {"model": "auto", "prompt": LONG_PROMPT, "max_tokens": 2}

@@ -1,9 +1,10 @@
 """Tenant isolation of adapter names through the real server (issue #13, findings 4, 6 and 10).
 
-One server with API keys for two tenants (``alpha``, ``beta``), a user key
-without a tenant (``plain``) and an admin, and a store that registers names
-found in its local source on demand. Each test uses its own adapter names, so
-the tests do not depend on each other's order.
+The shared ``limited`` server (tests/e2e/conftest.py), with this module's
+keys for two tenants (``alpha``, ``beta``), a user key without a tenant
+(``plain``) and an admin, and a store that registers names found in its local
+source on demand. Each test uses its own adapter names, so the tests do not
+depend on each other's order.
 """
 
 from __future__ import annotations
@@ -11,42 +12,24 @@ from __future__ import annotations
 import json
 import re
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
-from serving.api.auth import hash_key, new_key
-from tests.conftest import RunningServer, demo_config, start_server, stop_server, use_api_keys
+from tests.conftest import RunningServer
 from tests.e2e.adapter_files import WEIGHTS, broken_adapter, copy_adapter
+from tests.e2e.conftest import keys_of
 
 pytestmark = pytest.mark.engine
 
-KEYS = {name: new_key() for name in ("alpha", "beta", "plain", "admin")}
-TENANTS = {"alpha": "alpha", "beta": "beta"}
+KEYS = keys_of("tenants")
 
 
-@pytest.fixture(scope="module")
-def server(demo_assets, tmp_path_factory) -> Iterator[RunningServer]:
-    workdir = tmp_path_factory.mktemp("tenants")
-    entries = [
-        {"id": name, "sha256": hash_key(key), "role": "admin" if name == "admin" else "user"}
-        | ({"tenant": TENANTS[name]} if name in TENANTS else {})
-        for name, key in KEYS.items()
-    ]
-    config = demo_config(demo_assets)
-    use_api_keys(config, workdir, entries)
-    (workdir / "volume").mkdir()
-    config["store"] = {
-        "root": str(workdir / "store"),
-        "sources": [{"type": "local", "roots": [str(workdir / "volume")]}],
-        "on_demand": True,
-        "fallback": "error",
-    }
-    running = start_server(config, workdir)
-    yield running
-    stop_server(running)
+@pytest.fixture
+def server(limited: RunningServer) -> RunningServer:
+    """The shared ``limited`` server, under the name these tests use."""
+    return limited
 
 
 def volume(server: RunningServer) -> Path:

@@ -44,6 +44,8 @@ def test_adapters_are_distinct_and_keep_the_templates_shapes(demo_assets, tmp_pa
     assert [digest(tmp_path / "again" / n) for n in again] == [digest(tmp_path / n) for n in names]  # seeded
 
 
+# The tests below share one benchmark run (a server of its own): each carries the engine mark; the one above
+# only writes adapters.
 @pytest.fixture(scope="module")
 def quick_report(demo_assets, tmp_path_factory):
     out = tmp_path_factory.mktemp("bench_store") / "bench_store.json"
@@ -56,6 +58,7 @@ def quick_report(demo_assets, tmp_path_factory):
     return json.loads(out.read_text()), result.stdout
 
 
+@pytest.mark.engine
 def test_every_adapter_registered_on_demand_and_answered(quick_report) -> None:
     report, _ = quick_report
     adapters = report["adapters"]
@@ -65,6 +68,7 @@ def test_every_adapter_registered_on_demand_and_answered(quick_report) -> None:
     assert report["registration"]["adapters"] == QUICK_ADAPTERS - QUICK_COLD
 
 
+@pytest.mark.engine
 def test_cold_load_fields(quick_report) -> None:
     report, stdout = quick_report
     cold = report["cold_load"]
@@ -80,6 +84,7 @@ def test_cold_load_fields(quick_report) -> None:
     assert "adapter, first use" in stdout and "cold/warm" in stdout
 
 
+@pytest.mark.engine
 def test_rotation_fields(quick_report) -> None:
     report, stdout = quick_report
     rotation, settings = report["rotation"], report["settings"]

@@ -18,6 +18,8 @@ import yaml
 
 from tests.conftest import REPO, demo_config
 
+pytestmark = pytest.mark.engine
+
 BAD_CASES = {"unknown_model", "bad_type", "too_long_prompt", "max_tokens_over_context"}
 
 

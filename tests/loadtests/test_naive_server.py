@@ -12,6 +12,8 @@ import yaml
 from loadtests.process import free_port, running_server
 from tests.conftest import demo_config
 
+pytestmark = pytest.mark.engine
+
 
 @pytest.fixture(scope="module")
 def naive_url(demo_assets, tmp_path_factory):

@@ -8,6 +8,7 @@ per-token reference loop written here.
 from __future__ import annotations
 
 import itertools
+from typing import Any
 
 import pytest
 import torch
@@ -93,7 +94,10 @@ def _check(got, want, y0, token_ids, tol):
     torch.testing.assert_close(got.float(), want, atol=tol * scale, rtol=tol)
 
 
-@pytest.fixture(params=["packed", "torch_mm"])
+MATMUL_KINDS = ["packed", "torch_mm"]
+
+
+@pytest.fixture(params=MATMUL_KINDS)
 def matmul_kind(request, monkeypatch):
     """Run small matmuls through vLLM's packed oneDNN handler from the first
     call, or never (plain torch.mm), so both code paths are compared."""
@@ -104,12 +108,63 @@ def matmul_kind(request, monkeypatch):
     return request.param
 
 
-@pytest.mark.parametrize("mode", MODES, ids=lambda m: m or "auto")
-@pytest.mark.parametrize("dtype", list(DTYPES), ids=str)
-@pytest.mark.parametrize("pattern", list(PATTERNS))
-@pytest.mark.parametrize("slices", list(SLICES.values()), ids=list(SLICES))
-@pytest.mark.parametrize("phase", list(PHASES))
+def all_pairs(axes: dict[str, list[Any]]) -> list[dict[str, Any]]:
+    """Cases in which every pair of values of any two axes occurs at least once (greedy, deterministic).
+
+    The full product of the grid below is 720 cases; bugs in the wrapper come from one value or the
+    meeting of two (a mode with a dtype, a slice layout with a phase), which ~25 cases cover.
+    """
+    names = list(axes)
+    sizes = [len(axes[name]) for name in names]
+    uncovered = {
+        (i, a, j, b)
+        for i, j in itertools.combinations(range(len(names)), 2)
+        for a in range(sizes[i])
+        for b in range(sizes[j])
+    }
+
+    def covers(case: dict[int, int]) -> int:
+        return sum((i, case[i], j, case[j]) in uncovered for i, j in itertools.combinations(sorted(case), 2))
+
+    cases = []
+    while uncovered:
+        i, a, j, b = min(uncovered)
+        case = {i: a, j: b}
+        for k in range(len(names)):
+            if k not in case:  # the value that covers the most new pairs; the first of equals
+                gains = [covers(case | {k: v}) for v in range(sizes[k])]
+                case[k] = gains.index(max(gains))
+        uncovered -= {(i, case[i], j, case[j]) for i, j in itertools.combinations(range(len(names)), 2)}
+        cases.append({name: axes[name][case[k]] for k, name in enumerate(names)})
+    return cases
+
+
+GRID: dict[str, list[Any]] = {
+    "phase": list(PHASES),
+    "slices": list(SLICES),
+    "pattern": list(PATTERNS),
+    "dtype": list(DTYPES),
+    "mode": MODES,
+    "matmul_kind": MATMUL_KINDS,
+}
+PAIRWISE = all_pairs(GRID)
+
+
+def test_pairwise_cases_cover_every_pair_of_axis_values():
+    assert len(PAIRWISE) < 40  # against a full product of 720
+    for first, second in itertools.combinations(GRID, 2):
+        seen = {(case[first], case[second]) for case in PAIRWISE}
+        assert seen == set(itertools.product(GRID[first], GRID[second])), (first, second)
+
+
+@pytest.mark.parametrize(
+    list(GRID),
+    [tuple(case.values()) for case in PAIRWISE],
+    ids=["-".join(str(v or "auto") for v in case.values()) for case in PAIRWISE],
+    indirect=["matmul_kind"],
+)
 def test_add_lora_linear_matches_reference(phase, slices, pattern, dtype, mode, matmul_kind):
+    slices = SLICES[slices]
     token_ids, prompt_ids = _mapping(pattern, phase)
     w = _wrapper(GroupedPunicaWrapperCPU, token_ids, prompt_ids, phase == "prefill", mode)
     a, b = _weights(slices, dtype)
@@ -151,7 +206,7 @@ def test_adapter_swap_recopies_only_the_slot_whose_id_changed(monkeypatch):
     a, b = _weights(slices, torch.float32)
     w = GroupedPunicaWrapperCPU(64, 8, "cpu")
     w.force_mode = RUNS
-    table = list(SLOT_IDS)
+    table: list[int | None] = list(SLOT_IDS)
     w.update_metadata(LoRAMapping(tuple(token_ids), tuple(token_ids)), table, 5, 1000)
     x, y0 = torch.randn(4, IN), torch.randn(4, sum(slices))
     w.add_lora_linear(y0.clone(), x, a, b, 1.0, slices)
@@ -164,8 +219,13 @@ def test_adapter_swap_recopies_only_the_slot_whose_id_changed(monkeypatch):
         t[2].copy_(torch.randn_like(t[2]))
     ids = [11, 12, 15, 14]
     w.update_metadata(LoRAMapping(tuple(ids), tuple(ids)), table, 5, 1000)
-    compared = []
-    monkeypatch.setattr(fused.FusedLinear, "_slot_changed", lambda *args: compared.append(args) or True)
+    compared: list[tuple] = []
+
+    def slot_changed(*args) -> bool:
+        compared.append(args)
+        return True
+
+    monkeypatch.setattr(fused.FusedLinear, "_slot_changed", slot_changed)
     y = y0.clone()
     w.add_lora_linear(y, x, a, b, 1.0, slices)
 

@@ -1,0 +1,34 @@
+"""The engine count printed at the end of a run (tests/conftest.py) counts what vLLM starts, once each."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+from tests.conftest import EngineCounter
+
+# Stand-ins under names of their own, so that the session's counter does not count them: a process titled
+# like vLLM's engine process, living long enough to be seen.
+TITLE, VARIABLE = "TEST::EngineCore", "TEST_ENGINE_MULTIPROCESSING"
+ENGINE_CORE = f"import setproctitle, time; setproctitle.setproctitle('{TITLE}'); time.sleep(1.5)"
+# A script whose engine runs in its own process, and a child of it (inheriting the environment).
+IN_PROCESS = "import subprocess, sys; subprocess.run([sys.executable, '-c', 'import time; time.sleep(1.5)'])"
+PLAIN = "import time; time.sleep(1.5)"
+
+
+def test_counts_engine_processes_and_in_process_engines_once_each() -> None:
+    counter = EngineCounter(TITLE, VARIABLE)
+    in_process = {**os.environ, VARIABLE: "0"}
+    children = [
+        subprocess.Popen([sys.executable, "-c", ENGINE_CORE]),
+        subprocess.Popen([sys.executable, "-c", IN_PROCESS], env=in_process),
+        subprocess.Popen([sys.executable, "-c", PLAIN]),
+    ]
+    for child in children:
+        child.wait(timeout=60)
+    time.sleep(1)  # a last poll
+    seconds, engines = counter.stop()
+    assert engines == 2  # the titled one, and the in-process script (not its child, not the plain process)
+    assert seconds >= 1.5
