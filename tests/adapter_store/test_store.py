@@ -275,36 +275,21 @@ def load_weights(path: Path) -> None:
     assert load_file(str(path / "adapter_model.safetensors"))
 
 
-def probe(store: AdapterStore, ref: str) -> None:
-    """What serving's probe does with the store: lease the files, load them, record the outcome."""
-    version = store.version(ref)
-    try:
-        with lease(store, ref) as adapter:
-            load_weights(adapter.path)
-    except Exception as e:
-        store.record_health(version.name, version.version, "failed", reason=f"{type(e).__name__}: {e}")
-        raise
-    store.record_health(version.name, version.version, "ok", latency_s=0.01)
-
-
-def test_probe_heals_a_damaged_copy_and_fails_when_nothing_intact_is_left(tmp_path: Path) -> None:
+def test_a_lease_heals_a_damaged_copy_and_is_refused_when_nothing_intact_is_left(tmp_path: Path) -> None:
+    """The store's side of a health probe (serving's probe itself: tests/serving/api/adapters/test_probe.py)."""
     store = open_store(tmp_path)
     v = store.register(str(write_adapter(tmp_path / "volume" / "code")), "code")
-    assert store.health("code", v.version).state == "unchecked"
-    probe(store, "code")
-    ok = store.health("code", v.version)
-    assert ok.state == "ok" and ok.reason is None and ok.latency_s > 0 and ok.checked_at is not None
+    with lease(store, "code") as adapter:
+        load_weights(adapter.path)
     weights = tmp_path / "store" / "cache" / v.version / "adapter_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-64])  # disk corruption after registration: healed from the source
-    probe(store, "code")
-    assert store.health("code", v.version).state == "ok"
+    with lease(store, "code") as adapter:
+        load_weights(adapter.path)
     weights.write_bytes(weights.read_bytes()[:-64])
     write_adapter(tmp_path / "volume" / "code", seed=7)  # ...and the source changed too: nothing intact is left
-    with pytest.raises(InvalidAdapter, match="the source changed after registration"):
-        probe(store, "code")
-    failed = store.health("code", v.version)
-    assert failed.state == "failed" and "InvalidAdapter" in failed.reason and failed.checked_at > ok.checked_at
-    store.delete("code")  # not AdapterInUse: the failed probe released its lease
+    with pytest.raises(InvalidAdapter, match="the source changed after registration"), lease(store, "code"):
+        pass
+    store.delete("code")  # not AdapterInUse: the refused lease was released
     store.close()
 
 
