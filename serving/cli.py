@@ -30,7 +30,7 @@ def _serve(args: argparse.Namespace) -> int:
     )
     # On SIGTERM uvicorn stops accepting connections and lets in-flight requests
     # (streams included) finish for up to the grace period; then the lifespan stops the engine.
-    uvicorn.run(
+    config = uvicorn.Config(
         build_app(settings),
         host=host,
         port=port,
@@ -38,6 +38,10 @@ def _serve(args: argparse.Namespace) -> int:
         # uvicorn hints int, but only hands it to asyncio.wait_for, which takes float seconds.
         timeout_graceful_shutdown=settings.server.shutdown_grace_s,  # type: ignore[arg-type]
     )
+    # Bound before the lifespan starts the engine, as vLLM's own server does: the engine picks
+    # free ports for its own sockets, and one of them could otherwise be this port.
+    sock = config.bind_socket()
+    uvicorn.Server(config).run(sockets=[sock])
     return 0
 
 

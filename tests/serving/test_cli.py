@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import errno
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import httpx
+import pytest
 import yaml
 
 from serving.cli import main
+from tests.conftest import demo_config
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -60,3 +66,42 @@ def test_keys_new_prints_the_key_once_and_stores_only_its_hash(tmp_path: Path, c
     assert main(["keys", "new", "--file", str(keys_file), "--id", "ops"]) == 2
     assert "already exists" in capsys.readouterr().err
     assert keys_file.read_text() == stored
+
+
+def _port_is_held(port: int) -> bool:
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                return True
+            raise
+    return False
+
+
+@pytest.mark.engine
+def test_serve_holds_its_port_before_the_engine_starts(demo_assets, tmp_path: Path) -> None:
+    """The engine picks free ports for its own sockets while it starts; were the server's port bound only
+    after that (uvicorn's default), one of them could take it and the server would exit with EADDRINUSE."""
+    config = demo_config(demo_assets)
+    port = config["server"]["port"]
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    log = tmp_path / "server.log"
+    with log.open("w") as out:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "serving.cli", "serve", "--config", str(tmp_path / "config.yaml")],
+            stdout=out, stderr=subprocess.STDOUT, cwd=REPO,
+        )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 300
+        while not _port_is_held(port):
+            assert server.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, "the port was never bound"
+            time.sleep(0.05)
+        # Held, and not yet serving: the engine is still to start (or starting) behind it.
+        with pytest.raises(httpx.TransportError):
+            httpx.get(f"http://127.0.0.1:{port}/health", timeout=1)
+        assert "Application startup complete" not in log.read_text()
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
