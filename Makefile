@@ -32,9 +32,11 @@ lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
 
-# Lint first, then every test; the run ends with its duration and the number of engines it started.
+# Lint first, then every test in two worker processes (a CPU engine serves with one torch thread, so
+# two engines share a 2-core machine; each test file stays whole on one worker, with its servers).
+# The run ends with its slowest steps, its duration and the number of engines it started.
 test: lint
-	$(PY) -m pytest
+	$(PY) -m pytest -n 2 --dist loadfile --durations=15
 
 # The tests that start no engine (no server, no load test): the quick loop while editing.
 test-unit: install
