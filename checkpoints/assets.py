@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from checkpoints import corpus
+from checkpoints.corpus import corpus_digest
 
 if TYPE_CHECKING:
     import torch
@@ -110,7 +110,7 @@ def demo_assets_ready(root: Path) -> bool:
         return False
     if manifest.get("format_version") != BUILD_FORMAT_VERSION:
         return False
-    if manifest.get("corpus_digest") != corpus.corpus_digest():
+    if manifest.get("corpus_digest") != corpus_digest():
         return False
     files = manifest.get("files", {})
     return bool(files) and all(_size(Path(root) / rel) == size for rel, size in files.items())
@@ -151,17 +151,17 @@ def _build_into(staging: Path) -> None:
     # Imported here so that readiness checks and ready trees never pay for torch.
     import torch
 
-    from checkpoints import training
     from checkpoints.tokenizer import train_tokenizer
+    from checkpoints.training import train_adapter, train_base
 
     # Training seeds torch's global RNG; callers (test sessions) keep their own state.
     with torch.random.fork_rng(), _torch_threads(BUILD_THREADS):
         tokenizer = train_tokenizer()
-        masters = training.train_base(tokenizer)
+        masters = train_base(tokenizer)
         layout = DemoAssets.at(staging)
         _save_base(masters, tokenizer, layout.base)
         for name in DEMO_ADAPTERS:
-            _save_adapter(training.train_adapter(masters, tokenizer, name), layout.adapters[name])
+            _save_adapter(train_adapter(masters, tokenizer, name), layout.adapters[name])
     _write_manifest(staging)
 
 
@@ -195,7 +195,7 @@ def _write_manifest(root: Path) -> None:
     files = {str(p.relative_to(root)): p.stat().st_size for p in sorted(root.rglob("*")) if p.is_file()}
     manifest = {
         "format_version": BUILD_FORMAT_VERSION,
-        "corpus_digest": corpus.corpus_digest(),
+        "corpus_digest": corpus_digest(),
         "base_name": DEMO_BASE_NAME,
         "adapters": list(DEMO_ADAPTERS),
         "files": files,

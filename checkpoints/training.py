@@ -28,7 +28,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import BitNetForCausalLM, PreTrainedTokenizerFast
 from transformers.integrations.bitnet import AutoBitLinear
 
-from checkpoints import corpus
+from checkpoints.corpus import DOMAINS, base_documents, chat_pairs, read_lines
 from checkpoints.tiny_bitnet import LINEAR_NAMES, STORE_DTYPE, tiny_config
 from checkpoints.tokenizer import MAX_POSITIONS
 
@@ -98,7 +98,7 @@ def encode_documents(
 ) -> list[list[int]]:
     """Each line as ``<s> line </s>``, each answer as a chat reply to a generic prompt."""
     docs = [tokenizer(line).input_ids + [tokenizer.eos_token_id] for line in lines]
-    for prompt, answer in corpus.chat_pairs(answers, seed):
+    for prompt, answer in chat_pairs(answers, seed):
         messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
         text = tokenizer.apply_chat_template(messages, tokenize=False)
         docs.append(tokenizer(text, add_special_tokens=False).input_ids)
@@ -159,7 +159,7 @@ def train_base(tokenizer: PreTrainedTokenizerFast) -> dict[str, torch.Tensor]:
     stores and what the adapters are trained on.
     """
     model = online_model(base_config(tokenizer))
-    docs = encode_documents(tokenizer, corpus.base_documents(), corpus.read_lines("general"), SEED)
+    docs = encode_documents(tokenizer, base_documents(), read_lines("general"), SEED)
     loss = _train(model, docs, steps=BASE_STEPS, lr=BASE_LR, seed=SEED)
     logger.info("base: %d docs, %d steps, final loss %.3f", len(docs), BASE_STEPS, loss)
     return packed_masters(model)
@@ -171,7 +171,7 @@ def train_adapter(masters: dict[str, torch.Tensor], tokenizer: PreTrainedTokeniz
     Wraps a fresh online twin of the base masters, so that every adapter starts
     from the same, untouched base whatever order the adapters are trained in.
     """
-    seed = SEED + corpus.DOMAINS.index(domain)
+    seed = SEED + DOMAINS.index(domain)
     config = LoraConfig(
         r=8,
         lora_alpha=16,
@@ -183,7 +183,7 @@ def train_adapter(masters: dict[str, torch.Tensor], tokenizer: PreTrainedTokeniz
     base = online_model(base_config(tokenizer), masters)
     torch.manual_seed(seed)
     model = get_peft_model(base, config)
-    lines = corpus.read_lines(domain)
+    lines = read_lines(domain)
     docs = encode_documents(tokenizer, lines, lines, seed)
     loss = _train(model, docs, steps=ADAPTER_STEPS, lr=ADAPTER_LR, seed=seed)
     logger.info("adapter %s: %d docs, %d steps, final loss %.3f", domain, len(docs), ADAPTER_STEPS, loss)

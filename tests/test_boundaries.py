@@ -100,8 +100,9 @@ def import_graph() -> dict[str, set[str]]:
                 name = name.rpartition(".")[0]
             if name and name != module:
                 targets.add(name)
-        # `from a import b` also names `a`; keep it only when nothing more precise under `a` is imported.
-        graph[module] = {t for t in targets if not any(o != t and _inside(o, t) for o in targets)}
+        # `from a import b` runs `a` (its __init__) too: a submodule that imports its own package this way
+        # is in a circle with it when the package's __init__ imports that submodule.
+        graph[module] = targets
     return graph
 
 
