@@ -12,19 +12,6 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from pydantic import BaseModel, Field
 
-from adapter_store import (
-    AdapterInUse,
-    AdapterNotFound,
-    AdapterPinned,
-    AmbiguousVersion,
-    CacheFull,
-    InvalidAdapter,
-    InvalidRef,
-    LegacyDigest,
-    OwnershipConflict,
-    SourceError,
-    VersionConflict,
-)
 from serving.api.errors import (
     AdapterUnavailableError,
     AuthenticationError,
@@ -43,7 +30,6 @@ from serving.api.errors import (
     ServingError,
     StorageFullError,
     install_error_handlers,
-    store_error,
 )
 
 ERRORS: dict[str, ServingError] = {
@@ -146,29 +132,3 @@ def test_a_validation_error_names_every_field_and_an_unexpected_one_hides_its_me
     assert client.post("/body", json={"n": 0}).json()["error"]["message"].startswith("Invalid request: n: ")
     message = client.get("/boom").json()["error"]["message"]
     assert "RuntimeError" in message and "secret detail" not in message
-
-
-@pytest.mark.parametrize(
-    ("exc", "cls", "status", "code"),
-    [
-        (InvalidRef("bad ref", param="model"), InvalidRequestError, 400, "invalid_ref"),
-        (AdapterNotFound("no such adapter"), NotFoundError, 404, "adapter_not_found"),
-        (AmbiguousVersion("two match"), InvalidRequestError, 400, "ambiguous_version"),
-        (SourceError("refused"), InvalidRequestError, 400, "source_refused"),
-        (VersionConflict("exists"), ConflictError, 409, "version_conflict"),
-        (OwnershipConflict("other tenant"), ConflictError, 409, "ownership_conflict"),
-        (LegacyDigest("old digest"), ConflictError, 409, "legacy_digest"),
-        (AdapterInUse("busy"), ConflictError, 409, "adapter_in_use"),
-        (AdapterPinned("pinned"), ConflictError, 409, "adapter_pinned"),
-        (CacheFull("no room"), StorageFullError, 507, "cache_full"),
-    ],
-)
-def test_store_errors_map_to_api_errors(exc, cls, status, code):
-    error = store_error(exc)
-    assert type(error) is cls and error.status == status and error.code == code
-    assert error.message == exc.message and error.param == exc.param
-
-
-def test_an_invalid_adapter_keeps_its_own_reason_as_the_code():
-    error = store_error(InvalidAdapter("rank too large", reason="rank_too_large"))
-    assert type(error) is InvalidRequestError and error.code == "rank_too_large"
