@@ -22,13 +22,12 @@ import torch
 from torch import nn
 from transformers import BitNetConfig
 from vllm.compilation.decorators import support_torch_compile
-from vllm.config import CacheConfig, VllmConfig
+from vllm.config import VllmConfig
 from vllm.distributed import get_pp_group, get_tensor_model_parallel_world_size
 from vllm.model_executor.layers.attention import Attention
 from vllm.model_executor.layers.layernorm import RMSNorm
 from vllm.model_executor.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from vllm.model_executor.layers.logits_processor import LogitsProcessor
-from vllm.model_executor.layers.quantization import QuantizationConfig
 from vllm.model_executor.layers.rotary_embedding import get_rope
 from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
 from vllm.model_executor.models.interfaces import SupportsLoRA, SupportsQuant
@@ -36,16 +35,26 @@ from vllm.model_executor.models.utils import AutoWeightsLoader, WeightsMapper, m
 from vllm.sequence import IntermediateTensors
 
 
+def _rms_norm(config: BitNetConfig, size: int | None = None) -> RMSNorm:
+    """Every BitNet norm: an RMSNorm with the checkpoint's epsilon, over E unless ``size`` says otherwise."""
+    return RMSNorm(config.hidden_size if size is None else size, eps=config.rms_norm_eps)
+
+
+def _hf_config(vllm_config: VllmConfig) -> BitNetConfig:
+    return cast(BitNetConfig, vllm_config.model_config.hf_config)  # vLLM types it as any HF config
+
+
 class BitNetMLP(nn.Module):
-    def __init__(self, config: BitNetConfig, quant_config: QuantizationConfig | None, prefix: str) -> None:
+    def __init__(self, vllm_config: VllmConfig, prefix: str) -> None:
         super().__init__()
+        config, quant_config = _hf_config(vllm_config), vllm_config.quant_config
         if config.hidden_act != "relu2":
             raise ValueError(f"BitNet MLP supports hidden_act 'relu2' only, got {config.hidden_act!r}")
         e, i = config.hidden_size, config.intermediate_size
         self.gate_up_proj = MergedColumnParallelLinear(
             e, [i, i], bias=False, quant_config=quant_config, prefix=f"{prefix}.gate_up_proj"
         )
-        self.ffn_sub_norm = RMSNorm(i, eps=config.rms_norm_eps)
+        self.ffn_sub_norm = _rms_norm(config, i)
         self.down_proj = RowParallelLinear(i, e, bias=False, quant_config=quant_config, prefix=f"{prefix}.down_proj")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -57,14 +66,9 @@ class BitNetMLP(nn.Module):
 
 
 class BitNetAttention(nn.Module):
-    def __init__(
-        self,
-        config: BitNetConfig,
-        cache_config: CacheConfig | None,
-        quant_config: QuantizationConfig | None,
-        prefix: str,
-    ) -> None:
+    def __init__(self, vllm_config: VllmConfig, prefix: str) -> None:
         super().__init__()
+        config, quant_config = _hf_config(vllm_config), vllm_config.quant_config
         e = config.hidden_size
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads or self.num_heads  # None: BitNetConfig fills it the same way
@@ -86,10 +90,10 @@ class BitNetAttention(nn.Module):
         )
         self.attn = Attention(
             self.num_heads, self.head_dim, self.head_dim**-0.5,
-            num_kv_heads=self.num_kv_heads, cache_config=cache_config,
+            num_kv_heads=self.num_kv_heads, cache_config=vllm_config.cache_config,
             quant_config=quant_config, prefix=f"{prefix}.attn",
         )  # fmt: skip
-        self.attn_sub_norm = RMSNorm(self.q_size, eps=config.rms_norm_eps)
+        self.attn_sub_norm = _rms_norm(config, self.q_size)
         self.o_proj = RowParallelLinear(self.q_size, e, bias=bias, quant_config=quant_config, prefix=f"{prefix}.o_proj")
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -102,18 +106,13 @@ class BitNetAttention(nn.Module):
 
 
 class BitNetDecoderLayer(nn.Module):
-    def __init__(
-        self,
-        config: BitNetConfig,
-        cache_config: CacheConfig | None,
-        quant_config: QuantizationConfig | None,
-        prefix: str,
-    ) -> None:
+    def __init__(self, vllm_config: VllmConfig, prefix: str) -> None:
         super().__init__()
-        self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.self_attn = BitNetAttention(config, cache_config, quant_config, prefix=f"{prefix}.self_attn")
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.mlp = BitNetMLP(config, quant_config, prefix=f"{prefix}.mlp")
+        config = _hf_config(vllm_config)
+        self.input_layernorm = _rms_norm(config)
+        self.self_attn = BitNetAttention(vllm_config, prefix=f"{prefix}.self_attn")
+        self.post_attention_layernorm = _rms_norm(config)
+        self.mlp = BitNetMLP(vllm_config, prefix=f"{prefix}.mlp")
 
     def forward(
         self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None
@@ -132,15 +131,12 @@ class BitNetDecoderLayer(nn.Module):
 class BitNetModel(nn.Module):
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
         super().__init__()
-        config = cast(BitNetConfig, vllm_config.model_config.hf_config)  # vLLM types it as any HF config
+        config = _hf_config(vllm_config)
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(
-            BitNetDecoderLayer(
-                config, vllm_config.cache_config, vllm_config.quant_config, prefix=f"{prefix}.layers.{i}"
-            )
-            for i in range(config.num_hidden_layers)
+            BitNetDecoderLayer(vllm_config, prefix=f"{prefix}.layers.{i}") for i in range(config.num_hidden_layers)
         )
-        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.norm = _rms_norm(config)
 
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.embed_tokens(input_ids)
@@ -191,7 +187,7 @@ class BitNetForCausalLM(nn.Module, SupportsLoRA, SupportsQuant):
             )
         if get_pp_group().world_size > 1:
             raise ValueError("BitNet does not support pipeline parallelism; use pipeline_parallel_size=1")
-        config = vllm_config.model_config.hf_config
+        config = _hf_config(vllm_config)
         self.config = config
         self.model = BitNetModel(vllm_config=vllm_config, prefix=maybe_prefix(prefix, "model"))
         self.lm_head = ParallelLMHead(
