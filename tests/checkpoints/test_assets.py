@@ -2,8 +2,9 @@
 
 Every check that only reads a build reads the session's ``.demo`` (the
 ``demo_assets`` fixture: built once per session, reused by the servers too).
-One real build runs here: a forced rebuild over a copy of that tree, which must
-come out byte-identical (determinism) and clean up after itself.
+Two short builds run here (a few training steps each): the second, forced over a
+stale copy of the first, must come out byte-identical (determinism) and clean up
+after itself.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from checkpoints import (
     build_demo_assets,
     corpus,
     demo_assets_ready,
+    training,
 )
 from checkpoints import assets as assets_module
 
@@ -46,14 +48,24 @@ def tokenizer(assets: DemoAssets):
     return AutoTokenizer.from_pretrained(assets.base)
 
 
+SHORT_TRAINING = {"BASE_STEPS": 4, "ADAPTER_STEPS": 2}
+"""Training steps of the determinism builds: every stage of the recipe runs (tokenizer, base, three
+adapters, packing, manifest), for a few steps instead of the demo's 1500, which is twice a demo build
+saved; two builds differ or not whatever the step count."""
+
+
 @pytest.fixture(scope="session")
-def rebuilt(assets: DemoAssets, tmp_path_factory: pytest.TempPathFactory) -> DemoAssets:
-    """A forced rebuild over a stale copy of ``assets``, next to a killed build's leftovers."""
-    root = tmp_path_factory.mktemp("demo-rebuilt") / "assets"
-    shutil.copytree(assets.root, root)
-    (root / "stale.txt").write_text("from an older tree")
-    (root.parent / ".assets.build-killed").mkdir()
-    return build_demo_assets(root, force=True)
+def rebuilt(tmp_path_factory: pytest.TempPathFactory) -> tuple[DemoAssets, DemoAssets]:
+    """Two short builds: the second forced over a stale copy of the first, next to a killed build's leftovers."""
+    with pytest.MonkeyPatch.context() as patch:
+        for name, steps in SHORT_TRAINING.items():
+            patch.setattr(training, name, steps)
+        first = build_demo_assets(tmp_path_factory.mktemp("demo-first") / "assets")
+        root = tmp_path_factory.mktemp("demo-rebuilt") / "assets"
+        shutil.copytree(first.root, root)
+        (root / "stale.txt").write_text("from an older tree")
+        (root.parent / ".assets.build-killed").mkdir()
+        return first, build_demo_assets(root, force=True)
 
 
 def _generate(model, tokenizer, mode: str) -> str:
@@ -222,15 +234,16 @@ def test_second_build_is_a_no_op(assets: DemoAssets) -> None:
     assert {p: p.stat().st_mtime_ns for p in assets.root.rglob("*")} == before
 
 
-@pytest.mark.engine  # the suite's one real build: minutes of training, as costly as an engine start
-def test_forced_rebuild_is_byte_identical(assets: DemoAssets, rebuilt: DemoAssets) -> None:
-    assert not (rebuilt.root / "stale.txt").exists(), "force=True must replace the old tree"
-    assert not list(rebuilt.root.parent.glob(".assets.*-*")), "staging leftovers remain"
+@pytest.mark.slow  # two builds, short ones: seconds of training
+def test_forced_rebuild_is_byte_identical(rebuilt: tuple[DemoAssets, DemoAssets]) -> None:
+    first, second = rebuilt
+    assert not (second.root / "stale.txt").exists(), "force=True must replace the old tree"
+    assert not list(second.root.parent.glob(".assets.*-*")), "staging leftovers remain"
     weights = ["base/model.safetensors"]
     weights += [f"adapters/{name}/adapter_model.safetensors" for name in DEMO_ADAPTERS]
     for rel in weights:
-        assert (rebuilt.root / rel).read_bytes() == (assets.root / rel).read_bytes(), rel
-    assert (rebuilt.root / "MANIFEST.json").read_text() == (assets.root / "MANIFEST.json").read_text()
+        assert (second.root / rel).read_bytes() == (first.root / rel).read_bytes(), rel
+    assert (second.root / "MANIFEST.json").read_text() == (first.root / "MANIFEST.json").read_text()
 
 
 def test_ready_requires_complete_current_tree(assets: DemoAssets, tmp_path: Path) -> None:
