@@ -38,9 +38,9 @@ lint: install
 test: lint
 	$(PY) -m pytest -n 2 --dist loadfile --durations=15
 
-# The tests that start no engine (no server, no load test): the quick loop while editing.
+# The unit tests: no engine, no server, no load test, no fresh vLLM interpreter or wheel build.
 test-unit: install
-	$(PY) -m pytest -m "not engine"
+	$(PY) -m pytest -m "not engine and not slow"
 
 bench: install
 	$(PY) -m loadtests.bench_lora --out results/bench_lora.json

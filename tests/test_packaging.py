@@ -24,6 +24,8 @@ from tests.test_boundaries import PACKAGES
 
 REPO = Path(__file__).resolve().parents[1]
 
+pytestmark = pytest.mark.slow  # builds a wheel and runs the installed CLI in fresh interpreters
+
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> Iterator[zipfile.ZipFile]:

@@ -60,6 +60,7 @@ def probe(checkpoint, plugins: str | None) -> dict:
     return json.loads(lines[-1].removeprefix("RESULT "))
 
 
+@pytest.mark.slow  # a fresh interpreter importing vLLM per case
 @pytest.mark.parametrize(
     ("plugins", "bitnet_loaded", "our_lora_ops"),
     [

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from routing.config import read_routes_file
@@ -27,17 +28,20 @@ def loraserve(*args: str) -> subprocess.CompletedProcess:
     )
 
 
-def test_fit_then_eval_with_the_stand_in_encoder(tmp_path: Path) -> None:
+@pytest.fixture
+def hashing_config(tmp_path: Path) -> Path:
+    """The dev config with the demo routes (uncalibrated) and the stand-in encoder, which loads no model."""
     config = yaml.safe_load((REPO / "configs" / "dev.yaml").read_text())
     routes = yaml.safe_load((ROUTES_DIR / "demo.yaml").read_text())
     routes.pop("calibration")
     (tmp_path / "routes.yaml").write_text(yaml.safe_dump(routes))
     config["routing"].update(encoder="hashing", routes_file="routes.yaml")
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    return tmp_path / "config.yaml"
 
-    fitted = loraserve(
-        "routes", "fit", "--config", str(tmp_path / "config.yaml"), "--data", str(ROUTES_DIR / "demo-fit.jsonl")
-    )
+
+def test_fit_then_eval_with_the_stand_in_encoder(hashing_config: Path, tmp_path: Path) -> None:
+    fitted = loraserve("routes", "fit", "--config", str(hashing_config), "--data", str(ROUTES_DIR / "demo-fit.jsonl"))
     assert fitted.returncode == 0, fitted.stderr
     written = read_routes_file(tmp_path / "routes.yaml")
     assert written.calibration.encoder == "hashing" and written.calibration.data == "demo-fit.jsonl"
@@ -56,14 +60,15 @@ def test_fit_then_eval_with_the_stand_in_encoder(tmp_path: Path) -> None:
     assert "calibration error (ECE): " in evaluated.stdout
 
 
-def test_eval_reports_a_clear_error_for_unknown_labels(tmp_path: Path) -> None:
+def test_eval_reports_a_clear_error_for_unknown_labels(hashing_config: Path, tmp_path: Path) -> None:
     data = tmp_path / "data.jsonl"
     data.write_text(json.dumps({"prompt": "hello", "label": "finance"}) + "\n")
-    result = loraserve("routes", "eval", "--config", str(REPO / "configs" / "dev.yaml"), "--data", str(data))
+    result = loraserve("routes", "eval", "--config", str(hashing_config), "--data", str(data))
     assert result.returncode == 2
     assert "label 'finance' is not a route" in result.stdout
 
 
+@pytest.mark.slow  # loads the real encoder in a fresh interpreter
 def test_shipped_demo_routes_reach_090_on_the_held_out_half_with_minilm(tmp_path: Path) -> None:
     """The target of issue 5: accuracy >= 0.9 on prompts the prompt router was not fitted on."""
     fit_prompts = {json.loads(line)["prompt"] for line in (ROUTES_DIR / "demo-fit.jsonl").read_text().splitlines()}
