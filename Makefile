@@ -33,10 +33,12 @@ lint: install
 	$(VENV)/bin/mypy
 
 # Lint first, then every test in two worker processes (a CPU engine serves with one torch thread, so
-# two engines share a 2-core machine; each test file stays whole on one worker, with its servers).
-# The run ends with its slowest steps, its duration and the number of engines it started.
+# two engines share a 2-core machine). Each test file stays whole on one worker, with its servers, and
+# the files that share a session server stay together, so it starts once; the workers take the files
+# in the order tests/conftest.py sets. The run ends with its slowest steps, its duration and the
+# number of engines it started.
 test: lint
-	$(PY) -m pytest -n 2 --dist loadfile --durations=15
+	$(PY) -m pytest -n 2 --dist loadfile --no-loadscope-reorder --durations=15
 
 # The unit tests: no engine, no server, no load test, no fresh vLLM interpreter or wheel build.
 test-unit: install

@@ -22,6 +22,7 @@ import httpx
 import psutil
 import pytest
 import yaml
+from xdist.scheduler import LoadFileScheduling
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_ROOT = REPO / ".demo"
@@ -78,6 +79,55 @@ ENGINE_COUNTER = pytest.StashKey[EngineCounter]()
 
 def pytest_sessionstart(session: pytest.Session) -> None:
     session.config.stash[ENGINE_COUNTER] = EngineCounter()
+
+
+SHARED_SERVERS: dict[str, tuple[str, ...]] = {
+    "server": tuple(
+        f"tests/e2e/test_{name}.py"
+        for name in ("lora_info_metric", "metrics_and_disconnect", "openai_api", "reference", "routing")
+    ),
+    "secure": ("tests/e2e/test_security.py", "tests/e2e/test_security_metrics.py"),
+    "limited": tuple(f"tests/e2e/test_security_{name}.py" for name in ("files", "limits", "tenants")),
+}
+"""The modules of each session server (``server`` here, ``secure`` and ``limited`` in tests/e2e/conftest.py)."""
+_UNIT_OF = {module: server for server, modules in SHARED_SERVERS.items() for module in modules}
+
+
+def _unit(nodeid: str) -> str:
+    """The work unit of a test under ``make test``: its module, or the server its module shares."""
+    module = nodeid.partition("::")[0]
+    return _UNIT_OF.get(module, module)
+
+
+class SharedServerScheduling(LoadFileScheduling):
+    """``--dist loadfile``, with the modules of one session server as one unit: one worker runs them
+    all, so the server starts once per run instead of once per worker. (pytest-xdist's own
+    ``--dist loadgroup`` would do it from markers, but its group ids are lost under pytest 9.)"""
+
+    def _split_scope(self, nodeid: str) -> str:
+        return _unit(nodeid)
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log) -> LoadFileScheduling | None:
+    if config.getvalue("dist") != "loadfile":
+        return None
+    missing = [module for module in _UNIT_OF if not (REPO / module).is_file()]
+    assert not missing, f"SHARED_SERVERS names modules that do not exist: {missing}"
+    return SharedServerScheduling(config, log)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Order the work units of ``make test`` (``-n 2 --dist loadfile --no-loadscope-reorder``): the
+    workers take them in the order of their first test. First one unit that needs the demo assets (on
+    a fresh clone its worker builds them, on one core), then every unit that does not (the other
+    worker runs them meanwhile), then the rest in collection order.
+    """
+    needs_demo = {_unit(item.nodeid) for item in items if "demo_assets" in getattr(item, "fixturenames", ())}
+    first = next((_unit(item.nodeid) for item in items if _unit(item.nodeid) in needs_demo), None)
+    rank = {
+        unit: 0 if unit == first else 2 if unit in needs_demo else 1 for unit in map(_unit, (i.nodeid for i in items))
+    }
+    items.sort(key=lambda item: rank[_unit(item.nodeid)])  # stable: collection order within a rank
 
 
 @pytest.hookimpl(trylast=True)  # the last lines of the run, after pytest's own summaries
@@ -178,7 +228,9 @@ def stop_server(server: RunningServer) -> None:
 
 @pytest.fixture(scope="session")
 def server(demo_assets, tmp_path_factory) -> Iterator[RunningServer]:
-    """One real server for the session, configured like configs/dev.yaml (max_loras=2)."""
+    """One real server for the session, configured like configs/dev.yaml (max_loras=2).
+
+    ``make test`` runs the modules that use it on one worker (``SHARED_SERVERS``), so it starts once."""
     running = start_server(demo_config(demo_assets), tmp_path_factory.mktemp("server"))
     yield running
     stop_server(running)

@@ -6,6 +6,8 @@ test_security.py and test_security_metrics.py; ``limited`` serves
 test_security_limits.py, test_security_tenants.py and test_security_files.py.
 Each module has keys of its own (ids ``<module>.<name>``, see ``keys_of``), so
 one module's rate buckets, concurrency slots and denials never touch another's.
+``SHARED_SERVERS`` in tests/conftest.py lists them, so that ``make test`` runs a
+server's modules on one worker and starts it once.
 
 The two cannot be one: ``secure`` answers for a broken adapter with a named
 fallback (test_security.py checks it), ``limited`` must answer 503 (the tenant
