@@ -102,7 +102,8 @@ def _unit(nodeid: str) -> str:
 class SharedServerScheduling(LoadFileScheduling):
     """``--dist loadfile``, with the modules of one session server as one unit: one worker runs them
     all, so the server starts once per run instead of once per worker. (pytest-xdist's own
-    ``--dist loadgroup`` would do it from markers, but its group ids are lost under pytest 9.)"""
+    ``--dist loadgroup`` would do it from markers, but under pytest 9.2 the group it appends to the
+    test ids is lost and every test is scheduled alone: pytest-dev/pytest-xdist#1386.)"""
 
     def _split_scope(self, nodeid: str) -> str:
         return _unit(nodeid)
