@@ -105,14 +105,16 @@ def test_invalid_yaml_and_missing_file(tmp_path: Path) -> None:
 def test_shipped_configs_validate(name: str) -> None:
     settings = load_settings(REPO / "configs" / name)
     assert {a.name for a in settings.adapters} == {"code", "legal", "medical"}
-    assert settings.engine.max_cpu_loras >= settings.engine.max_loras
+    engine = settings.engine
+    assert engine.max_loras is None or engine.max_cpu_loras is None or engine.max_cpu_loras >= engine.max_loras
 
 
 def test_engine_args_carry_every_knob() -> None:
     from serving.engine import engine_args
+    from serving.sizing import Hardware, resolve_sizing
 
     settings = load_settings(REPO / "configs" / "dev.yaml")
-    args = engine_args(settings)
+    args = engine_args(settings, resolve_sizing(settings, Hardware("cpu", frozenset())))
     engine = settings.engine
     assert args.enable_lora is True
     assert (args.max_loras, args.max_lora_rank, args.max_cpu_loras) == (
