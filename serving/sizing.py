@@ -25,7 +25,7 @@ metric. An explicit value in the config is always honoured.
       slot bytes = max_lora_rank x sum over modules (in + out) x layers x dtype bytes
       max_loras  = min(max_num_seqs, host cache, lora share of GPU memory // slot bytes)
 
-  (Llama-2-7B, rank 16, bf16: 16 x 78,080 x 32 x 2 B = 80 MB a slot.)
+  (Llama-3.1-8B, rank 64, bf16: 64 x 81,920 x 32 x 2 B = 336 MB a slot; 11 fit 0.05 x 0.9 x 80 GiB.)
 * ``engine.max_cpu_loras`` left out: what ``store.memory_budget_bytes`` holds
   if a budget is set, else ``max_loras`` (vLLM's default).
 
