@@ -141,3 +141,20 @@ def test_routes_file_resolves_against_the_config_file(tmp_path: Path) -> None:
     assert not settings.routing.admin_enabled
     with pytest.raises(ConfigError, match="routing.routes_file: .*r.yaml does not exist"):
         settings.check_files()
+
+
+@pytest.mark.parametrize(
+    ("flags", "dtype"), [(frozenset({"avx2"}), "float32"), (frozenset({"avx512_bf16"}), "bfloat16")]
+)
+def test_engine_args_get_the_resolved_dtype_and_slots(flags: frozenset[str], dtype: str) -> None:
+    """On the CPU vLLM gets the dtype the server resolved, never ``auto`` (vLLM would choose by its own rules)."""
+    from serving.engine import engine_args
+    from serving.sizing import Hardware, resolve_sizing
+
+    raw = yaml.safe_load((REPO / "configs" / "dev.yaml").read_text())
+    raw["model"].update(path="/m", dtype="auto")
+    raw["engine"] = {"max_num_seqs": 24}
+    raw["adapters"], raw["routing"] = [], None
+    settings = parse_settings(raw)
+    args = engine_args(settings, resolve_sizing(settings, Hardware("cpu", flags)))
+    assert (args.dtype, args.max_loras, args.max_cpu_loras) == (dtype, 24, 24)
