@@ -46,6 +46,7 @@ test-unit: install
 
 bench: install
 	$(PY) -m loadtests.bench_lora --out results/bench_lora.json
+	$(PY) -m loadtests.bench_lora_slots --out results/bench_lora_slots.json
 	$(PY) -m loadtests.bench_store --out results/bench_store.json
 	$(PY) -m loadtests.bench_bitnet --out results/bench_bitnet.json
 

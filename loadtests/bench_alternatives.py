@@ -47,6 +47,7 @@ from typing import Any
 from loadtests import runner
 from loadtests.process import free_port, running_server
 from serving.config import Settings, load_settings
+from serving.sizing import detect_hardware, resolve_sizing
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -62,17 +63,17 @@ _GIB = 1 << 30
 def vllm_server_command(settings: Settings, port: int) -> list[str]:
     """vLLM's OpenAI server with the engine settings of ``serving.engine.engine_args``, flag by flag."""
     model, engine = settings.model, settings.engine
+    sizing = resolve_sizing(settings, detect_hardware())
     command = [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--host", "127.0.0.1", "--port", str(port),
         "--model", str(model.path), "--tokenizer", str(model.tokenizer or model.path),
-        "--served-model-name", model.name, "--dtype", model.dtype, "--max-model-len", str(model.max_model_len),
-        "--enable-lora", "--max-loras", str(engine.max_loras), "--max-lora-rank", str(engine.max_lora_rank),
+        "--served-model-name", model.name, "--dtype", sizing.dtype.value, "--max-model-len", str(model.max_model_len),
+        "--enable-lora", "--max-loras", str(sizing.max_loras.value), "--max-lora-rank", str(engine.max_lora_rank),
         "--max-num-seqs", str(engine.max_num_seqs), "--max-num-batched-tokens", str(engine.max_num_batched_tokens),
         "--gpu-memory-utilization", str(engine.gpu_memory_utilization), "--seed", str(engine.seed),
         "--enable-prefix-caching" if engine.enable_prefix_caching else "--no-enable-prefix-caching",
+        "--max-cpu-loras", str(sizing.max_cpu_loras.value),
     ]  # fmt: skip
-    if engine.max_cpu_loras is not None:
-        command += ["--max-cpu-loras", str(engine.max_cpu_loras)]
     if engine.kv_cache_gib is not None:
         command += ["--kv-cache-memory-bytes", str(int(engine.kv_cache_gib * _GIB))]
     if engine.enforce_eager:

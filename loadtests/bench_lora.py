@@ -73,7 +73,14 @@ def run_worker(args: argparse.Namespace) -> None:
     enable_lora = args.ops != "nolora"
     adapters = [Path(args.cache_dir) / f"adapter_{i}" for i in range(NUM_ADAPTERS)]
     lora_kwargs: dict[str, Any] = (
-        dict(enable_lora=True, max_loras=4, max_cpu_loras=NUM_ADAPTERS, max_lora_rank=16) if enable_lora else {}
+        dict(
+            enable_lora=True,
+            max_loras=args.max_loras,
+            max_cpu_loras=max(NUM_ADAPTERS, args.max_loras),
+            max_lora_rank=16,
+        )
+        if enable_lora
+        else {}
     )
     t0 = time.perf_counter()
     llm = LLM(
@@ -118,7 +125,7 @@ def run_worker(args: argparse.Namespace) -> None:
         tokens = sum(len(o.outputs[0].token_ids) for o in outs)
         return tokens / wall
 
-    workloads = WORKLOADS if enable_lora else ("base",)
+    workloads = args.workloads if enable_lora else ("base",)
     # Warm-up: every adapter once (disk -> CPU cache -> slot) plus base.
     warm = [None] + loras if enable_lora else [None]
     short = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True, detokenize=False)
@@ -153,6 +160,7 @@ def run_variant(ops: str, args: argparse.Namespace) -> dict:
             "--requests", str(args.requests), "--output-len", str(args.output_len),
             "--prompt-len", str(args.prompt_len), "--repeats", str(args.repeats),
             "--concurrency", str(args.concurrency), "--dtype", args.dtype,
+            "--max-loras", str(args.max_loras), "--workloads", ",".join(args.workloads),
         ]  # fmt: skip
         log = Path(tmp) / "worker.log"
         with open(log, "w") as fh:
@@ -201,12 +209,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--repeats", type=int, default=None)
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--max-loras", type=int, default=4, help="LoRA slots of the LoRA-enabled engines")
+    p.add_argument("--workloads", default=",".join(WORKLOADS), help=f"comma list of {','.join(WORKLOADS)}")
     p.add_argument("--_worker", dest="worker_ops", default=None, help=argparse.SUPPRESS)
     p.add_argument("--_result", dest="result", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.requests = args.requests or (16 if args.quick else 128)
     args.output_len = args.output_len or (32 if args.quick else 96)
     args.repeats = args.repeats or (1 if args.quick else 3)
+    args.workloads = tuple(w for w in args.workloads.split(",") if w)
+    if "base" not in args.workloads or not set(args.workloads) <= set(WORKLOADS):
+        p.error(f"--workloads must include base and be a subset of {','.join(WORKLOADS)}")
 
     if args.worker_ops:
         args.ops = args.worker_ops
@@ -266,8 +279,8 @@ def main(argv: list[str] | None = None) -> None:
                 "model_params_m": round(params_m, 1), "adapters": NUM_ADAPTERS, "rank": 16,
                 "zipf_s": ZIPF_S, "requests": args.requests, "prompt_len": args.prompt_len,
                 "output_len": args.output_len, "concurrency": args.concurrency,
-                "repeats": args.repeats, "dtype": args.dtype, "max_loras": 4,
-                "max_cpu_loras": NUM_ADAPTERS, "cpus": os.cpu_count(),
+                "repeats": args.repeats, "dtype": args.dtype, "max_loras": args.max_loras,
+                "max_cpu_loras": max(NUM_ADAPTERS, args.max_loras), "cpus": os.cpu_count(),
                 "machine": platform.processor() or platform.machine(),
             },
             "rows": rows, "targets": TARGETS, "target_pass": checks,

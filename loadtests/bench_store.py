@@ -8,8 +8,9 @@ template's LoRA weights, rescaled and padded to ``--rank`` with seeded noise,
 so every adapter has its own content digest and the shapes and target modules
 are whatever the base model's adapters have (nothing here assumes Llama).
 Then starts the real server (``loraserve serve``) with the config changed to
-``engine.max_loras`` slots (4), ``engine.max_cpu_loras`` (4), no configured
-adapters and a fresh adapter store whose only source is that directory, with
+``--max-loras`` slots and ``--max-cpu-loras`` (default ``derived``: left out,
+so the server sizes them, ``serving/sizing.py``; the report records what it
+chose, from ``GET /v1/adapters``), no configured adapters and a fresh adapter store whose only source is that directory, with
 ``store.on_demand: true``: an adapter is registered the first time a request
 names it. Everything is measured over real HTTP with streaming
 ``/v1/completions`` (httpx), greedy, ``ignore_eos``.
@@ -140,6 +141,8 @@ def bench_config(settings: Settings, source: Path, store_root: Path, args: argpa
     """The config under test: ``settings`` with the bench's slots, no configured adapters, an on-demand store."""
     raw = settings.model_dump(mode="json")
     raw["engine"].update(max_loras=args.max_loras, max_cpu_loras=args.max_cpu_loras, max_num_seqs=max(32, args.clients))
+    if args.dtype is not None:
+        raw["model"]["dtype"] = args.dtype
     raw["adapters"] = []
     raw["routing"] = None  # not under test; the encoder would only slow start-up
     raw["store"] = {"root": str(store_root), "sources": [{"type": "local", "roots": [str(source)]}], "on_demand": True}
@@ -243,8 +246,11 @@ def stats_ms(values_s: list[float]) -> dict:
     return {"n": len(ms), "p50_ms": percentile(ms, 50), "p90_ms": percentile(ms, 90)}
 
 
-async def cold_phase(client: httpx.AsyncClient, base: str, names: list[str], args: argparse.Namespace) -> dict:
-    """Base, cold, warm per adapter, one request at a time; then reloads of adapters vLLM has evicted."""
+async def cold_phase(
+    client: httpx.AsyncClient, base: str, names: list[str], args: argparse.Namespace, host_cache: int
+) -> dict:
+    """Base, cold, warm per adapter, one request at a time; then reloads of adapters vLLM has evicted
+    (it keeps ``host_cache`` adapters in host memory: the server's ``max_cpu_loras``)."""
     counter = iter(range(10**9))
 
     async def ttft(model: str) -> dict:
@@ -261,7 +267,7 @@ async def cold_phase(client: httpx.AsyncClient, base: str, names: list[str], arg
             trio["base"] = await ttft(base)
         samples.append(trio)
     # vLLM keeps max_cpu_loras adapters in host memory (LRU): all but the last ones asked are out by now.
-    evicted = names[: max(0, args.cold - args.max_cpu_loras)]
+    evicted = names[: max(0, args.cold - host_cache)]
     reloads: list[dict[str, Any]] = [{"adapter": name, "reloaded": await ttft(name)} for name in evicted]
     records = [s[k] for s in samples for k in ("base", "cold", "warm")] + [r["reloaded"] for r in reloads]
     failed = [r["error"] for r in records if not r["success"]]
@@ -386,8 +392,9 @@ def table(report: dict) -> str:
         f"(paired per adapter: p50 {fmt(r['cold_over_warm_paired_p50'], '.2f')}x, "
         f"p90 {fmt(r['cold_over_warm_paired_p90'], '.2f')}x); warm/base p50 {fmt(r['warm_over_base_p50'], '.2f')}x"
     )
-    lines += ["", f"rotation: {s['adapters']} adapters through {s['max_loras']} slots ({s['max_cpu_loras']} in host "
-              f"memory), {s['clients']} clients, {s['duration_s']:g} s x {s['repeats']} repeats, "
+    slots, host = (s["sizing"][f"engine.{k}"] for k in ("max_loras", "max_cpu_loras"))
+    lines += ["", f"rotation: {s['adapters']} adapters through {slots['value']} slots ({slots['source']}; "
+              f"{host['value']} in host memory, {host['source']}), {s['clients']} clients, {s['duration_s']:g} s x {s['repeats']} repeats, "
               f"max_tokens {s['max_tokens']}"]  # fmt: skip
     head = f"{'workload':<22}{'tok/s':>9}{'req/s':>8}{'TTFT p50':>11}{'p90':>9}{'x base':>8}{'x one':>7}"
     lines += [head, "-" * len(head)]
@@ -408,6 +415,19 @@ def table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def _size(text: str) -> int | None:
+    """A count, or ``derived``: left out of the config, so the server sizes it (``serving.sizing``)."""
+    return None if text == "derived" else int(text)
+
+
+def cpu_info() -> dict:
+    """The CPU model and the flags that decide its speed here (AVX-512, native bf16, AMX)."""
+    text = Path("/proc/cpuinfo").read_text()
+    fields = {key.strip(): value.strip() for key, _, value in (line.partition(":") for line in text.splitlines())}
+    flags = fields.get("flags", "").split()
+    return {"model": fields.get("model name", "?"), "flags": sorted(f for f in flags if f.startswith(("avx", "amx")))}
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", type=Path, default=ROOT / "configs" / "dev.yaml")
@@ -418,8 +438,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--cold", type=int, default=20, help="adapters measured cold (first use) then warm")
     parser.add_argument("--cold-max-tokens", type=int, default=8)
-    parser.add_argument("--max-loras", type=int, default=4)
-    parser.add_argument("--max-cpu-loras", type=int, default=4)
+    parser.add_argument(
+        "--max-loras", type=_size, default=None, help="LoRA slots; default: derived (serving/sizing.py)"
+    )
+    parser.add_argument("--dtype", default=None, choices=("auto", "bfloat16", "float16", "float32"),
+                        help="model.dtype for the server (default: the config's)")  # fmt: skip
+    parser.add_argument("--max-cpu-loras", type=_size, default=None, help="host cache; default: derived")
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--duration", type=float, default=30.0, help="seconds per throughput run")
     parser.add_argument("--repeats", type=int, default=2)
@@ -442,8 +466,9 @@ async def measure(url: str, base: str, names: list[str], args: argparse.Namespac
     timeout = httpx.Timeout(600.0, connect=10.0)
     limits = httpx.Limits(max_connections=args.clients + 4, max_keepalive_connections=args.clients + 4)
     async with httpx.AsyncClient(base_url=url, timeout=timeout, limits=limits) as client:
+        sizing = (await client.get("/v1/adapters")).json()["cache"]["sizing"]  # what the server chose, and why
         print(f"cold load: {args.cold} adapters ...", flush=True)
-        cold = await cold_phase(client, base, names, args)
+        cold = await cold_phase(client, base, names, args, sizing["engine.max_cpu_loras"]["value"])
         print(f"registering the other {len(names) - args.cold} adapters ...", flush=True)
         registration = await register_rest(client, names[args.cold :], args.cold_max_tokens)
         print("rotation throughput:", flush=True)
@@ -458,6 +483,7 @@ async def measure(url: str, base: str, names: list[str], args: argparse.Namespac
         "rotation": rotation,
         "listed": listed,
         "answered": answered,
+        "sizing": sizing,
     }
 
 
@@ -502,6 +528,7 @@ def main(argv: list[str] | None = None) -> int:
         "date": datetime.date.today().isoformat(),
         "machine": {
             "platform": platform.platform(),
+            "cpu": cpu_info(),
             "cpus": os.cpu_count(),
             "loadavg_before": load_before,
             "loadavg_after": os.getloadavg(),
@@ -509,11 +536,12 @@ def main(argv: list[str] | None = None) -> int:
         "settings": {
             "config": str(args.config),
             "model": str(settings.model.path),
-            "dtype": settings.model.dtype,
+            "dtype": args.dtype or settings.model.dtype,
             "adapters": args.adapters,
             "rank": args.rank,
-            "max_loras": args.max_loras,
-            "max_cpu_loras": args.max_cpu_loras,
+            "max_loras": args.max_loras if args.max_loras is not None else "derived",
+            "max_cpu_loras": args.max_cpu_loras if args.max_cpu_loras is not None else "derived",
+            "sizing": result["sizing"],
             "cold": args.cold,
             "cold_max_tokens": args.cold_max_tokens,
             "clients": args.clients,

@@ -19,6 +19,7 @@ from adapter_store import StoreSettings
 from routing.config import RoutingSettings
 
 TENANT_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,63}$"
+DType = Literal["auto", "bfloat16", "float16", "float32"]
 
 
 class ConfigError(Exception):
@@ -37,14 +38,23 @@ class ModelSettings(_Strict):
     path: Path = Field(description="Hugging Face model directory (local; nothing is downloaded).")
     name: str = Field(description="Name clients use in the `model` field for the base model.")
     tokenizer: Path | None = Field(default=None, description="Tokenizer directory; defaults to `path`.")
-    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "bfloat16"
+    dtype: DType = Field(
+        default="auto",
+        description="auto: bfloat16 on a CPU with native bf16 (avx512_bf16, amx_bf16), else float32; "
+        "on a GPU, vLLM's auto (the checkpoint's dtype). See serving/sizing.py.",
+    )
     max_model_len: int = Field(default=2048, gt=0, description="Context window (prompt + output tokens).")
 
 
 class EngineSettings(_Strict):
     """Every vLLM engine knob the server sets; nothing is inherited from vLLM defaults."""
 
-    max_loras: int = Field(default=4, ge=1, description="Adapters in one batch (GPU/CPU slots).")
+    max_loras: int | None = Field(
+        default=None,
+        ge=1,
+        description="Adapters in one batch (GPU/CPU slots); null: a full batch (max_num_seqs) within host and GPU "
+        "memory (serving/sizing.py).",
+    )
     max_lora_rank: int = Field(default=16, ge=1, le=512, description="Largest adapter rank served.")
     max_cpu_loras: int | None = Field(default=None, ge=1, description="Adapters kept in host memory; >= max_loras.")
     max_num_seqs: int = Field(default=64, ge=1, description="Sequences scheduled in one step.")
@@ -53,13 +63,19 @@ class EngineSettings(_Strict):
         default=2.0, gt=0, description="KV-cache size in GiB (host memory on the CPU); null: derive it on the GPU."
     )
     gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1, description="GPU only: memory fraction.")
+    lora_gpu_memory_fraction: float = Field(
+        default=0.05,
+        gt=0,
+        le=0.5,
+        description="GPU only, max_loras left out: share of the memory vLLM may use that the LoRA slots may take.",
+    )
     enable_prefix_caching: bool = True
     enforce_eager: bool = False
     seed: int = 0
 
     @model_validator(mode="after")
     def _cpu_loras_hold_the_slots(self) -> EngineSettings:
-        if self.max_cpu_loras is not None and self.max_cpu_loras < self.max_loras:
+        if self.max_cpu_loras is not None and self.max_loras is not None and self.max_cpu_loras < self.max_loras:
             raise ValueError(
                 f"max_cpu_loras ({self.max_cpu_loras}) must be >= max_loras ({self.max_loras}): "
                 "every adapter in a GPU/CPU slot is also held in the host cache"

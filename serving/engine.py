@@ -28,9 +28,10 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
-from adapter_store import BaseModelSpec, ServedAdapter, cpu_loras_for_budget
+from adapter_store import ServedAdapter
 from serving.adapter_rules import vllm_lora_rank
-from serving.config import ConfigError, Settings
+from serving.config import Settings
+from serving.sizing import EngineSizing, detect_hardware, resolve_sizing
 
 if TYPE_CHECKING:
     from vllm import RequestOutput, SamplingParams
@@ -46,38 +47,8 @@ class AdapterLoadFailed(Exception):
     """The engine refused to load an adapter version (its ``add_lora`` call failed); the engine is fine."""
 
 
-def max_cpu_loras(settings: Settings) -> int | None:
-    """``engine.max_cpu_loras``, or the count ``store.memory_budget_bytes`` holds when a budget is set.
-
-    A budget that cannot hold ``max_loras`` adapters, or an explicit
-    ``max_cpu_loras`` larger than the budget holds, is a configuration error.
-    """
-    budget = settings.store.memory_budget_bytes if settings.store is not None else None
-    configured = settings.engine.max_cpu_loras
-    if budget is None:
-        return configured
-    spec = BaseModelSpec.from_config(settings.model.path / "config.json", [settings.model.name])
-    try:
-        fits = cpu_loras_for_budget(
-            budget,
-            base=spec,
-            max_lora_rank=settings.engine.max_lora_rank,
-            dtype=settings.model.dtype,
-            max_loras=settings.engine.max_loras,
-        )
-    except ValueError as e:
-        raise ConfigError(str(e)) from e
-    if configured is not None and configured > fits:
-        raise ConfigError(
-            f"engine.max_cpu_loras {configured} does not fit store.memory_budget_bytes {budget}, which holds {fits} "
-            f"adapters of up to rank {settings.engine.max_lora_rank}: lower max_cpu_loras, leave it out to derive it, "
-            "or raise the budget"
-        )
-    return configured or fits
-
-
-def engine_args(settings: Settings):
-    """Translate settings into vLLM ``AsyncEngineArgs``; every knob is explicit."""
+def engine_args(settings: Settings, sizing: EngineSizing):
+    """Translate settings into vLLM ``AsyncEngineArgs``; every knob is explicit (``sizing``: the resolved sizes)."""
     from vllm.engine.arg_utils import AsyncEngineArgs
 
     model, engine = settings.model, settings.engine
@@ -85,12 +56,12 @@ def engine_args(settings: Settings):
         model=str(model.path),
         tokenizer=str(model.tokenizer or model.path),
         served_model_name=[model.name],
-        dtype=model.dtype,
+        dtype=sizing.dtype.value,
         max_model_len=model.max_model_len,
         enable_lora=True,
-        max_loras=engine.max_loras,
+        max_loras=sizing.max_loras.value,
         max_lora_rank=vllm_lora_rank(engine.max_lora_rank),
-        max_cpu_loras=max_cpu_loras(settings),
+        max_cpu_loras=sizing.max_cpu_loras.value,
         max_num_seqs=engine.max_num_seqs,
         max_num_batched_tokens=engine.max_num_batched_tokens,
         kv_cache_memory_bytes=None if engine.kv_cache_gib is None else int(engine.kv_cache_gib * _GIB),
@@ -141,20 +112,21 @@ class LoraEngine:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        self.sizing = resolve_sizing(settings, detect_hardware())
         self._llm: AsyncLLM | None = None
         self._lora_ids: dict[tuple[str, str], int] = {}
         self._next_id = itertools.count(1)
         self._verified: set[tuple[str, str]] = set()  # versions add_lora has loaded once
         self._loading: dict[tuple[str, str], asyncio.Future[None]] = {}  # loads in flight only
-        cpu_slots = max_cpu_loras(settings) or settings.engine.max_loras  # vLLM's default: max_loras
-        self.resident = ResidentAdapters(cpu_slots)
+        self.resident = ResidentAdapters(self.sizing.max_cpu_loras.value)
 
     async def start(self) -> None:
         """Build the engine (loads the base model; takes seconds to minutes)."""
         from vllm.v1.engine.async_llm import AsyncLLM
 
         logger.info("starting vLLM engine for %s", self.settings.model.path)
-        self._llm = AsyncLLM.from_engine_args(engine_args(self.settings))
+        self.sizing.log()
+        self._llm = AsyncLLM.from_engine_args(engine_args(self.settings, self.sizing))
 
     def shutdown(self) -> None:
         if self._llm is not None:

@@ -20,6 +20,7 @@ from prometheus_client.registry import Collector
 if TYPE_CHECKING:
     from adapter_store import AdapterStore
     from serving.engine import ResidentAdapters
+    from serving.sizing import EngineSizing
 
 BASE_LABEL = "base"
 UNKNOWN_LABEL = "unknown"
@@ -184,3 +185,25 @@ class AdapterStoreCollector(Collector):
             "Cached copies found damaged (no longer matching their sha256) and dropped.",
             value=stats.corrupt,
         )
+
+
+class EngineSizingCollector(Collector):
+    """The sizes the engine runs with (``serving.sizing``), and whether the config set them or they were derived."""
+
+    def __init__(self, sizing: EngineSizing) -> None:
+        self.sizing = sizing
+
+    def collect(self) -> Iterator[Metric]:
+        sizes = GaugeMetricFamily(
+            "loraserve_engine_size",
+            "LoRA slots (max_loras) and host-cache adapters (max_cpu_loras) the engine runs with.",
+            labels=["setting", "source"],
+        )
+        for setting, choice in (("max_loras", self.sizing.max_loras), ("max_cpu_loras", self.sizing.max_cpu_loras)):
+            sizes.add_metric([setting, choice.source], choice.value)
+        yield sizes
+        dtype = GaugeMetricFamily(
+            "loraserve_engine_dtype", "1 for the dtype the engine was started with.", labels=["dtype", "source"]
+        )
+        dtype.add_metric([self.sizing.dtype.value, self.sizing.dtype.source], 1)
+        yield dtype

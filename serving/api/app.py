@@ -37,7 +37,7 @@ from serving.api.selector import AdapterSelector
 from serving.api.system import api_router as system_api
 from serving.config import ConfigError, Settings
 from serving.engine import LoraEngine
-from serving.metrics import AdapterMetrics, AdapterStoreCollector
+from serving.metrics import AdapterMetrics, AdapterStoreCollector, EngineSizingCollector
 from serving.store import open_store
 
 logger = logging.getLogger(__name__)
@@ -102,7 +102,7 @@ def build_app(settings: Settings) -> FastAPI:
         with tempfile.TemporaryDirectory(prefix="loraserve-store-") as scratch:
             # Adapters are validated and registered before the engine starts: a bad one fails fast.
             store = open_store(settings, Path(scratch))
-            prompt_router = collector = None
+            prompt_router = collector = sizing_collector = None
             engine = LoraEngine(settings)
             try:
                 prompt_router = build_prompt_router(settings)
@@ -113,12 +113,16 @@ def build_app(settings: Settings) -> FastAPI:
                 await adapters.probe.startup([a.name for a in settings.adapters])
                 collector = AdapterStoreCollector(store, engine.resident)
                 REGISTRY.register(collector)
+                sizing_collector = EngineSizingCollector(engine.sizing)
+                REGISTRY.register(sizing_collector)
                 names = ", ".join(await asyncio.to_thread(store.names)) or "none"
                 logger.info("serving %s with adapters: %s", settings.model.name, names)
                 yield
             finally:
                 if collector is not None:
                     REGISTRY.unregister(collector)
+                if sizing_collector is not None:
+                    REGISTRY.unregister(sizing_collector)
                 engine.shutdown()
                 store.close()
                 if prompt_router is not None:

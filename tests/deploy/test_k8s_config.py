@@ -67,11 +67,14 @@ def test_overlay_configs_fit_their_hardware(rendered, tmp_path: Path) -> None:
     assert cpu.engine.kv_cache_gib <= int(limit[:-2]) / 2
     # On the GPU vLLM sizes the KV cache from gpu_memory_utilization.
     assert gpu.engine.kv_cache_gib is None
+    # CPU nodes differ (with and without native bf16): the overlay lets the server pick the dtype, and sizes
+    # the LoRA slots for a full batch within its host cache (serving/sizing.py).
+    assert cpu.model.dtype == "auto" and cpu.engine.max_loras is None
 
 
 def test_a_broken_configmap_config_is_caught(rendered, tmp_path: Path) -> None:
     _, text = mounted_config(rendered["cpu"], tmp_path)
     bad = tmp_path / "bad.yaml"
-    bad.write_text(text.replace("max_loras:", "max_lora:"))
-    with pytest.raises(ConfigError, match="max_lora"):
+    bad.write_text(text.replace("max_cpu_loras:", "max_cpu_lora:"))
+    with pytest.raises(ConfigError, match="max_cpu_lora"):
         load_settings(bad)

@@ -9,6 +9,7 @@ import pytest
 from loadtests.bench_alternatives import vllm_server_command
 from serving.config import Settings
 from serving.engine import engine_args
+from serving.sizing import detect_hardware, resolve_sizing
 
 ENGINE_FIELDS = (
     "model", "tokenizer", "served_model_name", "dtype", "max_model_len", "enable_lora", "max_loras",
@@ -30,7 +31,11 @@ def settings(**engine) -> Settings:
 
 @pytest.mark.parametrize(
     "engine",
-    [{}, {"enable_prefix_caching": False, "enforce_eager": True, "seed": 7, "max_lora_rank": 32}],
+    [
+        {},
+        {"enable_prefix_caching": False, "enforce_eager": True, "seed": 7, "max_lora_rank": 32},
+        {"max_loras": None, "max_cpu_loras": None},  # derived: the vLLM server gets the same slots
+    ],
 )
 def test_vllm_server_gets_our_engine_args(engine) -> None:
     from vllm.engine.arg_utils import AsyncEngineArgs
@@ -41,7 +46,8 @@ def test_vllm_server_gets_our_engine_args(engine) -> None:
     command = vllm_server_command(s, port=8123)
     assert command[1:3] == ["-m", "vllm.entrypoints.openai.api_server"]
     parsed = make_arg_parser(FlexibleArgumentParser()).parse_args(command[3:])
-    theirs, ours = AsyncEngineArgs.from_cli_args(parsed), engine_args(s)
+    theirs = AsyncEngineArgs.from_cli_args(parsed)
+    ours = engine_args(s, resolve_sizing(s, detect_hardware()))
     for field in ENGINE_FIELDS:
         assert getattr(theirs, field) == getattr(ours, field), field
     assert [(m.name, Path(m.path)) for m in parsed.lora_modules] == [

@@ -50,17 +50,18 @@ def test_adapters_are_distinct_and_keep_the_templates_shapes(demo_assets, tmp_pa
 def quick_report(demo_assets, tmp_path_factory):
     out = tmp_path_factory.mktemp("bench_store") / "bench_store.json"
     command = [sys.executable, "-m", "loadtests.bench_store", "--quick", "--out", str(out),
-               "--work", str(out.parent / "work"), "--max-cpu-loras", str(MAX_CPU_LORAS)]  # fmt: skip
+               "--work", str(out.parent / "work"), "--max-cpu-loras", str(MAX_CPU_LORAS),
+               "--dtype", "auto"]  # fmt: skip
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900)
     print(result.stdout)
     print(result.stderr[-5000:], file=sys.stderr)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return json.loads(out.read_text()), result.stdout
+    return json.loads(out.read_text()), result.stdout, (out.parent / "work" / "server.log").read_text()
 
 
 @pytest.mark.engine
 def test_every_adapter_registered_on_demand_and_answered(quick_report) -> None:
-    report, _ = quick_report
+    report, _, _ = quick_report
     adapters = report["adapters"]
     assert adapters["count"] == adapters["distinct_digests"] == QUICK_ADAPTERS
     assert adapters["answered"] == QUICK_ADAPTERS and adapters["not_answered"] == []
@@ -70,7 +71,7 @@ def test_every_adapter_registered_on_demand_and_answered(quick_report) -> None:
 
 @pytest.mark.engine
 def test_cold_load_fields(quick_report) -> None:
-    report, stdout = quick_report
+    report, stdout, _ = quick_report
     cold = report["cold_load"]
     assert [row["adapter"] for row in cold["samples_ms"]] == [f"store-{i:03d}" for i in range(QUICK_COLD)]
     for row in cold["samples_ms"]:
@@ -86,7 +87,7 @@ def test_cold_load_fields(quick_report) -> None:
 
 @pytest.mark.engine
 def test_rotation_fields(quick_report) -> None:
-    report, stdout = quick_report
+    report, stdout, _ = quick_report
     rotation, settings = report["rotation"], report["settings"]
     assert settings["quick"] and settings["repeats"] >= 2
     for workload in WORKLOADS:
@@ -104,3 +105,22 @@ def test_rotation_fields(quick_report) -> None:
         )
     assert rotation["errors"] == []
     assert "Zipf" in stdout and "x base" in stdout
+
+
+@pytest.mark.engine
+def test_the_server_resolves_dtype_and_slots_and_the_engine_runs_them(quick_report) -> None:
+    """``--dtype auto`` and ``max_loras`` left out: what the server chose (``cache.sizing``) is what vLLM ran."""
+    from serving.sizing import detect_hardware, resolve_dtype
+
+    report, _, server_log = quick_report
+    sizing = report["settings"]["sizing"]
+    expected = resolve_dtype("auto", detect_hardware()).value  # this machine: bfloat16 with avx512_bf16
+    assert (sizing["model.dtype"]["value"], sizing["model.dtype"]["source"]) == (expected, "derived")
+    assert f"dtype=torch.{expected}," in server_log  # vLLM's engine config line
+    # The slots: a full batch of distinct adapters, held to the host cache the bench configures.
+    assert sizing["engine.max_loras"]["value"] == MAX_CPU_LORAS and sizing["engine.max_loras"]["source"] == "derived"
+    assert sizing["engine.max_cpu_loras"] == {
+        "value": MAX_CPU_LORAS,
+        "source": "configured",
+        "reason": "engine.max_cpu_loras",
+    }

@@ -105,14 +105,16 @@ def test_invalid_yaml_and_missing_file(tmp_path: Path) -> None:
 def test_shipped_configs_validate(name: str) -> None:
     settings = load_settings(REPO / "configs" / name)
     assert {a.name for a in settings.adapters} == {"code", "legal", "medical"}
-    assert settings.engine.max_cpu_loras >= settings.engine.max_loras
+    engine = settings.engine
+    assert engine.max_loras is None or engine.max_cpu_loras is None or engine.max_cpu_loras >= engine.max_loras
 
 
 def test_engine_args_carry_every_knob() -> None:
     from serving.engine import engine_args
+    from serving.sizing import Hardware, resolve_sizing
 
     settings = load_settings(REPO / "configs" / "dev.yaml")
-    args = engine_args(settings)
+    args = engine_args(settings, resolve_sizing(settings, Hardware("cpu", frozenset())))
     engine = settings.engine
     assert args.enable_lora is True
     assert (args.max_loras, args.max_lora_rank, args.max_cpu_loras) == (
@@ -139,3 +141,20 @@ def test_routes_file_resolves_against_the_config_file(tmp_path: Path) -> None:
     assert not settings.routing.admin_enabled
     with pytest.raises(ConfigError, match="routing.routes_file: .*r.yaml does not exist"):
         settings.check_files()
+
+
+@pytest.mark.parametrize(
+    ("flags", "dtype"), [(frozenset({"avx2"}), "float32"), (frozenset({"avx512_bf16"}), "bfloat16")]
+)
+def test_engine_args_get_the_resolved_dtype_and_slots(flags: frozenset[str], dtype: str) -> None:
+    """On the CPU vLLM gets the dtype the server resolved, never ``auto`` (vLLM would choose by its own rules)."""
+    from serving.engine import engine_args
+    from serving.sizing import Hardware, resolve_sizing
+
+    raw = yaml.safe_load((REPO / "configs" / "dev.yaml").read_text())
+    raw["model"].update(path="/m", dtype="auto")
+    raw["engine"] = {"max_num_seqs": 24}
+    raw["adapters"], raw["routing"] = [], None
+    settings = parse_settings(raw)
+    args = engine_args(settings, resolve_sizing(settings, Hardware("cpu", flags)))
+    assert (args.dtype, args.max_loras, args.max_cpu_loras) == (dtype, 24, 24)

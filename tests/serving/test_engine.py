@@ -16,7 +16,8 @@ import yaml
 
 from adapter_store import ServedAdapter
 from serving.config import ConfigError, load_settings
-from serving.engine import AdapterLoadFailed, LoraEngine, max_cpu_loras
+from serving.engine import AdapterLoadFailed, LoraEngine
+from serving.sizing import Hardware, resolve_sizing
 from tests.serving.test_store import write_config
 
 
@@ -78,7 +79,7 @@ PER_ADAPTER = 2 * 16 * (256 + 192 + 192 + 256 + 384 + 384 + 384) * 2
 @pytest.mark.parametrize(
     ("engine", "budget", "expected"),
     [
-        ({"max_loras": 2}, None, None),
+        ({"max_loras": 2}, None, 2),  # vLLM's default: max_loras
         ({"max_loras": 2, "max_cpu_loras": 3}, None, 3),
         ({"max_loras": 2}, 5 * PER_ADAPTER + 7, 5),
         ({"max_loras": 2, "max_cpu_loras": 4}, 5 * PER_ADAPTER, 4),
@@ -94,8 +95,9 @@ def test_memory_budget_sizes_the_host_adapter_cache(tmp_path: Path, engine: dict
     raw["model"]["dtype"] = "bfloat16"
     path.write_text(yaml.safe_dump(raw))
     settings = load_settings(path)
+    cpu = Hardware("cpu", frozenset())
     if isinstance(expected, str):
         with pytest.raises(ConfigError, match=expected):
-            max_cpu_loras(settings)
+            resolve_sizing(settings, cpu)
     else:
-        assert max_cpu_loras(settings) == expected
+        assert resolve_sizing(settings, cpu).max_cpu_loras.value == expected

@@ -62,12 +62,21 @@ class AdapterView(BaseModel):
     versions: list[VersionView]
 
 
+class SizeView(BaseModel):
+    value: int | str
+    source: Literal["configured", "derived"]
+    reason: str = Field(description="Why the value is what it is: the config key, or the rule that derived it.")
+
+
 class CacheView(BaseModel):
     disk_bytes: int = Field(description="Bytes under the disk cache directory, measured.")
     disk_budget_bytes: int
     max_loras: int
     max_cpu_loras: int
     loaded: list[str] = Field(description="name@version of each adapter in the engine's host cache, as it reports.")
+    sizing: dict[str, SizeView] = Field(
+        description="model.dtype, engine.max_loras and engine.max_cpu_loras as the engine runs them (serving/sizing.py)."
+    )
 
 
 class AdapterList(BaseModel):

@@ -27,6 +27,7 @@ from serving.api.adapters.protocol import (
     DeleteResult,
     HealthView,
     RegisterRequest,
+    SizeView,
     UnloadResult,
     VersionView,
 )
@@ -82,9 +83,13 @@ class AdaptersServing:
         cache = CacheView(
             disk_bytes=disk,
             disk_budget_bytes=self.store.settings.disk_budget_bytes,
-            max_loras=self.engine.settings.engine.max_loras,
+            max_loras=self.engine.sizing.max_loras.value,
             max_cpu_loras=self.engine.resident.capacity,
             loaded=[f"{name}@{version}" for name, version in sorted(loaded)],
+            sizing={
+                key: SizeView(value=c.value, source=c.source, reason=c.reason)
+                for key, c in self.engine.sizing.items().items()
+            },
         )
         return AdapterList(data=views, cache=cache)
 

@@ -1,0 +1,194 @@
+"""The engine sizes a config may leave open, resolved once at start-up: the dtype and the LoRA slots.
+
+Why here: the right values depend on the machine (a CPU with or without
+native bf16, the GPU's memory), which the settings model cannot know. The
+rules are pure functions of the settings and a :class:`Hardware` record that
+:func:`detect_hardware` reads once, so they are tested with table-driven
+hardware; every choice keeps *why* it was made, for the start-up log,
+``GET /v1/adapters`` (``cache.sizing``) and the ``loraserve_engine_size``
+metric. An explicit value in the config is always honoured.
+
+* ``model.dtype: auto``: on the CPU, bfloat16 only where the CPU computes it
+  natively (``avx512_bf16`` or ``amx_bf16``), else float32: vLLM's CPU bf16
+  path emulates it ~3.6x slower than float32 on an AVX2-only CPU. On a GPU,
+  ``auto`` is passed on and means what vLLM says (the checkpoint's dtype).
+* ``engine.max_loras`` left out: a batch can only hold ``max_loras`` distinct
+  adapters, so the slots are sized for a full batch of distinct adapters
+  (``engine.max_num_seqs``), never more than the host cache holds
+  (``engine.max_cpu_loras`` or what ``store.memory_budget_bytes`` holds;
+  vLLM needs every slot's adapter in the host cache). On a GPU the slot
+  buffers are GPU memory, so also at most what
+  ``engine.lora_gpu_memory_fraction`` of the memory vLLM may use holds. vLLM
+  allocates, per slot, A (rank x in) and B (out x rank) for every LoRA-able
+  linear of every layer at the served rank::
+
+      slot bytes = max_lora_rank x sum over modules (in + out) x layers x dtype bytes
+      max_loras  = min(max_num_seqs, host cache, lora share of GPU memory // slot bytes)
+
+  (Llama-3.1-8B, rank 64, bf16: 64 x 81,920 x 32 x 2 B = 336 MB a slot; 11 fit 0.05 x 0.9 x 80 GiB.)
+* ``engine.max_cpu_loras`` left out: what ``store.memory_budget_bytes`` holds
+  if a budget is set, else ``max_loras`` (vLLM's default).
+
+The step cost of our CPU LoRA ops grows with the adapters present in a step,
+not with the slots (``lora_ops/plan.py``; measured in ``loadtests.bench_lora
+--max-loras``), so many slots cost host memory, not speed.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Generic, Literal, TypeVar
+
+from adapter_store import BaseModelSpec, cpu_loras_for_budget, max_adapter_bytes_in_memory
+from serving.config import ConfigError, DType, Settings
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # /proc/cpuinfo names of the CPU features vLLM's bf16 kernels use
+
+
+@dataclass(frozen=True)
+class Hardware:
+    """What the sizes depend on: the device kind, the CPU's feature flags, the GPU's memory."""
+
+    device: Literal["cpu", "gpu"]
+    cpu_flags: frozenset[str]
+    gpu_memory_bytes: int | None = None  # total memory of the GPU; None on the CPU
+
+
+@dataclass(frozen=True)
+class Choice(Generic[T]):
+    """One resolved size: the value, whether the config set it, and why it is what it is."""
+
+    value: T
+    source: Literal["configured", "derived"]
+    reason: str
+
+
+@dataclass(frozen=True)
+class EngineSizing:
+    dtype: Choice[DType]
+    max_loras: Choice[int]
+    max_cpu_loras: Choice[int]
+
+    def items(self) -> dict[str, Choice[DType] | Choice[int]]:
+        """Keyed by the config key each choice stands for."""
+        return {
+            "model.dtype": self.dtype,
+            "engine.max_loras": self.max_loras,
+            "engine.max_cpu_loras": self.max_cpu_loras,
+        }
+
+    def log(self) -> None:
+        for key, choice in self.items().items():
+            logger.info("%s: %s (%s: %s)", key, choice.value, choice.source, choice.reason)
+
+
+def _cpu_flags(cpuinfo: Path) -> frozenset[str]:
+    """The ``flags`` of the first processor in ``/proc/cpuinfo``; torch's checks where there is none."""
+    try:
+        text = cpuinfo.read_text()
+    except OSError:
+        import torch
+
+        # The checks vLLM's own CPU platform makes (no /proc/cpuinfo: not Linux).
+        found = {"avx512_bf16": torch.cpu._is_avx512_bf16_supported(), "amx_bf16": torch.cpu._is_amx_tile_supported()}
+        return frozenset(flag for flag, present in found.items() if present)
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "flags":
+            return frozenset(value.split())
+    return frozenset()
+
+
+def detect_hardware(cpuinfo: Path = Path("/proc/cpuinfo")) -> Hardware:
+    """The machine this process runs on, as vLLM's platform sees it (NVML on a GPU: CUDA stays uninitialised)."""
+    from vllm.platforms import current_platform
+
+    flags = _cpu_flags(cpuinfo)
+    if current_platform.is_cpu():
+        return Hardware("cpu", flags)
+    return Hardware("gpu", flags, int(current_platform.get_device_total_memory(0)))
+
+
+def resolve_dtype(configured: DType, hardware: Hardware) -> Choice[DType]:
+    if configured != "auto":
+        return Choice(configured, "configured", "model.dtype")
+    if hardware.device == "gpu":
+        return Choice("auto", "derived", "auto on a GPU: vLLM uses the checkpoint's dtype")
+    native = [flag for flag in NATIVE_BF16_FLAGS if flag in hardware.cpu_flags]
+    if native:
+        return Choice("bfloat16", "derived", f"auto: the CPU computes bf16 natively ({', '.join(native)})")
+    return Choice(
+        "float32",
+        "derived",
+        f"auto: the CPU has no native bf16 (none of {', '.join(NATIVE_BF16_FLAGS)}), where vLLM's bf16 is ~3.6x slower",
+    )
+
+
+def _host_cache(
+    settings: Settings, spec: BaseModelSpec | None, dtype: str, max_loras: int | None
+) -> Choice[int] | None:
+    """``max_cpu_loras`` if the config fixes it (set, or a memory budget); None: it follows ``max_loras``."""
+    configured = settings.engine.max_cpu_loras
+    budget = settings.store.memory_budget_bytes if settings.store is not None else None
+    if budget is None:
+        return None if configured is None else Choice(configured, "configured", "engine.max_cpu_loras")
+    assert spec is not None, "a memory budget needs the base model's shapes"
+    rank = settings.engine.max_lora_rank
+    try:
+        fits = cpu_loras_for_budget(budget, base=spec, max_lora_rank=rank, dtype=dtype, max_loras=max_loras or 1)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+    if configured is None:
+        return Choice(fits, "derived", f"store.memory_budget_bytes {budget} holds {fits} adapters of rank {rank}")
+    if configured > fits:
+        raise ConfigError(
+            f"engine.max_cpu_loras {configured} does not fit store.memory_budget_bytes {budget}, which holds {fits} "
+            f"adapters of up to rank {rank}: lower max_cpu_loras, leave it out to derive it, or raise the budget"
+        )
+    return Choice(configured, "configured", "engine.max_cpu_loras")
+
+
+def _derived_slots(
+    settings: Settings, hardware: Hardware, spec: BaseModelSpec | None, dtype: str, host: Choice[int] | None
+) -> Choice[int]:
+    """``max_loras`` for a config that leaves it out: a full batch, within host (and GPU) memory."""
+    engine = settings.engine
+    limits = [(engine.max_num_seqs, f"a full batch of distinct adapters (engine.max_num_seqs {engine.max_num_seqs})")]
+    if host is not None:
+        limits.append((host.value, f"the host adapter cache holds {host.value} ({host.reason})"))
+    if hardware.device == "gpu":
+        assert spec is not None and hardware.gpu_memory_bytes is not None
+        slot = max_adapter_bytes_in_memory(spec, engine.max_lora_rank, dtype)
+        share = int(hardware.gpu_memory_bytes * engine.gpu_memory_utilization * engine.lora_gpu_memory_fraction)
+        limits.append((share // slot, f"engine.lora_gpu_memory_fraction of GPU memory: {share} B / {slot} B a slot"))
+    value, reason = min(limits, key=lambda limit: limit[0])
+    if value < 1:
+        raise ConfigError(
+            f"engine.max_loras: not one LoRA slot fits ({reason}): raise engine.lora_gpu_memory_fraction, "
+            "lower engine.max_lora_rank, or set engine.max_loras"
+        )
+    return Choice(value, "derived", reason)
+
+
+def resolve_sizing(settings: Settings, hardware: Hardware) -> EngineSizing:
+    """Every size the engine gets; a config that cannot fit raises :class:`ConfigError` naming the key."""
+    engine = settings.engine
+    dtype = resolve_dtype(settings.model.dtype, hardware)
+    needs_shapes = settings.store is not None and settings.store.memory_budget_bytes is not None
+    needs_shapes = needs_shapes or (engine.max_loras is None and hardware.device == "gpu")
+    spec = None
+    if needs_shapes:
+        spec = BaseModelSpec.from_config(settings.model.path / "config.json", [settings.model.name])
+    host = _host_cache(settings, spec, dtype.value, engine.max_loras)
+    if engine.max_loras is not None:
+        slots = Choice(engine.max_loras, "configured", "engine.max_loras")
+    else:
+        slots = _derived_slots(settings, hardware, spec, dtype.value, host)
+    if host is None:
+        host = Choice(slots.value, "derived", "= engine.max_loras (vLLM's default)")
+    return EngineSizing(dtype=dtype, max_loras=slots, max_cpu_loras=host)

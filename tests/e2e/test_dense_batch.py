@@ -1,0 +1,108 @@
+"""Sixteen distinct adapters in one engine step, through the real server, each answering as it does alone.
+
+The config leaves ``engine.max_loras`` and ``engine.max_cpu_loras`` out, so
+the server sizes the slots for a full batch (``engine.max_num_seqs`` = 16,
+``serving/sizing.py``); with the old fixed 4 slots vLLM's scheduler could
+never run more than four distinct adapters at once. The test asks every
+adapter alone (its reference answer), then all sixteen at once, and proves
+from vLLM's own metrics that they ran together: ``vllm:lora_requests_info``
+keeps one series per set of adapters that were running at one engine step
+(``running_lora_adapters``), and with every running request scheduled in
+every step (16 sequences, far under the token budget), a set of sixteen
+names is sixteen adapters in one step. float32 (the dev config), so an
+answer depends on its batch neighbours only through summation order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from tests.conftest import RunningServer, demo_config, start_server, stop_server
+from tests.e2e.adapter_files import copy_adapter
+
+ADAPTERS = 16
+PROMPT = "Please explain how it works"
+TOKENS = 12
+# Same text, log-probabilities within 5e-3: sixteen batch neighbours moved one by 1.05e-3 in float32 in one run
+# (cause not investigated; eight neighbours stay within 1e-3 in test_adapter_cache); two of these adapters differ
+# by more than DISTINCT.
+LOGPROB_TOLERANCE, DISTINCT = 5e-3, 2e-2
+LORA_INFO = "vllm:lora_requests_info{"
+
+pytestmark = pytest.mark.engine
+
+
+@pytest.fixture(scope="module")
+def dense(demo_assets, tmp_path_factory) -> Iterator[RunningServer]:
+    workdir = tmp_path_factory.mktemp("dense-batch")
+    config = demo_config(demo_assets, max_num_seqs=ADAPTERS)
+    for key in ("max_loras", "max_cpu_loras"):  # derived by the server
+        del config["engine"][key]
+    assert config["model"]["dtype"] == "float32"
+    config["adapters"] = []
+    for i in range(ADAPTERS):
+        domain = ("code", "legal", "medical")[i % 3]
+        path = copy_adapter(demo_assets.adapters[domain], workdir / f"dense-{i:02d}", scale=0.5 + 0.1 * i)
+        config["adapters"].append({"name": f"dense-{i:02d}", "path": str(path)})
+    config["routing"] = None  # not under test
+    running = start_server(config, workdir)
+    yield running
+    stop_server(running)
+
+
+async def _complete(client: httpx.AsyncClient, model: str) -> tuple[str, list[float]]:
+    body = {"model": model, "prompt": PROMPT, "max_tokens": TOKENS, "temperature": 0, "ignore_eos": True, "logprobs": 0}
+    response = await client.post("/v1/completions", json=body)
+    assert response.status_code == 200, response.text
+    choice = response.json()["choices"][0]
+    return choice["text"], choice["logprobs"]["token_logprobs"]
+
+
+def _same(a: tuple[str, list[float]], b: tuple[str, list[float]], tolerance: float = LOGPROB_TOLERANCE) -> bool:
+    return a[0] == b[0] and max(abs(x - y) for x, y in zip(a[1], b[1], strict=True)) <= tolerance
+
+
+def _running_sets(metrics: str) -> list[set[str]]:
+    """Every set of adapters vLLM reported running together (one ``vllm:lora_requests_info`` series each)."""
+    sets = []
+    for line in metrics.splitlines():
+        if line.startswith(LORA_INFO):
+            running = line.split('running_lora_adapters="', 1)[1].split('"', 1)[0]
+            sets.append({name for name in running.split(",") if name})
+    return sets
+
+
+def test_the_server_sizes_the_slots_for_a_full_batch(dense: RunningServer) -> None:
+    cache = httpx.get(f"{dense.url}/v1/adapters").json()["cache"]
+    assert cache["max_loras"] == cache["max_cpu_loras"] == ADAPTERS
+    slots = cache["sizing"]["engine.max_loras"]
+    assert (slots["value"], slots["source"]) == (ADAPTERS, "derived")
+    assert f"engine.max_num_seqs {ADAPTERS}" in slots["reason"]
+    assert cache["sizing"]["model.dtype"] == {"value": "float32", "source": "configured", "reason": "model.dtype"}
+    metrics = httpx.get(f"{dense.url}/metrics").text
+    assert f'loraserve_engine_size{{setting="max_loras",source="derived"}} {ADAPTERS}.0' in metrics
+    assert 'loraserve_engine_dtype{dtype="float32",source="configured"} 1.0' in metrics
+    assert f'max_lora="{ADAPTERS}"' in metrics  # vLLM's own report: the engine got the derived slots
+
+
+def test_sixteen_adapters_in_one_step_each_answer_as_alone(dense: RunningServer) -> None:
+    names = [f"dense-{i:02d}" for i in range(ADAPTERS)]
+
+    async def run() -> tuple[dict[str, tuple[str, list[float]]], list[tuple[str, list[float]]], str]:
+        async with httpx.AsyncClient(base_url=dense.url, timeout=300) as client:
+            alone = {name: await _complete(client, name) for name in names}  # one at a time
+            together = await asyncio.gather(*(_complete(client, name) for name in names))
+            return alone, together, (await client.get("/metrics")).text
+
+    alone, together, metrics = asyncio.run(run())
+    widest = max(_running_sets(metrics), key=len)
+    assert widest == set(names), f"at most {len(widest)} adapters ran together: {sorted(widest)}"
+    # Sixteen adapters, sixteen different answers: a batch that mixed them up could not match below.
+    for a in names:
+        assert not any(_same(alone[a], alone[b], DISTINCT) for b in names if b != a), a
+    for name, got in zip(names, together, strict=True):
+        assert _same(got, alone[name]), (name, got, alone[name])

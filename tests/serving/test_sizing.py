@@ -1,0 +1,133 @@
+"""The sizes a config leaves open (``serving.sizing``): dtype by the CPU's flags, LoRA slots by batch and memory.
+
+Pure logic: the hardware is a table here (``detect_hardware`` is only read
+for this machine's flags once, against ``/proc/cpuinfo``). That the engine
+really runs the resolved values is shown in tests/e2e/test_adapter_cache.py.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from serving.config import ConfigError, load_settings
+from serving.sizing import Hardware, detect_hardware, resolve_dtype, resolve_sizing
+from tests.serving.test_store import write_config
+
+AVX2 = frozenset({"fpu", "sse4_2", "avx", "avx2", "fma"})
+AVX512 = AVX2 | {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"}  # AVX-512 without bf16 (Skylake-SP)
+AVX512_BF16 = AVX512 | {"avx512_bf16"}  # Cooper Lake, Zen 4
+AMX = AVX512_BF16 | {"amx_tile", "amx_bf16", "amx_int8"}  # Sapphire Rapids
+
+# The tiny base's largest valid adapter at rank 16 (tests/serving/test_engine.py), per dtype byte.
+PER_ADAPTER_PER_BYTE = 2 * 16 * (256 + 192 + 192 + 256 + 384 + 384 + 384)
+
+
+@pytest.mark.parametrize(
+    ("configured", "hardware", "dtype", "source", "says"),
+    [
+        ("auto", Hardware("cpu", AVX2), "float32", "derived", "no native bf16"),
+        ("auto", Hardware("cpu", AVX512), "float32", "derived", "no native bf16"),
+        ("auto", Hardware("cpu", AVX512_BF16), "bfloat16", "derived", "natively (avx512_bf16)"),
+        ("auto", Hardware("cpu", AMX), "bfloat16", "derived", "natively (avx512_bf16, amx_bf16)"),
+        ("auto", Hardware("cpu", frozenset({"amx_bf16"})), "bfloat16", "derived", "natively (amx_bf16)"),
+        ("auto", Hardware("gpu", AVX2, 80 << 30), "auto", "derived", "vLLM"),
+        ("bfloat16", Hardware("cpu", AVX2), "bfloat16", "configured", "model.dtype"),  # explicit: honoured
+        ("float32", Hardware("cpu", AMX), "float32", "configured", "model.dtype"),  # the BitNet demo's choice
+        ("float16", Hardware("gpu", AVX2, 80 << 30), "float16", "configured", "model.dtype"),
+    ],
+)
+def test_dtype_auto_is_bf16_only_where_the_cpu_has_it(configured, hardware, dtype, source, says) -> None:
+    choice = resolve_dtype(configured, hardware)
+    assert (choice.value, choice.source) == (dtype, source)
+    assert says in choice.reason
+
+
+def _settings(tmp_path: Path, engine: dict, budget: int | None = None, dtype: str = "bfloat16"):
+    store = None if budget is None else {"root": "store", "memory_budget_bytes": budget}
+    path = write_config(tmp_path, store, [])
+    raw = yaml.safe_load(path.read_text())
+    raw["engine"] = engine
+    raw["model"]["dtype"] = dtype
+    path.write_text(yaml.safe_dump(raw))
+    return load_settings(path)
+
+
+CPU = Hardware("cpu", AVX512_BF16)
+SLOT_BF16 = 2 * PER_ADAPTER_PER_BYTE  # one slot of the tiny base in bf16
+
+
+@pytest.mark.parametrize(
+    ("engine", "budget", "hardware", "slots", "host", "why"),
+    [
+        # CPU: a full batch of distinct adapters ...
+        ({"max_num_seqs": 24}, None, CPU, (24, "derived"), (24, "derived"), "engine.max_num_seqs 24"),
+        # ... no more than the host cache holds (set, or derived from the budget)
+        ({"max_num_seqs": 24, "max_cpu_loras": 8}, None, CPU, (8, "derived"), (8, "configured"), "holds 8"),
+        ({"max_num_seqs": 24}, 10 * SLOT_BF16 + 1, CPU, (10, "derived"), (10, "derived"), "memory_budget_bytes"),
+        ({"max_num_seqs": 6}, 10 * SLOT_BF16, CPU, (6, "derived"), (10, "derived"), "engine.max_num_seqs 6"),
+        # an explicit max_loras is honoured, the budget still sizes the host cache
+        ({"max_num_seqs": 24, "max_loras": 3}, 10 * SLOT_BF16, CPU, (3, "configured"), (10, "derived"), "max_loras"),
+        ({"max_loras": 3}, None, CPU, (3, "configured"), (3, "derived"), "engine.max_loras"),
+        # GPU: the slots' share of GPU memory, max_loras x slot bytes (2 B in bf16) ...
+        (
+            {"max_num_seqs": 256, "gpu_memory_utilization": 0.5, "lora_gpu_memory_fraction": 0.1},
+            None,
+            Hardware("gpu", AVX2, 200 * SLOT_BF16),  # 200 slots of memory x 0.5 x 0.1 = 10 slots
+            (10, "derived"),
+            (10, "derived"),
+            "lora_gpu_memory_fraction",
+        ),
+        # ... never more than a full batch
+        ({"max_num_seqs": 4}, None, Hardware("gpu", AVX2, 1000 * SLOT_BF16), (4, "derived"), (4, "derived"), "seqs"),
+    ],
+)
+def test_slots_fit_a_full_batch_within_memory(tmp_path: Path, engine, budget, hardware, slots, host, why) -> None:
+    sizing = resolve_sizing(_settings(tmp_path, engine, budget), hardware)
+    assert (sizing.max_loras.value, sizing.max_loras.source) == slots
+    assert (sizing.max_cpu_loras.value, sizing.max_cpu_loras.source) == host
+    assert why in sizing.max_loras.reason
+    assert sizing.max_cpu_loras.value >= sizing.max_loras.value  # vLLM refuses fewer host than batch slots
+
+
+def test_gpu_slot_bytes_follow_the_dtype(tmp_path: Path) -> None:
+    """float32 slots are twice bf16's: half as many fit the same share (auto counts as float32, the largest)."""
+    engine = {"max_num_seqs": 256, "gpu_memory_utilization": 1.0, "lora_gpu_memory_fraction": 0.1}
+    gpu = Hardware("gpu", AVX2, 400 * SLOT_BF16)
+    counts = {
+        d: resolve_sizing(_settings(tmp_path, engine, dtype=d), gpu).max_loras.value for d in ("bfloat16", "auto")
+    }
+    assert counts == {"bfloat16": 40, "auto": 20}
+
+
+@pytest.mark.parametrize(
+    ("engine", "budget", "hardware", "message"),
+    [
+        ({}, SLOT_BF16 // 2, CPU, "holds 0 adapter(s)"),
+        ({"max_loras": 4}, 3 * SLOT_BF16, CPU, f"raise the budget to at least {4 * SLOT_BF16} bytes"),
+        ({"max_cpu_loras": 6}, 5 * SLOT_BF16, CPU, "does not fit store.memory_budget_bytes"),
+        ({"lora_gpu_memory_fraction": 0.01}, None, Hardware("gpu", AVX2, 10 * SLOT_BF16), "not one LoRA slot fits"),
+    ],
+)
+def test_sizes_that_cannot_fit_are_refused_naming_the_key(tmp_path: Path, engine, budget, hardware, message) -> None:
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        resolve_sizing(_settings(tmp_path, engine, budget), hardware)
+
+
+@pytest.mark.parametrize(
+    ("text", "flags"),
+    [
+        (
+            "processor\t: 0\nflags\t\t: fpu avx2 avx512_bf16\n\nprocessor\t: 1\nflags\t\t: fpu\n",
+            {"fpu", "avx2", "avx512_bf16"},
+        ),
+        ("processor\t: 0\nmodel name\t: x\n", set()),
+    ],
+)
+def test_detect_hardware_reads_the_cpu_flags(tmp_path: Path, text: str, flags: set[str]) -> None:
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(text)
+    hardware = detect_hardware(cpuinfo)
+    assert hardware.device == "cpu" and hardware.cpu_flags == flags
