@@ -46,12 +46,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime
 import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -167,18 +167,25 @@ def short_command(args: argparse.Namespace, settings: Settings, url: str, out: P
 
 
 def short_once(args: argparse.Namespace, settings: Settings, url: str, out: Path, pid: int) -> dict:
-    """One run of vLLM's client against ``url``; its summary and the API process's CPU ms per request."""
+    """One run of vLLM's client against ``url``; its summary and the API process's CPU ms per request.
+
+    The client runs in this process (what ``short_command`` would run), so vLLM is imported once, not
+    once per run; its output goes to ``out`` with a ``.log`` suffix.
+    """
     import psutil
+    from vllm.benchmarks.serve import add_cli_args
+    from vllm.benchmarks.serve import main as bench
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
 
     out.parent.mkdir(parents=True, exist_ok=True)
+    parser = FlexibleArgumentParser()
+    add_cli_args(parser)
+    client_args = parser.parse_args(short_command(args, settings, url, out)[3:])
     process = psutil.Process(pid)
     before = sum(process.cpu_times()[:2])
-    log = out.with_suffix(".log")
-    with log.open("w") as sink:
-        status = subprocess.run(short_command(args, settings, url, out), stdout=sink, stderr=subprocess.STDOUT)
+    with out.with_suffix(".log").open("w") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+        bench(client_args)
     cpu_s = sum(process.cpu_times()[:2]) - before
-    if status.returncode != 0:
-        raise RuntimeError(f"vLLM's benchmark client failed (exit {status.returncode}); see {log}")
     result = json.loads(out.read_text())
     result["api_cpu_ms_per_request"] = 1000 * cpu_s / max(1, result["completed"])
     return result
