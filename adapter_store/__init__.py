@@ -14,6 +14,7 @@ inference: it never imports vLLM or FastAPI, nor anything of ``serving``,
 and tests without an engine.
 """
 
+from adapter_store.catalog import CatalogEntry
 from adapter_store.digest import content_digest
 from adapter_store.errors import (
     AdapterInUse,
@@ -52,6 +53,7 @@ __all__ = [
     "AmbiguousVersion",
     "BaseModelSpec",
     "CacheFull",
+    "CatalogEntry",
     "Claim",
     "DiskCacheState",
     "HealthRecord",

@@ -189,6 +189,32 @@ class DiskCache:
         with self._fetch_lock(version.version):  # one download per version; others wait for it, then hit
             return self._acquire_locked(version)
 
+    def acquire_cached(self, digest: str) -> Path | None:
+        """A lease on a cached, untouched version without waiting on its fetch lock; ``None``: use :meth:`acquire`.
+
+        The hot path of a request: the same stat-signature check as a hit of
+        :meth:`acquire` (a few ``stat`` calls, no hash), but anything else
+        (not cached, files touched, a fetch or check in progress that changed
+        the entry) is left to :meth:`acquire`, which may block.
+        """
+        path = self.cache_dir / digest
+        with self._lock:
+            recorded = self._signatures.get(digest)
+            if recorded is None or digest not in self._entries:
+                return None
+        try:
+            signature = file_signature(path)
+        except FileNotFoundError:
+            return None
+        with self._lock:
+            if signature != self._signatures.get(digest) or digest not in self._entries:
+                return None
+            self._entries.move_to_end(digest)
+            self._leases[digest] = self._leases.get(digest, 0) + 1
+            self.stats.hits += 1
+            os.utime(path)  # the LRU order a restart reads back
+        return path
+
     @contextmanager
     def _fetch_lock(self, digest: str) -> Iterator[None]:
         """The version's own lock, kept only while someone holds or waits for it (the table stays bounded)."""

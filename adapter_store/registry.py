@@ -28,6 +28,7 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
+from adapter_store.catalog import CatalogEntry
 from adapter_store.errors import (
     AdapterNotFound,
     AdapterPinned,
@@ -279,6 +280,25 @@ class AdapterRegistry:
         if row is None:
             raise AdapterNotFound(f"adapter {name!r} is not registered", param="name")
         return row[0]
+
+    def snapshot(self, name: str) -> CatalogEntry | None:
+        """Everything a request for ``name`` needs, read in one transaction; ``None`` if it is not registered."""
+        with self._read() as conn:
+            owner = conn.execute("SELECT tenant FROM adapters WHERE name = ?", (name,)).fetchone()
+            if owner is None:
+                return None
+            rows = conn.execute(f"SELECT {_VERSION_COLUMNS} FROM versions v WHERE v.name = ?", (name,)).fetchall()
+            aliases = conn.execute("SELECT alias, digest FROM aliases WHERE name = ?", (name,)).fetchall()
+            health = conn.execute(
+                "SELECT digest, state, reason, checked_at, latency_s FROM health WHERE name = ?", (name,)
+            ).fetchall()
+        return CatalogEntry(
+            name=name,
+            owner=owner[0],
+            versions={v.version: v for v in map(_row_to_version, rows)},
+            aliases=dict(aliases),
+            health={digest: HealthRecord(*rest) for digest, *rest in health},
+        )
 
     # -- listing ----------------------------------------------------------------------
 

@@ -21,7 +21,13 @@ version's files for the life of the request: a leased version is never
 evicted from the disk cache, so the engine can load it at any point while the
 request runs.
 
-Everything here is synchronous and may block on I/O (a fetch, hashing, the
+A request for a known adapter needs none of the registry's I/O:
+:meth:`AdapterStore.cached_entry` answers owner, version and health from an
+in-memory catalog that SQLite's data version invalidates on every registry
+change (``adapter_store.catalog``), and :meth:`AdapterStore.acquire_cached`
+leases cached files with a few ``stat`` calls.
+
+Everything else here is synchronous and may block on I/O (a fetch, hashing, the
 registry's SQLite lock): async callers run it in a worker thread.
 """
 
@@ -38,6 +44,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from adapter_store.cache import CacheStats, DiskCache
+from adapter_store.catalog import Catalog, CatalogEntry
 from adapter_store.digest import content_digest
 from adapter_store.errors import AdapterInUse, AdapterNotFound, CacheFull, InvalidRef, LegacyDigest
 from adapter_store.migration import DigestMigration
@@ -91,6 +98,7 @@ class AdapterStore:
             lease_wait_s=settings.lease_wait_s,
         )
         self._name_locks = tuple(threading.Lock() for _ in range(NAME_LOCK_STRIPES))
+        self._catalog = Catalog(registry.path, registry.snapshot, busy_timeout_s=settings.busy_timeout_s)
 
     @classmethod
     def open(
@@ -120,6 +128,7 @@ class AdapterStore:
         return cls(settings, registry, validator)
 
     def close(self) -> None:
+        self._catalog.close()
         self._registry.close()
 
     def _fetch(self, uri: str, dest: Path) -> None:
@@ -254,6 +263,26 @@ class AdapterStore:
     ) -> HealthRecord:
         return self._registry.record_health(name, version, state, reason=reason, latency_s=latency_s)
 
+    # -- the catalog: a request's view of a name, in memory ------------------------------
+
+    def cached_entry(self, name: str) -> CatalogEntry | None:
+        """``name``'s owner, versions, aliases and health if the catalog holds them, current; else ``None``.
+
+        Never blocks on I/O (one ``PRAGMA data_version``, see ``adapter_store.catalog``): the hot path of a
+        request for a known adapter. ``None`` means "ask :meth:`entry`", not "unregistered".
+        """
+        return self._catalog.get(name)
+
+    def entry(self, name: str) -> CatalogEntry:
+        """``name``'s owner, versions, aliases and health, read from the registry and kept in the catalog.
+
+        ``AdapterNotFound`` if it is not registered. Blocks (SQLite): async callers use a thread.
+        """
+        entry = self._catalog.load(name)
+        if entry is None:
+            raise AdapterNotFound(f"adapter {name!r} is not registered", param="name")
+        return entry
+
     # -- resolving ----------------------------------------------------------------------
 
     def version(self, ref: str, *, register_for: Claim | None = None) -> AdapterVersion:
@@ -292,7 +321,19 @@ class AdapterStore:
                 f"(POST /v1/adapters or loraserve adapters register) and delete this version",
                 param="model",
             )
-        path = self._cache.acquire(version)
+        return self._served(version, self._cache.acquire(version))
+
+    def acquire_cached(self, version: AdapterVersion) -> ServedAdapter | None:
+        """:meth:`acquire` if the files are cached and untouched, without blocking; ``None``: call :meth:`acquire`.
+
+        Costs a few ``stat`` calls and the cache's lock: no fetch, no hash, no wait on a fetch in progress.
+        """
+        if version.legacy_digest:
+            return None  # acquire says why it cannot be served
+        path = self._cache.acquire_cached(version.version)
+        return None if path is None else self._served(version, path)
+
+    def _served(self, version: AdapterVersion, path: Path) -> ServedAdapter:
         return ServedAdapter(
             name=version.name,
             version=version.version,

@@ -29,21 +29,37 @@ comparison (``alternatives_vs_vllm.png``, ``alternatives_vs_naive.png``) under
 real figures). Raw locust output per run goes under ``--work`` (not committed).
 
 Targets: throughput >= 0.95x vLLM's server with TTFT p50 within 10%; >= 5x the naive design.
+
+``--profile short`` (issue 16: the cost per request, not per token) drives
+ours and vLLM's server with vLLM's own benchmark client
+(``vllm.benchmarks.serve``, called as a module: the ``vllm`` entry point of
+the CPU wheel does not start): random dataset, 32 prompt and 32 output
+tokens, 96 prompts, 16 concurrent, every request streamed to
+``/v1/completions`` on one of the three adapters (its ``--lora-modules``),
+interleaved over ``--repeats`` rounds; the ratios are per round, then the
+median. Targets: >= 1.0x vLLM's output throughput, TTFT p50 <= 1.05x. It
+writes ``bench_alternatives_short{_quick}.json``. Each server's API process
+CPU time per request is recorded beside (the engine runs in child processes).
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import datetime
 import json
 import os
 import platform
 import statistics
 import sys
+import time
+from collections.abc import Awaitable, Callable
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
+from adapter_store import AdapterRef, AdapterStore
 from loadtests import runner
 from loadtests.process import free_port, running_server
 from serving.config import Settings, load_settings
@@ -58,6 +74,13 @@ COMPARISONS: dict[str, dict[str, float | None]] = {
     "naive": {"throughput_min": 5.0, "ttft_p50_max": None},
 }
 _GIB = 1 << 30
+SHORT_COMPARISON = {"throughput_min": 1.0, "ttft_p50_max": 1.05}
+# vllm.benchmarks.serve has no __main__; this is what the `vllm bench serve` entry point runs.
+VLLM_BENCH = (
+    "import sys; from vllm.benchmarks.serve import add_cli_args, main; "
+    "from vllm.utils.argparse_utils import FlexibleArgumentParser; "
+    "p = FlexibleArgumentParser(); add_cli_args(p); main(p.parse_args(sys.argv[1:]))"
+)
 
 
 def vllm_server_command(settings: Settings, port: int) -> list[str]:
@@ -115,6 +138,58 @@ def load_once(args: argparse.Namespace, settings: Settings, url: str, out: Path)
     summary = json.loads((out / "summary.json").read_text())
     summary["exit_status"] = status
     return summary
+
+
+def cpu_info() -> dict[str, str]:
+    """The CPU model and its feature flags (Linux), which every figure must name."""
+    info = {"model": platform.processor() or platform.machine(), "flags": ""}
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                info["model"] = value.strip()
+            elif key.strip() == "flags" and not info["flags"]:
+                info["flags"] = value.strip()
+    return info
+
+
+def short_command(args: argparse.Namespace, settings: Settings, url: str, out: Path) -> list[str]:
+    """vLLM's benchmark client: short requests spread over the adapters, streamed to /v1/completions."""
+    return [
+        sys.executable, "-c", VLLM_BENCH, "--backend", "openai", "--base-url", url, "--endpoint", "/v1/completions",
+        "--model", settings.model.name, "--tokenizer", str(settings.model.tokenizer or settings.model.path),
+        "--dataset-name", "random", "--random-input-len", str(args.short_input), "--random-output-len",
+        str(args.short_output), "--num-prompts", str(args.short_prompts), "--max-concurrency", str(args.users),
+        "--ignore-eos", "--seed", "0", "--lora-modules", *(a.name for a in settings.adapters),
+        "--percentile-metrics", "ttft,tpot,itl,e2el", "--save-result", "--result-dir", str(out.parent),
+        "--result-filename", out.name,
+    ]  # fmt: skip
+
+
+def short_once(args: argparse.Namespace, settings: Settings, url: str, out: Path, pid: int) -> dict:
+    """One run of vLLM's client against ``url``; its summary and the API process's CPU ms per request.
+
+    The client runs in this process (what ``short_command`` would run), so vLLM is imported once, not
+    once per run; its output goes to ``out`` with a ``.log`` suffix.
+    """
+    import psutil
+    from vllm.benchmarks.serve import add_cli_args
+    from vllm.benchmarks.serve import main as bench
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    parser = FlexibleArgumentParser()
+    add_cli_args(parser)
+    client_args = parser.parse_args(short_command(args, settings, url, out)[3:])
+    process = psutil.Process(pid)
+    before = sum(process.cpu_times()[:2])
+    with out.with_suffix(".log").open("w") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+        bench(client_args)
+    cpu_s = sum(process.cpu_times()[:2]) - before
+    result = json.loads(out.read_text())
+    result["api_cpu_ms_per_request"] = 1000 * cpu_s / max(1, result["completed"])
+    return result
 
 
 def ratios(runs: dict[str, list[dict]], other: str) -> dict:
@@ -207,27 +282,195 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--zipf-s", type=float, default=0.0, help="popularity skew over the 4 targets (0: uniform)")
     parser.add_argument("--start-timeout", type=float, default=900.0)
+    parser.add_argument(
+        "--profile", choices=("locust", "short", "path"), default="locust",
+        help="locust: the mixed streaming load, against vLLM and naive; short: vLLM's own client, 32 in / 32 out, "
+        "against vLLM's server; path: a request's adapter selection and tokenization, before and after the catalog",
+    )  # fmt: skip
+    parser.add_argument("--short-prompts", type=int, default=96)
+    parser.add_argument("--short-input", type=int, default=32)
+    parser.add_argument("--short-output", type=int, default=32)
     args = parser.parse_args()
     if args.quick:
-        args.repeats, args.run_time, args.max_tokens = 2, "10s", 32
+        args.repeats, args.run_time, args.max_tokens, args.short_prompts = 2, "10s", 32, 48
     return args
+
+
+def short_report(args: argparse.Namespace, settings: Settings, runs: dict[str, list[dict]]) -> dict[str, Any]:
+    keys = ("output_throughput", "request_throughput", "median_ttft_ms", "p99_ttft_ms", "median_tpot_ms",
+            "median_itl_ms", "median_e2el_ms", "completed", "failed", "api_cpu_ms_per_request")  # fmt: skip
+    result = ratios(runs, "vllm")
+    result["target"] = SHORT_COMPARISON
+    result["met"] = verdicts(result, SHORT_COMPARISON)
+    return {
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="minutes"),
+        "machine": {
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+            "loadavg": os.getloadavg(),
+            "cpu": cpu_info(),
+        },  # fmt: skip
+        "settings": {
+            "config": str(args.config),
+            "model": str(settings.model.path),
+            "dtype": settings.model.dtype,
+            "engine": settings.engine.model_dump(),
+            "client": "vllm.benchmarks.serve",
+            "dataset": "random",
+            "input_len": args.short_input,
+            "output_len": args.short_output,
+            "prompts": args.short_prompts,
+            "max_concurrency": args.users,
+            "repeats": args.repeats,
+            "quick": args.quick,
+            "lora_modules": [a.name for a in settings.adapters],
+            "command": short_command(args, settings, "URL", Path("OUT.json"))[3:],
+        },  # fmt: skip
+        "runs": {n: [{k: r.get(k) for k in keys} for r in runs[n]] for n in runs},
+        "medians": {n: {k: statistics.median(r[k] for r in runs[n]) for k in keys} for n in runs},
+        "comparisons": {"vllm": result},
+    }
+
+
+def run_short(args: argparse.Namespace, settings: Settings, commands: dict[str, list[str]], ports: dict) -> int:
+    """The short-request profile: ours and vLLM's server, vLLM's client, interleaved rounds."""
+    env = {"VLLM_CPU_KVCACHE_SPACE": str(max(1, int(settings.engine.kv_cache_gib or 1)))}
+    servers = ("ours", "vllm")
+    runs: dict[str, list[dict]] = {name: [] for name in servers}
+    with ExitStack() as stack:
+        pids = {}
+        for name in servers:
+            print(f"starting {name}: {' '.join(commands[name][:4])} ...", flush=True)
+            url = f"http://127.0.0.1:{ports[name]}"
+            process = stack.enter_context(running_server(commands[name], f"{url}/health", args.work / f"{name}.log",
+                                                         env=env, timeout_s=args.start_timeout, cwd=ROOT))  # fmt: skip
+            pids[name] = process.pid
+        for name in servers:  # warm-up: first loads of each adapter, compiled paths
+            short_once(args, settings, f"http://127.0.0.1:{ports[name]}", args.work / f"warm_{name}.json", pids[name])
+        for rep in range(args.repeats):
+            for name in servers:
+                print(f"=== short, round {rep + 1}/{args.repeats}: {name} ===", flush=True)
+                out = args.work / f"short_rep{rep}_{name}.json"
+                runs[name].append(short_once(args, settings, f"http://127.0.0.1:{ports[name]}", out, pids[name]))
+    report = short_report(args, settings, runs)
+    suffix = "_quick" if args.quick else ""
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"bench_alternatives_short{suffix}.json").write_text(json.dumps(report, indent=2))
+    c, med = report["comparisons"]["vllm"], report["medians"]
+    for name in servers:
+        m = med[name]
+        print(f"{name:<6} {m['output_throughput']:8.1f} tok/s  TTFT p50 {m['median_ttft_ms']:7.1f} ms  "
+              f"TPOT p50 {m['median_tpot_ms']:6.1f} ms  API CPU {m['api_cpu_ms_per_request']:5.2f} ms/request")  # fmt: skip
+    print(f"ours/vllm: throughput {c['throughput_ratio']:.2f} (target >= 1.0, per round {c['throughput_ratios']}), "
+          f"TTFT p50 {c['ttft_p50_ratio']:.2f} (target <= 1.05, per round {c['ttft_p50_ratios']})")  # fmt: skip
+    failed = [f"{n} round {i}" for n in servers for i, r in enumerate(runs[n]) if r["failed"] or not r["completed"]]
+    if failed:
+        print(f"runs with failed requests: {failed}", file=sys.stderr)
+        return 1
+    return 0
+
+
+async def _per_call_us(step: Callable[[], Awaitable[object]], calls: int) -> float:
+    start = time.perf_counter()
+    for _ in range(calls):
+        await step()
+    return 1e6 * (time.perf_counter() - start) / calls
+
+
+async def _path_steps(store: AdapterStore, tokenizer: Any, calls: int) -> dict[str, float]:
+    """Microseconds per request of each way to select an adapter and tokenize a short prompt, on this loop."""
+    prompt = "The quick brown fox jumps over the lazy dog and keeps running far " * 2  # ~32 tokens
+
+    def registry_select() -> None:  # the pre-catalog path: owner, version, health, cached?, lease (one thread hop)
+        version = store.version("code")
+        store.tenant(version.name), store.health(version.name, version.version), store.is_cached(version)
+        store.release(store.acquire(version))
+
+    async def catalog_select() -> None:
+        entry = store.cached_entry("code") or store.entry("code")
+        version = entry.resolve(AdapterRef.parse("code"))
+        assert version is not None and entry.health_of(version.version).state != "failed"
+        adapter = store.acquire_cached(version)
+        assert adapter is not None
+        store.release(adapter)
+
+    async def encode_inline() -> None:
+        tokenizer.encode(prompt)
+
+    steps = {
+        "select: thread hop + registry reads (before)": lambda: asyncio.to_thread(registry_select),
+        "select: in-memory catalog + stat-checked lease (after)": catalog_select,
+        "tokenize 32 tokens: thread hop (before)": lambda: asyncio.to_thread(tokenizer.encode, prompt),
+        "tokenize 32 tokens: inline (after)": encode_inline,
+    }
+    return {name: await _per_call_us(step, calls) for name, step in steps.items()}
+
+
+def run_path(args: argparse.Namespace, settings: Settings) -> int:
+    """The selection and tokenization steps of one request, before and after the catalog, without an engine.
+
+    Twice: on an idle loop, and with one other thread running Python (as a
+    tokenizer thread or the engine client's does), where a thread hop waits
+    for the interpreter's switch interval to get the GIL.
+    """
+    import tempfile
+    import threading
+
+    from transformers import AutoTokenizer
+
+    from serving.store import open_store
+
+    tokenizer = AutoTokenizer.from_pretrained(str(settings.model.tokenizer or settings.model.path))
+    calls = 200 if args.quick else 2000
+    with tempfile.TemporaryDirectory() as root:
+        store = open_store(settings, Path(root))
+        try:
+            report: dict[str, Any] = {"machine": {"platform": platform.platform(), "cpu": cpu_info(),
+                                                  "loadavg": os.getloadavg()}, "calls": calls}  # fmt: skip
+            report["idle_us"] = asyncio.run(_path_steps(store, tokenizer, calls))
+            stop = threading.Event()
+
+            def spin() -> None:
+                while not stop.is_set():
+                    sum(range(1000))
+
+            spinner = threading.Thread(target=spin)
+            spinner.start()
+            try:
+                report["one_busy_thread_us"] = asyncio.run(_path_steps(store, tokenizer, calls))
+            finally:
+                stop.set()
+                spinner.join()
+        finally:
+            store.close()
+    suffix = "_quick" if args.quick else ""
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"bench_alternatives_path{suffix}.json").write_text(json.dumps(report, indent=2))
+    for name in report["idle_us"]:
+        print(f"{name:<58}{report['idle_us'][name]:9.1f} us idle{report['one_busy_thread_us'][name]:9.1f} us busy")
+    return 0
 
 
 def main() -> int:
     args = parse_args()
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        print("bench_alternatives needs matplotlib: pip install -e '.[bench]'", file=sys.stderr)
-        return 2
+    if args.profile == "locust":
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            print("bench_alternatives needs matplotlib for its plots: pip install -e '.[bench]'", file=sys.stderr)
+            return 2
     settings = load_settings(args.config)
     if args.config.resolve() == (ROOT / "configs" / "dev.yaml").resolve():
         from checkpoints.assets import build_demo_assets
 
         build_demo_assets(ROOT / ".demo")
     settings.check_files()
+    if args.profile == "path":
+        return run_path(args, settings)
     ports = {name: free_port() for name in SERVERS}
     commands = server_commands(args.config, settings, ports)
+    if args.profile == "short":
+        return run_short(args, settings, commands, ports)
     env = {"VLLM_CPU_KVCACHE_SPACE": str(max(1, int(settings.engine.kv_cache_gib or 1)))}
     runs: dict[str, list[dict]] = {name: [] for name in SERVERS}
     with ExitStack() as stack:

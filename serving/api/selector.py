@@ -31,9 +31,15 @@ A fallback answer carries ``X-Adapter-Fallback`` (what answered) and
 registered adapters only; anything a request names that is not registered
 counts under one ``unknown`` label. Nothing here touches any other request.
 
-The store blocks (SQLite, fetches): :meth:`AdapterSelector.acquire` makes one
-worker-thread hop for all of it; the other methods are synchronous and are
-called from worker threads (the router's executor, a ``to_thread`` block).
+A known adapter whose files are cached is selected on the event loop, from
+the store's in-memory catalog and the disk cache's tables (no SQLite, no
+thread): that is every request but the first for a name after a registry
+change. Anything else (an unknown name, a version the catalog cannot
+resolve, files to fetch or re-check) makes one worker-thread hop in
+:meth:`AdapterSelector.acquire` for all of the store's blocking work, and
+reads the name into the catalog on the way. ``may_use``, ``visible`` and
+``require`` read the registry and are called from worker threads (the
+router's executor, a ``to_thread`` block) or off the hot path (a 404).
 """
 
 from __future__ import annotations
@@ -169,7 +175,9 @@ class AdapterSelector:
             self.store.release(resolution.adapter)
 
     async def _acquire(self, model: str, principal: Principal) -> ServedAdapter:
-        adapter = await asyncio.to_thread(self._lease, model, principal)
+        adapter = self._lease_known(model, principal)
+        if adapter is None:
+            adapter = await asyncio.to_thread(self._lease, model, principal)
         try:
             await self.engine.ensure_loaded(adapter)
         except AdapterLoadFailed as e:
@@ -185,13 +193,41 @@ class AdapterSelector:
             raise
         return adapter
 
+    def _lease_known(self, model: str, principal: Principal) -> ServedAdapter | None:
+        """The hot path, on the event loop: a name the catalog holds, a version it resolves, files cached.
+
+        The same checks as :meth:`_lease`, in the same order (owner, then
+        version, then health), from memory; ``None`` sends the request to
+        :meth:`_lease` (a thread), which reads the registry and fills the
+        catalog, or raises the error the registry gives. Refusals go that way
+        too: the 404 lists the caller's models, which reads the registry.
+        """
+        try:
+            ref = AdapterRef.parse(model)
+        except InvalidRef:
+            return None
+        entry = self.store.cached_entry(ref.name)
+        if entry is None or not principal.may_use(entry.owner):
+            return None
+        version = entry.resolve(ref)
+        if version is None:
+            return None
+        health = entry.health_of(version.version)
+        if health.state == "failed":
+            reason = f"its last health check failed: {health.reason}"
+            raise _Unservable(version.name, HEALTH_FAILED, reason, label=version.name)
+        adapter = self.store.acquire_cached(version)
+        if adapter is not None:
+            self.metrics.adapter_lookups.labels(version.name, "disk", "hit").inc()
+        return adapter
+
     def _lease(self, model: str, principal: Principal) -> ServedAdapter:
         try:
             name = AdapterRef.parse(model).name
         except InvalidRef:
             raise self.not_found(model, principal) from None
         try:  # the owner first, from the registry alone: nothing is fetched for a caller who may not use it
-            owner = self.store.tenant(name)
+            owner = self.store.entry(name).owner  # read into the catalog: the next request takes the hot path
         except AdapterNotFound:
             claim = on_demand_claim(principal)
             if claim is None:

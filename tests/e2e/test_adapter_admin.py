@@ -216,6 +216,25 @@ def test_upload_names_and_size_are_limited(store: Store) -> None:
     assert "evil" not in registry(store.url)
 
 
+def test_registry_changes_reach_the_next_request(store: Store) -> None:
+    """A name the server has served comes from its in-memory catalog; each change reaches the very next request."""
+    code, legal = tokens(store.url, "code"), tokens(store.url, "legal")
+    name = unique("changing")
+    v1 = register(store, name, "code", aliases=["stable"])["info"]["version"]
+    assert tokens(store.url, name) == tokens(store.url, name) == code  # the second from memory
+    v2 = register(store, name, "legal")["info"]["version"]
+    assert tokens(store.url, name) == legal  # latest moved
+    assert tokens(store.url, f"{name}@stable") == code
+    response = httpx.put(f"{store.url}/v1/adapters/{name}/aliases/stable", json={"version": v2})
+    assert response.status_code == 200, response.text
+    assert tokens(store.url, f"{name}@stable") == legal
+    response = httpx.delete(f"{store.url}/v1/adapters/{name}@{v1}")
+    assert response.status_code == 200, response.text
+    assert tokens(store.url, name) == legal
+    response = generate(store.url, f"{name}@{v1[:12]}")
+    assert response.status_code == 404 and response.json()["error"]["code"] == "model_not_found", response.text
+
+
 def test_nan_adapter_fails_its_health_check_and_falls_back(store: Store) -> None:
     broken = unique("broken")
     fallbacks = f'loraserve_adapter_fallbacks_total{{adapter="{broken}",reason="health_check_failed"}}'

@@ -55,3 +55,24 @@ def test_vllm_server_gets_our_engine_args(engine) -> None:
         ("legal", Path("/m/legal")),
     ]
     assert parsed.port == 8123
+
+
+def test_short_profile_client_is_vllms_own_with_the_profile_settings(tmp_path: Path) -> None:
+    """The short profile's command parses with vLLM's benchmark parser into the load issue 16 specifies."""
+    import argparse
+
+    from vllm.benchmarks.serve import add_cli_args
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    from loadtests.bench_alternatives import VLLM_BENCH, short_command
+
+    ns = argparse.Namespace(short_input=32, short_output=32, short_prompts=96, users=16)
+    command = short_command(ns, settings(), "http://127.0.0.1:9", tmp_path / "r.json")
+    assert command[1:3] == ["-c", VLLM_BENCH]
+    parser = FlexibleArgumentParser()
+    add_cli_args(parser)
+    parsed = parser.parse_args(command[3:])
+    assert (parsed.dataset_name, parsed.random_input_len, parsed.random_output_len) == ("random", 32, 32)
+    assert (parsed.num_prompts, parsed.max_concurrency, parsed.ignore_eos) == (96, 16, True)
+    assert (parsed.lora_modules, parsed.model, parsed.endpoint) == (["code", "legal"], "base", "/v1/completions")
+    assert (parsed.result_dir, parsed.result_filename) == (str(tmp_path), "r.json")

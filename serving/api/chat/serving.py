@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
@@ -32,7 +31,7 @@ class ChatServing(GenerationServing):
     request_prefix = "chatcmpl"
 
     async def prepare(self, request: ChatCompletionRequest, adapter: ServedAdapter | None) -> GenerationJob:
-        prompt = await asyncio.to_thread(self._prompt_ids, request)
+        prompt = await self.tokenize(lambda: self._prompt_ids(request), sum(len(m.text) for m in request.messages))
         max_tokens = max_tokens_for(
             len(prompt),
             request.output_budget,
@@ -43,7 +42,7 @@ class ChatServing(GenerationServing):
         return self.new_job(request, adapter, [prompt], max_tokens, request.engine_logprobs)
 
     def _prompt_ids(self, request: ChatCompletionRequest) -> list[int]:
-        """The chat template, then the tokenizer (blocking: runs in a worker thread)."""
+        """The chat template, then the tokenizer (blocking: see ``tokenize``)."""
         messages = [{"role": m.role, "content": m.text} for m in request.messages]
         try:
             text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)

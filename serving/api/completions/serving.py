@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 
 from adapter_store import ServedAdapter
@@ -20,12 +19,19 @@ from serving.api.sampling import check_token_ids
 from serving.api.streams import SSE_DONE, sse_event
 
 
+def prompt_size(prompt: str | list[str] | list[int] | list[list[int]]) -> int:
+    """Characters of text, or count of token ids: what tokenizing or checking the prompt costs."""
+    if isinstance(prompt, str):
+        return len(prompt)
+    return sum(1 if isinstance(p, int) else len(p) for p in prompt)
+
+
 class CompletionServing(GenerationServing):
     endpoint = "completions"
     request_prefix = "cmpl"
 
     async def prepare(self, request: CompletionRequest, adapter: ServedAdapter | None) -> GenerationJob:
-        prompts = await asyncio.to_thread(self._prompt_ids, request.prompt)
+        prompts = await self.tokenize(lambda: self._prompt_ids(request.prompt), prompt_size(request.prompt))
         model_len, limits = self.settings.model.max_model_len, self.settings.limits
         max_tokens = min(
             max_tokens_for(len(ids), request.max_tokens, "max_tokens", model_len, limits) for ids in prompts
@@ -43,7 +49,7 @@ class CompletionServing(GenerationServing):
         )
 
     def _prompt_ids(self, prompt: str | list[str] | list[int] | list[list[int]]) -> list[list[int]]:
-        """Every prompt as token ids (blocking: runs in a worker thread); sent ids must be in the vocabulary."""
+        """Every prompt as token ids (blocking: see ``tokenize``); sent ids must be in the vocabulary."""
         if isinstance(prompt, str):
             return [self.tokenizer.encode(prompt, add_special_tokens=True)]
         if isinstance(prompt[0], str):
