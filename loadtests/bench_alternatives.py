@@ -46,7 +46,6 @@ CPU time per request is recorded beside (the engine runs in child processes).
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import datetime
 import json
@@ -54,13 +53,10 @@ import os
 import platform
 import statistics
 import sys
-import time
-from collections.abc import Awaitable, Callable
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-from adapter_store import AdapterRef, AdapterStore
 from loadtests import runner
 from loadtests.process import free_port, running_server
 from serving.config import Settings, load_settings
@@ -284,9 +280,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--zipf-s", type=float, default=0.0, help="popularity skew over the 4 targets (0: uniform)")
     parser.add_argument("--start-timeout", type=float, default=900.0)
     parser.add_argument(
-        "--profile", choices=("locust", "short", "path"), default="locust",
+        "--profile", choices=("locust", "short"), default="locust",
         help="locust: the mixed streaming load, against vLLM and naive; short: vLLM's own client, 32 in / 32 out, "
-        "against vLLM's server; path: a request's adapter selection and tokenization, before and after the catalog",
+        "against vLLM's server (the steps inside one request: python -m loadtests.bench_gateway_path)",
     )  # fmt: skip
     parser.add_argument("--short-prompts", type=int, default=480)
     parser.add_argument("--short-input", type=int, default=32)
@@ -371,87 +367,6 @@ def run_short(args: argparse.Namespace, settings: Settings, commands: dict[str, 
     return 0
 
 
-async def _per_call_us(step: Callable[[], Awaitable[object]], calls: int) -> float:
-    start = time.perf_counter()
-    for _ in range(calls):
-        await step()
-    return 1e6 * (time.perf_counter() - start) / calls
-
-
-async def _path_steps(store: AdapterStore, tokenizer: Any, calls: int) -> dict[str, float]:
-    """Microseconds per request of each way to select an adapter and tokenize a short prompt, on this loop."""
-    prompt = "The quick brown fox jumps over the lazy dog and keeps running far " * 2  # ~32 tokens
-
-    def registry_select() -> None:  # the pre-catalog path: owner, version, health, cached?, lease (one thread hop)
-        version = store.version("code")
-        store.tenant(version.name), store.health(version.name, version.version), store.is_cached(version)
-        store.release(store.acquire(version))
-
-    async def catalog_select() -> None:
-        entry = store.cached_entry("code") or store.entry("code")
-        version = entry.resolve(AdapterRef.parse("code"))
-        assert version is not None and entry.health_of(version.version).state != "failed"
-        adapter = store.acquire_cached(version)
-        assert adapter is not None
-        store.release(adapter)
-
-    async def encode_inline() -> None:
-        tokenizer.encode(prompt)
-
-    steps = {
-        "select: thread hop + registry reads (before)": lambda: asyncio.to_thread(registry_select),
-        "select: in-memory catalog + stat-checked lease (after)": catalog_select,
-        "tokenize 32 tokens: thread hop (before)": lambda: asyncio.to_thread(tokenizer.encode, prompt),
-        "tokenize 32 tokens: inline (after)": encode_inline,
-    }
-    return {name: await _per_call_us(step, calls) for name, step in steps.items()}
-
-
-def run_path(args: argparse.Namespace, settings: Settings) -> int:
-    """The selection and tokenization steps of one request, before and after the catalog, without an engine.
-
-    Twice: on an idle loop, and with one other thread running Python (as a
-    tokenizer thread or the engine client's does), where a thread hop waits
-    for the interpreter's switch interval to get the GIL.
-    """
-    import tempfile
-    import threading
-
-    from transformers import AutoTokenizer
-
-    from serving.store import open_store
-
-    tokenizer = AutoTokenizer.from_pretrained(str(settings.model.tokenizer or settings.model.path))
-    calls = 200 if args.quick else 2000
-    with tempfile.TemporaryDirectory() as root:
-        store = open_store(settings, Path(root))
-        try:
-            report: dict[str, Any] = {"machine": {"platform": platform.platform(), "cpu": cpu_info(),
-                                                  "loadavg": os.getloadavg()}, "calls": calls}  # fmt: skip
-            report["idle_us"] = asyncio.run(_path_steps(store, tokenizer, calls))
-            stop = threading.Event()
-
-            def spin() -> None:
-                while not stop.is_set():
-                    sum(range(1000))
-
-            spinner = threading.Thread(target=spin)
-            spinner.start()
-            try:
-                report["one_busy_thread_us"] = asyncio.run(_path_steps(store, tokenizer, calls))
-            finally:
-                stop.set()
-                spinner.join()
-        finally:
-            store.close()
-    suffix = "_quick" if args.quick else ""
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"bench_alternatives_path{suffix}.json").write_text(json.dumps(report, indent=2))
-    for name in report["idle_us"]:
-        print(f"{name:<58}{report['idle_us'][name]:9.1f} us idle{report['one_busy_thread_us'][name]:9.1f} us busy")
-    return 0
-
-
 def main() -> int:
     args = parse_args()
     if args.profile == "locust":
@@ -466,8 +381,6 @@ def main() -> int:
 
         build_demo_assets(ROOT / ".demo")
     settings.check_files()
-    if args.profile == "path":
-        return run_path(args, settings)
     ports = {name: free_port() for name in SERVERS}
     commands = server_commands(args.config, settings, ports)
     if args.profile == "short":
