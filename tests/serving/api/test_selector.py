@@ -161,6 +161,24 @@ async def test_the_base_model_needs_no_adapter(world: World) -> None:
     assert resolution.adapter is None and resolution.headers == {} and world.engine.loaded == []
 
 
+@pytest.mark.parametrize("model", ["medical", "medical@latest"])
+async def test_a_served_adapter_is_selected_again_without_a_thread_or_registry_read(
+    world: World, model: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The hot path: once a name has been served, the next request for it reads neither SQLite nor a thread."""
+    world.selector.release(await world.selector.acquire(model, HOSPITAL))
+
+    def refused(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the hot path left the event loop or read the registry")
+
+    monkeypatch.setattr("serving.api.selector.asyncio.to_thread", refused)
+    for blocking in ("version", "tenant", "health", "entry", "acquire"):
+        monkeypatch.setattr(world.store, blocking, refused)
+    resolution = await world.selector.acquire(model, HOSPITAL)
+    assert resolution.adapter is not None and resolution.adapter.name == "medical"
+    world.selector.release(resolution)
+
+
 # -- on demand: whom an unknown name is registered for -------------------------------------------------
 
 
