@@ -1,4 +1,4 @@
-"""Shared fixtures: the demo assets, one real server per test session, and a real S3 API (moto).
+"""Shared fixtures: the demo assets, one real server per test session, a real S3 API (moto), a real PostgreSQL.
 
 The server is the real thing: ``loraserve serve`` in a subprocess, with the real
 vLLM engine on the CPU, the demo adapters on disk, and HTTP on a free port.
@@ -12,6 +12,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -23,6 +24,8 @@ import psutil
 import pytest
 import yaml
 from xdist.scheduler import LoadFileScheduling
+
+from tests.postgres import PG_BIN, PostgresCluster
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_ROOT = REPO / ".demo"
@@ -256,3 +259,22 @@ def s3_server() -> Iterator[str]:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresCluster]:
+    """A throwaway PostgreSQL 15 cluster for the session (``tests/postgres.py``); skipped where none is installed.
+
+    Its directory is made with ``tempfile`` rather than ``tmp_path_factory``: the server runs as the
+    ``postgres`` user, which cannot enter pytest's root-only temporary directories."""
+    if not PostgresCluster.available():
+        pytest.skip(f"PostgreSQL is not installed at {PG_BIN}")
+    cluster = PostgresCluster(Path(tempfile.mkdtemp(prefix="loraserve-pg-")))
+    yield cluster
+    cluster.close()
+
+
+@pytest.fixture
+def postgres_url(postgres: PostgresCluster) -> str:
+    """The URL of a new, empty database on the session's cluster (one per test: tests stay independent)."""
+    return postgres.database()
