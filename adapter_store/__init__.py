@@ -27,6 +27,7 @@ from adapter_store.errors import (
     InvalidRef,
     LegacyDigest,
     OwnershipConflict,
+    RegistryUnavailable,
     SourceError,
     VersionConflict,
 )
@@ -63,6 +64,7 @@ __all__ = [
     "LegacyDigest",
     "LocalSourceSettings",
     "OwnershipConflict",
+    "RegistryUnavailable",
     "ServedAdapter",
     "SourceError",
     "StoreSettings",

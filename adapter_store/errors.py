@@ -77,3 +77,11 @@ class SourceError(AdapterStoreError):
 
 class CacheFull(AdapterStoreError):
     """The disk budget cannot hold a version because pinned or leased versions fill it."""
+
+
+class RegistryUnavailable(AdapterStoreError):
+    """The registry database cannot be reached (PostgreSQL down, network cut); nothing was changed.
+
+    Serving answers 503 so clients retry; adapters already known keep being
+    served from memory meanwhile.
+    """

@@ -36,6 +36,7 @@ from adapter_store import (
     InvalidRef,
     LegacyDigest,
     OwnershipConflict,
+    RegistryUnavailable,
     SourceError,
     VersionConflict,
 )
@@ -188,6 +189,14 @@ class AdapterUnavailableError(ServingError):
     code = "adapter_unavailable"
 
 
+class RegistryUnavailableError(ServingError):
+    """The adapter registry's database is unreachable: an admin change cannot be made now; retry."""
+
+    status = HTTPStatus.SERVICE_UNAVAILABLE
+    type = "ServiceUnavailableError"
+    code = "registry_unavailable"
+
+
 class NotFoundError(ServingError):
     status = HTTPStatus.NOT_FOUND
     type = "NotFoundError"
@@ -219,6 +228,7 @@ _STORE_ERRORS: dict[type[AdapterStoreError], tuple[type[ServingError], str]] = {
     AdapterInUse: (ConflictError, "adapter_in_use"),
     AdapterPinned: (ConflictError, "adapter_pinned"),
     CacheFull: (StorageFullError, "cache_full"),
+    RegistryUnavailable: (RegistryUnavailableError, "registry_unavailable"),
 }
 
 

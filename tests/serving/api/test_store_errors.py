@@ -16,6 +16,7 @@ from adapter_store import (
     InvalidRef,
     LegacyDigest,
     OwnershipConflict,
+    RegistryUnavailable,
     SourceError,
     VersionConflict,
 )
@@ -33,6 +34,7 @@ MAPPING = [  # (store error, HTTP status, error type, code)
     (AdapterInUse("serving requests", param="version"), 409, "ConflictError", "adapter_in_use"),
     (AdapterPinned("unpin it", param="version"), 409, "ConflictError", "adapter_pinned"),
     (CacheFull("budget full", param=None), 507, "InsufficientStorageError", "cache_full"),
+    (RegistryUnavailable("database down"), 503, "ServiceUnavailableError", "registry_unavailable"),
 ]
 
 
