@@ -6,6 +6,9 @@ import argparse
 import logging
 import sys
 from pathlib import Path
+from types import FrameType
+
+import uvicorn
 
 from routing.cli import add_routes_command
 from serving import adapters_cli, keys_cli, metrics_relay
@@ -16,9 +19,34 @@ logger = logging.getLogger("loraserve")
 DEFAULT_DEMO_ROOT = Path(".demo")
 
 
-def _serve(args: argparse.Namespace) -> int:
-    import uvicorn
+class StartupInterrupted(Exception):
+    """SIGTERM or SIGINT arrived before the server finished starting."""
 
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, which also stops while the lifespan is still starting the engine.
+
+    uvicorn only notes a signal until start-up completes, and the engine's start
+    blocks for seconds to minutes: a pod deleted (or a deployment rolled back)
+    during it would wait for the whole start, then shut down. Raised from the
+    handler, the exception unwinds whatever start-up is doing; vLLM stops the
+    engine processes it started, and the lifespan's ``finally`` closes the rest.
+    The signal is handled here, so uvicorn must not raise it again on the way out
+    (it would kill the process in the middle of that clean-up); uvicorn reports
+    the interrupted start-up as a failed one, and :func:`_serve` exits 0 instead.
+    """
+
+    interrupted = False
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        super().handle_exit(sig, frame)
+        if not self.started and not self.interrupted:
+            self.interrupted = True
+            self._captured_signals.remove(sig)
+            raise StartupInterrupted(f"signal {sig} before start-up completed: stopping")
+
+
+def _serve(args: argparse.Namespace) -> int:
     from serving.api.app import build_app
 
     settings = load_settings(args.config)
@@ -41,7 +69,13 @@ def _serve(args: argparse.Namespace) -> int:
     # Bound before the lifespan starts the engine, as vLLM's own server does: the engine picks
     # free ports for its own sockets, and one of them could otherwise be this port.
     sock = config.bind_socket()
-    uvicorn.Server(config).run(sockets=[sock])
+    server = _Server(config)
+    try:
+        server.run(sockets=[sock])
+    except (StartupInterrupted, SystemExit):
+        if not server.interrupted:
+            raise
+        logger.info("stopped by a signal during start-up")
     return 0
 
 

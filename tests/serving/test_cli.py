@@ -10,13 +10,16 @@ import time
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 import yaml
 
 from serving.cli import main
-from tests.conftest import demo_config
+from tests.conftest import ENGINE_PROCESS_TITLE, demo_config
 
 REPO = Path(__file__).resolve().parents[2]
+# Well under an engine start (~40 s for the demo on two idle cores, more under load): time to stop what started.
+STOP_DURING_STARTUP_S = 20
 
 
 def test_serve_refuses_a_bad_config_naming_the_key(tmp_path: Path) -> None:
@@ -79,10 +82,30 @@ def _port_is_held(port: int) -> bool:
     return False
 
 
+def _engine_processes(server: subprocess.Popen) -> list[psutil.Process]:
+    found = []
+    for process in psutil.Process(server.pid).children(recursive=True):
+        try:
+            if " ".join(process.cmdline()).startswith(ENGINE_PROCESS_TITLE):
+                found.append(process)
+        except psutil.Error:
+            continue
+    return found
+
+
+# When the signal comes: as soon as the port is held (imports, the store), or once vLLM's engine process runs.
+SIGNAL_MOMENTS = ["port_held", "engine_starting"]
+
+
 @pytest.mark.engine
-def test_serve_holds_its_port_before_the_engine_starts(demo_assets, tmp_path: Path) -> None:
+@pytest.mark.parametrize("moment", SIGNAL_MOMENTS)
+def test_serve_holds_its_port_and_stops_at_once_when_signalled_during_start_up(
+    demo_assets, tmp_path: Path, moment: str
+) -> None:
     """The engine picks free ports for its own sockets while it starts; were the server's port bound only
-    after that (uvicorn's default), one of them could take it and the server would exit with EADDRINUSE."""
+    after that (uvicorn's default), one of them could take it and the server would exit with EADDRINUSE.
+    A SIGTERM during start-up (a pod deleted, a rollout undone) stops the server now, not after the engine's
+    whole start, with exit status 0 and no engine process left behind."""
     config = demo_config(demo_assets)
     port = config["server"]["port"]
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
@@ -94,14 +117,21 @@ def test_serve_holds_its_port_before_the_engine_starts(demo_assets, tmp_path: Pa
         )  # fmt: skip
     try:
         deadline = time.monotonic() + 300
-        while not _port_is_held(port):
+        while not _port_is_held(port) or (moment == "engine_starting" and not _engine_processes(server)):
             assert server.poll() is None, log.read_text()[-3000:]
-            assert time.monotonic() < deadline, "the port was never bound"
+            assert time.monotonic() < deadline, f"never reached {moment}"
             time.sleep(0.05)
         # Held, and not yet serving: the engine is still to start (or starting) behind it.
         with pytest.raises(httpx.TransportError):
             httpx.get(f"http://127.0.0.1:{port}/health", timeout=1)
         assert "Application startup complete" not in log.read_text()
-    finally:
+        children = psutil.Process(server.pid).children(recursive=True)
         server.terminate()
-        server.wait(timeout=60)
+        assert server.wait(timeout=STOP_DURING_STARTUP_S) == 0, log.read_text()[-3000:]
+        assert "Application startup complete" not in log.read_text()
+        _, alive = psutil.wait_procs(children, timeout=10)
+        assert alive == [], alive
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
