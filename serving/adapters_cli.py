@@ -51,7 +51,9 @@ def _upload(args: argparse.Namespace) -> Request:
 
 
 COMMANDS: dict[str, tuple[str, list[tuple[tuple[str, ...], dict]], Callable[[argparse.Namespace], Request]]] = {
-    "list": ("every adapter, its versions and the cache tiers", [], lambda a: ("GET", "/v1/adapters", {})),
+    "list": ("a page of adapters with their versions, and the cache tiers (--after LAST_ID: the next page)",
+             [(("--after",), {}), (("--limit",), {"type": int, "default": 100})],
+             lambda a: ("GET", "/v1/adapters", {"params": {"limit": a.limit} | ({"after": a.after} if a.after else {})})),
     "show": ("one adapter's versions, aliases, pins and health", [(("name",), {})],
              lambda a: ("GET", f"/v1/adapters/{a.name}", {})),
     "register": (

@@ -15,6 +15,7 @@ nothing another test relies on: any subset runs in any order.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import subprocess
@@ -113,7 +114,7 @@ def upload(url: str, name: str, directory: Path, **form) -> httpx.Response:
 
 def registry(url: str) -> dict[str, tuple[dict, list[str]]]:
     """name -> (aliases, version ids): what registering or deleting changes."""
-    response = httpx.get(f"{url}/v1/adapters", timeout=30)
+    response = httpx.get(f"{url}/v1/adapters", params={"limit": 1000}, timeout=30)
     assert response.status_code == 200, response.text
     return {a["name"]: (a["aliases"], [v["id"] for v in a["versions"]]) for a in response.json()["data"]}
 
@@ -144,6 +145,30 @@ def test_register_upload_versions_and_aliases(store: Store) -> None:
     assert models[custom]["adapter"]["rank"] == v1["info"]["rank"] and models[custom]["parent"] == BASE
 
 
+def test_adapters_are_listed_in_pages(store: Store) -> None:
+    prefix = unique("paged")
+    names = [f"{prefix}-{i}" for i in range(5)]
+    for name in names:
+        register(store, name, "code", check=False)
+    full = sorted(registry(store.url))
+    assert set(names) <= set(full)
+    pages, after = [], None
+    for _ in range(len(full)):  # more pages than adapters: `after` is not followed
+        params = {"limit": 2} | ({"after": after} if after else {})
+        page = httpx.get(f"{store.url}/v1/adapters", params=params, timeout=30).json()
+        listed = [a["name"] for a in page["data"]]
+        assert len(listed) <= 2 and (page["first_id"], page["last_id"]) == (listed[0], listed[-1]), page
+        pages.append(listed)
+        if not page["has_more"]:
+            break
+        after = page["last_id"]
+    else:
+        pytest.fail(f"still has_more after {len(full)} pages")
+    assert [name for listed in pages for name in listed] == full  # every adapter once, in name order
+    too_many = httpx.get(f"{store.url}/v1/adapters", params={"limit": 1001}, timeout=30)
+    assert too_many.status_code == 400 and too_many.json()["error"]["param"] == "limit", too_many.text
+
+
 def test_cli_lists_shows_pins_and_deletes(store: Store) -> None:
     def cli(*args: str) -> subprocess.CompletedProcess:
         command = [sys.executable, "-m", "serving.cli", "adapters", "--url", store.url, *args]
@@ -152,9 +177,9 @@ def test_cli_lists_shows_pins_and_deletes(store: Store) -> None:
     temp = unique("temp")
     source = copy_adapter(store.demo.adapters["medical"], store.volume / temp, scale=0.5)
     assert cli("register", temp, str(source)).returncode == 0
-    listed = cli("list")
+    listed = cli("list", "--after", temp[:-1], "--limit", "1")  # the page of one that starts just before it
     assert listed.returncode == 0, listed.stderr
-    assert f'"name": "{temp}"' in listed.stdout
+    assert [a["name"] for a in json.loads(listed.stdout)["data"]] == [temp]
     assert tokens(store.url, temp)  # it serves, as itself (no fallback header)
     assert cli("pin", temp).returncode == 0
     refused = cli("delete", temp)

@@ -8,13 +8,15 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, FastAPI, Path, Request, status
+from fastapi import APIRouter, Depends, FastAPI, Path, Query, Request, status
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.datastructures import UploadFile
 
 from adapter_store import ALIAS_PATTERN, NAME_PATTERN
 from serving.api.adapters.protocol import (
+    LIST_PAGE_SIZE,
+    MAX_LIST_PAGE_SIZE,
     AdapterList,
     AdapterView,
     AliasRequest,
@@ -48,9 +50,16 @@ Alias = Annotated[
 
 
 @router.get("/v1/adapters", response_model=AdapterList, responses=ADMIN_ERRORS)
-async def list_adapters(serving: AdaptersServingDep, _: AdminDep) -> AdapterList:
-    """Every adapter with its versions, aliases, pins and health, and the cache tiers' state."""
-    return await serving.list_adapters()
+async def list_adapters(
+    serving: AdaptersServingDep,
+    _: AdminDep,
+    limit: Annotated[int, Query(ge=1, le=MAX_LIST_PAGE_SIZE, description="Adapters per page.")] = LIST_PAGE_SIZE,
+    after: Annotated[str | None, Query(pattern=NAME_PATTERN, description="The previous page's last_id.")] = None,
+) -> AdapterList:
+    """A page of adapters (name order) with their versions, aliases, pins and health, and the cache tiers' state.
+
+    Paged because a store holds thousands of adapters, each a few registry reads."""
+    return await serving.list_adapters(limit=limit, after=after)
 
 
 @router.post("/v1/adapters", response_model=VersionView, status_code=status.HTTP_201_CREATED, responses=ADMIN_ERRORS)

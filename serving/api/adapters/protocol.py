@@ -79,9 +79,18 @@ class CacheView(BaseModel):
     )
 
 
+LIST_PAGE_SIZE = 100
+MAX_LIST_PAGE_SIZE = 1000
+
+
 class AdapterList(BaseModel):
+    """One page of adapters in name order (OpenAI's list shape); ``after=<last_id>`` asks for the next."""
+
     object: Literal["list"] = "list"
     data: list[AdapterView]
+    first_id: str | None = Field(description="The page's first adapter name; null on an empty page.")
+    last_id: str | None = Field(description="The page's last adapter name: pass it as `after` for the next page.")
+    has_more: bool = Field(description="Whether adapters follow this page.")
     cache: CacheView
 
 

@@ -10,6 +10,8 @@ engine on the event loop.
 from __future__ import annotations
 
 import asyncio
+import bisect
+import contextlib
 import dataclasses
 import re
 from collections.abc import Callable
@@ -73,13 +75,20 @@ class AdaptersServing:
 
     # -- reading ------------------------------------------------------------------------
 
-    async def list_adapters(self) -> AdapterList:
+    async def list_adapters(self, *, limit: int, after: str | None) -> AdapterList:
         loaded = await self._loaded()
 
-        def read() -> tuple[list[AdapterView], int]:
-            return [self._adapter_view(name, loaded) for name in self.store.names()], self.store.bytes_on_disk()
+        def read() -> tuple[list[AdapterView], list[str], bool, int]:
+            names = sorted(self.store.names())  # code-point order, whatever the database's collation
+            start = bisect.bisect_right(names, after) if after is not None else 0
+            page = names[start : start + limit]
+            views = []
+            for name in page:
+                with contextlib.suppress(AdapterNotFound, NotFoundError):  # deleted since names() was read
+                    views.append(self._adapter_view(name, loaded))
+            return views, page, start + limit < len(names), self.store.bytes_on_disk()
 
-        views, disk = await self._store(read)
+        views, page, has_more, disk = await self._store(read)
         cache = CacheView(
             disk_bytes=disk,
             disk_budget_bytes=self.store.settings.disk_budget_bytes,
@@ -91,7 +100,13 @@ class AdaptersServing:
                 for key, c in self.engine.sizing.items().items()
             },
         )
-        return AdapterList(data=views, cache=cache)
+        return AdapterList(
+            data=views,
+            first_id=page[0] if page else None,
+            last_id=page[-1] if page else None,  # the cursor, even if that adapter was deleted meanwhile
+            has_more=has_more,
+            cache=cache,
+        )
 
     async def show(self, name: str) -> AdapterView:
         loaded = await self._loaded()
