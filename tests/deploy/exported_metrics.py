@@ -1,0 +1,139 @@
+"""The metric names a loraserve pod's /metrics exposes, built from the code, never listed by hand.
+
+Two families come out of one scrape (serving/metrics.py): loraserve's own,
+read here by instantiating every collector of ``serving.metrics`` against a
+fresh ``CollectorRegistry`` (small fakes stand in for the store and engine
+the scrape-time collectors read), and vLLM's ``vllm:*``, read from the
+installed vLLM's source (``vllm/v1/metrics/loggers.py``, the Prometheus stat
+logger the engine registers), because building that logger needs a running
+engine. A metric added, renamed or dropped in either place changes these sets,
+so the dashboard and picker checks that use them cannot drift.
+
+Names are the ones a PromQL query uses: counters with ``_total``, histograms
+as ``_bucket``/``_sum``/``_count`` (prometheus_client's exposition).
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import inspect
+from functools import cache
+from pathlib import Path
+from types import SimpleNamespace
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.registry import Collector
+
+from serving import metrics as serving_metrics
+
+
+def _vllm_loggers() -> Path:
+    """vLLM's Prometheus stat logger source, located without importing vLLM (an import takes seconds)."""
+    spec = importlib.util.find_spec("vllm")
+    if spec is None or spec.origin is None:
+        raise RuntimeError("vllm is not installed in this interpreter")
+    return Path(spec.origin).parent / "v1" / "metrics" / "loggers.py"
+
+
+_VLLM_KINDS = {"_gauge_cls": "gauge", "_counter_cls": "counter", "_histogram_cls": "histogram"}
+
+
+def exposed(name: str, kind: str) -> set[str]:
+    """The sample names one metric family of this type shows in the text exposition."""
+    if kind == "counter":
+        return {name.removesuffix("_total") + "_total"}
+    if kind in ("histogram", "gaugehistogram"):
+        return {f"{name}_bucket", f"{name}_sum", f"{name}_count"}
+    if kind == "summary":
+        return {f"{name}_sum", f"{name}_count", name}
+    if kind == "info":
+        return {f"{name}_info"}
+    return {name}
+
+
+def _fake_collector_args() -> dict[type, tuple]:
+    """Constructor arguments for each scrape-time collector: empty stand-ins for the store, engine and sizing."""
+    cache_state = SimpleNamespace(
+        cached=set(), used_bytes=0, budget_bytes=1, stats=SimpleNamespace(evictions=0, corrupt=0)
+    )
+    store = SimpleNamespace(disk_cache=lambda: cache_state, all_versions=lambda: [], latest=lambda: [])
+    choice = SimpleNamespace(value=1, source="config")
+    sizing = SimpleNamespace(
+        max_loras=choice, max_cpu_loras=choice, dtype=SimpleNamespace(value="float32", source="config")
+    )
+    return {
+        serving_metrics.AdapterStoreCollector: (store, []),
+        serving_metrics.EngineSizingCollector: (sizing,),
+    }
+
+
+def collector_classes() -> set[type]:
+    """Every scrape-time collector ``serving.metrics`` defines."""
+    return {
+        cls
+        for _, cls in inspect.getmembers(serving_metrics, inspect.isclass)
+        if cls.__module__ == serving_metrics.__name__ and Collector in cls.__mro__
+    }
+
+
+@cache
+def loraserve_names() -> frozenset[str]:
+    """Sample names of every loraserve metric: AdapterMetrics and each collector, on a fresh registry."""
+    registry = CollectorRegistry()
+    serving_metrics.AdapterMetrics(registry=registry)
+    fakes = _fake_collector_args()
+    missing = collector_classes() - set(fakes)
+    if missing:
+        raise AssertionError(
+            f"no fake arguments for the collectors {sorted(c.__name__ for c in missing)}: add them here"
+        )
+    for cls, args in fakes.items():
+        registry.register(cls(*args))
+    return frozenset(name for family in registry.collect() for name in exposed(family.name, family.type))
+
+
+def _constant_names(function: ast.AST) -> set[str]:
+    """String constants assigned to a variable ``name`` inside a function (``name = "vllm:..."``)."""
+    found = set()
+    for node in ast.walk(function):
+        if (
+            isinstance(node, ast.Assign)
+            and any(isinstance(t, ast.Name) and t.id == "name" for t in node.targets)
+            and isinstance(node.value, ast.Constant)
+            and isinstance(node.value.value, str)
+        ):
+            found.add(node.value.value)
+    return found
+
+
+@cache
+def vllm_families() -> dict[str, str]:
+    """vLLM metric name -> type, from every ``self._gauge_cls/_counter_cls/_histogram_cls(name=...)`` call."""
+    tree = ast.parse(_vllm_loggers().read_text())
+    families: dict[str, str] = {}
+    for function in ast.walk(tree):
+        if not isinstance(function, ast.FunctionDef):
+            continue
+        for node in ast.walk(function):
+            if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)):
+                continue
+            kind = _VLLM_KINDS.get(node.func.attr)
+            name = next((k.value for k in node.keywords if k.arg == "name"), None)
+            if kind is None or name is None:
+                continue
+            if isinstance(name, ast.Constant) and isinstance(name.value, str):
+                families[name.value] = kind
+            elif isinstance(name, ast.Name):  # name=name: the info gauges (vllm:cache_config_info)
+                families.update(dict.fromkeys(_constant_names(function), kind))
+    return families
+
+
+@cache
+def vllm_names() -> frozenset[str]:
+    """Sample names of vLLM's metrics, as the engine's Prometheus logger exposes them."""
+    return frozenset(name for family, kind in vllm_families().items() for name in exposed(family, kind))
+
+
+def all_names() -> frozenset[str]:
+    return loraserve_names() | vllm_names()
