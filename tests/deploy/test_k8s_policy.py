@@ -157,7 +157,7 @@ def test_secrets_are_referenced_never_committed(rendered, overlay: str) -> None:
     assert find(objects, "Secret") == []
     container = server_container(objects)
     key_refs = [e["valueFrom"]["secretKeyRef"] for e in container["env"] if "secretKeyRef" in e.get("valueFrom", {})]
-    assert [r["name"] for r in key_refs] == ["loraserve-api-keys"]
+    assert sorted(r["name"] for r in key_refs) == ["loraserve-api-keys", "loraserve-postgres"]
     assert [e["secretRef"]["name"] for e in container["envFrom"]] == ["loraserve-s3-credentials"]
 
 
@@ -218,7 +218,6 @@ def test_gpu_overlay_routes_through_an_inference_pool(rendered) -> None:
     assert selects(picker_service["spec"]["selector"], picker["spec"]["template"]["metadata"]["labels"])
     args = picker["spec"]["template"]["spec"]["containers"][0]["args"]
     assert args[args.index("--pool-name") + 1] == pool["metadata"]["name"]
-    assert server(objects)["spec"]["replicas"] >= 2
     assert one(objects, "HorizontalPodAutoscaler")["spec"]["minReplicas"] >= 2
 
 
