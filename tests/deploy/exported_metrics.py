@@ -23,6 +23,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from prometheus_client import CollectorRegistry
+from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.registry import Collector
 
 from serving import metrics as serving_metrics
@@ -53,17 +54,23 @@ def exposed(name: str, kind: str) -> set[str]:
 
 
 def _fake_collector_args() -> dict[type, tuple]:
-    """Constructor arguments for each scrape-time collector: empty stand-ins for the store, engine and sizing."""
-    cache_state = SimpleNamespace(
-        cached=set(), used_bytes=0, budget_bytes=1, stats=SimpleNamespace(evictions=0, corrupt=0)
+    """Constructor arguments for each scrape-time collector: one adapter version, cached on disk and
+    resident in the engine, so every labelled family yields a sample (and shows its label names)."""
+    version = SimpleNamespace(name="a", version="v1", metadata=SimpleNamespace(size_bytes=1))
+    stats = SimpleNamespace(evictions=0, corrupt=0)
+    cache_state = SimpleNamespace(cached={"v1"}, used_bytes=1, budget_bytes=2, stats=stats)
+    store = SimpleNamespace(
+        disk_cache=lambda: cache_state,
+        all_versions=lambda: [version],
+        latest=lambda: [version],
+        health=lambda name, version: SimpleNamespace(state="ok"),
     )
-    store = SimpleNamespace(disk_cache=lambda: cache_state, all_versions=lambda: [], latest=lambda: [])
+    resident = [SimpleNamespace(name="a", size_bytes=1)]
     choice = SimpleNamespace(value=1, source="config")
-    sizing = SimpleNamespace(
-        max_loras=choice, max_cpu_loras=choice, dtype=SimpleNamespace(value="float32", source="config")
-    )
+    dtype = SimpleNamespace(value="float32", source="config")
+    sizing = SimpleNamespace(max_loras=choice, max_cpu_loras=choice, dtype=dtype)
     return {
-        serving_metrics.AdapterStoreCollector: (store, []),
+        serving_metrics.AdapterStoreCollector: (store, resident),
         serving_metrics.EngineSizingCollector: (sizing,),
     }
 
@@ -78,10 +85,16 @@ def collector_classes() -> set[type]:
 
 
 @cache
-def loraserve_names() -> frozenset[str]:
-    """Sample names of every loraserve metric: AdapterMetrics and each collector, on a fresh registry."""
+def loraserve_series() -> dict[str, frozenset[str]]:
+    """Sample name -> its label names, for every loraserve metric, as one scrape exposes them.
+
+    AdapterMetrics and each collector on a fresh registry; every labelled metric gets one child
+    so its samples (``_total``, ``_bucket`` with ``le``, ...) are real exposition output."""
     registry = CollectorRegistry()
-    serving_metrics.AdapterMetrics(registry=registry)
+    metrics = serving_metrics.AdapterMetrics(registry=registry)
+    for metric in vars(metrics).values():
+        if isinstance(metric, MetricWrapperBase) and metric._labelnames:
+            metric.labels(*["x"] * len(metric._labelnames))
     fakes = _fake_collector_args()
     missing = collector_classes() - set(fakes)
     if missing:
@@ -90,7 +103,16 @@ def loraserve_names() -> frozenset[str]:
         )
     for cls, args in fakes.items():
         registry.register(cls(*args))
-    return frozenset(name for family in registry.collect() for name in exposed(family.name, family.type))
+    series: dict[str, set[str]] = {}
+    for family in registry.collect():
+        assert family.samples, f"{family.name} showed no sample: give its fake some state"
+        for sample in family.samples:
+            series.setdefault(sample.name, set()).update(sample.labels)
+    return {name: frozenset(labels) for name, labels in series.items()}
+
+
+def loraserve_names() -> frozenset[str]:
+    return frozenset(loraserve_series())
 
 
 def _constant_names(function: ast.AST) -> set[str]:
