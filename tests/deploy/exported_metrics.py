@@ -1,16 +1,16 @@
 """The metric names a loraserve pod's /metrics exposes, built from the code, never listed by hand.
 
-Two families come out of one scrape (serving/metrics.py): loraserve's own,
-read here by instantiating every collector of ``serving.metrics`` against a
-fresh ``CollectorRegistry`` (small fakes stand in for the store and engine
-the scrape-time collectors read), and vLLM's ``vllm:*``, read from the
-installed vLLM's source (``vllm/v1/metrics/loggers.py``, the Prometheus stat
-logger the engine registers), because building that logger needs a running
-engine. A metric added, renamed or dropped in either place changes these sets,
-so the dashboard and picker checks that use them cannot drift.
-
-Names are the ones a PromQL query uses: counters with ``_total``, histograms
-as ``_bucket``/``_sum``/``_count`` (prometheus_client's exposition).
+Two families come out of one scrape (serving/metrics.py). loraserve's own are
+read by instantiating ``AdapterMetrics`` and every collector of
+``serving.metrics`` on a fresh ``CollectorRegistry`` (small fakes stand in for
+the store, engine and sizing the scrape-time collectors read; each labelled
+metric gets one child), so the names and label names are prometheus_client's
+real exposition (``_total``, ``_bucket`` with ``le``, ...). vLLM's ``vllm:*``
+are read from the installed vLLM's source (``vllm/v1/metrics/loggers.py``, the
+Prometheus stat logger the engine registers), because building that logger
+needs a running engine; ``exposed`` turns each family into its sample names.
+A metric added, renamed or dropped in either place changes these sets, so the
+dashboard and endpoint-picker checks that use them cannot drift.
 """
 
 from __future__ import annotations
