@@ -70,7 +70,7 @@ def test_the_picker_scrapes_the_relay(rendered) -> None:
 
 def test_only_the_picker_may_reach_the_relay(rendered) -> None:
     objects = rendered["gpu"]
-    policy = one(objects, "NetworkPolicy")
+    policy = one(objects, "NetworkPolicy", "loraserve")
     relay_port = relay(objects)["ports"][0]["name"]
     rules = [rule for rule in policy["spec"]["ingress"] if any(p["port"] == relay_port for p in rule["ports"])]
     (rule,) = rules
@@ -87,7 +87,7 @@ def test_only_the_picker_may_reach_the_relay(rendered) -> None:
 def test_without_the_picker_there_is_no_relay(rendered) -> None:
     containers = server(rendered["cpu"])["spec"]["template"]["spec"]["containers"]
     assert [c["name"] for c in containers] == ["loraserve"]
-    assert len(one(rendered["cpu"], "NetworkPolicy")["spec"]["ingress"]) == 1
+    assert len(one(rendered["cpu"], "NetworkPolicy", "loraserve")["spec"]["ingress"]) == 1
 
 
 def test_the_readme_says_how_to_make_the_metrics_key() -> None:

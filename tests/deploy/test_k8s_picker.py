@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from tests.deploy.exported_metrics import vllm_names
-from tests.deploy.manifests import one
+from tests.deploy.manifests import find, one, selects
 
 _ZAP = {"zap-devel", "zap-encoder", "zap-log-level", "zap-stacktrace-level", "zap-time-encoding"}
 _V1_0 = _ZAP | {
@@ -134,3 +134,24 @@ def test_the_picker_watches_the_pool_group_the_inference_pool_uses(rendered) -> 
     assert args[args.index("--pool-group") + 1] == pool["apiVersion"].split("/")[0]
     rules = one(objects, "Role", "loraserve-epp")["rules"]
     assert any("inferencepools" in r["resources"] and pool["apiVersion"].split("/")[0] in r["apiGroups"] for r in rules)
+
+
+def test_only_the_monitoring_namespace_reaches_the_pickers_own_metrics(rendered) -> None:
+    """Its /metrics names models (adapters) and runs without token review (--metrics-endpoint-auth=false)."""
+    objects = rendered["gpu"]
+    container = picker_container(objects)
+    assert "--metrics-endpoint-auth=false" in container["args"]
+    labels = one(objects, "Deployment", "loraserve-epp")["spec"]["template"]["metadata"]["labels"]
+    (policy,) = [p for p in find(objects, "NetworkPolicy") if selects(p["spec"]["podSelector"]["matchLabels"], labels)]
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    for rule in policy["spec"]["ingress"]:
+        opened = {ports.get(p["port"], p["port"]) for p in rule["ports"]}
+        if ports["metrics"] in opened:
+            assert rule["from"] == [
+                {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
+            ]
+        else:
+            assert opened <= {ports["grpc"], ports["grpc-health"]}
+    reachable = {ports.get(p["port"], p["port"]) for rule in policy["spec"]["ingress"] for p in rule["ports"]}
+    assert reachable == set(ports.values()), "the gateway (ext_proc) and the kubelet (health) still get through"

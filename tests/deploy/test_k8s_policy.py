@@ -128,7 +128,7 @@ def test_selectors_select_the_server_pods(rendered, overlay: str) -> None:
     service = one(objects, "Service", "loraserve")
     assert selects(service["spec"]["selector"], labels)
     assert selects(one(objects, "PodDisruptionBudget")["spec"]["selector"]["matchLabels"], labels)
-    assert selects(one(objects, "NetworkPolicy")["spec"]["podSelector"]["matchLabels"], labels)
+    assert selects(one(objects, "NetworkPolicy", "loraserve")["spec"]["podSelector"]["matchLabels"], labels)
     monitor = one(objects, "ServiceMonitor")
     assert selects(monitor["spec"]["selector"]["matchLabels"], service["metadata"]["labels"])
     assert {e["port"] for e in monitor["spec"]["endpoints"]} <= {p["name"] for p in service["spec"]["ports"]}
