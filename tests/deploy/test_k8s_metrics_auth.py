@@ -13,7 +13,7 @@ import yaml
 
 from serving.cli import build_parser
 from tests.deploy.manifests import K8S, OVERLAYS, find, one, selects, server, server_container
-from tests.deploy.test_k8s_picker import PICKER_RELEASES, release
+from tests.deploy.picker_releases import PICKER_RELEASES, release
 
 METRICS_SECRET = "loraserve-metrics-key"
 

@@ -3,12 +3,9 @@
 The picker is a Go binary: an unknown flag makes it exit at start-up (v1.0.0
 parses with Go's ``flag`` package), and a metric name the model server does
 not export leaves its scorer blind. Neither shows in a schema. The flag sets
-and default metric names below were read from the tagged source of
-kubernetes-sigs/gateway-api-inference-extension (``cmd/epp/runner/runner.go``
-up to v1.2, ``pkg/epp/server/options.go`` and
-``pkg/common/observability/logging`` from v1.3; controller-runtime's zap flags
-in every release). The metric names are checked against the names vLLM's
-installed source defines (tests/deploy/exported_metrics.py), never a list.
+and default metric names per release are in tests/deploy/picker_releases.py;
+the metric names are checked against the names vLLM's installed source
+defines (tests/deploy/exported_metrics.py), never a list.
 """
 
 from __future__ import annotations
@@ -18,45 +15,14 @@ import yaml
 
 from tests.deploy.exported_metrics import vllm_names
 from tests.deploy.manifests import find, one, selects
+from tests.deploy.picker_releases import PICKER_RELEASES, flags, release
 
-_ZAP = {"zap-devel", "zap-encoder", "zap-log-level", "zap-stacktrace-level", "zap-time-encoding"}
-_V1_0 = _ZAP | {
-    "cert-path", "config-file", "config-text", "enable-pprof", "grpc-health-port", "grpc-port",
-    "ha-enable-leader-election", "health-checking", "kv-cache-usage-percentage-metric", "lora-info-metric",
-    "metrics-port", "metrics-staleness-threshold", "model-server-metrics-https-insecure-skip-verify",
-    "model-server-metrics-path", "model-server-metrics-port", "model-server-metrics-scheme", "pool-group",
-    "pool-name", "pool-namespace", "refresh-metrics-interval", "refresh-prometheus-metrics-interval",
-    "secure-serving", "total-queued-requests-metric", "v",
-}  # fmt: skip
-_V1_1 = _V1_0 | {"cache-info-metric", "metrics-endpoint-auth", "tracing"}
-_V1_2 = _V1_1 | {"endpoint-selector", "endpoint-target-ports"}
-_V1_3 = _V1_2 | {"disable-endpoint-subset-filter", "enable-cert-reload", "total-running-requests-metric"}
-# image tag -> (flags the epp binary accepts, the KV-cache metric it reads unless told otherwise)
-PICKER_RELEASES: dict[str, tuple[frozenset[str], str]] = {
-    "v1.0.0": (frozenset(_V1_0), "vllm:gpu_cache_usage_perc"),
-    "v1.1.0": (frozenset(_V1_1), "vllm:gpu_cache_usage_perc"),
-    "v1.2.0": (frozenset(_V1_2), "vllm:gpu_cache_usage_perc"),
-    "v1.3.0": (frozenset(_V1_3), "vllm:kv_cache_usage_perc"),
-    "v1.4.0": (frozenset(_V1_3), "vllm:kv_cache_usage_perc"),
-    "v1.5.0": (frozenset(_V1_3), "vllm:kv_cache_usage_perc"),
-}
 # The EndpointPickerConfig fields that name a model-server metric (core-metrics-extractor engineConfigs).
 METRIC_SPECS = ("queuedRequestsSpec", "runningRequestsSpec", "kvUsageSpec", "loraSpec", "cacheInfoSpec")
 
 
 def picker_container(objects: list[dict]) -> dict:
     return one(objects, "Deployment", "loraserve-epp")["spec"]["template"]["spec"]["containers"][0]
-
-
-def release(container: dict) -> str:
-    image = container["image"]
-    assert image.startswith("registry.k8s.io/gateway-api-inference-extension/epp:"), image
-    return image.rsplit(":", 1)[1]
-
-
-def flags(args: list[str]) -> set[str]:
-    """Flag names in an argument list (``--name value`` or ``--name=value``)."""
-    return {a[2:].split("=", 1)[0] for a in args if a.startswith("--")}
 
 
 def unknown_flags(tag: str, args: list[str]) -> set[str]:
