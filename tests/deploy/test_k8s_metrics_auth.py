@@ -13,6 +13,7 @@ import yaml
 
 from serving.cli import build_parser
 from tests.deploy.manifests import K8S, OVERLAYS, find, one, selects, server, server_container
+from tests.deploy.picker_releases import PICKER_RELEASES, release
 
 METRICS_SECRET = "loraserve-metrics-key"
 
@@ -62,14 +63,14 @@ def test_the_relay_reads_the_metrics_key_from_the_secret_and_relays_the_servers_
 def test_the_picker_scrapes_the_relay(rendered) -> None:
     objects = rendered["gpu"]
     picker = one(objects, "Deployment", "loraserve-epp")["spec"]["template"]["spec"]["containers"][0]
-    assert picker["image"].endswith(":v1.0.0")  # the release whose flags were checked for a metrics port
     args = picker["args"]
+    assert "model-server-metrics-port" in PICKER_RELEASES[release(picker)][0]
     assert int(args[args.index("--model-server-metrics-port") + 1]) == relay(objects)["ports"][0]["containerPort"]
 
 
 def test_only_the_picker_may_reach_the_relay(rendered) -> None:
     objects = rendered["gpu"]
-    policy = one(objects, "NetworkPolicy")
+    policy = one(objects, "NetworkPolicy", "loraserve")
     relay_port = relay(objects)["ports"][0]["name"]
     rules = [rule for rule in policy["spec"]["ingress"] if any(p["port"] == relay_port for p in rule["ports"])]
     (rule,) = rules
@@ -86,7 +87,7 @@ def test_only_the_picker_may_reach_the_relay(rendered) -> None:
 def test_without_the_picker_there_is_no_relay(rendered) -> None:
     containers = server(rendered["cpu"])["spec"]["template"]["spec"]["containers"]
     assert [c["name"] for c in containers] == ["loraserve"]
-    assert len(one(rendered["cpu"], "NetworkPolicy")["spec"]["ingress"]) == 1
+    assert len(one(rendered["cpu"], "NetworkPolicy", "loraserve")["spec"]["ingress"]) == 1
 
 
 def test_the_readme_says_how_to_make_the_metrics_key() -> None:

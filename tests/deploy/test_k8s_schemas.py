@@ -69,7 +69,8 @@ def test_strict_builtin_validation_catches_a_typo(rendered) -> None:
     [
         ("ServiceMonitor", lambda o: o["spec"]["endpoints"][0].update(intervall="15s")),
         ("ServiceMonitor", lambda o: o["spec"]["endpoints"][0].update(interval="15 seconds")),
-        ("InferencePool", lambda o: o["spec"]["targetPorts"].append({"number": 8001})),
+        ("InferencePool", lambda o: o["spec"]["targetPorts"].extend({"number": 8001 + i} for i in range(8))),
+        ("InferencePool", lambda o: o["spec"].update(appProtocol="grpc")),
         ("InferencePool", lambda o: o["spec"].update(targetPortNumber=8000)),  # the pre-v1 field
         ("InferencePool", lambda o: o["spec"]["endpointPickerRef"].update(failureMode="Open")),
     ],
