@@ -57,6 +57,7 @@ from adapter_store import (
     AdapterStoreError,
     Claim,
     InvalidRef,
+    RegistryUnavailable,
     ServedAdapter,
 )
 from serving.api.auth import Principal
@@ -184,7 +185,7 @@ class AdapterSelector:
             self.store.release(adapter)
             reason = f"{ENGINE_LOAD_FAILED}: {e}"
             logger.warning("engine refused adapter %s@%s: %s", adapter.name, adapter.version[:16], e)
-            await asyncio.to_thread(self.store.record_health, adapter.name, adapter.version, "failed", reason=reason)
+            await asyncio.to_thread(self._remember_failure, adapter, reason)
             raise _Unservable(adapter.name, ENGINE_LOAD_FAILED, str(e), label=adapter.name) from e
         except BaseException as e:
             self.store.release(adapter)
@@ -192,6 +193,17 @@ class AdapterSelector:
                 raise EngineUnavailableError("The engine is not running; retry later.") from e
             raise
         return adapter
+
+    def _remember_failure(self, adapter: ServedAdapter, reason: str) -> None:
+        """Mark the version's health ``failed`` so later requests do not retry the engine; best effort.
+
+        A registry outage must not turn this request's answer (the fallback policy) into a registry 503:
+        it is logged, and the next request tries the engine again.
+        """
+        try:
+            self.store.record_health(adapter.name, adapter.version, "failed", reason=reason)
+        except RegistryUnavailable as e:
+            logger.warning("health of %s@%s not recorded: %s", adapter.name, adapter.version[:16], e.message)
 
     def _lease_known(self, model: str, principal: Principal) -> ServedAdapter | None:
         """The hot path, on the event loop: a name the catalog holds, a version it resolves, files cached.
@@ -240,6 +252,8 @@ class AdapterSelector:
             version = self.store.version(model, register_for=claim)
         except (AdapterNotFound, InvalidRef):
             raise self.not_found(model, principal) from None
+        except RegistryUnavailable:  # a 503 that says so, never a fallback for a name nobody could look up
+            raise
         except AdapterStoreError as e:  # found in a source on demand, but refused or unreadable
             raise _Unservable(name, _reason(e), e.message, label=UNKNOWN_LABEL) from e
         # Checked again: a racing on-demand registration may have given the name to another tenant.
