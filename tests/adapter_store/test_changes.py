@@ -7,6 +7,7 @@ table-driven in test_catalog.py, on the same one-table registries used here.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -85,6 +86,31 @@ def test_a_lost_listener_reconnects_and_makes_everything_stale(table: PostgresTa
     catalog.load("code")
     table.write("code", "hospital")
     within(1.0, lambda: catalog.get("code") is None)
+    catalog.close()
+
+
+def test_a_change_committed_while_the_listener_reconnects_is_not_missed(
+    table: PostgresTable, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Held between losing its connection and listening again, the feed must treat everything as stale both
+    during that gap and once it listens again: what was committed meanwhile was never notified."""
+    catalog = table.catalog()
+    catalog.load("code")
+    gate = threading.Event()
+    reconnect = table.changes._connect  # white-box: the only way to hold the gap open long enough to act in it
+
+    def held_reconnect() -> psycopg.Connection:
+        gate.wait(10.0)
+        return reconnect()
+
+    monkeypatch.setattr(table.changes, "_connect", held_reconnect)
+    assert _kill_listener(table.url) == 1
+    within(1.0, lambda: catalog.get("code") is None)  # stale as soon as the connection is lost
+    catalog.load("code")  # read in the gap, then changed in it: no notification reaches anyone
+    table.write("code", "hospital")
+    gate.set()
+    within(1.0, lambda: catalog.get("code") is None)  # listening again: everything is read again
+    assert catalog.load("code") == _entry("code", "hospital")
     catalog.close()
 
 
