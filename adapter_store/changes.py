@@ -141,18 +141,24 @@ class PostgresChanges(Changes):
         while not self._stop.is_set():
             try:
                 conn = self._connect()
-            except psycopg.Error as e:
+            except psycopg.Error as e:  # only a failed connect is an outage
                 self._unreachable(e)
-                self._stop.wait(delay)
-                delay = min(delay * 2, BACKOFF_S[1])
-                continue
-            delay = BACKOFF_S[0]
-            try:
-                with conn:
-                    self._listen(conn)
-            except psycopg.Error as e:  # reconnected at once: only a failed connect is an outage
-                self.invalidate(EVERYTHING)  # whatever is notified until then is missed
-                logger.warning("registry change feed lost its connection (%s); reconnecting", e)
+            else:
+                connected_at = time.monotonic()
+                try:
+                    with conn:
+                        self._listen(conn)
+                    return  # closed
+                except Exception as e:  # anything but close: never leave the catalog without a feed
+                    self.invalidate(EVERYTHING)  # whatever is notified until it listens again is missed
+                    unexpected = not isinstance(e, psycopg.Error)
+                    logger.warning(
+                        "registry change feed lost its connection (%s); reconnecting", e, exc_info=unexpected
+                    )
+                if time.monotonic() - connected_at > BACKOFF_S[1]:
+                    delay = BACKOFF_S[0]  # it held a while: a new failure, not a connection that keeps dropping
+            self._stop.wait(delay)
+            delay = min(delay * 2, BACKOFF_S[1])
 
     def _connect(self) -> psycopg.Connection:
         """A listening connection; everything is stale once it listens, and an outage is over."""

@@ -37,9 +37,15 @@ thread): that is every request but the first for a name after a registry
 change. Anything else (an unknown name, a version the catalog cannot
 resolve, files to fetch or re-check) makes one worker-thread hop in
 :meth:`AdapterSelector.acquire` for all of the store's blocking work, and
-reads the name into the catalog on the way. ``may_use``, ``visible`` and
-``require`` read the registry and are called from worker threads (the
-router's executor, a ``to_thread`` block) or off the hot path (a 404).
+reads the name into the catalog on the way. ``may_use`` (for a name the
+catalog does not hold), ``visible`` and ``require`` read the registry and are
+called from worker threads (the router's executor, a ``to_thread`` block) or
+off the hot path (a 404).
+
+During a registry outage (PostgreSQL down) the catalog keeps answering for
+the names it holds, so their requests are served as before; anything that
+needs the registry is a 503 ``registry_unavailable``, and a health record the
+registry cannot take is logged rather than failing the request.
 """
 
 from __future__ import annotations
@@ -128,7 +134,14 @@ class AdapterSelector:
     # -- access -------------------------------------------------------------------------
 
     def may_use(self, principal: Principal, name: str) -> bool:
-        """Whether the caller may use adapter ``name``; an unknown name counts as public. Reads the registry."""
+        """Whether the caller may use adapter ``name``; an unknown name counts as public.
+
+        The catalog's owner if it holds the name (current, or as last read during a registry outage, so
+        routing keeps working through one), else the registry's.
+        """
+        entry = self.store.cached_entry(name)
+        if entry is not None:
+            return principal.may_use(entry.owner)
         try:
             owner = self.store.tenant(name)
         except (AdapterNotFound, InvalidRef):

@@ -371,3 +371,17 @@ async def test_a_registry_outage_during_an_on_demand_lookup_is_a_registry_503_no
     with pytest.raises(RegistryUnavailable):
         await world.selector.acquire("fresh", HOSPITAL)
     assert counter(world.metrics.fallbacks, UNKNOWN_LABEL, "registry_unavailable") == before
+
+
+@pytest.mark.parametrize(("caller", "allowed"), [(HOSPITAL, True), (LAWFIRM, False), (ADMIN, True)])
+def test_access_to_a_name_the_catalog_holds_is_decided_without_the_registry(
+    world: World, monkeypatch: pytest.MonkeyPatch, caller: Principal, allowed: bool
+) -> None:
+    """So routing to an adapter (``may_use``) keeps working through a registry outage."""
+    warm(world, "medical")
+
+    def registry_down(*args: object, **kwargs: object) -> None:
+        raise RegistryUnavailable("The adapter registry cannot be reached.")
+
+    monkeypatch.setattr(world.store, "tenant", registry_down)
+    assert world.selector.may_use(caller, "medical") is allowed
