@@ -7,16 +7,20 @@ hop per request. The catalog keeps one :class:`CatalogEntry` per adapter name
 first time the name is resolved, so every later request for it is a few dict
 lookups on the caller's thread.
 
-It is invalidated by SQLite itself: ``PRAGMA data_version`` changes whenever
-any other connection commits to the database, whether the write came through
-this store (register, alias, pin, delete, health), another thread, or another
-process sharing the registry. Each lookup compares it with the value the
-entries were read under and drops them all when it moved, so the request after
-any registry change sees that change. The pragma reads the WAL index header in
-shared memory (no table page is read); the catalog's own connection is used
-for nothing else. An entry read while a change commits is installed under the
-data version read *before* the snapshot, so it is dropped at the next lookup
-rather than served stale.
+It is invalidated by the registry's change feed (``adapter_store.changes``):
+SQLite's data version, or PostgreSQL's notifications, so a change through
+this store, another thread, another process or another replica reaches the
+next lookup (within milliseconds on PostgreSQL). Every entry is kept with the
+feed's stamp for its name taken *before* its snapshot began, and served only
+while that stamp has not moved: an entry read while a change commits is
+therefore never served as current.
+
+While the feed knows the registry is unreachable (an outage), a stale entry
+is served as it was last read (logged once per outage): requests for known
+adapters keep working. A name the catalog does not hold is refused at once
+with ``RegistryUnavailable``, without trying the database, so no request waits
+for a connection attempt to fail; once the feed reconnects every entry is
+stale and read again.
 
 What the disk cache holds is not cached here: the cache's own in-memory
 tables answer that (and take the lease) in O(1).
@@ -24,12 +28,13 @@ tables answer that (and take the lease) in O(1).
 
 from __future__ import annotations
 
-import sqlite3
+import logging
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 
+from adapter_store.changes import Changes
+from adapter_store.errors import RegistryUnavailable
 from adapter_store.models import AdapterVersion, HealthRecord
 from adapter_store.refs import AdapterRef
 
@@ -67,50 +72,64 @@ class CatalogEntry:
 Snapshot = Callable[[str], CatalogEntry | None]
 
 
-class Catalog:
-    """Catalog entries by name, valid while the registry's data version stays where they were read."""
+logger = logging.getLogger(__name__)
 
-    def __init__(self, db_path: Path, snapshot: Snapshot, *, busy_timeout_s: float) -> None:
+
+class Catalog:
+    """Catalog entries by name, each served while the change feed's stamp for its name stays where it was read.
+
+    Owns ``changes`` (closes it).
+    """
+
+    def __init__(self, snapshot: Snapshot, changes: Changes) -> None:
         self._snapshot = snapshot
+        self._changes = changes
         self._lock = threading.Lock()
-        # Only ever asked for its data version; a connection of its own, so no other statement moves it.
-        self._conn = sqlite3.connect(db_path, timeout=busy_timeout_s, isolation_level=None, check_same_thread=False)
-        self._entries: dict[str, CatalogEntry] = {}
-        self._version = self._data_version()
+        # name -> (entry, the stamp taken before it was read); stale ones stay: an outage serves them
+        self._entries: dict[str, tuple[CatalogEntry, int]] = {}
+        self._logged_outage: int | None = None
 
     def close(self) -> None:
         with self._lock:
-            self._conn.close()
+            self._changes.close()
             self._entries.clear()
-
-    def _data_version(self) -> int:
-        return self._conn.execute("PRAGMA data_version").fetchone()[0]
-
-    def _sync(self) -> None:
-        """Drop every entry if the registry changed since they were read (lock held)."""
-        version = self._data_version()
-        if version != self._version:
-            self._entries.clear()
-            self._version = version
 
     def get(self, name: str) -> CatalogEntry | None:
-        """The entry of ``name`` if it is in memory and current; ``None``: ask :meth:`load`. Never blocks on I/O."""
+        """The entry of ``name`` if it is in memory and current; ``None``: ask :meth:`load`. Never blocks on I/O.
+
+        During an outage a stale entry is returned as it was last read.
+        """
         with self._lock:
-            self._sync()
-            return self._entries.get(name)
+            held = self._entries.get(name)
+            if held is None:
+                return None
+            entry, stamp = held
+            if self._changes.stamp(name) == stamp:
+                return entry
+            outage = self._changes.outage
+            if outage is None:
+                return None
+            if outage != self._logged_outage:
+                self._logged_outage = outage
+                logger.warning("registry unreachable: serving adapters as last read until it is back")
+            return entry
 
     def load(self, name: str) -> CatalogEntry | None:
-        """Read ``name`` from the registry (blocking) and keep it; ``None`` if it is not registered."""
+        """Read ``name`` from the registry (blocking) and keep it; ``None`` if it is not registered.
+
+        ``RegistryUnavailable`` at once, without trying the database, while the change feed knows it is down.
+        """
+        if self._changes.outage is not None:
+            raise RegistryUnavailable(
+                "The adapter registry cannot be reached, so this adapter cannot be looked up; "
+                "adapters already in use are still served. Retry shortly."
+            )
         with self._lock:
-            self._sync()
-            before = self._version
+            before = self._changes.stamp(name)
         entry = self._snapshot(name)
         with self._lock:
-            self._sync()
-            if entry is not None and self._version == before:  # nothing committed since the snapshot began
-                self._entries[name] = entry
+            if entry is None:
+                self._entries.pop(name, None)
+            else:  # under the stamp read before the snapshot: if anything committed meanwhile, it is stale already
+                self._entries[name] = (entry, before)
         return entry
-
-    def __len__(self) -> int:
-        with self._lock:
-            return len(self._entries)

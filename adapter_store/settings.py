@@ -79,6 +79,12 @@ class StoreSettings(_Strict):
         ge=0,
         description="How long a request waits for disk-cache room held by running requests before it fails.",
     )
+    refresh_s: float = Field(
+        default=5.0,
+        gt=0,
+        description="PostgreSQL registry: every adapter is re-read this often, in case a change notification was "
+        "lost (notifications are the fast path; SQLite's data version misses nothing).",
+    )
 
     @field_validator("fallback")
     @classmethod

@@ -23,8 +23,8 @@ request runs.
 
 A request for a known adapter needs none of the registry's I/O:
 :meth:`AdapterStore.cached_entry` answers owner, version and health from an
-in-memory catalog that SQLite's data version invalidates on every registry
-change (``adapter_store.catalog``), and :meth:`AdapterStore.acquire_cached`
+in-memory catalog that the registry's change feed invalidates on every
+registry change (``adapter_store.catalog``, ``adapter_store.changes``), and :meth:`AdapterStore.acquire_cached`
 leases cached files with a few ``stat`` calls.
 
 Everything else here is synchronous and may block on I/O (a fetch, hashing, the
@@ -45,6 +45,7 @@ from pathlib import Path
 
 from adapter_store.cache import CacheStats, DiskCache
 from adapter_store.catalog import Catalog, CatalogEntry
+from adapter_store.changes import open_changes
 from adapter_store.digest import content_digest
 from adapter_store.errors import AdapterInUse, AdapterNotFound, CacheFull, InvalidRef, LegacyDigest
 from adapter_store.migration import DigestMigration
@@ -98,7 +99,8 @@ class AdapterStore:
             lease_wait_s=settings.lease_wait_s,
         )
         self._name_locks = tuple(threading.Lock() for _ in range(NAME_LOCK_STRIPES))
-        self._catalog = Catalog(registry.path, registry.snapshot, busy_timeout_s=settings.busy_timeout_s)
+        changes = open_changes(registry.path, refresh_s=settings.refresh_s, busy_timeout_s=settings.busy_timeout_s)
+        self._catalog = Catalog(registry.snapshot, changes)
 
     @classmethod
     def open(
@@ -268,15 +270,17 @@ class AdapterStore:
     def cached_entry(self, name: str) -> CatalogEntry | None:
         """``name``'s owner, versions, aliases and health if the catalog holds them, current; else ``None``.
 
-        Never blocks on I/O (one ``PRAGMA data_version``, see ``adapter_store.catalog``): the hot path of a
-        request for a known adapter. ``None`` means "ask :meth:`entry`", not "unregistered".
+        Never blocks on I/O (see ``adapter_store.catalog``): the hot path of a request for a known adapter.
+        ``None`` means "ask :meth:`entry`", not "unregistered". While the registry is unreachable, the entry
+        as last read.
         """
         return self._catalog.get(name)
 
     def entry(self, name: str) -> CatalogEntry:
         """``name``'s owner, versions, aliases and health, read from the registry and kept in the catalog.
 
-        ``AdapterNotFound`` if it is not registered. Blocks (SQLite): async callers use a thread.
+        ``AdapterNotFound`` if it is not registered; ``RegistryUnavailable`` at once while the registry is
+        known to be unreachable. Blocks (registry I/O): async callers use a thread.
         """
         entry = self._catalog.load(name)
         if entry is None:

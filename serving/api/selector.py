@@ -37,9 +37,15 @@ thread): that is every request but the first for a name after a registry
 change. Anything else (an unknown name, a version the catalog cannot
 resolve, files to fetch or re-check) makes one worker-thread hop in
 :meth:`AdapterSelector.acquire` for all of the store's blocking work, and
-reads the name into the catalog on the way. ``may_use``, ``visible`` and
-``require`` read the registry and are called from worker threads (the
-router's executor, a ``to_thread`` block) or off the hot path (a 404).
+reads the name into the catalog on the way. ``may_use`` (for a name the
+catalog does not hold), ``visible`` and ``require`` read the registry and are
+called from worker threads (the router's executor, a ``to_thread`` block) or
+off the hot path (a 404).
+
+During a registry outage (PostgreSQL down) the catalog keeps answering for
+the names it holds, so their requests are served as before; anything that
+needs the registry is a 503 ``registry_unavailable``, and a health record the
+registry cannot take is logged rather than failing the request.
 """
 
 from __future__ import annotations
@@ -57,6 +63,7 @@ from adapter_store import (
     AdapterStoreError,
     Claim,
     InvalidRef,
+    RegistryUnavailable,
     ServedAdapter,
 )
 from serving.api.auth import Principal
@@ -127,7 +134,14 @@ class AdapterSelector:
     # -- access -------------------------------------------------------------------------
 
     def may_use(self, principal: Principal, name: str) -> bool:
-        """Whether the caller may use adapter ``name``; an unknown name counts as public. Reads the registry."""
+        """Whether the caller may use adapter ``name``; an unknown name counts as public.
+
+        The catalog's owner if it holds the name (current, or as last read during a registry outage, so
+        routing keeps working through one), else the registry's.
+        """
+        entry = self.store.cached_entry(name)
+        if entry is not None:
+            return principal.may_use(entry.owner)
         try:
             owner = self.store.tenant(name)
         except (AdapterNotFound, InvalidRef):
@@ -184,7 +198,7 @@ class AdapterSelector:
             self.store.release(adapter)
             reason = f"{ENGINE_LOAD_FAILED}: {e}"
             logger.warning("engine refused adapter %s@%s: %s", adapter.name, adapter.version[:16], e)
-            await asyncio.to_thread(self.store.record_health, adapter.name, adapter.version, "failed", reason=reason)
+            await asyncio.to_thread(self._remember_failure, adapter, reason)
             raise _Unservable(adapter.name, ENGINE_LOAD_FAILED, str(e), label=adapter.name) from e
         except BaseException as e:
             self.store.release(adapter)
@@ -192,6 +206,17 @@ class AdapterSelector:
                 raise EngineUnavailableError("The engine is not running; retry later.") from e
             raise
         return adapter
+
+    def _remember_failure(self, adapter: ServedAdapter, reason: str) -> None:
+        """Mark the version's health ``failed`` so later requests do not retry the engine; best effort.
+
+        A registry outage must not turn this request's answer (the fallback policy) into a registry 503:
+        it is logged, and the next request tries the engine again.
+        """
+        try:
+            self.store.record_health(adapter.name, adapter.version, "failed", reason=reason)
+        except RegistryUnavailable as e:
+            logger.warning("health of %s@%s not recorded: %s", adapter.name, adapter.version[:16], e.message)
 
     def _lease_known(self, model: str, principal: Principal) -> ServedAdapter | None:
         """The hot path, on the event loop: a name the catalog holds, a version it resolves, files cached.
@@ -240,6 +265,8 @@ class AdapterSelector:
             version = self.store.version(model, register_for=claim)
         except (AdapterNotFound, InvalidRef):
             raise self.not_found(model, principal) from None
+        except RegistryUnavailable:  # a 503 that says so, never a fallback for a name nobody could look up
+            raise
         except AdapterStoreError as e:  # found in a source on demand, but refused or unreadable
             raise _Unservable(name, _reason(e), e.message, label=UNKNOWN_LABEL) from e
         # Checked again: a racing on-demand registration may have given the name to another tenant.

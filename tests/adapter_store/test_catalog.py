@@ -3,13 +3,19 @@ and the lease taken without the registry is a real one."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import sqlite3
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
+from contextlib import closing
 from pathlib import Path
 
+import psycopg
 import pytest
 
-from adapter_store import AdapterInUse, AdapterRef, AdapterStore
-from adapter_store.catalog import Catalog
+from adapter_store import AdapterInUse, AdapterRef, AdapterStore, RegistryUnavailable
+from adapter_store.catalog import Catalog, CatalogEntry, Snapshot
+from adapter_store.changes import CHANNEL, Changes, PostgresChanges, SqliteChanges
 from adapter_store.registry import AdapterRegistry
 from tests.adapter_store.helpers import write_adapter
 from tests.adapter_store.test_store import open_store
@@ -96,13 +102,186 @@ def test_an_entry_read_while_the_registry_changes_is_not_kept(tmp_path: Path) ->
         registry.record_health(name, version.version, "failed", reason="meanwhile")
         return entry
 
-    catalog = Catalog(registry.path, snapshot_racing_a_write, busy_timeout_s=1.0)
+    catalog = Catalog(snapshot_racing_a_write, SqliteChanges(registry.path, busy_timeout_s=1.0))
     stale = catalog.load("code")
     assert stale is not None and stale.health_of(version.version).state == "unchecked"
     assert catalog.get("code") is None
     catalog.close()
     registry.close()
     store.close()
+
+
+# -- both change feeds, on a tiny table of their own ----------------------------------------------------
+#
+# The PostgreSQL registry is not in this module's branch: each feed is driven by a one-table "registry"
+# (name -> owner) written from a connection of its own, as another replica would, and read by a snapshot.
+
+
+class Table(ABC):
+    """A one-table registry on one backend, its change feed, and a writer connection of its own."""
+
+    changes: Changes
+    per_name: bool  # whether a change to one name leaves the others' entries current
+
+    @abstractmethod
+    def snapshot(self, name: str) -> CatalogEntry | None: ...
+
+    @abstractmethod
+    def write(self, name: str, owner: str, *, notify: bool = True, commit: bool = True) -> None:
+        """Set ``name``'s owner in one transaction, notifying (PostgreSQL) as the registry does, and commit it."""
+
+    @abstractmethod
+    def settle(self) -> None:
+        """Return once every change committed so far has reached the feed."""
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+    def catalog(self, snapshot: Snapshot | None = None) -> Catalog:
+        return Catalog(snapshot or self.snapshot, self.changes)
+
+
+def _entry(name: str, owner: str | None) -> CatalogEntry:
+    return CatalogEntry(name, owner, versions={}, aliases={}, health={})
+
+
+class SqliteTable(Table):
+    per_name = False  # the data version is the whole file's
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.writer = sqlite3.connect(path, isolation_level=None)
+        self.writer.execute("PRAGMA journal_mode=WAL")
+        self.writer.execute("CREATE TABLE adapters (name TEXT PRIMARY KEY, owner TEXT)")
+        self.changes = SqliteChanges(path, busy_timeout_s=1.0)
+
+    def snapshot(self, name: str) -> CatalogEntry | None:
+        with closing(sqlite3.connect(self.path)) as conn:
+            row = conn.execute("SELECT owner FROM adapters WHERE name = ?", (name,)).fetchone()
+        return None if row is None else _entry(name, row[0])
+
+    def write(self, name: str, owner: str, *, notify: bool = True, commit: bool = True) -> None:
+        self.writer.execute("BEGIN")
+        self.writer.execute("INSERT OR REPLACE INTO adapters VALUES (?, ?)", (name, owner))
+        self.writer.execute("COMMIT" if commit else "ROLLBACK")
+
+    def settle(self) -> None:
+        """Nothing to wait for: the data version moves with the commit."""
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class PostgresTable(Table):
+    per_name = True
+
+    def __init__(self, url: str, *, refresh_s: float = 600.0) -> None:
+        self.url = url
+        with psycopg.connect(url) as conn:
+            conn.execute("CREATE TABLE adapters (name TEXT PRIMARY KEY, owner TEXT)")
+        self.changes = PostgresChanges(url, refresh_s=refresh_s)
+        self.snapshots = 0
+
+    def snapshot(self, name: str) -> CatalogEntry | None:
+        self.snapshots += 1
+        try:
+            with psycopg.connect(self.url, connect_timeout=2) as conn:
+                row = conn.execute("SELECT owner FROM adapters WHERE name = %s", (name,)).fetchone()
+        except psycopg.OperationalError as e:
+            raise RegistryUnavailable("The adapter registry cannot be reached.") from e
+        return None if row is None else _entry(name, row[0])
+
+    def write(self, name: str, owner: str, *, notify: bool = True, commit: bool = True) -> None:
+        with psycopg.connect(self.url) as writer:  # a connection per write: an outage test restarts the server
+            writer.execute(
+                "INSERT INTO adapters VALUES (%s, %s) ON CONFLICT (name) DO UPDATE SET owner = excluded.owner",
+                (name, owner),
+            )
+            if notify:
+                writer.execute("SELECT pg_notify(%s, %s)", (CHANNEL, name))
+            if commit:
+                writer.commit()
+            else:
+                writer.rollback()
+
+    def settle(self) -> None:
+        """Notifications arrive in commit order: once a marker's has, every earlier one has."""
+        before = self.changes.stamp(MARKER)
+        self.write(MARKER, "nobody")
+        within(5.0, lambda: self.changes.stamp(MARKER) != before)  # waiting, not the 1 s bound: tests assert that
+
+    def close(self) -> None:
+        """Nothing of its own is open."""
+
+
+MARKER = "zz-settle-marker"
+
+
+def within(bound_s: float, condition: Callable[[], object]) -> float:
+    """Seconds until ``condition`` holds, polled every millisecond; fails if that takes over ``bound_s``."""
+    started = time.monotonic()
+    while not condition():
+        elapsed = time.monotonic() - started
+        assert elapsed <= bound_s, f"not within {bound_s} s"
+        time.sleep(0.001)
+    return time.monotonic() - started
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def table(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Table]:
+    made: Table = (
+        SqliteTable(tmp_path / "registry.sqlite3")
+        if request.param == "sqlite"
+        else PostgresTable(request.getfixturevalue("postgres_url"))
+    )
+    made.write("code", "acme")
+    made.write("legal", "lawfirm")
+    made.settle()  # on PostgreSQL: listening (its first LISTEN makes everything stale once)
+    yield made
+    made.changes.close()  # also when a test failed before closing its catalog
+    made.close()
+
+
+def test_a_committed_change_reaches_the_next_lookup_within_1s(table: Table) -> None:
+    catalog = table.catalog()
+    assert catalog.load("code") == _entry("code", "acme") == catalog.get("code")
+    table.write("code", "hospital")
+    assert within(1.0, lambda: catalog.get("code") is None) <= 1.0
+    assert catalog.load("code") == _entry("code", "hospital") == catalog.get("code")
+    catalog.close()
+
+
+def test_a_change_to_another_name_keeps_this_entry_if_the_feed_tells_names_apart(table: Table) -> None:
+    catalog = table.catalog()
+    catalog.load("code")
+    table.write("legal", "hospital")
+    table.settle()
+    assert (catalog.get("code") is not None) is table.per_name
+    assert catalog.get("legal") is None
+    catalog.close()
+
+
+def test_a_rolled_back_change_invalidates_nothing(table: Table) -> None:
+    catalog = table.catalog()
+    entry = catalog.load("code")
+    table.write("code", "hospital", commit=False)  # on PostgreSQL its notify is never delivered
+    table.settle()
+    assert catalog.get("code") == entry
+    catalog.close()
+
+
+def test_an_entry_read_while_a_change_commits_is_not_served(table: Table) -> None:
+    def snapshot_racing_a_write(name: str) -> CatalogEntry | None:
+        entry = table.snapshot(name)  # read before the write commits: stale once it does
+        before = table.changes.stamp(name)
+        table.write(name, "hospital")
+        within(1.0, lambda: table.changes.stamp(name) != before)  # the feed has seen it before the entry is kept
+        return entry
+
+    catalog = table.catalog(snapshot_racing_a_write)
+    assert catalog.load("code") == _entry("code", "acme")
+    assert catalog.get("code") is None
+    catalog.close()
 
 
 @pytest.mark.parametrize(

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry
 
-from adapter_store import AdapterStore, ServedAdapter
+from adapter_store import AdapterStore, RegistryUnavailable, ServedAdapter
 from serving.api.auth import OPEN_PRINCIPAL, Principal
 from serving.api.errors import AdapterUnavailableError, ModelNotFoundError
 from serving.api.selector import FALLBACK_HEADER, FALLBACK_REASON_HEADER, AdapterSelector
@@ -322,3 +322,66 @@ async def test_a_working_adapter_never_falls_back(world: World) -> None:
     resolution = await world.selector.acquire("medical", HOSPITAL)
     world.selector.release(resolution)
     assert resolution.adapter is not None and resolution.adapter.name == "medical" and resolution.headers == {}
+
+
+# -- a registry outage on the request path -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("policy", "answer"),
+    [("base", "the base model"), ("error", AdapterUnavailableError)],
+    ids=["fallback=base", "fallback=error"],
+)
+async def test_a_health_record_lost_to_a_registry_outage_is_logged_not_the_answer(
+    world: World, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, policy: str, answer: object
+) -> None:
+    """The engine refuses an adapter and the registry is down when its health is recorded: the request still
+    gets what the fallback policy says (not a registry 503), and the lost record is logged."""
+    world.selector.policy = policy
+
+    def registry_down(*args: object, **kwargs: object) -> None:
+        raise RegistryUnavailable("The adapter registry cannot be reached.")
+
+    break_engine(world)
+    monkeypatch.setattr(world.store, "record_health", registry_down)
+    if answer is AdapterUnavailableError:
+        with pytest.raises(AdapterUnavailableError, match=r"cannot be served \(engine_load_failed\)"):
+            await world.selector.acquire("medical", HOSPITAL)
+    else:
+        resolution = await world.selector.acquire("medical", HOSPITAL)
+        assert resolution.adapter is None and resolution.reason == "engine_load_failed"
+    assert [r.getMessage() for r in caplog.records if "not recorded" in r.getMessage()] == [
+        f"health of medical@{world.store.version('medical').version[:16]} not recorded: "
+        "The adapter registry cannot be reached."
+    ]
+    world.store.delete("medical")  # no lease left behind
+
+
+@store_settings(on_demand=True, fallback="base")
+async def test_a_registry_outage_during_an_on_demand_lookup_is_a_registry_503_not_a_fallback(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Nobody could tell whether the name exists: the base model must not answer for it."""
+
+    def registry_down(*args: object, **kwargs: object) -> None:
+        raise RegistryUnavailable("The adapter registry cannot be reached.")
+
+    monkeypatch.setattr(world.store, "version", registry_down)
+    before = counter(world.metrics.fallbacks, UNKNOWN_LABEL, "registry_unavailable")
+    with pytest.raises(RegistryUnavailable):
+        await world.selector.acquire("fresh", HOSPITAL)
+    assert counter(world.metrics.fallbacks, UNKNOWN_LABEL, "registry_unavailable") == before
+
+
+@pytest.mark.parametrize(("caller", "allowed"), [(HOSPITAL, True), (LAWFIRM, False), (ADMIN, True)])
+def test_access_to_a_name_the_catalog_holds_is_decided_without_the_registry(
+    world: World, monkeypatch: pytest.MonkeyPatch, caller: Principal, allowed: bool
+) -> None:
+    """So routing to an adapter (``may_use``) keeps working through a registry outage."""
+    warm(world, "medical")
+
+    def registry_down(*args: object, **kwargs: object) -> None:
+        raise RegistryUnavailable("The adapter registry cannot be reached.")
+
+    monkeypatch.setattr(world.store, "tenant", registry_down)
+    assert world.selector.may_use(caller, "medical") is allowed
