@@ -19,7 +19,7 @@ from pydantic import ValidationError
 from adapter_store import AdapterStore, InvalidAdapter, SourceError, StoreSettings, content_digest
 from adapter_store.registry import DB_NAME
 from adapter_store.settings import S3UploadsSettings
-from adapter_store.uploads import MARKER_SUFFIX, S3Uploads, UploadSource
+from adapter_store.uploads import MARKER_SUFFIX, LocalUploads, S3Uploads, UploadSource
 from adapter_store.validation import BaseModelSpec
 from tests.adapter_store.helpers import BASE_NAME, BUCKET, lease, write_adapter, write_base_config, write_v1_registry
 from tests.adapter_store.test_store import old_digest
@@ -255,3 +255,25 @@ def test_uploads_default_to_the_store_root(tmp_path: Path, uploads: dict | None)
     version = upload(store, write_adapter(tmp_path / "src" / "d", seed=10), "d")
     assert (tmp_path / "a" / "uploads" / version.version / "adapter_config.json").is_file()
     store.close()
+
+
+def test_two_stores_keeping_the_same_upload_in_a_shared_directory_at_once(tmp_path: Path, monkeypatch) -> None:
+    """B renames the same files into place while A is still copying: A's rename finds them there, and is done."""
+    shared = tmp_path / "shared"
+    a, b = LocalUploads(shared), LocalUploads(shared)
+    files = write_adapter(tmp_path / "src" / "same", seed=11)
+    digest = content_digest(files)
+    copy = shutil.copytree
+    b_kept: list[bool] = []
+
+    def copy_while_b_keeps(src: Path, dst: Path) -> Path:
+        copied = copy(src, dst)
+        if not b_kept:
+            b_kept.append(False)
+            b_kept[0] = b.keep(files, digest)
+        return copied
+
+    monkeypatch.setattr(shutil, "copytree", copy_while_b_keeps)
+    assert a.keep(files, digest) is False and b_kept == [True]
+    assert [p.name for p in shared.iterdir()] == [digest]  # no partial copy is left behind
+    assert content_digest(shared / digest) == digest
