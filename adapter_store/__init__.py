@@ -2,7 +2,8 @@
 
 It owns the registry (SQLite: adapters, versions, aliases, owners, health),
 the validation of a LoRA checkpoint against the base model, the sources
-adapters are fetched from (local paths, S3), the content digest, and the
+adapters are fetched from (local paths, S3), where uploads are kept (a
+directory or an S3 prefix every replica reads), the content digest, and the
 local cache with its memory budget. :class:`AdapterStore` is the one entry
 point: it registers adapters, resolves references to content-addressed
 versions, says who owns each name, and leases a version's local files as a

@@ -55,11 +55,44 @@ class S3SourceSettings(_Strict):
 SourceSettings = Annotated[LocalSourceSettings | S3SourceSettings, Field(discriminator="type")]
 
 
+class LocalUploadsSettings(_Strict):
+    """Uploaded adapters kept in a directory: the store root by default, or a volume every replica mounts."""
+
+    type: Literal["local"]
+    path: Path | None = Field(default=None, description="Directory of kept uploads; default <root>/uploads.")
+
+
+class S3UploadsSettings(_Strict):
+    """Uploaded adapters kept under one S3 prefix, where every replica can fetch them; credentials from the
+    environment, as for the S3 source."""
+
+    type: Literal["s3"]
+    url_prefix: str = Field(description="Where uploads are kept, e.g. s3://bucket/uploads/ (ending in '/').")
+    endpoint_url: str | None = Field(default=None, description="For S3-compatible servers (MinIO, Ceph).")
+    region: str | None = None
+
+    @field_validator("url_prefix")
+    @classmethod
+    def _prefix_is_an_s3_folder(cls, prefix: str) -> str:
+        if not re.fullmatch(S3_PREFIX_PATTERN, prefix) or "/../" in prefix or "/./" in prefix:
+            raise ValueError(
+                f"url_prefix {prefix!r} must look like s3://bucket/ or s3://bucket/folder/ (ending in '/')"
+            )
+        return prefix
+
+
+UploadsSettings = Annotated[LocalUploadsSettings | S3UploadsSettings, Field(discriminator="type")]
+
+
 class StoreSettings(_Strict):
     """Where the store keeps its registry and cache, where adapters come from, and its limits."""
 
     root: Path = Field(description="Directory of the registry database and the disk cache.")
     sources: list[SourceSettings] = []
+    uploads: UploadsSettings = Field(
+        default=LocalUploadsSettings(type="local"),
+        description="Where uploaded adapters are kept: a directory (shared volume) or an S3 prefix (a fleet).",
+    )
     disk_budget_bytes: int = Field(default=1 << 30, gt=0, description="Most bytes the disk cache may hold.")
     max_adapter_bytes: int = Field(default=256 << 20, gt=0, description="Largest adapter accepted.")
     memory_budget_bytes: int | None = Field(

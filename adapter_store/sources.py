@@ -18,7 +18,6 @@ a root; nothing inside it may be a link, and no file may have a second name.
 from __future__ import annotations
 
 import logging
-import shutil
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
 from pathlib import Path, PurePosixPath
@@ -144,9 +143,10 @@ class S3Source(AdapterSource):
 
     scheme = "s3"
 
-    def __init__(self, settings: S3SourceSettings) -> None:
+    def __init__(self, settings: S3SourceSettings, *, configured_at: str = "the source's endpoint_url") -> None:
         self.settings = settings
         self.prefixes = list(settings.url_prefixes)
+        self.configured_at = configured_at  # the setting to check when a request fails
         self._client: Any = None
 
     def describe(self) -> str:
@@ -188,6 +188,13 @@ class S3Source(AdapterSource):
                 f"{uri!r} is outside the configured {self.describe()}; add its prefix to store.sources[].url_prefixes",
                 param="source",
             )
+        self.copy_folder(uri, dest, max_bytes=max_bytes)
+
+    def copy_folder(self, uri: str, dest: Path, *, max_bytes: int) -> None:
+        """Copy every object under the folder ``uri`` into ``dest``: names confined to it, bytes capped while read.
+
+        Callers check that ``uri`` is a location they may read (:meth:`allows`, or the uploads prefix).
+        """
         bucket, key = self.split(uri)
         objects = self._list(bucket, key, uri)
         if not objects:
@@ -200,9 +207,9 @@ class S3Source(AdapterSource):
         with emptied_on_failure(dest):
             for object_key, parts in names:
                 target = writable_target(dest, parts, uri)
-                body = self._call(uri, lambda k=object_key: self.client.get_object(Bucket=bucket, Key=k))["Body"]
+                body = self.call(uri, lambda k=object_key: self.client.get_object(Bucket=bucket, Key=k))["Body"]
                 try:
-                    self._call(uri, copy_capped, body.read, target, budget)
+                    self.call(uri, copy_capped, body.read, target, budget)
                 finally:
                     body.close()
 
@@ -218,7 +225,7 @@ class S3Source(AdapterSource):
                     raise too_many_files(uri)
             return objects
 
-        return self._call(uri, first_objects)
+        return self.call(uri, first_objects)
 
     def find(self, name: str) -> str | None:
         from botocore.exceptions import ClientError
@@ -236,8 +243,8 @@ class S3Source(AdapterSource):
             return uri
         return None
 
-    @staticmethod
-    def _call(uri: str, fn: Callable, *args: Any) -> Any:
+    def call(self, uri: str, fn: Callable, *args: Any) -> Any:
+        """``fn(*args)``; a failed S3 request becomes a ``SourceError`` saying what to check."""
         from botocore.exceptions import BotoCoreError, ClientError
 
         try:
@@ -245,62 +252,9 @@ class S3Source(AdapterSource):
         except (BotoCoreError, ClientError) as e:
             raise SourceError(
                 f"S3 request for {uri} failed: {e}. Check the credentials in the environment "
-                "(AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY) and the source's endpoint_url",
+                f"(AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY), that the bucket exists, and {self.configured_at}",
                 param="source",
             ) from e
-
-
-class UploadSource(AdapterSource):
-    """Adapters uploaded through the admin API, kept under the store root as ``upload:<sha256>``.
-
-    An uploaded version has no other source to be fetched from again after the
-    disk cache evicts it, so its files are kept here (outside the cache budget)
-    until the version is deleted. It is never searched by name.
-    """
-
-    scheme = "upload"
-
-    def __init__(self, directory: Path) -> None:
-        self.directory = directory
-        directory.mkdir(parents=True, exist_ok=True)
-
-    def describe(self) -> str:
-        return f"uploads under {self.directory}"
-
-    def uri(self, digest: str) -> str:
-        return f"{self.scheme}:{digest}"
-
-    def path_of(self, uri: str) -> Path:
-        digest = uri.removeprefix(f"{self.scheme}:")
-        if len(digest) != 64 or not set(digest) <= set("0123456789abcdef"):
-            raise SourceError(f"{uri!r} is not an upload (upload:<sha256>)", param="source")
-        return self.directory / digest
-
-    def allows(self, uri: str) -> bool:
-        return urlparse(uri).scheme == self.scheme
-
-    def keep(self, staging: Path, digest: str) -> tuple[str, bool]:
-        """Copy a validated upload here (atomically); its URI, and whether it was new."""
-        target = self.path_of(self.uri(digest))
-        if target.exists():
-            return self.uri(digest), False
-        partial = self.directory / f".partial-{digest}"
-        shutil.rmtree(partial, ignore_errors=True)
-        shutil.copytree(staging, partial)
-        partial.rename(target)
-        return self.uri(digest), True
-
-    def discard(self, uri: str) -> None:
-        shutil.rmtree(self.path_of(uri), ignore_errors=True)
-
-    def fetch(self, uri: str, dest: Path, *, max_bytes: int) -> None:
-        directory = self.path_of(uri)
-        if not directory.is_dir():
-            raise SourceError(f"upload {uri} is gone from {self.directory}; upload the adapter again", param="source")
-        copy_directory(directory, dest, ByteBudget(uri, max_bytes))
-
-    def find(self, name: str) -> str | None:
-        return None
 
 
 class SourceSet:

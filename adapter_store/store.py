@@ -53,7 +53,8 @@ from adapter_store.models import AdapterVersion, Claim, HealthRecord, HealthStat
 from adapter_store.refs import LATEST, AdapterRef, check_name
 from adapter_store.registry import AdapterRegistry
 from adapter_store.settings import StoreSettings
-from adapter_store.sources import SourceSet, UploadSource
+from adapter_store.sources import SourceSet
+from adapter_store.uploads import UploadSource, upload_backend
 from adapter_store.validation import AdapterValidator, BaseModelSpec
 
 logger = logging.getLogger(__name__)
@@ -83,7 +84,7 @@ class AdapterStore:
         self.settings = settings
         self._registry = registry
         self._validator = validator
-        self._uploads = UploadSource(settings.root / "uploads")
+        self._uploads = UploadSource(upload_backend(settings.uploads, settings.root))
         self._sources = SourceSet(settings.sources, extra=[self._uploads])
         # Before the cache scans its directory: it drops entries whose name is not their digest.
         DigestMigration(

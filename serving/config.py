@@ -244,6 +244,9 @@ def _resolve_paths(raw: dict, base_dir: Path) -> dict:
         for source in store.get("sources") or []:
             if isinstance(source, dict) and isinstance(source.get("roots"), list):
                 source["roots"] = [resolve(r) for r in source["roots"]]
+        uploads = store.get("uploads")
+        if isinstance(uploads, dict) and "path" in uploads:
+            uploads["path"] = resolve(uploads["path"])
     routing = raw.get("routing")
     if isinstance(routing, dict) and "routes_file" in routing:
         routing["routes_file"] = resolve(routing["routes_file"])

@@ -70,10 +70,13 @@ def test_relative_paths_resolve_against_the_config_file(tmp_path: Path) -> None:
                 "model": {"path": "../m", "name": "b"},
                 "auth": {"mode": "api_keys", "keys_file": "keys.yaml"},
                 "adapters": [{"name": "a", "path": "ad"}],
+                "store": {"root": "st", "uploads": {"type": "local", "path": "../shared"}},
             }
         )
     )
     settings = load_settings(config)
+    assert settings.store is not None and settings.store.root == (tmp_path / "configs" / "st").resolve()
+    assert settings.store.uploads.model_dump() == {"type": "local", "path": (tmp_path / "shared").resolve()}
     assert settings.model.path == (tmp_path / "m").resolve()
     assert settings.adapters[0].path == (tmp_path / "configs" / "ad").resolve()
     assert settings.auth.keys_file == (tmp_path / "configs" / "keys.yaml").resolve()
