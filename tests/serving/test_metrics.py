@@ -111,6 +111,32 @@ def test_engine_tiers_come_from_the_engine_and_disk_from_the_store(tmp_path: Pat
     store.close()
 
 
+def test_an_unchanged_registry_is_not_read_again_name_by_name(tmp_path: Path, monkeypatch) -> None:
+    store, _ = _store_with(tmp_path, "code", "legal")
+    viewer = StoreViewer(store)
+    reads: list[str] = []
+    entry = store.entry
+
+    def read(name: str):
+        reads.append(name)
+        return entry(name)
+
+    monkeypatch.setattr(store, "entry", read)
+    viewer.refresh()
+    viewer.refresh()
+    assert sorted(reads) == ["code", "legal"]  # the second refresh found both in the catalog
+    store.register(str(write_adapter(tmp_path / "volume" / "medical", seed=9)), "medical")
+    reads.clear()
+    viewer.refresh()
+    assert sorted(reads) == ["code", "legal", "medical"]  # a registry change drops the catalog's entries
+    assert {s.labels["adapter"] for s in _scrape(viewer, _Engine())["loraserve_adapter_health"].samples} == {
+        "code",
+        "legal",
+        "medical",
+    }
+    store.close()
+
+
 def test_a_registry_outage_keeps_the_last_registry_read_and_still_follows_the_disk(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -122,7 +148,7 @@ def test_a_registry_outage_keeps_the_last_registry_read_and_still_follows_the_di
     def down() -> list:
         raise RegistryUnavailable("the registry database cannot be reached")
 
-    monkeypatch.setattr(store, "all_versions", down)
+    monkeypatch.setattr(store, "names", down)
     with caplog.at_level(logging.WARNING, logger="serving.metrics"):
         viewer.refresh()
     assert "registry database cannot be reached" in caplog.text
@@ -136,7 +162,7 @@ def test_run_refreshes_the_disk_every_tick_and_the_registry_every_few(tmp_path: 
     store, _ = _store_with(tmp_path, "code")
     viewer = StoreViewer(store, disk_interval_s=0.01, registry_every=3)
     calls = {"disk": 0, "registry": 0}
-    disk_cache, all_versions = store.disk_cache, store.all_versions
+    disk_cache, names = store.disk_cache, store.names
 
     def counted(kind, fn):
         def call(*args):
@@ -146,7 +172,7 @@ def test_run_refreshes_the_disk_every_tick_and_the_registry_every_few(tmp_path: 
         return call
 
     monkeypatch.setattr(store, "disk_cache", counted("disk", disk_cache))
-    monkeypatch.setattr(store, "all_versions", counted("registry", all_versions))
+    monkeypatch.setattr(store, "names", counted("registry", names))
 
     async def run_for(seconds: float) -> None:
         task = asyncio.create_task(viewer.run())
