@@ -26,11 +26,13 @@ import itertools
 import logging
 from collections import OrderedDict
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from adapter_store import ServedAdapter
 from serving.adapter_rules import vllm_lora_rank
 from serving.config import Settings
+from serving.lora_residency import RESIDENCY_METHOD, LoraResidencyExtension
 from serving.sizing import EngineSizing, detect_hardware, resolve_sizing
 
 if TYPE_CHECKING:
@@ -41,6 +43,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 _GIB = 1 << 30
+RESIDENCY_POLL_S = 0.5
+"""How often :meth:`LoraEngine.watch_residency` asks the engine while requests run or adapters change."""
 
 
 class AdapterLoadFailed(Exception):
@@ -70,7 +74,22 @@ def engine_args(settings: Settings, sizing: EngineSizing):
         enforce_eager=engine.enforce_eager,
         seed=engine.seed,
         disable_log_stats=False,
+        # One worker method of ours: where each LoRA id sits (serving.lora_residency).
+        worker_extension_cls=f"{LoraResidencyExtension.__module__}.{LoraResidencyExtension.__qualname__}",
     )
+
+
+@dataclass(frozen=True)
+class Residency:
+    """The (name, version) of every adapter version the engine holds, by tier, as its worker reported them.
+
+    ``slot``: in one of the ``max_loras`` LoRA slots of the batch; ``host``:
+    in the host-memory cache (``max_cpu_loras``). A version in a slot is in
+    the host cache too.
+    """
+
+    slot: frozenset[tuple[str, str]] = frozenset()
+    host: frozenset[tuple[str, str]] = frozenset()
 
 
 class ResidentAdapters:
@@ -115,10 +134,13 @@ class LoraEngine:
         self.sizing = resolve_sizing(settings, detect_hardware())
         self._llm: AsyncLLM | None = None
         self._lora_ids: dict[tuple[str, str], int] = {}
+        self._lora_keys: dict[int, tuple[str, str]] = {}  # the inverse of _lora_ids
         self._next_id = itertools.count(1)
         self._verified: set[tuple[str, str]] = set()  # versions add_lora has loaded once
         self._loading: dict[tuple[str, str], asyncio.Future[None]] = {}  # loads in flight only
         self.resident = ResidentAdapters(self.sizing.max_cpu_loras.value)
+        self.residency = Residency()  # kept current by watch_residency
+        self._residency_changed = asyncio.Event()
 
     async def start(self) -> None:
         """Build the engine (loads the base model; takes seconds to minutes)."""
@@ -151,6 +173,7 @@ class LoraEngine:
         lora_id = self._lora_ids.get(key)
         if lora_id is None:
             lora_id = self._lora_ids[key] = next(self._next_id)
+            self._lora_keys[lora_id] = key
         # The name is the one clients use: vLLM reports it in `vllm:lora_requests_info`,
         # which adapter-aware routers (Gateway API Inference Extension) match on.
         return LoRARequest(
@@ -170,7 +193,10 @@ class LoraEngine:
         """Stream outputs of one request; cancelling the iterator aborts it in the engine."""
         from vllm.inputs import TokensPrompt
 
-        lora = None if adapter is None else self.lora_request(adapter)
+        lora = None
+        if adapter is not None:
+            lora = self.lora_request(adapter)
+            self._residency_changed.set()  # scheduling it may load it into a slot and evict another
         return self.llm.generate(TokensPrompt(prompt_token_ids=prompt_token_ids), params, request_id, lora_request=lora)
 
     async def ensure_loaded(self, adapter: ServedAdapter) -> None:
@@ -198,12 +224,15 @@ class LoraEngine:
             if not self.ready:
                 raise
             raise AdapterLoadFailed(f"the engine could not load it: {e}") from e
+        finally:
+            self._residency_changed.set()
         self._verified.add((adapter.name, adapter.version))
 
     async def load(self, adapter: ServedAdapter) -> None:
         """Load an adapter into the engine's host cache ahead of its first request (pinned adapters)."""
         if (adapter.name, adapter.version) in self._verified:  # known to load: bring it back into the host cache
             await self.llm.add_lora(self.lora_request(adapter))
+            self._residency_changed.set()
         else:
             await self.ensure_loaded(adapter)
         self.resident.use(adapter)
@@ -215,12 +244,53 @@ class LoraEngine:
         lora_id = self._lora_ids.get((name, version))
         if lora_id is None or lora_id not in await self.llm.list_loras():
             return False
-        return await self.llm.remove_lora(lora_id)
+        try:
+            return await self.llm.remove_lora(lora_id)
+        finally:
+            self._residency_changed.set()
 
     async def loaded(self) -> list[tuple[str, str]]:
         """The (name, version) of every adapter in the engine's host cache, as the engine reports it."""
         ids = await self.llm.list_loras()
         return sorted(key for key, lora_id in self._lora_ids.items() if lora_id in ids)
+
+    async def read_residency(self) -> Residency:
+        """Where the engine holds each version now: one round trip to its worker, answered between two steps."""
+        (slots, host), *_ = await self.llm.collective_rpc(RESIDENCY_METHOD)
+        keys = self._lora_keys  # ids the engine holds that we never handed out (vLLM's warm-up) are left out
+        return Residency(
+            slot=frozenset(keys[i] for i in slots if i in keys), host=frozenset(keys[i] for i in host if i in keys)
+        )
+
+    async def watch_residency(self, interval_s: float = RESIDENCY_POLL_S) -> None:
+        """Keep :attr:`residency` current; run it as a task for the life of the engine (never at scrape time).
+
+        The engine moves adapters only when it schedules an adapter's request
+        or runs ``add_lora``/``remove_lora``, and each of those signals here.
+        Idle, this waits and costs nothing. After a signal it waits
+        ``interval_s`` (the request reaches the engine meanwhile), then asks the
+        worker every ``interval_s`` until an ask that began with no request
+        unfinished and saw no new signal: that ask read the state the last
+        request left. So :attr:`residency` trails the engine by at most
+        ``interval_s`` plus one round trip.
+        """
+        while True:
+            await self._residency_changed.wait()
+            while True:
+                await asyncio.sleep(interval_s)
+                self._residency_changed.clear()
+                busy = self.llm.output_processor.has_unfinished_requests()
+                try:
+                    self.residency = await self.read_residency()
+                except Exception:
+                    if not self.ready:  # a dead engine holds nothing; health answers 503 meanwhile
+                        logger.warning("engine is down: it holds no adapters now")
+                        self.residency = Residency()
+                        return
+                    logger.exception("could not read the engine's adapter residency; asking again")
+                    self._residency_changed.set()
+                if not busy and not self._residency_changed.is_set():
+                    break
 
     async def abort(self, request_id: str) -> None:
         await self.llm.abort(request_id)

@@ -37,7 +37,7 @@ from serving.api.selector import AdapterSelector
 from serving.api.system import api_router as system_api
 from serving.config import ConfigError, Settings
 from serving.engine import LoraEngine
-from serving.metrics import AdapterMetrics, AdapterStoreCollector, EngineSizingCollector
+from serving.metrics import AdapterMetrics, AdapterStoreCollector, EngineSizingCollector, StoreViewer
 from serving.store import open_store
 
 logger = logging.getLogger(__name__)
@@ -104,14 +104,19 @@ def build_app(settings: Settings) -> FastAPI:
             store = open_store(settings, Path(scratch))
             prompt_router = collector = sizing_collector = None
             engine = LoraEngine(settings)
+            watchers: list[asyncio.Task[None]] = []
             try:
                 prompt_router = build_prompt_router(settings)
                 await engine.start()
+                watchers.append(asyncio.create_task(engine.watch_residency()))  # sees the start-up loads below
                 metrics = AdapterMetrics()
                 await asyncio.to_thread(init_app_state, app.state, settings, engine, metrics, store, prompt_router)
                 adapters: AdaptersServing = app.state.adapters_serving
                 await adapters.probe.startup([a.name for a in settings.adapters])
-                collector = AdapterStoreCollector(store, engine.resident)
+                viewer = StoreViewer(store)
+                await asyncio.to_thread(viewer.refresh)  # the first scrape shows the store as started
+                watchers.append(asyncio.create_task(viewer.run()))
+                collector = AdapterStoreCollector(viewer, engine)
                 REGISTRY.register(collector)
                 sizing_collector = EngineSizingCollector(engine.sizing)
                 REGISTRY.register(sizing_collector)
@@ -119,6 +124,9 @@ def build_app(settings: Settings) -> FastAPI:
                 logger.info("serving %s with adapters: %s", settings.model.name, names)
                 yield
             finally:
+                for watcher in watchers:
+                    watcher.cancel()
+                await asyncio.gather(*watchers, return_exceptions=True)
                 if collector is not None:
                     REGISTRY.unregister(collector)
                 if sizing_collector is not None:

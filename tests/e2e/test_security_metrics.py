@@ -67,6 +67,7 @@ def test_metrics_need_a_metrics_or_admin_key(secure, role, status, code):
     if code is None:
         # the series name every adapter, the tenant's private one included: for operators only
         assert 'loraserve_adapter_health{adapter="medical"' in response.text
+        assert 'loraserve_adapter_loaded{adapter="medical",tier="disk"' in response.text  # what it holds, too
         assert "vllm:" in response.text
     else:
         error = error_of(response)
