@@ -59,18 +59,15 @@ def _fake_collector_args() -> dict[type, tuple]:
     version = SimpleNamespace(name="a", version="v1", metadata=SimpleNamespace(size_bytes=1))
     stats = SimpleNamespace(evictions=0, corrupt=0)
     cache_state = SimpleNamespace(cached={"v1"}, used_bytes=1, budget_bytes=2, stats=stats)
-    store = SimpleNamespace(
-        disk_cache=lambda: cache_state,
-        all_versions=lambda: [version],
-        latest=lambda: [version],
-        health=lambda name, version: SimpleNamespace(state="ok"),
-    )
-    resident = [SimpleNamespace(name="a", size_bytes=1)]
+    view = serving_metrics.StoreView(versions=(version,), health=(("a", "ok"),), disk=cache_state)  # type: ignore[arg-type]
+    viewer = SimpleNamespace(view=view)
+    residency = SimpleNamespace(slot={("a", "v1")}, host={("a", "v1")})
+    engine = SimpleNamespace(resident=[SimpleNamespace(name="a", size_bytes=1)], residency=residency)
     choice = SimpleNamespace(value=1, source="config")
     dtype = SimpleNamespace(value="float32", source="config")
     sizing = SimpleNamespace(max_loras=choice, max_cpu_loras=choice, dtype=dtype)
     return {
-        serving_metrics.AdapterStoreCollector: (store, resident),
+        serving_metrics.AdapterStoreCollector: (viewer, engine),
         serving_metrics.EngineSizingCollector: (sizing,),
     }
 
