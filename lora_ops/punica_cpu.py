@@ -11,7 +11,9 @@ Why this exists (vLLM 0.32, ``PunicaWrapperCPU`` + ``lora/ops/torch_ops``):
    routing is planned once per step (``plan.py``), weights are fused across
    slices and packed once per adapter load (``fused.py``), and a LoRA linear
    layer costs 3 ops (shrink, expand, add) when every token uses one adapter
-   and 4 for any adapter mix in a decode batch; never one matmul per token.
+   and 4 for any adapter mix in a decode batch; never one matmul per token,
+   and never work for a slot no token of the step uses (however many slots
+   ``max_loras`` allocates, a step pays for the adapters present in it).
 
 Only ``add_lora_linear`` (every q/k/v/o/gate/up/down call) is tuned.
 ``add_lora_embedding``, ``add_lora_logits``, ``add_shrink`` and ``add_expand``
@@ -65,11 +67,10 @@ class GroupedPunicaWrapperCPU(PunicaWrapperCPU):
         self.is_prefill = mapping.is_prefill
         self._slot_ids = lora_index_to_id  # kept by reference: read when a layer's weights change
         slot_of = {lid: i for i, lid in enumerate(lora_index_to_id) if lid is not None}
-        num_slots = len(lora_index_to_id)
         token_slots = [slot_of[i] if i > 0 else -1 for i in mapping.index_mapping]
         prompt_slots = [slot_of[i] if i > 0 else -1 for i in mapping.prompt_mapping]
-        self._plan = build_plan(token_slots, num_slots, self.force_mode)
-        self._sampler_plan = build_plan(prompt_slots, num_slots, self.force_mode)
+        self._plan = build_plan(token_slots, self.force_mode)
+        self._sampler_plan = build_plan(prompt_slots, self.force_mode)
         self.no_lora = self._plan.mode == NONE
 
     def _buffer(self, name: str, rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
@@ -154,14 +155,19 @@ class GroupedPunicaWrapperCPU(PunicaWrapperCPU):
             col += width
 
     def _masked(self, y, x, fused: FusedLinear, plan: StepPlan, scale: float) -> None:
-        """All slots in one shrink and one expand; a mask keeps each token's
-        own slot columns (none for -1 tokens): 4 ops for any adapter mix."""
-        n, slots, rank = x.shape[0], fused.num_slots, fused.rank
-        h = fused.a_all()(x, self._buffer("h", n, slots * rank, fused.dtype))  # (n, S*R)
-        h.mul_(plan.mask(slots, rank, fused.dtype))
+        """The present slots (those that target this layer) in one shrink and
+        one expand over a compact copy of their weights; a mask keeps each
+        token's own slot columns (none for -1 tokens): 4 ops for any adapter
+        mix, sized by the adapters present, not by the slots allocated."""
+        nonzero = fused.nonzero
+        slots = plan.present if fused.all_nonzero else tuple(s for s in plan.present if nonzero[s])
+        n, width = x.shape[0], len(slots) * fused.rank
+        shrink, expand = fused.compact(slots)
+        h = shrink(x, self._buffer("h", n, width, fused.dtype))  # (n, P*R)
+        h.mul_(plan.mask(slots, fused.rank, fused.dtype))
         if scale != 1.0:
             h.mul_(scale)
-        y.add_(fused.b_all()(h, self._buffer("d", n, fused.out_features, fused.dtype)))
+        y.add_(expand(h, self._buffer("d", n, fused.out_features, fused.dtype)))
 
     def _gathered(self, y, x, fused: FusedLinear, plan: StepPlan, scale: float) -> None:
         """Active rows gathered in slot order, one shrink + expand per slot,

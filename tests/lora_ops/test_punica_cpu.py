@@ -368,17 +368,17 @@ def test_register_is_noop_off_cpu(monkeypatch):
 def test_cost_model_picks_expected_modes():
     from lora_ops.plan import NONE, build_plan
 
-    assert build_plan([-1] * 8, 4).mode == NONE
-    assert build_plan([2] * 512, 4).mode == RUNS  # one adapter, prefill-sized
-    assert build_plan([2] * 16, 4).mode == RUNS  # one adapter, decode
-    assert build_plan([-1] * 8 + [1] * 300 + [-1] * 8, 4).mode == RUNS
+    assert build_plan([-1] * 8).mode == NONE
+    assert build_plan([2] * 512).mode == RUNS  # one adapter, prefill-sized
+    assert build_plan([2] * 16).mode == RUNS  # one adapter, decode
+    assert build_plan([-1] * 8 + [1] * 300 + [-1] * 8).mode == RUNS
     decode = list(itertools.islice(itertools.cycle([0, 1, 2, 3]), 16))
-    assert build_plan(decode, 4).mode == MASKED
+    assert build_plan(decode).mode == MASKED
     prefill = [s for s in [0, 1, 0, 2, 3, 1, 0, 2] for _ in range(64)]  # interleaved requests
-    assert build_plan(prefill, 4).mode == GATHER
-    assert build_plan(sorted(prefill), 4).mode == RUNS  # each adapter contiguous
+    assert build_plan(prefill).mode == GATHER
+    assert build_plan(sorted(prefill)).mode == RUNS  # each adapter contiguous
     long_mixed = list(itertools.islice(itertools.cycle([0, 1, -1]), 2048))
-    assert build_plan(long_mixed, 4).mode == GATHER
+    assert build_plan(long_mixed).mode == GATHER
 
 
 @pytest.mark.parametrize("mode", MODES, ids=lambda m: m or "auto")
