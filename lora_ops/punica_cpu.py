@@ -30,7 +30,7 @@ import torch
 from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
 
 from .fused import PACK_MAX_ROWS, FusedLinear
-from .plan import MASKED, NONE, RUNS, StepPlan, build_plan
+from .plan import MASKED, NONE, REF_WIDTH, RUNS, StepPlan, build_plan
 
 
 class GroupedPunicaWrapperCPU(PunicaWrapperCPU):
@@ -48,6 +48,7 @@ class GroupedPunicaWrapperCPU(PunicaWrapperCPU):
         self._scratch: dict[tuple, torch.Tensor] = {}
         self._nonzero_cache: dict[int, tuple] = {}
         self._slot_ids: list[int | None] = []  # the model manager's live slot -> LoRA id table
+        self._width = REF_WIDTH  # mean LoRA width of the layers seen, for the plan's cost model
 
     # ------------------------------------------------------------------ metadata
     def update_metadata(
@@ -69,8 +70,8 @@ class GroupedPunicaWrapperCPU(PunicaWrapperCPU):
         slot_of = {lid: i for i, lid in enumerate(lora_index_to_id) if lid is not None}
         token_slots = [slot_of[i] if i > 0 else -1 for i in mapping.index_mapping]
         prompt_slots = [slot_of[i] if i > 0 else -1 for i in mapping.prompt_mapping]
-        self._plan = build_plan(token_slots, self.force_mode)
-        self._sampler_plan = build_plan(prompt_slots, self.force_mode)
+        self._plan = build_plan(token_slots, self.force_mode, self._width)
+        self._sampler_plan = build_plan(prompt_slots, self.force_mode, self._width)
         self.no_lora = self._plan.mode == NONE
 
     def _buffer(self, name: str, rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
@@ -111,6 +112,8 @@ class GroupedPunicaWrapperCPU(PunicaWrapperCPU):
             slot_ids = tuple(self._slot_ids)
             fused = FusedLinear(lora_a_stacked, lora_b_stacked, output_slices, x.dtype, slot_ids)
             self._fused[id(lora_a_stacked[0])] = fused
+            widths = [f.rank * (f.a.shape[-1] + f.out_features) for f in self._fused.values()]
+            self._width = sum(widths) / len(widths)  # from the next step's plan on
         elif not fused.matches(lora_a_stacked, x.dtype):
             slot_ids = tuple(self._slot_ids)
             fused.refresh(lora_a_stacked, lora_b_stacked, output_slices, x.dtype, slot_ids)
