@@ -21,7 +21,7 @@ a slot's weights change:
   batch runs one shrink and one expand whose size is set by the P slots
   present in the step, never by the S slots allocated. A step's set of
   present adapters lasts as long as its requests share the batch (many
-  decode steps), so the last few sets are kept (``COMPACT_SETS``).
+  decode steps), so the last sets are kept (``COMPACT_SETS``).
 
 Invalidation: vLLM writes a slot in place (``reset_lora`` + ``copy_``), which
 bumps the stacked tensors' ``_version``, and only when it activates an
@@ -53,11 +53,15 @@ _ONEDNN_DTYPES = (torch.bfloat16, torch.float32)
 PACK_MAX_ROWS = 64
 PACK_AFTER_CALLS = 3
 # A compact set's matmuls pack later: a set lives only while its requests
-# share the batch, and packing both matmuls of one layer took 0.5-0.9 ms on
-# a 2-core AVX-512 EPYC (TinyLlama qkv, rank 16, 3 slots) against ~50 us saved
-# per call, so only a set that has already run for several steps is packed.
+# share the batch, and packing the two matmuls of one linear took 0.5-0.9 ms
+# on a 2-core AVX-512 EPYC (TinyLlama qkv, rank 16, 3 slots) against ~50 us
+# saved per call, so only a set that has already run for several steps is packed.
 COMPACT_PACK_AFTER_CALLS = 8
-COMPACT_SETS = 4  # compact sets kept per layer, least recently built dropped first
+# Compact sets kept per linear, the oldest built dropped first: the set now
+# and the one before (a step that adds a request's prefill, then decode goes
+# on without it). Each holds a copy of its P present slots' weights (two
+# once packed): at most 4 x P/S the bytes of the linear's fused copy.
+COMPACT_SETS = 2
 
 
 def _onednn_ops():
