@@ -15,16 +15,20 @@ tokens, at 4, 16 and 64 slots. The shape is TinyLlama-1.1B's layer (hidden
 against the packed base matmuls of the same layer, timed in the same rounds.
 
 All cells are timed round-robin (``--rounds`` rounds, median per cell), so
-machine noise hits them alike; ratios within one run are what to read.
+machine noise hits them alike; ratios within one run are what to read. On a
+machine shared with other work, ``--stat min`` (each cell's least disturbed
+round) and ``--threads 1`` (no op waits for a second, busy core) are steadier.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -126,14 +130,30 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", default=None)
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
     p.add_argument("--rounds", type=int, default=None)
+    p.add_argument("--stat", default="median", choices=("median", "min"), help="per cell, over the rounds")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's, one per core)")
     p.add_argument("--iters", type=int, default=None)
-    p.add_argument("--ops", default="project,stock")
+    p.add_argument(
+        "--ops",
+        default="project,stock",
+        help="comma-separated: project, stock, or NAME=module:Class for another wrapper, e.g. an older copy "
+        "of lora_ops on PYTHONPATH to compare before/after in one run",
+    )
     args = p.parse_args(argv)
     rounds = args.rounds or (3 if args.quick else 7)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    stat = statistics.median if args.stat == "median" else min
     iters = args.iters or (5 if args.quick else 20)
     dtype = getattr(torch, args.dtype)
-    classes = {"project": GroupedPunicaWrapperCPU, "stock": PunicaWrapperCPU}
-    ops_list = [o for o in args.ops.split(",") if o]
+    classes: dict[str, type] = {"project": GroupedPunicaWrapperCPU, "stock": PunicaWrapperCPU}
+    ops_list = []
+    for entry in filter(None, args.ops.split(",")):
+        name, _, target = entry.partition("=")
+        if target:
+            module, _, cls = target.partition(":")
+            classes[name] = getattr(importlib.import_module(module), cls)
+        ops_list.append(name)
 
     cells: dict[tuple, Cell] = {}
     for ops in ops_list:
@@ -160,32 +180,30 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\n{'ops':8s} {'phase':8s} {'slots':>5s} {'present':>7s} {'us/layer':>9s} {'meta us':>8s} {'% base':>7s}")
     for key in cells:
         ops, phase, slots, present = key
-        us, meta_us = statistics.median(times[key]), statistics.median(meta[key])
-        base_us = statistics.median(base_times[phase])
+        us, meta_us = stat(times[key]), stat(meta[key])
+        base_us = stat(base_times[phase])
         lora_us = us - meta_us  # the per-layer LoRA matmuls alone
         row = {
             "ops": ops, "phase": phase, "slots": slots, "present": present, "step_layer_us": round(us, 1),
             "metadata_us": round(meta_us, 1), "lora_linear_us": round(lora_us, 1), "base_layer_us": round(base_us, 1),
             "lora_pct_of_base": round(100 * lora_us / base_us, 1),
         }  # fmt: skip
-        same_at_4 = statistics.median(times[(ops, phase, SLOTS[0], present)]) if present <= SLOTS[0] else None
+        same_at_4 = stat(times[(ops, phase, SLOTS[0], present)]) if present <= SLOTS[0] else None
         row["step_vs_4_slots"] = None if same_at_4 is None else round(us / same_at_4, 2)
         rows.append(row)
         print(
             f"{ops:8s} {phase:8s} {slots:5d} {present:7d} {us:9.1f} {meta_us:8.1f} {row['lora_pct_of_base']:7.1f}"
             + ("" if row["step_vs_4_slots"] is None else f"  x{row['step_vs_4_slots']:.2f} of 4 slots")
         )
-    print(
-        "base layer (packed matmuls): " + ", ".join(f"{k} {statistics.median(v):.0f} us" for k, v in base_times.items())
-    )
+    print("base layer (packed matmuls): " + ", ".join(f"{k} {stat(v):.0f} us" for k, v in base_times.items()))
     print(f"load average before/after: {load[0]:.2f}/{load[1]:.2f} on {os.cpu_count()} CPUs")
     if args.out:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps({
-            "command": "python -m loadtests.bench_lora_slots" + (" --quick" if args.quick else ""),
+            "command": " ".join(["python -m loadtests.bench_lora_slots", *(sys.argv[1:] if argv is None else argv)]),
             "config": {"hidden": HIDDEN, "intermediate": INTER, "q_out": Q_OUT, "kv_out": KV_OUT, "rank": RANK,
-                       "dtype": args.dtype, "phases": PHASES, "rounds": rounds, "iters": iters,
+                       "dtype": args.dtype, "phases": PHASES, "rounds": rounds, "iters": iters, "stat": args.stat,
                        "torch_threads": torch.get_num_threads()},
             "machine": {"cpu": _cpu_model(), "flags": _cpu_flags(), "cpus": os.cpu_count(),
                         "platform": platform.platform(), "loadavg_before_after": load},

@@ -14,15 +14,21 @@ a slot's weights change:
   cost flops, which only matters for long (prefill) batches: those use
 * ``b_parts[i]``: (S, r_i, out_i), slice i's B alone, for one ``addmm_``
   per slice straight into y's columns;
-* matmul objects (``Gemm``) for one slot (``x @ a[s].T``, ``h @ b[s]``) and
-  for all slots side by side (``x @ a.view(S*R, in).T``), built lazily.
+* matmul objects (``Gemm``) for one slot (``x @ a[s].T``, ``h @ b[s]``),
+  built lazily;
+* compact copies for a set of slots (``compact``): the present slots' ``a``
+  and ``b`` rows side by side, (P*R, in) and (P*R, out), so a mixed decode
+  batch runs one shrink and one expand whose size is set by the P slots
+  present in the step, never by the S slots allocated. A step's set of
+  present adapters lasts as long as its requests share the batch (many
+  decode steps), so the last sets are kept (``COMPACT_SETS``).
 
 Invalidation: vLLM writes a slot in place (``reset_lora`` + ``copy_``), which
 bumps the stacked tensors' ``_version``, and only when it activates an
 adapter into that slot, which changes the slot's LoRA id. On a version change
-the slots whose id changed are re-copied and lose their packed matmuls; the
-others keep theirs, uncompared (one id always means the same weights: vLLM's
-prefix cache relies on that too). Only if no id changed, e.g. a slot written
+the slots whose id changed are re-copied and lose their packed matmuls (and
+the compact sets holding them); the others keep theirs, uncompared (one id
+always means the same weights: vLLM's prefix cache relies on that too). Only if no id changed, e.g. a slot written
 in place by other code, is every slot compared with our copy.
 """
 
@@ -46,6 +52,16 @@ _ONEDNN_DTYPES = (torch.bfloat16, torch.float32)
 # used only once or twice that way, so those stay on torch.mm.
 PACK_MAX_ROWS = 64
 PACK_AFTER_CALLS = 3
+# A compact set's matmuls pack later: a set lives only while its requests
+# share the batch, and packing the two matmuls of one linear took 0.5-0.9 ms
+# on a 2-core AVX-512 EPYC (TinyLlama qkv, rank 16, 3 slots) against ~50 us
+# saved per call, so only a set that has already run for several steps is packed.
+COMPACT_PACK_AFTER_CALLS = 8
+# Compact sets kept per linear, the oldest built dropped first: the set now
+# and the one before (a step that adds a request's prefill, then decode goes
+# on without it). Each holds a copy of its P present slots' weights (two
+# once packed): at most 4 x P/S the bytes of the linear's fused copy.
+COMPACT_SETS = 2
 
 
 def _onednn_ops():
@@ -60,14 +76,15 @@ def _onednn_ops():
 class Gemm:
     """``out = x @ w`` for a fixed ``w`` (K, N); ``out`` must be contiguous."""
 
-    __slots__ = ("w", "_handler", "_handle", "_small_calls")
+    __slots__ = ("w", "_handler", "_handle", "_small_calls", "_pack_after")
 
-    def __init__(self, w: torch.Tensor):
-        self.w = w.contiguous()  # (K, N)
+    def __init__(self, w: torch.Tensor, pack_after: int | None = None):
+        self.w = w.contiguous()  # (K, N); torch.mm on a transposed view was 4x slower at 256 rows
         # Owns the oneDNN handle (freed with it). None: not packed yet; False: cannot pack.
         self._handler: CPUDNNLGEMMHandler | Literal[False] | None = None
         self._handle: torch.Tensor | None = None
         self._small_calls = 0
+        self._pack_after = PACK_AFTER_CALLS if pack_after is None else pack_after
 
     def _pack(self) -> None:
         ops = _onednn_ops() if self.w.dtype in _ONEDNN_DTYPES else None
@@ -81,7 +98,7 @@ class Gemm:
         # x: (M, K), out: (M, N)
         if self._handler is None and x.shape[0] <= PACK_MAX_ROWS:
             self._small_calls += 1
-            if self._small_calls >= PACK_AFTER_CALLS:
+            if self._small_calls >= self._pack_after:
                 self._pack()
         if self._handle is not None:
             # vLLM's op trusts its arguments; a shape slip would read or write
@@ -137,8 +154,7 @@ class FusedLinear:
         self.all_nonzero = all(self.nonzero)
         self._a_slot: list[Gemm | None] = [None] * self.num_slots
         self._b_slot: list[Gemm | None] = [None] * self.num_slots
-        self._a_all: Gemm | None = None
-        self._b_all: Gemm | None = None
+        self._compact: dict[tuple[int, ...], tuple[Gemm, Gemm]] = {}
 
     def matches(self, lora_a, dtype) -> bool:
         """Same tensors, same dtype, no in-place write since the last build."""
@@ -161,8 +177,8 @@ class FusedLinear:
         for s in changed:
             self._write_slot(lora_a, lora_b, s)
             self._a_slot[s] = self._b_slot[s] = None
-        if changed:
-            self._a_all = self._b_all = None
+        for present in [p for p in self._compact if any(s in p for s in changed)]:
+            del self._compact[present]
         self.sources = tuple(lora_a) + tuple(lora_b)
         self.versions = [t._version for t in self.sources]
 
@@ -204,14 +220,17 @@ class FusedLinear:
             g = self._b_slot[slot] = Gemm(self.b[slot])
         return g
 
-    def a_all(self) -> Gemm:
-        """x (M, in) -> h (M, S*R), all slots side by side."""
-        if self._a_all is None:
-            self._a_all = Gemm(self.a.reshape(-1, self.a.shape[-1]).t())
-        return self._a_all
-
-    def b_all(self) -> Gemm:
-        """h (M, S*R) -> delta (M, out), summed over slots."""
-        if self._b_all is None:
-            self._b_all = Gemm(self.b.reshape(-1, self.out_features))
-        return self._b_all
+    def compact(self, present: tuple[int, ...]) -> tuple[Gemm, Gemm]:
+        """(shrink, expand) over the ``present`` slots side by side:
+        x (M, in) -> h (M, P*R), column block k for slot ``present[k]``;
+        h (M, P*R) -> delta (M, out), summed over the P slots."""
+        pair = self._compact.get(present)
+        if pair is None:
+            if len(self._compact) >= COMPACT_SETS:
+                del self._compact[next(iter(self._compact))]
+            index = torch.tensor(present, dtype=torch.long)
+            a = torch.index_select(self.a, 0, index).view(-1, self.a.shape[-1])  # (P*R, in)
+            b = torch.index_select(self.b, 0, index).view(-1, self.out_features)  # (P*R, out)
+            after = COMPACT_PACK_AFTER_CALLS
+            pair = self._compact[present] = (Gemm(a.t(), after), Gemm(b, after))
+        return pair

@@ -19,15 +19,21 @@ The plan picks one of three ways to run a LoRA linear layer:
 * ``GATHER``: tokens are interleaved: gather the active rows once in slot
   order, one shrink + one expand per present slot, one scatter-add back.
 * ``MASKED``: small batches with several slots (typical decode): one shrink
-  against *all* slots' A stacked side by side, zero the columns of the
-  slots a token does not use, one expand against all slots' B. Four ops
+  against the A of the P slots *present in the step* stacked side by side
+  (a compact copy, ``fused.FusedLinear.compact``), zero the columns of the
+  slots a token does not use, one expand against those slots' B. Four ops
   per layer (shrink, mask, expand, add) however many adapters are mixed,
-  at S times the (small) LoRA flops and weight reads.
+  at P times the (small) LoRA flops and weight reads. Never the S slots
+  allocated: with ``max_loras`` sized for a full batch of distinct adapters
+  (S = 32), a decode step with 3 adapters present pays for 3.
+
+No mode's cost depends on the number of slots, so the plan does not take it.
 
 The choice is a rough cost estimate in microseconds: fixed costs per
 launched op versus per-token work (constants below, measured on a 2-core
-AVX-512 machine with vLLM's oneDNN matmul; only the crossovers matter). With
-4 slots, mixed batches of up to ~100-230 tokens go MASKED, longer mixed batches
+AVX-512 machine with vLLM's oneDNN matmul; only the crossovers matter). On
+TinyLlama-1.1B's layers, interleaved batches of up to ~210 tokens with 2
+adapters present go MASKED, ~65 with 4, ~50 with 8; longer mixed batches
 GATHER unless each adapter's tokens are already contiguous (RUNS); one
 contiguous run (e.g. every token on one adapter) is always RUNS.
 """
@@ -43,14 +49,22 @@ NONE, RUNS, GATHER, MASKED = "none", "runs", "gather", "masked"
 MODES = (RUNS, GATHER, MASKED)
 
 # Cost model, microseconds per LoRA linear call, measured with bfloat16 on
-# a 2-core AVX-512 machine, averaged over Llama's qkv/o/gate_up/down shapes.
+# a 2-core AVX-512 machine (2 torch threads), averaged over the qkv/o/gate_up/
+# down shapes of bench_lora's synthetic Llama (hidden 512, intermediate 1536,
+# 8/4 heads, rank 16). The fixed costs (per op launched) do not depend on the
+# layer; the per-token costs are the LoRA matmuls' flops, so they scale with
+# the layer's LoRA width, rank * (in + out): multiply-accumulates per token
+# per slot. That model's mean width is REF_WIDTH; a TinyLlama-1.1B layer's is
+# 3.5x that, which moves MASKED's crossover to 3.5x fewer tokens
+# (loadtests/bench_lora_plan.py times the modes against the choice).
+REF_WIDTH = 59_400
 RUN_US = 45.0  # RUNS: shrink + expand (+ add) for one run
 RUN_TOKEN_US = 0.45
 GATHER_US = 30.0  # GATHER: gather + scatter-add ...
 GATHER_SLOT_US = 45.0  # ... plus shrink + expand per present slot
 GATHER_TOKEN_US = 0.55
 MASKED_US = 22.0  # MASKED: shrink + mask + expand + add (packed matmuls)
-MASKED_TOKEN_SLOT_US = 0.34  # every token pays for every slot
+MASKED_TOKEN_SLOT_US = 0.34  # every token pays for every *present* slot
 
 
 @dataclass
@@ -71,14 +85,16 @@ class StepPlan:
     _masks: dict = field(default_factory=dict)
     _rows: dict = field(default_factory=dict)
 
-    def mask(self, num_slots: int, rank: int, dtype: torch.dtype) -> torch.Tensor:
-        """(T, num_slots * rank) 0/1: ones on the token's own slot's columns,
-        all zero for a no-adapter token. Full shape (not broadcast) because a
-        same-shape ``mul_`` is ~3x cheaper than a broadcasting one."""
-        key = (num_slots, rank, dtype)
+    def mask(self, slots: tuple[int, ...], rank: int, dtype: torch.dtype) -> torch.Tensor:
+        """(T, len(slots) * rank) 0/1 for ``h`` computed against ``slots``'
+        weights side by side: ones on the token's own slot's columns, all
+        zero for a no-adapter token (or one whose slot is not in ``slots``).
+        Full shape (not broadcast) because a same-shape ``mul_`` is ~3x
+        cheaper than a broadcasting one."""
+        key = (slots, rank, dtype)
         mask = self._masks.get(key)
         if mask is None:
-            column_slot = torch.arange(num_slots).repeat_interleave(rank)
+            column_slot = torch.tensor(slots, dtype=torch.long).repeat_interleave(rank)
             mask = (self.token_slots[:, None] == column_slot[None, :]).to(dtype)
             self._masks[key] = mask
         return mask
@@ -104,24 +120,23 @@ def _contiguous_runs(slots: list[int]) -> list[tuple[int, int, int]]:
     return runs
 
 
-def choose_mode(num_tokens: int, num_active: int, num_present: int, num_runs: int, num_slots: int) -> str:
-    """Cheapest of RUNS / GATHER / MASKED by the rough cost model above."""
+def choose_mode(num_tokens: int, num_active: int, num_present: int, num_runs: int, width: float = REF_WIDTH) -> str:
+    """Cheapest of RUNS / GATHER / MASKED by the rough cost model above, for
+    layers of mean LoRA ``width`` (rank * (in + out))."""
     if num_runs == 1:  # one adapter, contiguous tokens: nothing beats a plain run
         return RUNS
+    flops = width / REF_WIDTH
     cost = {
-        RUNS: RUN_US * num_runs + RUN_TOKEN_US * num_active,
-        GATHER: GATHER_US + GATHER_SLOT_US * num_present + GATHER_TOKEN_US * num_active,
-        MASKED: MASKED_US + MASKED_TOKEN_SLOT_US * num_tokens * num_slots,
+        RUNS: RUN_US * num_runs + RUN_TOKEN_US * flops * num_active,
+        GATHER: GATHER_US + GATHER_SLOT_US * num_present + GATHER_TOKEN_US * flops * num_active,
+        MASKED: MASKED_US + MASKED_TOKEN_SLOT_US * flops * num_tokens * num_present,
     }
     return min(cost, key=cost.__getitem__)
 
 
-def build_plan(token_slots: list[int], num_slots: int, force_mode: str | None = None) -> StepPlan:
-    """Plan for one step from the per-token slot list (-1 = no adapter).
-
-    ``num_slots`` is the number of rows in the stacked LoRA weights (the cost
-    of MASKED mode grows with it).
-    """
+def build_plan(token_slots: list[int], force_mode: str | None = None, width: float = REF_WIDTH) -> StepPlan:
+    """Plan for one step from the per-token slot list (-1 = no adapter);
+    ``width``: the mean LoRA width of the model's layers (see ``REF_WIDTH``)."""
     n = len(token_slots)
     slots_t = torch.tensor(token_slots, dtype=torch.long)
     present = tuple(sorted(set(token_slots) - {-1}))
@@ -131,7 +146,7 @@ def build_plan(token_slots: list[int], num_slots: int, force_mode: str | None = 
     num_active = sum(end - start for _, start, end in runs)
     if force_mode is not None and force_mode not in MODES:
         raise ValueError(f"force_mode must be one of {MODES}, got {force_mode!r}")
-    mode = force_mode or choose_mode(n, num_active, len(present), len(runs), num_slots)
+    mode = force_mode or choose_mode(n, num_active, len(present), len(runs), width)
     if mode == RUNS:
         full = runs[0][0] if len(runs) == 1 and runs[0][2] - runs[0][1] == n else -1
         return StepPlan(n, RUNS, slots_t, tuple(runs), None, present, full)

@@ -11,7 +11,9 @@ Why this exists (vLLM 0.32, ``PunicaWrapperCPU`` + ``lora/ops/torch_ops``):
    routing is planned once per step (``plan.py``), weights are fused across
    slices and packed once per adapter load (``fused.py``), and a LoRA linear
    layer costs 3 ops (shrink, expand, add) when every token uses one adapter
-   and 4 for any adapter mix in a decode batch; never one matmul per token.
+   and 4 for any adapter mix in a decode batch; never one matmul per token,
+   and never work for a slot no token of the step uses (however many slots
+   ``max_loras`` allocates, a step pays for the adapters present in it).
 
 Only ``add_lora_linear`` (every q/k/v/o/gate/up/down call) is tuned.
 ``add_lora_embedding``, ``add_lora_logits``, ``add_shrink`` and ``add_expand``
@@ -28,7 +30,7 @@ import torch
 from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
 
 from .fused import PACK_MAX_ROWS, FusedLinear
-from .plan import MASKED, NONE, RUNS, StepPlan, build_plan
+from .plan import MASKED, NONE, REF_WIDTH, RUNS, StepPlan, build_plan
 
 
 class GroupedPunicaWrapperCPU(PunicaWrapperCPU):
@@ -46,6 +48,7 @@ class GroupedPunicaWrapperCPU(PunicaWrapperCPU):
         self._scratch: dict[tuple, torch.Tensor] = {}
         self._nonzero_cache: dict[int, tuple] = {}
         self._slot_ids: list[int | None] = []  # the model manager's live slot -> LoRA id table
+        self._width = REF_WIDTH  # mean LoRA width of the layers seen, for the plan's cost model
 
     # ------------------------------------------------------------------ metadata
     def update_metadata(
@@ -65,11 +68,10 @@ class GroupedPunicaWrapperCPU(PunicaWrapperCPU):
         self.is_prefill = mapping.is_prefill
         self._slot_ids = lora_index_to_id  # kept by reference: read when a layer's weights change
         slot_of = {lid: i for i, lid in enumerate(lora_index_to_id) if lid is not None}
-        num_slots = len(lora_index_to_id)
         token_slots = [slot_of[i] if i > 0 else -1 for i in mapping.index_mapping]
         prompt_slots = [slot_of[i] if i > 0 else -1 for i in mapping.prompt_mapping]
-        self._plan = build_plan(token_slots, num_slots, self.force_mode)
-        self._sampler_plan = build_plan(prompt_slots, num_slots, self.force_mode)
+        self._plan = build_plan(token_slots, self.force_mode, self._width)
+        self._sampler_plan = build_plan(prompt_slots, self.force_mode, self._width)
         self.no_lora = self._plan.mode == NONE
 
     def _buffer(self, name: str, rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
@@ -110,6 +112,8 @@ class GroupedPunicaWrapperCPU(PunicaWrapperCPU):
             slot_ids = tuple(self._slot_ids)
             fused = FusedLinear(lora_a_stacked, lora_b_stacked, output_slices, x.dtype, slot_ids)
             self._fused[id(lora_a_stacked[0])] = fused
+            widths = [f.rank * (f.a.shape[-1] + f.out_features) for f in self._fused.values()]
+            self._width = sum(widths) / len(widths)  # from the next step's plan on
         elif not fused.matches(lora_a_stacked, x.dtype):
             slot_ids = tuple(self._slot_ids)
             fused.refresh(lora_a_stacked, lora_b_stacked, output_slices, x.dtype, slot_ids)
@@ -154,14 +158,19 @@ class GroupedPunicaWrapperCPU(PunicaWrapperCPU):
             col += width
 
     def _masked(self, y, x, fused: FusedLinear, plan: StepPlan, scale: float) -> None:
-        """All slots in one shrink and one expand; a mask keeps each token's
-        own slot columns (none for -1 tokens): 4 ops for any adapter mix."""
-        n, slots, rank = x.shape[0], fused.num_slots, fused.rank
-        h = fused.a_all()(x, self._buffer("h", n, slots * rank, fused.dtype))  # (n, S*R)
-        h.mul_(plan.mask(slots, rank, fused.dtype))
+        """The present slots (those that target this layer) in one shrink and
+        one expand over a compact copy of their weights; a mask keeps each
+        token's own slot columns (none for -1 tokens): 4 ops for any adapter
+        mix, sized by the adapters present, not by the slots allocated."""
+        nonzero = fused.nonzero
+        slots = plan.present if fused.all_nonzero else tuple(s for s in plan.present if nonzero[s])
+        n, width = x.shape[0], len(slots) * fused.rank
+        shrink, expand = fused.compact(slots)
+        h = shrink(x, self._buffer("h", n, width, fused.dtype))  # (n, P*R)
+        h.mul_(plan.mask(slots, fused.rank, fused.dtype))
         if scale != 1.0:
             h.mul_(scale)
-        y.add_(fused.b_all()(h, self._buffer("d", n, fused.out_features, fused.dtype)))
+        y.add_(expand(h, self._buffer("d", n, fused.out_features, fused.dtype)))
 
     def _gathered(self, y, x, fused: FusedLinear, plan: StepPlan, scale: float) -> None:
         """Active rows gathered in slot order, one shrink + expand per slot,

@@ -368,17 +368,53 @@ def test_register_is_noop_off_cpu(monkeypatch):
 def test_cost_model_picks_expected_modes():
     from lora_ops.plan import NONE, build_plan
 
-    assert build_plan([-1] * 8, 4).mode == NONE
-    assert build_plan([2] * 512, 4).mode == RUNS  # one adapter, prefill-sized
-    assert build_plan([2] * 16, 4).mode == RUNS  # one adapter, decode
-    assert build_plan([-1] * 8 + [1] * 300 + [-1] * 8, 4).mode == RUNS
+    assert build_plan([-1] * 8).mode == NONE
+    assert build_plan([2] * 512).mode == RUNS  # one adapter, prefill-sized
+    assert build_plan([2] * 16).mode == RUNS  # one adapter, decode
+    assert build_plan([-1] * 8 + [1] * 300 + [-1] * 8).mode == RUNS
     decode = list(itertools.islice(itertools.cycle([0, 1, 2, 3]), 16))
-    assert build_plan(decode, 4).mode == MASKED
+    assert build_plan(decode).mode == MASKED
     prefill = [s for s in [0, 1, 0, 2, 3, 1, 0, 2] for _ in range(64)]  # interleaved requests
-    assert build_plan(prefill, 4).mode == GATHER
-    assert build_plan(sorted(prefill), 4).mode == RUNS  # each adapter contiguous
+    assert build_plan(prefill).mode == GATHER
+    assert build_plan(sorted(prefill)).mode == RUNS  # each adapter contiguous
     long_mixed = list(itertools.islice(itertools.cycle([0, 1, -1]), 2048))
-    assert build_plan(long_mixed, 4).mode == GATHER
+    assert build_plan(long_mixed).mode == GATHER
+
+
+TINYLLAMA_WIDTH = 208_896  # mean rank * (in + out) of a TinyLlama-1.1B layer's qkv/o/gate_up/down at rank 16
+# (tokens, present adapters interleaved among 32 slots) -> mode at the reference width, at TinyLlama's.
+WIDTH_CASES = {
+    "decode_16_of_8": ((16, 8), MASKED, MASKED),
+    "decode_64_of_8": ((64, 8), MASKED, GATHER),  # wider layers: MASKED's P-fold flops outweigh GATHER's ops
+    "decode_128_of_4": ((128, 4), MASKED, GATHER),
+    "decode_128_of_2": ((128, 2), MASKED, MASKED),
+}
+
+
+@pytest.mark.parametrize("case", list(WIDTH_CASES))
+def test_cost_model_scales_token_costs_with_layer_width(case):
+    from lora_ops.plan import REF_WIDTH, build_plan
+
+    (tokens, present), at_ref, at_tinyllama = WIDTH_CASES[case]
+    slots = list(itertools.islice(itertools.cycle(range(0, 32, 32 // present)), tokens))
+    assert build_plan(slots, width=REF_WIDTH).mode == at_ref
+    assert build_plan(slots, width=TINYLLAMA_WIDTH).mode == at_tinyllama
+
+
+def test_plan_uses_the_width_of_the_layers_seen():
+    """The wrapper learns its layers' LoRA width from the first step that runs
+    them, and plans the following steps with it."""
+    fan_in, slices, slots = 2048, (2048, 256, 256), 8  # a TinyLlama-like qkv at rank 16
+    a = tuple(torch.randn(slots, 1, 16, fan_in) for _ in slices)
+    b = tuple(torch.randn(slots, 1, n, 16) for n in slices)
+    ids = list(itertools.islice(itertools.cycle([1, 3, 5, 7, 2, 4, 6, 8]), 64))  # 8 adapters, interleaved
+    w = GroupedPunicaWrapperCPU(256, 64, "cpu")
+    table: list[int | None] = list(range(1, slots + 1))
+    w.update_metadata(LoRAMapping(tuple(ids), tuple(ids)), table, slots + 1, 1000)
+    assert w._plan.mode == MASKED  # no layer seen yet: the reference width
+    w.add_lora_linear(torch.zeros(64, sum(slices)), torch.randn(64, fan_in), a, b, 1.0, slices)
+    w.update_metadata(LoRAMapping(tuple(ids), tuple(ids)), table, slots + 1, 1000)
+    assert w._plan.mode == GATHER  # 48 * (2048 + 2560) per token and slot: MASKED's P-fold flops cost more
 
 
 @pytest.mark.parametrize("mode", MODES, ids=lambda m: m or "auto")
