@@ -98,7 +98,8 @@ class AdapterStore:
             lease_wait_s=settings.lease_wait_s,
         )
         self._name_locks = tuple(threading.Lock() for _ in range(NAME_LOCK_STRIPES))
-        self._catalog = Catalog(registry.path, registry.snapshot, busy_timeout_s=settings.busy_timeout_s)
+        # registry.path is None on PostgreSQL: the catalog's invalidation there is adapter_store/changes.py (issue 14).
+        self._catalog = Catalog(registry.path, registry.snapshot, busy_timeout_s=settings.busy_timeout_s)  # type: ignore[arg-type]
 
     @classmethod
     def open(
@@ -117,7 +118,10 @@ class AdapterStore:
         ``configured_owners``: see :class:`AdapterRegistry`.
         """
         registry = AdapterRegistry(
-            settings.root, busy_timeout_s=settings.busy_timeout_s, configured_owners=configured_owners
+            settings.root,
+            url=settings.registry,
+            busy_timeout_s=settings.busy_timeout_s,
+            configured_owners=configured_owners,
         )
         validator = AdapterValidator(
             base,
