@@ -8,7 +8,8 @@ backends). Revision 1 is what ``PRAGMA user_version`` 2 named before Alembic.
 The foreign keys to ``versions(name, digest)`` are deferrable: re-keying a
 digest (``AdapterRegistry.rekey``) changes parent and child keys in one
 transaction, which PostgreSQL checks at the end of each statement otherwise.
-On PostgreSQL every ``digest`` column uses the ``C`` collation, so a version
+(SQLite files from before Alembic have immediate ones; on SQLite the registry
+defers its checks with ``PRAGMA defer_foreign_keys`` instead.) On PostgreSQL every ``digest`` column uses the ``C`` collation, so a version
 prefix is a plain byte range of the ``(name, digest)`` index whatever the
 database's locale.
 
@@ -41,7 +42,7 @@ from sqlalchemy import (
     UniqueConstraint,
     text,
 )
-from sqlalchemy.dialects import postgresql
+from sqlalchemy.dialects import postgresql, sqlite
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +50,11 @@ LEGACY_SCHEMA_VERSION = 2  # the last PRAGMA user_version before Alembic; Alembi
 _V1_TENANT_TAG = "tenant"  # where schema 1 kept an adapter's owner, on each version
 
 metadata = MetaData()
+
+
+def _real() -> Float:
+    """A double; named REAL on SQLite, as the files before Alembic declared it (same affinity, no diff)."""
+    return Float().with_variant(sqlite.REAL(), "sqlite")
 
 
 def _digest() -> Column:
@@ -65,7 +71,7 @@ adapters = Table(
     "adapters",
     metadata,
     Column("name", Text, primary_key=True),
-    Column("created_at", Float, nullable=False),
+    Column("created_at", _real(), nullable=False),
     Column("tenant", Text),  # the owner, set by the name's first registration; NULL: public
 )
 
@@ -77,10 +83,10 @@ versions = Table(
     _digest(),
     Column("base_model", Text, nullable=False),
     Column("rank", Integer, nullable=False),
-    Column("alpha", Float, nullable=False),
+    Column("alpha", _real(), nullable=False),
     Column("target_modules", Text, nullable=False),  # JSON list
     Column("size_bytes", Integer, nullable=False),
-    Column("created_at", Float, nullable=False),
+    Column("created_at", _real(), nullable=False),
     Column("source", Text, nullable=False),
     Column("tags", Text, nullable=False),  # JSON object
     Column("pinned", Integer, nullable=False, server_default=text("0")),
@@ -96,7 +102,7 @@ aliases = Table(
     Column("name", Text, nullable=False),
     Column("alias", Text, nullable=False),
     _digest(),
-    Column("updated_at", Float, nullable=False),
+    Column("updated_at", _real(), nullable=False),
     PrimaryKeyConstraint("name", "alias"),
     _to_version(),
 )
@@ -108,8 +114,8 @@ health = Table(
     _digest(),
     Column("state", Text, nullable=False),
     Column("reason", Text),
-    Column("checked_at", Float),
-    Column("latency_s", Float),
+    Column("checked_at", _real()),
+    Column("latency_s", _real()),
     PrimaryKeyConstraint("name", "digest"),
     ForeignKeyConstraint(
         ["name", "digest"],

@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import sqlalchemy as sa
 from alembic import op
-from sqlalchemy.dialects import postgresql
+from sqlalchemy.dialects import postgresql, sqlite
 
 revision = "0001"
 down_revision = None
 branch_labels = None
 depends_on = None
+
+
+def _real() -> sa.Float:
+    return sa.Float().with_variant(sqlite.REAL(), "sqlite")
 
 
 def _digest() -> sa.Column:
@@ -24,7 +28,7 @@ def upgrade() -> None:
     op.create_table(
         "adapters",
         sa.Column("name", sa.Text(), primary_key=True),
-        sa.Column("created_at", sa.Float(), nullable=False),
+        sa.Column("created_at", _real(), nullable=False),
         sa.Column("tenant", sa.Text()),
     )
     op.create_table(
@@ -34,10 +38,10 @@ def upgrade() -> None:
         _digest(),
         sa.Column("base_model", sa.Text(), nullable=False),
         sa.Column("rank", sa.Integer(), nullable=False),
-        sa.Column("alpha", sa.Float(), nullable=False),
+        sa.Column("alpha", _real(), nullable=False),
         sa.Column("target_modules", sa.Text(), nullable=False),
         sa.Column("size_bytes", sa.Integer(), nullable=False),
-        sa.Column("created_at", sa.Float(), nullable=False),
+        sa.Column("created_at", _real(), nullable=False),
         sa.Column("source", sa.Text(), nullable=False),
         sa.Column("tags", sa.Text(), nullable=False),
         sa.Column("pinned", sa.Integer(), nullable=False, server_default=sa.text("0")),
@@ -51,7 +55,7 @@ def upgrade() -> None:
         sa.Column("name", sa.Text(), nullable=False),
         sa.Column("alias", sa.Text(), nullable=False),
         _digest(),
-        sa.Column("updated_at", sa.Float(), nullable=False),
+        sa.Column("updated_at", _real(), nullable=False),
         sa.PrimaryKeyConstraint("name", "alias"),
         sa.ForeignKeyConstraint(
             ["name", "digest"], ["versions.name", "versions.digest"], deferrable=True, initially="IMMEDIATE"
@@ -63,8 +67,8 @@ def upgrade() -> None:
         _digest(),
         sa.Column("state", sa.Text(), nullable=False),
         sa.Column("reason", sa.Text()),
-        sa.Column("checked_at", sa.Float()),
-        sa.Column("latency_s", sa.Float()),
+        sa.Column("checked_at", _real()),
+        sa.Column("latency_s", _real()),
         sa.PrimaryKeyConstraint("name", "digest"),
         sa.ForeignKeyConstraint(
             ["name", "digest"],
