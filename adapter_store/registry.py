@@ -32,7 +32,6 @@ from typing import Any, NoReturn
 from sqlalchemy import URL, Connection, Text, and_, delete, literal, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 
-from adapter_store import migrations
 from adapter_store.catalog import CatalogEntry
 from adapter_store.errors import (
     AdapterNotFound,
@@ -42,6 +41,7 @@ from adapter_store.errors import (
     OwnershipConflict,
     VersionConflict,
 )
+from adapter_store.migrations import upgrade
 from adapter_store.models import AdapterMetadata, AdapterVersion, HealthRecord, HealthState
 from adapter_store.refs import DIGEST_LEN, LATEST, AdapterRef, check_alias, check_name, check_version
 from adapter_store.registry_db import DB_NAME, Database, mask, parse_url
@@ -113,7 +113,7 @@ class AdapterRegistry:
         self._db = Database(parsed, busy_timeout_s=busy_timeout_s)
         self._insert = postgresql.insert if self._db.is_postgres else sqlite.insert
         with self._db.write(()) as conn:
-            migrations.upgrade(conn, where=mask(parsed), configured_owners=configured_owners or {})
+            upgrade(conn, where=mask(parsed), configured_owners=configured_owners or {})
 
     def close(self) -> None:
         self._db.close()
