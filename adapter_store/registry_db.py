@@ -165,7 +165,7 @@ class Database:
                 yield conn
         except DBAPIError as e:
             if self._is_outage(e):
-                raise self.unavailable(e) from e
+                raise self._unavailable(e) from e
             raise
 
     def _is_outage(self, e: DBAPIError) -> bool:
@@ -176,9 +176,9 @@ class Database:
             isinstance(e.orig, psycopg.OperationalError) and not isinstance(e.orig, psycopg.errors.TransactionRollback)
         )
 
-    def unavailable(self, e: BaseException) -> RegistryUnavailable:
+    def _unavailable(self, e: DBAPIError) -> RegistryUnavailable:
         where = self.url.set(drivername="postgresql")
-        cause = str(getattr(e, "orig", e)).strip()
+        cause = str(e.orig).strip()
         reason = cause.splitlines()[0] if cause else type(e).__name__
         if self.url.password:
             reason = reason.replace(str(self.url.password), "***")
