@@ -12,10 +12,11 @@ SQLite files written before Alembic carry ``PRAGMA user_version`` instead of
 (``schema.upgrade_from_v1``) and then stamped at revision 1, which is schema 2;
 a version-2 file is stamped at revision 1 as it is.
 
-A new revision: ``alembic -c adapter_store/migrations/alembic.ini revision
---autogenerate -m "what" -x url=sqlite:////tmp/scratch.sqlite3`` against a
-database at head, then review the script (``tests/adapter_store/test_registry_schema.py``
-checks that head matches ``adapter_store.schema``).
+A new revision, from a checkout (``PYTHONPATH=.``): ``alembic -c
+adapter_store/migrations/alembic.ini -x url=sqlite:////tmp/scratch.sqlite3
+revision --autogenerate -m "what"`` against a database at head, then review
+the script; ``... check`` says whether head matches ``adapter_store.schema``
+(``tests/adapter_store/test_registry_fleet.py`` checks it on both backends).
 """
 
 from __future__ import annotations
