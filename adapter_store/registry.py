@@ -29,7 +29,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from sqlalchemy import URL, Connection, Text, and_, delete, literal, select, text, update
+from sqlalchemy import URL, Connection, Text, and_, bindparam, delete, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from adapter_store.catalog import CatalogEntry
@@ -64,6 +64,27 @@ _VERSION_COLUMNS = (
     versions.c.legacy_digest,
 )
 _HEALTH_COLUMNS = (health.c.state, health.c.reason, health.c.checked_at, health.c.latency_s)
+
+# The statements of the resolve path, built once: building a Core statement costs more than running it.
+_OWNER = select(adapters.c.tenant).where(adapters.c.name == bindparam("name"))
+_BY_ALIAS = (
+    select(*_VERSION_COLUMNS)
+    .select_from(aliases.join(versions, and_(versions.c.name == aliases.c.name, versions.c.digest == aliases.c.digest)))
+    .where(aliases.c.name == bindparam("name"), aliases.c.alias == bindparam("alias"))
+)
+# Digests are 64 lowercase hex digits: a version prefix is a range of the (name, digest) index. The bounds
+# are plain Text: PostgreSQL cannot parse the column's COLLATE "C" cast inside BETWEEN (the column's applies).
+_BY_RANGE = (
+    select(*_VERSION_COLUMNS)
+    .where(
+        versions.c.name == bindparam("name"),
+        versions.c.digest.between(bindparam("low", type_=Text()), bindparam("high", type_=Text())),
+    )
+    .limit(2)
+)
+_BY_DIGEST = select(*_VERSION_COLUMNS).where(
+    versions.c.name == bindparam("name"), versions.c.digest == bindparam("digest")
+)
 
 
 def _row_to_version(row: Sequence[Any]) -> AdapterVersion:
@@ -175,12 +196,12 @@ class AdapterRegistry:
     def check_owner(self, name: str, tenant: str | None) -> None:
         """Refuse early (before any fetch) what :meth:`register` would refuse for ownership."""
         with self._db.read() as conn:
-            owner = conn.execute(select(adapters.c.tenant).where(adapters.c.name == name)).first()
+            owner = conn.execute(_OWNER, {"name": name}).first()
         if owner is not None and owner[0] != tenant:
             raise self._conflict(name, owner[0], tenant)
 
     def _claim(self, conn: Connection, name: str, tenant: str | None, now: float) -> None:
-        owner = conn.execute(select(adapters.c.tenant).where(adapters.c.name == name)).first()
+        owner = conn.execute(_OWNER, {"name": name}).first()
         if owner is None:
             conn.execute(adapters.insert().values(name=name, created_at=now, tenant=tenant))
         elif owner[0] != tenant:
@@ -224,25 +245,14 @@ class AdapterRegistry:
 
     def _resolve(self, conn: Connection, ref: AdapterRef) -> AdapterVersion:
         if ref.alias is not None:
-            joined = aliases.join(
-                versions, and_(versions.c.name == aliases.c.name, versions.c.digest == aliases.c.digest)
-            )
-            row = conn.execute(
-                select(*_VERSION_COLUMNS)
-                .select_from(joined)
-                .where(aliases.c.name == ref.name, aliases.c.alias == ref.alias)
-            ).first()
+            row = conn.execute(_BY_ALIAS, {"name": ref.name, "alias": ref.alias}).first()
             if row is None:
                 self._raise_missing(conn, ref.name, f"has no alias {ref.alias!r}", "alias")
             return _row_to_version(row)
         assert ref.version is not None
-        # Digests are 64 lowercase hex digits: a prefix is a range of the (name, digest) index.
-        # (Bounds typed plain Text: PostgreSQL cannot parse a COLLATE cast inside BETWEEN; the column's C applies.)
         pad = DIGEST_LEN - len(ref.version)
-        low, high = literal(ref.version + "0" * pad, Text()), literal(ref.version + "f" * pad, Text())
-        rows = conn.execute(
-            select(*_VERSION_COLUMNS).where(_named(ref.name), versions.c.digest.between(low, high)).limit(2)
-        ).all()
+        bounds = {"low": ref.version + "0" * pad, "high": ref.version + "f" * pad}
+        rows = conn.execute(_BY_RANGE, {"name": ref.name, **bounds}).all()
         if not rows:
             self._raise_missing(conn, ref.name, f"has no version {ref.version!r}", "version")
         if len(rows) > 1:
@@ -263,7 +273,7 @@ class AdapterRegistry:
         )
 
     def _version(self, conn: Connection, name: str, digest: str) -> AdapterVersion:
-        row = conn.execute(select(*_VERSION_COLUMNS).where(_named(name), versions.c.digest == digest)).first()
+        row = conn.execute(_BY_DIGEST, {"name": name, "digest": digest}).first()
         if row is None:
             raise AdapterNotFound(f"adapter {name!r} has no version {digest[:16]}...", param="version")
         return _row_to_version(row)
@@ -271,7 +281,7 @@ class AdapterRegistry:
     def owner(self, name: str) -> str | None:
         """The tenant that owns ``name`` (``None``: public); ``AdapterNotFound`` if it is not registered."""
         with self._db.read() as conn:
-            row = conn.execute(select(adapters.c.tenant).where(adapters.c.name == name)).first()
+            row = conn.execute(_OWNER, {"name": name}).first()
         if row is None:
             raise AdapterNotFound(f"adapter {name!r} is not registered", param="name")
         return row[0]
@@ -279,7 +289,7 @@ class AdapterRegistry:
     def snapshot(self, name: str) -> CatalogEntry | None:
         """Everything a request for ``name`` needs, read in one transaction; ``None`` if it is not registered."""
         with self._db.read() as conn:
-            owner = conn.execute(select(adapters.c.tenant).where(adapters.c.name == name)).first()
+            owner = conn.execute(_OWNER, {"name": name}).first()
             if owner is None:
                 return None
             rows = conn.execute(select(*_VERSION_COLUMNS).where(_named(name))).all()
