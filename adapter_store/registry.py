@@ -1,10 +1,15 @@
-"""The adapter registry: names, immutable versions, aliases, pins and health, in SQLite.
+"""The adapter registry: names, immutable versions, aliases, pins and health, in SQLite or PostgreSQL.
 
-One database file under the store root, in WAL mode so readers never block the
-writer. Every change runs in a ``BEGIN IMMEDIATE`` transaction: the write lock
-is taken up front, so two writers (threads or worker processes) queue on the
-busy timeout instead of failing half-way with "database is locked" when a read
-transaction tries to upgrade. Each thread gets its own connection.
+By default one SQLite file under the store root; with ``store.registry`` a
+PostgreSQL database every replica of a fleet shares. The queries are
+SQLAlchemy Core on the tables of ``adapter_store.schema``, the same for both;
+``adapter_store.registry_db`` holds what differs: how a write transaction
+locks (SQLite's write lock from its first statement; a per-name advisory lock
+on PostgreSQL, so the read-then-write of an ownership claim, an alias
+compare-and-set or a delete never interleaves with another writer of that
+name), the change notices PostgreSQL sends on commit, and the
+:class:`RegistryUnavailable` an unreachable database raises. The tables are
+created or upgraded (Alembic, ``adapter_store.migrations``) when it opens.
 
 A version is identified by the sha256 over its files; registering the same
 files again is a no-op that returns the existing version. The alias
@@ -14,19 +19,18 @@ other alias is set explicitly.
 Ownership belongs to the adapter *name*: ``adapters.tenant`` (NULL: public) is
 set by the name's first registration and never changed by a later version; a
 registration for a different tenant is refused with :class:`OwnershipConflict`.
-
-The tables and their upgrades from older files are in ``adapter_store.schema``.
 """
 
 from __future__ import annotations
 
 import json
-import sqlite3
-import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any, NoReturn
+
+from sqlalchemy import URL, Connection, Text, and_, bindparam, delete, select, text, update
+from sqlalchemy.dialects import postgresql, sqlite
 
 from adapter_store.catalog import CatalogEntry
 from adapter_store.errors import (
@@ -37,19 +41,53 @@ from adapter_store.errors import (
     OwnershipConflict,
     VersionConflict,
 )
+from adapter_store.migrations import upgrade
 from adapter_store.models import AdapterMetadata, AdapterVersion, HealthRecord, HealthState
 from adapter_store.refs import DIGEST_LEN, LATEST, AdapterRef, check_alias, check_name, check_version
-from adapter_store.schema import migrate, owner_text
+from adapter_store.registry_db import DB_NAME, Database, mask, parse_url
+from adapter_store.schema import adapters, aliases, health, owner_text, versions
 
-DB_NAME = "registry.sqlite3"
+__all__ = ["DB_NAME", "AdapterRegistry"]
 
 _VERSION_COLUMNS = (
-    "v.name, v.digest, v.base_model, v.rank, v.alpha, v.target_modules, v.size_bytes, "
-    "v.created_at, v.source, v.tags, v.pinned, v.legacy_digest"
+    versions.c.name,
+    versions.c.digest,
+    versions.c.base_model,
+    versions.c.rank,
+    versions.c.alpha,
+    versions.c.target_modules,
+    versions.c.size_bytes,
+    versions.c.created_at,
+    versions.c.source,
+    versions.c.tags,
+    versions.c.pinned,
+    versions.c.legacy_digest,
+)
+_HEALTH_COLUMNS = (health.c.state, health.c.reason, health.c.checked_at, health.c.latency_s)
+
+# The statements of the resolve path, built once: building a Core statement costs more than running it.
+_OWNER = select(adapters.c.tenant).where(adapters.c.name == bindparam("name"))
+_BY_ALIAS = (
+    select(*_VERSION_COLUMNS)
+    .select_from(aliases.join(versions, and_(versions.c.name == aliases.c.name, versions.c.digest == aliases.c.digest)))
+    .where(aliases.c.name == bindparam("name"), aliases.c.alias == bindparam("alias"))
+)
+# Digests are 64 lowercase hex digits: a version prefix is a range of the (name, digest) index. The bounds
+# are plain Text: PostgreSQL cannot parse the column's COLLATE "C" cast inside BETWEEN (the column's applies).
+_BY_RANGE = (
+    select(*_VERSION_COLUMNS)
+    .where(
+        versions.c.name == bindparam("name"),
+        versions.c.digest.between(bindparam("low", type_=Text()), bindparam("high", type_=Text())),
+    )
+    .limit(2)
+)
+_BY_DIGEST = select(*_VERSION_COLUMNS).where(
+    versions.c.name == bindparam("name"), versions.c.digest == bindparam("digest")
 )
 
 
-def _row_to_version(row: tuple) -> AdapterVersion:
+def _row_to_version(row: Sequence[Any]) -> AdapterVersion:
     name, digest, base, rank, alpha, targets, size, created, source, tags, pinned, legacy = row
     return AdapterVersion(
         name=name,
@@ -65,72 +103,41 @@ def _row_to_version(row: tuple) -> AdapterVersion:
     )
 
 
+def _named(name: str) -> Any:
+    return versions.c.name == name
+
+
 class AdapterRegistry:
-    """Persistent registry of adapter versions; safe across threads and processes."""
+    """Persistent registry of adapter versions; safe across threads, processes and (on PostgreSQL) replicas."""
 
     def __init__(
-        self, root: Path, *, busy_timeout_s: float = 30.0, configured_owners: Mapping[str, str | None] | None = None
+        self,
+        root: Path,
+        *,
+        url: str | None = None,
+        busy_timeout_s: float = 30.0,
+        configured_owners: Mapping[str, str | None] | None = None,
     ) -> None:
-        """Open (or create, or upgrade) the registry under ``root``.
+        """Open (or create, or upgrade) the registry: ``url`` if given, else the SQLite file under ``root``.
 
-        ``configured_owners`` (name → tenant) are owners schema 1 did not keep
-        in the file because serving's config set them; they are used only when
-        upgrading a schema-1 file, and win over its tags, as they did then.
+        ``url``: ``postgresql://user@host:port/db`` or ``sqlite:///path`` (see
+        ``registry_db.parse_url``). ``configured_owners`` (name → tenant) are
+        owners schema 1 did not keep in the file because serving's config set
+        them; they are used only when upgrading a schema-1 file, and win over
+        its tags, as they did then.
         """
-        root.mkdir(parents=True, exist_ok=True)
-        self.path = root / DB_NAME
+        parsed = parse_url(url) if url is not None else URL.create("sqlite", database=str(root / DB_NAME))
+        self.url: URL = parsed  # its str() and repr() hide the password
+        # The SQLite file (the catalog reads its data version); None on PostgreSQL.
+        self.path: Path | None = None if parsed.get_backend_name() == "postgresql" else Path(parsed.database or "")
         self.busy_timeout_s = busy_timeout_s
-        self._local = threading.local()
-        self._connections: list[sqlite3.Connection] = []
-        self._connections_lock = threading.Lock()
-        with self._write() as conn:
-            migrate(conn, self.path, configured_owners or {})
-
-    # -- connections and transactions -------------------------------------------------
-
-    def _conn(self) -> sqlite3.Connection:
-        conn = getattr(self._local, "conn", None)
-        if conn is None:
-            conn = sqlite3.connect(
-                self.path, timeout=self.busy_timeout_s, isolation_level=None, check_same_thread=False
-            )
-            conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_s * 1000)}")
-            conn.execute("PRAGMA journal_mode = WAL")
-            conn.execute("PRAGMA synchronous = NORMAL")
-            conn.execute("PRAGMA foreign_keys = ON")
-            self._local.conn = conn
-            with self._connections_lock:
-                self._connections.append(conn)
-        return conn
-
-    @contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction holding the database's write lock from its first statement."""
-        conn = self._conn()
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            yield conn
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        conn.execute("COMMIT")
-
-    @contextmanager
-    def _read(self) -> Iterator[sqlite3.Connection]:
-        """One consistent snapshot for reads that span several statements."""
-        conn = self._conn()
-        conn.execute("BEGIN")
-        try:
-            yield conn
-        finally:
-            conn.execute("COMMIT")
+        self._db = Database(parsed, busy_timeout_s=busy_timeout_s)
+        self._insert = postgresql.insert if self._db.is_postgres else sqlite.insert
+        with self._db.write(()) as conn:
+            upgrade(conn, where=mask(parsed), configured_owners=configured_owners or {})
 
     def close(self) -> None:
-        with self._connections_lock:
-            for conn in self._connections:
-                conn.close()
-            self._connections.clear()
-        self._local = threading.local()
+        self._db.close()
 
     # -- registering ------------------------------------------------------------------
 
@@ -160,25 +167,26 @@ class AdapterRegistry:
         for alias in aliases:
             self._check_settable(alias)
         now = time.time()
-        with self._write() as conn:
+        with self._db.write([name]) as conn:
             self._claim(conn, name, tenant, now)
-            cursor = conn.execute(
-                "INSERT OR IGNORE INTO versions (name, digest, base_model, rank, alpha, target_modules, "
-                "size_bytes, created_at, source, tags) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    name,
-                    digest,
-                    metadata.base_model,
-                    metadata.rank,
-                    metadata.alpha,
-                    json.dumps(list(metadata.target_modules)),
-                    metadata.size_bytes,
-                    now,
-                    source,
-                    json.dumps(tags or {}, sort_keys=True),
-                ),
+            inserted = conn.execute(
+                self._insert(versions)
+                .values(
+                    name=name,
+                    digest=digest,
+                    base_model=metadata.base_model,
+                    rank=metadata.rank,
+                    alpha=metadata.alpha,
+                    target_modules=json.dumps(list(metadata.target_modules)),
+                    size_bytes=metadata.size_bytes,
+                    created_at=now,
+                    source=source,
+                    tags=json.dumps(tags or {}, sort_keys=True),
+                )
+                .on_conflict_do_nothing(index_elements=["name", "digest"])
+                .returning(versions.c.seq)
             )
-            created = cursor.rowcount == 1
+            created = inserted.first() is not None
             if created:
                 self._point(conn, name, LATEST, digest, now)
             for alias in aliases:
@@ -187,14 +195,15 @@ class AdapterRegistry:
 
     def check_owner(self, name: str, tenant: str | None) -> None:
         """Refuse early (before any fetch) what :meth:`register` would refuse for ownership."""
-        owner = self._conn().execute("SELECT tenant FROM adapters WHERE name = ?", (name,)).fetchone()
+        with self._db.read() as conn:
+            owner = conn.execute(_OWNER, {"name": name}).first()
         if owner is not None and owner[0] != tenant:
             raise self._conflict(name, owner[0], tenant)
 
-    def _claim(self, conn: sqlite3.Connection, name: str, tenant: str | None, now: float) -> None:
-        owner = conn.execute("SELECT tenant FROM adapters WHERE name = ?", (name,)).fetchone()
+    def _claim(self, conn: Connection, name: str, tenant: str | None, now: float) -> None:
+        owner = conn.execute(_OWNER, {"name": name}).first()
         if owner is None:
-            conn.execute("INSERT INTO adapters (name, created_at, tenant) VALUES (?, ?, ?)", (name, now, tenant))
+            conn.execute(adapters.insert().values(name=name, created_at=now, tenant=tenant))
         elif owner[0] != tenant:
             raise self._conflict(name, owner[0], tenant)
 
@@ -207,12 +216,13 @@ class AdapterRegistry:
             param="tenant",
         )
 
-    @staticmethod
-    def _point(conn: sqlite3.Connection, name: str, alias: str, digest: str, now: float) -> None:
+    def _point(self, conn: Connection, name: str, alias: str, digest: str, now: float) -> None:
+        insert = self._insert(aliases).values(name=name, alias=alias, digest=digest, updated_at=now)
         conn.execute(
-            "INSERT INTO aliases (name, alias, digest, updated_at) VALUES (?, ?, ?, ?) "
-            "ON CONFLICT (name, alias) DO UPDATE SET digest = excluded.digest, updated_at = excluded.updated_at",
-            (name, alias, digest, now),
+            insert.on_conflict_do_update(
+                index_elements=["name", "alias"],
+                set_={"digest": insert.excluded.digest, "updated_at": insert.excluded.updated_at},
+            )
         )
 
     @staticmethod
@@ -230,23 +240,19 @@ class AdapterRegistry:
     def get(self, ref: str | AdapterRef) -> AdapterVersion:
         """The version a reference names; ``AdapterNotFound`` or ``AmbiguousVersion`` otherwise."""
         parsed = ref if isinstance(ref, AdapterRef) else AdapterRef.parse(ref)
-        with self._read() as conn:
+        with self._db.read() as conn:
             return self._resolve(conn, parsed)
 
-    def _resolve(self, conn: sqlite3.Connection, ref: AdapterRef) -> AdapterVersion:
+    def _resolve(self, conn: Connection, ref: AdapterRef) -> AdapterVersion:
         if ref.alias is not None:
-            row = conn.execute(
-                f"SELECT {_VERSION_COLUMNS} FROM aliases a JOIN versions v ON v.name = a.name AND v.digest = a.digest "
-                "WHERE a.name = ? AND a.alias = ?",
-                (ref.name, ref.alias),
-            ).fetchone()
+            row = conn.execute(_BY_ALIAS, {"name": ref.name, "alias": ref.alias}).first()
             if row is None:
                 self._raise_missing(conn, ref.name, f"has no alias {ref.alias!r}", "alias")
             return _row_to_version(row)
-        rows = conn.execute(
-            f"SELECT {_VERSION_COLUMNS} FROM versions v WHERE v.name = ? AND v.digest LIKE ? LIMIT 2",
-            (ref.name, f"{ref.version}%"),
-        ).fetchall()
+        assert ref.version is not None
+        pad = DIGEST_LEN - len(ref.version)
+        bounds = {"low": ref.version + "0" * pad, "high": ref.version + "f" * pad}
+        rows = conn.execute(_BY_RANGE, {"name": ref.name, **bounds}).all()
         if not rows:
             self._raise_missing(conn, ref.name, f"has no version {ref.version!r}", "version")
         if len(rows) > 1:
@@ -257,76 +263,76 @@ class AdapterRegistry:
             )
         return _row_to_version(rows[0])
 
-    def _raise_missing(self, conn: sqlite3.Connection, name: str, what: str, param: str) -> None:
-        if conn.execute("SELECT 1 FROM adapters WHERE name = ?", (name,)).fetchone() is None:
+    def _raise_missing(self, conn: Connection, name: str, what: str, param: str) -> NoReturn:
+        if conn.execute(select(adapters.c.name).where(adapters.c.name == name)).first() is None:
             raise AdapterNotFound(f"adapter {name!r} is not registered; register it from a source first", param="name")
-        aliases = [r[0] for r in conn.execute("SELECT alias FROM aliases WHERE name = ? ORDER BY alias", (name,))]
+        names = conn.scalars(select(aliases.c.alias).where(aliases.c.name == name).order_by(aliases.c.alias)).all()
         raise AdapterNotFound(
-            f"adapter {name!r} {what}; its aliases are {', '.join(aliases) or 'none'} (list its versions to pick one)",
+            f"adapter {name!r} {what}; its aliases are {', '.join(names) or 'none'} (list its versions to pick one)",
             param=param,
         )
 
-    def _version(self, conn: sqlite3.Connection, name: str, digest: str) -> AdapterVersion:
-        row = conn.execute(
-            f"SELECT {_VERSION_COLUMNS} FROM versions v WHERE v.name = ? AND v.digest = ?", (name, digest)
-        ).fetchone()
+    def _version(self, conn: Connection, name: str, digest: str) -> AdapterVersion:
+        row = conn.execute(_BY_DIGEST, {"name": name, "digest": digest}).first()
         if row is None:
             raise AdapterNotFound(f"adapter {name!r} has no version {digest[:16]}...", param="version")
         return _row_to_version(row)
 
     def owner(self, name: str) -> str | None:
         """The tenant that owns ``name`` (``None``: public); ``AdapterNotFound`` if it is not registered."""
-        row = self._conn().execute("SELECT tenant FROM adapters WHERE name = ?", (name,)).fetchone()
+        with self._db.read() as conn:
+            row = conn.execute(_OWNER, {"name": name}).first()
         if row is None:
             raise AdapterNotFound(f"adapter {name!r} is not registered", param="name")
         return row[0]
 
     def snapshot(self, name: str) -> CatalogEntry | None:
         """Everything a request for ``name`` needs, read in one transaction; ``None`` if it is not registered."""
-        with self._read() as conn:
-            owner = conn.execute("SELECT tenant FROM adapters WHERE name = ?", (name,)).fetchone()
+        with self._db.read() as conn:
+            owner = conn.execute(_OWNER, {"name": name}).first()
             if owner is None:
                 return None
-            rows = conn.execute(f"SELECT {_VERSION_COLUMNS} FROM versions v WHERE v.name = ?", (name,)).fetchall()
-            aliases = conn.execute("SELECT alias, digest FROM aliases WHERE name = ?", (name,)).fetchall()
-            health = conn.execute(
-                "SELECT digest, state, reason, checked_at, latency_s FROM health WHERE name = ?", (name,)
-            ).fetchall()
+            rows = conn.execute(select(*_VERSION_COLUMNS).where(_named(name))).all()
+            pointers = conn.execute(select(aliases.c.alias, aliases.c.digest).where(aliases.c.name == name)).all()
+            checks = conn.execute(select(health.c.digest, *_HEALTH_COLUMNS).where(health.c.name == name)).all()
         return CatalogEntry(
             name=name,
             owner=owner[0],
             versions={v.version: v for v in map(_row_to_version, rows)},
-            aliases=dict(aliases),
-            health={digest: HealthRecord(*rest) for digest, *rest in health},
+            aliases={alias: digest for alias, digest in pointers},
+            health={digest: HealthRecord(*rest) for digest, *rest in checks},
         )
 
     # -- listing ----------------------------------------------------------------------
 
     def names(self) -> list[str]:
-        return [r[0] for r in self._conn().execute("SELECT name FROM adapters ORDER BY name")]
+        with self._db.read() as conn:
+            return list(conn.scalars(select(adapters.c.name).order_by(adapters.c.name)))
 
     def versions(self, name: str) -> list[AdapterVersion]:
         """Every version of ``name``, newest first."""
-        rows = (
-            self._conn()
-            .execute(f"SELECT {_VERSION_COLUMNS} FROM versions v WHERE v.name = ? ORDER BY v.seq DESC", (name,))
-            .fetchall()
-        )
+        with self._db.read() as conn:
+            rows = conn.execute(select(*_VERSION_COLUMNS).where(_named(name)).order_by(versions.c.seq.desc())).all()
         if not rows:
             raise AdapterNotFound(f"adapter {name!r} is not registered", param="name")
         return [_row_to_version(r) for r in rows]
 
     def all_versions(self) -> list[AdapterVersion]:
-        rows = self._conn().execute(f"SELECT {_VERSION_COLUMNS} FROM versions v ORDER BY v.name, v.seq DESC")
+        with self._db.read() as conn:
+            rows = conn.execute(select(*_VERSION_COLUMNS).order_by(versions.c.name, versions.c.seq.desc())).all()
         return [_row_to_version(r) for r in rows]
 
     def aliases(self, name: str) -> dict[str, str]:
         """Alias → full digest for one adapter."""
-        rows = self._conn().execute("SELECT alias, digest FROM aliases WHERE name = ? ORDER BY alias", (name,))
-        return dict(rows.fetchall())
+        with self._db.read() as conn:
+            rows = conn.execute(
+                select(aliases.c.alias, aliases.c.digest).where(aliases.c.name == name).order_by(aliases.c.alias)
+            ).all()
+        return {alias: digest for alias, digest in rows}
 
     def pinned(self) -> list[AdapterVersion]:
-        rows = self._conn().execute(f"SELECT {_VERSION_COLUMNS} FROM versions v WHERE v.pinned = 1 ORDER BY v.seq")
+        with self._db.read() as conn:
+            rows = conn.execute(select(*_VERSION_COLUMNS).where(versions.c.pinned == 1).order_by(versions.c.seq)).all()
         return [_row_to_version(r) for r in rows]
 
     # -- changing ---------------------------------------------------------------------
@@ -341,11 +347,10 @@ class AdapterRegistry:
         target = AdapterRef.parse(ref if "@" in ref else f"{name}@{ref}", param="version")
         if target.name != name:
             raise InvalidRef(f"alias of {name!r} cannot point at adapter {target.name!r}", param="version")
-        with self._write() as conn:
+        with self._db.write([name]) as conn:
             version = self._resolve(conn, target)
             if expected is not None:
-                row = conn.execute("SELECT digest FROM aliases WHERE name = ? AND alias = ?", (name, alias)).fetchone()
-                current = row[0] if row else None
+                current = conn.scalar(select(aliases.c.digest).where(aliases.c.name == name, aliases.c.alias == alias))
                 if current is None or not current.startswith(expected.lower()):
                     raise VersionConflict(
                         f"alias {name}@{alias} points at {current or 'nothing'}, not {expected!r}: "
@@ -357,16 +362,19 @@ class AdapterRegistry:
 
     def remove_alias(self, name: str, alias: str) -> None:
         self._check_settable(alias)
-        with self._write() as conn:
-            if conn.execute("DELETE FROM aliases WHERE name = ? AND alias = ?", (name, alias)).rowcount == 0:
+        with self._db.write([name]) as conn:
+            removed = conn.execute(delete(aliases).where(aliases.c.name == name, aliases.c.alias == alias))
+            if removed.rowcount == 0:
                 self._raise_missing(conn, name, f"has no alias {alias!r}", "alias")
 
     def set_pinned(self, ref: str, pinned: bool) -> AdapterVersion:
-        with self._write() as conn:
-            version = self._resolve(conn, AdapterRef.parse(ref))
+        parsed = AdapterRef.parse(ref)
+        with self._db.write([parsed.name]) as conn:
+            version = self._resolve(conn, parsed)
             conn.execute(
-                "UPDATE versions SET pinned = ? WHERE name = ? AND digest = ?",
-                (int(pinned), version.name, version.version),
+                update(versions)
+                .where(_named(version.name), versions.c.digest == version.version)
+                .values(pinned=int(pinned))
             )
             return self._version(conn, version.name, version.version)
 
@@ -376,42 +384,39 @@ class AdapterRegistry:
         ``latest`` moves to the newest remaining version; the adapter goes away
         with its last version. Callers check leases (in use) before calling.
         """
-        with self._write() as conn:
-            version = self._resolve(conn, AdapterRef.parse(ref))
+        parsed = AdapterRef.parse(ref)
+        with self._db.write([parsed.name]) as conn:
+            version = self._resolve(conn, parsed)
             name, digest = version.name, version.version
             if version.pinned:
                 raise AdapterPinned(f"{name}@{digest[:16]} is pinned; unpin it before deleting it", param="version")
-            aliased = [
-                r[0]
-                for r in conn.execute(
-                    "SELECT alias FROM aliases WHERE name = ? AND digest = ? AND alias != ? ORDER BY alias",
-                    (name, digest, LATEST),
-                )
-            ]
+            aliased = conn.scalars(
+                select(aliases.c.alias)
+                .where(aliases.c.name == name, aliases.c.digest == digest, aliases.c.alias != LATEST)
+                .order_by(aliases.c.alias)
+            ).all()
             if aliased:
                 raise VersionConflict(
                     f"{name}@{digest[:16]} is the target of alias(es) {', '.join(aliased)}; "
                     "point them at another version or remove them first",
                     param="version",
                 )
-            conn.execute("DELETE FROM aliases WHERE name = ? AND digest = ?", (name, digest))
-            conn.execute("DELETE FROM health WHERE name = ? AND digest = ?", (name, digest))
-            conn.execute("DELETE FROM versions WHERE name = ? AND digest = ?", (name, digest))
-            newest = conn.execute(
-                "SELECT digest FROM versions WHERE name = ? ORDER BY seq DESC LIMIT 1", (name,)
-            ).fetchone()
+            for table in (aliases, health, versions):
+                conn.execute(delete(table).where(table.c.name == name, table.c.digest == digest))
+            newest = conn.scalar(select(versions.c.digest).where(_named(name)).order_by(versions.c.seq.desc()).limit(1))
             if newest is None:
-                conn.execute("DELETE FROM adapters WHERE name = ?", (name,))
+                conn.execute(delete(adapters).where(adapters.c.name == name))
             else:
-                self._point(conn, name, LATEST, newest[0], time.time())
+                self._point(conn, name, LATEST, newest, time.time())
             return version
 
     # -- digest migration -------------------------------------------------------------
 
     def legacy_digests(self) -> list[str]:
         """The digests still in an older format (every version with one shares its files)."""
-        rows = self._conn().execute("SELECT DISTINCT digest FROM versions WHERE legacy_digest = 1 ORDER BY digest")
-        return [r[0] for r in rows]
+        with self._db.read() as conn:
+            query = select(versions.c.digest).where(versions.c.legacy_digest == 1).distinct()
+            return list(conn.scalars(query.order_by(versions.c.digest)))
 
     def rekey(self, old: str, new: str, *, move: Callable[[], None], upload_scheme: str = "upload") -> None:
         """Give every version with digest ``old`` the digest ``new``, in one transaction.
@@ -421,26 +426,34 @@ class AdapterRegistry:
         directories); it runs inside the transaction, so if it fails nothing
         in the registry changes.
         """
-        with self._write() as conn:
-            conn.execute("PRAGMA defer_foreign_keys = ON")  # parent and child keys change together
+        with self._db.write(()) as conn:
+            names = conn.scalars(select(versions.c.name).where(versions.c.digest == old)).all()
+            self._db.lock_names(conn, names)
+            # Parent and child keys change together: checked at commit.
+            conn.execute(
+                text("SET CONSTRAINTS ALL DEFERRED" if self._db.is_postgres else "PRAGMA defer_foreign_keys = ON")
+            )
             if new != old:
                 # A name that meanwhile got these files again as a new-format version keeps that one.
-                for (name,) in conn.execute(
-                    "SELECT name FROM versions WHERE digest = ? "
-                    "AND name IN (SELECT name FROM versions WHERE digest = ?)",
-                    (old, new),
-                ).fetchall():
-                    conn.execute("UPDATE aliases SET digest = ? WHERE name = ? AND digest = ?", (new, name, old))
-                    conn.execute("DELETE FROM health WHERE name = ? AND digest = ?", (name, old))
-                    conn.execute("DELETE FROM versions WHERE name = ? AND digest = ?", (name, old))
-                for table in ("versions", "aliases", "health"):
-                    conn.execute(f"UPDATE {table} SET digest = ? WHERE digest = ?", (new, old))
+                has_new = select(versions.c.name).where(versions.c.digest == new)
+                for name in conn.scalars(
+                    select(versions.c.name).where(versions.c.digest == old, versions.c.name.in_(has_new))
+                ).all():
+                    conn.execute(
+                        update(aliases).where(aliases.c.name == name, aliases.c.digest == old).values(digest=new)
+                    )
+                    for table in (health, versions):
+                        conn.execute(delete(table).where(table.c.name == name, table.c.digest == old))
+                for table in (versions, aliases, health):
+                    conn.execute(update(table).where(table.c.digest == old).values(digest=new))
                 conn.execute(
-                    "UPDATE versions SET source = ? WHERE digest = ? AND source = ?",
-                    (f"{upload_scheme}:{new}", new, f"{upload_scheme}:{old}"),
+                    update(versions)
+                    .where(versions.c.digest == new, versions.c.source == f"{upload_scheme}:{old}")
+                    .values(source=f"{upload_scheme}:{new}")
                 )
-            conn.execute("UPDATE versions SET legacy_digest = 0 WHERE digest = ?", (new,))
+            conn.execute(update(versions).where(versions.c.digest == new).values(legacy_digest=0))
             move()
+            self._db.notify(conn, names)
 
     # -- health -----------------------------------------------------------------------
 
@@ -450,22 +463,20 @@ class AdapterRegistry:
         if state not in ("ok", "failed", "unchecked"):
             raise ValueError(f"health state must be ok, failed or unchecked, got {state!r}")
         record = HealthRecord(state=state, reason=reason, checked_at=time.time(), latency_s=latency_s)
-        with self._write() as conn:
+        with self._db.write([name]) as conn:
             self._version(conn, name, digest)  # raises if gone
+            insert = self._insert(health).values(
+                name=name, digest=digest, state=state, reason=reason, checked_at=record.checked_at, latency_s=latency_s
+            )
             conn.execute(
-                "INSERT INTO health (name, digest, state, reason, checked_at, latency_s) VALUES (?, ?, ?, ?, ?, ?) "
-                "ON CONFLICT (name, digest) DO UPDATE SET state = excluded.state, reason = excluded.reason, "
-                "checked_at = excluded.checked_at, latency_s = excluded.latency_s",
-                (name, digest, state, reason, record.checked_at, latency_s),
+                insert.on_conflict_do_update(
+                    index_elements=["name", "digest"],
+                    set_={c: insert.excluded[c] for c in ("state", "reason", "checked_at", "latency_s")},
+                )
             )
         return record
 
     def health(self, name: str, digest: str) -> HealthRecord:
-        row = (
-            self._conn()
-            .execute(
-                "SELECT state, reason, checked_at, latency_s FROM health WHERE name = ? AND digest = ?", (name, digest)
-            )
-            .fetchone()
-        )
+        with self._db.read() as conn:
+            row = conn.execute(select(*_HEALTH_COLUMNS).where(health.c.name == name, health.c.digest == digest)).first()
         return HealthRecord() if row is None else HealthRecord(*row)

@@ -1,9 +1,23 @@
-"""The registry's tables, and the upgrades of files older versions of loraserve wrote.
+"""The registry's tables, one definition for SQLite and PostgreSQL, and the upgrade of schema-1 files.
 
-Schema history (``PRAGMA user_version``): 1 had no owner column (the owner was
-a ``tenant`` tag on each version) and hashed files with the old digest format;
-2 adds ``adapters.tenant`` and ``versions.legacy_digest``. Opening a version-1
-file upgrades it in place: each name's owner comes from its oldest version's
+The tables are SQLAlchemy Core :class:`~sqlalchemy.Table` objects; Alembic
+(``adapter_store.migrations``) creates and upgrades them, and its head must
+match these definitions (a test compares them with autogenerate on both
+backends). Revision 1 is what ``PRAGMA user_version`` 2 named before Alembic.
+
+The foreign keys to ``versions(name, digest)`` are deferrable: re-keying a
+digest (``AdapterRegistry.rekey``) changes parent and child keys in one
+transaction, which PostgreSQL checks at the end of each statement otherwise.
+(SQLite files from before Alembic have immediate ones; on SQLite the registry
+defers its checks with ``PRAGMA defer_foreign_keys`` instead.) On PostgreSQL every ``digest`` column uses the ``C`` collation, so a version
+prefix is a plain byte range of the ``(name, digest)`` index whatever the
+database's locale.
+
+Schema history before Alembic (SQLite only, ``PRAGMA user_version``): 1 had no
+owner column (the owner was a ``tenant`` tag on each version) and hashed files
+with the old digest format; 2 adds ``adapters.tenant`` and
+``versions.legacy_digest``. Opening a version-1 file upgrades it in place
+(:func:`upgrade_from_v1`): each name's owner comes from its oldest version's
 tag (any tenant wins over public if versions disagree, logged), and every
 version is marked ``legacy_digest`` until the store re-hashes it
 (``adapter_store.migration``).
@@ -13,86 +27,123 @@ from __future__ import annotations
 
 import json
 import logging
-import sqlite3
 from collections.abc import Mapping
-from pathlib import Path
+
+from sqlalchemy import (
+    Column,
+    Connection,
+    Float,
+    ForeignKeyConstraint,
+    Integer,
+    MetaData,
+    PrimaryKeyConstraint,
+    Table,
+    Text,
+    UniqueConstraint,
+    text,
+)
+from sqlalchemy.dialects import postgresql, sqlite
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 2
+LEGACY_SCHEMA_VERSION = 2  # the last PRAGMA user_version before Alembic; Alembic revision 1 is the same schema
 _V1_TENANT_TAG = "tenant"  # where schema 1 kept an adapter's owner, on each version
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS adapters (
-    name TEXT PRIMARY KEY,
-    created_at REAL NOT NULL,
-    tenant TEXT
-);
-CREATE TABLE IF NOT EXISTS versions (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    name TEXT NOT NULL REFERENCES adapters(name),
-    digest TEXT NOT NULL,
-    base_model TEXT NOT NULL,
-    rank INTEGER NOT NULL,
-    alpha REAL NOT NULL,
-    target_modules TEXT NOT NULL,
-    size_bytes INTEGER NOT NULL,
-    created_at REAL NOT NULL,
-    source TEXT NOT NULL,
-    tags TEXT NOT NULL,
-    pinned INTEGER NOT NULL DEFAULT 0,
-    legacy_digest INTEGER NOT NULL DEFAULT 0,
-    UNIQUE (name, digest)
-);
-CREATE TABLE IF NOT EXISTS aliases (
-    name TEXT NOT NULL,
-    alias TEXT NOT NULL,
-    digest TEXT NOT NULL,
-    updated_at REAL NOT NULL,
-    PRIMARY KEY (name, alias),
-    FOREIGN KEY (name, digest) REFERENCES versions(name, digest)
-);
-CREATE TABLE IF NOT EXISTS health (
-    name TEXT NOT NULL,
-    digest TEXT NOT NULL,
-    state TEXT NOT NULL,
-    reason TEXT,
-    checked_at REAL,
-    latency_s REAL,
-    PRIMARY KEY (name, digest),
-    FOREIGN KEY (name, digest) REFERENCES versions(name, digest) ON DELETE CASCADE
-);
-"""
+metadata = MetaData()
 
 
-def migrate(conn: sqlite3.Connection, path: Path, configured: Mapping[str, str | None]) -> None:
-    """Create the tables in a new file, or upgrade an older one, inside the caller's write transaction."""
-    schema = conn.execute("PRAGMA user_version").fetchone()[0]
-    if schema == 0:
-        for statement in _SCHEMA.split(";"):
-            if statement.strip():
-                conn.execute(statement)
-    elif schema == 1:
-        _upgrade_from_v1(conn, configured)
-    elif schema > SCHEMA_VERSION:
-        raise RuntimeError(
-            f"{path} has registry schema {schema}, newer than this version of loraserve "
-            f"understands ({SCHEMA_VERSION}); upgrade loraserve or use another store root"
-        )
-    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+def _real() -> Float:
+    """A double; named REAL on SQLite, as the files before Alembic declared it (same affinity, no diff)."""
+    return Float().with_variant(sqlite.REAL(), "sqlite")
+
+
+def _digest() -> Column:
+    return Column("digest", Text().with_variant(postgresql.TEXT(collation="C"), "postgresql"), nullable=False)
+
+
+def _to_version() -> ForeignKeyConstraint:
+    return ForeignKeyConstraint(
+        ["name", "digest"], ["versions.name", "versions.digest"], deferrable=True, initially="IMMEDIATE"
+    )
+
+
+adapters = Table(
+    "adapters",
+    metadata,
+    Column("name", Text, primary_key=True),
+    Column("created_at", _real(), nullable=False),
+    Column("tenant", Text),  # the owner, set by the name's first registration; NULL: public
+)
+
+versions = Table(
+    "versions",
+    metadata,
+    Column("seq", Integer, primary_key=True, autoincrement=True),  # registration order: newest = highest
+    Column("name", Text, nullable=False),
+    _digest(),
+    Column("base_model", Text, nullable=False),
+    Column("rank", Integer, nullable=False),
+    Column("alpha", _real(), nullable=False),
+    Column("target_modules", Text, nullable=False),  # JSON list
+    Column("size_bytes", Integer, nullable=False),
+    Column("created_at", _real(), nullable=False),
+    Column("source", Text, nullable=False),
+    Column("tags", Text, nullable=False),  # JSON object
+    Column("pinned", Integer, nullable=False, server_default=text("0")),
+    Column("legacy_digest", Integer, nullable=False, server_default=text("0")),
+    ForeignKeyConstraint(["name"], ["adapters.name"]),
+    UniqueConstraint("name", "digest"),  # also the index every resolve by name and version prefix uses
+    sqlite_autoincrement=True,  # a deleted newest version's seq is never reused
+)
+
+aliases = Table(
+    "aliases",
+    metadata,
+    Column("name", Text, nullable=False),
+    Column("alias", Text, nullable=False),
+    _digest(),
+    Column("updated_at", _real(), nullable=False),
+    PrimaryKeyConstraint("name", "alias"),
+    _to_version(),
+)
+
+health = Table(
+    "health",
+    metadata,
+    Column("name", Text, nullable=False),
+    _digest(),
+    Column("state", Text, nullable=False),
+    Column("reason", Text),
+    Column("checked_at", _real()),
+    Column("latency_s", _real()),
+    PrimaryKeyConstraint("name", "digest"),
+    ForeignKeyConstraint(
+        ["name", "digest"],
+        ["versions.name", "versions.digest"],
+        ondelete="CASCADE",
+        deferrable=True,
+        initially="IMMEDIATE",
+    ),
+)
 
 
 def owner_text(tenant: str | None) -> str:
     return "no tenant (public)" if tenant is None else f"tenant {tenant!r}"
 
 
-def _upgrade_from_v1(conn: sqlite3.Connection, configured: Mapping[str, str | None]) -> None:
-    """Schema 1 → 2: owners move from version tags onto names; every digest is marked for re-hashing."""
-    conn.execute("ALTER TABLE adapters ADD COLUMN tenant TEXT")
-    conn.execute("ALTER TABLE versions ADD COLUMN legacy_digest INTEGER NOT NULL DEFAULT 0")
-    conn.execute("UPDATE versions SET legacy_digest = 1")
-    for (name,) in conn.execute("SELECT name FROM adapters").fetchall():
-        rows = conn.execute("SELECT tags FROM versions WHERE name = ? ORDER BY seq", (name,)).fetchall()
+def upgrade_from_v1(conn: Connection, configured: Mapping[str, str | None]) -> None:
+    """Schema 1 → 2 of a SQLite file: owners move from version tags onto names; every digest is marked for re-hashing.
+
+    ``configured`` (name → tenant) are owners schema 1 took from serving's
+    config rather than the file; they win over the tags, as they did then.
+    """
+    conn.exec_driver_sql("ALTER TABLE adapters ADD COLUMN tenant TEXT")
+    conn.exec_driver_sql("ALTER TABLE versions ADD COLUMN legacy_digest INTEGER NOT NULL DEFAULT 0")
+    conn.execute(versions.update().values(legacy_digest=1))
+    for (name,) in conn.execute(adapters.select().with_only_columns(adapters.c.name)).all():
+        rows = conn.execute(
+            versions.select().with_only_columns(versions.c.tags).where(versions.c.name == name).order_by(versions.c.seq)
+        ).all()
         tags = [json.loads(t).get(_V1_TENANT_TAG) for (t,) in rows]
         owned = [t for t in tags if t is not None]
         owner = owned[0] if owned else None  # the oldest tenant; any tenant is safer than public
@@ -106,4 +157,4 @@ def _upgrade_from_v1(conn: sqlite3.Connection, configured: Mapping[str, str | No
                 tags,
                 owner_text(owner),
             )
-        conn.execute("UPDATE adapters SET tenant = ? WHERE name = ?", (owner, name))
+        conn.execute(adapters.update().where(adapters.c.name == name).values(tenant=owner))

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from adapter_store.errors import InvalidRef
 from adapter_store.refs import NAME_PATTERN, AdapterRef
+from adapter_store.registry_db import mask, parse_url
 
 S3_PREFIX_PATTERN = r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]/([^/]+/)*$"
 FALLBACK_POLICIES = ("error", "base")
@@ -87,7 +88,12 @@ UploadsSettings = Annotated[LocalUploadsSettings | S3UploadsSettings, Field(disc
 class StoreSettings(_Strict):
     """Where the store keeps its registry and cache, where adapters come from, and its limits."""
 
-    root: Path = Field(description="Directory of the registry database and the disk cache.")
+    root: Path = Field(description="Directory of the disk cache and staging; of the SQLite registry by default.")
+    registry: str | None = Field(
+        default=None,
+        description="postgresql://user@host:port/database to share one registry among replicas (the password "
+        "comes from PGPASSWORD, never from here), or sqlite:///path; default: the SQLite file under root.",
+    )
     sources: list[SourceSettings] = []
     uploads: UploadsSettings = Field(
         default=LocalUploadsSettings(type="local"),
@@ -124,6 +130,19 @@ class StoreSettings(_Strict):
     def _fallback_policy(cls, value: str) -> str:
         if value not in FALLBACK_POLICIES and not re.fullmatch(NAME_PATTERN, value):
             raise ValueError(f"fallback must be 'error', 'base' or an adapter name, got {value!r}")
+        return value
+
+    @field_validator("registry")
+    @classmethod
+    def _registry_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        url = parse_url(value)  # ValueError names what is accepted
+        if url.password is not None:
+            raise ValueError(
+                f"store.registry {mask(url)!r} carries a password: leave it out of the config file and give it to "
+                "the server in the PGPASSWORD environment variable (from a Secret), which libpq reads"
+            )
         return value
 
     @field_validator("pinned")

@@ -100,7 +100,9 @@ class AdapterStore:
             lease_wait_s=settings.lease_wait_s,
         )
         self._name_locks = tuple(threading.Lock() for _ in range(NAME_LOCK_STRIPES))
-        changes = open_changes(registry.path, refresh_s=settings.refresh_s, busy_timeout_s=settings.busy_timeout_s)
+        # SQLite: the file's data version; PostgreSQL: LISTEN/NOTIFY (the password, if the URL has one, for libpq).
+        feed = registry.path or registry.url.render_as_string(hide_password=False)
+        changes = open_changes(feed, refresh_s=settings.refresh_s, busy_timeout_s=settings.busy_timeout_s)
         self._catalog = Catalog(registry.snapshot, changes)
 
     @classmethod
@@ -120,7 +122,10 @@ class AdapterStore:
         ``configured_owners``: see :class:`AdapterRegistry`.
         """
         registry = AdapterRegistry(
-            settings.root, busy_timeout_s=settings.busy_timeout_s, configured_owners=configured_owners
+            settings.root,
+            url=settings.registry,
+            busy_timeout_s=settings.busy_timeout_s,
+            configured_owners=configured_owners,
         )
         validator = AdapterValidator(
             base,

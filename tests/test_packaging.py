@@ -85,6 +85,8 @@ def test_wheel_has_every_module_of_every_package(wheel: zipfile.ZipFile) -> None
     "path",
     [
         "loadtests/locustfile.py",  # run by path: locust -f
+        "adapter_store/migrations/script.py.mako",  # Alembic's template for new registry revisions
+        "adapter_store/migrations/alembic.ini",
         *(p.relative_to(REPO).as_posix() for p in sorted((REPO / "checkpoints" / "data").glob("*.txt"))),
     ],
 )
@@ -125,3 +127,19 @@ def test_loadtest_finds_its_locustfile_when_installed(installed: Path, tmp_path:
     assert Path(cli_file).is_relative_to(installed)  # the unpacked wheel, not the checkout
     assert Path(locustfile) == (installed / "loadtests" / "locustfile.py").resolve()
     assert exists
+
+
+def test_installed_registry_runs_its_migrations(installed: Path, tmp_path: Path) -> None:
+    """The registry creates its tables with the Alembic scripts inside the installed package."""
+    code = (
+        "import json, pathlib, adapter_store.migrations as m\n"
+        "from adapter_store.registry import AdapterRegistry\n"
+        "r = AdapterRegistry(pathlib.Path('store'))\n"
+        "print(json.dumps([m.__file__, r.names()]))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(installed)}
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, check=True
+    ).stdout
+    migrations_file, names = json.loads(out)
+    assert Path(migrations_file).is_relative_to(installed) and names == []

@@ -1,4 +1,9 @@
-"""The SQLite registry: refs, versions, aliases, pins, health, concurrency, persistence."""
+"""The registry on both backends (SQLite file, PostgreSQL): refs, versions, aliases, pins, health, concurrency.
+
+Every test that takes ``open_registry`` (or ``registry``) runs once per backend;
+PostgreSQL ones get a fresh database on the session's throwaway cluster.
+Schema-1 files are SQLite only (PostgreSQL came after them).
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,7 @@ import hashlib
 import multiprocessing
 import sqlite3
 import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -21,6 +27,7 @@ from adapter_store import (
     VersionConflict,
 )
 from adapter_store.registry import DB_NAME, AdapterRegistry
+from adapter_store.schema import versions
 from tests.adapter_store.helpers import write_v1_registry
 
 META = AdapterMetadata(base_model="base", rank=8, alpha=16.0, target_modules=("q_proj", "v_proj"), size_bytes=1234)
@@ -30,11 +37,32 @@ def digest(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+OpenRegistry = Callable[..., AdapterRegistry]
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def backend_url(request: pytest.FixtureRequest) -> str | None:
+    """The registry URL of one backend: None (the SQLite file under the store root) or a fresh PostgreSQL database."""
+    return None if request.param == "sqlite" else request.getfixturevalue("postgres_url")
+
+
 @pytest.fixture
-def registry(tmp_path: Path):
-    reg = AdapterRegistry(tmp_path / "store")
-    yield reg
-    reg.close()
+def open_registry(tmp_path: Path, backend_url: str | None) -> Iterator[OpenRegistry]:
+    """Opens registries on one database (as several processes or restarts would); closes them after the test."""
+    opened: list[AdapterRegistry] = []
+
+    def open_(**kwargs: object) -> AdapterRegistry:
+        opened.append(AdapterRegistry(tmp_path / "store", url=backend_url, **kwargs))  # type: ignore[arg-type]
+        return opened[-1]
+
+    yield open_
+    for reg in opened:
+        reg.close()
+
+
+@pytest.fixture
+def registry(open_registry: OpenRegistry) -> AdapterRegistry:
+    return open_registry()
 
 
 @pytest.mark.parametrize(
@@ -164,22 +192,28 @@ def test_health_records(registry: AdapterRegistry) -> None:
         registry.record_health("code", digest("nope"), "ok")
 
 
-def test_survives_reopen_in_wal_mode(tmp_path: Path) -> None:
-    root = tmp_path / "store"
-    first = AdapterRegistry(root)
+def test_survives_reopen(open_registry: OpenRegistry) -> None:
+    first = open_registry()
     first.register("code", digest("one"), META, source="s", tags={"k": "v"})
     first.set_alias("code", "stable", digest("one"))
     first.close()
-    second = AdapterRegistry(root)
+    second = open_registry()
     assert second.get("code@stable").tags == {"k": "v"}
     assert second.get("code@stable").metadata == META
-    second.close()
-    with sqlite3.connect(root / DB_NAME) as conn:
+
+
+def test_sqlite_file_is_in_wal_mode_under_the_root(tmp_path: Path) -> None:
+    registry = AdapterRegistry(tmp_path / "store")
+    assert registry.path == tmp_path / "store" / DB_NAME and str(registry.url) == f"sqlite:///{registry.path}"
+    registry.close()
+    with sqlite3.connect(tmp_path / "store" / DB_NAME) as conn:
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
 
-def _writer(root: Path, worker: int, count: int, shared: bool, registry: AdapterRegistry | None = None) -> None:
-    reg = registry if shared else AdapterRegistry(root, busy_timeout_s=60)
+def _writer(
+    root: Path, url: str | None, worker: int, count: int, shared: bool, registry: AdapterRegistry | None = None
+) -> None:
+    reg = registry if shared and registry is not None else AdapterRegistry(root, url=url, busy_timeout_s=60)
     for i in range(count):
         d = digest(f"{worker}-{i}")
         reg.register("shared", d, META, source=f"w{worker}")
@@ -190,8 +224,8 @@ def _writer(root: Path, worker: int, count: int, shared: bool, registry: Adapter
         reg.close()
 
 
-def _check_consistent(root: Path, workers: int, count: int) -> None:
-    reg = AdapterRegistry(root)
+def _check_consistent(root: Path, url: str | None, workers: int, count: int) -> None:
+    reg = AdapterRegistry(root, url=url)
     versions = reg.versions("shared")
     assert len(versions) == workers * count
     assert {v.version for v in versions} == {digest(f"{w}-{i}") for w in range(workers) for i in range(count)}
@@ -199,34 +233,38 @@ def _check_consistent(root: Path, workers: int, count: int) -> None:
     assert reg.get("shared@stable").version in {v.version for v in versions}
     for w in range(workers):
         assert len(reg.versions(f"own-{w}")) == count
+    path = reg.path
     reg.close()
-    with sqlite3.connect(root / DB_NAME) as conn:
-        assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    if path is not None:
+        with sqlite3.connect(path) as conn:
+            assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
 
 
 @pytest.mark.parametrize("shared", [True, False], ids=["one-registry", "registry-per-thread"])
-def test_concurrent_threads(tmp_path: Path, shared: bool) -> None:
+def test_concurrent_threads(tmp_path: Path, backend_url: str | None, shared: bool) -> None:
     root, workers, count = tmp_path / "store", 6, 15
-    registry = AdapterRegistry(root)
-    threads = [threading.Thread(target=_writer, args=(root, w, count, shared, registry)) for w in range(workers)]
+    registry = AdapterRegistry(root, url=backend_url)
+    threads = [
+        threading.Thread(target=_writer, args=(root, backend_url, w, count, shared, registry)) for w in range(workers)
+    ]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     registry.close()
-    _check_consistent(root, workers, count)
+    _check_consistent(root, backend_url, workers, count)
 
 
-def test_concurrent_processes(tmp_path: Path) -> None:
+def test_concurrent_processes(tmp_path: Path, backend_url: str | None) -> None:
     root, workers, count = tmp_path / "store", 4, 15
     ctx = multiprocessing.get_context("spawn")
-    procs = [ctx.Process(target=_writer, args=(root, w, count, False)) for w in range(workers)]
+    procs = [ctx.Process(target=_writer, args=(root, backend_url, w, count, False)) for w in range(workers)]
     for p in procs:
         p.start()
     for p in procs:
         p.join(timeout=120)
     assert [p.exitcode for p in procs] == [0] * workers
-    _check_consistent(root, workers, count)
+    _check_consistent(root, backend_url, workers, count)
 
 
 # -- ownership: set on the name by its first registration, never changed by a later version ----------
@@ -265,6 +303,22 @@ def test_ownership_ends_with_the_last_version(registry: AdapterRegistry) -> None
     registry.delete("code")
     registry.register("code", digest("two"), META, source="s", tenant="b")
     assert registry.owner("code") == "b"
+
+
+def test_rekey_on_either_backend(registry: AdapterRegistry) -> None:
+    """Re-keying (``adapter_store.migration``) changes parent and child keys in one transaction on both backends."""
+    old, new = digest("old"), digest("new")
+    registry.register("code", old, META, source=f"upload:{old}", aliases=("stable",))
+    registry.register("copy", old, META, source="file:///x")
+    registry.record_health("code", old, "ok")
+    with registry._db.engine.begin() as conn:  # white-box: versions as a schema-1 file's upgrade leaves them
+        conn.execute(versions.update().values(legacy_digest=1))
+    assert registry.legacy_digests() == [old]
+    registry.rekey(old, new, move=lambda: None)
+    code, copy = registry.get("code@stable"), registry.get("copy")
+    assert (code.version, code.source, code.legacy_digest) == (new, f"upload:{new}", False)
+    assert (copy.version, copy.source, registry.get("copy@latest").version) == (new, "file:///x", new)
+    assert registry.health("code", new).state == "ok" and registry.legacy_digests() == []
 
 
 # -- schema 1 files are upgraded in place --------------------------------------------------------------
