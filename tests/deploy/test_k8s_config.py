@@ -8,18 +8,10 @@ from __future__ import annotations
 from pathlib import Path, PurePosixPath
 
 import pytest
-import yaml
 
-from adapter_store import StoreSettings
 from serving.cli import build_parser
 from serving.config import ConfigError, Settings, load_settings
 from tests.deploy.manifests import OVERLAYS, one, server, server_container
-
-# The fleet's store keys (issue 14: a PostgreSQL registry, shared uploads, the refresh period),
-# built on other branches this session. Until StoreSettings has them it refuses them, so they
-# are left out of the load here (test_k8s_fleet.py checks them); once it has them this set is
-# empty and they go through load_settings with the rest. Remove it after the merge.
-FLEET_STORE_KEYS = {"registry", "uploads", "refresh_s"} - set(StoreSettings.model_fields)
 
 
 def mounted_config(objects: list[dict], tmp_path: Path) -> tuple[Settings, str]:
@@ -31,11 +23,8 @@ def mounted_config(objects: list[dict], tmp_path: Path) -> tuple[Settings, str]:
     )
     volume = next(v for v in server(objects)["spec"]["template"]["spec"]["volumes"] if v["name"] == mount["name"])
     text = one(objects, "ConfigMap", volume["configMap"]["name"])["data"][config_path.name]
-    raw = yaml.safe_load(text)
-    for key in FLEET_STORE_KEYS:
-        raw.get("store", {}).pop(key, None)
     local = tmp_path / config_path.name
-    local.write_text(yaml.safe_dump(raw))
+    local.write_text(text)
     return load_settings(local), text
 
 
