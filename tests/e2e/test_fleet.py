@@ -1,0 +1,274 @@
+"""A fleet on one machine: two real replicas sharing one PostgreSQL registry and one S3 API (moto).
+
+Each replica is ``loraserve serve`` with its own port, engine and local disk
+cache, nothing in front of them; they share only ``store.registry`` (a real
+PostgreSQL 15 cluster, password from ``PGPASSWORD`` as a Kubernetes Secret
+would give it) and ``store.uploads`` (a bucket on a real S3 API). What the
+README's "Running a fleet" promises is checked here:
+
+- a version uploaded through replica A is served by replica B within 1 s;
+- an alias flipped under load on both replicas fails no request, and no
+  request that starts more than 1 s after the flip was acknowledged gets the
+  old version (each answer is identified by its greedy text, which differs
+  between the two versions' files);
+- replica B restarted on an empty disk (a new pod) still has everything: the
+  uploads' only copies are objects in the bucket (files, then a completion
+  marker), and a version deleted through B leaves none behind;
+- with PostgreSQL stopped, adapters both replicas know keep being served,
+  admin calls fail with a 503 ``registry_unavailable``, and everything
+  recovers once the database is back.
+
+The measured delays are printed (run with ``-s``) for the README.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import boto3
+import httpx
+import pytest
+
+from checkpoints.assets import DemoAssets
+from tests.conftest import RunningServer, demo_config, start_server, stop_server
+from tests.e2e.adapter_files import copy_adapter
+from tests.postgres import PASSWORD, PostgresCluster
+
+pytestmark = pytest.mark.engine
+
+PROMPT = "Please explain how it works"
+TOKENS = 8
+BUCKET = "fleet"
+PROPAGATION_BOUND_S = 1.0
+# After an outage a replica sees changes again once its listener has reconnected (backoff capped at 1 s).
+RECOVERY_BOUND_S = 3.0
+OUTAGE_S = 4.0
+
+
+@dataclass
+class Fleet:
+    a: RunningServer
+    b: RunningServer
+    workdir: Path
+    demo: DemoAssets
+    postgres: PostgresCluster
+    env: dict[str, str]
+    s3: str  # the S3 API's endpoint
+
+    def objects(self, digest: str) -> set[str]:
+        """The bucket's keys of one upload: its files under ``uploads/<digest>/`` and its completion marker."""
+        listed = boto3.client("s3", endpoint_url=self.s3).list_objects_v2(Bucket=BUCKET, Prefix=f"uploads/{digest}")
+        return {o["Key"].removeprefix(f"uploads/{digest}") for o in listed.get("Contents", [])}
+
+    def restart_b(self, *, wipe: bool) -> None:
+        """Stop B and start it again; ``wipe``: on an empty store root, as a rescheduled pod has."""
+        stop_server(self.b)
+        if wipe:
+            shutil.rmtree(Path(self.b.config["store"]["root"]))
+        self.b = start_server(self.b.config, Path(self.b.config["store"]["root"]).parent, self.env)
+
+
+def _without_password(url: str) -> str:
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(netloc=f"{parts.username}@{parts.hostname}:{parts.port}"))
+
+
+def _replica_config(demo: DemoAssets, workdir: Path, registry: str, s3: str) -> dict:
+    config = demo_config(demo)
+    config["store"] = {
+        "root": str(workdir / "store"),
+        "registry": registry,
+        "uploads": {"type": "s3", "url_prefix": f"s3://{BUCKET}/uploads/", "endpoint_url": s3},
+        "fallback": "error",
+        # The safety-net re-read out of the way: within a second, only LISTEN/NOTIFY can carry a change.
+        "refresh_s": 60,
+    }
+    return config
+
+
+@pytest.fixture(scope="module")
+def fleet(demo_assets, postgres: PostgresCluster, s3_server: str, tmp_path_factory) -> Iterator[Fleet]:
+    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=BUCKET)
+    registry = _without_password(postgres.database())
+    env = {"PGPASSWORD": PASSWORD}
+    workdir = tmp_path_factory.mktemp("fleet")
+    configs = {r: _replica_config(demo_assets, workdir / r, registry, s3_server) for r in ("a", "b")}
+    started: dict[str, RunningServer] = {}
+    errors: list[BaseException] = []
+
+    def start(replica: str) -> None:  # both at once: two replicas migrating one empty database together
+        (workdir / replica).mkdir()
+        try:
+            started[replica] = start_server(configs[replica], workdir / replica, env)
+        except BaseException as e:  # re-raised below, after both attempts
+            errors.append(e)
+
+    threads = [threading.Thread(target=start, args=(r,)) for r in configs]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        for server in started.values():
+            stop_server(server)
+        raise errors[0]
+    state = Fleet(started["a"], started["b"], workdir, demo_assets, postgres, env, s3_server)
+    yield state
+    stop_server(state.a)
+    stop_server(state.b)
+
+
+def generate(url: str, model: str) -> httpx.Response:
+    body = {"model": model, "prompt": PROMPT, "max_tokens": TOKENS, "temperature": 0, "ignore_eos": True}
+    return httpx.post(f"{url}/v1/completions", json=body, timeout=120)
+
+
+def text(url: str, model: str) -> str:
+    response = generate(url, model)
+    assert response.status_code == 200, response.text
+    return response.json()["choices"][0]["text"]
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+def upload(fleet: Fleet, url: str, name: str, domain: str, scale: float | None = None) -> str:
+    """Upload a copy of a demo adapter's files as a version of ``name``; its version id.
+
+    Uploads are content-addressed: the same files under several names are one upload. ``scale``
+    (lora_B rescaled) gives files, a digest and outputs of their own."""
+    directory = copy_adapter(fleet.demo.adapters[domain], fleet.workdir / unique("files"), scale=scale)
+    files = [("files", (p.name, p.read_bytes())) for p in sorted(directory.iterdir())]
+    response = httpx.post(f"{url}/v1/adapters/{name}/versions", files=files, timeout=300)
+    assert response.status_code == 201, response.text
+    return response.json()["info"]["version"]
+
+
+def set_alias(url: str, name: str, alias: str, version: str) -> httpx.Response:
+    return httpx.put(f"{url}/v1/adapters/{name}/aliases/{alias}", json={"version": version}, timeout=30)
+
+
+def wait_for(url: str, model: str, expected: str, since: float, bound_s: float = PROPAGATION_BOUND_S) -> float:
+    """Seconds from ``since`` until a request that *started* then got ``expected``; fails past ``bound_s``."""
+    while True:
+        started = time.monotonic()
+        if text(url, model) == expected:
+            return started - since
+        assert started - since < bound_s, f"{model} on {url} still old {started - since:.2f}s later"
+        time.sleep(0.02)
+
+
+def adapters(url: str) -> dict[str, tuple[dict, list[str]]]:
+    response = httpx.get(f"{url}/v1/adapters", timeout=30)
+    assert response.status_code == 200, response.text
+    return {a["name"]: (a["aliases"], [v["id"] for v in a["versions"]]) for a in response.json()["data"]}
+
+
+def test_an_upload_through_one_replica_is_served_by_the_other_within_a_second(fleet: Fleet) -> None:
+    code, legal = text(fleet.a.url, "code"), text(fleet.a.url, "legal")
+    assert code != legal
+    name = unique("shared")
+    upload(fleet, fleet.a.url, name, "code")
+    assert text(fleet.b.url, name) == code  # B knows the name now (its catalog holds it)
+    upload(fleet, fleet.a.url, name, "legal")
+    delay = wait_for(fleet.b.url, name, legal, since=time.monotonic())
+    print(f"\nfleet: B's first request started {delay * 1000:.0f} ms after A acknowledged the upload got it")
+
+
+def test_an_alias_flip_under_load_fails_nothing_and_serves_the_new_version_within_a_second(fleet: Fleet) -> None:
+    code, legal = text(fleet.a.url, "code"), text(fleet.a.url, "legal")
+    name = unique("flip")
+    old = upload(fleet, fleet.a.url, name, "code")
+    new = upload(fleet, fleet.a.url, name, "legal")
+    assert set_alias(fleet.a.url, name, "stable", old).status_code == 200
+    model = f"{name}@stable"
+    for url in (fleet.a.url, fleet.b.url):
+        assert text(url, model) == code
+    answers: list[tuple[float, int, str]] = []  # (start, status, text)
+    flipped: list[float] = []
+
+    async def client(http: httpx.AsyncClient, url: str, until: float) -> None:
+        body = {"model": model, "prompt": PROMPT, "max_tokens": TOKENS, "temperature": 0, "ignore_eos": True}
+        while time.monotonic() < until:
+            start = time.monotonic()
+            response = await http.post(f"{url}/v1/completions", json=body)
+            ok = response.status_code == 200
+            answers.append(
+                (start, response.status_code, response.json()["choices"][0]["text"] if ok else response.text)
+            )
+
+    async def flip(http: httpx.AsyncClient) -> None:
+        await asyncio.sleep(2.0)
+        response = await http.put(f"{fleet.b.url}/v1/adapters/{name}/aliases/stable", json={"version": new})
+        assert response.status_code == 200, response.text
+        flipped.append(time.monotonic())
+
+    async def run() -> None:
+        until = time.monotonic() + 6.0
+        async with httpx.AsyncClient(timeout=120) as http:
+            clients = [client(http, url, until) for url in (fleet.a.url, fleet.b.url) for _ in range(4)]
+            await asyncio.gather(flip(http), *clients)
+
+    asyncio.run(run())
+    assert [a for a in answers if a[1] != 200] == []
+    assert {a[2] for a in answers} <= {code, legal}, "an answer matched neither version"
+    (acknowledged,) = flipped
+    late_old = [start - acknowledged for start, _, answer in answers if answer == code and start > acknowledged]
+    assert all(delay <= PROPAGATION_BOUND_S for delay in late_old), late_old
+    assert any(answer == legal and start > acknowledged + PROPAGATION_BOUND_S for start, _, answer in answers)
+    print(
+        f"\nfleet: alias flip under load: {len(answers)} requests, 0 failed; {len(late_old)} started after the "
+        f"acknowledgement got the old version (the latest {max(late_old, default=0.0) * 1000:.0f} ms after it)"
+    )
+
+
+def test_a_replica_restarted_on_an_empty_disk_has_everything(fleet: Fleet) -> None:
+    name = unique("kept")
+    first = upload(fleet, fleet.a.url, name, "code")
+    second = upload(fleet, fleet.a.url, name, "medical", scale=1.001)  # files no other version shares
+    assert set_alias(fleet.a.url, name, "stable", first).status_code == 200
+    expected = {m: text(fleet.a.url, m) for m in (name, f"{name}@stable")}
+    assert expected[name] != expected[f"{name}@stable"]
+    assert fleet.objects(second) == {"/adapter_config.json", "/adapter_model.safetensors", ".complete"}
+    before = adapters(fleet.a.url)
+    fleet.restart_b(wipe=True)  # the uploads' only copies are now in the bucket
+    assert adapters(fleet.b.url) == before
+    assert {m: text(fleet.b.url, m) for m in expected} == expected
+    response = httpx.delete(f"{fleet.b.url}/v1/adapters/{name}@{second}", timeout=60)
+    assert response.status_code == 200, response.text
+    assert fleet.objects(second) == set()  # its last version gone, the upload goes too
+
+
+def test_serving_survives_a_registry_outage_and_admin_calls_recover(fleet: Fleet) -> None:
+    name = unique("outage")
+    old = upload(fleet, fleet.a.url, name, "code")
+    new = upload(fleet, fleet.a.url, name, "legal")
+    assert set_alias(fleet.a.url, name, "stable", old).status_code == 200
+    known = {(url, m): text(url, m) for url in (fleet.a.url, fleet.b.url) for m in ("code", name, f"{name}@stable")}
+    fleet.postgres.stop()
+    try:
+        down = time.monotonic()
+        while time.monotonic() - down < OUTAGE_S:
+            for (url, model), answer in known.items():
+                assert text(url, model) == answer, (url, model)
+        response = set_alias(fleet.a.url, name, "stable", new)
+        assert response.status_code == 503, response.text
+        error = response.json()["error"]
+        assert error["code"] == "registry_unavailable" and error["type"] == "ServiceUnavailableError", error
+    finally:
+        fleet.postgres.start()
+    back = time.monotonic()
+    while (response := set_alias(fleet.a.url, name, "stable", new)).status_code != 200:
+        assert response.status_code == 503 and time.monotonic() - back < 30, response.text
+        time.sleep(0.2)
+    delay = wait_for(fleet.b.url, f"{name}@stable", known[(fleet.b.url, name)], time.monotonic(), RECOVERY_BOUND_S)
+    print(f"\nfleet: after the outage, an alias flip through A reached B in {delay * 1000:.0f} ms")
