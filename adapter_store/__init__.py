@@ -1,6 +1,7 @@
 """Adapters: names, versions and files, from registration to a directory vLLM can load.
 
-It owns the registry (SQLite: adapters, versions, aliases, owners, health),
+It owns the registry (adapters, versions, aliases, owners, health: an SQLite
+file, or PostgreSQL for a fleet, one schema migrated by Alembic) and its change feed,
 the validation of a LoRA checkpoint against the base model, the sources
 adapters are fetched from (local paths, S3), where uploads are kept (a
 directory or an S3 prefix every replica reads), the content digest, and the
@@ -8,7 +9,7 @@ local cache with its memory budget. :class:`AdapterStore` is the one entry
 point: it registers adapters, resolves references to content-addressed
 versions, says who owns each name, and leases a version's local files as a
 :class:`ServedAdapter` while a request uses them; everything behind it is
-internal. Everything it does may block (SQLite, fetches, hashing): async
+internal. Everything it does may block (the registry, fetches, hashing): async
 callers use a worker thread. It is a library with no opinion on HTTP or
 inference: it never imports vLLM or FastAPI, nor anything of ``serving``,
 ``checkpoints`` or ``loadtests`` (``tests/test_boundaries.py``), so it runs

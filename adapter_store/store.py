@@ -28,7 +28,7 @@ registry change (``adapter_store.catalog``, ``adapter_store.changes``), and :met
 leases cached files with a few ``stat`` calls.
 
 Everything else here is synchronous and may block on I/O (a fetch, hashing, the
-registry's SQLite lock): async callers run it in a worker thread.
+registry's lock or its database): async callers run it in a worker thread.
 """
 
 from __future__ import annotations
