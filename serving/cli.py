@@ -65,6 +65,7 @@ def _serve(args: argparse.Namespace) -> int:
         log_level=settings.server.log_level,
         # uvicorn hints int, but only hands it to asyncio.wait_for, which takes float seconds.
         timeout_graceful_shutdown=settings.server.shutdown_grace_s,  # type: ignore[arg-type]
+        timeout_keep_alive=settings.server.keep_alive_s,  # type: ignore[arg-type]
     )
     # Bound before the lifespan starts the engine, as vLLM's own server does: the engine picks
     # free ports for its own sockets, and one of them could otherwise be this port.

@@ -170,6 +170,13 @@ class ServerSettings(_Strict):
     shutdown_grace_s: float = Field(
         default=60, ge=0, description="On SIGTERM, time in-flight requests get to finish before they are cut."
     )
+    keep_alive_s: float = Field(
+        default=75,
+        gt=0,
+        description="How long an idle keep-alive connection stays open. Longer than clients' pool expiry (httpx, "
+        "so the OpenAI SDK: 5 s) and load balancers' idle timeouts (60 s), so the server never closes a "
+        "connection a client is about to reuse (uvicorn's 5 s default races httpx's 5 s: a reset request).",
+    )
 
 
 class Settings(_Strict):

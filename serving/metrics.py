@@ -16,8 +16,6 @@ read by ``collect``.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
-import itertools
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -143,15 +141,13 @@ class AdapterMetrics:
 
 @dataclass(frozen=True)
 class StoreView:
-    """The store as a scrape shows it: read off the scrape path by :class:`StoreViewer`, never by a scrape."""
+    """The registry as a scrape shows it: read off the scrape path by :class:`StoreViewer`, never by a scrape."""
 
     versions: tuple[AdapterVersion, ...] = ()  # every registered version
     health: tuple[tuple[str, str], ...] = ()  # (adapter, health state of its latest version)
-    disk: DiskCacheState | None = None  # None until the first refresh
 
-    def on_disk(self) -> list[AdapterVersion]:
-        """The registered versions whose files the disk cache holds."""
-        cached = frozenset() if self.disk is None else self.disk.cached
+    def on_disk(self, cached: frozenset[str]) -> list[AdapterVersion]:
+        """The registered versions whose files the disk cache holds (``cached``: their digests)."""
         return [version for version in self.versions if version.version in cached]
 
 
@@ -162,33 +158,31 @@ class StoreViewer:
     PostgreSQL (every version, every latest version and its health) would
     cost the registry ~20 reads of everything a second per scraper, and
     stall scrapes whenever the registry does. Instead :meth:`run` refreshes
-    the disk cache's state (memory only) every ``disk_interval_s`` and the
-    registry's part every ``registry_every`` of those ticks, in a worker
-    thread, through the store's catalog (an unchanged registry costs one
-    query); a scrape reads :attr:`view`, one attribute. A failed registry
-    read (an outage) keeps the last registry part, says so in the log, and
-    is tried again at the next registry tick. A version deleted leaves the
-    disk tier at the next disk tick, since its files leave the cache at once.
+    the registry's part every ``interval_s`` in a worker thread, through the
+    store's catalog (an unchanged registry costs one query); a scrape reads
+    :attr:`view`, one attribute, and the disk cache's state, which is memory
+    (so its counters and the disk tier are exact at every scrape). A failed
+    registry read (an outage) keeps the last one, says so in the log, and is
+    tried again at the next tick.
     """
 
-    def __init__(self, store: AdapterStore, *, disk_interval_s: float = 0.5, registry_every: int = 2) -> None:
+    def __init__(self, store: AdapterStore, *, interval_s: float = 1.0) -> None:
         self.store = store
-        self.disk_interval_s = disk_interval_s
-        self.registry_every = registry_every
+        self.interval_s = interval_s
         self.view = StoreView()
 
-    def refresh(self, *, registry: bool = True) -> None:
-        """Read the disk cache and, if ``registry``, the registry; blocks (a registry read): use a thread."""
-        disk = self.store.disk_cache()
-        view = dataclasses.replace(self.view, disk=disk)
-        if registry:
-            try:
-                versions, health = self._read_registry()
-            except AdapterStoreError as e:
-                logger.warning("metrics keep the registry as last read: %s", e)
-            else:
-                view = StoreView(versions=versions, health=health, disk=disk)
-        self.view = view
+    def refresh(self) -> None:
+        """Read the registry's part; blocks (a registry read): use a thread."""
+        try:
+            versions, health = self._read_registry()
+        except AdapterStoreError as e:
+            logger.warning("metrics keep the registry as last read: %s", e)
+        else:
+            self.view = StoreView(versions=versions, health=health)
+
+    def disk_cache(self) -> DiskCacheState:
+        """The disk cache now: memory only (no registry, no file system), so a scrape may ask."""
+        return self.store.disk_cache()
 
     def _read_registry(self) -> tuple[tuple[AdapterVersion, ...], tuple[tuple[str, str], ...]]:
         """Every version, and the health of each name's latest, through the store's catalog.
@@ -212,10 +206,10 @@ class StoreViewer:
 
     async def run(self) -> None:
         """Refresh for ever (a task for the life of the server; cancel it to stop)."""
-        for tick in itertools.count(1):
-            await asyncio.sleep(self.disk_interval_s)
+        while True:
+            await asyncio.sleep(self.interval_s)
             try:
-                await asyncio.to_thread(self.refresh, registry=tick % self.registry_every == 0)
+                await asyncio.to_thread(self.refresh)
             except Exception:
                 logger.exception("could not refresh the adapter metrics; trying again")
 
@@ -251,7 +245,8 @@ class AdapterStoreCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         view = self.viewer.view
-        on_disk = view.on_disk()
+        disk_cache = self.viewer.disk_cache()
+        on_disk = view.on_disk(disk_cache.cached)
         adapter_bytes = GaugeMetricFamily(
             "loraserve_adapter_bytes",
             "Bytes of an adapter's versions by tier (disk cache, engine host memory).",
@@ -277,8 +272,7 @@ class AdapterStoreCollector(Collector):
         for name, state in view.health:
             health.add_metric([name, state], 1)
         yield health
-        if view.disk is not None:
-            yield from self._disk_cache(view.disk)
+        yield from self._disk_cache(disk_cache)
 
     def _loaded(self, on_disk: list[AdapterVersion]) -> Metric:
         loaded = GaugeMetricFamily(

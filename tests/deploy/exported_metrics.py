@@ -59,8 +59,8 @@ def _fake_collector_args() -> dict[type, tuple]:
     version = SimpleNamespace(name="a", version="v1", metadata=SimpleNamespace(size_bytes=1))
     stats = SimpleNamespace(evictions=0, corrupt=0)
     cache_state = SimpleNamespace(cached={"v1"}, used_bytes=1, budget_bytes=2, stats=stats)
-    view = serving_metrics.StoreView(versions=(version,), health=(("a", "ok"),), disk=cache_state)  # type: ignore[arg-type]
-    viewer = SimpleNamespace(view=view)
+    view = serving_metrics.StoreView(versions=(version,), health=(("a", "ok"),))  # type: ignore[arg-type]
+    viewer = SimpleNamespace(view=view, disk_cache=lambda: cache_state)
     residency = SimpleNamespace(slot={("a", "v1")}, host={("a", "v1")})
     engine = SimpleNamespace(resident=[SimpleNamespace(name="a", size_bytes=1)], residency=residency)
     choice = SimpleNamespace(value=1, source="config")

@@ -6,11 +6,16 @@ the demo base model and the code/legal/medical adapters.
 
 from __future__ import annotations
 
+import re
+import socket
+import time
+
 import httpx
 import openai
 import pytest
 
 ADAPTERS = ("code", "legal", "medical")
+CLIENT_POOL_EXPIRY_S = httpx.Limits().keepalive_expiry or 5.0  # httpx's default, which the openai SDK keeps
 
 pytestmark = pytest.mark.engine
 
@@ -268,3 +273,33 @@ def test_unknown_route_is_404_in_the_same_shape(server) -> None:
 def test_server_keeps_serving_after_errors(client) -> None:
     result = client.completions.create(model="code", prompt="The", max_tokens=4, temperature=0)
     assert result.choices[0].text
+
+
+def _one_response(sock: socket.socket) -> bytes:
+    """Read one HTTP/1.1 response (headers and a Content-Length body); b"" if the server closed instead."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return data
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    match = re.search(rb"content-length: *(\d+)", head, re.IGNORECASE)
+    assert match is not None, head
+    length = int(match.group(1))
+    while len(body) < length:
+        body += sock.recv(65536)
+    return head
+
+
+def test_an_idle_connection_outlives_the_clients_pool_expiry(server) -> None:
+    """httpx (so the OpenAI SDK) reuses a pooled connection idle for up to 5 s; uvicorn's default closes one
+    after 5 s idle, so a reused connection could be reset under the client's request. Ours stays open longer."""
+    host, port = server.url.removeprefix("http://").split(":")
+    request = f"GET /health HTTP/1.1\r\nHost: {host}\r\n\r\n".encode()
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(request)
+        assert _one_response(sock).startswith(b"HTTP/1.1 200")
+        time.sleep(CLIENT_POOL_EXPIRY_S + 1)
+        sock.sendall(request)
+        assert _one_response(sock).startswith(b"HTTP/1.1 200")  # b"": the server had closed it
