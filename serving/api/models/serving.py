@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import time
 
+from adapter_store import AdapterStoreError
 from serving.api.adapter_info import adapter_info
 from serving.api.auth import Principal
+from serving.api.errors import store_error
 from serving.api.models.protocol import ModelCard, ModelList
 from serving.api.selector import AdapterSelector
 from serving.config import Settings
@@ -19,8 +21,13 @@ class ModelsServing:
         self.created = int(time.time())
 
     async def list_models(self, principal: Principal) -> ModelList:
-        """The base model and the adapters this caller may use (public ones and its tenant's), with versions."""
-        return await asyncio.to_thread(self._list, principal)
+        """The base model and the adapters this caller may use (public ones and its tenant's), with versions.
+
+        It lists the registry, so while the registry is unreachable it answers 503 ``registry_unavailable``."""
+        try:
+            return await asyncio.to_thread(self._list, principal)
+        except AdapterStoreError as e:
+            raise store_error(e) from e
 
     def _list(self, principal: Principal) -> ModelList:
         base = self.settings.model
