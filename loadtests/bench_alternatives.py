@@ -50,7 +50,6 @@ import contextlib
 import datetime
 import json
 import os
-import platform
 import statistics
 import sys
 from contextlib import ExitStack
@@ -58,6 +57,7 @@ from pathlib import Path
 from typing import Any
 
 from loadtests import runner
+from loadtests.machine import machine_info
 from loadtests.process import free_port, running_server
 from serving.config import Settings, load_settings
 from serving.sizing import detect_hardware, resolve_sizing
@@ -135,20 +135,6 @@ def load_once(args: argparse.Namespace, settings: Settings, url: str, out: Path)
     summary = json.loads((out / "summary.json").read_text())
     summary["exit_status"] = status
     return summary
-
-
-def cpu_info() -> dict[str, str]:
-    """The CPU model and its feature flags (Linux), which every figure must name."""
-    info = {"model": platform.processor() or platform.machine(), "flags": ""}
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        for line in cpuinfo.read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name":
-                info["model"] = value.strip()
-            elif key.strip() == "flags" and not info["flags"]:
-                info["flags"] = value.strip()
-    return info
 
 
 def short_command(args: argparse.Namespace, settings: Settings, url: str, out: Path) -> list[str]:
@@ -301,12 +287,7 @@ def short_report(args: argparse.Namespace, settings: Settings, runs: dict[str, l
     result["met"] = verdicts(result, SHORT_COMPARISON)
     return {
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="minutes"),
-        "machine": {
-            "platform": platform.platform(),
-            "cpus": os.cpu_count(),
-            "loadavg": os.getloadavg(),
-            "cpu": cpu_info(),
-        },  # fmt: skip
+        "machine": machine_info(loadavg=os.getloadavg()),
         "settings": {
             "config": str(args.config),
             "model": str(settings.model.path),
@@ -405,7 +386,7 @@ def main() -> int:
             "median_itl_ms", "median_e2el_ms", "completed")  # fmt: skip
     report: dict[str, Any] = {
         "date": datetime.date.today().isoformat(),
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "loadavg": os.getloadavg()},
+        "machine": machine_info(loadavg=os.getloadavg()),
         "settings": {
             "config": str(args.config),
             "model": str(settings.model.path),

@@ -18,14 +18,14 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 from adapter_store import AdapterRef, AdapterStore
-from loadtests.bench_alternatives import ROOT, cpu_info
+from loadtests.bench_alternatives import ROOT
+from loadtests.machine import machine_info
 from serving.config import Settings, load_settings
 
 
@@ -84,8 +84,7 @@ def run(settings: Settings, out: Path, quick: bool) -> int:
     with tempfile.TemporaryDirectory() as root:
         store = open_store(settings, Path(root))
         try:
-            report: dict[str, Any] = {"machine": {"platform": platform.platform(), "cpu": cpu_info(),
-                                                  "loadavg": os.getloadavg()}, "calls": calls}  # fmt: skip
+            report: dict[str, Any] = {"machine": machine_info(loadavg=os.getloadavg()), "calls": calls}
             report["idle_us"] = asyncio.run(_path_steps(store, tokenizer, calls))
             stop = threading.Event()
 

@@ -22,13 +22,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 from pathlib import Path
 
 import torch
 
-from loadtests.bench_lora_slots import LAYERS, RANK, _cpu_flags, _cpu_model, _time
+from loadtests.bench_lora_slots import LAYERS, RANK, _time
+from loadtests.machine import machine_info
 
 SLOTS = 32
 PRESENT = (2, 4, 8)
@@ -140,8 +140,7 @@ def main(argv: list[str] | None = None) -> None:
             "command": " ".join(["python -m loadtests.bench_lora_plan", *(sys.argv[1:] if argv is None else argv)]),
             "config": {"slots": SLOTS, "rank": RANK, "dtype": args.dtype, "rounds": rounds, "iters": iters,
                        "torch_threads": torch.get_num_threads()},
-            "machine": {"cpu": _cpu_model(), "flags": _cpu_flags(), "cpus": os.cpu_count(),
-                        "platform": platform.platform(), "loadavg_before_after": load},
+            "machine": machine_info(loadavg_before_after=load),
             "rows": rows,
         }, indent=2))  # fmt: skip
         print(f"wrote {out}")

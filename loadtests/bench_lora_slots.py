@@ -26,13 +26,14 @@ import argparse
 import importlib
 import json
 import os
-import platform
 import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
+
+from loadtests.machine import machine_info
 
 HIDDEN, INTER, Q_OUT, KV_OUT, RANK = 2048, 5632, 2048, 256, 16
 LAYERS = {  # name: (in features, output slices)
@@ -44,17 +45,6 @@ LAYERS = {  # name: (in features, output slices)
 SLOTS = (4, 16, 64)
 PRESENT = (0, 1, 4, 16)
 PHASES = {"decode": (16, 1), "prefill": (4, 64)}  # (requests, tokens each)
-
-
-def _cpu_flags() -> list[str]:
-    text = Path("/proc/cpuinfo").read_text()
-    flags = next(line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags"))
-    return sorted(f for f in flags if f.startswith(("avx", "amx")))
-
-
-def _cpu_model() -> str:
-    text = Path("/proc/cpuinfo").read_text()
-    return next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")), "?")
 
 
 class Cell:
@@ -205,8 +195,7 @@ def main(argv: list[str] | None = None) -> None:
             "config": {"hidden": HIDDEN, "intermediate": INTER, "q_out": Q_OUT, "kv_out": KV_OUT, "rank": RANK,
                        "dtype": args.dtype, "phases": PHASES, "rounds": rounds, "iters": iters, "stat": args.stat,
                        "torch_threads": torch.get_num_threads()},
-            "machine": {"cpu": _cpu_model(), "flags": _cpu_flags(), "cpus": os.cpu_count(),
-                        "platform": platform.platform(), "loadavg_before_after": load},
+            "machine": machine_info(loadavg_before_after=load),
             "rows": rows,
         }, indent=2))  # fmt: skip
         print(f"wrote {out}")

@@ -49,7 +49,6 @@ import datetime
 import hashlib
 import json
 import os
-import platform
 import random
 import statistics
 import sys
@@ -62,6 +61,7 @@ import httpx
 import numpy as np
 import yaml
 
+from loadtests.machine import machine_info
 from loadtests.process import free_port, running_server
 from loadtests.summary import summarize
 from serving.config import Settings, load_settings
@@ -420,14 +420,6 @@ def _size(text: str) -> int | None:
     return None if text == "derived" else int(text)
 
 
-def cpu_info() -> dict:
-    """The CPU model and the flags that decide its speed here (AVX-512, native bf16, AMX)."""
-    text = Path("/proc/cpuinfo").read_text()
-    fields = {key.strip(): value.strip() for key, _, value in (line.partition(":") for line in text.splitlines())}
-    flags = fields.get("flags", "").split()
-    return {"model": fields.get("model name", "?"), "flags": sorted(f for f in flags if f.startswith(("avx", "amx")))}
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", type=Path, default=ROOT / "configs" / "dev.yaml")
@@ -526,13 +518,7 @@ def main(argv: list[str] | None = None) -> int:
     result["cold_load"]["ttft"]["store_registration"] = registration
     report = {
         "date": datetime.date.today().isoformat(),
-        "machine": {
-            "platform": platform.platform(),
-            "cpu": cpu_info(),
-            "cpus": os.cpu_count(),
-            "loadavg_before": load_before,
-            "loadavg_after": os.getloadavg(),
-        },  # fmt: skip
+        "machine": machine_info(loadavg_before=load_before, loadavg_after=os.getloadavg()),
         "settings": {
             "config": str(args.config),
             "model": str(settings.model.path),
