@@ -17,6 +17,7 @@ import sys
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -112,6 +113,13 @@ def test_license_is_an_spdx_expression(wheel: zipfile.ZipFile) -> None:
     assert "License-Expression: Apache-2.0" in _dist_info(wheel, "METADATA").splitlines()
 
 
+def _run_installed(installed: Path, cwd: Path, code: str) -> Any:
+    """Run ``code`` (it prints JSON) with only the unpacked wheel on the path, outside the checkout."""
+    env = {**os.environ, "PYTHONPATH": str(installed)}
+    result = subprocess.run([sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True, text=True, check=True)
+    return json.loads(result.stdout)
+
+
 def test_loadtest_finds_its_locustfile_when_installed(installed: Path, tmp_path: Path) -> None:
     """``loraserve loadtest``'s default locustfile is the installed package's own file."""
     code = (
@@ -119,11 +127,7 @@ def test_loadtest_finds_its_locustfile_when_installed(installed: Path, tmp_path:
         "args = cli.build_parser().parse_args(['loadtest', '--host', 'http://127.0.0.1:1'])\n"
         "print(json.dumps([cli.__file__, str(args.locustfile), args.locustfile.is_file()]))\n"
     )
-    env = {**os.environ, "PYTHONPATH": str(installed)}
-    out = subprocess.run(
-        [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, check=True
-    ).stdout
-    cli_file, locustfile, exists = json.loads(out)
+    cli_file, locustfile, exists = _run_installed(installed, tmp_path, code)
     assert Path(cli_file).is_relative_to(installed)  # the unpacked wheel, not the checkout
     assert Path(locustfile) == (installed / "loadtests" / "locustfile.py").resolve()
     assert exists
@@ -137,9 +141,5 @@ def test_installed_registry_runs_its_migrations(installed: Path, tmp_path: Path)
         "r = AdapterRegistry(pathlib.Path('store'))\n"
         "print(json.dumps([m.__file__, r.names()]))\n"
     )
-    env = {**os.environ, "PYTHONPATH": str(installed)}
-    out = subprocess.run(
-        [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, check=True
-    ).stdout
-    migrations_file, names = json.loads(out)
+    migrations_file, names = _run_installed(installed, tmp_path, code)
     assert Path(migrations_file).is_relative_to(installed) and names == []
