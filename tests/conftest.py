@@ -124,14 +124,24 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     """Order the work units of ``make test`` (``-n 2 --dist loadfile --no-loadscope-reorder``): the
     workers take them in the order of their first test. First one unit that needs the demo assets (on
     a fresh clone its worker builds them, on one core), then every unit that does not (the other
-    worker runs them meanwhile), then the rest in collection order.
+    worker runs them meanwhile), then the rest. Each of the last two groups goes longest first, so that
+    the two workers finish together: the shared servers' units (several modules on one server), then the
+    units that start an engine, then those with slow tests, then the others; collection order within each.
     """
-    needs_demo = {_unit(item.nodeid) for item in items if "demo_assets" in getattr(item, "fixturenames", ())}
-    first = next((_unit(item.nodeid) for item in items if _unit(item.nodeid) in needs_demo), None)
-    rank = {
-        unit: 0 if unit == first else 2 if unit in needs_demo else 1 for unit in map(_unit, (i.nodeid for i in items))
-    }
-    items.sort(key=lambda item: rank[_unit(item.nodeid)])  # stable: collection order within a rank
+    units = [_unit(item.nodeid) for item in items]
+    needs_demo = {unit for unit, item in zip(units, items) if "demo_assets" in getattr(item, "fixturenames", ())}
+    engine = {unit for unit, item in zip(units, items) if item.get_closest_marker("engine")}
+    slow = {unit for unit, item in zip(units, items) if item.get_closest_marker("slow")}
+    first = next((unit for unit in units if unit in needs_demo), None)
+
+    def rank(unit: str) -> tuple[int, int]:
+        if unit == first:
+            return 0, 0
+        length = 0 if unit in SHARED_SERVERS else 1 if unit in engine else 2 if unit in slow else 3
+        return (2 if unit in needs_demo else 1), length
+
+    ranks = {unit: rank(unit) for unit in units}
+    items.sort(key=lambda item: ranks[_unit(item.nodeid)])  # stable: collection order within a rank
 
 
 @pytest.hookimpl(trylast=True)  # the last lines of the run, after pytest's own summaries

@@ -62,6 +62,7 @@ def store(demo_assets, tmp_path_factory) -> Iterator[Store]:
     volume.mkdir()
     outside.mkdir()
     config = demo_config(demo_assets)
+    config["routing"] = None  # not under test: no prompt-router encoder to load at each start
     config["store"] = {
         "root": str(workdir / "store"),
         "sources": [{"type": "local", "roots": [str(volume)]}],

@@ -78,6 +78,7 @@ def cached(demo_assets, tmp_path_factory) -> Iterator[Cached]:
         names.append(f"{domain}-x{i}")
         copy_adapter(demo_assets.adapters[domain], volume / names[-1], scale=0.6 + 0.15 * i)
     config = demo_config(demo_assets, max_loras=MAX_LORAS, max_num_seqs=16)
+    config["routing"] = None  # not under test: no prompt-router encoder to load at each start
     del config["engine"]["max_cpu_loras"]  # derived from the memory budget
     assert config["model"]["dtype"] == "float32"
     per_adapter = adapter_bytes_in_memory(demo_assets.base, config["engine"]["max_lora_rank"], 4)

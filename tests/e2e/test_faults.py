@@ -58,6 +58,7 @@ def stream_body(max_tokens: int = STREAM_TOKENS) -> dict:
 @pytest.fixture
 def own_server(demo_assets, tmp_path) -> Iterator[RunningServer]:
     config = demo_config(demo_assets)
+    config["routing"] = None  # not under test: no prompt-router encoder to load at each start
     config["server"]["shutdown_grace_s"] = 60
     server = start_server(config, tmp_path)
     yield server

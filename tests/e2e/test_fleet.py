@@ -83,6 +83,7 @@ def _without_password(url: str) -> str:
 
 def _replica_config(demo: DemoAssets, workdir: Path, registry: str, s3: str) -> dict:
     config = demo_config(demo)
+    config["routing"] = None  # not under test: no prompt-router encoder to load at each start
     config["store"] = {
         "root": str(workdir / "store"),
         "registry": registry,
