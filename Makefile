@@ -32,8 +32,8 @@ lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
 
-# Lint first, then every test in two worker processes (a CPU engine serves with one torch thread, so
-# two engines share a 2-core machine). Each test file stays whole on one worker, with its servers, and
+# Lint first, then every test in two worker processes (a CPU engine serves with one torch thread, and
+# each worker's engines get a core of their own: tests/conftest.py). Each test file stays whole on one worker, with its servers, and
 # the files that share a session server stay together, so it starts once; the workers take the files
 # in the order tests/conftest.py sets. The run ends with its slowest steps, its duration and the
 # number of engines it started.

@@ -82,6 +82,26 @@ ENGINE_COUNTER = pytest.StashKey[EngineCounter]()
 
 def pytest_sessionstart(session: pytest.Session) -> None:
     session.config.stash[ENGINE_COUNTER] = EngineCounter()
+    _one_core_per_worker()
+
+
+OMP_BIND = "VLLM_CPU_OMP_THREADS_BIND"  # vLLM's CPU list for its engine's torch threads
+
+
+def _one_core_per_worker() -> None:
+    """Under ``-n N``, the engines a worker starts run their torch thread on a core of their own.
+
+    vLLM's automatic binding puts every CPU engine's thread on the same core (one per physical core
+    from the first, the last kept for other processes): on a 2-core machine both workers' engines
+    shared core 0 while core 1 ran only the API processes and pytest. Worker ``gwK`` binds its engines
+    to core K (modulo the cores this process may use), one thread each as before, so two engines that
+    run at once use both cores. Servers, scripts and load tests inherit the variable; a variable set
+    outside the run is left alone."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER")  # gw0, gw1, ...; unset without -n
+    if worker is None or OMP_BIND in os.environ:
+        return
+    cores = sorted(os.sched_getaffinity(0))
+    os.environ[OMP_BIND] = str(cores[int(worker.removeprefix("gw")) % len(cores)])
 
 
 SHARED_SERVERS: dict[str, tuple[str, ...]] = {
