@@ -303,6 +303,31 @@ class AdapterRegistry:
             health={digest: HealthRecord(*rest) for digest, *rest in checks},
         )
 
+    def snapshot_all(self) -> list[CatalogEntry]:
+        """:meth:`snapshot` of every registered name, in code-point order, read in one transaction.
+
+        Four queries whatever the number of adapters: listing 10,000 versions name by name would cost tens
+        of thousands.
+        """
+        with self._db.read() as conn:
+            owners = conn.execute(select(adapters.c.name, adapters.c.tenant)).all()
+            rows = conn.execute(select(*_VERSION_COLUMNS)).all()
+            pointers = conn.execute(select(aliases.c.name, aliases.c.alias, aliases.c.digest)).all()
+            checks = conn.execute(select(health.c.name, health.c.digest, *_HEALTH_COLUMNS)).all()
+        found: dict[str, dict[str, AdapterVersion]] = {name: {} for name, _ in owners}
+        for version in map(_row_to_version, rows):
+            found[version.name][version.version] = version
+        named: dict[str, dict[str, str]] = {name: {} for name in found}
+        for name, alias, digest in pointers:
+            named[name][alias] = digest
+        checked: dict[str, dict[str, HealthRecord]] = {name: {} for name in found}
+        for name, digest, *rest in checks:
+            checked[name][digest] = HealthRecord(*rest)
+        return [
+            CatalogEntry(name=name, owner=owner, versions=found[name], aliases=named[name], health=checked[name])
+            for name, owner in sorted(owners, key=lambda row: row[0])
+        ]
+
     # -- listing ----------------------------------------------------------------------
 
     def names(self) -> list[str]:

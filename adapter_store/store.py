@@ -103,7 +103,7 @@ class AdapterStore:
         # SQLite: the file's data version; PostgreSQL: LISTEN/NOTIFY (the password, if the URL has one, for libpq).
         feed = registry.path or registry.url.render_as_string(hide_password=False)
         changes = open_changes(feed, refresh_s=settings.refresh_s, busy_timeout_s=settings.busy_timeout_s)
-        self._catalog = Catalog(registry.snapshot, changes)
+        self._catalog = Catalog(registry.snapshot, changes, snapshot_all=registry.snapshot_all)
 
     @classmethod
     def open(
@@ -281,6 +281,13 @@ class AdapterStore:
         as last read.
         """
         return self._catalog.get(name)
+
+    def entries(self) -> list[CatalogEntry]:
+        """Every registered adapter's entry, in code-point order of the names: from memory while the registry
+        has not changed since it was last listed, else read in one snapshot (a few queries for any number of
+        adapters). Blocks on a re-read: async callers use a thread. ``RegistryUnavailable`` during an outage.
+        """
+        return self._catalog.listing()
 
     def entry(self, name: str) -> CatalogEntry:
         """``name``'s owner, versions, aliases and health, read from the registry and kept in the catalog.
