@@ -25,7 +25,8 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -44,7 +45,7 @@ from adapter_store.errors import (
 from adapter_store.migrations import upgrade
 from adapter_store.models import AdapterMetadata, AdapterVersion, HealthRecord, HealthState
 from adapter_store.refs import DIGEST_LEN, LATEST, AdapterRef, check_alias, check_name, check_version
-from adapter_store.registry_db import DB_NAME, Database, mask, parse_url
+from adapter_store.registry_db import DB_NAME, UPLOAD_LOCK_CLASS, Database, mask, parse_url
 from adapter_store.schema import adapters, aliases, health, owner_text, versions
 
 __all__ = ["DB_NAME", "AdapterRegistry"]
@@ -434,6 +435,20 @@ class AdapterRegistry:
             else:
                 self._point(conn, name, LATEST, newest, time.time())
             return version
+
+    # -- kept uploads -----------------------------------------------------------------
+
+    @contextmanager
+    def upload_lock(self, uri: str) -> Iterator[Callable[[], bool]]:
+        """Hold the lock of upload ``uri`` (``upload:<sha256>``) for the whole ``with`` block, on every replica.
+
+        Yields a check, run inside the same transaction: whether a version references the upload now (a version
+        registered elsewhere counts once its transaction has committed). ``adapter_store.uploads`` keeps and
+        discards an upload's files only under this lock.
+        """
+        with self._db.locked(UPLOAD_LOCK_CLASS, uri) as conn:
+            query = select(versions.c.name).where(versions.c.source == uri).limit(1)
+            yield lambda: conn.execute(query).first() is not None
 
     # -- digest migration -------------------------------------------------------------
 
