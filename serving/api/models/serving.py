@@ -33,6 +33,9 @@ class ModelsServing:
         self.settings = settings
         self.store = store
         self.created = int(time.time())
+        # name -> (the entry its card was built from, the card): a card is built again only when its entry
+        # changed, so listing thousands of unchanged adapters after a re-read costs a comparison each
+        self._cards: dict[str, tuple[CatalogEntry, ModelCard]] = {}
 
     async def list_models(self, principal: Principal) -> bytes:
         """The JSON of the :class:`ModelList` of the base model and the adapters this caller may use (public
@@ -49,10 +52,22 @@ class ModelsServing:
     def _list(self, principal: Principal) -> ModelList:
         base = self.settings.model
         cards = [ModelCard(id=base.name, created=self.created, root=str(base.path), max_model_len=base.max_model_len)]
-        cards += [self._card(entry) for entry in self.store.entries() if principal.may_use(entry.owner)]
+        entries = self.store.entries()
+        cards += [self._card(entry) for entry in entries if principal.may_use(entry.owner)]
+        if len(self._cards) > len(entries):  # deleted adapters' cards go
+            listed = {entry.name for entry in entries}
+            self._cards = {name: held for name, held in self._cards.items() if name in listed}
         return ModelList(data=cards)
 
     def _card(self, entry: CatalogEntry) -> ModelCard:
+        held = self._cards.get(entry.name)
+        if held is not None and held[0] == entry:
+            return held[1]
+        card = self._build_card(entry)
+        self._cards[entry.name] = (entry, card)
+        return card
+
+    def _build_card(self, entry: CatalogEntry) -> ModelCard:
         version = entry.resolve(AdapterRef.parse(entry.name))  # what the bare name serves: its latest
         assert version is not None, f"{entry.name} has no latest version"  # the registry keeps one per name
         return ModelCard(

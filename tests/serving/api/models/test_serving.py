@@ -81,6 +81,10 @@ def test_a_listing_comes_from_memory_until_the_registry_changes(served, monkeypa
     with monkeypatch.context() as patch:
         patch.setattr("adapter_store.registry_db.Database.read", refused)
         assert listed(serving, ADMIN) == first
+    public = store.version("public")
+    store.record_health("public", public.version, "failed", reason="bad tokens")  # one adapter's card changes
+    cards = {c.id: c for c in listed(serving, ADMIN).data}
+    assert cards["public"].adapter is not None and cards["public"].adapter.health == "failed"
     store.register(str(write_adapter(volume / "fresh", seed=7)), "fresh")  # through this store
     assert "fresh" in [c.id for c in listed(serving, ADMIN).data]
     store.delete("public@latest")
