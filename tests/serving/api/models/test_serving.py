@@ -9,9 +9,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from fastapi import FastAPI, Request
+from fastapi.testclient import TestClient
 
 from adapter_store import AdapterStore
 from serving.api.auth import OPEN_PRINCIPAL, Principal
+from serving.api.errors import install_error_handlers
+from serving.api.models.api_router import attach_router
 from serving.api.models.protocol import ModelList
 from serving.api.models.serving import ModelsServing
 from serving.config import Settings, load_settings
@@ -89,3 +93,25 @@ def test_a_listing_comes_from_memory_until_the_registry_changes(served, monkeypa
     assert "fresh" in [c.id for c in listed(serving, ADMIN).data]
     store.delete("public@latest")
     assert "public" not in [c.id for c in listed(serving, ADMIN).data]
+
+
+def test_the_route_sends_the_listing_as_openai_shaped_json(served) -> None:
+    """Through FastAPI (no engine): the body the serving class serialized, and the documented response model."""
+    serving, _, _ = served
+    app = FastAPI()
+    install_error_handlers(app)
+    attach_router(app)
+    app.state.models_serving = serving
+
+    @app.middleware("http")
+    async def as_hospital(request: Request, call_next):  # what the auth middleware leaves for the route
+        request.scope.setdefault("state", {})["principal"] = HOSPITAL
+        return await call_next(request)
+
+    response = TestClient(app).get("/v1/models")
+    assert response.status_code == 200 and response.headers["content-type"] == "application/json"
+    body = response.json()
+    assert body["object"] == "list" and [m["id"] for m in body["data"]] == [BASE_NAME, "medical", "public"]
+    assert {m["object"] for m in body["data"]} == {"model"}
+    schema = app.openapi()["paths"]["/v1/models"]["get"]["responses"]["200"]["content"]["application/json"]["schema"]
+    assert schema == {"$ref": "#/components/schemas/ModelList"}
