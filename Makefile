@@ -49,6 +49,7 @@ bench: install
 	$(PY) -m loadtests.bench_lora_slots --out results/bench_lora_slots.json
 	$(PY) -m loadtests.bench_store --out results/bench_store.json
 	$(PY) -m loadtests.bench_bitnet --out results/bench_bitnet.json
+	$(PY) -m loadtests.bench_registry --out results/bench_registry.json
 
 loadtest: demo-assets
 	$(VENV)/bin/loraserve loadtest --config $(CONFIG) --users $(USERS) --run-time $(RUN_TIME) --out .loadtest

@@ -70,6 +70,8 @@ class CatalogEntry:
 
 # name -> the entry read from the registry, or None if the name is not registered
 Snapshot = Callable[[str], CatalogEntry | None]
+# every registered name's entry, in code-point order of the names
+SnapshotAll = Callable[[], list[CatalogEntry]]
 
 
 logger = logging.getLogger(__name__)
@@ -81,12 +83,15 @@ class Catalog:
     Owns ``changes`` (closes it).
     """
 
-    def __init__(self, snapshot: Snapshot, changes: Changes) -> None:
+    def __init__(self, snapshot: Snapshot, changes: Changes, *, snapshot_all: SnapshotAll) -> None:
         self._snapshot = snapshot
+        self._snapshot_all = snapshot_all
         self._changes = changes
         self._lock = threading.Lock()
         # name -> (entry, the stamp taken before it was read); stale ones stay: an outage serves them
         self._entries: dict[str, tuple[CatalogEntry, int]] = {}
+        # every entry, and the feed's stamp_any() taken before they were read
+        self._listing: tuple[list[CatalogEntry], int] | None = None
         self._logged_outage: int | None = None
 
     def close(self) -> None:
@@ -114,16 +119,43 @@ class Catalog:
                 logger.warning("registry unreachable: serving adapters as last read until it is back")
             return entry
 
+    def listing(self) -> list[CatalogEntry]:
+        """Every registered name's entry, in code-point order: from memory while nothing in the registry has
+        changed since it was read, else read again in one snapshot (blocking).
+
+        A listing is one unit: any change to any name makes the whole of it stale (on SQLite any commit
+        does), and the next call reads it all again, in a few queries whatever the number of adapters. A
+        listing read while nothing committed also refreshes each name's entry, so the first request for a
+        listed name needs no registry read. ``RegistryUnavailable`` at once while the feed knows the
+        registry is down: a listing as last read could name deleted adapters or miss new ones.
+        """
+        with self._lock:
+            held = self._listing
+            if held is not None and held[1] == self._changes.stamp_any():
+                return held[0]
+        self._check_reachable("listed")
+        with self._lock:
+            before = self._changes.stamp_any()
+        entries = self._snapshot_all()
+        with self._lock:
+            self._listing = (entries, before)
+            if self._changes.stamp_any() == before:  # nothing moved while reading: each name is current too
+                self._entries = {entry.name: (entry, self._changes.stamp(entry.name)) for entry in entries}
+        return entries
+
+    def _check_reachable(self, what: str) -> None:
+        if self._changes.outage is not None:
+            raise RegistryUnavailable(
+                f"The adapter registry cannot be reached, so adapters cannot be {what}; "
+                "adapters already in use are still served. Retry shortly."
+            )
+
     def load(self, name: str) -> CatalogEntry | None:
         """Read ``name`` from the registry (blocking) and keep it; ``None`` if it is not registered.
 
         ``RegistryUnavailable`` at once, without trying the database, while the change feed knows it is down.
         """
-        if self._changes.outage is not None:
-            raise RegistryUnavailable(
-                "The adapter registry cannot be reached, so this adapter cannot be looked up; "
-                "adapters already in use are still served. Retry shortly."
-            )
+        self._check_reachable("looked up")
         with self._lock:
             before = self._changes.stamp(name)
         entry = self._snapshot(name)

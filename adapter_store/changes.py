@@ -63,6 +63,10 @@ class Changes(ABC):
     def stamp(self, name: str) -> int:
         """A number that moves whenever ``name``'s rows may have changed since it was taken. Never blocks on I/O."""
 
+    @abstractmethod
+    def stamp_any(self) -> int:
+        """A number that moves whenever any name's rows may have changed (the listing of every adapter)."""
+
     @property
     def outage(self) -> int | None:
         """The number of the current registry outage (counting from 1), ``None`` while it is reachable."""
@@ -85,6 +89,9 @@ class SqliteChanges(Changes):
         self._conn = sqlite3.connect(db_path, timeout=busy_timeout_s, isolation_level=None, check_same_thread=False)
 
     def stamp(self, name: str) -> int:
+        return self.stamp_any()  # global: any commit moves every name
+
+    def stamp_any(self) -> int:
         with self._lock:
             return self._conn.execute("PRAGMA data_version").fetchone()[0]
 
@@ -117,6 +124,10 @@ class PostgresChanges(Changes):
     def stamp(self, name: str) -> int:
         with self._lock:
             return self._changed.get(name, self._everything)
+
+    def stamp_any(self) -> int:
+        with self._lock:
+            return self._counter  # moved by every invalidation, of one name or of all
 
     @property
     def outage(self) -> int | None:

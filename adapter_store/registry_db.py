@@ -39,6 +39,7 @@ NOTIFY_CHANNEL = "loraserve_registry"  # payload: the name of an adapter a commi
 CONNECT_TIMEOUT_S = 3  # libpq's connect_timeout: an unreachable database fails within seconds
 NAME_LOCK_CLASS = 0x10A5  # advisory-lock key space of per-name write locks (key 2: hashtext(name))
 UPGRADE_LOCK_CLASS = 0x10A6  # ... and of the schema upgrade when a replica opens the database
+UPLOAD_LOCK_CLASS = 0x10A7  # ... and of keeping or discarding one upload's files (key 2: hashtext(uri))
 _WRITE = "loraserve_write"  # execution option: this connection's transaction will write
 _POOL = {"pool_size": 10, "max_overflow": 40}  # request threads share connections; writes are short
 
@@ -143,6 +144,19 @@ class Database:
                 self.lock_names(conn, changed)
                 yield conn
                 self.notify(conn, changed)
+
+    @contextmanager
+    def locked(self, lock_class: int, key: str) -> Iterator[Connection]:
+        """A write transaction that holds the lock of ``key`` in ``lock_class`` until it ends, with no change notice
+        (it changes no adapter): an advisory lock on PostgreSQL, the database's write lock on SQLite."""
+        with self._connect() as conn:
+            conn.execution_options(**{_WRITE: True})
+            with conn.begin():
+                if self.is_postgres:
+                    conn.execute(
+                        text("SELECT pg_advisory_xact_lock(:cls, hashtext(:key))"), {"cls": lock_class, "key": key}
+                    )
+                yield conn
 
     def lock_names(self, conn: Connection, names: Iterable[str]) -> None:
         """Wait for, and hold until the transaction ends, the write lock of each name (PostgreSQL only)."""

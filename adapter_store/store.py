@@ -84,7 +84,7 @@ class AdapterStore:
         self.settings = settings
         self._registry = registry
         self._validator = validator
-        self._uploads = UploadSource(upload_backend(settings.uploads, settings.root))
+        self._uploads = UploadSource(upload_backend(settings.uploads, settings.root), registry.upload_lock)
         self._sources = SourceSet(settings.sources, extra=[self._uploads])
         # Before the cache scans its directory: it drops entries whose name is not their digest.
         DigestMigration(
@@ -99,11 +99,12 @@ class AdapterStore:
             pinned=self._pinned_digests,
             lease_wait_s=settings.lease_wait_s,
         )
+        self._uploads.sweep()
         self._name_locks = tuple(threading.Lock() for _ in range(NAME_LOCK_STRIPES))
         # SQLite: the file's data version; PostgreSQL: LISTEN/NOTIFY (the password, if the URL has one, for libpq).
         feed = registry.path or registry.url.render_as_string(hide_password=False)
         changes = open_changes(feed, refresh_s=settings.refresh_s, busy_timeout_s=settings.busy_timeout_s)
-        self._catalog = Catalog(registry.snapshot, changes)
+        self._catalog = Catalog(registry.snapshot, changes, snapshot_all=registry.snapshot_all)
 
     @classmethod
     def open(
@@ -202,6 +203,8 @@ class AdapterStore:
         version, created = self._registry.register(
             name, content_digest(staging), metadata, source=source, tags=tags, aliases=aliases, tenant=tenant
         )
+        if self._uploads.allows(source):  # kept again: a discard elsewhere may have run before this committed
+            self._uploads.keep(staging, version.version)
         try:
             self._cache.adopt(staging, version.version, f"{name}@{version.version[:16]}")
         except CacheFull as e:  # registered all the same: fetched again when there is room
@@ -218,7 +221,8 @@ class AdapterStore:
         tags: dict[str, str] | None = None,
         aliases: tuple[str, ...] = (),
     ) -> AdapterVersion:
-        """Register uploaded files (in a :meth:`staging` directory); they are kept as the version's source."""
+        """Register uploaded files (in a :meth:`staging` directory); they are kept as the version's source
+        (before and after the version commits: see ``adapter_store.uploads``)."""
         check_name(name)
         self._registry.check_owner(name, tenant)
         self._validator.validate(staging)  # nothing is kept for files that would be refused
@@ -281,6 +285,13 @@ class AdapterStore:
         as last read.
         """
         return self._catalog.get(name)
+
+    def entries(self) -> list[CatalogEntry]:
+        """Every registered adapter's entry, in code-point order of the names: from memory while the registry
+        has not changed since it was last listed, else read in one snapshot (a few queries for any number of
+        adapters). Blocks on a re-read: async callers use a thread. ``RegistryUnavailable`` during an outage.
+        """
+        return self._catalog.listing()
 
     def entry(self, name: str) -> CatalogEntry:
         """``name``'s owner, versions, aliases and health, read from the registry and kept in the catalog.
@@ -401,6 +412,6 @@ class AdapterStore:
         if not any(v.version == version.version for v in self._registry.all_versions()):
             with contextlib.suppress(AdapterInUse):  # leased between the check and now: eviction removes it later
                 self._cache.remove(version.version)
-            if self._uploads.allows(version.source):
-                self._uploads.discard(version.source)
+        if self._uploads.allows(version.source):  # unless a version (of any name, on any replica) still names it
+            self._uploads.discard(version.source)
         return version

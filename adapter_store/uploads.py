@@ -15,14 +15,42 @@ completion marker ``<prefix><sha256>.complete`` is written after every file of
 refused. What is fetched is untrusted all the same: the copy is confined and
 byte-capped (:mod:`adapter_store.safe_copy`), and the disk cache checks the
 files against their digest before anything is served.
+
+**Keep and discard across replicas.** Identical uploads share one copy, so a
+replica deleting the last version that names ``upload:<sha256>`` must not
+take away files another replica is registering a version on. Every keep and
+every discard of one upload holds that upload's lock in the registry
+(:meth:`AdapterRegistry.upload_lock`: an advisory lock on PostgreSQL, the
+write lock on SQLite), and:
+
+* a discard happens only if, inside its locked transaction, no registered
+  version references the upload;
+* an uploader keeps the files (under the lock) *before* its version commits,
+  and keeps them again (under the lock: a stat or one HEAD when they are
+  there, which is the usual case) *after* it commits, from its staging copy.
+
+A discard that ran between the two keeps saw no reference yet and removed the
+files; the second keep writes them back. A discard after the second keep sees
+the committed version and leaves them. Holding the lock while files are
+written means a discard never deletes objects of a keep in progress.
+
+**Interrupted uploads.** A replica that dies while keeping files leaves a
+``.partial-*`` directory, or objects under ``<prefix><sha256>/`` with no
+marker, that nothing references. :meth:`UploadSource.sweep` (run when a store
+opens) removes those older than :data:`SWEEP_GRACE_S`, long past any upload
+still being written; on S3 under the upload's lock, and only while its marker
+is still missing.
 """
 
 from __future__ import annotations
 
 import logging
 import shutil
+import time
 import uuid
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 from adapter_store.errors import SourceError
@@ -33,7 +61,14 @@ from adapter_store.sources import AdapterSource, S3Source
 logger = logging.getLogger(__name__)
 
 MARKER_SUFFIX = ".complete"
+PARTIAL_PREFIX = ".partial-"
+SWEEP_GRACE_S = 3600.0
+"""Leftovers of an interrupted upload are removed once this old: no upload takes an hour to write."""
 _HEX = frozenset("0123456789abcdef")
+
+UploadLock = Callable[[str], AbstractContextManager[Callable[[], bool]]]
+"""The registry's per-upload lock (``AdapterRegistry.upload_lock``): held while one upload's files are kept or
+discarded; it yields whether a registered version references the upload."""
 
 
 class UploadBackend(ABC):
@@ -55,6 +90,14 @@ class UploadBackend(ABC):
     def describe(self) -> str:
         """Where uploads are kept, for messages."""
 
+    @abstractmethod
+    def leftovers(self, older_than: float) -> Iterator[str]:
+        """What interrupted uploads left, last written before ``older_than`` (a ``time.time()``), by digest."""
+
+    @abstractmethod
+    def remove_leftover(self, leftover: str) -> None:
+        """Remove one of :meth:`leftovers`, unless it has become a complete upload meanwhile."""
+
 
 class LocalUploads(UploadBackend):
     """``<directory>/<sha256>/``: the store root by default, or a volume that every replica mounts."""
@@ -70,7 +113,7 @@ class LocalUploads(UploadBackend):
         target = self.directory / digest
         if target.exists():
             return False
-        partial = self.directory / f".partial-{digest}-{uuid.uuid4().hex}"  # per writer: replicas share the volume
+        partial = self.directory / f"{PARTIAL_PREFIX}{digest}-{uuid.uuid4().hex}"  # per writer: replicas share it
         shutil.copytree(files, partial)
         try:
             partial.rename(target)
@@ -93,6 +136,15 @@ class LocalUploads(UploadBackend):
 
     def discard(self, digest: str) -> None:
         shutil.rmtree(self.directory / digest, ignore_errors=True)
+
+    def leftovers(self, older_than: float) -> Iterator[str]:
+        """Each writer's ``.partial-*`` copy is its own (the complete one is renamed away): no lock needed."""
+        for partial in self.directory.glob(f"{PARTIAL_PREFIX}*"):
+            if partial.stat().st_mtime < older_than:
+                yield partial.name
+
+    def remove_leftover(self, leftover: str) -> None:
+        shutil.rmtree(self.directory / leftover, ignore_errors=True)
 
 
 class S3Uploads(UploadBackend):
@@ -171,6 +223,29 @@ class S3Uploads(UploadBackend):
 
         self._s3.call(f"{self.prefix}{digest}/", delete_folder)
 
+    def leftovers(self, older_than: float) -> Iterator[str]:
+        """Digests whose files are there but whose marker is not, the newest file older than ``older_than``."""
+        newest: dict[str, float] = {}
+        complete: set[str] = set()
+
+        def scan() -> None:
+            for page in self._s3.client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=self.key_prefix
+            ):
+                for obj in page.get("Contents", []):
+                    digest, slash, _ = obj["Key"][len(self.key_prefix) :].partition("/")
+                    if slash:
+                        newest[digest] = max(newest.get(digest, 0.0), obj["LastModified"].timestamp())
+                    elif digest.endswith(MARKER_SUFFIX):
+                        complete.add(digest.removesuffix(MARKER_SUFFIX))
+
+        self._s3.call(self.prefix, scan)
+        yield from sorted(d for d, written in newest.items() if d not in complete and written < older_than)
+
+    def remove_leftover(self, leftover: str) -> None:
+        if not self._complete(leftover):  # checked again: called under the upload's lock, after the listing
+            self.discard(leftover)
+
 
 def upload_backend(settings: UploadsSettings, root: Path) -> UploadBackend:
     """The backend ``store.uploads`` configures; a local one defaults to ``<root>/uploads``."""
@@ -182,13 +257,14 @@ def upload_backend(settings: UploadsSettings, root: Path) -> UploadBackend:
 class UploadSource(AdapterSource):
     """Uploaded adapters as a source: ``upload:<sha256>`` URIs, fetched from the configured backend.
 
-    It is never searched by name.
+    It is never searched by name. Keeps and discards hold the upload's lock (see the module docstring).
     """
 
     scheme = "upload"
 
-    def __init__(self, backend: UploadBackend) -> None:
+    def __init__(self, backend: UploadBackend, lock: UploadLock) -> None:
         self.backend = backend
+        self._lock = lock
 
     def describe(self) -> str:
         return self.backend.describe()
@@ -206,11 +282,43 @@ class UploadSource(AdapterSource):
         return uri.startswith(f"{self.scheme}:")
 
     def keep(self, files: Path, digest: str) -> tuple[str, bool]:
-        """Keep a validated upload; its URI, and whether it was new."""
-        return self.uri(digest), self.backend.keep(files, self.digest_of(self.uri(digest)))
+        """Keep a validated upload; its URI, and whether it was written now (it was missing).
 
-    def discard(self, uri: str) -> None:
-        self.backend.discard(self.digest_of(uri))
+        Call it before the version that names it is registered, and again after that commits (see the module
+        docstring): the second call restores files that a discard elsewhere removed in between.
+        """
+        uri = self.uri(self.digest_of(self.uri(digest)))  # digest_of refuses anything but a sha256
+        with self._lock(uri):
+            return uri, self.backend.keep(files, digest)
+
+    def discard(self, uri: str) -> bool:
+        """Remove the upload unless a registered version references it; whether it was removed."""
+        digest = self.digest_of(uri)
+        with self._lock(uri) as referenced:
+            if referenced():
+                return False
+            self.backend.discard(digest)
+            return True
+
+    def sweep(self, grace_s: float = SWEEP_GRACE_S) -> list[str]:
+        """Remove what interrupted uploads left, older than ``grace_s``; what was removed.
+
+        Housekeeping, so a store still opens while the uploads' place cannot be read (S3 down, a wrong
+        prefix): that is logged, and fetches report it with the fix when an upload is needed.
+        """
+        try:
+            leftovers = list(self.backend.leftovers(time.time() - grace_s))
+        except SourceError as e:
+            logger.warning("could not look for interrupted uploads (tried again at the next start): %s", e.message)
+            return []
+        removed = []
+        for leftover in leftovers:
+            with self._lock(self.uri(leftover)):  # on S3 the digest: that upload's lock
+                self.backend.remove_leftover(leftover)
+            removed.append(leftover)
+        if removed:
+            logger.warning("removed %d interrupted upload(s) from %s: %s", len(removed), self.describe(), removed)
+        return removed
 
     def fetch(self, uri: str, dest: Path, *, max_bytes: int) -> None:
         self.backend.fetch(self.digest_of(uri), dest, max_bytes=max_bytes)

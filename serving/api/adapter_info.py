@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Literal
 
 from pydantic import BaseModel
 
-from adapter_store import AdapterStore, AdapterVersion
+from adapter_store import AdapterStore, AdapterVersion, CatalogEntry, HealthState
 
 
 class AdapterInfo(BaseModel):
@@ -27,7 +28,15 @@ class AdapterInfo(BaseModel):
 
 def adapter_info(store: AdapterStore, version: AdapterVersion) -> AdapterInfo:
     """The version and metadata of ``version`` as the API shows it (blocking: reads the registry)."""
-    aliases = store.aliases(version.name)
+    return _info(version, store.aliases(version.name), store.health(version.name, version.version).state)
+
+
+def entry_info(entry: CatalogEntry, version: AdapterVersion) -> AdapterInfo:
+    """:func:`adapter_info` from a catalog entry of the version's name (no registry read)."""
+    return _info(version, entry.aliases, entry.health_of(version.version).state)
+
+
+def _info(version: AdapterVersion, aliases: Mapping[str, str], health: HealthState) -> AdapterInfo:
     meta = version.metadata
     return AdapterInfo(
         version=version.version,
@@ -40,5 +49,5 @@ def adapter_info(store: AdapterStore, version: AdapterVersion) -> AdapterInfo:
         created=int(version.created_at),
         checksum=version.checksum,
         tags=version.tags,
-        health=store.health(version.name, version.version).state,
+        health=health,
     )

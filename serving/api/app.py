@@ -89,7 +89,7 @@ def init_app_state(
     state.metrics = metrics
     state.completion_serving = CompletionServing(*shared)
     state.chat_serving = ChatServing(*shared)
-    state.models_serving = ModelsServing(settings, selector)
+    state.models_serving = ModelsServing(settings, store)
     state.prompt_routes_serving = PromptRoutesServing(settings, prompt_router, resolve_any)
     state.adapters_serving = AdaptersServing(engine, selector, AdapterProbe(engine, store, tokenizer), limiter)
 

@@ -102,7 +102,9 @@ def test_an_entry_read_while_the_registry_changes_is_not_kept(tmp_path: Path) ->
         registry.record_health(name, version.version, "failed", reason="meanwhile")
         return entry
 
-    catalog = Catalog(snapshot_racing_a_write, SqliteChanges(registry.path, busy_timeout_s=1.0))
+    catalog = Catalog(
+        snapshot_racing_a_write, SqliteChanges(registry.path, busy_timeout_s=1.0), snapshot_all=registry.snapshot_all
+    )
     stale = catalog.load("code")
     assert stale is not None and stale.health_of(version.version).state == "unchecked"
     assert catalog.get("code") is None
@@ -127,6 +129,9 @@ class Table(ABC):
     def snapshot(self, name: str) -> CatalogEntry | None: ...
 
     @abstractmethod
+    def snapshot_all(self) -> list[CatalogEntry]: ...
+
+    @abstractmethod
     def write(self, name: str, owner: str, *, notify: bool = True, commit: bool = True) -> None:
         """Set ``name``'s owner in one transaction, notifying (PostgreSQL) as the registry does, and commit it."""
 
@@ -138,7 +143,7 @@ class Table(ABC):
     def close(self) -> None: ...
 
     def catalog(self, snapshot: Snapshot | None = None) -> Catalog:
-        return Catalog(snapshot or self.snapshot, self.changes)
+        return Catalog(snapshot or self.snapshot, self.changes, snapshot_all=self.snapshot_all)
 
 
 def _entry(name: str, owner: str | None) -> CatalogEntry:
@@ -154,11 +159,17 @@ class SqliteTable(Table):
         self.writer.execute("PRAGMA journal_mode=WAL")
         self.writer.execute("CREATE TABLE adapters (name TEXT PRIMARY KEY, owner TEXT)")
         self.changes = SqliteChanges(path, busy_timeout_s=1.0)
+        self.listings = 0
 
     def snapshot(self, name: str) -> CatalogEntry | None:
         with closing(sqlite3.connect(self.path)) as conn:
             row = conn.execute("SELECT owner FROM adapters WHERE name = ?", (name,)).fetchone()
         return None if row is None else _entry(name, row[0])
+
+    def snapshot_all(self) -> list[CatalogEntry]:
+        self.listings += 1
+        with closing(sqlite3.connect(self.path)) as conn:
+            return [_entry(*row) for row in conn.execute("SELECT name, owner FROM adapters ORDER BY name")]
 
     def write(self, name: str, owner: str, *, notify: bool = True, commit: bool = True) -> None:
         self.writer.execute("BEGIN")
@@ -181,6 +192,7 @@ class PostgresTable(Table):
             conn.execute("CREATE TABLE adapters (name TEXT PRIMARY KEY, owner TEXT)")
         self.changes = PostgresChanges(url, refresh_s=refresh_s)
         self.snapshots = 0
+        self.listings = 0
 
     def snapshot(self, name: str) -> CatalogEntry | None:
         self.snapshots += 1
@@ -190,6 +202,12 @@ class PostgresTable(Table):
         except psycopg.OperationalError as e:
             raise RegistryUnavailable("The adapter registry cannot be reached.") from e
         return None if row is None else _entry(name, row[0])
+
+    def snapshot_all(self) -> list[CatalogEntry]:
+        self.listings += 1
+        with psycopg.connect(self.url, connect_timeout=2) as conn:
+            rows = conn.execute('SELECT name, owner FROM adapters ORDER BY name COLLATE "C"').fetchall()
+        return [_entry(*row) for row in rows]
 
     def write(self, name: str, owner: str, *, notify: bool = True, commit: bool = True) -> None:
         with psycopg.connect(self.url) as writer:  # a connection per write: an outage test restarts the server
@@ -282,6 +300,52 @@ def test_an_entry_read_while_a_change_commits_is_not_served(table: Table) -> Non
     assert catalog.load("code") == _entry("code", "acme")
     assert catalog.get("code") is None
     catalog.close()
+
+
+def test_a_listing_is_served_from_memory_until_any_name_changes(table: Table) -> None:
+    catalog = table.catalog()
+    listing = catalog.listing()
+    assert [(e.name, e.owner) for e in listing if e.name != MARKER] == [("code", "acme"), ("legal", "lawfirm")]
+    assert catalog.listing() is listing and table.listings == 1  # from memory
+    assert catalog.get("code") == _entry("code", "acme")  # the listing filled each name's entry
+    table.write("legal", "hospital")
+    within(1.0, lambda: catalog.listing() is not listing)
+    assert ("legal", "hospital") in [(e.name, e.owner) for e in catalog.listing()]
+    catalog.close()
+
+
+def test_a_listing_read_while_a_change_commits_is_not_served(table: Table) -> None:
+    def listing_racing_a_write() -> list[CatalogEntry]:
+        listing = table.snapshot_all()  # read before the write commits: stale once it does
+        if table.listings == 1:
+            before = table.changes.stamp_any()
+            table.write("code", "hospital")
+            within(1.0, lambda: table.changes.stamp_any() != before)
+        return listing
+
+    catalog = Catalog(table.snapshot, table.changes, snapshot_all=listing_racing_a_write)
+    assert _entry("code", "acme") in catalog.listing()
+    assert catalog.get("code") is None  # nor is its entry kept as current
+    assert _entry("code", "hospital") in catalog.listing()  # read again
+    catalog.close()
+
+
+def test_the_store_lists_every_adapter_as_registered(tmp_path: Path) -> None:
+    store = open_store(tmp_path)
+    volume = tmp_path / "volume"
+    first = store.register(str(write_adapter(volume / "b", seed=1)), "b", tenant="acme", aliases=("stable",))
+    second = store.register(str(write_adapter(volume / "b", seed=2)), "b", tenant="acme")
+    other = store.register(str(write_adapter(volume / "B", seed=3)), "B")
+    listed = store.entries()
+    assert [(e.name, e.owner) for e in listed] == [("B", None), ("b", "acme")]  # code-point order
+    assert dict(listed[1].versions) == {first.version: first, second.version: second}
+    assert dict(listed[1].aliases) == {"latest": second.version, "stable": first.version}
+    assert dict(listed[0].versions) == {other.version: other}
+    store.record_health("B", other.version, "failed", reason="bad tokens")
+    assert store.entries()[0].health_of(other.version).state == "failed"
+    store.delete(other.ref)
+    assert [e.name for e in store.entries()] == ["b"]
+    store.close()
 
 
 @pytest.mark.parametrize(

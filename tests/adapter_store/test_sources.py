@@ -15,7 +15,7 @@ from adapter_store.safe_copy import MAX_FILES
 from adapter_store.settings import LocalSourceSettings, S3SourceSettings
 from adapter_store.sources import LocalSource, S3Source, SourceSet
 from adapter_store.uploads import LocalUploads, UploadSource
-from tests.adapter_store.helpers import BUCKET, upload, write_adapter
+from tests.adapter_store.helpers import BUCKET, no_upload_lock, upload, write_adapter
 
 
 @pytest.fixture
@@ -287,7 +287,7 @@ def test_local_too_many_files(tmp_path: Path) -> None:
 
 
 def test_upload_source_copies_within_the_cap(tmp_path: Path) -> None:
-    uploads = UploadSource(LocalUploads(tmp_path / "uploads"))
+    uploads = UploadSource(LocalUploads(tmp_path / "uploads"), no_upload_lock)
     adapter = write_adapter(tmp_path / "a", seed=10)
     uri, _ = uploads.keep(adapter, content_digest(adapter))
     dest = tmp_path / "dest"

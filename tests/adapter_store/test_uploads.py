@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import shutil
 import sqlite3
+import time
 from pathlib import Path
 
 import boto3
@@ -19,10 +20,19 @@ from pydantic import ValidationError
 from adapter_store import AdapterStore, InvalidAdapter, SourceError, StoreSettings, content_digest
 from adapter_store.registry import DB_NAME
 from adapter_store.settings import S3UploadsSettings
-from adapter_store.uploads import MARKER_SUFFIX, LocalUploads, S3Uploads, UploadSource
+from adapter_store.uploads import MARKER_SUFFIX, SWEEP_GRACE_S, LocalUploads, S3Uploads, UploadSource
 from adapter_store.validation import BaseModelSpec
-from tests.adapter_store.helpers import BASE_NAME, BUCKET, lease, write_adapter, write_base_config, write_v1_registry
+from tests.adapter_store.helpers import (
+    BASE_NAME,
+    BUCKET,
+    lease,
+    no_upload_lock,
+    write_adapter,
+    write_base_config,
+    write_v1_registry,
+)
 from tests.adapter_store.test_store import old_digest
+from tests.postgres import PASSWORD
 
 PREFIX = "uploads/"
 
@@ -39,9 +49,10 @@ def s3_uploads(endpoint: str, prefix: str = PREFIX) -> dict:
     return {"type": "s3", "url_prefix": f"s3://{BUCKET}/{prefix}", "endpoint_url": endpoint}
 
 
-def open_store(tmp_path: Path, root: str, uploads: dict | None) -> AdapterStore:
+def open_store(tmp_path: Path, root: str, uploads: dict | None, registry: str | None = None) -> AdapterStore:
     settings = StoreSettings.model_validate(
-        {"root": tmp_path / root, "max_adapter_bytes": 1 << 20} | ({} if uploads is None else {"uploads": uploads})
+        {"root": tmp_path / root, "max_adapter_bytes": 1 << 20, "registry": registry}
+        | ({} if uploads is None else {"uploads": uploads})
     )
     spec = BaseModelSpec.from_config(write_base_config(tmp_path / "base"), [BASE_NAME])
     return AdapterStore.open(settings, base=spec, max_lora_rank=16)
@@ -120,7 +131,7 @@ def test_a_half_written_upload_is_never_fetched(tmp_path: Path, bucket: str) -> 
     dest = tmp_path / "dest"
     dest.mkdir()
     with pytest.raises(SourceError) as info:
-        UploadSource(backend(bucket, prefix)).fetch(f"upload:{digest}", dest, max_bytes=1 << 20)
+        UploadSource(backend(bucket, prefix), no_upload_lock).fetch(f"upload:{digest}", dest, max_bytes=1 << 20)
     assert f"upload:{digest} is not complete under s3://{BUCKET}/{prefix}" in info.value.message
     assert f"{prefix}{digest}{MARKER_SUFFIX} is missing" in info.value.message
     assert "upload the adapter again" in info.value.message and list(dest.iterdir()) == []
@@ -145,7 +156,7 @@ def test_hostile_object_keys_in_an_upload_are_refused(tmp_path: Path, bucket: st
     dest = tmp_path / "staging" / "dest"
     dest.mkdir(parents=True)
     with pytest.raises(SourceError, match="has an unsafe name"):
-        UploadSource(uploads).fetch(f"upload:{digest}", dest, max_bytes=1 << 20)
+        UploadSource(uploads, no_upload_lock).fetch(f"upload:{digest}", dest, max_bytes=1 << 20)
     assert list(dest.iterdir()) == [] and not (tmp_path / "outside").exists()
 
 
@@ -168,7 +179,7 @@ def test_the_byte_cap_holds_while_reading(tmp_path: Path, bucket: str) -> None:
     dest = tmp_path / "dest"
     dest.mkdir()
     with pytest.raises(InvalidAdapter) as info:
-        UploadSource(uploads).fetch(f"upload:{digest}", dest, max_bytes=1 << 20)
+        UploadSource(uploads, no_upload_lock).fetch(f"upload:{digest}", dest, max_bytes=1 << 20)
     assert info.value.reason == "too_large" and "more than the limit of 1048576 bytes" in info.value.message
     assert grown and list(dest.iterdir()) == []
 
@@ -277,3 +288,96 @@ def test_two_stores_keeping_the_same_upload_in_a_shared_directory_at_once(tmp_pa
     assert a.keep(files, digest) is False and b_kept == [True]
     assert [p.name for p in shared.iterdir()] == [digest]  # no partial copy is left behind
     assert content_digest(shared / digest) == digest
+
+
+# -- replicas sharing one registry and one place for uploads: the races of keeping and discarding ---------------
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def shared_registry(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A registry URL every store of the test opens: one SQLite file, or a fresh PostgreSQL database."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'shared-registry' / 'registry.sqlite3'}"
+    monkeypatch.setenv("PGPASSWORD", PASSWORD)  # as a deployment gives it: never in the URL
+    return request.getfixturevalue("postgres_url").replace(f":{PASSWORD}@", "@")
+
+
+def shared_uploads(kind: str, bucket: str, tmp_path: Path, prefix: str) -> dict:
+    return s3_uploads(bucket, prefix) if kind == "s3" else {"type": "local", "path": str(tmp_path / "shared")}
+
+
+@pytest.mark.parametrize("kind", ["s3", "shared-directory"])
+def test_a_delete_racing_an_identical_upload_leaves_the_files_the_upload_counts_on(
+    tmp_path: Path, bucket: str, shared_registry: str, kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Replica B uploads the files of A's version as another adapter; A deletes its version after B found the
+    files kept and before B's version commits. A saw no version naming the upload and discarded it: B keeps the
+    files again once its version has committed, so a third replica with an empty disk can serve it."""
+    uploads = shared_uploads(kind, bucket, tmp_path, f"{kind}-race/")
+    files = write_adapter(tmp_path / "src" / "same", seed=11)
+    a, b = (open_store(tmp_path, root, uploads, shared_registry) for root in ("a", "b"))
+    first = upload(a, files, "first")
+    register = b._registry.register
+
+    def a_deletes_meanwhile(*args: object, **kwargs: object):
+        a.delete(first.ref)
+        return register(*args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(b._registry, "register", a_deletes_meanwhile)
+        second = upload(b, files, "second")
+    assert second.version == first.version and second.source == first.source and a.names() == ["second"]
+    c = open_store(tmp_path, "c", uploads, shared_registry)
+    with lease(c, "second") as adapter:
+        assert content_digest(adapter.path) == second.version
+    upload(c, files, "third")
+
+    def listed() -> list:
+        return keys(bucket, f"{kind}-race/") if kind == "s3" else list((tmp_path / "shared").iterdir())
+
+    c.delete("second")  # "third" still names the upload: its files stay
+    assert listed() != []
+    c.delete("third")  # the last version naming it: its files go now
+    assert listed() == []
+    for store in (a, b, c):
+        store.close()
+
+
+def interrupt(kind: str, bucket: str, tmp_path: Path, prefix: str, files: Path) -> list[str]:
+    """Files of an upload whose writer died before finishing; what a listing of the shared place shows."""
+    digest = content_digest(files)
+    if kind == "shared-directory":
+        shutil.copytree(files, tmp_path / "shared" / f".partial-{digest}-0123abcd")
+        return [f".partial-{digest}-0123abcd"]
+    client = boto3.client("s3", endpoint_url=bucket)
+    client.put_object(Bucket=BUCKET, Key=f"{prefix}{digest}/adapter_config.json", Body=b"{}")
+    return [f"{prefix}{digest}/adapter_config.json"]
+
+
+def leftovers(kind: str, bucket: str, tmp_path: Path, prefix: str) -> list[str]:
+    if kind == "s3":
+        return keys(bucket, prefix)
+    return sorted(p.name for p in (tmp_path / "shared").iterdir())
+
+
+@pytest.mark.parametrize("kind", ["s3", "shared-directory"])
+def test_an_interrupted_upload_is_swept_once_past_the_grace_period(
+    tmp_path: Path, bucket: str, shared_registry: str, kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    prefix = f"{kind}-sweep/"
+    uploads = shared_uploads(kind, bucket, tmp_path, prefix)
+    a = open_store(tmp_path, "a", uploads, shared_registry)
+    kept = upload(a, write_adapter(tmp_path / "src" / "kept", seed=12), "kept")
+    complete = leftovers(kind, bucket, tmp_path, prefix)
+    interrupted = interrupt(kind, bucket, tmp_path, prefix, write_adapter(tmp_path / "src" / "cut", seed=13))
+    a.close()
+    b = open_store(tmp_path, "b", uploads, shared_registry)  # within the grace period: it may still be written
+    assert leftovers(kind, bucket, tmp_path, prefix) == sorted(complete + interrupted)
+    b.close()
+    later = time.time() + SWEEP_GRACE_S + 60
+    monkeypatch.setattr("adapter_store.uploads.time.time", lambda: later)
+    c = open_store(tmp_path, "c", uploads, shared_registry)
+    assert leftovers(kind, bucket, tmp_path, prefix) == complete  # the complete upload stays, and is served
+    with lease(c, "kept") as adapter:
+        assert content_digest(adapter.path) == kept.version
+    c.close()
