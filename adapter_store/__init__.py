@@ -17,6 +17,7 @@ and tests without an engine.
 """
 
 from adapter_store.catalog import CatalogEntry
+from adapter_store.changes import EngineEvent
 from adapter_store.digest import content_digest
 from adapter_store.errors import (
     AdapterInUse,
@@ -57,6 +58,7 @@ __all__ = [
     "BaseModelSpec",
     "CacheFull",
     "CatalogEntry",
+    "EngineEvent",
     "Claim",
     "DiskCacheState",
     "HealthRecord",

@@ -22,6 +22,28 @@ registry's path or URL):
   so does connecting again; a periodic full invalidation (``store.refresh_s``)
   is the safety net for anything else (a write made without a notify).
 
+The PostgreSQL listener also carries the fleet's *engine events*
+(:class:`EngineEvent`, channel ``loraserve_engine``): an admin's unload (or
+delete) and pin act on the replica that answered, which then publishes the
+event so every other replica unloads that version from its engine, or preloads
+the pinned version, within milliseconds. Payloads on the channel are
+untrusted (anyone with the database's credentials can ``NOTIFY``): each is
+bounded in size and parsed strictly, and a bad one is logged and dropped. A
+subscriber (:meth:`Changes.subscribe`) is called on the listener's thread and
+must only hand the event on (to an event loop, say); its errors are logged,
+never let through to the listener. NOTIFY is not durable: an event sent while
+a replica is not listening is lost, so every (re)connect calls the
+subscriber's ``on_missed``, after which it reconciles what it can derive from
+the registry (pinned versions it lacks are preloaded again). A missed unload
+cannot be derived (the registry keeps no record of it): unload is best-effort
+across the fleet, and the engine's LRU drops the version in time.
+
+SQLite carries no engine events: it is one replica, whose admin calls act on
+its own engine directly. Several servers on one SQLite file do see each
+other's registry changes (aliases, pins' disk protection, new versions), but an
+unload or a pin's preload acts only on the server that answered; a fleet runs
+on PostgreSQL.
+
 While the listener cannot reach the database, :attr:`Changes.outage` says so:
 the catalog then keeps serving the entries it holds, and refuses names it
 does not hold at once (``RegistryUnavailable``) instead of letting each
@@ -30,15 +52,23 @@ request wait for a connection attempt to fail.
 
 from __future__ import annotations
 
+import json
 import logging
+import re
 import sqlite3
 import threading
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Literal, get_args
 
 import psycopg
 from psycopg.conninfo import make_conninfo
+
+from adapter_store.errors import InvalidRef
+from adapter_store.refs import check_name
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +76,10 @@ CHANNEL = "loraserve_registry"
 """The PostgreSQL notification channel the registry's write transactions notify (payload: the adapter name)."""
 EVERYTHING = "*"
 """The payload that makes every name stale (an empty payload does too: an operator's plain ``NOTIFY``)."""
+ENGINE_CHANNEL = "loraserve_engine"
+"""The PostgreSQL notification channel of engine events (payload: :meth:`EngineEvent.encode`)."""
+MAX_EVENT_BYTES = 512
+"""The largest engine-event payload accepted (a real one is under 200 bytes); longer ones are dropped unparsed."""
 LISTENER_NAME = "loraserve-registry-listener"
 """The listener connection's ``application_name``: how it shows in ``pg_stat_activity``."""
 
@@ -54,6 +88,61 @@ BACKOFF_S = (0.05, 1.0)  # reconnect delays, doubling from the first to the last
 CONNECT_TIMEOUT_S = 2  # libpq's smallest connect_timeout
 # Without keepalives a silently cut network leaves the listener waiting forever on a dead socket.
 KEEPALIVES = {"keepalives": 1, "keepalives_idle": 5, "keepalives_interval": 1, "keepalives_count": 3}
+
+
+EngineEventKind = Literal["unload", "preload"]
+_DIGEST = re.compile(r"[0-9a-f]{64}")
+_REPLICA = re.compile(r"[0-9a-f]{32}")
+
+
+@dataclass(frozen=True)
+class EngineEvent:
+    """What an admin call did to one replica's engine, for every other replica to do too.
+
+    ``unload``: drop ``name``'s version ``version`` from the engine (an unload
+    or a delete). ``preload``: the version was pinned; load it now if it still
+    is. ``replica`` is the sending store's id, so a replica skips its own events.
+    """
+
+    kind: EngineEventKind
+    name: str
+    version: str  # the full digest
+    replica: str  # the sender's AdapterStore.replica
+
+    def __post_init__(self) -> None:
+        """Refuses anything but the exact shape (``ValueError``), whoever built it."""
+        if self.kind not in get_args(EngineEventKind):
+            raise ValueError(f"unknown engine event kind {self.kind!r}")
+        try:
+            check_name(self.name)
+        except InvalidRef as e:
+            raise ValueError(e.message) from e
+        for field, pattern in (("version", _DIGEST), ("replica", _REPLICA)):
+            value = getattr(self, field)
+            if not isinstance(value, str) or not pattern.fullmatch(value):
+                raise ValueError(f"engine event {field} {value!r} is not {pattern.pattern}")
+
+    def encode(self) -> str:
+        return json.dumps(asdict(self), separators=(",", ":"))
+
+    @classmethod
+    def parse(cls, payload: str) -> EngineEvent:
+        """The event a channel payload carries; ``ValueError`` saying why for anything else."""
+        if len(payload.encode()) > MAX_EVENT_BYTES:
+            raise ValueError(f"payload of {len(payload.encode())} bytes, over {MAX_EVENT_BYTES}")
+        try:
+            fields = json.loads(payload)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"not JSON: {e}") from e
+        expected = {"kind", "name", "version", "replica"}
+        if not isinstance(fields, dict) or set(fields) != expected:
+            keys = sorted(fields) if isinstance(fields, dict) else type(fields).__name__
+            raise ValueError(f"expected an object with exactly {sorted(expected)}, got {keys}")
+        return cls(**fields)
+
+
+OnEvent = Callable[[EngineEvent], None]
+OnMissed = Callable[[], None]
 
 
 class Changes(ABC):
@@ -75,6 +164,13 @@ class Changes(ABC):
     @abstractmethod
     def close(self) -> None:
         """Release the feed's connection (and stop its thread)."""
+
+    @abstractmethod
+    def subscribe(self, on_event: OnEvent, on_missed: OnMissed) -> None:
+        """Call ``on_event`` with every engine event, and ``on_missed`` whenever events may have been lost.
+
+        Both run on the feed's own thread: they must only hand over (never block).
+        """
 
 
 class SqliteChanges(Changes):
@@ -99,9 +195,15 @@ class SqliteChanges(Changes):
         with self._lock:
             self._conn.close()
 
+    def subscribe(self, on_event: OnEvent, on_missed: OnMissed) -> None:
+        """Neither is ever called: on SQLite there is no other replica to hear from (see the module docstring)."""
+
 
 class PostgresChanges(Changes):
     """LISTEN on ``loraserve_registry`` in a daemon thread; each notification moves its name's stamp.
+
+    It LISTENs on ``loraserve_engine`` too and hands each valid engine event
+    to the subscribers (see the module docstring).
 
     Stamps come from one counter: invalidating a name gives it the next value,
     invalidating everything gives that value to every name (so the per-name
@@ -117,6 +219,7 @@ class PostgresChanges(Changes):
         self._changed: dict[str, int] = {}
         self._outages = 0
         self._outage: int | None = None
+        self._subscribers: list[tuple[OnEvent, OnMissed]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="registry-changes", daemon=True)
         self._thread.start()
@@ -136,6 +239,28 @@ class PostgresChanges(Changes):
     def close(self) -> None:
         self._stop.set()
         self._thread.join()
+
+    def subscribe(self, on_event: OnEvent, on_missed: OnMissed) -> None:
+        with self._lock:
+            self._subscribers.append((on_event, on_missed))
+
+    def _hand_over(self, call: Callable[[OnEvent, OnMissed], None]) -> None:
+        """Call each subscriber; its errors are logged: the listener must never stop for a subscriber's bug."""
+        with self._lock:
+            subscribers = list(self._subscribers)
+        for subscriber in subscribers:
+            try:
+                call(*subscriber)
+            except Exception:
+                logger.exception("an engine-event subscriber failed; the event is dropped for it")
+
+    def _engine_event(self, payload: str) -> None:
+        try:
+            event = EngineEvent.parse(payload)
+        except (ValueError, TypeError) as e:
+            logger.warning("dropped an invalid engine event on %s (%s): %r", ENGINE_CHANNEL, e, payload[:100])
+            return
+        self._hand_over(lambda on_event, _: on_event(event))
 
     def invalidate(self, name: str) -> None:
         """Make ``name`` stale (``*`` or ``""``: every name)."""
@@ -181,6 +306,7 @@ class PostgresChanges(Changes):
         )
         try:
             conn.execute(f"LISTEN {CHANNEL}")
+            conn.execute(f"LISTEN {ENGINE_CHANNEL}")
         except psycopg.Error:
             conn.close()
             raise
@@ -189,6 +315,8 @@ class PostgresChanges(Changes):
         if self._outage is not None:
             logger.warning("registry reachable again after outage %d; re-reading every adapter", self._outage)
         self._outage = None
+        # Engine events sent while it did not listen are lost too: subscribers reconcile what they can.
+        self._hand_over(lambda _, on_missed: on_missed())
         return conn
 
     def _unreachable(self, error: psycopg.Error) -> None:
@@ -203,7 +331,10 @@ class PostgresChanges(Changes):
         refresh_at = time.monotonic() + self._refresh_s
         while not self._stop.is_set():
             for notification in conn.notifies(timeout=POLL_S):
-                self.invalidate(notification.payload)
+                if notification.channel == ENGINE_CHANNEL:
+                    self._engine_event(notification.payload)
+                else:
+                    self.invalidate(notification.payload)
             if time.monotonic() >= refresh_at:  # the safety net: a write that sent no notify
                 self.invalidate(EVERYTHING)
                 refresh_at = time.monotonic() + self._refresh_s

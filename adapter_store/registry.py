@@ -140,6 +140,10 @@ class AdapterRegistry:
     def close(self) -> None:
         self._db.close()
 
+    def publish(self, channel: str, payload: str) -> None:
+        """Notify ``channel`` with ``payload`` for every replica listening (PostgreSQL; a no-op on SQLite)."""
+        self._db.publish(channel, payload)
+
     # -- registering ------------------------------------------------------------------
 
     def register(

@@ -172,6 +172,15 @@ class Database:
             for name in sorted(set(names)):
                 conn.execute(text("SELECT pg_notify(:channel, :name)"), {"channel": NOTIFY_CHANNEL, "name": name})
 
+    def publish(self, channel: str, payload: str) -> None:
+        """Send ``payload`` on ``channel`` to every listening replica now (PostgreSQL only; nothing to do on SQLite).
+
+        ``RegistryUnavailable`` if the database cannot be reached.
+        """
+        if self.is_postgres:
+            with self._connect() as conn, conn.begin():
+                conn.execute(text("SELECT pg_notify(:channel, :payload)"), {"channel": channel, "payload": payload})
+
     @contextmanager
     def _connect(self) -> Iterator[Connection]:
         try:

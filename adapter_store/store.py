@@ -27,6 +27,11 @@ in-memory catalog that the registry's change feed invalidates on every
 registry change (``adapter_store.catalog``, ``adapter_store.changes``), and :meth:`AdapterStore.acquire_cached`
 leases cached files with a few ``stat`` calls.
 
+Replicas of a fleet (one PostgreSQL registry) tell each other what an admin
+did to their engine: :meth:`AdapterStore.publish_engine_event` after an unload
+or a pin, :meth:`AdapterStore.subscribe` to hear the others' (see
+``adapter_store.changes``: best-effort, and on SQLite there are no others).
+
 Everything else here is synchronous and may block on I/O (a fetch, hashing, the
 registry's lock or its database): async callers run it in a worker thread.
 """
@@ -38,6 +43,7 @@ import dataclasses
 import logging
 import shutil
 import threading
+import uuid
 import zlib
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -45,7 +51,7 @@ from pathlib import Path
 
 from adapter_store.cache import CacheStats, DiskCache
 from adapter_store.catalog import Catalog, CatalogEntry
-from adapter_store.changes import open_changes
+from adapter_store.changes import ENGINE_CHANNEL, EngineEvent, EngineEventKind, OnEvent, OnMissed, open_changes
 from adapter_store.digest import content_digest
 from adapter_store.errors import AdapterInUse, AdapterNotFound, CacheFull, InvalidRef, LegacyDigest
 from adapter_store.migration import DigestMigration
@@ -103,8 +109,11 @@ class AdapterStore:
         self._name_locks = tuple(threading.Lock() for _ in range(NAME_LOCK_STRIPES))
         # SQLite: the file's data version; PostgreSQL: LISTEN/NOTIFY (the password, if the URL has one, for libpq).
         feed = registry.path or registry.url.render_as_string(hide_password=False)
-        changes = open_changes(feed, refresh_s=settings.refresh_s, busy_timeout_s=settings.busy_timeout_s)
-        self._catalog = Catalog(registry.snapshot, changes, snapshot_all=registry.snapshot_all)
+        self._changes = open_changes(feed, refresh_s=settings.refresh_s, busy_timeout_s=settings.busy_timeout_s)
+        # owns (closes) the feed
+        self._catalog = Catalog(registry.snapshot, self._changes, snapshot_all=registry.snapshot_all)
+        self.replica = uuid.uuid4().hex
+        """This store's id in the fleet's engine events: its own come back to it and are skipped."""
 
     @classmethod
     def open(
@@ -381,6 +390,35 @@ class AdapterStore:
     def bytes_on_disk(self) -> int:
         """Measured, not counted: the bytes of every file in the disk cache (walks the directory)."""
         return self._cache.bytes_on_disk()
+
+    # -- the fleet's engine events --------------------------------------------------------
+
+    def publish_engine_event(self, kind: EngineEventKind, version: AdapterVersion) -> None:
+        """Tell every other replica to do to its engine what this one just did to ``version`` (blocks).
+
+        ``unload`` (an unload or a delete) or ``preload`` (a pin). On
+        PostgreSQL a notification on ``loraserve_engine``, delivered within
+        milliseconds to every replica listening at that moment (best-effort:
+        see ``adapter_store.changes``); ``RegistryUnavailable`` if the database
+        cannot be reached. On SQLite there is no other replica: nothing is sent.
+        """
+        event = EngineEvent(kind, version.name, version.version, self.replica)
+        self._registry.publish(ENGINE_CHANNEL, event.encode())
+
+    def subscribe(self, on_event: OnEvent, on_missed: OnMissed) -> None:
+        """Hear the other replicas' engine events; ``on_missed`` whenever some may have been lost.
+
+        Both are called on the change feed's thread: hand over (e.g. with
+        ``loop.call_soon_threadsafe``), never block. Events are validated before
+        they get here; this store's own are skipped. ``on_missed`` means "derive
+        from the registry what you can": the pinned versions.
+        """
+
+        def others(event: EngineEvent) -> None:
+            if event.replica != self.replica:
+                on_event(event)
+
+        self._changes.subscribe(others, on_missed)
 
     # -- managing -----------------------------------------------------------------------
 

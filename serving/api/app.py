@@ -20,6 +20,7 @@ from starlette.datastructures import State
 from adapter_store import AdapterStore
 from routing import AsyncPromptRouter, PromptRouter, build_encoder, load_routes
 from serving.api.adapters import api_router as adapters_api
+from serving.api.adapters.fleet import FleetEvents
 from serving.api.adapters.probe import AdapterProbe
 from serving.api.adapters.serving import AdaptersServing
 from serving.api.auth import OPEN_PRINCIPAL, AuthMiddleware, KeyStore
@@ -112,6 +113,9 @@ def build_app(settings: Settings) -> FastAPI:
                 metrics = AdapterMetrics()
                 await asyncio.to_thread(init_app_state, app.state, settings, engine, metrics, store, prompt_router)
                 adapters: AdaptersServing = app.state.adapters_serving
+                fleet = FleetEvents(engine, store, adapters.probe, asyncio.get_running_loop())
+                fleet.subscribe()  # before start-up reads the pins: a pin made meanwhile is an event
+                watchers.append(asyncio.create_task(fleet.run()))
                 await adapters.probe.startup([a.name for a in settings.adapters])
                 viewer = StoreViewer(store)
                 await asyncio.to_thread(viewer.refresh)  # the first scrape shows the store as started

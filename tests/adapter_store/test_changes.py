@@ -1,4 +1,5 @@
-"""The PostgreSQL change feed on a real cluster: a lost listener, the safety net, and an outage.
+"""The PostgreSQL change feed on a real cluster: a lost listener, the safety net, an outage, and the fleet's
+engine events (strict parsing of an untrusted channel, the hand-over to subscribers, lost events).
 
 What both feeds share (a change within 1 s, per-name invalidation, rolled-back writes, the commit race) is
 table-driven in test_catalog.py, on the same one-table registries used here.
@@ -6,6 +7,7 @@ table-driven in test_catalog.py, on the same one-table registries used here.
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -15,10 +17,19 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from adapter_store import RegistryUnavailable
-from adapter_store.changes import LISTENER_NAME, PostgresChanges, SqliteChanges, open_changes
+from adapter_store import AdapterStore, EngineEvent, RegistryUnavailable
+from adapter_store.changes import (
+    ENGINE_CHANNEL,
+    LISTENER_NAME,
+    MAX_EVENT_BYTES,
+    PostgresChanges,
+    SqliteChanges,
+    open_changes,
+)
+from tests.adapter_store.helpers import write_adapter
 from tests.adapter_store.test_catalog import PostgresTable, _entry, within
-from tests.postgres import PostgresCluster
+from tests.adapter_store.test_store import open_store
+from tests.postgres import PASSWORD, PostgresCluster
 
 # (the registry given a directory; the feed it gets; the URL libpq is given)
 FACTORY = {
@@ -153,3 +164,156 @@ def test_an_outage_serves_known_entries_refuses_unknown_names_fast_and_recovers(
     table.write("legal", "hospital")
     within(1.0, lambda: catalog.get("legal") is None)
     catalog.close()
+
+
+# -- engine events: the fleet's unloads and pins -------------------------------------------------------------
+
+DIGEST = "ab" * 32
+REPLICA = "0123456789abcdef" * 2
+VALID = {"kind": "unload", "name": "code", "version": DIGEST, "replica": REPLICA}
+
+
+def _payload(**changes: object) -> str:
+    return json.dumps(VALID | changes)
+
+
+# payload -> what the ValueError says
+BAD_PAYLOADS = {
+    "oversized": (json.dumps(VALID | {"pad": "x" * MAX_EVENT_BYTES}), "over 512"),
+    "not-json": ("{kind: unload", "not JSON"),
+    "empty": ("", "not JSON"),
+    "a-list": (json.dumps([VALID]), "exactly"),
+    "missing-field": (json.dumps({k: v for k, v in VALID.items() if k != "replica"}), "exactly"),
+    "extra-field": (_payload(tenant="acme"), "exactly"),
+    "unknown-kind": (_payload(kind="delete_everything"), "unknown engine event kind"),
+    "kind-not-a-string": (_payload(kind=["unload"]), "unknown engine event kind"),
+    "name-traversal": (_payload(name="../etc"), "adapter name"),
+    "name-too-long": (_payload(name="a" * 65), "adapter name"),
+    "name-not-a-string": (_payload(name=7), "adapter name"),
+    "version-prefix": (_payload(version=DIGEST[:16]), "version"),
+    "version-upper-case": (_payload(version=DIGEST.upper()), "version"),
+    "version-newline": (_payload(version=DIGEST + "\n"), "version"),
+    "replica-not-hex": (_payload(replica="z" * 32), "replica"),
+    "replica-null": (_payload(replica=None), "replica"),
+}
+
+
+@pytest.mark.parametrize(("payload", "says"), BAD_PAYLOADS.values(), ids=BAD_PAYLOADS.keys())
+def test_an_engine_event_payload_is_parsed_strictly(payload: str, says: str) -> None:
+    with pytest.raises(ValueError, match=says):
+        EngineEvent.parse(payload)
+
+
+@pytest.mark.parametrize("kind", ["unload", "preload"])
+def test_an_engine_event_survives_its_encoding(kind: str) -> None:
+    event = EngineEvent(kind, "code.v2_x-1", DIGEST, REPLICA)  # type: ignore[arg-type]
+    assert EngineEvent.parse(event.encode()) == event
+    assert len(event.encode().encode()) < MAX_EVENT_BYTES // 2  # the bound leaves room: no real event nears it
+
+
+def _notify(url: str, channel: str, payload: str) -> None:
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("SELECT pg_notify(%s, %s)", (channel, payload))
+
+
+class Heard:
+    """A subscriber that keeps what the feed hands it (on the feed's thread)."""
+
+    def __init__(self) -> None:
+        self.events: list[EngineEvent] = []
+        self.missed = 0
+
+    def on_event(self, event: EngineEvent) -> None:
+        self.events.append(event)
+
+    def on_missed(self) -> None:
+        self.missed += 1
+
+
+def test_engine_events_reach_subscribers_and_bad_ones_are_dropped(
+    table: PostgresTable, caplog: pytest.LogCaptureFixture
+) -> None:
+    heard = Heard()
+    table.changes.subscribe(heard.on_event, heard.on_missed)
+    catalog = table.catalog()
+    catalog.load("code")
+    with caplog.at_level(logging.WARNING, logger="adapter_store.changes"):
+        for payload, _ in BAD_PAYLOADS.values():
+            _notify(table.url, ENGINE_CHANNEL, payload)
+        _notify(table.url, ENGINE_CHANNEL, _payload(kind="preload"))
+        within(1.0, lambda: heard.events)
+    assert heard.events == [EngineEvent("preload", "code", DIGEST, REPLICA)]
+    dropped = [r for r in caplog.records if "dropped an invalid engine event" in r.getMessage()]
+    assert len(dropped) == len(BAD_PAYLOADS)
+    assert catalog.get("code") is not None  # an engine event is no registry change
+    table.write("code", "hospital")  # and the listener still hears those
+    within(1.0, lambda: catalog.get("code") is None)
+    assert heard.missed == 0
+    catalog.close()
+
+
+def test_a_failing_subscriber_neither_stops_the_listener_nor_the_others(
+    table: PostgresTable, caplog: pytest.LogCaptureFixture
+) -> None:
+    def broken(event: EngineEvent) -> None:
+        raise RuntimeError("event loop closed")
+
+    heard = Heard()
+    table.changes.subscribe(broken, heard.on_missed)
+    table.changes.subscribe(heard.on_event, heard.on_missed)
+    with caplog.at_level(logging.ERROR, logger="adapter_store.changes"):
+        for kind in ("preload", "unload"):
+            _notify(table.url, ENGINE_CHANNEL, _payload(kind=kind))
+        within(1.0, lambda: len(heard.events) == 2)
+    assert [e.kind for e in heard.events] == ["preload", "unload"]
+    assert len([r for r in caplog.records if "subscriber failed" in r.getMessage()]) == 2
+    catalog = table.catalog()
+    catalog.load("code")
+    table.write("code", "hospital")
+    within(1.0, lambda: catalog.get("code") is None)
+    catalog.close()
+
+
+def test_subscribers_hear_when_events_may_have_been_lost(table: PostgresTable) -> None:
+    heard = Heard()
+    table.changes.subscribe(heard.on_event, heard.on_missed)
+    assert _kill_listener(table.url) == 1
+    within(1.0, lambda: heard.missed == 1)  # it listens again: whatever was sent meanwhile is gone
+    _notify(table.url, ENGINE_CHANNEL, _payload())
+    within(1.0, lambda: heard.events)
+    assert heard.missed == 1
+
+
+def _store_on(url: str, tmp_path: Path) -> AdapterStore:
+    return open_store(tmp_path, registry=url.replace(f":{PASSWORD}@", "@"))  # the password: from PGPASSWORD
+
+
+def test_a_store_publishes_to_the_other_replicas_and_skips_its_own(
+    tmp_path: Path, postgres_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PGPASSWORD", PASSWORD)
+    a, b = _store_on(postgres_url, tmp_path / "a"), _store_on(postgres_url, tmp_path / "b")
+    version = a.register(str(write_adapter(tmp_path / "a" / "volume" / "code", seed=1)), "code")
+    heard = {replica: Heard() for replica in ("a", "b")}
+    for replica, store in (("a", a), ("b", b)):
+        store.subscribe(heard[replica].on_event, heard[replica].on_missed)
+    assert a.replica != b.replica
+    a.publish_engine_event("unload", version)
+    b.publish_engine_event("preload", version)
+    within(1.0, lambda: heard["a"].events and heard["b"].events)
+    time.sleep(0.2)  # an own event would have arrived by now too
+    assert heard["b"].events == [EngineEvent("unload", "code", version.version, a.replica)]
+    assert heard["a"].events == [EngineEvent("preload", "code", version.version, b.replica)]
+    a.close()
+    b.close()
+
+
+def test_on_sqlite_publishing_sends_nothing_and_subscribers_are_never_called(tmp_path: Path) -> None:
+    store = open_store(tmp_path)
+    version = store.register(str(write_adapter(tmp_path / "volume" / "code", seed=1)), "code")
+    heard = Heard()
+    store.subscribe(heard.on_event, heard.on_missed)
+    store.publish_engine_event("unload", version)  # one process: the caller acted on its own engine already
+    time.sleep(0.2)
+    assert (heard.events, heard.missed) == ([], 0)
+    store.close()

@@ -4,7 +4,9 @@ delete) and the per-adapter health view; health probes and start-up warm-up are 
 
 Store calls block (fetches, hashing, the registry's SQLite lock), so each
 operation does its store work in one worker-thread hop; unloads talk to the
-engine on the event loop.
+engine on the event loop. Unload, delete and pin then publish an engine event
+so every other replica of a fleet does the same to its engine
+(:mod:`serving.api.adapters.fleet`).
 """
 
 from __future__ import annotations
@@ -226,20 +228,27 @@ class AdaptersServing:
         return await self._store(self._version_view, version, await self._loaded())
 
     async def pin(self, ref: str, pinned: bool) -> VersionView:
+        """Pinned: kept on disk on every replica (the registry's flag) and loaded now, here and on every other
+        replica (an engine event, :mod:`serving.api.adapters.fleet`), like pins at start-up."""
         version = await self._store(self.store.pin, ref, pinned)
-        if pinned:  # pinned: kept on disk and loaded now, like pins at start-up
+        if pinned:
             await self.probe.preload(version)
+            await self._store(self.store.publish_engine_event, "preload", version)
         return await self._store(self._version_view, version, await self._loaded())
 
     async def unload(self, ref: str) -> UnloadResult:
+        """Unload from this engine (``unloaded``: whether it held the version) and from every other replica's
+        (best-effort: a replica not listening at that moment keeps it until its LRU drops it)."""
         version = await self._store(self.store.version, ref)
         unloaded = await self.engine.unload(version.name, version.version)
+        await self._store(self.store.publish_engine_event, "unload", version)
         return UnloadResult(id=version.ref, unloaded=unloaded)
 
     async def delete(self, ref: str) -> DeleteResult:
-        """Refused while pinned, aliased (other than ``latest``) or serving requests."""
+        """Refused while pinned, aliased (other than ``latest``) or serving requests; unloaded fleet-wide."""
         version = await self._store(self.store.delete, ref)
         await self.engine.unload(version.name, version.version)
+        await self._store(self.store.publish_engine_event, "unload", version)
         return DeleteResult(id=version.ref)
 
     # -- health -------------------------------------------------------------------------
