@@ -37,8 +37,10 @@ the CPU wheel does not start): random dataset, 32 prompt and 32 output
 tokens, 480 prompts a round (steady state: 30x the 16 in flight; a round of
 the issue's 96 lasts ~2 s and swings by +-15%), 16 concurrent, every request streamed to
 ``/v1/completions`` on one of the three adapters (its ``--lora-modules``),
-interleaved over ``--repeats`` rounds; the ratios are per round, then the
-median. Targets: >= 1.0x vLLM's output throughput, TTFT p50 <= 1.05x. It
+interleaved over ``--repeats`` rounds with the naive server as a third
+(``--no-naive`` leaves it out: one request at a time, a round takes minutes);
+the ratios are per round, then the median. Targets: >= 1.0x vLLM's output
+throughput, TTFT p50 <= 1.05x; >= 5x the naive server's throughput. It
 writes ``bench_alternatives_short{_quick}.json``. Each server's API process
 CPU time per request is recorded beside (the engine runs in child processes).
 """
@@ -71,7 +73,10 @@ COMPARISONS: dict[str, dict[str, float | None]] = {
     "naive": {"throughput_min": 5.0, "ttft_p50_max": None},
 }
 _GIB = 1 << 30
-SHORT_COMPARISON = {"throughput_min": 1.0, "ttft_p50_max": 1.05}
+SHORT_COMPARISONS: dict[str, dict[str, float | None]] = {
+    "vllm": {"throughput_min": 1.0, "ttft_p50_max": 1.05},
+    "naive": {"throughput_min": 5.0, "ttft_p50_max": None},
+}
 # vllm.benchmarks.serve has no __main__; this is what the `vllm bench serve` entry point runs.
 VLLM_BENCH = (
     "import sys; from vllm.benchmarks.serve import add_cli_args, main; "
@@ -268,9 +273,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--profile", choices=("locust", "short"), default="locust",
         help="locust: the mixed streaming load, against vLLM and naive; short: vLLM's own client, 32 in / 32 out, "
-        "against vLLM's server (the steps inside one request: python -m loadtests.bench_gateway_path)",
+        "against vLLM's server and naive (the steps inside one request: python -m loadtests.bench_gateway_path)",
     )  # fmt: skip
     parser.add_argument("--short-prompts", type=int, default=480)
+    parser.add_argument("--no-naive", action="store_true", help="short profile: leave out the naive server (slow)")
     parser.add_argument("--short-input", type=int, default=32)
     parser.add_argument("--short-output", type=int, default=32)
     args = parser.parse_args()
@@ -282,9 +288,12 @@ def parse_args() -> argparse.Namespace:
 def short_report(args: argparse.Namespace, settings: Settings, runs: dict[str, list[dict]]) -> dict[str, Any]:
     keys = ("output_throughput", "request_throughput", "median_ttft_ms", "p99_ttft_ms", "median_tpot_ms",
             "median_itl_ms", "median_e2el_ms", "completed", "failed", "api_cpu_ms_per_request")  # fmt: skip
-    result = ratios(runs, "vllm")
-    result["target"] = SHORT_COMPARISON
-    result["met"] = verdicts(result, SHORT_COMPARISON)
+    comparisons = {}
+    for other in (name for name in SHORT_COMPARISONS if name in runs):
+        result = ratios(runs, other)
+        result["target"] = SHORT_COMPARISONS[other]
+        result["met"] = verdicts(result, SHORT_COMPARISONS[other])
+        comparisons[other] = result
     return {
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="minutes"),
         "machine": machine_info(loadavg=os.getloadavg()),
@@ -306,14 +315,15 @@ def short_report(args: argparse.Namespace, settings: Settings, runs: dict[str, l
         },  # fmt: skip
         "runs": {n: [{k: r.get(k) for k in keys} for r in runs[n]] for n in runs},
         "medians": {n: {k: statistics.median(r[k] for r in runs[n]) for k in keys} for n in runs},
-        "comparisons": {"vllm": result},
+        "comparisons": comparisons,
     }
 
 
 def run_short(args: argparse.Namespace, settings: Settings, commands: dict[str, list[str]], ports: dict) -> int:
-    """The short-request profile: ours and vLLM's server, vLLM's client, interleaved rounds."""
+    """The short-request profile: ours, vLLM's server and (unless ``--no-naive``) the naive one, vLLM's client,
+    interleaved rounds."""
     env = {"VLLM_CPU_KVCACHE_SPACE": str(max(1, int(settings.engine.kv_cache_gib or 1)))}
-    servers = ("ours", "vllm")
+    servers = ("ours", "vllm") if args.no_naive else SERVERS
     runs: dict[str, list[dict]] = {name: [] for name in servers}
     with ExitStack() as stack:
         pids = {}
@@ -334,13 +344,15 @@ def run_short(args: argparse.Namespace, settings: Settings, commands: dict[str, 
     suffix = "_quick" if args.quick else ""
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"bench_alternatives_short{suffix}.json").write_text(json.dumps(report, indent=2))
-    c, med = report["comparisons"]["vllm"], report["medians"]
+    med = report["medians"]
     for name in servers:
         m = med[name]
         print(f"{name:<6} {m['output_throughput']:8.1f} tok/s  TTFT p50 {m['median_ttft_ms']:7.1f} ms  "
               f"TPOT p50 {m['median_tpot_ms']:6.1f} ms  API CPU {m['api_cpu_ms_per_request']:5.2f} ms/request")  # fmt: skip
-    print(f"ours/vllm: throughput {c['throughput_ratio']:.2f} (target >= 1.0, per round {c['throughput_ratios']}), "
-          f"TTFT p50 {c['ttft_p50_ratio']:.2f} (target <= 1.05, per round {c['ttft_p50_ratios']})")  # fmt: skip
+    for other, c in report["comparisons"].items():
+        print(f"ours/{other}: throughput {c['throughput_ratio']:.2f} (target >= {c['target']['throughput_min']}, "
+              f"per round {c['throughput_ratios']}), TTFT p50 {c['ttft_p50_ratio']:.2f} "
+              f"(target <= {c['target']['ttft_p50_max']}, per round {c['ttft_p50_ratios']})")  # fmt: skip
     failed = [f"{n} round {i}" for n in servers for i, r in enumerate(runs[n]) if r["failed"] or not r["completed"]]
     if failed:
         print(f"runs with failed requests: {failed}", file=sys.stderr)

@@ -236,14 +236,19 @@ def count_denial(scope: Scope, reason: str) -> None:
         metrics.denied.labels(reason).inc()
 
 
-def _principal(request: Request) -> Principal:
+async def _principal(request: Request) -> Principal:
+    """The caller the middleware authenticated.
+
+    ``async`` (as every dependency here): FastAPI runs a plain ``def`` dependency in its thread pool, a thread
+    hop per request that waits for the GIL when the loop is busy.
+    """
     principal = request.scope.get("state", {}).get("principal")
     if principal is None:  # a public path reached a route that needs a caller: treat as unauthenticated
         raise AuthenticationError("Missing API key: send it as 'Authorization: Bearer <key>'.", code="missing_api_key")
     return principal
 
 
-def _admin(request: Request, principal: Annotated[Principal, Depends(_principal)]) -> Principal:
+async def _admin(request: Request, principal: Annotated[Principal, Depends(_principal)]) -> Principal:
     if not principal.is_admin:
         logger.warning("denied %s %s: key %s lacks the admin role", request.method, request.url.path, principal.key_id)
         count_denial(request.scope, "not_admin")

@@ -76,9 +76,12 @@ async def event_stream(events: AsyncIterator[str], on_close: Callable[[], None])
         finally:
             on_close()
 
+    async def close() -> None:  # async: Starlette runs a plain function's background task in a thread
+        on_close()
+
     return StreamingResponse(
         body(),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache"},
-        background=BackgroundTask(on_close),
+        background=BackgroundTask(close),
     )

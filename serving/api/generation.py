@@ -236,8 +236,13 @@ class GenerationServing(ABC):
         loading = job.adapter is not None and not self._note_resident(job.adapter)
         first_token_seen = False
         finished = False
+        # One prompt (nearly every request): its stream directly, not through merge_streams (a generator layer
+        # per token); several: merged, each output with its prompt's index.
+        single = len(streams) == 1
+        source: AsyncIterator[Any] = streams[0] if single else merge_streams(streams)
         try:
-            async for prompt_index, request_output in merge_streams(streams):
+            async for entry in source:
+                prompt_index, request_output = (0, entry) if single else entry
                 for output in request_output.outputs:
                     if output.token_ids and not first_token_seen:
                         first_token_seen = True

@@ -14,8 +14,11 @@ from serving.api.errors import GENERATION_ERRORS
 router = APIRouter(tags=["completions"])
 
 
-def completion_serving(request: Request) -> CompletionServing:
-    """Built with the engine by :mod:`serving.api.app`, which holds it on ``app.state``."""
+async def completion_serving(request: Request) -> CompletionServing:
+    """Built with the engine by :mod:`serving.api.app`, which holds it on ``app.state``.
+
+    ``async``: FastAPI runs a plain ``def`` dependency in its thread pool, a thread hop per request.
+    """
     return request.app.state.completion_serving
 
 

@@ -16,8 +16,11 @@ from serving.api.prompt_routes.serving import PromptRoutesServing
 router = APIRouter(tags=["routes"])
 
 
-def prompt_routes_serving(request: Request) -> PromptRoutesServing:
-    """Built with the engine by :mod:`serving.api.app`, which holds it on ``app.state``."""
+async def prompt_routes_serving(request: Request) -> PromptRoutesServing:
+    """Built with the engine by :mod:`serving.api.app`, which holds it on ``app.state``.
+
+    ``async``: FastAPI runs a plain ``def`` dependency in its thread pool, a thread hop per request.
+    """
     return request.app.state.prompt_routes_serving
 
 

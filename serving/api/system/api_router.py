@@ -14,8 +14,11 @@ from serving.engine import LoraEngine
 router = APIRouter(tags=["system"])
 
 
-def engine(request: Request) -> LoraEngine:
-    """Started in the lifespan by :mod:`serving.api.app`, which holds it on ``app.state``."""
+async def engine(request: Request) -> LoraEngine:
+    """Started in the lifespan by :mod:`serving.api.app`, which holds it on ``app.state``.
+
+    ``async``: FastAPI runs a plain ``def`` dependency in its thread pool, a thread hop per request.
+    """
     return request.app.state.engine
 
 
