@@ -63,6 +63,7 @@ import yaml
 
 from loadtests.machine import machine_info
 from loadtests.process import free_port, running_server
+from loadtests.rss import RssSampler
 from loadtests.summary import summarize
 from serving.config import Settings, load_settings
 
@@ -145,7 +146,8 @@ def bench_config(settings: Settings, source: Path, store_root: Path, args: argpa
         raw["model"]["dtype"] = args.dtype
     raw["adapters"] = []
     raw["routing"] = None  # not under test; the encoder would only slow start-up
-    raw["store"] = {"root": str(store_root), "sources": [{"type": "local", "roots": [str(source)]}], "on_demand": True}
+    raw["store"] = {"root": str(store_root), "sources": [{"type": "local", "roots": [str(source)]}], "on_demand": True,
+                    "memory_budget_bytes": args.memory_budget_mib << 20}  # fmt: skip
     raw["server"]["log_level"] = "warning"
     Settings.model_validate(raw)  # fail here, not after the server's start-up
     return raw
@@ -339,11 +341,12 @@ async def rotation_phase(client: httpx.AsyncClient, base: str, names: list[str],
     uniform = [1.0] * len(names)
     plans = {"base": ([base], [1.0]), "one": ([names[0]], [1.0]), "uniform": (names, uniform),
              "zipf": (names, zipf_weights(len(names), args.zipf_s))}  # fmt: skip
-    runs: dict[str, list[dict]] = {w: [] for w in WORKLOADS}
+    workloads = args.workloads
+    runs: dict[str, list[dict]] = {w: [] for w in workloads}
     answered: set[str] = set()
     errors: list[str] = []
     for rep in range(args.repeats):
-        for w in WORKLOADS:
+        for w in workloads:
             models, weights = plans[w]
             records = await load_run(client, models, weights, args, seed=rep * 10 + WORKLOADS.index(w))
             summary = summarize(records, percentiles=(90, 99))
@@ -355,11 +358,11 @@ async def rotation_phase(client: httpx.AsyncClient, base: str, names: list[str],
             print(f"  repeat {rep + 1}/{args.repeats} {w:<8} {run['output_throughput']:8.1f} tok/s "
                   f"TTFT p50 {run['median_ttft_ms']:7.1f} ms  ({run['completed']} requests, {run['failed']} failed)",
                   flush=True)  # fmt: skip
-    medians = {w: {k: statistics.median(r[k] for r in runs[w]) for k in RUN_KEYS} for w in WORKLOADS}
+    medians = {w: {k: statistics.median(r[k] for r in runs[w]) for k in RUN_KEYS} for w in workloads}
     ratios = {}
-    for w in WORKLOADS[1:]:
+    for w in workloads[1:]:
         for ref in ("base", "one"):
-            if w == ref:
+            if w == ref or ref not in workloads:
                 continue
             per_rep = [a["output_throughput"] / b["output_throughput"] for a, b in zip(runs[w], runs[ref], strict=True)
                        if b["output_throughput"]]  # fmt: skip
@@ -400,18 +403,25 @@ def table(report: dict) -> str:
     lines += [head, "-" * len(head)]
     titles = {"base": "base only", "one": "one adapter", "uniform": f"{s['adapters']} uniform",
               "zipf": f"{s['adapters']} Zipf s={s['zipf_s']:g}"}  # fmt: skip
-    for w in WORKLOADS:
+    for w in s["workloads"]:
         m = rot["medians"][w]
         over_base = rot["ratios"].get(f"{w}_over_base", {}).get("median") if w != "base" else 1.0
         over_one = rot["ratios"].get(f"{w}_over_one", {}).get("median") if w != "one" else 1.0
         if w == "base":
-            one = rot["ratios"]["one_over_base"]["median"]
+            one = rot["ratios"].get("one_over_base", {}).get("median")
             over_one = 1.0 / one if one else None
         lines.append(
             f"{titles[w]:<22}{m['output_throughput']:>9.1f}{m['request_throughput']:>8.2f}"
             f"{m['median_ttft_ms']:>9.1f}ms{m['p90_ttft_ms']:>7.0f}ms"
             f"{fmt(over_base, '.2f'):>8}{fmt(over_one, '.2f'):>7}"
         )
+    mem = report["memory"]
+    lines.append(
+        f"memory (server + engine processes, RSS): {mem['rss_start_bytes'] / 2**20:.0f} MiB at start, peak "
+        f"{mem['rss_peak_bytes'] / 2**20:.0f} MiB: growth {mem['growth_bytes'] / 2**20:.0f} MiB against "
+        f"store.memory_budget_bytes {mem['budget_bytes'] / 2**20:.0f} MiB "
+        f"({'within' if mem['growth_within_budget'] else 'OVER'})"
+    )
     return "\n".join(lines)
 
 
@@ -441,12 +451,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--zipf-s", type=float, default=1.0)
+    parser.add_argument("--workloads", default=",".join(WORKLOADS), help=f"comma list of {','.join(WORKLOADS)}")
+    parser.add_argument("--memory-budget-mib", type=int, default=512,
+                        help="store.memory_budget_bytes in MiB: host memory for adapters, from which the server "
+                             "derives max_cpu_loras (unless --max-cpu-loras); the report checks RSS growth against it")  # fmt: skip
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--start-timeout", type=float, default=900.0)
     args = parser.parse_args(argv)
     if args.quick:
         args.adapters, args.cold, args.clients, args.duration, args.max_tokens = 8, 6, 4, 3.0, 8
     args.cold = min(args.cold, args.adapters)
+    asked = set(args.workloads.split(","))
+    if "base" not in asked or not asked <= set(WORKLOADS):
+        parser.error(f"--workloads must include base and be a subset of {','.join(WORKLOADS)}")
+    args.workloads = tuple(w for w in WORKLOADS if w in asked)  # base first: every ratio is to a run before it
     if args.out is None:  # a smoke run never overwrites the measured numbers
         args.out = ROOT / "results" / f"bench_store{'_quick' if args.quick else ''}.json"
     if args.repeats < 1 or args.adapters < 1 or args.clients < 1:
@@ -512,7 +530,7 @@ def main(argv: list[str] | None = None) -> int:
         env = {"VLLM_CPU_KVCACHE_SPACE": str(max(1, int(settings.engine.kv_cache_gib or 1)))}
         print(f"starting the server (log in {args.work / 'server.log'}) ...", flush=True)
         with running_server(command, f"{url}/health", args.work / "server.log", env=env,
-                            timeout_s=args.start_timeout, cwd=ROOT):  # fmt: skip
+                            timeout_s=args.start_timeout, cwd=ROOT) as server, RssSampler(server.pid) as rss:  # fmt: skip
             result = asyncio.run(measure(url, settings.model.name, names, args))
     answered = result["answered"]
     result["cold_load"]["ttft"]["store_registration"] = registration
@@ -537,6 +555,8 @@ def main(argv: list[str] | None = None) -> int:
             "zipf_s": args.zipf_s,
             "seed": args.seed,
             "quick": args.quick,
+            "workloads": list(args.workloads),
+            "memory_budget_bytes": args.memory_budget_mib << 20,
         },  # fmt: skip
         "adapters": {
             "count": len(names),
@@ -550,6 +570,7 @@ def main(argv: list[str] | None = None) -> int:
         "cold_load": result["cold_load"],
         "registration": result["registration"],
         "rotation": result["rotation"],
+        "memory": rss.report(args.memory_budget_mib << 20),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")

@@ -124,3 +124,17 @@ def test_the_server_resolves_dtype_and_slots_and_the_engine_runs_them(quick_repo
         "source": "configured",
         "reason": "engine.max_cpu_loras",
     }
+
+
+@pytest.mark.engine
+def test_memory_is_measured_against_the_configured_budget(quick_report) -> None:
+    """The server + engine processes' RSS was sampled under load and set against ``store.memory_budget_bytes``."""
+    report, stdout, _ = quick_report
+    memory, settings = report["memory"], report["settings"]
+    assert memory["budget_bytes"] == settings["memory_budget_bytes"] == 512 << 20  # the bench's default
+    # Server, engine core and worker each hold a Python interpreter with torch: far over 100 MiB together.
+    assert memory["rss_start_bytes"] > 100 << 20
+    assert memory["rss_peak_bytes"] >= max(memory["rss_start_bytes"], memory["rss_end_bytes"])
+    assert memory["growth_bytes"] == memory["rss_peak_bytes"] - memory["rss_start_bytes"]
+    assert memory["growth_within_budget"] == (memory["growth_bytes"] <= memory["budget_bytes"])
+    assert "memory (server + engine processes, RSS)" in stdout

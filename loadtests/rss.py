@@ -1,0 +1,67 @@
+"""Resident memory of a server and every process it started (the engine core, its workers), sampled while it runs.
+
+Why a sampler: the memory a benchmark must hold to a budget is what the
+processes take at their peak under load, not a figure read once at the end;
+RSS is what the kernel has given them (what a container's memory limit
+counts), so it includes the KV cache pages touched, allocator slack and the
+Python heap as well as the adapters: growth over the start is an upper bound
+on what the adapters took.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import psutil
+
+
+def tree_rss(pid: int) -> dict[int, int]:
+    """RSS in bytes of ``pid`` and each of its descendants, by pid (processes that exit meanwhile are left out)."""
+    root = psutil.Process(pid)
+    rss = {}
+    for process in [root, *root.children(recursive=True)]:
+        try:
+            rss[process.pid] = process.memory_info().rss
+        except psutil.Error:
+            continue
+    return rss
+
+
+class RssSampler:
+    """``tree_rss(pid)`` summed every ``interval_s`` on a thread; ``start``, ``peak`` and ``last`` in bytes."""
+
+    def __init__(self, pid: int, interval_s: float = 0.5):
+        self.pid, self.interval_s = pid, interval_s
+        self.start = self.peak = self.last = sum(tree_rss(pid).values())
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
+
+    def __enter__(self) -> RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+
+    def _sample(self) -> None:
+        self.last = sum(tree_rss(self.pid).values())
+        self.peak = max(self.peak, self.last)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self._sample()
+
+    def report(self, budget_bytes: int | None) -> dict:
+        """The figures, and the growth over the start against ``budget_bytes`` (the adapters' host-memory budget)."""
+        growth = self.peak - self.start
+        return {
+            "budget_bytes": budget_bytes,
+            "rss_start_bytes": self.start,
+            "rss_peak_bytes": self.peak,
+            "rss_end_bytes": self.last,
+            "growth_bytes": growth,
+            "growth_within_budget": None if budget_bytes is None else growth <= budget_bytes,
+            "sampled_every_s": self.interval_s,
+        }

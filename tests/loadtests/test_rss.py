@@ -1,0 +1,45 @@
+"""``loadtests.rss``: the RSS of a process tree, and a sampler that sees a child's peak after the child has freed it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+from loadtests.rss import RssSampler, tree_rss
+
+# A child that takes 200 MiB (touched, so resident), holds it for a second, frees it, then waits to be stopped.
+CHILD = (
+    "import sys, time; b = bytearray(200 << 20); print('held', flush=True); time.sleep(1.0); del b; "
+    "print('freed', flush=True); time.sleep(30)"
+)
+
+
+def test_a_tree_counts_its_children() -> None:
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        time.sleep(0.5)
+        rss = tree_rss(os.getpid())
+        assert child.pid in rss and os.getpid() in rss
+        assert all(value > 0 for value in rss.values())
+    finally:
+        child.kill()
+        child.wait()
+
+
+def test_the_sampler_keeps_the_peak_and_checks_growth_against_the_budget() -> None:
+    with RssSampler(os.getpid(), interval_s=0.05) as sampler:
+        child = subprocess.Popen([sys.executable, "-c", CHILD], stdout=subprocess.PIPE, text=True)
+        try:
+            assert child.stdout is not None
+            assert [child.stdout.readline().strip() for _ in range(2)] == ["held", "freed"]
+            time.sleep(0.2)
+        finally:
+            child.kill()
+            child.wait()
+    assert sampler.peak - sampler.start >= 200 << 20
+    assert sampler.last < sampler.peak - (150 << 20)  # freed (and the child gone): only the peak remembers it
+    within, over = sampler.report(1 << 30), sampler.report(100 << 20)
+    assert within["growth_bytes"] == sampler.peak - sampler.start
+    assert (within["growth_within_budget"], over["growth_within_budget"]) == (True, False)
