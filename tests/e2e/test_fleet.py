@@ -16,7 +16,11 @@ README's "Running a fleet" promises is checked here:
   marker), and a version deleted through B leaves none behind;
 - with PostgreSQL stopped, adapters both replicas know keep being served,
   admin calls fail with a 503 ``registry_unavailable``, and everything
-  recovers once the database is back.
+  recovers once the database is back;
+- a pin through replica A has replica B hold the version in its engine (tier
+  ``slot`` or ``host`` of ``loraserve_adapter_loaded`` on B's /metrics) within
+  1 s, and an unload or a delete through A has B drop it within 1 s (engine
+  events on ``loraserve_engine``).
 
 The measured delays are printed (run with ``-s``) for the README.
 """
@@ -28,7 +32,7 @@ import shutil
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
@@ -36,6 +40,7 @@ from urllib.parse import urlsplit, urlunsplit
 import boto3
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from checkpoints.assets import DemoAssets
 from tests.conftest import RunningServer, demo_config, start_server, stop_server
@@ -51,6 +56,7 @@ PROPAGATION_BOUND_S = 1.0
 # After an outage a replica sees changes again once its listener has reconnected (backoff capped at 1 s).
 RECOVERY_BOUND_S = 3.0
 OUTAGE_S = 4.0
+ENGINE_TIERS = {"slot", "host"}  # loraserve_adapter_loaded tiers in the engine (the third, disk, is the store's)
 
 
 @dataclass
@@ -273,3 +279,54 @@ def test_serving_survives_a_registry_outage_and_admin_calls_recover(fleet: Fleet
         time.sleep(0.2)
     delay = wait_for(fleet.b.url, f"{name}@stable", known[(fleet.b.url, name)], time.monotonic(), RECOVERY_BOUND_S)
     print(f"\nfleet: after the outage, an alias flip through A reached B in {delay * 1000:.0f} ms")
+
+
+def engine_tiers(url: str, name: str, version: str) -> set[str]:
+    """The engine tiers in which the replica at ``url`` holds ``name@version``, per its /metrics."""
+    response = httpx.get(f"{url}/metrics", timeout=10)
+    assert response.status_code == 200, response.text
+    (family,) = (f for f in text_string_to_metric_families(response.text) if f.name == "loraserve_adapter_loaded")
+    held = {s.labels["tier"] for s in family.samples if (s.labels["adapter"], s.labels["version"]) == (name, version)}
+    return held & ENGINE_TIERS
+
+
+def until(condition: Callable[[], bool], since: float, bound_s: float, what: str) -> float:
+    """Seconds from ``since`` until a check of ``condition`` that *started* then held; fails past ``bound_s``."""
+    while True:
+        started = time.monotonic()
+        if condition():
+            return started - since
+        assert started - since < bound_s, f"{what}: not within {bound_s} s"
+        time.sleep(0.02)
+
+
+def test_a_pin_through_one_replica_is_loaded_by_the_other_within_a_second(fleet: Fleet) -> None:
+    name = unique("pinned")
+    version = upload(fleet, fleet.a.url, name, "code")
+    assert engine_tiers(fleet.b.url, name, version) == set()  # B has never served it
+    response = httpx.put(f"{fleet.a.url}/v1/adapters/{name}@{version}/pin", timeout=60)
+    acknowledged = time.monotonic()
+    assert response.status_code == 200 and response.json()["pinned"], response.text
+    try:
+        delay = until(lambda: bool(engine_tiers(fleet.b.url, name, version)), acknowledged, PROPAGATION_BOUND_S, "pin")
+        print(f"\nfleet: a pin through A was in B's engine {delay * 1000:.0f} ms after A acknowledged it")
+    finally:
+        assert httpx.delete(f"{fleet.a.url}/v1/adapters/{name}@{version}/pin", timeout=60).status_code == 200
+
+
+@pytest.mark.parametrize("action", ["unload", "delete"])
+def test_an_unload_through_one_replica_drops_the_version_from_the_other_within_a_second(
+    fleet: Fleet, action: str
+) -> None:
+    name = unique(action)
+    version = upload(fleet, fleet.a.url, name, "code")
+    text(fleet.b.url, name)  # B loads it to serve it
+    until(lambda: bool(engine_tiers(fleet.b.url, name, version)), time.monotonic(), 10.0, "B loading it")
+    if action == "unload":
+        response = httpx.post(f"{fleet.a.url}/v1/adapters/{name}@{version}/unload", timeout=60)
+    else:
+        response = httpx.delete(f"{fleet.a.url}/v1/adapters/{name}@{version}", timeout=60)
+    acknowledged = time.monotonic()
+    assert response.status_code == 200, response.text
+    delay = until(lambda: not engine_tiers(fleet.b.url, name, version), acknowledged, PROPAGATION_BOUND_S, action)
+    print(f"\nfleet: a {action} through A left B's engine {delay * 1000:.0f} ms after A acknowledged it")
