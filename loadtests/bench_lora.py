@@ -61,6 +61,8 @@ from checkpoints.synthetic import ModelShape
 NUM_ADAPTERS = 8
 RANK = 16
 ZIPF_S = 1.0
+# Four engines live side by side: each gets a small KV cache (16 sequences of <= 96 tokens need ~10 MB here).
+KV_CACHE_BYTES = 128 << 20
 PROTOCOL = "@@bench "  # prefix of the worker's protocol lines (vLLM logs to stdout too)
 
 GROUPS = {
@@ -134,7 +136,8 @@ def run_worker(args: argparse.Namespace) -> None:
     t0 = time.perf_counter()
     llm = LLM(
         str(Path(args.group_dir) / "model"), skip_tokenizer_init=True, dtype=args.dtype, max_model_len=512,
-        max_num_seqs=args.concurrency, enable_prefix_caching=False, enforce_eager=engine.eager, seed=0, **kwargs,
+        max_num_seqs=args.concurrency, enable_prefix_caching=False, enforce_eager=engine.eager, seed=0,
+        kv_cache_memory_bytes=KV_CACHE_BYTES, **kwargs,
     )  # fmt: skip
     startup_s = time.perf_counter() - t0
     loras = [LoRARequest(f"adapter_{i}", i + 1, str(p)) for i, p in enumerate(adapters)]
@@ -188,7 +191,7 @@ class Worker:
     """A running engine subprocess: its stdout is read line by line for protocol messages, the rest logged."""
 
     def __init__(self, engine: Engine, group_dir: Path, args: argparse.Namespace, log: IO[str]) -> None:
-        env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1"}
+        env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
         if engine.our_ops:
             env.pop("VLLM_PLUGINS", None)
         else:
@@ -220,12 +223,16 @@ class Worker:
     def measure(self, workload: str, rnd: int) -> dict:
         """``tok_s`` (output tokens per second) and ``cpu_ms_tok`` (the engine's CPU ms per output token)."""
         assert self.proc.stdin is not None
-        self.proc.stdin.write(f"{workload} {rnd}\n")
-        self.proc.stdin.flush()
+        try:
+            self.proc.stdin.write(f"{workload} {rnd}\n")
+            self.proc.stdin.flush()
+        except BrokenPipeError as e:
+            raise RuntimeError(f"engine {self.engine.name} exited with {self.proc.wait()}: see the log") from e
         return self.read()
 
     def close(self) -> None:
-        if self.proc.stdin is not None:
+        """End the worker (EOF on its stdin); one that already died is only reaped: its error is raised elsewhere."""
+        if self.proc.poll() is None and self.proc.stdin is not None:
             self.proc.stdin.close()
         self.proc.wait(timeout=120)
 
