@@ -43,11 +43,13 @@ from vllm.v1.core.sched.scheduler import Scheduler
 
 
 class _LoraRef(Protocol):
-    lora_int_id: int
+    @property
+    def lora_int_id(self) -> int: ...
 
 
 class _Queued(Protocol):
-    lora_request: _LoraRef | None
+    @property
+    def lora_request(self) -> _LoraRef | None: ...
 
 
 def _adapter(request: _Queued) -> int | None:

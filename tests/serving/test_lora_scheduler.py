@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 from vllm.v1.core.sched.request_queue import FCFSRequestQueue
@@ -12,15 +13,20 @@ from vllm.v1.core.sched.request_queue import FCFSRequestQueue
 from serving.lora_scheduler import _FairLoraAdmission, held_back
 
 
+@dataclass(frozen=True)
+class Lora:
+    lora_int_id: int
+
+
 @dataclass(eq=False)  # hashed by identity, like vLLM's requests
 class Req:
     name: str
-    lora_request: SimpleNamespace | None
+    lora_request: Lora | None
 
 
 def req(name: str) -> Req:
     """A request for adapter ``name``'s first letter (its LoRA id); ``base`` for none."""
-    return Req(name, None if name.startswith("base") else SimpleNamespace(lora_int_id=ord(name[0])))
+    return Req(name, None if name.startswith("base") else Lora(ord(name[0])))
 
 
 def names(requests) -> list[str]:
@@ -55,10 +61,11 @@ class RecordingScheduler:
 
     def __init__(self, running: list[str], waiting: list[str]) -> None:
         self.lora_config = SimpleNamespace(max_loras=1)
-        self.running = [req(n) for n in running]
-        self.waiting = FCFSRequestQueue()
+        self.running: list[Any] = [req(n) for n in running]
+        queue: Any = FCFSRequestQueue()  # vLLM's own queue, holding stand-in requests
         for n in waiting:
-            self.waiting.add_request(req(n))
+            queue.add_request(req(n))
+        self.waiting = queue
         self.seen: list[str] = []
 
     def schedule(self, throttle_prefills: bool = False):

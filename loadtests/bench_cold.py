@@ -1,0 +1,369 @@
+"""Cold adapter loads under load: their TTFT by size and source, and what they cost everyone else's decode.
+
+    python -m loadtests.bench_cold [--quick] [--out results/bench_cold.json]
+
+A request for an adapter the engine has never loaded makes vLLM read it from
+disk and build its tensors (``add_lora``, which ``serving.engine`` calls
+before the first request, or the step itself for a reload): both run in the
+engine-core loop between two steps, so every other request's next token
+waits for them. This measures that, through the real server.
+
+**Set-up.** A Llama-shaped synthetic base (``checkpoints.synthetic``, 58M
+parameters, cached under ``--cache-dir``; the demo tokenizer) and PEFT LoRA
+adapters on all seven projections, written here as float32 safetensors with
+the rank that gives each ``--sizes-mb`` size (rank = size / bytes per rank,
+:func:`bytes_per_rank`). One hot adapter (rank 16) carries the background
+load; every cold adapter is distinct and used once. Half of the cold adapters
+live in a local directory, half in S3 (a moto server in this process): both
+are store sources with ``store.on_demand``, so the first request registers
+the adapter, and an S3 adapter is fetched into the store's disk cache before
+the engine sees its path (``AdapterStore`` hands vLLM a local path only).
+
+**Measure.** ``--clients`` closed-loop streaming clients on the hot adapter
+for the whole run. Windows alternate ``--repeats`` times: *quiet*
+(``--quiet-s`` seconds, nothing else) and *cold* (one request at a time: per
+size and source a cold adapter's first request, then its second, *warm*).
+Every inter-token gap of the background streams is assigned to the window in
+which its token arrived; reported: ITL p50/p99/max per window kind and the
+ratio cold/quiet of the p99 (target <= 1.5), and per size and source the cold
+and warm TTFT and the longest gap of the background streams while the cold
+request ran (what that one load stalled everyone else by). The machine (CPU model and flags, load) is recorded; only
+ratios within one run mean anything on a shared machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import yaml
+
+from loadtests.machine import machine_info
+from loadtests.process import free_port, running_server
+
+ROOT = Path(__file__).resolve().parents[1]
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+SOURCES = ("local", "s3")
+BUCKET = "bench-cold"
+PROMPT = "Write a short note about the weather today and what to do in the afternoon."
+MB = 1 << 20
+
+
+# ------------------------------------------------------------------ adapters
+def module_shapes(config: dict) -> dict[str, tuple[int, int]]:
+    """(in, out) features of each LoRA target of one Llama decoder layer, from the model's ``config.json``."""
+    hidden, inter = config["hidden_size"], config["intermediate_size"]
+    head_dim = config.get("head_dim") or hidden // config["num_attention_heads"]
+    q_out = config["num_attention_heads"] * head_dim
+    kv_out = config.get("num_key_value_heads", config["num_attention_heads"]) * head_dim
+    return {
+        "q_proj": (hidden, q_out),
+        "k_proj": (hidden, kv_out),
+        "v_proj": (hidden, kv_out),
+        "o_proj": (q_out, hidden),
+        "gate_proj": (hidden, inter),
+        "up_proj": (hidden, inter),
+        "down_proj": (inter, hidden),
+    }
+
+
+def bytes_per_rank(config: dict, dtype_bytes: int = 4) -> int:
+    """Bytes one unit of rank adds to an adapter on every target of every layer: sum(in + out) x layers x dtype."""
+    per_layer = sum(i + o for i, o in module_shapes(config).values())
+    return per_layer * config["num_hidden_layers"] * dtype_bytes
+
+
+def rank_for(size_bytes: int, config: dict) -> int:
+    return max(1, round(size_bytes / bytes_per_rank(config)))
+
+
+def write_adapter(out: Path, config: dict, *, rank: int, seed: int, base_name: str) -> Path:
+    """A PEFT LoRA adapter (float32 safetensors, all seven targets, small random A and B) in ``out``."""
+    from safetensors.numpy import save_file
+
+    rng = np.random.default_rng(seed)
+    tensors = {}
+    for layer in range(config["num_hidden_layers"]):
+        for module, (n_in, n_out) in module_shapes(config).items():
+            part = "self_attn" if module in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
+            key = f"base_model.model.model.layers.{layer}.{part}.{module}"
+            tensors[f"{key}.lora_A.weight"] = (rng.standard_normal((rank, n_in)) * 0.01).astype(np.float32)
+            tensors[f"{key}.lora_B.weight"] = (rng.standard_normal((n_out, rank)) * 0.01).astype(np.float32)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out / "adapter_model.safetensors"))
+    meta = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": rank, "lora_dropout": 0.0,
+            "bias": "none", "target_modules": list(TARGETS), "base_model_name_or_path": base_name,
+            "fan_in_fan_out": False, "inference_mode": True}  # fmt: skip
+    (out / "adapter_config.json").write_text(json.dumps(meta, indent=2))
+    return out
+
+
+def upload(directory: Path, endpoint_url: str, prefix: str) -> None:
+    import boto3
+
+    s3 = boto3.client("s3", endpoint_url=endpoint_url, region_name="us-east-1")
+    for path in sorted(directory.iterdir()):
+        s3.upload_file(str(path), BUCKET, f"{prefix}{directory.name}/{path.name}")
+
+
+# ------------------------------------------------------------------ measuring
+@dataclass
+class Streams:
+    """Every background token's arrival (monotonic seconds) and the gap since the previous one of its stream."""
+
+    arrivals: list[tuple[float, float]] = field(default_factory=list)
+    requests: int = 0
+    errors: list[str] = field(default_factory=list)
+
+
+async def stream(client: httpx.AsyncClient, model: str, max_tokens: int, prompt: str, streams: Streams | None) -> dict:
+    """One streamed completion: its TTFT and, into ``streams``, each later token's arrival and gap."""
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
+            "stream": True, "return_token_ids": True}  # fmt: skip
+    start = time.monotonic()
+    first = last = None
+    tokens = 0
+    async with client.stream("POST", "/v1/completions", json=body) as response:
+        if response.status_code != 200:
+            raise RuntimeError(f"{model}: status {response.status_code}: {(await response.aread())[:300]!r}")
+        async for line in response.aiter_lines():
+            if not line.startswith("data:") or line[5:].strip() == "[DONE]":
+                continue
+            event = json.loads(line[5:])
+            if "error" in event:
+                raise RuntimeError(f"{model}: error event {event['error']}")
+            if not any(choice.get("token_ids") for choice in event.get("choices") or ()):
+                continue
+            now = time.monotonic()
+            tokens += sum(len(choice["token_ids"]) for choice in event["choices"])
+            if first is None:
+                first = now
+            elif streams is not None:
+                assert last is not None
+                streams.arrivals.append((now, now - last))
+            last = now
+    if first is None or tokens != max_tokens:
+        raise RuntimeError(f"{model}: {tokens} of {max_tokens} tokens")
+    return {"ttft_ms": (first - start) * 1000.0, "start": start, "end": time.monotonic()}
+
+
+def gaps_in(arrivals: list[tuple[float, float]], windows: list[tuple[float, float]]) -> list[float]:
+    """The gaps (ms) of the tokens that arrived inside any of ``windows`` ([start, end) monotonic seconds)."""
+    return [gap * 1000.0 for at, gap in arrivals if any(start <= at < end for start, end in windows)]
+
+
+def itl_stats(gaps_ms: list[float]) -> dict:
+    if not gaps_ms:
+        return {"n": 0, "p50_ms": None, "p99_ms": None, "max_ms": None}
+    values = np.array(gaps_ms)
+    return {"n": len(gaps_ms), "p50_ms": float(np.percentile(values, 50)), "p99_ms": float(np.percentile(values, 99)),
+            "max_ms": float(values.max())}  # fmt: skip
+
+
+async def background(client: httpx.AsyncClient, model: str, args: argparse.Namespace, streams: Streams,
+                     stop: asyncio.Event, i: int) -> None:  # fmt: skip
+    n = 0
+    while not stop.is_set():
+        n += 1
+        try:
+            await stream(client, model, args.max_tokens, f"{i}.{n}. {PROMPT}", streams)
+        except (RuntimeError, httpx.HTTPError) as e:
+            streams.errors.append(str(e))
+        streams.requests += 1
+
+
+async def measure(url: str, hot: str, cold: dict[tuple[int, str], list[str]], args: argparse.Namespace) -> dict:
+    limits = httpx.Limits(max_connections=args.clients + 4, max_keepalive_connections=args.clients + 4)
+    async with httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(600.0, connect=10.0), limits=limits) as client:
+        await stream(client, hot, 4, PROMPT, None)  # the hot adapter is loaded before anything is measured
+        streams, stop = Streams(), asyncio.Event()
+        clients = [asyncio.create_task(background(client, hot, args, streams, stop, i)) for i in range(args.clients)]
+        windows: dict[str, list[tuple[float, float]]] = {"quiet": [], "cold": []}
+        samples: list[dict[str, Any]] = []
+        try:
+            while streams.requests < args.clients:  # warm-up: every client has finished a request
+                await asyncio.sleep(0.05)
+            for repeat in range(args.repeats):
+                start = time.monotonic()
+                await asyncio.sleep(args.quiet_s)  # the quiet window is a stretch of time with nothing else sent
+                windows["quiet"].append((start, time.monotonic()))
+                start = time.monotonic()
+                for (size_mb, source), names in cold.items():
+                    name = names[repeat]
+                    first = await stream(client, name, args.cold_max_tokens, f"cold. {PROMPT}", None)
+                    second = await stream(client, name, args.cold_max_tokens, f"warm. {PROMPT}", None)
+                    samples.append({"size_mb": size_mb, "source": source, "adapter": name,
+                                    "cold_ttft_ms": first["ttft_ms"], "warm_ttft_ms": second["ttft_ms"],
+                                    "cold_span": (first["start"], first["end"])})  # fmt: skip
+                    print(f"  {source:5} {size_mb:3d} MB: cold TTFT {first['ttft_ms']:7.0f} ms, "
+                          f"warm {second['ttft_ms']:5.0f} ms", flush=True)  # fmt: skip
+                windows["cold"].append((start, time.monotonic()))
+        finally:
+            stop.set()
+            await asyncio.gather(*clients)
+    if streams.errors:
+        raise RuntimeError(f"{len(streams.errors)} background requests failed, first: {streams.errors[:3]}")
+    itl = {kind: itl_stats(gaps_in(streams.arrivals, spans)) for kind, spans in windows.items()}
+    for sample in samples:  # the longest wait of another stream while this cold request ran: its stall
+        sample["itl_max_during_ms"] = max(gaps_in(streams.arrivals, [sample.pop("cold_span")]), default=None)
+    quiet, loud = itl["quiet"]["p99_ms"], itl["cold"]["p99_ms"]
+    return {
+        "itl": itl,
+        "itl_p99_ratio_cold_to_quiet": None if not quiet or loud is None else loud / quiet,
+        "ttft": summarize_ttft(samples),
+        "samples": samples,
+        "background_requests": streams.requests,
+    }
+
+
+def summarize_ttft(samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    rows = []
+    for key in sorted({(s["size_mb"], s["source"]) for s in samples}):
+        mine = [s for s in samples if (s["size_mb"], s["source"]) == key]
+        rows.append({"size_mb": key[0], "source": key[1], "n": len(mine),
+                     "cold_ttft_p50_ms": float(np.median([s["cold_ttft_ms"] for s in mine])),
+                     "warm_ttft_p50_ms": float(np.median([s["warm_ttft_ms"] for s in mine])),
+                     "others_itl_max_p50_ms": float(np.median([s["itl_max_during_ms"] or 0.0 for s in mine]))})  # fmt: skip
+    return rows
+
+
+def table(report: dict) -> str:
+    m = report["measured"]
+    lines = [f"background: {report['settings']['clients']} streams on a rank-16 adapter "
+             f"({m['background_requests']} requests); CPU: {report['machine']['cpu']['model']}",
+             "inter-token latency of the background streams (ms):",
+             f"  {'window':6} {'n':>6} {'p50':>8} {'p99':>8} {'max':>8}"]  # fmt: skip
+    for kind, s in m["itl"].items():
+        lines.append(f"  {kind:6} {s['n']:6d} {s['p50_ms'] or 0:8.1f} {s['p99_ms'] or 0:8.1f} {s['max_ms'] or 0:8.1f}")
+    ratio = m["itl_p99_ratio_cold_to_quiet"]
+    lines.append(f"  ITL p99 with cold loads / without: {ratio:.2f}x (target <= 1.5x)" if ratio else "  no ratio")
+    lines.append("cold vs warm TTFT, and the longest gap of the other streams during the cold request (p50, ms):")
+    lines.append(f"  {'size':>6} {'source':6} {'n':>2} {'cold':>8} {'warm':>8} {'others':>8}")
+    for row in m["ttft"]:
+        lines.append(f"  {row['size_mb']:4d}MB {row['source']:6} {row['n']:2d} {row['cold_ttft_p50_ms']:8.0f} "
+                     f"{row['warm_ttft_p50_ms']:8.0f} {row['others_itl_max_p50_ms']:8.0f}")  # fmt: skip
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------ run
+def server_config(model: Path, tokenizer: Path, local: Path, s3_url: str, store_root: Path, args) -> dict:
+    config = yaml.safe_load((ROOT / "configs" / "dev.yaml").read_text())
+    config["model"] = {"path": str(model), "tokenizer": str(tokenizer), "name": "bench-cold-base", "dtype": "auto",
+                       "max_model_len": 1024}  # fmt: skip
+    config["engine"].update(max_loras=args.max_loras, max_cpu_loras=args.max_cpu_loras, max_lora_rank=args.max_rank,
+                            max_num_seqs=max(16, args.clients))  # fmt: skip
+    config["adapters"] = []
+    config.pop("routing", None)
+    config["store"] = {"root": str(store_root), "on_demand": True, "sources": [
+        {"type": "local", "roots": [str(local)]},
+        {"type": "s3", "url_prefixes": [f"s3://{BUCKET}/adapters/"], "endpoint_url": s3_url}]}  # fmt: skip
+    config["server"].update(log_level="warning", port=free_port())
+    return config
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=None, help="default results/bench_cold[_quick].json")
+    parser.add_argument("--work", type=Path, default=ROOT / ".bench" / "cold", help="server log")
+    parser.add_argument("--cache-dir", default=os.environ.get("LORASERVE_SYNTH_DIR", "/tmp/loraserve_synth"))
+    parser.add_argument("--quick", action="store_true", help="smoke run: 1 MB adapters, 1 repeat, 2 clients")
+    parser.add_argument("--sizes-mb", type=int, nargs="+", default=[4, 16, 64])
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--max-tokens", type=int, default=64, help="per background request")
+    parser.add_argument("--cold-max-tokens", type=int, default=4)
+    parser.add_argument("--quiet-s", type=float, default=8.0)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--max-loras", type=int, default=4)
+    parser.add_argument("--max-cpu-loras", type=int, default=16, help="room for every adapter: none is evicted")
+    parser.add_argument("--max-rank", type=int, default=256, help="engine.max_lora_rank; the largest adapter fits")
+    parser.add_argument("--start-timeout", type=float, default=900.0)
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.sizes_mb, args.repeats, args.clients, args.quiet_s, args.max_tokens = [1], 1, 2, 2.0, 16
+    if args.out is None:  # a smoke run never overwrites the measured numbers
+        args.out = ROOT / "results" / f"bench_cold{'_quick' if args.quick else ''}.json"
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    from moto.server import ThreadedMotoServer
+
+    from checkpoints.assets import build_demo_assets
+    from checkpoints.synthetic import build_model
+
+    args = parse_args(argv)
+    demo = build_demo_assets(ROOT / ".demo")
+    model = build_model(Path(args.cache_dir) / "model")
+    model_config = json.loads((model / "config.json").read_text())
+    load_before = os.getloadavg()
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # moto's server logs every S3 request otherwise
+    os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1")
+    s3_port = free_port()
+    s3 = ThreadedMotoServer(ip_address="127.0.0.1", port=s3_port, verbose=False)
+    s3.start()
+    s3_url = f"http://127.0.0.1:{s3_port}"
+    try:
+        import boto3
+
+        boto3.client("s3", endpoint_url=s3_url, region_name="us-east-1").create_bucket(Bucket=BUCKET)
+        with tempfile.TemporaryDirectory(prefix="bench-cold-") as tmp:
+            local = Path(tmp) / "adapters"
+            write_adapter(local / "hot", model_config, rank=16, seed=0, base_name="bench-cold-base")
+            cold: dict[tuple[int, str], list[str]] = {}
+            seed = 1
+            for size_mb in args.sizes_mb:
+                rank = rank_for(size_mb * MB, model_config)
+                for source in SOURCES:
+                    for repeat in range(args.repeats):
+                        name = f"cold-{source}-{size_mb}mb-{repeat}"
+                        seed += 1
+                        where = local if source == "local" else Path(tmp) / "s3"
+                        written = write_adapter(where / name, model_config, rank=rank, seed=seed,
+                                                base_name="bench-cold-base")  # fmt: skip
+                        if source == "s3":
+                            upload(written, s3_url, "adapters/")
+                        cold.setdefault((size_mb, source), []).append(name)
+            config = server_config(model, demo.base, local, s3_url, Path(tmp) / "store", args)
+            config_path = Path(tmp) / "config.yaml"
+            config_path.write_text(yaml.safe_dump(config))
+            url = f"http://127.0.0.1:{config['server']['port']}"
+            command = [sys.executable, "-m", "serving.cli", "serve", "--config", str(config_path)]
+            print(f"starting the server (log in {args.work / 'server.log'}) ...", flush=True)
+            with running_server(command, f"{url}/health", args.work / "server.log", timeout_s=args.start_timeout,
+                                cwd=ROOT):  # fmt: skip
+                measured = asyncio.run(measure(url, "hot", cold, args))
+    finally:
+        s3.stop()
+    report = {
+        "date": datetime.date.today().isoformat(),
+        "command": "python -m loadtests.bench_cold " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "machine": machine_info(loadavg_before=load_before, loadavg_after=os.getloadavg()),
+        "settings": {
+            **{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+            "model": str(model),
+            "bytes_per_rank": bytes_per_rank(model_config),
+            "ranks": {size: rank_for(size * MB, model_config) for size in args.sizes_mb},
+        },  # fmt: skip
+        "measured": measured,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(table(report))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

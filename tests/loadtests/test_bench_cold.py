@@ -1,0 +1,39 @@
+"""``loadtests.bench_cold``'s arithmetic, without a server: adapter sizes, and which gaps count in which window."""
+
+from __future__ import annotations
+
+import pytest
+
+from loadtests.bench_cold import MB, bytes_per_rank, gaps_in, itl_stats, parse_args, rank_for, write_adapter
+
+LLAMA = {"hidden_size": 64, "intermediate_size": 160, "num_hidden_layers": 3, "num_attention_heads": 4,
+         "num_key_value_heads": 2, "head_dim": 16}  # fmt: skip
+
+
+@pytest.mark.parametrize("rank", [1, 8, 40])
+def test_an_adapter_is_as_large_as_its_rank_says(tmp_path, rank: int) -> None:
+    written = write_adapter(tmp_path / "a", LLAMA, rank=rank, seed=0, base_name="b")
+    weights = (written / "adapter_model.safetensors").stat().st_size
+    header = weights - rank * bytes_per_rank(LLAMA)
+    assert 0 < header < 16_384  # the safetensors header (tensor names and shapes) and nothing else
+
+
+@pytest.mark.parametrize(("size_mb", "rank"), [(4, 13), (16, 54), (64, 216)])
+def test_the_rank_gives_the_asked_size(size_mb: int, rank: int) -> None:
+    synthetic = {"hidden_size": 512, "intermediate_size": 1536, "num_hidden_layers": 8, "num_attention_heads": 8,
+                 "num_key_value_heads": 4, "head_dim": 64}  # fmt: skip  # checkpoints.synthetic.ModelShape
+    assert rank_for(size_mb * MB, synthetic) == rank
+    assert abs(rank * bytes_per_rank(synthetic) - size_mb * MB) / (size_mb * MB) < 0.05
+
+
+def test_gaps_count_in_the_window_their_token_arrived_in() -> None:
+    arrivals = [(0.5, 0.010), (1.0, 0.020), (2.5, 0.300), (3.0, 0.015)]
+    assert gaps_in(arrivals, [(0.0, 1.0), (2.9, 4.0)]) == [10.0, 15.0]  # [start, end)
+    assert gaps_in(arrivals, [(1.0, 3.0)]) == [20.0, 300.0]
+    assert itl_stats([]) == {"n": 0, "p50_ms": None, "p99_ms": None, "max_ms": None}
+    assert itl_stats([10.0, 20.0, 300.0])["max_ms"] == 300.0
+
+
+def test_a_smoke_run_never_overwrites_the_measured_results() -> None:
+    assert parse_args(["--quick"]).out.name == "bench_cold_quick.json"
+    assert parse_args([]).out.name == "bench_cold.json"
