@@ -37,6 +37,17 @@ popularity). Output tokens/s per run from vLLM's benchmark fields
 (``loadtests.summary``); each ratio is the median over repeats of the
 ratio within one repeat.
 
+``--workloads`` runs a subset (base always; the 1,000-adapter row runs
+``base,zipf`` with ``--adapters 1000 --clients 64``).
+
+**Memory.** The store gets ``store.memory_budget_bytes``
+(``--memory-budget-mib``, default 512), from which the server derives
+``max_cpu_loras`` (so every adapter of the rotation stays in host memory).
+The RSS of the server and every process it started is sampled every 0.5 s:
+at start, after a base-only warm-up at full concurrency (the baseline:
+KV-cache pages and buffers touched, no adapter loaded yet) and at its peak;
+the report sets both growths against the budget (``memory``).
+
 Prints a table and writes JSON to ``--out``. The numbers are wall-clock: on a
 shared machine rerun to confirm (the JSON records the load average).
 """
@@ -420,7 +431,9 @@ def table(report: dict) -> str:
         f"memory (server + engine processes, RSS): {mem['rss_start_bytes'] / 2**20:.0f} MiB at start, peak "
         f"{mem['rss_peak_bytes'] / 2**20:.0f} MiB: growth {mem['growth_bytes'] / 2**20:.0f} MiB against "
         f"store.memory_budget_bytes {mem['budget_bytes'] / 2**20:.0f} MiB "
-        f"({'within' if mem['growth_within_budget'] else 'OVER'})"
+        f"({'within' if mem['growth_within_budget'] else 'OVER'}); over the base warm-up's "
+        f"{mem['rss_baseline_bytes'] / 2**20:.0f} MiB: {mem['growth_over_baseline_bytes'] / 2**20:.0f} MiB "
+        f"({'within' if mem['growth_over_baseline_within_budget'] else 'OVER'})"
     )
     return "\n".join(lines)
 
@@ -472,11 +485,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-async def measure(url: str, base: str, names: list[str], args: argparse.Namespace) -> dict:
+async def measure(url: str, base: str, names: list[str], args: argparse.Namespace, rss: RssSampler) -> dict:
     timeout = httpx.Timeout(600.0, connect=10.0)
     limits = httpx.Limits(max_connections=args.clients + 4, max_keepalive_connections=args.clients + 4)
     async with httpx.AsyncClient(base_url=url, timeout=timeout, limits=limits) as client:
         sizing = (await client.get("/v1/adapters")).json()["cache"]["sizing"]  # what the server chose, and why
+        # Base traffic at full concurrency before any adapter loads: the KV-cache pages and buffers it touches
+        # count in this baseline, so RSS growth past it is the adapters' (and the rotation's own) memory.
+        print("base warm-up (memory baseline) ...", flush=True)
+        await load_run(client, [base], [1.0], args, seed=99)
+        rss.mark_baseline()
         print(f"cold load: {args.cold} adapters ...", flush=True)
         cold = await cold_phase(client, base, names, args, sizing["engine.max_cpu_loras"]["value"])
         print(f"registering the other {len(names) - args.cold} adapters ...", flush=True)
@@ -531,7 +549,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"starting the server (log in {args.work / 'server.log'}) ...", flush=True)
         with running_server(command, f"{url}/health", args.work / "server.log", env=env,
                             timeout_s=args.start_timeout, cwd=ROOT) as server, RssSampler(server.pid) as rss:  # fmt: skip
-            result = asyncio.run(measure(url, settings.model.name, names, args))
+            result = asyncio.run(measure(url, settings.model.name, names, args, rss))
     answered = result["answered"]
     result["cold_load"]["ttft"]["store_registration"] = registration
     report = {

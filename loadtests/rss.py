@@ -33,6 +33,7 @@ class RssSampler:
     def __init__(self, pid: int, interval_s: float = 0.5):
         self.pid, self.interval_s = pid, interval_s
         self.start = self.peak = self.last = sum(tree_rss(pid).values())
+        self.baseline: int | None = None  # set by mark_baseline: RSS once the load alone has warmed the processes
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
 
@@ -49,6 +50,11 @@ class RssSampler:
         self.last = sum(tree_rss(self.pid).values())
         self.peak = max(self.peak, self.last)
 
+    def mark_baseline(self) -> None:
+        """Now is the point growth is measured from (e.g. after base traffic, before any adapter is loaded)."""
+        self._sample()
+        self.baseline = self.last
+
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
             self._sample()
@@ -56,9 +62,15 @@ class RssSampler:
     def report(self, budget_bytes: int | None) -> dict:
         """The figures, and the growth over the start against ``budget_bytes`` (the adapters' host-memory budget)."""
         growth = self.peak - self.start
+        after = None if self.baseline is None else self.peak - self.baseline
         return {
             "budget_bytes": budget_bytes,
             "rss_start_bytes": self.start,
+            "rss_baseline_bytes": self.baseline,
+            "growth_over_baseline_bytes": after,
+            "growth_over_baseline_within_budget": None
+            if budget_bytes is None or after is None
+            else after <= budget_bytes,
             "rss_peak_bytes": self.peak,
             "rss_end_bytes": self.last,
             "growth_bytes": growth,

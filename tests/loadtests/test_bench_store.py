@@ -137,4 +137,8 @@ def test_memory_is_measured_against_the_configured_budget(quick_report) -> None:
     assert memory["rss_peak_bytes"] >= max(memory["rss_start_bytes"], memory["rss_end_bytes"])
     assert memory["growth_bytes"] == memory["rss_peak_bytes"] - memory["rss_start_bytes"]
     assert memory["growth_within_budget"] == (memory["growth_bytes"] <= memory["budget_bytes"])
+    # The baseline is taken after base traffic, before any adapter: at or above the start, at or below the peak.
+    assert memory["rss_start_bytes"] <= memory["rss_baseline_bytes"] + (16 << 20)  # allocator noise
+    assert memory["rss_baseline_bytes"] <= memory["rss_peak_bytes"]
+    assert memory["growth_over_baseline_bytes"] == memory["rss_peak_bytes"] - memory["rss_baseline_bytes"]
     assert "memory (server + engine processes, RSS)" in stdout

@@ -43,3 +43,16 @@ def test_the_sampler_keeps_the_peak_and_checks_growth_against_the_budget() -> No
     within, over = sampler.report(1 << 30), sampler.report(100 << 20)
     assert within["growth_bytes"] == sampler.peak - sampler.start
     assert (within["growth_within_budget"], over["growth_within_budget"]) == (True, False)
+    assert within["rss_baseline_bytes"] is None and within["growth_over_baseline_within_budget"] is None
+
+
+def test_growth_is_also_measured_from_a_marked_baseline() -> None:
+    with RssSampler(os.getpid(), interval_s=0.05) as sampler:
+        held = bytearray(100 << 20)  # before the baseline: not counted from it
+        sampler.mark_baseline()
+        more = bytearray(100 << 20)
+    report = sampler.report(1 << 30)
+    assert report["growth_bytes"] >= 200 << 20
+    assert 90 << 20 <= report["growth_over_baseline_bytes"] < 150 << 20
+    assert report["growth_over_baseline_within_budget"] is True
+    del held, more
