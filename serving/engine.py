@@ -54,14 +54,8 @@ class AdapterLoadFailed(Exception):
 def engine_args(settings: Settings, sizing: EngineSizing):
     """Translate settings into vLLM ``AsyncEngineArgs``; every knob is explicit (``sizing``: the resolved sizes)."""
     from vllm.engine.arg_utils import AsyncEngineArgs
-    from vllm.platforms import current_platform
 
     model, engine = settings.model, settings.engine
-    # Adapter-fair admission (serving.lora_scheduler) on vLLM's scheduler of the platform: synchronous on the
-    # CPU (vLLM's CPU platform turns async scheduling off), async on a GPU; set explicitly so class and mode match.
-    # Named, not imported: the module subclasses vLLM's scheduler, and serving imports vLLM only when it starts it.
-    gpu = not current_platform.is_cpu()
-    scheduler = "FairLoraAsyncScheduler" if gpu else "FairLoraScheduler"
     return AsyncEngineArgs(
         model=str(model.path),
         tokenizer=str(model.tokenizer or model.path),
@@ -82,8 +76,6 @@ def engine_args(settings: Settings, sizing: EngineSizing):
         disable_log_stats=False,
         # One worker method of ours: where each LoRA id sits (serving.lora_residency).
         worker_extension_cls=f"{LoraResidencyExtension.__module__}.{LoraResidencyExtension.__qualname__}",
-        scheduler_cls=f"serving.lora_scheduler.{scheduler}",
-        async_scheduling=gpu,
     )
 
 

@@ -10,19 +10,13 @@ adapter under fresh names), so the configured adapters the start-up probes
 loaded never decide an assertion, and the tests run in any order. Also here:
 ``name@alias`` and ``name@version`` requests are counted under the adapter's
 name, in our per-adapter metrics and in vLLM's ``vllm:lora_requests_info``.
-And fairness: the one slot is what a popular adapter floods, and the rare
-adapters' requests must still complete within a bound relative to the flood's
-own request time (``serving.lora_scheduler``).
 """
 
 from __future__ import annotations
 
-import statistics
-import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -176,79 +170,3 @@ def test_versioned_and_aliased_requests_count_under_the_adapter_name(replica: Re
     assert named and all(name in adapters for adapters in named), named  # vLLM counts it under the name
     assert requests_counted(replica.url, name) == before + 1
     assert f"{name}@" not in httpx.get(f"{replica.url}/metrics", timeout=10).text  # no label names the ref
-
-
-# Fairness across adapters. One slot, a popular adapter flooding it from FLOOD_CLIENTS closed-loop clients of
-# staggered lengths (so some request of it is always running), and two rare adapters sending RARE_REQUESTS each.
-# The bound is counted in the flood's own requests, which no CPU noise changes: a flood request sent after a rare
-# one must not complete before it, beyond OVERTAKERS_ALLOWED (requests sent within a moment may reach the engine
-# in either order). Stock vLLM admits the flood's younger requests past a rare one whose adapter has no slot, so
-# the slot never frees while the flood lasts (serving.lora_scheduler). The flood stops once every rare request is
-# done, or after FLOOD_LIMIT of its median request times: then the count shows the starvation.
-FLOOD_CLIENTS = 8
-RARE_REQUESTS = 2
-OVERTAKERS_ALLOWED = 2
-FLOOD_LIMIT = 12
-
-
-@dataclass
-class Timed:
-    started: float
-    done: float = float("inf")
-
-    @property
-    def seconds(self) -> float:
-        return self.done - self.started
-
-
-def timed_completion(client: httpx.Client, url: str, model: str, max_tokens: int) -> Timed:
-    record = Timed(time.monotonic())
-    body = {"model": model, "prompt": "def", "max_tokens": max_tokens, "ignore_eos": True, "temperature": 0}
-    response = client.post(f"{url}/v1/completions", json=body, timeout=300)
-    assert response.status_code == 200, response.text
-    assert response.json()["usage"]["completion_tokens"] == max_tokens
-    record.done = time.monotonic()
-    return record
-
-
-def test_a_flooding_adapter_does_not_starve_the_others(replica: Replica) -> None:
-    flood_model, rare_models = "legal", [m for m in ("medical", "code") for _ in range(RARE_REQUESTS)]
-    stop = threading.Event()
-    flood: list[Timed] = []
-
-    def flood_client(i: int) -> None:
-        with httpx.Client() as client:
-            while not stop.is_set():
-                flood.append(timed_completion(client, replica.url, flood_model, 24 + 8 * i))
-
-    def rare_request(model: str) -> Timed:
-        with httpx.Client() as client:
-            return timed_completion(client, replica.url, model, 32)
-
-    with ThreadPoolExecutor(FLOOD_CLIENTS + len(rare_models)) as pool:
-        flooding = [pool.submit(flood_client, i) for i in range(FLOOD_CLIENTS)]
-        try:
-            deadline = time.monotonic() + 300
-            while len(flood) < FLOOD_CLIENTS and time.monotonic() < deadline:  # the flood is under way
-                time.sleep(0.05)
-            assert len(flood) >= FLOOD_CLIENTS, "the flood did not get going"
-            rare = [pool.submit(rare_request, model) for model in rare_models]
-            sent = time.monotonic()
-            while not all(r.done() for r in rare):
-                if time.monotonic() - sent > FLOOD_LIMIT * statistics.median(t.seconds for t in flood):
-                    break
-                time.sleep(0.05)
-        finally:
-            stop.set()
-        for client in flooding:
-            client.result()
-        done = [r.result() for r in rare]
-    median = statistics.median(t.seconds for t in flood)
-    report = {
-        f"{model} #{i}": {
-            "overtaken_by": sum(f.started > mine.started and f.done < mine.done for f in flood),
-            "flood_medians": round(mine.seconds / median, 1),
-        }
-        for i, (model, mine) in enumerate(zip(rare_models, done, strict=True))
-    }
-    assert all(r["overtaken_by"] <= OVERTAKERS_ALLOWED for r in report.values()), report
