@@ -57,6 +57,7 @@ Check = Callable[[Path], object]
 # Per file: (relative name, size, mtime_ns, inode); equal signatures mean untouched files.
 Signature = tuple[tuple[str, int, int, int], ...]
 _HEX = frozenset("0123456789abcdef")
+TOUCH_INTERVAL_S = 60.0  # how stale the LRU order a restart reads back may be (see DiskCache._touch)
 
 
 def file_signature(directory: Path) -> Signature:
@@ -102,9 +103,11 @@ class DiskCache:
         check: Check,
         pinned: Callable[[], set[str]] = set,
         lease_wait_s: float = 0.0,
+        touch_interval_s: float = TOUCH_INTERVAL_S,
     ) -> None:
         self.cache_dir = cache_dir
         self.lease_wait_s = lease_wait_s
+        self.touch_interval_s = touch_interval_s
         self.staging_dir = staging_dir
         self.budget_bytes = budget_bytes
         self._fetch = fetch
@@ -116,6 +119,7 @@ class DiskCache:
         self._entries: OrderedDict[str, int] = OrderedDict()  # digest -> bytes, least recently used first
         self._leases: dict[str, int] = {}
         self._signatures: dict[str, Signature] = {}  # digest -> signature when last verified
+        self._touched: dict[str, float] = {}  # digest -> monotonic time of its last utime
         self._reserved = 0
         self.stats = CacheStats()
         cache_dir.mkdir(parents=True, exist_ok=True)
@@ -212,8 +216,21 @@ class DiskCache:
             self._entries.move_to_end(digest)
             self._leases[digest] = self._leases.get(digest, 0) + 1
             self.stats.hits += 1
-            os.utime(path)  # the LRU order a restart reads back
+            self._touch(digest)
         return path
+
+    def _touch(self, digest: str) -> None:
+        """Date the version's directory for the LRU order a restart reads back: at most every ``touch_interval_s``.
+
+        The in-memory order (``_entries``) is exact either way; a restart only
+        needs the order to within minutes, and a ``utime`` on every hit would
+        be a metadata write on each request's hot path. Called with the lock held.
+        """
+        now = time.monotonic()
+        last = self._touched.get(digest)
+        if last is None or now - last >= self.touch_interval_s:
+            self._touched[digest] = now
+            os.utime(self.cache_dir / digest)
 
     @contextmanager
     def _fetch_lock(self, digest: str) -> Iterator[None]:
@@ -238,7 +255,7 @@ class DiskCache:
                 self._entries.move_to_end(digest)
                 self._leases[digest] = self._leases.get(digest, 0) + 1
                 self.stats.hits += 1
-                os.utime(self.cache_dir / digest)  # the LRU order a restart reads back
+                self._touch(digest)
                 return self.cache_dir / digest
             self.stats.misses += 1
             self._reserve_waiting(version.metadata.size_bytes, f"{version.name}@{digest[:16]}")
@@ -293,6 +310,7 @@ class DiskCache:
         with self._lock:
             self._entries.pop(digest, None)
             self._signatures.pop(digest, None)
+            self._touched.pop(digest, None)
             self.stats.corrupt += 1
         _remove(path)
         return False
@@ -347,6 +365,7 @@ class DiskCache:
                     f"version {digest[:16]} is in use by {self._leases[digest]} running request(s); retry when they end"
                 )
             self._signatures.pop(digest, None)
+            self._touched.pop(digest, None)
             if self._entries.pop(digest, None) is not None:
                 _remove(self.cache_dir / digest)
 
@@ -399,6 +418,7 @@ class DiskCache:
     def _evict(self, digest: str) -> None:
         size = self._entries.pop(digest)
         self._signatures.pop(digest, None)
+        self._touched.pop(digest, None)
         _remove(self.cache_dir / digest)
         self.stats.evictions += 1
         self.stats.evicted_bytes += size

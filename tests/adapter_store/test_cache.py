@@ -172,6 +172,32 @@ def test_restart_keeps_intact_entries_and_drops_corrupt_ones(tmp_path: Path) -> 
     assert measured(smaller) <= world.sizes[2] + 10
 
 
+@pytest.mark.parametrize(
+    ("interval_s", "dated_again"),
+    [(0.0, True), (3600.0, False)],  # a hit dates the directory again only once the interval has passed
+)
+@pytest.mark.parametrize("hit", ["lease", "acquire_cached"])
+def test_a_hit_dates_the_directory_at_most_once_per_interval(
+    tmp_path: Path, interval_s: float, dated_again: bool, hit: str
+) -> None:
+    world = World(tmp_path, 1)
+    (version,) = world.versions
+    cache = world.cache(budget=1 << 20)
+    cache.touch_interval_s = interval_s
+    for _ in range(2):  # the fetch, then a first hit that dates it
+        with cache.lease(version):
+            pass
+    directory = cache.cache_dir / version.version
+    os.utime(directory, ns=(1, 1))
+    if hit == "lease":
+        with cache.lease(version):
+            pass
+    else:
+        assert cache.acquire_cached(version.version) == directory
+        cache.release(version.version)
+    assert (directory.stat().st_mtime_ns != 1) is dated_again
+
+
 # How a cached file gets damaged while the server runs: swapped for other bytes, truncated, rewritten in place.
 DAMAGE = {
     "swapped": lambda f: (
