@@ -38,7 +38,7 @@ from serving.api.selector import AdapterSelector
 from serving.api.streams import merge_streams
 from serving.config import Settings
 from serving.engine import LoraEngine
-from serving.metrics import BASE_LABEL, AdapterMetrics
+from serving.metrics import BASE_LABEL, AdapterMetrics, RequestSeries
 
 if TYPE_CHECKING:
     from vllm import CompletionOutput, SamplingParams
@@ -59,6 +59,7 @@ class GenerationJob:
     prompts: list[list[int]]
     params: SamplingParams
     n: int
+    series: RequestSeries
     created: int = field(default_factory=lambda: int(time.time()))
     arrival: float = field(default_factory=time.perf_counter)
     usage: UsageInfo = field(default_factory=UsageInfo)
@@ -199,7 +200,8 @@ class GenerationServing(ABC):
         max_tokens: int,
         logprobs: int | None,
     ) -> GenerationJob:
-        self.metrics.requests.labels(BASE_LABEL if adapter is None else adapter.name, self.endpoint).inc()
+        series = self.metrics.series(BASE_LABEL if adapter is None else adapter.name, self.endpoint)
+        series.requests.inc()
         return GenerationJob(
             request_id=f"{self.request_prefix}-{uuid.uuid4().hex}",
             model=request.model,
@@ -207,12 +209,13 @@ class GenerationServing(ABC):
             prompts=prompts,
             params=sampling_params(request, max_tokens, logprobs, request.stream),
             n=request.n,
+            series=series,
         )
 
-    def _note_resident(self, adapter: ServedAdapter) -> bool:
+    def _note_resident(self, adapter: ServedAdapter, series: RequestSeries) -> bool:
         """Replay the engine's host-cache LRU for the metrics; whether the adapter was resident."""
         hit, evicted = self.engine.resident.use(adapter)
-        self.metrics.adapter_lookups.labels(adapter.name, "memory", "hit" if hit else "miss").inc()
+        (series.memory_hits if hit else series.memory_misses).inc()
         for gone in evicted:
             self.metrics.adapter_evictions.labels(gone.name, "memory").inc()
         return hit
@@ -233,7 +236,7 @@ class GenerationServing(ABC):
             for i, ids in enumerate(job.prompts)
         ]
         job.usage.prompt_tokens = sum(len(p) for p in job.prompts)
-        loading = job.adapter is not None and not self._note_resident(job.adapter)
+        loading = job.adapter is not None and not self._note_resident(job.adapter, job.series)
         first_token_seen = False
         finished = False
         # One prompt (nearly every request): its stream directly, not through merge_streams (a generator layer
@@ -247,7 +250,7 @@ class GenerationServing(ABC):
                     if output.token_ids and not first_token_seen:
                         first_token_seen = True
                         ttft = time.perf_counter() - job.arrival
-                        self.metrics.time_to_first_token.labels(job.label).observe(ttft)
+                        job.series.time_to_first_token.observe(ttft)
                         if loading:
                             self.metrics.adapter_load_latency.labels(job.label, "memory").observe(ttft)
                     job.usage.completion_tokens += len(output.token_ids)
@@ -269,6 +272,6 @@ class GenerationServing(ABC):
         finally:
             job.usage.total_tokens = job.usage.prompt_tokens + job.usage.completion_tokens
             if finished:
-                self.metrics.prompt_tokens.labels(job.label).inc(job.usage.prompt_tokens)
-                self.metrics.completion_tokens.labels(job.label).inc(job.usage.completion_tokens)
-                self.metrics.e2e_latency.labels(job.label).observe(time.perf_counter() - job.arrival)
+                job.series.prompt_tokens.inc(job.usage.prompt_tokens)
+                job.series.completion_tokens.inc(job.usage.completion_tokens)
+                job.series.e2e_latency.observe(time.perf_counter() - job.arrival)
