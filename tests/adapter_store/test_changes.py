@@ -18,6 +18,7 @@ import psycopg
 import pytest
 
 from adapter_store import AdapterStore, EngineEvent, RegistryUnavailable
+from adapter_store.catalog import Catalog, CatalogEntry
 from adapter_store.changes import (
     ENGINE_CHANNEL,
     LISTENER_NAME,
@@ -137,32 +138,65 @@ def test_a_change_made_without_a_notify_is_seen_after_refresh_s(table: PostgresT
     catalog.close()
 
 
-def test_an_outage_serves_known_entries_refuses_unknown_names_fast_and_recovers(
+def test_an_outage_serves_what_was_last_known_refuses_other_names_fast_and_recovers(
     table: PostgresTable, postgres: PostgresCluster, caplog: pytest.LogCaptureFixture
 ) -> None:
     catalog = table.catalog()
-    known = catalog.load("code")
+    never_listed = Catalog(table.snapshot, table.changes, snapshot_all=table.snapshot_all)
+    listing = catalog.listing()  # code and legal: acme
+    table.write("code", "hospital")
+    table.settle()
+    assert catalog.load("code") == _entry("code", "hospital")  # read after the listing: the newer knowledge
+    table.write("medical", "hospital")  # registered after the last listing, never read here
+    table.settle()
     postgres.stop()
     try:
         within(10.0, lambda: table.changes.outage is not None)
+        snapshots, listings = table.snapshots, table.listings
         with caplog.at_level(logging.WARNING, logger="adapter_store.catalog"):
             for _ in range(3):
-                assert catalog.get("code") == known  # stale (everything is, once the listener is lost), served
+                assert catalog.get("code") == _entry("code", "hospital")  # stale (all is, once the listener is lost)
+                assert catalog.get("legal") == _entry("legal", "acme")  # never read by name: the listing's
         assert len([r for r in caplog.records if r.name == "adapter_store.catalog"]) == 1  # once per outage
-        snapshots = table.snapshots
-        for name in ("legal", "code"):  # never read, and known but stale: neither tries the database
+        assert catalog.load("legal") == _entry("legal", "acme")
+        assert catalog.load("code", may_use=lambda owner: owner == "hospital") == _entry("code", "hospital")
+        assert catalog.listing() is listing  # /v1/models answers from it
+        refusals = []
+        for name, may_use in (("medical", None), ("nobody", None), ("legal", lambda owner: owner == "hospital")):
             started = time.monotonic()
-            with pytest.raises(RegistryUnavailable):
-                catalog.load(name)
-            assert time.monotonic() - started < 0.2  # microseconds in fact; the count above is the proof
-        assert table.snapshots == snapshots
+            with pytest.raises(RegistryUnavailable) as refused:
+                catalog.load(name, may_use)
+            assert time.monotonic() - started < 0.2  # microseconds in fact; the counts below are the proof
+            refusals.append(refused.value.message)
+        assert len(set(refusals)) == 1  # another tenant's name is refused exactly as an unknown one
+        with pytest.raises(RegistryUnavailable):
+            never_listed.listing()
+        assert (table.snapshots, table.listings) == (snapshots, listings)  # nothing tried the database
     finally:
         postgres.start()
     within(5.0, lambda: table.changes.outage is None)
     assert catalog.get("code") is None  # read again: changes made during the outage were never notified
-    assert catalog.load("legal") == _entry("legal", "acme")
+    assert catalog.load("medical") == _entry("medical", "hospital")
     table.write("legal", "hospital")
     within(1.0, lambda: catalog.get("legal") is None)
+    catalog.close()
+
+
+def test_an_outage_the_feed_has_not_noticed_yet_serves_what_was_last_known(table: PostgresTable) -> None:
+    """A read that fails before the listener has seen the outage (a silently cut network) falls back too."""
+    catalog = table.catalog()
+    catalog.listing()
+
+    def unreachable(name: str) -> CatalogEntry | None:
+        raise RegistryUnavailable("The adapter registry database cannot be reached (timeout expired).")
+
+    catalog._snapshot = unreachable
+    assert table.changes.outage is None
+    assert catalog.load("code") == _entry("code", "acme")
+    with pytest.raises(RegistryUnavailable, match="timeout expired"):
+        catalog.load("code", may_use=lambda owner: owner is None)
+    with pytest.raises(RegistryUnavailable, match="timeout expired"):
+        catalog.load("nobody")
     catalog.close()
 
 
