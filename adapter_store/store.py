@@ -110,6 +110,7 @@ class AdapterStore:
         # SQLite: the file's data version; PostgreSQL: LISTEN/NOTIFY (the password, if the URL has one, for libpq).
         feed = registry.path or registry.url.render_as_string(hide_password=False)
         self._changes = open_changes(feed, refresh_s=settings.refresh_s, busy_timeout_s=settings.busy_timeout_s)
+        registry.fail_fast(lambda: self._changes.outage is not None)
         # owns (closes) the feed; a database that can be unreachable gets its listing kept for an outage
         self._catalog = Catalog(
             registry.snapshot,

@@ -12,21 +12,28 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import psycopg
 import pytest
 
-from adapter_store import AdapterStore, EngineEvent, RegistryUnavailable
+from adapter_store import AdapterRef, AdapterStore, EngineEvent, RegistryUnavailable
 from adapter_store.catalog import Catalog, CatalogEntry
 from adapter_store.changes import (
+    BACKOFF_S,
+    CHANNEL,
+    CONNECT_TIMEOUT_S,
     ENGINE_CHANNEL,
+    HEARTBEAT_S,
+    HEARTBEAT_TIMEOUT_S,
     LISTENER_NAME,
     MAX_EVENT_BYTES,
     PostgresChanges,
     SqliteChanges,
     open_changes,
 )
+from tests.adapter_store.frozen_proxy import FrozenProxy
 from tests.adapter_store.helpers import write_adapter
 from tests.adapter_store.test_catalog import PostgresTable, _entry, within
 from tests.adapter_store.test_store import open_store
@@ -351,3 +358,57 @@ def test_on_sqlite_publishing_sends_nothing_and_subscribers_are_never_called(tmp
     time.sleep(0.2)
     assert (heard.events, heard.missed) == ([], 0)
     store.close()
+
+
+# -- a registry that stops answering (packets dropped, a hung server) -----------------------------------------
+
+
+def test_a_registry_that_stops_answering_is_an_outage_within_seconds_and_the_listener_reconnects(
+    postgres_url: str,
+) -> None:
+    """Nothing closes: only the listener's heartbeat deadline can tell (see tests/adapter_store/frozen_proxy.py)."""
+    proxy = FrozenProxy(postgres_url)
+    changes = PostgresChanges(proxy.url, refresh_s=600.0)
+    try:
+        within(5.0, lambda: changes.stamp_any() > 0)  # listening: its first LISTEN makes everything stale
+        time.sleep(HEARTBEAT_S * 1.5)  # a heartbeat answered: one that is not is what counts
+        assert changes.outage is None
+        proxy.freeze()
+        waited = within(HEARTBEAT_S + HEARTBEAT_TIMEOUT_S + 1.0, lambda: changes.outage is not None)
+        proxy.thaw()
+        within(CONNECT_TIMEOUT_S + BACKOFF_S[1] + 2.0, lambda: changes.outage is None)
+        before = changes.stamp("code")
+        _notify(postgres_url, CHANNEL, "code")  # listening again, on a new connection
+        within(1.0, lambda: changes.stamp("code") != before)
+        print(f"\nfrozen registry: an outage {waited:.2f} s after it stopped answering")
+    finally:
+        proxy.thaw()
+        changes.close()
+        proxy.close()
+
+
+def test_a_store_refuses_registry_calls_at_once_while_the_registry_does_not_answer_and_keeps_serving(
+    tmp_path: Path, postgres_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PGPASSWORD", PASSWORD)
+    proxy = FrozenProxy(postgres_url)
+    store = _store_on(proxy.url, tmp_path)
+    pool = ThreadPoolExecutor(2)  # a call that waits on the frozen database fails the test rather than hang it
+    try:
+        version = store.register(str(write_adapter(tmp_path / "volume" / "code", seed=1)), "code")
+        within(5.0, lambda: any(e.name == "code" for e in store.entries()))
+        time.sleep(HEARTBEAT_S * 1.5)
+        proxy.freeze()
+        within(HEARTBEAT_S + HEARTBEAT_TIMEOUT_S + 1.0, lambda: store._changes.outage is not None)
+        for admin in (lambda: store.pin("code"), lambda: store.set_alias("code", "stable", version.version)):
+            with pytest.raises(RegistryUnavailable, match="stopped answering"):
+                pool.submit(admin).result(timeout=0.5)  # no connection attempt: at once
+        assert store.entry("code").resolve(AdapterRef.parse("code")) == version  # served as last known
+        proxy.thaw()
+        within(CONNECT_TIMEOUT_S + BACKOFF_S[1] + 2.0, lambda: store._changes.outage is None)
+        assert store.pin("code").pinned
+    finally:
+        proxy.thaw()
+        pool.shutdown()
+        store.close()
+        proxy.close()
