@@ -364,25 +364,33 @@ class PostgresChanges(Changes):
     def _heartbeat(self, conn: psycopg.Connection) -> None:
         """One round trip within ``HEARTBEAT_TIMEOUT_S``, else the connection is cut and that is an outage
         (:class:`Unanswered`). Notifications that arrive meanwhile are kept for the next ``notifies()``."""
-        answered = threading.Event()
+        lock = threading.Lock()
+        done = cut = False
 
-        def cut() -> None:
-            if not answered.is_set():
+        def deadline() -> None:
+            nonlocal cut
+            with lock:
+                if done:
+                    return
+                cut = True
                 with socket.socket(fileno=os.dup(conn.fileno())) as sock:  # the read waiting on it ends
                     sock.shutdown(socket.SHUT_RDWR)
 
-        watchdog = threading.Timer(HEARTBEAT_TIMEOUT_S, cut)
+        watchdog = threading.Timer(HEARTBEAT_TIMEOUT_S, deadline)
         watchdog.daemon = True
         watchdog.start()
+        failure: psycopg.Error | None = None
         try:
             conn.execute("SELECT 1")
         except psycopg.Error as e:
-            if not answered.is_set() and not watchdog.is_alive():
-                raise Unanswered(f"no answer to a heartbeat within {HEARTBEAT_TIMEOUT_S:g} s") from e
-            raise
-        finally:
-            answered.set()
-            watchdog.cancel()
+            failure = e
+        with lock:
+            done = True
+        watchdog.cancel()
+        if cut:  # even if the answer came as it was cut: the connection is gone, and late is unanswered
+            raise Unanswered(f"no answer to a heartbeat within {HEARTBEAT_TIMEOUT_S:g} s") from failure
+        if failure is not None:
+            raise failure
 
 
 POSTGRES_SCHEMES = ("postgresql", "postgres")
