@@ -184,6 +184,8 @@ class AdapterSelector:
             return Resolution(await self._acquire(model, principal))
         except _Unservable as e:
             return await self._fall_back(e, principal)
+        except RegistryUnavailable as e:  # nobody could tell whether the name exists: the 503 that says so
+            raise store_error(e) from e
 
     def release(self, resolution: Resolution) -> None:
         if resolution.adapter is not None:

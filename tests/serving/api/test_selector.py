@@ -20,7 +20,7 @@ from prometheus_client import CollectorRegistry
 from adapter_store import AdapterStore, RegistryUnavailable, ServedAdapter
 from adapter_store.changes import SqliteChanges
 from serving.api.auth import OPEN_PRINCIPAL, Principal
-from serving.api.errors import AdapterUnavailableError, ModelNotFoundError
+from serving.api.errors import AdapterUnavailableError, ModelNotFoundError, RegistryUnavailableError
 from serving.api.selector import FALLBACK_HEADER, FALLBACK_REASON_HEADER, AdapterSelector
 from serving.config import load_settings
 from serving.engine import AdapterLoadFailed
@@ -389,7 +389,7 @@ async def test_a_registry_outage_serves_every_listed_adapter_and_refuses_the_res
     monkeypatch.setattr(SqliteChanges, "outage", 1)  # the feed knows: nothing waits for a connection attempt
     monkeypatch.setattr(world.store, "_registry", _RegistryDown())
     if served is None:
-        with pytest.raises(RegistryUnavailable) as refused:
+        with pytest.raises(RegistryUnavailableError) as refused:  # the API's 503 registry_unavailable
             await world.selector.acquire(model, caller)
         assert refused.value.message == world.store._catalog._unreachable("looked up").message
         assert refused.value.message.count("medical") == refused.value.message.count("legal") == 0
@@ -413,7 +413,7 @@ async def test_a_registry_outage_during_an_on_demand_lookup_is_a_registry_503_no
 
     monkeypatch.setattr(world.store, "version", registry_down)
     before = counter(world.metrics.fallbacks, UNKNOWN_LABEL, "registry_unavailable")
-    with pytest.raises(RegistryUnavailable):
+    with pytest.raises(RegistryUnavailableError):  # the API's 503, not a 500
         await world.selector.acquire("fresh", HOSPITAL)
     assert counter(world.metrics.fallbacks, UNKNOWN_LABEL, "registry_unavailable") == before
 
