@@ -45,16 +45,27 @@ unload or a pin's preload acts only on the server that answered; a fleet runs
 on PostgreSQL.
 
 While the listener cannot reach the database, :attr:`Changes.outage` says so:
-the catalog then keeps serving the entries it holds, and refuses names it
-does not hold at once (``RegistryUnavailable``) instead of letting each
-request wait for a connection attempt to fail.
+the catalog then keeps serving what it last knew, and the registry refuses
+every call at once (``RegistryUnavailable``) instead of letting each request
+wait for a connection attempt to fail. A database that stops answering
+without closing anything (a network that drops packets, a hung server or
+host) must count too, and a LISTEN connection is idle, so nothing it sends
+would notice: the listener asks for one round trip every ``HEARTBEAT_S`` and
+cuts the connection if no answer comes within ``HEARTBEAT_TIMEOUT_S`` (a
+client-side deadline, which works whatever the peer's kernel still
+acknowledges), which is an outage at once. Its socket also carries the
+registry's TCP keepalive and user timeouts (``registry_db.TCP_TIMEOUTS``).
+So a hung registry is an outage within about three seconds, and the listener
+reconnects (``connect_timeout``) until it answers again.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import re
+import socket
 import sqlite3
 import threading
 import time
@@ -65,10 +76,11 @@ from pathlib import Path
 from typing import Literal, get_args
 
 import psycopg
-from psycopg.conninfo import make_conninfo
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from adapter_store.errors import InvalidRef
 from adapter_store.refs import check_name
+from adapter_store.registry_db import timeouts
 
 logger = logging.getLogger(__name__)
 
@@ -86,8 +98,8 @@ LISTENER_NAME = "loraserve-registry-listener"
 POLL_S = 0.2  # how often the listener stops waiting for notifications, to see close() and the safety net
 BACKOFF_S = (0.05, 1.0)  # reconnect delays, doubling from the first to the last: back within 1 s of the database
 CONNECT_TIMEOUT_S = 2  # libpq's smallest connect_timeout
-# Without keepalives a silently cut network leaves the listener waiting forever on a dead socket.
-KEEPALIVES = {"keepalives": 1, "keepalives_idle": 5, "keepalives_interval": 1, "keepalives_count": 3}
+HEARTBEAT_S = 1.0  # how often the idle listener asks the database for one round trip
+HEARTBEAT_TIMEOUT_S = 2.0  # ... and how long it waits for the answer before it cuts the connection: an outage
 
 
 EngineEventKind = Literal["unload", "preload"]
@@ -139,6 +151,10 @@ class EngineEvent:
             keys = sorted(fields) if isinstance(fields, dict) else type(fields).__name__
             raise ValueError(f"expected an object with exactly {sorted(expected)}, got {keys}")
         return cls(**fields)
+
+
+class Unanswered(psycopg.OperationalError):
+    """The listener's heartbeat got no answer in time: the database stopped answering (its connection is cut)."""
 
 
 OnEvent = Callable[[EngineEvent], None]
@@ -285,6 +301,8 @@ class PostgresChanges(Changes):
                     with conn:
                         self._listen(conn)
                     return  # closed
+                except Unanswered as e:  # it stopped answering: an outage now, not after a connect timeout
+                    self._unreachable(e)
                 except Exception as e:  # anything but close: never leave the catalog without a feed
                     self.invalidate(EVERYTHING)  # whatever is notified until it listens again is missed
                     unexpected = not isinstance(e, psycopg.Error)
@@ -299,7 +317,7 @@ class PostgresChanges(Changes):
     def _connect(self) -> psycopg.Connection:
         """A listening connection; everything is stale once it listens, and an outage is over."""
         conn = psycopg.connect(
-            make_conninfo(self._url, **KEEPALIVES),
+            make_conninfo(self._url, **timeouts(conninfo_to_dict(self._url))),
             autocommit=True,
             connect_timeout=CONNECT_TIMEOUT_S,
             application_name=LISTENER_NAME,
@@ -319,7 +337,7 @@ class PostgresChanges(Changes):
         self._hand_over(lambda _, on_missed: on_missed())
         return conn
 
-    def _unreachable(self, error: psycopg.Error) -> None:
+    def _unreachable(self, error: Exception) -> None:
         self.invalidate(EVERYTHING)
         if self._outage is None:
             self._outages += 1
@@ -329,6 +347,7 @@ class PostgresChanges(Changes):
     def _listen(self, conn: psycopg.Connection) -> None:
         """Invalidate per notification, and everything every ``refresh_s``, until closed or the connection fails."""
         refresh_at = time.monotonic() + self._refresh_s
+        heartbeat_at = time.monotonic() + HEARTBEAT_S
         while not self._stop.is_set():
             for notification in conn.notifies(timeout=POLL_S):
                 if notification.channel == ENGINE_CHANNEL:
@@ -338,6 +357,40 @@ class PostgresChanges(Changes):
             if time.monotonic() >= refresh_at:  # the safety net: a write that sent no notify
                 self.invalidate(EVERYTHING)
                 refresh_at = time.monotonic() + self._refresh_s
+            if time.monotonic() >= heartbeat_at:
+                self._heartbeat(conn)
+                heartbeat_at = time.monotonic() + HEARTBEAT_S
+
+    def _heartbeat(self, conn: psycopg.Connection) -> None:
+        """One round trip within ``HEARTBEAT_TIMEOUT_S``, else the connection is cut and that is an outage
+        (:class:`Unanswered`). Notifications that arrive meanwhile are kept for the next ``notifies()``."""
+        lock = threading.Lock()
+        done = cut = False
+
+        def deadline() -> None:
+            nonlocal cut
+            with lock:
+                if done:
+                    return
+                cut = True
+                with socket.socket(fileno=os.dup(conn.fileno())) as sock:  # the read waiting on it ends
+                    sock.shutdown(socket.SHUT_RDWR)
+
+        watchdog = threading.Timer(HEARTBEAT_TIMEOUT_S, deadline)
+        watchdog.daemon = True
+        watchdog.start()
+        failure: psycopg.Error | None = None
+        try:
+            conn.execute("SELECT 1")
+        except psycopg.Error as e:
+            failure = e
+        with lock:
+            done = True
+        watchdog.cancel()
+        if cut:  # even if the answer came as it was cut: the connection is gone, and late is unanswered
+            raise Unanswered(f"no answer to a heartbeat within {HEARTBEAT_TIMEOUT_S:g} s") from failure
+        if failure is not None:
+            raise failure
 
 
 POSTGRES_SCHEMES = ("postgresql", "postgres")

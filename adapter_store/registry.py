@@ -140,6 +140,10 @@ class AdapterRegistry:
     def close(self) -> None:
         self._db.close()
 
+    def fail_fast(self, known_down: Callable[[], bool]) -> None:
+        """Refuse every call at once (``RegistryUnavailable``) while ``known_down()``: see ``registry_db``."""
+        self._db.fail_fast(known_down)
+
     def publish(self, channel: str, payload: str) -> None:
         """Notify ``channel`` with ``payload`` for every replica listening (PostgreSQL; a no-op on SQLite)."""
         self._db.publish(channel, payload)

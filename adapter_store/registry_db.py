@@ -15,15 +15,19 @@ transaction-scoped advisory lock per adapter name it changes, so writes to one
 name are serialized across every replica as SQLite's write lock serializes
 them, and sends ``pg_notify(NOTIFY_CHANNEL, name)`` for each name before it
 commits (delivered on commit only). Connections are checked before use
-(``pool_pre_ping``) with a short connect timeout: a dead database fails fast
-with :class:`RegistryUnavailable`, and one that comes back is used again
-without a restart.
+(``pool_pre_ping``) with a short connect timeout and TCP keepalive and user
+timeouts (:data:`TCP_TIMEOUTS`): a dead database, or a network that drops its
+packets, fails within seconds with :class:`RegistryUnavailable`, and one that
+comes back is used again without a restart. While the change feed knows the
+database is unreachable (:meth:`Database.fail_fast`), every call fails at once
+without a connection attempt: admin calls get their 503 immediately, and none
+waits on a connection to a database that stopped answering.
 """
 
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -37,6 +41,15 @@ from adapter_store.errors import RegistryUnavailable
 DB_NAME = "registry.sqlite3"
 NOTIFY_CHANNEL = "loraserve_registry"  # payload: the name of an adapter a committed transaction changed
 CONNECT_TIMEOUT_S = 3  # libpq's connect_timeout: an unreachable database fails within seconds
+TCP_TIMEOUTS = {
+    # libpq's TCP settings, so a network that drops packets (rather than refusing connections) fails within
+    # seconds too; Linux's defaults would wait two hours (keepalive) and about fifteen minutes (retransmission)
+    "keepalives": 1,
+    "keepalives_idle": 2,  # seconds of silence before the first probe of an idle connection
+    "keepalives_interval": 1,
+    "keepalives_count": 2,  # probes unanswered: an idle connection to a vanished peer is dropped within ~4 s
+    "tcp_user_timeout": 3000,  # ms sent data may stay unacknowledged: a query into a black hole fails in 3 s
+}
 NAME_LOCK_CLASS = 0x10A5  # advisory-lock key space of per-name write locks (key 2: hashtext(name))
 UPGRADE_LOCK_CLASS = 0x10A6  # ... and of the schema upgrade when a replica opens the database
 UPLOAD_LOCK_CLASS = 0x10A7  # ... and of keeping or discarding one upload's files (key 2: hashtext(uri))
@@ -87,8 +100,14 @@ def create(url: URL, *, busy_timeout_s: float) -> Engine:
         event.listen(engine, "connect", _sqlite_setup(busy_timeout_s))
         event.listen(engine, "begin", _sqlite_begin)
         return engine
-    connect_args: dict[str, Any] = {} if "connect_timeout" in url.query else {"connect_timeout": CONNECT_TIMEOUT_S}
-    return create_engine(url, pool_pre_ping=True, connect_args=connect_args, **_POOL)
+    return create_engine(url, pool_pre_ping=True, connect_args=timeouts(url.query), **_POOL)
+
+
+def timeouts(given: Mapping[str, object]) -> dict[str, Any]:
+    """libpq's connection parameters that bound an unreachable database, except those ``given`` (a URL's query)
+    sets: the operator's own win."""
+    defaults = {"connect_timeout": CONNECT_TIMEOUT_S, **TCP_TIMEOUTS}
+    return {key: value for key, value in defaults.items() if key not in given}
 
 
 def _sqlite_setup(busy_timeout_s: float) -> Any:
@@ -116,6 +135,12 @@ class Database:
         self.url = url
         self.is_postgres = url.get_backend_name() == "postgresql"
         self.engine = create(url, busy_timeout_s=busy_timeout_s)
+        self._known_down: Callable[[], bool] = lambda: False
+
+    def fail_fast(self, known_down: Callable[[], bool]) -> None:
+        """Refuse every call at once, with no connection attempt, while ``known_down()`` (the change feed's
+        outage): a connection to a database that stopped answering could otherwise wait for a TCP timeout."""
+        self._known_down = known_down
 
     def close(self) -> None:
         self.engine.dispose()
@@ -183,6 +208,8 @@ class Database:
 
     @contextmanager
     def _connect(self) -> Iterator[Connection]:
+        if self._known_down():
+            raise self._unavailable_reason("it stopped answering; this replica reconnects by itself")
         try:
             with self.engine.connect() as conn:
                 yield conn
@@ -200,11 +227,14 @@ class Database:
         )
 
     def _unavailable(self, e: DBAPIError) -> RegistryUnavailable:
-        where = self.url.set(drivername="postgresql")
         cause = str(e.orig).strip()
         reason = cause.splitlines()[0] if cause else type(e).__name__
         if self.url.password:
             reason = reason.replace(str(self.url.password), "***")
+        return self._unavailable_reason(reason)
+
+    def _unavailable_reason(self, reason: str) -> RegistryUnavailable:
+        where = self.url.set(drivername="postgresql")
         return RegistryUnavailable(
             f"the adapter registry database {mask(where)} cannot be reached ({reason}); a change being made may not "
             "have been saved, so read it back once the database answers. Check that PostgreSQL is running and "

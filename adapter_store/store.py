@@ -53,7 +53,14 @@ from adapter_store.cache import CacheStats, DiskCache
 from adapter_store.catalog import Catalog, CatalogEntry
 from adapter_store.changes import ENGINE_CHANNEL, EngineEvent, EngineEventKind, OnEvent, OnMissed, open_changes
 from adapter_store.digest import content_digest
-from adapter_store.errors import AdapterInUse, AdapterNotFound, CacheFull, InvalidRef, LegacyDigest
+from adapter_store.errors import (
+    AdapterInUse,
+    AdapterNotFound,
+    CacheFull,
+    InvalidRef,
+    LegacyDigest,
+    RegistryUnavailable,
+)
 from adapter_store.migration import DigestMigration
 from adapter_store.models import AdapterVersion, Claim, HealthRecord, HealthState, ServedAdapter
 from adapter_store.refs import LATEST, AdapterRef, check_name
@@ -67,6 +74,10 @@ logger = logging.getLogger(__name__)
 
 TENANT_TAG = "tenant"
 """Reserved tag name: the owner is the name's ``tenant`` (see the registry), never a tag."""
+
+KEEP_LISTING_S = 1.0
+"""On PostgreSQL, how often the catalog's listing is read again if the registry changed: an outage serves every
+adapter the last listing holds, so a replica knows what was registered up to about this long before it began."""
 
 NAME_LOCK_STRIPES = 64
 """On-demand registrations of one name are serialised on one of this many locks (a fixed table, however
@@ -96,6 +107,17 @@ class AdapterStore:
         DigestMigration(
             registry, validator, settings.root, self._sources, self._uploads, max_bytes=settings.max_adapter_bytes
         ).run()
+        # SQLite: the file's data version; PostgreSQL: LISTEN/NOTIFY (the password, if the URL has one, for libpq).
+        feed = registry.path or registry.url.render_as_string(hide_password=False)
+        self._changes = open_changes(feed, refresh_s=settings.refresh_s, busy_timeout_s=settings.busy_timeout_s)
+        registry.fail_fast(lambda: self._changes.outage is not None)
+        # owns (closes) the feed; a database that can be unreachable gets its listing kept for an outage
+        self._catalog = Catalog(
+            registry.snapshot,
+            self._changes,
+            snapshot_all=registry.snapshot_all,
+            keep_listing_s=None if registry.path is not None else KEEP_LISTING_S,
+        )
         self._cache = DiskCache(
             settings.root / "cache",
             settings.root / "staging",
@@ -107,11 +129,6 @@ class AdapterStore:
         )
         self._uploads.sweep()
         self._name_locks = tuple(threading.Lock() for _ in range(NAME_LOCK_STRIPES))
-        # SQLite: the file's data version; PostgreSQL: LISTEN/NOTIFY (the password, if the URL has one, for libpq).
-        feed = registry.path or registry.url.render_as_string(hide_password=False)
-        self._changes = open_changes(feed, refresh_s=settings.refresh_s, busy_timeout_s=settings.busy_timeout_s)
-        # owns (closes) the feed
-        self._catalog = Catalog(registry.snapshot, self._changes, snapshot_all=registry.snapshot_all)
         self.replica = uuid.uuid4().hex
         """This store's id in the fleet's engine events: its own come back to it and are skipped."""
 
@@ -153,7 +170,13 @@ class AdapterStore:
         self._sources.fetch(uri, dest, max_bytes=self.settings.max_adapter_bytes)
 
     def _pinned_digests(self) -> set[str]:
-        return {v.version for v in self._registry.pinned()}
+        """The registry's pins; during an outage those of the last listing, so eviction keeps working."""
+        if self._changes.outage is None:
+            try:
+                return {v.version for v in self._registry.pinned()}
+            except RegistryUnavailable:
+                pass  # the feed has not noticed yet
+        return {v.version for entry in self._catalog.listing() for v in entry.versions.values() if v.pinned}
 
     # -- registering --------------------------------------------------------------------
 
@@ -291,24 +314,28 @@ class AdapterStore:
 
         Never blocks on I/O (see ``adapter_store.catalog``): the hot path of a request for a known adapter.
         ``None`` means "ask :meth:`entry`", not "unregistered". While the registry is unreachable, the entry
-        as last read.
+        as last known (see :meth:`entry`), whoever owns it: callers check access.
         """
         return self._catalog.get(name)
 
     def entries(self) -> list[CatalogEntry]:
         """Every registered adapter's entry, in code-point order of the names: from memory while the registry
         has not changed since it was last listed, else read in one snapshot (a few queries for any number of
-        adapters). Blocks on a re-read: async callers use a thread. ``RegistryUnavailable`` during an outage.
+        adapters). Blocks on a re-read: async callers use a thread. During an outage the listing as last
+        read (``RegistryUnavailable`` if none was).
         """
         return self._catalog.listing()
 
-    def entry(self, name: str) -> CatalogEntry:
+    def entry(self, name: str, *, may_use: Callable[[str | None], bool] | None = None) -> CatalogEntry:
         """``name``'s owner, versions, aliases and health, read from the registry and kept in the catalog.
 
-        ``AdapterNotFound`` if it is not registered; ``RegistryUnavailable`` at once while the registry is
-        known to be unreachable. Blocks (registry I/O): async callers use a thread.
+        ``AdapterNotFound`` if it is not registered. While the registry is unreachable, the entry as last
+        known (its own or the last listing's: everything serving the version needs); ``RegistryUnavailable``
+        if it is unknown then, or if ``may_use`` (the caller's access rule) refuses its owner: the same
+        answer, so an outage never tells a caller which names exist. Blocks (registry I/O): async callers
+        use a thread.
         """
-        entry = self._catalog.load(name)
+        entry = self._catalog.load(name, may_use)
         if entry is None:
             raise AdapterNotFound(f"adapter {name!r} is not registered", param="name")
         return entry

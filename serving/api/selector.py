@@ -61,6 +61,7 @@ from adapter_store import (
     AdapterRef,
     AdapterStore,
     AdapterStoreError,
+    AdapterVersion,
     Claim,
     InvalidRef,
     RegistryUnavailable,
@@ -183,6 +184,8 @@ class AdapterSelector:
             return Resolution(await self._acquire(model, principal))
         except _Unservable as e:
             return await self._fall_back(e, principal)
+        except RegistryUnavailable as e:  # nobody could tell whether the name exists: the 503 that says so
+            raise store_error(e) from e
 
     def release(self, resolution: Resolution) -> None:
         if resolution.adapter is not None:
@@ -247,32 +250,31 @@ class AdapterSelector:
         return adapter
 
     def _lease(self, model: str, principal: Principal) -> ServedAdapter:
+        """The cold path, in a thread: the owner, version and health from the registry (one snapshot, kept in
+        the catalog), then the files, fetched if need be. During a registry outage the entry is the one last
+        known (``AdapterStore.entry``), so every adapter this replica knew is still served."""
         try:
-            name = AdapterRef.parse(model).name
+            ref = AdapterRef.parse(model)
         except InvalidRef:
             raise self.not_found(model, principal) from None
+        name = ref.name
         try:  # the owner first, from the registry alone: nothing is fetched for a caller who may not use it
-            owner = self.store.entry(name).owner  # read into the catalog: the next request takes the hot path
+            known = self.store.entry(name, may_use=principal.may_use)  # the next request takes the hot path
         except AdapterNotFound:
-            claim = on_demand_claim(principal)
+            entry, claim = None, on_demand_claim(principal)
             if claim is None:
                 raise self.not_found(model, principal) from None
         else:
-            if not principal.may_use(owner):
+            if not principal.may_use(known.owner):
                 raise self.not_found(model, principal)
-            claim = None
-        try:
-            version = self.store.version(model, register_for=claim)
-        except (AdapterNotFound, InvalidRef):
-            raise self.not_found(model, principal) from None
-        except RegistryUnavailable:  # a 503 that says so, never a fallback for a name nobody could look up
-            raise
-        except AdapterStoreError as e:  # found in a source on demand, but refused or unreadable
-            raise _Unservable(name, _reason(e), e.message, label=UNKNOWN_LABEL) from e
-        # Checked again: a racing on-demand registration may have given the name to another tenant.
-        if not self.may_use(principal, version.name):
-            raise self.not_found(model, principal)
-        health = self.store.health(version.name, version.version)
+            entry, claim = known, None
+        version = None if entry is None else entry.resolve(ref)
+        if version is None:  # registered on demand, or a ref the registry's error explains
+            version = self._resolve(model, name, claim, principal)
+        if entry is not None and version.version in entry.versions:
+            health = entry.health_of(version.version)
+        else:
+            health = self.store.health(version.name, version.version)
         if health.state == "failed":
             raise _Unservable(version.name, HEALTH_FAILED, f"its last health check failed: {health.reason}", label=name)
         cached = self.store.is_cached(version)
@@ -285,6 +287,21 @@ class AdapterSelector:
         if not cached:
             self.metrics.adapter_load_latency.labels(version.name, "disk").observe(time.perf_counter() - started)
         return adapter
+
+    def _resolve(self, model: str, name: str, claim: Claim | None, principal: Principal) -> AdapterVersion:
+        """The version ``model`` names, from the registry (registered on demand for ``claim``)."""
+        try:
+            version = self.store.version(model, register_for=claim)
+        except (AdapterNotFound, InvalidRef):
+            raise self.not_found(model, principal) from None
+        except RegistryUnavailable:  # a 503 that says so, never a fallback for a name nobody could look up
+            raise
+        except AdapterStoreError as e:  # found in a source on demand, but refused or unreadable
+            raise _Unservable(name, _reason(e), e.message, label=UNKNOWN_LABEL) from e
+        # Checked again: a racing on-demand registration may have given the name to another tenant.
+        if not self.may_use(principal, version.name):
+            raise self.not_found(model, principal)
+        return version
 
     def _unavailable(self, error: _Unservable, principal: Principal, suffix: str) -> AdapterUnavailableError:
         """The 503 for ``error``: the name asked for and a reason code; the detail for admins and the log only."""

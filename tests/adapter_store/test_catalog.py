@@ -390,3 +390,20 @@ def test_touched_files_are_left_to_the_blocking_lease(tmp_path: Path) -> None:
     assert healed is not None
     store.release(healed)
     store.close()
+
+
+def test_a_kept_listing_follows_the_registry_in_the_background(table: Table) -> None:
+    """What an outage serves is the last listing: with ``keep_listing_s`` it is read again after each change,
+    without anyone asking (a replica that never listed knows every adapter when the registry goes down)."""
+    catalog = Catalog(table.snapshot, table.changes, snapshot_all=table.snapshot_all, keep_listing_s=0.05)
+    within(2.0, lambda: table.listings >= 1)
+    table.write("medical", "hospital")
+    table.settle()
+    listings = table.listings
+    within(2.0, lambda: table.listings > listings)
+    time.sleep(0.2)  # the settle marker's change, if it came after the keeper's read, is read too
+    listings = table.listings
+    assert _entry("medical", "hospital") in catalog.listing()  # from memory: the keeper read it
+    time.sleep(0.3)  # six more ticks of an unchanged registry read nothing
+    assert table.listings == listings
+    catalog.close()

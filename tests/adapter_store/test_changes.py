@@ -12,20 +12,28 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import psycopg
 import pytest
 
-from adapter_store import AdapterStore, EngineEvent, RegistryUnavailable
+from adapter_store import AdapterRef, AdapterStore, EngineEvent, RegistryUnavailable
+from adapter_store.catalog import Catalog, CatalogEntry
 from adapter_store.changes import (
+    BACKOFF_S,
+    CHANNEL,
+    CONNECT_TIMEOUT_S,
     ENGINE_CHANNEL,
+    HEARTBEAT_S,
+    HEARTBEAT_TIMEOUT_S,
     LISTENER_NAME,
     MAX_EVENT_BYTES,
     PostgresChanges,
     SqliteChanges,
     open_changes,
 )
+from tests.adapter_store.frozen_proxy import FrozenProxy
 from tests.adapter_store.helpers import write_adapter
 from tests.adapter_store.test_catalog import PostgresTable, _entry, within
 from tests.adapter_store.test_store import open_store
@@ -137,32 +145,65 @@ def test_a_change_made_without_a_notify_is_seen_after_refresh_s(table: PostgresT
     catalog.close()
 
 
-def test_an_outage_serves_known_entries_refuses_unknown_names_fast_and_recovers(
+def test_an_outage_serves_what_was_last_known_refuses_other_names_fast_and_recovers(
     table: PostgresTable, postgres: PostgresCluster, caplog: pytest.LogCaptureFixture
 ) -> None:
     catalog = table.catalog()
-    known = catalog.load("code")
+    never_listed = Catalog(table.snapshot, table.changes, snapshot_all=table.snapshot_all)
+    listing = catalog.listing()  # code and legal: acme
+    table.write("code", "hospital")
+    table.settle()
+    assert catalog.load("code") == _entry("code", "hospital")  # read after the listing: the newer knowledge
+    table.write("medical", "hospital")  # registered after the last listing, never read here
+    table.settle()
     postgres.stop()
     try:
         within(10.0, lambda: table.changes.outage is not None)
+        snapshots, listings = table.snapshots, table.listings
         with caplog.at_level(logging.WARNING, logger="adapter_store.catalog"):
             for _ in range(3):
-                assert catalog.get("code") == known  # stale (everything is, once the listener is lost), served
+                assert catalog.get("code") == _entry("code", "hospital")  # stale (all is, once the listener is lost)
+                assert catalog.get("legal") == _entry("legal", "acme")  # never read by name: the listing's
         assert len([r for r in caplog.records if r.name == "adapter_store.catalog"]) == 1  # once per outage
-        snapshots = table.snapshots
-        for name in ("legal", "code"):  # never read, and known but stale: neither tries the database
+        assert catalog.load("legal") == _entry("legal", "acme")
+        assert catalog.load("code", may_use=lambda owner: owner == "hospital") == _entry("code", "hospital")
+        assert catalog.listing() is listing  # /v1/models answers from it
+        refusals = []
+        for name, may_use in (("medical", None), ("nobody", None), ("legal", lambda owner: owner == "hospital")):
             started = time.monotonic()
-            with pytest.raises(RegistryUnavailable):
-                catalog.load(name)
-            assert time.monotonic() - started < 0.2  # microseconds in fact; the count above is the proof
-        assert table.snapshots == snapshots
+            with pytest.raises(RegistryUnavailable) as refused:
+                catalog.load(name, may_use)
+            assert time.monotonic() - started < 0.2  # microseconds in fact; the counts below are the proof
+            refusals.append(refused.value.message)
+        assert len(set(refusals)) == 1  # another tenant's name is refused exactly as an unknown one
+        with pytest.raises(RegistryUnavailable):
+            never_listed.listing()
+        assert (table.snapshots, table.listings) == (snapshots, listings)  # nothing tried the database
     finally:
         postgres.start()
     within(5.0, lambda: table.changes.outage is None)
     assert catalog.get("code") is None  # read again: changes made during the outage were never notified
-    assert catalog.load("legal") == _entry("legal", "acme")
+    assert catalog.load("medical") == _entry("medical", "hospital")
     table.write("legal", "hospital")
     within(1.0, lambda: catalog.get("legal") is None)
+    catalog.close()
+
+
+def test_an_outage_the_feed_has_not_noticed_yet_serves_what_was_last_known(table: PostgresTable) -> None:
+    """A read that fails before the listener has seen the outage (a silently cut network) falls back too."""
+    catalog = table.catalog()
+    catalog.listing()
+
+    def unreachable(name: str) -> CatalogEntry | None:
+        raise RegistryUnavailable("The adapter registry database cannot be reached (timeout expired).")
+
+    catalog._snapshot = unreachable
+    assert table.changes.outage is None
+    assert catalog.load("code") == _entry("code", "acme")
+    with pytest.raises(RegistryUnavailable, match="timeout expired"):
+        catalog.load("code", may_use=lambda owner: owner is None)
+    with pytest.raises(RegistryUnavailable, match="timeout expired"):
+        catalog.load("nobody")
     catalog.close()
 
 
@@ -317,3 +358,57 @@ def test_on_sqlite_publishing_sends_nothing_and_subscribers_are_never_called(tmp
     time.sleep(0.2)
     assert (heard.events, heard.missed) == ([], 0)
     store.close()
+
+
+# -- a registry that stops answering (packets dropped, a hung server) -----------------------------------------
+
+
+def test_a_registry_that_stops_answering_is_an_outage_within_seconds_and_the_listener_reconnects(
+    postgres_url: str,
+) -> None:
+    """Nothing closes: only the listener's heartbeat deadline can tell (see tests/adapter_store/frozen_proxy.py)."""
+    proxy = FrozenProxy(postgres_url)
+    changes = PostgresChanges(proxy.url, refresh_s=600.0)
+    try:
+        within(5.0, lambda: changes.stamp_any() > 0)  # listening: its first LISTEN makes everything stale
+        time.sleep(HEARTBEAT_S * 1.5)  # a heartbeat answered: one that is not is what counts
+        assert changes.outage is None
+        proxy.freeze()
+        waited = within(HEARTBEAT_S + HEARTBEAT_TIMEOUT_S + 2.0, lambda: changes.outage is not None)
+        proxy.thaw()
+        within(CONNECT_TIMEOUT_S + BACKOFF_S[1] + 2.0, lambda: changes.outage is None)
+        before = changes.stamp("code")
+        _notify(postgres_url, CHANNEL, "code")  # listening again, on a new connection
+        within(1.0, lambda: changes.stamp("code") != before)
+        print(f"\nfrozen registry: an outage {waited:.2f} s after it stopped answering")
+    finally:
+        proxy.thaw()
+        changes.close()
+        proxy.close()
+
+
+def test_a_store_refuses_registry_calls_at_once_while_the_registry_does_not_answer_and_keeps_serving(
+    tmp_path: Path, postgres_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PGPASSWORD", PASSWORD)
+    proxy = FrozenProxy(postgres_url)
+    store = _store_on(proxy.url, tmp_path)
+    pool = ThreadPoolExecutor(2)  # a call that waits on the frozen database fails the test rather than hang it
+    try:
+        version = store.register(str(write_adapter(tmp_path / "volume" / "code", seed=1)), "code")
+        within(5.0, lambda: any(e.name == "code" for e in store.entries()))
+        time.sleep(HEARTBEAT_S * 1.5)
+        proxy.freeze()
+        within(HEARTBEAT_S + HEARTBEAT_TIMEOUT_S + 2.0, lambda: store._changes.outage is not None)
+        for admin in (lambda: store.pin("code"), lambda: store.set_alias("code", "stable", version.version)):
+            with pytest.raises(RegistryUnavailable, match="stopped answering"):
+                pool.submit(admin).result(timeout=0.5)  # no connection attempt: at once
+        assert store.entry("code").resolve(AdapterRef.parse("code")) == version  # served as last known
+        proxy.thaw()
+        within(CONNECT_TIMEOUT_S + BACKOFF_S[1] + 2.0, lambda: store._changes.outage is None)
+        assert store.pin("code").pinned
+    finally:
+        proxy.thaw()
+        pool.shutdown()
+        store.close()
+        proxy.close()

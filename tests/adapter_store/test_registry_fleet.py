@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import multiprocessing
+import os
+import socket
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -29,7 +31,7 @@ from adapter_store import (
     migrations,
 )
 from adapter_store.registry import DB_NAME, AdapterRegistry
-from adapter_store.registry_db import CONNECT_TIMEOUT_S, NOTIFY_CHANNEL
+from adapter_store.registry_db import CONNECT_TIMEOUT_S, NOTIFY_CHANNEL, TCP_TIMEOUTS
 from adapter_store.schema import metadata
 from tests.adapter_store.helpers import write_v1_registry
 from tests.postgres import PASSWORD, PostgresCluster
@@ -355,3 +357,33 @@ def test_registry_urls_refused(url: str, fragment: str) -> None:
         StoreSettings(root="/x", registry=url)
     assert fragment in str(info.value)
     assert "hunter2" not in str(info.value).split("[type=")[0]  # our message masks it (pydantic echoes the input)
+
+
+@pytest.mark.parametrize(
+    ("query", "expected"),
+    [
+        ("", TCP_TIMEOUTS),
+        ("?keepalives_idle=7&tcp_user_timeout=9000", {**TCP_TIMEOUTS, "keepalives_idle": 7, "tcp_user_timeout": 9000}),
+    ],
+    ids=["defaults", "the-url-wins"],
+)
+def test_request_connections_carry_tcp_timeouts_that_bound_a_dropped_network(
+    tmp_path: Path, postgres_url: str, query: str, expected: dict[str, int]
+) -> None:
+    """Read back from the kernel: a network that drops packets fails a query within seconds, not minutes.
+
+    (Dropping packets needs root, so the drop itself is not staged here; the listener's deadline, which
+    needs no help from TCP, is tested against a frozen proxy in test_changes.py.)"""
+    registry = AdapterRegistry(tmp_path, url=postgres_url + query)
+    try:
+        with registry._db.engine.connect() as conn, socket.socket(fileno=os.dup(conn.connection.fileno())) as sock:
+            options = {
+                "keepalives": sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE),
+                "keepalives_idle": sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE),
+                "keepalives_interval": sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL),
+                "keepalives_count": sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT),
+                "tcp_user_timeout": sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT),
+            }
+        assert options == expected
+    finally:
+        registry.close()

@@ -6,21 +6,26 @@ PostgreSQL 15 cluster, password from ``PGPASSWORD`` as a Kubernetes Secret
 would give it) and ``store.uploads`` (a bucket on a real S3 API). What the
 README's "Running a fleet" promises is checked here:
 
-- a version uploaded through replica A is served by replica B within 1 s;
+- a version uploaded through replica A, or registered through it from the
+  bucket (a source), is served by replica B within 1 s;
 - an alias flipped under load on both replicas fails no request, and no
   request that starts more than 1 s after the flip was acknowledged gets the
-  old version (each answer is identified by its greedy text, which differs
-  between the two versions' files);
+  old version, on either replica, while each serves the new one (each answer
+  is identified by its greedy text, which differs between the two versions'
+  files);
 - replica B restarted on an empty disk (a new pod) still has everything: the
   uploads' only copies are objects in the bucket (files, then a completion
   marker), and a version deleted through B leaves none behind;
 - with PostgreSQL stopped, adapters both replicas know keep being served,
-  admin calls fail with a 503 ``registry_unavailable``, and everything
-  recovers once the database is back;
+  even one that B was never asked for and whose files it never held (it is in
+  the listing B keeps read, and its files are in the bucket); ``/v1/models``
+  answers from that listing; admin calls and names nobody knows get a 503
+  ``registry_unavailable``; everything recovers once the database is back;
 - a pin through replica A has replica B hold the version in its engine (tier
   ``slot`` or ``host`` of ``loraserve_adapter_loaded`` on B's /metrics) within
   1 s, and an unload or a delete through A has B drop it within 1 s (engine
-  events on ``loraserve_engine``).
+  events on ``loraserve_engine``); an unpin through A is seen by B within 1 s
+  and leaves the version loaded there (released, not unloaded).
 
 The measured delays are printed (run with ``-s``) for the README.
 """
@@ -42,6 +47,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from adapter_store.store import KEEP_LISTING_S
 from checkpoints.assets import DemoAssets
 from tests.conftest import RunningServer, demo_config, start_server, stop_server
 from tests.e2e.adapter_files import copy_adapter
@@ -94,6 +100,7 @@ def _replica_config(demo: DemoAssets, workdir: Path, registry: str, s3: str) -> 
         "root": str(workdir / "store"),
         "registry": registry,
         "uploads": {"type": "s3", "url_prefix": f"s3://{BUCKET}/uploads/", "endpoint_url": s3},
+        "sources": [{"type": "s3", "url_prefixes": [f"s3://{BUCKET}/sources/"], "endpoint_url": s3}],
         "fallback": "error",
         # The safety-net re-read out of the way: within a second, only LISTEN/NOTIFY can carry a change.
         "refresh_s": 60,
@@ -160,6 +167,26 @@ def upload(fleet: Fleet, url: str, name: str, domain: str, scale: float | None =
     return response.json()["info"]["version"]
 
 
+def register(fleet: Fleet, url: str, name: str, domain: str, scale: float) -> str:
+    """Put a copy of a demo adapter's files in the bucket and register them from there as a version of ``name``."""
+    directory = copy_adapter(fleet.demo.adapters[domain], fleet.workdir / unique("files"), scale=scale)
+    prefix = f"sources/{directory.name}/"
+    s3 = boto3.client("s3", endpoint_url=fleet.s3)
+    for path in directory.iterdir():
+        s3.put_object(Bucket=BUCKET, Key=prefix + path.name, Body=path.read_bytes())
+    body = {"name": name, "source": f"s3://{BUCKET}/{prefix}"}
+    response = httpx.post(f"{url}/v1/adapters", json=body, timeout=300)
+    assert response.status_code == 201, response.text
+    return response.json()["info"]["version"]
+
+
+def pinned(url: str, name: str, version: str) -> bool:
+    response = httpx.get(f"{url}/v1/adapters/{name}", timeout=30)
+    assert response.status_code == 200, response.text
+    (view,) = (v for v in response.json()["versions"] if v["info"]["version"] == version)
+    return view["pinned"]
+
+
 def set_alias(url: str, name: str, alias: str, version: str) -> httpx.Response:
     return httpx.put(f"{url}/v1/adapters/{name}/aliases/{alias}", json={"version": version}, timeout=30)
 
@@ -180,7 +207,9 @@ def adapters(url: str) -> dict[str, tuple[dict, list[str]]]:
     return {a["name"]: (a["aliases"], [v["id"] for v in a["versions"]]) for a in response.json()["data"]}
 
 
-def test_an_upload_through_one_replica_is_served_by_the_other_within_a_second(fleet: Fleet) -> None:
+def test_a_registration_and_an_upload_through_one_replica_are_served_by_the_other_within_a_second(
+    fleet: Fleet,
+) -> None:
     code, legal = text(fleet.a.url, "code"), text(fleet.a.url, "legal")
     assert code != legal
     name = unique("shared")
@@ -189,6 +218,12 @@ def test_an_upload_through_one_replica_is_served_by_the_other_within_a_second(fl
     upload(fleet, fleet.a.url, name, "legal")
     delay = wait_for(fleet.b.url, name, legal, since=time.monotonic())
     print(f"\nfleet: B's first request started {delay * 1000:.0f} ms after A acknowledged the upload got it")
+    registered = register(fleet, fleet.a.url, name, "code", scale=1.003)  # files of its own, from the bucket
+    acknowledged = time.monotonic()
+    reference = text(fleet.a.url, f"{name}@{registered}")  # this version's own greedy text
+    assert reference != legal  # what B served until now
+    delay = wait_for(fleet.b.url, name, reference, since=acknowledged)
+    print(f"fleet: B's first request started {delay * 1000:.0f} ms after A acknowledged a registration got it")
 
 
 def test_an_alias_flip_under_load_fails_nothing_and_serves_the_new_version_within_a_second(fleet: Fleet) -> None:
@@ -200,7 +235,7 @@ def test_an_alias_flip_under_load_fails_nothing_and_serves_the_new_version_withi
     model = f"{name}@stable"
     for url in (fleet.a.url, fleet.b.url):
         assert text(url, model) == code
-    answers: list[tuple[float, int, str]] = []  # (start, status, text)
+    answers: list[tuple[str, float, int, str]] = []  # (replica, start, status, text)
     flipped: list[float] = []
 
     async def client(http: httpx.AsyncClient, url: str, until: float) -> None:
@@ -210,7 +245,7 @@ def test_an_alias_flip_under_load_fails_nothing_and_serves_the_new_version_withi
             response = await http.post(f"{url}/v1/completions", json=body)
             ok = response.status_code == 200
             answers.append(
-                (start, response.status_code, response.json()["choices"][0]["text"] if ok else response.text)
+                (url, start, response.status_code, response.json()["choices"][0]["text"] if ok else response.text)
             )
 
     async def flip(http: httpx.AsyncClient) -> None:
@@ -226,12 +261,16 @@ def test_an_alias_flip_under_load_fails_nothing_and_serves_the_new_version_withi
             await asyncio.gather(flip(http), *clients)
 
     asyncio.run(run())
-    assert [a for a in answers if a[1] != 200] == []
-    assert {a[2] for a in answers} <= {code, legal}, "an answer matched neither version"
+    assert [a for a in answers if a[2] != 200] == []
+    assert {a[3] for a in answers} <= {code, legal}, "an answer matched neither version"
     (acknowledged,) = flipped
-    late_old = [start - acknowledged for start, _, answer in answers if answer == code and start > acknowledged]
+    late_old = [start - acknowledged for _, start, _, answer in answers if answer == code and start > acknowledged]
     assert all(delay <= PROPAGATION_BOUND_S for delay in late_old), late_old
-    assert any(answer == legal and start > acknowledged + PROPAGATION_BOUND_S for start, _, answer in answers)
+    for replica in (fleet.a.url, fleet.b.url):  # each replica served both versions, the new one past the bound
+        served = {
+            (answer, start > acknowledged + PROPAGATION_BOUND_S) for url, start, _, answer in answers if url == replica
+        }
+        assert {(code, False), (legal, True)} <= served, (replica, served)
     print(
         f"\nfleet: alias flip under load: {len(answers)} requests, 0 failed; {len(late_old)} started after the "
         f"acknowledgement got the old version (the latest {max(late_old, default=0.0) * 1000:.0f} ms after it)"
@@ -261,13 +300,22 @@ def test_serving_survives_a_registry_outage_and_admin_calls_recover(fleet: Fleet
     new = upload(fleet, fleet.a.url, name, "legal")
     assert set_alias(fleet.a.url, name, "stable", old).status_code == 200
     known = {(url, m): text(url, m) for url in (fleet.a.url, fleet.b.url) for m in ("code", name, f"{name}@stable")}
+    # Registered through A, and files no other version has: B has never been asked for it, nor holds them.
+    cold = unique("cold")
+    upload(fleet, fleet.a.url, cold, "medical", scale=1.002)
+    cold_text = text(fleet.a.url, cold)
+    time.sleep(2 * KEEP_LISTING_S)  # B's listing keeper reads it in the meantime (nothing asks B about it)
     fleet.postgres.stop()
     try:
         down = time.monotonic()
+        assert text(fleet.b.url, cold) == cold_text  # from B's last listing, its files fetched from the bucket
         while time.monotonic() - down < OUTAGE_S:
             for (url, model), answer in known.items():
                 assert text(url, model) == answer, (url, model)
-        for response in (set_alias(fleet.a.url, name, "stable", new), httpx.get(f"{fleet.b.url}/v1/models")):
+        listed = httpx.get(f"{fleet.b.url}/v1/models", timeout=30)  # the last listing, not a 503
+        assert listed.status_code == 200, listed.text
+        assert {name, cold, "code"} <= {card["id"] for card in listed.json()["data"]}
+        for response in (set_alias(fleet.a.url, name, "stable", new), generate(fleet.b.url, unique("unknown"))):
             assert response.status_code == 503, response.text  # a clear retry-later, never a 500
             error = response.json()["error"]
             assert error["code"] == "registry_unavailable" and error["type"] == "ServiceUnavailableError", error
@@ -312,6 +360,19 @@ def test_a_pin_through_one_replica_is_loaded_by_the_other_within_a_second(fleet:
         print(f"\nfleet: a pin through A was in B's engine {delay * 1000:.0f} ms after A acknowledged it")
     finally:
         assert httpx.delete(f"{fleet.a.url}/v1/adapters/{name}@{version}/pin", timeout=60).status_code == 200
+
+
+def test_an_unpin_through_one_replica_releases_the_pin_everywhere_and_unloads_nothing(fleet: Fleet) -> None:
+    name = unique("unpinned")
+    version = upload(fleet, fleet.a.url, name, "code")
+    assert httpx.put(f"{fleet.a.url}/v1/adapters/{name}@{version}/pin", timeout=60).status_code == 200
+    until(lambda: bool(engine_tiers(fleet.b.url, name, version)), time.monotonic(), 10.0, "B preloading the pin")
+    response = httpx.delete(f"{fleet.a.url}/v1/adapters/{name}@{version}/pin", timeout=60)
+    acknowledged = time.monotonic()
+    assert response.status_code == 200 and not response.json()["pinned"], response.text
+    until(lambda: not pinned(fleet.b.url, name, version), acknowledged, PROPAGATION_BOUND_S, "unpin on B")
+    time.sleep(PROPAGATION_BOUND_S)  # longer than any engine event takes to act on B
+    assert engine_tiers(fleet.b.url, name, version), "an unpin must release the version, not unload it"
 
 
 @pytest.mark.parametrize("action", ["unload", "delete"])

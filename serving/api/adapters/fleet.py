@@ -8,6 +8,15 @@ change feed hears the other replicas' events on its own thread;
 drops that version from this engine, as the local unload does; ``preload``
 loads the version if the registry still has it pinned, as the local pin does.
 
+An unpin sends no event, by design: no replica's engine holds a pin of its
+own (a pinned version is preloaded, then the engine's LRU may evict it like
+any other), so the only thing a pin holds on every replica, the version's
+files against disk-cache eviction, is the registry's flag, which every
+replica's disk cache reads when it evicts (the last listing's flags during a
+registry outage). An unpin through any replica therefore releases the
+version everywhere as it commits, and unloads it nowhere; a ``preload`` still
+queued here finds the version unpinned and does nothing.
+
 Events travel on PostgreSQL's NOTIFY, which is not durable: an event sent
 while this replica was not listening is lost. Whenever that may have happened
 (the feed connected again) the feed says so, and this replica preloads every

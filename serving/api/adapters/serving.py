@@ -229,7 +229,8 @@ class AdaptersServing:
 
     async def pin(self, ref: str, pinned: bool) -> VersionView:
         """Pinned: kept on disk on every replica (the registry's flag) and loaded now, here and on every other
-        replica (an engine event, :mod:`serving.api.adapters.fleet`), like pins at start-up."""
+        replica (an engine event, :mod:`serving.api.adapters.fleet`), like pins at start-up. Unpinned: released
+        on every replica by that same flag, and unloaded nowhere (see :mod:`serving.api.adapters.fleet`)."""
         version = await self._store(self.store.pin, ref, pinned)
         if pinned:
             await self.probe.preload(version)

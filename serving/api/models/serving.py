@@ -42,8 +42,9 @@ class ModelsServing:
         ones and its tenant's), with versions; built and serialized in a worker thread, since at thousands of
         adapters neither belongs on the event loop.
 
-        While the registry is unreachable it answers 503 ``registry_unavailable``: a list as last read could
-        name deleted adapters or miss new ones."""
+        While the registry is unreachable it answers from the listing as last read (kept current within about
+        a second by the store): the adapters this replica still serves then. It may name an adapter deleted, or
+        miss one registered, during the outage. 503 ``registry_unavailable`` only if this replica never listed."""
         try:
             return await asyncio.to_thread(lambda: self._list(principal).model_dump_json().encode())
         except AdapterStoreError as e:

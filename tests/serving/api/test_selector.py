@@ -18,8 +18,9 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from adapter_store import AdapterStore, RegistryUnavailable, ServedAdapter
+from adapter_store.changes import SqliteChanges
 from serving.api.auth import OPEN_PRINCIPAL, Principal
-from serving.api.errors import AdapterUnavailableError, ModelNotFoundError
+from serving.api.errors import AdapterUnavailableError, ModelNotFoundError, RegistryUnavailableError
 from serving.api.selector import FALLBACK_HEADER, FALLBACK_REASON_HEADER, AdapterSelector
 from serving.config import load_settings
 from serving.engine import AdapterLoadFailed
@@ -357,6 +358,50 @@ async def test_a_health_record_lost_to_a_registry_outage_is_logged_not_the_answe
     world.store.delete("medical")  # no lease left behind
 
 
+class _RegistryDown:
+    """Every registry call fails as an unreachable PostgreSQL does."""
+
+    def __getattr__(self, name: str) -> object:
+        def down(*args: object, **kwargs: object) -> None:
+            raise RegistryUnavailable(f"the adapter registry database cannot be reached ({name})")
+
+        return down
+
+
+OUTAGE = [  # (caller, model, the adapter it gets or None for the registry 503)
+    (HOSPITAL, "medical", "medical"),
+    (HOSPITAL, "public@latest", "public"),
+    (ADMIN, "legal", "legal"),
+    (HOSPITAL, "legal", None),  # another tenant's name: refused exactly as an unknown one, never a 404
+    (LAWFIRM, "medical@latest", None),
+    (HOSPITAL, "no-such-adapter", None),
+]
+
+
+@pytest.mark.parametrize(("caller", "model", "served"), OUTAGE)
+async def test_a_registry_outage_serves_every_listed_adapter_and_refuses_the_rest_alike(
+    world: World, monkeypatch: pytest.MonkeyPatch, caller: Principal, model: str, served: str | None
+) -> None:
+    """The last listing (a fleet replica keeps it read) is what an outage serves, files fetched as usual."""
+    world.store.entries()
+    for name in OWNERS:  # not on this replica's disk: the lease fetches them from their source
+        world.store._cache.remove(world.store.version(name).version)
+    monkeypatch.setattr(SqliteChanges, "outage", 1)  # the feed knows: nothing waits for a connection attempt
+    monkeypatch.setattr(world.store, "_registry", _RegistryDown())
+    if served is None:
+        with pytest.raises(RegistryUnavailableError) as refused:  # the API's 503 registry_unavailable
+            await world.selector.acquire(model, caller)
+        assert refused.value.message == world.store._catalog._unreachable("looked up").message
+        assert refused.value.message.count("medical") == refused.value.message.count("legal") == 0
+        return
+    resolution = await world.selector.acquire(model, caller)
+    try:
+        assert resolution.adapter is not None and resolution.adapter.name == served
+        assert (resolution.adapter.path / "adapter_config.json").is_file()
+    finally:
+        world.selector.release(resolution)
+
+
 @store_settings(on_demand=True, fallback="base")
 async def test_a_registry_outage_during_an_on_demand_lookup_is_a_registry_503_not_a_fallback(
     world: World, monkeypatch: pytest.MonkeyPatch
@@ -368,7 +413,7 @@ async def test_a_registry_outage_during_an_on_demand_lookup_is_a_registry_503_no
 
     monkeypatch.setattr(world.store, "version", registry_down)
     before = counter(world.metrics.fallbacks, UNKNOWN_LABEL, "registry_unavailable")
-    with pytest.raises(RegistryUnavailable):
+    with pytest.raises(RegistryUnavailableError):  # the API's 503, not a 500
         await world.selector.acquire("fresh", HOSPITAL)
     assert counter(world.metrics.fallbacks, UNKNOWN_LABEL, "registry_unavailable") == before
 

@@ -12,9 +12,10 @@ import pytest
 from fastapi import FastAPI, Request
 from fastapi.testclient import TestClient
 
-from adapter_store import AdapterStore
+from adapter_store import AdapterStore, RegistryUnavailable
+from adapter_store.changes import SqliteChanges
 from serving.api.auth import OPEN_PRINCIPAL, Principal
-from serving.api.errors import install_error_handlers
+from serving.api.errors import RegistryUnavailableError, install_error_handlers
 from serving.api.models.api_router import attach_router
 from serving.api.models.protocol import ModelList
 from serving.api.models.serving import ModelsServing
@@ -115,3 +116,26 @@ def test_the_route_sends_the_listing_as_openai_shaped_json(served) -> None:
     assert {m["object"] for m in body["data"]} == {"model"}
     schema = app.openapi()["paths"]["/v1/models"]["get"]["responses"]["200"]["content"]["application/json"]["schema"]
     assert schema == {"$ref": "#/components/schemas/ModelList"}
+
+
+def test_a_registry_outage_answers_from_the_last_listing_with_the_same_visibility(
+    served, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Even after a change the outage kept this replica from reading: the last listing, not a 503."""
+    serving, store, volume = served
+    before = {caller: listed(serving, caller) for caller in (ADMIN, HOSPITAL, NOBODY)}
+    store.register(str(write_adapter(volume / "fresh", seed=7)), "fresh")  # the listing is stale now
+
+    def down(*args: object, **kwargs: object) -> None:
+        raise RegistryUnavailable("the adapter registry database cannot be reached")
+
+    monkeypatch.setattr(SqliteChanges, "outage", 1)
+    monkeypatch.setattr("adapter_store.registry_db.Database.read", down)
+    assert {caller: listed(serving, caller) for caller in before} == before
+
+
+def test_a_registry_outage_before_any_listing_is_a_registry_503(served, monkeypatch: pytest.MonkeyPatch) -> None:
+    serving, _, _ = served
+    monkeypatch.setattr(SqliteChanges, "outage", 1)
+    with pytest.raises(RegistryUnavailableError):
+        listed(serving, ADMIN)
