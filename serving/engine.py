@@ -12,8 +12,8 @@ between two engine steps, so first the worker builds the adapter in a
 background thread (``serving.lora_residency``'s prefetch, polled every
 :data:`PREFETCH_POLL_S`) and ``add_lora`` then takes the built adapter: the
 other requests' tokens wait only for the host-cache insert and the slot copy,
-not for reading and converting the files. ``add_lora`` is a utility call: ``EngineCoreProc._invoke_utility_method`` (vllm/v1/engine/core.py)
-catches the exception and returns it as ``UtilityOutput.failure_message``, and
+not for reading and converting the files. ``add_lora`` is a utility call:
+``EngineCoreProc._invoke_utility_method`` (vllm/v1/engine/core.py) catches the exception and returns it as ``UtilityOutput.failure_message``, and
 ``_process_utility_output`` (core_client.py) raises it on the caller's future,
 so a refused adapter fails this one call and the engine keeps running. A
 LoRA load that fails inside the engine-core *step* (the path a request takes

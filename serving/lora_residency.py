@@ -65,11 +65,14 @@ class LoraResidencyExtension:
 
         Plain values, not a ``LoRARequest``: ``collective_rpc`` arguments
         reach the worker as plain data. A second call for an id in flight or
-        ready does nothing.
+        ready, or for an id the host cache holds, does nothing.
         """
         from vllm.lora.request import LoRARequest
 
         loader = self._loraserve_loader()
+        loader.drop_stale()
+        if lora_int_id in loader.manager.list_adapters():  # in the host cache: add_lora will only touch it
+            return
         with loader.lock:
             if lora_int_id not in loader.loads:
                 request = LoRARequest(lora_name=lora_name, lora_int_id=lora_int_id, lora_path=lora_path)
@@ -101,12 +104,21 @@ class _Loader:
     """
 
     def __init__(self, manager: Any) -> None:
+        self.manager = manager
         self.lock = threading.Lock()
         self.loads: dict[int, tuple[str, Future[Any]]] = {}
         # One thread: loads queue up rather than take more cores from the engine.
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="loraserve-lora-load", initializer=_lower_priority)
         self.load = manager._load_adapter  # vLLM's own: every check it makes runs in the background too
         manager._load_adapter = self.hand_over
+
+    def drop_stale(self) -> None:
+        """Forget finished builds of ids the host cache holds: the step loaded them itself meanwhile, and
+        ``add_lora`` of a cached id never calls ``_load_adapter``, so nothing else would free them."""
+        cached = self.manager.list_adapters()
+        with self.lock:
+            for lora_id in [i for i, (_, built) in self.loads.items() if i in cached and built.done()]:
+                del self.loads[lora_id]
 
     def hand_over(self, lora_request: Any) -> Any:
         """vLLM's ``_load_adapter``, answered from a background load when one was started for these files."""

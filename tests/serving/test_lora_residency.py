@@ -51,6 +51,7 @@ class _Manager(WorkerLoRAManager):
                 "gate_up_proj": ["gate_proj", "up_proj"],
             },
             model=SimpleNamespace(),
+            list_adapters=lambda: self.cached,
             moe_ep_load_spec=None,
             _validate_moe_lora_format=lambda lora: None,
             _validate_modules_to_save=lambda lora: None,
@@ -58,6 +59,7 @@ class _Manager(WorkerLoRAManager):
         )
         self.gate = threading.Event()
         self.threads: list[int] = []
+        self.cached: set[int] = set()  # the ids in the host cache
 
     def _load_adapter(self, lora_request: LoRARequest) -> LoRAModel:
         self.threads.append(threading.get_ident())
@@ -171,3 +173,18 @@ def test_a_load_nobody_prefetched_or_for_other_files_runs_in_the_step(tmp_path: 
     reload = worker.manager._load_adapter(_request("legal", 9, legal))  # same id, other files: never the prefetch
     assert reload.id == 9 and threading.get_ident() in worker.manager.threads
     assert worker.manager._load_adapter(_request("code", 10, code)).id == 10  # never prefetched: loads here
+
+
+def test_an_id_in_the_host_cache_is_not_built_again_and_a_build_the_step_overtook_is_dropped() -> None:
+    worker = _Worker()
+    worker.manager.gate.set()
+    code = DEMO / "adapters" / "code"
+    worker.manager.cached = {4}
+    worker.loraserve_prefetch_lora("code", 4, str(code))  # add_lora of a cached id only touches it
+    assert worker.manager.threads == [] and worker._loraserve_lora_loader.loads == {}
+    worker.loraserve_prefetch_lora("code", 8, str(code))
+    _wait_done(worker, 8)
+    worker.manager.cached = {4, 8}  # the step loaded 8 itself before add_lora came: add_lora will not take it
+    worker.loraserve_prefetch_lora("legal", 11, str(DEMO / "adapters" / "legal"))
+    _wait_done(worker, 11)
+    assert set(worker._loraserve_lora_loader.loads) == {11}  # 8's model is no longer held
