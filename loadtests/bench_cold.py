@@ -3,10 +3,11 @@
     python -m loadtests.bench_cold [--quick] [--out results/bench_cold.json]
 
 A request for an adapter the engine has never loaded makes vLLM read it from
-disk and build its tensors (``add_lora``, which ``serving.engine`` calls
-before the first request, or the step itself for a reload): both run in the
-engine-core loop between two steps, so every other request's next token
-waits for them. This measures that, through the real server.
+disk, build its tensors and copy them into a LoRA slot. ``serving.engine``
+has the worker build them in a background thread first; the ``add_lora``
+that follows (and the step itself, for a reload after an eviction) runs in
+the engine-core loop between two steps, so every other request's next token
+waits for what is left of it. This measures that, through the real server.
 
 **Set-up.** A Llama-shaped synthetic base (``checkpoints.synthetic``, 58M
 parameters, cached under ``--cache-dir``; the demo tokenizer) and PEFT LoRA
