@@ -3,10 +3,11 @@
     python -m loadtests.bench_cold [--quick] [--out results/bench_cold.json]
 
 A request for an adapter the engine has never loaded makes vLLM read it from
-disk and build its tensors (``add_lora``, which ``serving.engine`` calls
-before the first request, or the step itself for a reload): both run in the
-engine-core loop between two steps, so every other request's next token
-waits for them. This measures that, through the real server.
+disk, build its tensors and copy them into a LoRA slot. ``serving.engine``
+has the worker build them in a background thread first; the ``add_lora``
+that follows (and the step itself, for a reload after an eviction) runs in
+the engine-core loop between two steps, so every other request's next token
+waits for what is left of it. This measures that, through the real server.
 
 **Set-up.** A Llama-shaped synthetic base (``checkpoints.synthetic``, 58M
 parameters, cached under ``--cache-dir``; the demo tokenizer) and PEFT LoRA
@@ -50,11 +51,11 @@ import httpx
 import numpy as np
 import yaml
 
+from adapter_store import BaseModelSpec
 from loadtests.machine import machine_info
 from loadtests.process import free_port, running_server
 
 ROOT = Path(__file__).resolve().parents[1]
-TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 SOURCES = ("local", "s3")
 BUCKET = "bench-cold"
 PROMPT = "Write a short note about the weather today and what to do in the afternoon."
@@ -62,41 +63,24 @@ MB = 1 << 20
 
 
 # ------------------------------------------------------------------ adapters
-def module_shapes(config: dict) -> dict[str, tuple[int, int]]:
-    """(in, out) features of each LoRA target of one Llama decoder layer, from the model's ``config.json``."""
-    hidden, inter = config["hidden_size"], config["intermediate_size"]
-    head_dim = config.get("head_dim") or hidden // config["num_attention_heads"]
-    q_out = config["num_attention_heads"] * head_dim
-    kv_out = config.get("num_key_value_heads", config["num_attention_heads"]) * head_dim
-    return {
-        "q_proj": (hidden, q_out),
-        "k_proj": (hidden, kv_out),
-        "v_proj": (hidden, kv_out),
-        "o_proj": (q_out, hidden),
-        "gate_proj": (hidden, inter),
-        "up_proj": (hidden, inter),
-        "down_proj": (inter, hidden),
-    }
-
-
-def bytes_per_rank(config: dict, dtype_bytes: int = 4) -> int:
+def bytes_per_rank(base: BaseModelSpec, dtype_bytes: int = 4) -> int:
     """Bytes one unit of rank adds to an adapter on every target of every layer: sum(in + out) x layers x dtype."""
-    per_layer = sum(i + o for i, o in module_shapes(config).values())
-    return per_layer * config["num_hidden_layers"] * dtype_bytes
+    per_layer = sum(i + o for i, o in base.module_shapes().values())
+    return per_layer * base.num_hidden_layers * dtype_bytes
 
 
-def rank_for(size_bytes: int, config: dict) -> int:
-    return max(1, round(size_bytes / bytes_per_rank(config)))
+def rank_for(size_bytes: int, base: BaseModelSpec) -> int:
+    return max(1, round(size_bytes / bytes_per_rank(base)))
 
 
-def write_adapter(out: Path, config: dict, *, rank: int, seed: int, base_name: str) -> Path:
+def write_adapter(out: Path, base: BaseModelSpec, *, rank: int, seed: int, base_name: str) -> Path:
     """A PEFT LoRA adapter (float32 safetensors, all seven targets, small random A and B) in ``out``."""
     from safetensors.numpy import save_file
 
     rng = np.random.default_rng(seed)
     tensors = {}
-    for layer in range(config["num_hidden_layers"]):
-        for module, (n_in, n_out) in module_shapes(config).items():
+    for layer in range(base.num_hidden_layers):
+        for module, (n_in, n_out) in base.module_shapes().items():
             part = "self_attn" if module in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
             key = f"base_model.model.model.layers.{layer}.{part}.{module}"
             tensors[f"{key}.lora_A.weight"] = (rng.standard_normal((rank, n_in)) * 0.01).astype(np.float32)
@@ -104,7 +88,7 @@ def write_adapter(out: Path, config: dict, *, rank: int, seed: int, base_name: s
     out.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out / "adapter_model.safetensors"))
     meta = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": rank, "lora_dropout": 0.0,
-            "bias": "none", "target_modules": list(TARGETS), "base_model_name_or_path": base_name,
+            "bias": "none", "target_modules": list(base.module_shapes()), "base_model_name_or_path": base_name,
             "fan_in_fan_out": False, "inference_mode": True}  # fmt: skip
     (out / "adapter_config.json").write_text(json.dumps(meta, indent=2))
     return out
@@ -306,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     demo = build_demo_assets(ROOT / ".demo")
     model = build_model(Path(args.cache_dir) / "model")
-    model_config = json.loads((model / "config.json").read_text())
+    base = BaseModelSpec.from_config(model / "config.json", ["bench-cold-base"])
     load_before = os.getloadavg()
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # moto's server logs every S3 request otherwise
     os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1")
@@ -320,17 +304,17 @@ def main(argv: list[str] | None = None) -> int:
         boto3.client("s3", endpoint_url=s3_url, region_name="us-east-1").create_bucket(Bucket=BUCKET)
         with tempfile.TemporaryDirectory(prefix="bench-cold-") as tmp:
             local = Path(tmp) / "adapters"
-            write_adapter(local / "hot", model_config, rank=16, seed=0, base_name="bench-cold-base")
+            write_adapter(local / "hot", base, rank=16, seed=0, base_name="bench-cold-base")
             cold: dict[tuple[int, str], list[str]] = {}
             seed = 1
             for size_mb in args.sizes_mb:
-                rank = rank_for(size_mb * MB, model_config)
+                rank = rank_for(size_mb * MB, base)
                 for source in SOURCES:
                     for repeat in range(args.repeats):
                         name = f"cold-{source}-{size_mb}mb-{repeat}"
                         seed += 1
                         where = local if source == "local" else Path(tmp) / "s3"
-                        written = write_adapter(where / name, model_config, rank=rank, seed=seed,
+                        written = write_adapter(where / name, base, rank=rank, seed=seed,
                                                 base_name="bench-cold-base")  # fmt: skip
                         if source == "s3":
                             upload(written, s3_url, "adapters/")
@@ -353,8 +337,8 @@ def main(argv: list[str] | None = None) -> int:
         "settings": {
             **{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
             "model": str(model),
-            "bytes_per_rank": bytes_per_rank(model_config),
-            "ranks": {size: rank_for(size * MB, model_config) for size in args.sizes_mb},
+            "bytes_per_rank": bytes_per_rank(base),
+            "ranks": {size: rank_for(size * MB, base) for size in args.sizes_mb},
         },  # fmt: skip
         "measured": measured,
     }

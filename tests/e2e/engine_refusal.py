@@ -1,10 +1,14 @@
-"""Offer the real engine an adapter its loader refuses, first through ``add_lora``, then through a request.
+"""Offer the real engine an adapter its loader refuses, first through ``add_lora``, then through a request;
+and one whose load cannot finish until the script lets it, to see the engine serve while it loads.
 
 Used by test_engine_refusal.py in a subprocess (the last step kills the
-engine): ``python tests/e2e/engine_refusal.py CONFIG REFUSED_DIR`` prints one
-JSON object. The refused adapter is handed to the engine directly, as if the
-store's validation had a gap: what is checked here is the engine wrapper's
-own guard, the layer under validation.
+engine): ``python -m tests.e2e.engine_refusal CONFIG REFUSED_DIR GATED_DIR``
+prints one JSON object. The refused adapter is handed to the engine directly,
+as if the store's validation had a gap: what is checked here is the engine
+wrapper's own guard, the layer under validation. ``GATED_DIR``'s
+``adapter_config.json`` is a named pipe: the worker's read of it blocks until
+this script writes the config into it, so a load that ran inside the engine
+step would stop every other request until then.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import tempfile
 from pathlib import Path
 
 MAX_TOKENS = 4
+WHILE_LOADING_S = 120.0  # the base request's limit while the gated load waits; it needs a second or two
 
 
 async def tokens(engine, adapter, prompt_ids: list[int], request_id: str) -> list[int]:
@@ -31,7 +36,25 @@ async def tokens(engine, adapter, prompt_ids: list[int], request_id: str) -> lis
     return out
 
 
-async def main(config_path: Path, refused_dir: Path) -> dict:
+async def gated_load(engine, gated, prompt_ids: list[int], config: str) -> dict:
+    """Start the gated adapter's load, serve a base request meanwhile, then open the gate and use the adapter."""
+    load = asyncio.ensure_future(engine.ensure_loaded(gated))
+    result: dict = {}
+    try:
+        result["base_while_loading"] = await asyncio.wait_for(
+            tokens(engine, None, prompt_ids, "base-while-loading"), WHILE_LOADING_S
+        )
+    except TimeoutError:
+        result["base_while_loading"] = "blocked"
+    result["load_pending_meanwhile"] = not load.done()
+    # Opening the pipe for writing waits for its reader: the worker's load, started above.
+    await asyncio.to_thread((gated.path / "adapter_config.json").write_text, config)
+    await load
+    result["gated"] = await tokens(engine, gated, prompt_ids, "gated")
+    return result
+
+
+async def main(config_path: Path, refused_dir: Path, gated_dir: Path) -> dict:
     from adapter_store import ServedAdapter
     from serving.config import load_settings
     from serving.engine import AdapterLoadFailed, LoraEngine
@@ -43,6 +66,7 @@ async def main(config_path: Path, refused_dir: Path) -> dict:
     engine = LoraEngine(settings)
     await engine.start()
     refused = ServedAdapter(name="refused", version="f" * 64, path=refused_dir)
+    gated = ServedAdapter(name="gated", version="e" * 64, path=gated_dir)
     result: dict = {}
     try:
         ids = engine.llm.get_tokenizer().encode("The")
@@ -56,6 +80,8 @@ async def main(config_path: Path, refused_dir: Path) -> dict:
         result["ready_after_guard"] = engine.ready
         result["base"] = await tokens(engine, None, ids, "base")
         result["code"] = await tokens(engine, good, ids, "code")
+        good_config = (good.path / "adapter_config.json").read_text()
+        result |= await gated_load(engine, gated, ids, good_config)
         # Without the guard: the request itself makes the engine load the adapter inside its step.
         try:
             await tokens(engine, refused, ids, "unguarded")
@@ -71,4 +97,4 @@ async def main(config_path: Path, refused_dir: Path) -> dict:
 
 
 if __name__ == "__main__":
-    print("RESULT " + json.dumps(asyncio.run(main(Path(sys.argv[1]), Path(sys.argv[2])))))
+    print("RESULT " + json.dumps(asyncio.run(main(*map(Path, sys.argv[1:4])))))

@@ -4,10 +4,17 @@ from __future__ import annotations
 
 import pytest
 
+from adapter_store import BaseModelSpec
 from loadtests.bench_cold import MB, bytes_per_rank, gaps_in, itl_stats, parse_args, rank_for, write_adapter
 
-LLAMA = {"hidden_size": 64, "intermediate_size": 160, "num_hidden_layers": 3, "num_attention_heads": 4,
-         "num_key_value_heads": 2, "head_dim": 16}  # fmt: skip
+
+def _llama(hidden: int, inter: int, layers: int, heads: int, kv_heads: int, head_dim: int) -> BaseModelSpec:
+    return BaseModelSpec(names=frozenset({"b"}), model_type="llama", hidden_size=hidden, intermediate_size=inter,
+                         num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim,
+                         num_hidden_layers=layers)  # fmt: skip
+
+
+LLAMA = _llama(hidden=64, inter=160, layers=3, heads=4, kv_heads=2, head_dim=16)
 
 
 @pytest.mark.parametrize("rank", [1, 8, 40])
@@ -20,8 +27,7 @@ def test_an_adapter_is_as_large_as_its_rank_says(tmp_path, rank: int) -> None:
 
 @pytest.mark.parametrize(("size_mb", "rank"), [(4, 13), (16, 54), (64, 216)])
 def test_the_rank_gives_the_asked_size(size_mb: int, rank: int) -> None:
-    synthetic = {"hidden_size": 512, "intermediate_size": 1536, "num_hidden_layers": 8, "num_attention_heads": 8,
-                 "num_key_value_heads": 4, "head_dim": 64}  # fmt: skip  # checkpoints.synthetic.ModelShape
+    synthetic = _llama(hidden=512, inter=1536, layers=8, heads=8, kv_heads=4, head_dim=64)  # checkpoints.synthetic
     assert rank_for(size_mb * MB, synthetic) == rank
     assert abs(rank * bytes_per_rank(synthetic) - size_mb * MB) / (size_mb * MB) < 0.05
 

@@ -1,9 +1,12 @@
-"""The engine wrapper: each version is loaded once through ``add_lora`` before requests reach it, and
-``max_cpu_loras`` sizes vLLM's host adapter cache from ``store.memory_budget_bytes``.
+"""The engine wrapper: each version is built in the worker's background thread, then loaded once through
+``add_lora`` before requests reach it, and ``max_cpu_loras`` sizes vLLM's host adapter cache from
+``store.memory_budget_bytes``.
 
 The engine here is a stand-in with vLLM's ``add_lora`` contract (an awaitable
-that raises when the adapter is refused); the real engine path, a refused
-adapter that leaves the server serving, is in tests/e2e/test_security_tenants.py.
+that raises when the adapter is refused) and the worker extension's prefetch
+RPCs (``collective_rpc``); the worker side runs for real in
+tests/serving/test_lora_residency.py, and the real engine path, a refused
+adapter that leaves the server serving, in tests/e2e/test_security_tenants.py.
 """
 
 from __future__ import annotations
@@ -17,19 +20,36 @@ import yaml
 from adapter_store import ServedAdapter
 from serving.config import ConfigError, load_settings
 from serving.engine import AdapterLoadFailed, LoraEngine
+from serving.lora_residency import PREFETCH_DONE_METHOD, PREFETCH_METHOD
 from serving.sizing import Hardware, resolve_sizing
 from tests.serving.test_store import write_config
 
 
 class _Engine:
-    """What LoraEngine uses of vLLM's AsyncLLM for loading: add_lora (slow, refusing ``bad``) and errored."""
+    """What LoraEngine uses of vLLM's AsyncLLM for loading: the prefetch RPCs, add_lora (refusing ``bad``), errored.
 
-    def __init__(self) -> None:
+    A background load takes ``polls`` asks of ``loraserve_prefetch_done``; ``log`` records every call in order.
+    """
+
+    def __init__(self, polls: int = 2) -> None:
         self.calls: list[str] = []
+        self.log: list[tuple[str, object]] = []
         self.errored = False
+        self.polls = polls
+        self._asked: dict[int, int] = {}
+
+    async def collective_rpc(self, method: str, args: tuple = ()) -> list:
+        self.log.append((method, args))
+        if method == PREFETCH_METHOD:
+            self._asked[args[1]] = 0
+            return [None]
+        assert method == PREFETCH_DONE_METHOD
+        self._asked[args[0]] += 1
+        return [self._asked[args[0]] >= self.polls]
 
     async def add_lora(self, request) -> bool:
         self.calls.append(request.lora_name)
+        self.log.append(("add_lora", request.lora_int_id))
         await asyncio.sleep(0.05)
         if request.lora_name == "bad":
             raise Exception("Call to add_lora method failed: Adapter bias is not supported.")
@@ -56,6 +76,19 @@ def test_concurrent_first_requests_share_one_load_and_later_ones_none(tmp_path: 
 
     asyncio.run(run())
     assert fake.calls == ["good"] and engine._loading == {}
+
+
+def test_add_lora_comes_after_the_background_load_finished(tmp_path: Path) -> None:
+    engine, fake = _engine(tmp_path)
+    fake.polls = 3
+    adapter = _adapter("good")
+    asyncio.run(engine.ensure_loaded(adapter))
+    lora_id = engine.lora_request(adapter).lora_int_id
+    assert fake.log == [
+        (PREFETCH_METHOD, ("good", lora_id, str(adapter.path))),
+        *[(PREFETCH_DONE_METHOD, (lora_id,))] * 3,
+        ("add_lora", lora_id),
+    ]
 
 
 def test_a_refused_load_fails_every_waiting_caller_and_is_tried_again_later(tmp_path: Path) -> None:

@@ -1,0 +1,190 @@
+"""The worker extension's loads off the engine step (``serving.lora_residency``), with vLLM's own ``_load_adapter``.
+
+vLLM's ``WorkerLoRAManager._load_adapter`` runs for real on the demo adapters
+(reading the safetensors, vLLM's PEFT checks, building the ``LoRAModel``); only
+the model-manager attributes it reads are given here, as a tiny Llama's LoRA
+manager has them. The engine path (``collective_rpc`` into the worker, the
+``add_lora`` after it) is in tests/e2e/test_adapter_cache.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import threading
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import torch
+
+from serving.lora_residency import LOADER_NICE, LoraResidencyExtension
+
+pytest.importorskip("vllm")
+from vllm.config.lora import LoRAConfig
+from vllm.lora.lora_model import LoRAModel
+from vllm.lora.request import LoRARequest
+from vllm.lora.worker_manager import WorkerLoRAManager
+
+DEMO = Path(__file__).resolve().parents[2] / ".demo"
+TIMEOUT_S = 30.0
+
+
+class _Manager(WorkerLoRAManager):
+    """vLLM's worker LoRA manager with the attributes ``_load_adapter`` reads, no model behind it.
+
+    ``gate`` holds every load until the test opens it; ``threads`` records which thread each load ran on.
+    """
+
+    def __init__(self) -> None:  # vLLM's __init__ wants a whole VllmConfig; _load_adapter reads these only
+        self._lora_model_cls = LoRAModel
+        self.lora_config = LoRAConfig(max_lora_rank=16, max_loras=2, lora_dtype=torch.float32)
+        self.max_position_embeddings = 2048
+        self.vocab_size = 2048
+        self._adapter_manager = SimpleNamespace(
+            supported_lora_modules=["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
+            packed_modules_mapping={
+                "qkv_proj": ["q_proj", "k_proj", "v_proj"],
+                "gate_up_proj": ["gate_proj", "up_proj"],
+            },
+            model=SimpleNamespace(),
+            list_adapters=lambda: self.cached,
+            moe_ep_load_spec=None,
+            _validate_moe_lora_format=lambda lora: None,
+            _validate_modules_to_save=lambda lora: None,
+            _validate_token_classification_lora=lambda lora: None,
+        )
+        self.gate = threading.Event()
+        self.threads: list[int] = []
+        self.cached: set[int] = set()  # the ids in the host cache
+
+    def _load_adapter(self, lora_request: LoRARequest) -> LoRAModel:
+        self.threads.append(threading.get_ident())
+        assert self.gate.wait(TIMEOUT_S)
+        return super()._load_adapter(lora_request)
+
+
+class _Worker(LoraResidencyExtension):
+    def __init__(self) -> None:
+        self.model_runner = SimpleNamespace(lora_manager=_Manager())
+
+    @property
+    def manager(self) -> _Manager:
+        return self.model_runner.lora_manager
+
+
+def _request(name: str, lora_id: int, path: Path) -> LoRARequest:
+    return LoRARequest(lora_name=name, lora_int_id=lora_id, lora_path=str(path))
+
+
+def _prefetch(worker: _Worker, request: LoRARequest) -> None:
+    """The RPC, which must return while the load is still held at the gate."""
+    done = threading.Event()
+    threading.Thread(target=lambda: (worker.loraserve_prefetch_lora(*_args(request)), done.set())).start()
+    assert done.wait(5.0), "loraserve_prefetch_lora waited for the load: it ran on the engine's thread"
+
+
+def _args(request: LoRARequest) -> tuple[str, int, str]:
+    return request.lora_name, request.lora_int_id, request.lora_path
+
+
+def _wait_done(worker: _Worker, lora_id: int) -> None:
+    deadline = time.monotonic() + TIMEOUT_S
+    while not worker.loraserve_prefetch_done(lora_id):
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+
+
+def _corrupt(tmp_path: Path) -> Path:
+    bad = tmp_path / "corrupt"
+    shutil.copytree(DEMO / "adapters" / "code", bad)
+    weights = bad / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # a header cut short
+    return bad
+
+
+def _biased(tmp_path: Path) -> Path:
+    bad = tmp_path / "biased"
+    shutil.copytree(DEMO / "adapters" / "code", bad)
+    config = json.loads((bad / "adapter_config.json").read_text())
+    (bad / "adapter_config.json").write_text(json.dumps({**config, "bias": "all"}))
+    return bad
+
+
+def test_the_adapter_is_built_off_the_calling_thread_and_handed_to_the_step() -> None:
+    worker = _Worker()
+    request = _request("code", 7, DEMO / "adapters" / "code")
+    _prefetch(worker, request)
+    assert worker.loraserve_prefetch_done(7) is False  # still loading, and the RPC already answered
+    worker.manager.gate.set()
+    _wait_done(worker, 7)
+    model = worker.manager._load_adapter(request)  # what add_lora calls inside the step: now the handoff
+    assert isinstance(model, LoRAModel) and model.id == 7 and model.loras  # vLLM built it from the files
+    assert worker.manager.threads and threading.get_ident() not in worker.manager.threads
+    assert len(worker.manager.threads) == 1  # the step did not read the files again
+    assert worker.loraserve_prefetch_done(7) is True  # handed over: nothing left pending
+
+
+def test_the_loading_thread_runs_at_the_lowest_priority() -> None:
+    worker = _Worker()
+    worker.manager.gate.set()
+    nice: list[int] = []
+    original = worker.manager._load_adapter
+
+    def spy(request: LoRARequest) -> Any:  # wraps the load the extension runs in its thread
+        nice.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+        return original(request)
+
+    worker.manager._load_adapter = spy  # type: ignore[method-assign,assignment]
+    worker.loraserve_prefetch_lora("code", 3, str(DEMO / "adapters" / "code"))
+    _wait_done(worker, 3)
+    assert nice == [LOADER_NICE]
+
+
+@pytest.mark.parametrize(
+    ("make_bad", "message"),
+    [(_corrupt, "header"), (_biased, "Adapter bias is not supported")],
+)
+def test_a_bad_adapter_fails_the_step_load_with_vllms_error_and_the_next_load_still_works(
+    tmp_path: Path, make_bad, message: str
+) -> None:
+    worker = _Worker()
+    worker.manager.gate.set()
+    bad = _request("bad", 5, make_bad(tmp_path))
+    worker.loraserve_prefetch_lora(*_args(bad))
+    _wait_done(worker, 5)
+    with pytest.raises(Exception, match=message):  # raised where add_lora's own load would raise it
+        worker.manager._load_adapter(bad)
+    good = _request("code", 6, DEMO / "adapters" / "code")
+    worker.loraserve_prefetch_lora(*_args(good))
+    _wait_done(worker, 6)
+    assert worker.manager._load_adapter(good).id == 6
+
+
+def test_a_load_nobody_prefetched_or_for_other_files_runs_in_the_step(tmp_path: Path) -> None:
+    worker = _Worker()
+    worker.manager.gate.set()
+    code, legal = DEMO / "adapters" / "code", DEMO / "adapters" / "legal"
+    worker.loraserve_prefetch_lora("code", 9, str(code))
+    _wait_done(worker, 9)
+    reload = worker.manager._load_adapter(_request("legal", 9, legal))  # same id, other files: never the prefetch
+    assert reload.id == 9 and threading.get_ident() in worker.manager.threads
+    assert worker.manager._load_adapter(_request("code", 10, code)).id == 10  # never prefetched: loads here
+
+
+def test_an_id_in_the_host_cache_is_not_built_again_and_a_build_the_step_overtook_is_dropped() -> None:
+    worker = _Worker()
+    worker.manager.gate.set()
+    code = DEMO / "adapters" / "code"
+    worker.manager.cached = {4}
+    worker.loraserve_prefetch_lora("code", 4, str(code))  # add_lora of a cached id only touches it
+    assert worker.manager.threads == [] and worker._loraserve_lora_loader.loads == {}
+    worker.loraserve_prefetch_lora("code", 8, str(code))
+    _wait_done(worker, 8)
+    worker.manager.cached = {4, 8}  # the step loaded 8 itself before add_lora came: add_lora will not take it
+    worker.loraserve_prefetch_lora("legal", 11, str(DEMO / "adapters" / "legal"))
+    _wait_done(worker, 11)
+    assert set(worker._loraserve_lora_loader.loads) == {11}  # 8's model is no longer held
