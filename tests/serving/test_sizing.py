@@ -201,3 +201,25 @@ def test_slot_copy_bytes_is_what_the_fused_copies_take(in_features: int, outs: t
     storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in held}
     packed = sum(g.w.nbytes for g in gemms)
     assert sum(storages.values()) + packed == slots * slot_copy_bytes(in_features, outs, rank, dtype.itemsize)
+
+
+@pytest.mark.parametrize(("budget", "present"), [(5 * EACH + 7, True), (None, False)])
+def test_the_metrics_show_the_sizes_and_the_budget_split(tmp_path: Path, budget: int | None, present: bool) -> None:
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from serving.metrics import EngineSizingCollector
+
+    sizing = resolve_sizing(_settings(tmp_path, {"max_num_seqs": 24}, budget), CPU)
+    registry = CollectorRegistry()
+    registry.register(EngineSizingCollector(sizing))
+    text = generate_latest(registry).decode()
+    slots = 5 if present else 24
+    assert f'loraserve_engine_size{{setting="max_loras",source="derived"}} {slots}.0' in text
+    prefix = 'loraserve_engine_memory_budget_bytes{part="'
+    parts = {
+        line[len(prefix) :].split('"')[0]: float(line.split()[-1])
+        for line in text.splitlines()
+        if line.startswith(prefix)
+    }
+    expected = {"slot_buffers": 5 * SLOT_BF16, "slot_copies": 5 * COPIES_BF16, "host_cache": 5 * ADAPTER, "unused": 7}
+    assert parts == (expected if present else {})
