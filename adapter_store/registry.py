@@ -301,8 +301,10 @@ class AdapterRegistry:
             owner = conn.execute(_OWNER, {"name": name}).first()
             if owner is None:
                 return None
-            rows = conn.execute(select(*_VERSION_COLUMNS).where(_named(name))).all()
-            pointers = conn.execute(select(aliases.c.alias, aliases.c.digest).where(aliases.c.name == name)).all()
+            rows = conn.execute(select(*_VERSION_COLUMNS).where(_named(name)).order_by(versions.c.seq.desc())).all()
+            pointers = conn.execute(
+                select(aliases.c.alias, aliases.c.digest).where(aliases.c.name == name).order_by(aliases.c.alias)
+            ).all()
             checks = conn.execute(select(health.c.digest, *_HEALTH_COLUMNS).where(health.c.name == name)).all()
         return CatalogEntry(
             name=name,
@@ -313,15 +315,18 @@ class AdapterRegistry:
         )
 
     def snapshot_all(self) -> list[CatalogEntry]:
-        """:meth:`snapshot` of every registered name, in code-point order, read in one transaction.
+        """:meth:`snapshot` of every registered name, in code-point order, read in one transaction; each entry's
+        versions newest first and aliases in order, as :meth:`versions` and :meth:`aliases` list them.
 
         Four queries whatever the number of adapters: listing 10,000 versions name by name would cost tens
         of thousands.
         """
         with self._db.read() as conn:
             owners = conn.execute(select(adapters.c.name, adapters.c.tenant)).all()
-            rows = conn.execute(select(*_VERSION_COLUMNS)).all()
-            pointers = conn.execute(select(aliases.c.name, aliases.c.alias, aliases.c.digest)).all()
+            rows = conn.execute(select(*_VERSION_COLUMNS).order_by(versions.c.seq.desc())).all()  # newest first
+            pointers = conn.execute(
+                select(aliases.c.name, aliases.c.alias, aliases.c.digest).order_by(aliases.c.alias)
+            ).all()
             checks = conn.execute(select(health.c.name, health.c.digest, *_HEALTH_COLUMNS)).all()
         found: dict[str, dict[str, AdapterVersion]] = {name: {} for name, _ in owners}
         for version in map(_row_to_version, rows):

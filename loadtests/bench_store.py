@@ -41,12 +41,17 @@ ratio within one repeat.
 ``base,zipf`` with ``--adapters 1000 --clients 64``).
 
 **Memory.** The store gets ``store.memory_budget_bytes``
-(``--memory-budget-mib``, default 512), from which the server derives
-``max_cpu_loras`` (so every adapter of the rotation stays in host memory).
+(``--memory-budget-mib``, default 512): all the host memory adapters may take,
+the slots' buffers and the CPU LoRA ops' copies included, from which the
+server derives ``max_loras`` and ``max_cpu_loras`` (``serving/sizing.py``;
+the split, as ``GET /v1/adapters`` shows it, is the report's
+``settings.memory_split``).
 The RSS of the server and every process it started is sampled every 0.5 s:
 at start, after a base-only warm-up at full concurrency (the baseline:
 KV-cache pages and buffers touched, no adapter loaded yet) and at its peak;
-the report sets both growths against the budget (``memory``).
+the report sets both growths against the budget (``memory``), and each
+process's growth over the baseline on its own (which process grew).
+The workload (adapters, requests, clients) is in ``loadtests.store_workload``.
 
 Prints a table and writes JSON to ``--out``. The numbers are wall-clock: on a
 shared machine rerun to confirm (the JSON records the load average).
@@ -57,10 +62,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime
-import hashlib
 import json
 import os
-import random
 import statistics
 import sys
 import tempfile
@@ -75,6 +78,7 @@ import yaml
 from loadtests.machine import machine_info
 from loadtests.process import free_port, running_server
 from loadtests.rss import RssSampler
+from loadtests.store_workload import PROMPT, digest, load_run, stream_completion, write_adapters, zipf_weights
 from loadtests.summary import summarize
 from serving.config import Settings, load_settings
 
@@ -82,71 +86,6 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 WORKLOADS = ("base", "one", "uniform", "zipf")
-PROMPT = "Write a short note about the weather today and what to do in the afternoon."
-
-
-# ------------------------------------------------------------------ adapters
-def write_adapters(templates: list[Path], out: Path, count: int, *, rank: int, base_name: str, seed: int) -> list[str]:
-    """``count`` distinct PEFT LoRA adapters of rank ``rank`` under ``out/<name>``; returns their names.
-
-    Adapter ``i`` starts from template ``i % len(templates)``: its LoRA A/B
-    rows are rescaled by a random factor near 1 and the rank is padded (or
-    cut) to ``rank`` with small seeded noise, so shapes and target modules are
-    the template's and every adapter's bytes (and so its digest) differ.
-    ``lora_alpha`` keeps the template's alpha / r scaling.
-    """
-    from safetensors.numpy import save_file
-    from safetensors.torch import load_file  # torch reads bfloat16 too, numpy does not
-
-    loaded = []
-    for template in templates:
-        config = json.loads((template / "adapter_config.json").read_text())
-        weights = load_file(str(template / "adapter_model.safetensors"))
-        tensors = {k: v.float().numpy() for k, v in weights.items()}
-        loaded.append((config, tensors))
-    names = []
-    for i in range(count):
-        config, tensors = loaded[i % len(loaded)]
-        rng = np.random.default_rng([seed, i])
-        new = {}
-        for key, weight in tensors.items():
-            if ".lora_A." in key:  # [r, in] -> [rank, in]
-                new[key] = _resize_rank(weight, rank, rng, axis=0)
-            elif ".lora_B." in key:  # [out, r] -> [out, rank]
-                new[key] = _resize_rank(weight, rank, rng, axis=1)
-            else:
-                new[key] = weight
-        name = f"store-{i:03d}"
-        directory = out / name
-        directory.mkdir(parents=True, exist_ok=True)
-        alpha = config["lora_alpha"] * rank / config["r"]
-        alpha = int(alpha) if alpha == int(alpha) else alpha
-        meta = {**config, "r": rank, "lora_alpha": alpha, "base_model_name_or_path": base_name,
-                "rank_pattern": {}, "alpha_pattern": {}}  # fmt: skip
-        (directory / "adapter_config.json").write_text(json.dumps(meta, indent=2))
-        save_file(new, str(directory / "adapter_model.safetensors"))
-        names.append(name)
-    return names
-
-
-def _resize_rank(weight: np.ndarray, rank: int, rng: np.random.Generator, axis: int) -> np.ndarray:
-    """``weight`` with its rank axis rescaled and padded/cut to ``rank``; the padding is small noise."""
-    keep = min(rank, weight.shape[axis])
-    scale = float(weight.std()) or 1e-3
-    shape = list(weight.shape)
-    shape[axis] = rank
-    out = (rng.standard_normal(shape) * 0.1 * scale).astype(np.float32)
-    index = [slice(None), slice(None)]
-    index[axis] = slice(0, keep)
-    out[tuple(index)] = weight[tuple(index)] * rng.uniform(0.8, 1.2)
-    return out
-
-
-def digest(directory: Path) -> str:
-    h = hashlib.sha256()
-    for path in sorted(directory.iterdir()):
-        h.update(path.name.encode() + b"\0" + path.read_bytes())
-    return h.hexdigest()
 
 
 def bench_config(settings: Settings, source: Path, store_root: Path, args: argparse.Namespace) -> dict:
@@ -185,68 +124,6 @@ def registration_cost(config: dict, names: list[str], scratch: Path) -> dict:
     finally:
         store.close()
     return stats_ms(times)
-
-
-# ------------------------------------------------------------------ one request
-def _carries_tokens(event: dict) -> bool:
-    """Whether a stream event carries generated tokens, by their ids (``return_token_ids``).
-
-    Not by text: the demo tokenizer decodes some tokens to "" (the demo base's
-    first three greedy tokens here), and a text test would time the fourth.
-    """
-    return any(choice.get("token_ids") for choice in event.get("choices") or ())
-
-
-async def stream_completion(client: httpx.AsyncClient, model: str, max_tokens: int, prompt: str) -> dict:
-    """One streamed completion, as a record of ``loadtests.summary`` (times in seconds)."""
-    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
-            "stream": True, "stream_options": {"include_usage": True}, "return_token_ids": True}  # fmt: skip
-    record: dict[str, Any] = {"kind": "targeted", "endpoint": "completions", "stream": True, "model": model, "label": model,
-              "start": time.time(), "expected_status": 200, "status": None, "success": False, "error": None,
-              "e2el_s": None, "ttft_s": None, "itl_s": [], "prompt_tokens": None, "completion_tokens": None,
-              "served_model": None}  # fmt: skip
-    start = time.perf_counter()
-    first: float | None = None
-    last = start
-    usage: dict | None = None
-    done = False
-    try:
-        async with client.stream("POST", "/v1/completions", json=body) as response:
-            record["status"] = response.status_code
-            if response.status_code != 200:
-                record["error"] = f"status {response.status_code}: {(await response.aread())[:300]!r}"
-            else:
-                async for line in response.aiter_lines():
-                    if not line.startswith("data:"):
-                        continue
-                    data = line[5:].strip()
-                    if data == "[DONE]":
-                        done = True
-                        continue
-                    now = time.perf_counter()
-                    event = json.loads(data)
-                    if "error" in event:
-                        record["error"] = f"error event in stream: {event['error']}"
-                    usage = event.get("usage") or usage
-                    record["served_model"] = event.get("model", record["served_model"])
-                    if _carries_tokens(event):
-                        if first is None:
-                            first = now
-                        else:
-                            record["itl_s"].append(now - last)
-                        last = now
-    except httpx.HTTPError as e:
-        record["error"] = f"{type(e).__name__}: {e}"
-    record["e2el_s"] = time.perf_counter() - start
-    if record["error"] is None and done and usage and first is not None:
-        record["ttft_s"] = first - start
-        record["prompt_tokens"], record["completion_tokens"] = usage["prompt_tokens"], usage["completion_tokens"]
-        record["success"] = record["served_model"] == model and record["completion_tokens"] == max_tokens
-        if not record["success"]:
-            record["error"] = f"answered as {record['served_model']!r} with {record['completion_tokens']} tokens"
-    elif record["error"] is None:
-        record["error"] = "stream without [DONE], usage or any token"
-    return record
 
 
 # ------------------------------------------------------------------ cold load
@@ -321,29 +198,6 @@ async def register_rest(client: httpx.AsyncClient, names: list[str], max_tokens:
 
 
 # ------------------------------------------------------------------ rotation throughput
-def zipf_weights(n: int, s: float) -> list[float]:
-    return [1.0 / (k + 1) ** s for k in range(n)]
-
-
-async def load_run(
-    client: httpx.AsyncClient, models: list[str], weights: list[float], args: argparse.Namespace, seed: int
-) -> list[dict]:
-    """``args.clients`` closed-loop streaming clients for ``args.duration`` seconds; every request's record."""
-    deadline = time.perf_counter() + args.duration
-    records: list[dict] = []
-
-    async def user(k: int) -> None:
-        rng = random.Random(seed * 1000 + k)
-        n = 0
-        while time.perf_counter() < deadline:
-            model = rng.choices(models, weights)[0]
-            records.append(await stream_completion(client, model, args.max_tokens, f"{seed}.{k}.{n}. {PROMPT}"))
-            n += 1
-
-    await asyncio.gather(*(user(k) for k in range(args.clients)))
-    return records
-
-
 RUN_KEYS = ("output_throughput", "request_throughput", "completed", "failed", "median_ttft_ms", "p90_ttft_ms",
             "p99_ttft_ms", "median_tpot_ms", "median_e2el_ms", "duration_s")  # fmt: skip
 
@@ -435,7 +289,22 @@ def table(report: dict) -> str:
         f"{mem['rss_baseline_bytes'] / 2**20:.0f} MiB: {mem['growth_over_baseline_bytes'] / 2**20:.0f} MiB "
         f"({'within' if mem['growth_over_baseline_within_budget'] else 'OVER'})"
     )
+    lines.append("over the base warm-up, by process: " + ", ".join(_process_growth(mem)))
+    split = s["memory_split"]
+    if split is not None:
+        parts = ", ".join(f"{part} {size / 2**20:.0f} MiB" for part, size in split["parts"].items())
+        lines.append(f"the budget as the server splits it: {parts}")
     return "\n".join(lines)
+
+
+def _process_growth(mem: dict) -> list[str]:
+    """Each process's peak over its own baseline: the server (API) process, then the engine processes it started."""
+    rows = sorted(mem["by_process"], key=lambda row: row["pid"] != mem["root_pid"])
+    return [
+        f"{'server' if row['pid'] == mem['root_pid'] else 'engine'} {row['pid']} "
+        f"{(row['peak_bytes'] - row.get('baseline_bytes', 0)) / 2**20:+.0f} MiB"
+        for row in rows
+    ]
 
 
 def _size(text: str) -> int | None:
@@ -489,7 +358,8 @@ async def measure(url: str, base: str, names: list[str], args: argparse.Namespac
     timeout = httpx.Timeout(600.0, connect=10.0)
     limits = httpx.Limits(max_connections=args.clients + 4, max_keepalive_connections=args.clients + 4)
     async with httpx.AsyncClient(base_url=url, timeout=timeout, limits=limits) as client:
-        sizing = (await client.get("/v1/adapters")).json()["cache"]["sizing"]  # what the server chose, and why
+        cache = (await client.get("/v1/adapters")).json()["cache"]
+        sizing = cache["sizing"]  # what the server chose, and why
         # Base traffic at full concurrency before any adapter loads: the KV-cache pages and buffers it touches
         # count in this baseline, so RSS growth past it is the adapters' (and the rotation's own) memory.
         print("base warm-up (memory baseline) ...", flush=True)
@@ -512,6 +382,7 @@ async def measure(url: str, base: str, names: list[str], args: argparse.Namespac
         "listed": listed,
         "answered": answered,
         "sizing": sizing,
+        "memory_split": cache["memory"],
     }
 
 
@@ -564,6 +435,7 @@ def main(argv: list[str] | None = None) -> int:
             "max_loras": args.max_loras if args.max_loras is not None else "derived",
             "max_cpu_loras": args.max_cpu_loras if args.max_cpu_loras is not None else "derived",
             "sizing": result["sizing"],
+            "memory_split": result["memory_split"],
             "cold": args.cold,
             "cold_max_tokens": args.cold_max_tokens,
             "clients": args.clients,

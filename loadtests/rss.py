@@ -32,7 +32,8 @@ class RssSampler:
 
     def __init__(self, pid: int, interval_s: float = 0.5):
         self.pid, self.interval_s = pid, interval_s
-        self.start = self.peak = self.last = sum(tree_rss(pid).values())
+        self.by_pid: dict[int, dict[str, int]] = {}  # per process: start, baseline (if marked), peak, last
+        self.start = self.peak = self.last = self._read()
         self.baseline: int | None = None  # set by mark_baseline: RSS once the load alone has warmed the processes
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
@@ -46,14 +47,24 @@ class RssSampler:
         self._thread.join()
         self._sample()
 
+    def _read(self) -> int:
+        """The tree's RSS now, summed; each process's own figures kept in ``by_pid`` (which one grew, and when)."""
+        rss = tree_rss(self.pid)
+        for pid, value in rss.items():
+            seen = self.by_pid.setdefault(pid, {"start": value, "peak": value})
+            seen["peak"], seen["last"] = max(seen["peak"], value), value
+        return sum(rss.values())
+
     def _sample(self) -> None:
-        self.last = sum(tree_rss(self.pid).values())
+        self.last = self._read()
         self.peak = max(self.peak, self.last)
 
     def mark_baseline(self) -> None:
         """Now is the point growth is measured from (e.g. after base traffic, before any adapter is loaded)."""
         self._sample()
         self.baseline = self.last
+        for seen in self.by_pid.values():
+            seen["baseline"] = seen["last"]
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
@@ -76,4 +87,8 @@ class RssSampler:
             "growth_bytes": growth,
             "growth_within_budget": None if budget_bytes is None else growth <= budget_bytes,
             "sampled_every_s": self.interval_s,
+            "root_pid": self.pid,
+            "by_process": [
+                {"pid": pid, **{f"{k}_bytes": v for k, v in seen.items()}} for pid, seen in self.by_pid.items()
+            ],
         }

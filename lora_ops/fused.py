@@ -64,6 +64,25 @@ COMPACT_PACK_AFTER_CALLS = 8
 COMPACT_SETS = 2
 
 
+def slot_copy_bytes(in_features: int, slice_outs: tuple[int, ...], rank: int, dtype_bytes: int) -> int:
+    """Host memory one slot of a :class:`FusedLinear` can hold at most, packed matmuls included.
+
+    With ``R = len(slice_outs) x rank`` and ``O = sum(slice_outs)``, per slot:
+    ``a`` (R x in) four times: the fused copy, ``a_slot``'s transposed copy and
+    one per compact set (``COMPACT_SETS``); block-diagonal ``b`` (R x O) once
+    plus once per compact set (``b_slot`` is a view); ``b_parts`` (rank x O)
+    once; and each of those ``Gemm`` weights once more as the oneDNN handle's
+    packed copy (counted at the weight's own size). Summed for every slot of
+    every LoRA linear, this bounds what these copies add to vLLM's own slot
+    buffers; ``serving.sizing`` charges it to ``store.memory_budget_bytes``.
+    """
+    r_total, out_total = len(slice_outs) * rank, sum(slice_outs)
+    a_copies = (2 + COMPACT_SETS) + (1 + COMPACT_SETS)  # tensors, then packed handles of a_slot and the sets
+    b_copies = (1 + COMPACT_SETS) + (1 + COMPACT_SETS)  # fused b and the sets' copies, then packed handles
+    elements = a_copies * r_total * in_features + b_copies * r_total * out_total + rank * out_total
+    return elements * dtype_bytes
+
+
 def _onednn_ops():
     """vLLM's custom op module if it has the oneDNN matmul, else None."""
     try:

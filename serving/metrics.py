@@ -366,3 +366,13 @@ class EngineSizingCollector(Collector):
         )
         dtype.add_metric([self.sizing.dtype.value, self.sizing.dtype.source], 1)
         yield dtype
+        if self.sizing.memory is not None:
+            budget = GaugeMetricFamily(
+                "loraserve_engine_memory_budget_bytes",
+                "store.memory_budget_bytes by part: slot_buffers, slot_copies (max_loras slots), host_cache "
+                "(max_cpu_loras adapters) and unused; the parts sum to the budget.",
+                labels=["part"],
+            )
+            for part, size in self.sizing.memory.parts().items():
+                budget.add_metric([part], size)
+            yield budget

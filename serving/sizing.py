@@ -15,19 +15,37 @@ metric. An explicit value in the config is always honoured.
 * ``engine.max_loras`` left out: a batch can only hold ``max_loras`` distinct
   adapters, so the slots are sized for a full batch of distinct adapters
   (``engine.max_num_seqs``), never more than the host cache holds
-  (``engine.max_cpu_loras`` or what ``store.memory_budget_bytes`` holds;
-  vLLM needs every slot's adapter in the host cache). On a GPU the slot
-  buffers are GPU memory, so also at most what
-  ``engine.lora_gpu_memory_fraction`` of the memory vLLM may use holds. vLLM
-  allocates, per slot, A (rank x in) and B (out x rank) for every LoRA-able
-  linear of every layer at the served rank::
+  (``engine.max_cpu_loras``; vLLM needs every slot's adapter in the host
+  cache) or the memory budget (below) holds. On a GPU the slot buffers are
+  GPU memory, so also at most what ``engine.lora_gpu_memory_fraction`` of
+  the memory vLLM may use holds. vLLM allocates, per slot, A (rank x in) and
+  B (out x rank) for every LoRA-able linear of every layer at the served rank::
 
       slot bytes = max_lora_rank x sum over modules (in + out) x layers x dtype bytes
       max_loras  = min(max_num_seqs, host cache, lora share of GPU memory // slot bytes)
 
   (Llama-3.1-8B, rank 64, bf16: 64 x 81,920 x 32 x 2 B = 336 MB a slot; 11 fit 0.05 x 0.9 x 80 GiB.)
-* ``engine.max_cpu_loras`` left out: what ``store.memory_budget_bytes`` holds
-  if a budget is set, else ``max_loras`` (vLLM's default).
+* ``store.memory_budget_bytes``: all the host memory adapters may take, so
+  on the CPU it pays for the slots as well as the host cache. With
+  ``adapter`` = one adapter in the host cache at ``max_lora_rank`` on every
+  module (= ``slot buffers``, the same arithmetic as vLLM's slot above) and
+  ``copies`` = what the CPU LoRA ops keep per slot
+  (:func:`lora_ops.fused.slot_copy_bytes` summed over qkv, o, gate_up and
+  down of every layer; counted even with the plugin off, so never short)::
+
+      budget >= max_loras x (slot buffers + copies) + max_cpu_loras x adapter
+      max_loras     = min(max_num_seqs, budget // (slot buffers + copies + adapter))   (left out)
+      max_cpu_loras = (budget - max_loras x (slot buffers + copies)) // adapter        (left out)
+
+  A slot is charged its own host-cache adapter too (``max_cpu_loras >=
+  max_loras``), and slots come first: a full batch is worth more than a
+  longer LRU. On a GPU the slots cost no host memory, so the budget is all
+  host cache. Not in the budget: KV-cache pages, activations and the
+  processes' own heaps, which grow with the clients, not the adapters
+  (``loadtests.bench_store`` measures RSS growth over a base-only warm-up at
+  the same concurrency to tell them apart). A configured size that breaks
+  the budget is refused naming the key.
+* ``engine.max_cpu_loras`` left out, no budget: ``max_loras`` (vLLM's default).
 
 The step cost of our CPU LoRA ops grows with the adapters present in a step,
 not with the slots (``lora_ops/plan.py``; measured in ``loadtests.bench_lora
@@ -41,13 +59,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Generic, Literal, TypeVar
 
-from adapter_store import BaseModelSpec, cpu_loras_for_budget, max_adapter_bytes_in_memory
+from adapter_store import DTYPE_BYTES, BaseModelSpec, cpu_loras_for_budget, max_adapter_bytes_in_memory
+from lora_ops.fused import slot_copy_bytes
 from serving.config import ConfigError, DType, Settings
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # /proc/cpuinfo names of the CPU features vLLM's bf16 kernels use
+# vLLM's packed LoRA linears of a Llama-shaped layer (its packed_modules_mapping): one fused copy each.
+FUSED_LINEARS = (("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",))
 
 
 @dataclass(frozen=True)
@@ -69,10 +90,32 @@ class Choice(Generic[T]):
 
 
 @dataclass(frozen=True)
+class MemorySplit:
+    """How ``store.memory_budget_bytes`` is spent: per-unit costs (worst case, at ``max_lora_rank``) and totals."""
+
+    budget_bytes: int
+    adapter_bytes: int  # one adapter in the host cache
+    slot_buffer_bytes: int  # vLLM's stacked A/B of one slot in host memory (0: GPU memory)
+    slot_copy_bytes: int  # the CPU LoRA ops' copies of one slot (0 on a GPU)
+    max_loras: int
+    max_cpu_loras: int
+
+    def parts(self) -> dict[str, int]:
+        """Bytes by part, ``unused`` included: they sum to the budget."""
+        parts = {
+            "slot_buffers": self.max_loras * self.slot_buffer_bytes,
+            "slot_copies": self.max_loras * self.slot_copy_bytes,
+            "host_cache": self.max_cpu_loras * self.adapter_bytes,
+        }
+        return parts | {"unused": self.budget_bytes - sum(parts.values())}
+
+
+@dataclass(frozen=True)
 class EngineSizing:
     dtype: Choice[DType]
     max_loras: Choice[int]
     max_cpu_loras: Choice[int]
+    memory: MemorySplit | None = None  # None: no store.memory_budget_bytes
 
     def items(self) -> dict[str, Choice[DType] | Choice[int]]:
         """Keyed by the config key each choice stands for."""
@@ -85,6 +128,8 @@ class EngineSizing:
     def log(self) -> None:
         for key, choice in self.items().items():
             logger.info("%s: %s (%s: %s)", key, choice.value, choice.source, choice.reason)
+        if self.memory is not None:
+            logger.info("store.memory_budget_bytes %d: %s", self.memory.budget_bytes, self.memory.parts())
 
 
 def _cpu_flags(cpuinfo: Path) -> frozenset[str]:
@@ -129,38 +174,85 @@ def resolve_dtype(configured: DType, hardware: Hardware) -> Choice[DType]:
     )
 
 
-def _host_cache(
-    settings: Settings, spec: BaseModelSpec | None, dtype: str, max_loras: int | None
-) -> Choice[int] | None:
-    """``max_cpu_loras`` if the config fixes it (set, or a memory budget); None: it follows ``max_loras``."""
-    configured = settings.engine.max_cpu_loras
+@dataclass(frozen=True)
+class _Costs:
+    """Host bytes of one adapter in the host cache and of one slot (buffers, copies), under a budget."""
+
+    budget: int
+    adapter: int
+    slot_buffers: int
+    slot_copies: int
+
+    @property
+    def slot(self) -> int:
+        return self.slot_buffers + self.slot_copies
+
+
+def _costs(settings: Settings, spec: BaseModelSpec, dtype: str, hardware: Hardware) -> _Costs | None:
     budget = settings.store.memory_budget_bytes if settings.store is not None else None
     if budget is None:
-        return None if configured is None else Choice(configured, "configured", "engine.max_cpu_loras")
-    assert spec is not None, "a memory budget needs the base model's shapes"
+        return None
+    rank = settings.engine.max_lora_rank
+    adapter = max_adapter_bytes_in_memory(spec, rank, dtype)
+    if hardware.device == "gpu":  # slots are GPU memory, and lora_ops runs on the CPU only
+        return _Costs(budget, adapter, 0, 0)
+    shapes = spec.module_shapes()
+    per_layer = sum(
+        slot_copy_bytes(shapes[group[0]][0], tuple(shapes[m][1] for m in group), rank, DTYPE_BYTES[dtype])
+        for group in FUSED_LINEARS
+    )
+    return _Costs(budget, adapter, adapter, per_layer * spec.num_hidden_layers)
+
+
+def _host_cache(
+    settings: Settings, costs: _Costs | None, spec: BaseModelSpec | None, dtype: str, slots: int
+) -> Choice[int]:
+    """``max_cpu_loras``: configured (checked against the budget), what the budget leaves, or ``slots``."""
+    configured = settings.engine.max_cpu_loras
+    if costs is None or spec is None:
+        if configured is None:
+            return Choice(slots, "derived", "= engine.max_loras (vLLM's default)")
+        return Choice(configured, "configured", "engine.max_cpu_loras")
     rank = settings.engine.max_lora_rank
     try:
-        fits = cpu_loras_for_budget(budget, base=spec, max_lora_rank=rank, dtype=dtype, max_loras=max_loras or 1)
+        fits = cpu_loras_for_budget(
+            costs.budget, base=spec, max_lora_rank=rank, dtype=dtype, max_loras=slots, slot_bytes=costs.slot
+        )
     except ValueError as e:
         raise ConfigError(str(e)) from e
     if configured is None:
-        return Choice(fits, "derived", f"store.memory_budget_bytes {budget} holds {fits} adapters of rank {rank}")
+        return Choice(
+            fits,
+            "derived",
+            f"store.memory_budget_bytes {costs.budget} less {slots} slot(s) of {costs.slot} bytes holds {fits} "
+            f"adapters of rank {rank}",
+        )
     if configured > fits:
         raise ConfigError(
-            f"engine.max_cpu_loras {configured} does not fit store.memory_budget_bytes {budget}, which holds {fits} "
-            f"adapters of up to rank {rank}: lower max_cpu_loras, leave it out to derive it, or raise the budget"
+            f"engine.max_cpu_loras {configured} does not fit store.memory_budget_bytes {costs.budget}, which holds "
+            f"{fits} adapters of up to rank {rank} next to {slots} slot(s): lower max_cpu_loras, leave it out to "
+            "derive it, or raise the budget"
         )
     return Choice(configured, "configured", "engine.max_cpu_loras")
 
 
 def _derived_slots(
-    settings: Settings, hardware: Hardware, spec: BaseModelSpec | None, dtype: str, host: Choice[int] | None
+    settings: Settings, hardware: Hardware, spec: BaseModelSpec | None, dtype: str, costs: _Costs | None
 ) -> Choice[int]:
     """``max_loras`` for a config that leaves it out: a full batch, within host (and GPU) memory."""
     engine = settings.engine
     limits = [(engine.max_num_seqs, f"a full batch of distinct adapters (engine.max_num_seqs {engine.max_num_seqs})")]
-    if host is not None:
-        limits.append((host.value, f"the host adapter cache holds {host.value} ({host.reason})"))
+    if engine.max_cpu_loras is not None:
+        limits.append((engine.max_cpu_loras, f"the host adapter cache holds {engine.max_cpu_loras}"))
+    if costs is not None:
+        each = costs.slot + costs.adapter
+        limits.append(
+            (
+                costs.budget // each,
+                f"store.memory_budget_bytes {costs.budget} / {each} B a slot (buffers {costs.slot_buffers}, "
+                f"copies {costs.slot_copies}, its host-cache adapter {costs.adapter})",
+            )
+        )
     if hardware.device == "gpu":
         assert spec is not None and hardware.gpu_memory_bytes is not None
         slot = max_adapter_bytes_in_memory(spec, engine.max_lora_rank, dtype)
@@ -169,8 +261,8 @@ def _derived_slots(
     value, reason = min(limits, key=lambda limit: limit[0])
     if value < 1:
         raise ConfigError(
-            f"engine.max_loras: not one LoRA slot fits ({reason}): raise engine.lora_gpu_memory_fraction, "
-            "lower engine.max_lora_rank, or set engine.max_loras"
+            f"engine.max_loras: not one LoRA slot fits ({reason}): raise engine.lora_gpu_memory_fraction or "
+            "store.memory_budget_bytes, lower engine.max_lora_rank, or set engine.max_loras"
         )
     return Choice(value, "derived", reason)
 
@@ -184,11 +276,15 @@ def resolve_sizing(settings: Settings, hardware: Hardware) -> EngineSizing:
     spec = None
     if needs_shapes:
         spec = BaseModelSpec.from_config(settings.model.path / "config.json", [settings.model.name])
-    host = _host_cache(settings, spec, dtype.value, engine.max_loras)
+    costs = None if spec is None else _costs(settings, spec, dtype.value, hardware)
     if engine.max_loras is not None:
         slots = Choice(engine.max_loras, "configured", "engine.max_loras")
     else:
-        slots = _derived_slots(settings, hardware, spec, dtype.value, host)
-    if host is None:
-        host = Choice(slots.value, "derived", "= engine.max_loras (vLLM's default)")
-    return EngineSizing(dtype=dtype, max_loras=slots, max_cpu_loras=host)
+        slots = _derived_slots(settings, hardware, spec, dtype.value, costs)
+    host = _host_cache(settings, costs, spec, dtype.value, slots.value)
+    memory = None
+    if costs is not None:
+        memory = MemorySplit(
+            costs.budget, costs.adapter, costs.slot_buffers, costs.slot_copies, slots.value, host.value
+        )
+    return EngineSizing(dtype=dtype, max_loras=slots, max_cpu_loras=host, memory=memory)

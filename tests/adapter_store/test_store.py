@@ -263,9 +263,12 @@ def test_memory_budget_to_cpu_loras(tmp_path: Path) -> None:
     # 2 layers x rank 16 x (in + out) summed over q,k,v,o,gate,up,down of the tiny base, 2 bytes each
     per = 2 * 16 * (256 + 192 + 192 + 256 + 384 + 384 + 384) * 2
     assert max_adapter_bytes_in_memory(spec, 16, "bfloat16") == per
-    assert cpu_loras_for_budget(10 * per + 1, base=spec, max_lora_rank=16, dtype="bfloat16", max_loras=4) == 10
+    assert (
+        cpu_loras_for_budget(10 * per + 1, base=spec, max_lora_rank=16, dtype="bfloat16", max_loras=4, slot_bytes=0)
+        == 10
+    )
     with pytest.raises(ValueError, match=f"holds 3 adapter\\(s\\).*raise the budget to at least {4 * per} bytes"):
-        cpu_loras_for_budget(3 * per, base=spec, max_lora_rank=16, dtype="bfloat16", max_loras=4)
+        cpu_loras_for_budget(3 * per, base=spec, max_lora_rank=16, dtype="bfloat16", max_loras=4, slot_bytes=0)
 
 
 def load_weights(path: Path) -> None:

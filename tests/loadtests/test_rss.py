@@ -56,3 +56,21 @@ def test_growth_is_also_measured_from_a_marked_baseline() -> None:
     assert 90 << 20 <= report["growth_over_baseline_bytes"] < 150 << 20
     assert report["growth_over_baseline_within_budget"] is True
     del held, more
+
+
+def test_each_process_is_reported_on_its_own() -> None:
+    """Which process grew: the child's 200 MiB shows in its own peak, not in the parent's."""
+    with RssSampler(os.getpid(), interval_s=0.05) as sampler:
+        sampler.mark_baseline()
+        child = subprocess.Popen([sys.executable, "-c", CHILD], stdout=subprocess.PIPE, text=True)
+        try:
+            assert child.stdout is not None
+            assert child.stdout.readline().strip() == "held"
+            time.sleep(0.3)
+        finally:
+            child.kill()
+            child.wait()
+    rows = {row["pid"]: row for row in sampler.report(None)["by_process"]}
+    assert rows[child.pid]["peak_bytes"] >= 200 << 20 and "baseline_bytes" not in rows[child.pid]  # came later
+    me = rows[os.getpid()]
+    assert me["start_bytes"] <= me["baseline_bytes"] + (16 << 20) and me["peak_bytes"] < me["start_bytes"] + (100 << 20)

@@ -56,7 +56,26 @@ def _settings(tmp_path: Path, engine: dict, budget: int | None = None, dtype: st
 
 
 CPU = Hardware("cpu", AVX512_BF16)
-SLOT_BF16 = 2 * PER_ADAPTER_PER_BYTE  # one slot of the tiny base in bf16
+SLOT_BF16 = 2 * PER_ADAPTER_PER_BYTE  # one slot of the tiny base in bf16 (vLLM's buffers), = one host-cache adapter
+ADAPTER = SLOT_BF16
+# lora_ops' copies of one slot (lora_ops/fused.py): per fused linear with R = slices x 16, O = sum of outs,
+# 7 x R x in + 6 x R x O + 16 x O elements (a: fused, a_slot, 2 compact sets, 3 packed; b: fused, 2 sets, 3 packed).
+# Tiny base (hidden 128, q 128, kv 64, intermediate 256): qkv R 48 in 128 O 256, o R 16 in 128 O 128,
+# gate_up R 32 in 128 O 512, down R 16 in 256 O 128; 2 layers, 2 bytes.
+COPIES_BF16 = (
+    2
+    * 2
+    * (
+        (7 * 48 * 128 + 6 * 48 * 256 + 16 * 256)
+        + (7 * 16 * 128 + 6 * 16 * 128 + 16 * 128)
+        + (7 * 32 * 128 + 6 * 32 * 512 + 16 * 512)
+        + (7 * 16 * 256 + 6 * 16 * 128 + 16 * 128)
+    )
+)
+SLOT_COST = SLOT_BF16 + COPIES_BF16  # host memory of one slot on the CPU
+EACH = SLOT_COST + ADAPTER  # a slot and its own host-cache adapter
+GPU_200 = Hardware("gpu", AVX2, 200 * SLOT_BF16)  # 200 slots of memory x 0.5 x 0.1 = 10 slots
+GPU_SHARE = {"max_num_seqs": 256, "gpu_memory_utilization": 0.5, "lora_gpu_memory_fraction": 0.1}
 
 
 @pytest.mark.parametrize(
@@ -66,20 +85,24 @@ SLOT_BF16 = 2 * PER_ADAPTER_PER_BYTE  # one slot of the tiny base in bf16
         ({"max_num_seqs": 24}, None, CPU, (24, "derived"), (24, "derived"), "engine.max_num_seqs 24"),
         # ... no more than the host cache holds (set, or derived from the budget)
         ({"max_num_seqs": 24, "max_cpu_loras": 8}, None, CPU, (8, "derived"), (8, "configured"), "holds 8"),
-        ({"max_num_seqs": 24}, 10 * SLOT_BF16 + 1, CPU, (10, "derived"), (10, "derived"), "memory_budget_bytes"),
-        ({"max_num_seqs": 6}, 10 * SLOT_BF16, CPU, (6, "derived"), (10, "derived"), "engine.max_num_seqs 6"),
-        # an explicit max_loras is honoured, the budget still sizes the host cache
-        ({"max_num_seqs": 24, "max_loras": 3}, 10 * SLOT_BF16, CPU, (3, "configured"), (10, "derived"), "max_loras"),
+        # the budget pays for each slot (buffers + copies) and its adapter; the rest is host cache
+        ({"max_num_seqs": 24}, 5 * EACH + 1, CPU, (5, "derived"), (5, "derived"), "memory_budget_bytes"),
+        ({"max_num_seqs": 24}, 5 * EACH + 3 * ADAPTER, CPU, (5, "derived"), (8, "derived"), "copies"),
+        ({"max_num_seqs": 6}, 6 * SLOT_COST + 10 * ADAPTER, CPU, (6, "derived"), (10, "derived"), "max_num_seqs 6"),
+        # an explicit max_loras is honoured, the budget left after its slots sizes the host cache
+        (
+            {"max_num_seqs": 24, "max_loras": 3},
+            3 * SLOT_COST + 10 * ADAPTER,
+            CPU,
+            (3, "configured"),
+            (10, "derived"),
+            "max_loras",
+        ),
         ({"max_loras": 3}, None, CPU, (3, "configured"), (3, "derived"), "engine.max_loras"),
         # GPU: the slots' share of GPU memory, max_loras x slot bytes (2 B in bf16) ...
-        (
-            {"max_num_seqs": 256, "gpu_memory_utilization": 0.5, "lora_gpu_memory_fraction": 0.1},
-            None,
-            Hardware("gpu", AVX2, 200 * SLOT_BF16),  # 200 slots of memory x 0.5 x 0.1 = 10 slots
-            (10, "derived"),
-            (10, "derived"),
-            "lora_gpu_memory_fraction",
-        ),
+        (GPU_SHARE, None, GPU_200, (10, "derived"), (10, "derived"), "lora_gpu_memory_fraction"),
+        # ... the slots are GPU memory, so the whole budget is host cache
+        (GPU_SHARE, 12 * ADAPTER, GPU_200, (10, "derived"), (12, "derived"), "lora_gpu_memory_fraction"),
         # ... never more than a full batch
         ({"max_num_seqs": 4}, None, Hardware("gpu", AVX2, 1000 * SLOT_BF16), (4, "derived"), (4, "derived"), "seqs"),
     ],
@@ -90,6 +113,32 @@ def test_slots_fit_a_full_batch_within_memory(tmp_path: Path, engine, budget, ha
     assert (sizing.max_cpu_loras.value, sizing.max_cpu_loras.source) == host
     assert why in sizing.max_loras.reason
     assert sizing.max_cpu_loras.value >= sizing.max_loras.value  # vLLM refuses fewer host than batch slots
+
+
+@pytest.mark.parametrize(
+    ("engine", "budget", "hardware", "split"),
+    [
+        # slot buffers, slot copies, host cache, unused: they sum to the budget
+        ({"max_num_seqs": 24}, 5 * EACH + 7, CPU, (5 * SLOT_BF16, 5 * COPIES_BF16, 5 * ADAPTER, 7)),
+        (
+            {"max_loras": 2},
+            2 * SLOT_COST + 9 * ADAPTER + ADAPTER // 2,
+            CPU,
+            (2 * SLOT_BF16, 2 * COPIES_BF16, 9 * ADAPTER, ADAPTER // 2),
+        ),
+        (GPU_SHARE, 12 * ADAPTER + 1, GPU_200, (0, 0, 12 * ADAPTER, 1)),  # slots in GPU memory
+    ],
+)
+def test_the_budget_split_counts_slots_copies_and_host_cache(tmp_path: Path, engine, budget, hardware, split) -> None:
+    memory = resolve_sizing(_settings(tmp_path, engine, budget), hardware).memory
+    assert memory is not None
+    parts = memory.parts()
+    assert (parts["slot_buffers"], parts["slot_copies"], parts["host_cache"], parts["unused"]) == split
+    assert sum(parts.values()) == memory.budget_bytes == budget
+
+
+def test_no_budget_no_split(tmp_path: Path) -> None:
+    assert resolve_sizing(_settings(tmp_path, {"max_num_seqs": 8}), CPU).memory is None
 
 
 def test_gpu_slot_bytes_follow_the_dtype(tmp_path: Path) -> None:
@@ -105,9 +154,9 @@ def test_gpu_slot_bytes_follow_the_dtype(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("engine", "budget", "hardware", "message"),
     [
-        ({}, SLOT_BF16 // 2, CPU, "holds 0 adapter(s)"),
-        ({"max_loras": 4}, 3 * SLOT_BF16, CPU, f"raise the budget to at least {4 * SLOT_BF16} bytes"),
-        ({"max_cpu_loras": 6}, 5 * SLOT_BF16, CPU, "does not fit store.memory_budget_bytes"),
+        ({}, EACH - 1, CPU, "not one LoRA slot fits (store.memory_budget_bytes"),
+        ({"max_loras": 4}, 3 * EACH, CPU, f"raise the budget to at least {4 * EACH} bytes"),
+        ({"max_loras": 1, "max_cpu_loras": 6}, SLOT_COST + 5 * ADAPTER, CPU, "does not fit store.memory_budget_bytes"),
         ({"lora_gpu_memory_fraction": 0.01}, None, Hardware("gpu", AVX2, 10 * SLOT_BF16), "not one LoRA slot fits"),
     ],
 )
@@ -131,3 +180,46 @@ def test_detect_hardware_reads_the_cpu_flags(tmp_path: Path, text: str, flags: s
     cpuinfo.write_text(text)
     hardware = detect_hardware(cpuinfo)
     assert hardware.device == "cpu" and hardware.cpu_flags == flags
+
+
+@pytest.mark.parametrize(("in_features", "outs", "rank", "slots"), [(128, (128, 64, 64), 16, 3), (256, (128,), 8, 5)])
+def test_slot_copy_bytes_is_what_the_fused_copies_take(in_features: int, outs: tuple[int, ...], rank, slots) -> None:
+    """Every slot's copies built (fused, per-slot matmuls, two compact sets of all slots): the tensors they hold,
+    plus one packed oneDNN copy per matmul weight, are exactly ``slot_copy_bytes`` a slot."""
+    import torch
+
+    from lora_ops.fused import FusedLinear, slot_copy_bytes
+
+    dtype = torch.bfloat16
+    lora_a = [torch.randn(slots, 1, rank, in_features, dtype=dtype) for _ in outs]
+    lora_b = [torch.randn(slots, 1, out, rank, dtype=dtype) for out in outs]
+    fused = FusedLinear(lora_a, lora_b, outs, dtype, tuple(range(slots)))
+    gemms = [fused.a_slot(s) for s in range(slots)] + [fused.b_slot(s) for s in range(slots)]
+    for present in (tuple(range(slots)), tuple(reversed(range(slots)))):
+        gemms += fused.compact(present)
+    held = [fused.a, fused.b, *fused.b_parts, *(g.w for g in gemms)]
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in held}
+    packed = sum(g.w.nbytes for g in gemms)
+    assert sum(storages.values()) + packed == slots * slot_copy_bytes(in_features, outs, rank, dtype.itemsize)
+
+
+@pytest.mark.parametrize(("budget", "present"), [(5 * EACH + 7, True), (None, False)])
+def test_the_metrics_show_the_sizes_and_the_budget_split(tmp_path: Path, budget: int | None, present: bool) -> None:
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from serving.metrics import EngineSizingCollector
+
+    sizing = resolve_sizing(_settings(tmp_path, {"max_num_seqs": 24}, budget), CPU)
+    registry = CollectorRegistry()
+    registry.register(EngineSizingCollector(sizing))
+    text = generate_latest(registry).decode()
+    slots = 5 if present else 24
+    assert f'loraserve_engine_size{{setting="max_loras",source="derived"}} {slots}.0' in text
+    prefix = 'loraserve_engine_memory_budget_bytes{part="'
+    parts = {
+        line[len(prefix) :].split('"')[0]: float(line.split()[-1])
+        for line in text.splitlines()
+        if line.startswith(prefix)
+    }
+    expected = {"slot_buffers": 5 * SLOT_BF16, "slot_copies": 5 * COPIES_BF16, "host_cache": 5 * ADAPTER, "unused": 7}
+    assert parts == (expected if present else {})

@@ -68,6 +68,18 @@ class SizeView(BaseModel):
     reason: str = Field(description="Why the value is what it is: the config key, or the rule that derived it.")
 
 
+class MemoryView(BaseModel):
+    """How ``store.memory_budget_bytes`` is spent (serving/sizing.py): costs per unit, worst case at max rank."""
+
+    budget_bytes: int
+    adapter_bytes: int = Field(description="One adapter in the engine's host cache.")
+    slot_buffer_bytes: int = Field(description="vLLM's buffers of one LoRA slot in host memory (0: GPU memory).")
+    slot_copy_bytes: int = Field(description="The CPU LoRA ops' copies of one slot (0 on a GPU).")
+    parts: dict[str, int] = Field(
+        description="Bytes of slot_buffers, slot_copies, host_cache and unused: they sum to the budget."
+    )
+
+
 class CacheView(BaseModel):
     disk_bytes: int = Field(description="Bytes under the disk cache directory, measured.")
     disk_budget_bytes: int
@@ -77,6 +89,7 @@ class CacheView(BaseModel):
     sizing: dict[str, SizeView] = Field(
         description="model.dtype, engine.max_loras and engine.max_cpu_loras as the engine runs them (serving/sizing.py)."
     )
+    memory: MemoryView | None = Field(description="The memory budget's split; null without store.memory_budget_bytes.")
 
 
 LIST_PAGE_SIZE = 100
