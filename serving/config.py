@@ -69,6 +69,14 @@ class EngineSettings(_Strict):
         le=0.5,
         description="GPU only, max_loras left out: share of the memory vLLM may use that the LoRA slots may take.",
     )
+    lora_max_overtakes: int | None = Field(
+        default=64,
+        ge=0,
+        description="Fair slots (serving/lora_scheduler.py): a request whose adapter has no slot lets at most this "
+        "many younger adapter requests pass it before one slot holder is drained for it (64: about one full batch "
+        "at the default max_num_seqs; 0: never overtaken, at a throughput cost). null: vLLM's own scheduler, "
+        "under which such a request waits as long as the slot holders' traffic lasts.",
+    )
     enable_prefix_caching: bool = True
     enforce_eager: bool = False
     seed: int = 0

@@ -88,7 +88,30 @@ def engine_args(settings: Settings, sizing: EngineSizing):
         disable_log_stats=False,
         # Worker methods of ours: where each LoRA id sits, loads off the step (serving.lora_residency).
         worker_extension_cls=f"{LoraResidencyExtension.__module__}.{LoraResidencyExtension.__qualname__}",
+        **scheduler_args(engine.lora_max_overtakes),
     )
+
+
+def scheduler_args(max_overtakes: int | None) -> dict:
+    """vLLM's scheduler with bounded adapter-fair admission (serving.lora_scheduler); ``None``: vLLM's own.
+
+    The class is named, not imported (it subclasses vLLM's scheduler, and serving imports vLLM only when it
+    starts it), on the scheduler of the platform: synchronous on the CPU (vLLM's CPU platform turns async
+    scheduling off), async on a GPU, set explicitly so class and mode match. ``max_overtakes`` reaches the
+    engine-core process in vLLM's ``additional_config``.
+    """
+    if max_overtakes is None:
+        return {}
+    from vllm.platforms import current_platform
+
+    from serving.lora_scheduler import MAX_OVERTAKES_KEY
+
+    gpu = not current_platform.is_cpu()
+    return {
+        "scheduler_cls": f"serving.lora_scheduler.{'FairLoraAsyncScheduler' if gpu else 'FairLoraScheduler'}",
+        "async_scheduling": gpu,
+        "additional_config": {MAX_OVERTAKES_KEY: max_overtakes},
+    }
 
 
 @dataclass(frozen=True)
