@@ -111,8 +111,11 @@ SHARED_SERVERS: dict[str, tuple[str, ...]] = {
     ),
     "secure": ("tests/e2e/test_security.py", "tests/e2e/test_security_metrics.py"),
     "limited": tuple(f"tests/e2e/test_security_{name}.py" for name in ("files", "limits", "tenants")),
+    "admin": ("tests/e2e/test_adapter_admin.py", "tests/e2e/test_adapter_loaded_metric.py"),
+    "project_engine": ("tests/e2e/test_engine_refusal.py", "tests/e2e/test_mixed_batch.py"),
 }
-"""The modules of each session server (``server`` here, ``secure`` and ``limited`` in tests/e2e/conftest.py)."""
+"""The modules of each session server or engine (``server`` here; ``secure``, ``limited``, ``admin`` and the script run
+``project_engine`` in tests/e2e/conftest.py)."""
 _UNIT_OF = {module: server for server, modules in SHARED_SERVERS.items() for module in modules}
 
 

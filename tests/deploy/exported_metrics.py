@@ -27,6 +27,7 @@ from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.registry import Collector
 
 from serving import metrics as serving_metrics
+from serving.sizing import MemorySplit
 
 
 def _vllm_loggers() -> Path:
@@ -65,7 +66,10 @@ def _fake_collector_args() -> dict[type, tuple]:
     engine = SimpleNamespace(resident=[SimpleNamespace(name="a", size_bytes=1)], residency=residency)
     choice = SimpleNamespace(value=1, source="config")
     dtype = SimpleNamespace(value="float32", source="config")
-    sizing = SimpleNamespace(max_loras=choice, max_cpu_loras=choice, dtype=dtype)
+    memory = MemorySplit(
+        budget_bytes=10, adapter_bytes=1, slot_buffer_bytes=1, slot_copy_bytes=1, max_loras=1, max_cpu_loras=1
+    )
+    sizing = SimpleNamespace(max_loras=choice, max_cpu_loras=choice, dtype=dtype, memory=memory)
     return {
         serving_metrics.AdapterStoreCollector: (viewer, engine),
         serving_metrics.EngineSizingCollector: (sizing,),

@@ -1,9 +1,11 @@
-"""Greedy-decode prompts on one BitNet checkpoint with the real vLLM engine.
+"""Greedy-decode prompts on BitNet checkpoints with the real vLLM engine.
 
-Used by test_bitnet_engine.py in a subprocess (one engine per checkpoint, and
-``VLLM_PLUGINS`` set per run): ``python tests/e2e/bitnet_engine.py SPEC.json``
-prints ``RESULT {json}`` with, per prompt, the generated token ids, their
-log-probabilities and the prompt tokens' log-probabilities.
+Used by test_bitnet_engine.py in a subprocess (``VLLM_PLUGINS`` set per
+process): ``python tests/e2e/bitnet_engine.py SPEC.json`` runs one engine per
+entry of the spec's ``runs``, one after the other in this process (each torn
+down before the next: an interpreter importing vLLM costs more than an
+engine), and prints ``RESULT {json}`` with, per run and prompt, the generated
+token ids, their log-probabilities and the prompt tokens' log-probabilities.
 """
 
 from __future__ import annotations
@@ -19,6 +21,17 @@ def logprob(step: dict | None, token: int) -> float:
 
 
 def main(spec: dict) -> dict:
+    from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+
+    runs = []
+    for run in spec["runs"]:
+        runs.append(generate(run))
+        cleanup_dist_env_and_memory()  # the engine of this run is gone: the next one sets up its own
+    return {"runs": runs}
+
+
+def generate(spec: dict) -> dict:
+    """One engine on ``spec["model"]``: greedy tokens and log-probabilities of every prompt."""
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
@@ -54,6 +67,7 @@ def main(spec: dict) -> dict:
             }
         )
     quant = llm.llm_engine.vllm_config.model_config.quantization
+    del llm
     return {"quantization": quant, "results": results}
 
 

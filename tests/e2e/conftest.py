@@ -14,17 +14,37 @@ fallback (test_security.py checks it), ``limited`` must answer 503 (the tenant
 tests check that the error tells nothing), and their limits differ (per-key
 concurrency 2 against requests of 4 sequences). test_fuzz.py keeps a server of
 its own: max_tokens 8 keeps its thousands of generated requests short, and it
-changes routes and adapters at random, which no other module may see."""
+changes routes and adapters at random, which no other module may see.
+
+``admin`` serves test_adapter_admin.py and test_adapter_loaded_metric.py: a
+local source volume, the ``base`` fallback, upload limits, one LoRA slot and
+two adapters in host memory (which the loaded-adapter gauge's tests need to
+push adapters through the tiers; the admin tests pass on any slot count).
+Both register adapters under fresh names only, so neither sees the other's.
+
+``project_engine`` is no server: one run of ``project_engine.py`` (the
+server's engine wrapper and store in a script, no HTTP) whose results
+test_mixed_batch.py and test_engine_refusal.py both check, so their one
+engine configuration starts once."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
+from checkpoints.assets import DemoAssets
 from serving.api.auth import hash_key, new_key
-from tests.conftest import RunningServer, demo_config, start_server, stop_server, use_api_keys
+from tests.conftest import REPO, RunningServer, demo_config, start_server, stop_server, use_api_keys
+from tests.e2e.adapter_files import CONFIG, copy_adapter
 
 ENGINE_SLOTS = 4  # engine.max_num_seqs; with no queue, the 5th concurrent sequence gets 503
 RATE_BURST = 3
@@ -133,6 +153,7 @@ def limited(demo_assets, s3_server: str, tmp_path_factory) -> Iterator[RunningSe
     boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=BUCKET)
     workdir = tmp_path_factory.mktemp("limited")
     config = demo_config(demo_assets, max_num_seqs=LIMITED_SLOTS)
+    config["routing"] = None  # none of its modules routes: no prompt-router encoder to load
     use_api_keys(config, workdir, _key_entries(LIMITED_KEYS))
     config["limits"] = LIMITED_LIMITS
     (workdir / "volume").mkdir()
@@ -148,3 +169,92 @@ def limited(demo_assets, s3_server: str, tmp_path_factory) -> Iterator[RunningSe
     running = start_server(config, workdir)
     yield running
     stop_server(running)
+
+
+def run_project_engine(
+    config: dict, workdir: Path, refusal: tuple[Path, Path] | None = None, *, stock_ops: bool = False
+) -> dict:
+    """Run ``project_engine.py`` on ``config`` (with ``refusal``, the refused and gated adapters: the refusal
+    checks last) and return its result."""
+    config_path = workdir / ("stock.yaml" if stock_ops else "project.yaml")
+    config_path.write_text(yaml.safe_dump(config))
+    env = dict(os.environ)
+    if stock_ops:
+        # VLLM_PLUGINS is vLLM's allow-list of plugin names: leaving our LoRA-ops plugin out
+        # gives stock ops; the BitNet plugin stays, as the demo base is a BitNet checkpoint.
+        env["VLLM_PLUGINS"] = "loraserve_bitnet,lora_filesystem_resolver"
+    else:
+        env.pop("VLLM_PLUGINS", None)
+    command = [sys.executable, "-m", "tests.e2e.project_engine", str(config_path)]
+    done = subprocess.run(
+        command + [str(p) for p in refusal or ()], capture_output=True, text=True, env=env, cwd=REPO, timeout=600
+    )
+    result = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    assert done.returncode == 0 and result, done.stderr[-5000:]
+    return json.loads(result[-1].removeprefix("RESULT "))
+
+
+def slot_pressure_config(demo_assets) -> dict:
+    """Two LoRA slots for three adapters plus the base, so every mixed batch has both slots taken."""
+    config = demo_config(demo_assets, max_loras=2, max_cpu_loras=4)
+    # float32: bf16 base matmuls round differently at different batch sizes, which can
+    # move a late greedy token for reasons unrelated to LoRA; in float32 any difference is a bug.
+    config["model"]["dtype"] = "float32"
+    return config
+
+
+@pytest.fixture(scope="session")
+def project_engine(demo_assets, tmp_path_factory) -> dict:
+    """One run of ``project_engine.py`` with our plugins: ``mixed`` (test_mixed_batch.py) and, last, ``refusal``
+    (test_engine_refusal.py) on a copy of the demo ``code`` adapter whose config vLLM's loader refuses, and on a
+    copy of ``legal`` whose config is a named pipe the check writes once the engine served a request meanwhile."""
+    workdir = tmp_path_factory.mktemp("project-engine")
+    refused = copy_adapter(demo_assets.adapters["code"], workdir / "refused")
+    adapter_config = json.loads((refused / CONFIG).read_text())
+    (refused / CONFIG).write_text(
+        json.dumps(adapter_config | {"bias": "all"})
+    )  # vLLM: "Adapter bias is not supported."
+    gated = copy_adapter(demo_assets.adapters["legal"], workdir / "gated")
+    (gated / CONFIG).unlink()
+    os.mkfifo(gated / CONFIG)
+    return run_project_engine(slot_pressure_config(demo_assets), workdir, (refused, gated))
+
+
+ADMIN_UPLOAD_LIMIT = 400_000  # bytes; a demo adapter is ~170 kB, so two fit in one body but not three
+
+
+@dataclass
+class AdminServer:
+    """The ``admin`` server (replaced by test_adapter_admin.py's restart test) and its directories."""
+
+    server: RunningServer
+    workdir: Path
+    volume: Path  # the configured local source root
+    outside: Path  # a directory no source may read
+    demo: DemoAssets
+
+    @property
+    def url(self) -> str:
+        return self.server.url
+
+
+@pytest.fixture(scope="session")
+def admin(demo_assets, tmp_path_factory) -> Iterator[AdminServer]:
+    workdir = tmp_path_factory.mktemp("adapter-admin")
+    volume, outside = workdir / "volume", workdir / "outside"
+    volume.mkdir()
+    outside.mkdir()
+    # One slot and two adapters in host memory: three adapters in a row push the first from its slot, then
+    # out of host memory (test_adapter_loaded_metric.py).
+    config = demo_config(demo_assets, max_loras=1, max_cpu_loras=2)
+    config["routing"] = None  # not under test: no prompt-router encoder to load at each start
+    config["store"] = {
+        "root": str(workdir / "store"),
+        "sources": [{"type": "local", "roots": [str(volume)]}],
+        "fallback": "base",
+        "max_adapter_bytes": 1 << 20,
+    }
+    config["limits"] = {"max_upload_bytes": ADMIN_UPLOAD_LIMIT}
+    state = AdminServer(start_server(config, workdir), workdir, volume, outside, demo_assets)
+    yield state
+    stop_server(state.server)

@@ -1,22 +1,18 @@
 """Offer the real engine an adapter its loader refuses, first through ``add_lora``, then through a request;
-and one whose load cannot finish until the script lets it, to see the engine serve while it loads.
+and one whose load cannot finish until the check lets it, to see the engine serve while it loads.
 
-Used by test_engine_refusal.py in a subprocess (the last step kills the
-engine): ``python -m tests.e2e.engine_refusal CONFIG REFUSED_DIR GATED_DIR``
-prints one JSON object. The refused adapter is handed to the engine directly,
-as if the store's validation had a gap: what is checked here is the engine
-wrapper's own guard, the layer under validation. ``GATED_DIR``'s
+Run by ``project_engine.py`` in a subprocess, as the engine's last check (its
+last step kills the engine). The refused adapter is handed to the engine
+directly, as if the store's validation had a gap: what is checked here is the
+engine wrapper's own guard, the layer under validation. The gated adapter's
 ``adapter_config.json`` is a named pipe: the worker's read of it blocks until
-this script writes the config into it, so a load that ran inside the engine
+the check writes the config into it, so a load that ran inside the engine
 step would stop every other request until then.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
-import sys
-import tempfile
 from pathlib import Path
 
 MAX_TOKENS = 4
@@ -54,47 +50,32 @@ async def gated_load(engine, gated, prompt_ids: list[int], config: str) -> dict:
     return result
 
 
-async def main(config_path: Path, refused_dir: Path, gated_dir: Path) -> dict:
+async def check(engine, store, refused_dir: Path, gated_dir: Path) -> dict:
+    """The guarded load of ``refused_dir`` fails alone; ``gated_dir`` loads while the engine serves; the refused
+    adapter sent straight to a request stops the engine."""
     from adapter_store import ServedAdapter
-    from serving.config import load_settings
-    from serving.engine import AdapterLoadFailed, LoraEngine
-    from serving.store import open_store
+    from serving.engine import AdapterLoadFailed
 
-    settings = load_settings(config_path)
-    scratch = tempfile.TemporaryDirectory(prefix="engine-refusal-store-")
-    store = open_store(settings, Path(scratch.name))
-    engine = LoraEngine(settings)
-    await engine.start()
     refused = ServedAdapter(name="refused", version="f" * 64, path=refused_dir)
     gated = ServedAdapter(name="gated", version="e" * 64, path=gated_dir)
     result: dict = {}
+    ids = engine.llm.get_tokenizer().encode("The")
+    good = store.acquire(store.version("code"))
+    await engine.ensure_loaded(good)
     try:
-        ids = engine.llm.get_tokenizer().encode("The")
-        good = store.acquire(store.version("code"))
-        await engine.ensure_loaded(good)
-        try:
-            await engine.ensure_loaded(refused)
-            result["guarded"] = "loaded"
-        except AdapterLoadFailed as e:
-            result["guarded"] = f"AdapterLoadFailed: {e}"
-        result["ready_after_guard"] = engine.ready
-        result["base"] = await tokens(engine, None, ids, "base")
-        result["code"] = await tokens(engine, good, ids, "code")
-        good_config = (good.path / "adapter_config.json").read_text()
-        result |= await gated_load(engine, gated, ids, good_config)
-        # Without the guard: the request itself makes the engine load the adapter inside its step.
-        try:
-            await tokens(engine, refused, ids, "unguarded")
-            result["unguarded"] = "served"
-        except Exception as e:
-            result["unguarded"] = type(e).__name__
-        result["ready_after_unguarded"] = engine.ready
-    finally:
-        engine.shutdown()
-        store.close()
-        scratch.cleanup()
+        await engine.ensure_loaded(refused)
+        result["guarded"] = "loaded"
+    except AdapterLoadFailed as e:
+        result["guarded"] = f"AdapterLoadFailed: {e}"
+    result["ready_after_guard"] = engine.ready
+    result["base"] = await tokens(engine, None, ids, "base")
+    result["code"] = await tokens(engine, good, ids, "code")
+    result |= await gated_load(engine, gated, ids, (good.path / "adapter_config.json").read_text())
+    # Without the guard: the request itself makes the engine load the adapter inside its step.
+    try:
+        await tokens(engine, refused, ids, "unguarded")
+        result["unguarded"] = "served"
+    except Exception as e:
+        result["unguarded"] = type(e).__name__
+    result["ready_after_unguarded"] = engine.ready
     return result
-
-
-if __name__ == "__main__":
-    print("RESULT " + json.dumps(asyncio.run(main(*map(Path, sys.argv[1:4])))))

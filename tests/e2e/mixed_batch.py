@@ -1,24 +1,19 @@
 """Run base and adapter requests alone, then all in flight at once, on one engine.
 
-Used by test_mixed_batch.py in a subprocess (so the stock-ops variant can run
-with our vLLM plugin switched off): ``python tests/e2e/mixed_batch.py CONFIG``
-prints one JSON object with the greedy tokens of each request both ways, and
-for each way the engine steps it took and the tokens those steps generated
-(from vLLM's own metrics in this process: ``vllm:iteration_tokens_total`` counts
-engine steps, ``vllm:generation_tokens_total`` generated tokens). A step
-generates at most one token per request, so fewer steps than tokens proves
-requests shared steps.
+Run by ``project_engine.py`` in a subprocess (so the stock-ops variant can run
+with our vLLM plugin switched off). The result holds the greedy tokens of each
+request both ways, and for each way the engine steps it took and the tokens
+those steps generated (from vLLM's own metrics in that process:
+``vllm:iteration_tokens_total`` counts engine steps,
+``vllm:generation_tokens_total`` generated tokens). A step generates at most
+one token per request, so fewer steps than tokens proves requests shared steps.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
-import sys
-import tempfile
 import time
 from collections.abc import Awaitable
-from pathlib import Path
 from typing import TypeVar
 
 T = TypeVar("T")
@@ -66,41 +61,24 @@ async def counted(run: Awaitable[T], expected_tokens: int) -> tuple[T, dict[str,
     return result, {"steps": after[STEPS] - before[STEPS], "tokens": after[GENERATED] - before[GENERATED]}
 
 
-async def main(config_path: Path) -> dict:
-    from serving.config import load_settings
-    from serving.engine import LoraEngine
-    from serving.store import open_store
+async def check(engine, store) -> dict:
+    """Every configured adapter and the base on each prompt, one at a time, then all in flight at once."""
+    tokenizer = engine.llm.get_tokenizer()
+    jobs = [(model, prompt, tokenizer.encode(prompt)) for prompt in PROMPTS for model in ("base", *store.names())]
+    served = {v.name: store.acquire(v) for v in store.latest()} | {"base": None}  # leased until the store closes
+    expected = MAX_TOKENS * len(jobs)
 
-    settings = load_settings(config_path)
-    scratch = tempfile.TemporaryDirectory(prefix="mixed-batch-store-")
-    store = open_store(settings, Path(scratch.name))
-    engine = LoraEngine(settings)
-    await engine.start()
-    try:
-        tokenizer = engine.llm.get_tokenizer()
-        jobs = [(model, prompt, tokenizer.encode(prompt)) for prompt in PROMPTS for model in ("base", *store.names())]
-        served = {v.name: store.acquire(v) for v in store.latest()} | {"base": None}  # leased until the store closes
-        expected = MAX_TOKENS * len(jobs)
+    async def one_at_a_time() -> list[list[int]]:
+        return [await greedy(engine, served[m], ids, f"alone-{i}") for i, (m, _, ids) in enumerate(jobs)]
 
-        async def one_at_a_time() -> list[list[int]]:
-            return [await greedy(engine, served[m], ids, f"alone-{i}") for i, (m, _, ids) in enumerate(jobs)]
-
-        alone, alone_steps = await counted(one_at_a_time(), expected)
-        together, together_steps = await counted(
-            asyncio.gather(*(greedy(engine, served[m], ids, f"mixed-{i}") for i, (m, _, ids) in enumerate(jobs))),
-            expected,
-        )
-    finally:
-        engine.shutdown()
-        store.close()
-        scratch.cleanup()
+    alone, alone_steps = await counted(one_at_a_time(), expected)
+    together, together_steps = await counted(
+        asyncio.gather(*(greedy(engine, served[m], ids, f"mixed-{i}") for i, (m, _, ids) in enumerate(jobs))),
+        expected,
+    )
     return {
         "requests": [{"model": m, "prompt": p} for m, p, _ in jobs],
         "alone": alone,
         "together": list(together),
         "engine": {"alone": alone_steps, "together": together_steps},
     }
-
-
-if __name__ == "__main__":
-    print("RESULT " + json.dumps(asyncio.run(main(Path(sys.argv[1])))))

@@ -9,7 +9,9 @@ the code adapter's files must answer token for token like ``code``.
 The server runs the ``base`` fallback policy, so every answer that should come
 from an adapter is also checked to carry no ``X-Adapter-Fallback`` header.
 Each test registers its own uniquely named adapters (``unique``) and leaves
-nothing another test relies on: any subset runs in any order.
+nothing another test relies on: any subset runs in any order. The server is the
+session's ``admin`` (tests/e2e/conftest.py), shared with
+test_adapter_loaded_metric.py, whose tests do the same.
 """
 
 from __future__ import annotations
@@ -21,58 +23,26 @@ import re
 import subprocess
 import sys
 import uuid
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import pytest
 
-from checkpoints.assets import DemoAssets
-from tests.conftest import REPO, RunningServer, demo_config, start_server, stop_server
+from tests.conftest import REPO, start_server, stop_server
 from tests.e2e.adapter_files import BROKEN, WEIGHTS, broken_adapter, copy_adapter, nan_adapter
+from tests.e2e.conftest import ADMIN_UPLOAD_LIMIT as UPLOAD_LIMIT
+from tests.e2e.conftest import AdminServer as Store
 
 PROMPT = "Please explain how it works"
 TOKENS = 12
-UPLOAD_LIMIT = 400_000  # bytes; a demo adapter is ~170 kB, so two fit in one body but not three
 BASE = "loraserve-demo-base"
 
 pytestmark = pytest.mark.engine
 
 
-@dataclass
-class Store:
-    """The module's server (replaced by the restart test) and its directories."""
-
-    server: RunningServer
-    workdir: Path
-    volume: Path  # the configured local source root
-    outside: Path  # a directory no source may read
-    demo: DemoAssets
-
-    @property
-    def url(self) -> str:
-        return self.server.url
-
-
-@pytest.fixture(scope="module")
-def store(demo_assets, tmp_path_factory) -> Iterator[Store]:
-    workdir = tmp_path_factory.mktemp("adapter-admin")
-    volume, outside = workdir / "volume", workdir / "outside"
-    volume.mkdir()
-    outside.mkdir()
-    config = demo_config(demo_assets)
-    config["routing"] = None  # not under test: no prompt-router encoder to load at each start
-    config["store"] = {
-        "root": str(workdir / "store"),
-        "sources": [{"type": "local", "roots": [str(volume)]}],
-        "fallback": "base",
-        "max_adapter_bytes": 1 << 20,
-    }
-    config["limits"] = {"max_upload_bytes": UPLOAD_LIMIT}
-    state = Store(start_server(config, workdir), workdir, volume, outside, demo_assets)
-    yield state
-    stop_server(state.server)
+@pytest.fixture
+def store(admin: Store) -> Store:
+    return admin
 
 
 def generate(url: str, model: str, **extra) -> httpx.Response:

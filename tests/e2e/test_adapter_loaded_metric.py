@@ -1,8 +1,10 @@
 """``loraserve_adapter_loaded{adapter, version, tier}`` through the real server: what routers read to prefer a
 replica that already holds an adapter, current within 1 s of a load, an eviction or a delete.
 
-The module's server has one LoRA slot (``max_loras: 1``) and room for two
-adapters in host memory (``max_cpu_loras: 2``), so three adapters in a row
+The module's server (the session's ``admin``, shared with
+test_adapter_admin.py: tests/e2e/conftest.py) has one LoRA slot
+(``max_loras: 1``) and room for two adapters in host memory
+(``max_cpu_loras: 2``), so three adapters in a row
 push the first from its slot, then out of host memory, and it is left on disk
 only. Registering an adapter probes it through the engine, which loads it
 like a request. Each test registers adapters of its own (copies of the demo ``code``
@@ -16,7 +18,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,8 +26,8 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import RunningServer, demo_config, start_server, stop_server
 from tests.e2e.adapter_files import copy_adapter
+from tests.e2e.conftest import AdminServer
 
 pytestmark = pytest.mark.engine
 
@@ -35,13 +37,19 @@ Series = tuple[str, str, str]  # (adapter, version, tier)
 
 @dataclass
 class Replica:
-    server: RunningServer
-    volume: Path
-    demo_code: Path
+    host: AdminServer  # its server may have been restarted by test_adapter_admin.py: always ask it
 
     @property
     def url(self) -> str:
-        return self.server.url
+        return self.host.url
+
+    @property
+    def volume(self) -> Path:
+        return self.host.volume
+
+    @property
+    def demo_code(self) -> Path:
+        return self.host.demo.adapters["code"]
 
     def register(self, prefix: str, **extra) -> tuple[str, str]:
         """A copy of the demo ``code`` adapter under a fresh name; its (name, version digest)."""
@@ -54,17 +62,10 @@ class Replica:
         return name, response.json()["id"].split("@", 1)[1]
 
 
-@pytest.fixture(scope="module")
-def replica(demo_assets, tmp_path_factory) -> Iterator[Replica]:
-    workdir = tmp_path_factory.mktemp("adapter-loaded")
-    volume = workdir / "volume"
-    volume.mkdir()
-    config = demo_config(demo_assets, max_loras=1, max_cpu_loras=2)
-    config.pop("routing")  # no prompt router: nothing here needs the encoder
-    config["store"] = {"root": str(workdir / "store"), "sources": [{"type": "local", "roots": [str(volume)]}]}
-    running = start_server(config, workdir)
-    yield Replica(running, volume, demo_assets.adapters["code"])
-    stop_server(running)
+@pytest.fixture
+def replica(admin: AdminServer) -> Replica:
+    assert (admin.server.config["engine"]["max_loras"], admin.server.config["engine"]["max_cpu_loras"]) == (1, 2)
+    return Replica(admin)
 
 
 def families(url: str) -> dict:

@@ -11,6 +11,8 @@ top-2 gap < 0.3; at least one prompt per layout without a near tie).
 
 The packed ``bitlinear`` engine runs with ``VLLM_PLUGINS=loraserve_bitnet``
 (our LoRA-ops plugin disabled): the model loads through its own entry point.
+The other engines (every plugin) run one after the other in one process, so
+the suite pays for one interpreter importing vLLM instead of three.
 
 One more engine serves the trained demo base (packed ``autobitlinear``) in
 bfloat16, the published checkpoints' dtype, against the same float32
@@ -60,11 +62,10 @@ def prompt_ids(tiny_bitnet) -> list[list[int]]:
     return [tokenizer.encode(p) for p in PROMPTS]
 
 
-def run_engine(
-    model: Path, prompts: list[list[int]], workdir: Path, plugins: str | None, dtype: str = "float32"
-) -> dict:
+def run_engines(runs: list[dict], workdir: Path, plugins: str | None) -> list[dict]:
+    """Engine results of ``runs`` (each: model, dtype, prompts), one after the other in one subprocess."""
     spec = workdir / "spec.json"
-    spec.write_text(json.dumps({"model": str(model), "dtype": dtype, "prompts": prompts, "max_tokens": MAX_TOKENS}))
+    spec.write_text(json.dumps({"runs": [{"max_tokens": MAX_TOKENS} | run for run in runs]}, default=str))
     env = dict(os.environ)
     env.pop("VLLM_PLUGINS", None)
     env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # engine core in the script's process: one start-up fewer
@@ -75,15 +76,37 @@ def run_engine(
     )
     result = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     assert done.returncode == 0 and result, done.stderr[-5000:]
-    return json.loads(result[-1].removeprefix("RESULT "))
+    return json.loads(result[-1].removeprefix("RESULT "))["runs"]
+
+
+@pytest.fixture(scope="module")
+def demo_prompt_ids(demo_assets) -> list[list[int]]:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(demo_assets.base)
+    return [tokenizer.encode(p) for p in PROMPTS]
+
+
+@pytest.fixture(scope="module")
+def engines(tiny_bitnet, prompt_ids, demo_assets, demo_prompt_ids, tmp_path_factory) -> dict[str, dict]:
+    """The engines' results by run: each tiny layout in float32, and ``bf16-demo`` (the demo base in bfloat16).
+    One process per plugin set (``PLUGINS``)."""
+    runs = {layout: {"model": tiny_bitnet[layout], "dtype": "float32", "prompts": prompt_ids} for layout in PLUGINS}
+    runs["bf16-demo"] = {"model": demo_assets.base, "dtype": "bfloat16", "prompts": demo_prompt_ids}
+    plugin_sets = {plugins: [name for name in runs if PLUGINS.get(name) == plugins] for plugins in PLUGINS.values()}
+    results = {}
+    for plugins, names in plugin_sets.items():
+        workdir = tmp_path_factory.mktemp(f"bitnet-engine-{plugins or 'all'}")
+        results |= dict(zip(names, run_engines([runs[name] for name in names], workdir, plugins), strict=True))
+    return results
 
 
 @pytest.mark.parametrize("layout", PLUGINS)
-def test_engine_matches_transformers(tiny_bitnet, prompt_ids, tmp_path, layout) -> None:
+def test_engine_matches_transformers(tiny_bitnet, prompt_ids, engines, layout) -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
-    engine = run_engine(tiny_bitnet[layout], prompt_ids, tmp_path, PLUGINS[layout])
+    engine = engines[layout]
     assert engine["quantization"] == "bitnet"
     reference = AutoModelForCausalLM.from_pretrained(tiny_bitnet[layout], dtype=torch.float32).eval()
     tied = 0
@@ -99,13 +122,12 @@ def test_engine_matches_transformers(tiny_bitnet, prompt_ids, tmp_path, layout) 
     )
 
 
-def test_bfloat16_engine_on_the_demo_base_matches_float32_transformers(demo_assets, tmp_path) -> None:
+def test_bfloat16_engine_on_the_demo_base_matches_float32_transformers(demo_assets, demo_prompt_ids, engines) -> None:
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    tokenizer = AutoTokenizer.from_pretrained(demo_assets.base)
-    prompts = [tokenizer.encode(p) for p in PROMPTS]
-    engine = run_engine(demo_assets.base, prompts, tmp_path, None, dtype="bfloat16")
+    prompts = demo_prompt_ids
+    engine = engines["bf16-demo"]
     assert engine["quantization"] == "bitnet"
     with torch._dynamo.config.patch(disable=True):
         reference = AutoModelForCausalLM.from_pretrained(demo_assets.base, dtype=torch.float32).eval()

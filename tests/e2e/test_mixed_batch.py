@@ -11,42 +11,18 @@ which shows this test can see the bug our plugin fixes.
 counters show the requests run one at a time took a step per generated token,
 and the same requests together took fewer than half as many steps as tokens,
 so they shared engine steps (mixed batches).
+
+The run with our plugins is shared with test_engine_refusal.py (the
+``project_engine`` fixture in conftest.py); the stock-ops run is this module's own.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
-import yaml
 
-from tests.conftest import REPO, demo_config
-
-SCRIPT = Path(__file__).with_name("mixed_batch.py")
+from tests.e2e.conftest import run_project_engine, slot_pressure_config
 
 pytestmark = pytest.mark.engine
-
-
-def run_check(config: dict, workdir: Path, *, stock_ops: bool) -> dict:
-    config_path = workdir / ("stock.yaml" if stock_ops else "project.yaml")
-    config_path.write_text(yaml.safe_dump(config))
-    env = dict(os.environ)
-    if stock_ops:
-        # VLLM_PLUGINS is vLLM's allow-list of plugin names: leaving our LoRA-ops plugin out
-        # gives stock ops; the BitNet plugin stays, as the demo base is a BitNet checkpoint.
-        env["VLLM_PLUGINS"] = "loraserve_bitnet,lora_filesystem_resolver"
-    else:
-        env.pop("VLLM_PLUGINS", None)
-    done = subprocess.run(
-        [sys.executable, str(SCRIPT), str(config_path)], capture_output=True, text=True, env=env, cwd=REPO, timeout=600
-    )
-    result = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-    assert done.returncode == 0 and result, done.stderr[-5000:]
-    return json.loads(result[-1].removeprefix("RESULT "))
 
 
 def assert_shared_steps(result: dict) -> None:
@@ -66,17 +42,8 @@ def mismatches(result: dict) -> list[str]:
     ]
 
 
-@pytest.fixture(scope="module")
-def slot_pressure_config(demo_assets) -> dict:
-    config = demo_config(demo_assets, max_loras=2, max_cpu_loras=4)
-    # float32: bf16 base matmuls round differently at different batch sizes, which can
-    # move a late greedy token for reasons unrelated to LoRA; in float32 any difference is a bug.
-    config["model"]["dtype"] = "float32"
-    return config
-
-
-def test_mixed_batch_matches_requests_run_alone(slot_pressure_config, tmp_path) -> None:
-    result = run_check(slot_pressure_config, tmp_path, stock_ops=False)
+def test_mixed_batch_matches_requests_run_alone(project_engine) -> None:
+    result = project_engine["mixed"]
     assert_shared_steps(result)
     assert {r["model"] for r in result["requests"]} == {"base", "code", "legal", "medical"}
     assert all(len(tokens) == 24 for tokens in result["alone"])
@@ -89,8 +56,8 @@ def test_mixed_batch_matches_requests_run_alone(slot_pressure_config, tmp_path) 
     assert mismatches(result) == []
 
 
-def test_stock_vllm_cpu_ops_fail_the_same_check(slot_pressure_config, tmp_path) -> None:
-    result = run_check(slot_pressure_config, tmp_path, stock_ops=True)
+def test_stock_vllm_cpu_ops_fail_the_same_check(demo_assets, tmp_path) -> None:
+    result = run_project_engine(slot_pressure_config(demo_assets), tmp_path, stock_ops=True)["mixed"]
     assert_shared_steps(result)
     wrong = mismatches(result)
     assert wrong, "stock vLLM CPU LoRA ops passed the mixed-batch check; is the plugin still needed?"

@@ -107,6 +107,7 @@ def test_serve_holds_its_port_and_stops_at_once_when_signalled_during_start_up(
     A SIGTERM during start-up (a pod deleted, a rollout undone) stops the server now, not after the engine's
     whole start, with exit status 0 and no engine process left behind."""
     config = demo_config(demo_assets)
+    config["routing"] = None  # not under test: no prompt-router encoder to load before the engine starts
     port = config["server"]["port"]
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
     log = tmp_path / "server.log"
