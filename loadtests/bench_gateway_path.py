@@ -145,6 +145,14 @@ class _StubLLM:
     async def add_lora(self, lora_request: object) -> bool:
         return True
 
+    async def collective_rpc(self, method: str, args: tuple = ()) -> list:
+        """The worker extension's calls: a prefetch is done at once; no adapter sits in a slot."""
+        from serving.lora_residency import PREFETCH_DONE_METHOD, RESIDENCY_METHOD
+
+        if method == RESIDENCY_METHOD:
+            return [([], [])]
+        return [True] if method == PREFETCH_DONE_METHOD else [None]
+
     async def generate(self, prompt: dict, params: object, request_id: str, lora_request: object = None):
         from vllm.outputs import CompletionOutput, RequestOutput
 
