@@ -22,11 +22,11 @@ and PostgreSQL), it times:
   memory and right after a registry change (one health record written: a
   re-read of the whole listing). For comparison, in the same run, the store
   calls the previous ``/v1/models`` made (a registry read per adapter).
-* **GET /v1/adapters?limit=100**: the store calls that route's page makes
-  (names, then versions, owner, aliases, health and cache state per adapter),
-  for the first page and one from the middle (``after=``). The serving class
-  itself needs a started engine (it reports what the engine holds), so the
-  store calls are timed here instead.
+* **GET /v1/adapters?limit=100**: ``AdaptersServing.list_adapters`` building
+  the page as the route does (the real serving class; the engine it asks what
+  it holds is an idle stand-in that holds nothing) and its JSON, for the first
+  page and one from the middle (``after=``), from memory and right after a
+  registry change.
 
 PostgreSQL: ``--postgres-url`` (a database it may fill; the password may be in
 the URL or in PGPASSWORD), else a throwaway cluster started as the tests start
@@ -52,16 +52,24 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from prometheus_client import CollectorRegistry
 from safetensors.numpy import save_file
 from sqlalchemy import URL, make_url
 
 from adapter_store import AdapterRef, AdapterStore, BaseModelSpec, StoreSettings
 from loadtests.machine import machine_info
 from serving.api.adapter_info import adapter_info
+from serving.api.adapters.probe import AdapterProbe
+from serving.api.adapters.protocol import AdapterList
+from serving.api.adapters.serving import AdaptersServing
 from serving.api.auth import Principal
+from serving.api.limits import RequestLimiter
 from serving.api.models.protocol import ModelList
 from serving.api.models.serving import ModelsServing
+from serving.api.selector import AdapterSelector
 from serving.config import Settings
+from serving.engine import LoraEngine
+from serving.metrics import AdapterMetrics
 
 BASE_NAME = "bench-base"
 HIDDEN = 64
@@ -181,17 +189,23 @@ def previous_models(store: AdapterStore, principal: Principal) -> int:
     return len([adapter_info(store, v) for v in store.latest() if principal.may_use(store.tenant(v.name))])
 
 
-def adapters_page(store: AdapterStore, after: str | None) -> int:
-    """The store calls of one ``GET /v1/adapters?limit=100`` page (``AdaptersServing.list_adapters``)."""
-    names = sorted(store.names())
-    start = names.index(after) + 1 if after is not None else 0
-    for name in names[start : start + PAGE]:
-        store.tenant(name)
-        store.aliases(name)
-        for version in store.versions(name):
-            store.is_cached(version)
-            adapter_info(store, version)
-    return store.bytes_on_disk()
+class IdleLLM:
+    """What ``AdaptersServing`` asks of vLLM's ``AsyncLLM`` for a page: which adapters it holds (none)."""
+
+    errored = False
+
+    async def list_loras(self) -> set[int]:
+        return set()
+
+
+def adapters_serving(settings: Settings, store: AdapterStore) -> AdaptersServing:
+    """The real serving class of ``/v1/adapters`` over an engine that is never started (see :class:`IdleLLM`)."""
+    engine = LoraEngine(settings)
+    engine._llm = IdleLLM()  # type: ignore[assignment]
+    metrics = AdapterMetrics(CollectorRegistry())
+    selector = AdapterSelector(settings, store, metrics, engine)
+    limiter = RequestLimiter(settings.limits, settings.engine.max_num_seqs, metrics)
+    return AdaptersServing(engine, selector, AdapterProbe(engine, store, None), limiter)
 
 
 def measure(store: AdapterStore, settings: Settings, lookups: int, repeats: int, seed: int) -> dict[str, Any]:
@@ -224,13 +238,24 @@ def measure(store: AdapterStore, settings: Settings, lookups: int, repeats: int,
             "from_memory": timed(body, [principal] * repeats),
             "after_a_change": timed(body, [principal] * repeats, before_each=change),
         }
-    loop.close()
     models["previous_admin"] = timed(lambda p: previous_models(store, p), [ADMIN] * max(1, repeats // 5))
+    adapters = adapters_serving(settings, store)
+
+    def page(after: str | None) -> bytes:
+        """What the route sends: a page of ``PAGE`` adapters after ``after``."""
+        return loop.run_until_complete(adapters.list_adapters(limit=PAGE, after=after)).model_dump_json().encode()
+
     names = sorted(store.names())
-    pages = {
-        "first": timed(lambda after: adapters_page(store, after), [None] * repeats),
-        "middle": timed(lambda after: adapters_page(store, after), [names[len(names) // 2]] * repeats),
-    }
+    pages: dict[str, Any] = {}
+    for where, after in (("first", None), ("middle", names[len(names) // 2])):
+        sent = page(after)
+        pages[where] = {
+            "adapters": len(AdapterList.model_validate_json(sent).data),
+            "body_bytes": len(sent),
+            "from_memory": timed(page, [after] * repeats),
+            "after_a_change": timed(page, [after] * repeats, before_each=change),
+        }
+    loop.close()
     return {"resolve": resolve, "models": models, "adapters_page_limit_100": pages}
 
 
@@ -287,8 +312,12 @@ def summary(backend: str, report: dict[str, Any]) -> str:
             f"after a change p50 {m['after_a_change']['p50_us'] / 1e3:.1f} ms"
         )
     lines.append(f"  /v1/models admin, previous registry reads: p50 {models['previous_admin']['p50_us'] / 1e3:.1f} ms")
-    for page, s in report["adapters_page_limit_100"].items():
-        lines.append(f"  /v1/adapters?limit=100 {page} page (store calls): p50 {s['p50_us'] / 1e3:.1f} ms")
+    for where, p in report["adapters_page_limit_100"].items():
+        lines.append(
+            f"  /v1/adapters?limit=100 {where:<6} page, {p['adapters']} adapters {p['body_bytes'] / 1e3:.0f} kB: "
+            f"from memory p50 {p['from_memory']['p50_us'] / 1e3:.1f} ms, "
+            f"after a change p50 {p['after_a_change']['p50_us'] / 1e3:.1f} ms"
+        )
     return "\n".join(lines)
 
 

@@ -35,7 +35,12 @@ def test_the_registry_bench_writes_every_figure(tmp_path: Path, postgres_url: st
         for row in ("from_memory", "after_a_change"):
             assert models["admin"][row]["n"] == 2
         assert models["previous_admin"]["n"] == 1
-        assert set(backend["adapters_page_limit_100"]) == {"first", "middle"}
+        pages = backend["adapters_page_limit_100"]
+        # the real page: every adapter from the start, the second half after the middle name (a0..a3: after a2)
+        assert (pages["first"]["adapters"], pages["middle"]["adapters"]) == (ADAPTERS, ADAPTERS - ADAPTERS // 2 - 1)
+        assert pages["first"]["body_bytes"] > pages["middle"]["body_bytes"]
+        for row in ("from_memory", "after_a_change"):
+            assert pages["first"][row]["n"] == 2
 
 
 @pytest.mark.parametrize("url", ["postgresql://u:secret@db:5432/x", "postgresql://u@db:5432/x"])
