@@ -172,6 +172,13 @@ class Changes(ABC):
     def stamp_any(self) -> int:
         """A number that moves whenever any name's rows may have changed (the listing of every adapter)."""
 
+    def changed_since(self, stamp: int) -> frozenset[str] | None:
+        """The names that may have changed since ``stamp_any()`` returned ``stamp``; ``None``: any name may have.
+
+        A feed that does not tell names apart (SQLite's data version) always answers ``None``.
+        """
+        return None
+
     @property
     def outage(self) -> int | None:
         """The number of the current registry outage (counting from 1), ``None`` while it is reachable."""
@@ -247,6 +254,12 @@ class PostgresChanges(Changes):
     def stamp_any(self) -> int:
         with self._lock:
             return self._counter  # moved by every invalidation, of one name or of all
+
+    def changed_since(self, stamp: int) -> frozenset[str] | None:
+        with self._lock:  # _changed holds the names changed since the last invalidation of everything
+            if self._everything > stamp:
+                return None
+            return frozenset(name for name, moved in self._changed.items() if moved > stamp)
 
     @property
     def outage(self) -> int | None:

@@ -320,8 +320,8 @@ class AdapterStore:
 
     def entries(self) -> list[CatalogEntry]:
         """Every registered adapter's entry, in code-point order of the names: from memory while the registry
-        has not changed since it was last listed, else read in one snapshot (a few queries for any number of
-        adapters). Blocks on a re-read: async callers use a thread. During an outage the listing as last
+        has not changed since it was last listed, else the changed names read again into it (PostgreSQL,
+        a few at a time) or the whole of it read in one snapshot (a few queries for any number of adapters). Blocks on a re-read: async callers use a thread. During an outage the listing as last
         read (``RegistryUnavailable`` if none was).
         """
         return self._catalog.listing()
