@@ -19,8 +19,9 @@ and PostgreSQL), it times:
 * **GET /v1/models**: ``ModelsServing.list_models`` building the body as the
   route does (the real serving class, no engine needed) and its JSON, for an
   admin (every adapter) and for a tenant (the public ones and its own), from
-  memory and right after a registry change (one health record written: a
-  re-read of the whole listing). For comparison, in the same run, the store
+  memory and right after a registry change (one health record written: on
+  SQLite a re-read of the whole listing, on PostgreSQL that adapter's entry
+  read again and merged in). For comparison, in the same run, the store
   calls the previous ``/v1/models`` made (a registry read per adapter).
 * **GET /v1/adapters?limit=100**: ``AdaptersServing.list_adapters`` building
   the page as the route does (the real serving class; the engine it asks what
