@@ -44,10 +44,12 @@ def _get_punica_wrapper(cls: type) -> str:
 def _keep_compilation_with_lora(platform_cls: type) -> None:
     """Wrap the CPU platform's config hook so that LoRA no longer turns compilation off.
 
-    The hook sets the mode it compiles with (``DYNAMO_TRACE_ONCE``) and its
-    inductor settings first and turns the mode to ``NONE`` for LoRA last; the
-    wrapper puts back the mode of that first step. Idempotent (marked on the
-    wrapper); raises if this vLLM is not the one the patch was written for.
+    The hook turns vLLM's default ``VLLM_COMPILE`` into the mode it compiles
+    with (``DYNAMO_TRACE_ONCE``, with its inductor settings) first and any
+    mode into ``NONE`` for LoRA last; the wrapper puts back the mode of that
+    first step (a config built again from a resolved one arrives with
+    ``DYNAMO_TRACE_ONCE`` already). Idempotent (marked on the wrapper); raises
+    if this vLLM is not the one the patch was written for.
     """
     import vllm
     from vllm.config import CompilationMode
@@ -67,8 +69,8 @@ def _keep_compilation_with_lora(platform_cls: type) -> None:
         requested = vllm_config.compilation_config.mode
         original(cls, vllm_config)
         config = vllm_config.compilation_config
-        if vllm_config.lora_config is not None and requested == CompilationMode.VLLM_COMPILE:
-            config.mode = CompilationMode.DYNAMO_TRACE_ONCE  # what the hook set before its LoRA line
+        if vllm_config.lora_config is not None:  # the mode the hook set before its LoRA line
+            config.mode = CompilationMode.DYNAMO_TRACE_ONCE if requested == CompilationMode.VLLM_COMPILE else requested
 
     check_and_update_config._loraserve_keeps_compilation = True  # type: ignore[attr-defined]
     platform_cls.check_and_update_config = classmethod(check_and_update_config)  # type: ignore[attr-defined]

@@ -113,7 +113,7 @@ def test_one_graph_follows_each_steps_mapping(traced, pattern: str, phase: str) 
 
 
 def test_register_keeps_vllms_cpu_compilation_with_lora(demo_assets) -> None:
-    from vllm.config import CompilationMode, LoRAConfig, ModelConfig, VllmConfig
+    from vllm.config import CompilationConfig, CompilationMode, LoRAConfig, ModelConfig, VllmConfig
     from vllm.plugins import load_general_plugins
 
     import lora_ops
@@ -122,15 +122,18 @@ def test_register_keeps_vllms_cpu_compilation_with_lora(demo_assets) -> None:
     lora_ops.register()
     lora_ops.register()  # idempotent: one wrapper around vLLM's hook, not two
 
-    def config(lora: bool, enforce_eager: bool = False) -> VllmConfig:
+    def config(lora: bool, enforce_eager: bool = False, mode: CompilationMode | None = None) -> VllmConfig:
         model = ModelConfig(model=str(demo_assets.base), dtype="float32", enforce_eager=enforce_eager)
-        return VllmConfig(model_config=model, lora_config=LoRAConfig(max_loras=2) if lora else None)
+        lora_config = LoRAConfig(max_loras=2) if lora else None
+        return VllmConfig(model_config=model, lora_config=lora_config, compilation_config=CompilationConfig(mode=mode))
 
     plain, lora = config(lora=False).compilation_config, config(lora=True).compilation_config
     assert plain.mode == CompilationMode.DYNAMO_TRACE_ONCE and plain.backend == "inductor"
     assert (lora.mode, lora.backend) == (plain.mode, plain.backend)
     assert lora.inductor_compile_config == plain.inductor_compile_config
     assert config(lora=True, enforce_eager=True).compilation_config.mode == CompilationMode.NONE
+    # A config built again from a resolved one (the hook already chose its mode) keeps it too.
+    assert config(lora=True, mode=plain.mode).compilation_config.mode == plain.mode
 
 
 def test_the_patch_refuses_another_vllm(monkeypatch) -> None:
