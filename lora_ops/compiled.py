@@ -22,28 +22,44 @@ from __future__ import annotations
 
 import itertools
 import weakref
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 
-if TYPE_CHECKING:
-    from .punica_cpu import GroupedPunicaWrapperCPU
 
-_wrappers: weakref.WeakValueDictionary[int, GroupedPunicaWrapperCPU] = weakref.WeakValueDictionary()
+class EagerLoRA(Protocol):
+    """What the ops call at run time: the punica wrapper's eager paths (``punica_cpu``)."""
+
+    def eager_lora_linear(
+        self,
+        y: torch.Tensor,
+        x: torch.Tensor,
+        lora_a_stacked: tuple[torch.Tensor, ...],
+        lora_b_stacked: tuple[torch.Tensor, ...],
+        scale: float,
+        output_slices: tuple[int, ...],
+    ) -> None: ...
+
+    def eager_lora_embedding(
+        self, y: torch.Tensor, x: torch.Tensor, lora_b: torch.Tensor, add_inputs: bool
+    ) -> None: ...
+
+
+_wrappers: weakref.WeakValueDictionary[int, EagerLoRA] = weakref.WeakValueDictionary()
 _handles = itertools.count()
 # Calls of each op traced into a graph in this process: the fake implementations
 # run only while tracing, so these count traces, never runs (tests read them).
 traced_calls = {"lora_linear": 0, "lora_embedding": 0}
 
 
-def register(wrapper: GroupedPunicaWrapperCPU) -> int:
+def register(wrapper: EagerLoRA) -> int:
     """The handle by which a compiled graph's op calls find ``wrapper`` at run time."""
     handle = next(_handles)
     _wrappers[handle] = wrapper
     return handle
 
 
-def _wrapper(handle: int) -> GroupedPunicaWrapperCPU:
+def _wrapper(handle: int) -> EagerLoRA:
     try:
         return _wrappers[handle]
     except KeyError as e:
