@@ -32,7 +32,9 @@ minutes apart at most, whatever else the machine does. Engines:
   popularity; a fresh draw per round, the same in every engine);
 * ``lora-batch``: slots sized for the batch (``max_loras`` = ``max_num_seqs``,
   what ``serving.sizing`` derives when the config leaves it out): ``zipf8``;
-* ``stock4`` (only with ``--engines``): ``lora4`` with vLLM's stock CPU ops.
+* ``stock4`` (only with ``--engines``): ``lora4`` with vLLM's stock CPU ops;
+* ``lora4-eager`` (only with ``--engines``): ``lora4`` with ``enforce_eager``,
+  as every LoRA engine ran before ``lora_ops`` kept compilation on.
 
 Steady state: ``--requests`` (default 128) per workload with 16 in flight, so
 the engine runs full batches for most of a workload, not the drain of a
@@ -98,6 +100,7 @@ ENGINES = {
     "lora4": Engine("lora4", ("base", "one", "zipf8"), max_loras=4),
     "lora-batch": Engine("lora-batch", ("zipf8",), max_loras=0),
     "stock4": Engine("stock4", ("base", "one", "zipf8"), max_loras=4, our_ops=False),
+    "lora4-eager": Engine("lora4-eager", ("base", "one", "zipf8"), max_loras=4, eager=True),
 }
 DEFAULT_ENGINES = ("plain", "plain-eager", "lora4", "lora-batch")
 # The other groups are rows for comparison, not the targets' case: plain and lora4 only, to keep the run short.
