@@ -22,14 +22,19 @@ every engine's workloads one after the other, so a ratio compares runs taken
 minutes apart at most, whatever else the machine does. Engines:
 
 * ``plain``: ``enable_lora=False``, the reference of every ratio;
-* ``plain-eager``: the same with ``enforce_eager``: vLLM turns ``torch.compile``
-  off on the CPU when LoRA is enabled, so this shows what that alone costs;
+* ``plain-eager``: the same with ``enforce_eager``: what running the model
+  uncompiled costs (vLLM's CPU platform turns ``torch.compile`` off when LoRA
+  is enabled; ``lora_ops`` turns it back on, so the LoRA engines below run
+  compiled like ``plain``: each row's ``lora_ops_compiled`` says whether the
+  engine traced our ops into its graph);
 * ``lora4``: LoRA enabled, ``max_loras=4``: ``base`` (no adapter requests),
   ``one`` (every request the same adapter), ``zipf8`` (8 adapters, Zipf(1)
   popularity; a fresh draw per round, the same in every engine);
 * ``lora-batch``: slots sized for the batch (``max_loras`` = ``max_num_seqs``,
   what ``serving.sizing`` derives when the config leaves it out): ``zipf8``;
-* ``stock4`` (only with ``--engines``): ``lora4`` with vLLM's stock CPU ops.
+* ``stock4`` (only with ``--engines``): ``lora4`` with vLLM's stock CPU ops;
+* ``lora4-eager`` (only with ``--engines``): ``lora4`` with ``enforce_eager``,
+  as every LoRA engine ran before ``lora_ops`` kept compilation on.
 
 Steady state: ``--requests`` (default 128) per workload with 16 in flight, so
 the engine runs full batches for most of a workload, not the drain of a
@@ -95,6 +100,7 @@ ENGINES = {
     "lora4": Engine("lora4", ("base", "one", "zipf8"), max_loras=4),
     "lora-batch": Engine("lora-batch", ("zipf8",), max_loras=0),
     "stock4": Engine("stock4", ("base", "one", "zipf8"), max_loras=4, our_ops=False),
+    "lora4-eager": Engine("lora4-eager", ("base", "one", "zipf8"), max_loras=4, eager=True),
 }
 DEFAULT_ENGINES = ("plain", "plain-eager", "lora4", "lora-batch")
 # The other groups are rows for comparison, not the targets' case: plain and lora4 only, to keep the run short.
@@ -207,6 +213,7 @@ class Worker:
             stderr=subprocess.STDOUT, text=True, bufsize=1,
         )  # fmt: skip
         self.punica_wrapper: str | None = None
+        self.lora_ops_compiled = False  # the engine's log says it traced our ops into its compiled graph
 
     def read(self) -> dict:
         """The next protocol message; the log lines before it go to the log (and name the punica wrapper)."""
@@ -218,6 +225,7 @@ class Worker:
             used = re.search(r"Using (\w*PunicaWrapper\w*)\.", line)
             if used:
                 self.punica_wrapper = used.group(1)
+            self.lora_ops_compiled |= "LoRA ops traced into a compiled graph" in line
         raise RuntimeError(f"engine {self.engine.name} exited with {self.proc.wait()}: see the log")
 
     def measure(self, workload: str, rnd: int) -> dict:
@@ -246,11 +254,13 @@ def run_group(name: str, args: argparse.Namespace, log: IO[str]) -> dict:
     ensure_synthetic(group_dir, NUM_ADAPTERS, shape, rank=RANK)
     params = count_params(group_dir / "model")
     workers: list[Worker] = []
+    startup: dict[str, float] = {}  # engine -> seconds to build the LLM (compiling included)
     try:
         engines = args.engines if name == "realistic" else [e for e in args.engines if e in SECOND_GROUP_ENGINES]
         for engine_name in engines:
             workers.append(Worker(ENGINES[engine_name], group_dir, args, log))
             ready = workers[-1].read()  # one start at a time: starts compete for the cores
+            startup[engine_name] = ready["startup_s"]
             print(f"  {name}/{engine_name}: ready in {ready['startup_s']} s", flush=True)
         runs: dict[tuple[str, str], list[dict]] = {}
         loads = [os.getloadavg()[0]]
@@ -269,9 +279,12 @@ def run_group(name: str, args: argparse.Namespace, log: IO[str]) -> dict:
         for w in workers:
             w.close()
     wrappers = {w.engine.name: w.punica_wrapper for w in workers}
+    rows = summarize(runs, wrappers, name)
+    for row in rows:
+        row["lora_ops_compiled"] = next(w.lora_ops_compiled for w in workers if w.engine.name == row["engine"])
     return {
         "shape": asdict(shape), "params_m": round(params / 1e6, 1), "layer_fraction": round(layer_fraction(shape), 3),
-        "rows": summarize(runs, wrappers, name), "loadavg_1min": [round(x, 2) for x in loads],
+        "rows": rows, "startup_s": startup, "loadavg_1min": [round(x, 2) for x in loads],
     }  # fmt: skip
 
 

@@ -29,8 +29,18 @@ from typing import Any
 import torch
 from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
 
+from . import compiled
 from .fused import PACK_MAX_ROWS, FusedLinear
 from .plan import MASKED, NONE, REF_WIDTH, RUNS, StepPlan, build_plan
+
+
+def _refuse_tracing(op: str) -> None:
+    """The grouped paths plan in Python: traced, one step's plan would be frozen into the graph."""
+    if torch.compiler.is_compiling():
+        raise NotImplementedError(
+            f"loraserve: the CPU LoRA op {op} (fully sharded LoRA layers) has no compiled form; "
+            "set engine.enforce_eager: true"
+        )
 
 
 class GroupedPunicaWrapperCPU(PunicaWrapperCPU):
@@ -49,6 +59,7 @@ class GroupedPunicaWrapperCPU(PunicaWrapperCPU):
         self._nonzero_cache: dict[int, tuple] = {}
         self._slot_ids: list[int | None] = []  # the model manager's live slot -> LoRA id table
         self._width = REF_WIDTH  # mean LoRA width of the layers seen, for the plan's cost model
+        self._handle = compiled.register(self)  # how a compiled graph's op calls find this wrapper
 
     # ------------------------------------------------------------------ metadata
     def update_metadata(
@@ -99,8 +110,27 @@ class GroupedPunicaWrapperCPU(PunicaWrapperCPU):
     ) -> None:
         """y[t] += x[t] @ A[slot_t].T @ B[slot_t].T * scale, for slot_t >= 0.
 
-        y: (T, sum(output_slices)), updated in place; x: (T, in).
+        y: (T, sum(output_slices)), updated in place; x: (T, in). Under
+        torch.compile's tracing, one opaque op call that runs
+        ``eager_lora_linear`` with the step's plan at run time (``compiled.py``).
         """
+        if torch.compiler.is_compiling():
+            compiled.lora_linear(
+                y, x, list(lora_a_stacked), list(lora_b_stacked), scale, list(output_slices), self._handle
+            )
+            return
+        self.eager_lora_linear(y, x, lora_a_stacked, lora_b_stacked, scale, output_slices)
+
+    def eager_lora_linear(
+        self,
+        y: torch.Tensor,
+        x: torch.Tensor,
+        lora_a_stacked: tuple[torch.Tensor, ...],
+        lora_b_stacked: tuple[torch.Tensor, ...],
+        scale: float,
+        output_slices: tuple[int, ...],
+    ) -> None:
+        """``add_lora_linear`` for the current step's plan, run as Python (never traced)."""
         plan = self._plan
         if plan.mode == NONE:
             return
@@ -221,6 +251,7 @@ class GroupedPunicaWrapperCPU(PunicaWrapperCPU):
     ) -> None:
         """y[i][t] = x[t] @ A_i[slot_t].T * scale for slot_t >= 0 (rows of
         -1 tokens untouched). y[i]: (T, r_i), usually float32."""
+        _refuse_tracing("add_shrink")
         x = x.reshape(-1, x.shape[-1])
         for i, a in enumerate(lora_a_stacked):
             yi = y[i]
@@ -239,6 +270,7 @@ class GroupedPunicaWrapperCPU(PunicaWrapperCPU):
         **kwargs: Any,
     ) -> None:
         """y[t, slice i] (+)= x[i][t] @ B_i[slot_t].T for slot_t >= 0."""
+        _refuse_tracing("add_expand")
         y2 = y.view(-1, y.shape[-1])
         offset = offset_start
         for i, b in enumerate(lora_b_stacked):
@@ -261,8 +293,15 @@ class GroupedPunicaWrapperCPU(PunicaWrapperCPU):
         add_inputs: bool = True,
         **kwargs: Any,
     ) -> None:
-        """y[t] (+)= x[t] @ B[slot_t].T; x: (T, r) rows of the A embeddings."""
-        self.add_expand(y, (x,), (lora_b_stacked,), (y.shape[-1],), 0, add_inputs)
+        """y[t] (+)= x[t] @ B[slot_t].T; x: (T, r) rows of the A embeddings (an opaque op under tracing)."""
+        if torch.compiler.is_compiling():
+            compiled.lora_embedding(y, x, lora_b_stacked, add_inputs, self._handle)
+            return
+        self.eager_lora_embedding(y, x, lora_b_stacked, add_inputs)
+
+    def eager_lora_embedding(self, y: torch.Tensor, x: torch.Tensor, lora_b: torch.Tensor, add_inputs: bool) -> None:
+        """``add_lora_embedding`` for the current step's plan, run as Python (never traced)."""
+        self.add_expand(y, (x,), (lora_b,), (y.shape[-1],), 0, add_inputs)
 
     def add_lora_logits(
         self,

@@ -191,7 +191,10 @@ def free_port() -> int:
 
 
 def demo_config(demo_assets, **engine_overrides) -> dict:
-    """The dev config pointed at the built demo assets, with test-sized engine settings."""
+    """The dev config pointed at the built demo assets, with test-sized engine settings.
+
+    Eager (``enforce_eager``) unless a test overrides it: compiling the model costs
+    every engine start tens of seconds; test_dense_batch.py runs the compiled engine."""
     config = yaml.safe_load((REPO / "configs" / "dev.yaml").read_text())
     config["model"]["path"] = str(demo_assets.base)
     for adapter in config["adapters"]:
@@ -199,7 +202,7 @@ def demo_config(demo_assets, **engine_overrides) -> dict:
     routing = config.get("routing") or {}
     if routing.get("routes_file"):  # relative to configs/, but the test config is written elsewhere
         routing["routes_file"] = str(REPO / "configs" / routing["routes_file"])
-    config["engine"].update(engine_overrides)
+    config["engine"].update({"enforce_eager": True} | engine_overrides)
     config["server"]["port"] = free_port()
     return config
 

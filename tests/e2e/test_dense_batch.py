@@ -13,6 +13,12 @@ every step (16 sequences, far under the token budget), a set of sixteen
 names is sixteen adapters in one step. float32 (the dev config), so an
 answer depends on its batch neighbours only through summation order.
 
+The one compiled engine of the test suite (every other test engine runs
+``enforce_eager``): vLLM's CPU compilation, which ``lora_ops`` keeps on with
+LoRA enabled, traces the model once in a step without adapters; the LoRA
+layers are opaque ops in that graph that follow each later step's adapters.
+The server's log shows the engine compiled with them.
+
 Each answer of the dense step is then checked against the reference
 (``bitnet_reference.py``'s rule, as in ``test_reference.py``: transformers'
 BitNet + PEFT on the same adapter files, in this process) and must sit
@@ -46,6 +52,7 @@ TOKENS = MIN_EXACT_TOKENS  # the reference rule compares up to this many greedy 
 # by more than DISTINCT.
 LOGPROB_TOLERANCE, DISTINCT = 5e-3, 2e-2
 LORA_INFO = "vllm:lora_requests_info{"
+COMPILED = "'mode': <CompilationMode.DYNAMO_TRACE_ONCE: 2>"  # in vLLM's engine config line
 
 pytestmark = pytest.mark.engine
 
@@ -53,7 +60,7 @@ pytestmark = pytest.mark.engine
 @pytest.fixture(scope="module")
 def dense(demo_assets, tmp_path_factory) -> Iterator[RunningServer]:
     workdir = tmp_path_factory.mktemp("dense-batch")
-    config = demo_config(demo_assets, max_num_seqs=ADAPTERS)
+    config = demo_config(demo_assets, max_num_seqs=ADAPTERS, enforce_eager=False)
     for key in ("max_loras", "max_cpu_loras"):  # derived by the server
         del config["engine"][key]
     assert config["model"]["dtype"] == "float32"
@@ -150,6 +157,12 @@ def test_the_server_sizes_the_slots_for_a_full_batch(dense: RunningServer) -> No
     assert f'loraserve_engine_size{{setting="max_loras",source="derived"}} {ADAPTERS}.0' in metrics
     assert 'loraserve_engine_dtype{dtype="float32",source="configured"} 1.0' in metrics
     assert f'max_lora="{ADAPTERS}"' in metrics  # vLLM's own report: the engine got the derived slots
+
+
+def test_the_engine_compiled_its_model_with_the_lora_ops_in_the_graph(dense: RunningServer) -> None:
+    log = dense.log()
+    assert COMPILED in log, "vLLM did not compile the LoRA engine's model"
+    assert "LoRA ops traced into a compiled graph as loraserve::" in log, "the LoRA layers were not traced as our op"
 
 
 def test_sixteen_adapters_in_one_step_each_answer_as_alone_and_as_the_reference(

@@ -1,0 +1,107 @@
+"""The CPU LoRA ops as opaque torch custom ops, for a model that torch.compile traces.
+
+Why: vLLM's CPU platform compiles a model by tracing it once with Dynamo
+(``DYNAMO_TRACE_ONCE``, no guards), so every Python decision made while
+tracing is frozen into the graph. Our punica wrapper decides per step, in
+Python, which tokens use which slot (``plan.py``) and returns at once in a
+step without adapter tokens. Traced as Python, the step that happened to be
+traced (vLLM's dummy run: no adapters) would be baked in and every later step
+would run the base model only. So while tracing, the wrapper calls these ops
+instead: the graph holds one ``loraserve::lora_linear`` (or
+``loraserve::lora_embedding``) call per LoRA layer, opaque to Dynamo and
+inductor, and the call runs the wrapper's eager path, which reads the current
+step's plan, at run time. The base model around it compiles as it does
+without LoRA.
+
+A wrapper is named in the graph by a small integer (``register``), not by
+object: graphs hold constants, and the n-th wrapper of a process gets the same
+number in every process, so a cached compiled graph names the right one.
+"""
+
+from __future__ import annotations
+
+import itertools
+import weakref
+from typing import Protocol
+
+import torch
+
+
+class EagerLoRA(Protocol):
+    """What the ops call at run time: the punica wrapper's eager paths (``punica_cpu``)."""
+
+    def eager_lora_linear(
+        self,
+        y: torch.Tensor,
+        x: torch.Tensor,
+        lora_a_stacked: tuple[torch.Tensor, ...],
+        lora_b_stacked: tuple[torch.Tensor, ...],
+        scale: float,
+        output_slices: tuple[int, ...],
+    ) -> None: ...
+
+    def eager_lora_embedding(
+        self, y: torch.Tensor, x: torch.Tensor, lora_b: torch.Tensor, add_inputs: bool
+    ) -> None: ...
+
+
+_wrappers: weakref.WeakValueDictionary[int, EagerLoRA] = weakref.WeakValueDictionary()
+_handles = itertools.count()
+# Calls of each op traced into a graph in this process: the fake implementations
+# run only while tracing, so these count traces, never runs (tests read them).
+traced_calls = {"lora_linear": 0, "lora_embedding": 0}
+
+
+def register(wrapper: EagerLoRA) -> int:
+    """The handle by which a compiled graph's op calls find ``wrapper`` at run time."""
+    handle = next(_handles)
+    _wrappers[handle] = wrapper
+    return handle
+
+
+def _wrapper(handle: int) -> EagerLoRA:
+    try:
+        return _wrappers[handle]
+    except KeyError as e:
+        raise RuntimeError(f"loraserve: no punica wrapper {handle} in this process (a graph outlived it)") from e
+
+
+def _traced(op: str) -> None:
+    if not any(traced_calls.values()):
+        from vllm.logger import init_logger
+
+        # The e2e test reads this line in the server's log: the engine compiled its model with our ops.
+        init_logger("vllm.loraserve.lora_ops").info(
+            "loraserve: LoRA ops traced into a compiled graph as loraserve::%s", op
+        )
+    traced_calls[op] += 1
+
+
+@torch.library.custom_op("loraserve::lora_linear", mutates_args=("y",))
+def lora_linear(
+    y: torch.Tensor,
+    x: torch.Tensor,
+    lora_a: list[torch.Tensor],
+    lora_b: list[torch.Tensor],
+    scale: float,
+    output_slices: list[int],
+    wrapper: int,
+) -> None:
+    """``y += LoRA(x)`` for the current step's tokens: the wrapper's eager ``add_lora_linear``."""
+    _wrapper(wrapper).eager_lora_linear(y, x, tuple(lora_a), tuple(lora_b), scale, tuple(output_slices))
+
+
+@lora_linear.register_fake
+def _lora_linear_fake(y, x, lora_a, lora_b, scale, output_slices, wrapper) -> None:
+    _traced("lora_linear")
+
+
+@torch.library.custom_op("loraserve::lora_embedding", mutates_args=("y",))
+def lora_embedding(y: torch.Tensor, x: torch.Tensor, lora_b: torch.Tensor, add_inputs: bool, wrapper: int) -> None:
+    """``y (+)= x @ B[slot].T`` per token of the current step: the wrapper's eager ``add_lora_embedding``."""
+    _wrapper(wrapper).eager_lora_embedding(y, x, lora_b, add_inputs)
+
+
+@lora_embedding.register_fake
+def _lora_embedding_fake(y, x, lora_b, add_inputs, wrapper) -> None:
+    _traced("lora_embedding")
