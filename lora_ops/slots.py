@@ -26,6 +26,7 @@ written; the patch is per class, so it reaches every layer of the model.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -41,11 +42,29 @@ def written_rank(lora_a: Any, lora_b: Any) -> int:
     return max([t.shape[0] for t in a] + [t.shape[-1] for t in b], default=0)
 
 
+_BY_WEIGHT: dict[int, tuple[weakref.ref[Any], dict[int, int]]] = {}
+"""id of a layer's first stacked A tensor -> (the tensor, the layer's record), for code that sees only tensors
+(``fused``). Keyed by id, checked by identity: tensors compare element-wise, so they cannot be dict keys."""
+
+
 def _ranks(layer: Any) -> dict[int, int]:
     ranks = layer.__dict__.get(RANKS_ATTR)
     if ranks is None:
         ranks = layer.__dict__[RANKS_ATTR] = {}
+        weight, key = layer.lora_a_stacked[0], id(layer.lora_a_stacked[0])
+        _BY_WEIGHT[key] = (weakref.ref(weight, lambda _: _BY_WEIGHT.pop(key, None)), ranks)
     return ranks
+
+
+def slot_rank(lora_a_stacked: Sequence[Any], index: int) -> int | None:
+    """Upper bound of the rank in slot ``index`` of the layer whose stacked A tensors these are; None: unknown.
+
+    Past it, every slice of the slot is zero (A rows and B columns).
+    """
+    entry = _BY_WEIGHT.get(id(lora_a_stacked[0]))
+    if entry is None or entry[0]() is not lora_a_stacked[0]:
+        return None
+    return entry[1].get(index)
 
 
 def _reset_lora(reset: Callable[[Any, int], None]) -> Callable[[Any, int], None]:

@@ -177,3 +177,41 @@ def test_install_is_idempotent() -> None:
 )
 def test_written_rank(lora_a: Any, lora_b: Any, rank: int) -> None:
     assert slots.written_rank(lora_a, lora_b) == rank
+
+
+def _fused(layer: Any, slot_ids: tuple) -> Any:
+    from lora_ops.fused import FusedLinear
+
+    return FusedLinear(layer.lora_a_stacked, layer.lora_b_stacked, layer.output_slices, torch.float32, slot_ids)
+
+
+@pytest.mark.parametrize("name", ["qkv", "gate_up", "down"])
+def test_the_fused_copy_of_a_reused_slot_matches_one_built_from_scratch(vllm_world, name: str) -> None:  # noqa: F811
+    """The fused copy rewrites only the rows the old and new adapter used; it must equal a full rebuild."""
+    layer = _layers()[name]
+    layer.set_lora(0, *_weights(layer, 24, seed=1))
+    layer.set_lora(1, *_weights(layer, 16, seed=2))
+    fused = _fused(layer, (10, 11, None))
+    layer.set_lora(1, *_weights(layer, 8, seed=3))  # smaller: the copy must drop rows 8-15
+    fused.refresh(layer.lora_a_stacked, layer.lora_b_stacked, layer.output_slices, torch.float32, (10, 12, None))
+    layer.set_lora(2, *_weights(layer, 20, seed=4))  # larger, into a slot never written before
+    fused.refresh(layer.lora_a_stacked, layer.lora_b_stacked, layer.output_slices, torch.float32, (10, 12, 13))
+    full = _fused(layer, (10, 12, 13))
+    assert torch.equal(fused.a, full.a) and torch.equal(fused.b, full.b)
+    assert all(torch.equal(mine, theirs) for mine, theirs in zip(fused.b_parts, full.b_parts, strict=True))
+    assert fused.nonzero == full.nonzero == [True, True, True]
+
+
+def test_the_fused_copy_reads_a_slot_only_up_to_the_ranks_it_held(vllm_world) -> None:  # noqa: F811
+    """A mark past both ranks (written behind vLLM's back) is not copied: the rewrite stopped at max(old, new)."""
+    layer = _layers()["down"]
+    layer.set_lora(1, *_weights(layer, 16, seed=1))
+    fused = _fused(layer, (None, 11, None))
+    layer.set_lora(1, *_weights(layer, 8, seed=2))
+    layer.lora_a_stacked[0][1, 0, MAX_RANK - 1] = 7.0
+    fused.refresh(layer.lora_a_stacked, layer.lora_b_stacked, layer.output_slices, torch.float32, (None, 12, None))
+    assert not fused.a[1, 16:].any() and torch.equal(fused.a[1, :16], layer.lora_a_stacked[0][1, 0, :16])
+    layer.set_lora(1, *_weights(layer, 4, seed=3))
+    layer.lora_a_stacked[0][1, 0, 12] = 7.0  # past 8, the rank the copy holds now
+    fused.refresh(layer.lora_a_stacked, layer.lora_b_stacked, layer.output_slices, torch.float32, (None, 13, None))
+    assert not fused.a[1, 8:].any() and torch.equal(fused.a[1, :8], layer.lora_a_stacked[0][1, 0, :8])
