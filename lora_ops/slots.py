@@ -103,6 +103,7 @@ def _set_lora(set_lora: Callable[..., None]) -> Callable[..., None]:
 
 def _subclasses(cls: type) -> list[type]:
     out = [cls]
+    sub: type
     for sub in cls.__subclasses__():
         out.extend(_subclasses(sub))
     return out
@@ -113,7 +114,7 @@ def install() -> None:
     from vllm.lora.layers.base_linear import BaseLinearLayerWithLoRA
 
     if not getattr(BaseLinearLayerWithLoRA.reset_lora, _MARK, False):
-        BaseLinearLayerWithLoRA.reset_lora = _reset_lora(BaseLinearLayerWithLoRA.reset_lora)  # type: ignore[method-assign]
+        BaseLinearLayerWithLoRA.reset_lora = _reset_lora(BaseLinearLayerWithLoRA.reset_lora)  # type: ignore[method-assign,assignment]
     for cls in _subclasses(BaseLinearLayerWithLoRA):
         own = cls.__dict__.get("set_lora")
         if own is not None and not getattr(own, _MARK, False):
