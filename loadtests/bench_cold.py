@@ -1,6 +1,7 @@
 """Cold adapter loads under load: their TTFT by size and source, and what they cost everyone else's decode.
 
     python -m loadtests.bench_cold [--quick] [--out results/bench_cold.json]
+    python -m loadtests.bench_cold --swap [--out results/bench_cold_swap.json]
 
 A request for an adapter the engine has never loaded makes vLLM read it from
 disk, build its tensors and copy them into a LoRA slot. ``serving.engine``
@@ -30,6 +31,13 @@ ratio cold/quiet of the p99 (target <= 1.5), and per size and source the cold
 and warm TTFT and the longest gap of the background streams while the cold
 request ran (what that one load stalled everyone else by). The machine (CPU model and flags, load) is recorded; only
 ratios within one run mean anything on a shared machine.
+
+**--swap** times, without an engine, what one adapter swap leaves inside the
+engine step on the same model shape: vLLM's ``set_lora`` on every LoRA layer
+(real vLLM layer objects, 4 slots, ``--max-rank``, bfloat16, one thread) and
+``lora_ops``' re-copy of the slot (``FusedLinear.refresh``), for a sequence of
+ranks written into one slot, ``stock`` (vLLM's full-slot zeroing, full
+re-copy) and ``ours`` (``lora_ops.slots``) alternating in one process.
 """
 
 from __future__ import annotations
@@ -241,6 +249,120 @@ def table(report: dict) -> str:
     return "\n".join(lines)
 
 
+# ------------------------------------------------------------------ --swap
+SWAP_RANKS = (13, 54, 216, 16)  # the cold sizes' ranks, then the hot adapter's, into one slot, in turn
+SWAP_SLOTS = 4
+
+
+def _swap_layers(base: BaseModelSpec, max_rank: int) -> list[Any]:
+    """qkv, o, gate_up and down with LoRA for every layer of ``base``, as vLLM's worker builds them."""
+    import torch
+    from vllm.config.lora import LoRAConfig
+    from vllm.lora.layers import (
+        MergedColumnParallelLinearWithLoRA,
+        MergedQKVParallelLinearWithLoRA,
+        RowParallelLinearWithLoRA,
+    )
+    from vllm.model_executor.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+
+    shapes, kv_heads, dtype = base.module_shapes(), base.num_key_value_heads, torch.bfloat16
+    hidden, inter, head = shapes["q_proj"][0], shapes["gate_proj"][1], shapes["k_proj"][1] // kv_heads
+    # vLLM types the rank as a Literal of its allowed values; --max-rank is one (the engine refuses others).
+    config = LoRAConfig(max_lora_rank=max_rank, max_loras=SWAP_SLOTS, lora_dtype=dtype)  # type: ignore[arg-type]
+    layers = []
+    for _ in range(base.num_hidden_layers):
+        qkv = QKVParallelLinear(hidden, head, hidden // head, kv_heads, bias=False, params_dtype=dtype)
+        gate_up = MergedColumnParallelLinear(hidden, [inter, inter], bias=False, params_dtype=dtype)
+        for layer in (
+            MergedQKVParallelLinearWithLoRA(qkv),
+            RowParallelLinearWithLoRA(RowParallelLinear(hidden, hidden, bias=False, params_dtype=dtype)),
+            MergedColumnParallelLinearWithLoRA(gate_up),
+            RowParallelLinearWithLoRA(RowParallelLinear(inter, hidden, bias=False, params_dtype=dtype)),
+        ):
+            layer.create_lora_weights(SWAP_SLOTS, config)
+            layers.append(layer)
+    return layers
+
+
+class _Forgetful(dict):
+    """A slot record that keeps nothing: every reset and re-copy is the full one (vLLM's, and ours before)."""
+
+    def __setitem__(self, key: int, value: int) -> None:
+        pass
+
+
+def _random_lora(layer: Any, rank: int) -> tuple[Any, Any]:
+    import torch
+
+    a = [(torch.randn(rank, t.shape[3]) * 0.01).to(t.dtype) for t in layer.lora_a_stacked]
+    b = [(torch.randn(t.shape[2], rank) * 0.01).to(t.dtype) for t in layer.lora_b_stacked]
+    return (a, b) if len(a) > 1 else (a[0], b[0])
+
+
+def _time_swaps(layers: list[Any], weights: dict[int, list], round_: int, times: dict) -> None:
+    """Write each of SWAP_RANKS into slot 1 of every layer, then re-copy it as the next forward pass would."""
+    from lora_ops.fused import FusedLinear
+
+    if "copies" not in times:  # every slot holds the hot adapter, and each layer has its fused copy
+        for layer, (a, b) in zip(layers, weights[16]):
+            for slot in range(SWAP_SLOTS):
+                layer.set_lora(slot, a, b)
+        times["copies"] = [
+            FusedLinear(x.lora_a_stacked, x.lora_b_stacked, x.output_slices, x.lora_a_stacked[0].dtype, (1, 2, 3, 4))
+            for x in layers
+        ]
+    for k, rank in enumerate(SWAP_RANKS):
+        start = time.perf_counter()
+        for layer, (a, b) in zip(layers, weights[rank]):
+            layer.set_lora(1, a, b)
+        mid = time.perf_counter()
+        ids = (1, 100 * round_ + k, 3, 4)  # slot 1 holds a new LoRA id
+        for x, copy in zip(layers, times["copies"]):
+            copy.refresh(x.lora_a_stacked, x.lora_b_stacked, x.output_slices, copy.dtype, ids)
+        end = time.perf_counter()
+        times.setdefault("set_lora", {}).setdefault(rank, []).append((mid - start) * 1000.0)
+        times.setdefault("refresh", {}).setdefault(rank, []).append((end - mid) * 1000.0)
+
+
+def swap_costs(base: BaseModelSpec, args: argparse.Namespace) -> dict:
+    """Per kind and rank written: ms (min, median) of ``set_lora`` on every layer and of the fused re-copy."""
+    import socket
+
+    import torch
+    from vllm.config import VllmConfig, set_current_vllm_config
+    from vllm.distributed import init_distributed_environment, initialize_model_parallel
+
+    from lora_ops import slots
+
+    torch.set_num_threads(1)  # as vLLM's CPU worker on this machine: one engine core
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    with set_current_vllm_config(VllmConfig()):
+        init_distributed_environment(1, 0, f"tcp://127.0.0.1:{port}", 0, backend="gloo")
+        initialize_model_parallel(1, 1)
+        slots.install()
+        kinds = {"stock": _swap_layers(base, args.max_rank), "ours": _swap_layers(base, args.max_rank)}
+        for layer in kinds["stock"]:
+            layer.__dict__[slots.RANKS_ATTR] = _Forgetful()
+        weights = {r: [_random_lora(layer, r) for layer in kinds["ours"]] for r in SWAP_RANKS}
+        times: dict[str, dict] = {kind: {} for kind in kinds}
+        for round_ in range(args.swap_rounds):  # the kinds alternate, so machine noise hits both alike
+            for kind, layers in kinds.items():
+                _time_swaps(layers, weights, round_, times[kind])
+    return {kind: {part: {rank: {"min_ms": min(v), "p50_ms": float(np.median(v))} for rank, v in by_rank.items()}
+                   for part, by_rank in t.items() if part != "copies"} for kind, t in times.items()}  # fmt: skip
+
+
+def swap_table(measured: dict) -> str:
+    lines = ["in-step work of one adapter swap, ms (min / median), per rank written into a slot (after the previous):"]
+    for part in ("set_lora", "refresh"):
+        for kind in ("stock", "ours"):
+            cells = "  ".join(f"r{r}: {v['min_ms']:5.1f} / {v['p50_ms']:5.1f}" for r, v in measured[kind][part].items())
+            lines.append(f"  {part:8} {kind:5} {cells}")
+    return "\n".join(lines)
+
+
 # ------------------------------------------------------------------ run
 def server_config(model: Path, tokenizer: Path, local: Path, s3_url: str, store_root: Path, args) -> dict:
     config = yaml.safe_load((ROOT / "configs" / "dev.yaml").read_text())
@@ -273,11 +395,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-cpu-loras", type=int, default=16, help="room for every adapter: none is evicted")
     parser.add_argument("--max-rank", type=int, default=256, help="engine.max_lora_rank; the largest adapter fits")
     parser.add_argument("--start-timeout", type=float, default=900.0)
+    parser.add_argument("--swap", action="store_true", help="only the in-step work of adapter swaps (no engine)")
+    parser.add_argument("--swap-rounds", type=int, default=5)
     args = parser.parse_args(argv)
     if args.quick:
         args.sizes_mb, args.repeats, args.clients, args.quiet_s, args.max_tokens = [1], 1, 2, 2.0, 16
     if args.out is None:  # a smoke run never overwrites the measured numbers
-        args.out = ROOT / "results" / f"bench_cold{'_quick' if args.quick else ''}.json"
+        args.out = ROOT / "results" / f"bench_cold{'_swap' if args.swap else '_quick' if args.quick else ''}.json"
     return args
 
 
@@ -292,6 +416,11 @@ def main(argv: list[str] | None = None) -> int:
     model = build_model(Path(args.cache_dir) / "model")
     base = BaseModelSpec.from_config(model / "config.json", ["bench-cold-base"])
     load_before = os.getloadavg()
+    if args.swap:
+        swaps = swap_costs(base, args)
+        write_report(args, argv, load_before, {"model": str(model)}, swaps)
+        print(swap_table(swaps))
+        return 0
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # moto's server logs every S3 request otherwise
     os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1")
     s3_port = free_port()
@@ -330,23 +459,25 @@ def main(argv: list[str] | None = None) -> int:
                 measured = asyncio.run(measure(url, "hot", cold, args))
     finally:
         s3.stop()
+    report = write_report(args, argv, load_before, {"model": str(model), "bytes_per_rank": bytes_per_rank(base),
+                          "ranks": {size: rank_for(size * MB, base) for size in args.sizes_mb}}, measured)  # fmt: skip
+    print(table(report))
+    return 0
+
+
+def write_report(args: argparse.Namespace, argv: list[str] | None, load_before: tuple, extra: dict,
+                 measured: dict) -> dict:  # fmt: skip
     report = {
         "date": datetime.date.today().isoformat(),
         "command": "python -m loadtests.bench_cold " + " ".join(argv if argv is not None else sys.argv[1:]),
         "machine": machine_info(loadavg_before=load_before, loadavg_after=os.getloadavg()),
-        "settings": {
-            **{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-            "model": str(model),
-            "bytes_per_rank": bytes_per_rank(base),
-            "ranks": {size: rank_for(size * MB, base) for size in args.sizes_mb},
-        },  # fmt: skip
+        "settings": {**{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}, **extra},
         "measured": measured,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(table(report))
     print(f"wrote {args.out}")
-    return 0
+    return report
 
 
 if __name__ == "__main__":

@@ -38,6 +38,8 @@ from typing import TYPE_CHECKING, Literal
 
 import torch
 
+from .slots import slot_rank
+
 if TYPE_CHECKING:
     from vllm._custom_ops import CPUDNNLGEMMHandler
 
@@ -170,6 +172,9 @@ class FusedLinear:
         self.a, self.b, self.b_parts = _fuse(lora_a, lora_b, output_slices, dtype)
         self.num_slots, self.rank, self.out_features = self.b.shape
         self.nonzero = _nonzero_slots(self.a, self.b)
+        # Per slot: rows per slice past which this copy is zero (None: unknown), so a rewrite copies only
+        # that far (slots.slot_rank: vLLM's slot past its rank is zero too).
+        self.held: list[int | None] = [slot_rank(lora_a, s) for s in range(self.num_slots)]
         self.all_nonzero = all(self.nonzero)
         self._a_slot: list[Gemm | None] = [None] * self.num_slots
         self._b_slot: list[Gemm | None] = [None] * self.num_slots
@@ -214,15 +219,25 @@ class FusedLinear:
         return False
 
     def _write_slot(self, lora_a, lora_b, s: int) -> None:
-        self.a[s] = torch.cat([t[s, 0] for t in lora_a])
-        row = col = 0
-        for t, part in zip(lora_b, self.b_parts):
-            rank, width = part.shape[1], part.shape[2]
-            part[s] = t[s, 0, :width].t()
-            self.b[s, row : row + rank, col : col + width] = part[s]
-            row += rank
+        """Copy slot ``s``: with its rank known (``slots.slot_rank``), only the rows that rank and the one this
+        copy held can fill (past both, both are zero), and only those are scanned for ``nonzero``."""
+        rank, held = slot_rank(lora_a, s), self.held[s]
+        rows = None if rank is None or held is None else max(rank, held)
+        a_any = b_any = False
+        a_row = row = col = 0
+        for ta, tb, part in zip(lora_a, lora_b, self.b_parts):  # ta: (S, 1, r_i, in); part: (S, r_i, out_i)
+            a_rows = self.a[s, a_row : a_row + ta.shape[2]]
+            a_rows[:rows] = ta[s, 0, :rows]
+            rank_i, width = part.shape[1], part.shape[2]
+            part[s, :rows] = tb[s, 0, :width, :rows].t()
+            self.b[s, row : row + rank_i, col : col + width][:rows] = part[s, :rows]
+            a_any = a_any or bool(a_rows[:rank].any())
+            b_any = b_any or bool(part[s, :rank].any())
+            a_row += ta.shape[2]
+            row += rank_i
             col += width
-        self.nonzero[s] = bool(self.a[s].any()) and bool(self.b[s].any())
+        self.held[s] = rank
+        self.nonzero[s] = a_any and b_any
         self.all_nonzero = all(self.nonzero)
 
     def a_slot(self, slot: int) -> Gemm:

@@ -32,6 +32,7 @@ from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
 from . import compiled
 from .fused import PACK_MAX_ROWS, FusedLinear
 from .plan import MASKED, NONE, REF_WIDTH, RUNS, StepPlan, build_plan
+from .slots import install as install_slot_resets
 
 
 def _refuse_tracing(op: str) -> None:
@@ -51,6 +52,7 @@ class GroupedPunicaWrapperCPU(PunicaWrapperCPU):
 
     def __init__(self, max_num_batched_tokens: int, max_batches: int, device, **kwargs):
         super().__init__(max_num_batched_tokens, max_batches, device, **kwargs)
+        install_slot_resets()  # built with the worker's LoRA manager, before any slot is written (slots.py)
         empty = torch.empty(0, dtype=torch.long)
         self._plan = StepPlan(0, NONE, empty)  # tokens of the forward pass
         self._sampler_plan = StepPlan(0, NONE, empty)  # rows of the logits

@@ -32,10 +32,13 @@ an evicted adapter) runs as before.
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
+
+logger = logging.getLogger(__name__)
 
 RESIDENCY_METHOD = "loraserve_lora_residency"
 PREFETCH_METHOD = "loraserve_prefetch_lora"
@@ -45,8 +48,21 @@ LOADER_NICE = 19
 
 
 def _lower_priority() -> None:
-    """Run as the loading thread starts: on Linux a thread's nice value is its own (``setpriority`` by thread id)."""
+    """Run as the loading thread starts: lowest priority, and off the engine's cores when the machine has others.
+
+    On Linux a thread's nice value and CPU affinity are its own (set by thread
+    id; ``0`` is the calling thread). The thread inherits the affinity of the
+    thread that started it, vLLM's CPU worker thread, which vLLM binds to the
+    engine's cores (``VLLM_CPU_OMP_THREADS_BIND``): there the load would run
+    only when the forward pass leaves the core idle and, once running, delay it.
+    """
     os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), LOADER_NICE)
+    others = set(range(os.cpu_count() or 1)) - os.sched_getaffinity(0)
+    if others:
+        try:
+            os.sched_setaffinity(0, others)
+        except OSError as e:  # the container's cpuset excludes them all: stay on the engine's cores
+            logger.info("adapter loads stay on the engine's cores %s: %s", sorted(os.sched_getaffinity(0)), e)
 
 
 class LoraResidencyExtension:

@@ -144,6 +144,31 @@ def test_the_loading_thread_runs_at_the_lowest_priority() -> None:
     assert nice == [LOADER_NICE]
 
 
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs a core besides the engine's")
+def test_the_loading_thread_runs_off_the_engines_core() -> None:
+    """vLLM binds its CPU worker's thread to the engine's cores; the loader, started from it, leaves them."""
+    engine_core = min(os.sched_getaffinity(0))
+    worker = _Worker()
+    worker.manager.gate.set()
+    cores: list[set[int]] = []
+    original = worker.manager._load_adapter
+
+    def spy(request: LoRARequest) -> Any:
+        cores.append(os.sched_getaffinity(0))  # the calling thread's own set
+        return original(request)
+
+    def as_the_engine() -> None:
+        os.sched_setaffinity(0, {engine_core})  # this thread only, as vLLM binds the worker's
+        worker.loraserve_prefetch_lora("code", 4, str(DEMO / "adapters" / "code"))
+
+    worker.manager._load_adapter = spy  # type: ignore[method-assign,assignment]
+    starter = threading.Thread(target=as_the_engine)
+    starter.start()
+    starter.join()
+    _wait_done(worker, 4)
+    assert cores and cores[0] and engine_core not in cores[0]
+
+
 @pytest.mark.parametrize(
     ("make_bad", "message"),
     [(_corrupt, "header"), (_biased, "Adapter bias is not supported")],

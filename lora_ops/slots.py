@@ -1,0 +1,121 @@
+"""Slot writes that cost the rank the adapters use, not ``max_lora_rank``.
+
+Why: vLLM activates an adapter into a LoRA slot between two engine steps, so
+every running request waits for it, and each LoRA linear layer's
+``set_lora`` starts with ``reset_lora``, which zeroes the slot's whole
+``max_lora_rank`` extent in every slice (vllm/lora/layers/base_linear.py):
+at max rank 256 that is ~40 MB on the benchmark's 58M-parameter model for
+every activation, however small the adapter and whatever sat there before.
+
+Only part of a slot can be non-zero: an adapter of rank ``r`` is written
+into ``A[:r, :]`` and ``B[:, :r]`` of each slice (``lora_a`` is (rank, in),
+``lora_b`` (out, rank); tensor parallelism never moves the rank dimension's
+start). So each layer remembers, per slot, an upper bound of the rank
+written there (``_loraserve_slot_rank``), and ``reset_lora`` zeroes only
+that far. What stays unknown is zeroed in full, as vLLM does:
+
+* a slot this code never saw written (contents unknown: full zeroing once);
+* a layer class whose ``set_lora`` is not wrapped here (a subclass defined
+  after :func:`install`): its writes are not recorded, so its resets are vLLM's.
+
+``set_lora`` records the bound even when it fails midway (``finally``), so a
+half-written slot is still zeroed next time. ``GroupedPunicaWrapperCPU``
+installs this when vLLM's worker builds its LoRA manager, before any slot is
+written; the patch is per class, so it reaches every layer of the model.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable, Sequence
+from typing import Any
+
+_MARK = "_loraserve_slots"
+RANKS_ATTR = "_loraserve_slot_rank"
+"""Per layer instance: slot index -> upper bound of the rank written there (absent: unknown)."""
+
+
+def written_rank(lora_a: Any, lora_b: Any) -> int:
+    """The largest rank any slice of ``set_lora(index, lora_a, lora_b)`` can write (tensors or lists of them)."""
+    a = [t for t in (lora_a if isinstance(lora_a, Sequence) else [lora_a]) if t is not None]
+    b = [t for t in (lora_b if isinstance(lora_b, Sequence) else [lora_b]) if t is not None]
+    return max([t.shape[0] for t in a] + [t.shape[-1] for t in b], default=0)
+
+
+_BY_WEIGHT: dict[int, tuple[weakref.ref[Any], dict[int, int]]] = {}
+"""id of a layer's first stacked A tensor -> (the tensor, the layer's record), for code that sees only tensors
+(``fused``). Keyed by id, checked by identity: tensors compare element-wise, so they cannot be dict keys."""
+
+
+def _ranks(layer: Any) -> dict[int, int]:
+    ranks = layer.__dict__.get(RANKS_ATTR)
+    if ranks is None:
+        ranks = layer.__dict__[RANKS_ATTR] = {}
+        weight, key = layer.lora_a_stacked[0], id(layer.lora_a_stacked[0])
+        _BY_WEIGHT[key] = (weakref.ref(weight, lambda _: _BY_WEIGHT.pop(key, None)), ranks)
+    return ranks
+
+
+def slot_rank(lora_a_stacked: Sequence[Any], index: int) -> int | None:
+    """Upper bound of the rank in slot ``index`` of the layer whose stacked A tensors these are; None: unknown.
+
+    Past it, every slice of the slot is zero (A rows and B columns).
+    """
+    entry = _BY_WEIGHT.get(id(lora_a_stacked[0]))
+    if entry is None or entry[0]() is not lora_a_stacked[0]:
+        return None
+    return entry[1].get(index)
+
+
+def _reset_lora(reset: Callable[[Any, int], None]) -> Callable[[Any, int], None]:
+    def reset_lora(self: Any, index: int) -> None:
+        if not getattr(type(self).set_lora, _MARK, False):
+            reset(self, index)  # a class whose writes we do not see: vLLM's full zeroing, nothing recorded
+            return
+        ranks = _ranks(self)
+        rank = ranks.get(index)
+        if rank is None:
+            reset(self, index)  # contents unknown
+        elif rank:
+            for a in self.lora_a_stacked:  # (slots, 1, max_rank, in): rows past `rank` are zero
+                a[index, :, :rank] = 0
+            for b in self.lora_b_stacked:  # (slots, 1, out, max_rank): columns past `rank` are zero
+                b[index, :, :, :rank] = 0
+        ranks[index] = 0
+
+    setattr(reset_lora, _MARK, True)
+    return reset_lora
+
+
+def _set_lora(set_lora: Callable[..., None]) -> Callable[..., None]:
+    def wrapped(self: Any, index: int, lora_a: Any, lora_b: Any) -> None:
+        try:
+            set_lora(self, index, lora_a, lora_b)
+        finally:
+            ranks = _ranks(self)
+            now = ranks.get(index)  # 0 once vLLM's reset ran; unknown stays unknown
+            if now is not None:
+                ranks[index] = max(now, written_rank(lora_a, lora_b))
+
+    setattr(wrapped, _MARK, True)
+    return wrapped
+
+
+def _subclasses(cls: type) -> list[type]:
+    out = [cls]
+    sub: type
+    for sub in cls.__subclasses__():
+        out.extend(_subclasses(sub))
+    return out
+
+
+def install() -> None:
+    """Patch vLLM's LoRA linear layers (all subclasses loaded now); idempotent, cheap once done."""
+    from vllm.lora.layers.base_linear import BaseLinearLayerWithLoRA
+
+    if not getattr(BaseLinearLayerWithLoRA.reset_lora, _MARK, False):
+        BaseLinearLayerWithLoRA.reset_lora = _reset_lora(BaseLinearLayerWithLoRA.reset_lora)  # type: ignore[method-assign,assignment]
+    for cls in _subclasses(BaseLinearLayerWithLoRA):
+        own = cls.__dict__.get("set_lora")
+        if own is not None and not getattr(own, _MARK, False):
+            cls.set_lora = _set_lora(own)  # type: ignore[attr-defined]
