@@ -105,9 +105,12 @@ def _one_core_per_worker() -> None:
 
 
 SHARED_SERVERS: dict[str, tuple[str, ...]] = {
-    "server": tuple(
-        f"tests/e2e/test_{name}.py"
-        for name in ("lora_info_metric", "metrics_and_disconnect", "openai_api", "reference", "routing")
+    "server": (
+        *(
+            f"tests/e2e/test_{name}.py"
+            for name in ("lora_info_metric", "metrics_and_disconnect", "openai_api", "reference", "routing")
+        ),
+        "tests/loadtests/test_locust.py",
     ),
     "secure": ("tests/e2e/test_security.py", "tests/e2e/test_security_metrics.py"),
     "limited": tuple(f"tests/e2e/test_security_{name}.py" for name in ("files", "limits", "tenants")),
