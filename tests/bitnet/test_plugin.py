@@ -58,7 +58,8 @@ for name, plugins in json.loads(sys.argv[2]).items():
         os.close(read_end)
         status = 1
         try:
-            os.write(write_end, json.dumps(case(plugins)).encode())
+            with os.fdopen(write_end, "wb") as pipe:
+                pipe.write(json.dumps(case(plugins)).encode())
             status = 0
         finally:
             os._exit(status)

@@ -1,16 +1,20 @@
 """Greedy-decode prompts on BitNet checkpoints with the real vLLM engine.
 
-Used by test_bitnet_engine.py in a subprocess (``VLLM_PLUGINS`` set per
-process): ``python tests/e2e/bitnet_engine.py SPEC.json`` runs one engine per
-entry of the spec's ``runs``, one after the other in this process (each torn
-down before the next: an interpreter importing vLLM costs more than an
-engine), and prints ``RESULT {json}`` with, per run and prompt, the generated
-token ids, their log-probabilities and the prompt tokens' log-probabilities.
+Used by test_bitnet_engine.py in a subprocess: ``python tests/e2e/bitnet_engine.py SPEC.json``
+imports vLLM once (an interpreter importing vLLM costs more than an engine), with
+no plugin loaded, then forks one process per entry of the spec's ``groups``
+(``plugins``: the ``VLLM_PLUGINS`` it sets before its engines load the
+plugins, as a fresh process would; ``runs``). Each runs one engine per run, one
+after the other (each torn down before the next), in its own process
+(``VLLM_ENABLE_V1_MULTIPROCESSING=0``). It prints ``RESULT {json}`` with, per
+group, run and prompt, the generated token ids, their log-probabilities and
+the prompt tokens' log-probabilities.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 
@@ -21,13 +25,46 @@ def logprob(step: dict | None, token: int) -> float:
 
 
 def main(spec: dict) -> dict:
+    import vllm.entrypoints.llm  # the slow import, shared; LLM() loads the plugins, in each group's process
+    import vllm.plugins
+
+    assert not vllm.plugins.plugins_loaded, "a plugin loaded before the fork: the groups would share it"
+    return {"groups": [in_child(group) for group in spec["groups"]]}
+
+
+def in_child(group: dict) -> list[dict]:
+    """``run_group(group)`` in a forked process; its result comes back through a pipe."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its own plugins and engines, no cleanup of the parent's state
+        os.close(read_end)
+        status = 1
+        try:
+            with os.fdopen(write_end, "wb") as pipe:
+                pipe.write(json.dumps(run_group(group)).encode())
+            status = 0
+        finally:
+            os._exit(status)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as pipe:
+        data = pipe.read()
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0 and data, f"group {group['plugins']}: child failed ({status})"
+    return json.loads(data)
+
+
+def run_group(group: dict) -> list[dict]:
+    """The group's runs, one engine after the other, with its ``VLLM_PLUGINS`` (None: unset, every plugin)."""
     from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
 
+    os.environ.pop("VLLM_PLUGINS", None)
+    if group["plugins"] is not None:
+        os.environ["VLLM_PLUGINS"] = group["plugins"]
     runs = []
-    for run in spec["runs"]:
+    for run in group["runs"]:
         runs.append(generate(run))
         cleanup_dist_env_and_memory()  # the engine of this run is gone: the next one sets up its own
-    return {"runs": runs}
+    return runs
 
 
 def generate(spec: dict) -> dict:
