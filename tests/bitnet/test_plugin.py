@@ -4,8 +4,8 @@ Plugins load once per process, so each case runs in a process of its own that
 does what vLLM does in every process it starts, ``load_general_plugins()``,
 then validates a BitNet checkpoint's config the way ``LLM``/the server would.
 One new interpreter imports vLLM (the slow part: about 12 s) with no plugin
-loaded, and forks once per case: each child sets ``VLLM_PLUGINS`` and loads
-the plugins itself, as a fresh process would. The ``VLLM_PLUGINS`` allow-list
+loaded, and forks once per case (``tests/forked.py``): each child sets
+``VLLM_PLUGINS`` and loads the plugins itself, as a fresh process would. The ``VLLM_PLUGINS`` allow-list
 must switch our two plugins independently: with only the LoRA-ops plugin, a
 BitNet checkpoint is refused; with only the BitNet plugin it is accepted and
 vLLM's stock LoRA ops stay in place.
@@ -26,17 +26,17 @@ CASES: dict[str, str | None] = {"all": None, "bitnet_only": "loraserve_bitnet", 
 """Case id -> ``VLLM_PLUGINS`` (None: unset, vLLM loads every plugin)."""
 
 PROBE = r"""
-import json, os, sys
+import json, sys
 import importlib.metadata as md
 import vllm.plugins
 from vllm import ModelRegistry
 from vllm.engine.arg_utils import EngineArgs
 from vllm.model_executor.layers.quantization import QUANTIZATION_METHODS
-assert not vllm.plugins.plugins_loaded and "bitnet" not in QUANTIZATION_METHODS, "a plugin loaded before the fork"
+from tests.forked import in_fork, no_plugin_loaded
+no_plugin_loaded()
+assert "bitnet" not in QUANTIZATION_METHODS
 
-def case(plugins):
-    if plugins is not None:
-        os.environ["VLLM_PLUGINS"] = plugins
+def case():
     result = {"entry_points": {e.name: e.value for e in md.entry_points(group="vllm.general_plugins")}}
     vllm.plugins.load_general_plugins()
     from vllm.platforms import current_platform
@@ -50,26 +50,7 @@ def case(plugins):
         result["error"] = f"{type(e).__name__}: {e}"
     return result
 
-results = {}
-for name, plugins in json.loads(sys.argv[2]).items():
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child: its own plugins, its result down the pipe, no cleanup of the parent's state
-        os.close(read_end)
-        status = 1
-        try:
-            with os.fdopen(write_end, "wb") as pipe:
-                pipe.write(json.dumps(case(plugins)).encode())
-            status = 0
-        finally:
-            os._exit(status)
-    os.close(write_end)
-    with os.fdopen(read_end, "rb") as pipe:
-        data = pipe.read()
-    _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0 and data, f"case {name}: child failed ({status})"
-    results[name] = json.loads(data)
-print("RESULT " + json.dumps(results))
+print("RESULT " + json.dumps({name: in_fork(case, plugins) for name, plugins in json.loads(sys.argv[2]).items()}))
 """
 
 

@@ -1,6 +1,6 @@
 """Greedy-decode prompts on BitNet checkpoints with the real vLLM engine.
 
-Used by test_bitnet_engine.py in a subprocess: ``python tests/e2e/bitnet_engine.py SPEC.json``
+Used by test_bitnet_engine.py in a subprocess: ``python -m tests.e2e.bitnet_engine SPEC.json``
 imports vLLM once (an interpreter importing vLLM costs more than an engine), with
 no plugin loaded, then forks one process per entry of the spec's ``groups``
 (``plugins``: the ``VLLM_PLUGINS`` it sets before its engines load the
@@ -14,8 +14,10 @@ the prompt tokens' log-probabilities.
 from __future__ import annotations
 
 import json
-import os
 import sys
+from functools import partial
+
+from tests.forked import in_fork, no_plugin_loaded
 
 
 def logprob(step: dict | None, token: int) -> float:
@@ -25,46 +27,21 @@ def logprob(step: dict | None, token: int) -> float:
 
 
 def main(spec: dict) -> dict:
-    import vllm.entrypoints.llm  # the slow import, shared; LLM() loads the plugins, in each group's process
-    import vllm.plugins
+    import vllm.entrypoints.llm  # noqa: F401  (the slow import, shared; LLM() loads the plugins, per group)
 
-    assert not vllm.plugins.plugins_loaded, "a plugin loaded before the fork: the groups would share it"
-    return {"groups": [in_child(group) for group in spec["groups"]]}
-
-
-def in_child(group: dict) -> list[dict]:
-    """``run_group(group)`` in a forked process; its result comes back through a pipe."""
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child: its own plugins and engines, no cleanup of the parent's state
-        os.close(read_end)
-        status = 1
-        try:
-            with os.fdopen(write_end, "wb") as pipe:
-                pipe.write(json.dumps(run_group(group)).encode())
-            status = 0
-        finally:
-            os._exit(status)
-    os.close(write_end)
-    with os.fdopen(read_end, "rb") as pipe:
-        data = pipe.read()
-    _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0 and data, f"group {group['plugins']}: child failed ({status})"
-    return json.loads(data)
+    no_plugin_loaded()
+    return {"groups": [in_fork(partial(run_group, group["runs"]), group["plugins"]) for group in spec["groups"]]}
 
 
-def run_group(group: dict) -> list[dict]:
-    """The group's runs, one engine after the other, with its ``VLLM_PLUGINS`` (None: unset, every plugin)."""
+def run_group(runs: list[dict]) -> list[dict]:
+    """One engine per run, one after the other."""
     from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
 
-    os.environ.pop("VLLM_PLUGINS", None)
-    if group["plugins"] is not None:
-        os.environ["VLLM_PLUGINS"] = group["plugins"]
-    runs = []
-    for run in group["runs"]:
-        runs.append(generate(run))
+    results = []
+    for run in runs:
+        results.append(generate(run))
         cleanup_dist_env_and_memory()  # the engine of this run is gone: the next one sets up its own
-    return runs
+    return results
 
 
 def generate(spec: dict) -> dict:

@@ -37,7 +37,6 @@ import pytest
 from tests.conftest import REPO
 from tests.e2e.bitnet_reference import MIN_EXACT_TOKENS, check, compare
 
-SCRIPT = Path(__file__).with_name("bitnet_engine.py")
 PROMPTS = ("The patient was", "def main():", "In the morning we", "The party of the first part")
 MAX_TOKENS = 20
 PLUGINS = {"bitlinear": "loraserve_bitnet", "autobitlinear": None, "online": None}
@@ -74,7 +73,12 @@ def run_engines(groups: list[tuple[str | None, list[dict]]], workdir: Path) -> l
     env.pop("VLLM_PLUGINS", None)
     env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # engine core in the script's process: one start-up fewer
     done = subprocess.run(
-        [sys.executable, str(SCRIPT), str(spec)], capture_output=True, text=True, env=env, cwd=REPO, timeout=600
+        [sys.executable, "-m", "tests.e2e.bitnet_engine", str(spec)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        timeout=600,
     )
     result = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     assert done.returncode == 0 and result, done.stderr[-5000:]
