@@ -1,11 +1,14 @@
 """Plugin discovery: vLLM finds ``loraserve_bitnet`` through its entry point, in a fresh process.
 
-Each case runs a new interpreter (plugins load once per process) that does
-what vLLM does in every process it starts, ``load_general_plugins()``, then
-validates a BitNet checkpoint's config the way ``LLM``/the server would. The
-``VLLM_PLUGINS`` allow-list must switch our two plugins independently: with
-only the LoRA-ops plugin, a BitNet checkpoint is refused; with only the BitNet
-plugin it is accepted and vLLM's stock LoRA ops stay in place.
+Plugins load once per process, so each case runs in a process of its own that
+does what vLLM does in every process it starts, ``load_general_plugins()``,
+then validates a BitNet checkpoint's config the way ``LLM``/the server would.
+One new interpreter imports vLLM (the slow part: about 12 s) with no plugin
+loaded, and forks once per case (``tests/forked.py``): each child sets
+``VLLM_PLUGINS`` and loads the plugins itself, as a fresh process would. The ``VLLM_PLUGINS`` allow-list
+must switch our two plugins independently: with only the LoRA-ops plugin, a
+BitNet checkpoint is refused; with only the BitNet plugin it is accepted and
+vLLM's stock LoRA ops stay in place.
 """
 
 from __future__ import annotations
@@ -19,59 +22,66 @@ import pytest
 
 from tests.conftest import REPO
 
+CASES: dict[str, str | None] = {"all": None, "bitnet_only": "loraserve_bitnet", "lora_ops_only": "loraserve_lora_ops"}
+"""Case id -> ``VLLM_PLUGINS`` (None: unset, vLLM loads every plugin)."""
+
 PROBE = r"""
 import json, sys
 import importlib.metadata as md
-result = {"entry_points": {e.name: e.value for e in md.entry_points(group="vllm.general_plugins")}}
-from vllm.plugins import load_general_plugins
-load_general_plugins()
+import vllm.plugins
 from vllm import ModelRegistry
-from vllm.model_executor.layers.quantization import QUANTIZATION_METHODS
-from vllm.platforms import current_platform
-result["quant_method"] = "bitnet" in QUANTIZATION_METHODS
-result["architecture"] = "BitNetForCausalLM" in ModelRegistry.get_supported_archs()
-result["punica_wrapper"] = current_platform.get_punica_wrapper()
 from vllm.engine.arg_utils import EngineArgs
-try:
-    config = EngineArgs(model=sys.argv[1], skip_tokenizer_init=True, dtype="float32", max_model_len=128)
-    result["quantization"] = config.create_engine_config().model_config.quantization
-except Exception as e:
-    result["error"] = f"{type(e).__name__}: {e}"
-print("RESULT " + json.dumps(result))
+from vllm.model_executor.layers.quantization import QUANTIZATION_METHODS
+from tests.forked import in_fork, no_plugin_loaded
+no_plugin_loaded()
+assert "bitnet" not in QUANTIZATION_METHODS
+
+def case():
+    result = {"entry_points": {e.name: e.value for e in md.entry_points(group="vllm.general_plugins")}}
+    vllm.plugins.load_general_plugins()
+    from vllm.platforms import current_platform
+    result["quant_method"] = "bitnet" in QUANTIZATION_METHODS
+    result["architecture"] = "BitNetForCausalLM" in ModelRegistry.get_supported_archs()
+    result["punica_wrapper"] = current_platform.get_punica_wrapper()
+    try:
+        config = EngineArgs(model=sys.argv[1], skip_tokenizer_init=True, dtype="float32", max_model_len=128)
+        result["quantization"] = config.create_engine_config().model_config.quantization
+    except Exception as e:
+        result["error"] = f"{type(e).__name__}: {e}"
+    return result
+
+print("RESULT " + json.dumps({name: in_fork(case, plugins) for name, plugins in json.loads(sys.argv[2]).items()}))
 """
 
 
 @pytest.fixture(scope="module")
-def bitnet_checkpoint(tmp_path_factory):
+def probed(tmp_path_factory) -> dict[str, dict]:
+    """Every case's result, from one interpreter that forks a process per case."""
     from checkpoints.tiny_bitnet import build_tiny_bitnet
 
-    return build_tiny_bitnet(tmp_path_factory.mktemp("plugin"), layouts=("bitlinear",))["bitlinear"]
-
-
-def probe(checkpoint, plugins: str | None) -> dict:
+    checkpoint = build_tiny_bitnet(tmp_path_factory.mktemp("plugin"), layouts=("bitlinear",))["bitlinear"]
     env = {k: v for k, v in os.environ.items() if k != "VLLM_PLUGINS"}
-    if plugins is not None:
-        env["VLLM_PLUGINS"] = plugins
     done = subprocess.run(
-        [sys.executable, "-c", PROBE, str(checkpoint)], capture_output=True, text=True, env=env, cwd=REPO, timeout=300
+        [sys.executable, "-c", PROBE, str(checkpoint), json.dumps(CASES)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        timeout=300,
     )
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     assert done.returncode == 0 and lines, done.stderr[-3000:]
     return json.loads(lines[-1].removeprefix("RESULT "))
 
 
-@pytest.mark.slow  # a fresh interpreter importing vLLM per case
+@pytest.mark.slow  # a fresh interpreter importing vLLM
 @pytest.mark.parametrize(
-    ("plugins", "bitnet_loaded", "our_lora_ops"),
-    [
-        (None, True, True),  # unset: vLLM loads every plugin
-        ("loraserve_bitnet", True, False),
-        ("loraserve_lora_ops", False, True),
-    ],
-    ids=["all", "bitnet_only", "lora_ops_only"],
+    ("case", "bitnet_loaded", "our_lora_ops"),
+    [("all", True, True), ("bitnet_only", True, False), ("lora_ops_only", False, True)],
+    ids=list(CASES),
 )
-def test_vllm_plugins_filtering(bitnet_checkpoint, plugins, bitnet_loaded, our_lora_ops) -> None:
-    result = probe(bitnet_checkpoint, plugins)
+def test_vllm_plugins_filtering(probed, case, bitnet_loaded, our_lora_ops) -> None:
+    result = probed[case]
     assert result["entry_points"]["loraserve_bitnet"] == "bitnet:register"
     assert result["entry_points"]["loraserve_lora_ops"] == "lora_ops:register"
     assert result["quant_method"] is bitnet_loaded

@@ -1,17 +1,23 @@
 """Greedy-decode prompts on BitNet checkpoints with the real vLLM engine.
 
-Used by test_bitnet_engine.py in a subprocess (``VLLM_PLUGINS`` set per
-process): ``python tests/e2e/bitnet_engine.py SPEC.json`` runs one engine per
-entry of the spec's ``runs``, one after the other in this process (each torn
-down before the next: an interpreter importing vLLM costs more than an
-engine), and prints ``RESULT {json}`` with, per run and prompt, the generated
-token ids, their log-probabilities and the prompt tokens' log-probabilities.
+Used by test_bitnet_engine.py in a subprocess: ``python -m tests.e2e.bitnet_engine SPEC.json``
+imports vLLM once (an interpreter importing vLLM costs more than an engine), with
+no plugin loaded, then forks one process per entry of the spec's ``groups``
+(``plugins``: the ``VLLM_PLUGINS`` it sets before its engines load the
+plugins, as a fresh process would; ``runs``). Each runs one engine per run, one
+after the other (each torn down before the next), in its own process
+(``VLLM_ENABLE_V1_MULTIPROCESSING=0``). It prints ``RESULT {json}`` with, per
+group, run and prompt, the generated token ids, their log-probabilities and
+the prompt tokens' log-probabilities.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+from functools import partial
+
+from tests.forked import in_fork, no_plugin_loaded
 
 
 def logprob(step: dict | None, token: int) -> float:
@@ -21,13 +27,21 @@ def logprob(step: dict | None, token: int) -> float:
 
 
 def main(spec: dict) -> dict:
+    import vllm.entrypoints.llm  # noqa: F401  (the slow import, shared; LLM() loads the plugins, per group)
+
+    no_plugin_loaded()
+    return {"groups": [in_fork(partial(run_group, group["runs"]), group["plugins"]) for group in spec["groups"]]}
+
+
+def run_group(runs: list[dict]) -> list[dict]:
+    """One engine per run, one after the other."""
     from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
 
-    runs = []
-    for run in spec["runs"]:
-        runs.append(generate(run))
+    results = []
+    for run in runs:
+        results.append(generate(run))
         cleanup_dist_env_and_memory()  # the engine of this run is gone: the next one sets up its own
-    return {"runs": runs}
+    return results
 
 
 def generate(spec: dict) -> dict:

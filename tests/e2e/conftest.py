@@ -25,7 +25,8 @@ Both register adapters under fresh names only, so neither sees the other's.
 ``project_engine`` is no server: one run of ``project_engine.py`` (the
 server's engine wrapper and store in a script, no HTTP) whose results
 test_mixed_batch.py and test_engine_refusal.py both check, so their one
-engine configuration starts once."""
+engine configuration starts once, and the stock-ops engine in the same
+interpreter."""
 
 from __future__ import annotations
 
@@ -171,24 +172,13 @@ def limited(demo_assets, s3_server: str, tmp_path_factory) -> Iterator[RunningSe
     stop_server(running)
 
 
-def run_project_engine(
-    config: dict, workdir: Path, refusal: tuple[Path, Path] | None = None, *, stock_ops: bool = False
-) -> dict:
-    """Run ``project_engine.py`` on ``config`` (with ``refusal``, the refused and gated adapters: the refusal
-    checks last) and return its result."""
-    config_path = workdir / ("stock.yaml" if stock_ops else "project.yaml")
+def run_project_engine(config: dict, workdir: Path, refusal: tuple[Path, Path]) -> dict:
+    """Run ``project_engine.py`` on ``config`` (``refusal``: the refused and gated adapters) and return its result."""
+    config_path = workdir / "project.yaml"
     config_path.write_text(yaml.safe_dump(config))
-    env = dict(os.environ)
-    if stock_ops:
-        # VLLM_PLUGINS is vLLM's allow-list of plugin names: leaving our LoRA-ops plugin out
-        # gives stock ops; the BitNet plugin stays, as the demo base is a BitNet checkpoint.
-        env["VLLM_PLUGINS"] = "loraserve_bitnet,lora_filesystem_resolver"
-    else:
-        env.pop("VLLM_PLUGINS", None)
-    command = [sys.executable, "-m", "tests.e2e.project_engine", str(config_path)]
-    done = subprocess.run(
-        command + [str(p) for p in refusal or ()], capture_output=True, text=True, env=env, cwd=REPO, timeout=600
-    )
+    env = {k: v for k, v in os.environ.items() if k != "VLLM_PLUGINS"}  # the script sets each engine's own
+    command = [sys.executable, "-m", "tests.e2e.project_engine", str(config_path), *map(str, refusal)]
+    done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO, timeout=900)
     result = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     assert done.returncode == 0 and result, done.stderr[-5000:]
     return json.loads(result[-1].removeprefix("RESULT "))
@@ -205,9 +195,10 @@ def slot_pressure_config(demo_assets) -> dict:
 
 @pytest.fixture(scope="session")
 def project_engine(demo_assets, tmp_path_factory) -> dict:
-    """One run of ``project_engine.py`` with our plugins: ``mixed`` (test_mixed_batch.py) and, last, ``refusal``
+    """One run of ``project_engine.py``: with our plugins, ``mixed`` (test_mixed_batch.py) and, last, ``refusal``
     (test_engine_refusal.py) on a copy of the demo ``code`` adapter whose config vLLM's loader refuses, and on a
-    copy of ``legal`` whose config is a named pipe the check writes once the engine served a request meanwhile."""
+    copy of ``legal`` whose config is a named pipe the check writes once the engine served a request meanwhile;
+    then ``stock``, ``mixed`` with vLLM's stock LoRA ops (test_mixed_batch.py)."""
     workdir = tmp_path_factory.mktemp("project-engine")
     refused = copy_adapter(demo_assets.adapters["code"], workdir / "refused")
     adapter_config = json.loads((refused / CONFIG).read_text())

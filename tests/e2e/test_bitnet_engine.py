@@ -37,7 +37,6 @@ import pytest
 from tests.conftest import REPO
 from tests.e2e.bitnet_reference import MIN_EXACT_TOKENS, check, compare
 
-SCRIPT = Path(__file__).with_name("bitnet_engine.py")
 PROMPTS = ("The patient was", "def main():", "In the morning we", "The party of the first part")
 MAX_TOKENS = 20
 PLUGINS = {"bitlinear": "loraserve_bitnet", "autobitlinear": None, "online": None}
@@ -62,21 +61,28 @@ def prompt_ids(tiny_bitnet) -> list[list[int]]:
     return [tokenizer.encode(p) for p in PROMPTS]
 
 
-def run_engines(runs: list[dict], workdir: Path, plugins: str | None) -> list[dict]:
-    """Engine results of ``runs`` (each: model, dtype, prompts), one after the other in one subprocess."""
+def run_engines(groups: list[tuple[str | None, list[dict]]], workdir: Path) -> list[list[dict]]:
+    """Engine results of each group's runs (each: model, dtype, prompts) under its ``VLLM_PLUGINS``: one
+    subprocess imports vLLM and forks a process per group, whose engines run one after the other."""
     spec = workdir / "spec.json"
-    spec.write_text(json.dumps({"runs": [{"max_tokens": MAX_TOKENS} | run for run in runs]}, default=str))
+    groups_spec = [
+        {"plugins": plugins, "runs": [{"max_tokens": MAX_TOKENS} | run for run in runs]} for plugins, runs in groups
+    ]
+    spec.write_text(json.dumps({"groups": groups_spec}, default=str))
     env = dict(os.environ)
     env.pop("VLLM_PLUGINS", None)
     env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # engine core in the script's process: one start-up fewer
-    if plugins is not None:
-        env["VLLM_PLUGINS"] = plugins
     done = subprocess.run(
-        [sys.executable, str(SCRIPT), str(spec)], capture_output=True, text=True, env=env, cwd=REPO, timeout=600
+        [sys.executable, "-m", "tests.e2e.bitnet_engine", str(spec)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        timeout=600,
     )
     result = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     assert done.returncode == 0 and result, done.stderr[-5000:]
-    return json.loads(result[-1].removeprefix("RESULT "))["runs"]
+    return json.loads(result[-1].removeprefix("RESULT "))["groups"]
 
 
 @pytest.fixture(scope="module")
@@ -90,14 +96,16 @@ def demo_prompt_ids(demo_assets) -> list[list[int]]:
 @pytest.fixture(scope="module")
 def engines(tiny_bitnet, prompt_ids, demo_assets, demo_prompt_ids, tmp_path_factory) -> dict[str, dict]:
     """The engines' results by run: each tiny layout in float32, and ``bf16-demo`` (the demo base in bfloat16).
-    One process per plugin set (``PLUGINS``)."""
+    One process per plugin set (``PLUGINS``), forked from one interpreter that imported vLLM."""
     runs = {layout: {"model": tiny_bitnet[layout], "dtype": "float32", "prompts": prompt_ids} for layout in PLUGINS}
     runs["bf16-demo"] = {"model": demo_assets.base, "dtype": "bfloat16", "prompts": demo_prompt_ids}
     plugin_sets = {plugins: [name for name in runs if PLUGINS.get(name) == plugins] for plugins in PLUGINS.values()}
+    groups = [(plugins, [runs[name] for name in names]) for plugins, names in plugin_sets.items()]
     results = {}
-    for plugins, names in plugin_sets.items():
-        workdir = tmp_path_factory.mktemp(f"bitnet-engine-{plugins or 'all'}")
-        results |= dict(zip(names, run_engines([runs[name] for name in names], workdir, plugins), strict=True))
+    for names, group in zip(
+        plugin_sets.values(), run_engines(groups, tmp_path_factory.mktemp("bitnet-engine")), strict=True
+    ):
+        results |= dict(zip(names, group, strict=True))
     return results
 
 

@@ -12,15 +12,13 @@ counters show the requests run one at a time took a step per generated token,
 and the same requests together took fewer than half as many steps as tokens,
 so they shared engine steps (mixed batches).
 
-The run with our plugins is shared with test_engine_refusal.py (the
-``project_engine`` fixture in conftest.py); the stock-ops run is this module's own.
+Both engines are one run of ``project_engine.py`` (the ``project_engine`` fixture in
+conftest.py), whose engine with our plugins test_engine_refusal.py checks too.
 """
 
 from __future__ import annotations
 
 import pytest
-
-from tests.e2e.conftest import run_project_engine, slot_pressure_config
 
 pytestmark = pytest.mark.engine
 
@@ -56,8 +54,8 @@ def test_mixed_batch_matches_requests_run_alone(project_engine) -> None:
     assert mismatches(result) == []
 
 
-def test_stock_vllm_cpu_ops_fail_the_same_check(demo_assets, tmp_path) -> None:
-    result = run_project_engine(slot_pressure_config(demo_assets), tmp_path, stock_ops=True)["mixed"]
+def test_stock_vllm_cpu_ops_fail_the_same_check(project_engine) -> None:
+    result = project_engine["stock"]["mixed"]
     assert_shared_steps(result)
     wrong = mismatches(result)
     assert wrong, "stock vLLM CPU LoRA ops passed the mixed-batch check; is the plugin still needed?"

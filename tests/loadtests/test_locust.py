@@ -1,8 +1,13 @@
-"""A short headless locust run against the real server, started by ``loraserve loadtest --config``.
+"""A short headless locust run of ``loraserve loadtest`` against the real server.
 
 One run (4 users, 20 s) of the mixed workload: both endpoints, streaming and
 not, Zipf-skewed adapters, ``model: auto`` requests for the router, and bad
-requests that must get clean 4xx errors.
+requests that must get clean 4xx errors. The run targets the session's
+``server`` (``--host``; configs/dev.yaml, the config ``make loadtest`` starts
+with), so ``make test`` runs this module with the others on that server
+(``SHARED_SERVERS``) instead of starting an engine for it; ``--config``'s own
+step, the config checked before any start-up, has a test here, and the server
+start it then does is ``loadtests.process.running_server`` (test_naive_server.py).
 """
 
 from __future__ import annotations
@@ -24,14 +29,11 @@ BAD_CASES = {"unknown_model", "bad_type", "too_long_prompt", "max_tokens_over_co
 
 
 @pytest.fixture(scope="module")
-def loadtest(demo_assets, tmp_path_factory):
-    """Run ``loraserve loadtest`` once; returns (exit code, stdout, output directory)."""
-    work = tmp_path_factory.mktemp("loadtest")
-    config_path = work / "config.yaml"
-    config_path.write_text(yaml.safe_dump(demo_config(demo_assets)))
-    out = work / "out"
+def loadtest(server, tmp_path_factory):
+    """Run ``loraserve loadtest`` once against the session's server; returns (result, output directory)."""
+    out = tmp_path_factory.mktemp("loadtest") / "out"
     command = [
-        sys.executable, "-m", "serving.cli", "loadtest", "--config", str(config_path), "--out", str(out),
+        sys.executable, "-m", "serving.cli", "loadtest", "--host", server.url, "--out", str(out),
         "--users", "4", "--run-time", "20s", "--goodput", "ttft:10000", "e2el:60000",
         "--", "--bad-share", "0.2", "--auto-share", "0.2", "--stream-share", "0.6", "--max-tokens", "24", "--ignore-eos", "--workload-seed", "1",
     ]  # fmt: skip
@@ -59,7 +61,7 @@ def test_run_passes_with_no_unexpected_failure(loadtest) -> None:
     assert summary["total_output"] == 24 * summary["completed"]
     routed = [r for r in good if r["kind"] == "auto"]  # model "auto": the router picked the adapter
     assert routed and all(r["status"] == 200 for r in routed)
-    for path in ("locust_stats.csv", "locust.html", "records.jsonl", "summary.txt", "server.log"):
+    for path in ("locust_stats.csv", "locust.html", "records.jsonl", "summary.txt"):
         assert (out / path).is_file(), path
 
 
@@ -103,3 +105,17 @@ def test_streaming_metrics_are_locust_rows_per_adapter(loadtest) -> None:
         assert metric in result.stdout  # printed in locust's final table
     assert any(kind == "POST" and name.endswith("stream") for kind, name in metric_rows)
     assert "Load test result" in result.stdout and "Median TTFT (ms):" in result.stdout
+
+
+def test_a_bad_config_fails_before_any_start(demo_assets, tmp_path) -> None:
+    """``--config`` checks the config first: a bad one exits 2 with the CLI's message, no server, no locust."""
+    config = demo_config(demo_assets)
+    config["engine"]["max_loras"] = 0
+    config_path = tmp_path / "config.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "serving.cli", "loadtest", "--config", str(config_path), "--out", str(out)]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "engine.max_loras" in result.stderr and "starting the server" not in result.stdout
+    assert not (out / "server.log").exists() and not (out / "records.jsonl").exists()
