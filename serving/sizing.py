@@ -45,8 +45,10 @@ metric. An explicit value in the config is always honoured.
   host cache. Not in the budget: KV-cache pages, activations and the
   processes' own heaps, which grow with the clients, not the adapters
   (``loadtests.bench_store`` measures RSS growth over a base-only warm-up at
-  the same concurrency to tell them apart). A configured size that breaks
-  the budget is refused naming the key.
+  the same concurrency to tell them apart), and the API process's own
+  per-adapter state (its metric series, ~12 KB an adapter that has served,
+  and its catalog entry), which grows with the adapters registered, not
+  cached. A configured size that breaks the budget is refused naming the key.
 * ``engine.max_cpu_loras`` left out, no budget: ``max_loras`` (vLLM's default).
 
 The step cost of our CPU LoRA ops grows with the adapters present in a step,
