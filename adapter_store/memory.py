@@ -27,8 +27,8 @@ from adapter_store.validation import BaseModelSpec
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "auto": 4}
 TENSOR_OVERHEAD_BYTES = 1536
-"""Host bytes a loaded LoRA tensor costs besides its data: the Python tensor, its TensorImpl and StorageImpl, the
-safetensors storage wrapper, the name and ``LoRALayerWeights`` that hold it. Measured (RSS, torch 2.13, vLLM 0.32,
+"""Host bytes a loaded LoRA tensor costs besides its data: the Python tensor, its TensorImpl and StorageImpl, its
+name and the ``LoRALayerWeights`` that hold it, allocator slack. Measured (RSS, torch 2.13, vLLM 0.32,
 safetensors 0.8): ~1.2 KB a tensor read memory-mapped (file dtype = LoRA dtype), ~0.6 KB converted; rounded up."""
 ADAPTER_OVERHEAD_BYTES = 8192
 """Host bytes a loaded adapter costs besides its tensors: the ``LoRAModel``, its ``PEFTHelper`` and dicts, and the
