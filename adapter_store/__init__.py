@@ -34,7 +34,7 @@ from adapter_store.errors import (
     SourceError,
     VersionConflict,
 )
-from adapter_store.memory import DTYPE_BYTES, cpu_loras_for_budget, max_adapter_bytes_in_memory
+from adapter_store.memory import DTYPE_BYTES, adapter_tensor_bytes, cpu_loras_for_budget, max_adapter_bytes_in_memory
 from adapter_store.models import AdapterMetadata, AdapterVersion, Claim, HealthRecord, HealthState, ServedAdapter
 from adapter_store.refs import ALIAS_PATTERN, NAME_PATTERN, AdapterRef
 from adapter_store.settings import FALLBACK_POLICIES, LocalSourceSettings, StoreSettings
@@ -74,6 +74,7 @@ __all__ = [
     "StoreSettings",
     "VersionConflict",
     "DTYPE_BYTES",
+    "adapter_tensor_bytes",
     "content_digest",
     "cpu_loras_for_budget",
     "max_adapter_bytes_in_memory",

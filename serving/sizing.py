@@ -27,9 +27,11 @@ metric. An explicit value in the config is always honoured.
   (Llama-3.1-8B, rank 64, bf16: 64 x 81,920 x 32 x 2 B = 336 MB a slot; 11 fit 0.05 x 0.9 x 80 GiB.)
 * ``store.memory_budget_bytes``: all the host memory adapters may take, so
   on the CPU it pays for the slots as well as the host cache. With
-  ``adapter`` = one adapter in the host cache at ``max_lora_rank`` on every
-  module (= ``slot buffers``, the same arithmetic as vLLM's slot above) and
-  ``copies`` = what the CPU LoRA ops keep per slot
+  ``slot buffers`` = vLLM's slot above, ``adapter`` = one adapter in the host
+  cache at ``max_lora_rank`` on every module (the same data plus what each of
+  its tensors and the adapter itself cost beside it:
+  :func:`adapter_store.max_adapter_bytes_in_memory`, measured against real
+  vLLM objects) and ``copies`` = what the CPU LoRA ops keep per slot
   (:func:`lora_ops.fused.slot_copy_bytes` summed over qkv, o, gate_up and
   down of every layer; counted even with the plugin off, so never short)::
 
@@ -43,8 +45,10 @@ metric. An explicit value in the config is always honoured.
   host cache. Not in the budget: KV-cache pages, activations and the
   processes' own heaps, which grow with the clients, not the adapters
   (``loadtests.bench_store`` measures RSS growth over a base-only warm-up at
-  the same concurrency to tell them apart). A configured size that breaks
-  the budget is refused naming the key.
+  the same concurrency to tell them apart), and the API process's own
+  per-adapter state (its metric series, ~12 KB an adapter that has served,
+  and its catalog entry), which grows with the adapters registered, not
+  cached. A configured size that breaks the budget is refused naming the key.
 * ``engine.max_cpu_loras`` left out, no budget: ``max_loras`` (vLLM's default).
 
 The step cost of our CPU LoRA ops grows with the adapters present in a step,
@@ -59,7 +63,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Generic, Literal, TypeVar
 
-from adapter_store import DTYPE_BYTES, BaseModelSpec, cpu_loras_for_budget, max_adapter_bytes_in_memory
+from adapter_store import (
+    DTYPE_BYTES,
+    BaseModelSpec,
+    adapter_tensor_bytes,
+    cpu_loras_for_budget,
+    max_adapter_bytes_in_memory,
+)
 from lora_ops.fused import slot_copy_bytes
 from serving.config import ConfigError, DType, Settings
 
@@ -201,7 +211,7 @@ def _costs(settings: Settings, spec: BaseModelSpec, dtype: str, hardware: Hardwa
         slot_copy_bytes(shapes[group[0]][0], tuple(shapes[m][1] for m in group), rank, DTYPE_BYTES[dtype])
         for group in FUSED_LINEARS
     )
-    return _Costs(budget, adapter, adapter, per_layer * spec.num_hidden_layers)
+    return _Costs(budget, adapter, adapter_tensor_bytes(spec, rank, dtype), per_layer * spec.num_hidden_layers)
 
 
 def _host_cache(
@@ -255,7 +265,7 @@ def _derived_slots(
         )
     if hardware.device == "gpu":
         assert spec is not None and hardware.gpu_memory_bytes is not None
-        slot = max_adapter_bytes_in_memory(spec, engine.max_lora_rank, dtype)
+        slot = adapter_tensor_bytes(spec, engine.max_lora_rank, dtype)
         share = int(hardware.gpu_memory_bytes * engine.gpu_memory_utilization * engine.lora_gpu_memory_fraction)
         limits.append((share // slot, f"engine.lora_gpu_memory_fraction of GPU memory: {share} B / {slot} B a slot"))
     value, reason = min(limits, key=lambda limit: limit[0])

@@ -21,7 +21,12 @@ from adapter_store import (
     SourceError,
     content_digest,
 )
-from adapter_store.memory import cpu_loras_for_budget, max_adapter_bytes_in_memory
+from adapter_store.memory import (
+    ADAPTER_OVERHEAD_BYTES,
+    TENSOR_OVERHEAD_BYTES,
+    cpu_loras_for_budget,
+    max_adapter_bytes_in_memory,
+)
 from adapter_store.settings import StoreSettings
 from adapter_store.store import NAME_LOCK_STRIPES, AdapterStore
 from adapter_store.validation import BaseModelSpec
@@ -261,7 +266,9 @@ def test_restart_keeps_everything_and_preloads_pinned(tmp_path: Path) -> None:
 def test_memory_budget_to_cpu_loras(tmp_path: Path) -> None:
     spec = BaseModelSpec.from_config(write_base_config(tmp_path / "base"), [BASE_NAME])
     # 2 layers x rank 16 x (in + out) summed over q,k,v,o,gate,up,down of the tiny base, 2 bytes each
-    per = 2 * 16 * (256 + 192 + 192 + 256 + 384 + 384 + 384) * 2
+    data = 2 * 16 * (256 + 192 + 192 + 256 + 384 + 384 + 384) * 2
+    # ... plus what its 28 tensors (A and B of 7 modules x 2 layers) and the adapter cost beside their data
+    per = data + 28 * TENSOR_OVERHEAD_BYTES + ADAPTER_OVERHEAD_BYTES
     assert max_adapter_bytes_in_memory(spec, 16, "bfloat16") == per
     assert (
         cpu_loras_for_budget(10 * per + 1, base=spec, max_lora_rank=16, dtype="bfloat16", max_loras=4, slot_bytes=0)

@@ -22,7 +22,7 @@ from serving.config import ConfigError, load_settings
 from serving.engine import AdapterLoadFailed, LoraEngine
 from serving.lora_residency import PREFETCH_DONE_METHOD, PREFETCH_METHOD
 from serving.sizing import Hardware, resolve_sizing
-from tests.serving.test_sizing import SLOT_COST
+from tests.serving.test_sizing import ADAPTER, SLOT_COST
 from tests.serving.test_store import write_config
 
 
@@ -106,8 +106,9 @@ def test_a_refused_load_fails_every_waiting_caller_and_is_tried_again_later(tmp_
     assert fake.calls == ["bad", "bad"]
 
 
-# The tiny base's largest valid adapter at rank 16 in bfloat16 (see tests/adapter_store/test_store.py).
-PER_ADAPTER = 2 * 16 * (256 + 192 + 192 + 256 + 384 + 384 + 384) * 2
+# The tiny base's largest valid adapter at rank 16 in bfloat16 in the host cache: its data and what its tensors and it
+# cost beside it (tests/serving/test_sizing.py, tests/adapter_store/test_store.py).
+PER_ADAPTER = ADAPTER
 # The budget pays for the slots first: vLLM's buffers and the CPU LoRA ops' copies of each (tests/serving/test_sizing.py).
 TWO_SLOTS = 2 * SLOT_COST
 

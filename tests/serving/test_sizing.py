@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from adapter_store.memory import ADAPTER_OVERHEAD_BYTES, TENSOR_OVERHEAD_BYTES
 from serving.config import ConfigError, load_settings
 from serving.sizing import Hardware, detect_hardware, resolve_dtype, resolve_sizing
 from tests.serving.test_store import write_config
@@ -56,8 +57,9 @@ def _settings(tmp_path: Path, engine: dict, budget: int | None = None, dtype: st
 
 
 CPU = Hardware("cpu", AVX512_BF16)
-SLOT_BF16 = 2 * PER_ADAPTER_PER_BYTE  # one slot of the tiny base in bf16 (vLLM's buffers), = one host-cache adapter
-ADAPTER = SLOT_BF16
+SLOT_BF16 = 2 * PER_ADAPTER_PER_BYTE  # one slot of the tiny base in bf16 (vLLM's buffers): the adapter's data
+# one host-cache adapter: the same data, plus what its 28 tensors (A, B x 7 modules x 2 layers) and it cost beside it
+ADAPTER = SLOT_BF16 + 28 * TENSOR_OVERHEAD_BYTES + ADAPTER_OVERHEAD_BYTES
 # lora_ops' copies of one slot (lora_ops/fused.py): per fused linear with R = slices x 16, O = sum of outs,
 # 7 x R x in + 6 x R x O + 16 x O elements (a: fused, a_slot, 2 compact sets, 3 packed; b: fused, 2 sets, 3 packed).
 # Tiny base (hidden 128, q 128, kv 64, intermediate 256): qkv R 48 in 128 O 256, o R 16 in 128 O 128,
