@@ -414,9 +414,10 @@ class AdapterStore:
             stats=dataclasses.replace(self._cache.stats),
         )
 
-    def bytes_on_disk(self) -> int:
-        """Measured, not counted: the bytes of every file in the disk cache (walks the directory)."""
-        return self._cache.bytes_on_disk()
+    def bytes_on_disk(self, max_age_s: float = 0.0) -> int:
+        """Measured, not counted: the bytes of every file in the disk cache (walks the directory), or the
+        last such measurement if it is at most ``max_age_s`` old."""
+        return self._cache.bytes_on_disk(max_age_s)
 
     # -- the fleet's engine events --------------------------------------------------------
 

@@ -247,6 +247,19 @@ def test_delete_pins_and_leases(tmp_path: Path) -> None:
     store.close()
 
 
+def test_the_disk_is_measured_again_unless_a_measurement_young_enough_is_asked_for(tmp_path: Path) -> None:
+    store = open_store(tmp_path)
+    assert store.bytes_on_disk() == 0
+    store.register(str(write_adapter(tmp_path / "volume" / "code")), "code")  # fetched into the cache
+    cached = store.bytes_on_disk()
+    assert cached > 0
+    store.delete("code")
+    assert store.bytes_on_disk(max_age_s=3600) == cached  # the last walk's: young enough
+    assert store.bytes_on_disk() == 0  # walked now
+    assert store.bytes_on_disk(max_age_s=3600) == 0  # and that walk is the last one
+    store.close()
+
+
 def test_restart_keeps_everything_and_preloads_pinned(tmp_path: Path) -> None:
     store = open_store(tmp_path)
     v = store.register(str(write_adapter(tmp_path / "volume" / "code")), "code", aliases=("stable",))

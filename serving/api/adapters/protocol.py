@@ -81,7 +81,7 @@ class MemoryView(BaseModel):
 
 
 class CacheView(BaseModel):
-    disk_bytes: int = Field(description="Bytes under the disk cache directory, measured.")
+    disk_bytes: int = Field(description="Bytes under the disk cache directory, measured (at most 1 s ago).")
     disk_budget_bytes: int
     max_loras: int
     max_cpu_loras: int

@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from adapter_store import AdapterStore
+from adapter_store.digest import directory_size
 from serving.api.adapters.protocol import AdapterList
 from serving.api.adapters.serving import AdaptersServing
 from serving.config import Settings, load_settings
@@ -122,6 +123,21 @@ def test_a_page_reads_no_registry_until_it_changes(served, monkeypatch: pytest.M
     assert [v.info.version for v in code.versions][0] == new.version and len(code.versions) == 2
     store.delete("a1@latest")
     assert "a1" not in [a.name for a in page(serving, 100, None).data]
+
+
+def test_pages_walk_the_disk_cache_at_most_once_a_second(served, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A page's measured ``disk_bytes`` walks every cached file: pages polled back to back share one walk."""
+    serving, _, _, _ = served
+    walks: list[Path] = []
+    real = directory_size
+    monkeypatch.setattr("adapter_store.cache.directory_size", lambda root: walks.append(root) or real(root))
+    first = page(serving, 100, None).cache.disk_bytes
+    assert first > 0 and page(serving, 2, "a1").cache.disk_bytes == first
+    assert len(walks) == 1
+    monkeypatch.setattr("serving.api.adapters.serving.DISK_MEASURE_MAX_AGE_S", 0.0)
+    page(serving, 100, None)
+    page(serving, 100, None)
+    assert len(walks) == 3
 
 
 def test_the_cache_view_shows_the_sizes_and_the_budget_split(served) -> None:
