@@ -31,6 +31,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from . import heap_trim
+
 WRAPPER_QUALNAME = "lora_ops.punica_cpu.GroupedPunicaWrapperCPU"
 # The vLLM release whose CPU platform _keep_compilation_with_lora was written against.
 PATCHED_VLLM = "0.32."
@@ -87,6 +89,7 @@ def register() -> None:
     # setting the same classmethod again is a no-op, so repeated calls are idempotent.
     type(current_platform).get_punica_wrapper = classmethod(_get_punica_wrapper)  # type: ignore[method-assign,assignment]
     _keep_compilation_with_lora(type(current_platform))
+    heap_trim.install()  # freed adapter memory back to the OS (heap_trim.py)
     if not _logged:
         _logged = True
         from vllm.logger import init_logger

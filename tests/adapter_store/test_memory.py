@@ -9,6 +9,12 @@ the CPU, then what ``LoRAModelManager._create_merged_loras_inplace`` does:
 pack q/k/v and gate/up, fold the scaling into B), all kept, in a fresh
 interpreter (no freed memory of other tests to reuse), and the RSS growth per
 adapter is set against the data alone and against the accounted cost.
+
+And what an evicted adapter gives back: evictions from vLLM's host cache
+leave holes between the adapters still held, which glibc keeps resident;
+``lora_ops.heap_trim`` trims the heap after an eviction, so the budget's
+host-cache share is what RSS holds, not the high-water mark of every adapter
+that passed through.
 """
 
 from __future__ import annotations
@@ -59,11 +65,8 @@ def write_adapters(spec: BaseModelSpec, out: Path, count: int) -> None:
         (out / f"a{i}" / "adapter_config.json").write_text(json.dumps(config))
 
 
-def probe(root: str, count: int, warm: int, dtype: str, modules: list[str], layers: int) -> None:
-    """Run in a fresh interpreter: print the RSS growth of loading and keeping ``count`` adapters as vLLM does."""
-    import gc
-
-    import psutil
+def _loader(root: str, dtype: str, modules: list[str], layers: int):
+    """``load(i)``: adapter ``a{i}`` as vLLM's worker builds it for its host cache (in a probe's interpreter)."""
     from vllm.lora.lora_model import LoRAModel
     from vllm.lora.lora_weights import PackedLoRALayerWeights
     from vllm.lora.peft_helper import PEFTHelper
@@ -82,6 +85,16 @@ def probe(root: str, count: int, warm: int, dtype: str, modules: list[str], laye
             weights.optimize()
         return lora
 
+    return load
+
+
+def probe(root: str, count: int, warm: int, dtype: str, modules: list[str], layers: int) -> None:
+    """Run in a fresh interpreter: print the RSS growth of loading and keeping ``count`` adapters as vLLM does."""
+    import gc
+
+    import psutil
+
+    load = _loader(root, dtype, modules, layers)
     for i in range(count, count + warm):
         load(i)
     gc.collect()
@@ -114,3 +127,54 @@ def test_the_accounted_cost_covers_what_vllm_holds_per_adapter(adapters, dtype: 
     print(f"{dtype}: data {data} B, RSS growth {growth:.0f} B, accounted {accounted} B per adapter")
     # The tensors' data alone falls short (the old accounting), and the accounted cost does not.
     assert data < growth <= accounted, (data, growth, accounted)
+
+
+def probe_eviction(root: str, count: int, modules: list[str], layers: int, trim: bool) -> None:
+    """Run in a fresh interpreter: fill vLLM's host-cache LRU with ``count`` bfloat16 adapters (converted, so their
+    data is on the heap), keep every fourth, evict the others through ``remove_oldest_adapter`` (with
+    ``lora_ops.heap_trim`` installed if ``trim``), and print how much RSS the evictions gave back."""
+    import gc
+    import time
+
+    import psutil
+    from vllm.lora.model_manager import AdapterLRUCache, LRUCacheLoRAModelManager
+
+    from lora_ops import heap_trim
+
+    if trim:
+        heap_trim.install()
+    # vLLM's manager with only the host cache that remove_oldest_adapter works on (no model, no slots to deactivate)
+    manager = object.__new__(LRUCacheLoRAModelManager)
+    manager._registered_adapters = AdapterLRUCache(count, lambda lora_id: None)
+    load = _loader(root, "bfloat16", modules, layers)
+    for i in range(count):
+        manager._registered_adapters.put(i + 1, load(i))
+    for i in range(0, count, 4):  # the kept ones become the newest: the evicted ones sit between them on the heap
+        manager._registered_adapters.touch(i + 1)
+    gc.collect()
+    process = psutil.Process()
+    before = process.memory_info().rss
+    while len(manager._registered_adapters) > count // 4:
+        manager.remove_oldest_adapter()
+    gc.collect()
+    trimmer = heap_trim.trimmer()
+    deadline = time.monotonic() + 30
+    while trimmer is not None and trimmer.covered < trimmer.requests and time.monotonic() < deadline:
+        time.sleep(0.01)  # the trims run on the trimmer's thread, at most one a second
+    print(json.dumps({"given_back": before - process.memory_info().rss, "trims": trimmer and trimmer.trims}))
+
+
+@pytest.mark.parametrize("trim", [True, False])  # False: the control, what glibc alone gives back
+def test_evicted_adapters_give_their_memory_back(adapters, trim: bool) -> None:
+    spec, root = adapters
+    args = [str(root), ADAPTERS, sorted(spec.module_shapes()), spec.num_hidden_layers, trim]
+    code = f"from tests.adapter_store.test_memory import probe_eviction; probe_eviction(*{args!r})"
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    evicted = (ADAPTERS - ADAPTERS // 4) * adapter_tensor_bytes(spec, RANK, "bfloat16")
+    print(f"trim {trim}: evicted {evicted} B of adapter data, RSS gave back {result['given_back']} B")
+    if trim:  # at least half of the evicted data is back with the OS
+        assert result["trims"] >= 1 and result["given_back"] >= evicted // 2, (result, evicted)
+    else:  # without the trim the holes stay resident: what this test is sensitive to
+        assert result["given_back"] < evicted // 4, (result, evicted)
