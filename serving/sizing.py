@@ -48,7 +48,14 @@ metric. An explicit value in the config is always honoured.
   the same concurrency to tell them apart), and the API process's own
   per-adapter state (its metric series, ~12 KB an adapter that has served,
   and its catalog entry), which grows with the adapters registered, not
-  cached. A configured size that breaks the budget is refused naming the key.
+  cached. Nor, yet, two costs of the CPU LoRA ops that grow with the mix
+  of adapters in a step rather than with the slots: their scratch buffers
+  (up to ``lora_ops.punica_cpu.SCRATCH_MAX_BYTES``) and the oneDNN
+  primitives vLLM compiles for their packed matmuls, one per weight shape
+  and row count (~283 KiB each, kept in a process-wide cache of 128 shapes;
+  README, "Where the memory went"). Freed heap the allocator would keep is
+  handed back (``lora_ops.heap_trim``), so it needs no share. A configured
+  size that breaks the budget is refused naming the key.
 * ``engine.max_cpu_loras`` left out, no budget: ``max_loras`` (vLLM's default).
 
 The step cost of our CPU LoRA ops grows with the adapters present in a step,
