@@ -40,6 +40,7 @@ _logged = False
 
 
 def _get_punica_wrapper(cls: type) -> str:
+    heap_trim.install()  # asked while vLLM builds a LoRA manager: give back what its evictions free (heap_trim.py)
     return WRAPPER_QUALNAME
 
 
@@ -89,7 +90,6 @@ def register() -> None:
     # setting the same classmethod again is a no-op, so repeated calls are idempotent.
     type(current_platform).get_punica_wrapper = classmethod(_get_punica_wrapper)  # type: ignore[method-assign,assignment]
     _keep_compilation_with_lora(type(current_platform))
-    heap_trim.install()  # freed adapter memory back to the OS (heap_trim.py)
     if not _logged:
         _logged = True
         from vllm.logger import init_logger

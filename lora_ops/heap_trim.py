@@ -90,7 +90,10 @@ def install() -> None:
     """Request a trim after vLLM's LRU LoRA manager evicts from its host cache or activates into a slot.
 
     Patches the class (``LRUCacheLoRAModelManager``, the one vLLM's worker
-    uses), once per process: vLLM loads plugins several times.
+    uses), once per process. Called from the plugin's punica-wrapper lookup,
+    which vLLM makes while it builds a LoRA manager: only in a process that
+    has one, and with ``vllm.lora.model_manager`` imported already (seconds
+    of imports that the API process would otherwise pay at plugin load).
     """
     global _trimmer
     from vllm.lora.model_manager import LRUCacheLoRAModelManager
@@ -119,3 +122,6 @@ def install() -> None:
 
     LRUCacheLoRAModelManager.remove_oldest_adapter = remove_oldest_adapter  # type: ignore[method-assign]
     LRUCacheLoRAModelManager.activate_adapter = activate_adapter  # type: ignore[method-assign]
+    logger.info(
+        "loraserve: the heap is trimmed after LoRA evictions and slot changes, at most every %g s", MIN_INTERVAL_S
+    )

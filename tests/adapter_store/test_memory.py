@@ -132,17 +132,21 @@ def test_the_accounted_cost_covers_what_vllm_holds_per_adapter(adapters, dtype: 
 def probe_eviction(root: str, count: int, modules: list[str], layers: int, trim: bool) -> None:
     """Run in a fresh interpreter: fill vLLM's host-cache LRU with ``count`` bfloat16 adapters (converted, so their
     data is on the heap), keep every fourth, evict the others through ``remove_oldest_adapter`` (with
-    ``lora_ops.heap_trim`` installed if ``trim``), and print how much RSS the evictions gave back."""
+    ``lora_ops.heap_trim`` installed as the plugin installs it, if ``trim``), and print how much RSS the evictions gave back."""
     import gc
     import time
 
     import psutil
     from vllm.lora.model_manager import AdapterLRUCache, LRUCacheLoRAModelManager
 
+    import lora_ops
     from lora_ops import heap_trim
 
-    if trim:
-        heap_trim.install()
+    if trim:  # as in vLLM's worker: the plugin registered, then the punica-wrapper lookup of a new LoRA manager
+        from vllm.platforms import current_platform
+
+        lora_ops.register()
+        current_platform.get_punica_wrapper()
     # vLLM's manager with only the host cache that remove_oldest_adapter works on (no model, no slots to deactivate)
     manager = object.__new__(LRUCacheLoRAModelManager)
     manager._registered_adapters = AdapterLRUCache(count, lambda lora_id: None)
