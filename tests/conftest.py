@@ -84,6 +84,7 @@ ENGINE_COUNTER = pytest.StashKey[EngineCounter]()
 def pytest_sessionstart(session: pytest.Session) -> None:
     session.config.stash[ENGINE_COUNTER] = EngineCounter()
     _one_core_per_worker()
+    _one_torch_thread_per_worker()
 
 
 OMP_BIND = "VLLM_CPU_OMP_THREADS_BIND"  # vLLM's CPU list for its engine's torch threads
@@ -103,6 +104,23 @@ def _one_core_per_worker() -> None:
         return
     cores = sorted(os.sched_getaffinity(0))
     os.environ[OMP_BIND] = str(cores[int(worker.removeprefix("gw")) % len(cores)])
+
+
+def _one_torch_thread_per_worker() -> None:
+    """Under ``-n N``, the torch work a worker runs itself (references, LoRA ops, BitNet kernels, the demo
+    outputs) runs on one thread, as the engines do.
+
+    With torch's default (a thread per core) two workers run four threads on two cores beside their
+    engines: every op then waits at OpenMP barriers for a thread that is not running, and spins while
+    it waits, taking a core from the other worker's engine. The ops are small, so a second thread buys
+    little even on an idle machine; measured under load, the LoRA ops and BitNet unit tests
+    (tests/lora_ops/test_punica_cpu.py, test_slots.py, tests/bitnet/test_quant.py) took 25-26 s of CPU
+    with two threads and 15-17 s with one. Subprocesses (servers, scripts) set their own."""
+    if os.environ.get("PYTEST_XDIST_WORKER") is None:
+        return
+    import torch
+
+    torch.set_num_threads(1)
 
 
 SHARED_SERVERS: dict[str, tuple[str, ...]] = {
