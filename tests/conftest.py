@@ -285,12 +285,36 @@ def start_server(config: dict, workdir: Path, env: dict | None = None) -> Runnin
 
 
 def stop_server(server: RunningServer) -> None:
+    """SIGTERM (an orderly shutdown), and wait until the server exited (30 s, then SIGKILL)."""
     server.process.terminate()
+    _reap(server.process)
+
+
+def _reap(process: subprocess.Popen) -> None:
     try:
-        server.process.wait(timeout=30)
+        process.wait(timeout=30)
     except subprocess.TimeoutExpired:
-        server.process.kill()
-        server.process.wait()
+        process.kill()
+        process.wait()
+
+
+_RETIRED: list[subprocess.Popen] = []
+
+
+def retire_server(server: RunningServer) -> None:
+    """``stop_server`` for a fixture's teardown, without the wait: SIGTERM now, reaped at the end of the session.
+
+    The server shuts down in order as before, but vLLM's shutdown waits out timeouts of its own (about 5 s
+    until its worker and engine processes are gone), which the tests after it need not wait for. A test
+    that needs the server gone before it goes on (a restart on the same store) calls ``stop_server``."""
+    server.process.terminate()
+    _RETIRED.append(server.process)
+
+
+@pytest.hookimpl(trylast=True)  # after the session's fixtures were torn down, retiring their servers
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    while _RETIRED:
+        _reap(_RETIRED.pop())
 
 
 @pytest.fixture(scope="session")
@@ -300,7 +324,7 @@ def server(demo_assets, tmp_path_factory) -> Iterator[RunningServer]:
     ``make test`` runs the modules that use it on one worker (``SHARED_SERVERS``), so it starts once."""
     running = start_server(demo_config(demo_assets), tmp_path_factory.mktemp("server"))
     yield running
-    stop_server(running)
+    retire_server(running)
 
 
 @pytest.fixture(scope="session")
