@@ -84,6 +84,7 @@ ENGINE_COUNTER = pytest.StashKey[EngineCounter]()
 def pytest_sessionstart(session: pytest.Session) -> None:
     session.config.stash[ENGINE_COUNTER] = EngineCounter()
     _one_core_per_worker()
+    _one_torch_thread_per_worker()
 
 
 OMP_BIND = "VLLM_CPU_OMP_THREADS_BIND"  # vLLM's CPU list for its engine's torch threads
@@ -103,6 +104,23 @@ def _one_core_per_worker() -> None:
         return
     cores = sorted(os.sched_getaffinity(0))
     os.environ[OMP_BIND] = str(cores[int(worker.removeprefix("gw")) % len(cores)])
+
+
+def _one_torch_thread_per_worker() -> None:
+    """Under ``-n N``, the torch work a worker runs itself (references, LoRA ops, BitNet kernels, the demo
+    outputs) runs on one thread, as the engines do.
+
+    With torch's default (a thread per core) two workers run four threads on two cores beside their
+    engines: every op then waits at OpenMP barriers for a thread that is not running, and spins while
+    it waits, taking a core from the other worker's engine. The ops are small, so a second thread buys
+    little even on an idle machine; measured under load, the LoRA ops and BitNet unit tests
+    (tests/lora_ops/test_punica_cpu.py, test_slots.py, tests/bitnet/test_quant.py) took 25-26 s of CPU
+    with two threads and 15-17 s with one. Subprocesses (servers, scripts) set their own."""
+    if os.environ.get("PYTEST_XDIST_WORKER") is None:
+        return
+    import torch
+
+    torch.set_num_threads(1)
 
 
 SHARED_SERVERS: dict[str, tuple[str, ...]] = {
@@ -267,12 +285,36 @@ def start_server(config: dict, workdir: Path, env: dict | None = None) -> Runnin
 
 
 def stop_server(server: RunningServer) -> None:
+    """SIGTERM (an orderly shutdown), and wait until the server exited (30 s, then SIGKILL)."""
     server.process.terminate()
+    _reap(server.process)
+
+
+def _reap(process: subprocess.Popen) -> None:
     try:
-        server.process.wait(timeout=30)
+        process.wait(timeout=30)
     except subprocess.TimeoutExpired:
-        server.process.kill()
-        server.process.wait()
+        process.kill()
+        process.wait()
+
+
+_RETIRED: list[subprocess.Popen] = []
+
+
+def retire_server(server: RunningServer) -> None:
+    """``stop_server`` for a fixture's teardown, without the wait: SIGTERM now, reaped at the end of the session.
+
+    The server shuts down in order as before, but vLLM's shutdown waits out timeouts of its own (about 5 s
+    until its worker and engine processes are gone), which the tests after it need not wait for. A test
+    that needs the server gone before it goes on (a restart on the same store) calls ``stop_server``."""
+    server.process.terminate()
+    _RETIRED.append(server.process)
+
+
+@pytest.hookimpl(trylast=True)  # after the session's fixtures were torn down, retiring their servers
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    while _RETIRED:
+        _reap(_RETIRED.pop())
 
 
 @pytest.fixture(scope="session")
@@ -282,7 +324,7 @@ def server(demo_assets, tmp_path_factory) -> Iterator[RunningServer]:
     ``make test`` runs the modules that use it on one worker (``SHARED_SERVERS``), so it starts once."""
     running = start_server(demo_config(demo_assets), tmp_path_factory.mktemp("server"))
     yield running
-    stop_server(running)
+    retire_server(running)
 
 
 @pytest.fixture(scope="session")

@@ -44,7 +44,7 @@ import yaml
 
 from checkpoints.assets import DemoAssets
 from serving.api.auth import hash_key, new_key
-from tests.conftest import REPO, RunningServer, demo_config, start_server, stop_server, use_api_keys
+from tests.conftest import REPO, RunningServer, demo_config, retire_server, start_server, use_api_keys
 from tests.e2e.adapter_files import CONFIG, copy_adapter
 
 ENGINE_SLOTS = 4  # engine.max_num_seqs; with no queue, the 5th concurrent sequence gets 503
@@ -141,7 +141,7 @@ def secure(demo_assets, tmp_path_factory) -> Iterator[RunningServer]:
     }
     running = start_server(config, workdir)
     yield running
-    stop_server(running)
+    retire_server(running)
 
 
 @pytest.fixture(scope="session")
@@ -169,7 +169,7 @@ def limited(demo_assets, s3_server: str, tmp_path_factory) -> Iterator[RunningSe
     }
     running = start_server(config, workdir)
     yield running
-    stop_server(running)
+    retire_server(running)
 
 
 def run_project_engine(config: dict, workdir: Path, refusal: tuple[Path, Path]) -> dict:
@@ -248,4 +248,4 @@ def admin(demo_assets, tmp_path_factory) -> Iterator[AdminServer]:
     config["limits"] = {"max_upload_bytes": ADMIN_UPLOAD_LIMIT}
     state = AdminServer(start_server(config, workdir), workdir, volume, outside, demo_assets)
     yield state
-    stop_server(state.server)
+    retire_server(state.server)

@@ -1,5 +1,6 @@
-"""The adapter store through the real server: register, upload, versions, aliases, pins, delete, restart,
-validation and source confinement, upload limits, health probes, and the ``base`` fallback policy.
+"""The adapter store through the real server: register, upload, versions, aliases, pins, delete, restart (by a
+SIGTERM with a stream in flight, which must finish), validation and source confinement, upload limits, health
+probes, and the ``base`` fallback policy.
 
 Outputs are compared with the server's own answers for the configured demo
 adapters on the same files (``code``, ``legal``, ``medical``), which
@@ -28,10 +29,11 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import REPO, start_server, stop_server
+from tests.conftest import REPO, start_server
 from tests.e2e.adapter_files import BROKEN, WEIGHTS, broken_adapter, copy_adapter, nan_adapter
 from tests.e2e.conftest import ADMIN_UPLOAD_LIMIT as UPLOAD_LIMIT
 from tests.e2e.conftest import AdminServer as Store
+from tests.e2e.faults import sigterm_during_a_stream
 
 PROMPT = "Please explain how it works"
 TOKENS = 12
@@ -302,7 +304,9 @@ def test_corrupt_adapter_under_load_falls_back_to_base(store: Store) -> None:
     assert metric(store.url, corrupt) - before[corrupt] == 1
 
 
-def test_everything_survives_a_restart(store: Store) -> None:
+def test_a_sigterm_lets_streams_finish_and_everything_survives_the_restart(store: Store) -> None:
+    """The restart is a pod told to stop: SIGTERM with a stream in flight (``tests/e2e/faults.py``: the stream
+    completes, new connections are refused, orderly exit), then a new server on the same store."""
     kept = unique("kept")
     register(store, kept, "code", aliases=["stable"])
     response = upload(store.url, kept, copy_adapter(store.demo.adapters["legal"], store.workdir / unique("up")))
@@ -314,7 +318,7 @@ def test_everything_survives_a_restart(store: Store) -> None:
     assert {kept, broken, "code"} <= set(before)
     expected = {m: tokens(store.url, m) for m in (kept, f"{kept}@stable")}
     assert expected[kept] != expected[f"{kept}@stable"]
-    stop_server(store.server)
+    sigterm_during_a_stream(store.server, "code")
     store.server = start_server(store.server.config, store.workdir)
     assert registry(store.url) == before
     assert {m: tokens(store.url, m) for m in expected} == expected

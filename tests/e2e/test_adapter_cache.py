@@ -35,7 +35,7 @@ import pytest
 
 from checkpoints.assets import DemoAssets
 from loadtests.rss import RssSampler, tree_rss
-from tests.conftest import RunningServer, demo_config, start_server, stop_server
+from tests.conftest import RunningServer, demo_config, retire_server, start_server
 from tests.e2e.adapter_files import WEIGHTS, copy_adapter
 
 PROMPT = "Please explain how it works"
@@ -120,7 +120,7 @@ def cached(demo_assets, tmp_path_factory) -> Iterator[Cached]:
     asyncio.run(base_warm_up(running.url, config["model"]["name"]))
     baseline = sum(tree_rss(running.process.pid).values())
     yield Cached(running, volume, workdir / "store", names, memory_budget, per_adapter, demo_assets, baseline)
-    stop_server(running)
+    retire_server(running)
 
 
 async def base_warm_up(url: str, base: str) -> None:

@@ -24,7 +24,7 @@ import httpx
 import pytest
 import torch
 
-from tests.conftest import free_port, start_server, stop_server
+from tests.conftest import free_port, retire_server, start_server
 from tests.e2e.bitnet_reference import check, compare
 
 ADAPTERS = {"alpha": 1, "beta": 2, "gamma": 4}  # name -> seed; seeds give each adapter a prompt without a near tie
@@ -67,7 +67,7 @@ def bitnet_lora(tmp_path_factory):
 
     references = {BASE: reference(None), **{name: reference(name) for name in ADAPTERS}}
     yield server, references
-    stop_server(server)
+    retire_server(server)
 
 
 def completion_body(model: str, prompt: str) -> dict:

@@ -40,7 +40,7 @@ import httpx
 import pytest
 import torch
 
-from tests.conftest import RunningServer, demo_config, start_server, stop_server
+from tests.conftest import RunningServer, demo_config, retire_server, start_server
 from tests.e2e.adapter_files import copy_adapter
 from tests.e2e.bitnet_reference import MIN_EXACT_TOKENS, check, compare
 
@@ -72,7 +72,7 @@ def dense(demo_assets, tmp_path_factory) -> Iterator[RunningServer]:
     config["routing"] = None  # not under test
     running = start_server(config, workdir)
     yield running
-    stop_server(running)
+    retire_server(running)
 
 
 @pytest.fixture(scope="module")

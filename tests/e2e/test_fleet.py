@@ -50,7 +50,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from adapter_store.store import KEEP_LISTING_S
 from checkpoints.assets import DemoAssets
-from tests.conftest import RunningServer, demo_config, start_server, stop_server
+from tests.conftest import RunningServer, demo_config, retire_server, start_server, stop_server
 from tests.e2e.adapter_files import copy_adapter
 from tests.postgres import PASSWORD, PostgresCluster
 
@@ -137,8 +137,8 @@ def fleet(demo_assets, postgres: PostgresCluster, s3_server: str, tmp_path_facto
         raise errors[0]
     state = Fleet(started["a"], started["b"], workdir, demo_assets, postgres, env, s3_server)
     yield state
-    stop_server(state.a)
-    stop_server(state.b)
+    retire_server(state.a)
+    retire_server(state.b)
 
 
 def generate(url: str, model: str) -> httpx.Response:

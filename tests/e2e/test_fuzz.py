@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from schemathesis import GenerationMode
 
 from serving.api.auth import hash_key, new_key
-from tests.conftest import RunningServer, demo_config, start_server, stop_server, use_api_keys
+from tests.conftest import RunningServer, demo_config, retire_server, start_server, use_api_keys
 
 pytestmark = pytest.mark.engine
 
@@ -39,7 +39,7 @@ def fuzz_server(demo_assets, tmp_path_factory) -> Iterator[RunningServer]:
     config["store"] = {"root": str(tmp_path_factory.mktemp("fuzz-store")), "pinned": ["code", "legal", "medical"]}
     running = start_server(config, workdir)
     yield running
-    stop_server(running)
+    retire_server(running)
 
 
 @pytest.fixture(scope="module")
