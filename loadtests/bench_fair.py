@@ -11,10 +11,10 @@ by chance) and sends one short request (8 tokens) to one of the other
 adapters (the *rare* ones, in turn) every ``--rare-every`` seconds. Every
 request streams ``/v1/completions`` with ``ignore_eos``.
 
-Recorded per K: output tokens per second over the flood (all requests),
-the rare requests' TTFT (p50, max) and how many finished only after the
-flood stopped (starved), and the server's ``loraserve_fair_scheduler_*``
-counters. With ``off``, a rare request waits until a slot frees by chance or
+Recorded per K: output tokens per second over the flood (of the requests
+that finished in it), the rare requests' TTFT (p50, p90, max) and how many
+still had no token when the flood stopped (the last few sent always may),
+and the server's ``loraserve_fair_scheduler_*`` counters. With ``off``, a rare request waits until a slot frees by chance or
 the flood ends, so its TTFT is bounded by ``--duration`` only. The servers run
 one after the other, not interleaved (each K is a start-up): run it on a quiet
 machine, and compare K values within one run. Writes ``--out`` (JSON).
@@ -53,29 +53,32 @@ class Run:
     """One K's measurement."""
 
     k: int | None
-    tokens: int = 0  # output tokens streamed during the flood, all requests
+    tokens: int = 0  # output tokens of the requests that finished during the flood
     flood_s: float = 0.0
     rare_ttft_s: list[float] = field(default_factory=list)
-    rare_starved: int = 0  # rare requests whose first token came only after the flood stopped
+    rare_starved: int = 0  # rare requests still without their first token when the flood stopped
     fairness: dict[str, float] = field(default_factory=dict)  # the counters' increase over the run
     loadavg: tuple[float, float, float] = (0.0, 0.0, 0.0)
 
 
-async def stream(client: httpx.AsyncClient, url: str, model: str, max_tokens: int) -> tuple[float, int]:
-    """One streamed completion: (seconds to the first token, tokens streamed)."""
+async def stream(client: httpx.AsyncClient, url: str, model: str, max_tokens: int) -> float:
+    """One streamed completion (exactly ``max_tokens``: ``ignore_eos``); seconds to its first token.
+
+    Tokens are not counted from the events: a client that falls behind gets several tokens in one.
+    """
     body = {"model": model, "prompt": "def", "max_tokens": max_tokens, "ignore_eos": True, "temperature": 0,
             "stream": True}  # fmt: skip
     start = time.perf_counter()
-    ttft, tokens = float("nan"), 0
+    ttft: float | None = None
     async with client.stream("POST", f"{url}/v1/completions", json=body, timeout=600) as response:
         if response.status_code != 200:
             raise RuntimeError(f"{model}: HTTP {response.status_code}: {(await response.aread())[:200]!r}")
         async for line in response.aiter_lines():
-            if line.startswith("data: {"):
-                if tokens == 0:
-                    ttft = time.perf_counter() - start
-                tokens += 1
-    return ttft, tokens
+            if line.startswith("data: {") and ttft is None:
+                ttft = time.perf_counter() - start
+    if ttft is None:
+        raise RuntimeError(f"{model}: the stream carried no chunk")
+    return ttft
 
 
 async def fairness_counts(client: httpx.AsyncClient, url: str) -> dict[str, float]:
@@ -94,13 +97,15 @@ async def measure(url: str, flood: list[str], rare: list[str], run: Run, args: a
 
         async def flood_client(i: int) -> None:
             nonlocal tokens
+            max_tokens = FLOOD_TOKENS[i % len(FLOOD_TOKENS)]
             while not stop.is_set():
-                tokens += (await stream(client, url, flood[i % len(flood)], FLOOD_TOKENS[i % len(FLOOD_TOKENS)]))[1]
+                await stream(client, url, flood[i % len(flood)], max_tokens)
+                tokens += max_tokens if not stop.is_set() else 0  # finished within the flood
 
         async def rare_request(model: str) -> None:
             nonlocal tokens
-            ttft, streamed = await stream(client, url, model, RARE_TOKENS)
-            tokens += streamed if not stop.is_set() else 0
+            ttft = await stream(client, url, model, RARE_TOKENS)
+            tokens += RARE_TOKENS if not stop.is_set() else 0
             run.rare_ttft_s.append(ttft)
             run.rare_starved += stop.is_set()
 
@@ -150,6 +155,7 @@ def summary(run: Run) -> dict:
         "output_tok_s": run.tokens / run.flood_s,
         "rare_requests": len(ttft),
         "rare_ttft_p50_s": statistics.median(ttft),
+        "rare_ttft_p90_s": ttft[int(0.9 * (len(ttft) - 1))],
         "rare_ttft_max_s": ttft[-1],
         "rare_starved": run.rare_starved,
         **{f"fair_{name}": value for name, value in run.fairness.items()},
@@ -158,15 +164,16 @@ def summary(run: Run) -> dict:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| K | output tok/s | ratio to off | rare TTFT p50 / max s | rare starved | due / drains / held |",
-             "|---|---|---|---|---|---|"]  # fmt: skip
+    lines = ["| K | output tok/s | ratio to off | rare TTFT p50 / p90 / max s | rare without a token at the end | "
+             "due / drains / held | load after |",
+             "|---|---|---|---|---|---|---|"]  # fmt: skip
     off = next((r["output_tok_s"] for r in rows if r["k"] == "off"), None)
     for r in rows:
         ratio = f"{r['output_tok_s'] / off:.2f}" if off else "-"
         lines.append(
-            f"| {r['k']} | {r['output_tok_s']:.0f} | {ratio} | {r['rare_ttft_p50_s']:.2f} / {r['rare_ttft_max_s']:.2f}"
-            f" | {r['rare_starved']}/{r['rare_requests']} | {r['fair_due_requests']:.0f} / {r['fair_drains']:.0f} / "
-            f"{r['fair_held_requests']:.0f} |"
+            f"| {r['k']} | {r['output_tok_s']:.0f} | {ratio} | {r['rare_ttft_p50_s']:.2f} / {r['rare_ttft_p90_s']:.2f}"
+            f" / {r['rare_ttft_max_s']:.2f} | {r['rare_starved']}/{r['rare_requests']} | {r['fair_due_requests']:.0f}"
+            f" / {r['fair_drains']:.0f} / {r['fair_held_requests']:.0f} | {r['loadavg_after'][0]:.1f} |"
         )
     return "\n".join(lines)
 
