@@ -127,6 +127,15 @@ class Residency:
     host: frozenset[tuple[str, str]] = frozenset()
 
 
+@dataclass(frozen=True)
+class FairnessCounts:
+    """How often the adapter-fair scheduler acted since the engine started (``serving.lora_scheduler``)."""
+
+    due: int = 0  # blocked requests that reached engine.lora_max_overtakes
+    drains: int = 0  # slot holders chosen to drain for a due request
+    held: int = 0  # waiting requests held out of a step's scan, summed over steps
+
+
 class ResidentAdapters:
     """Serving's mirror of vLLM's host-memory adapter cache: an LRU of ``max_cpu_loras`` versions.
 
@@ -175,6 +184,8 @@ class LoraEngine:
         self._loading: dict[tuple[str, str], asyncio.Future[None]] = {}  # loads in flight only
         self.resident = ResidentAdapters(self.sizing.max_cpu_loras.value)
         self.residency = Residency()  # kept current by watch_residency
+        # Likewise; None: vLLM's own scheduler, nothing to count.
+        self.fairness = None if settings.engine.lora_max_overtakes is None else FairnessCounts()
         self._residency_changed = asyncio.Event()
 
     async def start(self) -> None:
@@ -309,8 +320,24 @@ class LoraEngine:
             slot=frozenset(keys[i] for i in slots if i in keys), host=frozenset(keys[i] for i in host if i in keys)
         )
 
+    async def read_fairness(self) -> FairnessCounts | None:
+        """The fair scheduler's counts: one utility call, answered by the engine core between two steps.
+
+        ``None`` when the engine runs vLLM's own scheduler (``engine.lora_max_overtakes: null``).
+        """
+        if self.settings.engine.lora_max_overtakes is None:
+            return None
+        from serving.lora_scheduler import FAIRNESS_UTILITY
+
+        counts = await self.llm.engine_core.call_utility_async(FAIRNESS_UTILITY)
+        return FairnessCounts(**counts)
+
+    async def _read_engine_state(self) -> None:
+        self.residency = await self.read_residency()
+        self.fairness = await self.read_fairness()
+
     async def watch_residency(self, interval_s: float = RESIDENCY_POLL_S) -> None:
-        """Keep :attr:`residency` current; run it as a task for the life of the engine (never at scrape time).
+        """Keep :attr:`residency` and :attr:`fairness` current; a task for the life of the engine (never at scrape).
 
         The engine moves adapters only when it schedules an adapter's request
         or runs ``add_lora``/``remove_lora``, and each of those signals here.
@@ -319,7 +346,8 @@ class LoraEngine:
         worker every ``interval_s`` until an ask that began with no request
         unfinished and saw no new signal: that ask read the state the last
         request left. So :attr:`residency` trails the engine by at most
-        ``interval_s`` plus one round trip.
+        ``interval_s`` plus one round trip; so do the fair scheduler's counts,
+        which move only while adapter requests wait.
         """
         while True:
             await self._residency_changed.wait()
@@ -328,7 +356,7 @@ class LoraEngine:
                 self._residency_changed.clear()
                 busy = self.llm.output_processor.has_unfinished_requests()
                 try:
-                    self.residency = await self.read_residency()
+                    await self._read_engine_state()
                 except Exception:
                     if not self.ready:  # a dead engine holds nothing; health answers 503 meanwhile
                         logger.warning("engine is down: it holds no adapters now")

@@ -43,6 +43,13 @@ bookkeeping (skips, preemptions, stats) is untouched. ``serving.engine``
 names the class in ``scheduler_cls`` and passes ``max_overtakes`` in vLLM's
 ``additional_config`` (:data:`MAX_OVERTAKES_KEY`); vLLM imports this module into
 its engine-core process, so it imports nothing of ours.
+
+How often the rule acts is counted in the engine core (:meth:`_AgingLoraAdmission.fairness_counts`):
+requests that became due, drains started, and requests held out of a step. vLLM
+answers a utility call ``call_utility_async(name)`` by calling the engine core's
+attribute ``name`` between two steps; the scheduler is its ``scheduler``
+attribute, so the scheduler answers :data:`FAIRNESS_UTILITY` as a callable
+(``__call__``). ``serving.engine`` asks it while requests run, for the metrics.
 """
 
 from __future__ import annotations
@@ -58,6 +65,9 @@ from vllm.v1.request import RequestStatus
 
 MAX_OVERTAKES_KEY = "loraserve_lora_max_overtakes"
 """The key in vLLM's ``additional_config`` that carries ``engine.lora_max_overtakes`` into the engine core."""
+
+FAIRNESS_UTILITY = "scheduler"
+"""The engine core's attribute that a utility call reaches the scheduler by (its ``__call__``: the counts)."""
 
 _WAITING = (RequestStatus.WAITING, RequestStatus.PREEMPTED)
 
@@ -142,6 +152,23 @@ class _AgingLoraAdmission:
         self.max_overtakes: int = vllm_config.additional_config[MAX_OVERTAKES_KEY]
         self.overtaken: dict[str, int] = {}  # request id -> younger adapter requests admitted past it while blocked
         self.drained: int | None = None  # the slot holder whose younger waiting requests sit out
+        self.counted_drain: int | None = None  # the drain last counted; None once nothing is due
+        self.counts = {"due": 0, "drains": 0, "held": 0}  # see fairness_counts
+
+    def __call__(self) -> dict[str, int]:
+        """The answer to ``call_utility_async(FAIRNESS_UTILITY)``: :meth:`fairness_counts`."""
+        return self.fairness_counts()
+
+    def fairness_counts(self) -> dict[str, int]:
+        """How often the rule acted since the engine started, for the metrics.
+
+        ``due``: times a blocked request reached ``max_overtakes`` (it counts
+        again if it got a slot's adapter, lost it and was overtaken anew);
+        ``drains``: slot holders chosen to drain (one per due period and
+        holder); ``held``: waiting requests held out of a step's scan, summed
+        over steps (the rule's cost: each could have been admitted that step).
+        """
+        return dict(self.counts)
 
     def schedule(self, throttle_prefills: bool = False) -> SchedulerOutput:
         if self.lora_config is None:
@@ -156,11 +183,32 @@ class _AgingLoraAdmission:
         if admitted:
             holders = slot_holders(self.running)
             if len(holders) >= self.lora_config.max_loras:
-                self.overtaken = count_overtakes(self.overtaken, self.waiting, holders, admitted)
+                before, self.overtaken = (
+                    self.overtaken,
+                    count_overtakes(self.overtaken, self.waiting, holders, admitted),
+                )
+                self.counts["due"] += sum(
+                    count >= self.max_overtakes and before.get(request_id, -1) < self.max_overtakes
+                    for request_id, count in self.overtaken.items()
+                )
         return output
 
     def _held(self) -> list[Any]:
         """This step's held requests: empty unless a blocked request is due and every slot is taken."""
+        due = self._due()
+        if not due:
+            self.counted_drain = None  # a drain chosen later is a new one
+            return []
+        self.drained = drain_choice(self.running, self.drained)
+        if self.drained != self.counted_drain:
+            self.counted_drain = self.drained
+            self.counts["drains"] += 1
+        held = held_back(self.waiting, min(due, key=lambda r: r.arrival_time), self.drained)
+        self.counts["held"] += len(held)
+        return held
+
+    def _due(self) -> list[Any]:
+        """The due requests still blocked, while every slot is taken; forgets requests no longer waiting."""
         if not self.overtaken:
             return []
         waiting = {
@@ -173,11 +221,9 @@ class _AgingLoraAdmission:
         if not due:
             return []
         holders = slot_holders(self.running)
-        due = [request for request in due if _adapter(request) not in holders]
-        if not due or len(holders) < self.lora_config.max_loras:
+        if len(holders) < self.lora_config.max_loras:
             return []
-        self.drained = drain_choice(self.running, self.drained)
-        return held_back(self.waiting, min(due, key=lambda r: r.arrival_time), self.drained)
+        return [request for request in due if _adapter(request) not in holders]
 
     def _schedule_without(self, held: list[Any], throttle_prefills: bool) -> SchedulerOutput:
         place = {request: i for i, request in enumerate(self.waiting)}

@@ -346,6 +346,42 @@ class AdapterStoreCollector(Collector):
         )
 
 
+class FairSchedulerCollector(Collector):
+    """How often the adapter-fair scheduler acted (``serving.lora_scheduler``), as ``LoraEngine`` last read it.
+
+    The counts live in vLLM's engine-core process; ``LoraEngine.watch_residency``
+    reads them while requests run, so a scrape reads memory only. No labels:
+    which adapters waited is another tenant's business, and the counts say how
+    often the rule fires, not for whom. Nothing is exported when the engine
+    runs vLLM's own scheduler (``engine.lora_max_overtakes: null``).
+    """
+
+    def __init__(self, engine: LoraEngine) -> None:
+        self.engine = engine
+
+    def collect(self) -> Iterator[Metric]:
+        counts = self.engine.fairness
+        if counts is None:
+            return
+        yield CounterMetricFamily(
+            "loraserve_fair_scheduler_due_requests",
+            "Waiting requests whose adapter had no slot that younger adapter requests overtook "
+            "engine.lora_max_overtakes times (each then gets a slot within one slot holder's drain).",
+            value=counts.due,
+        )
+        yield CounterMetricFamily(
+            "loraserve_fair_scheduler_drains",
+            "Slot holders chosen to stop admitting younger requests until their slot frees, for a due request.",
+            value=counts.drains,
+        )
+        yield CounterMetricFamily(
+            "loraserve_fair_scheduler_held_requests",
+            "Waiting requests of a draining slot holder left out of an engine step, summed over steps "
+            "(the rule's cost: each could have been admitted in that step).",
+            value=counts.held,
+        )
+
+
 class EngineSizingCollector(Collector):
     """The sizes the engine runs with (``serving.sizing``), and whether the config set them or they were derived."""
 

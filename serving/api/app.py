@@ -15,6 +15,7 @@ from pathlib import Path
 
 from fastapi import FastAPI
 from prometheus_client import REGISTRY
+from prometheus_client.registry import Collector
 from starlette.datastructures import State
 
 from adapter_store import AdapterStore
@@ -38,7 +39,13 @@ from serving.api.selector import AdapterSelector
 from serving.api.system import api_router as system_api
 from serving.config import ConfigError, Settings
 from serving.engine import LoraEngine
-from serving.metrics import AdapterMetrics, AdapterStoreCollector, EngineSizingCollector, StoreViewer
+from serving.metrics import (
+    AdapterMetrics,
+    AdapterStoreCollector,
+    EngineSizingCollector,
+    FairSchedulerCollector,
+    StoreViewer,
+)
 from serving.store import open_store
 
 logger = logging.getLogger(__name__)
@@ -103,7 +110,8 @@ def build_app(settings: Settings) -> FastAPI:
         with tempfile.TemporaryDirectory(prefix="loraserve-store-") as scratch:
             # Adapters are validated and registered before the engine starts: a bad one fails fast.
             store = open_store(settings, Path(scratch))
-            prompt_router = collector = sizing_collector = None
+            prompt_router = None
+            collectors: list[Collector] = []
             engine = LoraEngine(settings)
             watchers: list[asyncio.Task[None]] = []
             try:
@@ -120,10 +128,10 @@ def build_app(settings: Settings) -> FastAPI:
                 viewer = StoreViewer(store)
                 await asyncio.to_thread(viewer.refresh)  # the first scrape shows the store as started
                 watchers.append(asyncio.create_task(viewer.run()))
-                collector = AdapterStoreCollector(viewer, engine)
-                REGISTRY.register(collector)
-                sizing_collector = EngineSizingCollector(engine.sizing)
-                REGISTRY.register(sizing_collector)
+                engine_views = (AdapterStoreCollector(viewer, engine), EngineSizingCollector(engine.sizing))
+                for collector in (*engine_views, FairSchedulerCollector(engine)):
+                    REGISTRY.register(collector)
+                    collectors.append(collector)  # registered: unregistered on the way out
                 names = ", ".join(await asyncio.to_thread(store.names)) or "none"
                 logger.info("serving %s with adapters: %s", settings.model.name, names)
                 yield
@@ -131,10 +139,8 @@ def build_app(settings: Settings) -> FastAPI:
                 for watcher in watchers:
                     watcher.cancel()
                 await asyncio.gather(*watchers, return_exceptions=True)
-                if collector is not None:
-                    REGISTRY.unregister(collector)
-                if sizing_collector is not None:
-                    REGISTRY.unregister(sizing_collector)
+                for registered in collectors:
+                    REGISTRY.unregister(registered)
                 engine.shutdown()
                 store.close()
                 if prompt_router is not None:

@@ -17,6 +17,7 @@ from typing import TypeVar
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 from starlette.background import BackgroundTask
+from starlette.types import Send
 
 from serving.api.errors import ClientDisconnectedError, ServingError, internal_error
 from serving.api.streams import SSE_DONE, sse_event
@@ -79,9 +80,31 @@ async def event_stream(events: AsyncIterator[str], on_close: Callable[[], None])
     async def close() -> None:  # async: Starlette runs a plain function's background task in a thread
         on_close()
 
-    return StreamingResponse(
+    return EventStreamResponse(
         body(),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache"},
         background=BackgroundTask(close),
     )
+
+
+class EventStreamResponse(StreamingResponse):
+    """Starlette's streaming response, whose ``[DONE]`` event also ends the body: one write, not two.
+
+    Starlette sends every item of the body, then an empty message to end it,
+    each one a socket write. An SSE stream's last event is ``data: [DONE]``
+    (a chunk's JSON cannot end that way: its newlines are escaped), so that
+    item goes out as the end of the body, and the body iterator is closed
+    (its ``finally`` runs) instead of being asked for an item it does not have.
+    """
+
+    async def stream_response(self, send: Send) -> None:
+        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        async for chunk in self.body_iterator:
+            data = chunk if isinstance(chunk, bytes | memoryview) else chunk.encode(self.charset)
+            last = isinstance(chunk, str) and chunk.endswith(SSE_DONE)
+            await send({"type": "http.response.body", "body": data, "more_body": not last})
+            if last:
+                await self.body_iterator.aclose()  # type: ignore[attr-defined]
+                return
+        await send({"type": "http.response.body", "body": b"", "more_body": False})

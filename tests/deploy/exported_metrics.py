@@ -73,6 +73,7 @@ def _fake_collector_args() -> dict[type, tuple]:
     return {
         serving_metrics.AdapterStoreCollector: (viewer, engine),
         serving_metrics.EngineSizingCollector: (sizing,),
+        serving_metrics.FairSchedulerCollector: (SimpleNamespace(fairness=SimpleNamespace(due=1, drains=1, held=1)),),
     }
 
 

@@ -81,14 +81,14 @@ def scheduler(model_dir: Path, cls: type, max_loras: int, max_overtakes: int | N
 @dataclass
 class Workload:
     """Closed-loop clients: ``flood`` lists each client's (adapter, ``max_tokens``, first step; adapter 0: the base
-    model); the ``rare`` adapters send ``rare_requests`` each at step ``rare_at``; the flood stops after
+    model); the ``rare`` adapters send ``rare_requests`` each at every step in ``rare_at``; the flood stops after
     ``flood_total`` requests. Flood clients of equal lengths started at staggered steps keep their stagger, so one
     of them is always running: the slot never frees by chance."""
 
     flood: list[tuple[int, int, int]]
     rare: list[int] = field(default_factory=list)
     rare_requests: int = 1
-    rare_at: int = 12
+    rare_at: tuple[int, ...] = (12,)
     flood_total: int = 120
 
 
@@ -129,9 +129,9 @@ def play(sched: Any, work: Workload, max_steps: int = 4000) -> tuple[Trace, dict
         for adapter, max_tokens, first in work.flood:
             if step == first:
                 flood_once(adapter, max_tokens)
-        if step == work.rare_at:
+        if step in work.rare_at:
             for adapter, i in itertools.product(work.rare, range(work.rare_requests)):
-                send(f"rare{adapter}-{i}", adapter, 8)
+                send(f"rare{adapter}-{step}-{i}", adapter, 8)
         if not sched.has_requests():
             break
         out = sched.schedule()
@@ -220,13 +220,13 @@ def test_only_the_holder_that_frees_soonest_is_drained(model_dir: Path) -> None:
     adapter 1 keeps being topped up meanwhile."""
     work = Workload(staggered(1, 5, every=2) + staggered(2, 2, max_tokens=5, first=1), rare=[3], flood_total=80)
     trace, sent = play(scheduler(model_dir, FairLoraScheduler, 2, 0), work)
-    rare = next(step for step, names in enumerate(trace.admitted) if "rare3-0" in names)
-    sent_at = sent["rare3-0"].arrival_time
+    rare = next(step for step, names in enumerate(trace.admitted) if "rare3-12-0" in names)
+    sent_at = sent["rare3-12-0"].arrival_time
     younger = [any(sent[name].arrival_time > sent_at for name in names) for names in trace.admitted]
     due = younger.index(True)  # its first overtake: held from the next step on
     during = [name for names in trace.admitted[due + 1 : rare] for name in names]
-    assert any(name.startswith("flood1") for name in during), trace.admitted[work.rare_at : rare + 1]
-    assert not any(name.startswith("flood2") for name in during), trace.admitted[work.rare_at : rare + 1]
+    assert any(name.startswith("flood1") for name in during), trace.admitted[due : rare + 1]
+    assert not any(name.startswith("flood2") for name in during), trace.admitted[due : rare + 1]
 
 
 def req(name: str, arrival: float, left: int = 0) -> SimpleNamespace:
@@ -300,3 +300,38 @@ def test_the_engine_gets_the_fair_scheduler_unless_it_is_turned_off(engine, sche
 def test_a_negative_overtake_limit_is_refused_by_name() -> None:
     with pytest.raises(ConfigError, match="engine.lora_max_overtakes"):
         settings_with(lora_max_overtakes=-1)
+
+
+@pytest.mark.parametrize(
+    ("work", "max_loras", "max_overtakes", "due", "drains"),
+    [
+        # one rare request, due after its first overtake: one due request, one holder drained for it
+        pytest.param(Workload(staggered(1, 4), rare=[2]), 1, 0, 1, 1, id="one-slot"),
+        # two rare adapters behind two flooded slots: each due once (its second request rides its first's slot)
+        pytest.param(Workload(staggered(1, 3) + staggered(2, 3, first=1), rare=[3, 4]), 2, 0, 2, 2, id="two-slots"),
+        # two waves of the rare adapter, apart: the same holder drained once per wave (flood requests of unequal
+        # lengths, so the flood, lined up by the first drain, is staggered again when the second wave comes)
+        pytest.param(
+            Workload([(1, 10, 0), (1, 13, 3), (1, 17, 6), (1, 11, 9)], rare=[2], rare_at=(12, 80), flood_total=200),
+            1,
+            0,
+            2,
+            2,
+            id="two-waves",
+        ),  # fmt: skip
+        pytest.param(Workload(staggered(1, 4), rare=[2]), 1, 10_000, 0, 0, id="never-due"),
+        pytest.param(Workload(staggered(1, 4), rare=[2]), 2, 0, 0, 0, id="a-slot-is-free"),
+    ],
+)
+def test_the_scheduler_counts_due_requests_drains_and_held_requests(
+    model_dir: Path, work, max_loras, max_overtakes, due, drains
+) -> None:
+    """The counts the metrics export, answered the way vLLM's utility call reaches them (calling the scheduler):
+    each due request counted once however many steps it stays due, one drain per holder chosen for it (not one per
+    step), and held requests exactly when a drain held some back."""
+    sched = scheduler(model_dir, FairLoraScheduler, max_loras, max_overtakes)
+    play(sched, work)
+    counts = sched()
+    assert (counts["due"], counts["drains"]) == (due, drains), counts
+    assert (counts["held"] > 0) == (due > 0), counts
+    assert counts == sched.fairness_counts()

@@ -1,5 +1,7 @@
 """The adapter metrics' store view: a scrape reads memory only, never the registry, and the view follows
-registrations, deletes and evictions from its background refresh.
+registrations, deletes and evictions from its background refresh. Also the fair scheduler's counters, as the
+engine wrapper last read them (the counting itself: tests/serving/test_lora_scheduler.py; end to end through the
+server's /metrics: tests/e2e/test_lora_info_metric.py).
 
 A real ``AdapterStore`` (SQLite registry, disk cache) under a temporary
 directory; the engine is a stand-in holding what ``LoraEngine`` gives the
@@ -13,6 +15,7 @@ import asyncio
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from prometheus_client import CollectorRegistry
@@ -20,8 +23,8 @@ from prometheus_client.exposition import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from adapter_store import AdapterStore, RegistryUnavailable
-from serving.engine import Residency, ResidentAdapters
-from serving.metrics import AdapterStoreCollector, StoreViewer
+from serving.engine import FairnessCounts, Residency, ResidentAdapters
+from serving.metrics import AdapterStoreCollector, FairSchedulerCollector, StoreViewer
 from tests.adapter_store.helpers import write_adapter
 from tests.adapter_store.test_store import open_store
 
@@ -178,3 +181,20 @@ def test_run_refreshes_the_registry_every_interval(tmp_path: Path, monkeypatch) 
     asyncio.run(run_for(0.5))
     assert 3 <= calls <= 10, calls
     store.close()
+
+
+@pytest.mark.parametrize(
+    ("counts", "expected"),
+    [
+        (FairnessCounts(due=3, drains=2, held=40), {"due_requests": 3, "drains": 2, "held_requests": 40}),
+        (None, {}),  # vLLM's own scheduler: nothing to count, nothing exported
+    ],
+)
+def test_the_fair_scheduler_counters_are_the_engines_last_read_without_labels(counts, expected) -> None:
+    registry = CollectorRegistry()
+    registry.register(FairSchedulerCollector(SimpleNamespace(fairness=counts)))  # type: ignore[arg-type]
+    samples = [s for f in text_string_to_metric_families(generate_latest(registry).decode()) for s in f.samples]
+    prefix, suffix = "loraserve_fair_scheduler_", "_total"
+    counters = [s for s in samples if s.name.startswith(prefix) and s.name.endswith(suffix)]
+    assert {s.name[len(prefix) : -len(suffix)]: s.value for s in counters} == expected
+    assert all(s.labels == {} for s in counters)  # no adapter or tenant in a label

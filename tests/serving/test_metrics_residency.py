@@ -1,10 +1,11 @@
-"""``LoraEngine.watch_residency``, the poller behind ``loraserve_adapter_loaded``'s slot and host tiers: it asks
-the engine only after something could have moved an adapter, follows a running request, stops asking once the
-engine is idle, and maps the worker's LoRA ids back to (name, version).
+"""``LoraEngine.watch_residency``, the poller behind ``loraserve_adapter_loaded``'s slot and host tiers (and the
+fair scheduler's counters): it asks the engine only after something could have moved an adapter, follows a running
+request, stops asking once the engine is idle, and maps the worker's LoRA ids back to (name, version).
 
 The engine is a stand-in with what the poller uses of vLLM's ``AsyncLLM``
 (``collective_rpc``, ``output_processor.has_unfinished_requests``,
-``add_lora``/``list_loras``/``remove_lora``, ``errored``), and its
+``add_lora``/``list_loras``/``remove_lora``, ``errored``, and the engine core's
+utility call that reaches the scheduler), and its
 ``collective_rpc`` runs our real worker extension
 (``serving.lora_residency``) against a stand-in of the worker's LoRA manager
 with vLLM's attributes (``lora_index_to_id``, ``list_adapters``). The real
@@ -21,8 +22,9 @@ import pytest
 
 from adapter_store import ServedAdapter
 from serving.config import load_settings
-from serving.engine import LoraEngine, Residency
+from serving.engine import FairnessCounts, LoraEngine, Residency
 from serving.lora_residency import PREFETCH_DONE_METHOD, RESIDENCY_METHOD, LoraResidencyExtension
+from serving.lora_scheduler import FAIRNESS_UTILITY
 from tests.serving.test_store import write_config
 
 TICK = 0.02  # the poller's interval here
@@ -53,6 +55,12 @@ class _Engine:
         self.asks = 0
         self.errored = False
         self.output_processor = SimpleNamespace(has_unfinished_requests=lambda: self.unfinished > 0)
+        self.fairness = {"due": 0, "drains": 0, "held": 0}  # what the scheduler would answer
+        self.engine_core = SimpleNamespace(call_utility_async=self._utility)
+
+    async def _utility(self, method: str) -> dict[str, int]:
+        assert method == FAIRNESS_UTILITY
+        return dict(self.fairness)
 
     @property
     def lora(self) -> _LoraManager:
@@ -139,6 +147,7 @@ def test_a_request_is_followed_while_it_runs_and_asking_stops_after(engine) -> N
         assert lora_engine.residency == Residency(slot=frozenset({key}), host=frozenset({key}))  # while it runs
         lora_engine.generate([1], None, "r2", legal)  # type: ignore[arg-type]
         fake.schedule(lora_engine.lora_request(legal).lora_int_id)  # legal takes the one slot
+        fake.fairness.update(due=1, drains=1, held=3)  # the fair scheduler drained code's slot for it
         fake.unfinished = 0
         await asyncio.sleep(3 * TICK)
         asked = fake.asks
@@ -146,7 +155,9 @@ def test_a_request_is_followed_while_it_runs_and_asking_stops_after(engine) -> N
         assert fake.asks == asked  # idle again: no more asks
         other = (legal.name, legal.version)
         assert lora_engine.residency == Residency(slot=frozenset({other}), host=frozenset({key, other}))
+        assert lora_engine.fairness == FairnessCounts(due=1, drains=1, held=3)
 
+    assert lora_engine.fairness == FairnessCounts()  # zeros from the start: a counter's first scrape is 0
     _watching(lora_engine, scenario)
     assert fake.asks >= 3
 

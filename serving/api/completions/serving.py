@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from adapter_store import ServedAdapter
 from serving.api.completions.protocol import (
     CompletionChoice,
+    CompletionChunks,
     CompletionLogprobs,
     CompletionRequest,
     CompletionResponse,
@@ -79,22 +80,41 @@ class CompletionServing(GenerationServing):
         )
 
     async def stream(self, request: CompletionRequest, job: GenerationJob) -> AsyncIterator[str]:
+        """One event per engine output, then the usage (if asked) and ``[DONE]``.
+
+        With one choice, its finishing chunk is the stream's last (the engine
+        stream ends right after it): it goes out in one write with the usage and
+        ``[DONE]``, one or two socket writes a request fewer than an event a write.
+        """
+        plain = request.logprobs is None and not request.return_token_ids
+        chunks = CompletionChunks(job.request_id, job.created, request.model)
+        single = len(job.prompts) * job.n == 1
         text_offsets: dict[int, int] = {}
+        last = ""
         async for index, output in self.outputs(job):
-            choice = CompletionChoice(index=index, text=output.text, finish_reason=output.finish_reason)
-            if request.logprobs is not None and output.logprobs is not None:
-                start = text_offsets.get(index, 0)
-                tokens = token_logprobs(list(output.token_ids), output.logprobs, request.logprobs)
-                choice.logprobs = CompletionLogprobs.of(tokens, request.logprobs, start)
-                text_offsets[index] = start + len(output.text)
-            if request.return_token_ids:
-                choice.token_ids = list(output.token_ids)
-            chunk = CompletionResponse(id=job.request_id, created=job.created, model=request.model, choices=[choice])
-            yield sse_event(chunk)
+            if plain:
+                event = chunks.event(index, output.text, output.finish_reason)
+            else:
+                choice = CompletionChoice(index=index, text=output.text, finish_reason=output.finish_reason)
+                if request.logprobs is not None and output.logprobs is not None:
+                    start = text_offsets.get(index, 0)
+                    tokens = token_logprobs(list(output.token_ids), output.logprobs, request.logprobs)
+                    choice.logprobs = CompletionLogprobs.of(tokens, request.logprobs, start)
+                    text_offsets[index] = start + len(output.text)
+                if request.return_token_ids:
+                    choice.token_ids = list(output.token_ids)
+                chunk = CompletionResponse(
+                    id=job.request_id, created=job.created, model=request.model, choices=[choice]
+                )
+                event = sse_event(chunk)
+            if single and output.finish_reason is not None:
+                last = event
+            else:
+                yield event
         if request.include_usage:
-            yield sse_event(
+            last += sse_event(
                 CompletionResponse(
                     id=job.request_id, created=job.created, model=request.model, choices=[], usage=job.usage
                 )
             )
-        yield SSE_DONE
+        yield last + SSE_DONE
