@@ -10,14 +10,14 @@ a slot's weights change:
 * ``a``: (S, R, in), R = sum of slice ranks: the slices' A stacked, so one
   matmul shrinks all slices;
 * ``b``: (S, R, out) block-diagonal B (slice i's rank rows only feed slice
-  i's output columns), so one matmul expands all slices of a gathered
-  batch. The zero blocks cost flops and weight reads, so the other paths use
-* ``b_parts[i]``: (S, r_i, out_i), slice i's B alone: one matmul per slice
-  (decode) or one ``addmm_`` per slice straight into y's columns (prefill);
-* matmul objects (``Gemm``) for one slot (``x @ a[s].T``, ``h_i @ b_parts[i][s]``),
+  i's output columns), so one matmul expands all slices. The zero blocks
+  cost flops, which only matters for long (prefill) batches: those use
+* ``b_parts[i]``: (S, r_i, out_i), slice i's B alone, for one ``addmm_``
+  per slice straight into y's columns;
+* matmul objects (``Gemm``) for one slot (``x @ a[s].T``, ``h @ b[s]``),
   built lazily;
 * compact copies for a set of slots (``compact``): the present slots' ``a``
-  rows side by side (W, in), and per slice their ``b_parts`` rows, so a mixed decode
+  and ``b`` rows side by side, (W, in) and (W, out), so a mixed decode
   batch runs one shrink and one expand whose size is set by the P slots
   present in the step, never by the S slots allocated.
 
@@ -166,9 +166,9 @@ def _nonzero_slots(a: torch.Tensor, b: torch.Tensor) -> list[bool]:
 class Compact(NamedTuple):
     """A set of slots' weights side by side (:meth:`FusedLinear.compact`)."""
 
-    shrink: Gemm  # x (M, in) -> h (M, width): slice-major, block i holds every slot's rows of slice i
-    expands: tuple[Gemm, ...]  # per slice i: h's block i (M, sum(ranks)) -> (M, out_i)
-    ranks: tuple[int, ...]  # rows per slice of each slot of the set, in its order
+    shrink: Gemm  # x (M, in) -> h (M, width)
+    expand: Gemm  # h (M, width) -> delta (M, out)
+    widths: tuple[int, ...]  # h's columns per slot of the set, in its order
 
     @property
     def width(self) -> int:
@@ -198,7 +198,6 @@ class FusedLinear:
         self.all_nonzero = all(self.nonzero)
         self._a_slot: list[Gemm | None] = [None] * self.num_slots
         self._b_slot: list[Gemm | None] = [None] * self.num_slots
-        self._b_slices: list[tuple[Gemm, ...] | None] = [None] * self.num_slots
         self._compact: dict[tuple[int, ...], Compact] = {}
         self._row_index: dict[int, torch.Tensor] = {}
 
@@ -222,7 +221,7 @@ class FusedLinear:
         self.slot_ids = slot_ids
         for s in changed:
             self._write_slot(lora_a, lora_b, s)
-            self._a_slot[s] = self._b_slot[s] = self._b_slices[s] = None
+            self._a_slot[s] = self._b_slot[s] = None
         for present in [p for p in self._compact if any(s in p for s in changed)]:
             del self._compact[present]
         self.sources = tuple(lora_a) + tuple(lora_b)
@@ -293,40 +292,24 @@ class FusedLinear:
         return g
 
     def b_slot(self, slot: int) -> Gemm:
-        """h (M, W) -> delta (M, out) for one slot, block-diagonal: one matmul for every slice."""
+        """h (M, W) -> delta (M, out) for one slot."""
         g = self._b_slot[slot]
         if g is None:
             g = self._b_slot[slot] = Gemm(self._slot_weights(slot)[1])
         return g
 
-    def b_slices(self, slot: int) -> tuple[Gemm, ...]:
-        """Per slice i: h's columns of slice i (M, ``slot_rows``) -> delta (M, out_i), for one slot.
-
-        One matmul per slice reads no zero blocks: for a decode step, vLLM's oneDNN matmul took 55 us for
-        a (32 x 5632) block-diagonal gate_up expand and 2 x 13 us per slice (bfloat16, one thread).
-        """
-        g = self._b_slices[slot]
-        if g is None:
-            rows = self.slot_rows(slot)
-            g = self._b_slices[slot] = tuple(Gemm(part[slot, :rows]) for part in self.b_parts)
-        return g
-
     def compact(self, present: tuple[int, ...]) -> Compact:
-        """Shrink and expands over the ``present`` slots side by side, each at its own written rank r_k:
-        x (M, in) -> h (M, slices x sum r_k), slice-major (slice i's block: r_k columns per slot, in the
-        order of ``present``); slice i's block -> delta_i (M, out_i), summed over the slots."""
+        """Shrink and expand over the ``present`` slots side by side, each at its own written rank:
+        x (M, in) -> h (M, sum W_k), column block k (W_k = slices x ``slot_rows``) for slot ``present[k]``;
+        h -> delta (M, out), summed over the slots."""
         pair = self._compact.get(present)
         if pair is None:
             if len(self._compact) >= COMPACT_SETS:
                 del self._compact[next(iter(self._compact))]
-            ranks = tuple(self.slot_rows(s) for s in present)
-            first = [s * self.rank + i * self.slice_rank for i in range(len(self.output_slices)) for s in present]
-            flat = torch.cat([start + torch.arange(r) for start, r in zip(first, ranks * len(self.output_slices))])
-            a = torch.index_select(self.a.view(-1, self.a.shape[-1]), 0, flat)  # (width, in)
+            widths = tuple(len(self.output_slices) * self.slot_rows(s) for s in present)
+            flat = torch.cat([s * self.rank + self._rows(self.slot_rows(s)) for s in present])
+            a = torch.index_select(self.a.view(-1, self.a.shape[-1]), 0, flat)  # (sum W, in)
+            b = torch.index_select(self.b.view(-1, self.out_features), 0, flat)  # (sum W, out)
             after = COMPACT_PACK_AFTER_CALLS
-            expands = tuple(
-                Gemm(torch.cat([part[s, :r] for s, r in zip(present, ranks)]), after)  # (sum r_k, out_i)
-                for part in self.b_parts
-            )
-            pair = self._compact[present] = Compact(Gemm(a.t(), after), expands, ranks)
+            pair = self._compact[present] = Compact(Gemm(a.t(), after), Gemm(b, after), widths)
         return pair

@@ -21,9 +21,8 @@ The plan picks one of three ways to run a LoRA linear layer:
 * ``MASKED``: small batches with several slots (typical decode): one shrink
   against the A of the P slots *present in the step* stacked side by side
   (a compact copy, ``fused.FusedLinear.compact``), zero the columns of the
-  slots a token does not use, one expand per output slice against those
-  slots' B. The same ops (shrink, mask, expand and add per slice) however
-  many adapters are mixed,
+  slots a token does not use, one expand against those slots' B. Four ops
+  per layer (shrink, mask, expand, add) however many adapters are mixed,
   at P times the (small) LoRA flops and weight reads. Never the S slots
   allocated: with ``max_loras`` sized for a full batch of distinct adapters
   (S = 32), a decode step with 3 adapters present pays for 3.
@@ -86,18 +85,16 @@ class StepPlan:
     _masks: dict = field(default_factory=dict)
     _rows: dict = field(default_factory=dict)
 
-    def mask(self, slots: tuple[int, ...], ranks: tuple[int, ...], blocks: int, dtype: torch.dtype) -> torch.Tensor:
-        """(T, blocks x sum(ranks)) 0/1 for ``h`` computed against ``slots``'
-        weights side by side: ``blocks`` blocks (one per output slice), each
-        with ``ranks[k]`` columns for ``slots[k]``; ones on the token's own
-        slot's columns, all zero for a no-adapter token (or one whose slot is
-        not in ``slots``). Full shape (not broadcast) because a same-shape
-        ``mul_`` is ~3x cheaper than a broadcasting one."""
-        key = (slots, ranks, blocks, dtype)
+    def mask(self, slots: tuple[int, ...], widths: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """(T, sum(widths)) 0/1 for ``h`` computed against ``slots``'
+        weights side by side, ``widths[k]`` columns for ``slots[k]``: ones on
+        the token's own slot's columns, all zero for a no-adapter token (or
+        one whose slot is not in ``slots``). Full shape (not broadcast)
+        because a same-shape ``mul_`` is ~3x cheaper than a broadcasting one."""
+        key = (slots, widths, dtype)
         mask = self._masks.get(key)
         if mask is None:
-            block = torch.tensor(slots, dtype=torch.long).repeat_interleave(torch.tensor(ranks))
-            column_slot = block.repeat(blocks)
+            column_slot = torch.tensor(slots, dtype=torch.long).repeat_interleave(torch.tensor(widths))
             mask = (self.token_slots[:, None] == column_slot[None, :]).to(dtype)
             self._masks[key] = mask
         return mask

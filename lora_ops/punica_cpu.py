@@ -10,9 +10,8 @@ Why this exists (vLLM 0.32, ``PunicaWrapperCPU`` + ``lora/ops/torch_ops``):
    every call and launch one shrink + one expand per output slice. Here the
    routing is planned once per step (``plan.py``), weights are fused across
    slices and packed once per adapter load (``fused.py``), and a LoRA linear
-   layer costs a shrink and, per output slice, an expand and an add when every
-   token uses one adapter, and one mask more for any adapter mix in a decode
-   batch; never one matmul per token,
+   layer costs 3 ops (shrink, expand, add) when every token uses one adapter
+   and 4 for any adapter mix in a decode batch; never one matmul per token,
    and never work for a slot no token of the step uses (however many slots
    ``max_loras`` allocates, a step pays for the adapters present in it).
 
@@ -188,7 +187,7 @@ class GroupedPunicaWrapperCPU(PunicaWrapperCPU):
     def _one_slot(self, y, x, fused: FusedLinear, slot: int, scale: float) -> None:
         """y += x @ A[slot].T @ B[slot].T.
 
-        Decode-sized: shrink, then per slice an expand and an add. Longer:
+        Decode-sized: 3 ops (shrink, block-diagonal expand, add). Longer:
         shrink, then one ``addmm_`` per slice into y's own columns, which
         skips the zero blocks (a third of the qkv expand flops) and the
         extra pass over a (T, out) temporary.
@@ -198,7 +197,7 @@ class GroupedPunicaWrapperCPU(PunicaWrapperCPU):
         if scale != 1.0:
             h.mul_(scale)
         if n <= PACK_MAX_ROWS:
-            self._expand(y, h, fused.b_slices(slot), fused.slot_rows(slot))
+            y.add_(fused.b_slot(slot)(h, self._buffer("d", n, fused.out_features, fused.dtype)))
             return
         rows, col = fused.slot_rows(slot), 0
         for i, part in enumerate(fused.b_parts):  # (S, max_rank, out_i)
@@ -208,29 +207,17 @@ class GroupedPunicaWrapperCPU(PunicaWrapperCPU):
 
     def _masked(self, y, x, fused: FusedLinear, plan: StepPlan, scale: float) -> None:
         """The present slots (those that target this layer) in one shrink and
-        one expand per slice over a compact copy of their weights; a mask keeps each
-        token's own slot columns (none for -1 tokens): the same ops for any adapter
+        one expand over a compact copy of their weights; a mask keeps each
+        token's own slot columns (none for -1 tokens): 4 ops for any adapter
         mix, sized by the adapters present, not by the slots allocated."""
         nonzero = fused.nonzero
         slots = plan.present if fused.all_nonzero else tuple(s for s in plan.present if nonzero[s])
         n, compact = x.shape[0], fused.compact(slots)
-        h = compact.shrink(x, self._buffer("h", n, compact.width, fused.dtype))  # (n, slices x sum of ranks)
-        h.mul_(plan.mask(slots, compact.ranks, len(compact.expands), fused.dtype))
+        h = compact.shrink(x, self._buffer("h", n, compact.width, fused.dtype))  # (n, sum of the slots' W)
+        h.mul_(plan.mask(slots, compact.widths, fused.dtype))
         if scale != 1.0:
             h.mul_(scale)
-        self._expand(y, h, compact.expands, sum(compact.ranks))
-
-    def _expand(self, y: torch.Tensor, h: torch.Tensor, expands: tuple, rows: int) -> None:
-        """y[:, slice i] += h[:, block i] @ B_i, blocks of ``rows`` columns: one matmul and one add per slice."""
-        if len(expands) == 1:
-            y.add_(expands[0](h, self._buffer("d", h.shape[0], y.shape[1], y.dtype)))
-            return
-        col = 0
-        for i, expand in enumerate(expands):
-            width = expand.w.shape[1]
-            d = expand(h[:, i * rows : (i + 1) * rows], self._buffer("d", h.shape[0], width, y.dtype))
-            y[:, col : col + width].add_(d)
-            col += width
+        y.add_(compact.expand(h, self._buffer("d", n, fused.out_features, fused.dtype)))
 
     def _gathered(self, y, x, fused: FusedLinear, plan: StepPlan, scale: float) -> None:
         """Active rows gathered in slot order, one shrink + expand per slot,
