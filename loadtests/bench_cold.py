@@ -35,9 +35,12 @@ ratios within one run mean anything on a shared machine.
 **--swap** times, without an engine, what one adapter swap leaves inside the
 engine step on the same model shape: vLLM's ``set_lora`` on every LoRA layer
 (real vLLM layer objects, 4 slots, ``--max-rank``, bfloat16, one thread) and
-``lora_ops``' re-copy of the slot (``FusedLinear.refresh``), for a sequence of
-ranks written into one slot, ``stock`` (vLLM's full-slot zeroing, full
-re-copy) and ``ours`` (``lora_ops.slots``) alternating in one process.
+``lora_ops``' re-copy of the slot (``FusedLinear.refresh``) and the compact
+copy of the hot and the new adapter that the next mixed decode step builds
+(``FusedLinear.compact``), for a sequence of ranks written into one slot,
+``stock`` (vLLM's full-slot zeroing; re-copy and compact copy at
+``max_lora_rank``, as without a record of the ranks written) and ``ours``
+(``lora_ops.slots``: each at the ranks written) alternating in one process.
 """
 
 from __future__ import annotations
@@ -320,8 +323,12 @@ def _time_swaps(layers: list[Any], weights: dict[int, list], round_: int, times:
         for x, copy in zip(layers, times["copies"]):
             copy.refresh(x.lora_a_stacked, x.lora_b_stacked, x.output_slices, copy.dtype, ids)
         end = time.perf_counter()
+        for copy in times["copies"]:  # the first decode step mixing the hot adapter (slot 0) and this one
+            copy.compact((0, 1))
+        built = time.perf_counter()
         times.setdefault("set_lora", {}).setdefault(rank, []).append((mid - start) * 1000.0)
         times.setdefault("refresh", {}).setdefault(rank, []).append((end - mid) * 1000.0)
+        times.setdefault("compact", {}).setdefault(rank, []).append((built - end) * 1000.0)
 
 
 def swap_costs(base: BaseModelSpec, args: argparse.Namespace) -> dict:
@@ -356,7 +363,7 @@ def swap_costs(base: BaseModelSpec, args: argparse.Namespace) -> dict:
 
 def swap_table(measured: dict) -> str:
     lines = ["in-step work of one adapter swap, ms (min / median), per rank written into a slot (after the previous):"]
-    for part in ("set_lora", "refresh"):
+    for part in ("set_lora", "refresh", "compact"):
         for kind in ("stock", "ours"):
             cells = "  ".join(f"r{r}: {v['min_ms']:5.1f} / {v['p50_ms']:5.1f}" for r, v in measured[kind][part].items())
             lines.append(f"  {part:8} {kind:5} {cells}")

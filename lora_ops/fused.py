@@ -17,9 +17,16 @@ a slot's weights change:
 * matmul objects (``Gemm``) for one slot (``x @ a[s].T``, ``h @ b[s]``),
   built lazily;
 * compact copies for a set of slots (``compact``): the present slots' ``a``
-  and ``b`` rows side by side, (P*R, in) and (P*R, out), so a mixed decode
+  and ``b`` rows side by side, (W, in) and (W, out), so a mixed decode
   batch runs one shrink and one expand whose size is set by the P slots
-  present in the step, never by the S slots allocated. A step's set of
+  present in the step, never by the S slots allocated.
+
+Rank-aware: every slot is ``max_lora_rank`` rows per slice wide here, as in
+vLLM, but an adapter of rank r fills only the first r of them (the rest are
+zero: ``held``, from ``slots.slot_rank``). The per-slot matmuls and the
+compact copies take only those rows (W = slices x r per slot), so a rank-16
+adapter in an engine of max rank 256 costs rank-16 matmuls, and building a
+compact copy copies rank-16 rows. A step's set of
   present adapters lasts as long as its requests share the batch (many
   decode steps), so the last sets are kept (``COMPACT_SETS``).
 
@@ -156,6 +163,32 @@ def _nonzero_slots(a: torch.Tensor, b: torch.Tensor) -> list[bool]:
     return [bool(a[s].any()) and bool(b[s].any()) for s in range(a.shape[0])]
 
 
+class Compact(tuple):
+    """A set of slots' weights side by side (:meth:`FusedLinear.compact`): the (shrink, expand) pair, and
+    ``widths``, h's columns per slot of the set in its order."""
+
+    widths: tuple[int, ...]
+
+    def __new__(cls, shrink: Gemm, expand: Gemm, widths: tuple[int, ...]) -> Compact:
+        pair = super().__new__(cls, (shrink, expand))
+        pair.widths = widths
+        return pair
+
+    @property
+    def shrink(self) -> Gemm:
+        """x (M, in) -> h (M, width)."""
+        return self[0]
+
+    @property
+    def expand(self) -> Gemm:
+        """h (M, width) -> delta (M, out)."""
+        return self[1]
+
+    @property
+    def width(self) -> int:
+        return self.shrink.w.shape[1]
+
+
 class FusedLinear:
     """Fused weights and packed matmuls of one LoRA linear layer."""
 
@@ -171,6 +204,7 @@ class FusedLinear:
         self.output_slices = tuple(output_slices)
         self.a, self.b, self.b_parts = _fuse(lora_a, lora_b, output_slices, dtype)
         self.num_slots, self.rank, self.out_features = self.b.shape
+        self.slice_rank = lora_a[0].shape[2]  # max_lora_rank: rows per slice in ``a``
         self.nonzero = _nonzero_slots(self.a, self.b)
         # Per slot: rows per slice past which this copy is zero (None: unknown), so a rewrite copies only
         # that far (slots.slot_rank: vLLM's slot past its rank is zero too).
@@ -178,7 +212,8 @@ class FusedLinear:
         self.all_nonzero = all(self.nonzero)
         self._a_slot: list[Gemm | None] = [None] * self.num_slots
         self._b_slot: list[Gemm | None] = [None] * self.num_slots
-        self._compact: dict[tuple[int, ...], tuple[Gemm, Gemm]] = {}
+        self._compact: dict[tuple[int, ...], Compact] = {}
+        self._row_index: dict[int, torch.Tensor] = {}
 
     def matches(self, lora_a, dtype) -> bool:
         """Same tensors, same dtype, no in-place write since the last build."""
@@ -240,31 +275,55 @@ class FusedLinear:
         self.nonzero[s] = a_any and b_any
         self.all_nonzero = all(self.nonzero)
 
+    def slot_rows(self, slot: int) -> int:
+        """Rows per slice that can be non-zero in ``slot`` (its written rank; ``max_lora_rank`` if unknown)."""
+        held = self.held[slot]
+        return self.slice_rank if held is None else held
+
+    def _rows(self, rows: int) -> torch.Tensor:
+        """Indices into a slot's R fused rows of the first ``rows`` of every slice, in slice order."""
+        index = self._row_index.get(rows)
+        if index is None:
+            starts = torch.arange(0, self.rank, self.slice_rank)
+            index = self._row_index[rows] = (starts[:, None] + torch.arange(rows)[None, :]).flatten()
+        return index
+
+    def _slot_weights(self, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Slot ``slot``'s ``a`` (W, in) and block-diagonal ``b`` (W, out) rows, W = slices x ``slot_rows``:
+        past its written rank every row is zero, so an adapter of rank 16 in an engine of max rank 256
+        costs rank-16 matmuls."""
+        rows = self.slot_rows(slot)
+        if rows == self.slice_rank:
+            return self.a[slot], self.b[slot]
+        index = self._rows(rows)
+        return torch.index_select(self.a[slot], 0, index), torch.index_select(self.b[slot], 0, index)
+
     def a_slot(self, slot: int) -> Gemm:
-        """x (M, in) -> h (M, R) for one slot."""
+        """x (M, in) -> h (M, W) for one slot, W = slices x ``slot_rows(slot)``, slice-major."""
         g = self._a_slot[slot]
         if g is None:
-            g = self._a_slot[slot] = Gemm(self.a[slot].t())
+            g = self._a_slot[slot] = Gemm(self._slot_weights(slot)[0].t())
         return g
 
     def b_slot(self, slot: int) -> Gemm:
-        """h (M, R) -> delta (M, out) for one slot."""
+        """h (M, W) -> delta (M, out) for one slot."""
         g = self._b_slot[slot]
         if g is None:
-            g = self._b_slot[slot] = Gemm(self.b[slot])
+            g = self._b_slot[slot] = Gemm(self._slot_weights(slot)[1])
         return g
 
-    def compact(self, present: tuple[int, ...]) -> tuple[Gemm, Gemm]:
-        """(shrink, expand) over the ``present`` slots side by side:
-        x (M, in) -> h (M, P*R), column block k for slot ``present[k]``;
-        h (M, P*R) -> delta (M, out), summed over the P slots."""
+    def compact(self, present: tuple[int, ...]) -> Compact:
+        """Shrink and expand over the ``present`` slots side by side, each at its own written rank:
+        x (M, in) -> h (M, sum W_k), column block k (W_k = slices x ``slot_rows``) for slot ``present[k]``;
+        h -> delta (M, out), summed over the slots."""
         pair = self._compact.get(present)
         if pair is None:
             if len(self._compact) >= COMPACT_SETS:
                 del self._compact[next(iter(self._compact))]
-            index = torch.tensor(present, dtype=torch.long)
-            a = torch.index_select(self.a, 0, index).view(-1, self.a.shape[-1])  # (P*R, in)
-            b = torch.index_select(self.b, 0, index).view(-1, self.out_features)  # (P*R, out)
+            widths = tuple(len(self.output_slices) * self.slot_rows(s) for s in present)
+            flat = torch.cat([s * self.rank + self._rows(self.slot_rows(s)) for s in present])
+            a = torch.index_select(self.a.view(-1, self.a.shape[-1]), 0, flat)  # (sum W, in)
+            b = torch.index_select(self.b.view(-1, self.out_features), 0, flat)  # (sum W, out)
             after = COMPACT_PACK_AFTER_CALLS
-            pair = self._compact[present] = (Gemm(a.t(), after), Gemm(b, after))
+            pair = self._compact[present] = Compact(Gemm(a.t(), after), Gemm(b, after), widths)
         return pair

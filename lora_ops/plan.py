@@ -85,16 +85,16 @@ class StepPlan:
     _masks: dict = field(default_factory=dict)
     _rows: dict = field(default_factory=dict)
 
-    def mask(self, slots: tuple[int, ...], rank: int, dtype: torch.dtype) -> torch.Tensor:
-        """(T, len(slots) * rank) 0/1 for ``h`` computed against ``slots``'
-        weights side by side: ones on the token's own slot's columns, all
-        zero for a no-adapter token (or one whose slot is not in ``slots``).
-        Full shape (not broadcast) because a same-shape ``mul_`` is ~3x
-        cheaper than a broadcasting one."""
-        key = (slots, rank, dtype)
+    def mask(self, slots: tuple[int, ...], widths: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """(T, sum(widths)) 0/1 for ``h`` computed against ``slots``'
+        weights side by side, ``widths[k]`` columns for ``slots[k]``: ones on
+        the token's own slot's columns, all zero for a no-adapter token (or
+        one whose slot is not in ``slots``). Full shape (not broadcast)
+        because a same-shape ``mul_`` is ~3x cheaper than a broadcasting one."""
+        key = (slots, widths, dtype)
         mask = self._masks.get(key)
         if mask is None:
-            column_slot = torch.tensor(slots, dtype=torch.long).repeat_interleave(rank)
+            column_slot = torch.tensor(slots, dtype=torch.long).repeat_interleave(torch.tensor(widths))
             mask = (self.token_slots[:, None] == column_slot[None, :]).to(dtype)
             self._masks[key] = mask
         return mask

@@ -192,18 +192,17 @@ class GroupedPunicaWrapperCPU(PunicaWrapperCPU):
         skips the zero blocks (a third of the qkv expand flops) and the
         extra pass over a (T, out) temporary.
         """
-        n = x.shape[0]
-        h = fused.a_slot(slot)(x, self._buffer("h", n, fused.rank, fused.dtype))  # (n, R)
+        n, shrink = x.shape[0], fused.a_slot(slot)
+        h = shrink(x, self._buffer("h", n, shrink.w.shape[1], fused.dtype))  # (n, W): slices x slot_rows
         if scale != 1.0:
             h.mul_(scale)
         if n <= PACK_MAX_ROWS:
             y.add_(fused.b_slot(slot)(h, self._buffer("d", n, fused.out_features, fused.dtype)))
             return
-        row = col = 0
-        for part in fused.b_parts:  # (S, r_i, out_i)
-            rank, width = part.shape[1], part.shape[2]
-            y[:, col : col + width].addmm_(h[:, row : row + rank], part[slot])
-            row += rank
+        rows, col = fused.slot_rows(slot), 0
+        for i, part in enumerate(fused.b_parts):  # (S, max_rank, out_i)
+            width = part.shape[2]
+            y[:, col : col + width].addmm_(h[:, i * rows : (i + 1) * rows], part[slot, :rows])
             col += width
 
     def _masked(self, y, x, fused: FusedLinear, plan: StepPlan, scale: float) -> None:
@@ -213,13 +212,12 @@ class GroupedPunicaWrapperCPU(PunicaWrapperCPU):
         mix, sized by the adapters present, not by the slots allocated."""
         nonzero = fused.nonzero
         slots = plan.present if fused.all_nonzero else tuple(s for s in plan.present if nonzero[s])
-        n, width = x.shape[0], len(slots) * fused.rank
-        shrink, expand = fused.compact(slots)
-        h = shrink(x, self._buffer("h", n, width, fused.dtype))  # (n, P*R)
-        h.mul_(plan.mask(slots, fused.rank, fused.dtype))
+        n, compact = x.shape[0], fused.compact(slots)
+        h = compact.shrink(x, self._buffer("h", n, compact.width, fused.dtype))  # (n, sum of the slots' W)
+        h.mul_(plan.mask(slots, compact.widths, fused.dtype))
         if scale != 1.0:
             h.mul_(scale)
-        y.add_(expand(h, self._buffer("d", n, fused.out_features, fused.dtype)))
+        y.add_(compact.expand(h, self._buffer("d", n, fused.out_features, fused.dtype)))
 
     def _gathered(self, y, x, fused: FusedLinear, plan: StepPlan, scale: float) -> None:
         """Active rows gathered in slot order, one shrink + expand per slot,
@@ -228,10 +226,10 @@ class GroupedPunicaWrapperCPU(PunicaWrapperCPU):
         assert perm is not None, "GATHER plans always carry perm"
         active = perm.shape[0]
         xs = torch.index_select(x, 0, perm, out=self._buffer("x", active, x.shape[1], dtype))
-        h = self._buffer("h", active, fused.rank, dtype)  # (active, R), slot-sorted
         d = self._buffer("d", active, fused.out_features, dtype)  # (active, out)
         for slot, start, end in plan.runs:
-            hs = fused.a_slot(slot)(xs[start:end], h[start:end])
+            shrink = fused.a_slot(slot)
+            hs = shrink(xs[start:end], self._buffer("h", end - start, shrink.w.shape[1], dtype))  # (rows, W)
             if scale != 1.0:
                 hs.mul_(scale)
             fused.b_slot(slot)(hs, d[start:end])
