@@ -41,7 +41,7 @@ in place by other code, is every slot compared with our copy.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, NamedTuple
 
 import torch
 
@@ -163,26 +163,12 @@ def _nonzero_slots(a: torch.Tensor, b: torch.Tensor) -> list[bool]:
     return [bool(a[s].any()) and bool(b[s].any()) for s in range(a.shape[0])]
 
 
-class Compact(tuple):
-    """A set of slots' weights side by side (:meth:`FusedLinear.compact`): the (shrink, expand) pair, and
-    ``widths``, h's columns per slot of the set in its order."""
+class Compact(NamedTuple):
+    """A set of slots' weights side by side (:meth:`FusedLinear.compact`)."""
 
-    widths: tuple[int, ...]
-
-    def __new__(cls, shrink: Gemm, expand: Gemm, widths: tuple[int, ...]) -> Compact:
-        pair = super().__new__(cls, (shrink, expand))
-        pair.widths = widths
-        return pair
-
-    @property
-    def shrink(self) -> Gemm:
-        """x (M, in) -> h (M, width)."""
-        return self[0]
-
-    @property
-    def expand(self) -> Gemm:
-        """h (M, width) -> delta (M, out)."""
-        return self[1]
+    shrink: Gemm  # x (M, in) -> h (M, width)
+    expand: Gemm  # h (M, width) -> delta (M, out)
+    widths: tuple[int, ...]  # h's columns per slot of the set, in its order
 
     @property
     def width(self) -> int:

@@ -198,7 +198,8 @@ def test_slot_copy_bytes_is_what_the_fused_copies_take(in_features: int, outs: t
     fused = FusedLinear(lora_a, lora_b, outs, dtype, tuple(range(slots)))
     gemms = [fused.a_slot(s) for s in range(slots)] + [fused.b_slot(s) for s in range(slots)]
     for present in (tuple(range(slots)), tuple(reversed(range(slots)))):
-        gemms += fused.compact(present)
+        compact = fused.compact(present)
+        gemms += [compact.shrink, compact.expand]
     held = [fused.a, fused.b, *fused.b_parts, *(g.w for g in gemms)]
     storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in held}
     packed = sum(g.w.nbytes for g in gemms)
