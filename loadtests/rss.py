@@ -16,11 +16,14 @@ import psutil
 
 
 def tree_rss(pid: int) -> dict[int, int]:
-    """RSS in bytes of ``pid`` and each of its descendants, by pid (processes that exit meanwhile are left out)."""
+    """RSS in bytes of ``pid`` and each of its live descendants, by pid: processes that have exited (meanwhile,
+    or earlier and not yet reaped by their parent: zombies, which hold no memory) are left out."""
     root = psutil.Process(pid)
     rss = {}
     for process in [root, *root.children(recursive=True)]:
         try:
+            if process.status() == psutil.STATUS_ZOMBIE:
+                continue
             rss[process.pid] = process.memory_info().rss
         except psutil.Error:
             continue

@@ -7,6 +7,8 @@ import subprocess
 import sys
 import time
 
+import psutil
+
 from loadtests.rss import RssSampler, tree_rss
 
 # A child that takes 200 MiB (touched, so resident), holds it for a second, frees it, then waits to be stopped.
@@ -16,16 +18,22 @@ CHILD = (
 )
 
 
-def test_a_tree_counts_its_children() -> None:
+def test_a_tree_counts_its_live_children_and_not_its_zombies() -> None:
+    """A child that exited but is not reaped yet (as a test session's retired servers are) holds no memory."""
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    exited = subprocess.Popen([sys.executable, "-c", "pass"])
     try:
-        time.sleep(0.5)
+        deadline = time.monotonic() + 10
+        while psutil.Process(exited.pid).status() != psutil.STATUS_ZOMBIE:
+            assert time.monotonic() < deadline, "the second child never exited"
+            time.sleep(0.05)
         rss = tree_rss(os.getpid())
-        assert child.pid in rss and os.getpid() in rss
+        assert child.pid in rss and os.getpid() in rss and exited.pid not in rss
         assert all(value > 0 for value in rss.values())
     finally:
         child.kill()
         child.wait()
+        exited.wait()
 
 
 def test_the_sampler_keeps_the_peak_and_checks_growth_against_the_budget() -> None:
