@@ -451,3 +451,39 @@ def test_scratch_buffers_are_reused_and_bounded_however_many_shapes_a_rotation_m
         largest = max(largest, rows * cols * 4)
         held = sum(buf.nbytes for buf in w._scratch.values())
         assert held == w._scratch_bytes <= punica_cpu.SCRATCH_MAX_BYTES + largest
+
+
+def test_logits_scan_only_the_slots_the_step_uses_and_b_only_behind_a_nonzero_a(monkeypatch) -> None:
+    """A swap writes one slot of the logits' stacked A and B (bumping each tensor's version); the next step must
+    not rescan every slot of B (vocab x max_rank per slot: ~50 ms at the bench's shape), and not B at all where
+    the slot's A is zero (an adapter without ``lm_head`` weights)."""
+    vocab = 50
+    w = _wrapper(GroupedPunicaWrapperCPU, [12, 0], [12, 0])  # the sampler rows use slot 1 and the base
+    la, lb = torch.zeros(len(SLOT_IDS), 1, RANK, IN), torch.randn(len(SLOT_IDS), 1, vocab, RANK)
+    scanned: list[int] = []
+    real_any = torch.Tensor.any
+
+    def any_(t: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        scanned.append(t.data_ptr())
+        return real_any(t, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "any", any_)
+    x, y0 = torch.randn(2, IN), torch.randn(2, vocab)
+    y = y0.clone()
+    w.add_lora_logits(y, x, la, lb, 1.0)
+    assert torch.equal(y, y0) and scanned == [la[1].data_ptr()]  # slot 1's A is zero: B is never read
+
+    la[1] = torch.randn(1, RANK, IN)  # slot 1 now has lm_head weights
+    scanned.clear()
+    w.add_lora_logits(y, x, la, lb, 1.0)
+    torch.testing.assert_close(y[0], y0[0] + x[0] @ la[1, 0].T @ lb[1, 0].T, atol=1e-4, rtol=1e-4)
+    assert scanned == [la[1].data_ptr(), lb[1].data_ptr()]
+
+    lb[3] = 0  # a swap into slot 3: both tensors' versions move on (la too, as vLLM writes both)
+    la[3] = 0
+    scanned.clear()
+    w.add_lora_logits(y0.clone(), x, la, lb, 1.0)
+    assert scanned == [la[1].data_ptr(), lb[1].data_ptr()]  # rescanned: slot 1 only, never 0, 2 or 3
+    scanned.clear()
+    w.add_lora_logits(y0.clone(), x, la, lb, 1.0)
+    assert scanned == []  # unchanged since: cached
