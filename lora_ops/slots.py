@@ -18,6 +18,11 @@ that far. What stays unknown is zeroed in full, as vLLM does:
 * a layer class whose ``set_lora`` is not wrapped here (a subclass defined
   after :func:`install`): its writes are not recorded, so its resets are vLLM's.
 
+The logits layer (``LogitsProcessorWithLoRA``, one A and one B tensor, same
+layout) is covered too: its slot is ``vocab x max_lora_rank`` (16 MB in bf16
+at vocab 32,000 and rank 256), zeroed on every activation by vLLM, for an
+adapter that almost never has ``lm_head`` weights.
+
 ``set_lora`` records the bound even when it fails midway (``finally``), so a
 half-written slot is still zeroed next time. ``GroupedPunicaWrapperCPU``
 installs this when vLLM's worker builds its LoRA manager, before any slot is
@@ -33,6 +38,11 @@ from typing import Any
 _MARK = "_loraserve_slots"
 RANKS_ATTR = "_loraserve_slot_rank"
 """Per layer instance: slot index -> upper bound of the rank written there (absent: unknown)."""
+
+
+def _stacked(tensors: Any) -> tuple[Any, ...]:
+    """A layer's stacked A (or B) tensors as a tuple: the linear layers hold one per slice, the logits layer one."""
+    return tuple(tensors) if isinstance(tensors, Sequence) else (tensors,)
 
 
 def written_rank(lora_a: Any, lora_b: Any) -> int:
@@ -51,7 +61,8 @@ def _ranks(layer: Any) -> dict[int, int]:
     ranks = layer.__dict__.get(RANKS_ATTR)
     if ranks is None:
         ranks = layer.__dict__[RANKS_ATTR] = {}
-        weight, key = layer.lora_a_stacked[0], id(layer.lora_a_stacked[0])
+        weight = _stacked(layer.lora_a_stacked)[0]
+        key = id(weight)
         _BY_WEIGHT[key] = (weakref.ref(weight, lambda _: _BY_WEIGHT.pop(key, None)), ranks)
     return ranks
 
@@ -77,9 +88,9 @@ def _reset_lora(reset: Callable[[Any, int], None]) -> Callable[[Any, int], None]
         if rank is None:
             reset(self, index)  # contents unknown
         elif rank:
-            for a in self.lora_a_stacked:  # (slots, 1, max_rank, in): rows past `rank` are zero
+            for a in _stacked(self.lora_a_stacked):  # (slots, 1, max_rank, in): rows past `rank` are zero
                 a[index, :, :rank] = 0
-            for b in self.lora_b_stacked:  # (slots, 1, out, max_rank): columns past `rank` are zero
+            for b in _stacked(self.lora_b_stacked):  # (slots, 1, out, max_rank): columns past `rank` are zero
                 b[index, :, :, :rank] = 0
         ranks[index] = 0
 
@@ -110,12 +121,14 @@ def _subclasses(cls: type) -> list[type]:
 
 
 def install() -> None:
-    """Patch vLLM's LoRA linear layers (all subclasses loaded now); idempotent, cheap once done."""
+    """Patch vLLM's LoRA linear layers (all subclasses loaded now) and its logits layer; idempotent."""
     from vllm.lora.layers.base_linear import BaseLinearLayerWithLoRA
+    from vllm.lora.layers.logits_processor import LogitsProcessorWithLoRA
 
-    if not getattr(BaseLinearLayerWithLoRA.reset_lora, _MARK, False):
-        BaseLinearLayerWithLoRA.reset_lora = _reset_lora(BaseLinearLayerWithLoRA.reset_lora)  # type: ignore[method-assign,assignment]
-    for cls in _subclasses(BaseLinearLayerWithLoRA):
+    for base in (BaseLinearLayerWithLoRA, LogitsProcessorWithLoRA):
+        if not getattr(base.reset_lora, _MARK, False):
+            base.reset_lora = _reset_lora(base.reset_lora)  # type: ignore[method-assign,assignment]
+    for cls in [*_subclasses(BaseLinearLayerWithLoRA), *_subclasses(LogitsProcessorWithLoRA)]:
         own = cls.__dict__.get("set_lora")
         if own is not None and not getattr(own, _MARK, False):
             cls.set_lora = _set_lora(own)  # type: ignore[attr-defined]

@@ -118,6 +118,51 @@ def test_a_reset_zeroes_only_up_to_the_rank_written(vllm_world) -> None:  # noqa
     assert bool((layer.lora_a_stacked[0][1, 0, MAX_RANK - 1] == 7.0).all())
 
 
+VOCAB = 80
+
+
+def _logits_layer() -> Any:
+    """vLLM's logits layer with LoRA slots (one A (slots, 1, R, hidden) and one B (slots, 1, vocab, R))."""
+    from vllm.lora.layers.logits_processor import LogitsProcessorWithLoRA
+    from vllm.model_executor.layers.logits_processor import LogitsProcessor
+
+    slots.install()
+    layer = LogitsProcessorWithLoRA(LogitsProcessor(VOCAB), HIDDEN, torch.float32, torch.device("cpu"), None)
+    layer.create_lora_weights(SLOTS, LoRAConfig(max_lora_rank=MAX_RANK, max_loras=SLOTS, lora_dtype=torch.float32))
+    return layer
+
+
+def _logits_weights(rank: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(rank, HIDDEN, generator=g), torch.randn(VOCAB, rank, generator=g)
+
+
+def test_the_logits_layer_reused_slot_keeps_nothing_of_the_larger_adapter(vllm_world) -> None:  # noqa: F811
+    layer = _logits_layer()
+    layer.set_lora(1, *_logits_weights(16, seed=1))
+    other = _logits_weights(24, seed=2)
+    layer.set_lora(2, *other)
+    a, b = _logits_weights(8, seed=3)
+    layer.set_lora(1, a, b)
+    want_a, want_b = torch.zeros(1, MAX_RANK, HIDDEN), torch.zeros(1, VOCAB, MAX_RANK)
+    want_a[0, :8], want_b[0, :, :8] = a, b
+    assert torch.equal(layer.lora_a_stacked[1], want_a) and torch.equal(layer.lora_b_stacked[1], want_b)
+    assert torch.equal(layer.lora_a_stacked[2, 0, :24], other[0])  # the neighbour slot is untouched
+    assert torch.equal(layer.lora_b_stacked[2, 0, :, :24], other[1])
+    layer.reset_lora(1)  # an adapter without lm_head weights activated into slot 1
+    assert not layer.lora_a_stacked[1].any() and not layer.lora_b_stacked[1].any()
+
+
+def test_the_logits_layer_reset_zeroes_only_up_to_the_rank_written(vllm_world) -> None:  # noqa: F811
+    """A mark past the rank the slot held (written behind vLLM's back) survives the reset: it was not zeroed."""
+    layer = _logits_layer()
+    layer.set_lora(0, *_logits_weights(8, seed=1))
+    layer.lora_b_stacked[0, 0, 3, MAX_RANK - 1] = 7.0
+    layer.reset_lora(0)
+    assert not layer.lora_a_stacked[0].any() and not layer.lora_b_stacked[0, 0, :, :8].any()
+    assert layer.lora_b_stacked[0, 0, 3, MAX_RANK - 1].item() == 7.0
+
+
 def test_a_slot_never_written_through_set_lora_is_zeroed_in_full(vllm_world) -> None:  # noqa: F811
     layer = _layers()["down"]
     layer.lora_a_stacked[0][0].fill_(5.0)  # contents the layer has no record of
