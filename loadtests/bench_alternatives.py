@@ -41,8 +41,11 @@ interleaved over ``--repeats`` rounds with the naive server as a third
 (``--no-naive`` leaves it out: one request at a time, a round takes minutes);
 the ratios are per round, then the median. Targets: >= 1.0x vLLM's output
 throughput, TTFT p50 <= 1.05x; >= 5x the naive server's throughput. It
-writes ``bench_alternatives_short{_quick}.json``. Each server's API process
-CPU time per request is recorded beside (the engine runs in child processes).
+writes ``bench_alternatives_short{_quick}.json``. Each server's CPU time is
+recorded beside, per request for its API process and per output token for
+the API process and for its child processes (the engine core and worker):
+CPU time, unlike the wall-clock rates, is not taken by other load on a shared
+machine (:func:`process_cpu`).
 """
 
 from __future__ import annotations
@@ -156,7 +159,8 @@ def short_command(args: argparse.Namespace, settings: Settings, url: str, out: P
 
 
 def short_once(args: argparse.Namespace, settings: Settings, url: str, out: Path, pid: int) -> dict:
-    """One run of vLLM's client against ``url``; its summary and the API process's CPU ms per request.
+    """One run of vLLM's client against ``url``: its summary, the server's CPU per request and per output token
+    (:func:`process_cpu`), and what its engine and API process did meanwhile (:func:`server_counts`).
 
     The client runs in this process (what ``short_command`` would run), so vLLM is imported once, not
     once per run; its output goes to ``out`` with a ``.log`` suffix.
@@ -171,13 +175,68 @@ def short_once(args: argparse.Namespace, settings: Settings, url: str, out: Path
     add_cli_args(parser)
     client_args = parser.parse_args(short_command(args, settings, url, out)[3:])
     process = psutil.Process(pid)
-    before = sum(process.cpu_times()[:2])
+    before, counts_before = process_cpu(process), server_counts(url)
     with out.with_suffix(".log").open("w") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
         bench(client_args)
-    cpu_s = sum(process.cpu_times()[:2]) - before
+    after, counts = process_cpu(process), server_counts(url)
     result = json.loads(out.read_text())
-    result["api_cpu_ms_per_request"] = 1000 * cpu_s / max(1, result["completed"])
+    api_s, engine_s = (after[role] - before[role] for role in ("api", "engine"))
+    tokens = max(1, result["total_output_tokens"])
+    result.update({key: counts[key] - counts_before[key] for key in counts})
+    result["tokens_per_step"] = result["engine_tokens"] / max(1, result["engine_steps"])
+    result["api_cpu_ms_per_request"] = 1000 * api_s / max(1, result["completed"])
+    result["api_cpu_us_per_token"] = 1e6 * api_s / tokens
+    result["engine_cpu_us_per_token"] = 1e6 * engine_s / tokens
     return result
+
+
+ITERATION_TOKENS = "vllm:iteration_tokens_total"
+"""vLLM's histogram of the tokens (prompt and output) of each engine step, on both servers' ``/metrics``."""
+
+
+def server_counts(url: str) -> dict[str, float]:
+    """What the server behind ``url`` did so far, from its ``/metrics``: the engine's steps and their
+    tokens (prompt and output), the fair scheduler's drains and held requests (ours only; 0 on vLLM's),
+    and the API process's full garbage collections (each scans its whole heap).
+
+    Tokens per step is the batch the scheduler fills: fewer per step (smaller
+    batches) cost the engine more CPU per token, whatever the API layer does.
+    """
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    names = {
+        f"{ITERATION_TOKENS}_count": "engine_steps",
+        f"{ITERATION_TOKENS}_sum": "engine_tokens",
+        "loraserve_fair_scheduler_drains_total": "engine_drains",
+        "loraserve_fair_scheduler_held_requests_total": "engine_held",
+    }
+    counts = dict.fromkeys([*names.values(), "api_full_gcs"], 0.0)
+    for family in text_string_to_metric_families(httpx.get(f"{url}/metrics", timeout=30).text):
+        for sample in family.samples:
+            if sample.name in names:
+                counts[names[sample.name]] = sample.value
+            elif sample.name == "python_gc_collections_total" and sample.labels.get("generation") == "2":
+                counts["api_full_gcs"] = sample.value  # prometheus_client's own series: the API process's
+    return counts
+
+
+def process_cpu(process: Any) -> dict[str, float]:
+    """CPU seconds (user + system) so far of a server's API process (``api``) and of its descendants (``engine``).
+
+    vLLM runs the engine core (and its worker) in child processes of the API
+    process, in both servers; CPU time, unlike throughput, is not taken away
+    by other load on a shared machine, so the two servers compare per token
+    even when the wall-clock rates swing. A child that exits meanwhile is left
+    out of both readings.
+    """
+    import psutil
+
+    engine = 0.0
+    for child in process.children(recursive=True):
+        with contextlib.suppress(psutil.NoSuchProcess):
+            engine += sum(child.cpu_times()[:2])
+    return {"api": sum(process.cpu_times()[:2]), "engine": engine}
 
 
 def ratios(runs: dict[str, list[dict]], other: str) -> dict:
@@ -287,7 +346,9 @@ def parse_args() -> argparse.Namespace:
 
 def short_report(args: argparse.Namespace, settings: Settings, runs: dict[str, list[dict]]) -> dict[str, Any]:
     keys = ("output_throughput", "request_throughput", "median_ttft_ms", "p99_ttft_ms", "median_tpot_ms",
-            "median_itl_ms", "median_e2el_ms", "completed", "failed", "api_cpu_ms_per_request")  # fmt: skip
+            "median_itl_ms", "median_e2el_ms", "completed", "failed", "api_cpu_ms_per_request",
+            "api_cpu_us_per_token", "engine_cpu_us_per_token", "engine_steps", "tokens_per_step",
+            "engine_drains", "engine_held", "api_full_gcs")  # fmt: skip
     comparisons = {}
     for other in (name for name in SHORT_COMPARISONS if name in runs):
         result = ratios(runs, other)
@@ -348,7 +409,11 @@ def run_short(args: argparse.Namespace, settings: Settings, commands: dict[str, 
     for name in servers:
         m = med[name]
         print(f"{name:<6} {m['output_throughput']:8.1f} tok/s  TTFT p50 {m['median_ttft_ms']:7.1f} ms  "
-              f"TPOT p50 {m['median_tpot_ms']:6.1f} ms  API CPU {m['api_cpu_ms_per_request']:5.2f} ms/request")  # fmt: skip
+              f"TPOT p50 {m['median_tpot_ms']:6.1f} ms  API CPU {m['api_cpu_ms_per_request']:5.2f} ms/request  "
+              f"CPU per output token: API {m['api_cpu_us_per_token']:5.0f} us, "
+              f"engine {m['engine_cpu_us_per_token']:5.0f} us; {m['tokens_per_step']:.1f} tokens per engine step, "
+              f"fair-scheduler drains {m['engine_drains']:.0f}, held {m['engine_held']:.0f}; "
+              f"API full GCs {m['api_full_gcs']:.0f}")  # fmt: skip
     for other, c in report["comparisons"].items():
         print(f"ours/{other}: throughput {c['throughput_ratio']:.2f} (target >= {c['target']['throughput_min']}, "
               f"per round {c['throughput_ratios']}), TTFT p50 {c['ttft_p50_ratio']:.2f} "

@@ -7,6 +7,7 @@ their serving objects onto ``app.state`` and ``_API_ROUTERS`` attaches their rou
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import tempfile
 from collections.abc import AsyncIterator
@@ -102,6 +103,24 @@ def init_app_state(
     state.adapters_serving = AdaptersServing(engine, selector, AdapterProbe(engine, store, tokenizer), limiter)
 
 
+def freeze_startup_heap() -> int:
+    """Take every object alive after start-up out of the garbage collector's scans; returns how many.
+
+    vLLM, transformers, torch and the app leave ~750,000 tracked objects in
+    this process, nearly all alive until it exits. A full collection, which
+    the collector runs every time enough request objects have outlived two
+    younger collections, scans them all: ~0.4 s of the event loop, while every
+    stream waits. Frozen, they are no longer scanned (refcounting still frees
+    them). vLLM's engine core does the same for its own heap
+    (``vllm.utils.gc_utils.freeze_gc_heap``); its API server does not.
+    """
+    gc.collect()  # start-up's garbage goes first: frozen cycles would never be collected
+    gc.freeze()
+    frozen = gc.get_freeze_count()
+    logger.info("froze %d start-up objects out of the garbage collector's scans", frozen)
+    return frozen
+
+
 def build_app(settings: Settings) -> FastAPI:
     """The application; the engine starts in the lifespan, before the port accepts connections."""
 
@@ -134,6 +153,7 @@ def build_app(settings: Settings) -> FastAPI:
                     collectors.append(collector)  # registered: unregistered on the way out
                 names = ", ".join(await asyncio.to_thread(store.names)) or "none"
                 logger.info("serving %s with adapters: %s", settings.model.name, names)
+                freeze_startup_heap()
                 yield
             finally:
                 for watcher in watchers:

@@ -29,6 +29,12 @@ def test_health_is_ok(server) -> None:
     assert httpx.get(f"{server.url}/health").status_code == 200
 
 
+def test_the_start_up_heap_is_frozen_before_serving(server) -> None:
+    """The lifespan takes vLLM's, torch's and the app's objects out of the collector's scans (``app.py``)."""
+    frozen = re.search(r"froze (\d+) start-up objects", server.log())
+    assert frozen is not None and int(frozen[1]) > 100_000  # the modules alone: hundreds of thousands
+
+
 def test_models_lists_base_and_every_adapter_with_parent_and_root(client, server) -> None:
     models = {m.id: m for m in client.models.list().data}
     assert set(models) == {server.base_model, *ADAPTERS}

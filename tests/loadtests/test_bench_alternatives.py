@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+import time
 from pathlib import Path
 
 import pytest
@@ -76,3 +78,86 @@ def test_short_profile_client_is_vllms_own_with_the_profile_settings(tmp_path: P
     assert (parsed.num_prompts, parsed.max_concurrency, parsed.ignore_eos) == (96, 16, True)
     assert (parsed.lora_modules, parsed.model, parsed.endpoint) == (["code", "legal"], "base", "/v1/completions")
     assert (parsed.result_dir, parsed.result_filename) == (str(tmp_path), "r.json")
+
+
+_BURN = "import time\nend = time.process_time() + {seconds}\nwhile time.process_time() < end: pass\n"
+# A stand-in server: its child burns 0.5 s of CPU and waits; on a line on stdin, the parent burns 0.3 s and waits.
+_SERVER = (
+    "import subprocess, sys\n"
+    f"child = subprocess.Popen([sys.executable, '-c', {_BURN.format(seconds=0.5) + 'input()'!r}], stdin=subprocess.PIPE)\n"
+    "input()\n" + _BURN.format(seconds=0.3) + "input()\n"
+)
+
+
+def _wait_for(condition, timeout_s: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def test_cpu_is_split_between_the_api_process_and_its_engine_children() -> None:
+    """A child's CPU counts as the engine's, never as the API process's (vLLM's engine core is a child)."""
+    import subprocess
+    import sys
+
+    import psutil
+
+    from loadtests.bench_alternatives import process_cpu
+
+    server = subprocess.Popen([sys.executable, "-c", _SERVER], stdin=subprocess.PIPE, text=True)
+    process = psutil.Process(server.pid)
+    try:
+        _wait_for(lambda: process_cpu(process)["engine"] >= 0.5)  # the child burnt its share
+        before = process_cpu(process)
+        assert before["api"] < 0.25  # its own start-up only (an interpreter starts in ~0.05 s): not the child's 0.5 s
+        server.stdin.write("\n")  # type: ignore[union-attr]
+        server.stdin.flush()  # type: ignore[union-attr]
+        _wait_for(lambda: process_cpu(process)["api"] - before["api"] >= 0.3)
+        assert process_cpu(process)["engine"] - before["engine"] < 0.1  # the waiting child burnt nothing more
+    finally:
+        for child in process.children(recursive=True):
+            child.kill()
+        server.kill()
+        server.wait()
+
+
+def test_server_counts_reads_engine_steps_fair_scheduler_and_full_collections_from_metrics() -> None:
+    """The counters come from a real Prometheus exposition, as both servers' /metrics serve it."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+    from prometheus_client.gc_collector import GCCollector
+
+    from loadtests.bench_alternatives import ITERATION_TOKENS, server_counts
+
+    registry = CollectorRegistry()
+    steps = Histogram(ITERATION_TOKENS, "tokens per engine step", registry=registry, buckets=(1, 8, 64))
+    Counter("loraserve_fair_scheduler_drains", "drains", registry=registry).inc(3)
+    Counter("loraserve_fair_scheduler_held_requests", "held", registry=registry).inc(7)
+    GCCollector(registry=registry)
+    for tokens in (16, 16, 4):
+        steps.observe(tokens)
+
+    class Metrics(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = generate_latest(registry)
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    http = ThreadingHTTPServer(("127.0.0.1", 0), Metrics)
+    threading.Thread(target=http.serve_forever, daemon=True).start()
+    try:
+        counts = server_counts(f"http://127.0.0.1:{http.server_address[1]}")
+    finally:
+        http.shutdown()
+    full_gcs = gc.get_stats()[2]["collections"]
+    assert counts["engine_steps"] == 3 and counts["engine_tokens"] == 36
+    assert (counts["engine_drains"], counts["engine_held"]) == (3, 7)
+    assert full_gcs - 1 <= counts["api_full_gcs"] <= full_gcs  # this process's own, as prometheus_client reports
