@@ -35,8 +35,8 @@ lint: install
 # Lint first, then every test in two worker processes (a CPU engine serves with one torch thread, and
 # each worker's engines get a core of their own: tests/conftest.py). Each test file stays whole on one worker, with its servers, and
 # the files that share a session server stay together, so it starts once; the workers take the files
-# in the order tests/conftest.py sets. The run ends with its slowest steps, its duration and the
-# number of engines it started.
+# in the order tests/conftest.py sets. The run ends with its slowest steps, its duration, the
+# number of engines it started and the CPU time its processes used (the share of the cores it kept busy).
 test: lint
 	$(PY) -m pytest -n 2 --dist loadfile --no-loadscope-reorder --durations=15
 

@@ -42,12 +42,18 @@ class EngineCounter:
     this process's descendants twice a second (an engine lives for tens of seconds, so none is missed).
     A script run with ``VLLM_ENABLE_V1_MULTIPROCESSING=0`` runs its engine in its own process, untitled:
     that process is counted instead.
+
+    The same polls add up the CPU time of every descendant (the workers, their servers, engines and
+    scripts), as last seen: whether a run's wall time is CPU (two workers busy on two cores: more workers
+    would only share them) or waiting (engines idle between requests: a third worker could use it) is
+    in the summary, not a guess. A process's last half second is missed, so it is a lower bound.
     """
 
     def __init__(self, title: str = ENGINE_PROCESS_TITLE, in_process: str = IN_PROCESS_ENGINE) -> None:
         self.title, self.in_process = title, in_process
         self.started = time.monotonic()
         self.engines: set[tuple[int, float]] = set()  # (pid, create time): a reused pid is another process
+        self.cpu: dict[tuple[int, float], float] = {}  # (pid, create time) -> user + system seconds, last seen
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="engine-counter", daemon=True)
         self._thread.start()
@@ -57,8 +63,11 @@ class EngineCounter:
         while not self._stop.wait(0.5):
             for process in me.children(recursive=True):
                 try:
+                    key = (process.pid, process.create_time())
+                    times = process.cpu_times()
+                    self.cpu[key] = times.user + times.system
                     if self._is_engine(process):
-                        self.engines.add((process.pid, process.create_time()))
+                        self.engines.add(key)
                 except psutil.Error:  # gone between listing and reading: seen on an earlier poll if it ran
                     continue
 
@@ -71,11 +80,11 @@ class EngineCounter:
             parent is None or self.in_process not in parent.environ()
         )
 
-    def stop(self) -> tuple[float, int]:
-        """(seconds since the session started, engines started)."""
+    def stop(self) -> tuple[float, int, float]:
+        """(seconds since the session started, engines started, CPU seconds of every descendant)."""
         self._stop.set()
         self._thread.join()
-        return time.monotonic() - self.started, len(self.engines)
+        return time.monotonic() - self.started, len(self.engines), sum(self.cpu.values())
 
 
 ENGINE_COUNTER = pytest.StashKey[EngineCounter]()
@@ -198,8 +207,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
     counter = config.stash.get(ENGINE_COUNTER, None)
     if counter is not None:
-        seconds, engines = counter.stop()
-        summary = f"loraserve tests: {seconds / 60:.1f} min ({seconds:.0f} s), {engines} engine starts"
+        seconds, engines, cpu = counter.stop()
+        cores = len(os.sched_getaffinity(0))
+        summary = (
+            f"loraserve tests: {seconds / 60:.1f} min ({seconds:.0f} s), {engines} engine starts, "
+            f"{cpu:.0f} CPU-s in subprocesses ({cpu / (seconds * cores):.0%} of {cores} cores)"
+        )
         terminalreporter.write_sep("=", summary)
 
 

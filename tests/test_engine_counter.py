@@ -1,4 +1,5 @@
-"""The engine count printed at the end of a run (tests/conftest.py) counts what vLLM starts, once each."""
+"""The engine count printed at the end of a run (tests/conftest.py) counts what vLLM starts, once each; the CPU
+time beside it adds up what the run's processes used."""
 
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ ENGINE_CORE = f"import setproctitle, time; setproctitle.setproctitle('{TITLE}');
 # A script whose engine runs in its own process, and a child of it (inheriting the environment).
 IN_PROCESS = "import subprocess, sys; subprocess.run([sys.executable, '-c', 'import time; time.sleep(1.5)'])"
 PLAIN = "import time; time.sleep(1.5)"
+BUSY_S = 1.5
+BUSY = f"import time; end = time.process_time() + {BUSY_S}\nwhile time.process_time() < end: pass\ntime.sleep(1)"
 
 
 def test_counts_engine_processes_and_in_process_engines_once_each() -> None:
@@ -29,6 +32,17 @@ def test_counts_engine_processes_and_in_process_engines_once_each() -> None:
     for child in children:
         child.wait(timeout=60)
     time.sleep(1)  # a last poll
-    seconds, engines = counter.stop()
+    seconds, engines, _ = counter.stop()
     assert engines == 2  # the titled one, and the in-process script (not its child, not the plain process)
     assert seconds >= 1.5
+
+
+def test_adds_up_the_cpu_time_of_every_descendant() -> None:
+    """A child burning 1.5 s of CPU (then idle a second, so a poll sees all of it) and a sleeping one."""
+    counter = EngineCounter(TITLE, VARIABLE)
+    children = [subprocess.Popen([sys.executable, "-c", BUSY]), subprocess.Popen([sys.executable, "-c", PLAIN])]
+    for child in children:
+        child.wait(timeout=60)
+    _, engines, cpu = counter.stop()
+    assert engines == 0
+    assert BUSY_S <= cpu < BUSY_S + 1.5  # the busy child's, plus two interpreters' start-up

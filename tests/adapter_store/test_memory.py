@@ -6,15 +6,19 @@ overflows in RSS (it did: a rank-16 adapter of a 128-wide base costs ~13%
 more than its tensors' data). Here real PEFT files are loaded as vLLM's
 worker loads them for its host cache (``LoRAModel.from_local_checkpoint`` on
 the CPU, then what ``LoRAModelManager._create_merged_loras_inplace`` does:
-pack q/k/v and gate/up, fold the scaling into B), all kept, in a fresh
-interpreter (no freed memory of other tests to reuse), and the RSS growth per
-adapter is set against the data alone and against the accounted cost.
+pack q/k/v and gate/up, fold the scaling into B), all kept, in a process
+with no freed memory of other tests to reuse, and the RSS growth per adapter
+is set against the data alone and against the accounted cost.
 
 And what an evicted adapter gives back: evictions from vLLM's host cache
 leave holes between the adapters still held, which glibc keeps resident;
 ``lora_ops.heap_trim`` trims the heap after an eviction, so the budget's
 host-cache share is what RSS holds, not the high-water mark of every adapter
 that passed through.
+
+Each probe runs in a process of its own, forked from one fresh interpreter that
+imported vLLM's LoRA modules and loaded no plugin (``tests/forked.py``): what a
+fresh interpreter per probe would see, for one import of vLLM instead of four.
 """
 
 from __future__ import annotations
@@ -88,8 +92,8 @@ def _loader(root: str, dtype: str, modules: list[str], layers: int):
     return load
 
 
-def probe(root: str, count: int, warm: int, dtype: str, modules: list[str], layers: int) -> None:
-    """Run in a fresh interpreter: print the RSS growth of loading and keeping ``count`` adapters as vLLM does."""
+def probe(root: str, count: int, warm: int, dtype: str, modules: list[str], layers: int) -> dict:
+    """In a process of its own: the RSS growth of loading and keeping ``count`` adapters as vLLM does."""
     import gc
 
     import psutil
@@ -102,7 +106,7 @@ def probe(root: str, count: int, warm: int, dtype: str, modules: list[str], laye
     before = process.memory_info().rss
     kept = [load(i) for i in range(count)]
     gc.collect()
-    print(json.dumps({"growth_per_adapter": (process.memory_info().rss - before) / len(kept)}))
+    return {"growth_per_adapter": (process.memory_info().rss - before) / len(kept)}
 
 
 @pytest.fixture(scope="module")
@@ -114,14 +118,46 @@ def adapters(tmp_path_factory: pytest.TempPathFactory) -> tuple[BaseModelSpec, P
     return spec, root / "adapters"
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])  # file dtype kept (memory-mapped), or converted
-def test_the_accounted_cost_covers_what_vllm_holds_per_adapter(adapters, dtype: str) -> None:
+COST_DTYPES = ("float32", "bfloat16")  # file dtype kept (memory-mapped), or converted
+TRIMS = (True, False)  # False: the control, what glibc alone gives back
+
+
+def probe_all(root: str, modules: list[str], layers: int) -> None:
+    """Run in a fresh interpreter: import vLLM's LoRA modules once, then run every probe in a child forked from
+    this clean state (no plugin loaded, no adapter ever allocated); print their results."""
+    import psutil  # noqa: F401  # every import the probes need, before the fork
+    import vllm.lora.lora_model
+    import vllm.lora.lora_weights
+    import vllm.lora.model_manager
+    import vllm.lora.peft_helper  # noqa: F401
+
+    from tests.forked import in_fork, no_plugin_loaded
+
+    no_plugin_loaded()
+    results = {
+        "cost": {d: in_fork(lambda d=d: probe(root, ADAPTERS, WARM, d, modules, layers), None) for d in COST_DTYPES},
+        "eviction": {
+            str(t): in_fork(lambda t=t: probe_eviction(root, ADAPTERS, modules, layers, t), None) for t in TRIMS
+        },
+    }
+    print(json.dumps(results))
+
+
+@pytest.fixture(scope="module")
+def probed(adapters: tuple[BaseModelSpec, Path]) -> dict:
+    """Every probe's result, from one fresh interpreter that forks a process per probe."""
     spec, root = adapters
-    args = [str(root), ADAPTERS, WARM, dtype, sorted(spec.module_shapes()), spec.num_hidden_layers]
-    code = f"from tests.adapter_store.test_memory import probe; probe(*{args!r})"
-    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    args = [str(root), sorted(spec.module_shapes()), spec.num_hidden_layers]
+    code = f"from tests.adapter_store.test_memory import probe_all; probe_all(*{args!r})"
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    growth = json.loads(done.stdout.strip().splitlines()[-1])["growth_per_adapter"]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("dtype", COST_DTYPES)
+def test_the_accounted_cost_covers_what_vllm_holds_per_adapter(adapters, probed, dtype: str) -> None:
+    spec, _ = adapters
+    growth = probed["cost"][dtype]["growth_per_adapter"]
     data = adapter_tensor_bytes(spec, RANK, dtype)
     accounted = max_adapter_bytes_in_memory(spec, RANK, dtype)
     print(f"{dtype}: data {data} B, RSS growth {growth:.0f} B, accounted {accounted} B per adapter")
@@ -129,10 +165,10 @@ def test_the_accounted_cost_covers_what_vllm_holds_per_adapter(adapters, dtype: 
     assert data < growth <= accounted, (data, growth, accounted)
 
 
-def probe_eviction(root: str, count: int, modules: list[str], layers: int, trim: bool) -> None:
-    """Run in a fresh interpreter: fill vLLM's host-cache LRU with ``count`` bfloat16 adapters (converted, so their
+def probe_eviction(root: str, count: int, modules: list[str], layers: int, trim: bool) -> dict:
+    """In a process of its own: fill vLLM's host-cache LRU with ``count`` bfloat16 adapters (converted, so their
     data is on the heap), keep every fourth, evict the others through ``remove_oldest_adapter`` (with
-    ``lora_ops.heap_trim`` installed as the plugin installs it, if ``trim``), and print how much RSS the evictions gave back."""
+    ``lora_ops.heap_trim`` installed as the plugin installs it, if ``trim``); how much RSS the evictions gave back."""
     import gc
     import time
 
@@ -165,17 +201,13 @@ def probe_eviction(root: str, count: int, modules: list[str], layers: int, trim:
     deadline = time.monotonic() + 30
     while trimmer is not None and trimmer.covered < trimmer.requests and time.monotonic() < deadline:
         time.sleep(0.01)  # the trims run on the trimmer's thread, at most one a second
-    print(json.dumps({"given_back": before - process.memory_info().rss, "trims": trimmer and trimmer.trims}))
+    return {"given_back": before - process.memory_info().rss, "trims": trimmer and trimmer.trims}
 
 
-@pytest.mark.parametrize("trim", [True, False])  # False: the control, what glibc alone gives back
-def test_evicted_adapters_give_their_memory_back(adapters, trim: bool) -> None:
-    spec, root = adapters
-    args = [str(root), ADAPTERS, sorted(spec.module_shapes()), spec.num_hidden_layers, trim]
-    code = f"from tests.adapter_store.test_memory import probe_eviction; probe_eviction(*{args!r})"
-    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads(done.stdout.strip().splitlines()[-1])
+@pytest.mark.parametrize("trim", TRIMS)
+def test_evicted_adapters_give_their_memory_back(adapters, probed, trim: bool) -> None:
+    spec, _ = adapters
+    result = probed["eviction"][str(trim)]
     evicted = (ADAPTERS - ADAPTERS // 4) * adapter_tensor_bytes(spec, RANK, "bfloat16")
     print(f"trim {trim}: evicted {evicted} B of adapter data, RSS gave back {result['given_back']} B")
     if trim:  # at least half of the evicted data is back with the OS
