@@ -187,7 +187,9 @@ class Gemm:
     def _pack(self) -> None:
         ops = _onednn_ops() if self.w.dtype in _ONEDNN_DTYPES else None
         try:
-            self._handler = ops.create_onednn_mm(self.w, len(PACK_ROWS)) if ops else False
+            # 32 as vLLM's own linears pass: a weight shape's row cache is shared process-wide and sized by
+            # its first handler, and ours only ever use len(PACK_ROWS) rows of it.
+            self._handler = ops.create_onednn_mm(self.w, 32) if ops else False
         except RuntimeError:
             self._handler = False
         self._handle = self._handler.handler_tensor if self._handler else None
