@@ -55,19 +55,27 @@ def max_adapter_bytes_in_memory(base: BaseModelSpec, max_lora_rank: int, dtype: 
 
 
 def cpu_loras_for_budget(
-    memory_budget_bytes: int, *, base: BaseModelSpec, max_lora_rank: int, dtype: str, max_loras: int, slot_bytes: int
+    memory_budget_bytes: int,
+    *,
+    base: BaseModelSpec,
+    max_lora_rank: int,
+    dtype: str,
+    max_loras: int,
+    slot_bytes: int,
+    reserved_bytes: int = 0,
 ) -> int:
-    """``max_cpu_loras`` that fits ``memory_budget_bytes`` next to ``max_loras`` slots of ``slot_bytes`` each
-    (0: the slots are not host memory); ``ValueError`` if not even ``max_loras`` adapters fit (vLLM needs each
-    slot's adapter in the host cache)."""
+    """``max_cpu_loras`` that fits ``memory_budget_bytes`` next to ``reserved_bytes`` (what the LoRA ops keep
+    whatever the adapters) and ``max_loras`` slots of ``slot_bytes`` each (0: the slots are not host memory);
+    ``ValueError`` if not even ``max_loras`` adapters fit (vLLM needs each slot's adapter in the host cache)."""
     per_adapter = max_adapter_bytes_in_memory(base, max_lora_rank, dtype)
-    count = max(0, memory_budget_bytes - max_loras * slot_bytes) // per_adapter
+    count = max(0, memory_budget_bytes - reserved_bytes - max_loras * slot_bytes) // per_adapter
     if count < max_loras:
         slots = f" and {max_loras} slot(s) of {slot_bytes} bytes" if slot_bytes else ""
+        reserved = f" next to {reserved_bytes} bytes of LoRA scratch and primitives" if reserved_bytes else ""
         raise ValueError(
             f"store.memory_budget_bytes {memory_budget_bytes} holds {count} adapter(s) of up to rank {max_lora_rank} "
-            f"({per_adapter} bytes each in {dtype}){slots}, fewer than engine.max_loras {max_loras}: raise the budget "
-            f"to at least {(per_adapter + slot_bytes) * max_loras} bytes, or lower engine.max_lora_rank or "
-            "engine.max_loras"
+            f"({per_adapter} bytes each in {dtype}){slots}{reserved}, fewer than engine.max_loras {max_loras}: "
+            f"raise the budget to at least {reserved_bytes + (per_adapter + slot_bytes) * max_loras} bytes, or lower "
+            "engine.max_lora_rank or engine.max_loras"
         )
     return count

@@ -15,20 +15,23 @@ a slot's weights change:
 * ``b_parts[i]``: (S, r_i, out_i), slice i's B alone, for one ``addmm_``
   per slice straight into y's columns;
 * matmul objects (``Gemm``) for one slot (``x @ a[s].T``, ``h @ b[s]``),
-  built lazily;
+  built lazily, packed for oneDNN once warm;
 * compact copies for a set of slots (``compact``): the present slots' ``a``
   and ``b`` rows side by side, (W, in) and (W, out), so a mixed decode
   batch runs one shrink and one expand whose size is set by the P slots
-  present in the step, never by the S slots allocated.
+  present in the step, never by the S slots allocated. Never packed: their
+  widths change with the adapters present, and every packed shape costs
+  host memory for good (``PACK_ROWS``).
 
 Rank-aware: every slot is ``max_lora_rank`` rows per slice wide here, as in
 vLLM, but an adapter of rank r fills only the first r of them (the rest are
-zero: ``held``, from ``slots.slot_rank``). The per-slot matmuls and the
-compact copies take only those rows (W = slices x r per slot), so a rank-16
-adapter in an engine of max rank 256 costs rank-16 matmuls, and building a
-compact copy copies rank-16 rows. A step's set of
-  present adapters lasts as long as its requests share the batch (many
-  decode steps), so the last sets are kept (``COMPACT_SETS``).
+zero: ``held``, from ``slots.slot_rank``). The compact copies take only
+those rows (W = slices x r per slot) and the per-slot matmuls those rows
+rounded up to a power of two (``packed_rank``: a few fixed shapes), so a
+rank-16 adapter in an engine of max rank 256 costs rank-16 matmuls, and
+building a compact copy copies rank-16 rows. A step's set of present
+adapters lasts as long as its requests share the batch (many decode steps),
+so the last sets are kept (``COMPACT_SETS``).
 
 Invalidation: vLLM writes a slot in place (``reset_lora`` + ``copy_``), which
 bumps the stacked tensors' ``_version``, and only when it activates an
@@ -58,19 +61,66 @@ _ONEDNN_DTYPES = (torch.bfloat16, torch.float32)
 # rows: the ~0.2 ms build pays off over decode steps, which call the same
 # matmul every step. Prefill-sized calls are dominated by arithmetic, and a
 # slot loaded for one request's prefill (after an adapter swap) is often
-# used only once or twice that way, so those stay on torch.mm.
+# used only once or twice that way, so those stay on torch.mm, packed or not.
 PACK_MAX_ROWS = 64
 PACK_AFTER_CALLS = 3
-# A compact set's matmuls pack later: a set lives only while its requests
-# share the batch, and packing the two matmuls of one linear took 0.5-0.9 ms
-# on a 2-core AVX-512 EPYC (TinyLlama qkv, rank 16, 3 slots) against ~50 us
-# saved per call, so only a set that has already run for several steps is packed.
-COMPACT_PACK_AFTER_CALLS = 8
+# Every packed call compiles a oneDNN primitive per (K, N, dtype, rows) the first time, ~300 KiB of JIT code
+# and descriptors (``primitive_bytes``), which vLLM's per-shape cache and oneDNN's process-wide one (1,024
+# primitives) keep after the handler is gone. So the keys are a small fixed set, whatever the adapters: a
+# packed call runs at the next of PACK_ROWS (its rows padded through a scratch copy, ``_PADS``), and a
+# per-slot matmul's width is its rank rounded up to a power of two from MIN_PACKED_RANK to max_lora_rank
+# (``packed_rank``; the rows past the rank are zero). Compact sets (their widths follow the adapters present)
+# are never packed. ``packed_matmul_bytes`` is the bound; ``serving.sizing`` charges it to the budget.
+PACK_ROWS = (4, 8, 16, 32, 64)
+MIN_PACKED_RANK = 8
 # Compact sets kept per linear, the oldest built dropped first: the set now
 # and the one before (a step that adds a request's prefill, then decode goes
-# on without it). Each holds a copy of its P present slots' weights (two
-# once packed): at most 4 x P/S the bytes of the linear's fused copy.
+# on without it). Each holds a copy of its P present slots' weights: at most
+# 2 x P/S the bytes of the linear's fused copy.
 COMPACT_SETS = 2
+SCRATCH_MAX_BYTES = 64 << 20
+"""The scratch buffers a punica wrapper (``punica_cpu``) keeps between steps, at most (plus the buffers of the op
+that passes it); charged to the memory budget with the primitives (``serving.sizing``). Measured unbounded, a
+64-client rotation over 1,000 adapters kept 1,480 buffers (137 MiB) and still growing."""
+# A primitive's host memory, measured per (K, N) after 7 row counts in a fresh process (vLLM 0.32, AVX-512
+# EPYC, float32 and bfloat16): 296-316 KiB for N <= 768, growing ~34 B per output column (1,037 KiB at N 22,016).
+PRIMITIVE_BASE_BYTES = 320 << 10
+PRIMITIVE_COLUMN_BYTES = 40
+
+
+def primitive_bytes(n: int) -> int:
+    """Upper bound of one compiled oneDNN matmul primitive with ``n`` output columns (measured, above)."""
+    return PRIMITIVE_BASE_BYTES + PRIMITIVE_COLUMN_BYTES * n
+
+
+def packed_rank(rank: int, max_rank: int) -> int:
+    """The rows per slice a packed per-slot matmul takes for an adapter of ``rank``: the next power of two
+    (at least ``MIN_PACKED_RANK``), at most ``max_rank``."""
+    rows = MIN_PACKED_RANK
+    while rows < rank:
+        rows *= 2
+    return min(rows, max_rank)
+
+
+def packed_ranks(max_rank: int) -> tuple[int, ...]:
+    """Every width ``packed_rank`` can give under ``max_rank``."""
+    return tuple(sorted({packed_rank(r, max_rank) for r in range(1, max_rank + 1)}))
+
+
+def packed_matmul_bytes(in_features: int, slice_outs: tuple[int, ...], max_rank: int, dtype_bytes: int) -> int:
+    """Host memory the packed matmuls of every LoRA linear of this shape can add at most, process-wide.
+
+    Layers of one shape share it (the keys are shapes, not layers): the primitives of both per-slot matmuls
+    (``x @ a``: in -> W, ``h @ b``: W -> out) at every width of ``packed_ranks`` and every row count of
+    ``PACK_ROWS``, plus the padding buffers of those shapes (``PACK_MAX_ROWS`` rows of each input and
+    output width). The packed weights themselves are per slot, in :func:`slot_copy_bytes`.
+    """
+    out, total = sum(slice_outs), 0
+    for rows in packed_ranks(max_rank):
+        width = len(slice_outs) * rows
+        for k, n in ((in_features, width), (width, out)):
+            total += len(PACK_ROWS) * primitive_bytes(n) + PACK_MAX_ROWS * (k + n) * dtype_bytes
+    return total
 
 
 def slot_copy_bytes(in_features: int, slice_outs: tuple[int, ...], rank: int, dtype_bytes: int) -> int:
@@ -78,16 +128,17 @@ def slot_copy_bytes(in_features: int, slice_outs: tuple[int, ...], rank: int, dt
 
     With ``R = len(slice_outs) x rank`` and ``O = sum(slice_outs)``, per slot:
     ``a`` (R x in) four times: the fused copy, ``a_slot``'s transposed copy and
-    one per compact set (``COMPACT_SETS``); block-diagonal ``b`` (R x O) once
-    plus once per compact set (``b_slot`` is a view); ``b_parts`` (rank x O)
-    once; and each of those ``Gemm`` weights once more as the oneDNN handle's
-    packed copy (counted at the weight's own size). Summed for every slot of
-    every LoRA linear, this bounds what these copies add to vLLM's own slot
+    one per compact set (``COMPACT_SETS``); block-diagonal ``b`` (R x O) three
+    times: the fused copy, ``b_slot``'s rows (a copy when narrower than the slot)
+    and once per compact set; ``b_parts`` (rank x O) once; and the two per-slot
+    ``Gemm`` weights once more as the oneDNN handle's packed copy (counted at
+    the weight's own size; compact sets are never packed). Summed for every slot
+    of every LoRA linear, this bounds what these copies add to vLLM's own slot
     buffers; ``serving.sizing`` charges it to ``store.memory_budget_bytes``.
     """
     r_total, out_total = len(slice_outs) * rank, sum(slice_outs)
-    a_copies = (2 + COMPACT_SETS) + (1 + COMPACT_SETS)  # tensors, then packed handles of a_slot and the sets
-    b_copies = (1 + COMPACT_SETS) + (1 + COMPACT_SETS)  # fused b and the sets' copies, then packed handles
+    a_copies = (2 + COMPACT_SETS) + 1  # tensors, then a_slot's packed handle
+    b_copies = (2 + COMPACT_SETS) + 1  # fused b, b_slot's rows and the sets' copies, then b_slot's packed handle
     elements = a_copies * r_total * in_features + b_copies * r_total * out_total + rank * out_total
     return elements * dtype_bytes
 
@@ -101,22 +152,43 @@ def _onednn_ops():
     return ops if getattr(ops, "_supports_onednn", False) else None
 
 
+_PADS: dict[tuple[str, int, torch.dtype], torch.Tensor] = {}
+"""(role, columns, dtype) -> (PACK_MAX_ROWS, columns) zeros: a packed call's rows padded to its ``PACK_ROWS``
+(the forward pass is single-threaded). Rows past the call's own hold earlier calls' finite values and are
+never read back."""
+_PACKED_KEYS: set[tuple[int, int, torch.dtype, int]] = set()
+"""(K, N, dtype, rows) of every packed call made in this process: the primitives compiled for them."""
+
+
+def packed_keys() -> frozenset[tuple[int, int, torch.dtype, int]]:
+    """(K, N, dtype, rows) of every packed matmul call so far in this process (one oneDNN primitive each)."""
+    return frozenset(_PACKED_KEYS)
+
+
+def _pad(role: str, rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
+    buf = _PADS.get((role, cols, dtype))
+    if buf is None:
+        buf = _PADS[(role, cols, dtype)] = torch.zeros(PACK_MAX_ROWS, cols, dtype=dtype)
+    return buf[:rows]
+
+
 class Gemm:
-    """``out = x @ w`` for a fixed ``w`` (K, N); ``out`` must be contiguous."""
+    """``out = x @ w`` for a fixed ``w`` (K, N); ``packed``: through vLLM's oneDNN handler once warm."""
 
-    __slots__ = ("w", "_handler", "_handle", "_small_calls", "_pack_after")
+    __slots__ = ("w", "_handler", "_handle", "_small_calls")
 
-    def __init__(self, w: torch.Tensor, pack_after: int | None = None):
+    def __init__(self, w: torch.Tensor, packed: bool = True):
         self.w = w.contiguous()  # (K, N); torch.mm on a transposed view was 4x slower at 256 rows
         # Owns the oneDNN handle (freed with it). None: not packed yet; False: cannot pack.
-        self._handler: CPUDNNLGEMMHandler | Literal[False] | None = None
+        self._handler: CPUDNNLGEMMHandler | Literal[False] | None = None if packed else False
         self._handle: torch.Tensor | None = None
         self._small_calls = 0
-        self._pack_after = PACK_AFTER_CALLS if pack_after is None else pack_after
 
     def _pack(self) -> None:
         ops = _onednn_ops() if self.w.dtype in _ONEDNN_DTYPES else None
         try:
+            # 32 as vLLM's own linears pass: a weight shape's row cache is shared process-wide and sized by
+            # its first handler, and ours only ever use len(PACK_ROWS) rows of it.
             self._handler = ops.create_onednn_mm(self.w, 32) if ops else False
         except RuntimeError:
             self._handler = False
@@ -124,19 +196,27 @@ class Gemm:
 
     def __call__(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         # x: (M, K), out: (M, N)
-        if self._handler is None and x.shape[0] <= PACK_MAX_ROWS:
+        m = x.shape[0]
+        if m > PACK_MAX_ROWS or self._handler is False:
+            return torch.mm(x, self.w, out=out)
+        if self._handler is None:
             self._small_calls += 1
-            if self._small_calls >= self._pack_after:
+            if self._small_calls >= PACK_AFTER_CALLS:
                 self._pack()
-        if self._handle is not None:
-            # vLLM's op trusts its arguments; a shape slip would read or write
-            # out of bounds, so check the cheap invariants here.
-            assert x.shape[1] == self.w.shape[0] and out.shape[0] == x.shape[0]
-            assert out.shape[1] == self.w.shape[1] and out.is_contiguous()
+        if self._handle is None:
+            return torch.mm(x, self.w, out=out)
+        # vLLM's op trusts its arguments; a shape slip would read or write out of bounds, so check here.
+        (k, n), dtype = self.w.shape, self.w.dtype
+        assert x.shape[1] == k and out.shape == (m, n) and x.dtype == out.dtype == dtype
+        rows = next(r for r in PACK_ROWS if r >= m)
+        _PACKED_KEYS.add((k, n, dtype, rows))
+        if rows == m and x.is_contiguous() and out.is_contiguous():
             torch.ops._C.onednn_mm(out, x, None, self._handle)
-        else:
-            torch.mm(x, self.w, out=out)
-        return out
+            return out
+        xp, outp = _pad("x", rows, k, dtype), _pad("out", rows, n, dtype)
+        xp[:m].copy_(x)
+        torch.ops._C.onednn_mm(outp, xp, None, self._handle)
+        return out.copy_(outp[:m])
 
 
 def _fuse(lora_a, lora_b, output_slices, dtype):
@@ -274,18 +354,23 @@ class FusedLinear:
             index = self._row_index[rows] = (starts[:, None] + torch.arange(rows)[None, :]).flatten()
         return index
 
+    def packed_rows(self, slot: int) -> int:
+        """Rows per slice of ``slot``'s per-slot matmuls: ``slot_rows`` rounded up to a packed width
+        (``packed_rank``), so their shapes come from a small fixed set."""
+        return packed_rank(self.slot_rows(slot), self.slice_rank)
+
     def _slot_weights(self, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Slot ``slot``'s ``a`` (W, in) and block-diagonal ``b`` (W, out) rows, W = slices x ``slot_rows``:
+        """Slot ``slot``'s ``a`` (W, in) and block-diagonal ``b`` (W, out) rows, W = slices x ``packed_rows``:
         past its written rank every row is zero, so an adapter of rank 16 in an engine of max rank 256
         costs rank-16 matmuls."""
-        rows = self.slot_rows(slot)
+        rows = self.packed_rows(slot)
         if rows == self.slice_rank:
             return self.a[slot], self.b[slot]
         index = self._rows(rows)
         return torch.index_select(self.a[slot], 0, index), torch.index_select(self.b[slot], 0, index)
 
     def a_slot(self, slot: int) -> Gemm:
-        """x (M, in) -> h (M, W) for one slot, W = slices x ``slot_rows(slot)``, slice-major."""
+        """x (M, in) -> h (M, W) for one slot, W = slices x ``packed_rows(slot)``, slice-major."""
         g = self._a_slot[slot]
         if g is None:
             g = self._a_slot[slot] = Gemm(self._slot_weights(slot)[0].t())
@@ -310,6 +395,5 @@ class FusedLinear:
             flat = torch.cat([s * self.rank + self._rows(self.slot_rows(s)) for s in present])
             a = torch.index_select(self.a.view(-1, self.a.shape[-1]), 0, flat)  # (sum W, in)
             b = torch.index_select(self.b.view(-1, self.out_features), 0, flat)  # (sum W, out)
-            after = COMPACT_PACK_AFTER_CALLS
-            pair = self._compact[present] = Compact(Gemm(a.t(), after), Gemm(b, after), widths)
+            pair = self._compact[present] = Compact(Gemm(a.t(), packed=False), Gemm(b, packed=False), widths)
         return pair

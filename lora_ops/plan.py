@@ -63,7 +63,7 @@ RUN_TOKEN_US = 0.45
 GATHER_US = 30.0  # GATHER: gather + scatter-add ...
 GATHER_SLOT_US = 45.0  # ... plus shrink + expand per present slot
 GATHER_TOKEN_US = 0.55
-MASKED_US = 22.0  # MASKED: shrink + mask + expand + add (packed matmuls)
+MASKED_US = 22.0  # MASKED: shrink + mask + expand + add (measured with packed compact matmuls, now torch.mm)
 MASKED_TOKEN_SLOT_US = 0.34  # every token pays for every *present* slot
 
 

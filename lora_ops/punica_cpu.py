@@ -30,14 +30,9 @@ import torch
 from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
 
 from . import compiled
-from .fused import PACK_MAX_ROWS, FusedLinear
+from .fused import PACK_MAX_ROWS, SCRATCH_MAX_BYTES, FusedLinear
 from .plan import MASKED, NONE, REF_WIDTH, RUNS, StepPlan, build_plan
 from .slots import install as install_slot_resets
-
-SCRATCH_MAX_BYTES = 64 << 20
-"""The scratch buffers a wrapper keeps between steps, at most (plus the buffers of the op that passes it): a
-bound on memory outside the adapter budget. Measured unbounded, a 64-client rotation over 1,000 adapters
-kept 1,480 buffers (137 MiB) and still growing."""
 
 
 def _refuse_tracing(op: str) -> None:
@@ -199,7 +194,7 @@ class GroupedPunicaWrapperCPU(PunicaWrapperCPU):
         if n <= PACK_MAX_ROWS:
             y.add_(fused.b_slot(slot)(h, self._buffer("d", n, fused.out_features, fused.dtype)))
             return
-        rows, col = fused.slot_rows(slot), 0
+        rows, col = fused.packed_rows(slot), 0  # h's columns per slice (a_slot's width)
         for i, part in enumerate(fused.b_parts):  # (S, max_rank, out_i)
             width = part.shape[2]
             y[:, col : col + width].addmm_(h[:, i * rows : (i + 1) * rows], part[slot, :rows])

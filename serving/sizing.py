@@ -35,27 +35,29 @@ metric. An explicit value in the config is always honoured.
   (:func:`lora_ops.fused.slot_copy_bytes` summed over qkv, o, gate_up and
   down of every layer; counted even with the plugin off, so never short)::
 
-      budget >= max_loras x (slot buffers + copies) + max_cpu_loras x adapter
-      max_loras     = min(max_num_seqs, budget // (slot buffers + copies + adapter))   (left out)
-      max_cpu_loras = (budget - max_loras x (slot buffers + copies)) // adapter        (left out)
+      budget >= fixed + max_loras x (slot buffers + copies) + max_cpu_loras x adapter
+      max_loras     = min(max_num_seqs, (budget - fixed) // (slot buffers + copies + adapter))   (left out)
+      max_cpu_loras = (budget - fixed - max_loras x (slot buffers + copies)) // adapter        (left out)
 
+  ``fixed`` is what the CPU LoRA ops keep whatever the adapters: their
+  scratch buffers (``lora_ops.fused.SCRATCH_MAX_BYTES``) and the oneDNN
+  primitives vLLM compiles for their packed matmuls, one per weight shape and
+  row count (~300 KiB each), kept by vLLM's and oneDNN's process-wide caches
+  for good. Those shapes are a fixed set per linear shape (layers share
+  them; ``lora_ops.fused.packed_matmul_bytes``), so they are charged once.
   A slot is charged its own host-cache adapter too (``max_cpu_loras >=
   max_loras``), and slots come first: a full batch is worth more than a
-  longer LRU. On a GPU the slots cost no host memory, so the budget is all
-  host cache. Not in the budget: KV-cache pages, activations and the
-  processes' own heaps, which grow with the clients, not the adapters
-  (``loadtests.bench_store`` measures RSS growth over a base-only warm-up at
-  the same concurrency to tell them apart), and the API process's own
-  per-adapter state (its metric series, ~12 KB an adapter that has served,
-  and its catalog entry), which grows with the adapters registered, not
-  cached. Nor, yet, two costs of the CPU LoRA ops that grow with the mix
-  of adapters in a step rather than with the slots: their scratch buffers
-  (up to ``lora_ops.punica_cpu.SCRATCH_MAX_BYTES``) and the oneDNN
-  primitives vLLM compiles for their packed matmuls, one per weight shape
-  and row count (~283 KiB each, kept in a process-wide cache of 128 shapes;
-  README, "Where the memory went"). Freed heap the allocator would keep is
-  handed back (``lora_ops.heap_trim``), so it needs no share. A configured
-  size that breaks the budget is refused naming the key.
+  longer LRU. On a GPU the slots and the LoRA ops cost no host memory, so
+  the budget is all host cache. Not in the budget: KV-cache pages,
+  activations and the processes' own heaps, which grow with the clients,
+  not the adapters (``loadtests.bench_store`` measures RSS growth over a
+  base-only warm-up at the same concurrency to tell them apart), among them
+  the primitives of the base model's own matmuls (one per batch size, up to
+  oneDNN's cache of 1,024), and the API process's own per-adapter state (its
+  metric series, ~12 KB an adapter that has served, and its catalog entry),
+  which grows with the adapters registered, not cached. Freed heap the
+  allocator would keep is handed back (``lora_ops.heap_trim``), so it needs
+  no share. A configured size that breaks the budget is refused naming the key.
 * ``engine.max_cpu_loras`` left out, no budget: ``max_loras`` (vLLM's default).
 
 The step cost of our CPU LoRA ops grows with the adapters present in a step,
@@ -77,7 +79,7 @@ from adapter_store import (
     cpu_loras_for_budget,
     max_adapter_bytes_in_memory,
 )
-from lora_ops.fused import slot_copy_bytes
+from lora_ops.fused import SCRATCH_MAX_BYTES, packed_matmul_bytes, slot_copy_bytes
 from serving.config import ConfigError, DType, Settings
 
 logger = logging.getLogger(__name__)
@@ -116,6 +118,8 @@ class MemorySplit:
     slot_copy_bytes: int  # the CPU LoRA ops' copies of one slot (0 on a GPU)
     max_loras: int
     max_cpu_loras: int
+    scratch_bytes: int = 0  # the CPU LoRA ops' scratch buffers, at most (0 on a GPU)
+    primitive_bytes: int = 0  # their packed matmuls' oneDNN primitives and padding, at most (0 on a GPU)
 
     def parts(self) -> dict[str, int]:
         """Bytes by part, ``unused`` included: they sum to the budget."""
@@ -123,6 +127,8 @@ class MemorySplit:
             "slot_buffers": self.max_loras * self.slot_buffer_bytes,
             "slot_copies": self.max_loras * self.slot_copy_bytes,
             "host_cache": self.max_cpu_loras * self.adapter_bytes,
+            "lora_scratch": self.scratch_bytes,
+            "lora_primitives": self.primitive_bytes,
         }
         return parts | {"unused": self.budget_bytes - sum(parts.values())}
 
@@ -193,16 +199,24 @@ def resolve_dtype(configured: DType, hardware: Hardware) -> Choice[DType]:
 
 @dataclass(frozen=True)
 class _Costs:
-    """Host bytes of one adapter in the host cache and of one slot (buffers, copies), under a budget."""
+    """Host bytes of one adapter in the host cache, of one slot (buffers, copies) and of the CPU LoRA ops'
+    fixed parts (scratch, primitives), under a budget."""
 
     budget: int
     adapter: int
     slot_buffers: int
     slot_copies: int
+    scratch: int = 0
+    primitives: int = 0
 
     @property
     def slot(self) -> int:
         return self.slot_buffers + self.slot_copies
+
+    @property
+    def for_adapters(self) -> int:
+        """What the budget leaves for slots and the host cache."""
+        return max(0, self.budget - self.scratch - self.primitives)
 
 
 def _costs(settings: Settings, spec: BaseModelSpec, dtype: str, hardware: Hardware) -> _Costs | None:
@@ -213,12 +227,12 @@ def _costs(settings: Settings, spec: BaseModelSpec, dtype: str, hardware: Hardwa
     adapter = max_adapter_bytes_in_memory(spec, rank, dtype)
     if hardware.device == "gpu":  # slots are GPU memory, and lora_ops runs on the CPU only
         return _Costs(budget, adapter, 0, 0)
-    shapes = spec.module_shapes()
-    per_layer = sum(
-        slot_copy_bytes(shapes[group[0]][0], tuple(shapes[m][1] for m in group), rank, DTYPE_BYTES[dtype])
-        for group in FUSED_LINEARS
-    )
-    return _Costs(budget, adapter, adapter_tensor_bytes(spec, rank, dtype), per_layer * spec.num_hidden_layers)
+    shapes, dtype_bytes = spec.module_shapes(), DTYPE_BYTES[dtype]
+    linears = [(shapes[group[0]][0], tuple(shapes[m][1] for m in group)) for group in FUSED_LINEARS]
+    per_layer = sum(slot_copy_bytes(fan_in, outs, rank, dtype_bytes) for fan_in, outs in linears)
+    primitives = sum(packed_matmul_bytes(fan_in, outs, rank, dtype_bytes) for fan_in, outs in linears)  # per shape
+    slot_buffers = adapter_tensor_bytes(spec, rank, dtype)
+    return _Costs(budget, adapter, slot_buffers, per_layer * spec.num_hidden_layers, SCRATCH_MAX_BYTES, primitives)
 
 
 def _host_cache(
@@ -233,7 +247,13 @@ def _host_cache(
     rank = settings.engine.max_lora_rank
     try:
         fits = cpu_loras_for_budget(
-            costs.budget, base=spec, max_lora_rank=rank, dtype=dtype, max_loras=slots, slot_bytes=costs.slot
+            costs.budget,
+            base=spec,
+            max_lora_rank=rank,
+            dtype=dtype,
+            max_loras=slots,
+            slot_bytes=costs.slot,
+            reserved_bytes=costs.scratch + costs.primitives,
         )
     except ValueError as e:
         raise ConfigError(str(e)) from e
@@ -241,7 +261,8 @@ def _host_cache(
         return Choice(
             fits,
             "derived",
-            f"store.memory_budget_bytes {costs.budget} less {slots} slot(s) of {costs.slot} bytes holds {fits} "
+            f"store.memory_budget_bytes {costs.budget} less the CPU LoRA ops' scratch and primitives "
+            f"({costs.scratch + costs.primitives} bytes) and {slots} slot(s) of {costs.slot} bytes holds {fits} "
             f"adapters of rank {rank}",
         )
     if configured > fits:
@@ -265,8 +286,9 @@ def _derived_slots(
         each = costs.slot + costs.adapter
         limits.append(
             (
-                costs.budget // each,
-                f"store.memory_budget_bytes {costs.budget} / {each} B a slot (buffers {costs.slot_buffers}, "
+                costs.for_adapters // each,
+                f"store.memory_budget_bytes {costs.budget} less {costs.scratch + costs.primitives} B for the CPU "
+                f"LoRA ops' scratch and primitives, / {each} B a slot (buffers {costs.slot_buffers}, "
                 f"copies {costs.slot_copies}, its host-cache adapter {costs.adapter})",
             )
         )
@@ -302,6 +324,13 @@ def resolve_sizing(settings: Settings, hardware: Hardware) -> EngineSizing:
     memory = None
     if costs is not None:
         memory = MemorySplit(
-            costs.budget, costs.adapter, costs.slot_buffers, costs.slot_copies, slots.value, host.value
+            costs.budget,
+            costs.adapter,
+            costs.slot_buffers,
+            costs.slot_copies,
+            slots.value,
+            host.value,
+            costs.scratch,
+            costs.primitives,
         )
     return EngineSizing(dtype=dtype, max_loras=slots, max_cpu_loras=host, memory=memory)

@@ -82,8 +82,7 @@ CORRECTNESS = [
 
 @pytest.mark.parametrize("slots,placement,mix,mode", CORRECTNESS, ids=_case_ids(CORRECTNESS))
 def test_few_present_among_many_slots_matches_reference(slots, placement, mix, mode, monkeypatch):
-    monkeypatch.setattr(fused, "PACK_AFTER_CALLS", 1)  # packed per-slot matmuls ...
-    monkeypatch.setattr(fused, "COMPACT_PACK_AFTER_CALLS", 2)  # ... and compact ones, on the 2nd call
+    monkeypatch.setattr(fused, "PACK_AFTER_CALLS", 1)  # packed per-slot matmuls (compact ones never are)
     w, token_ids, table, a, b = _setup(SLOTS[slots], placement, mix)
     w.force_mode = MODES[mode]
     w.update_metadata(LoRAMapping(tuple(token_ids), tuple(token_ids)), table, len(table) + 1, 1000)
@@ -154,7 +153,6 @@ def test_compact_set_of_a_reloaded_slot_is_rebuilt(monkeypatch):
     """A slot that gets a new adapter (new id, weights written in place) while
     its compact set is cached: the next MASKED step uses the new weights,
     and compact sets not holding that slot are kept."""
-    monkeypatch.setattr(fused, "COMPACT_PACK_AFTER_CALLS", 1)
     slots = 32
     w, token_ids, table, a, b = _setup(slots, "scattered", "decode_three_interleaved")
     w.force_mode = MASKED

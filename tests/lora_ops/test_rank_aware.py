@@ -80,7 +80,6 @@ def matmul_kind(request, monkeypatch) -> str:
     """Matmuls through vLLM's packed oneDNN handler from the first call, or never."""
     if request.param == "packed":
         monkeypatch.setattr(fused, "PACK_AFTER_CALLS", 1)
-        monkeypatch.setattr(fused, "COMPACT_PACK_AFTER_CALLS", 1)
     else:
         monkeypatch.setattr(fused, "PACK_MAX_ROWS", 0)
     return request.param
@@ -125,8 +124,8 @@ class _GemmSpy:
         spy = self
 
         class Spy(real):  # type: ignore[misc,valid-type]
-            def __init__(self, w: torch.Tensor, pack_after: int | None = None) -> None:
-                super().__init__(w, pack_after)
+            def __init__(self, w: torch.Tensor, packed: bool = True) -> None:
+                super().__init__(w, packed)
                 spy.built.append(tuple(self.w.shape))
 
         monkeypatch.setattr(fused, "Gemm", Spy)

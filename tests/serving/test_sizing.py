@@ -61,19 +61,36 @@ SLOT_BF16 = 2 * PER_ADAPTER_PER_BYTE  # one slot of the tiny base in bf16 (vLLM'
 # one host-cache adapter: the same data, plus what its 28 tensors (A, B x 7 modules x 2 layers) and it cost beside it
 ADAPTER = SLOT_BF16 + 28 * TENSOR_OVERHEAD_BYTES + ADAPTER_OVERHEAD_BYTES
 # lora_ops' copies of one slot (lora_ops/fused.py): per fused linear with R = slices x 16, O = sum of outs,
-# 7 x R x in + 6 x R x O + 16 x O elements (a: fused, a_slot, 2 compact sets, 3 packed; b: fused, 2 sets, 3 packed).
+# 5 x R x in + 5 x R x O + 16 x O elements (a: fused, a_slot, 2 compact sets, a_slot packed; b: fused, b_slot,
+# 2 sets, b_slot packed; compact sets are never packed).
 # Tiny base (hidden 128, q 128, kv 64, intermediate 256): qkv R 48 in 128 O 256, o R 16 in 128 O 128,
 # gate_up R 32 in 128 O 512, down R 16 in 256 O 128; 2 layers, 2 bytes.
 COPIES_BF16 = (
     2
     * 2
     * (
-        (7 * 48 * 128 + 6 * 48 * 256 + 16 * 256)
-        + (7 * 16 * 128 + 6 * 16 * 128 + 16 * 128)
-        + (7 * 32 * 128 + 6 * 32 * 512 + 16 * 512)
-        + (7 * 16 * 256 + 6 * 16 * 128 + 16 * 128)
+        (5 * 48 * 128 + 5 * 48 * 256 + 16 * 256)
+        + (5 * 16 * 128 + 5 * 16 * 128 + 16 * 128)
+        + (5 * 32 * 128 + 5 * 32 * 512 + 16 * 512)
+        + (5 * 16 * 256 + 5 * 16 * 128 + 16 * 128)
     )
 )
+
+
+# lora_ops' fixed part, whatever the adapters: its scratch and, per fused linear shape (layers share them), the
+# oneDNN primitives of its packed per-slot matmuls (2 matmuls x widths 3 x {8, 16} for qkv ... x 5 row counts) and
+# their padding buffers (64 rows of each input and output width, bf16).
+def _primitives(fan_in: int, outs: tuple[int, ...]) -> int:
+    total = 0
+    for rows in (8, 16):
+        width = len(outs) * rows
+        for k, n in ((fan_in, width), (width, sum(outs))):
+            total += 5 * ((320 << 10) + 40 * n) + 64 * (k + n) * 2
+    return total
+
+
+FIXED = (64 << 20) + _primitives(128, (128, 64, 64)) + _primitives(128, (128,))
+FIXED += _primitives(128, (256, 256)) + _primitives(256, (128,))
 SLOT_COST = SLOT_BF16 + COPIES_BF16  # host memory of one slot on the CPU
 EACH = SLOT_COST + ADAPTER  # a slot and its own host-cache adapter
 GPU_200 = Hardware("gpu", AVX2, 200 * SLOT_BF16)  # 200 slots of memory x 0.5 x 0.1 = 10 slots
@@ -88,13 +105,20 @@ GPU_SHARE = {"max_num_seqs": 256, "gpu_memory_utilization": 0.5, "lora_gpu_memor
         # ... no more than the host cache holds (set, or derived from the budget)
         ({"max_num_seqs": 24, "max_cpu_loras": 8}, None, CPU, (8, "derived"), (8, "configured"), "holds 8"),
         # the budget pays for each slot (buffers + copies) and its adapter; the rest is host cache
-        ({"max_num_seqs": 24}, 5 * EACH + 1, CPU, (5, "derived"), (5, "derived"), "memory_budget_bytes"),
-        ({"max_num_seqs": 24}, 5 * EACH + 3 * ADAPTER, CPU, (5, "derived"), (8, "derived"), "copies"),
-        ({"max_num_seqs": 6}, 6 * SLOT_COST + 10 * ADAPTER, CPU, (6, "derived"), (10, "derived"), "max_num_seqs 6"),
+        ({"max_num_seqs": 24}, FIXED + 5 * EACH + 1, CPU, (5, "derived"), (5, "derived"), "memory_budget_bytes"),
+        ({"max_num_seqs": 24}, FIXED + 5 * EACH + 3 * ADAPTER, CPU, (5, "derived"), (8, "derived"), "copies"),
+        (
+            {"max_num_seqs": 6},
+            FIXED + 6 * SLOT_COST + 10 * ADAPTER,
+            CPU,
+            (6, "derived"),
+            (10, "derived"),
+            "max_num_seqs 6",
+        ),
         # an explicit max_loras is honoured, the budget left after its slots sizes the host cache
         (
             {"max_num_seqs": 24, "max_loras": 3},
-            3 * SLOT_COST + 10 * ADAPTER,
+            FIXED + 3 * SLOT_COST + 10 * ADAPTER,
             CPU,
             (3, "configured"),
             (10, "derived"),
@@ -121,21 +145,22 @@ def test_slots_fit_a_full_batch_within_memory(tmp_path: Path, engine, budget, ha
     ("engine", "budget", "hardware", "split"),
     [
         # slot buffers, slot copies, host cache, unused: they sum to the budget
-        ({"max_num_seqs": 24}, 5 * EACH + 7, CPU, (5 * SLOT_BF16, 5 * COPIES_BF16, 5 * ADAPTER, 7)),
+        ({"max_num_seqs": 24}, FIXED + 5 * EACH + 7, CPU, (5 * SLOT_BF16, 5 * COPIES_BF16, 5 * ADAPTER, FIXED, 7)),
         (
             {"max_loras": 2},
-            2 * SLOT_COST + 9 * ADAPTER + ADAPTER // 2,
+            FIXED + 2 * SLOT_COST + 9 * ADAPTER + ADAPTER // 2,
             CPU,
-            (2 * SLOT_BF16, 2 * COPIES_BF16, 9 * ADAPTER, ADAPTER // 2),
+            (2 * SLOT_BF16, 2 * COPIES_BF16, 9 * ADAPTER, FIXED, ADAPTER // 2),
         ),
-        (GPU_SHARE, 12 * ADAPTER + 1, GPU_200, (0, 0, 12 * ADAPTER, 1)),  # slots in GPU memory
+        (GPU_SHARE, 12 * ADAPTER + 1, GPU_200, (0, 0, 12 * ADAPTER, 0, 1)),  # slots, LoRA ops: GPU memory
     ],
 )
 def test_the_budget_split_counts_slots_copies_and_host_cache(tmp_path: Path, engine, budget, hardware, split) -> None:
     memory = resolve_sizing(_settings(tmp_path, engine, budget), hardware).memory
     assert memory is not None
     parts = memory.parts()
-    assert (parts["slot_buffers"], parts["slot_copies"], parts["host_cache"], parts["unused"]) == split
+    fixed = parts["lora_scratch"] + parts["lora_primitives"]
+    assert (parts["slot_buffers"], parts["slot_copies"], parts["host_cache"], fixed, parts["unused"]) == split
     assert sum(parts.values()) == memory.budget_bytes == budget
 
 
@@ -156,9 +181,14 @@ def test_gpu_slot_bytes_follow_the_dtype(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("engine", "budget", "hardware", "message"),
     [
-        ({}, EACH - 1, CPU, "not one LoRA slot fits (store.memory_budget_bytes"),
-        ({"max_loras": 4}, 3 * EACH, CPU, f"raise the budget to at least {4 * EACH} bytes"),
-        ({"max_loras": 1, "max_cpu_loras": 6}, SLOT_COST + 5 * ADAPTER, CPU, "does not fit store.memory_budget_bytes"),
+        ({}, FIXED + EACH - 1, CPU, "not one LoRA slot fits (store.memory_budget_bytes"),
+        ({"max_loras": 4}, FIXED + 3 * EACH, CPU, f"raise the budget to at least {FIXED + 4 * EACH} bytes"),
+        (
+            {"max_loras": 1, "max_cpu_loras": 6},
+            FIXED + SLOT_COST + 5 * ADAPTER,
+            CPU,
+            "does not fit store.memory_budget_bytes",
+        ),
         ({"lora_gpu_memory_fraction": 0.01}, None, Hardware("gpu", AVX2, 10 * SLOT_BF16), "not one LoRA slot fits"),
     ],
 )
@@ -187,7 +217,9 @@ def test_detect_hardware_reads_the_cpu_flags(tmp_path: Path, text: str, flags: s
 @pytest.mark.parametrize(("in_features", "outs", "rank", "slots"), [(128, (128, 64, 64), 16, 3), (256, (128,), 8, 5)])
 def test_slot_copy_bytes_is_what_the_fused_copies_take(in_features: int, outs: tuple[int, ...], rank, slots) -> None:
     """Every slot's copies built (fused, per-slot matmuls, two compact sets of all slots): the tensors they hold,
-    plus one packed oneDNN copy per matmul weight, are exactly ``slot_copy_bytes`` a slot."""
+    plus one packed oneDNN copy per per-slot matmul weight (compact sets are never packed), are exactly
+    ``slot_copy_bytes`` a slot, less ``b_slot``'s rows: a view here (the slot's full rank), a copy for a
+    narrower adapter."""
     import torch
 
     from lora_ops.fused import FusedLinear, slot_copy_bytes
@@ -196,17 +228,20 @@ def test_slot_copy_bytes_is_what_the_fused_copies_take(in_features: int, outs: t
     lora_a = [torch.randn(slots, 1, rank, in_features, dtype=dtype) for _ in outs]
     lora_b = [torch.randn(slots, 1, out, rank, dtype=dtype) for out in outs]
     fused = FusedLinear(lora_a, lora_b, outs, dtype, tuple(range(slots)))
-    gemms = [fused.a_slot(s) for s in range(slots)] + [fused.b_slot(s) for s in range(slots)]
+    per_slot = [fused.a_slot(s) for s in range(slots)] + [fused.b_slot(s) for s in range(slots)]
+    gemms = list(per_slot)
     for present in (tuple(range(slots)), tuple(reversed(range(slots)))):
         compact = fused.compact(present)
         gemms += [compact.shrink, compact.expand]
     held = [fused.a, fused.b, *fused.b_parts, *(g.w for g in gemms)]
     storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in held}
-    packed = sum(g.w.nbytes for g in gemms)
-    assert sum(storages.values()) + packed == slots * slot_copy_bytes(in_features, outs, rank, dtype.itemsize)
+    packed = sum(g.w.nbytes for g in per_slot)
+    b_slot_views = slots * len(outs) * rank * sum(outs) * dtype.itemsize
+    total = sum(storages.values()) + packed + b_slot_views
+    assert total == slots * slot_copy_bytes(in_features, outs, rank, dtype.itemsize)
 
 
-@pytest.mark.parametrize(("budget", "present"), [(5 * EACH + 7, True), (None, False)])
+@pytest.mark.parametrize(("budget", "present"), [(FIXED + 5 * EACH + 7, True), (None, False)])
 def test_the_metrics_show_the_sizes_and_the_budget_split(tmp_path: Path, budget: int | None, present: bool) -> None:
     from prometheus_client import CollectorRegistry, generate_latest
 
@@ -225,4 +260,5 @@ def test_the_metrics_show_the_sizes_and_the_budget_split(tmp_path: Path, budget:
         if line.startswith(prefix)
     }
     expected = {"slot_buffers": 5 * SLOT_BF16, "slot_copies": 5 * COPIES_BF16, "host_cache": 5 * ADAPTER, "unused": 7}
+    expected |= {"lora_scratch": 64 << 20, "lora_primitives": FIXED - (64 << 20)}
     assert parts == (expected if present else {})

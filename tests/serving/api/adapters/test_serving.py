@@ -30,7 +30,14 @@ from tests.serving.test_store import write_config
 OWNERS = {"medical": "hospital", "Zeta": None, "code": None, "legal": "lawfirm", "a1": None}
 NAMES = sorted(OWNERS)  # ['Zeta', 'a1', 'code', 'legal', 'medical']
 SPLIT = MemorySplit(
-    budget_bytes=1000, adapter_bytes=10, slot_buffer_bytes=10, slot_copy_bytes=90, max_loras=2, max_cpu_loras=70
+    budget_bytes=1000,
+    adapter_bytes=10,
+    slot_buffer_bytes=10,
+    slot_copy_bytes=90,
+    max_loras=2,
+    max_cpu_loras=70,
+    scratch_bytes=40,
+    primitive_bytes=30,
 )
 
 
@@ -148,6 +155,13 @@ def test_the_cache_view_shows_the_sizes_and_the_budget_split(served) -> None:
     assert cache.sizing["engine.max_loras"].reason == "a full batch"
     assert cache.memory is not None
     assert (cache.memory.budget_bytes, cache.memory.slot_buffer_bytes, cache.memory.slot_copy_bytes) == (1000, 10, 90)
-    assert cache.memory.parts == {"slot_buffers": 20, "slot_copies": 180, "host_cache": 700, "unused": 100}
+    assert cache.memory.parts == {
+        "slot_buffers": 20,
+        "slot_copies": 180,
+        "host_cache": 700,
+        "lora_scratch": 40,
+        "lora_primitives": 30,
+        "unused": 30,
+    }
     engine.sizing = EngineSizing(engine.sizing.dtype, engine.sizing.max_loras, engine.sizing.max_cpu_loras)
     assert page(serving, 1, None).cache.memory is None  # no budget configured
