@@ -19,9 +19,9 @@ a slot's weights change:
 * compact copies for a set of slots (``compact``): the present slots' ``a``
   and ``b`` rows side by side, (W, in) and (W, out), so a mixed decode
   batch runs one shrink and one expand whose size is set by the P slots
-  present in the step, never by the S slots allocated. Never packed: their
-  widths change with the adapters present, and every packed shape costs
-  host memory for good (``PACK_ROWS``).
+  present in the step, never by the S slots allocated. Packed for the
+  first few shapes only (``COMPACT_PACKED_SHAPES``): their widths change with
+  the adapters present, and every packed shape costs host memory for good.
 
 Rank-aware: every slot is ``max_lora_rank`` rows per slice wide here, as in
 vLLM, but an adapter of rank r fills only the first r of them (the rest are
@@ -70,9 +70,16 @@ PACK_AFTER_CALLS = 3
 # packed call runs at the next of PACK_ROWS (its rows padded through a scratch copy, ``_PADS``), and a
 # per-slot matmul's width is its rank rounded up to a power of two from MIN_PACKED_RANK to max_lora_rank
 # (``packed_rank``; the rows past the rank are zero). Compact sets (their widths follow the adapters present)
-# are never packed. ``packed_matmul_bytes`` is the bound; ``serving.sizing`` charges it to the budget.
+# pack only the first COMPACT_PACKED_SHAPES shapes (K, N, dtype) met in the process, and only shapes no wider
+# than their layer (``compact_matmul_bytes``); later ones run on torch.mm. ``packed_matmul_bytes`` and
+# ``compact_matmul_bytes`` are the bound; ``serving.sizing`` charges them to the budget.
 PACK_ROWS = (4, 8, 16, 32, 64)
 MIN_PACKED_RANK = 8
+# A mix of adapters present recurs for many decode steps (its requests share the batch), and its compact set
+# runs 1.8-3.4x slower on torch.mm than packed (float32, one TinyLlama layer, loaded); with adapters of a few
+# ranks the widths, and so the shapes, repeat (zipf-8 in 4 slots: 3-4 widths per linear). Past this many
+# shapes a rotation over ever-new widths runs its compact sets unpacked instead of compiling without end.
+COMPACT_PACKED_SHAPES = 32
 # Compact sets kept per linear, the oldest built dropped first: the set now
 # and the one before (a step that adds a request's prefill, then decode goes
 # on without it). Each holds a copy of its P present slots' weights: at most
@@ -123,6 +130,14 @@ def packed_matmul_bytes(in_features: int, slice_outs: tuple[int, ...], max_rank:
     return total
 
 
+def compact_matmul_bytes(max_features: int, dtype_bytes: int) -> int:
+    """Host memory packed compact sets can add at most, process-wide: ``COMPACT_PACKED_SHAPES`` shapes, each
+    with K and N at most ``max_features`` (the widest linear's in or out features), at every row count of
+    ``PACK_ROWS``, plus their padding buffers."""
+    per_shape = len(PACK_ROWS) * primitive_bytes(max_features) + PACK_MAX_ROWS * 2 * max_features * dtype_bytes
+    return COMPACT_PACKED_SHAPES * per_shape
+
+
 def slot_copy_bytes(in_features: int, slice_outs: tuple[int, ...], rank: int, dtype_bytes: int) -> int:
     """Host memory one slot of a :class:`FusedLinear` can hold at most, packed matmuls included.
 
@@ -131,14 +146,14 @@ def slot_copy_bytes(in_features: int, slice_outs: tuple[int, ...], rank: int, dt
     one per compact set (``COMPACT_SETS``); block-diagonal ``b`` (R x O) three
     times: the fused copy, ``b_slot``'s rows (a copy when narrower than the slot)
     and once per compact set; ``b_parts`` (rank x O) once; and the two per-slot
-    ``Gemm`` weights once more as the oneDNN handle's packed copy (counted at
-    the weight's own size; compact sets are never packed). Summed for every slot
+    ``Gemm`` weights, and the compact sets' (when their shape packs), once more
+    as the oneDNN handle's packed copy (counted at the weight's own size). Summed for every slot
     of every LoRA linear, this bounds what these copies add to vLLM's own slot
     buffers; ``serving.sizing`` charges it to ``store.memory_budget_bytes``.
     """
     r_total, out_total = len(slice_outs) * rank, sum(slice_outs)
-    a_copies = (2 + COMPACT_SETS) + 1  # tensors, then a_slot's packed handle
-    b_copies = (2 + COMPACT_SETS) + 1  # fused b, b_slot's rows and the sets' copies, then b_slot's packed handle
+    a_copies = (2 + COMPACT_SETS) + (1 + COMPACT_SETS)  # tensors, then packed handles of a_slot and the sets
+    b_copies = (2 + COMPACT_SETS) + (1 + COMPACT_SETS)  # fused b, b_slot's rows, the sets; then packed handles
     elements = a_copies * r_total * in_features + b_copies * r_total * out_total + rank * out_total
     return elements * dtype_bytes
 
@@ -158,6 +173,22 @@ _PADS: dict[tuple[str, int, torch.dtype], torch.Tensor] = {}
 never read back."""
 _PACKED_KEYS: set[tuple[int, int, torch.dtype, int]] = set()
 """(K, N, dtype, rows) of every packed call made in this process: the primitives compiled for them."""
+
+
+_COMPACT_SHAPES: set[tuple[int, int, torch.dtype]] = set()
+"""(K, N, dtype) of the compact sets' matmuls allowed to pack: the first ``COMPACT_PACKED_SHAPES`` met."""
+
+
+def _compact_packs(k: int, n: int, dtype: torch.dtype, widest: int) -> bool:
+    """May a compact set's (K, N) matmul be packed? Yes for a shape already admitted, or while there is room
+    and the shape is no wider than its layer (``widest``: what ``compact_matmul_bytes`` charges per shape)."""
+    key = (k, n, dtype)
+    if key in _COMPACT_SHAPES:
+        return True
+    if len(_COMPACT_SHAPES) >= COMPACT_PACKED_SHAPES or max(k, n) > widest:
+        return False
+    _COMPACT_SHAPES.add(key)
+    return True
 
 
 def packed_keys() -> frozenset[tuple[int, int, torch.dtype, int]]:
@@ -395,5 +426,9 @@ class FusedLinear:
             flat = torch.cat([s * self.rank + self._rows(self.slot_rows(s)) for s in present])
             a = torch.index_select(self.a.view(-1, self.a.shape[-1]), 0, flat)  # (sum W, in)
             b = torch.index_select(self.b.view(-1, self.out_features), 0, flat)  # (sum W, out)
-            pair = self._compact[present] = Compact(Gemm(a.t(), packed=False), Gemm(b, packed=False), widths)
+            (width, k), n = a.shape, self.out_features
+            widest = max(k, n)
+            shrink = Gemm(a.t(), packed=_compact_packs(k, width, self.dtype, widest))
+            expand = Gemm(b, packed=_compact_packs(width, n, self.dtype, widest))
+            pair = self._compact[present] = Compact(shrink, expand, widths)
         return pair

@@ -44,7 +44,9 @@ metric. An explicit value in the config is always honoured.
   primitives vLLM compiles for their packed matmuls, one per weight shape and
   row count (~300 KiB each), kept by vLLM's and oneDNN's process-wide caches
   for good. Those shapes are a fixed set per linear shape (layers share
-  them; ``lora_ops.fused.packed_matmul_bytes``), so they are charged once.
+  them; ``lora_ops.fused.packed_matmul_bytes``), so they are charged once,
+  plus the first few shapes of the per-step compact sets
+  (``lora_ops.fused.compact_matmul_bytes``).
   A slot is charged its own host-cache adapter too (``max_cpu_loras >=
   max_loras``), and slots come first: a full batch is worth more than a
   longer LRU. On a GPU the slots and the LoRA ops cost no host memory, so
@@ -79,7 +81,7 @@ from adapter_store import (
     cpu_loras_for_budget,
     max_adapter_bytes_in_memory,
 )
-from lora_ops.fused import SCRATCH_MAX_BYTES, packed_matmul_bytes, slot_copy_bytes
+from lora_ops.fused import SCRATCH_MAX_BYTES, compact_matmul_bytes, packed_matmul_bytes, slot_copy_bytes
 from serving.config import ConfigError, DType, Settings
 
 logger = logging.getLogger(__name__)
@@ -231,6 +233,7 @@ def _costs(settings: Settings, spec: BaseModelSpec, dtype: str, hardware: Hardwa
     linears = [(shapes[group[0]][0], tuple(shapes[m][1] for m in group)) for group in FUSED_LINEARS]
     per_layer = sum(slot_copy_bytes(fan_in, outs, rank, dtype_bytes) for fan_in, outs in linears)
     primitives = sum(packed_matmul_bytes(fan_in, outs, rank, dtype_bytes) for fan_in, outs in linears)  # per shape
+    primitives += compact_matmul_bytes(max(max(fan_in, sum(outs)) for fan_in, outs in linears), dtype_bytes)
     slot_buffers = adapter_tensor_bytes(spec, rank, dtype)
     return _Costs(budget, adapter, slot_buffers, per_layer * spec.num_hidden_layers, SCRATCH_MAX_BYTES, primitives)
 

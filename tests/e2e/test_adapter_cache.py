@@ -82,12 +82,13 @@ def slot_copies_in_memory(base: Path, rank: int, dtype_bytes: int) -> int:
 
 def lora_ops_fixed_in_memory(base: Path, rank: int, dtype_bytes: int) -> int:
     """What the CPU LoRA ops keep whatever the adapters: scratch, and per linear shape the packed matmuls'
-    primitives (lora_ops.punica_cpu, lora_ops.fused)."""
-    from lora_ops.fused import SCRATCH_MAX_BYTES, packed_matmul_bytes
+    primitives, and the compact sets' first shapes (lora_ops.punica_cpu, lora_ops.fused)."""
+    from lora_ops.fused import SCRATCH_MAX_BYTES, compact_matmul_bytes, packed_matmul_bytes
 
     hidden, inter, _, q, kv = _shapes(base)
     linears = [(hidden, (q, kv, kv)), (q, (hidden,)), (hidden, (inter, inter)), (inter, (hidden,))]
-    return SCRATCH_MAX_BYTES + sum(packed_matmul_bytes(fan_in, outs, rank, dtype_bytes) for fan_in, outs in linears)
+    compact = compact_matmul_bytes(max(max(fan_in, sum(outs)) for fan_in, outs in linears), dtype_bytes)
+    return SCRATCH_MAX_BYTES + compact + sum(packed_matmul_bytes(f, outs, rank, dtype_bytes) for f, outs in linears)
 
 
 @dataclass

@@ -4,10 +4,11 @@ Each packed call compiles a oneDNN primitive per (K, N, dtype, rows) the
 first time, ~300 KiB, which vLLM's per-shape cache and oneDNN's process-wide
 cache keep after the handler is gone. So a rotation through adapters of many
 ranks and ever-changing sets of adapters present may only reach the fixed
-set of keys that ``fused.packed_matmul_bytes`` charges to the memory budget,
+set of keys that ``fused.packed_matmul_bytes`` charges to the memory budget
+(plus the first ``COMPACT_PACKED_SHAPES`` compact-set shapes, ``compact_matmul_bytes``),
 and in a fresh interpreter a long rotation's RSS stops growing once those
 are compiled. (Before: compact sets were packed at every width the adapters
-present gave, and every row count was its own key.)
+present gave, without end, and every row count was its own key.)
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ def _mixed_steps(rng: random.Random, slots: int, most: int, hold: int = 12) -> l
 def test_a_rotation_over_ranks_and_mixes_packs_only_the_fixed_shapes(vllm_world, monkeypatch) -> None:  # noqa: F811
     monkeypatch.setattr(fused, "PACK_AFTER_CALLS", 1)
     monkeypatch.setattr(fused, "_PACKED_KEYS", set())
+    monkeypatch.setattr(fused, "_COMPACT_SHAPES", set())
+    monkeypatch.setattr(fused, "COMPACT_PACKED_SHAPES", 6)
     rng = random.Random(0)
     layer = _Layer("qkv")  # 3 slots of max rank 32, 3 slices
     for slot in range(3):
@@ -56,11 +59,14 @@ def test_a_rotation_over_ranks_and_mixes_packs_only_the_fixed_shapes(vllm_world,
         for rows in fused.PACK_ROWS
     }
     keys = fused.packed_keys()
-    assert keys <= allowed, sorted(keys - allowed)[:10]
-    assert len(keys) >= 8  # the rotation did pack: the check above is not vacuous
+    compact = {(k, n, dtype) for k, n, dtype, _ in keys - allowed}  # the compact sets' shapes: the first 6 met
+    assert len(compact) == 6 and all(max(k, n) <= max(fan_in, out) for k, n, _ in compact), sorted(compact)
+    assert len(keys & allowed) >= 8  # the rotation did pack per-slot matmuls: the check above is not vacuous
     assert fused.packed_ranks(MAX_RANK) == (8, 16, 32)  # what the charge below counts
     primitives = sum(fused.primitive_bytes(n) for _, n, _, _ in allowed)
     assert primitives <= fused.packed_matmul_bytes(fan_in, tuple(layer.layer.output_slices), MAX_RANK, 4)
+    compact_primitives = sum(fused.primitive_bytes(n) for _, n, _, _ in keys - allowed)
+    assert compact_primitives <= fused.compact_matmul_bytes(max(fan_in, out), 4)
 
 
 ROTATION = """

@@ -61,18 +61,18 @@ SLOT_BF16 = 2 * PER_ADAPTER_PER_BYTE  # one slot of the tiny base in bf16 (vLLM'
 # one host-cache adapter: the same data, plus what its 28 tensors (A, B x 7 modules x 2 layers) and it cost beside it
 ADAPTER = SLOT_BF16 + 28 * TENSOR_OVERHEAD_BYTES + ADAPTER_OVERHEAD_BYTES
 # lora_ops' copies of one slot (lora_ops/fused.py): per fused linear with R = slices x 16, O = sum of outs,
-# 5 x R x in + 5 x R x O + 16 x O elements (a: fused, a_slot, 2 compact sets, a_slot packed; b: fused, b_slot,
-# 2 sets, b_slot packed; compact sets are never packed).
+# 7 x R x in + 7 x R x O + 16 x O elements (a: fused, a_slot, 2 compact sets, then a_slot's and the 2 sets'
+# packed copies; b likewise).
 # Tiny base (hidden 128, q 128, kv 64, intermediate 256): qkv R 48 in 128 O 256, o R 16 in 128 O 128,
 # gate_up R 32 in 128 O 512, down R 16 in 256 O 128; 2 layers, 2 bytes.
 COPIES_BF16 = (
     2
     * 2
     * (
-        (5 * 48 * 128 + 5 * 48 * 256 + 16 * 256)
-        + (5 * 16 * 128 + 5 * 16 * 128 + 16 * 128)
-        + (5 * 32 * 128 + 5 * 32 * 512 + 16 * 512)
-        + (5 * 16 * 256 + 5 * 16 * 128 + 16 * 128)
+        (7 * 48 * 128 + 7 * 48 * 256 + 16 * 256)
+        + (7 * 16 * 128 + 7 * 16 * 128 + 16 * 128)
+        + (7 * 32 * 128 + 7 * 32 * 512 + 16 * 512)
+        + (7 * 16 * 256 + 7 * 16 * 128 + 16 * 128)
     )
 )
 
@@ -91,6 +91,8 @@ def _primitives(fan_in: int, outs: tuple[int, ...]) -> int:
 
 FIXED = (64 << 20) + _primitives(128, (128, 64, 64)) + _primitives(128, (128,))
 FIXED += _primitives(128, (256, 256)) + _primitives(256, (128,))
+# ... and the first 32 compact-set shapes, each at most as wide as the widest linear (gate_up's 512 outputs).
+FIXED += 32 * (5 * ((320 << 10) + 40 * 512) + 64 * 2 * 512 * 2)
 SLOT_COST = SLOT_BF16 + COPIES_BF16  # host memory of one slot on the CPU
 EACH = SLOT_COST + ADAPTER  # a slot and its own host-cache adapter
 GPU_200 = Hardware("gpu", AVX2, 200 * SLOT_BF16)  # 200 slots of memory x 0.5 x 0.1 = 10 slots
@@ -217,7 +219,7 @@ def test_detect_hardware_reads_the_cpu_flags(tmp_path: Path, text: str, flags: s
 @pytest.mark.parametrize(("in_features", "outs", "rank", "slots"), [(128, (128, 64, 64), 16, 3), (256, (128,), 8, 5)])
 def test_slot_copy_bytes_is_what_the_fused_copies_take(in_features: int, outs: tuple[int, ...], rank, slots) -> None:
     """Every slot's copies built (fused, per-slot matmuls, two compact sets of all slots): the tensors they hold,
-    plus one packed oneDNN copy per per-slot matmul weight (compact sets are never packed), are exactly
+    plus one packed oneDNN copy per matmul weight (per-slot and compact sets alike), are exactly
     ``slot_copy_bytes`` a slot, less ``b_slot``'s rows: a view here (the slot's full rank), a copy for a
     narrower adapter."""
     import torch
@@ -235,7 +237,7 @@ def test_slot_copy_bytes_is_what_the_fused_copies_take(in_features: int, outs: t
         gemms += [compact.shrink, compact.expand]
     held = [fused.a, fused.b, *fused.b_parts, *(g.w for g in gemms)]
     storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in held}
-    packed = sum(g.w.nbytes for g in per_slot)
+    packed = sum(g.w.nbytes for g in gemms)
     b_slot_views = slots * len(outs) * rank * sum(outs) * dtype.itemsize
     total = sum(storages.values()) + packed + b_slot_views
     assert total == slots * slot_copy_bytes(in_features, outs, rank, dtype.itemsize)
