@@ -23,7 +23,8 @@ def test_what_start_up_leaves_alive_is_not_scanned_and_its_garbage_is_collected_
     try:
         frozen = freeze_startup_heap()
         assert gone() is None  # collected before the freeze: a frozen cycle would never be
-        assert frozen == gc.get_freeze_count() >= len(kept)
+        # (a frozen object that dies leaves the count, so it may have shrunk since: not compared exactly)
+        assert frozen >= len(kept) and gc.get_freeze_count() >= len(kept)
         scanned = {id(o) for o in gc.get_objects()}  # what a full collection walks
         assert not any(id(node) in scanned for node in kept)
     finally:
