@@ -8,7 +8,7 @@ import subprocess
 import sys
 import time
 
-from tests.conftest import EngineCounter
+from tests.conftest import REPO, EngineCounter
 
 # Stand-ins under names of their own, so that the session's counter does not count them: a process titled
 # like vLLM's engine process, living long enough to be seen.
@@ -37,12 +37,24 @@ def test_counts_engine_processes_and_in_process_engines_once_each() -> None:
     assert seconds >= 1.5
 
 
+# Run in a fresh interpreter: the counter adds up every descendant of its process, and a pytest worker's own
+# descendants include the session's servers.
+CPU_PROBE = f"""
+import subprocess, sys
+from tests.conftest import REPO, EngineCounter
+counter = EngineCounter({TITLE!r}, {VARIABLE!r})
+children = [subprocess.Popen([sys.executable, "-c", {BUSY!r}]), subprocess.Popen([sys.executable, "-c", {PLAIN!r}])]
+for child in children:
+    child.wait(timeout=60)
+_, engines, cpu = counter.stop()
+print(engines, cpu)
+"""
+
+
 def test_adds_up_the_cpu_time_of_every_descendant() -> None:
     """A child burning 1.5 s of CPU (then idle a second, so a poll sees all of it) and a sleeping one."""
-    counter = EngineCounter(TITLE, VARIABLE)
-    children = [subprocess.Popen([sys.executable, "-c", BUSY]), subprocess.Popen([sys.executable, "-c", PLAIN])]
-    for child in children:
-        child.wait(timeout=60)
-    _, engines, cpu = counter.stop()
-    assert engines == 0
-    assert BUSY_S <= cpu < BUSY_S + 1.5  # the busy child's, plus two interpreters' start-up
+    done = subprocess.run([sys.executable, "-c", CPU_PROBE], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-3000:]
+    engines, cpu = done.stdout.split()
+    assert int(engines) == 0
+    assert BUSY_S <= float(cpu) < BUSY_S + 1.5  # the busy child's, plus two interpreters' start-up
