@@ -136,7 +136,7 @@ SHARED_SERVERS: dict[str, tuple[str, ...]] = {
     "server": (
         *(
             f"tests/e2e/test_{name}.py"
-            for name in ("lora_info_metric", "metrics_and_disconnect", "openai_api", "reference", "routing")
+            for name in ("faults", "lora_info_metric", "metrics_and_disconnect", "openai_api", "reference", "routing")
         ),
         "tests/loadtests/test_locust.py",
     ),
@@ -148,6 +148,10 @@ SHARED_SERVERS: dict[str, tuple[str, ...]] = {
 """The modules of each session server or engine (``server`` here; ``secure``, ``limited``, ``admin`` and the script run
 ``project_engine`` in tests/e2e/conftest.py)."""
 _UNIT_OF = {module: server for server, modules in SHARED_SERVERS.items() for module in modules}
+SERVER_ENDERS = ("tests/e2e/test_faults.py",)
+"""Modules whose tests leave their session server unusable (test_faults.py kills the engine of ``server``): they
+run after every other test of the run, so after every test of their server, whatever subset is run and however
+it is split among workers. The server's last job saves a start of its own."""
 
 
 def _unit(nodeid: str) -> str:
@@ -169,8 +173,8 @@ class SharedServerScheduling(LoadFileScheduling):
 def pytest_xdist_make_scheduler(config: pytest.Config, log) -> LoadFileScheduling | None:
     if config.getvalue("dist") != "loadfile":
         return None
-    missing = [module for module in _UNIT_OF if not (REPO / module).is_file()]
-    assert not missing, f"SHARED_SERVERS names modules that do not exist: {missing}"
+    missing = [module for module in (*_UNIT_OF, *SERVER_ENDERS) if not (REPO / module).is_file()]
+    assert not missing, f"SHARED_SERVERS or SERVER_ENDERS name modules that do not exist: {missing}"
     return SharedServerScheduling(config, log)
 
 
@@ -184,6 +188,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     collection order within each. The quick units (the unit tests: seconds each, minutes in all) fill
     the end, so that whichever worker finishes its last long unit first takes them while the other
     still runs its own, and the two finish within seconds of each other instead of one engine unit.
+    The tests of ``SERVER_ENDERS`` go last of all: a worker takes a unit at its first test, so their
+    unit keeps its place, and they run after the rest of it.
     """
     units = [_unit(item.nodeid) for item in items]
     needs_demo = {unit for unit, item in zip(units, items) if "demo_assets" in getattr(item, "fixturenames", ())}
@@ -200,7 +206,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         return (2 if unit in needs_demo else 1), length
 
     ranks = {unit: rank(unit) for unit in units}
-    items.sort(key=lambda item: ranks[_unit(item.nodeid)])  # stable: collection order within a rank
+    ends = {item.nodeid: item.nodeid.partition("::")[0] in SERVER_ENDERS for item in items}
+    # stable: collection order within a rank
+    items.sort(key=lambda item: (ends[item.nodeid], ranks[_unit(item.nodeid)]))
 
 
 @pytest.hookimpl(trylast=True)  # the last lines of the run, after pytest's own summaries
