@@ -1,0 +1,39 @@
+"""The run order of tests/conftest.py: a module that leaves its session server unusable runs after every other test.
+
+Checked on stand-in items (a node id, fixtures, markers: all the ordering reads), so no run is needed to see it;
+the real run's order is the same function on the collected items."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import cast
+
+import pytest
+
+from tests.conftest import SERVER_ENDERS, SHARED_SERVERS, pytest_collection_modifyitems
+
+
+@dataclass
+class StandIn:
+    nodeid: str
+    fixturenames: tuple[str, ...] = ("demo_assets",)
+    markers: tuple[str, ...] = ("engine",)
+
+    def get_closest_marker(self, name: str) -> object | None:
+        return name if name in self.markers else None
+
+
+def order(nodeids: list[str]) -> list[str]:
+    items = [StandIn(nodeid) for nodeid in nodeids]
+    pytest_collection_modifyitems(cast(pytest.Config, None), cast(list[pytest.Item], items))
+    return [item.nodeid for item in items]
+
+
+@pytest.mark.parametrize("ender", SERVER_ENDERS)
+def test_a_server_ender_runs_after_every_other_test_of_the_run(ender: str) -> None:
+    unit = next(name for name, modules in SHARED_SERVERS.items() if ender in modules)  # on its server's worker
+    companions = [f"{module}::test_{i}" for i, module in enumerate(SHARED_SERVERS[unit]) if module != ender]
+    collected = [f"{ender}::test_kill", *companions, "tests/e2e/test_fuzz.py::test_other_unit", "tests/x.py::test_z"]
+    ordered = order(collected)
+    assert ordered[-1] == f"{ender}::test_kill", ordered
+    assert sorted(ordered) == sorted(collected)
