@@ -342,7 +342,8 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
 def server(demo_assets, tmp_path_factory) -> Iterator[RunningServer]:
     """One real server for the session, configured like configs/dev.yaml (max_loras=2).
 
-    ``make test`` runs the modules that use it on one worker (``SHARED_SERVERS``), so it starts once."""
+    ``make test`` runs the modules that use it on one worker (``SHARED_SERVERS``), so it starts once; its last
+    test kills its engine (test_faults.py, one of ``SERVER_ENDERS``)."""
     running = start_server(demo_config(demo_assets), tmp_path_factory.mktemp("server"))
     yield running
     retire_server(running)

@@ -3,10 +3,10 @@
 Both leave the server unusable, and a server start is the costliest step of
 the suite, so the SIGTERM check runs where a server is replaced anyway: it is
 how test_adapter_admin.py's restart test stops the ``admin`` server (a pod
-told to stop). The engine-death check has a server of its own
-(test_faults.py). Every wait polls under a deadline, and the request that must
-be in flight when the fault hits is seen running in the engine (/metrics)
-first.
+told to stop). The engine-death check (test_faults.py) is the last job of
+the session ``server``, after every other test of the run. Every wait polls
+under a deadline, and the request that must be in flight when the fault hits
+is seen running in the engine (/metrics) first.
 """
 
 from __future__ import annotations
