@@ -13,9 +13,11 @@ README's "Running a fleet" promises is checked here:
   old version, on either replica, while each serves the new one (each answer
   is identified by its greedy text, which differs between the two versions'
   files);
-- replica B restarted on an empty disk (a new pod) still has everything: the
-  uploads' only copies are objects in the bucket (files, then a completion
-  marker), and a version deleted through B leaves none behind;
+- replica B started on an empty disk (a new pod) after uploads through A
+  still has everything: the uploads' only copies are objects in the bucket
+  (files, then a completion marker), and a version deleted through B leaves
+  none behind (B starts at its first use, so this check, the module's first,
+  is B's first start; run after B served, it restarts B on a wiped disk);
 - with PostgreSQL stopped, adapters both replicas know keep being served,
   even one that B was never asked for and whose files it never held (it is in
   the listing B keeps read, and its files are in the bucket); ``/v1/models``
@@ -39,7 +41,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -69,24 +71,37 @@ ENGINE_TIERS = {"slot", "host"}  # loraserve_adapter_loaded tiers in the engine 
 @dataclass
 class Fleet:
     a: RunningServer
-    b: RunningServer
+    b_config: dict
     workdir: Path
     demo: DemoAssets
     postgres: PostgresCluster
     env: dict[str, str]
     s3: str  # the S3 API's endpoint
+    started_b: RunningServer | None = None
+    starting_b: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def b(self) -> RunningServer:
+        """Replica B, started at its first use (a test's requests from several threads start it once)."""
+        with self.starting_b:
+            if self.started_b is None:
+                self.started_b = start_server(self.b_config, Path(self.b_config["store"]["root"]).parent, self.env)
+            return self.started_b
 
     def objects(self, digest: str) -> set[str]:
         """The bucket's keys of one upload: its files under ``uploads/<digest>/`` and its completion marker."""
         listed = boto3.client("s3", endpoint_url=self.s3).list_objects_v2(Bucket=BUCKET, Prefix=f"uploads/{digest}")
         return {o["Key"].removeprefix(f"uploads/{digest}") for o in listed.get("Contents", [])}
 
-    def restart_b(self, *, wipe: bool) -> None:
-        """Stop B and start it again; ``wipe``: on an empty store root, as a rescheduled pod has."""
-        stop_server(self.b)
-        if wipe:
-            shutil.rmtree(Path(self.b.config["store"]["root"]))
-        self.b = start_server(self.b.config, Path(self.b.config["store"]["root"]).parent, self.env)
+    def b_on_an_empty_disk(self) -> RunningServer:
+        """B as a rescheduled pod has it: started now on its empty store root, or, had it started, stopped, its
+        store root wiped and started again. A first start is that start less a stop (an engine start fewer)."""
+        with self.starting_b:
+            if self.started_b is not None:
+                stop_server(self.started_b)
+                shutil.rmtree(Path(self.b_config["store"]["root"]))
+                self.started_b = None
+        return self.b
 
 
 def _without_password(url: str) -> str:
@@ -116,29 +131,17 @@ def fleet(demo_assets, postgres: PostgresCluster, s3_server: str, tmp_path_facto
     env = {"PGPASSWORD": PASSWORD}
     workdir = tmp_path_factory.mktemp("fleet")
     configs = {r: _replica_config(demo_assets, workdir / r, registry, s3_server) for r in ("a", "b")}
-    started: dict[str, RunningServer] = {}
-    errors: list[BaseException] = []
-
-    def start(replica: str) -> None:  # both at once: two replicas migrating one empty database together
+    for replica in configs:
         (workdir / replica).mkdir()
-        try:
-            started[replica] = start_server(configs[replica], workdir / replica, env)
-        except BaseException as e:  # re-raised below, after both attempts
-            errors.append(e)
-
-    threads = [threading.Thread(target=start, args=(r,)) for r in configs]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    if errors:
-        for server in started.values():
-            stop_server(server)
-        raise errors[0]
-    state = Fleet(started["a"], started["b"], workdir, demo_assets, postgres, env, s3_server)
+    # B starts at its first use: replicas opening an empty database together are tests/adapter_store's
+    # (test_registry_fleet.py), and a start here would be restarted by the empty-disk check.
+    state = Fleet(
+        start_server(configs["a"], workdir / "a", env), configs["b"], workdir, demo_assets, postgres, env, s3_server
+    )
     yield state
     retire_server(state.a)
-    retire_server(state.b)
+    if state.started_b is not None:
+        retire_server(state.started_b)
 
 
 def generate(url: str, model: str) -> httpx.Response:
@@ -206,6 +209,24 @@ def adapters(url: str) -> dict[str, tuple[dict, list[str]]]:
     response = httpx.get(f"{url}/v1/adapters", timeout=30)
     assert response.status_code == 200, response.text
     return {a["name"]: (a["aliases"], [v["id"] for v in a["versions"]]) for a in response.json()["data"]}
+
+
+def test_a_replica_started_on_an_empty_disk_has_everything(fleet: Fleet) -> None:
+    """The module's first test: B's first start (later: a restart on a wiped disk)."""
+    name = unique("kept")
+    first = upload(fleet, fleet.a.url, name, "code")
+    second = upload(fleet, fleet.a.url, name, "medical", scale=1.001)  # files no other version shares
+    assert set_alias(fleet.a.url, name, "stable", first).status_code == 200
+    expected = {m: text(fleet.a.url, m) for m in (name, f"{name}@stable")}
+    assert expected[name] != expected[f"{name}@stable"]
+    assert fleet.objects(second) == {"/adapter_config.json", "/adapter_model.safetensors", ".complete"}
+    before = adapters(fleet.a.url)
+    b = fleet.b_on_an_empty_disk()  # the uploads' only copies are in the bucket
+    assert adapters(b.url) == before
+    assert {m: text(fleet.b.url, m) for m in expected} == expected
+    response = httpx.delete(f"{fleet.b.url}/v1/adapters/{name}@{second}", timeout=60)
+    assert response.status_code == 200, response.text
+    assert fleet.objects(second) == set()  # its last version gone, the upload goes too
 
 
 def test_a_registration_and_an_upload_through_one_replica_are_served_by_the_other_within_a_second(
@@ -276,23 +297,6 @@ def test_an_alias_flip_under_load_fails_nothing_and_serves_the_new_version_withi
         f"\nfleet: alias flip under load: {len(answers)} requests, 0 failed; {len(late_old)} started after the "
         f"acknowledgement got the old version (the latest {max(late_old, default=0.0) * 1000:.0f} ms after it)"
     )
-
-
-def test_a_replica_restarted_on_an_empty_disk_has_everything(fleet: Fleet) -> None:
-    name = unique("kept")
-    first = upload(fleet, fleet.a.url, name, "code")
-    second = upload(fleet, fleet.a.url, name, "medical", scale=1.001)  # files no other version shares
-    assert set_alias(fleet.a.url, name, "stable", first).status_code == 200
-    expected = {m: text(fleet.a.url, m) for m in (name, f"{name}@stable")}
-    assert expected[name] != expected[f"{name}@stable"]
-    assert fleet.objects(second) == {"/adapter_config.json", "/adapter_model.safetensors", ".complete"}
-    before = adapters(fleet.a.url)
-    fleet.restart_b(wipe=True)  # the uploads' only copies are now in the bucket
-    assert adapters(fleet.b.url) == before
-    assert {m: text(fleet.b.url, m) for m in expected} == expected
-    response = httpx.delete(f"{fleet.b.url}/v1/adapters/{name}@{second}", timeout=60)
-    assert response.status_code == 200, response.text
-    assert fleet.objects(second) == set()  # its last version gone, the upload goes too
 
 
 def test_serving_survives_a_registry_outage_and_admin_calls_recover(fleet: Fleet) -> None:
