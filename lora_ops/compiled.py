@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import itertools
 import weakref
+from collections.abc import Sequence
 from typing import Protocol
 
 import torch
@@ -34,10 +35,10 @@ class EagerLoRA(Protocol):
         self,
         y: torch.Tensor,
         x: torch.Tensor,
-        lora_a_stacked: tuple[torch.Tensor, ...],
-        lora_b_stacked: tuple[torch.Tensor, ...],
+        lora_a_stacked: Sequence[torch.Tensor],
+        lora_b_stacked: Sequence[torch.Tensor],
         scale: float,
-        output_slices: tuple[int, ...],
+        output_slices: Sequence[int],
     ) -> None: ...
 
     def eager_lora_embedding(
@@ -100,7 +101,7 @@ def _lora_linear(
     wrapper: int,
 ) -> None:
     """``y += LoRA(x)`` for the current step's tokens: the wrapper's eager ``add_lora_linear``."""
-    _wrapper(wrapper).eager_lora_linear(y, x, tuple(lora_a), tuple(lora_b), scale, tuple(output_slices))
+    _wrapper(wrapper).eager_lora_linear(y, x, lora_a, lora_b, scale, output_slices)
 
 
 def _lora_linear_fake(y, x, lora_a, lora_b, scale, output_slices, wrapper) -> None:
