@@ -31,9 +31,11 @@ import torch
 from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
 
 from . import compiled
-from .fused import PACK_MAX_ROWS, SCRATCH_MAX_BYTES, FusedLinear, Gemm
+from .fused import _ROWS_FOR, PACK_MAX_ROWS, SCRATCH_MAX_BYTES, FusedLinear, Gemm
 from .plan import MASKED, NONE, REF_WIDTH, RUNS, StepPlan, build_plan
 from .slots import install as install_slot_resets
+
+_NO_ROWS = torch.empty(0, 0)
 
 
 class LayerStep:
@@ -45,39 +47,51 @@ class LayerStep:
     lookups keyed by tuples, per-slot checks, buffer keys) cost about a third of the call in a profile of
     one adapter at bench_lora's realistic shape. A replay checks only that the call is the one resolved:
     the same weights unwritten (``FusedLinear.matches``), the same rows and scale.
+
+    Rows between two of ``fused.PACK_ROWS`` (a batch of 13): x is copied once into a padded buffer and h
+    and the delta stay padded from shrink to expand (4 ops), where padding each matmul on its own copied
+    in and out around both (7 ops). Rows past the call's own hold finite values and are never read back.
     """
 
-    __slots__ = ("fused", "rows", "scale", "shrink", "expand", "h", "d", "mask")
+    __slots__ = ("fused", "rows", "scale", "shrink", "expand", "x", "x_rows", "h", "h_rows", "d", "d_rows", "mask")
 
     def __init__(
         self,
         fused: FusedLinear,
         rows: int,
         scale: float,
-        matmuls: tuple[Gemm, Gemm] | None,
-        buffers: tuple[torch.Tensor, torch.Tensor] | None = None,
+        matmuls: tuple[Gemm, Gemm] | None = None,
+        buffers: tuple[torch.Tensor | None, torch.Tensor, torch.Tensor] = (None, _NO_ROWS, _NO_ROWS),
         mask: torch.Tensor | None = None,
     ) -> None:
+        """``matmuls``: shrink and expand, None when no slot present targets the layer (calls do nothing);
+        ``buffers``: the padded x (None: unpadded), h and the delta, each with at least ``rows`` rows."""
         self.fused, self.rows, self.scale, self.mask = fused, rows, scale, mask
-        self.shrink: Gemm | None = matmuls[0] if matmuls else None  # None: no slot present targets this layer
+        self.shrink: Gemm | None = matmuls[0] if matmuls else None
         self.expand: Gemm | None = matmuls[1] if matmuls else None
-        self.h: torch.Tensor | None = buffers[0] if buffers else None
-        self.d: torch.Tensor | None = buffers[1] if buffers else None
+        self.x, self.h, self.d = buffers
+        self.x_rows = None if self.x is None else self.x[:rows]
+        self.h_rows, self.d_rows = self.h[:rows], self.d[:rows]
 
     def replays(self, x: torch.Tensor, lora_a: Sequence[torch.Tensor], scale: float) -> bool:
         """Is this call the one resolved (same layer weights, unwritten; same rows, dtype and scale)?"""
         return x.shape[0] == self.rows and scale == self.scale and self.fused.matches(lora_a, x.dtype)
 
     def run(self, y: torch.Tensor, x: torch.Tensor) -> None:
-        """y += ((x @ shrink) * mask * scale) @ expand: 3 ops for one slot, 4 with a mask (a slot mix)."""
-        if self.shrink is None or self.expand is None or self.h is None or self.d is None:
+        """y += ((x @ shrink) * mask * scale) @ expand: 3 ops for one slot, 4 with a mask (a slot mix), one
+        more for padded rows."""
+        if self.shrink is None or self.expand is None:
             return
-        h = self.shrink(x, self.h)
+        if self.x is not None and self.x_rows is not None:
+            self.x_rows.copy_(x)
+            x = self.x
+        self.shrink(x, self.h)
         if self.mask is not None:
-            h.mul_(self.mask)
+            self.h_rows.mul_(self.mask)
         if self.scale != 1.0:
-            h.mul_(self.scale)
-        y.add_(self.expand(h, self.d))
+            self.h_rows.mul_(self.scale)
+        self.expand(self.h, self.d)
+        y.add_(self.d_rows)
 
 
 def _refuse_tracing(op: str) -> None:
@@ -253,12 +267,22 @@ class GroupedPunicaWrapperCPU(PunicaWrapperCPU):
 
     def _one_slot_step(self, fused: FusedLinear, slot: int, n: int, scale: float) -> LayerStep:
         """Decode-sized, one slot: 3 ops (shrink, block-diagonal expand, add)."""
-        shrink, expand = fused.a_slot(slot), fused.b_slot(slot)
-        buffers = (
-            self._buffer("h", n, shrink.w.shape[1], fused.dtype),
-            self._buffer("d", n, fused.out_features, fused.dtype),
-        )
-        return LayerStep(fused, n, scale, (shrink, expand), buffers)
+        return self._step(fused, n, scale, (fused.a_slot(slot), fused.b_slot(slot)))
+
+    def _step(
+        self, fused: FusedLinear, n: int, scale: float, matmuls: tuple[Gemm, Gemm], mask: torch.Tensor | None = None
+    ) -> LayerStep:
+        """A ``LayerStep`` of ``n`` rows with its scratch, padded to the next of ``fused.PACK_ROWS`` (the rows
+        a packed matmul runs at) when ``n`` is decode-sized and between two of them."""
+        shrink, dtype = matmuls[0], fused.dtype
+        padded = _ROWS_FOR[n] if n <= PACK_MAX_ROWS else n
+        x = None
+        if padded != n:
+            x = self._buffer("xp", padded, shrink.w.shape[0], dtype)
+            x[n:].zero_()  # finite values in the rows no call writes
+        h = self._buffer("h", padded, shrink.w.shape[1], dtype)
+        d = self._buffer("d", padded, fused.out_features, dtype)
+        return LayerStep(fused, n, scale, matmuls, (x, h, d), mask)
 
     def _one_slot(self, y, x, fused: FusedLinear, slot: int, scale: float) -> None:
         """y += x @ A[slot].T @ B[slot].T.
@@ -290,12 +314,8 @@ class GroupedPunicaWrapperCPU(PunicaWrapperCPU):
         nonzero = fused.nonzero
         slots = plan.present if fused.all_nonzero else tuple(s for s in plan.present if nonzero[s])
         compact = fused.compact(slots)
-        buffers = (
-            self._buffer("h", n, compact.width, fused.dtype),
-            self._buffer("d", n, fused.out_features, fused.dtype),
-        )
         mask = plan.mask(slots, compact.widths, fused.dtype)
-        return LayerStep(fused, n, scale, (compact.shrink, compact.expand), buffers, mask)
+        return self._step(fused, n, scale, (compact.shrink, compact.expand), mask)
 
     def _gathered(self, y, x, fused: FusedLinear, plan: StepPlan, scale: float) -> None:
         """Active rows gathered in slot order, one shrink + expand per slot,
