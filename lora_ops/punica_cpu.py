@@ -155,7 +155,9 @@ class GroupedPunicaWrapperCPU(PunicaWrapperCPU):
         The widths vary with the adapters present in a step, so a rotation
         through many adapters keeps meeting new shapes: past
         :data:`SCRATCH_MAX_BYTES` every kept buffer is dropped (those in use
-        stay alive until their op returns) and the cache starts over.
+        stay alive until their op returns, those a ``LayerStep`` holds until
+        the plan is replaced: a few, shared by the layers of one shape) and
+        the cache starts over.
         """
         key = (name, rows, cols, dtype) if rows <= 64 else (name, cols, dtype)
         buf = self._scratch.get(key)
