@@ -74,6 +74,8 @@ PACK_AFTER_CALLS = 3
 # than their layer (``compact_matmul_bytes``); later ones run on torch.mm. ``packed_matmul_bytes`` and
 # ``compact_matmul_bytes`` are the bound; ``serving.sizing`` charges them to the budget.
 PACK_ROWS = (4, 8, 16, 32, 64)
+# The PACK_ROWS entry a call of m rows runs at, by m (a lookup, not a search per call).
+_ROWS_FOR = tuple(next((r for r in PACK_ROWS if r >= m), 0) for m in range(PACK_MAX_ROWS + 1))
 MIN_PACKED_RANK = 8
 # A mix of adapters present recurs for many decode steps (its requests share the batch), and its compact set
 # runs 1.8-3.4x slower on torch.mm than packed (float32, one TinyLlama layer, loaded); with adapters of a few
@@ -206,7 +208,7 @@ def _pad(role: str, rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
 class Gemm:
     """``out = x @ w`` for a fixed ``w`` (K, N); ``packed``: through vLLM's oneDNN handler once warm."""
 
-    __slots__ = ("w", "_handler", "_handle", "_small_calls")
+    __slots__ = ("w", "_handler", "_handle", "_small_calls", "_rows_run")
 
     def __init__(self, w: torch.Tensor, packed: bool = True):
         self.w = w.contiguous()  # (K, N); torch.mm on a transposed view was 4x slower at 256 rows
@@ -214,6 +216,7 @@ class Gemm:
         self._handler: CPUDNNLGEMMHandler | Literal[False] | None = None if packed else False
         self._handle: torch.Tensor | None = None
         self._small_calls = 0
+        self._rows_run: set[int] = set()  # PACK_ROWS this handle ran at, each recorded in _PACKED_KEYS once
 
     def _pack(self) -> None:
         ops = _onednn_ops() if self.w.dtype in _ONEDNN_DTYPES else None
@@ -239,8 +242,10 @@ class Gemm:
         # vLLM's op trusts its arguments; a shape slip would read or write out of bounds, so check here.
         (k, n), dtype = self.w.shape, self.w.dtype
         assert x.shape[1] == k and out.shape == (m, n) and x.dtype == out.dtype == dtype
-        rows = next(r for r in PACK_ROWS if r >= m)
-        _PACKED_KEYS.add((k, n, dtype, rows))
+        rows = _ROWS_FOR[m]
+        if rows not in self._rows_run:
+            self._rows_run.add(rows)
+            _PACKED_KEYS.add((k, n, dtype, rows))
         if rows == m and x.is_contiguous() and out.is_contiguous():
             torch.ops._C.onednn_mm(out, x, None, self._handle)
             return out

@@ -24,15 +24,74 @@ loops: correct, one matmul per present slot. ``apply_lora_full_linear``
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
 
 from . import compiled
-from .fused import PACK_MAX_ROWS, SCRATCH_MAX_BYTES, FusedLinear
+from .fused import _ROWS_FOR, PACK_MAX_ROWS, SCRATCH_MAX_BYTES, FusedLinear, Gemm
 from .plan import MASKED, NONE, REF_WIDTH, RUNS, StepPlan, build_plan
 from .slots import install as install_slot_resets
+
+_NO_ROWS = torch.empty(0, 0)
+
+
+class LayerStep:
+    """What one LoRA linear's calls run while a plan lasts: resolved by the layer's first call under the plan
+    (weights fused, slots picked, compact set, mask and scratch looked up), replayed by the next ones.
+
+    Why: the plan of a decode step outlives the step (vLLM updates the metadata only when the mapping or
+    the slot layout changes), and the layer's per-call Python around its two small matmuls (dictionary
+    lookups keyed by tuples, per-slot checks, buffer keys) cost about a third of the call in a profile of
+    one adapter at bench_lora's realistic shape. A replay checks only that the call is the one resolved:
+    the same weights unwritten (``FusedLinear.matches``), the same rows and scale.
+
+    Rows between two of ``fused.PACK_ROWS`` (a batch of 13): x is copied once into a padded buffer and h
+    and the delta stay padded from shrink to expand (4 ops), where padding each matmul on its own copied
+    in and out around both (7 ops). Rows past the call's own hold finite values and are never read back.
+    """
+
+    __slots__ = ("fused", "rows", "scale", "shrink", "expand", "x", "x_rows", "h", "h_rows", "d", "d_rows", "mask")
+
+    def __init__(
+        self,
+        fused: FusedLinear,
+        rows: int,
+        scale: float,
+        matmuls: tuple[Gemm, Gemm] | None = None,
+        buffers: tuple[torch.Tensor | None, torch.Tensor, torch.Tensor] = (None, _NO_ROWS, _NO_ROWS),
+        mask: torch.Tensor | None = None,
+    ) -> None:
+        """``matmuls``: shrink and expand, None when no slot present targets the layer (calls do nothing);
+        ``buffers``: the padded x (None: unpadded), h and the delta, each with at least ``rows`` rows."""
+        self.fused, self.rows, self.scale, self.mask = fused, rows, scale, mask
+        self.shrink: Gemm | None = matmuls[0] if matmuls else None
+        self.expand: Gemm | None = matmuls[1] if matmuls else None
+        self.x, self.h, self.d = buffers
+        self.x_rows = None if self.x is None else self.x[:rows]
+        self.h_rows, self.d_rows = self.h[:rows], self.d[:rows]
+
+    def replays(self, x: torch.Tensor, lora_a: Sequence[torch.Tensor], scale: float) -> bool:
+        """Is this call the one resolved (same layer weights, unwritten; same rows, dtype and scale)?"""
+        return x.shape[0] == self.rows and scale == self.scale and self.fused.matches(lora_a, x.dtype)
+
+    def run(self, y: torch.Tensor, x: torch.Tensor) -> None:
+        """y += ((x @ shrink) * mask * scale) @ expand: 3 ops for one slot, 4 with a mask (a slot mix), one
+        more for padded rows."""
+        if self.shrink is None or self.expand is None:
+            return
+        if self.x is not None and self.x_rows is not None:
+            self.x_rows.copy_(x)
+            x = self.x
+        self.shrink(x, self.h)
+        if self.mask is not None:
+            self.h_rows.mul_(self.mask)
+        if self.scale != 1.0:
+            self.h_rows.mul_(self.scale)
+        self.expand(self.h, self.d)
+        y.add_(self.d_rows)
 
 
 def _refuse_tracing(op: str) -> None:
@@ -96,7 +155,9 @@ class GroupedPunicaWrapperCPU(PunicaWrapperCPU):
         The widths vary with the adapters present in a step, so a rotation
         through many adapters keeps meeting new shapes: past
         :data:`SCRATCH_MAX_BYTES` every kept buffer is dropped (those in use
-        stay alive until their op returns) and the cache starts over.
+        stay alive until their op returns, those a ``LayerStep`` holds until
+        the plan is replaced: a few, shared by the layers of one shape) and
+        the cache starts over.
         """
         key = (name, rows, cols, dtype) if rows <= 64 else (name, cols, dtype)
         buf = self._scratch.get(key)
@@ -139,80 +200,124 @@ class GroupedPunicaWrapperCPU(PunicaWrapperCPU):
         self,
         y: torch.Tensor,
         x: torch.Tensor,
-        lora_a_stacked: tuple[torch.Tensor, ...],
-        lora_b_stacked: tuple[torch.Tensor, ...],
+        lora_a_stacked: Sequence[torch.Tensor],
+        lora_b_stacked: Sequence[torch.Tensor],
         scale: float,
-        output_slices: tuple[int, ...],
+        output_slices: Sequence[int],
     ) -> None:
-        """``add_lora_linear`` for the current step's plan, run as Python (never traced)."""
+        """``add_lora_linear`` for the current step's plan, run as Python (never traced).
+
+        A step without adapter tokens returns at once; a layer's later calls under one plan replay what its
+        first call resolved (``LayerStep``), so they cost the matmuls and little else.
+        """
         plan = self._plan
         if plan.mode == NONE:
             return
-        n = plan.num_tokens
-        if x.shape[0] != n:  # padded batch: rows past the mapping have no adapter
-            x, y = x[:n], y[:n]
+        step = plan.layer_steps.get(id(lora_a_stacked[0]))
+        if step is not None and step.replays(x, lora_a_stacked, scale):
+            step.run(y, x)
+            return
+        self._resolve(y, x, lora_a_stacked, lora_b_stacked, scale, output_slices)
+
+    def _fused_layer(self, lora_a_stacked, lora_b_stacked, output_slices, dtype: torch.dtype) -> FusedLinear:
+        """The layer's fused copy, built on its first call and refreshed after a slot write."""
         fused = self._fused.get(id(lora_a_stacked[0]))
         if fused is None:
             slot_ids = tuple(self._slot_ids)
-            fused = FusedLinear(lora_a_stacked, lora_b_stacked, output_slices, x.dtype, slot_ids)
+            fused = FusedLinear(lora_a_stacked, lora_b_stacked, output_slices, dtype, slot_ids)
             self._fused[id(lora_a_stacked[0])] = fused
             widths = [f.rank * (f.a.shape[-1] + f.out_features) for f in self._fused.values()]
             self._width = sum(widths) / len(widths)  # from the next step's plan on
-        elif not fused.matches(lora_a_stacked, x.dtype):
+        elif not fused.matches(lora_a_stacked, dtype):
             slot_ids = tuple(self._slot_ids)
-            fused.refresh(lora_a_stacked, lora_b_stacked, output_slices, x.dtype, slot_ids)
+            fused.refresh(lora_a_stacked, lora_b_stacked, output_slices, dtype, slot_ids)
+        return fused
+
+    def _resolve(self, y, x, lora_a_stacked, lora_b_stacked, scale: float, output_slices) -> None:
+        """A layer's first call under the plan (or one the plan's ``LayerStep`` does not replay): pick its
+        path and, where the call is a fixed sequence of matmuls, keep it for the next calls."""
+        plan = self._plan
+        n = plan.num_tokens
+        bind = x.shape[0] == n  # a padded batch (rows past the mapping have no adapter) is sliced each call
+        if not bind:
+            x, y = x[:n], y[:n]
+        fused = self._fused_layer(lora_a_stacked, lora_b_stacked, output_slices, x.dtype)
         nonzero = fused.nonzero  # per slot: does its adapter target this layer?
-        if not fused.all_nonzero and not any(nonzero[s] for s in plan.present):
-            return
+        step: LayerStep | None = None
         # Note: running these small matmuls on one OpenMP thread would avoid
         # a fork/join per op, but inside vLLM's CPU worker (threads bound to
         # cores) a set_num_threads(1)/(n) pair costs ~26 us and slows the next
         # base matmul, so the LoRA ops share the worker's thread count.
-        if plan.full_slot >= 0:  # every token on one adapter: no gather, no slicing
+        if not fused.all_nonzero and not any(nonzero[s] for s in plan.present):
+            step = LayerStep(fused, n, scale, None)
+        elif plan.full_slot >= 0 and n <= PACK_MAX_ROWS:  # decode-sized, one adapter: shrink, expand, add
+            step = self._one_slot_step(fused, plan.full_slot, n, scale)
+        elif plan.full_slot >= 0:  # every token on one adapter, prefill-sized
             self._one_slot(y, x, fused, plan.full_slot, scale)
         elif plan.mode == MASKED:
-            self._masked(y, x, fused, plan, scale)
+            step = self._masked_step(fused, plan, n, scale)
         elif plan.mode == RUNS:
             for slot, start, end in plan.runs:
                 if nonzero[slot]:
                     self._one_slot(y[start:end], x[start:end], fused, slot, scale)
         else:
             self._gathered(y, x, fused, plan, scale)
+        if step is not None:
+            step.run(y, x)
+            if bind:
+                plan.layer_steps[id(lora_a_stacked[0])] = step
+
+    def _one_slot_step(self, fused: FusedLinear, slot: int, n: int, scale: float) -> LayerStep:
+        """Decode-sized, one slot: 3 ops (shrink, block-diagonal expand, add)."""
+        return self._step(fused, n, scale, (fused.a_slot(slot), fused.b_slot(slot)))
+
+    def _step(
+        self, fused: FusedLinear, n: int, scale: float, matmuls: tuple[Gemm, Gemm], mask: torch.Tensor | None = None
+    ) -> LayerStep:
+        """A ``LayerStep`` of ``n`` rows with its scratch, padded to the next of ``fused.PACK_ROWS`` (the rows
+        a packed matmul runs at) when ``n`` is decode-sized and between two of them."""
+        shrink, dtype = matmuls[0], fused.dtype
+        padded = _ROWS_FOR[n] if n <= PACK_MAX_ROWS else n
+        x = None
+        if padded != n:
+            x = self._buffer("xp", padded, shrink.w.shape[0], dtype)
+            x[n:].zero_()  # finite values in the rows no call writes
+        h = self._buffer("h", padded, shrink.w.shape[1], dtype)
+        d = self._buffer("d", padded, fused.out_features, dtype)
+        return LayerStep(fused, n, scale, matmuls, (x, h, d), mask)
 
     def _one_slot(self, y, x, fused: FusedLinear, slot: int, scale: float) -> None:
         """y += x @ A[slot].T @ B[slot].T.
 
-        Decode-sized: 3 ops (shrink, block-diagonal expand, add). Longer:
-        shrink, then one ``addmm_`` per slice into y's own columns, which
-        skips the zero blocks (a third of the qkv expand flops) and the
-        extra pass over a (T, out) temporary.
+        Decode-sized: 3 ops (``_one_slot_step``). Longer: shrink, then one
+        ``addmm_`` per slice into y's own columns, which skips the zero
+        blocks (a third of the qkv expand flops) and the extra pass over a
+        (T, out) temporary.
         """
-        n, shrink = x.shape[0], fused.a_slot(slot)
+        n = x.shape[0]
+        if n <= PACK_MAX_ROWS:
+            self._one_slot_step(fused, slot, n, scale).run(y, x)
+            return
+        shrink = fused.a_slot(slot)
         h = shrink(x, self._buffer("h", n, shrink.w.shape[1], fused.dtype))  # (n, W): slices x slot_rows
         if scale != 1.0:
             h.mul_(scale)
-        if n <= PACK_MAX_ROWS:
-            y.add_(fused.b_slot(slot)(h, self._buffer("d", n, fused.out_features, fused.dtype)))
-            return
         rows, col = fused.packed_rows(slot), 0  # h's columns per slice (a_slot's width)
         for i, part in enumerate(fused.b_parts):  # (S, max_rank, out_i)
             width = part.shape[2]
             y[:, col : col + width].addmm_(h[:, i * rows : (i + 1) * rows], part[slot, :rows])
             col += width
 
-    def _masked(self, y, x, fused: FusedLinear, plan: StepPlan, scale: float) -> None:
+    def _masked_step(self, fused: FusedLinear, plan: StepPlan, n: int, scale: float) -> LayerStep:
         """The present slots (those that target this layer) in one shrink and
         one expand over a compact copy of their weights; a mask keeps each
         token's own slot columns (none for -1 tokens): 4 ops for any adapter
         mix, sized by the adapters present, not by the slots allocated."""
         nonzero = fused.nonzero
         slots = plan.present if fused.all_nonzero else tuple(s for s in plan.present if nonzero[s])
-        n, compact = x.shape[0], fused.compact(slots)
-        h = compact.shrink(x, self._buffer("h", n, compact.width, fused.dtype))  # (n, sum of the slots' W)
-        h.mul_(plan.mask(slots, compact.widths, fused.dtype))
-        if scale != 1.0:
-            h.mul_(scale)
-        y.add_(compact.expand(h, self._buffer("d", n, fused.out_features, fused.dtype)))
+        compact = fused.compact(slots)
+        mask = plan.mask(slots, compact.widths, fused.dtype)
+        return self._step(fused, n, scale, (compact.shrink, compact.expand), mask)
 
     def _gathered(self, y, x, fused: FusedLinear, plan: StepPlan, scale: float) -> None:
         """Active rows gathered in slot order, one shrink + expand per slot,

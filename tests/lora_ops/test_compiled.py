@@ -149,3 +149,18 @@ def test_the_patch_refuses_another_vllm(monkeypatch) -> None:
     monkeypatch.setattr(vllm, "__version__", "0.33.0")
     with pytest.raises(RuntimeError, match="vLLM 0.33.0 is installed"):
         lora_ops._keep_compilation_with_lora(Platform)
+
+
+def test_a_graph_that_outlives_its_wrapper_fails_loudly_and_the_handle_is_dropped() -> None:
+    """The op finds its wrapper by a weak reference: a live wrapper is found, a dead one is an error naming
+    the handle (never another wrapper's plan), and its entry goes with it (no growth per engine built)."""
+    import gc
+
+    wrapper = GroupedPunicaWrapperCPU(max_num_batched_tokens=64, max_batches=4, device="cpu")
+    handle = wrapper._handle
+    assert compiled._wrapper(handle) is wrapper
+    del wrapper
+    gc.collect()
+    assert handle not in compiled._wrappers
+    with pytest.raises(RuntimeError, match=f"no punica wrapper {handle} in this process"):
+        compiled._wrapper(handle)
