@@ -71,12 +71,11 @@ def _record(layer: Any) -> tuple[dict[int, int], dict[int, weakref.ref[Any]]]:
     ranks = layer.__dict__.get(RANKS_ATTR)
     if ranks is None:
         ranks = layer.__dict__[RANKS_ATTR] = {}
-        sources: dict[int, weakref.ref[Any]] = {}
-        layer.__dict__[SOURCES_ATTR] = sources
+        sources: dict[int, weakref.ref[Any]] = layer.__dict__.setdefault(SOURCES_ATTR, {})
         weight = _stacked(layer.lora_a_stacked)[0]
         key = id(weight)
         _BY_WEIGHT[key] = (weakref.ref(weight, lambda _: _BY_WEIGHT.pop(key, None)), ranks, sources)
-    return ranks, layer.__dict__[SOURCES_ATTR]
+    return ranks, layer.__dict__.setdefault(SOURCES_ATTR, {})
 
 
 def _entry(lora_a_stacked: Sequence[Any]) -> tuple[Any, dict[int, int], dict[int, weakref.ref[Any]]] | None:
