@@ -61,18 +61,18 @@ SLOT_BF16 = 2 * PER_ADAPTER_PER_BYTE  # one slot of the tiny base in bf16 (vLLM'
 # one host-cache adapter: the same data, plus what its 28 tensors (A, B x 7 modules x 2 layers) and it cost beside it
 ADAPTER = SLOT_BF16 + 28 * TENSOR_OVERHEAD_BYTES + ADAPTER_OVERHEAD_BYTES
 # lora_ops' copies of one slot (lora_ops/fused.py): per fused linear with R = slices x 16, O = sum of outs,
-# 7 x R x in + 7 x R x O + 16 x O elements (a: fused, a_slot, 2 compact sets, then a_slot's and the 2 sets'
-# packed copies; b likewise).
+# 8 x R x (in + O) + 2 x 16 x O elements (two adapter forms a slot and its share of two compact sets, each a and b
+# and their packed copies; the two forms' per-slice b).
 # Tiny base (hidden 128, q 128, kv 64, intermediate 256): qkv R 48 in 128 O 256, o R 16 in 128 O 128,
 # gate_up R 32 in 128 O 512, down R 16 in 256 O 128; 2 layers, 2 bytes.
 COPIES_BF16 = (
     2
     * 2
     * (
-        (7 * 48 * 128 + 7 * 48 * 256 + 16 * 256)
-        + (7 * 16 * 128 + 7 * 16 * 128 + 16 * 128)
-        + (7 * 32 * 128 + 7 * 32 * 512 + 16 * 512)
-        + (7 * 16 * 256 + 7 * 16 * 128 + 16 * 128)
+        (8 * 48 * (128 + 256) + 2 * 16 * 256)
+        + (8 * 16 * (128 + 128) + 2 * 16 * 128)
+        + (8 * 32 * (128 + 512) + 2 * 16 * 512)
+        + (8 * 16 * (256 + 128) + 2 * 16 * 128)
     )
 )
 
