@@ -346,7 +346,8 @@ class FusedLinear:
         self.num_slots, _, self.slice_rank, self.in_features = lora_a[0].shape
         self.rank = len(self.output_slices) * self.slice_rank  # a slot's LoRA width at max_lora_rank
         self._prepared: OrderedDict[int, tuple[weakref.ref[torch.Tensor], AdapterLinear]] = OrderedDict()
-        self._compact: dict[tuple[int, ...], Compact] = {}
+        self._compact: dict[tuple[int, ...], Compact] = {}  # by the adapters' uids
+        self._by_present: dict[tuple[int, ...], Compact] = {}  # by slots, until a slot changes: the hot path's lookup
         self.slots: list[AdapterLinear] = []
         self.slots = [self._adapter(lora_a, lora_b, s, trust_source=True) for s in range(self.num_slots)]
         self.slot_ids = slot_ids  # the LoRA id in each slot when pointed
@@ -378,6 +379,8 @@ class FusedLinear:
         self.slot_ids = slot_ids
         for s in changed:
             self.slots[s] = self._adapter(lora_a, lora_b, s, trust_source=trusted)
+        if changed:
+            self._by_present.clear()
         self._stamp(lora_a, lora_b)
 
     def _slot_holds(self, lora_a, lora_b, s: int) -> bool:
@@ -432,12 +435,16 @@ class FusedLinear:
         """Shrink and expand over the ``present`` slots side by side, each at its own written rank:
         x (M, in) -> h (M, sum W_k), column block k (W_k = slices x ``slot_rows``) for slot ``present[k]``;
         h -> delta (M, out), summed over the slots. Kept per set of adapters, not of slots."""
+        pair = self._by_present.get(present)
+        if pair is not None:
+            return pair
         adapters = [self.slots[s] for s in present]
         key = tuple(adapter.uid for adapter in adapters)
         pair = self._compact.get(key)
         if pair is None:
             if len(self._compact) >= COMPACT_SETS:
                 del self._compact[next(iter(self._compact))]
+                self._by_present.clear()
             widths = tuple(adapter.row_index.numel() for adapter in adapters)
             a = torch.cat([torch.index_select(ad.a_t, 1, ad.row_index) for ad in adapters], dim=1)  # (in, sum W)
             b = torch.cat([torch.index_select(ad.b, 0, ad.row_index) for ad in adapters])  # (sum W, out)
@@ -446,4 +453,5 @@ class FusedLinear:
             shrink = Gemm(a, packed=_compact_packs(k, width, self.dtype, widest))
             expand = Gemm(b, packed=_compact_packs(width, n, self.dtype, widest))
             pair = self._compact[key] = Compact(shrink, expand, widths)
+        self._by_present[present] = pair
         return pair
