@@ -35,7 +35,9 @@ ratios within one run mean anything on a shared machine.
 **--swap** times, without an engine, what one adapter swap leaves inside the
 engine step on the same model shape: vLLM's ``set_lora`` on every LoRA layer
 (real vLLM layer objects, 4 slots, ``--max-rank``, bfloat16, one thread) and
-``lora_ops``' re-copy of the slot (``FusedLinear.refresh``) and the compact
+``lora_ops``' catch-up with the slot (``FusedLinear.refresh``: a pointer to the
+adapter's kept form, a copy only on the adapter's first activation, which is
+the first of the rounds, and always for ``stock``, whose adapters are unknown) and the compact
 copy of the hot and the new adapter that the next mixed decode step builds
 (``FusedLinear.compact``), for a sequence of ranks written into one slot,
 ``stock`` (vLLM's full-slot zeroing; re-copy and compact copy at
@@ -332,7 +334,8 @@ def _time_swaps(layers: list[Any], weights: dict[int, list], round_: int, times:
 
 
 def swap_costs(base: BaseModelSpec, args: argparse.Namespace) -> dict:
-    """Per kind and rank written: ms (min, median) of ``set_lora`` on every layer and of the fused re-copy."""
+    """Per kind and rank written: ms (first round, min, median) of ``set_lora`` on every layer, of the fused
+    catch-up and of the compact copy (the first round is each adapter's first activation)."""
     import socket
 
     import torch
@@ -357,15 +360,20 @@ def swap_costs(base: BaseModelSpec, args: argparse.Namespace) -> dict:
         for round_ in range(args.swap_rounds):  # the kinds alternate, so machine noise hits both alike
             for kind, layers in kinds.items():
                 _time_swaps(layers, weights, round_, times[kind])
-    return {kind: {part: {rank: {"min_ms": min(v), "p50_ms": float(np.median(v))} for rank, v in by_rank.items()}
+    return {kind: {part: {rank: {"first_ms": v[0], "min_ms": min(v), "p50_ms": float(np.median(v))}
+                          for rank, v in by_rank.items()}
                    for part, by_rank in t.items() if part != "copies"} for kind, t in times.items()}  # fmt: skip
 
 
 def swap_table(measured: dict) -> str:
-    lines = ["in-step work of one adapter swap, ms (min / median), per rank written into a slot (after the previous):"]
+    lines = ["in-step work of one adapter swap, ms (first / min / median), per rank written into a slot (after the "
+             "previous); the first round is each adapter's first activation:"]  # fmt: skip
     for part in ("set_lora", "refresh", "compact"):
         for kind in ("stock", "ours"):
-            cells = "  ".join(f"r{r}: {v['min_ms']:5.1f} / {v['p50_ms']:5.1f}" for r, v in measured[kind][part].items())
+            cells = "  ".join(
+                f"r{r}: {v['first_ms']:5.1f} / {v['min_ms']:5.1f} / {v['p50_ms']:5.1f}"
+                for r, v in measured[kind][part].items()
+            )
             lines.append(f"  {part:8} {kind:5} {cells}")
     return "\n".join(lines)
 

@@ -1,54 +1,58 @@
-"""Fused, pre-packed copies of a LoRA layer's stacked weights.
+"""Fused, pre-packed copies of a LoRA layer's weights, prepared once per adapter.
 
 Why: vLLM stores LoRA weights per output slice (q, k, v or gate, up) as
 ``(num_slots, 1, rank, in)`` A and ``(num_slots, 1, out_i, rank)`` B. Running
 them as stored costs one shrink and one expand matmul per slice, and a small
 bfloat16 ``torch.mm`` on CPU has ~20 us of fixed oneDNN setup cost, several
-times the arithmetic. So per layer we keep, built once and rebuilt only when
-a slot's weights change:
+times the arithmetic. So per layer and adapter we keep an ``AdapterLinear``:
+the slices' A stacked (one shrink), their B block-diagonal (one expand) and
+per slice (prefill), and their matmuls, packed for oneDNN once warm.
 
-* ``a``: (S, R, in), R = sum of slice ranks: the slices' A stacked, so one
-  matmul shrinks all slices;
-* ``b``: (S, R, out) block-diagonal B (slice i's rank rows only feed slice
-  i's output columns), so one matmul expands all slices. The zero blocks
-  cost flops, which only matters for long (prefill) batches: those use
-* ``b_parts[i]``: (S, r_i, out_i), slice i's B alone, for one ``addmm_``
-  per slice straight into y's columns;
-* matmul objects (``Gemm``) for one slot (``x @ a[s].T``, ``h @ b[s]``),
-  built lazily, packed for oneDNN once warm;
-* compact copies for a set of slots (``compact``): the present slots' ``a``
-  and ``b`` rows side by side, (W, in) and (W, out), so a mixed decode
-  batch runs one shrink and one expand whose size is set by the P slots
-  present in the step, never by the S slots allocated. Packed for the
-  first few shapes only (``COMPACT_PACKED_SHAPES``): their widths change with
-  the adapters present, and every packed shape costs host memory for good.
+Activation is a pointer swap: the forms are keyed by the adapter (its own
+tensor, ``slots.slot_source``), not by the slot, and a slot (``FusedLinear``)
+only points at its adapter's. An adapter taking a slot again (zipf-8 through 4
+slots swaps every few steps) costs a lookup: no copy, no matmul re-packed. Only
+an adapter's first activation copies its rows from the slot vLLM wrote. Kept
+at most ``PREPARED_PER_SLOT`` per slot, and only while vLLM's host cache holds
+the adapter (weak references): charged by ``slot_copy_bytes``.
 
-Rank-aware: every slot is ``max_lora_rank`` rows per slice wide here, as in
-vLLM, but an adapter of rank r fills only the first r of them (the rest are
-zero: ``held``, from ``slots.slot_rank``). The compact copies take only
-those rows (W = slices x r per slot) and the per-slot matmuls those rows
-rounded up to a power of two (``packed_rank``: a few fixed shapes), so a
-rank-16 adapter in an engine of max rank 256 costs rank-16 matmuls, and
-building a compact copy copies rank-16 rows. A step's set of present
-adapters lasts as long as its requests share the batch (many decode steps),
-so the last sets are kept (``COMPACT_SETS``).
+Compact copies for a set of adapters (``compact``): the present slots' A and
+B rows side by side, (in, W) and (W, out), so a mixed decode batch runs one
+shrink and one expand whose size is set by the P slots present in the step,
+never by the S slots allocated. Keyed by the adapters, so a swap back finds
+them. Packed for the first few shapes only (``COMPACT_PACKED_SHAPES``): their
+widths change with the adapters present, and every packed shape costs host
+memory for good.
+
+Rank-aware: every slot is ``max_lora_rank`` rows per slice wide in vLLM, but
+an adapter of rank r fills only the first r of them (the rest are zero:
+``slots.slot_rank``). The compact copies take only those rows (W = slices x r
+per slot) and the per-adapter matmuls those rows rounded up to a power of two
+(``packed_rank``: a few fixed shapes), so a rank-16 adapter in an engine of
+max rank 256 costs rank-16 matmuls and rank-16 copies. A step's set of
+present adapters lasts as long as its requests share the batch (many decode
+steps), so the last sets are kept (``COMPACT_SETS``).
 
 Invalidation: vLLM writes a slot in place (``reset_lora`` + ``copy_``), which
 bumps the stacked tensors' ``_version``, and only when it activates an
 adapter into that slot, which changes the slot's LoRA id. On a version change
-the slots whose id changed are re-copied and lose their packed matmuls (and
-the compact sets holding them); the others keep theirs, uncompared (one id
-always means the same weights: vLLM's prefix cache relies on that too). Only if no id changed, e.g. a slot written
-in place by other code, is every slot compared with our copy.
+the slots whose id changed point at their new adapter's form; the others keep
+theirs, uncompared (one id always means the same weights: vLLM's prefix cache
+relies on that too). Only if no id changed, e.g. a slot written in place by
+other code, is every slot compared with its form, and a differing one copied
+as it is, not kept.
 """
 
 from __future__ import annotations
 
+import itertools
+import weakref
+from collections import OrderedDict
 from typing import TYPE_CHECKING, Literal, NamedTuple
 
 import torch
 
-from .slots import slot_rank
+from .slots import slot_rank, slot_source
 
 if TYPE_CHECKING:
     from vllm._custom_ops import CPUDNNLGEMMHandler
@@ -87,6 +91,10 @@ COMPACT_PACKED_SHAPES = 32
 # on without it). Each holds a copy of its P present slots' weights: at most
 # 2 x P/S the bytes of the linear's fused copy.
 COMPACT_SETS = 2
+# Adapter forms (``AdapterLinear``) kept per linear, per slot: those in the slots and as many again of the
+# adapters that left them most recently, so a rotation through twice as many adapters as slots (zipf-8 in 4)
+# swaps by pointer. Each costs about what a slot's copy cost before: ``slot_copy_bytes`` charges them per slot.
+PREPARED_PER_SLOT = 2
 SCRATCH_MAX_BYTES = 64 << 20
 """The scratch buffers a punica wrapper (``punica_cpu``) keeps between steps, at most (plus the buffers of the op
 that passes it); charged to the memory budget with the primitives (``serving.sizing``). Measured unbounded, a
@@ -143,20 +151,15 @@ def compact_matmul_bytes(max_features: int, dtype_bytes: int) -> int:
 def slot_copy_bytes(in_features: int, slice_outs: tuple[int, ...], rank: int, dtype_bytes: int) -> int:
     """Host memory one slot of a :class:`FusedLinear` can hold at most, packed matmuls included.
 
-    With ``R = len(slice_outs) x rank`` and ``O = sum(slice_outs)``, per slot:
-    ``a`` (R x in) four times: the fused copy, ``a_slot``'s transposed copy and
-    one per compact set (``COMPACT_SETS``); block-diagonal ``b`` (R x O) three
-    times: the fused copy, ``b_slot``'s rows (a copy when narrower than the slot)
-    and once per compact set; ``b_parts`` (rank x O) once; and the two per-slot
-    ``Gemm`` weights, and the compact sets' (when their shape packs), once more
-    as the oneDNN handle's packed copy (counted at the weight's own size). Summed for every slot
-    of every LoRA linear, this bounds what these copies add to vLLM's own slot
+    With ``R = len(slice_outs) x rank`` and ``O = sum(slice_outs)``: ``PREPARED_PER_SLOT`` adapter forms,
+    each ``a_t`` (in x R), block-diagonal ``b`` (R x O), ``parts`` (rank x O in all) and the packed copies of ``a_t`` and ``b`` (the oneDNN handle, counted at the weight's own size); and the
+    slot's share of ``COMPACT_SETS`` compact sets, ``a`` (R x in) and ``b`` (R x O) each, packed copies too.
+    Summed for every slot of every LoRA linear, this bounds what these copies add to vLLM's own slot
     buffers; ``serving.sizing`` charges it to ``store.memory_budget_bytes``.
     """
     r_total, out_total = len(slice_outs) * rank, sum(slice_outs)
-    a_copies = (2 + COMPACT_SETS) + (1 + COMPACT_SETS)  # tensors, then packed handles of a_slot and the sets
-    b_copies = (2 + COMPACT_SETS) + (1 + COMPACT_SETS)  # fused b, b_slot's rows, the sets; then packed handles
-    elements = a_copies * r_total * in_features + b_copies * r_total * out_total + rank * out_total
+    copies = 2 * (PREPARED_PER_SLOT + COMPACT_SETS)  # tensor + packed handle, for each form and each set
+    elements = copies * r_total * (in_features + out_total) + PREPARED_PER_SLOT * rank * out_total
     return elements * dtype_bytes
 
 
@@ -255,28 +258,68 @@ class Gemm:
         return out.copy_(outp[:m])
 
 
-def _fuse(lora_a, lora_b, output_slices, dtype):
-    """Stack slices: a (S, R, in), block-diagonal b (S, R, out), b_parts."""
-    # lora_a[i]: (S, 1, r_i, in); lora_b[i]: (S, 1, out_i, r_i)
-    a = torch.cat([t[:, 0] for t in lora_a], dim=1).to(dtype).contiguous()
-    parts = tuple(
-        t[:, 0, :width].transpose(1, 2).to(dtype).contiguous()  # (S, r_i, out_i)
-        for t, width in zip(lora_b, output_slices)
-    )
-    b = torch.zeros(a.shape[0], a.shape[1], sum(output_slices), dtype=dtype)
-    row = col = 0
-    for part in parts:
-        b[:, row : row + part.shape[1], col : col + part.shape[2]] = part
-        row += part.shape[1]
-        col += part.shape[2]
-    return a, b, parts
+class AdapterLinear:
+    """One adapter's weights in one LoRA linear, in the forms the ops run, built once per adapter.
+
+    Copied from the slot vLLM just wrote (so vLLM's tensor-parallel slicing
+    and packing are already applied), ``packed`` rows per slice (its written
+    ``rows`` rounded up by ``packed_rank``; past ``rows`` they are zero):
+
+    * ``a_t``: (in, W) the slices' A stacked and transposed, W = slices x packed:
+      one shrink for all slices;
+    * ``b``: (W, out) block-diagonal B (slice i's rows feed only slice i's
+      columns): one expand for all slices; the zero blocks cost flops, which
+      only matters for long (prefill) batches: those use
+    * ``parts[i]``: (packed, out_i), slice i's B alone, one ``addmm_`` per slice;
+    * ``shrink``/``expand``: their matmuls, packed for oneDNN once warm.
+    """
+
+    __slots__ = ("uid", "rows", "packed", "a_t", "b", "parts", "nonzero", "row_index", "_shrink", "_expand")
+
+    def __init__(self, lora_a, lora_b, output_slices: tuple[int, ...], slot: int, rows: int, dtype: torch.dtype):
+        # lora_a[i]: (S, 1, max_rank, in); lora_b[i]: (S, 1, out_i, max_rank)
+        self.uid = next(_UIDS)  # names this form in the compact sets' keys
+        self.rows = rows
+        p = self.packed = packed_rank(rows, lora_a[0].shape[2])
+        a = torch.cat([t[slot, 0, :p] for t in lora_a]).to(dtype)  # (W, in)
+        self.a_t = a.t().contiguous()  # torch.mm on a transposed view was 4x slower at 256 rows
+        self.parts = tuple(t[slot, 0, :width, :p].t().to(dtype).contiguous() for t, width in zip(lora_b, output_slices))
+        self.b = torch.block_diag(*self.parts)  # (W, out)
+        # Does it change the output at all? An adapter that does not target this module (e.g. q/v-only adapters
+        # seen from gate_up), or an empty slot, has all-zero weights here and is skipped.
+        self.nonzero = bool(a.any()) and bool(self.b.any())
+        starts = torch.arange(0, a.shape[0], p)
+        self.row_index = (starts[:, None] + torch.arange(rows)[None, :]).flatten()  # the first `rows` per slice
+        self._shrink: Gemm | None = None
+        self._expand: Gemm | None = None
+
+    @property
+    def shrink(self) -> Gemm:
+        """x (M, in) -> h (M, W), slice-major."""
+        if self._shrink is None:
+            self._shrink = Gemm(self.a_t)
+        return self._shrink
+
+    @property
+    def expand(self) -> Gemm:
+        """h (M, W) -> delta (M, out)."""
+        if self._expand is None:
+            self._expand = Gemm(self.b)
+        return self._expand
+
+    def holds(self, lora_a, lora_b, output_slices: tuple[int, ...], slot: int) -> bool:
+        """Does vLLM's ``slot`` hold exactly these weights (zero past ``packed`` rows)?"""
+        p, dtype = self.packed, self.a_t.dtype
+        for i, (ta, tb, part) in enumerate(zip(lora_a, lora_b, self.parts)):
+            sa, sb = ta[slot, 0], tb[slot, 0, : output_slices[i]]  # (max_rank, in), (out_i, max_rank)
+            if not torch.equal(sa[:p].to(dtype), self.a_t[:, i * p : (i + 1) * p].t()) or bool(sa[p:].any()):
+                return False
+            if not torch.equal(sb[:, :p].t().to(dtype), part) or bool(sb[:, p:].any()):
+                return False
+        return True
 
 
-def _nonzero_slots(a: torch.Tensor, b: torch.Tensor) -> list[bool]:
-    """Per slot: does it change the output at all? An adapter that does not
-    target this module (e.g. q/v-only adapters seen from gate_up), or an
-    empty slot, has all-zero weights here and is skipped."""
-    return [bool(a[s].any()) and bool(b[s].any()) for s in range(a.shape[0])]
+_UIDS = itertools.count()
 
 
 class Compact(NamedTuple):
@@ -292,148 +335,126 @@ class Compact(NamedTuple):
 
 
 class FusedLinear:
-    """Fused weights and packed matmuls of one LoRA linear layer."""
+    """One LoRA linear layer's slots, each pointing at its adapter's :class:`AdapterLinear`.
 
-    def __init__(self, lora_a, lora_b, output_slices, dtype, slot_ids: tuple = ()):
-        self._build(lora_a, lora_b, output_slices, dtype, slot_ids)
+    Forms are kept per adapter (keyed by ``slots.slot_source``, the adapter's own tensor), at most
+    ``PREPARED_PER_SLOT`` per slot, least recently activated dropped first (never one a slot holds), and
+    dropped sooner when vLLM's host cache frees the adapter: an adapter that takes a slot again costs a lookup.
+    """
 
-    def _build(self, lora_a, lora_b, output_slices, dtype, slot_ids: tuple) -> None:
-        """Copy every slot and drop every packed matmul."""
-        self.slot_ids = slot_ids  # the LoRA id in each slot when copied
-        self.sources = tuple(lora_a) + tuple(lora_b)
-        self.versions = [t._version for t in self.sources]
+    def __init__(self, lora_a, lora_b, output_slices, dtype: torch.dtype, slot_ids: tuple = ()):
         self.dtype = dtype
         self.output_slices = tuple(output_slices)
-        self.a, self.b, self.b_parts = _fuse(lora_a, lora_b, output_slices, dtype)
-        self.num_slots, self.rank, self.out_features = self.b.shape
-        self.slice_rank = lora_a[0].shape[2]  # max_lora_rank: rows per slice in ``a``
-        self.nonzero = _nonzero_slots(self.a, self.b)
-        # Per slot: rows per slice past which this copy is zero (None: unknown), so a rewrite copies only
-        # that far (slots.slot_rank: vLLM's slot past its rank is zero too).
-        self.held: list[int | None] = [slot_rank(lora_a, s) for s in range(self.num_slots)]
+        self.out_features = sum(self.output_slices)
+        self.num_slots, _, self.slice_rank, self.in_features = lora_a[0].shape
+        self.rank = len(self.output_slices) * self.slice_rank  # a slot's LoRA width at max_lora_rank
+        self._prepared: OrderedDict[int, tuple[weakref.ref[torch.Tensor], AdapterLinear]] = OrderedDict()
+        self._compact: dict[tuple[int, ...], Compact] = {}  # by the adapters' uids
+        self._by_present: dict[tuple[int, ...], Compact] = {}  # by slots, until a slot changes: the hot path's lookup
+        self.slots: list[AdapterLinear] = []
+        self.slots = [self._adapter(lora_a, lora_b, s, trust_source=True) for s in range(self.num_slots)]
+        self.slot_ids = slot_ids  # the LoRA id in each slot when pointed
+        self._stamp(lora_a, lora_b)
+
+    def _stamp(self, lora_a, lora_b) -> None:
+        self.sources = tuple(lora_a) + tuple(lora_b)
+        self.versions = [t._version for t in self.sources]
+        self.nonzero = [adapter.nonzero for adapter in self.slots]
         self.all_nonzero = all(self.nonzero)
-        self._a_slot: list[Gemm | None] = [None] * self.num_slots
-        self._b_slot: list[Gemm | None] = [None] * self.num_slots
-        self._compact: dict[tuple[int, ...], Compact] = {}
-        self._row_index: dict[int, torch.Tensor] = {}
 
     def matches(self, lora_a, dtype) -> bool:
-        """Same tensors, same dtype, no in-place write since the last build."""
+        """Same tensors, same dtype, no in-place write since the last look."""
         if dtype is not self.dtype or self.sources[0] is not lora_a[0]:
             return False
         return [t._version for t in self.sources] == self.versions
 
     def refresh(self, lora_a, lora_b, output_slices, dtype, slot_ids: tuple = ()) -> None:
-        """Re-copy the slots that changed; drop only their packed matmuls (and
-        the all-slots ones). An adapter swap rewrites one slot, so the other
-        slots keep their packed handlers. ``slot_ids``: the LoRA id per slot
-        now (see the module docstring)."""
+        """Point the slots whose LoRA id changed (``slot_ids``: the id per slot now) at their adapters' forms.
+        If no id changed (a slot written in place by other code), every slot is compared with its form and a
+        differing one is copied from the slot as it is, its recorded adapter not trusted."""
         if dtype is not self.dtype or tuple(output_slices) != self.output_slices:
-            self._build(lora_a, lora_b, output_slices, dtype, slot_ids)
+            self.__init__(lora_a, lora_b, output_slices, dtype, slot_ids)  # type: ignore[misc]
             return
         changed = [s for s, (old, new) in enumerate(zip(self.slot_ids, slot_ids)) if old != new]
-        if not changed or len(self.slot_ids) != len(slot_ids):
-            changed = [s for s in range(self.num_slots) if self._slot_changed(lora_a, lora_b, s)]
+        trusted = bool(changed) and len(self.slot_ids) == len(slot_ids)
+        if not trusted:
+            changed = [s for s in range(self.num_slots) if not self._slot_holds(lora_a, lora_b, s)]
         self.slot_ids = slot_ids
         for s in changed:
-            self._write_slot(lora_a, lora_b, s)
-            self._a_slot[s] = self._b_slot[s] = None
-        for present in [p for p in self._compact if any(s in p for s in changed)]:
-            del self._compact[present]
-        self.sources = tuple(lora_a) + tuple(lora_b)
-        self.versions = [t._version for t in self.sources]
+            self.slots[s] = self._adapter(lora_a, lora_b, s, trust_source=trusted)
+        if changed:
+            self._by_present.clear()
+        self._stamp(lora_a, lora_b)
 
-    def _slot_changed(self, lora_a, lora_b, s: int) -> bool:
-        row = 0
-        for t in lora_a:  # (S, 1, r_i, in)
-            rank = t.shape[2]
-            if not torch.equal(t[s, 0].to(self.dtype), self.a[s, row : row + rank]):
-                return True
-            row += rank
-        for t, part in zip(lora_b, self.b_parts):  # (S, 1, out_i, r_i), (S, r_i, out_i)
-            if not torch.equal(t[s, 0, : part.shape[2]].t().to(self.dtype), part[s]):
-                return True
-        return False
+    def _slot_holds(self, lora_a, lora_b, s: int) -> bool:
+        return self.slots[s].holds(lora_a, lora_b, self.output_slices, s)
 
-    def _write_slot(self, lora_a, lora_b, s: int) -> None:
-        """Copy slot ``s``: with its rank known (``slots.slot_rank``), only the rows that rank and the one this
-        copy held can fill (past both, both are zero), and only those are scanned for ``nonzero``."""
-        rank, held = slot_rank(lora_a, s), self.held[s]
-        rows = None if rank is None or held is None else max(rank, held)
-        a_any = b_any = False
-        a_row = row = col = 0
-        for ta, tb, part in zip(lora_a, lora_b, self.b_parts):  # ta: (S, 1, r_i, in); part: (S, r_i, out_i)
-            a_rows = self.a[s, a_row : a_row + ta.shape[2]]
-            a_rows[:rows] = ta[s, 0, :rows]
-            rank_i, width = part.shape[1], part.shape[2]
-            part[s, :rows] = tb[s, 0, :width, :rows].t()
-            self.b[s, row : row + rank_i, col : col + width][:rows] = part[s, :rows]
-            a_any = a_any or bool(a_rows[:rank].any())
-            b_any = b_any or bool(part[s, :rank].any())
-            a_row += ta.shape[2]
-            row += rank_i
-            col += width
-        self.held[s] = rank
-        self.nonzero[s] = a_any and b_any
-        self.all_nonzero = all(self.nonzero)
+    def _adapter(self, lora_a, lora_b, s: int, trust_source: bool) -> AdapterLinear:
+        """The form of the adapter in slot ``s``: the kept one, or copied from the slot now."""
+        rank = slot_rank(lora_a, s)
+        rows = self.slice_rank if rank is None else rank
+        source = slot_source(lora_a, s) if trust_source and rank is not None else None
+        if source is None:  # unknown adapter: from the slot as it is, not kept
+            return AdapterLinear(lora_a, lora_b, self.output_slices, s, rows, self.dtype)
+        key = id(source)
+        hit = self._prepared.get(key)
+        if hit is not None and hit[0]() is source:
+            self._prepared.move_to_end(key)
+            return hit[1]
+        adapter = AdapterLinear(lora_a, lora_b, self.output_slices, s, rows, self.dtype)
+        self._prepared[key] = (weakref.ref(source), adapter)
+        self._forget(keep=adapter)
+        return adapter
+
+    def _forget(self, keep: AdapterLinear) -> None:
+        """Drop forms of freed adapters, then the least recently activated past the bound (not a slot's)."""
+        for key in [k for k, (ref, _) in self._prepared.items() if ref() is None]:
+            del self._prepared[key]
+        in_use = {id(adapter) for adapter in self.slots} | {id(keep)}
+        bound = PREPARED_PER_SLOT * self.num_slots
+        for key in [k for k, (_, adapter) in self._prepared.items() if id(adapter) not in in_use]:
+            if len(self._prepared) <= bound:
+                break
+            del self._prepared[key]
 
     def slot_rows(self, slot: int) -> int:
         """Rows per slice that can be non-zero in ``slot`` (its written rank; ``max_lora_rank`` if unknown)."""
-        held = self.held[slot]
-        return self.slice_rank if held is None else held
-
-    def _rows(self, rows: int) -> torch.Tensor:
-        """Indices into a slot's R fused rows of the first ``rows`` of every slice, in slice order."""
-        index = self._row_index.get(rows)
-        if index is None:
-            starts = torch.arange(0, self.rank, self.slice_rank)
-            index = self._row_index[rows] = (starts[:, None] + torch.arange(rows)[None, :]).flatten()
-        return index
+        return self.slots[slot].rows
 
     def packed_rows(self, slot: int) -> int:
         """Rows per slice of ``slot``'s per-slot matmuls: ``slot_rows`` rounded up to a packed width
         (``packed_rank``), so their shapes come from a small fixed set."""
-        return packed_rank(self.slot_rows(slot), self.slice_rank)
-
-    def _slot_weights(self, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Slot ``slot``'s ``a`` (W, in) and block-diagonal ``b`` (W, out) rows, W = slices x ``packed_rows``:
-        past its written rank every row is zero, so an adapter of rank 16 in an engine of max rank 256
-        costs rank-16 matmuls."""
-        rows = self.packed_rows(slot)
-        if rows == self.slice_rank:
-            return self.a[slot], self.b[slot]
-        index = self._rows(rows)
-        return torch.index_select(self.a[slot], 0, index), torch.index_select(self.b[slot], 0, index)
+        return self.slots[slot].packed
 
     def a_slot(self, slot: int) -> Gemm:
         """x (M, in) -> h (M, W) for one slot, W = slices x ``packed_rows(slot)``, slice-major."""
-        g = self._a_slot[slot]
-        if g is None:
-            g = self._a_slot[slot] = Gemm(self._slot_weights(slot)[0].t())
-        return g
+        return self.slots[slot].shrink
 
     def b_slot(self, slot: int) -> Gemm:
         """h (M, W) -> delta (M, out) for one slot."""
-        g = self._b_slot[slot]
-        if g is None:
-            g = self._b_slot[slot] = Gemm(self._slot_weights(slot)[1])
-        return g
+        return self.slots[slot].expand
 
     def compact(self, present: tuple[int, ...]) -> Compact:
         """Shrink and expand over the ``present`` slots side by side, each at its own written rank:
         x (M, in) -> h (M, sum W_k), column block k (W_k = slices x ``slot_rows``) for slot ``present[k]``;
-        h -> delta (M, out), summed over the slots."""
-        pair = self._compact.get(present)
+        h -> delta (M, out), summed over the slots. Kept per set of adapters, not of slots."""
+        pair = self._by_present.get(present)
+        if pair is not None:
+            return pair
+        adapters = [self.slots[s] for s in present]
+        key = tuple(adapter.uid for adapter in adapters)
+        pair = self._compact.get(key)
         if pair is None:
             if len(self._compact) >= COMPACT_SETS:
                 del self._compact[next(iter(self._compact))]
-            widths = tuple(len(self.output_slices) * self.slot_rows(s) for s in present)
-            flat = torch.cat([s * self.rank + self._rows(self.slot_rows(s)) for s in present])
-            a = torch.index_select(self.a.view(-1, self.a.shape[-1]), 0, flat)  # (sum W, in)
-            b = torch.index_select(self.b.view(-1, self.out_features), 0, flat)  # (sum W, out)
-            (width, k), n = a.shape, self.out_features
+                self._by_present.clear()
+            widths = tuple(adapter.row_index.numel() for adapter in adapters)
+            a = torch.cat([torch.index_select(ad.a_t, 1, ad.row_index) for ad in adapters], dim=1)  # (in, sum W)
+            b = torch.cat([torch.index_select(ad.b, 0, ad.row_index) for ad in adapters])  # (sum W, out)
+            (k, width), n = a.shape, self.out_features
             widest = max(k, n)
-            shrink = Gemm(a.t(), packed=_compact_packs(k, width, self.dtype, widest))
+            shrink = Gemm(a, packed=_compact_packs(k, width, self.dtype, widest))
             expand = Gemm(b, packed=_compact_packs(width, n, self.dtype, widest))
-            pair = self._compact[present] = Compact(shrink, expand, widths)
+            pair = self._compact[key] = Compact(shrink, expand, widths)
+        self._by_present[present] = pair
         return pair

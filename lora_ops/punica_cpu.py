@@ -226,7 +226,7 @@ class GroupedPunicaWrapperCPU(PunicaWrapperCPU):
             slot_ids = tuple(self._slot_ids)
             fused = FusedLinear(lora_a_stacked, lora_b_stacked, output_slices, dtype, slot_ids)
             self._fused[id(lora_a_stacked[0])] = fused
-            widths = [f.rank * (f.a.shape[-1] + f.out_features) for f in self._fused.values()]
+            widths = [f.rank * (f.in_features + f.out_features) for f in self._fused.values()]
             self._width = sum(widths) / len(widths)  # from the next step's plan on
         elif not fused.matches(lora_a_stacked, dtype):
             slot_ids = tuple(self._slot_ids)
@@ -303,9 +303,9 @@ class GroupedPunicaWrapperCPU(PunicaWrapperCPU):
         if scale != 1.0:
             h.mul_(scale)
         rows, col = fused.packed_rows(slot), 0  # h's columns per slice (a_slot's width)
-        for i, part in enumerate(fused.b_parts):  # (S, max_rank, out_i)
-            width = part.shape[2]
-            y[:, col : col + width].addmm_(h[:, i * rows : (i + 1) * rows], part[slot, :rows])
+        for i, part in enumerate(fused.slots[slot].parts):  # (rows, out_i)
+            width = part.shape[1]
+            y[:, col : col + width].addmm_(h[:, i * rows : (i + 1) * rows], part)
             col += width
 
     def _masked_step(self, fused: FusedLinear, plan: StepPlan, n: int, scale: float) -> LayerStep:

@@ -24,7 +24,14 @@ at vocab 32,000 and rank 256), zeroed on every activation by vLLM, for an
 adapter that almost never has ``lm_head`` weights.
 
 ``set_lora`` records the bound even when it fails midway (``finally``), so a
-half-written slot is still zeroed next time. ``GroupedPunicaWrapperCPU``
+half-written slot is still zeroed next time.
+
+Each layer also remembers which adapter a slot holds (``slot_source``): a weak
+reference to the tensor vLLM passed to ``set_lora``, which belongs to the
+adapter's ``LoRAModel`` in vLLM's host cache and lives exactly as long as that
+adapter stays cached. ``fused`` keys an adapter's prepared weights by it, so
+taking a slot again costs a lookup, not a copy. A failed ``set_lora`` or a
+``reset_lora`` forgets it. ``GroupedPunicaWrapperCPU``
 installs this when vLLM's worker builds its LoRA manager, before any slot is
 written; the patch is per class, so it reaches every layer of the model.
 """
@@ -52,19 +59,30 @@ def written_rank(lora_a: Any, lora_b: Any) -> int:
     return max([t.shape[0] for t in a] + [t.shape[-1] for t in b], default=0)
 
 
-_BY_WEIGHT: dict[int, tuple[weakref.ref[Any], dict[int, int]]] = {}
-"""id of a layer's first stacked A tensor -> (the tensor, the layer's record), for code that sees only tensors
-(``fused``). Keyed by id, checked by identity: tensors compare element-wise, so they cannot be dict keys."""
+SOURCES_ATTR = "_loraserve_slot_source"
+"""Per layer instance: slot index -> weak reference to the adapter tensor ``set_lora`` wrote there."""
+
+_BY_WEIGHT: dict[int, tuple[weakref.ref[Any], dict[int, int], dict[int, weakref.ref[Any]]]] = {}
+"""id of a layer's first stacked A tensor -> (the tensor, the layer's ranks, its sources), for code that sees only
+tensors (``fused``). Keyed by id, checked by identity: tensors compare element-wise, so they cannot be dict keys."""
 
 
-def _ranks(layer: Any) -> dict[int, int]:
+def _record(layer: Any) -> tuple[dict[int, int], dict[int, weakref.ref[Any]]]:
     ranks = layer.__dict__.get(RANKS_ATTR)
     if ranks is None:
         ranks = layer.__dict__[RANKS_ATTR] = {}
+        sources: dict[int, weakref.ref[Any]] = layer.__dict__.setdefault(SOURCES_ATTR, {})
         weight = _stacked(layer.lora_a_stacked)[0]
         key = id(weight)
-        _BY_WEIGHT[key] = (weakref.ref(weight, lambda _: _BY_WEIGHT.pop(key, None)), ranks)
-    return ranks
+        _BY_WEIGHT[key] = (weakref.ref(weight, lambda _: _BY_WEIGHT.pop(key, None)), ranks, sources)
+    return ranks, layer.__dict__.setdefault(SOURCES_ATTR, {})
+
+
+def _entry(lora_a_stacked: Sequence[Any]) -> tuple[Any, dict[int, int], dict[int, weakref.ref[Any]]] | None:
+    entry = _BY_WEIGHT.get(id(lora_a_stacked[0]))
+    if entry is None or entry[0]() is not lora_a_stacked[0]:
+        return None
+    return entry
 
 
 def slot_rank(lora_a_stacked: Sequence[Any], index: int) -> int | None:
@@ -72,10 +90,27 @@ def slot_rank(lora_a_stacked: Sequence[Any], index: int) -> int | None:
 
     Past it, every slice of the slot is zero (A rows and B columns).
     """
-    entry = _BY_WEIGHT.get(id(lora_a_stacked[0]))
-    if entry is None or entry[0]() is not lora_a_stacked[0]:
-        return None
-    return entry[1].get(index)
+    entry = _entry(lora_a_stacked)
+    return None if entry is None else entry[1].get(index)
+
+
+def slot_source(lora_a_stacked: Sequence[Any], index: int) -> Any | None:
+    """The adapter tensor ``set_lora`` last wrote into slot ``index`` (its first A slice), while vLLM still
+    holds it; None when unknown (never written by a wrapped ``set_lora``, reset, failed, or the adapter freed)."""
+    entry = _entry(lora_a_stacked)
+    ref = None if entry is None else entry[2].get(index)
+    return None if ref is None else ref()
+
+
+def _source(lora_a: Any, lora_b: Any) -> Any | None:
+    """The tensor that names an adapter's weights for one layer: the first non-empty A (or B) slice given."""
+    for t in [
+        *(lora_a if isinstance(lora_a, Sequence) else [lora_a]),
+        *(lora_b if isinstance(lora_b, Sequence) else [lora_b]),
+    ]:
+        if t is not None:
+            return t
+    return None
 
 
 def _reset_lora(reset: Callable[[Any, int], None]) -> Callable[[Any, int], None]:
@@ -83,7 +118,8 @@ def _reset_lora(reset: Callable[[Any, int], None]) -> Callable[[Any, int], None]
         if not getattr(type(self).set_lora, _MARK, False):
             reset(self, index)  # a class whose writes we do not see: vLLM's full zeroing, nothing recorded
             return
-        ranks = _ranks(self)
+        ranks, sources = _record(self)
+        sources.pop(index, None)
         rank = ranks.get(index)
         if rank is None:
             reset(self, index)  # contents unknown
@@ -100,13 +136,17 @@ def _reset_lora(reset: Callable[[Any, int], None]) -> Callable[[Any, int], None]
 
 def _set_lora(set_lora: Callable[..., None]) -> Callable[..., None]:
     def wrapped(self: Any, index: int, lora_a: Any, lora_b: Any) -> None:
+        ranks, sources = _record(self)
+        sources.pop(index, None)
         try:
             set_lora(self, index, lora_a, lora_b)
         finally:
-            ranks = _ranks(self)
             now = ranks.get(index)  # 0 once vLLM's reset ran; unknown stays unknown
             if now is not None:
                 ranks[index] = max(now, written_rank(lora_a, lora_b))
+        source = _source(lora_a, lora_b)  # reached only when the write succeeded
+        if source is not None:
+            sources[index] = weakref.ref(source)
 
     setattr(wrapped, _MARK, True)
     return wrapped

@@ -61,18 +61,18 @@ SLOT_BF16 = 2 * PER_ADAPTER_PER_BYTE  # one slot of the tiny base in bf16 (vLLM'
 # one host-cache adapter: the same data, plus what its 28 tensors (A, B x 7 modules x 2 layers) and it cost beside it
 ADAPTER = SLOT_BF16 + 28 * TENSOR_OVERHEAD_BYTES + ADAPTER_OVERHEAD_BYTES
 # lora_ops' copies of one slot (lora_ops/fused.py): per fused linear with R = slices x 16, O = sum of outs,
-# 7 x R x in + 7 x R x O + 16 x O elements (a: fused, a_slot, 2 compact sets, then a_slot's and the 2 sets'
-# packed copies; b likewise).
+# 8 x R x (in + O) + 2 x 16 x O elements (two adapter forms a slot and its share of two compact sets, each a and b
+# and their packed copies; the two forms' per-slice b).
 # Tiny base (hidden 128, q 128, kv 64, intermediate 256): qkv R 48 in 128 O 256, o R 16 in 128 O 128,
 # gate_up R 32 in 128 O 512, down R 16 in 256 O 128; 2 layers, 2 bytes.
 COPIES_BF16 = (
     2
     * 2
     * (
-        (7 * 48 * 128 + 7 * 48 * 256 + 16 * 256)
-        + (7 * 16 * 128 + 7 * 16 * 128 + 16 * 128)
-        + (7 * 32 * 128 + 7 * 32 * 512 + 16 * 512)
-        + (7 * 16 * 256 + 7 * 16 * 128 + 16 * 128)
+        (8 * 48 * (128 + 256) + 2 * 16 * 256)
+        + (8 * 16 * (128 + 128) + 2 * 16 * 128)
+        + (8 * 32 * (128 + 512) + 2 * 16 * 512)
+        + (8 * 16 * (256 + 128) + 2 * 16 * 128)
     )
 )
 
@@ -218,29 +218,35 @@ def test_detect_hardware_reads_the_cpu_flags(tmp_path: Path, text: str, flags: s
 
 @pytest.mark.parametrize(("in_features", "outs", "rank", "slots"), [(128, (128, 64, 64), 16, 3), (256, (128,), 8, 5)])
 def test_slot_copy_bytes_is_what_the_fused_copies_take(in_features: int, outs: tuple[int, ...], rank, slots) -> None:
-    """Every slot's copies built (fused, per-slot matmuls, two compact sets of all slots): the tensors they hold,
-    plus one packed oneDNN copy per matmul weight (per-slot and compact sets alike), are exactly
-    ``slot_copy_bytes`` a slot, less ``b_slot``'s rows: a view here (the slot's full rank), a copy for a
-    narrower adapter."""
+    """Per slot the most a linear keeps: ``PREPARED_PER_SLOT`` adapter forms (their tensors and matmuls) and
+    two compact sets of all slots; the tensors they hold, plus one packed oneDNN copy per matmul weight, are
+    exactly ``slot_copy_bytes`` a slot."""
     import torch
 
-    from lora_ops.fused import FusedLinear, slot_copy_bytes
+    from lora_ops.fused import COMPACT_SETS, PREPARED_PER_SLOT, AdapterLinear, FusedLinear, slot_copy_bytes
 
     dtype = torch.bfloat16
-    lora_a = [torch.randn(slots, 1, rank, in_features, dtype=dtype) for _ in outs]
-    lora_b = [torch.randn(slots, 1, out, rank, dtype=dtype) for out in outs]
+
+    def stacked() -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        return (
+            [torch.randn(slots, 1, rank, in_features, dtype=dtype) for _ in outs],
+            [torch.randn(slots, 1, out, rank, dtype=dtype) for out in outs],
+        )
+
+    lora_a, lora_b = stacked()
     fused = FusedLinear(lora_a, lora_b, outs, dtype, tuple(range(slots)))
-    per_slot = [fused.a_slot(s) for s in range(slots)] + [fused.b_slot(s) for s in range(slots)]
-    gemms = list(per_slot)
-    for present in (tuple(range(slots)), tuple(reversed(range(slots)))):
+    forms = list(fused.slots)
+    for _ in range(PREPARED_PER_SLOT - 1):  # the adapters that left the slots most recently
+        other_a, other_b = stacked()
+        forms += [AdapterLinear(other_a, other_b, outs, s, rank, dtype) for s in range(slots)]
+    gemms = [form.shrink for form in forms] + [form.expand for form in forms]
+    for present in (tuple(range(slots)), tuple(reversed(range(slots))))[:COMPACT_SETS]:
         compact = fused.compact(present)
         gemms += [compact.shrink, compact.expand]
-    held = [fused.a, fused.b, *fused.b_parts, *(g.w for g in gemms)]
+    held = [t for form in forms for t in (form.a_t, form.b, *form.parts)] + [g.w for g in gemms]
     storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in held}
     packed = sum(g.w.nbytes for g in gemms)
-    b_slot_views = slots * len(outs) * rank * sum(outs) * dtype.itemsize
-    total = sum(storages.values()) + packed + b_slot_views
-    assert total == slots * slot_copy_bytes(in_features, outs, rank, dtype.itemsize)
+    assert sum(storages.values()) + packed == slots * slot_copy_bytes(in_features, outs, rank, dtype.itemsize)
 
 
 @pytest.mark.parametrize(("budget", "present"), [(FIXED + 5 * EACH + 7, True), (None, False)])
