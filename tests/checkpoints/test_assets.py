@@ -50,7 +50,7 @@ def tokenizer(assets: DemoAssets):
 
 SHORT_TRAINING = {"BASE_STEPS": 4, "ADAPTER_STEPS": 2}
 """Training steps of the determinism builds: every stage of the recipe runs (tokenizer, base, three
-adapters, packing, manifest), for a few steps instead of the demo's 1500, which is twice a demo build
+adapters, packing, manifest), for a few steps instead of the demo's 975, which is twice a demo build
 saved; two builds differ or not whatever the step count."""
 
 

@@ -29,7 +29,6 @@ from vllm.lora.lora_model import LoRAModel
 from vllm.lora.request import LoRARequest
 from vllm.lora.worker_manager import WorkerLoRAManager
 
-DEMO = Path(__file__).resolve().parents[2] / ".demo"
 TIMEOUT_S = 30.0
 
 
@@ -98,25 +97,31 @@ def _wait_done(worker: _Worker, lora_id: int) -> None:
         time.sleep(0.01)
 
 
-def _corrupt(tmp_path: Path) -> Path:
+@pytest.fixture
+def adapters(demo_assets) -> dict[str, Path]:
+    """The demo adapters, from the session's build (a fresh clone has none until the fixture builds them)."""
+    return demo_assets.adapters
+
+
+def _corrupt(tmp_path: Path, source: Path) -> Path:
     bad = tmp_path / "corrupt"
-    shutil.copytree(DEMO / "adapters" / "code", bad)
+    shutil.copytree(source, bad)
     weights = bad / "adapter_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])  # a header cut short
     return bad
 
 
-def _biased(tmp_path: Path) -> Path:
+def _biased(tmp_path: Path, source: Path) -> Path:
     bad = tmp_path / "biased"
-    shutil.copytree(DEMO / "adapters" / "code", bad)
+    shutil.copytree(source, bad)
     config = json.loads((bad / "adapter_config.json").read_text())
     (bad / "adapter_config.json").write_text(json.dumps({**config, "bias": "all"}))
     return bad
 
 
-def test_the_adapter_is_built_off_the_calling_thread_and_handed_to_the_step() -> None:
+def test_the_adapter_is_built_off_the_calling_thread_and_handed_to_the_step(adapters: dict[str, Path]) -> None:
     worker = _Worker()
-    request = _request("code", 7, DEMO / "adapters" / "code")
+    request = _request("code", 7, adapters["code"])
     _prefetch(worker, request)
     assert worker.loraserve_prefetch_done(7) is False  # still loading, and the RPC already answered
     worker.manager.gate.set()
@@ -128,7 +133,7 @@ def test_the_adapter_is_built_off_the_calling_thread_and_handed_to_the_step() ->
     assert worker.loraserve_prefetch_done(7) is True  # handed over: nothing left pending
 
 
-def test_the_loading_thread_runs_at_the_lowest_priority() -> None:
+def test_the_loading_thread_runs_at_the_lowest_priority(adapters: dict[str, Path]) -> None:
     worker = _Worker()
     worker.manager.gate.set()
     nice: list[int] = []
@@ -139,13 +144,13 @@ def test_the_loading_thread_runs_at_the_lowest_priority() -> None:
         return original(request)
 
     worker.manager._load_adapter = spy  # type: ignore[method-assign,assignment]
-    worker.loraserve_prefetch_lora("code", 3, str(DEMO / "adapters" / "code"))
+    worker.loraserve_prefetch_lora("code", 3, str(adapters["code"]))
     _wait_done(worker, 3)
     assert nice == [LOADER_NICE]
 
 
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs a core besides the engine's")
-def test_the_loading_thread_runs_off_the_engines_core() -> None:
+def test_the_loading_thread_runs_off_the_engines_core(adapters: dict[str, Path]) -> None:
     """vLLM binds its CPU worker's thread to the engine's cores; the loader, started from it, leaves them."""
     engine_core = min(os.sched_getaffinity(0))
     worker = _Worker()
@@ -159,7 +164,7 @@ def test_the_loading_thread_runs_off_the_engines_core() -> None:
 
     def as_the_engine() -> None:
         os.sched_setaffinity(0, {engine_core})  # this thread only, as vLLM binds the worker's
-        worker.loraserve_prefetch_lora("code", 4, str(DEMO / "adapters" / "code"))
+        worker.loraserve_prefetch_lora("code", 4, str(adapters["code"]))
 
     worker.manager._load_adapter = spy  # type: ignore[method-assign,assignment]
     starter = threading.Thread(target=as_the_engine)
@@ -174,25 +179,25 @@ def test_the_loading_thread_runs_off_the_engines_core() -> None:
     [(_corrupt, "header"), (_biased, "Adapter bias is not supported")],
 )
 def test_a_bad_adapter_fails_the_step_load_with_vllms_error_and_the_next_load_still_works(
-    tmp_path: Path, make_bad, message: str
+    tmp_path: Path, adapters: dict[str, Path], make_bad, message: str
 ) -> None:
     worker = _Worker()
     worker.manager.gate.set()
-    bad = _request("bad", 5, make_bad(tmp_path))
+    bad = _request("bad", 5, make_bad(tmp_path, adapters["code"]))
     worker.loraserve_prefetch_lora(*_args(bad))
     _wait_done(worker, 5)
     with pytest.raises(Exception, match=message):  # raised where add_lora's own load would raise it
         worker.manager._load_adapter(bad)
-    good = _request("code", 6, DEMO / "adapters" / "code")
+    good = _request("code", 6, adapters["code"])
     worker.loraserve_prefetch_lora(*_args(good))
     _wait_done(worker, 6)
     assert worker.manager._load_adapter(good).id == 6
 
 
-def test_a_load_nobody_prefetched_or_for_other_files_runs_in_the_step(tmp_path: Path) -> None:
+def test_a_load_nobody_prefetched_or_for_other_files_runs_in_the_step(adapters: dict[str, Path]) -> None:
     worker = _Worker()
     worker.manager.gate.set()
-    code, legal = DEMO / "adapters" / "code", DEMO / "adapters" / "legal"
+    code, legal = adapters["code"], adapters["legal"]
     worker.loraserve_prefetch_lora("code", 9, str(code))
     _wait_done(worker, 9)
     reload = worker.manager._load_adapter(_request("legal", 9, legal))  # same id, other files: never the prefetch
@@ -200,16 +205,18 @@ def test_a_load_nobody_prefetched_or_for_other_files_runs_in_the_step(tmp_path: 
     assert worker.manager._load_adapter(_request("code", 10, code)).id == 10  # never prefetched: loads here
 
 
-def test_an_id_in_the_host_cache_is_not_built_again_and_a_build_the_step_overtook_is_dropped() -> None:
+def test_an_id_in_the_host_cache_is_not_built_again_and_a_build_the_step_overtook_is_dropped(
+    adapters: dict[str, Path],
+) -> None:
     worker = _Worker()
     worker.manager.gate.set()
-    code = DEMO / "adapters" / "code"
+    code = adapters["code"]
     worker.manager.cached = {4}
     worker.loraserve_prefetch_lora("code", 4, str(code))  # add_lora of a cached id only touches it
     assert worker.manager.threads == [] and worker._loraserve_lora_loader.loads == {}
     worker.loraserve_prefetch_lora("code", 8, str(code))
     _wait_done(worker, 8)
     worker.manager.cached = {4, 8}  # the step loaded 8 itself before add_lora came: add_lora will not take it
-    worker.loraserve_prefetch_lora("legal", 11, str(DEMO / "adapters" / "legal"))
+    worker.loraserve_prefetch_lora("legal", 11, str(adapters["legal"]))
     _wait_done(worker, 11)
     assert set(worker._loraserve_lora_loader.loads) == {11}  # 8's model is no longer held
