@@ -272,26 +272,37 @@ class AdapterLinear:
       only matters for long (prefill) batches: those use
     * ``parts[i]``: (packed, out_i), slice i's B alone, one ``addmm_`` per slice;
     * ``shrink``/``expand``: their matmuls, packed for oneDNN once warm.
+
+    A cold adapter's first activation builds this inside the engine step, so it does only what that step
+    needs: ``b`` is built on first use (a prefill step uses ``parts``), and the zero test reads A and the
+    slices' B, not the block-diagonal's zero blocks (the test was half of a first activation's cost).
     """
 
-    __slots__ = ("uid", "rows", "packed", "a_t", "b", "parts", "nonzero", "row_index", "_shrink", "_expand")
+    __slots__ = ("uid", "rows", "packed", "a_t", "_b", "parts", "nonzero", "row_index", "_shrink", "_expand")
 
     def __init__(self, lora_a, lora_b, output_slices: tuple[int, ...], slot: int, rows: int, dtype: torch.dtype):
         # lora_a[i]: (S, 1, max_rank, in); lora_b[i]: (S, 1, out_i, max_rank)
         self.uid = next(_UIDS)  # names this form in the compact sets' keys
         self.rows = rows
         p = self.packed = packed_rank(rows, lora_a[0].shape[2])
-        a = torch.cat([t[slot, 0, :p] for t in lora_a]).to(dtype)  # (W, in)
-        self.a_t = a.t().contiguous()  # torch.mm on a transposed view was 4x slower at 256 rows
+        # (in, W), transposed as it is stacked (one pass): torch.mm on a transposed view was 4x slower at 256 rows
+        self.a_t = torch.cat([t[slot, 0, :p].t() for t in lora_a], dim=1).to(dtype)
         self.parts = tuple(t[slot, 0, :width, :p].t().to(dtype).contiguous() for t, width in zip(lora_b, output_slices))
-        self.b = torch.block_diag(*self.parts)  # (W, out)
+        self._b: torch.Tensor | None = None
         # Does it change the output at all? An adapter that does not target this module (e.g. q/v-only adapters
         # seen from gate_up), or an empty slot, has all-zero weights here and is skipped.
-        self.nonzero = bool(a.any()) and bool(self.b.any())
-        starts = torch.arange(0, a.shape[0], p)
+        self.nonzero = bool(self.a_t.any()) and any(bool(part.any()) for part in self.parts)
+        starts = torch.arange(0, self.a_t.shape[1], p)
         self.row_index = (starts[:, None] + torch.arange(rows)[None, :]).flatten()  # the first `rows` per slice
         self._shrink: Gemm | None = None
         self._expand: Gemm | None = None
+
+    @property
+    def b(self) -> torch.Tensor:
+        """(W, out): the block-diagonal of ``parts``."""
+        if self._b is None:
+            self._b = torch.block_diag(*self.parts)
+        return self._b
 
     @property
     def shrink(self) -> Gemm:
@@ -450,7 +461,9 @@ class FusedLinear:
                 self._by_present.clear()
             widths = tuple(adapter.row_index.numel() for adapter in adapters)
             a = torch.cat([torch.index_select(ad.a_t, 1, ad.row_index) for ad in adapters], dim=1)  # (in, sum W)
-            b = torch.cat([torch.index_select(ad.b, 0, ad.row_index) for ad in adapters])  # (sum W, out)
+            b = torch.cat(
+                [torch.block_diag(*(part[: ad.rows] for part in ad.parts)) for ad in adapters]
+            )  # (sum W, out)
             (k, width), n = a.shape, self.out_features
             widest = max(k, n)
             shrink = Gemm(a, packed=_compact_packs(k, width, self.dtype, widest))
