@@ -2,7 +2,7 @@
 
 The demo, ``make serve`` and the test suites need a real base model with real
 adapters whose effect is visible, on machines that cannot reach a model hub.
-So everything is trained here, from the corpora shipped in ``data/``, in under
+So everything is trained here, from the corpora shipped in ``data/``, in about
 a minute of one CPU core, and reproducibly: two builds give byte-identical
 weights.
 

@@ -10,7 +10,7 @@ serves the same function. Adapters are trained with PEFT on the same online
 model (PEFT cannot wrap the packed ``BitLinear`` class; an ``AutoBitLinear``
 is an ``nn.Linear`` to it).
 
-Everything here is sized to finish in under a minute of one CPU core and to
+Everything here is sized to finish in about a minute of one CPU core and to
 be bit-for-bit reproducible: fixed seeds, a fixed data order and no dropout.
 The quantizers run eagerly (transformers wraps them in ``torch.compile``):
 same math, no compiler in the build.
@@ -39,14 +39,11 @@ LORA_TARGETS = list(LINEAR_NAMES)
 # Small batches, many updates: per token of compute, a model this size learns its
 # corpus much faster that way, and a base that knows the domain text is what lets
 # a rank-8 LoRA write coherent domain sentences. The build's cost is its steps (the
-# tokenizer and the saving take under a second). Of seven recipes tried, this is the
-# cheapest that keeps every adapter's keyword margin on the tests' prompts at 2 or more
-# and whose legal adapter does not end its chat reply to "Hi" within 5 tokens
-# (tests/e2e/test_openai_api.py asks for 5): 975 steps in all, about 60 CPU-s of one core
-# (the build runs one torch thread, see assets.BUILD_THREADS). The one before (600 + 3 x 300
-# at lr 3e-3 and 1e-2) cost 1500 steps, with code at a margin of 1; 450 + 3 x 150 ended legal's
-# "Hi" reply after 4 tokens, and at lr 1.25e-2 left legal at 1; 300 + 3 x 150 and 300 + 3 x 200
-# left code at 1, 400 + 3 x 120 (lr 2e-2) medical at 0, 300 + 3 x 100 (lr 5e-3, 3e-2) three at 0.
+# tokenizer and the saving take under a second): 975 steps, about 70 CPU-s of one core (the
+# build runs one torch thread, see assets.BUILD_THREADS). This is the cheapest recipe found
+# that keeps every adapter's keyword margin on the tests' prompts at 2 or more and whose legal
+# adapter does not end its chat reply to "Hi" within the 5 tokens tests/e2e/test_openai_api.py
+# asks for (shorter recipes tried: the README's demo-assets paragraph).
 SEQ_LEN = 128
 BATCH_SIZE = 4
 BASE_STEPS = 450
