@@ -79,7 +79,7 @@ PACK_AFTER_CALLS = 3
 # ``compact_matmul_bytes`` are the bound; ``serving.sizing`` charges them to the budget.
 PACK_ROWS = (4, 8, 16, 32, 64)
 # The PACK_ROWS entry a call of m rows runs at, by m (a lookup, not a search per call).
-_ROWS_FOR = tuple(next((r for r in PACK_ROWS if r >= m), 0) for m in range(PACK_MAX_ROWS + 1))
+ROWS_FOR = tuple(next((r for r in PACK_ROWS if r >= m), 0) for m in range(PACK_MAX_ROWS + 1))
 MIN_PACKED_RANK = 8
 # A mix of adapters present recurs for many decode steps (its requests share the batch), and its compact set
 # runs 1.8-3.4x slower on torch.mm than packed (float32, one TinyLlama layer, loaded); with adapters of a few
@@ -245,7 +245,7 @@ class Gemm:
         # vLLM's op trusts its arguments; a shape slip would read or write out of bounds, so check here.
         (k, n), dtype = self.w.shape, self.w.dtype
         assert x.shape[1] == k and out.shape == (m, n) and x.dtype == out.dtype == dtype
-        rows = _ROWS_FOR[m]
+        rows = ROWS_FOR[m]
         if rows not in self._rows_run:
             self._rows_run.add(rows)
             _PACKED_KEYS.add((k, n, dtype, rows))

@@ -31,7 +31,7 @@ import torch
 from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
 
 from . import compiled
-from .fused import _ROWS_FOR, PACK_MAX_ROWS, SCRATCH_MAX_BYTES, FusedLinear, Gemm
+from .fused import PACK_MAX_ROWS, ROWS_FOR, SCRATCH_MAX_BYTES, FusedLinear, Gemm
 from .plan import MASKED, NONE, REF_WIDTH, RUNS, StepPlan, build_plan
 from .slots import install as install_slot_resets
 
@@ -277,7 +277,7 @@ class GroupedPunicaWrapperCPU(PunicaWrapperCPU):
         """A ``LayerStep`` of ``n`` rows with its scratch, padded to the next of ``fused.PACK_ROWS`` (the rows
         a packed matmul runs at) when ``n`` is decode-sized and between two of them."""
         shrink, dtype = matmuls[0], fused.dtype
-        padded = _ROWS_FOR[n] if n <= PACK_MAX_ROWS else n
+        padded = ROWS_FOR[n] if n <= PACK_MAX_ROWS else n
         x = None
         if padded != n:
             x = self._buffer("xp", padded, shrink.w.shape[0], dtype)
