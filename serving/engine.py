@@ -88,8 +88,19 @@ def engine_args(settings: Settings, sizing: EngineSizing):
         disable_log_stats=False,
         # Worker methods of ours: where each LoRA id sits, loads off the step (serving.lora_residency).
         worker_extension_cls=f"{LoraResidencyExtension.__module__}.{LoraResidencyExtension.__qualname__}",
+        distributed_executor_backend=executor_backend(),
         **scheduler_args(engine.lora_max_overtakes),
     )
+
+
+def executor_backend() -> str | None:
+    """On the CPU, the worker runs in the engine-core process (serving.cpu_executor); elsewhere vLLM chooses.
+
+    Named, not imported: the class imports vLLM's executor, and only the engine-core process needs it.
+    """
+    from vllm.platforms import current_platform
+
+    return "serving.cpu_executor.InProcessCpuExecutor" if current_platform.is_cpu() else None
 
 
 def scheduler_args(max_overtakes: int | None) -> dict:

@@ -6,13 +6,18 @@ the demo base model and the code/legal/medical adapters.
 
 from __future__ import annotations
 
+import os
 import re
 import socket
 import time
+from pathlib import Path
 
 import httpx
 import openai
 import pytest
+
+from tests.conftest import OMP_BIND
+from tests.e2e.faults import children, process_name
 
 ADAPTERS = ("code", "legal", "medical")
 CLIENT_POOL_EXPIRY_S = httpx.Limits().keepalive_expiry or 5.0  # httpx's default, which the openai SDK keeps
@@ -33,6 +38,33 @@ def test_the_start_up_heap_is_frozen_before_serving(server) -> None:
     """The lifespan takes vLLM's, torch's and the app's objects out of the collector's scans (``app.py``)."""
     frozen = re.search(r"froze (\d+) start-up objects", server.log())
     assert frozen is not None and int(frozen[1]) > 100_000  # the modules alone: hundreds of thousands
+
+
+def test_the_model_runs_in_the_engine_core_process_on_its_cores(server) -> None:
+    """One engine process, no worker process beside it (``serving.cpu_executor``), its model thread bound.
+
+    vLLM's own CPU executor would start a ``VLLM::Worker`` process next to the engine core. The engine
+    core's main thread runs the model: it is bound to the cores ``VLLM_CPU_OMP_THREADS_BIND`` names (a
+    core per pytest worker, tests/conftest.py), or, outside ``-n``, to the cores vLLM chose and logged.
+    """
+    engines = [pid for pid in children(server.process.pid) if process_name(pid).startswith("VLLM::")]
+    assert [process_name(pid) for pid in engines] == ["VLLM::EngineCor"]
+    status = Path(f"/proc/{engines[0]}/task/{engines[0]}/status").read_text()
+    bound = {int(core) for core in _cpu_list(re.search(r"Cpus_allowed_list:\s*(\S+)", status)[1])}
+    logged = re.search(r"engine-core process, bound to cores \[([\d, ]+)\], (\d+) torch threads", server.log())
+    assert logged is not None
+    assert bound == {int(core) for core in logged[1].split(",")} and int(logged[2]) == len(bound)
+    if OMP_BIND in os.environ:
+        assert bound == set(_cpu_list(os.environ[OMP_BIND]))
+
+
+def _cpu_list(text: str) -> list[int]:
+    """``0-2,5`` → [0, 1, 2, 5] (the kernel's and vLLM's CPU list format)."""
+    cores: list[int] = []
+    for part in text.split(","):
+        first, _, last = part.partition("-")
+        cores += range(int(first), int(last or first) + 1)
+    return cores
 
 
 def test_models_lists_base_and_every_adapter_with_parent_and_root(client, server) -> None:
