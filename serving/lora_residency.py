@@ -1,7 +1,8 @@
 """Our methods in vLLM's worker: where each LoRA id sits, and adapter loads read off the engine step.
 
-vLLM imports this module into its worker processes: it imports nothing of
-ours, and nothing heavy at import. :class:`LoraResidencyExtension` is mixed
+vLLM imports this module where its worker runs (on the CPU, in the engine-core
+process: ``serving.cpu_executor``; on a GPU, in the worker process): it
+imports nothing of ours, and nothing heavy at import. :class:`LoraResidencyExtension` is mixed
 into vLLM's worker through ``worker_extension_cls`` (``serving.engine`` sets
 it), and ``serving.engine`` calls its methods with ``collective_rpc``; a
 callable sent that way would need ``VLLM_ALLOW_INSECURE_SERIALIZATION``
