@@ -480,10 +480,7 @@ class FusedLinear:
                 del self._compact[next(iter(self._compact))]
                 self._by_present.clear()
             widths = tuple(adapter.row_index.numel() for adapter in adapters)
-            a = torch.cat([torch.index_select(ad.a_t, 1, ad.row_index) for ad in adapters], dim=1)  # (in, sum W)
-            b = torch.cat(
-                [torch.block_diag(*(part[: ad.rows] for part in ad.parts)) for ad in adapters]
-            )  # (sum W, out)
+            a, b = self._side_by_side(adapters, sum(widths))
             (k, width), n = a.shape, self.out_features
             widest = max(k, n)
             shrink = Gemm(a, packed=_compact_packs(k, width, self.dtype, widest))
@@ -491,3 +488,17 @@ class FusedLinear:
             pair = self._compact[key] = Compact(shrink, expand, widths)
         self._by_present[present] = pair
         return pair
+
+    def _side_by_side(self, adapters: list[AdapterLinear], width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(in, width) A rows and (width, out) block-diagonal B rows of ``adapters``, each slice at its written
+        rank, copied once into place: a mixed step that meets a new set of adapters waits for this copy."""
+        a = torch.empty(self.in_features, width, dtype=self.dtype)
+        b = torch.zeros(width, self.out_features, dtype=self.dtype)
+        col = 0
+        for ad in adapters:
+            p, r, out = ad.packed, ad.rows, 0
+            for i, part in enumerate(ad.parts):  # part: (packed, out_i); A's slice i: columns i*p .. i*p + r
+                a[:, col : col + r].copy_(ad.a_t[:, i * p : i * p + r])
+                b[col : col + r, out : out + part.shape[1]].copy_(part[:r])
+                col, out = col + r, out + part.shape[1]
+        return a, b
