@@ -11,8 +11,9 @@ per slice (prefill), and their matmuls, packed for oneDNN once warm.
 Activation is a pointer swap: the forms are keyed by the adapter (its own
 tensor, ``slots.slot_source``), not by the slot, and a slot (``FusedLinear``)
 only points at its adapter's. An adapter taking a slot again (zipf-8 through 4
-slots swaps every few steps) costs a lookup: no copy, no matmul re-packed. Only
-an adapter's first activation copies its rows from the slot vLLM wrote. Kept
+slots swaps every few steps) costs a lookup: no copy, no matmul re-packed. An
+adapter's first activation takes the form ``lora_ops.ready`` built before it
+on the loading thread, or, where there is none, copies the slot. Kept
 at most ``PREPARED_PER_SLOT`` per slot, and only while vLLM's host cache holds
 the adapter (weak references): charged by ``slot_copy_bytes``.
 
