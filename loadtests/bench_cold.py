@@ -41,8 +41,11 @@ the first of the rounds, and always for ``stock``, whose adapters are unknown) a
 copy of the hot and the new adapter that the next mixed decode step builds
 (``FusedLinear.compact``), for a sequence of ranks written into one slot,
 ``stock`` (vLLM's full-slot zeroing; re-copy and compact copy at
-``max_lora_rank``, as without a record of the ranks written) and ``ours``
-(``lora_ops.slots``: each at the ranks written) alternating in one process.
+``max_lora_rank``, as without a record of the ranks written), ``ours``
+(``lora_ops.slots``: each at the ranks written) and ``ready`` (as ``ours``,
+each adapter's forms built before its first activation, untimed, as
+``lora_ops.ready`` builds them on the loading thread: that first catch-up is
+a pointer swap too) alternating in one process.
 """
 
 from __future__ import annotations
@@ -257,6 +260,7 @@ def table(report: dict) -> str:
 # ------------------------------------------------------------------ --swap
 SWAP_RANKS = (13, 54, 216, 16)  # the cold sizes' ranks, then the hot adapter's, into one slot, in turn
 SWAP_SLOTS = 4
+SWAP_KINDS = ("stock", "ours", "ready")
 
 
 def _swap_layers(base: BaseModelSpec, max_rank: int) -> list[Any]:
@@ -317,6 +321,8 @@ def _time_swaps(layers: list[Any], weights: dict[int, list], round_: int, times:
             for x in layers
         ]
     for k, rank in enumerate(SWAP_RANKS):
+        if times.get("ready") and round_ == 0:  # built off the step before vLLM activates the adapter
+            _offer_forms(layers, weights[rank])
         start = time.perf_counter()
         for layer, (a, b) in zip(layers, weights[rank]):
             layer.set_lora(1, a, b)
@@ -331,6 +337,22 @@ def _time_swaps(layers: list[Any], weights: dict[int, list], round_: int, times:
         times.setdefault("set_lora", {}).setdefault(rank, []).append((mid - start) * 1000.0)
         times.setdefault("refresh", {}).setdefault(rank, []).append((end - mid) * 1000.0)
         times.setdefault("compact", {}).setdefault(rank, []).append((built - end) * 1000.0)
+
+
+def _offer_forms(layers: list[Any], weights: list) -> None:
+    """What ``lora_ops.ready.prepare`` does on the loading thread, for these layers and weights (not timed)."""
+    from lora_ops import slots
+    from lora_ops.ready import from_weights
+
+    for layer, (a, b) in zip(layers, weights):
+        rows = slots.written_rank(a, b)
+        form = from_weights(layer.lora_a_stacked, tuple(layer.output_slices), *(_listed(a), _listed(b)), rows)
+        _ = form.b
+        slots.offer(layer.lora_a_stacked, slots.adapter_tensor(a, b), form)
+
+
+def _listed(t: Any) -> list[Any]:
+    return t if isinstance(t, list) else [t]
 
 
 def swap_costs(base: BaseModelSpec, args: argparse.Namespace) -> dict:
@@ -352,24 +374,25 @@ def swap_costs(base: BaseModelSpec, args: argparse.Namespace) -> dict:
         init_distributed_environment(1, 0, f"tcp://127.0.0.1:{port}", 0, backend="gloo")
         initialize_model_parallel(1, 1)
         slots.install()
-        kinds = {"stock": _swap_layers(base, args.max_rank), "ours": _swap_layers(base, args.max_rank)}
+        kinds = {kind: _swap_layers(base, args.max_rank) for kind in SWAP_KINDS}
         for layer in kinds["stock"]:
             layer.__dict__[slots.RANKS_ATTR] = _Forgetful()
         weights = {r: [_random_lora(layer, r) for layer in kinds["ours"]] for r in SWAP_RANKS}
-        times: dict[str, dict] = {kind: {} for kind in kinds}
+        times: dict[str, dict] = {kind: {"ready": kind == "ready"} for kind in kinds}
         for round_ in range(args.swap_rounds):  # the kinds alternate, so machine noise hits both alike
             for kind, layers in kinds.items():
                 _time_swaps(layers, weights, round_, times[kind])
     return {kind: {part: {rank: {"first_ms": v[0], "min_ms": min(v), "p50_ms": float(np.median(v))}
                           for rank, v in by_rank.items()}
-                   for part, by_rank in t.items() if part != "copies"} for kind, t in times.items()}  # fmt: skip
+                   for part, by_rank in t.items() if part not in ("copies", "ready")}
+            for kind, t in times.items()}  # fmt: skip
 
 
 def swap_table(measured: dict) -> str:
     lines = ["in-step work of one adapter swap, ms (first / min / median), per rank written into a slot (after the "
              "previous); the first round is each adapter's first activation:"]  # fmt: skip
     for part in ("set_lora", "refresh", "compact"):
-        for kind in ("stock", "ours"):
+        for kind in SWAP_KINDS:
             cells = "  ".join(
                 f"r{r}: {v['first_ms']:5.1f} / {v['min_ms']:5.1f} / {v['p50_ms']:5.1f}"
                 for r, v in measured[kind][part].items()

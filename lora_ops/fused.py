@@ -11,8 +11,9 @@ per slice (prefill), and their matmuls, packed for oneDNN once warm.
 Activation is a pointer swap: the forms are keyed by the adapter (its own
 tensor, ``slots.slot_source``), not by the slot, and a slot (``FusedLinear``)
 only points at its adapter's. An adapter taking a slot again (zipf-8 through 4
-slots swaps every few steps) costs a lookup: no copy, no matmul re-packed. Only
-an adapter's first activation copies its rows from the slot vLLM wrote. Kept
+slots swaps every few steps) costs a lookup: no copy, no matmul re-packed. An
+adapter's first activation takes the form ``lora_ops.ready`` built before it
+on the loading thread, or, where there is none, copies the slot. Kept
 at most ``PREPARED_PER_SLOT`` per slot, and only while vLLM's host cache holds
 the adapter (weak references): charged by ``slot_copy_bytes``.
 
@@ -52,7 +53,7 @@ from typing import TYPE_CHECKING, Literal, NamedTuple
 
 import torch
 
-from .slots import slot_rank, slot_source
+from .slots import READY_PER_SLOT, slot_rank, slot_source, take_ready
 
 if TYPE_CHECKING:
     from vllm._custom_ops import CPUDNNLGEMMHandler
@@ -152,14 +153,18 @@ def slot_copy_bytes(in_features: int, slice_outs: tuple[int, ...], rank: int, dt
     """Host memory one slot of a :class:`FusedLinear` can hold at most, packed matmuls included.
 
     With ``R = len(slice_outs) x rank`` and ``O = sum(slice_outs)``: ``PREPARED_PER_SLOT`` adapter forms,
-    each ``a_t`` (in x R), block-diagonal ``b`` (R x O), ``parts`` (rank x O in all) and the packed copies of ``a_t`` and ``b`` (the oneDNN handle, counted at the weight's own size); and the
-    slot's share of ``COMPACT_SETS`` compact sets, ``a`` (R x in) and ``b`` (R x O) each, packed copies too.
+    each ``a_t`` (in x R), block-diagonal ``b`` (R x O), ``parts`` (rank x O in all) and the packed copies of
+    ``a_t`` and ``b`` (the oneDNN handle, counted at the weight's own size); ``slots.READY_PER_SLOT`` forms
+    built off the step and not activated yet (``lora_ops.ready``: no packed copies); and the slot's share of
+    ``COMPACT_SETS`` compact sets, ``a`` (R x in) and ``b`` (R x O) each, packed copies too.
     Summed for every slot of every LoRA linear, this bounds what these copies add to vLLM's own slot
     buffers; ``serving.sizing`` charges it to ``store.memory_budget_bytes``.
     """
     r_total, out_total = len(slice_outs) * rank, sum(slice_outs)
-    copies = 2 * (PREPARED_PER_SLOT + COMPACT_SETS)  # tensor + packed handle, for each form and each set
-    elements = copies * r_total * (in_features + out_total) + PREPARED_PER_SLOT * rank * out_total
+    forms = PREPARED_PER_SLOT + READY_PER_SLOT
+    # tensor + packed handle, for each kept form and each set; a ready form (never called yet) has no handle
+    copies = 2 * (PREPARED_PER_SLOT + COMPACT_SETS) + READY_PER_SLOT
+    elements = copies * r_total * (in_features + out_total) + forms * rank * out_total
     return elements * dtype_bytes
 
 
@@ -273,21 +278,22 @@ class AdapterLinear:
     * ``parts[i]``: (packed, out_i), slice i's B alone, one ``addmm_`` per slice;
     * ``shrink``/``expand``: their matmuls, packed for oneDNN once warm.
 
-    A cold adapter's first activation builds this inside the engine step, so it does only what that step
-    needs: ``b`` is built on first use (a prefill step uses ``parts``), and the zero test reads A and the
-    slices' B, not the block-diagonal's zero blocks (the test was half of a first activation's cost).
+    Built off the step where it can be (``lora_ops.ready``, from the adapter's tensors before vLLM activates
+    it); otherwise (``from_slot``) a cold adapter's first activation builds it inside the engine step,
+    so that does only what the step needs: ``b`` is built on first use (a prefill step uses ``parts``), and
+    the zero test reads A and the slices' B, not the block-diagonal's zero blocks.
     """
 
     __slots__ = ("uid", "rows", "packed", "a_t", "_b", "parts", "nonzero", "row_index", "_shrink", "_expand")
 
-    def __init__(self, lora_a, lora_b, output_slices: tuple[int, ...], slot: int, rows: int, dtype: torch.dtype):
-        # lora_a[i]: (S, 1, max_rank, in); lora_b[i]: (S, 1, out_i, max_rank)
+    def __init__(self, a_rows: list[torch.Tensor], b_cols: list[torch.Tensor], rows: int, dtype: torch.dtype):
+        # a_rows[i]: (packed, in) slice i's A rows; b_cols[i]: (out_i, packed) its B columns; zero past `rows`
         self.uid = next(_UIDS)  # names this form in the compact sets' keys
         self.rows = rows
-        p = self.packed = packed_rank(rows, lora_a[0].shape[2])
+        p = self.packed = a_rows[0].shape[0]
         # (in, W), transposed as it is stacked (one pass): torch.mm on a transposed view was 4x slower at 256 rows
-        self.a_t = torch.cat([t[slot, 0, :p].t() for t in lora_a], dim=1).to(dtype)
-        self.parts = tuple(t[slot, 0, :width, :p].t().to(dtype).contiguous() for t, width in zip(lora_b, output_slices))
+        self.a_t = torch.cat([a.t() for a in a_rows], dim=1).to(dtype)
+        self.parts = tuple(b.t().to(dtype).contiguous() for b in b_cols)
         self._b: torch.Tensor | None = None
         # Does it change the output at all? An adapter that does not target this module (e.g. q/v-only adapters
         # seen from gate_up), or an empty slot, has all-zero weights here and is skipped.
@@ -296,6 +302,19 @@ class AdapterLinear:
         self.row_index = (starts[:, None] + torch.arange(rows)[None, :]).flatten()  # the first `rows` per slice
         self._shrink: Gemm | None = None
         self._expand: Gemm | None = None
+
+    @classmethod
+    def from_slot(cls, lora_a, lora_b, output_slices: tuple[int, ...], slot: int, rows: int, dtype: torch.dtype):
+        """Copied from vLLM's ``slot`` as ``set_lora`` wrote it (``rows``: the rank written there)."""
+        # lora_a[i]: (S, 1, max_rank, in); lora_b[i]: (S, 1, out_i, max_rank)
+        p = packed_rank(rows, lora_a[0].shape[2])
+        b_cols = [t[slot, 0, :width, :p] for t, width in zip(lora_b, output_slices)]
+        return cls([t[slot, 0, :p] for t in lora_a], b_cols, rows, dtype)
+
+    def fits(self, in_features: int, output_slices: tuple[int, ...], rows: int, dtype: torch.dtype) -> bool:
+        """Is this a form for a slot of this shape holding ``rows`` rows per slice, in ``dtype``?"""
+        outs = tuple(part.shape[1] for part in self.parts)
+        return (self.rows, self.a_t.dtype, self.a_t.shape[0], outs) == (rows, dtype, in_features, output_slices)
 
     @property
     def b(self) -> torch.Tensor:
@@ -406,13 +425,15 @@ class FusedLinear:
         rows = self.slice_rank if rank is None else rank
         source = slot_source(lora_a, s) if trust_source and rank is not None else None
         if source is None:  # unknown adapter: from the slot as it is, not kept
-            return AdapterLinear(lora_a, lora_b, self.output_slices, s, rows, self.dtype)
+            return AdapterLinear.from_slot(lora_a, lora_b, self.output_slices, s, rows, self.dtype)
         key = id(source)
         hit = self._prepared.get(key)
         if hit is not None and hit[0]() is source:
             self._prepared.move_to_end(key)
             return hit[1]
-        adapter = AdapterLinear(lora_a, lora_b, self.output_slices, s, rows, self.dtype)
+        adapter = take_ready(lora_a, source)  # built off the step (lora_ops.ready), if it got that far
+        if adapter is None or not adapter.fits(self.in_features, self.output_slices, rows, self.dtype):
+            adapter = AdapterLinear.from_slot(lora_a, lora_b, self.output_slices, s, rows, self.dtype)
         self._prepared[key] = (weakref.ref(source), adapter)
         self._forget(keep=adapter)
         return adapter
@@ -460,10 +481,7 @@ class FusedLinear:
                 del self._compact[next(iter(self._compact))]
                 self._by_present.clear()
             widths = tuple(adapter.row_index.numel() for adapter in adapters)
-            a = torch.cat([torch.index_select(ad.a_t, 1, ad.row_index) for ad in adapters], dim=1)  # (in, sum W)
-            b = torch.cat(
-                [torch.block_diag(*(part[: ad.rows] for part in ad.parts)) for ad in adapters]
-            )  # (sum W, out)
+            a, b = self._side_by_side(adapters, sum(widths))
             (k, width), n = a.shape, self.out_features
             widest = max(k, n)
             shrink = Gemm(a, packed=_compact_packs(k, width, self.dtype, widest))
@@ -471,3 +489,17 @@ class FusedLinear:
             pair = self._compact[key] = Compact(shrink, expand, widths)
         self._by_present[present] = pair
         return pair
+
+    def _side_by_side(self, adapters: list[AdapterLinear], width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(in, width) A rows and (width, out) block-diagonal B rows of ``adapters``, each slice at its written
+        rank, copied once into place: a mixed step that meets a new set of adapters waits for this copy."""
+        a = torch.empty(self.in_features, width, dtype=self.dtype)
+        b = torch.zeros(width, self.out_features, dtype=self.dtype)
+        col = 0
+        for ad in adapters:
+            p, r, out = ad.packed, ad.rows, 0
+            for i, part in enumerate(ad.parts):  # part: (packed, out_i); A's slice i: columns i*p .. i*p + r
+                a[:, col : col + r].copy_(ad.a_t[:, i * p : i * p + r])
+                b[col : col + r, out : out + part.shape[1]].copy_(part[:r])
+                col, out = col + r, out + part.shape[1]
+        return a, b

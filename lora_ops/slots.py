@@ -34,11 +34,22 @@ taking a slot again costs a lookup, not a copy. A failed ``set_lora`` or a
 ``reset_lora`` forgets it. ``GroupedPunicaWrapperCPU``
 installs this when vLLM's worker builds its LoRA manager, before any slot is
 written; the patch is per class, so it reaches every layer of the model.
+
+**Forms offered before the write** (:func:`offer`, :func:`take_ready`): a
+background thread that builds an adapter's forms before vLLM activates it
+(``lora_ops.ready``) leaves them here per layer, under the same adapter tensor
+``set_lora`` will be given; the engine step takes one when that tensor lands
+in a slot. The two threads meet only under ``_READY_LOCK``; a form not offered
+yet is simply not found, and the step builds it itself. At most
+``READY_PER_SLOT`` per slot of the layer wait (oldest dropped), and only while
+their adapter is alive (weak references).
 """
 
 from __future__ import annotations
 
+import threading
 import weakref
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -102,8 +113,45 @@ def slot_source(lora_a_stacked: Sequence[Any], index: int) -> Any | None:
     return None if ref is None else ref()
 
 
-def _source(lora_a: Any, lora_b: Any) -> Any | None:
-    """The tensor that names an adapter's weights for one layer: the first non-empty A (or B) slice given."""
+READY_PER_SLOT = 1
+"""Forms waiting for their adapter's first activation, per slot of a layer: charged by ``fused.slot_copy_bytes``."""
+_READY: dict[int, tuple[weakref.ref[Any], OrderedDict[int, tuple[weakref.ref[Any], Any]]]] = {}
+"""id of a layer's first stacked A tensor -> (the tensor, {id(adapter tensor): (the adapter tensor, its form)})."""
+_READY_LOCK = threading.Lock()
+
+
+def offer(lora_a_stacked: Sequence[Any], source: Any, form: Any) -> None:
+    """Leave ``form`` for the layer of these stacked A tensors, to be taken when ``source`` is written to a slot.
+
+    Called from a background thread; drops the forms of freed adapters, then the oldest past the bound.
+    """
+    weight, bound = lora_a_stacked[0], READY_PER_SLOT * lora_a_stacked[0].shape[0]
+    with _READY_LOCK:
+        entry = _READY.get(id(weight))
+        if entry is None or entry[0]() is not weight:
+            key = id(weight)
+            entry = _READY[key] = (weakref.ref(weight, lambda _: _READY.pop(key, None)), OrderedDict())
+        waiting = entry[1]
+        for dead in [k for k, (ref, _) in waiting.items() if ref() is None]:
+            del waiting[dead]
+        waiting[id(source)] = (weakref.ref(source), form)
+        while len(waiting) > bound:
+            waiting.popitem(last=False)
+
+
+def take_ready(lora_a_stacked: Sequence[Any], source: Any) -> Any | None:
+    """The form offered for ``source`` in this layer, removed from the waiting ones; None if none was (yet)."""
+    with _READY_LOCK:
+        entry = _READY.get(id(lora_a_stacked[0]))
+        if entry is None or entry[0]() is not lora_a_stacked[0]:
+            return None
+        hit = entry[1].pop(id(source), None)
+    return None if hit is None or hit[0]() is not source else hit[1]
+
+
+def adapter_tensor(lora_a: Any, lora_b: Any) -> Any | None:
+    """The tensor that names an adapter's weights for one layer: the first non-empty A (or B) slice given
+    (the same tensor before and after vLLM packs q/k/v: ``PackedLoRALayerWeights.pack`` lists the modules')."""
     for t in [
         *(lora_a if isinstance(lora_a, Sequence) else [lora_a]),
         *(lora_b if isinstance(lora_b, Sequence) else [lora_b]),
@@ -144,7 +192,7 @@ def _set_lora(set_lora: Callable[..., None]) -> Callable[..., None]:
             now = ranks.get(index)  # 0 once vLLM's reset ran; unknown stays unknown
             if now is not None:
                 ranks[index] = max(now, written_rank(lora_a, lora_b))
-        source = _source(lora_a, lora_b)  # reached only when the write succeeded
+        source = adapter_tensor(lora_a, lora_b)  # reached only when the write succeeded
         if source is not None:
             sources[index] = weakref.ref(source)
 

@@ -29,6 +29,14 @@ finished ``LoRAModel`` over, or raise the exception the load raised, so the
 slot copy, and a refused adapter still fails that ``add_lora`` (a utility
 call: the engine keeps serving). A load nobody prefetched (the step reloading
 an evicted adapter) runs as before.
+
+**Forms off the step.** The same background job then builds the CPU LoRA
+ops' forms of the adapter for every LoRA linear (``lora_ops.ready.prepare``),
+before ``add_lora`` activates it into a slot, so the step after that finds
+them ready instead of building them (57 ms at rank 216 on
+``loadtests.bench_cold``'s model). Only where those ops are vLLM's punica
+wrapper (``lora_ops`` loaded as vLLM's plugin on the CPU); a failure there is
+logged and leaves the building to the step, the adapter loads all the same.
 """
 
 from __future__ import annotations
@@ -93,7 +101,7 @@ class LoraResidencyExtension:
         with loader.lock:
             if lora_int_id not in loader.loads:
                 request = LoRARequest(lora_name=lora_name, lora_int_id=lora_int_id, lora_path=lora_path)
-                loader.loads[lora_int_id] = (lora_path, loader.pool.submit(loader.load, request))
+                loader.loads[lora_int_id] = (lora_path, loader.pool.submit(loader.load_and_prepare, request))
 
     def loraserve_prefetch_done(self, lora_int_id: int) -> bool:
         """Whether the load of ``lora_int_id`` finished (built or failed); ``True`` when none is pending."""
@@ -109,6 +117,13 @@ class LoraResidencyExtension:
             loader = _Loader(self.model_runner.lora_manager)
             self._loraserve_lora_loader = loader
         return loader
+
+
+def _runs_our_ops(adapter_manager: Any) -> bool:
+    """Does this LoRA model manager run ``lora_ops``' punica wrapper (whose forms ``prepare`` builds)?"""
+    from lora_ops.punica_cpu import GroupedPunicaWrapperCPU
+
+    return any(isinstance(w, GroupedPunicaWrapperCPU) for w in adapter_manager.punica_wrapper_mapping.values())
 
 
 class _Loader:
@@ -128,6 +143,18 @@ class _Loader:
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="loraserve-lora-load", initializer=_lower_priority)
         self.load = manager._load_adapter  # vLLM's own: every check it makes runs in the background too
         manager._load_adapter = self.hand_over
+
+    def load_and_prepare(self, lora_request: Any) -> Any:
+        """vLLM's ``_load_adapter``, then the adapter's forms for our CPU LoRA ops where they run."""
+        lora = self.load(lora_request)
+        if _runs_our_ops(self.manager._adapter_manager):
+            from lora_ops.ready import prepare
+
+            try:
+                prepare(self.manager._adapter_manager, lora)
+            except Exception:  # the forms are an optimisation: the step builds any missing one from the slot
+                logger.exception("building adapter %s's LoRA forms off the step failed", lora_request.lora_name)
+        return lora
 
     def drop_stale(self) -> None:
         """Forget finished builds of ids the host cache holds: the step loaded them itself meanwhile, and

@@ -22,6 +22,7 @@ import pytest
 import torch
 
 from serving.lora_residency import LOADER_NICE, LoraResidencyExtension
+from tests.bitnet.conftest import vllm_world  # noqa: F401  (a fixture: the 1-rank world vLLM's layers need)
 
 pytest.importorskip("vllm")
 from vllm.config.lora import LoRAConfig
@@ -45,6 +46,7 @@ class _Manager(WorkerLoRAManager):
         self.vocab_size = 2048
         self._adapter_manager = SimpleNamespace(
             supported_lora_modules=["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
+            punica_wrapper_mapping={},  # vLLM's stock wrapper: no forms of ours to build (lora_ops.ready)
             packed_modules_mapping={
                 "qkv_proj": ["q_proj", "k_proj", "v_proj"],
                 "gate_up_proj": ["gate_proj", "up_proj"],
@@ -131,6 +133,83 @@ def test_the_adapter_is_built_off_the_calling_thread_and_handed_to_the_step(adap
     assert worker.manager.threads and threading.get_ident() not in worker.manager.threads
     assert len(worker.manager.threads) == 1  # the step did not read the files again
     assert worker.loraserve_prefetch_done(7) is True  # handed over: nothing left pending
+
+
+def _with_our_ops(worker: _Worker) -> dict[str, Any]:
+    """Give the worker's model manager lora_ops' punica wrapper and layer 0 of the demo base (hidden 128, 2 heads
+    of 64, 1 KV head, intermediate 384) as vLLM's LoRA layers, with vLLM's own name lookup; returns the layers."""
+    from vllm.lora.layers import (
+        MergedColumnParallelLinearWithLoRA,
+        MergedQKVParallelLinearWithLoRA,
+        RowParallelLinearWithLoRA,
+    )
+    from vllm.lora.model_manager import LoRAModelManager
+    from vllm.model_executor.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+
+    from lora_ops.punica_cpu import GroupedPunicaWrapperCPU
+
+    config = worker.manager.lora_config
+    f32, prefix = torch.float32, "model.layers.0."
+    layers = {
+        "self_attn.qkv_proj": MergedQKVParallelLinearWithLoRA(QKVParallelLinear(128, 64, 2, 1, params_dtype=f32)),
+        "self_attn.o_proj": RowParallelLinearWithLoRA(RowParallelLinear(128, 128, params_dtype=f32)),
+        "mlp.gate_up_proj": MergedColumnParallelLinearWithLoRA(
+            MergedColumnParallelLinear(128, [384, 384], params_dtype=f32)
+        ),
+        "mlp.down_proj": RowParallelLinearWithLoRA(RowParallelLinear(384, 128, params_dtype=f32)),
+    }
+    for layer in layers.values():
+        layer.create_lora_weights(config.max_loras, config)
+    manager = worker.manager._adapter_manager
+    manager.punica_wrapper_mapping = {"model": GroupedPunicaWrapperCPU(64, config.max_loras, torch.device("cpu"))}
+    manager.modules = {prefix + name: layer for name, layer in layers.items()}
+    manager.packed_modules = {
+        prefix + "self_attn.qkv_proj": [prefix + f"self_attn.{x}_proj" for x in "qkv"],
+        prefix + "mlp.gate_up_proj": [prefix + "mlp.gate_proj", prefix + "mlp.up_proj"],
+    }
+    manager.is_pooling_model = False
+    manager._get_lora_layer_weights = lambda model, name: LoRAModelManager._get_lora_layer_weights(manager, model, name)
+    return manager.modules
+
+
+def test_with_our_ops_the_adapters_forms_are_built_before_it_is_handed_over(
+    adapters: dict[str, Path],
+    vllm_world,  # noqa: F811
+) -> None:
+    """The background job also builds the adapter's forms for every LoRA layer (``lora_ops.ready``), keyed by the
+    tensor vLLM's ``set_lora`` will get (q's A for qkv, gate's A for gate_up), before the step takes the model."""
+    from lora_ops import slots
+
+    worker = _Worker()
+    modules = _with_our_ops(worker)
+    worker.manager.gate.set()
+    request = _request("code", 8, adapters["code"])
+    worker.loraserve_prefetch_lora(*_args(request))
+    _wait_done(worker, 8)
+    model = worker.manager._load_adapter(request)
+    first = {"self_attn.qkv_proj": "self_attn.q_proj", "mlp.gate_up_proj": "mlp.gate_proj"}
+    for name, layer in modules.items():
+        short = name.removeprefix("model.layers.0.")
+        source = model.loras["model.layers.0." + first.get(short, short)].lora_a
+        form = slots.take_ready(layer.lora_a_stacked, source)
+        assert form is not None and form.rows == 8 and form.nonzero
+
+
+def test_a_failed_form_build_is_logged_and_the_adapter_still_loads(
+    adapters: dict[str, Path],
+    vllm_world,  # noqa: F811
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The forms are an optimisation: a layer they cannot be built for leaves them to the step, loudly."""
+    worker = _Worker()
+    modules = _with_our_ops(worker)
+    modules["model.layers.0.mlp.down_proj"].lora_a_stacked[0].resize_(1, 1, 16, 7)  # no longer the adapter's shape
+    worker.manager.gate.set()
+    request = _request("code", 9, adapters["code"])
+    worker.loraserve_prefetch_lora(*_args(request))
+    _wait_done(worker, 9)
+    assert worker.manager._load_adapter(request).id == 9
+    assert "building adapter code's LoRA forms off the step failed" in caplog.text
 
 
 def test_the_loading_thread_runs_at_the_lowest_priority(adapters: dict[str, Path]) -> None:
