@@ -25,6 +25,7 @@ import sys
 import pytest
 import yaml
 
+from serving.cli import main
 from tests.conftest import REPO, demo_config
 
 pytestmark = pytest.mark.engine
@@ -111,15 +112,16 @@ def test_streaming_metrics_are_locust_rows_per_adapter(loadtest) -> None:
     assert "Load test result" in result.stdout and "Median TTFT (ms):" in result.stdout
 
 
-def test_a_bad_config_fails_before_any_start(demo_assets, tmp_path) -> None:
-    """``--config`` checks the config first: a bad one exits 2 with the CLI's message, no server, no locust."""
+def test_a_bad_config_fails_before_any_start(demo_assets, tmp_path, capsys) -> None:
+    """``--config`` checks the config first: a bad one exits 2 with the CLI's message, no server, no locust.
+    ``main`` in this process: the check itself is a ``check-config`` subprocess of the runner's."""
     config = demo_config(demo_assets)
     config["engine"]["max_loras"] = 0
     config_path = tmp_path / "config.yaml"
     config_path.write_text(yaml.safe_dump(config))
     out = tmp_path / "out"
-    command = [sys.executable, "-m", "serving.cli", "loadtest", "--config", str(config_path), "--out", str(out)]
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 2, result.stdout + result.stderr
-    assert "engine.max_loras" in result.stderr and "starting the server" not in result.stdout
+    returncode = main(["loadtest", "--config", str(config_path), "--out", str(out)])
+    result = capsys.readouterr()
+    assert returncode == 2, result.out + result.err
+    assert "engine.max_loras" in result.err and "starting the server" not in result.out
     assert not (out / "server.log").exists() and not (out / "records.jsonl").exists()
