@@ -15,7 +15,8 @@ import json
 import re
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 
 import httpx
@@ -155,39 +156,58 @@ def test_rate_limit_hit_and_recovery(secure):
     assert complete(secure, "burst").status_code == 200
 
 
-async def _burst(server: RunningServer, keys: list[str]) -> list[httpx.Response]:
-    """Send one long request per entry of ``keys``, all at once (they arrive within
-    milliseconds; each generates 1000 tokens, which takes the engine a second or more)."""
-    body = {"model": server.base_model, "prompt": "Tell me", "max_tokens": 1000, "ignore_eos": True}
-    async with httpx.AsyncClient(timeout=300) as client:
-        return list(
-            await asyncio.gather(
-                *(client.post(f"{server.url}/v1/completions", json=body, headers=auth(key)) for key in keys)
-            )
-        )
+@asynccontextmanager
+async def _held(server: RunningServer, keys: list[str]) -> AsyncIterator[list[httpx.Response]]:
+    """One long streamed request per entry of ``keys``, all at once; the answers (200: admitted, or the refusal)
+    once each has one. Every admitted request holds its slots until the block ends: then the connections close,
+    the server aborts the requests (each could generate 1000 tokens) and lets their slots go."""
+    body = {"model": server.base_model, "prompt": "Tell me", "max_tokens": 1000, "ignore_eos": True, "stream": True}
+    async with httpx.AsyncClient(timeout=300) as client, AsyncExitStack() as streams:
+
+        async def send(key: str) -> httpx.Response:
+            request = client.stream("POST", f"{server.url}/v1/completions", json=body, headers=auth(key))
+            response = await streams.enter_async_context(request)
+            if response.status_code != 200:
+                await response.aread()  # the error body, for error_of
+            return response
+
+        yield list(await asyncio.gather(*(send(key) for key in keys)))
+
+
+def _until_admitted(server: RunningServer, keys: list[str]) -> None:
+    """Slots come back when requests end: each key's next request for all its slots (as many prompts as the
+    per-key bound) is admitted once the server has seen the held requests close (429 or 503 until then),
+    within a deadline; so every slot they held is free for the next test."""
+    deadline = time.monotonic() + 30
+    every_slot = ["The patient"] * PER_KEY_CONCURRENCY
+    for key in keys:
+        while (status := complete(server, key, prompt=every_slot).status_code) in (429, 503):
+            assert time.monotonic() < deadline, f"{key}: still {status} 30 s after the held requests ended"
+            time.sleep(0.05)
+        assert status == 200, (key, status)
 
 
 async def test_concurrency_per_key(secure):
-    responses = await _burst(secure, ["busy1"] * (PER_KEY_CONCURRENCY + 2))
-    statuses = sorted(r.status_code for r in responses)
-    assert statuses.count(200) >= PER_KEY_CONCURRENCY and 429 in statuses, statuses
-    for response in responses:
-        if response.status_code == 429:
-            assert error_of(response)["code"] == "concurrency_limit_exceeded"
-            assert response.headers["retry-after"] == "1"
-    assert complete(secure, "busy1").status_code == 200  # slots come back when requests end
+    async with _held(secure, ["busy1"] * (PER_KEY_CONCURRENCY + 2)) as responses:
+        statuses = sorted(r.status_code for r in responses)
+        assert statuses.count(200) >= PER_KEY_CONCURRENCY and 429 in statuses, statuses
+        for response in responses:
+            if response.status_code == 429:
+                assert error_of(response)["code"] == "concurrency_limit_exceeded"
+                assert response.headers["retry-after"] == "1"
+    _until_admitted(secure, ["busy1"])
 
 
 async def test_server_wide_queue_bound_gives_503(secure):
     # Two requests per key stay within the per-key bound; six exceed the 4 engine slots (no queue).
-    responses = await _burst(secure, ["busy1", "busy2", "busy3"] * PER_KEY_CONCURRENCY)
-    statuses = sorted(r.status_code for r in responses)
-    assert statuses.count(200) == ENGINE_SLOTS and set(statuses) == {200, 503}, statuses
-    for response in responses:
-        if response.status_code == 503:
-            assert error_of(response)["code"] == "server_overloaded"
-            assert response.headers["retry-after"] == "1"
-    assert complete(secure, "busy3").status_code == 200
+    async with _held(secure, ["busy1", "busy2", "busy3"] * PER_KEY_CONCURRENCY) as responses:
+        statuses = sorted(r.status_code for r in responses)
+        assert statuses.count(200) == ENGINE_SLOTS and set(statuses) == {200, 503}, statuses
+        for response in responses:
+            if response.status_code == 503:
+                assert error_of(response)["code"] == "server_overloaded"
+                assert response.headers["retry-after"] == "1"
+    _until_admitted(secure, ["busy1", "busy2", "busy3"])
 
 
 def denials(server: RunningServer) -> dict[tuple[str, str], float]:
