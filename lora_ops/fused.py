@@ -318,6 +318,17 @@ class AdapterLinear:
             self._expand = Gemm(self.b)
         return self._expand
 
+    def a_rows(self) -> torch.Tensor:
+        """(in, slices x rows): ``a_t``'s written rows, for a compact set; ``a_t`` itself when no row is padding
+        (a rank that is a packed width, e.g. 16), so a new set costs one copy of it, not a gather and a copy."""
+        return self.a_t if self.rows == self.packed else torch.index_select(self.a_t, 1, self.row_index)
+
+    def b_rows(self) -> torch.Tensor:
+        """(slices x rows, out): ``b``'s written rows, for a compact set; ``b`` itself when no row is padding."""
+        if self.rows == self.packed:
+            return self.b
+        return torch.block_diag(*(part[: self.rows] for part in self.parts))
+
     def holds(self, lora_a, lora_b, output_slices: tuple[int, ...], slot: int) -> bool:
         """Does vLLM's ``slot`` hold exactly these weights (zero past ``packed`` rows)?"""
         p, dtype = self.packed, self.a_t.dtype
@@ -460,10 +471,8 @@ class FusedLinear:
                 del self._compact[next(iter(self._compact))]
                 self._by_present.clear()
             widths = tuple(adapter.row_index.numel() for adapter in adapters)
-            a = torch.cat([torch.index_select(ad.a_t, 1, ad.row_index) for ad in adapters], dim=1)  # (in, sum W)
-            b = torch.cat(
-                [torch.block_diag(*(part[: ad.rows] for part in ad.parts)) for ad in adapters]
-            )  # (sum W, out)
+            a = torch.cat([ad.a_rows() for ad in adapters], dim=1)  # (in, sum W)
+            b = torch.cat([ad.b_rows() for ad in adapters])  # (sum W, out)
             (k, width), n = a.shape, self.out_features
             widest = max(k, n)
             shrink = Gemm(a, packed=_compact_packs(k, width, self.dtype, widest))
