@@ -1,6 +1,6 @@
 """CPU time of one LoRA linear call through the compiled graph's op, at bench_lora's realistic layer shapes.
 
-    python -m loadtests.bench_lora_calls [--repeats 9] [--steps 50]
+    python -m loadtests.bench_lora_calls [--repeats 9] [--steps 50] [--threads 1]
 
 Why: issue 12 asks that a step cost the LoRA matmuls and little else; a
 whole-engine benchmark on a shared 2-core machine cannot resolve a few µs per
@@ -10,7 +10,11 @@ arguments, the wrapper's plan set by ``update_metadata`` with a real
 ``LoRAMapping``), bf16, rank 16, 4 slots, one thread, and reports the
 per-call thread CPU time (min and median over repeats of ``--steps`` steps)
 for decode batches without adapter tokens, on one adapter, and on a mix of
-three, at 16 tokens (a packed row count) and at 13 (padded to 16).
+three, at 16 tokens (a packed row count) and at 13 (padded to 16); and for
+the step that admits a wave of 16 prompts of 64 tokens on 4 adapters (the
+plan gathers their rows by adapter: ``GATHER``), at a tenth of the steps.
+With ``--threads 2`` it reports wall time instead: the worker's OpenMP threads
+as the engine runs them (thread CPU time would miss the second thread).
 """
 
 from __future__ import annotations
@@ -30,7 +34,9 @@ CASES = {
     "three_mixed": [1, 2, 3, 1] * 4,
     "one_adapter_13": [1] * 13,
     "three_mixed_13": [1, 2, 3, 1] * 3 + [2],
+    "prefill_wave_4": [a for a in (1, 2, 1, 3, 1, 4, 2, 1, 1, 2, 3, 1, 4, 1, 2, 1) for _ in range(64)],
 }
+WAVE_STEP_DIVISOR = 10  # the prompt wave's calls are ~100x a decode call's work: a tenth of the steps
 
 
 def _layers() -> list[tuple[int, tuple[int, ...]]]:
@@ -41,13 +47,16 @@ def _layers() -> list[tuple[int, tuple[int, ...]]]:
     return [(h, (q, kv, kv)), (q, (h,)), (h, (i, i)), (i, (h,))] * s.num_hidden_layers
 
 
-def measure(repeats: int, steps: int) -> dict[str, dict[str, float]]:
-    """Per-call µs (min and median over ``repeats``) for each case of ``CASES``."""
+def measure(repeats: int, steps: int, threads: int = 1) -> dict[str, dict[str, float]]:
+    """Per-call µs (min and median over ``repeats``) for each case of ``CASES``: thread CPU time on one
+    thread, wall time on more."""
     from vllm.lora.layers import LoRAMapping
 
     from lora_ops.punica_cpu import GroupedPunicaWrapperCPU
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(threads)
+    clock = time.thread_time if threads == 1 else time.perf_counter
+    rows = max(len(ids) for ids in CASES.values())
     g = torch.Generator().manual_seed(0)
     layers = _layers()
     weights = [
@@ -57,9 +66,9 @@ def measure(repeats: int, steps: int) -> dict[str, dict[str, float]]:
         )
         for k, outs in layers
     ]
-    xs = {k: torch.randn(TOKENS, k, generator=g).bfloat16() for k, _ in layers}
-    ys = [torch.zeros(TOKENS, sum(outs)).bfloat16() for _, outs in layers]
-    wrapper = GroupedPunicaWrapperCPU(max_num_batched_tokens=512, max_batches=16, device="cpu")
+    xs = {k: torch.randn(rows, k, generator=g).bfloat16() for k, _ in layers}
+    ys = [torch.zeros(rows, sum(outs)).bfloat16() for _, outs in layers]
+    wrapper = GroupedPunicaWrapperCPU(max_num_batched_tokens=max(512, rows), max_batches=16, device="cpu")
     op = torch.ops.loraserve.lora_linear.default
     table: list[int | None] = list(range(1, SLOTS + 1))
     results = {}
@@ -72,14 +81,14 @@ def measure(repeats: int, steps: int) -> dict[str, dict[str, float]]:
             for y, x, a, b, outs in calls:
                 op(y, x, a, b, 1.0, outs, wrapper._handle)
 
-        for _ in range(20):  # fused copies built, matmuls packed
+        for _ in range(20 if n <= TOKENS else 2):  # fused copies built, matmuls packed
             step()
-        per_call = []
+        per_call, case_steps = [], steps if n <= TOKENS else max(1, steps // WAVE_STEP_DIVISOR)
         for _ in range(repeats):
-            start = time.thread_time()
-            for _ in range(steps):
+            start = clock()
+            for _ in range(case_steps):
                 step()
-            per_call.append((time.thread_time() - start) / steps / len(calls) * 1e6)
+            per_call.append((clock() - start) / case_steps / len(calls) * 1e6)
         results[name] = {"min_us": round(min(per_call), 1), "median_us": round(statistics.median(per_call), 1)}
     return results
 
@@ -88,11 +97,12 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--repeats", type=int, default=9)
     p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (more than 1: wall time)")
     args = p.parse_args(argv)
     import os
 
     load = os.getloadavg()[0]
-    for name, r in measure(args.repeats, args.steps).items():
+    for name, r in measure(args.repeats, args.steps, args.threads).items():
         print(f"{name:15s} {r['min_us']:7.1f} us min {r['median_us']:7.1f} us median per LoRA call")
     print(f"load average {load:.2f} -> {os.getloadavg()[0]:.2f}")
 

@@ -87,10 +87,10 @@ MIN_PACKED_RANK = 8
 # ranks the widths, and so the shapes, repeat (zipf-8 in 4 slots: 3-4 widths per linear). Past this many
 # shapes a rotation over ever-new widths runs its compact sets unpacked instead of compiling without end.
 COMPACT_PACKED_SHAPES = 32
-# Compact sets kept per linear, the oldest built dropped first: the set now
-# and the one before (a step that adds a request's prefill, then decode goes
-# on without it). Each holds a copy of its P present slots' weights: at most
-# 2 x P/S the bytes of the linear's fused copy.
+# Compact sets kept per linear, as slot units: the sets held have at most COMPACT_SETS x S slots in all (S: the
+# linear's slots), the least recently used dropped first. That is the bytes of COMPACT_SETS sets of every slot
+# (what ``slot_copy_bytes`` charges), and more sets when they are smaller, so a mix that comes back after others
+# may find its set (a loaded zipf8 profile, 8 adapters through 4 slots, 2 sets a linear: 9 mixes, 9 builds).
 COMPACT_SETS = 2
 # Adapter forms (``AdapterLinear``) kept per linear, per slot: those in the slots and as many again of the
 # adapters that left them most recently, so a rotation through twice as many adapters as slots (zipf-8 in 4)
@@ -379,8 +379,9 @@ class FusedLinear:
         self.num_slots, _, self.slice_rank, self.in_features = lora_a[0].shape
         self.rank = len(self.output_slices) * self.slice_rank  # a slot's LoRA width at max_lora_rank
         self._prepared: OrderedDict[int, tuple[weakref.ref[torch.Tensor], AdapterLinear]] = OrderedDict()
-        self._compact: dict[tuple[int, ...], Compact] = {}  # by the adapters' uids
-        self._by_present: dict[tuple[int, ...], Compact] = {}  # by slots, until a slot changes: the hot path's lookup
+        self._compact: OrderedDict[tuple[int, ...], Compact] = OrderedDict()  # by the adapters' uids, LRU
+        # By slots, until a slot changes or a set is dropped: the hot path's lookup (with the set's key, for the LRU).
+        self._by_present: dict[tuple[int, ...], tuple[tuple[int, ...], Compact]] = {}
         self.slots: list[AdapterLinear] = []
         self.slots = [self._adapter(lora_a, lora_b, s, trust_source=True) for s in range(self.num_slots)]
         self.slot_ids = slot_ids  # the LoRA id in each slot when pointed
@@ -466,20 +467,31 @@ class FusedLinear:
         """h (M, W) -> delta (M, out) for one slot."""
         return self.slots[slot].expand
 
+    def _make_room(self, slots: int) -> None:
+        """Drop the least recently used compact sets until one of ``slots`` slots fits the bound
+        (``COMPACT_SETS`` x ``num_slots`` slots in all)."""
+        bound = COMPACT_SETS * self.num_slots
+        held = sum(len(key) for key in self._compact)
+        while self._compact and held + slots > bound:
+            key, _ = self._compact.popitem(last=False)
+            held -= len(key)
+            self._by_present.clear()
+
     def compact(self, present: tuple[int, ...]) -> Compact:
         """Shrink and expand over the ``present`` slots side by side, each at its own written rank:
         x (M, in) -> h (M, sum W_k), column block k (W_k = slices x ``slot_rows``) for slot ``present[k]``;
         h -> delta (M, out), summed over the slots. Kept per set of adapters, not of slots."""
-        pair = self._by_present.get(present)
-        if pair is not None:
-            return pair
+        hit = self._by_present.get(present)
+        if hit is not None:
+            self._compact.move_to_end(hit[0])
+            return hit[1]
         adapters = [self.slots[s] for s in present]
         key = tuple(adapter.uid for adapter in adapters)
         pair = self._compact.get(key)
-        if pair is None:
-            if len(self._compact) >= COMPACT_SETS:
-                del self._compact[next(iter(self._compact))]
-                self._by_present.clear()
+        if pair is not None:
+            self._compact.move_to_end(key)
+        else:
+            self._make_room(len(key))
             widths = tuple(adapter.row_index.numel() for adapter in adapters)
             a, b = self._side_by_side(adapters, sum(widths))
             (k, width), n = a.shape, self.out_features
@@ -487,7 +499,7 @@ class FusedLinear:
             shrink = Gemm(a, packed=_compact_packs(k, width, self.dtype, widest))
             expand = Gemm(b, packed=_compact_packs(width, n, self.dtype, widest))
             pair = self._compact[key] = Compact(shrink, expand, widths)
-        self._by_present[present] = pair
+        self._by_present[present] = (key, pair)
         return pair
 
     def _side_by_side(self, adapters: list[AdapterLinear], width: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -17,7 +17,9 @@ The plan picks one of three ways to run a LoRA linear layer:
   on one adapter, or prefill where each request's tokens are contiguous).
   Per run: shrink + expand matmuls on row views of x and y; no gather.
 * ``GATHER``: tokens are interleaved: gather the active rows once in slot
-  order, one shrink + one expand per present slot, one scatter-add back.
+  order, one shrink + one expand per present slot, then the deltas gathered
+  back into token order (``StepPlan.inv``) and added: two whole-tensor ops,
+  not a scatter-add (``index_add_`` adds row by row on the CPU).
 * ``MASKED``: small batches with several slots (typical decode): one shrink
   against the A of the P slots *present in the step* stacked side by side
   (a compact copy, ``fused.FusedLinear.compact``), zero the columns of the
@@ -60,7 +62,7 @@ MODES = (RUNS, GATHER, MASKED)
 REF_WIDTH = 59_400
 RUN_US = 45.0  # RUNS: shrink + expand (+ add) for one run
 RUN_TOKEN_US = 0.45
-GATHER_US = 30.0  # GATHER: gather + scatter-add ...
+GATHER_US = 30.0  # GATHER: gather + put back (measured with index_add_; the gather back and add are no dearer) ...
 GATHER_SLOT_US = 45.0  # ... plus shrink + expand per present slot
 GATHER_TOKEN_US = 0.55
 MASKED_US = 22.0  # MASKED: shrink + mask + expand + add (measured with packed compact matmuls, now torch.mm)
@@ -82,6 +84,9 @@ class StepPlan:
     perm: torch.Tensor | None = None  # (T_active,) long, GATHER mode only
     present: tuple[int, ...] = ()  # sorted slots used by at least one token
     full_slot: int = -1  # RUNS mode: the slot when one run covers all tokens
+    # (T,) long, GATHER mode only: each token's row in the gathered order, T_active (one zero row past the
+    # deltas) for a token without an adapter, so ``deltas[inv]`` is every token's delta in token order.
+    inv: torch.Tensor | None = None
     _masks: dict = field(default_factory=dict)
     _rows: dict = field(default_factory=dict)
     # Per LoRA linear (id of its first stacked A): what its calls run in this step, resolved by its first call
@@ -158,13 +163,14 @@ def build_plan(token_slots: list[int], force_mode: str | None = None, width: flo
         return StepPlan(n, MASKED, slots_t, (), None, present)
     # GATHER: active tokens ordered by slot (stable), one run per slot.
     counts = Counter(s for s in token_slots if s >= 0)
-    perm = torch.tensor(
-        sorted((i for i, s in enumerate(token_slots) if s >= 0), key=token_slots.__getitem__),
-        dtype=torch.long,
-    )
+    order = sorted((i for i, s in enumerate(token_slots) if s >= 0), key=token_slots.__getitem__)
+    inv = [len(order)] * n
+    for row, token in enumerate(order):
+        inv[token] = row
     grouped: list[tuple[int, int, int]] = []
     start = 0
     for slot in present:
         grouped.append((slot, start, start + counts[slot]))
         start += counts[slot]
-    return StepPlan(n, GATHER, slots_t, tuple(grouped), perm, present)
+    perm, inv_t = torch.tensor(order, dtype=torch.long), torch.tensor(inv, dtype=torch.long)
+    return StepPlan(n, GATHER, slots_t, tuple(grouped), perm, present, inv=inv_t)

@@ -174,3 +174,30 @@ def test_compact_set_of_a_reloaded_slot_is_rebuilt(monkeypatch):
     w.add_lora_linear(y, x, a, b, 1.0, SLICES)
     torch.testing.assert_close(y, _reference(y0, x, a, b, token_ids, table), atol=1e-4, rtol=1e-4)
     assert layer.compact(other) is kept
+
+
+def test_compact_sets_are_kept_by_slots_held_least_recently_used_dropped():
+    """Compact sets are bounded by the slots they hold (``COMPACT_SETS`` x S in all, the bytes ``slot_copy_bytes``
+    charges), not by their number: small mixes stay side by side, so one that comes back finds its set (no new
+    copy, no new packing); a set that was just used outlives older ones; and the bound always holds."""
+    slots = 4
+    w, token_ids, table, a, b = _setup(slots, "scattered", "decode_three_interleaved")
+    w.force_mode = MASKED
+    w.add_lora_linear(torch.zeros(len(token_ids), sum(SLICES)), torch.randn(len(token_ids), IN), a, b, 1.0, SLICES)
+    layer = w._fused[id(a[0])]
+    bound = fused.COMPACT_SETS * slots
+
+    def held() -> int:
+        return sum(len(key) for key in layer._compact)
+
+    pairs = [(0, 1), (2, 3), (0, 2), (1, 3)]  # 4 sets of 2 slots: 2 x 4 slots in all, the bound
+    built = {p: layer.compact(p) for p in pairs}
+    assert held() <= bound
+    assert all(layer.compact(p) is built[p] for p in pairs)  # every small set kept
+    layer.compact(pairs[0])  # the oldest set, used again: now the most recent
+    layer.compact((0, 1, 2))  # 3 more slots: the two least recently used sets make room
+    assert held() <= bound
+    assert layer.compact(pairs[0]) is built[pairs[0]]
+    assert layer.compact(pairs[3]) is built[pairs[3]]
+    assert layer.compact(pairs[1]) is not built[pairs[1]]  # dropped, built anew
+    assert held() <= bound
