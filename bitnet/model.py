@@ -84,8 +84,7 @@ class BitNetAttention(nn.Module):
         self.rotary_emb = get_rope(
             self.head_dim,
             max_position=config.max_position_embeddings,
-            # transformers types it as a RopeParameters TypedDict, vLLM as dict[str, Any]: the same dict.
-            rope_parameters=config.rope_parameters,  # type: ignore[arg-type]
+            rope_parameters=config.rope_parameters,
             is_neox_style=True,
         )
         self.attn = Attention(

@@ -74,7 +74,7 @@ def online_model(config, masters: dict[str, torch.Tensor] | None = None) -> BitN
     checkpoint's twin, without them a fresh, seeded initialisation.
     """
     torch.manual_seed(SEED)
-    model = BitNetForCausalLM(config).to(torch.float32)  # type: ignore[arg-type]  # transformers wraps .to in functools.wraps(Module.to): mypy sees an unbound method
+    model = BitNetForCausalLM(config).to(torch.float32)
     for name, module in list(model.named_modules()):
         if name.rsplit(".", 1)[-1] in LINEAR_NAMES and type(module) is torch.nn.Linear:
             quantized = AutoBitLinear(module.in_features, module.out_features, bias=False, online_quant=True)
