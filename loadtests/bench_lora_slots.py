@@ -86,7 +86,7 @@ class Base:
     """The same layer's base matmuls, packed like vLLM's CPU linears."""
 
     def __init__(self, phase: str, dtype: torch.dtype) -> None:
-        from lora_ops.fused import Gemm
+        from lora_ops.gemm import Gemm
 
         requests, tokens_each = PHASES[phase]
         n = requests * tokens_each

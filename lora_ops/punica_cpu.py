@@ -31,7 +31,8 @@ import torch
 from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
 
 from . import compiled
-from .fused import PACK_MAX_ROWS, ROWS_FOR, SCRATCH_MAX_BYTES, FusedLinear, Gemm
+from .fused import SCRATCH_MAX_BYTES, FusedLinear
+from .gemm import PACK_MAX_ROWS, ROWS_FOR, Gemm
 from .plan import MASKED, NONE, REF_WIDTH, RUNS, StepPlan, build_plan
 from .slots import install as install_slot_resets
 

@@ -44,7 +44,7 @@ metric. An explicit value in the config is always honoured.
   primitives vLLM compiles for their packed matmuls, one per weight shape and
   row count (~300 KiB each), kept by vLLM's and oneDNN's process-wide caches
   for good. Those shapes are a fixed set per linear shape (layers share
-  them; ``lora_ops.fused.packed_matmul_bytes``), so they are charged once,
+  them; ``lora_ops.gemm.packed_matmul_bytes``), so they are charged once,
   plus the first few shapes of the per-step compact sets
   (``lora_ops.fused.compact_matmul_bytes``).
   A slot is charged its own host-cache adapter too (``max_cpu_loras >=
@@ -81,7 +81,8 @@ from adapter_store import (
     cpu_loras_for_budget,
     max_adapter_bytes_in_memory,
 )
-from lora_ops.fused import SCRATCH_MAX_BYTES, compact_matmul_bytes, packed_matmul_bytes, slot_copy_bytes
+from lora_ops.fused import SCRATCH_MAX_BYTES, compact_matmul_bytes, slot_copy_bytes
+from lora_ops.gemm import packed_matmul_bytes
 from serving.config import ConfigError, DType, Settings
 
 logger = logging.getLogger(__name__)

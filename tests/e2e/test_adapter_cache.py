@@ -82,8 +82,9 @@ def slot_copies_in_memory(base: Path, rank: int, dtype_bytes: int) -> int:
 
 def lora_ops_fixed_in_memory(base: Path, rank: int, dtype_bytes: int) -> int:
     """What the CPU LoRA ops keep whatever the adapters: scratch, and per linear shape the packed matmuls'
-    primitives, and the compact sets' first shapes (lora_ops.punica_cpu, lora_ops.fused)."""
-    from lora_ops.fused import SCRATCH_MAX_BYTES, compact_matmul_bytes, packed_matmul_bytes
+    primitives, and the compact sets' first shapes (lora_ops.punica_cpu, lora_ops.gemm, lora_ops.fused)."""
+    from lora_ops.fused import SCRATCH_MAX_BYTES, compact_matmul_bytes
+    from lora_ops.gemm import packed_matmul_bytes
 
     hidden, inter, _, q, kv = _shapes(base)
     linears = [(hidden, (q, kv, kv)), (q, (hidden,)), (hidden, (inter, inter)), (inter, (hidden,))]

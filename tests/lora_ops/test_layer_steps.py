@@ -13,7 +13,7 @@ import pytest
 import torch
 from vllm.lora.layers import LoRAMapping
 
-from lora_ops import fused
+from lora_ops import gemm
 from lora_ops.punica_cpu import GroupedPunicaWrapperCPU
 from tests.lora_ops.test_punica_cpu import IN, SLICES, SLOT_IDS, _check, _reference, _weights
 
@@ -44,7 +44,7 @@ def _call_and_check(w, a, b, token_ids: list[int], seed: int, rows: int | None =
 @pytest.fixture
 def resolutions(monkeypatch) -> list[int]:
     """Counts the calls that resolved their path instead of replaying one (packed matmuls from the first call)."""
-    monkeypatch.setattr(fused, "PACK_AFTER_CALLS", 1)
+    monkeypatch.setattr(gemm, "PACK_AFTER_CALLS", 1)
     count: list[int] = []
     real = GroupedPunicaWrapperCPU._resolve
 
@@ -122,21 +122,21 @@ def test_a_layer_no_present_adapter_targets_is_replayed_as_nothing(resolutions) 
 
 @pytest.mark.parametrize("token_ids", [[12] * 5, [11, 0, 13, 11, 12, 13]], ids=["one_adapter", "mixed"])
 def test_rows_between_packed_sizes_stay_padded_from_shrink_to_expand(token_ids, resolutions, monkeypatch) -> None:
-    """5 or 6 tokens: both matmuls of a replay run at 8 rows (``fused.PACK_ROWS``) on the step's own padded
+    """5 or 6 tokens: both matmuls of a replay run at 8 rows (``gemm.PACK_ROWS``) on the step's own padded
     buffers, so neither pads and copies back on its own; every call still matches the reference."""
     w = GroupedPunicaWrapperCPU(64, 8, "cpu")
     a, b = _weights(SLICE, torch.float32)
     _update(w, token_ids)
     _call_and_check(w, a, b, token_ids, seed=0)
     rows: list[int] = []
-    real = fused.Gemm.__call__
+    real = gemm.Gemm.__call__
 
-    def spy(gemm: fused.Gemm, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    def spy(gemm: gemm.Gemm, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         rows.append(x.shape[0])
         assert out.shape[0] == x.shape[0]
         return real(gemm, x, out)
 
-    monkeypatch.setattr(fused.Gemm, "__call__", spy)
+    monkeypatch.setattr(gemm.Gemm, "__call__", spy)
     for seed in range(1, 4):
         _call_and_check(w, a, b, token_ids, seed)
     assert rows == [8, 8] * 3

@@ -4,7 +4,7 @@ Each packed call compiles a oneDNN primitive per (K, N, dtype, rows) the
 first time, ~300 KiB, which vLLM's per-shape cache and oneDNN's process-wide
 cache keep after the handler is gone. So a rotation through adapters of many
 ranks and ever-changing sets of adapters present may only reach the fixed
-set of keys that ``fused.packed_matmul_bytes`` charges to the memory budget
+set of keys that ``gemm.packed_matmul_bytes`` charges to the memory budget
 (plus the first ``COMPACT_PACKED_SHAPES`` compact-set shapes, ``compact_matmul_bytes``),
 and in a fresh interpreter a long rotation's RSS stops growing once those
 are compiled. (Before: compact sets were packed at every width the adapters
@@ -19,7 +19,7 @@ import sys
 
 import torch
 
-from lora_ops import fused
+from lora_ops import fused, gemm
 from tests.bitnet.conftest import vllm_world  # noqa: F401  (a fixture: the 1-rank world vLLM's layers need)
 from tests.lora_ops.test_rank_aware import _Layer, _wrapper
 from tests.lora_ops.test_slots import MAX_RANK
@@ -38,8 +38,8 @@ def _mixed_steps(rng: random.Random, slots: int, most: int, hold: int = 12) -> l
 
 
 def test_a_rotation_over_ranks_and_mixes_packs_only_the_fixed_shapes(vllm_world, monkeypatch) -> None:  # noqa: F811
-    monkeypatch.setattr(fused, "PACK_AFTER_CALLS", 1)
-    monkeypatch.setattr(fused, "_PACKED_KEYS", set())
+    monkeypatch.setattr(gemm, "PACK_AFTER_CALLS", 1)
+    monkeypatch.setattr(gemm, "_PACKED_KEYS", set())
     monkeypatch.setattr(fused, "_COMPACT_SHAPES", set())
     monkeypatch.setattr(fused, "COMPACT_PACKED_SHAPES", 6)
     rng = random.Random(0)
@@ -57,16 +57,16 @@ def test_a_rotation_over_ranks_and_mixes_packs_only_the_fixed_shapes(vllm_world,
         shape + (torch.float32, rows)
         for width in (8, 16, 32)  # max rank 32: ranks 1-8 -> 8, 9-16 -> 16, 17-32 -> 32
         for shape in ((fan_in, 3 * width), (3 * width, out))
-        for rows in fused.PACK_ROWS
+        for rows in gemm.PACK_ROWS
     }
-    keys = fused.packed_keys()
+    keys = gemm.packed_keys()
     compact = {(k, n, dtype) for k, n, dtype, _ in keys - allowed}  # the compact sets' shapes: the first 6 met
     assert len(compact) == 6 and all(max(k, n) <= max(fan_in, out) for k, n, _ in compact), sorted(compact)
     assert len(keys & allowed) >= 8  # the rotation did pack per-slot matmuls: the check above is not vacuous
-    assert fused.packed_ranks(MAX_RANK) == (8, 16, 32)  # what the charge below counts
-    primitives = sum(fused.primitive_bytes(n) for _, n, _, _ in allowed)
-    assert primitives <= fused.packed_matmul_bytes(fan_in, tuple(layer.layer.output_slices), MAX_RANK, 4)
-    compact_primitives = sum(fused.primitive_bytes(n) for _, n, _, _ in keys - allowed)
+    assert gemm.packed_ranks(MAX_RANK) == (8, 16, 32)  # what the charge below counts
+    primitives = sum(gemm.primitive_bytes(n) for _, n, _, _ in allowed)
+    assert primitives <= gemm.packed_matmul_bytes(fan_in, tuple(layer.layer.output_slices), MAX_RANK, 4)
+    compact_primitives = sum(gemm.primitive_bytes(n) for _, n, _, _ in keys - allowed)
     assert compact_primitives <= fused.compact_matmul_bytes(max(fan_in, out), 4)
 
 
@@ -115,11 +115,11 @@ def test_a_long_rotation_stops_growing_once_the_fixed_shapes_are_compiled() -> N
 
 def test_a_padded_call_matches_the_unpadded_product(monkeypatch) -> None:
     """Rows padded up to ``PACK_ROWS`` through the scratch copy give x @ w for the caller's rows only."""
-    monkeypatch.setattr(fused, "PACK_AFTER_CALLS", 1)
+    monkeypatch.setattr(gemm, "PACK_AFTER_CALLS", 1)
     w = torch.randn(40, 24)
-    gemm = fused.Gemm(w)
+    mm = gemm.Gemm(w)
     for m in (1, 3, 4, 17, 64):
         x = torch.randn(m, 40)
         out = torch.full((m, 24), float("nan"))
-        torch.testing.assert_close(gemm(x, out), x @ w, atol=1e-4, rtol=1e-4)
-    assert gemm._handle is not None  # packed: the padded path ran
+        torch.testing.assert_close(mm(x, out), x @ w, atol=1e-4, rtol=1e-4)
+    assert mm._handle is not None  # packed: the padded path ran

@@ -6,7 +6,7 @@ while a decode step often mixes a handful. Each case maps LoRA ids to slots
 scattered over the table (not contiguous, not from 0), repeats adapters and
 interleaves tokens without an adapter, and compares ``add_lora_linear`` with a
 plain-torch reference. The work test counts the multiply-accumulates of every
-matmul the wrapper launches (a spy on ``fused.Gemm``, the one matmul object
+matmul the wrapper launches (a spy on ``gemm.Gemm``, the one matmul object
 of the decode-sized paths) and checks they do not change when the same
 adapters sit in a table of 4, 32 or 64 slots.
 """
@@ -17,7 +17,7 @@ import pytest
 import torch
 from vllm.lora.layers import LoRAMapping
 
-from lora_ops import fused
+from lora_ops import fused, gemm
 from lora_ops.plan import GATHER, MASKED, RUNS
 from lora_ops.punica_cpu import GroupedPunicaWrapperCPU
 
@@ -82,7 +82,7 @@ CORRECTNESS = [
 
 @pytest.mark.parametrize("slots,placement,mix,mode", CORRECTNESS, ids=_case_ids(CORRECTNESS))
 def test_few_present_among_many_slots_matches_reference(slots, placement, mix, mode, monkeypatch):
-    monkeypatch.setattr(fused, "PACK_AFTER_CALLS", 1)  # packed per-slot matmuls (compact ones never are)
+    monkeypatch.setattr(gemm, "PACK_AFTER_CALLS", 1)  # packed per-slot matmuls (compact ones never are)
     w, token_ids, table, a, b = _setup(SLOTS[slots], placement, mix)
     w.force_mode = MODES[mode]
     w.update_metadata(LoRAMapping(tuple(token_ids), tuple(token_ids)), table, len(table) + 1, 1000)
@@ -101,9 +101,9 @@ class MatmulSpy:
 
     def __init__(self) -> None:
         self.calls: list[tuple[int, int, int]] = []
-        self._real = fused.Gemm.__call__
+        self._real = gemm.Gemm.__call__
 
-    def __call__(self, gemm: fused.Gemm, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    def __call__(self, gemm: gemm.Gemm, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         self.calls.append((x.shape[0], gemm.w.shape[0], gemm.w.shape[1]))
         return self._real(gemm, x, out)
 
@@ -120,7 +120,7 @@ def _work(slots: int, placement: str, mix: str, mode: str | None, monkeypatch) -
     x, y = torch.randn(len(token_ids), IN), torch.zeros(len(token_ids), sum(SLICES))
     w.add_lora_linear(y, x, a, b, 1.0, SLICES)
     spy = MatmulSpy()
-    monkeypatch.setattr(fused.Gemm, "__call__", lambda g, x, out: spy(g, x, out))
+    monkeypatch.setattr(gemm.Gemm, "__call__", lambda g, x, out: spy(g, x, out))
     w.add_lora_linear(y, x, a, b, 1.0, SLICES)
     monkeypatch.undo()
     return spy
@@ -146,7 +146,7 @@ def test_masked_multiplies_only_the_present_slots(monkeypatch):
     and its expand (T, 3R) @ (3R, out), the inner width of 3 adapters, not 32."""
     spy = _work(32, "scattered", "decode_three_interleaved", MASKED, monkeypatch)
     tokens, fused_rank = len(MIXES["decode_three_interleaved"]), RANK * len(SLICES)
-    rows = next(r for r in fused.PACK_ROWS if r >= tokens)  # decode-sized rows run padded to a packed size
+    rows = next(r for r in gemm.PACK_ROWS if r >= tokens)  # decode-sized rows run padded to a packed size
     assert spy.calls == [(rows, IN, 3 * fused_rank), (rows, 3 * fused_rank, sum(SLICES))]
 
 

@@ -15,7 +15,7 @@ import torch
 from vllm.lora.layers import LoRAMapping
 from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
 
-from lora_ops import fused, punica_cpu
+from lora_ops import fused, gemm, punica_cpu
 from lora_ops.plan import GATHER, MASKED, RUNS
 from lora_ops.punica_cpu import GroupedPunicaWrapperCPU
 
@@ -102,9 +102,9 @@ def matmul_kind(request, monkeypatch):
     """Run small matmuls through vLLM's packed oneDNN handler from the first
     call, or never (plain torch.mm), so both code paths are compared."""
     if request.param == "packed":
-        monkeypatch.setattr(fused, "PACK_AFTER_CALLS", 1)
+        monkeypatch.setattr(gemm, "PACK_AFTER_CALLS", 1)
     else:
-        monkeypatch.setattr(fused, "PACK_MAX_ROWS", 0)
+        monkeypatch.setattr(gemm, "PACK_MAX_ROWS", 0)
     return request.param
 
 
@@ -200,7 +200,7 @@ def test_adapter_swap_recopies_only_the_slot_whose_id_changed(monkeypatch):
     """vLLM activates an adapter by writing one slot and giving it a new id:
     that slot is served with its new weights, the others keep their packed
     matmuls (a swap must not cost a rebuild of every slot)."""
-    monkeypatch.setattr(fused, "PACK_AFTER_CALLS", 1)
+    monkeypatch.setattr(gemm, "PACK_AFTER_CALLS", 1)
     slices = SLICES["qkv_like"]
     token_ids = [11, 12, 13, 14]
     a, b = _weights(slices, torch.float32)

@@ -17,7 +17,7 @@ import pytest
 import torch
 from vllm.lora.layers import LoRAMapping
 
-from lora_ops import fused
+from lora_ops import fused, gemm
 from lora_ops.plan import GATHER, MASKED, RUNS
 from lora_ops.punica_cpu import GroupedPunicaWrapperCPU
 from tests.bitnet.conftest import vllm_world  # noqa: F401  (a fixture: the 1-rank world vLLM's layers need)
@@ -79,9 +79,9 @@ def _wrapper(mode: str) -> GroupedPunicaWrapperCPU:
 def matmul_kind(request, monkeypatch) -> str:
     """Matmuls through vLLM's packed oneDNN handler from the first call, or never."""
     if request.param == "packed":
-        monkeypatch.setattr(fused, "PACK_AFTER_CALLS", 1)
+        monkeypatch.setattr(gemm, "PACK_AFTER_CALLS", 1)
     else:
-        monkeypatch.setattr(fused, "PACK_MAX_ROWS", 0)
+        monkeypatch.setattr(gemm, "PACK_MAX_ROWS", 0)
     return request.param
 
 
