@@ -11,7 +11,7 @@ A token's slot is its row in the stacked LoRA weights, or -1 for "no
 adapter". Tokens with -1 must never be touched (vLLM's stock torch ops index
 the weights with -1 and so apply the *last* slot's adapter to them).
 
-The plan picks one of three ways to run a LoRA linear layer:
+The plan picks one of four ways to run a LoRA linear layer:
 
 * ``RUNS``:   tokens with the same slot form few contiguous runs (all tokens
   on one adapter, or prefill where each request's tokens are contiguous).
@@ -20,6 +20,11 @@ The plan picks one of three ways to run a LoRA linear layer:
   order, one shrink + one expand per present slot, then the deltas gathered
   back into token order (``StepPlan.inv``) and added: two whole-tensor ops,
   not a scatter-add (``index_add_`` adds row by row on the CPU).
+* ``TOKENS``: decode-sized batches with many adapters (each request its own,
+  as in a rotation over 100 adapters): each token's own adapter weights
+  stacked (``punica_cpu.TokenStep``), one batched shrink and one batched
+  expand over the tokens. Every token pays for its own adapter only, and
+  nothing is built per mix of adapters.
 * ``MASKED``: small batches with several slots (typical decode): one shrink
   against the A of the P slots *present in the step* stacked side by side
   (a compact copy, ``fused.FusedLinear.compact``), zero the columns of the
@@ -47,8 +52,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-NONE, RUNS, GATHER, MASKED = "none", "runs", "gather", "masked"
-MODES = (RUNS, GATHER, MASKED)
+NONE, RUNS, GATHER, MASKED, TOKENS = "none", "runs", "gather", "masked", "tokens"
+MODES = (RUNS, GATHER, MASKED, TOKENS)
 
 # Cost model, microseconds per LoRA linear call, measured with bfloat16 on
 # a 2-core AVX-512 machine (2 torch threads), averaged over the qkv/o/gate_up/
@@ -67,6 +72,15 @@ GATHER_SLOT_US = 45.0  # ... plus shrink + expand per present slot
 GATHER_TOKEN_US = 0.55
 MASKED_US = 22.0  # MASKED: shrink + mask + expand + add (measured with packed compact matmuls, now torch.mm)
 MASKED_TOKEN_SLOT_US = 0.34  # every token pays for every *present* slot
+# TOKENS: shrink + expand (batched) + add, after stacking each token's weights: a token costs its own adapter's
+# flops, but through a copy of its weights and a batched matmul, about ten times MASKED's per token and slot (so
+# MASKED wins below ~10 adapters present). Measured on this project's 2-core AVX-512 machine, float32, one
+# thread, loaded: at the reference width and 16 tokens, TOKENS ~360 us a linear against MASKED ~400 us with 16
+# adapters present, ~216 us with 8. The stacked weights are T x width elements a call: only up to
+# TOKENS_MAX_ELEMENTS (8 MiB in float32; 35 tokens at the reference width, 10 on TinyLlama's layers).
+TOKENS_US = 22.0
+TOKENS_TOKEN_US = 3.4
+TOKENS_MAX_ELEMENTS = 1 << 21
 
 
 @dataclass
@@ -140,6 +154,8 @@ def choose_mode(num_tokens: int, num_active: int, num_present: int, num_runs: in
         GATHER: GATHER_US + GATHER_SLOT_US * num_present + GATHER_TOKEN_US * flops * num_active,
         MASKED: MASKED_US + MASKED_TOKEN_SLOT_US * flops * num_tokens * num_present,
     }
+    if num_tokens * width <= TOKENS_MAX_ELEMENTS:
+        cost[TOKENS] = TOKENS_US + TOKENS_TOKEN_US * flops * num_tokens
     return min(cost, key=cost.__getitem__)
 
 
@@ -159,8 +175,8 @@ def build_plan(token_slots: list[int], force_mode: str | None = None, width: flo
     if mode == RUNS:
         full = runs[0][0] if len(runs) == 1 and runs[0][2] - runs[0][1] == n else -1
         return StepPlan(n, RUNS, slots_t, tuple(runs), None, present, full)
-    if mode == MASKED:
-        return StepPlan(n, MASKED, slots_t, (), None, present)
+    if mode in (MASKED, TOKENS):
+        return StepPlan(n, mode, slots_t, (), None, present)
     # GATHER: active tokens ordered by slot (stable), one run per slot.
     counts = Counter(s for s in token_slots if s >= 0)
     order = sorted((i for i, s in enumerate(token_slots) if s >= 0), key=token_slots.__getitem__)

@@ -33,8 +33,9 @@ from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
 from . import compiled
 from .fused import SCRATCH_MAX_BYTES, FusedLinear
 from .gemm import PACK_MAX_ROWS, ROWS_FOR, Gemm
-from .plan import MASKED, NONE, REF_WIDTH, RUNS, StepPlan, build_plan
+from .plan import MASKED, NONE, REF_WIDTH, RUNS, TOKENS, StepPlan, build_plan
 from .slots import install as install_slot_resets
+from .token_step import TokenStep
 
 _NO_ROWS = torch.empty(0, 0)
 
@@ -244,7 +245,7 @@ class GroupedPunicaWrapperCPU(PunicaWrapperCPU):
             x, y = x[:n], y[:n]
         fused = self._fused_layer(lora_a_stacked, lora_b_stacked, output_slices, x.dtype)
         nonzero = fused.nonzero  # per slot: does its adapter target this layer?
-        step: LayerStep | None = None
+        step: LayerStep | TokenStep | None = None
         # Note: running these small matmuls on one OpenMP thread would avoid
         # a fork/join per op, but inside vLLM's CPU worker (threads bound to
         # cores) a set_num_threads(1)/(n) pair costs ~26 us and slows the next
@@ -255,6 +256,9 @@ class GroupedPunicaWrapperCPU(PunicaWrapperCPU):
             step = self._one_slot_step(fused, plan.full_slot, n, scale)
         elif plan.full_slot >= 0:  # every token on one adapter, prefill-sized
             self._one_slot(y, x, fused, plan.full_slot, scale)
+        elif plan.mode == TOKENS:  # adapters of several packed widths: side by side instead
+            token_slots = plan.token_slots.tolist()
+            step = TokenStep.build(fused, token_slots, scale, self._buffer) or self._masked_step(fused, plan, n, scale)
         elif plan.mode == MASKED:
             step = self._masked_step(fused, plan, n, scale)
         elif plan.mode == RUNS:

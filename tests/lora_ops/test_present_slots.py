@@ -18,13 +18,13 @@ import torch
 from vllm.lora.layers import LoRAMapping
 
 from lora_ops import fused, gemm
-from lora_ops.plan import GATHER, MASKED, RUNS
+from lora_ops.plan import GATHER, MASKED, RUNS, TOKENS
 from lora_ops.punica_cpu import GroupedPunicaWrapperCPU
 
 IN, RANK = 64, 8
 SLICES = (48, 16, 16)  # qkv-like: three slices fused into one shrink and one expand
 SLOTS = {"4_slots": 4, "32_slots": 32, "64_slots": 64}
-MODES = {"auto": None, "runs": RUNS, "gather": GATHER, "masked": MASKED}
+MODES = {"auto": None, "runs": RUNS, "gather": GATHER, "masked": MASKED, "tokens": TOKENS}
 # Per token: which present adapter it uses (index into the case's LoRA ids), None = no adapter.
 MIXES: dict[str, list[int | None]] = {
     "decode_three_interleaved": [0, None, 1, 2, 0, None, 2, 1, 0],
@@ -201,3 +201,31 @@ def test_compact_sets_are_kept_by_slots_held_least_recently_used_dropped():
     assert layer.compact(pairs[3]) is built[pairs[3]]
     assert layer.compact(pairs[1]) is not built[pairs[1]]  # dropped, built anew
     assert held() <= bound
+
+
+def test_many_adapters_run_each_token_through_its_own_adapter(monkeypatch):
+    """16 tokens, each on its own adapter, among 32 slots (a decode step of a 100-adapter rotation): the plan
+    runs TOKENS, whose batched matmuls are (in, R) and (R, out) per token, one adapter's width, not 16; no
+    compact set is built; the output matches the reference, and again on the plan's replayed calls."""
+    slots, tokens = 32, 16
+    table: list[int | None] = [100 + s for s in range(slots)]
+    token_ids = [table[s] for s in range(1, 2 * tokens, 2)]  # 16 distinct adapters, odd slots
+    token_ids[3] = 0  # and a token without an adapter
+    g = torch.Generator().manual_seed(1)
+    a = tuple(torch.randn(slots, 1, RANK, IN, generator=g) / IN**0.5 for _ in SLICES)
+    b = tuple(torch.randn(slots, 1, n, RANK, generator=g) / RANK**0.5 for n in SLICES)
+    w = GroupedPunicaWrapperCPU(max_num_batched_tokens=256, max_batches=64, device="cpu")
+    w.update_metadata(LoRAMapping(tuple(token_ids), tuple(token_ids)), table, slots + 1, 1000)
+    assert w._plan.mode == TOKENS
+    spy = MatmulSpy()
+    monkeypatch.setattr(gemm.Gemm, "__call__", lambda g, x, out: spy(g, x, out))
+    x, y0 = torch.randn(tokens, IN), torch.randn(tokens, sum(SLICES))
+    want = _reference(y0, x, a, b, token_ids, table)
+    for _ in range(2):  # resolved, then replayed
+        y = y0.clone()
+        w.add_lora_linear(y, x, a, b, 1.0, SLICES)
+        torch.testing.assert_close(y, want, atol=1e-4, rtol=1e-4)
+        assert torch.equal(y[3], y0[3])  # no adapter: untouched, bit for bit
+    step = w._plan.layer_steps[id(a[0])]
+    assert step.ta.shape == (tokens, IN, RANK * len(SLICES)) and step.tb.shape == (tokens, RANK * len(SLICES), 80)
+    assert spy.calls == [] and not w._fused[id(a[0])]._compact  # no per-slot matmul, no compact set

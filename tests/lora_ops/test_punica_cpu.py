@@ -16,7 +16,7 @@ from vllm.lora.layers import LoRAMapping
 from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
 
 from lora_ops import fused, gemm, punica_cpu
-from lora_ops.plan import GATHER, MASKED, RUNS
+from lora_ops.plan import GATHER, MASKED, RUNS, TOKENS
 from lora_ops.punica_cpu import GroupedPunicaWrapperCPU
 
 IN, RANK = 96, 8
@@ -41,7 +41,7 @@ PHASES = {
     "long_prefill": [40, 30, 50, 20, 35, 25, 45],
 }
 DTYPES = {torch.float32: 1e-4, torch.bfloat16: 3e-2}
-MODES = [None, RUNS, GATHER, MASKED]  # None = chosen by the cost model
+MODES = [None, RUNS, GATHER, MASKED, TOKENS]  # None = chosen by the cost model
 
 
 def _mapping(pattern: str, phase: str) -> tuple[list[int], list[int]]:
@@ -379,6 +379,9 @@ def test_cost_model_picks_expected_modes():
     assert build_plan(sorted(prefill)).mode == RUNS  # each adapter contiguous
     long_mixed = list(itertools.islice(itertools.cycle([0, 1, -1]), 2048))
     assert build_plan(long_mixed).mode == GATHER
+    rotation = list(range(0, 32, 2))  # 16 tokens on 16 adapters: each token through its own
+    assert build_plan(rotation).mode == TOKENS
+    assert build_plan(rotation, width=TINYLLAMA_WIDTH).mode == MASKED  # 16 x its width: too much to stack
 
 
 TINYLLAMA_WIDTH = 208_896  # mean rank * (in + out) of a TinyLlama-1.1B layer's qkv/o/gate_up/down at rank 16

@@ -18,12 +18,12 @@ import torch
 from vllm.lora.layers import LoRAMapping
 
 from lora_ops import fused, gemm
-from lora_ops.plan import GATHER, MASKED, RUNS
+from lora_ops.plan import GATHER, MASKED, RUNS, TOKENS
 from lora_ops.punica_cpu import GroupedPunicaWrapperCPU
 from tests.bitnet.conftest import vllm_world  # noqa: F401  (a fixture: the 1-rank world vLLM's layers need)
 from tests.lora_ops.test_slots import MAX_RANK, _layers, _weights
 
-MODES = {"auto": None, "runs": RUNS, "gather": GATHER, "masked": MASKED}
+MODES = {"auto": None, "runs": RUNS, "gather": GATHER, "masked": MASKED, "tokens": TOKENS}
 RANKS = (24, 4, 16)  # slot s holds an adapter of RANKS[s], all below MAX_RANK (32)
 # Per token: the slot whose adapter it uses, -1 = none. A decode mix of all three slots and a prefill of runs.
 STEPS = {

@@ -1,0 +1,64 @@
+"""A LoRA linear's calls for a ``TOKENS`` plan: each token through its own adapter, in two batched matmuls.
+
+Why: with as many adapters present as tokens (16 requests over 100 adapters), a ``MASKED`` step multiplies
+every token by every present adapter (P times the LoRA flops) and needs a compact copy of the present adapters
+side by side, rebuilt for every new mix, which in a rotation comes every step or two. Here each token's
+adapter form (``fused.AdapterLinear``: its ``a_t`` and block-diagonal ``b``) is stacked in token order into
+scratch, and ``torch.bmm`` runs (T, 1, in) x (T, in, W) and (T, 1, W) x (T, W, out): a token pays for its own
+adapter only, and nothing outlives the call but the list of forms.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+from .fused import AdapterLinear, FusedLinear
+
+Buffer = Callable[[str, int, int, torch.dtype], torch.Tensor]
+
+
+class TokenStep:
+    """One LoRA linear's calls under a ``TOKENS`` plan: resolved once (the forms, in token order), replayed
+    while the plan lasts, like ``punica_cpu.LayerStep``; the stacking is redone every call, so the stacked
+    weights (T x width elements, ``plan.TOKENS_MAX_ELEMENTS``) live only as scratch."""
+
+    __slots__ = ("fused", "rows", "scale", "a", "b", "ta", "tb", "h", "d")
+
+    def __init__(self, fused: FusedLinear, scale: float, forms: list[AdapterLinear | None], buffer: Buffer):
+        """``forms``: each token's adapter form, None for a token without one (its weights stacked as zeros);
+        all forms of one width (``build`` checks); ``buffer``: the wrapper's scratch."""
+        some = next(form for form in forms if form is not None)
+        dtype, (k, width), n = fused.dtype, some.a_t.shape, fused.out_features
+        zero_a, zero_b = torch.zeros(k, width, dtype=dtype), torch.zeros(width, n, dtype=dtype)
+        self.fused, self.rows, self.scale = fused, len(forms), scale
+        self.a = [zero_a if form is None else form.a_t for form in forms]  # (in, W) per token
+        self.b = [zero_b if form is None else form.b for form in forms]  # (W, out) per token
+        t = self.rows
+        self.ta = buffer("ta", t, k * width, dtype).view(t, k, width)
+        self.tb = buffer("tb", t, width * n, dtype).view(t, width, n)
+        self.h = buffer("h", t, width, dtype).view(t, 1, width)
+        self.d = buffer("d", t, n, dtype).view(t, 1, n)
+
+    @classmethod
+    def build(cls, fused: FusedLinear, token_slots: Sequence[int], scale: float, buffer: Buffer) -> TokenStep | None:
+        """The step for ``token_slots`` (-1: no adapter), or None when the present adapters' forms differ in
+        width (adapters of ranks packed to different widths: ``MASKED`` runs them side by side instead)."""
+        forms = [None if s < 0 else fused.slots[s] for s in token_slots]
+        widths = {form.a_t.shape[1] for form in forms if form is not None}
+        return cls(fused, scale, forms, buffer) if len(widths) == 1 else None
+
+    def replays(self, x: torch.Tensor, lora_a: Sequence[torch.Tensor], scale: float) -> bool:
+        """Is this call the one resolved (same layer weights, unwritten; same rows, dtype and scale)?"""
+        return x.shape[0] == self.rows and scale == self.scale and self.fused.matches(lora_a, x.dtype)
+
+    def run(self, y: torch.Tensor, x: torch.Tensor) -> None:
+        """y[t] += x[t] @ a_t[t] * scale @ b[t]: stack, batched shrink, scale, batched expand, add."""
+        torch.stack(self.a, out=self.ta)
+        torch.stack(self.b, out=self.tb)
+        torch.bmm(x.unsqueeze(1), self.ta, out=self.h)
+        if self.scale != 1.0:
+            self.h.mul_(self.scale)
+        torch.bmm(self.h, self.tb, out=self.d)
+        y.add_(self.d.view(self.rows, -1))
