@@ -31,7 +31,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import heap_trim
+from . import heap_trim, host_cache
 
 WRAPPER_QUALNAME = "lora_ops.punica_cpu.GroupedPunicaWrapperCPU"
 # The vLLM release whose CPU platform _keep_compilation_with_lora was written against.
@@ -41,6 +41,7 @@ _logged = False
 
 def _get_punica_wrapper(cls: type) -> str:
     heap_trim.install()  # asked while vLLM builds a LoRA manager: give back what its evictions free (heap_trim.py)
+    host_cache.install()  # and look its cached adapters up without copying the cache (host_cache.py)
     return WRAPPER_QUALNAME
 
 
