@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from .fused import AdapterLinear, FusedLinear
+from .gemm import PACK_MAX_ROWS, ROWS_FOR
 
 Buffer = Callable[[str, int, int, torch.dtype], torch.Tensor]
 
@@ -36,8 +37,9 @@ class TokenStep:
         self.a = [zero_a if form is None else form.a_t for form in forms]  # (in, W) per token
         self.b = [zero_b if form is None else form.b for form in forms]  # (W, out) per token
         t = self.rows
-        self.ta = buffer("ta", t, k * width, dtype).view(t, k, width)
-        self.tb = buffer("tb", t, width * n, dtype).view(t, width, n)
+        kept = ROWS_FOR[t] if t <= PACK_MAX_ROWS else t  # the stacks' scratch: a few row counts, not every one
+        self.ta = buffer("ta", kept, k * width, dtype)[:t].view(t, k, width)
+        self.tb = buffer("tb", kept, width * n, dtype)[:t].view(t, width, n)
         self.h = buffer("h", t, width, dtype).view(t, 1, width)
         self.d = buffer("d", t, n, dtype).view(t, 1, n)
 
