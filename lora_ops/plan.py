@@ -42,7 +42,10 @@ AVX-512 machine with vLLM's oneDNN matmul; only the crossovers matter). On
 TinyLlama-1.1B's layers, interleaved batches of up to ~210 tokens with 2
 adapters present go MASKED, ~65 with 4, ~50 with 8; longer mixed batches
 GATHER unless each adapter's tokens are already contiguous (RUNS); one
-contiguous run (e.g. every token on one adapter) is always RUNS.
+contiguous run (e.g. every token on one adapter) is always RUNS. TOKENS
+takes decode batches with about ten or more adapters present, as long as
+their stacked weights stay small (``TOKENS_MAX_ELEMENTS``: on the demo
+model up to 141 tokens, on TinyLlama's layers 10).
 """
 
 from __future__ import annotations
