@@ -22,6 +22,21 @@ deviations on these prompts (prompt and 20 generated tokens) were 2.2e-2 to
 the measured bf16 rounding (norms, attention, residual stream and the int8
 activation flips it causes) and still far below a wrong scale or shard;
 ``BF16_TIE_GAP`` = 0.2 is twice it, as in ``bitnet_reference.py``.
+
+LoRA on BitNet: one more engine (float32, every plugin, so our LoRA ops)
+serves the packed ``autobitlinear`` layout with three PEFT adapters made on
+its bf16 ``online`` twin (random non-zero A and B on all seven projections;
+PEFT cannot wrap HF's packed ``BitLinear``, so adapters always come from the
+twin). ``max_loras=2`` with three adapters and base requests keeps every
+batch under slot pressure. Greedy completions, run one at a time and then
+all at once (a mixed batch of every adapter and the base), must match
+transformers' ``BitNetForCausalLM`` on the same packed files plus
+``PeftModel`` on the same adapter files, by the same rule. That the requests
+run at once really shared engine steps is measured from the engine's vLLM
+metrics: one at a time they take a step per generated token; together, fewer
+than half as many steps as tokens. (The server's path to the same ops, HTTP
+and ``LoraEngine``, serves LoRA on the demo's BitNet base in every server
+test; test_reference.py checks it against transformers + PEFT.)
 """
 
 from __future__ import annotations
@@ -42,6 +57,8 @@ MAX_TOKENS = 20
 PLUGINS = {"bitlinear": "loraserve_bitnet", "autobitlinear": None, "online": None}
 BF16_LOGPROB_TOLERANCE = 0.1
 BF16_TIE_GAP = 0.2
+ADAPTERS = {"alpha": 1, "beta": 2, "gamma": 4}  # name -> seed; seeds give each adapter a prompt without a near tie
+LORA_TOKENS = 16
 
 pytestmark = pytest.mark.engine
 
@@ -94,11 +111,22 @@ def demo_prompt_ids(demo_assets) -> list[list[int]]:
 
 
 @pytest.fixture(scope="module")
-def engines(tiny_bitnet, prompt_ids, demo_assets, demo_prompt_ids, tmp_path_factory) -> dict[str, dict]:
-    """The engines' results by run: each tiny layout in float32, and ``bf16-demo`` (the demo base in bfloat16).
-    One process per plugin set (``PLUGINS``), forked from one interpreter that imported vLLM."""
+def lora_adapters(tiny_bitnet, tmp_path_factory) -> dict[str, Path]:
+    from checkpoints.tiny_bitnet import random_lora
+
+    root = tmp_path_factory.mktemp("bitnet-lora")
+    return {name: random_lora(tiny_bitnet["online"], root / name, seed=seed) for name, seed in ADAPTERS.items()}
+
+
+@pytest.fixture(scope="module")
+def engines(tiny_bitnet, prompt_ids, lora_adapters, demo_assets, demo_prompt_ids, tmp_path_factory) -> dict[str, dict]:
+    """The engines' results by run: each tiny layout in float32, ``bf16-demo`` (the demo base in bfloat16) and
+    ``lora`` (the packed layout with ``lora_adapters``). One process per plugin set (``PLUGINS``), forked from one
+    interpreter that imported vLLM."""
     runs = {layout: {"model": tiny_bitnet[layout], "dtype": "float32", "prompts": prompt_ids} for layout in PLUGINS}
     runs["bf16-demo"] = {"model": demo_assets.base, "dtype": "bfloat16", "prompts": demo_prompt_ids}
+    runs["lora"] = {"model": tiny_bitnet["autobitlinear"], "dtype": "float32", "adapters": lora_adapters,
+                    "jobs": lora_jobs(prompt_ids), "max_tokens": LORA_TOKENS}  # fmt: skip
     plugin_sets = {plugins: [name for name in runs if PLUGINS.get(name) == plugins] for plugins in PLUGINS.values()}
     groups = [(plugins, [runs[name] for name in names]) for plugins, names in plugin_sets.items()]
     results = {}
@@ -150,3 +178,44 @@ def test_bfloat16_engine_on_the_demo_base_matches_float32_transformers(demo_asse
         deviations.append(result.deviation)
     # bf16 really ran: float32 agrees with the reference to ~1e-6 (see the layout tests above).
     assert max(deviations) > 1e-3, deviations
+
+
+def lora_jobs(prompt_ids: list[list[int]]) -> list[tuple[str | None, list[int]]]:
+    """(adapter or None for the base, prompt) of every request the LoRA engine runs, in order."""
+    return [(model, prompt) for prompt in prompt_ids for model in (None, *ADAPTERS)]
+
+
+@pytest.mark.parametrize("phase", ["alone", "mixed"])
+def test_lora_on_bitnet_matches_transformers_peft(tiny_bitnet, prompt_ids, lora_adapters, engines, phase) -> None:
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    def reference(adapter: str | None) -> torch.nn.Module:
+        model = AutoModelForCausalLM.from_pretrained(tiny_bitnet["autobitlinear"], dtype=torch.float32)
+        return (model if adapter is None else PeftModel.from_pretrained(model, lora_adapters[adapter])).eval()
+
+    references = {name: reference(name) for name in (None, *ADAPTERS)}
+    engine, jobs = engines["lora"], lora_jobs(prompt_ids)
+    assert engine["quantization"] == "bitnet"
+    got, tokens = engine[phase], LORA_TOKENS * len(jobs)
+    assert got["generated"] == tokens
+    if phase == "mixed":  # a step adds at most one token per request: the requests shared steps
+        assert got["steps"] < tokens / 2, (got["steps"], tokens)
+    else:
+        assert got["steps"] >= tokens, (got["steps"], tokens)
+    outputs: dict[int, dict[str | None, list[int]]] = {}
+    untied: set[str | None] = set()
+    for i, ((model, prompt), choice) in enumerate(zip(jobs, got["results"], strict=True)):
+        assert choice["prompt_ids"] == prompt and len(choice["tokens"]) == LORA_TOKENS
+        result = compare(references[model], prompt, choice["tokens"], choice["logprobs"])
+        print(f"{model} {prompt}: deviation {result.deviation:.2e}, exact tokens required {result.must_match}")
+        check(result, choice["tokens"], f"{model} {prompt}")
+        if not result.near_tie:
+            untied.add(model)
+        outputs.setdefault(i // (1 + len(ADAPTERS)), {})[model] = choice["tokens"]
+    # Each model has a prompt with no near tie, so all 16 greedy tokens are checked somewhere.
+    assert untied == {None, *ADAPTERS}, f"only {untied} had a prompt without a near tie"
+    # The adapters matter: each changes the base model's continuation.
+    for prompt, by_model in outputs.items():
+        assert all(by_model[name] != by_model[None] for name in ADAPTERS), (prompt, by_model)
