@@ -15,6 +15,11 @@ or None, prompt ids) pairs) serves LoRA instead, with vLLM's LoRA requests
 through whichever LoRA ops the group's plugins install: each job alone (one
 request at a time), then all jobs in one call (one mixed batch), with the
 engine steps and generated tokens each phase took from vLLM's own metrics.
+
+With ``probe`` (a packed BitNet checkpoint), each group's process first
+reports what vLLM's plugin loading gave it (``probe``: the plugin filter of
+tests/bitnet/test_plugin.py's cases, one group each; a group may have no
+runs): what ``LLM`` would load, loaded the way every vLLM process loads it.
 """
 
 from __future__ import annotations
@@ -34,20 +39,50 @@ def logprob(step: dict | None, token: int) -> float:
 
 def main(spec: dict) -> dict:
     import vllm.entrypoints.llm  # noqa: F401  (the slow import, shared; LLM() loads the plugins, per group)
+    from vllm.model_executor.layers.quantization import QUANTIZATION_METHODS
 
     no_plugin_loaded()
-    return {"groups": [in_fork(partial(run_group, group["runs"]), group["plugins"]) for group in spec["groups"]]}
+    assert "bitnet" not in QUANTIZATION_METHODS
+    groups = spec["groups"]
+    return {"groups": [in_fork(partial(run_group, g["runs"], spec.get("probe")), g["plugins"]) for g in groups]}
 
 
-def run_group(runs: list[dict]) -> list[dict]:
-    """One engine per run, one after the other."""
+def probe(checkpoint: str) -> dict:
+    """Our entry points, then what loading the plugins (``VLLM_PLUGINS``, as set) registered: the BitNet
+    quantization and architecture, the punica wrapper, and the quantization a BitNet checkpoint's config gets
+    (or why it is refused)."""
+    import importlib.metadata as md
+
+    import vllm.plugins
+    from vllm import ModelRegistry
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.model_executor.layers.quantization import QUANTIZATION_METHODS
+    from vllm.platforms import current_platform
+
+    result = {"entry_points": {e.name: e.value for e in md.entry_points(group="vllm.general_plugins")}}
+    vllm.plugins.load_general_plugins()
+    result["quant_method"] = "bitnet" in QUANTIZATION_METHODS
+    result["architecture"] = "BitNetForCausalLM" in ModelRegistry.get_supported_archs()
+    result["punica_wrapper"] = current_platform.get_punica_wrapper()
+    try:
+        config = EngineArgs(model=checkpoint, skip_tokenizer_init=True, dtype="float32", max_model_len=128)
+        result["quantization"] = config.create_engine_config().model_config.quantization
+    except Exception as e:  # the refusal is the result
+        result["error"] = f"{type(e).__name__}: {e}"
+    return result
+
+
+def run_group(runs: list[dict], checkpoint: str | None) -> dict:
+    """The plugin probe on ``checkpoint`` (before anything loads the plugins), then one engine per run, one
+    after the other."""
     from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
 
-    results = []
+    result: dict = {"probe": None if checkpoint is None else probe(checkpoint), "runs": []}
+    results = result["runs"]
     for run in runs:
         results.append(generate_with_adapters(run) if "adapters" in run else generate(run))
         cleanup_dist_env_and_memory()  # the engine of this run is gone: the next one sets up its own
-    return results
+    return result
 
 
 def new_llm(spec: dict, **engine_args):

@@ -14,6 +14,11 @@ The packed ``bitlinear`` engine runs with ``VLLM_PLUGINS=loraserve_bitnet``
 The other engines (every plugin) run one after the other in one process, so
 the suite pays for one interpreter importing vLLM instead of three.
 
+The same interpreter checks the plugin filter (``test_vllm_plugins_filtering``):
+before its engines, each process (every plugin; only ``loraserve_bitnet``;
+only ``loraserve_lora_ops``, which runs no engine) loads the plugins as every
+vLLM process does and reports what they registered.
+
 One more engine serves the trained demo base (packed ``autobitlinear``) in
 bfloat16, the published checkpoints' dtype, against the same float32
 reference. Tolerance ``BF16_LOGPROB_TOLERANCE`` = 0.1 nats: measured
@@ -55,6 +60,13 @@ from tests.e2e.bitnet_reference import MIN_EXACT_TOKENS, check, compare
 PROMPTS = ("The patient was", "def main():", "In the morning we", "The party of the first part")
 MAX_TOKENS = 20
 PLUGINS = {"bitlinear": "loraserve_bitnet", "autobitlinear": None, "online": None}
+PLUGIN_CASES: dict[str, str | None] = {
+    "all": None,
+    "bitnet_only": "loraserve_bitnet",
+    "lora_ops_only": "loraserve_lora_ops",
+}
+"""Case of the plugin filter -> ``VLLM_PLUGINS`` of its process (None: unset, vLLM loads every plugin); each
+process also runs the engines of the layouts whose plugin set (``PLUGINS``; the rest: every plugin) it has."""
 BF16_LOGPROB_TOLERANCE = 0.1
 BF16_TIE_GAP = 0.2
 ADAPTERS = {"alpha": 1, "beta": 2, "gamma": 4}  # name -> seed; seeds give each adapter a prompt without a near tie
@@ -78,14 +90,15 @@ def prompt_ids(tiny_bitnet) -> list[list[int]]:
     return [tokenizer.encode(p) for p in PROMPTS]
 
 
-def run_engines(groups: list[tuple[str | None, list[dict]]], workdir: Path) -> list[list[dict]]:
-    """Engine results of each group's runs (each: model, dtype, prompts) under its ``VLLM_PLUGINS``: one
-    subprocess imports vLLM and forks a process per group, whose engines run one after the other."""
+def run_engines(groups: list[tuple[str | None, list[dict]]], probe: Path, workdir: Path) -> list[dict]:
+    """Each group's plugin probe on the ``probe`` checkpoint and its runs' engine results (each run: model,
+    dtype, prompts) under its ``VLLM_PLUGINS``: one subprocess imports vLLM and forks a process per group,
+    whose engines run one after the other."""
     spec = workdir / "spec.json"
     groups_spec = [
         {"plugins": plugins, "runs": [{"max_tokens": MAX_TOKENS} | run for run in runs]} for plugins, runs in groups
     ]
-    spec.write_text(json.dumps({"groups": groups_spec}, default=str))
+    spec.write_text(json.dumps({"groups": groups_spec, "probe": probe}, default=str))
     env = dict(os.environ)
     env.pop("VLLM_PLUGINS", None)
     env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # engine core in the script's process: one start-up fewer
@@ -119,22 +132,49 @@ def lora_adapters(tiny_bitnet, tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module")
-def engines(tiny_bitnet, prompt_ids, lora_adapters, demo_assets, demo_prompt_ids, tmp_path_factory) -> dict[str, dict]:
-    """The engines' results by run: each tiny layout in float32, ``bf16-demo`` (the demo base in bfloat16) and
-    ``lora`` (the packed layout with ``lora_adapters``). One process per plugin set (``PLUGINS``), forked from one
-    interpreter that imported vLLM."""
+def script(tiny_bitnet, prompt_ids, lora_adapters, demo_assets, demo_prompt_ids, tmp_path_factory) -> dict:
+    """The script's one run: ``runs``, the engines' results by run (each tiny layout in float32, ``bf16-demo``:
+    the demo base in bfloat16, ``lora``: the packed layout with ``lora_adapters``), and ``probes``, the plugin
+    probe on the packed ``bitlinear`` checkpoint by case of ``PLUGIN_CASES``. One process per plugin set, forked
+    from one interpreter that imported vLLM."""
     runs = {layout: {"model": tiny_bitnet[layout], "dtype": "float32", "prompts": prompt_ids} for layout in PLUGINS}
     runs["bf16-demo"] = {"model": demo_assets.base, "dtype": "bfloat16", "prompts": demo_prompt_ids}
     runs["lora"] = {"model": tiny_bitnet["autobitlinear"], "dtype": "float32", "adapters": lora_adapters,
                     "jobs": lora_jobs(prompt_ids), "max_tokens": LORA_TOKENS}  # fmt: skip
-    plugin_sets = {plugins: [name for name in runs if PLUGINS.get(name) == plugins] for plugins in PLUGINS.values()}
-    groups = [(plugins, [runs[name] for name in names]) for plugins, names in plugin_sets.items()]
-    results = {}
-    for names, group in zip(
-        plugin_sets.values(), run_engines(groups, tmp_path_factory.mktemp("bitnet-engine")), strict=True
-    ):
-        results |= dict(zip(names, group, strict=True))
+    names = {plugins: [name for name in runs if PLUGINS.get(name) == plugins] for plugins in PLUGIN_CASES.values()}
+    groups = [(plugins, [runs[name] for name in names[plugins]]) for plugins in PLUGIN_CASES.values()]
+    done = run_engines(groups, tiny_bitnet["bitlinear"], tmp_path_factory.mktemp("bitnet-engine"))
+    results: dict = {"runs": {}, "probes": {}}
+    for (case, plugins), group in zip(PLUGIN_CASES.items(), done, strict=True):
+        results["runs"] |= dict(zip(names[plugins], group["runs"], strict=True))
+        results["probes"][case] = group["probe"]
     return results
+
+
+@pytest.fixture(scope="module")
+def engines(script: dict) -> dict[str, dict]:
+    return script["runs"]
+
+
+@pytest.mark.parametrize(
+    ("case", "bitnet_loaded", "our_lora_ops"),
+    [("all", True, True), ("bitnet_only", True, False), ("lora_ops_only", False, True)],
+    ids=list(PLUGIN_CASES),
+)
+def test_vllm_plugins_filtering(script, case, bitnet_loaded, our_lora_ops) -> None:
+    """vLLM finds ``loraserve_bitnet`` through its entry point, and ``VLLM_PLUGINS`` switches our two plugins
+    independently: with only the LoRA-ops plugin a BitNet checkpoint is refused; with only the BitNet plugin it
+    is accepted and vLLM's stock LoRA ops stay in place."""
+    result = script["probes"][case]
+    assert result["entry_points"]["loraserve_bitnet"] == "bitnet:register"
+    assert result["entry_points"]["loraserve_lora_ops"] == "lora_ops:register"
+    assert result["quant_method"] is bitnet_loaded
+    assert result["architecture"] is bitnet_loaded
+    assert result["punica_wrapper"].startswith("lora_ops") is our_lora_ops
+    if bitnet_loaded:
+        assert result.get("quantization") == "bitnet", result.get("error")
+    else:
+        assert "bitnet" in result["error"], result
 
 
 @pytest.mark.parametrize("layout", PLUGINS)
