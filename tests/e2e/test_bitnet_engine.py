@@ -153,6 +153,7 @@ def script(tiny_bitnet, prompt_ids, lora_adapters, demo_assets, demo_prompt_ids,
 
 @pytest.fixture(scope="module")
 def engines(script: dict) -> dict[str, dict]:
+    """The engines' results by run (``script``'s ``runs``)."""
     return script["runs"]
 
 
