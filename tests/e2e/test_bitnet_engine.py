@@ -14,6 +14,11 @@ The packed ``bitlinear`` engine runs with ``VLLM_PLUGINS=loraserve_bitnet``
 The other engines (every plugin) run one after the other in one process, so
 the suite pays for one interpreter importing vLLM instead of three.
 
+The same interpreter checks the plugin filter (``test_vllm_plugins_filtering``):
+before its engines, each process (every plugin; only ``loraserve_bitnet``;
+only ``loraserve_lora_ops``, which runs no engine) loads the plugins as every
+vLLM process does and reports what they registered.
+
 One more engine serves the trained demo base (packed ``autobitlinear``) in
 bfloat16, the published checkpoints' dtype, against the same float32
 reference. Tolerance ``BF16_LOGPROB_TOLERANCE`` = 0.1 nats: measured
@@ -22,6 +27,21 @@ deviations on these prompts (prompt and 20 generated tokens) were 2.2e-2 to
 the measured bf16 rounding (norms, attention, residual stream and the int8
 activation flips it causes) and still far below a wrong scale or shard;
 ``BF16_TIE_GAP`` = 0.2 is twice it, as in ``bitnet_reference.py``.
+
+LoRA on BitNet: one more engine (float32, every plugin, so our LoRA ops)
+serves the packed ``autobitlinear`` layout with three PEFT adapters made on
+its bf16 ``online`` twin (random non-zero A and B on all seven projections;
+PEFT cannot wrap HF's packed ``BitLinear``, so adapters always come from the
+twin). ``max_loras=2`` with three adapters and base requests keeps every
+batch under slot pressure. Greedy completions, run one at a time and then
+all at once (a mixed batch of every adapter and the base), must match
+transformers' ``BitNetForCausalLM`` on the same packed files plus
+``PeftModel`` on the same adapter files, by the same rule. That the requests
+run at once really shared engine steps is measured from the engine's vLLM
+metrics: one at a time they take a step per generated token; together, fewer
+than half as many steps as tokens. (The server's path to the same ops, HTTP
+and ``LoraEngine``, serves LoRA on the demo's BitNet base in every server
+test; test_reference.py checks it against transformers + PEFT.)
 """
 
 from __future__ import annotations
@@ -40,8 +60,17 @@ from tests.e2e.bitnet_reference import MIN_EXACT_TOKENS, check, compare
 PROMPTS = ("The patient was", "def main():", "In the morning we", "The party of the first part")
 MAX_TOKENS = 20
 PLUGINS = {"bitlinear": "loraserve_bitnet", "autobitlinear": None, "online": None}
+PLUGIN_CASES: dict[str, str | None] = {
+    "all": None,
+    "bitnet_only": "loraserve_bitnet",
+    "lora_ops_only": "loraserve_lora_ops",
+}
+"""Case of the plugin filter -> ``VLLM_PLUGINS`` of its process (None: unset, vLLM loads every plugin); each
+process also runs the engines of the layouts whose plugin set (``PLUGINS``; the rest: every plugin) it has."""
 BF16_LOGPROB_TOLERANCE = 0.1
 BF16_TIE_GAP = 0.2
+ADAPTERS = {"alpha": 1, "beta": 2, "gamma": 4}  # name -> seed; seeds give each adapter a prompt without a near tie
+LORA_TOKENS = 16
 
 pytestmark = pytest.mark.engine
 
@@ -61,14 +90,15 @@ def prompt_ids(tiny_bitnet) -> list[list[int]]:
     return [tokenizer.encode(p) for p in PROMPTS]
 
 
-def run_engines(groups: list[tuple[str | None, list[dict]]], workdir: Path) -> list[list[dict]]:
-    """Engine results of each group's runs (each: model, dtype, prompts) under its ``VLLM_PLUGINS``: one
-    subprocess imports vLLM and forks a process per group, whose engines run one after the other."""
+def run_engines(groups: list[tuple[str | None, list[dict]]], probe: Path, workdir: Path) -> list[dict]:
+    """Each group's plugin probe on the ``probe`` checkpoint and its runs' engine results (each run: model,
+    dtype, prompts) under its ``VLLM_PLUGINS``: one subprocess imports vLLM and forks a process per group,
+    whose engines run one after the other."""
     spec = workdir / "spec.json"
     groups_spec = [
         {"plugins": plugins, "runs": [{"max_tokens": MAX_TOKENS} | run for run in runs]} for plugins, runs in groups
     ]
-    spec.write_text(json.dumps({"groups": groups_spec}, default=str))
+    spec.write_text(json.dumps({"groups": groups_spec, "probe": probe}, default=str))
     env = dict(os.environ)
     env.pop("VLLM_PLUGINS", None)
     env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # engine core in the script's process: one start-up fewer
@@ -94,19 +124,58 @@ def demo_prompt_ids(demo_assets) -> list[list[int]]:
 
 
 @pytest.fixture(scope="module")
-def engines(tiny_bitnet, prompt_ids, demo_assets, demo_prompt_ids, tmp_path_factory) -> dict[str, dict]:
-    """The engines' results by run: each tiny layout in float32, and ``bf16-demo`` (the demo base in bfloat16).
-    One process per plugin set (``PLUGINS``), forked from one interpreter that imported vLLM."""
+def lora_adapters(tiny_bitnet, tmp_path_factory) -> dict[str, Path]:
+    from checkpoints.tiny_bitnet import random_lora
+
+    root = tmp_path_factory.mktemp("bitnet-lora")
+    return {name: random_lora(tiny_bitnet["online"], root / name, seed=seed) for name, seed in ADAPTERS.items()}
+
+
+@pytest.fixture(scope="module")
+def script(tiny_bitnet, prompt_ids, lora_adapters, demo_assets, demo_prompt_ids, tmp_path_factory) -> dict:
+    """The script's one run: ``runs``, the engines' results by run (each tiny layout in float32, ``bf16-demo``:
+    the demo base in bfloat16, ``lora``: the packed layout with ``lora_adapters``), and ``probes``, the plugin
+    probe on the packed ``bitlinear`` checkpoint by case of ``PLUGIN_CASES``. One process per plugin set, forked
+    from one interpreter that imported vLLM."""
     runs = {layout: {"model": tiny_bitnet[layout], "dtype": "float32", "prompts": prompt_ids} for layout in PLUGINS}
     runs["bf16-demo"] = {"model": demo_assets.base, "dtype": "bfloat16", "prompts": demo_prompt_ids}
-    plugin_sets = {plugins: [name for name in runs if PLUGINS.get(name) == plugins] for plugins in PLUGINS.values()}
-    groups = [(plugins, [runs[name] for name in names]) for plugins, names in plugin_sets.items()]
-    results = {}
-    for names, group in zip(
-        plugin_sets.values(), run_engines(groups, tmp_path_factory.mktemp("bitnet-engine")), strict=True
-    ):
-        results |= dict(zip(names, group, strict=True))
+    runs["lora"] = {"model": tiny_bitnet["autobitlinear"], "dtype": "float32", "adapters": lora_adapters,
+                    "jobs": lora_jobs(prompt_ids), "max_tokens": LORA_TOKENS}  # fmt: skip
+    names = {plugins: [name for name in runs if PLUGINS.get(name) == plugins] for plugins in PLUGIN_CASES.values()}
+    groups = [(plugins, [runs[name] for name in names[plugins]]) for plugins in PLUGIN_CASES.values()]
+    done = run_engines(groups, tiny_bitnet["bitlinear"], tmp_path_factory.mktemp("bitnet-engine"))
+    results: dict = {"runs": {}, "probes": {}}
+    for (case, plugins), group in zip(PLUGIN_CASES.items(), done, strict=True):
+        results["runs"] |= dict(zip(names[plugins], group["runs"], strict=True))
+        results["probes"][case] = group["probe"]
     return results
+
+
+@pytest.fixture(scope="module")
+def engines(script: dict) -> dict[str, dict]:
+    """The engines' results by run (``script``'s ``runs``)."""
+    return script["runs"]
+
+
+@pytest.mark.parametrize(
+    ("case", "bitnet_loaded", "our_lora_ops"),
+    [("all", True, True), ("bitnet_only", True, False), ("lora_ops_only", False, True)],
+    ids=list(PLUGIN_CASES),
+)
+def test_vllm_plugins_filtering(script, case, bitnet_loaded, our_lora_ops) -> None:
+    """vLLM finds ``loraserve_bitnet`` through its entry point, and ``VLLM_PLUGINS`` switches our two plugins
+    independently: with only the LoRA-ops plugin a BitNet checkpoint is refused; with only the BitNet plugin it
+    is accepted and vLLM's stock LoRA ops stay in place."""
+    result = script["probes"][case]
+    assert result["entry_points"]["loraserve_bitnet"] == "bitnet:register"
+    assert result["entry_points"]["loraserve_lora_ops"] == "lora_ops:register"
+    assert result["quant_method"] is bitnet_loaded
+    assert result["architecture"] is bitnet_loaded
+    assert result["punica_wrapper"].startswith("lora_ops") is our_lora_ops
+    if bitnet_loaded:
+        assert result.get("quantization") == "bitnet", result.get("error")
+    else:
+        assert "bitnet" in result["error"], result
 
 
 @pytest.mark.parametrize("layout", PLUGINS)
@@ -150,3 +219,44 @@ def test_bfloat16_engine_on_the_demo_base_matches_float32_transformers(demo_asse
         deviations.append(result.deviation)
     # bf16 really ran: float32 agrees with the reference to ~1e-6 (see the layout tests above).
     assert max(deviations) > 1e-3, deviations
+
+
+def lora_jobs(prompt_ids: list[list[int]]) -> list[tuple[str | None, list[int]]]:
+    """(adapter or None for the base, prompt) of every request the LoRA engine runs, in order."""
+    return [(model, prompt) for prompt in prompt_ids for model in (None, *ADAPTERS)]
+
+
+@pytest.mark.parametrize("phase", ["alone", "mixed"])
+def test_lora_on_bitnet_matches_transformers_peft(tiny_bitnet, prompt_ids, lora_adapters, engines, phase) -> None:
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    def reference(adapter: str | None) -> torch.nn.Module:
+        model = AutoModelForCausalLM.from_pretrained(tiny_bitnet["autobitlinear"], dtype=torch.float32)
+        return (model if adapter is None else PeftModel.from_pretrained(model, lora_adapters[adapter])).eval()
+
+    references = {name: reference(name) for name in (None, *ADAPTERS)}
+    engine, jobs = engines["lora"], lora_jobs(prompt_ids)
+    assert engine["quantization"] == "bitnet"
+    got, tokens = engine[phase], LORA_TOKENS * len(jobs)
+    assert got["generated"] == tokens
+    if phase == "mixed":  # a step adds at most one token per request: the requests shared steps
+        assert got["steps"] < tokens / 2, (got["steps"], tokens)
+    else:
+        assert got["steps"] >= tokens, (got["steps"], tokens)
+    outputs: dict[int, dict[str | None, list[int]]] = {}
+    untied: set[str | None] = set()
+    for i, ((model, prompt), choice) in enumerate(zip(jobs, got["results"], strict=True)):
+        assert choice["prompt_ids"] == prompt and len(choice["tokens"]) == LORA_TOKENS
+        result = compare(references[model], prompt, choice["tokens"], choice["logprobs"])
+        print(f"{model} {prompt}: deviation {result.deviation:.2e}, exact tokens required {result.must_match}")
+        check(result, choice["tokens"], f"{model} {prompt}")
+        if not result.near_tie:
+            untied.add(model)
+        outputs.setdefault(i // (1 + len(ADAPTERS)), {})[model] = choice["tokens"]
+    # Each model has a prompt with no near tie, so all 16 greedy tokens are checked somewhere.
+    assert untied == {None, *ADAPTERS}, f"only {untied} had a prompt without a near tie"
+    # The adapters matter: each changes the base model's continuation.
+    for prompt, by_model in outputs.items():
+        assert all(by_model[name] != by_model[None] for name in ADAPTERS), (prompt, by_model)
