@@ -32,9 +32,9 @@ PACK_AFTER_CALLS = 3
 # At most one handle is built per PACK_SPACING_S of wall-clock time, process-wide; a matmul past its count runs
 # on torch.mm until its turn. All of a new adapter's (or mix's) matmuls reach the count in the same step (64 on
 # loadtests.bench_cold's model), and building a handle (vLLM's create_onednn_mm: oneDNN reorders the weight into
-# its blocked layout) costs 0.3-1 ms (loaded): that one step paid ~50 ms per cold load, up to 147 ms (loaded,
-# instrumented per step). Spaced, the next run's builds spread over 48 steps, 5 ms a step on average and 22 at
-# most, and a mix that ends within a few steps packs less. (Building them on a background thread instead
+# its blocked layout) costs 0.3-1 ms (loaded): those steps paid ~55 ms per cold load, up to 88 ms in one
+# (loaded, instrumented per step). Spaced, the next run's builds spread over 48 steps, 5 ms a step on average
+# and 22 at most, and a mix that ends within a few steps packs less. (Building them on a background thread instead
 # stalled steps for seconds under load: a thread of the engine's process preempted while it holds the GIL
 # holds the step up with it.)
 PACK_SPACING_S = 0.005
