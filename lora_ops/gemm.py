@@ -34,9 +34,9 @@ PACK_AFTER_CALLS = 3
 # loadtests.bench_cold's model), and building a handle (vLLM's create_onednn_mm: oneDNN reorders the weight into
 # its blocked layout) costs 0.3-1 ms (loaded): those steps paid ~55 ms per cold load, up to 88 ms in one
 # (loaded, instrumented per step). Spaced, the next run's builds spread over 48 steps, 5 ms a step on average
-# and 22 at most, and a mix that ends within a few steps packs less. (Building them on a background thread instead
-# stalled steps for seconds under load: a thread of the engine's process preempted while it holds the GIL
-# holds the step up with it.)
+# and 22 at most, and a mix that ends within a few steps packs less. (Building them on a background thread
+# instead stalled steps for seconds under load: a thread of the engine's process preempted while it holds the
+# GIL holds the step up with it.)
 PACK_SPACING_S = 0.005
 # Every packed call compiles a oneDNN primitive per (K, N, dtype, rows) the first time, ~300 KiB of JIT code
 # and descriptors (``primitive_bytes``), which vLLM's per-shape cache and oneDNN's process-wide one (1,024

@@ -22,7 +22,8 @@ waits for an arena's lock while one walks it. The thread leaves the cores of
 the thread that started it, the engine's (the first request comes from the
 step), where the machine has others: there it took the step's core from it
 for 1-25 ms after every cold load (``loadtests.bench_cold``, loaded; the
-steps it overlapped took 45 ms at the median against 30). Only on glibc: elsewhere :func:`install` logs that it does nothing.
+steps it overlapped took 45 ms at the median against 30). Only on glibc:
+elsewhere :func:`install` logs that it does nothing.
 """
 
 from __future__ import annotations
