@@ -10,6 +10,7 @@ which ``serving.sizing`` charges to the memory budget.
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING, Literal
 
 import torch
@@ -28,6 +29,15 @@ _ONEDNN_DTYPES = (torch.bfloat16, torch.float32)
 # used only once or twice that way, so those stay on torch.mm, packed or not.
 PACK_MAX_ROWS = 64
 PACK_AFTER_CALLS = 3
+# At most one handle is built per PACK_SPACING_S of wall-clock time, process-wide; a matmul past its count runs
+# on torch.mm until its turn. All of a new adapter's (or mix's) matmuls reach the count in the same step (64 on
+# loadtests.bench_cold's model), and building a handle (vLLM's create_onednn_mm: oneDNN reorders the weight into
+# its blocked layout) costs 0.3-1 ms (loaded): those steps paid ~55 ms per cold load, up to 88 ms in one
+# (loaded, instrumented per step). Spaced, the next run's builds spread over 48 steps, 5 ms a step on average
+# and 22 at most, and a mix that ends within a few steps packs less. (Building them on a background thread
+# instead stalled steps for seconds under load: a thread of the engine's process preempted while it holds the
+# GIL holds the step up with it.)
+PACK_SPACING_S = 0.005
 # Every packed call compiles a oneDNN primitive per (K, N, dtype, rows) the first time, ~300 KiB of JIT code
 # and descriptors (``primitive_bytes``), which vLLM's per-shape cache and oneDNN's process-wide one (1,024
 # primitives) keep after the handler is gone. So the keys are a small fixed set, whatever the adapters: a
@@ -105,6 +115,20 @@ def packed_keys() -> frozenset[tuple[int, int, torch.dtype, int]]:
     return frozenset(_PACKED_KEYS)
 
 
+_next_build = 0.0
+"""``time.monotonic()`` from which the next handle may be built (``PACK_SPACING_S``)."""
+
+
+def _build_turn() -> bool:
+    """Is it a handle's turn to be built now? Takes the turn if so (the forward pass is single-threaded)."""
+    global _next_build
+    now = time.monotonic()
+    if now < _next_build:
+        return False
+    _next_build = now + PACK_SPACING_S
+    return True
+
+
 def _pad(role: str, rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
     buf = _PADS.get((role, cols, dtype))
     if buf is None:
@@ -142,7 +166,7 @@ class Gemm:
             return torch.mm(x, self.w, out=out)
         if self._handler is None:
             self._small_calls += 1
-            if self._small_calls >= PACK_AFTER_CALLS:
+            if self._small_calls >= PACK_AFTER_CALLS and _build_turn():
                 self._pack()
         if self._handle is None:
             return torch.mm(x, self.w, out=out)

@@ -20,9 +20,9 @@ and the worker's ``_load_adapter`` reads the adapter's files, checks its PEFT
 config and builds the ``LoRAModel`` (converting every tensor to the LoRA
 dtype) before vLLM puts it into the host cache and a slot: every other
 request's next token waits for all of it. :meth:`loraserve_prefetch_lora`
-runs that ``_load_adapter`` in a background thread of the worker (at the
-lowest CPU priority, so it takes only the CPU the engine leaves) and returns
-at once; :meth:`loraserve_prefetch_done` says when it finished. The worker
+runs that ``_load_adapter`` in a background thread of the worker (off the
+engine's cores, or at the lowest CPU priority where it must share them) and
+returns at once; :meth:`loraserve_prefetch_done` says when it finished. The worker
 manager's ``_load_adapter`` is wrapped (once, on the instance) to hand the
 finished ``LoRAModel`` over, or raise the exception the load raised, so the
 ``add_lora`` that follows costs the step only the host-cache insert and the
@@ -53,25 +53,40 @@ RESIDENCY_METHOD = "loraserve_lora_residency"
 PREFETCH_METHOD = "loraserve_prefetch_lora"
 PREFETCH_DONE_METHOD = "loraserve_prefetch_done"
 LOADER_NICE = 19
-"""The loading thread's nice value: the lowest priority, so the engine's own threads run first."""
+"""The loading thread's nice value where it shares the engine's cores: the lowest, so the step runs first."""
 
 
-def _lower_priority() -> None:
-    """Run as the loading thread starts: lowest priority, and off the engine's cores when the machine has others.
+def _place_thread() -> None:
+    """Run as the loading thread starts: off the engine's cores when the machine has others, at normal
+    priority there; on the engine's cores at the lowest priority.
 
     On Linux a thread's nice value and CPU affinity are its own (set by thread
     id; ``0`` is the calling thread). The thread inherits the affinity of the
     thread that started it, vLLM's CPU worker thread, which vLLM binds to the
     engine's cores (``VLLM_CPU_OMP_THREADS_BIND``): there the load would run
     only when the forward pass leaves the core idle and, once running, delay it.
+
+    Not the lowest priority off those cores: the thread shares the step's GIL,
+    and a thread preempted while holding it stalls the step until it runs
+    again. At nice 19 on a core busy with the API server (and, on a shared
+    machine, other processes) that was hundreds of ms: in one loaded
+    ``loadtests.bench_cold`` run (instrumented per step, load average 8-10),
+    46 of the 60 cold-window steps longer than the quiet p99 overlapped a
+    background build, one decode step took 426 ms against ~20, and a 64 MB
+    adapter's forms took 0.8-5.4 s to build; at nice 0, in the next run (load
+    5.5-7.9), the cold windows' ITL p99 fell from 196 to 112 ms, the longest step
+    overlapping a build from 426 to 130 ms and those builds to 0.12-0.26 s. On
+    the engine's own cores the inversion undoes itself: a step waiting for the
+    GIL leaves the core to the thread that holds it.
     """
-    os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), LOADER_NICE)
     others = set(range(os.cpu_count() or 1)) - os.sched_getaffinity(0)
     if others:
         try:
             os.sched_setaffinity(0, others)
+            return
         except OSError as e:  # the container's cpuset excludes them all: stay on the engine's cores
             logger.info("adapter loads stay on the engine's cores %s: %s", sorted(os.sched_getaffinity(0)), e)
+    os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), LOADER_NICE)
 
 
 class LoraResidencyExtension:
@@ -140,7 +155,7 @@ class _Loader:
         self.lock = threading.Lock()
         self.loads: dict[int, tuple[str, Future[Any]]] = {}
         # One thread: loads queue up rather than take more cores from the engine.
-        self.pool = ThreadPoolExecutor(1, thread_name_prefix="loraserve-lora-load", initializer=_lower_priority)
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="loraserve-lora-load", initializer=_place_thread)
         self.load = manager._load_adapter  # vLLM's own: every check it makes runs in the background too
         manager._load_adapter = self.hand_over
 

@@ -212,7 +212,10 @@ def test_a_failed_form_build_is_logged_and_the_adapter_still_loads(
     assert "building adapter code's LoRA forms off the step failed" in caplog.text
 
 
-def test_the_loading_thread_runs_at_the_lowest_priority(adapters: dict[str, Path]) -> None:
+def test_a_loading_thread_that_shares_the_engines_cores_runs_at_the_lowest_priority(
+    adapters: dict[str, Path],
+) -> None:
+    """Started from a thread bound to every core (no other core to move to), the loader stays there at nice 19."""
     worker = _Worker()
     worker.manager.gate.set()
     nice: list[int] = []
@@ -230,15 +233,19 @@ def test_the_loading_thread_runs_at_the_lowest_priority(adapters: dict[str, Path
 
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs a core besides the engine's")
 def test_the_loading_thread_runs_off_the_engines_core(adapters: dict[str, Path]) -> None:
-    """vLLM binds its CPU worker's thread to the engine's cores; the loader, started from it, leaves them."""
+    """vLLM binds its CPU worker's thread to the engine's cores; the loader, started from it, leaves them, and
+    keeps the engine thread's priority there (lowered, it stalled the step whenever it was preempted holding
+    the GIL: ``serving.lora_residency._place_thread``)."""
     engine_core = min(os.sched_getaffinity(0))
     worker = _Worker()
     worker.manager.gate.set()
     cores: list[set[int]] = []
+    nice: list[int] = []
     original = worker.manager._load_adapter
 
     def spy(request: LoRARequest) -> Any:
         cores.append(os.sched_getaffinity(0))  # the calling thread's own set
+        nice.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
         return original(request)
 
     def as_the_engine() -> None:
@@ -251,6 +258,7 @@ def test_the_loading_thread_runs_off_the_engines_core(adapters: dict[str, Path])
     starter.join()
     _wait_done(worker, 4)
     assert cores and cores[0] and engine_core not in cores[0]
+    assert nice == [os.getpriority(os.PRIO_PROCESS, threading.get_native_id())]  # the starter's: this thread's
 
 
 @pytest.mark.parametrize(
