@@ -40,6 +40,11 @@ ratio within one repeat.
 ``--workloads`` runs a subset (base always; the 1,000-adapter row runs
 ``base,zipf`` with ``--adapters 1000 --clients 64``).
 
+**Base model.** ``--base config`` serves the config's model (``dev.yaml``: the demo's, 2 layers of hidden
+128, most weights in the embeddings: a step is a few ms, so per-step costs weigh as much as the model);
+``--base realistic`` serves ``bench_lora``'s realistic shape (87% of the weights in the layers; random, built
+once under ``--cache-dir``) with the config's tokenizer and two random rank-16 templates on all projections.
+
 **Memory.** The store gets ``store.memory_budget_bytes``
 (``--memory-budget-mib``, default 512): all the host memory adapters may take,
 the slots' buffers and the CPU LoRA ops' copies included, from which the
@@ -101,6 +106,21 @@ def bench_config(settings: Settings, source: Path, store_root: Path, args: argpa
     raw["server"]["log_level"] = "warning"
     Settings.model_validate(raw)  # fail here, not after the server's start-up
     return raw
+
+
+def realistic_base(settings: Settings, cache_dir: Path) -> Settings:
+    """``settings`` serving ``bench_lora``'s realistic shape (``--base realistic``): the model and two template
+    adapters built once under ``cache_dir`` (``checkpoints.synthetic``), the config's tokenizer, ``dtype: auto``."""
+    from checkpoints.synthetic import ensure_synthetic
+    from loadtests.bench_lora import GROUPS
+
+    model, templates = ensure_synthetic(cache_dir / "realistic", 2, GROUPS["realistic"], rank=16)
+    raw = settings.model_dump(mode="json")
+    tokenizer = settings.model.tokenizer or settings.model.path
+    raw["model"].update(path=str(model), name="bench-realistic", tokenizer=str(tokenizer), dtype="auto")
+    template = raw["adapters"][0]
+    raw["adapters"] = [{**template, "name": f"template-{i}", "path": str(p)} for i, p in enumerate(templates)]
+    return Settings.model_validate(raw)
 
 
 def registration_cost(config: dict, names: list[str], scratch: Path) -> dict:
@@ -317,6 +337,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--config", type=Path, default=ROOT / "configs" / "dev.yaml")
     parser.add_argument("--out", type=Path, default=None, help="default results/bench_store[_quick].json")
     parser.add_argument("--work", type=Path, default=ROOT / ".bench" / "store", help="server log")
+    parser.add_argument("--base", choices=("config", "realistic"), default="config",
+                        help="the config's model, or bench_lora's realistic shape (module docstring)")  # fmt: skip
+    parser.add_argument("--cache-dir", type=Path, default=Path("/tmp/loraserve_synth"),
+                        help="where --base realistic's model is built once (bench_lora's default too)")  # fmt: skip
     parser.add_argument("--quick", action="store_true", help="smoke run: 8 adapters, 6 cold, 8 clients, 1 s x 2")
     parser.add_argument("--adapters", type=int, default=100)
     parser.add_argument("--rank", type=int, default=16)
@@ -395,6 +419,8 @@ def main(argv: list[str] | None = None) -> int:
         from checkpoints.assets import build_demo_assets
 
         build_demo_assets(ROOT / ".demo")
+    if args.base == "realistic" and settings.adapters:
+        settings = realistic_base(settings, args.cache_dir)
     settings.check_files()
     if not settings.adapters:
         print(f"{args.config} lists no adapters to derive the benchmark's adapters from", file=sys.stderr)
@@ -430,6 +456,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine_info(loadavg_before=load_before, loadavg_after=os.getloadavg()),
         "settings": {
             "config": str(args.config),
+            "base": args.base,
             "model": str(settings.model.path),
             "dtype": args.dtype or settings.model.dtype,
             "adapters": args.adapters,

@@ -15,7 +15,9 @@ import numpy as np
 import pytest
 from safetensors.torch import load_file
 
-from loadtests.bench_store import WORKLOADS, digest, write_adapters
+from loadtests.bench_lora import GROUPS, layer_fraction
+from loadtests.bench_store import WORKLOADS, digest, realistic_base, write_adapters
+from serving.config import load_settings
 from tests.conftest import REPO
 
 QUICK_ADAPTERS, QUICK_COLD, MAX_CPU_LORAS = 8, 6, 4
@@ -42,6 +44,31 @@ def test_adapters_are_distinct_and_keep_the_templates_shapes(demo_assets, tmp_pa
     assert config["lora_alpha"] / 16 == template_config["lora_alpha"] / template_config["r"]
     again = write_adapters(templates, tmp_path / "again", 5, rank=16, base_name="some-base", seed=3)
     assert [digest(tmp_path / "again" / n) for n in again] == [digest(tmp_path / n) for n in names]  # seeded
+
+
+def test_the_realistic_base_is_bench_loras_shape_with_the_configs_tokenizer(monkeypatch, tmp_path) -> None:
+    """``--base realistic``: the model and templates come from ``checkpoints.synthetic`` at ``bench_lora``'s
+    realistic shape (its build is ``bench_lora``'s, tested there: recorded here, not run), the rest from the config."""
+    import checkpoints.synthetic
+
+    built: list[tuple] = []
+
+    def ensure_synthetic(root, n_adapters, shape, rank):
+        built.append((root, n_adapters, shape, rank))
+        return root / "model", [root / f"adapter_{i}" for i in range(n_adapters)]
+
+    monkeypatch.setattr(checkpoints.synthetic, "ensure_synthetic", ensure_synthetic)
+    settings = load_settings(REPO / "configs" / "dev.yaml")
+    real = realistic_base(settings, tmp_path)
+    assert (
+        built == [(tmp_path / "realistic", 2, GROUPS["realistic"], 16)] and layer_fraction(GROUPS["realistic"]) >= 0.85
+    )
+    assert real.model.path == tmp_path / "realistic" / "model" and real.model.dtype == "auto"
+    assert real.model.tokenizer == settings.model.path  # the demo's tokenizer: the bench's prompt is text
+    assert [(a.name, a.path) for a in real.adapters] == [
+        (f"template-{i}", tmp_path / "realistic" / f"adapter_{i}") for i in range(2)
+    ]
+    assert real.engine == settings.engine and real.model.name != settings.model.name
 
 
 # The tests below share one benchmark run (a server of its own): each carries the engine mark; the one above
