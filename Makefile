@@ -37,10 +37,7 @@ lint: install
 # the files that share a session server stay together, so it starts once; the workers take the files
 # in the order tests/conftest.py sets. The run ends with its slowest steps, its duration, the
 # number of engines it started and the CPU time its processes used (the share of the cores it kept busy).
-# The demo assets (what a fresh clone's first demo-using test would otherwise build, ~55 CPU-s on one
-# worker) are built beside lint, which keeps one core busy (mypy), so the tests start with both cores free.
-test: install
-	@$(MAKE) --no-print-directory -j2 lint demo-assets
+test: lint
 	$(PY) -m pytest -n 2 --dist loadfile --no-loadscope-reorder --durations=15
 
 # The unit tests: no engine, no server, no load test, no fresh vLLM interpreter or wheel build.
