@@ -15,6 +15,12 @@ the step that admits a wave of 16 prompts of 64 tokens on 4 adapters (the
 plan gathers their rows by adapter: ``GATHER``), at a tenth of the steps.
 With ``--threads 2`` it reports wall time instead: the worker's OpenMP threads
 as the engine runs them (thread CPU time would miss the second thread).
+
+``--distinct N`` times instead a whole step's 20 calls with N decode tokens on N
+distinct adapters of 2N slots (a rotation over many adapters, as
+``bench_store``'s uniform workload), for each plan mode forced and the cost
+model's choice: ``steady`` (the same mix every step) and ``rotating`` (one of
+8 mixes in turn, each step a different one), after 40 steps of warm-up.
 """
 
 from __future__ import annotations
@@ -93,15 +99,70 @@ def measure(repeats: int, steps: int, threads: int = 1) -> dict[str, dict[str, f
     return results
 
 
+def measure_distinct(n: int, repeats: int, steps: int) -> dict[str, dict[str, float]]:
+    """Per-step ms (median over ``repeats`` of ``steps`` steps, thread CPU time, one thread) of the 20 calls with
+    ``n`` tokens on ``n`` distinct adapters of ``2n`` slots, per mode (``--distinct``)."""
+    import random
+
+    from vllm.lora.layers import LoRAMapping
+
+    from lora_ops.plan import GATHER, MASKED, TOKENS
+    from lora_ops.punica_cpu import GroupedPunicaWrapperCPU
+
+    torch.set_num_threads(1)
+    slots, g, rng = 2 * n, torch.Generator().manual_seed(0), random.Random(0)
+    layers = _layers()
+    weights = [
+        (
+            [torch.randn(slots, 1, RANK, k, generator=g).div(k**0.5).bfloat16() for _ in outs],
+            [torch.randn(slots, 1, m, RANK, generator=g).div(RANK**0.5).bfloat16() for m in outs],
+        )
+        for k, outs in layers
+    ]
+    xs = {k: torch.randn(n, k, generator=g).bfloat16() for k, _ in layers}
+    calls = [(torch.zeros(n, sum(o)).bfloat16(), xs[k], a, b, list(o)) for (k, o), (a, b) in zip(layers, weights)]
+    mixes = [tuple(rng.sample(range(1, slots + 1), n)) for _ in range(8)]
+    op, table = torch.ops.loraserve.lora_linear.default, list[int | None](range(1, slots + 1))
+    results = {}
+    for mode in (None, TOKENS, GATHER, MASKED):
+        wrapper = GroupedPunicaWrapperCPU(max_num_batched_tokens=512, max_batches=16, device="cpu")
+        wrapper.force_mode = mode
+
+        def step(mix: tuple[int, ...], wrapper: GroupedPunicaWrapperCPU = wrapper) -> None:
+            wrapper.update_metadata(LoRAMapping(mix, mix), table, slots + 1, 4096)
+            for y, x, a, b, outs in calls:
+                op(y, x, a, b, 1.0, outs, wrapper._handle)
+
+        for i in range(40):
+            step(mixes[i % len(mixes)])
+        row = {}
+        for kind in ("steady", "rotating"):
+            per_step = []
+            for _ in range(repeats):
+                start = time.thread_time()
+                for i in range(steps):
+                    step(mixes[0] if kind == "steady" else mixes[i % len(mixes)])
+                per_step.append((time.thread_time() - start) / steps * 1e3)
+            row[kind] = round(statistics.median(per_step), 2)
+        results[mode or f"auto ({wrapper._plan.mode})"] = row
+    return results
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--repeats", type=int, default=9)
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--threads", type=int, default=1, help="torch threads (more than 1: wall time)")
+    p.add_argument("--distinct", type=int, default=0, help="N tokens on N distinct adapters: ms per step, by mode")
     args = p.parse_args(argv)
     import os
 
     load = os.getloadavg()[0]
+    if args.distinct:
+        for mode, row in measure_distinct(args.distinct, args.repeats, args.steps).items():
+            print(f"{mode:15s} steady {row['steady']:7.2f} ms  rotating {row['rotating']:7.2f} ms per step (20 calls)")
+        print(f"load average {load:.2f} -> {os.getloadavg()[0]:.2f}")
+        return
     for name, r in measure(args.repeats, args.steps, args.threads).items():
         print(f"{name:15s} {r['min_us']:7.1f} us min {r['median_us']:7.1f} us median per LoRA call")
     print(f"load average {load:.2f} -> {os.getloadavg()[0]:.2f}")
