@@ -53,6 +53,17 @@ def _layers() -> list[tuple[int, tuple[int, ...]]]:
     return [(h, (q, kv, kv)), (q, (h,)), (h, (i, i)), (i, (h,))] * s.num_hidden_layers
 
 
+def _weights(layers: list[tuple[int, tuple[int, ...]]], slots: int, g: torch.Generator) -> list[tuple[list, list]]:
+    """Random bf16 LoRA A and B stacks of ``slots`` slots at rank ``RANK`` for each layer, as vLLM lays them out."""
+    return [
+        (
+            [torch.randn(slots, 1, RANK, k, generator=g).div(k**0.5).bfloat16() for _ in outs],
+            [torch.randn(slots, 1, m, RANK, generator=g).div(RANK**0.5).bfloat16() for m in outs],
+        )
+        for k, outs in layers
+    ]
+
+
 def measure(repeats: int, steps: int, threads: int = 1) -> dict[str, dict[str, float]]:
     """Per-call µs (min and median over ``repeats``) for each case of ``CASES``: thread CPU time on one
     thread, wall time on more."""
@@ -65,13 +76,7 @@ def measure(repeats: int, steps: int, threads: int = 1) -> dict[str, dict[str, f
     rows = max(len(ids) for ids in CASES.values())
     g = torch.Generator().manual_seed(0)
     layers = _layers()
-    weights = [
-        (
-            [torch.randn(SLOTS, 1, RANK, k, generator=g).div(k**0.5).bfloat16() for _ in outs],
-            [torch.randn(SLOTS, 1, n, RANK, generator=g).div(RANK**0.5).bfloat16() for n in outs],
-        )
-        for k, outs in layers
-    ]
+    weights = _weights(layers, SLOTS, g)
     xs = {k: torch.randn(rows, k, generator=g).bfloat16() for k, _ in layers}
     ys = [torch.zeros(rows, sum(outs)).bfloat16() for _, outs in layers]
     wrapper = GroupedPunicaWrapperCPU(max_num_batched_tokens=max(512, rows), max_batches=16, device="cpu")
@@ -112,13 +117,7 @@ def measure_distinct(n: int, repeats: int, steps: int) -> dict[str, dict[str, fl
     torch.set_num_threads(1)
     slots, g, rng = 2 * n, torch.Generator().manual_seed(0), random.Random(0)
     layers = _layers()
-    weights = [
-        (
-            [torch.randn(slots, 1, RANK, k, generator=g).div(k**0.5).bfloat16() for _ in outs],
-            [torch.randn(slots, 1, m, RANK, generator=g).div(RANK**0.5).bfloat16() for m in outs],
-        )
-        for k, outs in layers
-    ]
+    weights = _weights(layers, slots, g)
     xs = {k: torch.randn(n, k, generator=g).bfloat16() for k, _ in layers}
     calls = [(torch.zeros(n, sum(o)).bfloat16(), xs[k], a, b, list(o)) for (k, o), (a, b) in zip(layers, weights)]
     mixes = [tuple(rng.sample(range(1, slots + 1), n)) for _ in range(8)]
