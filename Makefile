@@ -48,6 +48,7 @@ bench: install
 	$(PY) -m loadtests.bench_lora --out results/bench_lora.json
 	$(PY) -m loadtests.bench_lora_slots --out results/bench_lora_slots.json
 	$(PY) -m loadtests.bench_store --out results/bench_store.json
+	$(PY) -m loadtests.bench_store --base realistic --workloads base,one,uniform --memory-budget-mib 3072 --out results/bench_store_realistic.json
 	$(PY) -m loadtests.bench_store --adapters 1000 --clients 64 --workloads base,zipf --cold 6 --duration 15 --out results/bench_store_zipf1000.json
 	$(PY) -m loadtests.bench_cold --out results/bench_cold.json
 	$(PY) -m loadtests.bench_bitnet --out results/bench_bitnet.json
