@@ -31,10 +31,11 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import logging
-import os
 import threading
 import time
 from typing import Any
+
+from .cores import leave_engine_cores
 
 logger = logging.getLogger("vllm.loraserve.lora_ops")
 
@@ -66,7 +67,7 @@ class HeapTrimmer:
                     self._thread.start()
 
     def _run(self) -> None:
-        _leave_the_starters_cores()
+        leave_engine_cores("heap trims")  # the first request comes from the step, on the engine's cores
         while True:
             self._wanted.wait()
             self._wanted.clear()
@@ -74,19 +75,6 @@ class HeapTrimmer:
             self._malloc_trim(0)
             self.trims, self.covered = self.trims + 1, asked
             time.sleep(self.min_interval_s)  # what is freed meanwhile waits for the next trim: a rate limit
-
-
-def _leave_the_starters_cores() -> None:
-    """Move the calling thread off the cores it inherited from the thread that started it (on Linux affinity is
-    per thread, ``0`` the calling one), onto the machine's others, if it has any."""
-    here = os.sched_getaffinity(0)
-    others = set(range(os.cpu_count() or 1)) - here
-    if not others:
-        return  # the starter may run anywhere: so may the trims
-    try:
-        os.sched_setaffinity(0, others)
-    except OSError as e:  # the container's cpuset excludes them all
-        logger.info("loraserve: heap trims stay on the engine's cores %s: %s", sorted(here), e)
 
 
 def _glibc_malloc_trim() -> Any | None:

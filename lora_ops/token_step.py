@@ -32,10 +32,18 @@ class TokenStep:
         all forms of one width (``build`` checks); ``buffer``: the wrapper's scratch."""
         some = next(form for form in forms if form is not None)
         dtype, (k, width), n = fused.dtype, some.a_t.shape, fused.out_features
-        zero_a, zero_b = torch.zeros(k, width, dtype=dtype), torch.zeros(width, n, dtype=dtype)
         self.fused, self.rows, self.scale = fused, len(forms), scale
-        self.a = [zero_a if form is None else form.a_t for form in forms]  # (in, W) per token
-        self.b = [zero_b if form is None else form.b for form in forms]  # (W, out) per token
+        self.a: list[torch.Tensor] = []  # (in, W) per token
+        self.b: list[torch.Tensor] = []  # (W, out) per token
+        zeros: tuple[torch.Tensor, torch.Tensor] | None = None  # made only if a token has no adapter
+        for form in forms:
+            if form is not None:
+                a, b = form.a_t, form.b
+            else:
+                zeros = zeros or (torch.zeros(k, width, dtype=dtype), torch.zeros(width, n, dtype=dtype))
+                a, b = zeros
+            self.a.append(a)
+            self.b.append(b)
         t = self.rows
         kept = ROWS_FOR[t] if t <= PACK_MAX_ROWS else t  # the stacks' scratch: a few row counts, not every one
         self.ta = buffer("ta", kept, k * width, dtype)[:t].view(t, k, width)

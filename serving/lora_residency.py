@@ -79,14 +79,10 @@ def _place_thread() -> None:
     the engine's own cores the inversion undoes itself: a step waiting for the
     GIL leaves the core to the thread that holds it.
     """
-    others = set(range(os.cpu_count() or 1)) - os.sched_getaffinity(0)
-    if others:
-        try:
-            os.sched_setaffinity(0, others)
-            return
-        except OSError as e:  # the container's cpuset excludes them all: stay on the engine's cores
-            logger.info("adapter loads stay on the engine's cores %s: %s", sorted(os.sched_getaffinity(0)), e)
-    os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), LOADER_NICE)
+    from lora_ops.cores import leave_engine_cores
+
+    if not leave_engine_cores("adapter loads"):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), LOADER_NICE)
 
 
 class LoraResidencyExtension:
