@@ -140,7 +140,7 @@ SHARED_SERVERS: dict[str, tuple[str, ...]] = {
         ),
         "tests/loadtests/test_locust.py",
     ),
-    "secure": ("tests/e2e/test_security.py", "tests/e2e/test_security_metrics.py"),
+    "secure": ("tests/e2e/test_security.py", "tests/e2e/test_security_metrics.py", "tests/e2e/test_fuzz.py"),
     "limited": tuple(f"tests/e2e/test_security_{name}.py" for name in ("files", "limits", "tenants")),
     "admin": ("tests/e2e/test_adapter_admin.py", "tests/e2e/test_adapter_loaded_metric.py"),
     "project_engine": ("tests/e2e/test_engine_refusal.py", "tests/e2e/test_mixed_batch.py"),
@@ -148,10 +148,11 @@ SHARED_SERVERS: dict[str, tuple[str, ...]] = {
 """The modules of each session server or engine (``server`` here; ``secure``, ``limited``, ``admin`` and the script run
 ``project_engine`` in tests/e2e/conftest.py)."""
 _UNIT_OF = {module: server for server, modules in SHARED_SERVERS.items() for module in modules}
-SERVER_ENDERS = ("tests/e2e/test_faults.py",)
-"""Modules whose tests leave their session server unusable (test_faults.py kills the engine of ``server``): they
-run after every other test of the run, so after every test of their server, whatever subset is run and however
-it is split among workers. The server's last job saves a start of its own."""
+SERVER_ENDERS = ("tests/e2e/test_faults.py", "tests/e2e/test_fuzz.py")
+"""Modules whose tests leave their session server unusable (test_faults.py kills the engine of ``server``) or changed
+where other modules must not look (test_fuzz.py changes the routes and adapters of ``secure`` at random): they run
+after every other test of the run, so after every test of their server, whatever subset is run and however it is
+split among workers. The server's last job saves a start of its own."""
 
 
 def _unit(nodeid: str) -> str:

@@ -2,8 +2,9 @@
 
 Starting a server costs this machine a minute of engine start-up, so modules
 that can run on the same config share a session server: ``secure`` serves
-test_security.py and test_security_metrics.py; ``limited`` serves
-test_security_limits.py, test_security_tenants.py and test_security_files.py.
+test_security.py, test_security_metrics.py and, after every other test,
+test_fuzz.py; ``limited`` serves test_security_limits.py,
+test_security_tenants.py and test_security_files.py.
 Each module has keys of its own (ids ``<module>.<name>``, see ``keys_of``), so
 one module's rate buckets, concurrency slots and denials never touch another's.
 ``SHARED_SERVERS`` in tests/conftest.py lists them, so that ``make test`` runs a
@@ -12,9 +13,12 @@ server's modules on one worker and starts it once.
 The two cannot be one: ``secure`` answers for a broken adapter with a named
 fallback (test_security.py checks it), ``limited`` must answer 503 (the tenant
 tests check that the error tells nothing), and their limits differ (per-key
-concurrency 2 against requests of 4 sequences). test_fuzz.py keeps a server of
-its own: max_tokens 8 keeps its thousands of generated requests short, and it
-changes routes and adapters at random, which no other module may see.
+concurrency 2 against requests of 4 sequences). test_fuzz.py changes routes
+and adapters at random, which no other module may see: it is one of
+``SERVER_ENDERS`` (tests/conftest.py), so it runs after the rest of
+``secure``'s tests; it keeps its generated requests short itself (its
+``FUZZ_MAX_TOKENS``), since ``secure``'s held streams need max_tokens 1000. The
+configured adapters are pinned, so the fuzzing's random deletes leave them.
 
 ``admin`` serves test_adapter_admin.py and test_adapter_loaded_metric.py: a
 local source volume, the ``base`` fallback, upload limits, one LoRA slot and
@@ -77,6 +81,8 @@ SECURE_KEYS: dict[str, dict[str, Any]] = {
     "metrics.user": {"role": "user"},
     "metrics.metrics": {"role": "metrics"},
     "metrics.admin": {"role": "admin"},
+    "fuzz.user": {"role": "user"},
+    "fuzz.admin": {"role": "admin"},
 }
 
 BUCKET, PREFIX = "hostile", "adapters/"  # the S3 source of `limited`
@@ -112,7 +118,7 @@ _SECRETS = {key_id: new_key() for key_id in SECURE_KEYS | LIMITED_KEYS}
 
 
 def keys_of(module: str) -> dict[str, str]:
-    """The shared servers' keys of ``module`` ("security", "metrics", "limits", "tenants"): name -> key."""
+    """The shared servers' keys of ``module`` ("security", "metrics", "fuzz", "limits", "tenants"): name -> key."""
     prefix = f"{module}."
     return {key_id.removeprefix(prefix): key for key_id, key in _SECRETS.items() if key_id.startswith(prefix)}
 
@@ -124,7 +130,8 @@ def _key_entries(keys: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
 @pytest.fixture(scope="session")
 def secure(demo_assets, tmp_path_factory) -> Iterator[RunningServer]:
     """API keys, tenant-owned `legal` and `medical`, tight limits, 4 engine slots and no queue; adapters
-    registered at run time come from a local volume, and one that cannot be served answers as `code`."""
+    registered at run time come from a local volume, one that cannot be served answers as `code`, and the
+    configured ones are pinned."""
     workdir = tmp_path_factory.mktemp("secure")
     config = demo_config(demo_assets, max_num_seqs=ENGINE_SLOTS)
     use_api_keys(config, workdir, _key_entries(SECURE_KEYS))
@@ -138,6 +145,7 @@ def secure(demo_assets, tmp_path_factory) -> Iterator[RunningServer]:
         "root": str(workdir / "store"),
         "sources": [{"type": "local", "roots": [str(workdir / "volume")]}],
         "fallback": "code",
+        "pinned": [adapter["name"] for adapter in config["adapters"]],
     }
     running = start_server(config, workdir)
     yield running

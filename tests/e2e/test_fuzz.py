@@ -1,10 +1,18 @@
 """Fuzz the HTTP API from its own OpenAPI schema (schemathesis) against the real server, with API keys.
 
-One server with auth on, fuzzed as a user key and as an admin key. Every
-generated request, valid or not, must get a non-5xx answer within the timeout,
-every error must be in the one error shape, a user key must never get through
-to an admin operation (403 for every valid request), and the server must still
-be healthy and serving afterwards. Tight limits keep valid requests short.
+The ``secure`` session server (tests/e2e/conftest.py: API keys, tenants,
+limits, a store with a local source, run-time routes), fuzzed as a user key and
+as an admin key of this module's own. Every generated request, valid or not,
+must get a non-5xx answer within the timeout, every error must be in the one
+error shape, a user key must never get through to an admin operation (403 for
+every valid request), and the server must still be healthy and serving
+afterwards, with no traceback in its log. The fuzzing changes
+routes and adapters at random, which no other module may see: this module is
+one of ``SERVER_ENDERS`` (tests/conftest.py), so it runs after every other
+test of the run, its server's included. Valid requests stay short: a generated
+``max_tokens`` (or ``max_completion_tokens``) over ``FUZZ_MAX_TOKENS`` is sent
+as ``FUZZ_MAX_TOKENS`` (the server's own bound, ``limits.max_tokens``, and its
+400 are test_security.py's); every other field goes as generated.
 
 Open mode is not fuzzed separately: there every caller is the admin principal,
 which the admin key's runs exercise on the same code.
@@ -12,39 +20,35 @@ which the admin key's runs exercise on the same code.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import httpx
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 from schemathesis import GenerationMode
 
-from serving.api.auth import hash_key, new_key
-from tests.conftest import RunningServer, demo_config, retire_server, start_server, use_api_keys
+from tests.conftest import RunningServer
+from tests.e2e.conftest import keys_of
 
 pytestmark = pytest.mark.engine
 
 CALL_TIMEOUT_S = 60
-KEYS = {role: new_key() for role in ("user", "admin")}
+FUZZ_MAX_TOKENS = 8
+KEYS = keys_of("fuzz")  # role -> key: "user" and "admin"
 
 
 @pytest.fixture(scope="module")
-def fuzz_server(demo_assets, tmp_path_factory) -> Iterator[RunningServer]:
-    workdir = tmp_path_factory.mktemp("fuzz")
-    entries = [{"id": role, "sha256": hash_key(key), "role": role} for role, key in KEYS.items()]
-    config = demo_config(demo_assets)
-    use_api_keys(config, workdir, entries)
-    config["limits"] = {"max_tokens": 8, "max_n": 2, "max_body_bytes": 65536, "max_upload_bytes": 65536}
-    config["store"] = {"root": str(tmp_path_factory.mktemp("fuzz-store")), "pinned": ["code", "legal", "medical"]}
-    running = start_server(config, workdir)
-    yield running
-    retire_server(running)
+def api_schema(secure: RunningServer):
+    return schemathesis.openapi.from_url(f"{secure.url}/openapi.json")
 
 
-@pytest.fixture(scope="module")
-def api_schema(fuzz_server):
-    return schemathesis.openapi.from_url(f"{fuzz_server.url}/openapi.json")
+def short(case: schemathesis.Case) -> schemathesis.Case:
+    """``case`` with an integer ``max_tokens``/``max_completion_tokens`` over ``FUZZ_MAX_TOKENS`` lowered to it."""
+    if isinstance(case.body, dict):
+        for field in ("max_tokens", "max_completion_tokens"):
+            value = case.body.get(field)
+            if type(value) is int and value > FUZZ_MAX_TOKENS:
+                case.body[field] = FUZZ_MAX_TOKENS
+    return case
 
 
 def auth(role: str) -> dict[str, str]:
@@ -124,11 +128,11 @@ def test_every_operation_is_fuzzed(api_schema):
 @pytest.mark.parametrize(
     ("role", "label", "mode", "examples"), ROLE_CASES, ids=[f"{c[0]}-{c[1]}-{c[2].value}" for c in ROLE_CASES]
 )
-def test_no_server_errors(api_schema, fuzz_server, role, label, mode, examples):
+def test_no_server_errors(api_schema, secure, role, label, mode, examples):
     operation = api_schema.find_operation_by_label(label)
     refused = role == "user" and label in USER_IS_REFUSED
 
-    @given(case=operation.as_strategy(generation_mode=mode))
+    @given(case=operation.as_strategy(generation_mode=mode).map(short))
     @settings(max_examples=examples, deadline=None, database=None, suppress_health_check=list(HealthCheck))
     def check(case) -> None:
         response = case.call(headers=auth(role), timeout=CALL_TIMEOUT_S)
@@ -142,17 +146,17 @@ def test_no_server_errors(api_schema, fuzz_server, role, label, mode, examples):
                 assert (response.status_code, error["code"]) == (403, "permission_denied"), response.text
 
     check()
-    assert httpx.get(f"{fuzz_server.url}/health", timeout=10).status_code == 200
+    assert httpx.get(f"{secure.url}/health", timeout=10).status_code == 200
 
 
-def test_still_healthy_and_serving_after_fuzzing(fuzz_server):
-    assert httpx.get(f"{fuzz_server.url}/health", timeout=10).status_code == 200
+def test_still_healthy_and_serving_after_fuzzing(secure):
+    assert httpx.get(f"{secure.url}/health", timeout=10).status_code == 200
     for role in KEYS:
         response = httpx.post(
-            f"{fuzz_server.url}/v1/completions",
+            f"{secure.url}/v1/completions",
             json={"model": "code", "prompt": "def f():", "max_tokens": 4, "ignore_eos": True},
             headers=auth(role),
             timeout=CALL_TIMEOUT_S,
         )
         assert response.status_code == 200 and response.json()["usage"]["completion_tokens"] == 4
-    assert "Traceback" not in fuzz_server.log()
+    assert "Traceback" not in secure.log()
