@@ -43,11 +43,20 @@ def extension_name() -> str:
 
 
 def build() -> str:
-    """Compile (or find compiled) and load the kernel into this process; its shared library's path."""
+    """Compile (or find compiled) and load the kernel into this process; its shared library's path.
+
+    A library already built is loaded directly: torch's builder takes a lock file and runs ninja on every
+    load, and a process killed inside that window (an engine stopped during start-up) would leave the lock
+    behind for every later engine to wait on."""
     from torch.utils import cpp_extension
 
+    name = extension_name()
+    library = Path(cpp_extension._get_build_directory(name, verbose=False)) / f"{name}.so"
+    if library.is_file():
+        torch.ops.load_library(str(library))
+        return str(library)
     path = cpp_extension.load(
-        name=extension_name(),
+        name=name,
         sources=[str(SOURCE)],
         extra_cflags=CFLAGS,
         extra_ldflags=["-fopenmp"],
