@@ -155,7 +155,8 @@ void token_lora_op(at::Tensor y, const at::Tensor& x, const at::Tensor& a_ptrs, 
 
 }  // namespace
 
-TORCH_LIBRARY(loraserve, m) {
+// A fragment of the namespace that lora_ops/compiled.py also adds its ops to.
+TORCH_LIBRARY_FRAGMENT(loraserve, m) {
   m.def("token_lora(Tensor(a!) y, Tensor x, Tensor a_ptrs, Tensor b_ptrs, Tensor packed, Tensor rows, int[] outs, float scale) -> ()");
 }
 
