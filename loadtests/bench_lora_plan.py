@@ -31,7 +31,7 @@ from loadtests.bench_lora_slots import LAYERS, RANK, _time
 from loadtests.machine import machine_info
 
 SLOTS = 32
-PRESENT = (2, 4, 8)
+PRESENT = (2, 4, 8, 16)
 TOKENS = (4, 16, 32, 64, 128)
 # The mean LoRA width (rank * (in + out)) of the layer's linears, as the wrapper gives it to the plan.
 WIDTH = sum(RANK * len(slices) * (fan_in + sum(slices)) for fan_in, slices in LAYERS.values()) / len(LAYERS)
@@ -62,6 +62,7 @@ class Layers:
         """Give every wrapper this case's mapping and warm it up; return the mode the plan would choose."""
         from vllm.lora.layers import LoRAMapping
 
+        from lora_ops.kernel import token_lora
         from lora_ops.plan import build_plan
 
         used = [1 + (k * SLOTS) // present for k in range(present)]  # LoRA ids spread over the slots
@@ -74,7 +75,8 @@ class Layers:
             w.update_metadata(mapping, list(range(1, SLOTS + 1)), SLOTS + 1, 32000)
             for _ in range(10):  # compact sets and packed matmuls built and warm
                 self.run(mode)
-        return build_plan([i - 1 for i in token_ids], width=WIDTH).mode  # slot of LoRA id i is i - 1
+        kernel = token_lora() is not None
+        return build_plan([i - 1 for i in token_ids], width=WIDTH, kernel=kernel).mode  # slot of LoRA id i: i - 1
 
     def run(self, mode: str) -> None:
         w, n = self.wrappers[mode], self.rows

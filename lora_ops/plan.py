@@ -20,11 +20,13 @@ The plan picks one of four ways to run a LoRA linear layer:
   order, one shrink + one expand per present slot, then the deltas gathered
   back into token order (``StepPlan.inv``) and added: two whole-tensor ops,
   not a scatter-add (``index_add_`` adds row by row on the CPU).
-* ``TOKENS``: decode-sized batches with many adapters (each request its own,
-  as in a rotation over 100 adapters): each token's own adapter weights
-  stacked (``punica_cpu.TokenStep``), one batched shrink and one batched
-  expand over the tokens. Every token pays for its own adapter only, and
-  nothing is built per mix of adapters.
+* ``TOKENS``: batches with many adapters (each request its own, as in a
+  rotation over 100 adapters): one call of the per-token kernel
+  (``kernel.py``, ``token_step.TokenStep``) reads each token's own adapter
+  weights where they lie. Every token pays for its own adapter only, and
+  nothing is built per mix of adapters. Where the kernel could not be built,
+  the weights are stacked first (``token_step.StackedTokenStep``), dearer
+  and bounded (``TOKENS_MAX_ELEMENTS``).
 * ``MASKED``: small batches with several slots (typical decode): one shrink
   against the A of the P slots *present in the step* stacked side by side
   (a compact copy, ``fused.FusedLinear.compact``), zero the columns of the
@@ -84,6 +86,13 @@ MASKED_TOKEN_SLOT_US = 0.34  # every token pays for every *present* slot
 TOKENS_US = 22.0
 TOKENS_TOKEN_US = 3.4
 TOKENS_MAX_ELEMENTS = 1 << 21
+# TOKENS by the kernel: one call plus a pass over each active token's adapter weights where they lie, no
+# copy, so no bound. A token re-reads its adapter even when others share it, so the mixes with few
+# adapters (MASKED) or many tokens per adapter (GATHER) stay cheaper: fitted to loadtests/bench_lora_plan.py
+# (bfloat16, TinyLlama's layers) so that 16 decode tokens switch from MASKED at about 6 adapters present and
+# 64 tokens on 8 adapters GATHER.
+KERNEL_US = 20.0
+KERNEL_TOKEN_US = 2.5
 
 
 @dataclass
@@ -146,9 +155,11 @@ def _contiguous_runs(slots: list[int]) -> list[tuple[int, int, int]]:
     return runs
 
 
-def choose_mode(num_tokens: int, num_active: int, num_present: int, num_runs: int, width: float = REF_WIDTH) -> str:
-    """Cheapest of RUNS / GATHER / MASKED by the rough cost model above, for
-    layers of mean LoRA ``width`` (rank * (in + out))."""
+def choose_mode(
+    num_tokens: int, num_active: int, num_present: int, num_runs: int, width: float = REF_WIDTH, kernel: bool = False
+) -> str:
+    """Cheapest of RUNS / GATHER / MASKED / TOKENS by the rough cost model above, for
+    layers of mean LoRA ``width`` (rank * (in + out)); ``kernel``: TOKENS runs the per-token kernel."""
     if num_runs == 1:  # one adapter, contiguous tokens: nothing beats a plain run
         return RUNS
     flops = width / REF_WIDTH
@@ -157,14 +168,19 @@ def choose_mode(num_tokens: int, num_active: int, num_present: int, num_runs: in
         GATHER: GATHER_US + GATHER_SLOT_US * num_present + GATHER_TOKEN_US * flops * num_active,
         MASKED: MASKED_US + MASKED_TOKEN_SLOT_US * flops * num_tokens * num_present,
     }
-    if num_tokens * width <= TOKENS_MAX_ELEMENTS:
+    if kernel:
+        cost[TOKENS] = KERNEL_US + KERNEL_TOKEN_US * flops * num_active
+    elif num_tokens * width <= TOKENS_MAX_ELEMENTS:
         cost[TOKENS] = TOKENS_US + TOKENS_TOKEN_US * flops * num_tokens
     return min(cost, key=cost.__getitem__)
 
 
-def build_plan(token_slots: list[int], force_mode: str | None = None, width: float = REF_WIDTH) -> StepPlan:
+def build_plan(
+    token_slots: list[int], force_mode: str | None = None, width: float = REF_WIDTH, kernel: bool = False
+) -> StepPlan:
     """Plan for one step from the per-token slot list (-1 = no adapter);
-    ``width``: the mean LoRA width of the model's layers (see ``REF_WIDTH``)."""
+    ``width``: the mean LoRA width of the model's layers (see ``REF_WIDTH``);
+    ``kernel``: the per-token kernel is loaded (TOKENS costs less, unbounded)."""
     n = len(token_slots)
     slots_t = torch.tensor(token_slots, dtype=torch.long)
     present = tuple(sorted(set(token_slots) - {-1}))
@@ -174,7 +190,7 @@ def build_plan(token_slots: list[int], force_mode: str | None = None, width: flo
     num_active = sum(end - start for _, start, end in runs)
     if force_mode is not None and force_mode not in MODES:
         raise ValueError(f"force_mode must be one of {MODES}, got {force_mode!r}")
-    mode = force_mode or choose_mode(n, num_active, len(present), len(runs), width)
+    mode = force_mode or choose_mode(n, num_active, len(present), len(runs), width, kernel)
     if mode == RUNS:
         full = runs[0][0] if len(runs) == 1 and runs[0][2] - runs[0][1] == n else -1
         return StepPlan(n, RUNS, slots_t, tuple(runs), None, present, full)

@@ -30,12 +30,12 @@ from typing import Any
 import torch
 from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
 
-from . import compiled
+from . import compiled, kernel
 from .fused import SCRATCH_MAX_BYTES, FusedLinear
 from .gemm import PACK_MAX_ROWS, ROWS_FOR, Gemm
 from .plan import MASKED, NONE, REF_WIDTH, RUNS, TOKENS, StepPlan, build_plan
 from .slots import install as install_slot_resets
-from .token_step import TokenStep
+from .token_step import StackedTokenStep, TokenStep
 
 _NO_ROWS = torch.empty(0, 0)
 
@@ -123,6 +123,7 @@ class GroupedPunicaWrapperCPU(PunicaWrapperCPU):
         self._nonzero_cache: dict[int, tuple] = {}
         self._slot_ids: list[int | None] = []  # the model manager's live slot -> LoRA id table
         self._width = REF_WIDTH  # mean LoRA width of the layers seen, for the plan's cost model
+        self._kernel = kernel.token_lora()  # built here if this machine has not yet: before the first step
         self._handle = compiled.register(self)  # how a compiled graph's op calls find this wrapper
 
     # ------------------------------------------------------------------ metadata
@@ -145,8 +146,9 @@ class GroupedPunicaWrapperCPU(PunicaWrapperCPU):
         slot_of = {lid: i for i, lid in enumerate(lora_index_to_id) if lid is not None}
         token_slots = [slot_of[i] if i > 0 else -1 for i in mapping.index_mapping]
         prompt_slots = [slot_of[i] if i > 0 else -1 for i in mapping.prompt_mapping]
-        self._plan = build_plan(token_slots, self.force_mode, self._width)
-        self._sampler_plan = build_plan(prompt_slots, self.force_mode, self._width)
+        kernel = self._kernel is not None
+        self._plan = build_plan(token_slots, self.force_mode, self._width, kernel)
+        self._sampler_plan = build_plan(prompt_slots, self.force_mode, self._width, kernel)
         self.no_lora = self._plan.mode == NONE
 
     def _buffer(self, name: str, rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
@@ -245,7 +247,7 @@ class GroupedPunicaWrapperCPU(PunicaWrapperCPU):
             x, y = x[:n], y[:n]
         fused = self._fused_layer(lora_a_stacked, lora_b_stacked, output_slices, x.dtype)
         nonzero = fused.nonzero  # per slot: does its adapter target this layer?
-        step: LayerStep | TokenStep | None = None
+        step: LayerStep | TokenStep | StackedTokenStep | None = None
         # Note: running these small matmuls on one OpenMP thread would avoid
         # a fork/join per op, but inside vLLM's CPU worker (threads bound to
         # cores) a set_num_threads(1)/(n) pair costs ~26 us and slows the next
@@ -256,9 +258,8 @@ class GroupedPunicaWrapperCPU(PunicaWrapperCPU):
             step = self._one_slot_step(fused, plan.full_slot, n, scale)
         elif plan.full_slot >= 0:  # every token on one adapter, prefill-sized
             self._one_slot(y, x, fused, plan.full_slot, scale)
-        elif plan.mode == TOKENS:  # adapters of several packed widths: side by side instead
-            token_slots = plan.token_slots.tolist()
-            step = TokenStep.build(fused, token_slots, scale, self._buffer) or self._masked_step(fused, plan, n, scale)
+        elif plan.mode == TOKENS:
+            step = self._token_step(fused, plan, n, scale)
         elif plan.mode == MASKED:
             step = self._masked_step(fused, plan, n, scale)
         elif plan.mode == RUNS:
@@ -271,6 +272,19 @@ class GroupedPunicaWrapperCPU(PunicaWrapperCPU):
             step.run(y, x)
             if bind:
                 plan.layer_steps[id(lora_a_stacked[0])] = step
+
+    def _token_step(
+        self, fused: FusedLinear, plan: StepPlan, n: int, scale: float
+    ) -> TokenStep | StackedTokenStep | LayerStep:
+        """Each token through its own adapter: by the kernel, else stacked; the stacked form needs one packed
+        width, so adapters of several widths run side by side (``MASKED``) there."""
+        token_slots = plan.token_slots.tolist()
+        step: TokenStep | StackedTokenStep | None
+        if self._kernel is not None:
+            step = TokenStep.build(fused, token_slots, scale, self._kernel)
+        else:
+            step = StackedTokenStep.build(fused, token_slots, scale, self._buffer)
+        return step or self._masked_step(fused, plan, n, scale)
 
     def _one_slot_step(self, fused: FusedLinear, slot: int, n: int, scale: float) -> LayerStep:
         """Decode-sized, one slot: 3 ops (shrink, block-diagonal expand, add)."""

@@ -1,11 +1,17 @@
-"""A LoRA linear's calls for a ``TOKENS`` plan: each token through its own adapter, in two batched matmuls.
+"""A LoRA linear's calls for a ``TOKENS`` plan: each token through its own adapter.
 
 Why: with as many adapters present as tokens (16 requests over 100 adapters), a ``MASKED`` step multiplies
 every token by every present adapter (P times the LoRA flops) and needs a compact copy of the present adapters
-side by side, rebuilt for every new mix, which in a rotation comes every step or two. Here each token's
-adapter form (``fused.AdapterLinear``: its ``a_t`` and block-diagonal ``b``) is stacked in token order into
-scratch, and ``torch.bmm`` runs (T, 1, in) x (T, in, W) and (T, 1, W) x (T, W, out): a token pays for its own
-adapter only, and nothing outlives the call but the list of forms.
+side by side, rebuilt for every new mix, which in a rotation comes every step or two; ``GATHER`` launches two
+small matmuls per adapter. Here a token pays for its own adapter only, and nothing is built per mix.
+
+Two forms of the same arithmetic:
+
+* ``TokenStep``: one call of the per-token kernel (``kernel.py``), which reads each token's adapter form
+  (``fused.AdapterLinear``: ``a_t`` and the slices' ``parts``) where it lies;
+* ``StackedTokenStep``, where the kernel could not be built: each token's form stacked in token order into
+  scratch, then ``torch.bmm`` (T, 1, in) x (T, in, W) and (T, 1, W) x (T, W, out); the stacking copies every
+  byte the matmuls then read again, so the plan bounds it (``plan.TOKENS_MAX_ELEMENTS``).
 """
 
 from __future__ import annotations
@@ -16,14 +22,56 @@ import torch
 
 from .fused import AdapterLinear, FusedLinear
 from .gemm import PACK_MAX_ROWS, ROWS_FOR
+from .kernel import TokenLora
 
 Buffer = Callable[[str, int, int, torch.dtype], torch.Tensor]
 
 
 class TokenStep:
-    """One LoRA linear's calls under a ``TOKENS`` plan: resolved once (the forms, in token order), replayed
-    while the plan lasts, like ``punica_cpu.LayerStep``; the stacking is redone every call, so the stacked
-    weights (T x width elements, ``plan.TOKENS_MAX_ELEMENTS``) live only as scratch."""
+    """One LoRA linear's calls under a ``TOKENS`` plan, by the kernel: resolved once (the forms' addresses, in
+    token order), replayed while the plan lasts, like ``punica_cpu.LayerStep``: one kernel call a linear."""
+
+    __slots__ = ("fused", "rows", "scale", "kernel", "forms", "a_ptrs", "b_ptrs", "packed", "written", "outs")
+
+    def __init__(self, fused: FusedLinear, scale: float, forms: list[AdapterLinear | None], kernel: TokenLora):
+        """``forms``: each token's adapter form, None for a token without one (the kernel skips it, as it
+        skips a form whose adapter does not target this linear)."""
+        self.fused, self.rows, self.scale, self.kernel = fused, len(forms), scale, kernel
+        used = [form if form is not None and form.nonzero else None for form in forms]
+        self.forms = [form for form in used if form is not None]  # keeps every address below alive
+        slices = len(fused.output_slices)
+        self.a_ptrs = torch.tensor([0 if f is None else f.a_t.data_ptr() for f in used], dtype=torch.long)
+        b = [[0] * slices if f is None else [part.data_ptr() for part in f.parts] for f in used]
+        self.b_ptrs = torch.tensor(b, dtype=torch.long).view(len(forms), slices)
+        self.packed = torch.tensor([0 if f is None else f.packed for f in used], dtype=torch.long)
+        self.written = torch.tensor([0 if f is None else f.rows for f in used], dtype=torch.long)
+        self.outs = list(fused.output_slices)
+
+    @classmethod
+    def build(cls, fused: FusedLinear, token_slots: Sequence[int], scale: float, kernel: TokenLora) -> TokenStep | None:
+        """The step for ``token_slots`` (-1: no adapter), or None where a form is not laid out as the kernel
+        reads it (every form built by ``AdapterLinear`` is: this guards the addresses it is given)."""
+        forms = [None if s < 0 else fused.slots[s] for s in token_slots]
+        readable = all(
+            form.a_t.is_contiguous() and all(part.is_contiguous() for part in form.parts)
+            for form in forms
+            if form is not None
+        )
+        return cls(fused, scale, forms, kernel) if readable else None
+
+    def replays(self, x: torch.Tensor, lora_a: Sequence[torch.Tensor], scale: float) -> bool:
+        """Is this call the one resolved (same layer weights, unwritten; same rows, dtype and scale)?"""
+        return x.shape[0] == self.rows and scale == self.scale and self.fused.matches(lora_a, x.dtype)
+
+    def run(self, y: torch.Tensor, x: torch.Tensor) -> None:
+        """y[t] += x[t] @ a_t[t] * scale @ b[t], in one call (the kernel accumulates in float32)."""
+        self.kernel(y, x, self.a_ptrs, self.b_ptrs, self.packed, self.written, self.outs, self.scale)
+
+
+class StackedTokenStep:
+    """One LoRA linear's calls under a ``TOKENS`` plan where the kernel could not be built: the stacking is
+    redone every call, so the stacked weights (T x width elements, ``plan.TOKENS_MAX_ELEMENTS``) live only as
+    scratch."""
 
     __slots__ = ("fused", "rows", "scale", "a", "b", "ta", "tb", "h", "d")
 
@@ -52,7 +100,9 @@ class TokenStep:
         self.d = buffer("d", t, n, dtype).view(t, 1, n)
 
     @classmethod
-    def build(cls, fused: FusedLinear, token_slots: Sequence[int], scale: float, buffer: Buffer) -> TokenStep | None:
+    def build(
+        cls, fused: FusedLinear, token_slots: Sequence[int], scale: float, buffer: Buffer
+    ) -> StackedTokenStep | None:
         """The step for ``token_slots`` (-1: no adapter), or None when the present adapters' forms differ in
         width (adapters of ranks packed to different widths: ``MASKED`` runs them side by side instead)."""
         forms = [None if s < 0 else fused.slots[s] for s in token_slots]

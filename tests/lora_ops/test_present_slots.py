@@ -20,6 +20,7 @@ from vllm.lora.layers import LoRAMapping
 from lora_ops import fused, gemm
 from lora_ops.plan import GATHER, MASKED, RUNS, TOKENS
 from lora_ops.punica_cpu import GroupedPunicaWrapperCPU
+from lora_ops.token_step import StackedTokenStep, TokenStep
 
 IN, RANK = 64, 8
 SLICES = (48, 16, 16)  # qkv-like: three slices fused into one shrink and one expand
@@ -203,10 +204,12 @@ def test_compact_sets_are_kept_by_slots_held_least_recently_used_dropped():
     assert held() <= bound
 
 
-def test_many_adapters_run_each_token_through_its_own_adapter(monkeypatch):
+@pytest.mark.parametrize("kernel", [True, False], ids=["kernel", "stacked"])
+def test_many_adapters_run_each_token_through_its_own_adapter(monkeypatch, kernel: bool):
     """16 tokens, each on its own adapter, among 32 slots (a decode step of a 100-adapter rotation): the plan
-    runs TOKENS, whose batched matmuls are (in, R) and (R, out) per token, one adapter's width, not 16; no
-    compact set is built; the output matches the reference, and again on the plan's replayed calls."""
+    runs TOKENS, one kernel call a linear (or, where the kernel could not be built, batched matmuls of
+    (in, R) and (R, out) per token, one adapter's width, not 16); no per-slot matmul, no compact set; the
+    output matches the reference, and again on the plan's replayed calls."""
     slots, tokens = 32, 16
     table: list[int | None] = [100 + s for s in range(slots)]
     token_ids = [table[s] for s in range(1, 2 * tokens, 2)]  # 16 distinct adapters, odd slots
@@ -215,6 +218,9 @@ def test_many_adapters_run_each_token_through_its_own_adapter(monkeypatch):
     a = tuple(torch.randn(slots, 1, RANK, IN, generator=g) / IN**0.5 for _ in SLICES)
     b = tuple(torch.randn(slots, 1, n, RANK, generator=g) / RANK**0.5 for n in SLICES)
     w = GroupedPunicaWrapperCPU(max_num_batched_tokens=256, max_batches=64, device="cpu")
+    assert w._kernel is not None  # built on this machine (make install builds it ahead)
+    if not kernel:
+        w._kernel = None
     w.update_metadata(LoRAMapping(tuple(token_ids), tuple(token_ids)), table, slots + 1, 1000)
     assert w._plan.mode == TOKENS
     spy = MatmulSpy()
@@ -227,5 +233,9 @@ def test_many_adapters_run_each_token_through_its_own_adapter(monkeypatch):
         torch.testing.assert_close(y, want, atol=1e-4, rtol=1e-4)
         assert torch.equal(y[3], y0[3])  # no adapter: untouched, bit for bit
     step = w._plan.layer_steps[id(a[0])]
-    assert step.ta.shape == (tokens, IN, RANK * len(SLICES)) and step.tb.shape == (tokens, RANK * len(SLICES), 80)
+    if kernel:
+        assert isinstance(step, TokenStep) and len(step.forms) == tokens - 1  # the token without one: skipped
+    else:
+        assert isinstance(step, StackedTokenStep)
+        assert step.ta.shape == (tokens, IN, RANK * len(SLICES)) and step.tb.shape == (tokens, RANK * len(SLICES), 80)
     assert spy.calls == [] and not w._fused[id(a[0])]._compact  # no per-slot matmul, no compact set

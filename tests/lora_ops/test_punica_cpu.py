@@ -404,6 +404,25 @@ def test_cost_model_scales_token_costs_with_layer_width(case):
     assert build_plan(slots, width=TINYLLAMA_WIDTH).mode == at_tinyllama
 
 
+# With the per-token kernel: (tokens, present adapters interleaved among 32 slots) -> mode at TinyLlama's width.
+KERNEL_CASES = {
+    "decode_16_of_16": ((16, 16), TOKENS),  # a rotation: unbounded by the kernel (stacked: MASKED)
+    "decode_16_of_8": ((16, 8), TOKENS),
+    "decode_16_of_4": ((16, 4), MASKED),  # few adapters: each read once for all tokens is cheaper
+    "decode_64_of_8": ((64, 8), GATHER),  # many tokens per adapter: GATHER's per-adapter matmuls
+    "decode_64_of_16": ((64, 16), TOKENS),
+}
+
+
+@pytest.mark.parametrize("case", list(KERNEL_CASES))
+def test_cost_model_with_the_kernel(case):
+    from lora_ops.plan import build_plan
+
+    (tokens, present), want = KERNEL_CASES[case]
+    slots = list(itertools.islice(itertools.cycle(range(0, 32, 32 // present)), tokens))
+    assert build_plan(slots, width=TINYLLAMA_WIDTH, kernel=True).mode == want
+
+
 def test_plan_uses_the_width_of_the_layers_seen():
     """The wrapper learns its layers' LoRA width from the first step that runs
     them, and plans the following steps with it."""
@@ -414,10 +433,11 @@ def test_plan_uses_the_width_of_the_layers_seen():
     w = GroupedPunicaWrapperCPU(256, 64, "cpu")
     table: list[int | None] = list(range(1, slots + 1))
     w.update_metadata(LoRAMapping(tuple(ids), tuple(ids)), table, slots + 1, 1000)
-    assert w._plan.mode == MASKED  # no layer seen yet: the reference width
+    assert w._kernel is not None
+    assert w._plan.mode == TOKENS  # no layer seen yet: at the reference width, the kernel's one call is cheapest
     w.add_lora_linear(torch.zeros(64, sum(slices)), torch.randn(64, fan_in), a, b, 1.0, slices)
     w.update_metadata(LoRAMapping(tuple(ids), tuple(ids)), table, slots + 1, 1000)
-    assert w._plan.mode == GATHER  # 48 * (2048 + 2560) per token and slot: MASKED's P-fold flops cost more
+    assert w._plan.mode == GATHER  # 48 * (2048 + 2560) per token and slot: 8 tokens per adapter, read once
 
 
 @pytest.mark.parametrize("mode", MODES, ids=lambda m: m or "auto")

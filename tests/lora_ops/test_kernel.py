@@ -1,0 +1,113 @@
+"""The per-token LoRA kernel (``lora_ops/csrc/token_lora.cpp``) against a float64 reference.
+
+Each case is one call on real ``AdapterLinear`` forms (the layout the kernel reads): every token's output row
+is its own adapter's delta added to y, tokens without an adapter (or on an adapter that does not target the
+linear) keep y bit for bit, adapters of different ranks (packed widths) mix in one call, strided rows of x
+and y are read and written in place, and rows past an adapter's rank are never read.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lora_ops import kernel
+from lora_ops.fused import AdapterLinear
+
+IN, SLICES = 48, (40, 24, 24)
+
+
+def _form(rank: int, packed: int, dtype: torch.dtype, g: torch.Generator, zero: bool = False) -> AdapterLinear:
+    """A form of ``rank`` written rows, ``packed`` rows per slice (zero past ``rank``)."""
+    a_rows, b_cols = [], []
+    for out in SLICES:
+        a, b = torch.zeros(packed, IN), torch.zeros(out, packed)
+        if not zero:
+            a[:rank] = torch.randn(rank, IN, generator=g) / IN**0.5
+            b[:, :rank] = torch.randn(out, rank, generator=g) / rank**0.5
+        a_rows.append(a)
+        b_cols.append(b)
+    return AdapterLinear(a_rows, b_cols, rank, dtype)
+
+
+def _call(y: torch.Tensor, x: torch.Tensor, forms: list[AdapterLinear | None], scale: float) -> None:
+    op = kernel.token_lora()
+    assert op is not None, "the kernel must build on the test machine (g++ and ninja are installed)"
+    used = [f if f is not None and f.nonzero else None for f in forms]
+    a_ptrs = torch.tensor([0 if f is None else f.a_t.data_ptr() for f in used], dtype=torch.long)
+    b = [[0] * len(SLICES) if f is None else [p.data_ptr() for p in f.parts] for f in used]
+    packed = torch.tensor([0 if f is None else f.packed for f in used], dtype=torch.long)
+    rows = torch.tensor([0 if f is None else f.rows for f in used], dtype=torch.long)
+    op(y, x, a_ptrs, torch.tensor(b, dtype=torch.long), packed, rows, list(SLICES), scale)
+
+
+def _reference(y0: torch.Tensor, x: torch.Tensor, forms: list[AdapterLinear | None], scale: float) -> torch.Tensor:
+    want = y0.double().clone()
+    for t, form in enumerate(forms):
+        if form is not None:
+            want[t] += (x[t].double() @ form.a_t.double() * scale) @ form.b.double()
+    return want
+
+
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}
+
+
+@pytest.mark.parametrize("dtype", list(TOLERANCE), ids=str)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_each_token_gets_its_own_adapter(dtype: torch.dtype, threads: int) -> None:
+    g = torch.Generator().manual_seed(0)
+    forms = [_form(8, 8, dtype, g), _form(16, 16, dtype, g), _form(5, 8, dtype, g), _form(16, 16, dtype, g, True)]
+    # tokens: adapters of three packed widths, a token without one, one on an all-zero form, a repeat
+    chosen = [forms[0], forms[1], None, forms[2], forms[3], forms[1], forms[0]]
+    x = torch.randn(len(chosen), IN, generator=g).to(dtype)
+    y0 = torch.randn(len(chosen), sum(SLICES), generator=g).to(dtype)
+    y = y0.clone()
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        _call(y, x, chosen, 0.5)
+    finally:
+        torch.set_num_threads(before)
+    tol = TOLERANCE[dtype]
+    torch.testing.assert_close(y.double(), _reference(y0, x, chosen, 0.5), atol=tol, rtol=tol)
+    assert torch.equal(y[2], y0[2]) and torch.equal(y[4], y0[4])  # no adapter / adapter not on this linear
+
+
+def test_strided_rows_are_read_and_written_in_place() -> None:
+    """x and y as row views of wider tensors (a padded batch's rows, an output with a row stride)."""
+    g = torch.Generator().manual_seed(1)
+    forms: list[AdapterLinear | None] = [_form(16, 16, torch.float32, g) for _ in range(3)]
+    wide_x = torch.randn(3, IN + 7, generator=g)
+    wide_y = torch.randn(3, sum(SLICES) + 5, generator=g)
+    x, y = wide_x[:, :IN], wide_y[:, : sum(SLICES)]
+    y0, tail = y.clone(), wide_y[:, sum(SLICES) :].clone()
+    _call(y, x, forms, 2.0)
+    torch.testing.assert_close(y.double(), _reference(y0, x, forms, 2.0), atol=1e-5, rtol=1e-5)
+    assert torch.equal(wide_y[:, sum(SLICES) :], tail)  # nothing past y's columns written
+
+
+def test_rows_past_the_rank_are_not_read() -> None:
+    """A rank-5 adapter packed to 8 rows: the 3 rows past its rank are zero in real forms; poisoned here,
+    they must not reach the output (the kernel reads only the written rows of B)."""
+    g = torch.Generator().manual_seed(2)
+    form = _form(5, 8, torch.float32, g)
+    want_form = _form(5, 8, torch.float32, torch.Generator().manual_seed(2))
+    for part in form.parts:
+        part[5:] = float("nan")
+    x, y0 = torch.randn(1, IN, generator=g), torch.randn(1, sum(SLICES), generator=g)
+    y = y0.clone()
+    _call(y, x, [form], 1.0)
+    torch.testing.assert_close(y.double(), _reference(y0, x, [want_form], 1.0), atol=1e-5, rtol=1e-5)
+
+
+def test_wrong_arguments_raise_instead_of_reading_past_them() -> None:
+    op = kernel.token_lora()
+    assert op is not None
+    x, y = torch.randn(2, IN), torch.randn(2, sum(SLICES))
+    ptrs, counts = torch.zeros(2, dtype=torch.long), torch.zeros(2, dtype=torch.long)
+    with pytest.raises(RuntimeError, match="one A address"):
+        op(y, x, ptrs[:1], torch.zeros(2, 3, dtype=torch.long), counts, counts, list(SLICES), 1.0)
+    with pytest.raises(RuntimeError, match="sum of the slices"):
+        op(y, x, ptrs, torch.zeros(2, 2, dtype=torch.long), counts, counts, [40, 24], 1.0)
+    with pytest.raises(RuntimeError, match="share a dtype"):
+        op(y.double(), x, ptrs, torch.zeros(2, 3, dtype=torch.long), counts, counts, list(SLICES), 1.0)
