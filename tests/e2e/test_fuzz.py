@@ -10,9 +10,9 @@ afterwards, with no traceback in its log. The fuzzing changes
 routes and adapters at random, which no other module may see: this module is
 one of ``SERVER_ENDERS`` (tests/conftest.py), so it runs after every other
 test of the run, its server's included. Valid requests stay short: a generated
-``max_tokens`` (or ``max_completion_tokens``) over ``FUZZ_MAX_TOKENS`` is sent
-as ``FUZZ_MAX_TOKENS`` (the server's own bound, ``limits.max_tokens``, and its
-400 are test_security.py's); every other field goes as generated.
+``max_tokens`` (or ``max_completion_tokens``) over ``FUZZ_MAX_TOKENS`` but within the
+server's ``limits.max_tokens`` is sent as ``FUZZ_MAX_TOKENS``; one over the limit
+(a 400) and every other field go as generated.
 
 Open mode is not fuzzed separately: there every caller is the admin principal,
 which the admin key's runs exercise on the same code.
@@ -27,7 +27,7 @@ from hypothesis import HealthCheck, given, settings
 from schemathesis import GenerationMode
 
 from tests.conftest import RunningServer
-from tests.e2e.conftest import keys_of
+from tests.e2e.conftest import SECURE_LIMITS, keys_of
 
 pytestmark = pytest.mark.engine
 
@@ -42,11 +42,12 @@ def api_schema(secure: RunningServer):
 
 
 def short(case: schemathesis.Case) -> schemathesis.Case:
-    """``case`` with an integer ``max_tokens``/``max_completion_tokens`` over ``FUZZ_MAX_TOKENS`` lowered to it."""
+    """``case`` with an integer ``max_tokens``/``max_completion_tokens`` the server would accept but that is over
+    ``FUZZ_MAX_TOKENS`` lowered to it; values over the server's limit go as generated (refused without work)."""
     if isinstance(case.body, dict):
         for field in ("max_tokens", "max_completion_tokens"):
             value = case.body.get(field)
-            if type(value) is int and value > FUZZ_MAX_TOKENS:
+            if type(value) is int and FUZZ_MAX_TOKENS < value <= SECURE_LIMITS["max_tokens"]:
                 case.body[field] = FUZZ_MAX_TOKENS
     return case
 
