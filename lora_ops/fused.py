@@ -140,7 +140,19 @@ class AdapterLinear:
     the zero test reads A and the slices' B, not the block-diagonal's zero blocks.
     """
 
-    __slots__ = ("uid", "rows", "packed", "a_t", "_b", "parts", "nonzero", "row_index", "_shrink", "_expand")
+    __slots__ = (
+        "uid",
+        "rows",
+        "packed",
+        "a_t",
+        "_b",
+        "parts",
+        "nonzero",
+        "row_index",
+        "_shrink",
+        "_expand",
+        "_kernel_row",
+    )
 
     def __init__(self, a_rows: list[torch.Tensor], b_cols: list[torch.Tensor], rows: int, dtype: torch.dtype):
         # a_rows[i]: (packed, in) slice i's A rows; b_cols[i]: (out_i, packed) its B columns; zero past `rows`
@@ -158,6 +170,7 @@ class AdapterLinear:
         self.row_index = (starts[:, None] + torch.arange(rows)[None, :]).flatten()  # the first `rows` per slice
         self._shrink: Gemm | None = None
         self._expand: Gemm | None = None
+        self._kernel_row: tuple[int, ...] | None = None
 
     @classmethod
     def from_slot(cls, lora_a, lora_b, output_slices: tuple[int, ...], slot: int, rows: int, dtype: torch.dtype):
@@ -171,6 +184,15 @@ class AdapterLinear:
         """Is this a form for a slot of this shape holding ``rows`` rows per slice, in ``dtype``?"""
         outs = tuple(part.shape[1] for part in self.parts)
         return (self.rows, self.a_t.dtype, self.a_t.shape[0], outs) == (rows, dtype, in_features, output_slices)
+
+    @property
+    def kernel_row(self) -> tuple[int, ...]:
+        """This form's row of the per-token kernel's table (``csrc/token_lora.cpp``): ``a_t``'s address, packed,
+        rows, then each part's address. ``a_t`` and ``parts`` are contiguous and never replaced, so the
+        addresses hold for the form's life; whoever passes them keeps the form alive."""
+        if self._kernel_row is None:
+            self._kernel_row = (self.a_t.data_ptr(), self.packed, self.rows, *(p.data_ptr() for p in self.parts))
+        return self._kernel_row
 
     @property
     def b(self) -> torch.Tensor:

@@ -28,36 +28,26 @@ Buffer = Callable[[str, int, int, torch.dtype], torch.Tensor]
 
 
 class TokenStep:
-    """One LoRA linear's calls under a ``TOKENS`` plan, by the kernel: resolved once (the forms' addresses, in
-    token order), replayed while the plan lasts, like ``punica_cpu.LayerStep``: one kernel call a linear."""
+    """One LoRA linear's calls under a ``TOKENS`` plan, by the kernel: resolved once (the forms' rows of the
+    kernel's table, in token order), replayed while the plan lasts, like ``punica_cpu.LayerStep``: one kernel
+    call a linear."""
 
-    __slots__ = ("fused", "rows", "scale", "kernel", "forms", "a_ptrs", "b_ptrs", "packed", "written", "outs")
+    __slots__ = ("fused", "rows", "scale", "kernel", "forms", "table", "outs")
 
     def __init__(self, fused: FusedLinear, scale: float, forms: list[AdapterLinear | None], kernel: TokenLora):
         """``forms``: each token's adapter form, None for a token without one (the kernel skips it, as it
         skips a form whose adapter does not target this linear)."""
         self.fused, self.rows, self.scale, self.kernel = fused, len(forms), scale, kernel
-        used = [form if form is not None and form.nonzero else None for form in forms]
-        self.forms = [form for form in used if form is not None]  # keeps every address below alive
-        slices = len(fused.output_slices)
-        self.a_ptrs = torch.tensor([0 if f is None else f.a_t.data_ptr() for f in used], dtype=torch.long)
-        b = [[0] * slices if f is None else [part.data_ptr() for part in f.parts] for f in used]
-        self.b_ptrs = torch.tensor(b, dtype=torch.long).view(len(forms), slices)
-        self.packed = torch.tensor([0 if f is None else f.packed for f in used], dtype=torch.long)
-        self.written = torch.tensor([0 if f is None else f.rows for f in used], dtype=torch.long)
         self.outs = list(fused.output_slices)
+        skipped = (0,) * (3 + len(self.outs))
+        used = [form if form is not None and form.nonzero else None for form in forms]
+        self.forms = [form for form in used if form is not None]  # keeps every address in the table alive
+        self.table = torch.tensor([skipped if f is None else f.kernel_row for f in used], dtype=torch.long)
 
     @classmethod
-    def build(cls, fused: FusedLinear, token_slots: Sequence[int], scale: float, kernel: TokenLora) -> TokenStep | None:
-        """The step for ``token_slots`` (-1: no adapter), or None where a form is not laid out as the kernel
-        reads it (every form built by ``AdapterLinear`` is: this guards the addresses it is given)."""
-        forms = [None if s < 0 else fused.slots[s] for s in token_slots]
-        readable = all(
-            form.a_t.is_contiguous() and all(part.is_contiguous() for part in form.parts)
-            for form in forms
-            if form is not None
-        )
-        return cls(fused, scale, forms, kernel) if readable else None
+    def build(cls, fused: FusedLinear, token_slots: Sequence[int], scale: float, kernel: TokenLora) -> TokenStep:
+        """The step for ``token_slots`` (-1: no adapter)."""
+        return cls(fused, scale, [None if s < 0 else fused.slots[s] for s in token_slots], kernel)
 
     def replays(self, x: torch.Tensor, lora_a: Sequence[torch.Tensor], scale: float) -> bool:
         """Is this call the one resolved (same layer weights, unwritten; same rows, dtype and scale)?"""
@@ -65,7 +55,7 @@ class TokenStep:
 
     def run(self, y: torch.Tensor, x: torch.Tensor) -> None:
         """y[t] += x[t] @ a_t[t] * scale @ b[t], in one call (the kernel accumulates in float32)."""
-        self.kernel(y, x, self.a_ptrs, self.b_ptrs, self.packed, self.written, self.outs, self.scale)
+        self.kernel(y, x, self.table, self.outs, self.scale)
 
 
 class StackedTokenStep:

@@ -7,11 +7,12 @@
 //
 // Inputs (checked by the caller, lora_ops/token_step.py, which also keeps every weight alive):
 //   y (T, out) += scale * (x (T, in) @ A_t) @ B_t, per token t, where
-//   a_ptrs (T,)    int64: the address of token t's A, (in, W) row-major, W = S x packed[t]; 0: no adapter
-//   b_ptrs (T, S)  int64: the address of token t's slice s's B, (packed[t], out_s) row-major
-//   packed (T,)    int64: the rows per slice of token t's adapter (its rank rounded up)
-//   rows   (T,)    int64: the rows of each slice that are written (the rest are zero and are not read)
-//   outs   (S,)         : out_s; slice s's columns of y start at the sum of the outs before it
+//   forms (T, 3 + S) int64, one row per token (lora_ops.fused.AdapterLinear.kernel_row):
+//     [0] the address of token t's A, (in, W) row-major, W = S x packed; 0: no adapter (the row is skipped)
+//     [1] packed: the rows per slice of token t's adapter (its rank rounded up)
+//     [2] rows: the rows of each slice that are written (the rest are zero and are not read)
+//     [3 + s] the address of slice s's B, (packed, out_s) row-major
+//   outs (S,): out_s; slice s's columns of y start at the sum of the outs before it
 // x, y and the weights share one dtype (float32, bfloat16 or float16); rows of x and y may be strided.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -97,11 +98,11 @@ CLONED void expand(float* d, const float* h, const c10::Half* b, int64_t rows, i
 }
 
 template <typename T>
-void token_lora(const at::Tensor& y, const at::Tensor& x, const int64_t* a_ptrs, const int64_t* b_ptrs,
-                const int64_t* packed, const int64_t* rows, const std::vector<int64_t>& outs, double scale) {
-  const int64_t tokens = x.size(0), in = x.size(1), slices = outs.size();
+void token_lora(const at::Tensor& y, const at::Tensor& x, const int64_t* forms, const std::vector<int64_t>& outs,
+                double scale) {
+  const int64_t tokens = x.size(0), in = x.size(1), slices = outs.size(), cols = 3 + slices;
   int64_t width = 0;
-  for (int64_t t = 0; t < tokens; ++t) width = std::max(width, slices * packed[t]);
+  for (int64_t t = 0; t < tokens; ++t) width = std::max(width, slices * forms[t * cols + 1]);
   const int64_t x_stride = x.stride(0), y_stride = y.stride(0);
   std::vector<int64_t> starts(slices + 1, 0);
   for (int64_t s = 0; s < slices; ++s) starts[s + 1] = starts[s] + outs[s];
@@ -111,13 +112,15 @@ void token_lora(const at::Tensor& y, const at::Tensor& x, const int64_t* a_ptrs,
   at::parallel_for(0, tokens, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> h(width), d(starts[slices]);
     for (int64_t t = begin; t < end; ++t) {
-      const T* a = reinterpret_cast<const T*>(a_ptrs[t]);
+      const int64_t* form = forms + t * cols;
+      const T* a = reinterpret_cast<const T*>(form[0]);
       if (a == nullptr) continue;
-      shrink(h.data(), xs + t * x_stride, a, in, slices * packed[t]);
+      const int64_t packed = form[1], rows = form[2];
+      shrink(h.data(), xs + t * x_stride, a, in, slices * packed);
       std::fill(d.begin(), d.end(), 0.0f);
       for (int64_t s = 0; s < slices; ++s) {
-        const T* b = reinterpret_cast<const T*>(b_ptrs[t * slices + s]);
-        expand(d.data() + starts[s], h.data() + s * packed[t], b, rows[t], outs[s], k);
+        const T* b = reinterpret_cast<const T*>(form[3 + s]);
+        expand(d.data() + starts[s], h.data() + s * packed, b, rows, outs[s], k);
       }
       T* yt = ys + t * y_stride;
       for (int64_t o = 0; o < starts[slices]; ++o) yt[o] = static_cast<T>(widen(yt[o]) + d[o]);
@@ -125,30 +128,23 @@ void token_lora(const at::Tensor& y, const at::Tensor& x, const int64_t* a_ptrs,
   });
 }
 
-void token_lora_op(at::Tensor y, const at::Tensor& x, const at::Tensor& a_ptrs, const at::Tensor& b_ptrs,
-                   const at::Tensor& packed, const at::Tensor& rows, at::IntArrayRef outs, double scale) {
+void token_lora_op(at::Tensor y, const at::Tensor& x, const at::Tensor& forms, at::IntArrayRef outs, double scale) {
   TORCH_CHECK(x.dim() == 2 && y.dim() == 2 && x.size(0) == y.size(0), "x and y must be (T, in) and (T, out)");
   TORCH_CHECK(x.stride(1) == 1 && y.stride(1) == 1, "x and y rows must be contiguous");
   TORCH_CHECK(x.scalar_type() == y.scalar_type(), "x and y must share a dtype");
   const int64_t tokens = x.size(0), slices = outs.size();
-  for (const at::Tensor* t : {&a_ptrs, &b_ptrs, &packed, &rows}) {
-    TORCH_CHECK(t->scalar_type() == at::kLong && t->is_contiguous(), "addresses and counts must be contiguous int64");
-  }
-  TORCH_CHECK(a_ptrs.numel() == tokens && packed.numel() == tokens && rows.numel() == tokens &&
-                  b_ptrs.numel() == tokens * slices,
-              "one A address, packed width and row count per token, one B address per token and slice");
+  TORCH_CHECK(forms.scalar_type() == at::kLong && forms.is_contiguous(), "forms must be a contiguous int64 table");
+  TORCH_CHECK(forms.dim() == 2 && forms.size(0) == tokens && forms.size(1) == 3 + slices,
+              "forms must hold one row per token: A's address, packed, rows and one B address per slice");
   int64_t total = 0;
   for (int64_t n : outs) total += n;
   TORCH_CHECK(y.size(1) == total, "y's width must be the sum of the slices' widths");
   std::vector<int64_t> out_list(outs.begin(), outs.end());
-  const int64_t* a = a_ptrs.const_data_ptr<int64_t>();
-  const int64_t* b = b_ptrs.const_data_ptr<int64_t>();
-  const int64_t* p = packed.const_data_ptr<int64_t>();
-  const int64_t* r = rows.const_data_ptr<int64_t>();
+  const int64_t* f = forms.const_data_ptr<int64_t>();
   switch (x.scalar_type()) {
-    case at::kFloat: return token_lora<float>(y, x, a, b, p, r, out_list, scale);
-    case at::kBFloat16: return token_lora<c10::BFloat16>(y, x, a, b, p, r, out_list, scale);
-    case at::kHalf: return token_lora<c10::Half>(y, x, a, b, p, r, out_list, scale);
+    case at::kFloat: return token_lora<float>(y, x, f, out_list, scale);
+    case at::kBFloat16: return token_lora<c10::BFloat16>(y, x, f, out_list, scale);
+    case at::kHalf: return token_lora<c10::Half>(y, x, f, out_list, scale);
     default: TORCH_CHECK(false, "token_lora runs float32, bfloat16 or float16, not ", x.scalar_type());
   }
 }
@@ -157,7 +153,7 @@ void token_lora_op(at::Tensor y, const at::Tensor& x, const at::Tensor& a_ptrs, 
 
 // A fragment of the namespace that lora_ops/compiled.py also adds its ops to.
 TORCH_LIBRARY_FRAGMENT(loraserve, m) {
-  m.def("token_lora(Tensor(a!) y, Tensor x, Tensor a_ptrs, Tensor b_ptrs, Tensor packed, Tensor rows, int[] outs, float scale) -> ()");
+  m.def("token_lora(Tensor(a!) y, Tensor x, Tensor forms, int[] outs, float scale) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(loraserve, CPU, m) { m.impl("token_lora", token_lora_op); }

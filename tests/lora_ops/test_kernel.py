@@ -33,12 +33,9 @@ def _form(rank: int, packed: int, dtype: torch.dtype, g: torch.Generator, zero: 
 def _call(y: torch.Tensor, x: torch.Tensor, forms: list[AdapterLinear | None], scale: float) -> None:
     op = kernel.token_lora()
     assert op is not None, "the kernel must build on the test machine (g++ and ninja are installed)"
-    used = [f if f is not None and f.nonzero else None for f in forms]
-    a_ptrs = torch.tensor([0 if f is None else f.a_t.data_ptr() for f in used], dtype=torch.long)
-    b = [[0] * len(SLICES) if f is None else [p.data_ptr() for p in f.parts] for f in used]
-    packed = torch.tensor([0 if f is None else f.packed for f in used], dtype=torch.long)
-    rows = torch.tensor([0 if f is None else f.rows for f in used], dtype=torch.long)
-    op(y, x, a_ptrs, torch.tensor(b, dtype=torch.long), packed, rows, list(SLICES), scale)
+    skipped = (0,) * (3 + len(SLICES))
+    table = [skipped if f is None or not f.nonzero else f.kernel_row for f in forms]
+    op(y, x, torch.tensor(table, dtype=torch.long), list(SLICES), scale)
 
 
 def _reference(y0: torch.Tensor, x: torch.Tensor, forms: list[AdapterLinear | None], scale: float) -> torch.Tensor:
@@ -104,10 +101,14 @@ def test_wrong_arguments_raise_instead_of_reading_past_them() -> None:
     op = kernel.token_lora()
     assert op is not None
     x, y = torch.randn(2, IN), torch.randn(2, sum(SLICES))
-    ptrs, counts = torch.zeros(2, dtype=torch.long), torch.zeros(2, dtype=torch.long)
-    with pytest.raises(RuntimeError, match="one A address"):
-        op(y, x, ptrs[:1], torch.zeros(2, 3, dtype=torch.long), counts, counts, list(SLICES), 1.0)
+    table = torch.zeros(2, 3 + len(SLICES), dtype=torch.long)
+    with pytest.raises(RuntimeError, match="one row per token"):
+        op(y, x, table[:1], list(SLICES), 1.0)
+    with pytest.raises(RuntimeError, match="one row per token"):
+        op(y, x, table[:, :-1].contiguous(), list(SLICES), 1.0)  # a B address short
     with pytest.raises(RuntimeError, match="sum of the slices"):
-        op(y, x, ptrs, torch.zeros(2, 2, dtype=torch.long), counts, counts, [40, 24], 1.0)
+        op(y, x, table[:, :-1].contiguous(), [40, 24], 1.0)
     with pytest.raises(RuntimeError, match="share a dtype"):
-        op(y.double(), x, ptrs, torch.zeros(2, 3, dtype=torch.long), counts, counts, list(SLICES), 1.0)
+        op(y.double(), x, table, list(SLICES), 1.0)
+    with pytest.raises(RuntimeError, match="contiguous int64"):
+        op(y, x, table.int(), list(SLICES), 1.0)
