@@ -44,10 +44,13 @@ AVX-512 machine with vLLM's oneDNN matmul; only the crossovers matter). On
 TinyLlama-1.1B's layers, interleaved batches of up to ~210 tokens with 2
 adapters present go MASKED, ~65 with 4, ~50 with 8; longer mixed batches
 GATHER unless each adapter's tokens are already contiguous (RUNS); one
-contiguous run (e.g. every token on one adapter) is always RUNS. TOKENS
-takes decode batches with about ten or more adapters present, as long as
-their stacked weights stay small (``TOKENS_MAX_ELEMENTS``: on the demo
-model up to 141 tokens, on TinyLlama's layers 10).
+contiguous run (e.g. every token on one adapter) is always RUNS. With the
+kernel, TOKENS takes 16-token decode batches from about six adapters
+present on, and longer batches while their adapters have few tokens each
+(64 tokens on 16 adapters, not on 8); without it, decode batches with about
+ten or more adapters present, as long as their stacked weights stay small
+(``TOKENS_MAX_ELEMENTS``: on the demo model up to 141 tokens, on
+TinyLlama's layers 10).
 """
 
 from __future__ import annotations
