@@ -45,7 +45,7 @@ TinyLlama-1.1B's layers, interleaved batches of up to ~210 tokens with 2
 adapters present go MASKED, ~65 with 4, ~50 with 8; longer mixed batches
 GATHER unless each adapter's tokens are already contiguous (RUNS); one
 contiguous run (e.g. every token on one adapter) is always RUNS. With the
-kernel, TOKENS takes 16-token decode batches from about six adapters
+kernel, TOKENS takes 16-token decode batches from about eight adapters
 present on, and longer batches while their adapters have few tokens each
 (64 tokens on 16 adapters, not on 8); without it, decode batches with about
 ten or more adapters present, as long as their stacked weights stay small
@@ -92,7 +92,7 @@ TOKENS_MAX_ELEMENTS = 1 << 21
 # TOKENS by the kernel: one call plus a pass over each active token's adapter weights where they lie, no
 # copy, so no bound. A token re-reads its adapter even when others share it, so the mixes with few
 # adapters (MASKED) or many tokens per adapter (GATHER) stay cheaper: fitted to loadtests/bench_lora_plan.py
-# (bfloat16, TinyLlama's layers) so that 16 decode tokens switch from MASKED at about 6 adapters present and
+# (bfloat16, TinyLlama's layers) so that 16 decode tokens switch from MASKED at about 8 adapters present (measured: 6-8) and
 # 64 tokens on 8 adapters GATHER.
 KERNEL_US = 20.0
 KERNEL_TOKEN_US = 2.5
