@@ -22,7 +22,8 @@ B rows side by side, (in, W) and (W, out), so a mixed decode batch runs one
 shrink and one expand whose size is set by the P slots present in the step,
 never by the S slots allocated. Keyed by the adapters, so a swap back finds
 them. The set a cold adapter's first mixed step needs is built before it, on
-the loading thread (``offer_compact``, ``lora_ops.ready.prepare_mix``). Packed for the first few shapes only (``COMPACT_PACKED_SHAPES``): their
+the loading thread (``offer_compact``, ``lora_ops.ready.prepare_mix``).
+Packed for the first few shapes only (``COMPACT_PACKED_SHAPES``): their
 widths change with the adapters present, and every packed shape costs host
 memory for good.
 
