@@ -18,7 +18,10 @@ spawn**, and say why. Torch's OpenMP pool is the thread this rules out in
 practice: once the parent has run a parallel op (the prompt router's encoder
 does), a forked child hangs in its first one (GNU libgomp is not fork-safe).
 The server therefore starts the engine before it loads the router
-(``serving.api.app``). Threads that vLLM starts itself while it launches the
+(``serving.api.app``); a fleet's PostgreSQL store runs threads of its own
+by then, so a fleet replica spawns. The rule sees threads, not a pool broken
+by an earlier fork: a process forked from one that had run torch in parallel
+is out of its reach (``loraserve serve`` is a fresh interpreter). Threads that vLLM starts itself while it launches the
 engine core (ZeroMQ's I/O thread) are vLLM's fork path, the one it takes on
 a GPU. The child also inherits the parent's file descriptors: the CLI closes
 the listening socket in a forked child (``serving.cli``). Other platforms
@@ -56,15 +59,15 @@ def choose_start_method(python_threads: list[str], native_threads: int, blas_poo
     """
     others = [name for name in python_threads if name != "MainThread"]
     if others:
-        return StartMethod("spawn", f"the server runs Python threads besides the main one: {', '.join(others)}")
+        return StartMethod("spawn", f"this process runs Python threads besides the main one: {', '.join(others)}")
     unknown = native_threads - blas_pool_threads
     if unknown > 0:
         return StartMethod(
             "spawn",
-            f"the server runs {unknown} native thread(s) besides OpenBLAS's pools "
+            f"this process runs {unknown} native thread(s) besides OpenBLAS's pools "
             "(an OpenMP pool after a torch op? tokenizer threads?)",
         )
-    return StartMethod("fork", "the server runs only its main thread (and OpenBLAS's idle pools)")
+    return StartMethod("fork", "this process runs only its main thread (and OpenBLAS's idle pools)")
 
 
 def blas_pool_threads() -> int:
@@ -86,9 +89,10 @@ def current_start_method() -> StartMethod:
 
 
 def use_start_method() -> StartMethod:
-    """Set vLLM's start method for the engine core about to launch; call after the config is resolved.
+    """Set vLLM's start method for the engine core about to launch, and log it; returns the choice.
 
-    Only on the CPU platform (the one that forces spawn); elsewhere vLLM's choice stands.
+    Call after the config is resolved (the CPU platform's hook sets spawn then), on the CPU only:
+    elsewhere vLLM's own choice stands.
     """
     choice = current_start_method()
     os.environ[METHOD_VAR] = choice.method
