@@ -59,8 +59,8 @@ def _let_go_in_fork(sock: socket.socket) -> None:
     Held by the engine core, the port would outlive a crashed server and keep the next one from binding
     it; the wakeup socket would carry the engine core's signals to the server's event loop.
     """
-    signal.set_wakeup_fd(-1)
     sock.close()
+    signal.set_wakeup_fd(-1)  # the last: it raises in a fork from another thread than the main one
 
 
 def _serve(args: argparse.Namespace) -> int:
