@@ -1,17 +1,21 @@
 """``loraserve``: the command line.
 
-Only the standard library and uvicorn are imported at the top; each command imports what it uses. vLLM
-starts its engine core and its worker with ``spawn``, and each of them first imports the program's main
-module again (this one, or the ``loraserve`` script that imports it): with the config, the store
-(SQLAlchemy, Alembic) and the admin, keys and routing commands at the top, every engine start paid for
-two more imports of them, seconds of CPU that delay the engine's own start.
+Only the standard library and uvicorn are imported at the top; each command imports what it uses. An
+engine core that vLLM starts with ``spawn`` (``serving.engine_fork`` says when) first imports the
+program's main module again (this one, or the ``loraserve`` script that imports it): with the config,
+the store (SQLAlchemy, Alembic) and the admin, keys and routing commands at the top, every such start
+paid for another import of them, seconds of CPU that delay the engine's own start.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
+import signal
+import socket
 import sys
+from functools import partial
 from pathlib import Path
 from types import FrameType
 
@@ -49,6 +53,16 @@ class _Server(uvicorn.Server):
             raise StartupInterrupted(f"signal {sig} before start-up completed: stopping")
 
 
+def _let_go_in_fork(sock: socket.socket) -> None:
+    """In a forked engine core (``serving.engine_fork``): close the server's port and its event loop's wakeup fd.
+
+    Held by the engine core, the port would outlive a crashed server and keep the next one from binding
+    it; the wakeup socket would carry the engine core's signals to the server's event loop.
+    """
+    sock.close()
+    signal.set_wakeup_fd(-1)  # the last: it raises in a fork from another thread than the main one
+
+
 def _serve(args: argparse.Namespace) -> int:
     from serving.api.app import build_app
     from serving.config import load_settings
@@ -74,6 +88,7 @@ def _serve(args: argparse.Namespace) -> int:
     # Bound before the lifespan starts the engine, as vLLM's own server does: the engine picks
     # free ports for its own sockets, and one of them could otherwise be this port.
     sock = config.bind_socket()
+    os.register_at_fork(after_in_child=partial(_let_go_in_fork, sock))
     server = _Server(config)
     try:
         server.run(sockets=[sock])

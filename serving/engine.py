@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING
 from adapter_store import ServedAdapter
 from serving.adapter_rules import vllm_lora_rank
 from serving.config import Settings
+from serving.engine_fork import use_start_method
 from serving.lora_residency import (
     PREFETCH_DONE_METHOD,
     PREFETCH_METHOD,
@@ -201,11 +202,16 @@ class LoraEngine:
 
     async def start(self) -> None:
         """Build the engine (loads the base model; takes seconds to minutes)."""
+        from vllm.platforms import current_platform
         from vllm.v1.engine.async_llm import AsyncLLM
 
         logger.info("starting vLLM engine for %s", self.settings.model.path)
         self.sizing.log()
-        self._llm = AsyncLLM.from_engine_args(engine_args(self.settings, self.sizing))
+        args = engine_args(self.settings, self.sizing)
+        config = args.create_engine_config()  # on the CPU, vLLM's platform hook sets spawn here
+        if current_platform.is_cpu():
+            use_start_method()  # fork when safe (serving.engine_fork); read when AsyncLLM launches the core
+        self._llm = AsyncLLM.from_vllm_config(config, disable_log_stats=args.disable_log_stats)
 
     def shutdown(self) -> None:
         if self._llm is not None:

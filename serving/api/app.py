@@ -134,8 +134,8 @@ def build_app(settings: Settings) -> FastAPI:
             engine = LoraEngine(settings)
             watchers: list[asyncio.Task[None]] = []
             try:
+                await engine.start()  # before the router's encoder runs torch: the engine core may fork (engine_fork)
                 prompt_router = build_prompt_router(settings)
-                await engine.start()
                 watchers.append(asyncio.create_task(engine.watch_residency()))  # sees the start-up loads below
                 metrics = AdapterMetrics()
                 await asyncio.to_thread(init_app_state, app.state, settings, engine, metrics, store, prompt_router)
