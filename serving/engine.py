@@ -211,7 +211,9 @@ class LoraEngine:
         config = args.create_engine_config()  # on the CPU, vLLM's platform hook sets spawn here
         if current_platform.is_cpu():
             use_start_method()  # fork when safe (serving.engine_fork); read when AsyncLLM launches the core
-        self._llm = AsyncLLM.from_vllm_config(config, disable_log_stats=args.disable_log_stats)
+        self._llm = AsyncLLM.from_vllm_config(
+            config, enable_log_requests=args.enable_log_requests, disable_log_stats=args.disable_log_stats
+        )
 
     def shutdown(self) -> None:
         if self._llm is not None:
