@@ -32,8 +32,7 @@ a step runs every present adapter through one compact copy of their weights
 side by side (``FusedLinear.compact``), copied when a new set of adapters
 first meets: 35-45 ms at rank 216 on ``loadtests.bench_cold``'s model, in one
 step. So the loading thread builds, after the forms, the set of the adapters
-in the last step's plan and the new one (unless that plan ran ``TOKENS``,
-which builds no set), in the slot it will take
+in the last step's plan and the new one, in the slot it will take
 (:func:`next_slot`, as vLLM chooses it), and offers it to each layer's
 ``FusedLinear``. It is keyed by its forms, in slot order, as the step keys
 its sets: a wrong guess is never taken (the step copies its set as before),
@@ -48,7 +47,6 @@ from typing import Any
 import torch
 
 from .fused import AdapterLinear, FusedLinear, packed_rank
-from .plan import TOKENS
 from .slots import adapter_tensor, offer, written_rank
 
 
@@ -64,10 +62,7 @@ def prepare(manager: Any, lora_model: Any) -> int:
         lora.optimize()  # B *= scaling, as add_adapter would do after us
     wrappers = [w for w in manager.punica_wrapper_mapping.values() if isinstance(w, GroupedPunicaWrapperCPU)]
     fused_of = {key: fused for w in wrappers for key, fused in dict(w._fused).items()}  # by id(lora_a_stacked[0])
-    plan = wrappers[0]._plan if wrappers else None  # the last step's
-    # Its present slots; none where the step will not need a set: a step with many adapters present runs each
-    # token through its own adapter (TOKENS, no compact set), and one more adapter keeps it there.
-    present = plan.present if plan is not None and plan.mode != TOKENS else ()
+    present = wrappers[0]._plan.present if wrappers else ()  # the slots of the last step's tokens
     slot = next_slot(manager) if present else None
     offered = 0
     for name, layer in manager.modules.items():

@@ -30,7 +30,7 @@ from vllm.lora.model_manager import AdapterLRUCache, LoRAModelManager
 
 from lora_ops import slots
 from lora_ops.fused import FusedLinear
-from lora_ops.plan import TOKENS, build_plan
+from lora_ops.plan import build_plan
 from lora_ops.punica_cpu import GroupedPunicaWrapperCPU
 from lora_ops.ready import from_weights, next_slot, prepare
 
@@ -65,7 +65,7 @@ class _ModelManager:
 
     def running(self, *slot_list: int) -> None:
         """The last step's plan: one token on each of these slots."""
-        self.wrapper._plan = build_plan(list(slot_list), self.wrapper.force_mode)
+        self.wrapper._plan = build_plan(list(slot_list))
 
     def add_and_activate(self, lora: LoRAModel, replace: int | None = None) -> int:
         """vLLM's ``add_adapter`` (unless cached) and ``activate_adapter`` (after deactivating ``replace``: the
@@ -233,21 +233,6 @@ def test_the_first_mixed_step_takes_the_compact_set_built_before_the_activation(
                 _delta(fused, (0, 1), slot, x), _want(m, name, reference, x), atol=1e-3, rtol=1e-3
             )
     assert not copies  # every layer's set was the one built off the step
-
-
-def test_no_compact_set_is_built_for_a_step_that_runs_each_token_through_its_own_adapter(vllm_world) -> None:  # noqa: F811
-    """With many adapters present the plan runs TOKENS (the per-token kernel, no compact set): a cold adapter
-    joining such a step needs no set, so the loading thread builds none (a rotation over 100 adapters would
-    otherwise copy ~16 adapters' weights per load, for nothing)."""
-    m = _ModelManager()
-    hot, _ = _adapter(m, 1, rank=8, alpha=16, seed=1, skip=None)
-    m.add_and_activate(hot)
-    m.step()
-    m.wrapper.force_mode = TOKENS
-    m.running(0, 0)
-    cold, _ = _adapter(m, 2, rank=12, alpha=24, seed=2)
-    assert prepare(m, cold) == 3  # the forms still
-    assert all(fused._ready_compact is None for fused in m.fused.values())
 
 
 def test_a_compact_set_built_for_other_adapters_is_never_served(vllm_world) -> None:  # noqa: F811
