@@ -43,10 +43,9 @@ copy of the hot and the new adapter that the next mixed decode step builds
 ``stock`` (vLLM's full-slot zeroing; re-copy and compact copy at
 ``max_lora_rank``, as without a record of the ranks written), ``ours``
 (``lora_ops.slots``: each at the ranks written) and ``ready`` (as ``ours``,
-each adapter's forms and its first mixed step's compact set built before its
-first activation, untimed, as ``lora_ops.ready`` builds them on the loading
-thread: that first catch-up is a pointer swap too, and that first compact set
-a lookup) alternating in one process.
+each adapter's forms built before its first activation, untimed, as
+``lora_ops.ready`` builds them on the loading thread: that first catch-up is
+a pointer swap too) alternating in one process.
 """
 
 from __future__ import annotations
@@ -323,7 +322,7 @@ def _time_swaps(layers: list[Any], weights: dict[int, list], round_: int, times:
         ]
     for k, rank in enumerate(SWAP_RANKS):
         if times.get("ready") and round_ == 0:  # built off the step before vLLM activates the adapter
-            _offer_forms(layers, weights[rank], times["copies"])
+            _offer_forms(layers, weights[rank])
         start = time.perf_counter()
         for layer, (a, b) in zip(layers, weights[rank]):
             layer.set_lora(1, a, b)
@@ -340,18 +339,16 @@ def _time_swaps(layers: list[Any], weights: dict[int, list], round_: int, times:
         times.setdefault("compact", {}).setdefault(rank, []).append((built - end) * 1000.0)
 
 
-def _offer_forms(layers: list[Any], weights: list, copies: list[Any]) -> None:
-    """What ``lora_ops.ready.prepare`` does on the loading thread, for these layers and weights (not timed): the
-    forms, and the compact set of the first step mixing the hot adapter (slot 0) and this one (into slot 1)."""
+def _offer_forms(layers: list[Any], weights: list) -> None:
+    """What ``lora_ops.ready.prepare`` does on the loading thread, for these layers and weights (not timed)."""
     from lora_ops import slots
-    from lora_ops.ready import from_weights, prepare_mix
+    from lora_ops.ready import from_weights
 
-    for layer, (a, b), copy in zip(layers, weights, copies):
+    for layer, (a, b) in zip(layers, weights):
         rows = slots.written_rank(a, b)
         form = from_weights(layer.lora_a_stacked, tuple(layer.output_slices), *(_listed(a), _listed(b)), rows)
         _ = form.b
         slots.offer(layer.lora_a_stacked, slots.adapter_tensor(a, b), form)
-        prepare_mix(copy, form, 1, (0,))
 
 
 def _listed(t: Any) -> list[Any]:

@@ -21,9 +21,7 @@ Compact copies for a set of adapters (``compact``): the present slots' A and
 B rows side by side, (in, W) and (W, out), so a mixed decode batch runs one
 shrink and one expand whose size is set by the P slots present in the step,
 never by the S slots allocated. Keyed by the adapters, so a swap back finds
-them. The set a cold adapter's first mixed step needs is built before it, on
-the loading thread (``offer_compact``, ``lora_ops.ready.prepare_mix``).
-Packed for the first few shapes only (``COMPACT_PACKED_SHAPES``): their
+them. Packed for the first few shapes only (``COMPACT_PACKED_SHAPES``): their
 widths change with the adapters present, and every packed shape costs host
 memory for good.
 
@@ -49,10 +47,8 @@ as it is, not kept.
 from __future__ import annotations
 
 import itertools
-import threading
 import weakref
 from collections import OrderedDict
-from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
@@ -74,9 +70,6 @@ COMPACT_SETS = 2
 # adapters that left them most recently, so a rotation through twice as many adapters as slots (zipf-8 in 4)
 # swaps by pointer. Each costs about what a slot's copy cost before: ``slot_copy_bytes`` charges them per slot.
 PREPARED_PER_SLOT = 2
-# Compact sets built off the step (``FusedLinear.offer_compact``: the loading thread, for the first mixed step of
-# the adapter it loads) and not taken yet, per linear: each holds at most every slot, so a slot's share is one.
-READY_COMPACT_SETS = 1
 SCRATCH_MAX_BYTES = 64 << 20
 """The scratch buffers a punica wrapper (``punica_cpu``) keeps between steps, at most (plus the buffers of the op
 that passes it); charged to the memory budget with the primitives (``serving.sizing``). Measured unbounded, a
@@ -97,16 +90,15 @@ def slot_copy_bytes(in_features: int, slice_outs: tuple[int, ...], rank: int, dt
     With ``R = len(slice_outs) x rank`` and ``O = sum(slice_outs)``: ``PREPARED_PER_SLOT`` adapter forms,
     each ``a_t`` (in x R), block-diagonal ``b`` (R x O), ``parts`` (rank x O in all) and the packed copies of
     ``a_t`` and ``b`` (the oneDNN handle, counted at the weight's own size); ``slots.READY_PER_SLOT`` forms
-    built off the step and not activated yet (``lora_ops.ready``: no packed copies); the slot's share of
-    ``COMPACT_SETS`` compact sets, ``a`` (R x in) and ``b`` (R x O) each, packed copies too; and its share of
-    ``READY_COMPACT_SETS`` compact sets built off the step and not taken yet (no packed copies).
+    built off the step and not activated yet (``lora_ops.ready``: no packed copies); and the slot's share of
+    ``COMPACT_SETS`` compact sets, ``a`` (R x in) and ``b`` (R x O) each, packed copies too.
     Summed for every slot of every LoRA linear, this bounds what these copies add to vLLM's own slot
     buffers; ``serving.sizing`` charges it to ``store.memory_budget_bytes``.
     """
     r_total, out_total = len(slice_outs) * rank, sum(slice_outs)
     forms = PREPARED_PER_SLOT + READY_PER_SLOT
-    # tensor + packed handle, for each kept form and each set; a ready form or set (never called yet) has no handle
-    copies = 2 * (PREPARED_PER_SLOT + COMPACT_SETS) + READY_PER_SLOT + READY_COMPACT_SETS
+    # tensor + packed handle, for each kept form and each set; a ready form (never called yet) has no handle
+    copies = 2 * (PREPARED_PER_SLOT + COMPACT_SETS) + READY_PER_SLOT
     elements = copies * r_total * (in_features + out_total) + forms * rank * out_total
     return elements * dtype_bytes
 
@@ -268,9 +260,6 @@ class FusedLinear:
         self._compact: OrderedDict[tuple[int, ...], Compact] = OrderedDict()  # by the adapters' uids, LRU
         # By slots, until a slot changes or a set is dropped: the hot path's lookup (with the set's key, for the LRU).
         self._by_present: dict[tuple[int, ...], tuple[tuple[int, ...], Compact]] = {}
-        # A compact set built off the step (offer_compact): (its key, a, b), taken by compact() under the lock.
-        self._ready_compact: tuple[tuple[int, ...], torch.Tensor, torch.Tensor] | None = None
-        self._ready_lock = threading.Lock()
         self.slots: list[AdapterLinear] = []
         self.slots = [self._adapter(lora_a, lora_b, s, trust_source=True) for s in range(self.num_slots)]
         self.slot_ids = slot_ids  # the LoRA id in each slot when pointed
@@ -382,8 +371,7 @@ class FusedLinear:
         else:
             self._make_room(len(key))
             widths = tuple(adapter.row_index.numel() for adapter in adapters)
-            ready = self._take_ready_compact(key)
-            a, b = ready if ready is not None else self._side_by_side(adapters, sum(widths))
+            a, b = self._side_by_side(adapters, sum(widths))
             (k, width), n = a.shape, self.out_features
             widest = max(k, n)
             shrink = Gemm(a, packed=_compact_packs(k, width, self.dtype, widest))
@@ -391,32 +379,6 @@ class FusedLinear:
             pair = self._compact[key] = Compact(shrink, expand, widths)
         self._by_present[present] = (key, pair)
         return pair
-
-    def offer_compact(self, adapters: Sequence[AdapterLinear]) -> None:
-        """Build the compact set of ``adapters`` (in the slot order a step will present them) on the calling
-        thread, for :meth:`compact` to take instead of copying it inside the engine step.
-
-        Why: the first mixed step of a cold adapter and the adapters already running waits for that copy
-        (35-45 ms at rank 216 on ``loadtests.bench_cold``'s model, most of it first touches of fresh memory),
-        so the loading thread builds it before ``add_lora`` (``lora_ops.ready.prepare_mix``). Keyed by the
-        forms' uids in order, as :meth:`compact` keys its sets, so it is only ever taken for exactly these
-        adapters in this order; one waits per linear (``READY_COMPACT_SETS``), replaced by the next offer.
-        """
-        # What _side_by_side copies, in 2 ops per adapter instead of 2 per slice and adapter: each op takes the
-        # GIL from the step, which waits for it all the time the OS keeps this thread off its core while holding it.
-        a = torch.cat([ad.a_t.index_select(1, ad.row_index) for ad in adapters], dim=1)
-        b = torch.cat([ad.b.index_select(0, ad.row_index) for ad in adapters], dim=0)
-        with self._ready_lock:
-            self._ready_compact = (tuple(ad.uid for ad in adapters), a, b)
-
-    def _take_ready_compact(self, key: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """The offered set's (a, b) if it was built for ``key``, removed from waiting; None otherwise."""
-        with self._ready_lock:
-            ready = self._ready_compact
-            if ready is None or ready[0] != key:
-                return None
-            self._ready_compact = None
-        return ready[1], ready[2]
 
     def _side_by_side(self, adapters: list[AdapterLinear], width: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(in, width) A rows and (width, out) block-diagonal B rows of ``adapters``, each slice at its written

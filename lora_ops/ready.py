@@ -25,45 +25,25 @@ this mirrors: one tensor pair for a one-slice layer, one per slice for a
 packed one, no tensor-parallel slicing. Any other layer, or a form not offered
 in time, is built in the step from the slot, as before; a form whose key never
 reaches a slot is dropped with its adapter or past ``slots.READY_PER_SLOT``.
-
-**The first mixed step's compact set** (:func:`prepare_mix`): a cold adapter's
-first requests share decode steps with the adapters already running, and such
-a step runs every present adapter through one compact copy of their weights
-side by side (``FusedLinear.compact``), copied when a new set of adapters
-first meets: 35-45 ms at rank 216 on ``loadtests.bench_cold``'s model, in one
-step. So the loading thread builds, after the forms, the set of the adapters
-in the last step's plan and the new one, in the slot it will take
-(:func:`next_slot`, as vLLM chooses it), and offers it to each layer's
-``FusedLinear``. It is keyed by its forms, in slot order, as the step keys
-its sets: a wrong guess is never taken (the step copies its set as before),
-and the next offer replaces it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import torch
 
-from .fused import AdapterLinear, FusedLinear, packed_rank
+from .fused import AdapterLinear, packed_rank
 from .slots import adapter_tensor, offer, written_rank
 
 
 def prepare(manager: Any, lora_model: Any) -> int:
     """Build and offer the forms of ``lora_model`` (a ``LoRAModel`` not yet added) for every LoRA linear of
-    ``manager`` (vLLM's ``LoRAModelManager``) it targets, and the compact sets of its first mixed step
-    (:func:`prepare_mix`) where our punica wrapper runs them; returns how many forms were offered."""
+    ``manager`` (vLLM's ``LoRAModelManager``) it targets; returns how many were offered."""
     from vllm.lora.layers.base_linear import BaseLinearLayerWithLoRA
-
-    from .punica_cpu import GroupedPunicaWrapperCPU
 
     for lora in lora_model.loras.values():
         lora.optimize()  # B *= scaling, as add_adapter would do after us
-    wrappers = [w for w in manager.punica_wrapper_mapping.values() if isinstance(w, GroupedPunicaWrapperCPU)]
-    fused_of = {key: fused for w in wrappers for key, fused in dict(w._fused).items()}  # by id(lora_a_stacked[0])
-    present = wrappers[0]._plan.present if wrappers else ()  # the slots of the last step's tokens
-    slot = next_slot(manager) if present else None
     offered = 0
     for name, layer in manager.modules.items():
         if not isinstance(layer, BaseLinearLayerWithLoRA) or layer.tp_size != 1:
@@ -77,38 +57,7 @@ def prepare(manager: Any, lora_model: Any) -> int:
         _ = form.b  # the block-diagonal B too: the first decode step's expand would build it
         offer(layer.lora_a_stacked, source, form)
         offered += 1
-        fused = fused_of.get(id(layer.lora_a_stacked[0]))
-        if fused is not None and slot is not None:
-            prepare_mix(fused, form, slot, present)
     return offered
-
-
-def next_slot(manager: Any) -> int | None:
-    """The slot vLLM's ``activate_adapter`` would give the next adapter now: the first free one, else (its
-    ``LRUCacheLoRAModelManager``) the one its least recently used unpinned active adapter leaves; None if none.
-    Read from the loading thread while the step runs: a guess, which :func:`prepare_mix` may get wrong."""
-    ids = list(manager.lora_index_to_id)
-    if None in ids:
-        return ids.index(None)
-    active = manager._active_adapters  # vLLM's AdapterLRUCache: ``order`` is least recently used first
-    oldest = next((i for i in list(active.order) if i not in active.pinned_items), None)
-    return ids.index(oldest) if oldest in ids else None
-
-
-def prepare_mix(fused: FusedLinear, form: AdapterLinear, slot: int, present: Sequence[int]) -> bool:
-    """Offer ``fused`` the compact set its first step mixing ``form``, activated into ``slot``, with the adapters
-    in the ``present`` slots (the last step's) will ask for; False where that step needs none (one adapter).
-
-    As ``punica_cpu``'s masked step asks: the slots in order, those whose adapter is all zeros in this layer
-    left out. A step that presents other adapters or another order asks for another key and copies its own.
-    """
-    order = sorted({*present, slot})
-    adapters = [form if s == slot else fused.slots[s] for s in order if s < fused.num_slots]
-    adapters = [ad for ad in adapters if ad.nonzero]
-    if len(adapters) < 2 or not any(ad is form for ad in adapters):
-        return False
-    fused.offer_compact(adapters)
-    return True
 
 
 def _set_lora_args(manager: Any, lora_model: Any, name: str, n_slices: int) -> tuple[Any, Any] | None:

@@ -34,9 +34,7 @@ an evicted adapter) runs as before.
 ops' forms of the adapter for every LoRA linear (``lora_ops.ready.prepare``),
 before ``add_lora`` activates it into a slot, so the step after that finds
 them ready instead of building them (57 ms at rank 216 on
-``loadtests.bench_cold``'s model), and the compact set of the adapter's first
-step mixed with the adapters running (``lora_ops.ready.prepare_mix``: 35-45 ms
-of copying in that step at rank 216). Only where those ops are vLLM's punica
+``loadtests.bench_cold``'s model). Only where those ops are vLLM's punica
 wrapper (``lora_ops`` loaded as vLLM's plugin on the CPU); a failure there is
 logged and leaves the building to the step, the adapter loads all the same.
 """

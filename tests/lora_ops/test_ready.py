@@ -1,5 +1,4 @@
-"""An adapter's forms built before vLLM activates it make its first activation a pointer swap, and never wrong;
-so does the compact set of its first step mixed with the adapters running.
+"""An adapter's forms built before vLLM activates it make its first activation a pointer swap, and never wrong.
 
 Real vLLM layer objects (qkv, gate_up, down with LoRA) and vLLM's own model
 manager code for what happens between the background build and the step: its
@@ -26,25 +25,21 @@ from tests.lora_ops.test_slots import SLOTS, _layers
 pytest.importorskip("vllm")
 from vllm.lora.lora_model import LoRAModel
 from vllm.lora.lora_weights import LoRALayerWeights
-from vllm.lora.model_manager import AdapterLRUCache, LoRAModelManager
+from vllm.lora.model_manager import LoRAModelManager
 
 from lora_ops import slots
 from lora_ops.fused import FusedLinear
-from lora_ops.plan import build_plan
-from lora_ops.punica_cpu import GroupedPunicaWrapperCPU
-from lora_ops.ready import from_weights, next_slot, prepare
+from lora_ops.ready import from_weights, prepare
 
 PACKED = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
 
 
 class _ModelManager:
     """vLLM's ``LoRAModelManager`` code on three layers: its own merge and activation methods, and the state they
-    read; ``step`` is what the punica wrapper does at the next forward pass (each layer's fused copy catches up).
-    The wrapper is our real one, holding these layers' fused copies and the last step's plan (``present``)."""
+    read; ``step`` is what the punica wrapper does at the next forward pass (each layer's fused copy catches up)."""
 
     _get_lora_layer_weights = LoRAModelManager._get_lora_layer_weights
     _create_merged_loras_inplace = LoRAModelManager._create_merged_loras_inplace
-    _deactivate_adapter = LoRAModelManager._deactivate_adapter
     activate_adapter = LoRAModelManager.activate_adapter
 
     def __init__(self) -> None:
@@ -52,20 +47,12 @@ class _ModelManager:
         self.packed_modules = {f"layers.0.{k}": [f"layers.0.{s}" for s in v] for k, v in PACKED.items()}
         self.is_pooling_model = False
         self.lora_index_to_id: list[int | None] = [None] * SLOTS
-        self.lora_slots = SLOTS
-        self._active_adapters: AdapterLRUCache[None] = AdapterLRUCache(SLOTS, self._deactivate_adapter)
+        self._active_adapters: dict[int, None] = {}
         self._registered_adapters: dict[int, LoRAModel] = {}
         self.fused = {
             name: FusedLinear(x.lora_a_stacked, x.lora_b_stacked, x.output_slices, torch.float32, (None,) * SLOTS)
             for name, x in self.modules.items()
         }
-        self.wrapper = GroupedPunicaWrapperCPU(64, SLOTS, "cpu")
-        self.wrapper._fused = {id(x.lora_a_stacked[0]): self.fused[name] for name, x in self.modules.items()}
-        self.punica_wrapper_mapping = {"language_model": self.wrapper}
-
-    def running(self, *slot_list: int) -> None:
-        """The last step's plan: one token on each of these slots."""
-        self.wrapper._plan = build_plan(list(slot_list))
 
     def add_and_activate(self, lora: LoRAModel, replace: int | None = None) -> int:
         """vLLM's ``add_adapter`` (unless cached) and ``activate_adapter`` (after deactivating ``replace``: the
@@ -74,7 +61,8 @@ class _ModelManager:
             self._create_merged_loras_inplace(lora)
             self._registered_adapters[lora.id] = lora
         if replace is not None:
-            del self._active_adapters[replace]  # vLLM's cache frees its slot (_deactivate_adapter)
+            del self._active_adapters[replace]
+            self.lora_index_to_id[self.lora_index_to_id.index(replace)] = None
         self.activate_adapter(lora.id)
         return self.lora_index_to_id.index(lora.id)
 
@@ -187,88 +175,3 @@ def _listed(m: _ModelManager, lora: LoRAModel, name: str) -> tuple[list, list]:
         return list(packed.lora_a), list(packed.lora_b)
     loras = [lora.loras.get(sub) for sub in m.subs(name)]
     return [x.lora_a if x else None for x in loras], [x.lora_b if x else None for x in loras]
-
-
-def _delta(fused: FusedLinear, present: tuple[int, ...], slot: int, x: torch.Tensor) -> torch.Tensor:
-    """``slot``'s delta through the compact set of ``present``: its own columns of h kept, the others' zeroed."""
-    compact = fused.compact(present)
-    h = compact.shrink(x, torch.empty(x.shape[0], compact.width))
-    start = sum(compact.widths[: present.index(slot)])
-    keep = torch.zeros(compact.width)
-    keep[start : start + compact.widths[present.index(slot)]] = 1.0
-    return compact.expand(h * keep, torch.empty(x.shape[0], fused.out_features))
-
-
-def _want(m: _ModelManager, name: str, reference: dict, x: torch.Tensor) -> torch.Tensor:
-    cols = []
-    for sub, width in zip(m.subs(name), m.modules[name].output_slices, strict=True):
-        a, b, scaling = reference.get(sub, (None, None, 0.0))
-        cols.append(torch.zeros(x.shape[0], width) if a is None else x @ a.T @ b.T * scaling)
-    return torch.cat(cols, dim=1)
-
-
-def test_the_first_mixed_step_takes_the_compact_set_built_before_the_activation(
-    vllm_world,  # noqa: F811
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """A hot adapter runs in slot 0; the cold one's background build also builds, for every layer, the compact
-    set of the two in the slot vLLM then gives it (1): its first mixed step copies nothing, and each adapter's
-    columns serve the checkpoint's delta."""
-    m = _ModelManager()
-    hot, hot_reference = _adapter(m, 1, rank=8, alpha=16, seed=1, skip=None)
-    assert m.add_and_activate(hot) == 0
-    m.step()
-    m.running(0, 0)
-    cold, cold_reference = _adapter(m, 2, rank=12, alpha=24, seed=2)
-    prepare(m, cold)
-    assert m.add_and_activate(cold) == 1
-    m.step()
-    copies: list[int] = []
-    side_by_side = FusedLinear._side_by_side
-    monkeypatch.setattr(FusedLinear, "_side_by_side", lambda *a: copies.append(1) or side_by_side(*a))
-    for name, fused in m.fused.items():
-        x = torch.randn(3, fused.in_features)
-        for slot, reference in ((0, hot_reference), (1, cold_reference)):
-            torch.testing.assert_close(
-                _delta(fused, (0, 1), slot, x), _want(m, name, reference, x), atol=1e-3, rtol=1e-3
-            )
-    assert not copies  # every layer's set was the one built off the step
-
-
-def test_a_compact_set_built_for_other_adapters_is_never_served(vllm_world) -> None:  # noqa: F811
-    """The guess was slot 1, but another adapter took it first and the cold one landed in slot 2: the step that
-    presents slots (0, 1), the hot adapter and the other one, copies its own set and serves both correctly; the
-    set built for (hot, cold) is taken by the step presenting them, in slots (0, 2): same adapters, same order."""
-    m = _ModelManager()
-    hot, hot_reference = _adapter(m, 1, rank=8, alpha=16, seed=1, skip=None)
-    m.add_and_activate(hot)
-    m.step()
-    m.running(0)
-    cold, cold_reference = _adapter(m, 2, rank=12, alpha=24, seed=2)
-    prepare(m, cold)
-    other, other_reference = _adapter(m, 3, rank=4, alpha=4, seed=3, skip=None)
-    assert m.add_and_activate(other) == 1  # not the guess's adapter
-    assert m.add_and_activate(cold) == 2
-    m.step()
-    for name, fused in m.fused.items():
-        x = torch.randn(3, fused.in_features)
-        for present, slot, reference in (((0, 1), 1, other_reference), ((0, 1), 0, hot_reference)):
-            want = _want(m, name, reference, x)
-            torch.testing.assert_close(_delta(fused, present, slot, x), want, atol=1e-3, rtol=1e-3)
-        assert fused._ready_compact is not None  # still waiting for its own adapters
-        torch.testing.assert_close(_delta(fused, (0, 2), 2, x), _want(m, name, cold_reference, x), atol=1e-3, rtol=1e-3)
-        assert fused._ready_compact is None
-
-
-def test_next_slot_is_the_one_vllm_activates_into(vllm_world) -> None:  # noqa: F811
-    """The first free slot; once all are taken, the least recently used unpinned adapter's (vLLM's own LRU cache
-    and ``LRUCacheLoRAModelManager.activate_adapter``)."""
-    m = _ModelManager()
-    loras = [_adapter(m, i, rank=4, alpha=4, seed=i)[0] for i in range(1, SLOTS + 3)]
-    for lora in loras[:SLOTS]:
-        assert next_slot(m) == m.add_and_activate(lora)
-    m._active_adapters.touch(1)  # adapter 1 ran last: adapter 2 is the least recently used
-    m._active_adapters.pin(2)
-    guess = next_slot(m)
-    m._active_adapters.remove_oldest()  # what LRUCacheLoRAModelManager.activate_adapter does when all are taken
-    assert guess == m.add_and_activate(loras[SLOTS]) == 2  # adapter 3's slot: 2 is pinned

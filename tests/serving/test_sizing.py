@@ -61,19 +61,18 @@ SLOT_BF16 = 2 * PER_ADAPTER_PER_BYTE  # one slot of the tiny base in bf16 (vLLM'
 # one host-cache adapter: the same data, plus what its 28 tensors (A, B x 7 modules x 2 layers) and it cost beside it
 ADAPTER = SLOT_BF16 + 28 * TENSOR_OVERHEAD_BYTES + ADAPTER_OVERHEAD_BYTES
 # lora_ops' copies of one slot (lora_ops/fused.py): per fused linear with R = slices x 16, O = sum of outs,
-# 10 x R x (in + O) + 3 x 16 x O elements (two adapter forms a slot and its share of two compact sets, each a and b
-# and their packed copies; one form built off the step, waiting, unpacked, and its share of one compact set built
-# off the step, waiting, unpacked; the three forms' per-slice b).
+# 9 x R x (in + O) + 3 x 16 x O elements (two adapter forms a slot and its share of two compact sets, each a and b
+# and their packed copies; one form built off the step, waiting, unpacked; the three forms' per-slice b).
 # Tiny base (hidden 128, q 128, kv 64, intermediate 256): qkv R 48 in 128 O 256, o R 16 in 128 O 128,
 # gate_up R 32 in 128 O 512, down R 16 in 256 O 128; 2 layers, 2 bytes.
 COPIES_BF16 = (
     2
     * 2
     * (
-        (10 * 48 * (128 + 256) + 3 * 16 * 256)
-        + (10 * 16 * (128 + 128) + 3 * 16 * 128)
-        + (10 * 32 * (128 + 512) + 3 * 16 * 512)
-        + (10 * 16 * (256 + 128) + 3 * 16 * 128)
+        (9 * 48 * (128 + 256) + 3 * 16 * 256)
+        + (9 * 16 * (128 + 128) + 3 * 16 * 128)
+        + (9 * 32 * (128 + 512) + 3 * 16 * 512)
+        + (9 * 16 * (256 + 128) + 3 * 16 * 128)
     )
 )
 
@@ -220,19 +219,12 @@ def test_detect_hardware_reads_the_cpu_flags(tmp_path: Path, text: str, flags: s
 @pytest.mark.parametrize(("in_features", "outs", "rank", "slots"), [(128, (128, 64, 64), 16, 3), (256, (128,), 8, 5)])
 def test_slot_copy_bytes_is_what_the_fused_copies_take(in_features: int, outs: tuple[int, ...], rank, slots) -> None:
     """Per slot the most a linear keeps: ``PREPARED_PER_SLOT`` adapter forms (their tensors and matmuls),
-    ``READY_PER_SLOT`` forms built off the step for adapters not activated yet, two compact sets of all
-    slots and ``READY_COMPACT_SETS`` of all slots built off the step, not taken yet; the tensors they hold,
-    plus one packed oneDNN copy per matmul weight, are exactly ``slot_copy_bytes`` a slot."""
+    ``READY_PER_SLOT`` forms built off the step for adapters not activated yet, and two compact sets of all
+    slots; the tensors they hold, plus one packed oneDNN copy per matmul weight, are exactly
+    ``slot_copy_bytes`` a slot."""
     import torch
 
-    from lora_ops.fused import (
-        COMPACT_SETS,
-        PREPARED_PER_SLOT,
-        READY_COMPACT_SETS,
-        AdapterLinear,
-        FusedLinear,
-        slot_copy_bytes,
-    )
+    from lora_ops.fused import COMPACT_SETS, PREPARED_PER_SLOT, AdapterLinear, FusedLinear, slot_copy_bytes
     from lora_ops.ready import from_weights
     from lora_ops.slots import READY_PER_SLOT
 
@@ -263,10 +255,6 @@ def test_slot_copy_bytes_is_what_the_fused_copies_take(in_features: int, outs: t
         from_weights(lora_a, outs, *stacked_rows(), rank) for _ in range(READY_PER_SLOT) for _ in range(slots)
     ]  # as lora_ops.ready offers them: block-diagonal b built, never called
     held = [t for form in forms + ready for t in (form.a_t, form.b, *form.parts)] + [g.w for g in gemms]
-    for _ in range(READY_COMPACT_SETS):  # as lora_ops.ready offers one for a first mixed step: never called
-        fused.offer_compact(ready)
-        assert fused._ready_compact is not None
-        held += fused._ready_compact[1:]
     storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in held}
     packed = sum(g.w.nbytes for g in gemms)
     assert sum(storages.values()) + packed == slots * slot_copy_bytes(in_features, outs, rank, dtype.itemsize)
