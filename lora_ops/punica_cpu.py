@@ -146,9 +146,9 @@ class GroupedPunicaWrapperCPU(PunicaWrapperCPU):
         slot_of = {lid: i for i, lid in enumerate(lora_index_to_id) if lid is not None}
         token_slots = [slot_of[i] if i > 0 else -1 for i in mapping.index_mapping]
         prompt_slots = [slot_of[i] if i > 0 else -1 for i in mapping.prompt_mapping]
-        kernel = self._kernel is not None
-        self._plan = build_plan(token_slots, self.force_mode, self._width, kernel)
-        self._sampler_plan = build_plan(prompt_slots, self.force_mode, self._width, kernel)
+        has_kernel = self._kernel is not None
+        self._plan = build_plan(token_slots, self.force_mode, self._width, has_kernel)
+        self._sampler_plan = build_plan(prompt_slots, self.force_mode, self._width, has_kernel)
         self.no_lora = self._plan.mode == NONE
 
     def _buffer(self, name: str, rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
