@@ -80,9 +80,9 @@ GATHER_SLOT_US = 45.0  # ... plus shrink + expand per present slot
 GATHER_TOKEN_US = 0.55
 MASKED_US = 22.0  # MASKED: shrink + mask + expand + add (measured with packed compact matmuls, now torch.mm)
 MASKED_TOKEN_SLOT_US = 0.34  # every token pays for every *present* slot
-# TOKENS: shrink + expand (batched) + add, after stacking each token's weights: a token costs its own adapter's
-# flops, but through a copy of its weights and a batched matmul, about ten times MASKED's per token and slot (so
-# MASKED wins below ~10 adapters present). Measured on this project's 2-core AVX-512 machine, float32, one
+# TOKENS without the kernel (StackedTokenStep): shrink + expand (batched) + add, after stacking each token's
+# weights: a token costs its own adapter's flops, but through a copy of its weights and a batched matmul, about
+# ten times MASKED's per token and slot (so MASKED wins below ~10 adapters present). Measured on this project's 2-core AVX-512 machine, float32, one
 # thread, loaded: at the reference width and 16 tokens, TOKENS ~360 us a linear against MASKED ~400 us with 16
 # adapters present, ~216 us with 8. The stacked weights are T x width elements a call: only up to
 # TOKENS_MAX_ELEMENTS (8 MiB in float32; 35 tokens at the reference width, 10 on TinyLlama's layers).

@@ -35,12 +35,13 @@ from .fused import SCRATCH_MAX_BYTES, FusedLinear
 from .gemm import PACK_MAX_ROWS, ROWS_FOR, Gemm
 from .plan import MASKED, NONE, REF_WIDTH, RUNS, TOKENS, StepPlan, build_plan
 from .slots import install as install_slot_resets
+from .step import ResolvedCall
 from .token_step import StackedTokenStep, TokenStep
 
 _NO_ROWS = torch.empty(0, 0)
 
 
-class LayerStep:
+class LayerStep(ResolvedCall):
     """What one LoRA linear's calls run while a plan lasts: resolved by the layer's first call under the plan
     (weights fused, slots picked, compact set, mask and scratch looked up), replayed by the next ones.
 
@@ -55,7 +56,7 @@ class LayerStep:
     in and out around both (7 ops). Rows past the call's own hold finite values and are never read back.
     """
 
-    __slots__ = ("fused", "rows", "scale", "shrink", "expand", "x", "x_rows", "h", "h_rows", "d", "d_rows", "mask")
+    __slots__ = ("shrink", "expand", "x", "x_rows", "h", "h_rows", "d", "d_rows", "mask")
 
     def __init__(
         self,
@@ -68,16 +69,13 @@ class LayerStep:
     ) -> None:
         """``matmuls``: shrink and expand, None when no slot present targets the layer (calls do nothing);
         ``buffers``: the padded x (None: unpadded), h and the delta, each with at least ``rows`` rows."""
-        self.fused, self.rows, self.scale, self.mask = fused, rows, scale, mask
+        super().__init__(fused, rows, scale)
+        self.mask = mask
         self.shrink: Gemm | None = matmuls[0] if matmuls else None
         self.expand: Gemm | None = matmuls[1] if matmuls else None
         self.x, self.h, self.d = buffers
         self.x_rows = None if self.x is None else self.x[:rows]
         self.h_rows, self.d_rows = self.h[:rows], self.d[:rows]
-
-    def replays(self, x: torch.Tensor, lora_a: Sequence[torch.Tensor], scale: float) -> bool:
-        """Is this call the one resolved (same layer weights, unwritten; same rows, dtype and scale)?"""
-        return x.shape[0] == self.rows and scale == self.scale and self.fused.matches(lora_a, x.dtype)
 
     def run(self, y: torch.Tensor, x: torch.Tensor) -> None:
         """y += ((x @ shrink) * mask * scale) @ expand: 3 ops for one slot, 4 with a mask (a slot mix), one
@@ -247,7 +245,7 @@ class GroupedPunicaWrapperCPU(PunicaWrapperCPU):
             x, y = x[:n], y[:n]
         fused = self._fused_layer(lora_a_stacked, lora_b_stacked, output_slices, x.dtype)
         nonzero = fused.nonzero  # per slot: does its adapter target this layer?
-        step: LayerStep | TokenStep | StackedTokenStep | None = None
+        step: ResolvedCall | None = None
         # Note: running these small matmuls on one OpenMP thread would avoid
         # a fork/join per op, but inside vLLM's CPU worker (threads bound to
         # cores) a set_num_threads(1)/(n) pair costs ~26 us and slows the next
@@ -273,13 +271,11 @@ class GroupedPunicaWrapperCPU(PunicaWrapperCPU):
             if bind:
                 plan.layer_steps[id(lora_a_stacked[0])] = step
 
-    def _token_step(
-        self, fused: FusedLinear, plan: StepPlan, n: int, scale: float
-    ) -> TokenStep | StackedTokenStep | LayerStep:
+    def _token_step(self, fused: FusedLinear, plan: StepPlan, n: int, scale: float) -> ResolvedCall:
         """Each token through its own adapter: by the kernel, else stacked; the stacked form needs one packed
         width, so adapters of several widths run side by side (``MASKED``) there."""
         token_slots = plan.token_slots.tolist()
-        step: TokenStep | StackedTokenStep | None
+        step: ResolvedCall | None
         if self._kernel is not None:
             step = TokenStep.build(fused, token_slots, scale, self._kernel)
         else:

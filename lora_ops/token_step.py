@@ -23,21 +23,23 @@ import torch
 from .fused import AdapterLinear, FusedLinear
 from .gemm import PACK_MAX_ROWS, ROWS_FOR
 from .kernel import TokenLora
+from .step import ResolvedCall
 
 Buffer = Callable[[str, int, int, torch.dtype], torch.Tensor]
 
 
-class TokenStep:
+class TokenStep(ResolvedCall):
     """One LoRA linear's calls under a ``TOKENS`` plan, by the kernel: resolved once (the forms' rows of the
     kernel's table, in token order), replayed while the plan lasts, like ``punica_cpu.LayerStep``: one kernel
     call a linear."""
 
-    __slots__ = ("fused", "rows", "scale", "kernel", "forms", "table", "outs")
+    __slots__ = ("kernel", "forms", "table", "outs")
 
     def __init__(self, fused: FusedLinear, scale: float, forms: list[AdapterLinear | None], kernel: TokenLora):
         """``forms``: each token's adapter form, None for a token without one (the kernel skips it, as it
         skips a form whose adapter does not target this linear)."""
-        self.fused, self.rows, self.scale, self.kernel = fused, len(forms), scale, kernel
+        super().__init__(fused, len(forms), scale)
+        self.kernel = kernel
         self.outs = list(fused.output_slices)
         skipped = (0,) * (3 + len(self.outs))
         used = [form if form is not None and form.nonzero else None for form in forms]
@@ -49,28 +51,24 @@ class TokenStep:
         """The step for ``token_slots`` (-1: no adapter)."""
         return cls(fused, scale, [None if s < 0 else fused.slots[s] for s in token_slots], kernel)
 
-    def replays(self, x: torch.Tensor, lora_a: Sequence[torch.Tensor], scale: float) -> bool:
-        """Is this call the one resolved (same layer weights, unwritten; same rows, dtype and scale)?"""
-        return x.shape[0] == self.rows and scale == self.scale and self.fused.matches(lora_a, x.dtype)
-
     def run(self, y: torch.Tensor, x: torch.Tensor) -> None:
         """y[t] += x[t] @ a_t[t] * scale @ b[t], in one call (the kernel accumulates in float32)."""
         self.kernel(y, x, self.table, self.outs, self.scale)
 
 
-class StackedTokenStep:
+class StackedTokenStep(ResolvedCall):
     """One LoRA linear's calls under a ``TOKENS`` plan where the kernel could not be built: the stacking is
     redone every call, so the stacked weights (T x width elements, ``plan.TOKENS_MAX_ELEMENTS``) live only as
     scratch."""
 
-    __slots__ = ("fused", "rows", "scale", "a", "b", "ta", "tb", "h", "d")
+    __slots__ = ("a", "b", "ta", "tb", "h", "d")
 
     def __init__(self, fused: FusedLinear, scale: float, forms: list[AdapterLinear | None], buffer: Buffer):
         """``forms``: each token's adapter form, None for a token without one (its weights stacked as zeros);
         all forms of one width (``build`` checks); ``buffer``: the wrapper's scratch."""
         some = next(form for form in forms if form is not None)
         dtype, (k, width), n = fused.dtype, some.a_t.shape, fused.out_features
-        self.fused, self.rows, self.scale = fused, len(forms), scale
+        super().__init__(fused, len(forms), scale)
         self.a: list[torch.Tensor] = []  # (in, W) per token
         self.b: list[torch.Tensor] = []  # (W, out) per token
         zeros: tuple[torch.Tensor, torch.Tensor] | None = None  # made only if a token has no adapter
@@ -98,10 +96,6 @@ class StackedTokenStep:
         forms = [None if s < 0 else fused.slots[s] for s in token_slots]
         widths = {form.a_t.shape[1] for form in forms if form is not None}
         return cls(fused, scale, forms, buffer) if len(widths) == 1 else None
-
-    def replays(self, x: torch.Tensor, lora_a: Sequence[torch.Tensor], scale: float) -> bool:
-        """Is this call the one resolved (same layer weights, unwritten; same rows, dtype and scale)?"""
-        return x.shape[0] == self.rows and scale == self.scale and self.fused.matches(lora_a, x.dtype)
 
     def run(self, y: torch.Tensor, x: torch.Tensor) -> None:
         """y[t] += x[t] @ a_t[t] * scale @ b[t]: stack, batched shrink, scale, batched expand, add."""
