@@ -22,7 +22,8 @@ Disable per process with ``VLLM_PLUGINS`` set to a list without
 ``loraserve_lora_ops`` (e.g. ``VLLM_PLUGINS=none``) to get vLLM's stock ops.
 
 It owns the CPU punica wrapper (``punica_cpu``), its per-step plan (``plan``)
-and the fused LoRA weights (``fused``) with their packed oneDNN matmuls (``gemm``). Because vLLM loads it into
+and the fused LoRA weights (``fused``) with their packed oneDNN matmuls (``gemm``),
+and the per-token kernel (``kernel``, ``csrc/``) that ``TOKENS`` steps run (``token_step``). Because vLLM loads it into
 any process, also a plain ``vllm serve``, it depends on vLLM and torch only,
 never on another package of ours (``tests/test_boundaries.py``).
 """
