@@ -15,7 +15,11 @@ slots swaps every few steps) costs a lookup: no copy, no matmul re-packed. An
 adapter's first activation takes the form ``lora_ops.ready`` built before it
 on the loading thread, or, where there is none, copies the slot. Kept
 at most ``PREPARED_PER_SLOT`` per slot, and only while vLLM's host cache holds
-the adapter (weak references): charged by ``slot_copy_bytes``.
+the adapter (weak references): charged by ``slot_copy_bytes``. A form is the
+adapter's weights once; the copies its own matmuls run faster on (the
+block-diagonal B, packed weights) are kept by the ``EXPANDED_FORMS`` forms a
+linear ran most recently only, a bound per linear (``shared_copy_bytes``), so
+a 100-adapter rotation through 32 slots costs 32 slots of forms, not of copies.
 
 Compact copies for a set of adapters (``compact``): the present slots' A and
 B rows side by side, (in, W) and (W, out), so a mixed decode batch runs one
@@ -32,7 +36,7 @@ per slot) and the per-adapter matmuls those rows rounded up to a power of two
 (``packed_rank``: a few fixed shapes), so a rank-16 adapter in an engine of
 max rank 256 costs rank-16 matmuls and rank-16 copies. A step's set of
 present adapters lasts as long as its requests share the batch (many decode
-steps), so the last sets are kept (``COMPACT_SETS``).
+steps), so the last sets are kept (``COMPACT_ADAPTERS`` adapters in all).
 
 Invalidation: vLLM writes a slot in place (``reset_lora`` + ``copy_``), which
 bumps the stacked tensors' ``_version``, and only when it activates an
@@ -53,23 +57,31 @@ from typing import NamedTuple
 
 import torch
 
-from .gemm import PACK_MAX_ROWS, PACK_ROWS, Gemm, packed_rank, primitive_bytes
-from .slots import READY_PER_SLOT, slot_rank, slot_source, take_ready
+from .gemm import PACK_MAX_ROWS, PACK_ROWS, Gemm, SlicedGemm, packed_rank, primitive_bytes
+from .slots import ready_bound, slot_rank, slot_source, take_ready
 
 # A mix of adapters present recurs for many decode steps (its requests share the batch), and its compact set
 # runs 1.8-3.4x slower on torch.mm than packed (float32, one TinyLlama layer, loaded); with adapters of a few
 # ranks the widths, and so the shapes, repeat (zipf-8 in 4 slots: 3-4 widths per linear). Past this many
 # shapes a rotation over ever-new widths runs its compact sets unpacked instead of compiling without end.
 COMPACT_PACKED_SHAPES = 32
-# Compact sets kept per linear, as slot units: the sets held have at most COMPACT_SETS x S slots in all (S: the
-# linear's slots), the least recently used dropped first. That is the bytes of COMPACT_SETS sets of every slot
-# (what ``slot_copy_bytes`` charges), and more sets when they are smaller, so a mix that comes back after others
-# may find its set (a loaded zipf8 profile, 8 adapters through 4 slots, 2 sets a linear: 9 mixes, 9 builds).
-COMPACT_SETS = 2
+# Compact sets kept per linear hold at most this many adapters in all, the least recently used set dropped
+# first, and the plan runs MASKED only for mixes that fit (``plan.choose_mode``). A fixed bound, not one per
+# slot: MASKED pays for every adapter present on every token, so it only wins for few adapters (with the
+# kernel, 16 decode tokens switch to TOKENS at about 8), and sets of few adapters are small; so many more
+# slots (a 100-adapter rotation's 32) cost no more compact copies. Zipf-8 in 4 slots keeps 2-4 of its mixes.
+COMPACT_ADAPTERS = 8
 # Adapter forms (``AdapterLinear``) kept per linear, per slot: those in the slots and as many again of the
 # adapters that left them most recently, so a rotation through twice as many adapters as slots (zipf-8 in 4)
-# swaps by pointer. Each costs about what a slot's copy cost before: ``slot_copy_bytes`` charges them per slot.
+# swaps by pointer. A form is the adapter's weights once (``a_t`` and ``parts``); ``slot_copy_bytes`` charges them.
 PREPARED_PER_SLOT = 2
+# Forms per linear that also keep their own matmuls' copies (the block-diagonal B and, once warm, both weights
+# packed for oneDNN: ``AdapterLinear.expanded``), the most recently run first and never one in a slot dropped;
+# any other form runs its weights as they lie (``AdapterLinear.bare``: unpacked shrink, one matmul per slice to
+# expand). Bounded per linear, not per slot (``shared_copy_bytes``): the paths that use them (RUNS, GATHER: one
+# adapter, zipf-8 through 4 slots, few-adapter mixes) run few adapters, and a many-adapter decode step runs the
+# per-token kernel, which reads the forms as they lie.
+EXPANDED_FORMS = 8
 SCRATCH_MAX_BYTES = 64 << 20
 """The scratch buffers a punica wrapper (``punica_cpu``) keeps between steps, at most (plus the buffers of the op
 that passes it); charged to the memory budget with the primitives (``serving.sizing``). Measured unbounded, a
@@ -85,22 +97,48 @@ def compact_matmul_bytes(max_features: int, dtype_bytes: int) -> int:
 
 
 def slot_copy_bytes(in_features: int, slice_outs: tuple[int, ...], rank: int, dtype_bytes: int) -> int:
-    """Host memory one slot of a :class:`FusedLinear` can hold at most, packed matmuls included.
+    """Host memory one slot of a :class:`FusedLinear` adds at most: its ``PREPARED_PER_SLOT`` adapter forms.
 
-    With ``R = len(slice_outs) x rank`` and ``O = sum(slice_outs)``: ``PREPARED_PER_SLOT`` adapter forms,
-    each ``a_t`` (in x R), block-diagonal ``b`` (R x O), ``parts`` (rank x O in all) and the packed copies of
-    ``a_t`` and ``b`` (the oneDNN handle, counted at the weight's own size); ``slots.READY_PER_SLOT`` forms
-    built off the step and not activated yet (``lora_ops.ready``: no packed copies); and the slot's share of
-    ``COMPACT_SETS`` compact sets, ``a`` (R x in) and ``b`` (R x O) each, packed copies too.
-    Summed for every slot of every LoRA linear, this bounds what these copies add to vLLM's own slot
-    buffers; ``serving.sizing`` charges it to ``store.memory_budget_bytes``.
+    With ``R = len(slice_outs) x rank`` and ``O = sum(slice_outs)``, a form is ``a_t`` (in x R) and ``parts``
+    (rank x O in all): the adapter's weights once. What a linear keeps beyond its forms is bounded per linear,
+    not per slot: :func:`shared_copy_bytes`. Summed for every slot of every LoRA linear, this bounds what the
+    forms add to vLLM's own slot buffers; ``serving.sizing`` charges it to ``store.memory_budget_bytes``.
+    """
+    return PREPARED_PER_SLOT * _form_elements(in_features, slice_outs, rank) * dtype_bytes
+
+
+def shared_bounds(num_slots: int) -> tuple[int, int, int]:
+    """What a linear of ``num_slots`` slots keeps beyond its slots' forms, at most: expanded forms, adapters in
+    compact sets, forms waiting for their activation. The fixed bounds (``EXPANDED_FORMS``, ``COMPACT_ADAPTERS``,
+    ``slots.READY_FORMS``), or what so few slots can use where that is less: every kept form expanded, two
+    compact sets of every slot, a waiting form a slot."""
+    return (
+        min(EXPANDED_FORMS, PREPARED_PER_SLOT * num_slots),
+        min(COMPACT_ADAPTERS, 2 * num_slots),
+        ready_bound(num_slots),
+    )
+
+
+def shared_copy_bytes(in_features: int, slice_outs: tuple[int, ...], rank: int, dtype_bytes: int, slots: int) -> int:
+    """Host memory a :class:`FusedLinear` of ``slots`` slots keeps at most beyond its slots' forms
+    (:func:`shared_bounds`), a bound per linear that stops growing with the slots.
+
+    Each expanded form's own matmul copies: the block-diagonal ``b`` (R x O) and the packed copies of ``a_t``
+    and ``b`` (the oneDNN handle, counted at the weight's own size); each adapter of a compact set, its ``a``
+    (R x in) and ``b`` (R x O) rows, packed copies too; each form built off the step and not activated yet
+    (``lora_ops.ready``), with its ``b``. ``serving.sizing`` charges it once per LoRA linear.
     """
     r_total, out_total = len(slice_outs) * rank, sum(slice_outs)
-    forms = PREPARED_PER_SLOT + READY_PER_SLOT
-    # tensor + packed handle, for each kept form and each set; a ready form (never called yet) has no handle
-    copies = 2 * (PREPARED_PER_SLOT + COMPACT_SETS) + READY_PER_SLOT
-    elements = copies * r_total * (in_features + out_total) + forms * rank * out_total
-    return elements * dtype_bytes
+    expanded = r_total * out_total + r_total * (in_features + out_total)
+    compact = 2 * r_total * (in_features + out_total)
+    ready = _form_elements(in_features, slice_outs, rank) + r_total * out_total
+    forms, adapters, waiting = shared_bounds(slots)
+    return (forms * expanded + adapters * compact + waiting * ready) * dtype_bytes
+
+
+def _form_elements(in_features: int, slice_outs: tuple[int, ...], rank: int) -> int:
+    """An adapter form's elements: ``a_t`` (in x slices x rank) and ``parts`` (rank x sum(slice_outs))."""
+    return len(slice_outs) * rank * in_features + rank * sum(slice_outs)
 
 
 _COMPACT_SHAPES: set[tuple[int, int, torch.dtype]] = set()
@@ -134,6 +172,10 @@ class AdapterLinear:
     * ``parts[i]``: (packed, out_i), slice i's B alone, one ``addmm_`` per slice;
     * ``shrink``/``expand``: their matmuls, packed for oneDNN once warm.
 
+    ``a_t`` and ``parts`` are the form (what the per-token kernel reads); ``b`` and the packed copies are the
+    form's *expanded* state, which :class:`FusedLinear` lets only ``EXPANDED_FORMS`` forms a linear keep
+    (``release`` drops it); the others run ``bare``: the same arithmetic on ``a_t`` and ``parts`` as they lie.
+
     Built off the step where it can be (``lora_ops.ready``, from the adapter's tensors before vLLM activates
     it); otherwise (``from_slot``) a cold adapter's first activation builds it inside the engine step,
     so that does only what the step needs: ``b`` is built on first use (a prefill step uses ``parts``), and
@@ -151,6 +193,7 @@ class AdapterLinear:
         "row_index",
         "_shrink",
         "_expand",
+        "_bare",
         "_kernel_row",
     )
 
@@ -170,6 +213,7 @@ class AdapterLinear:
         self.row_index = (starts[:, None] + torch.arange(rows)[None, :]).flatten()  # the first `rows` per slice
         self._shrink: Gemm | None = None
         self._expand: Gemm | None = None
+        self._bare: tuple[Gemm, SlicedGemm] | None = None
         self._kernel_row: tuple[int, ...] | None = None
 
     @classmethod
@@ -196,10 +240,25 @@ class AdapterLinear:
 
     @property
     def b(self) -> torch.Tensor:
-        """(W, out): the block-diagonal of ``parts``."""
+        """(W, out): the block-diagonal of ``parts``, kept (expanded state)."""
         if self._b is None:
             self._b = torch.block_diag(*self.parts)
         return self._b
+
+    def block_diagonal(self) -> torch.Tensor:
+        """``b`` where this form keeps it, else built for the caller and not kept."""
+        return self._b if self._b is not None else torch.block_diag(*self.parts)
+
+    @property
+    def bare(self) -> tuple[Gemm, SlicedGemm]:
+        """Shrink and expand on ``a_t`` and ``parts`` as they lie: no copy, never packed."""
+        if self._bare is None:
+            self._bare = (Gemm(self.a_t, packed=False), SlicedGemm(self.parts, self.packed))
+        return self._bare
+
+    def release(self) -> None:
+        """Drop the expanded state (``b``, the packed matmuls); the form itself stays."""
+        self._b = self._shrink = self._expand = None
 
     @property
     def shrink(self) -> Gemm:
@@ -248,6 +307,7 @@ class FusedLinear:
     Forms are kept per adapter (keyed by ``slots.slot_source``, the adapter's own tensor), at most
     ``PREPARED_PER_SLOT`` per slot, least recently activated dropped first (never one a slot holds), and
     dropped sooner when vLLM's host cache frees the adapter: an adapter that takes a slot again costs a lookup.
+    At most ``EXPANDED_FORMS`` of them keep their expanded state (``matmuls``).
     """
 
     def __init__(self, lora_a, lora_b, output_slices, dtype: torch.dtype, slot_ids: tuple = ()):
@@ -257,7 +317,9 @@ class FusedLinear:
         self.num_slots, _, self.slice_rank, self.in_features = lora_a[0].shape
         self.rank = len(self.output_slices) * self.slice_rank  # a slot's LoRA width at max_lora_rank
         self._prepared: OrderedDict[int, tuple[weakref.ref[torch.Tensor], AdapterLinear]] = OrderedDict()
+        self._expanded: OrderedDict[int, AdapterLinear] = OrderedDict()  # by uid, least recently run first
         self._compact: OrderedDict[tuple[int, ...], Compact] = OrderedDict()  # by the adapters' uids, LRU
+        self._expanded_bound, self._compact_bound, _ = shared_bounds(self.num_slots)
         # By slots, until a slot changes or a set is dropped: the hot path's lookup (with the set's key, for the LRU).
         self._by_present: dict[tuple[int, ...], tuple[tuple[int, ...], Compact]] = {}
         self.slots: list[AdapterLinear] = []
@@ -313,6 +375,8 @@ class FusedLinear:
         adapter = take_ready(lora_a, source)  # built off the step (lora_ops.ready), if it got that far
         if adapter is None or not adapter.fits(self.in_features, self.output_slices, rows, self.dtype):
             adapter = AdapterLinear.from_slot(lora_a, lora_b, self.output_slices, s, rows, self.dtype)
+        elif not self._expand(adapter):  # a ready form comes with its b: kept only as an expanded form
+            adapter.release()
         self._prepared[key] = (weakref.ref(source), adapter)
         self._forget(keep=adapter)
         return adapter
@@ -320,13 +384,33 @@ class FusedLinear:
     def _forget(self, keep: AdapterLinear) -> None:
         """Drop forms of freed adapters, then the least recently activated past the bound (not a slot's)."""
         for key in [k for k, (ref, _) in self._prepared.items() if ref() is None]:
-            del self._prepared[key]
+            self._drop(key)
         in_use = {id(adapter) for adapter in self.slots} | {id(keep)}
         bound = PREPARED_PER_SLOT * self.num_slots
         for key in [k for k, (_, adapter) in self._prepared.items() if id(adapter) not in in_use]:
             if len(self._prepared) <= bound:
                 break
-            del self._prepared[key]
+            self._drop(key)
+
+    def _drop(self, key: int) -> None:
+        _, adapter = self._prepared.pop(key)
+        if self._expanded.pop(adapter.uid, None) is not None:
+            adapter.release()
+
+    def _expand(self, form: AdapterLinear) -> bool:
+        """May ``form`` keep its expanded state? Yes if it does, or if there is room, made by dropping the
+        least recently run form not in a slot; no if every expanded form is in a slot."""
+        if form.uid in self._expanded:
+            self._expanded.move_to_end(form.uid)
+            return True
+        if len(self._expanded) >= self._expanded_bound:
+            in_slots = {id(adapter) for adapter in self.slots}
+            oldest = next((uid for uid, other in self._expanded.items() if id(other) not in in_slots), None)
+            if oldest is None:
+                return False
+            self._expanded.pop(oldest).release()
+        self._expanded[form.uid] = form
+        return True
 
     def slot_rows(self, slot: int) -> int:
         """Rows per slice that can be non-zero in ``slot`` (its written rank; ``max_lora_rank`` if unknown)."""
@@ -337,20 +421,20 @@ class FusedLinear:
         (``packed_rank``), so their shapes come from a small fixed set."""
         return self.slots[slot].packed
 
-    def a_slot(self, slot: int) -> Gemm:
-        """x (M, in) -> h (M, W) for one slot, W = slices x ``packed_rows(slot)``, slice-major."""
-        return self.slots[slot].shrink
-
-    def b_slot(self, slot: int) -> Gemm:
-        """h (M, W) -> delta (M, out) for one slot."""
-        return self.slots[slot].expand
+    def matmuls(self, slot: int) -> tuple[Gemm, Gemm | SlicedGemm]:
+        """Shrink x (M, in) -> h (M, W) and expand h -> delta (M, out) for one slot, W = slices x
+        ``packed_rows(slot)``, slice-major: the form's own (one expand, both packed once warm) while it is
+        among the ``EXPANDED_FORMS`` most recently run, else its weights as they lie (``AdapterLinear.bare``)."""
+        form = self.slots[slot]
+        if self._expand(form):
+            return form.shrink, form.expand
+        return form.bare
 
     def _make_room(self, slots: int) -> None:
-        """Drop the least recently used compact sets until one of ``slots`` slots fits the bound
-        (``COMPACT_SETS`` x ``num_slots`` slots in all)."""
-        bound = COMPACT_SETS * self.num_slots
+        """Drop the least recently used compact sets until one of ``slots`` adapters fits the bound
+        (``shared_bounds``: ``COMPACT_ADAPTERS`` in all)."""
         held = sum(len(key) for key in self._compact)
-        while self._compact and held + slots > bound:
+        while self._compact and held + slots > self._compact_bound:
             key, _ = self._compact.popitem(last=False)
             held -= len(key)
             self._by_present.clear()
@@ -358,7 +442,10 @@ class FusedLinear:
     def compact(self, present: tuple[int, ...]) -> Compact:
         """Shrink and expand over the ``present`` slots side by side, each at its own written rank:
         x (M, in) -> h (M, sum W_k), column block k (W_k = slices x ``slot_rows``) for slot ``present[k]``;
-        h -> delta (M, out), summed over the slots. Kept per set of adapters, not of slots."""
+        h -> delta (M, out), summed over the slots. Kept per set of adapters, not of slots; at most
+        ``COMPACT_ADAPTERS`` slots (``plan.choose_mode`` runs MASKED only for mixes that fit)."""
+        if len(present) > self._compact_bound:
+            raise ValueError(f"a compact set holds at most {self._compact_bound} adapters, not {len(present)}")
         hit = self._by_present.get(present)
         if hit is not None:
             self._compact.move_to_end(hit[0])
@@ -389,7 +476,8 @@ class FusedLinear:
         slice launched ~100 small copies per linear, and a 100-adapter rotation (a new mix every step or two)
         spent 7% of the engine core in it (py-spy, loaded), more than the set's matmuls save."""
         if all(ad.rows == ad.packed for ad in adapters):
-            return torch.cat([ad.a_t for ad in adapters], dim=1), torch.cat([ad.b for ad in adapters], dim=0)
+            a = torch.cat([ad.a_t for ad in adapters], dim=1)
+            return a, torch.cat([ad.block_diagonal() for ad in adapters], dim=0)
         a = torch.empty(self.in_features, width, dtype=self.dtype)
         b = torch.zeros(width, self.out_features, dtype=self.dtype)
         col = 0

@@ -184,3 +184,23 @@ class Gemm:
         xp[:m].copy_(x)
         torch.ops._C.onednn_mm(outp, xp, None, self._handle)
         return out.copy_(outp[:m])
+
+
+class SlicedGemm:
+    """``out = x @ block_diag(parts)`` without the block-diagonal: one ``torch.mm`` per slice into its own
+    columns of ``out``, from x's ``rows`` columns of slice i. Why: a form that keeps no expanded state
+    (``fused.EXPANDED_FORMS``) runs its B as it lies, at one call per slice instead of a copy kept."""
+
+    __slots__ = ("parts", "rows")
+
+    def __init__(self, parts: tuple[torch.Tensor, ...], rows: int):
+        self.parts, self.rows = parts, rows  # parts[i]: (rows, out_i)
+
+    def __call__(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        # x: (M, len(parts) x rows), out: (M, sum(out_i))
+        col, r = 0, self.rows
+        for i, part in enumerate(self.parts):
+            width = part.shape[1]
+            torch.mm(x[:, i * r : (i + 1) * r], part, out=out[:, col : col + width])
+            col += width
+        return out

@@ -34,7 +34,9 @@ The plan picks one of four ways to run a LoRA linear layer:
   per layer (shrink, mask, expand, add) however many adapters are mixed,
   at P times the (small) LoRA flops and weight reads. Never the S slots
   allocated: with ``max_loras`` sized for a full batch of distinct adapters
-  (S = 32), a decode step with 3 adapters present pays for 3.
+  (S = 32), a decode step with 3 adapters present pays for 3. Only for mixes
+  of at most ``fused.COMPACT_ADAPTERS`` adapters, the most its kept compact
+  sets hold (a bound per linear, whatever the slots).
 
 No mode's cost depends on the number of slots, so the plan does not take it.
 
@@ -59,6 +61,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
+
+from .fused import COMPACT_ADAPTERS
 
 NONE, RUNS, GATHER, MASKED, TOKENS = "none", "runs", "gather", "masked", "tokens"
 MODES = (RUNS, GATHER, MASKED, TOKENS)
@@ -169,8 +173,9 @@ def choose_mode(
     cost = {
         RUNS: RUN_US * num_runs + RUN_TOKEN_US * flops * num_active,
         GATHER: GATHER_US + GATHER_SLOT_US * num_present + GATHER_TOKEN_US * flops * num_active,
-        MASKED: MASKED_US + MASKED_TOKEN_SLOT_US * flops * num_tokens * num_present,
     }
+    if num_present <= COMPACT_ADAPTERS:
+        cost[MASKED] = MASKED_US + MASKED_TOKEN_SLOT_US * flops * num_tokens * num_present
     if kernel:
         cost[TOKENS] = KERNEL_US + KERNEL_TOKEN_US * flops * num_active
     elif num_tokens * width <= TOKENS_MAX_ELEMENTS:
@@ -193,6 +198,8 @@ def build_plan(
     num_active = sum(end - start for _, start, end in runs)
     if force_mode is not None and force_mode not in MODES:
         raise ValueError(f"force_mode must be one of {MODES}, got {force_mode!r}")
+    if force_mode == MASKED and len(present) > COMPACT_ADAPTERS:
+        raise ValueError(f"force_mode {MASKED!r} runs at most {COMPACT_ADAPTERS} adapters, not {len(present)}")
     mode = force_mode or choose_mode(n, num_active, len(present), len(runs), width, kernel)
     if mode == RUNS:
         full = runs[0][0] if len(runs) == 1 and runs[0][2] - runs[0][1] == n else -1

@@ -32,13 +32,15 @@ from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
 
 from . import compiled, kernel
 from .fused import SCRATCH_MAX_BYTES, FusedLinear
-from .gemm import PACK_MAX_ROWS, ROWS_FOR, Gemm
+from .gemm import PACK_MAX_ROWS, ROWS_FOR, Gemm, SlicedGemm
 from .plan import MASKED, NONE, REF_WIDTH, RUNS, TOKENS, StepPlan, build_plan
 from .slots import install as install_slot_resets
 from .step import ResolvedCall
 from .token_step import StackedTokenStep, TokenStep
 
 _NO_ROWS = torch.empty(0, 0)
+Matmuls = tuple[Gemm, Gemm | SlicedGemm]
+"""Shrink and expand: a form's own or its weights as they lie (``FusedLinear.matmuls``), or a compact set's."""
 
 
 class LayerStep(ResolvedCall):
@@ -63,7 +65,7 @@ class LayerStep(ResolvedCall):
         fused: FusedLinear,
         rows: int,
         scale: float,
-        matmuls: tuple[Gemm, Gemm] | None = None,
+        matmuls: Matmuls | None = None,
         buffers: tuple[torch.Tensor | None, torch.Tensor, torch.Tensor] = (None, _NO_ROWS, _NO_ROWS),
         mask: torch.Tensor | None = None,
     ) -> None:
@@ -72,7 +74,7 @@ class LayerStep(ResolvedCall):
         super().__init__(fused, rows, scale)
         self.mask = mask
         self.shrink: Gemm | None = matmuls[0] if matmuls else None
-        self.expand: Gemm | None = matmuls[1] if matmuls else None
+        self.expand: Gemm | SlicedGemm | None = matmuls[1] if matmuls else None
         self.x, self.h, self.d = buffers
         self.x_rows = None if self.x is None else self.x[:rows]
         self.h_rows, self.d_rows = self.h[:rows], self.d[:rows]
@@ -257,7 +259,7 @@ class GroupedPunicaWrapperCPU(PunicaWrapperCPU):
         elif plan.full_slot >= 0:  # every token on one adapter, prefill-sized
             self._one_slot(y, x, fused, plan.full_slot, scale)
         elif plan.mode == TOKENS:
-            step = self._token_step(fused, plan, n, scale)
+            step = self._token_step(fused, plan, scale)
         elif plan.mode == MASKED:
             step = self._masked_step(fused, plan, n, scale)
         elif plan.mode == RUNS:
@@ -271,23 +273,19 @@ class GroupedPunicaWrapperCPU(PunicaWrapperCPU):
             if bind:
                 plan.layer_steps[id(lora_a_stacked[0])] = step
 
-    def _token_step(self, fused: FusedLinear, plan: StepPlan, n: int, scale: float) -> ResolvedCall:
-        """Each token through its own adapter: by the kernel, else stacked; the stacked form needs one packed
-        width, so adapters of several widths run side by side (``MASKED``) there."""
+    def _token_step(self, fused: FusedLinear, plan: StepPlan, scale: float) -> ResolvedCall:
+        """Each token through its own adapter: by the kernel, else stacked."""
         token_slots = plan.token_slots.tolist()
-        step: ResolvedCall | None
         if self._kernel is not None:
-            step = TokenStep.build(fused, token_slots, scale, self._kernel)
-        else:
-            step = StackedTokenStep.build(fused, token_slots, scale, self._buffer)
-        return step or self._masked_step(fused, plan, n, scale)
+            return TokenStep.build(fused, token_slots, scale, self._kernel)
+        return StackedTokenStep.build(fused, token_slots, scale, self._buffer)
 
     def _one_slot_step(self, fused: FusedLinear, slot: int, n: int, scale: float) -> LayerStep:
         """Decode-sized, one slot: 3 ops (shrink, block-diagonal expand, add)."""
-        return self._step(fused, n, scale, (fused.a_slot(slot), fused.b_slot(slot)))
+        return self._step(fused, n, scale, fused.matmuls(slot))
 
     def _step(
-        self, fused: FusedLinear, n: int, scale: float, matmuls: tuple[Gemm, Gemm], mask: torch.Tensor | None = None
+        self, fused: FusedLinear, n: int, scale: float, matmuls: Matmuls, mask: torch.Tensor | None = None
     ) -> LayerStep:
         """A ``LayerStep`` of ``n`` rows with its scratch, padded to the next of ``fused.PACK_ROWS`` (the rows
         a packed matmul runs at) when ``n`` is decode-sized and between two of them."""
@@ -313,11 +311,11 @@ class GroupedPunicaWrapperCPU(PunicaWrapperCPU):
         if n <= PACK_MAX_ROWS:
             self._one_slot_step(fused, slot, n, scale).run(y, x)
             return
-        shrink = fused.a_slot(slot)
+        shrink = fused.slots[slot].bare[0]  # prefill-sized: never packed
         h = shrink(x, self._buffer("h", n, shrink.w.shape[1], fused.dtype))  # (n, W): slices x slot_rows
         if scale != 1.0:
             h.mul_(scale)
-        rows, col = fused.packed_rows(slot), 0  # h's columns per slice (a_slot's width)
+        rows, col = fused.packed_rows(slot), 0  # h's columns per slice (the shrink's width)
         for i, part in enumerate(fused.slots[slot].parts):  # (rows, out_i)
             width = part.shape[1]
             y[:, col : col + width].addmm_(h[:, i * rows : (i + 1) * rows], part)
@@ -352,11 +350,11 @@ class GroupedPunicaWrapperCPU(PunicaWrapperCPU):
         d = self._buffer("d", active + 1, out, dtype)  # (active + 1, out): the last row stays zero
         d[active].zero_()
         for slot, start, end in plan.runs:
-            shrink = fused.a_slot(slot)
+            shrink, expand = fused.matmuls(slot)
             hs = shrink(xs[start:end], self._buffer("h", end - start, shrink.w.shape[1], dtype))  # (rows, W)
             if scale != 1.0:
                 hs.mul_(scale)
-            fused.b_slot(slot)(hs, d[start:end])
+            expand(hs, d[start:end])
         y.add_(torch.index_select(d, 0, inv, out=self._buffer("dy", inv.shape[0], out, dtype)))
 
     # ------------------------------------------------- grouped general paths

@@ -24,7 +24,7 @@ the slot's dtype, rows past the rank zero) for the layers whose ``set_lora``
 this mirrors: one tensor pair for a one-slice layer, one per slice for a
 packed one, no tensor-parallel slicing. Any other layer, or a form not offered
 in time, is built in the step from the slot, as before; a form whose key never
-reaches a slot is dropped with its adapter or past ``slots.READY_PER_SLOT``.
+reaches a slot is dropped with its adapter or past ``slots.READY_FORMS``.
 """
 
 from __future__ import annotations

@@ -41,8 +41,8 @@ background thread that builds an adapter's forms before vLLM activates it
 ``set_lora`` will be given; the engine step takes one when that tensor lands
 in a slot. The two threads meet only under ``_READY_LOCK``; a form not offered
 yet is simply not found, and the step builds it itself. At most
-``READY_PER_SLOT`` per slot of the layer wait (oldest dropped), and only while
-their adapter is alive (weak references).
+``ready_bound`` a layer wait (oldest dropped), and only while their adapter is
+alive (weak references).
 """
 
 from __future__ import annotations
@@ -113,8 +113,18 @@ def slot_source(lora_a_stacked: Sequence[Any], index: int) -> Any | None:
     return None if ref is None else ref()
 
 
-READY_PER_SLOT = 1
-"""Forms waiting for their adapter's first activation, per slot of a layer: charged by ``fused.slot_copy_bytes``."""
+READY_FORMS = 8
+"""Forms waiting for their adapter's first activation, per layer, however many slots it has (fewer with fewer
+slots: ``ready_bound``): a form waits from its adapter's load (one loading thread) to the next step that schedules
+the adapter, so few wait at once; past the bound the oldest is dropped and built in the step instead. Charged by
+``fused.shared_copy_bytes``."""
+
+
+def ready_bound(num_slots: int) -> int:
+    """Forms that may wait in a layer of ``num_slots`` slots: ``READY_FORMS``, or one a slot where that is fewer."""
+    return min(READY_FORMS, num_slots)
+
+
 _READY: dict[int, tuple[weakref.ref[Any], OrderedDict[int, tuple[weakref.ref[Any], Any]]]] = {}
 """id of a layer's first stacked A tensor -> (the tensor, {id(adapter tensor): (the adapter tensor, its form)})."""
 _READY_LOCK = threading.Lock()
@@ -125,7 +135,8 @@ def offer(lora_a_stacked: Sequence[Any], source: Any, form: Any) -> None:
 
     Called from a background thread; drops the forms of freed adapters, then the oldest past the bound.
     """
-    weight, bound = lora_a_stacked[0], READY_PER_SLOT * lora_a_stacked[0].shape[0]
+    weight = lora_a_stacked[0]
+    bound = ready_bound(weight.shape[0])
     with _READY_LOCK:
         entry = _READY.get(id(weight))
         if entry is None or entry[0]() is not weight:

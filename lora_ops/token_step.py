@@ -59,22 +59,24 @@ class TokenStep(ResolvedCall):
 class StackedTokenStep(ResolvedCall):
     """One LoRA linear's calls under a ``TOKENS`` plan where the kernel could not be built: the stacking is
     redone every call, so the stacked weights (T x width elements, ``plan.TOKENS_MAX_ELEMENTS``) live only as
-    scratch."""
+    scratch. Adapters of different packed widths stack at the widest, the narrower zero-padded (their extra
+    columns of A and rows of B are zero, so they add nothing)."""
 
-    __slots__ = ("a", "b", "ta", "tb", "h", "d")
+    __slots__ = ("a", "b", "uniform", "ta", "tb", "h", "d")
 
     def __init__(self, fused: FusedLinear, scale: float, forms: list[AdapterLinear | None], buffer: Buffer):
         """``forms``: each token's adapter form, None for a token without one (its weights stacked as zeros);
-        all forms of one width (``build`` checks); ``buffer``: the wrapper's scratch."""
-        some = next(form for form in forms if form is not None)
-        dtype, (k, width), n = fused.dtype, some.a_t.shape, fused.out_features
+        ``buffer``: the wrapper's scratch."""
+        widths = {form.a_t.shape[1] for form in forms if form is not None}
+        dtype, k, width, n = fused.dtype, fused.in_features, max(widths), fused.out_features
         super().__init__(fused, len(forms), scale)
+        self.uniform = len(widths) == 1
         self.a: list[torch.Tensor] = []  # (in, W) per token
-        self.b: list[torch.Tensor] = []  # (W, out) per token
+        self.b: list[torch.Tensor] = []  # (W, out) per token, built for this plan where the form keeps none
         zeros: tuple[torch.Tensor, torch.Tensor] | None = None  # made only if a token has no adapter
         for form in forms:
             if form is not None:
-                a, b = form.a_t, form.b
+                a, b = form.a_t, form.block_diagonal()
             else:
                 zeros = zeros or (torch.zeros(k, width, dtype=dtype), torch.zeros(width, n, dtype=dtype))
                 a, b = zeros
@@ -88,19 +90,21 @@ class StackedTokenStep(ResolvedCall):
         self.d = buffer("d", t, n, dtype).view(t, 1, n)
 
     @classmethod
-    def build(
-        cls, fused: FusedLinear, token_slots: Sequence[int], scale: float, buffer: Buffer
-    ) -> StackedTokenStep | None:
-        """The step for ``token_slots`` (-1: no adapter), or None when the present adapters' forms differ in
-        width (adapters of ranks packed to different widths: ``MASKED`` runs them side by side instead)."""
-        forms = [None if s < 0 else fused.slots[s] for s in token_slots]
-        widths = {form.a_t.shape[1] for form in forms if form is not None}
-        return cls(fused, scale, forms, buffer) if len(widths) == 1 else None
+    def build(cls, fused: FusedLinear, token_slots: Sequence[int], scale: float, buffer: Buffer) -> StackedTokenStep:
+        """The step for ``token_slots`` (-1: no adapter)."""
+        return cls(fused, scale, [None if s < 0 else fused.slots[s] for s in token_slots], buffer)
 
     def run(self, y: torch.Tensor, x: torch.Tensor) -> None:
         """y[t] += x[t] @ a_t[t] * scale @ b[t]: stack, batched shrink, scale, batched expand, add."""
-        torch.stack(self.a, out=self.ta)
-        torch.stack(self.b, out=self.tb)
+        if self.uniform:
+            torch.stack(self.a, out=self.ta)
+            torch.stack(self.b, out=self.tb)
+        else:  # the scratch is shared: zero it, then each token's weights into its corner
+            self.ta.zero_()
+            self.tb.zero_()
+            for t, (a, b) in enumerate(zip(self.a, self.b)):
+                self.ta[t, :, : a.shape[1]].copy_(a)
+                self.tb[t, : b.shape[0]].copy_(b)
         torch.bmm(x.unsqueeze(1), self.ta, out=self.h)
         if self.scale != 1.0:
             self.h.mul_(self.scale)

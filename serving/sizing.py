@@ -31,16 +31,21 @@ metric. An explicit value in the config is always honoured.
   cache at ``max_lora_rank`` on every module (the same data plus what each of
   its tensors and the adapter itself cost beside it:
   :func:`adapter_store.max_adapter_bytes_in_memory`, measured against real
-  vLLM objects) and ``copies`` = what the CPU LoRA ops keep per slot
-  (:func:`lora_ops.fused.slot_copy_bytes` summed over qkv, o, gate_up and
-  down of every layer; counted even with the plugin off, so never short)::
+  vLLM objects) and ``copies`` = what the CPU LoRA ops keep per slot, their
+  adapter forms (:func:`lora_ops.fused.slot_copy_bytes` summed over qkv, o,
+  gate_up and down of every layer; counted even with the plugin off, so
+  never short)::
 
       budget >= fixed + max_loras x (slot buffers + copies) + max_cpu_loras x adapter
-      max_loras     = min(max_num_seqs, (budget - fixed) // (slot buffers + copies + adapter))   (left out)
+      max_loras     = the most, up to max_num_seqs, with fixed + max_loras x (slot buffers + copies + adapter)
+                      within the budget                                                      (left out)
       max_cpu_loras = (budget - fixed - max_loras x (slot buffers + copies)) // adapter        (left out)
 
-  ``fixed`` is what the CPU LoRA ops keep whatever the adapters: their
-  scratch buffers (``lora_ops.fused.SCRATCH_MAX_BYTES``) and the oneDNN
+  ``fixed`` is what the CPU LoRA ops keep beyond the slots' forms: the
+  copies their matmuls run on, bounded per linear (``lora_ops.fused.shared_copy_bytes``:
+  the expanded state of the forms run most recently, compact sets of a few
+  adapters, forms built ahead of their activation; fewer with very few slots,
+  then the same however many), their scratch buffers (``lora_ops.fused.SCRATCH_MAX_BYTES``) and the oneDNN
   primitives vLLM compiles for their packed matmuls, one per weight shape and
   row count (~300 KiB each), kept by vLLM's and oneDNN's process-wide caches
   for good. Those shapes are a fixed set per linear shape (layers share
@@ -70,6 +75,7 @@ not with the slots (``lora_ops/plan.py``; measured in ``loadtests.bench_lora
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Generic, Literal, TypeVar
@@ -81,7 +87,7 @@ from adapter_store import (
     cpu_loras_for_budget,
     max_adapter_bytes_in_memory,
 )
-from lora_ops.fused import SCRATCH_MAX_BYTES, compact_matmul_bytes, slot_copy_bytes
+from lora_ops.fused import SCRATCH_MAX_BYTES, compact_matmul_bytes, shared_copy_bytes, slot_copy_bytes
 from lora_ops.gemm import packed_matmul_bytes
 from serving.config import ConfigError, DType, Settings
 
@@ -123,6 +129,7 @@ class MemorySplit:
     max_cpu_loras: int
     scratch_bytes: int = 0  # the CPU LoRA ops' scratch buffers, at most (0 on a GPU)
     primitive_bytes: int = 0  # their packed matmuls' oneDNN primitives and padding, at most (0 on a GPU)
+    shared_copy_bytes: int = 0  # their copies bounded per linear, not per slot, at most (0 on a GPU)
 
     def parts(self) -> dict[str, int]:
         """Bytes by part, ``unused`` included: they sum to the budget."""
@@ -132,6 +139,7 @@ class MemorySplit:
             "host_cache": self.max_cpu_loras * self.adapter_bytes,
             "lora_scratch": self.scratch_bytes,
             "lora_primitives": self.primitive_bytes,
+            "lora_shared_copies": self.shared_copy_bytes,
         }
         return parts | {"unused": self.budget_bytes - sum(parts.values())}
 
@@ -200,10 +208,14 @@ def resolve_dtype(configured: DType, hardware: Hardware) -> Choice[DType]:
     )
 
 
+def _no_copies(slots: int) -> int:
+    return 0
+
+
 @dataclass(frozen=True)
 class _Costs:
     """Host bytes of one adapter in the host cache, of one slot (buffers, copies) and of the CPU LoRA ops'
-    fixed parts (scratch, primitives), under a budget."""
+    fixed parts (scratch, primitives, copies bounded per linear), under a budget."""
 
     budget: int
     adapter: int
@@ -211,15 +223,21 @@ class _Costs:
     slot_copies: int
     scratch: int = 0
     primitives: int = 0
+    shared: Callable[[int], int] = _no_copies  # the copies bounded per linear, all layers, for this many slots
 
     @property
     def slot(self) -> int:
         return self.slot_buffers + self.slot_copies
 
-    @property
-    def for_adapters(self) -> int:
-        """What the budget leaves for slots and the host cache."""
-        return max(0, self.budget - self.scratch - self.primitives)
+    def fixed(self, slots: int) -> int:
+        """What the CPU LoRA ops keep beyond ``slots`` slots' own bytes: scratch, primitives, shared copies."""
+        return self.scratch + self.primitives + self.shared(slots)
+
+    def slots_within(self, most: int) -> int:
+        """The most slots, up to ``most``, that fit the budget next to the fixed part, each with its own
+        host-cache adapter (0: not one)."""
+        each = self.slot + self.adapter
+        return next((n for n in range(most, 0, -1) if self.fixed(n) + n * each <= self.budget), 0)
 
 
 def _costs(settings: Settings, spec: BaseModelSpec, dtype: str, hardware: Hardware) -> _Costs | None:
@@ -233,10 +251,15 @@ def _costs(settings: Settings, spec: BaseModelSpec, dtype: str, hardware: Hardwa
     shapes, dtype_bytes = spec.module_shapes(), DTYPE_BYTES[dtype]
     linears = [(shapes[group[0]][0], tuple(shapes[m][1] for m in group)) for group in FUSED_LINEARS]
     per_layer = sum(slot_copy_bytes(fan_in, outs, rank, dtype_bytes) for fan_in, outs in linears)
+    layers = spec.num_hidden_layers
+
+    def shared(slots: int) -> int:
+        return layers * sum(shared_copy_bytes(fan_in, outs, rank, dtype_bytes, slots) for fan_in, outs in linears)
+
     primitives = sum(packed_matmul_bytes(fan_in, outs, rank, dtype_bytes) for fan_in, outs in linears)  # per shape
     primitives += compact_matmul_bytes(max(max(fan_in, sum(outs)) for fan_in, outs in linears), dtype_bytes)
     slot_buffers = adapter_tensor_bytes(spec, rank, dtype)
-    return _Costs(budget, adapter, slot_buffers, per_layer * spec.num_hidden_layers, SCRATCH_MAX_BYTES, primitives)
+    return _Costs(budget, adapter, slot_buffers, per_layer * layers, SCRATCH_MAX_BYTES, primitives, shared)
 
 
 def _host_cache(
@@ -257,7 +280,7 @@ def _host_cache(
             dtype=dtype,
             max_loras=slots,
             slot_bytes=costs.slot,
-            reserved_bytes=costs.scratch + costs.primitives,
+            reserved_bytes=costs.fixed(slots),
         )
     except ValueError as e:
         raise ConfigError(str(e)) from e
@@ -265,8 +288,8 @@ def _host_cache(
         return Choice(
             fits,
             "derived",
-            f"store.memory_budget_bytes {costs.budget} less the CPU LoRA ops' scratch and primitives "
-            f"({costs.scratch + costs.primitives} bytes) and {slots} slot(s) of {costs.slot} bytes holds {fits} "
+            f"store.memory_budget_bytes {costs.budget} less the CPU LoRA ops' scratch, primitives and shared "
+            f"copies ({costs.fixed(slots)} bytes) and {slots} slot(s) of {costs.slot} bytes holds {fits} "
             f"adapters of rank {rank}",
         )
     if configured > fits:
@@ -287,13 +310,14 @@ def _derived_slots(
     if engine.max_cpu_loras is not None:
         limits.append((engine.max_cpu_loras, f"the host adapter cache holds {engine.max_cpu_loras}"))
     if costs is not None:
-        each = costs.slot + costs.adapter
+        fit = costs.slots_within(engine.max_num_seqs)
         limits.append(
             (
-                costs.for_adapters // each,
-                f"store.memory_budget_bytes {costs.budget} less {costs.scratch + costs.primitives} B for the CPU "
-                f"LoRA ops' scratch and primitives, / {each} B a slot (buffers {costs.slot_buffers}, "
-                f"copies {costs.slot_copies}, its host-cache adapter {costs.adapter})",
+                fit,
+                f"store.memory_budget_bytes {costs.budget} holds {fit} slot(s) of {costs.slot + costs.adapter} B "
+                f"(buffers {costs.slot_buffers}, copies {costs.slot_copies}, its host-cache adapter "
+                f"{costs.adapter}) next to the CPU LoRA ops' scratch, primitives and shared copies "
+                f"({costs.fixed(max(fit, 1))} B)",
             )
         )
     if hardware.device == "gpu":
@@ -336,5 +360,6 @@ def resolve_sizing(settings: Settings, hardware: Hardware) -> EngineSizing:
             host.value,
             costs.scratch,
             costs.primitives,
+            costs.shared(slots.value),
         )
     return EngineSizing(dtype=dtype, max_loras=slots, max_cpu_loras=host, memory=memory)

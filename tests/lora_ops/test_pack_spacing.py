@@ -64,14 +64,14 @@ def _call_all(managers: list[tuple[_Manager, int]]) -> None:
     """One decode-sized call of every linear's shrink and expand, each checked against the adapter's weights."""
     for m, lora_id in managers:
         x = torch.randn(8, m.layer.lora_a_stacked[0].shape[3])
-        shrink, expand = m.fused.a_slot(0), m.fused.b_slot(0)
+        shrink, expand = m.fused.matmuls(0)
         h = shrink(x, torch.empty(x.shape[0], shrink.w.shape[1]))
         delta = expand(h, torch.empty(x.shape[0], m.fused.out_features))
         torch.testing.assert_close(delta, _want(x, m.cache[lora_id], m.layer.output_slices), atol=1e-4, rtol=1e-4)
 
 
 def _packed(managers: list[tuple[_Manager, int]]) -> int:
-    return sum(g._handle is not None for m, _ in managers for g in (m.fused.a_slot(0), m.fused.b_slot(0)))
+    return sum(g._handle is not None for m, _ in managers for g in m.fused.matmuls(0))
 
 
 def test_matmuls_past_their_count_get_a_handle_one_turn_at_a_time(vllm_world, builds, clock) -> None:  # noqa: F811

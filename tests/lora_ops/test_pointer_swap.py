@@ -35,7 +35,7 @@ def _want(x: torch.Tensor, adapter: tuple[Any, Any], outs: tuple[int, ...]) -> t
 
 def _run(fused: Any, slot: int, x: torch.Tensor) -> torch.Tensor:
     """The slot's delta through its per-slot matmuls (called enough to pack) and through a compact set."""
-    shrink, expand = fused.a_slot(slot), fused.b_slot(slot)
+    shrink, expand = fused.matmuls(slot)
     for _ in range(4):  # PACK_AFTER_CALLS: the packed oneDNN path too, where vLLM provides it
         h = shrink(x, torch.empty(x.shape[0], shrink.w.shape[1]))
         delta = expand(h, torch.empty(x.shape[0], fused.out_features))
@@ -84,12 +84,12 @@ def test_a_swap_back_points_at_the_same_prepared_weights(vllm_world, name: str) 
     m.cache = {1: _weights(m.layer, 8, seed=1), 2: _weights(m.layer, 24, seed=2)}
     m.activate(1, 0)
     m.check(0, 1)
-    form, shrink = m.fused.slots[0], m.fused.a_slot(0)
+    form, shrink = m.fused.slots[0], m.fused.matmuls(0)[0]
     m.activate(2, 0)
     m.check(0, 2)
     assert (m.fused.slots[0].rows, m.fused.slots[0].packed) == (24, 32)
     m.activate(1, 0)
-    assert m.fused.slots[0] is form and m.fused.a_slot(0) is shrink  # the same tensors, the same packed matmul
+    assert m.fused.slots[0] is form and m.fused.matmuls(0)[0] is shrink  # the same tensors, the same packed matmul
     m.check(0, 1)
     m.activate(1, 2)  # the same adapter in another slot: its form too
     assert m.fused.slots[2] is form

@@ -178,7 +178,7 @@ def test_compact_set_of_a_reloaded_slot_is_rebuilt(monkeypatch):
 
 
 def test_compact_sets_are_kept_by_slots_held_least_recently_used_dropped():
-    """Compact sets are bounded by the slots they hold (``COMPACT_SETS`` x S in all, the bytes ``slot_copy_bytes``
+    """Compact sets are bounded by the adapters they hold (``COMPACT_ADAPTERS`` in all, what ``shared_copy_bytes``
     charges), not by their number: small mixes stay side by side, so one that comes back finds its set (no new
     copy, no new packing); a set that was just used outlives older ones; and the bound always holds."""
     slots = 4
@@ -186,7 +186,8 @@ def test_compact_sets_are_kept_by_slots_held_least_recently_used_dropped():
     w.force_mode = MASKED
     w.add_lora_linear(torch.zeros(len(token_ids), sum(SLICES)), torch.randn(len(token_ids), IN), a, b, 1.0, SLICES)
     layer = w._fused[id(a[0])]
-    bound = fused.COMPACT_SETS * slots
+    bound = fused.COMPACT_ADAPTERS
+    assert bound == 2 * slots  # the four pairs below fill it
 
     def held() -> int:
         return sum(len(key) for key in layer._compact)
@@ -202,6 +203,47 @@ def test_compact_sets_are_kept_by_slots_held_least_recently_used_dropped():
     assert layer.compact(pairs[3]) is built[pairs[3]]
     assert layer.compact(pairs[1]) is not built[pairs[1]]  # dropped, built anew
     assert held() <= bound
+
+
+def test_only_the_forms_run_most_recently_keep_their_expanded_copies(monkeypatch):
+    """A step that runs more adapters through their own matmuls than ``EXPANDED_FORMS`` (GATHER over 12 adapters
+    of 32 slots) is right for every token; only ``EXPANDED_FORMS`` forms of the linear keep a block-diagonal B
+    and packed matmuls (what ``shared_copy_bytes`` charges), the others run their weights as they lie. A form
+    that left its slot gives its place up to one that needs it; one in a slot never does."""
+    monkeypatch.setattr(gemm, "PACK_AFTER_CALLS", 1)
+    slots, present = 32, 12
+    table: list[int | None] = [100 + s for s in range(slots)]
+    token_ids = [table[s] for s in range(1, 2 * present, 2)] * 2  # 12 adapters, two tokens each, interleaved
+    g = torch.Generator().manual_seed(2)
+    a = tuple(torch.randn(slots, 1, RANK, IN, generator=g) / IN**0.5 for _ in SLICES)
+    b = tuple(torch.randn(slots, 1, n, RANK, generator=g) / RANK**0.5 for n in SLICES)
+    w = GroupedPunicaWrapperCPU(max_num_batched_tokens=256, max_batches=64, device="cpu")
+    w.force_mode = GATHER
+    w.update_metadata(LoRAMapping(tuple(token_ids), tuple(token_ids)), table, slots + 1, 1000)
+    x, y0 = torch.randn(len(token_ids), IN), torch.randn(len(token_ids), sum(SLICES))
+    want = _reference(y0, x, a, b, token_ids, table)
+    for _ in range(3):  # built, then packed where expanded
+        y = y0.clone()
+        w.add_lora_linear(y, x, a, b, 1.0, SLICES)
+        torch.testing.assert_close(y, want, atol=1e-4, rtol=1e-4)
+    layer = w._fused[id(a[0])]
+    expanded = [form for form in layer.slots if form._b is not None]
+    assert len(expanded) == len(layer._expanded) == fused.EXPANDED_FORMS < present
+    assert any(g._handle is not None for form in expanded for g in (form._shrink, form._expand))
+    bare = [layer.matmuls(s) for s in range(1, 2 * present, 2) if layer.slots[s]._b is None]
+    assert len(bare) == present - fused.EXPANDED_FORMS and all(isinstance(m[1], gemm.SlicedGemm) for m in bare)
+
+    # Slot 1's adapter leaves (a new id written in place, as activate_adapter does): its place goes to slot 23's.
+    left = layer.slots[1]
+    for t in a + b:
+        t[1].copy_(torch.randn_like(t[1]))
+    table[1] = 999
+    layer.refresh(a, b, SLICES, layer.dtype, tuple(table))
+    assert layer.slots[23]._b is None and left._b is not None
+    shrink, expand = layer.matmuls(23)
+    assert isinstance(expand, gemm.Gemm) and layer.slots[23]._b is not None
+    assert left._b is None and left._shrink is None and left._expand is None  # released: its copies freed
+    assert len(layer._expanded) == fused.EXPANDED_FORMS
 
 
 @pytest.mark.parametrize("kernel", [True, False], ids=["kernel", "stacked"])

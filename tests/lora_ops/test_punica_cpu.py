@@ -211,7 +211,7 @@ def test_adapter_swap_recopies_only_the_slot_whose_id_changed(monkeypatch):
     x, y0 = torch.randn(4, IN), torch.randn(4, sum(slices))
     w.add_lora_linear(y0.clone(), x, a, b, 1.0, slices)
     layer = w._fused[id(a[0])]
-    kept = [layer.a_slot(s) for s in range(len(SLOT_IDS))]
+    kept = [layer.matmuls(s)[0] for s in range(len(SLOT_IDS))]
 
     table[2] = 15  # like activate_adapter: new id in slot 2, weights written in place
     for t in a + b:
@@ -232,7 +232,7 @@ def test_adapter_swap_recopies_only_the_slot_whose_id_changed(monkeypatch):
     assert compared == []  # the id told which slot changed: no slot was compared
     want = _reference(y0, x, a, b, slices, token_ids)  # slot order is unchanged: 11, 12, (15), 14
     torch.testing.assert_close(y, want.to(y.dtype), atol=1e-4, rtol=1e-4)
-    assert [layer.a_slot(s) is kept[s] for s in range(4)] == [True, True, False, True]
+    assert [layer.matmuls(s)[0] is kept[s] for s in range(4)] == [True, True, False, True]
     assert layer.slot_ids == (11, 12, 15, 14)
 
 
@@ -381,7 +381,10 @@ def test_cost_model_picks_expected_modes():
     assert build_plan(long_mixed).mode == GATHER
     rotation = list(range(0, 32, 2))  # 16 tokens on 16 adapters: each token through its own
     assert build_plan(rotation).mode == TOKENS
-    assert build_plan(rotation, width=TINYLLAMA_WIDTH).mode == MASKED  # 16 x its width: too much to stack
+    # 16 x its width: too much to stack, and more adapters than a compact set holds (fused.COMPACT_ADAPTERS):
+    # a matmul pair per adapter, on each one-token run where it lies
+    assert build_plan(rotation, width=TINYLLAMA_WIDTH).mode == RUNS
+    assert build_plan(rotation[:8] * 2, width=TINYLLAMA_WIDTH).mode == MASKED  # 8 adapters: one set holds them
 
 
 TINYLLAMA_WIDTH = 208_896  # mean rank * (in + out) of a TinyLlama-1.1B layer's qkv/o/gate_up/down at rank 16
@@ -406,7 +409,7 @@ def test_cost_model_scales_token_costs_with_layer_width(case):
 
 # With the per-token kernel: (tokens, present adapters interleaved among 32 slots) -> mode at TinyLlama's width.
 KERNEL_CASES = {
-    "decode_16_of_16": ((16, 16), TOKENS),  # a rotation: unbounded by the kernel (stacked: MASKED)
+    "decode_16_of_16": ((16, 16), TOKENS),  # a rotation: unbounded by the kernel (stacked: RUNS)
     "decode_16_of_8": ((16, 8), TOKENS),
     "decode_16_of_4": ((16, 4), MASKED),  # few adapters: each read once for all tokens is cheaper
     "decode_64_of_8": ((64, 8), GATHER),  # many tokens per adapter: GATHER's per-adapter matmuls

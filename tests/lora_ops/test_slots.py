@@ -259,3 +259,18 @@ def test_the_fused_copy_reads_a_slot_only_up_to_the_rank_written(vllm_world) -> 
     form = fused.slots[1]
     assert (form.rows, form.packed) == (8, 8)
     assert torch.equal(form.a_t.t(), layer.lora_a_stacked[0][1, 0, :8])
+
+
+def test_forms_waiting_for_their_activation_are_bounded_per_layer_not_per_slot() -> None:
+    """However many slots the layer has, at most ``READY_FORMS`` offered forms wait (what
+    ``fused.shared_copy_bytes`` charges): past it the oldest is dropped (its adapter's step builds the form
+    itself), the newest are taken as offered."""
+    layer_a = [torch.zeros(64, 1, 4, 8)]  # 64 slots
+    sources = [torch.zeros(1) for _ in range(slots.READY_FORMS + 3)]  # alive adapters
+    forms = [object() for _ in sources]
+    for source, form in zip(sources, forms, strict=True):
+        slots.offer(layer_a, source, form)
+    assert slots.take_ready(layer_a, sources[2]) is None  # among the 3 oldest: dropped
+    assert slots.take_ready(layer_a, sources[3]) is forms[3]
+    assert slots.take_ready(layer_a, sources[-1]) is forms[-1]
+    assert slots.take_ready(layer_a, sources[-1]) is None  # taken once

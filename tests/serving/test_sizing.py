@@ -61,20 +61,23 @@ SLOT_BF16 = 2 * PER_ADAPTER_PER_BYTE  # one slot of the tiny base in bf16 (vLLM'
 # one host-cache adapter: the same data, plus what its 28 tensors (A, B x 7 modules x 2 layers) and it cost beside it
 ADAPTER = SLOT_BF16 + 28 * TENSOR_OVERHEAD_BYTES + ADAPTER_OVERHEAD_BYTES
 # lora_ops' copies of one slot (lora_ops/fused.py): per fused linear with R = slices x 16, O = sum of outs,
-# 9 x R x (in + O) + 3 x 16 x O elements (two adapter forms a slot and its share of two compact sets, each a and b
-# and their packed copies; one form built off the step, waiting, unpacked; the three forms' per-slice b).
+# 2 x (R x in + 16 x O) elements (two kept adapter forms a slot, each a_t and the per-slice parts).
 # Tiny base (hidden 128, q 128, kv 64, intermediate 256): qkv R 48 in 128 O 256, o R 16 in 128 O 128,
 # gate_up R 32 in 128 O 512, down R 16 in 256 O 128; 2 layers, 2 bytes.
-COPIES_BF16 = (
-    2
-    * 2
-    * (
-        (9 * 48 * (128 + 256) + 3 * 16 * 256)
-        + (9 * 16 * (128 + 128) + 3 * 16 * 128)
-        + (9 * 32 * (128 + 512) + 3 * 16 * 512)
-        + (9 * 16 * (256 + 128) + 3 * 16 * 128)
-    )
-)
+LINEARS = ((48, 128, 256), (16, 128, 128), (32, 128, 512), (16, 256, 128))  # R, in, O
+COPIES_BF16 = 2 * 2 * sum(2 * (r * i + 16 * o) for r, i, o in LINEARS)
+
+
+def shared_bf16(slots: int) -> int:
+    """Per fused linear beyond the slots' forms: 8 forms' expanded state (b, R x O, and packed copies of a_t and
+    b), compact sets of 8 adapters in all (a and b, each packed too) and 8 forms built off the step, waiting,
+    each with its block-diagonal b; with few slots, no more than 2, 2 and 1 a slot."""
+    forms, adapters, waiting = min(8, 2 * slots), min(8, 2 * slots), min(8, slots)
+    per_linear = [
+        forms * (r * o + r * (i + o)) + adapters * 2 * r * (i + o) + waiting * (r * i + 16 * o + r * o)
+        for r, i, o in LINEARS
+    ]
+    return 2 * 2 * sum(per_linear)
 
 
 # lora_ops' fixed part, whatever the adapters: its scratch and, per fused linear shape (layers share them), the
@@ -89,10 +92,17 @@ def _primitives(fan_in: int, outs: tuple[int, ...]) -> int:
     return total
 
 
-FIXED = (64 << 20) + _primitives(128, (128, 64, 64)) + _primitives(128, (128,))
-FIXED += _primitives(128, (256, 256)) + _primitives(256, (128,))
+SCRATCH_PRIMITIVES = (64 << 20) + _primitives(128, (128, 64, 64)) + _primitives(128, (128,))
+SCRATCH_PRIMITIVES += _primitives(128, (256, 256)) + _primitives(256, (128,))
 # ... and the first 32 compact-set shapes, each at most as wide as the widest linear (gate_up's 512 outputs).
-FIXED += 32 * (5 * ((320 << 10) + 40 * 512) + 64 * 2 * 512 * 2)
+SCRATCH_PRIMITIVES += 32 * (5 * ((320 << 10) + 40 * 512) + 64 * 2 * 512 * 2)
+
+
+def fixed(slots: int) -> int:
+    """lora_ops' part beyond the slots' own for ``slots`` slots."""
+    return SCRATCH_PRIMITIVES + shared_bf16(slots)
+
+
 SLOT_COST = SLOT_BF16 + COPIES_BF16  # host memory of one slot on the CPU
 EACH = SLOT_COST + ADAPTER  # a slot and its own host-cache adapter
 GPU_200 = Hardware("gpu", AVX2, 200 * SLOT_BF16)  # 200 slots of memory x 0.5 x 0.1 = 10 slots
@@ -107,11 +117,11 @@ GPU_SHARE = {"max_num_seqs": 256, "gpu_memory_utilization": 0.5, "lora_gpu_memor
         # ... no more than the host cache holds (set, or derived from the budget)
         ({"max_num_seqs": 24, "max_cpu_loras": 8}, None, CPU, (8, "derived"), (8, "configured"), "holds 8"),
         # the budget pays for each slot (buffers + copies) and its adapter; the rest is host cache
-        ({"max_num_seqs": 24}, FIXED + 5 * EACH + 1, CPU, (5, "derived"), (5, "derived"), "memory_budget_bytes"),
-        ({"max_num_seqs": 24}, FIXED + 5 * EACH + 3 * ADAPTER, CPU, (5, "derived"), (8, "derived"), "copies"),
+        ({"max_num_seqs": 24}, fixed(5) + 5 * EACH + 1, CPU, (5, "derived"), (5, "derived"), "memory_budget_bytes"),
+        ({"max_num_seqs": 24}, fixed(5) + 5 * EACH + 3 * ADAPTER, CPU, (5, "derived"), (8, "derived"), "copies"),
         (
             {"max_num_seqs": 6},
-            FIXED + 6 * SLOT_COST + 10 * ADAPTER,
+            fixed(6) + 6 * SLOT_COST + 10 * ADAPTER,
             CPU,
             (6, "derived"),
             (10, "derived"),
@@ -120,7 +130,7 @@ GPU_SHARE = {"max_num_seqs": 256, "gpu_memory_utilization": 0.5, "lora_gpu_memor
         # an explicit max_loras is honoured, the budget left after its slots sizes the host cache
         (
             {"max_num_seqs": 24, "max_loras": 3},
-            FIXED + 3 * SLOT_COST + 10 * ADAPTER,
+            fixed(3) + 3 * SLOT_COST + 10 * ADAPTER,
             CPU,
             (3, "configured"),
             (10, "derived"),
@@ -147,12 +157,17 @@ def test_slots_fit_a_full_batch_within_memory(tmp_path: Path, engine, budget, ha
     ("engine", "budget", "hardware", "split"),
     [
         # slot buffers, slot copies, host cache, unused: they sum to the budget
-        ({"max_num_seqs": 24}, FIXED + 5 * EACH + 7, CPU, (5 * SLOT_BF16, 5 * COPIES_BF16, 5 * ADAPTER, FIXED, 7)),
+        (
+            {"max_num_seqs": 24},
+            fixed(5) + 5 * EACH + 7,
+            CPU,
+            (5 * SLOT_BF16, 5 * COPIES_BF16, 5 * ADAPTER, fixed(5), 7),
+        ),
         (
             {"max_loras": 2},
-            FIXED + 2 * SLOT_COST + 9 * ADAPTER + ADAPTER // 2,
+            fixed(2) + 2 * SLOT_COST + 9 * ADAPTER + ADAPTER // 2,
             CPU,
-            (2 * SLOT_BF16, 2 * COPIES_BF16, 9 * ADAPTER, FIXED, ADAPTER // 2),
+            (2 * SLOT_BF16, 2 * COPIES_BF16, 9 * ADAPTER, fixed(2), ADAPTER // 2),
         ),
         (GPU_SHARE, 12 * ADAPTER + 1, GPU_200, (0, 0, 12 * ADAPTER, 0, 1)),  # slots, LoRA ops: GPU memory
     ],
@@ -161,7 +176,7 @@ def test_the_budget_split_counts_slots_copies_and_host_cache(tmp_path: Path, eng
     memory = resolve_sizing(_settings(tmp_path, engine, budget), hardware).memory
     assert memory is not None
     parts = memory.parts()
-    fixed = parts["lora_scratch"] + parts["lora_primitives"]
+    fixed = parts["lora_scratch"] + parts["lora_primitives"] + parts["lora_shared_copies"]
     assert (parts["slot_buffers"], parts["slot_copies"], parts["host_cache"], fixed, parts["unused"]) == split
     assert sum(parts.values()) == memory.budget_bytes == budget
 
@@ -183,11 +198,11 @@ def test_gpu_slot_bytes_follow_the_dtype(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("engine", "budget", "hardware", "message"),
     [
-        ({}, FIXED + EACH - 1, CPU, "not one LoRA slot fits (store.memory_budget_bytes"),
-        ({"max_loras": 4}, FIXED + 3 * EACH, CPU, f"raise the budget to at least {FIXED + 4 * EACH} bytes"),
+        ({}, fixed(1) + EACH - 1, CPU, "not one LoRA slot fits (store.memory_budget_bytes"),
+        ({"max_loras": 4}, fixed(3) + 3 * EACH, CPU, f"raise the budget to at least {fixed(4) + 4 * EACH} bytes"),
         (
             {"max_loras": 1, "max_cpu_loras": 6},
-            FIXED + SLOT_COST + 5 * ADAPTER,
+            fixed(1) + SLOT_COST + 5 * ADAPTER,
             CPU,
             "does not fit store.memory_budget_bytes",
         ),
@@ -216,17 +231,24 @@ def test_detect_hardware_reads_the_cpu_flags(tmp_path: Path, text: str, flags: s
     assert hardware.device == "cpu" and hardware.cpu_flags == flags
 
 
-@pytest.mark.parametrize(("in_features", "outs", "rank", "slots"), [(128, (128, 64, 64), 16, 3), (256, (128,), 8, 5)])
-def test_slot_copy_bytes_is_what_the_fused_copies_take(in_features: int, outs: tuple[int, ...], rank, slots) -> None:
-    """Per slot the most a linear keeps: ``PREPARED_PER_SLOT`` adapter forms (their tensors and matmuls),
-    ``READY_PER_SLOT`` forms built off the step for adapters not activated yet, and two compact sets of all
-    slots; the tensors they hold, plus one packed oneDNN copy per matmul weight, are exactly
-    ``slot_copy_bytes`` a slot."""
+@pytest.mark.parametrize(("in_features", "outs", "rank", "slots"), [(128, (128, 64, 64), 16, 4), (256, (128,), 8, 5)])
+def test_the_copy_bytes_are_what_the_fused_copies_take(in_features: int, outs: tuple[int, ...], rank, slots) -> None:
+    """The most a linear keeps: per slot ``PREPARED_PER_SLOT`` adapter forms (``slot_copy_bytes`` a slot); and,
+    bounded per linear (``shared_bounds``: ``EXPANDED_FORMS``, ``COMPACT_ADAPTERS``, ``READY_FORMS``, fewer with
+    so few slots), forms' matmuls (block-diagonal b, each weight packed), compact sets and forms built off the
+    step for adapters not activated yet (``shared_copy_bytes``). The tensors they hold, plus one packed oneDNN
+    copy per matmul weight, are exactly those bytes."""
     import torch
 
-    from lora_ops.fused import COMPACT_SETS, PREPARED_PER_SLOT, AdapterLinear, FusedLinear, slot_copy_bytes
+    from lora_ops.fused import (
+        PREPARED_PER_SLOT,
+        AdapterLinear,
+        FusedLinear,
+        shared_bounds,
+        shared_copy_bytes,
+        slot_copy_bytes,
+    )
     from lora_ops.ready import from_weights
-    from lora_ops.slots import READY_PER_SLOT
 
     dtype = torch.bfloat16
 
@@ -247,20 +269,28 @@ def test_slot_copy_bytes_is_what_the_fused_copies_take(in_features: int, outs: t
     for _ in range(PREPARED_PER_SLOT - 1):  # the adapters that left the slots most recently
         other_a, other_b = stacked()
         forms += [AdapterLinear.from_slot(other_a, other_b, outs, s, rank, dtype) for s in range(slots)]
-    gemms = [form.shrink for form in forms] + [form.expand for form in forms]
-    for present in (tuple(range(slots)), tuple(reversed(range(slots))))[:COMPACT_SETS]:
+    expanded, adapters, waiting = shared_bounds(slots)
+    assert len(forms) >= expanded
+    gemms = [g for form in forms[:expanded] for g in (form.shrink, form.expand)]
+    sets = [tuple(range(slots)), tuple(reversed(range(adapters - slots)))]  # the bound in all
+    for present in sets:
         compact = fused.compact(present)
         gemms += [compact.shrink, compact.expand]
-    ready = [
-        from_weights(lora_a, outs, *stacked_rows(), rank) for _ in range(READY_PER_SLOT) for _ in range(slots)
-    ]  # as lora_ops.ready offers them: block-diagonal b built, never called
-    held = [t for form in forms + ready for t in (form.a_t, form.b, *form.parts)] + [g.w for g in gemms]
+    assert sum(len(key) for key in fused._compact) == adapters
+    ready = [from_weights(lora_a, outs, *stacked_rows(), rank) for _ in range(waiting)]
+    for form in ready:  # as lora_ops.ready offers them: block-diagonal b built, never called
+        _ = form.b
+    held = [t for form in forms + ready for t in (form.a_t, *form.parts)]
+    held += [form._b for form in forms + ready if form._b is not None] + [g.w for g in gemms]
     storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in held}
     packed = sum(g.w.nbytes for g in gemms)
-    assert sum(storages.values()) + packed == slots * slot_copy_bytes(in_features, outs, rank, dtype.itemsize)
+    per_slot = slot_copy_bytes(in_features, outs, rank, dtype.itemsize)
+    assert sum(storages.values()) + packed == slots * per_slot + shared_copy_bytes(
+        in_features, outs, rank, dtype.itemsize, slots
+    )
 
 
-@pytest.mark.parametrize(("budget", "present"), [(FIXED + 5 * EACH + 7, True), (None, False)])
+@pytest.mark.parametrize(("budget", "present"), [(fixed(5) + 5 * EACH + 7, True), (None, False)])
 def test_the_metrics_show_the_sizes_and_the_budget_split(tmp_path: Path, budget: int | None, present: bool) -> None:
     from prometheus_client import CollectorRegistry, generate_latest
 
@@ -279,5 +309,6 @@ def test_the_metrics_show_the_sizes_and_the_budget_split(tmp_path: Path, budget:
         if line.startswith(prefix)
     }
     expected = {"slot_buffers": 5 * SLOT_BF16, "slot_copies": 5 * COPIES_BF16, "host_cache": 5 * ADAPTER, "unused": 7}
-    expected |= {"lora_scratch": 64 << 20, "lora_primitives": FIXED - (64 << 20)}
+    expected |= {"lora_scratch": 64 << 20, "lora_primitives": SCRATCH_PRIMITIVES - (64 << 20)}
+    expected |= {"lora_shared_copies": shared_bf16(5)}
     assert parts == (expected if present else {})

@@ -74,9 +74,13 @@ class MemoryView(BaseModel):
     budget_bytes: int
     adapter_bytes: int = Field(description="One adapter in the engine's host cache.")
     slot_buffer_bytes: int = Field(description="vLLM's buffers of one LoRA slot in host memory (0: GPU memory).")
-    slot_copy_bytes: int = Field(description="The CPU LoRA ops' copies of one slot (0 on a GPU).")
+    slot_copy_bytes: int = Field(description="The CPU LoRA ops' adapter forms of one slot (0 on a GPU).")
+    shared_copy_bytes: int = Field(
+        description="The CPU LoRA ops' copies bounded per linear, not per slot, all layers (0 on a GPU)."
+    )
     parts: dict[str, int] = Field(
-        description="Bytes of slot_buffers, slot_copies, host_cache and unused: they sum to the budget."
+        description="Bytes of slot_buffers, slot_copies, host_cache, the CPU LoRA ops' scratch, primitives and "
+        "shared copies, and unused: they sum to the budget."
     )
 
 

@@ -127,6 +127,7 @@ class AdaptersServing:
                 adapter_bytes=memory.adapter_bytes,
                 slot_buffer_bytes=memory.slot_buffer_bytes,
                 slot_copy_bytes=memory.slot_copy_bytes,
+                shared_copy_bytes=memory.shared_copy_bytes,
                 parts=memory.parts(),
             ),
         )

@@ -38,6 +38,7 @@ SPLIT = MemorySplit(
     max_cpu_loras=70,
     scratch_bytes=40,
     primitive_bytes=30,
+    shared_copy_bytes=20,
 )
 
 
@@ -154,14 +155,21 @@ def test_the_cache_view_shows_the_sizes_and_the_budget_split(served) -> None:
     assert cache.loaded == [f"code@{store.version('code').version}"]
     assert cache.sizing["engine.max_loras"].reason == "a full batch"
     assert cache.memory is not None
-    assert (cache.memory.budget_bytes, cache.memory.slot_buffer_bytes, cache.memory.slot_copy_bytes) == (1000, 10, 90)
+    memory = cache.memory
+    assert (memory.budget_bytes, memory.slot_buffer_bytes, memory.slot_copy_bytes, memory.shared_copy_bytes) == (
+        1000,
+        10,
+        90,
+        20,
+    )
     assert cache.memory.parts == {
         "slot_buffers": 20,
         "slot_copies": 180,
         "host_cache": 700,
         "lora_scratch": 40,
         "lora_primitives": 30,
-        "unused": 30,
+        "lora_shared_copies": 20,
+        "unused": 10,
     }
     engine.sizing = EngineSizing(engine.sizing.dtype, engine.sizing.max_loras, engine.sizing.max_cpu_loras)
     assert page(serving, 1, None).cache.memory is None  # no budget configured
