@@ -323,6 +323,7 @@ class FusedLinear:
         # By slots, until a slot changes or a set is dropped: the hot path's lookup (with the set's key, for the LRU).
         self._by_present: dict[tuple[int, ...], tuple[tuple[int, ...], Compact]] = {}
         self.slots: list[AdapterLinear] = []
+        self._in_slots: set[int] = set()  # ids of the forms in the slots, as of the last refresh
         self.slots = [self._adapter(lora_a, lora_b, s, trust_source=True) for s in range(self.num_slots)]
         self.slot_ids = slot_ids  # the LoRA id in each slot when pointed
         self._stamp(lora_a, lora_b)
@@ -331,6 +332,7 @@ class FusedLinear:
         self.sources = tuple(lora_a) + tuple(lora_b)
         self.versions = [t._version for t in self.sources]
         self.nonzero = [adapter.nonzero for adapter in self.slots]
+        self._in_slots = {id(adapter) for adapter in self.slots}
         self.all_nonzero = all(self.nonzero)
 
     def matches(self, lora_a, dtype) -> bool:
@@ -404,8 +406,7 @@ class FusedLinear:
             self._expanded.move_to_end(form.uid)
             return True
         if len(self._expanded) >= self._expanded_bound:
-            in_slots = {id(adapter) for adapter in self.slots}
-            oldest = next((uid for uid, other in self._expanded.items() if id(other) not in in_slots), None)
+            oldest = next((uid for uid, other in self._expanded.items() if id(other) not in self._in_slots), None)
             if oldest is None:
                 return False
             self._expanded.pop(oldest).release()
