@@ -124,7 +124,7 @@ class MemorySplit:
     budget_bytes: int
     adapter_bytes: int  # one adapter in the host cache
     slot_buffer_bytes: int  # vLLM's stacked A/B of one slot in host memory (0: GPU memory)
-    slot_copy_bytes: int  # the CPU LoRA ops' copies of one slot (0 on a GPU)
+    slot_copy_bytes: int  # the CPU LoRA ops' adapter forms of one slot (0 on a GPU)
     max_loras: int
     max_cpu_loras: int
     scratch_bytes: int = 0  # the CPU LoRA ops' scratch buffers, at most (0 on a GPU)
