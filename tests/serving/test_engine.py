@@ -22,7 +22,7 @@ from serving.config import ConfigError, load_settings
 from serving.engine import AdapterLoadFailed, LoraEngine
 from serving.lora_residency import PREFETCH_DONE_METHOD, PREFETCH_METHOD
 from serving.sizing import Hardware, resolve_sizing
-from tests.serving.test_sizing import ADAPTER, FIXED, SLOT_COST
+from tests.serving.test_sizing import ADAPTER, SLOT_COST, fixed
 from tests.serving.test_store import write_config
 
 
@@ -109,7 +109,7 @@ def test_a_refused_load_fails_every_waiting_caller_and_is_tried_again_later(tmp_
 # The tiny base's largest valid adapter at rank 16 in bfloat16 in the host cache: its data and what its tensors and it
 # cost beside it (tests/serving/test_sizing.py, tests/adapter_store/test_store.py).
 PER_ADAPTER = ADAPTER
-# The budget pays for the CPU LoRA ops' scratch and primitives (FIXED), then the slots: vLLM's buffers and the CPU
+# The budget pays for the CPU LoRA ops' part beyond the slots (fixed(slots)), then the slots: vLLM's buffers and the CPU
 # LoRA ops' copies of each (tests/serving/test_sizing.py).
 TWO_SLOTS = 2 * SLOT_COST
 
@@ -119,17 +119,17 @@ TWO_SLOTS = 2 * SLOT_COST
     [
         ({"max_loras": 2}, None, 2),  # vLLM's default: max_loras
         ({"max_loras": 2, "max_cpu_loras": 3}, None, 3),
-        ({"max_loras": 2}, FIXED + TWO_SLOTS + 5 * PER_ADAPTER + 7, 5),
-        ({"max_loras": 2, "max_cpu_loras": 4}, FIXED + TWO_SLOTS + 5 * PER_ADAPTER, 4),
+        ({"max_loras": 2}, fixed(2) + TWO_SLOTS + 5 * PER_ADAPTER + 7, 5),
+        ({"max_loras": 2, "max_cpu_loras": 4}, fixed(2) + TWO_SLOTS + 5 * PER_ADAPTER, 4),
         (
             {"max_loras": 2, "max_cpu_loras": 6},
-            FIXED + TWO_SLOTS + 5 * PER_ADAPTER,
+            fixed(2) + TWO_SLOTS + 5 * PER_ADAPTER,
             "does not fit store.memory_budget_bytes",
         ),
         (
             {"max_loras": 4},
             3 * PER_ADAPTER,
-            f"raise the budget to at least {FIXED + 4 * (SLOT_COST + PER_ADAPTER)} bytes",
+            f"raise the budget to at least {fixed(4) + 4 * (SLOT_COST + PER_ADAPTER)} bytes",
         ),
     ],
 )
