@@ -36,7 +36,12 @@ The plan picks one of four ways to run a LoRA linear layer:
   allocated: with ``max_loras`` sized for a full batch of distinct adapters
   (S = 32), a decode step with 3 adapters present pays for 3. Only for mixes
   of at most ``fused.COMPACT_ADAPTERS`` adapters, the most its kept compact
-  sets hold (a bound per linear, whatever the slots).
+  sets hold (a bound per linear, whatever the slots); and, with the kernel,
+  only for a mix met in an earlier plan (``RecentMixes``): a new mix's first
+  plan runs the kernel, which builds nothing, where ``MASKED`` would first
+  copy the mix's compact set and pack its matmuls inside the step (the cold
+  windows' longest steps: ``loadtests.bench_cold_mix``), a cost that pays off
+  only if the mix comes back.
 
 No mode's cost depends on the number of slots, so the plan does not take it.
 
@@ -57,7 +62,8 @@ TinyLlama's layers 10).
 
 from __future__ import annotations
 
-from collections import Counter
+from collections import Counter, OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -163,10 +169,18 @@ def _contiguous_runs(slots: list[int]) -> list[tuple[int, int, int]]:
 
 
 def choose_mode(
-    num_tokens: int, num_active: int, num_present: int, num_runs: int, width: float = REF_WIDTH, kernel: bool = False
+    num_tokens: int,
+    num_active: int,
+    num_present: int,
+    num_runs: int,
+    width: float = REF_WIDTH,
+    kernel: bool = False,
+    mix_met: bool = True,
 ) -> str:
     """Cheapest of RUNS / GATHER / MASKED / TOKENS by the rough cost model above, for
-    layers of mean LoRA ``width`` (rank * (in + out)); ``kernel``: TOKENS runs the per-token kernel."""
+    layers of mean LoRA ``width`` (rank * (in + out)); ``kernel``: TOKENS runs the per-token kernel;
+    ``mix_met``: the adapters present were present together in an earlier plan (MASKED's compact set
+    may be built already, or will be used again)."""
     if num_runs == 1:  # one adapter, contiguous tokens: nothing beats a plain run
         return RUNS
     flops = width / REF_WIDTH
@@ -174,7 +188,7 @@ def choose_mode(
         RUNS: RUN_US * num_runs + RUN_TOKEN_US * flops * num_active,
         GATHER: GATHER_US + GATHER_SLOT_US * num_present + GATHER_TOKEN_US * flops * num_active,
     }
-    if num_present <= COMPACT_ADAPTERS:
+    if num_present <= COMPACT_ADAPTERS and (mix_met or not kernel):
         cost[MASKED] = MASKED_US + MASKED_TOKEN_SLOT_US * flops * num_tokens * num_present
     if kernel:
         cost[TOKENS] = KERNEL_US + KERNEL_TOKEN_US * flops * num_active
@@ -183,12 +197,35 @@ def choose_mode(
     return min(cost, key=cost.__getitem__)
 
 
+class RecentMixes:
+    """The mixes of adapters (their LoRA ids, sorted) present in the last ``size`` plans: has a step's mix been
+    met before? Keyed by the adapters, not the slots, so a mix whose adapters moved slots is still met."""
+
+    def __init__(self, size: int = 64) -> None:
+        self.size = size
+        self._mixes: OrderedDict[tuple[int, ...], None] = OrderedDict()
+
+    def met(self, mix: tuple[int, ...]) -> bool:
+        """Was ``mix`` met in an earlier plan? Records it as met now."""
+        seen = mix in self._mixes
+        self._mixes[mix] = None
+        self._mixes.move_to_end(mix)
+        if len(self._mixes) > self.size:
+            self._mixes.popitem(last=False)
+        return seen
+
+
 def build_plan(
-    token_slots: list[int], force_mode: str | None = None, width: float = REF_WIDTH, kernel: bool = False
+    token_slots: list[int],
+    force_mode: str | None = None,
+    width: float = REF_WIDTH,
+    kernel: bool = False,
+    mix_met: Callable[[tuple[int, ...]], bool] | None = None,
 ) -> StepPlan:
     """Plan for one step from the per-token slot list (-1 = no adapter);
     ``width``: the mean LoRA width of the model's layers (see ``REF_WIDTH``);
-    ``kernel``: the per-token kernel is loaded (TOKENS costs less, unbounded)."""
+    ``kernel``: the per-token kernel is loaded (TOKENS costs less, unbounded);
+    ``mix_met``: was this mix of present slots met in an earlier plan (None: assume so)."""
     n = len(token_slots)
     slots_t = torch.tensor(token_slots, dtype=torch.long)
     present = tuple(sorted(set(token_slots) - {-1}))
@@ -200,7 +237,8 @@ def build_plan(
         raise ValueError(f"force_mode must be one of {MODES}, got {force_mode!r}")
     if force_mode == MASKED and len(present) > COMPACT_ADAPTERS:
         raise ValueError(f"force_mode {MASKED!r} runs at most {COMPACT_ADAPTERS} adapters, not {len(present)}")
-    mode = force_mode or choose_mode(n, num_active, len(present), len(runs), width, kernel)
+    met = True if mix_met is None or len(runs) == 1 else mix_met(present)
+    mode = force_mode or choose_mode(n, num_active, len(present), len(runs), width, kernel, met)
     if mode == RUNS:
         full = runs[0][0] if len(runs) == 1 and runs[0][2] - runs[0][1] == n else -1
         return StepPlan(n, RUNS, slots_t, tuple(runs), None, present, full)

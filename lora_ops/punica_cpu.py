@@ -33,7 +33,7 @@ from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
 from . import compiled, kernel
 from .fused import SCRATCH_MAX_BYTES, FusedLinear
 from .gemm import PACK_MAX_ROWS, ROWS_FOR, Gemm, SlicedGemm
-from .plan import MASKED, NONE, REF_WIDTH, RUNS, TOKENS, StepPlan, build_plan
+from .plan import MASKED, NONE, REF_WIDTH, RUNS, TOKENS, RecentMixes, StepPlan, build_plan
 from .slots import install as install_slot_resets
 from .step import ResolvedCall
 from .token_step import StackedTokenStep, TokenStep
@@ -123,6 +123,7 @@ class GroupedPunicaWrapperCPU(PunicaWrapperCPU):
         self._nonzero_cache: dict[int, tuple] = {}
         self._slot_ids: list[int | None] = []  # the model manager's live slot -> LoRA id table
         self._width = REF_WIDTH  # mean LoRA width of the layers seen, for the plan's cost model
+        self._mixes = RecentMixes()  # the adapter mixes of recent plans, for the plan's cost model
         self._kernel = kernel.token_lora()  # built here if this machine has not yet: before the first step
         self._handle = compiled.register(self)  # how a compiled graph's op calls find this wrapper
 
@@ -147,7 +148,11 @@ class GroupedPunicaWrapperCPU(PunicaWrapperCPU):
         token_slots = [slot_of[i] if i > 0 else -1 for i in mapping.index_mapping]
         prompt_slots = [slot_of[i] if i > 0 else -1 for i in mapping.prompt_mapping]
         has_kernel = self._kernel is not None
-        self._plan = build_plan(token_slots, self.force_mode, self._width, has_kernel)
+
+        def met(present: tuple[int, ...]) -> bool:
+            return self._mixes.met(tuple(sorted(lora_index_to_id[s] or 0 for s in present)))
+
+        self._plan = build_plan(token_slots, self.force_mode, self._width, has_kernel, met)
         self._sampler_plan = build_plan(prompt_slots, self.force_mode, self._width, has_kernel)
         self.no_lora = self._plan.mode == NONE
 

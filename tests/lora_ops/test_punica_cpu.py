@@ -513,3 +513,24 @@ def test_logits_scan_only_the_slots_the_step_uses_and_b_only_behind_a_nonzero_a(
     scanned.clear()
     w.add_lora_logits(y0.clone(), x, la, lb, 1.0)
     assert scanned == []  # unchanged since: cached
+
+
+def test_a_new_mix_runs_the_kernel_and_a_mix_met_before_its_compact_set() -> None:
+    """With the kernel, a mix of few adapters met for the first time runs TOKENS (nothing to copy or pack in the
+    step); met again, MASKED (its compact set built once, then reused). Keyed by the adapters' LoRA ids: the same
+    adapters in other slots are the same mix, another adapter in a slot is a new one. Without the kernel, MASKED
+    from the first plan."""
+    w = GroupedPunicaWrapperCPU(max_num_batched_tokens=256, max_batches=16, device="cpu")
+    assert w._kernel is not None  # built on this machine (make install builds it ahead)
+
+    def mode(table: list[int | None], ids: tuple[int, ...]) -> str:
+        w.update_metadata(LoRAMapping(ids, ids), table, len(table) + 1, 1000)
+        return w._plan.mode
+
+    mix = (10, 11) * 8  # 16 decode tokens on two adapters
+    assert mode([10, 11, 12, 13], mix) == TOKENS
+    assert mode([10, 11, 12, 13], mix) == MASKED
+    assert mode([11, 10, 12, 13], mix) == MASKED  # the same adapters, swapped slots
+    assert mode([10, 99, 12, 13], (10, 99) * 8) == TOKENS  # slot 1 holds another adapter
+    w._kernel = None
+    assert mode([10, 11, 12, 13], (10, 12) * 8) == MASKED
