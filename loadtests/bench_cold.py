@@ -240,7 +240,7 @@ def request_windows(samples: list[dict[str, Any]]) -> dict[str, list[tuple[float
     Why: the cold window holds both, and a large adapter in the batch lengthens every step it is in, just
     loaded or not (the 64 MB adapter, rank 216 on all seven projections: 16.8M parameters, against the 41M of
     the base's layers and ``lm_head`` that a decode step reads); ``warm-req`` has that cost without the
-    load, so ``cold-req`` against it is what loading adds."""
+    load, so ``cold-req`` against it is what the load and the new mix's first steps add."""
     return {"cold-req": [s["cold_span"] for s in samples], "warm-req": [s["warm_span"] for s in samples]}
 
 
@@ -272,7 +272,7 @@ def table(report: dict) -> str:
     ratio, load = m["itl_p99_ratio_cold_to_quiet"], m["itl_p99_ratio_cold_req_to_warm_req"]
     lines.append(f"  ITL p99 with cold loads / without: {ratio:.2f}x (target <= 1.5x)" if ratio else "  no ratio")
     if load:
-        lines.append(f"  ITL p99 during the cold requests / during the warm ones (the load's own cost): {load:.2f}x")
+        lines.append(f"  ITL p99 during the cold requests / during the warm ones (the load, the new mix): {load:.2f}x")
     lines.append("cold vs warm TTFT, and the longest gap of the other streams during the cold request (p50, ms):")
     lines.append(f"  {'size':>6} {'source':6} {'n':>2} {'cold':>8} {'warm':>8} {'others':>8}")
     for row in m["ttft"]:

@@ -100,12 +100,14 @@ def first_mix_steps(base: BaseModelSpec, args: argparse.Namespace) -> dict[str, 
                     time.sleep(args.rest_ms / 1000.0)
                 steps[mode].append(times)
                 _map(wrappers[mode], [1] * HOT_TOKENS, [1, lora_id, None, None])  # the cold request ended
-        out[str(rank)] = {mode: _summary(t) for mode, t in steps.items()}
+        out[str(rank)] = {mode: summarize_steps(t) for mode, t in steps.items()}
         out[str(rank)]["auto"]["plan_modes"] = sorted(chosen)
     return out
 
 
-def _summary(rounds: list[list[float]]) -> dict[str, Any]:
+def summarize_steps(rounds: list[list[float]]) -> dict[str, Any]:
+    """Rounds x steps (ms) to each step's median, and the medians of the rounds' sums and longest steps: a
+    round disturbed by another process moves one sample of each, not the figures."""
     arr = np.array(rounds)  # rounds x steps
     return {"per_step_ms": [round(float(v), 2) for v in np.median(arr, axis=0)],
             "sum_ms": float(np.median(arr.sum(axis=1))), "max_step_ms": float(np.median(arr.max(axis=1)))}  # fmt: skip

@@ -1,4 +1,5 @@
-"""``loadtests.bench_cold``'s arithmetic, without a server: adapter sizes, and which gaps count in which window."""
+"""``loadtests.bench_cold``'s arithmetic, without a server: adapter sizes, which gaps count in which window, and
+``bench_cold_mix``'s summary of its steps."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from loadtests.bench_cold import (
     request_windows,
     write_adapter,
 )
+from loadtests.bench_cold_mix import summarize_steps
 
 
 def _llama(hidden: int, inter: int, layers: int, heads: int, kv_heads: int, head_dim: int) -> BaseModelSpec:
@@ -62,6 +64,14 @@ def test_the_cold_window_splits_into_the_cold_requests_and_the_warm_ones() -> No
         itl["cold-req"]["p99_ms"] / itl["warm-req"]["p99_ms"]
     )
     assert p99_ratio({"a": itl_stats([5.0]), "b": itl_stats([])}, "a", "b") is None
+
+
+def test_the_first_mix_summary_is_the_median_step_over_rounds() -> None:
+    rounds = [[30.0, 5.0, 9.0], [10.0, 7.0, 3.0], [20.0, 6.0, 60.0]]  # rounds x steps, ms
+    s = summarize_steps(rounds)
+    assert s["per_step_ms"] == [20.0, 6.0, 9.0]
+    assert s["sum_ms"] == 44.0  # the median round's sum (44, 20, 86), not the sum of the medians (35)
+    assert s["max_step_ms"] == 30.0  # the median of each round's longest step (30, 10, 60)
 
 
 def test_a_smoke_run_never_overwrites_the_measured_results() -> None:
