@@ -35,6 +35,7 @@ from .fused import SCRATCH_MAX_BYTES, FusedLinear
 from .gemm import PACK_MAX_ROWS, ROWS_FOR, Gemm, SlicedGemm
 from .plan import MASKED, NONE, REF_WIDTH, RUNS, TOKENS, RecentMixes, StepPlan, build_plan
 from .slots import install as install_slot_resets
+from .slots import slot_rank
 from .step import ResolvedCall
 from .token_step import StackedTokenStep, TokenStep
 
@@ -152,9 +153,28 @@ class GroupedPunicaWrapperCPU(PunicaWrapperCPU):
         def met(present: tuple[int, ...]) -> bool:
             return self._mixes.met(tuple(sorted(lora_index_to_id[s] or 0 for s in present)))
 
-        self._plan = build_plan(token_slots, self.force_mode, self._width, has_kernel, met)
+        self._plan = build_plan(token_slots, self.force_mode, self._plan_width(token_slots), has_kernel, met)
         self._sampler_plan = build_plan(prompt_slots, self.force_mode, self._width, has_kernel)
         self.no_lora = self._plan.mode == NONE
+
+    def _plan_width(self, token_slots: list[int]) -> float:
+        """The layers' mean LoRA width at the ranks written in the present slots, not at ``max_lora_rank``.
+
+        Why: every mode's matmuls take only the rows an adapter wrote (``fused``, the kernel), so a mode's cost
+        per token scales with the adapters' own ranks; costed at the slots' full rank, an engine of max rank
+        256 serving rank-13 adapters priced the kernel (per-token work) 20x too high against RUNS and MASKED
+        (per-op costs), and chose them where the kernel ran a new mix 4x faster (``loadtests.bench_cold_mix``).
+        The ranks are ``set_lora``'s records (``slots.slot_rank``), written before vLLM updates the mapping.
+        """
+        present = set(token_slots)
+        present.discard(-1)
+        if not present or not self._fused:
+            return self._width
+        layer = next(iter(self._fused.values()))  # the model's first LoRA linear: an adapter's rank is its own
+        lora_a, full = layer.sources[: len(layer.output_slices)], layer.slice_rank
+        ranks = [slot_rank(lora_a, s) for s in present]
+        written = sum(full if r is None else max(1, min(r, full)) for r in ranks)
+        return self._width * written / (len(ranks) * full)
 
     def _buffer(self, name: str, rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
         """Reusable contiguous (rows, cols) scratch (the forward pass is

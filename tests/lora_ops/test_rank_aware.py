@@ -163,3 +163,16 @@ def test_a_slot_of_unknown_rank_is_taken_whole(vllm_world, monkeypatch) -> None:
     layer.table[1] = 99
     layer.run(_wrapper("masked"), [0, 1, 0, 1])
     assert spy.built[0] == (stacked.shape[3], 8 + MAX_RANK)
+
+
+def test_the_plan_costs_the_present_adapters_at_their_written_ranks(vllm_world) -> None:  # noqa: F811
+    """The cost model's width is the layers' at the present slots' written ranks, not at ``max_lora_rank``: the
+    matmuls take only the rows written, so a mix of rank-4 adapters costs a sixth of rank 24's per token."""
+    layer = _Layer("qkv")
+    for slot, rank in enumerate(RANKS):
+        layer.load(slot, rank)
+    w = _wrapper("auto")
+    layer.run(w, STEPS["decode_mixed"])  # the layer seen: its width known
+    assert w._plan_width([1, 1, -1]) == pytest.approx(w._width * RANKS[1] / MAX_RANK)
+    assert w._plan_width([0, 2, 0]) == pytest.approx(w._width * (RANKS[0] + RANKS[2]) / (2 * MAX_RANK))
+    assert w._plan_width([-1, -1]) == w._width
