@@ -37,11 +37,12 @@ The plan picks one of four ways to run a LoRA linear layer:
   (S = 32), a decode step with 3 adapters present pays for 3. Only for mixes
   of at most ``fused.COMPACT_ADAPTERS`` adapters, the most its kept compact
   sets hold (a bound per linear, whatever the slots); and, with the kernel,
-  only for a mix met in an earlier plan (``RecentMixes``): a new mix's first
-  plan runs the kernel, which builds nothing, where ``MASKED`` would first
-  copy the mix's compact set and pack its matmuls inside the step (the cold
-  windows' longest steps: ``loadtests.bench_cold_mix``), a cost that pays off
-  only if the mix comes back.
+  only for a mix met in an earlier plan (``RecentMixes``): a new mix's
+  decode-sized plan runs the kernel (``NEW_MIX_TOKENS``), which builds
+  nothing, where ``MASKED`` would first copy the mix's compact set and pack
+  its matmuls inside the step, and ``RUNS`` expand and pack a new adapter's
+  own (the cold windows' longest steps: ``loadtests.bench_cold_mix``), costs
+  that pay off only if the mix comes back.
 
 No mode's cost depends on the number of slots, so the plan does not take it.
 
@@ -106,6 +107,12 @@ TOKENS_MAX_ELEMENTS = 1 << 21
 # 64 tokens on 8 adapters GATHER.
 KERNEL_US = 20.0
 KERNEL_TOKEN_US = 2.5
+# With the kernel, a decode-sized plan (at most this many tokens) whose mix of adapters is new runs TOKENS
+# whatever the cost model says: every other mode pays for the new mix inside the step first (a compact set
+# copied, or the new adapter's own matmuls expanded and packed), which the model does not count. Measured
+# (``loadtests.bench_cold_mix``, loaded, 8 hot tokens + 1 new adapter of rank 13, 54 or 216 in an engine of
+# max rank 256): the first 8 steps' LoRA work 24-75 ms by the kernel against 100-220 ms by RUNS or MASKED.
+NEW_MIX_TOKENS = 64
 
 
 @dataclass
@@ -238,7 +245,10 @@ def build_plan(
     if force_mode == MASKED and len(present) > COMPACT_ADAPTERS:
         raise ValueError(f"force_mode {MASKED!r} runs at most {COMPACT_ADAPTERS} adapters, not {len(present)}")
     met = True if mix_met is None or len(runs) == 1 else mix_met(present)
-    mode = force_mode or choose_mode(n, num_active, len(present), len(runs), width, kernel, met)
+    if force_mode is None and kernel and not met and n <= NEW_MIX_TOKENS:
+        mode = TOKENS  # a new mix, decode-sized: nothing to copy or pack for it in the step
+    else:
+        mode = force_mode or choose_mode(n, num_active, len(present), len(runs), width, kernel, met)
     if mode == RUNS:
         full = runs[0][0] if len(runs) == 1 and runs[0][2] - runs[0][1] == n else -1
         return StepPlan(n, RUNS, slots_t, tuple(runs), None, present, full)

@@ -516,8 +516,8 @@ def test_logits_scan_only_the_slots_the_step_uses_and_b_only_behind_a_nonzero_a(
 
 
 def test_a_new_mix_runs_the_kernel_and_a_mix_met_before_its_compact_set() -> None:
-    """With the kernel, a mix of few adapters met for the first time runs TOKENS (nothing to copy or pack in the
-    step); met again, MASKED (its compact set built once, then reused). Keyed by the adapters' LoRA ids: the same
+    """With the kernel, a decode-sized mix of adapters met for the first time runs TOKENS (nothing to copy or
+    pack in the step); met again, the cost model's choice (MASKED: its compact set built once, then reused). Keyed by the adapters' LoRA ids: the same
     adapters in other slots are the same mix, another adapter in a slot is a new one. Without the kernel, MASKED
     from the first plan."""
     w = GroupedPunicaWrapperCPU(max_num_batched_tokens=256, max_batches=16, device="cpu")
@@ -532,5 +532,7 @@ def test_a_new_mix_runs_the_kernel_and_a_mix_met_before_its_compact_set() -> Non
     assert mode([10, 11, 12, 13], mix) == MASKED
     assert mode([11, 10, 12, 13], mix) == MASKED  # the same adapters, swapped slots
     assert mode([10, 99, 12, 13], (10, 99) * 8) == TOKENS  # slot 1 holds another adapter
+    joined = (10,) * 8 + (12,)  # a new adapter joins a run of another: the cost model once met, the kernel before
+    assert [mode([10, 11, 12, 13], joined) for _ in range(2)] == [TOKENS, MASKED]
     w._kernel = None
     assert mode([10, 11, 12, 13], (10, 12) * 8) == MASKED
