@@ -532,7 +532,7 @@ def test_a_new_mix_runs_the_kernel_and_a_mix_met_before_its_compact_set() -> Non
     assert mode([10, 11, 12, 13], mix) == MASKED
     assert mode([11, 10, 12, 13], mix) == MASKED  # the same adapters, swapped slots
     assert mode([10, 99, 12, 13], (10, 99) * 8) == TOKENS  # slot 1 holds another adapter
-    joined = (10,) * 8 + (12,)  # a new adapter joins a run of another: the cost model once met, the kernel before
+    joined = (10,) * 63 + (12,)  # a new adapter joins a long run (RUNS by the cost model): the kernel first
     assert [mode([10, 11, 12, 13], joined) for _ in range(2)] == [TOKENS, MASKED]
     w._kernel = None
     assert mode([10, 11, 12, 13], (10, 12) * 8) == MASKED
