@@ -76,7 +76,7 @@ COMPACT_ADAPTERS = 8
 # swaps by pointer. A form is the adapter's weights once (``a_t`` and ``parts``); ``slot_copy_bytes`` charges them.
 PREPARED_PER_SLOT = 2
 # Forms per linear that also keep their own matmuls' copies (the block-diagonal B and, once warm, both weights
-# packed for oneDNN: ``AdapterLinear.expanded``), the most recently run first and never one in a slot dropped;
+# packed for oneDNN: the form's expanded state), the most recently run kept and never one in a slot dropped;
 # any other form runs its weights as they lie (``AdapterLinear.bare``: unpacked shrink, one matmul per slice to
 # expand). Bounded per linear, not per slot (``shared_copy_bytes``): the paths that use them (RUNS, GATHER: one
 # adapter, zipf-8 through 4 slots, few-adapter mixes) run few adapters, and a many-adapter decode step runs the
