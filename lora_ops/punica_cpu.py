@@ -36,7 +36,7 @@ from .gemm import PACK_MAX_ROWS, ROWS_FOR, Gemm
 from .plan import MASKED, NONE, REF_WIDTH, RUNS, TOKENS, StepPlan, build_plan
 from .slots import install as install_slot_resets
 from .step import ResolvedCall
-from .token_step import StackedTokenStep, TokenStep
+from .token_step import SlotRows, StackedTokenStep, TokenStep
 
 _NO_ROWS = torch.empty(0, 0)
 
@@ -119,6 +119,7 @@ class GroupedPunicaWrapperCPU(PunicaWrapperCPU):
         self._scratch: dict[tuple, torch.Tensor] = {}
         self._scratch_bytes = 0  # held by _scratch
         self._nonzero_cache: dict[int, tuple] = {}
+        self._slot_rows: dict[int, SlotRows] = {}  # id(FusedLinear) -> its slots' rows of the kernel's table
         self._slot_ids: list[int | None] = []  # the model manager's live slot -> LoRA id table
         self._width = REF_WIDTH  # mean LoRA width of the layers seen, for the plan's cost model
         self._kernel = kernel.token_lora()  # built here if this machine has not yet: before the first step
@@ -274,12 +275,12 @@ class GroupedPunicaWrapperCPU(PunicaWrapperCPU):
     def _token_step(self, fused: FusedLinear, plan: StepPlan, n: int, scale: float) -> ResolvedCall:
         """Each token through its own adapter: by the kernel, else stacked; the stacked form needs one packed
         width, so adapters of several widths run side by side (``MASKED``) there."""
-        token_slots = plan.token_slots.tolist()
-        step: ResolvedCall | None
         if self._kernel is not None:
-            step = TokenStep.build(fused, token_slots, scale, self._kernel)
-        else:
-            step = StackedTokenStep.build(fused, token_slots, scale, self._buffer)
+            rows = self._slot_rows.get(id(fused))
+            if rows is None or not rows.hold(fused):
+                rows = self._slot_rows[id(fused)] = SlotRows.of(fused)
+            return TokenStep(fused, scale, rows, plan.token_slots, self._kernel)
+        step = StackedTokenStep.build(fused, plan.token_slots.tolist(), scale, self._buffer)
         return step or self._masked_step(fused, plan, n, scale)
 
     def _one_slot_step(self, fused: FusedLinear, slot: int, n: int, scale: float) -> LayerStep:

@@ -8,7 +8,8 @@ small matmuls per adapter. Here a token pays for its own adapter only, and nothi
 Two forms of the same arithmetic:
 
 * ``TokenStep``: one call of the per-token kernel (``kernel.py``), which reads each token's adapter form
-  (``fused.AdapterLinear``: ``a_t`` and the slices' ``parts``) where it lies;
+  (``fused.AdapterLinear``: ``a_t`` and the slices' ``parts``) where it lies, through a table of their
+  addresses picked per token from the linear's slots' rows (``SlotRows``, kept until a slot changes);
 * ``StackedTokenStep``, where the kernel could not be built: each token's form stacked in token order into
   scratch, then ``torch.bmm`` (T, 1, in) x (T, in, W) and (T, 1, W) x (T, W, out); the stacking copies every
   byte the matmuls then read again, so the plan bounds it (``plan.TOKENS_MAX_ELEMENTS``).
@@ -17,6 +18,7 @@ Two forms of the same arithmetic:
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import torch
 
@@ -28,28 +30,56 @@ from .step import ResolvedCall
 Buffer = Callable[[str, int, int, torch.dtype], torch.Tensor]
 
 
-class TokenStep(ResolvedCall):
-    """One LoRA linear's calls under a ``TOKENS`` plan, by the kernel: resolved once (the forms' rows of the
-    kernel's table, in token order), replayed while the plan lasts, like ``punica_cpu.LayerStep``: one kernel
-    call a linear."""
+class SlotRows(NamedTuple):
+    """A LoRA linear's slots as rows of the per-token kernel's table, for the forms the slots point at now.
 
-    __slots__ = ("kernel", "forms", "table", "outs")
+    Why: in a rotation over many adapters the plan changes nearly every step (a request ends, the next one's
+    prompt comes in, then decodes), so every linear resolves its ``TokenStep`` again each step; building each
+    token's row in Python and a tensor from them was the largest part of that resolution. A slot's row changes
+    only when the slot points at another form (``FusedLinear.refresh``), so the rows are kept per linear until
+    then and a step's table is one indexing of them by the plan's token slots.
+    """
 
-    def __init__(self, fused: FusedLinear, scale: float, forms: list[AdapterLinear | None], kernel: TokenLora):
-        """``forms``: each token's adapter form, None for a token without one (the kernel skips it, as it
-        skips a form whose adapter does not target this linear)."""
-        super().__init__(fused, len(forms), scale)
-        self.kernel = kernel
-        self.outs = list(fused.output_slices)
-        skipped = (0,) * (3 + len(self.outs))
-        used = [form if form is not None and form.nonzero else None for form in forms]
-        self.forms = [form for form in used if form is not None]  # keeps every address in the table alive
-        self.table = torch.tensor([skipped if f is None else f.kernel_row for f in used], dtype=torch.long)
+    forms: tuple[AdapterLinear, ...]  # each slot's form when built: keeps every address in ``table`` alive
+    table: torch.Tensor  # (S + 1, 3 + slices) int64: row s for slot s, the last all zero (slot -1: skipped)
 
     @classmethod
-    def build(cls, fused: FusedLinear, token_slots: Sequence[int], scale: float, kernel: TokenLora) -> TokenStep:
-        """The step for ``token_slots`` (-1: no adapter)."""
-        return cls(fused, scale, [None if s < 0 else fused.slots[s] for s in token_slots], kernel)
+    def of(cls, fused: FusedLinear) -> SlotRows:
+        """The rows of ``fused``'s slots now; a form that does not change the output (``nonzero`` false) gets
+        the skipped row, as a token without an adapter does."""
+        skipped = (0,) * (3 + len(fused.output_slices))
+        forms = tuple(fused.slots)
+        rows = [form.kernel_row if form.nonzero else skipped for form in forms]
+        return cls(forms, torch.tensor([*rows, skipped], dtype=torch.long))
+
+    def hold(self, fused: FusedLinear) -> bool:
+        """Do ``fused``'s slots still point at the forms these rows were built from? (By identity: a form is
+        never changed in place, and forms define no equality of their own.)"""
+        return tuple(fused.slots) == self.forms
+
+
+class TokenStep(ResolvedCall):
+    """One LoRA linear's calls under a ``TOKENS`` plan, by the kernel: resolved once (the slots' rows of the
+    kernel's table, picked in token order), replayed while the plan lasts, like ``punica_cpu.LayerStep``: one
+    kernel call a linear."""
+
+    __slots__ = ("kernel", "slots", "token_slots", "table", "outs")
+
+    def __init__(
+        self, fused: FusedLinear, scale: float, slots: SlotRows, token_slots: torch.Tensor, kernel: TokenLora
+    ) -> None:
+        """``slots``: the rows of ``fused``'s slots (``SlotRows.hold``); ``token_slots``: (T,) long, each
+        token's slot, -1 for a token without an adapter (the kernel skips it, as it skips a form whose adapter
+        does not target this linear)."""
+        super().__init__(fused, token_slots.shape[0], scale)
+        self.kernel, self.slots, self.token_slots = kernel, slots, token_slots
+        self.outs = list(fused.output_slices)
+        self.table = slots.table[token_slots]  # slot -1 picks the last row: skipped
+
+    @property
+    def forms(self) -> list[AdapterLinear]:
+        """The forms the table's rows point at, in token order (skipped tokens left out)."""
+        return [self.slots.forms[s] for s in self.token_slots.tolist() if s >= 0 and self.slots.forms[s].nonzero]
 
     def run(self, y: torch.Tensor, x: torch.Tensor) -> None:
         """y[t] += x[t] @ a_t[t] * scale @ b[t], in one call (the kernel accumulates in float32)."""
