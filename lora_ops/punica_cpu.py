@@ -277,8 +277,8 @@ class GroupedPunicaWrapperCPU(PunicaWrapperCPU):
         width, so adapters of several widths run side by side (``MASKED``) there."""
         if self._kernel is not None:
             rows = self._slot_rows.get(id(fused))
-            if rows is None or not rows.hold(fused):
-                rows = self._slot_rows[id(fused)] = SlotRows.of(fused)
+            if rows is None or not rows.follow(fused):
+                rows = self._slot_rows[id(fused)] = SlotRows(fused)
             return TokenStep(fused, scale, rows, plan.token_slots, self._kernel)
         step = StackedTokenStep.build(fused, plan.token_slots.tolist(), scale, self._buffer)
         return step or self._masked_step(fused, plan, n, scale)

@@ -18,7 +18,6 @@ Two forms of the same arithmetic:
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import NamedTuple
 
 import torch
 
@@ -30,32 +29,43 @@ from .step import ResolvedCall
 Buffer = Callable[[str, int, int, torch.dtype], torch.Tensor]
 
 
-class SlotRows(NamedTuple):
+class SlotRows:
     """A LoRA linear's slots as rows of the per-token kernel's table, for the forms the slots point at now.
 
     Why: in a rotation over many adapters the plan changes nearly every step (a request ends, the next one's
     prompt comes in, then decodes), so every linear resolves its ``TokenStep`` again each step; building each
     token's row in Python and a tensor from them was the largest part of that resolution. A slot's row changes
-    only when the slot points at another form (``FusedLinear.refresh``), so the rows are kept per linear until
-    then and a step's table is one indexing of them by the plan's token slots.
+    only when the slot points at another form (``FusedLinear.refresh``: an activation, every step or two in
+    such a rotation, one slot at a time), so the rows are kept per linear, only a changed slot's row is
+    written again, and a step's table is one indexing of them by the plan's token slots.
     """
 
-    forms: tuple[AdapterLinear, ...]  # each slot's form when built: keeps every address in ``table`` alive
-    table: torch.Tensor  # (S + 1, 3 + slices) int64: row s for slot s, the last all zero (slot -1: skipped)
+    __slots__ = ("forms", "table", "outs")
 
-    @classmethod
-    def of(cls, fused: FusedLinear) -> SlotRows:
-        """The rows of ``fused``'s slots now; a form that does not change the output (``nonzero`` false) gets
-        the skipped row, as a token without an adapter does."""
-        skipped = (0,) * (3 + len(fused.output_slices))
+    def __init__(self, fused: FusedLinear) -> None:
+        self.outs = list(fused.output_slices)
+        self.forms: tuple[AdapterLinear, ...] = tuple(fused.slots)  # keeps every address in ``table`` alive
+        # (S + 1, 3 + slices) int64: row s for slot s, the last all zero (slot -1 picks it: skipped)
+        self.table = torch.tensor([*map(self._row, self.forms), self._row(None)], dtype=torch.long)
+
+    def _row(self, form: AdapterLinear | None) -> tuple[int, ...]:
+        """A form's row; all zero (skipped) for none or one that does not change the output (``nonzero``)."""
+        return form.kernel_row if form is not None and form.nonzero else (0,) * (3 + len(self.outs))
+
+    def follow(self, fused: FusedLinear) -> bool:
+        """Point the rows at the forms ``fused``'s slots hold now (only the slots that changed, compared by
+        identity: a form is never changed in place and defines no equality); False, changing nothing, where
+        ``fused`` no longer has the slots or slices these rows were built for."""
         forms = tuple(fused.slots)
-        rows = [form.kernel_row if form.nonzero else skipped for form in forms]
-        return cls(forms, torch.tensor([*rows, skipped], dtype=torch.long))
-
-    def hold(self, fused: FusedLinear) -> bool:
-        """Do ``fused``'s slots still point at the forms these rows were built from? (By identity: a form is
-        never changed in place, and forms define no equality of their own.)"""
-        return tuple(fused.slots) == self.forms
+        if forms == self.forms:
+            return True
+        if len(forms) != len(self.forms) or list(fused.output_slices) != self.outs:
+            return False
+        for s, (old, new) in enumerate(zip(self.forms, forms)):
+            if new is not old:
+                self.table[s] = torch.tensor(self._row(new))
+        self.forms = forms
+        return True
 
 
 class TokenStep(ResolvedCall):
@@ -63,23 +73,24 @@ class TokenStep(ResolvedCall):
     kernel's table, picked in token order), replayed while the plan lasts, like ``punica_cpu.LayerStep``: one
     kernel call a linear."""
 
-    __slots__ = ("kernel", "slots", "token_slots", "table", "outs")
+    __slots__ = ("kernel", "slot_forms", "token_slots", "table", "outs")
 
     def __init__(
         self, fused: FusedLinear, scale: float, slots: SlotRows, token_slots: torch.Tensor, kernel: TokenLora
     ) -> None:
-        """``slots``: the rows of ``fused``'s slots (``SlotRows.hold``); ``token_slots``: (T,) long, each
+        """``slots``: the rows of ``fused``'s slots now (``SlotRows.follow``); ``token_slots``: (T,) long, each
         token's slot, -1 for a token without an adapter (the kernel skips it, as it skips a form whose adapter
         does not target this linear)."""
         super().__init__(fused, token_slots.shape[0], scale)
-        self.kernel, self.slots, self.token_slots = kernel, slots, token_slots
-        self.outs = list(fused.output_slices)
-        self.table = slots.table[token_slots]  # slot -1 picks the last row: skipped
+        self.kernel, self.token_slots, self.outs = kernel, token_slots, slots.outs
+        self.slot_forms = slots.forms  # the slots' forms now (a tuple): keeps every address in the table alive
+        self.table = slots.table[token_slots]  # a copy, picked in token order; slot -1 picks the skipped row
 
     @property
     def forms(self) -> list[AdapterLinear]:
         """The forms the table's rows point at, in token order (skipped tokens left out)."""
-        return [self.slots.forms[s] for s in self.token_slots.tolist() if s >= 0 and self.slots.forms[s].nonzero]
+        used = [self.slot_forms[s] for s in self.token_slots.tolist() if s >= 0]
+        return [form for form in used if form.nonzero]
 
     def run(self, y: torch.Tensor, x: torch.Tensor) -> None:
         """y[t] += x[t] @ a_t[t] * scale @ b[t], in one call (the kernel accumulates in float32)."""

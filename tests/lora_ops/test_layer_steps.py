@@ -146,26 +146,30 @@ def test_rows_between_packed_sizes_stay_padded_from_shrink_to_expand(token_ids, 
 
 def test_token_steps_keep_the_slots_rows_until_a_slot_changes() -> None:
     """``TOKENS`` steps pick each token's row of the kernel's table from rows kept per linear (``SlotRows``):
-    kept across plans while the slots point at the same forms, built again once a slot is written (in place
-    under its id, or given to another id): every call matches the per-token reference of the weights now."""
+    kept across plans while the slots point at the same forms, a slot's row written again once the slot is
+    (in place under its id, or by another id): every call matches the per-token reference of the weights now,
+    and a step resolved before the write keeps the table and forms it was resolved with."""
     w = GroupedPunicaWrapperCPU(64, 8, "cpu")
     w.force_mode = TOKENS
     assert w._kernel is not None  # built on this machine (make install builds it ahead)
     a, b = _weights(SLICE, torch.float32)
     steps = [[11, 12, 0, 13, 14, 12], [14, 13, 12, 11], [12, 0, 11]]
-    kept = []
     for i, token_ids in enumerate(steps):
         _update(w, token_ids)
         _call_and_check(w, a, b, token_ids, seed=i)
-        kept.append(w._slot_rows[id(w._fused[id(a[0])])])
-    rows = kept[0]
-    assert all(k is rows for k in kept)  # one set of rows served the three plans
+    fused = w._fused[id(a[0])]
+    rows = w._slot_rows[id(fused)]
+    table = rows.table.clone()
+    before = w._plan.layer_steps[id(a[0])]
     slot = SLOT_IDS.index(12)
     for t in a + b:  # slot 12 written in place under its id: the next plan must read the new weights
         t[slot].copy_(torch.randn_like(t[slot]))
     _update(w, steps[1])
     _call_and_check(w, a, b, steps[1], seed=10)
-    assert w._slot_rows[id(w._fused[id(a[0])])] is not rows
+    assert w._slot_rows[id(fused)] is rows  # kept, and only slot 12's row written again
+    changed = (rows.table != table).any(dim=1).nonzero().flatten().tolist()
+    assert changed == [slot]
+    assert torch.equal(before.table[0], table[slot]) and before.slot_forms[slot] is not fused.slots[slot]
     ids = list(SLOT_IDS)
     ids[slot] = 15  # another adapter takes slot 12's place
     for t in a + b:
