@@ -21,6 +21,9 @@ distinct adapters of 2N slots (a rotation over many adapters, as
 ``bench_store``'s uniform workload), for each plan mode forced and the cost
 model's choice: ``steady`` (the same mix every step) and ``rotating`` (one of
 8 mixes in turn, each step a different one), after 40 steps of warm-up.
+``--shape demo`` times them at the demo model's layers instead (``make serve``'s
+base: hidden 128, 2 layers, float32 as configs/dev.yaml serves it), where a
+step's calls are so small that what runs once per plan weighs most.
 """
 
 from __future__ import annotations
@@ -31,9 +34,14 @@ import time
 
 import torch
 
+from checkpoints.synthetic import ModelShape
 from loadtests.bench_lora import GROUPS
 
 RANK, SLOTS, TOKENS = 16, 4, 16
+# The LoRA linears of the demo base (checkpoints' demo-assets: .demo/base/config.json), in the dtype it is served in.
+DEMO = ModelShape(hidden_size=128, intermediate_size=384, num_hidden_layers=2, num_attention_heads=2,
+                  num_key_value_heads=1, head_dim=64)  # fmt: skip
+SHAPES = {"realistic": (GROUPS["realistic"], torch.bfloat16), "demo": (DEMO, torch.float32)}
 CASES = {
     "no_adapter": [0] * TOKENS,
     "one_adapter": [1] * TOKENS,
@@ -45,20 +53,21 @@ CASES = {
 WAVE_STEP_DIVISOR = 10  # the prompt wave's calls are ~100x a decode call's work: a tenth of the steps
 
 
-def _layers() -> list[tuple[int, tuple[int, ...]]]:
+def _layers(s: ModelShape = GROUPS["realistic"]) -> list[tuple[int, tuple[int, ...]]]:
     """(in_features, output slices) of every LoRA linear a step calls, in order."""
-    s = GROUPS["realistic"]
     q, kv = s.num_attention_heads * s.head_dim, s.num_key_value_heads * s.head_dim
     h, i = s.hidden_size, s.intermediate_size
     return [(h, (q, kv, kv)), (q, (h,)), (h, (i, i)), (i, (h,))] * s.num_hidden_layers
 
 
-def _weights(layers: list[tuple[int, tuple[int, ...]]], slots: int, g: torch.Generator) -> list[tuple[list, list]]:
-    """Random bf16 LoRA A and B stacks of ``slots`` slots at rank ``RANK`` for each layer, as vLLM lays them out."""
+def _weights(
+    layers: list[tuple[int, tuple[int, ...]]], slots: int, g: torch.Generator, dtype: torch.dtype = torch.bfloat16
+) -> list[tuple[list, list]]:
+    """Random LoRA A and B stacks of ``slots`` slots at rank ``RANK`` for each layer, as vLLM lays them out."""
     return [
         (
-            [torch.randn(slots, 1, RANK, k, generator=g).div(k**0.5).bfloat16() for _ in outs],
-            [torch.randn(slots, 1, m, RANK, generator=g).div(RANK**0.5).bfloat16() for m in outs],
+            [torch.randn(slots, 1, RANK, k, generator=g).div(k**0.5).to(dtype) for _ in outs],
+            [torch.randn(slots, 1, m, RANK, generator=g).div(RANK**0.5).to(dtype) for m in outs],
         )
         for k, outs in layers
     ]
@@ -104,9 +113,11 @@ def measure(repeats: int, steps: int, threads: int = 1) -> dict[str, dict[str, f
     return results
 
 
-def measure_distinct(n: int, repeats: int, steps: int) -> dict[str, dict[str, float]]:
-    """Per-step ms (median over ``repeats`` of ``steps`` steps, thread CPU time, one thread) of the 20 calls with
-    ``n`` tokens on ``n`` distinct adapters of ``2n`` slots, per mode (``--distinct``)."""
+def measure_distinct(n: int, repeats: int, steps: int, shape: str = "realistic") -> dict[str, dict[str, float]]:
+    """Per-step ms (min and median over ``repeats`` of ``steps`` steps, thread CPU time, one thread; the min is
+    the figure to compare on a shared machine, whose load inflates thread CPU time too) of a step's calls
+    with ``n`` tokens on ``n`` distinct adapters of ``2n`` slots, per mode (``--distinct``), at ``shape``'s
+    layers (``SHAPES``)."""
     import random
 
     from vllm.lora.layers import LoRAMapping
@@ -116,10 +127,11 @@ def measure_distinct(n: int, repeats: int, steps: int) -> dict[str, dict[str, fl
 
     torch.set_num_threads(1)
     slots, g, rng = 2 * n, torch.Generator().manual_seed(0), random.Random(0)
-    layers = _layers()
-    weights = _weights(layers, slots, g)
-    xs = {k: torch.randn(n, k, generator=g).bfloat16() for k, _ in layers}
-    calls = [(torch.zeros(n, sum(o)).bfloat16(), xs[k], a, b, list(o)) for (k, o), (a, b) in zip(layers, weights)]
+    model, dtype = SHAPES[shape]
+    layers = _layers(model)
+    weights = _weights(layers, slots, g, dtype)
+    xs = {k: torch.randn(n, k, generator=g).to(dtype) for k, _ in layers}
+    calls = [(torch.zeros(n, sum(o)).to(dtype), xs[k], a, b, list(o)) for (k, o), (a, b) in zip(layers, weights)]
     mixes = [tuple(rng.sample(range(1, slots + 1), n)) for _ in range(8)]
     op, table = torch.ops.loraserve.lora_linear.default, list[int | None](range(1, slots + 1))
     results = {}
@@ -142,7 +154,8 @@ def measure_distinct(n: int, repeats: int, steps: int) -> dict[str, dict[str, fl
                 for i in range(steps):
                     step(mixes[0] if kind == "steady" else mixes[i % len(mixes)])
                 per_step.append((time.thread_time() - start) / steps * 1e3)
-            row[kind] = round(statistics.median(per_step), 2)
+            row[kind] = round(min(per_step), 3)
+            row[f"{kind}_median"] = round(statistics.median(per_step), 3)
         results[mode or f"auto ({wrapper._plan.mode})"] = row
     return results
 
@@ -153,13 +166,18 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--threads", type=int, default=1, help="torch threads (more than 1: wall time)")
     p.add_argument("--distinct", type=int, default=0, help="N tokens on N distinct adapters: ms per step, by mode")
+    p.add_argument("--shape", choices=list(SHAPES), default="realistic", help="--distinct's layers (docstring)")
     args = p.parse_args(argv)
     import os
 
     load = os.getloadavg()[0]
     if args.distinct:
-        for mode, row in measure_distinct(args.distinct, args.repeats, args.steps).items():
-            print(f"{mode:15s} steady {row['steady']:7.2f} ms  rotating {row['rotating']:7.2f} ms per step (20 calls)")
+        calls = len(_layers(SHAPES[args.shape][0]))
+        for mode, row in measure_distinct(args.distinct, args.repeats, args.steps, args.shape).items():
+            print(
+                f"{mode:15s} steady {row['steady']:7.3f} (median {row['steady_median']:7.3f}) ms  "
+                f"rotating {row['rotating']:7.3f} (median {row['rotating_median']:7.3f}) ms per step ({calls} calls)"
+            )
         print(f"load average {load:.2f} -> {os.getloadavg()[0]:.2f}")
         return
     for name, r in measure(args.repeats, args.steps, args.threads).items():

@@ -37,7 +37,7 @@ from .plan import MASKED, NONE, REF_WIDTH, RUNS, TOKENS, RecentMixes, StepPlan, 
 from .slots import install as install_slot_resets
 from .slots import slot_rank
 from .step import ResolvedCall
-from .token_step import StackedTokenStep, TokenStep
+from .token_step import SlotRows, StackedTokenStep, TokenStep
 
 _NO_ROWS = torch.empty(0, 0)
 Matmuls = tuple[Gemm, Gemm | SlicedGemm]
@@ -117,11 +117,13 @@ class GroupedPunicaWrapperCPU(PunicaWrapperCPU):
         install_slot_resets()  # built with the worker's LoRA manager, before any slot is written (slots.py)
         empty = torch.empty(0, dtype=torch.long)
         self._plan = StepPlan(0, NONE, empty)  # tokens of the forward pass
-        self._sampler_plan = StepPlan(0, NONE, empty)  # rows of the logits
+        self._prompt_slots: list[int] = []  # each logits row's slot, -1 for none
+        self._sampler_plan: StepPlan | None = None  # rows of the logits, built when asked (_sampler)
         self._fused: dict[int, FusedLinear] = {}  # id(lora_a[0]) -> fused weights
         self._scratch: dict[tuple, torch.Tensor] = {}
         self._scratch_bytes = 0  # held by _scratch
         self._nonzero_cache: dict[int, tuple] = {}
+        self._slot_rows: dict[int, SlotRows] = {}  # id(FusedLinear) -> its slots' rows of the kernel's table
         self._slot_ids: list[int | None] = []  # the model manager's live slot -> LoRA id table
         self._width = REF_WIDTH  # mean LoRA width of the layers seen, for the plan's cost model
         self._mixes = RecentMixes()  # the adapter mixes of recent plans, for the plan's cost model
@@ -137,24 +139,26 @@ class GroupedPunicaWrapperCPU(PunicaWrapperCPU):
         vocab_size: int,
         **kwargs,
     ) -> None:
-        """Base index tensors (used by vLLM's layers) + our per-step plans.
+        """Base index tensors (used by vLLM's layers) + our per-step plan.
 
         The stock ``compute_meta`` (unique_consecutive + ``.item()`` syncs) is
-        skipped: none of our ops reads ``prefill_metadata``.
+        skipped: none of our ops reads ``prefill_metadata``. vLLM's own index
+        tensors come from the slots mapped here (``_base_indices``), and the
+        logits' plan is built when a logits op first asks for it (``_sampler``).
         """
-        self._update_base_metadata(mapping, lora_index_to_id, max_loras, vocab_size)
         self.is_prefill = mapping.is_prefill
         self._slot_ids = lora_index_to_id  # kept by reference: read when a layer's weights change
         slot_of = {lid: i for i, lid in enumerate(lora_index_to_id) if lid is not None}
         token_slots = [slot_of[i] if i > 0 else -1 for i in mapping.index_mapping]
-        prompt_slots = [slot_of[i] if i > 0 else -1 for i in mapping.prompt_mapping]
+        self._prompt_slots = [slot_of[i] if i > 0 else -1 for i in mapping.prompt_mapping]
         has_kernel = self._kernel is not None
 
         def met(present: tuple[int, ...]) -> bool:
             return self._mixes.met(tuple(sorted(lora_index_to_id[s] or 0 for s in present)))
 
         self._plan = build_plan(token_slots, self.force_mode, self._plan_width(token_slots), has_kernel, met)
-        self._sampler_plan = build_plan(prompt_slots, self.force_mode, self._width, has_kernel)
+        self._sampler_plan = None
+        self._base_indices(self._plan.token_slots, max_loras, vocab_size)
         self.no_lora = self._plan.mode == NONE
 
     def _plan_width(self, token_slots: list[int]) -> float:
@@ -175,6 +179,31 @@ class GroupedPunicaWrapperCPU(PunicaWrapperCPU):
         ranks = [slot_rank(lora_a, s) for s in present]
         written = sum(full if r is None else max(1, min(r, full)) for r in ranks)
         return self._width * written / (len(ranks) * full)
+
+    def _base_indices(self, token_slots: torch.Tensor, max_loras: int, vocab_size: int) -> None:
+        """What vLLM's ``_update_base_metadata`` writes (its layers read them: the LoRA embedding
+        ``_embeddings_indices``, full-linear heads the sampler indices), from the slots already mapped.
+
+        Why not vLLM's: its ``convert_mapping`` maps every token again in a Python loop and builds its tensors
+        through several more; in a rotation over many adapters the mapping changes nearly every step, and on
+        the demo model that was about as much as building the step's plan. Same values (a unit test compares
+        them with vLLM's): slot or -1 per token and per prompt, the embedding rows ``max(slot, 0) x vocab``, and
+        the padded sampler indices (-1 as ``max_loras - 1``) offset per row."""
+        prompts = torch.tensor(self._prompt_slots, dtype=torch.long)
+        n, m = token_slots.shape[0], prompts.shape[0]
+        self._token_lora_indices[:n].copy_(token_slots)
+        torch.mul(token_slots.clamp(min=0), vocab_size, out=self._embeddings_indices[:n])
+        self._sampler_indices[:m].copy_(prompts)
+        padded = self._sampler_indices_padded[:m]
+        padded.copy_(prompts).masked_fill_(prompts == -1, max_loras - 1).mul_(m).add_(torch.arange(m))
+        self.indices_len[:] = [n, m, m, n]
+
+    def _sampler(self) -> StepPlan:
+        """The plan of the logits' rows (one per sampled token), built on its first use in a step: only an
+        adapter with ``lm_head`` weights runs a logits op."""
+        if self._sampler_plan is None:
+            self._sampler_plan = build_plan(self._prompt_slots, self.force_mode, self._width, self._kernel is not None)
+        return self._sampler_plan
 
     def _buffer(self, name: str, rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
         """Reusable contiguous (rows, cols) scratch (the forward pass is
@@ -300,10 +329,12 @@ class GroupedPunicaWrapperCPU(PunicaWrapperCPU):
 
     def _token_step(self, fused: FusedLinear, plan: StepPlan, scale: float) -> ResolvedCall:
         """Each token through its own adapter: by the kernel, else stacked."""
-        token_slots = plan.token_slots.tolist()
         if self._kernel is not None:
-            return TokenStep.build(fused, token_slots, scale, self._kernel)
-        return StackedTokenStep.build(fused, token_slots, scale, self._buffer)
+            rows = self._slot_rows.get(id(fused))
+            if rows is None or not rows.follow(fused):
+                rows = self._slot_rows[id(fused)] = SlotRows(fused)
+            return TokenStep(fused, scale, rows, plan.token_slots, self._kernel)
+        return StackedTokenStep.build(fused, plan.token_slots.tolist(), scale, self._buffer)
 
     def _one_slot_step(self, fused: FusedLinear, slot: int, n: int, scale: float) -> LayerStep:
         """Decode-sized, one slot: 3 ops (shrink, block-diagonal expand, add)."""
@@ -493,7 +524,7 @@ class GroupedPunicaWrapperCPU(PunicaWrapperCPU):
         x = x.reshape(-1, x.shape[-1])
         vocab = min(lora_b_stacked.shape[2], y2.shape[1])
         y_head = y2[:, :vocab]
-        groups = self._groups(self._sampler_plan, x.shape[0], lora_a_stacked, lora_b_stacked)
+        groups = self._groups(self._sampler(), x.shape[0], lora_a_stacked, lora_b_stacked)
         for slot, idx in groups:
             a = lora_a_stacked[slot, 0].to(x.dtype)  # (r, hidden)
             b = lora_b_stacked[slot, 0, :vocab].to(x.dtype)  # (V, r)

@@ -8,7 +8,8 @@ small matmuls per adapter. Here a token pays for its own adapter only, and nothi
 Two forms of the same arithmetic:
 
 * ``TokenStep``: one call of the per-token kernel (``kernel.py``), which reads each token's adapter form
-  (``fused.AdapterLinear``: ``a_t`` and the slices' ``parts``) where it lies;
+  (``fused.AdapterLinear``: ``a_t`` and the slices' ``parts``) where it lies, through a table of their
+  addresses picked per token from the linear's slots' rows (``SlotRows``, kept until a slot changes);
 * ``StackedTokenStep``, where the kernel could not be built: each token's form stacked in token order into
   scratch, then ``torch.bmm`` (T, 1, in) x (T, in, W) and (T, 1, W) x (T, W, out); the stacking copies every
   byte the matmuls then read again, so the plan bounds it (``plan.TOKENS_MAX_ELEMENTS``).
@@ -28,28 +29,68 @@ from .step import ResolvedCall
 Buffer = Callable[[str, int, int, torch.dtype], torch.Tensor]
 
 
-class TokenStep(ResolvedCall):
-    """One LoRA linear's calls under a ``TOKENS`` plan, by the kernel: resolved once (the forms' rows of the
-    kernel's table, in token order), replayed while the plan lasts, like ``punica_cpu.LayerStep``: one kernel
-    call a linear."""
+class SlotRows:
+    """A LoRA linear's slots as rows of the per-token kernel's table, for the forms the slots point at now.
 
-    __slots__ = ("kernel", "forms", "table", "outs")
+    Why: in a rotation over many adapters the plan changes nearly every step (a request ends, the next one's
+    prompt comes in, then decodes), so every linear resolves its ``TokenStep`` again each step; building each
+    token's row in Python and a tensor from them was the largest part of that resolution. A slot's row changes
+    only when the slot points at another form (``FusedLinear.refresh``: an activation, every step or two in
+    such a rotation, one slot at a time), so the rows are kept per linear, only a changed slot's row is
+    written again, and a step's table is one indexing of them by the plan's token slots.
+    """
 
-    def __init__(self, fused: FusedLinear, scale: float, forms: list[AdapterLinear | None], kernel: TokenLora):
-        """``forms``: each token's adapter form, None for a token without one (the kernel skips it, as it
-        skips a form whose adapter does not target this linear)."""
-        super().__init__(fused, len(forms), scale)
-        self.kernel = kernel
+    __slots__ = ("forms", "table", "outs")
+
+    def __init__(self, fused: FusedLinear) -> None:
         self.outs = list(fused.output_slices)
-        skipped = (0,) * (3 + len(self.outs))
-        used = [form if form is not None and form.nonzero else None for form in forms]
-        self.forms = [form for form in used if form is not None]  # keeps every address in the table alive
-        self.table = torch.tensor([skipped if f is None else f.kernel_row for f in used], dtype=torch.long)
+        self.forms: tuple[AdapterLinear, ...] = tuple(fused.slots)  # keeps every address in ``table`` alive
+        # (S + 1, 3 + slices) int64: row s for slot s, the last all zero (slot -1 picks it: skipped)
+        self.table = torch.tensor([*map(self._row, self.forms), self._row(None)], dtype=torch.long)
 
-    @classmethod
-    def build(cls, fused: FusedLinear, token_slots: Sequence[int], scale: float, kernel: TokenLora) -> TokenStep:
-        """The step for ``token_slots`` (-1: no adapter)."""
-        return cls(fused, scale, [None if s < 0 else fused.slots[s] for s in token_slots], kernel)
+    def _row(self, form: AdapterLinear | None) -> tuple[int, ...]:
+        """A form's row; all zero (skipped) for none or one that does not change the output (``nonzero``)."""
+        return form.kernel_row if form is not None and form.nonzero else (0,) * (3 + len(self.outs))
+
+    def follow(self, fused: FusedLinear) -> bool:
+        """Point the rows at the forms ``fused``'s slots hold now (only the slots that changed, compared by
+        identity: a form is never changed in place and defines no equality); False, changing nothing, where
+        ``fused`` no longer has the slots or slices these rows were built for."""
+        forms = tuple(fused.slots)
+        if forms == self.forms:
+            return True
+        if len(forms) != len(self.forms) or list(fused.output_slices) != self.outs:
+            return False
+        for s, (old, new) in enumerate(zip(self.forms, forms)):
+            if new is not old:
+                self.table[s] = torch.tensor(self._row(new))
+        self.forms = forms
+        return True
+
+
+class TokenStep(ResolvedCall):
+    """One LoRA linear's calls under a ``TOKENS`` plan, by the kernel: resolved once (the slots' rows of the
+    kernel's table, picked in token order), replayed while the plan lasts, like ``punica_cpu.LayerStep``: one
+    kernel call a linear."""
+
+    __slots__ = ("kernel", "slot_forms", "token_slots", "table", "outs")
+
+    def __init__(
+        self, fused: FusedLinear, scale: float, slots: SlotRows, token_slots: torch.Tensor, kernel: TokenLora
+    ) -> None:
+        """``slots``: the rows of ``fused``'s slots now (``SlotRows.follow``); ``token_slots``: (T,) long, each
+        token's slot, -1 for a token without an adapter (the kernel skips it, as it skips a form whose adapter
+        does not target this linear)."""
+        super().__init__(fused, token_slots.shape[0], scale)
+        self.kernel, self.token_slots, self.outs = kernel, token_slots, slots.outs
+        self.slot_forms = slots.forms  # the slots' forms now (a tuple): keeps every address in the table alive
+        self.table = slots.table[token_slots]  # a copy, picked in token order; slot -1 picks the skipped row
+
+    @property
+    def forms(self) -> list[AdapterLinear]:
+        """The forms the table's rows point at, in token order (skipped tokens left out)."""
+        used = [self.slot_forms[s] for s in self.token_slots.tolist() if s >= 0]
+        return [form for form in used if form.nonzero]
 
     def run(self, y: torch.Tensor, x: torch.Tensor) -> None:
         """y[t] += x[t] @ a_t[t] * scale @ b[t], in one call (the kernel accumulates in float32)."""

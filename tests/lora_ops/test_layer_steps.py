@@ -14,7 +14,7 @@ import torch
 from vllm.lora.layers import LoRAMapping
 
 from lora_ops import gemm
-from lora_ops.plan import MASKED
+from lora_ops.plan import MASKED, TOKENS
 from lora_ops.punica_cpu import GroupedPunicaWrapperCPU
 from tests.lora_ops.test_punica_cpu import IN, SLICES, SLOT_IDS, _check, _reference, _weights
 
@@ -145,3 +145,43 @@ def test_rows_between_packed_sizes_stay_padded_from_shrink_to_expand(token_ids, 
         _call_and_check(w, a, b, token_ids, seed)
     assert rows == [8, 8] * 3
     assert len(resolutions) == 1
+
+
+def test_token_steps_keep_the_slots_rows_until_a_slot_changes() -> None:
+    """``TOKENS`` steps pick each token's row of the kernel's table from rows kept per linear (``SlotRows``):
+    kept across plans while the slots point at the same forms, a slot's row written again once the slot is
+    (in place under its id, or by another id): every call matches the per-token reference of the weights now,
+    and a step resolved before the write keeps the table and forms it was resolved with."""
+    w = GroupedPunicaWrapperCPU(64, 8, "cpu")
+    w.force_mode = TOKENS
+    assert w._kernel is not None  # built on this machine (make install builds it ahead)
+    a, b = _weights(SLICE, torch.float32)
+    steps = [[11, 12, 0, 13, 14, 12], [14, 13, 12, 11], [12, 0, 11]]
+    for i, token_ids in enumerate(steps):
+        _update(w, token_ids)
+        _call_and_check(w, a, b, token_ids, seed=i)
+    fused = w._fused[id(a[0])]
+    rows = w._slot_rows[id(fused)]
+    table = rows.table.clone()
+    before = w._plan.layer_steps[id(a[0])]
+    slot = SLOT_IDS.index(12)
+    for t in a + b:  # slot 12 written in place under its id: the next plan must read the new weights
+        t[slot].copy_(torch.randn_like(t[slot]))
+    _update(w, steps[1])
+    _call_and_check(w, a, b, steps[1], seed=10)
+    assert w._slot_rows[id(fused)] is rows  # kept, and only slot 12's row written again
+    changed = (rows.table != table).any(dim=1).nonzero().flatten().tolist()
+    assert changed == [slot]
+    assert torch.equal(before.table[0], table[slot]) and before.slot_forms[slot] is not fused.slots[slot]
+    ids = list(SLOT_IDS)
+    ids[slot] = 15  # another adapter takes slot 12's place
+    for t in a + b:
+        t[slot].copy_(torch.randn_like(t[slot]))
+    token_ids = [15, 11, 0, 15]
+    w.update_metadata(LoRAMapping(tuple(token_ids), tuple(token_ids)), ids, len(ids) + 1, 1000)
+    g = torch.Generator().manual_seed(11)
+    x, y0 = torch.randn(len(token_ids), IN, generator=g), torch.randn(len(token_ids), sum(SLICE), generator=g)
+    y = y0.clone()
+    w.add_lora_linear(y, x, a, b, 1.0, SLICE)
+    want = _reference(y0, x, a, b, SLICE, [12 if i == 15 else i for i in token_ids])  # 15 sits where 12 sat
+    _check(y, want, y0, token_ids, 1e-4)

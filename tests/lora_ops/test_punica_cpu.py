@@ -536,3 +536,43 @@ def test_a_new_mix_runs_the_kernel_and_a_mix_met_before_its_compact_set() -> Non
     assert [mode([10, 11, 12, 13], joined) for _ in range(2)] == [TOKENS, MASKED]
     w._kernel = None
     assert mode([10, 11, 12, 13], (10, 12) * 8) == MASKED
+
+
+@pytest.mark.parametrize("phase", ["prefill", "decode"])
+def test_base_indices_are_the_ones_vllm_computes(phase: str) -> None:
+    """The index tensors vLLM's own layers read (the LoRA embedding, full-linear heads), written from our
+    mapped slots instead of vLLM's ``convert_mapping``: equal to what vLLM's stock wrapper writes, mapping
+    after mapping on one wrapper (shorter ones after longer: only each one's own rows count)."""
+    ours = GroupedPunicaWrapperCPU(max_num_batched_tokens=512, max_batches=16, device="cpu")
+    stock = PunicaWrapperCPU(max_num_batched_tokens=512, max_batches=16, device="cpu")
+    table: list[int | None] = [None, 12, 11, None]  # empty slots, ids out of order
+    for pattern in ["all_slots_full_with_none", "all_none", "mixed_with_none", "all_one_slot"]:
+        token_ids, prompt_ids = _mapping(pattern, phase)
+        token_ids = [i if i in (0, 11, 12) else 11 for i in token_ids]
+        prompt_ids = [i if i in (0, 11, 12) else 12 for i in prompt_ids]
+        mapping = LoRAMapping(tuple(token_ids), tuple(prompt_ids), is_prefill=phase == "prefill")
+        for w in (ours, stock):
+            w.update_metadata(mapping, list(table), len(table) + 1, 1000)
+        assert ours.indices_len == stock.indices_len
+        n = len(token_ids)
+        assert torch.equal(ours.token_lora_indices, stock.token_lora_indices)
+        assert torch.equal(ours._embeddings_indices[:n], stock._embeddings_indices[:n])
+        assert torch.equal(ours.sampler_indices, stock.sampler_indices)
+        assert torch.equal(ours.sampler_indices_padded, stock.sampler_indices_padded)
+
+
+def test_the_logits_plan_follows_each_mapping() -> None:
+    """The logits' plan is built when a logits op asks for it, for the mapping of that step, not an earlier one."""
+    w = GroupedPunicaWrapperCPU(max_num_batched_tokens=512, max_batches=16, device="cpu")
+    s, vocab = len(SLOT_IDS), 50
+    la, lb = torch.randn(s, 1, RANK, IN), torch.randn(s, 1, vocab, RANK)
+    for prompt_ids in ([12, 0, 13], [14, 14, 0], [0, 11, 12]):
+        w.update_metadata(LoRAMapping(tuple(prompt_ids), tuple(prompt_ids)), list(SLOT_IDS), s + 1, 1000)
+        x, y0 = torch.randn(len(prompt_ids), IN), torch.randn(len(prompt_ids), vocab)
+        y = y0.clone()
+        w.add_lora_logits(y, x, la, lb, 1.0)
+        want = y0.clone()
+        for r, lora_id in enumerate(prompt_ids):
+            if (slot := _slot(lora_id)) >= 0:
+                want[r] += x[r] @ la[slot, 0].T @ lb[slot, 0].T
+        torch.testing.assert_close(y, want, atol=1e-4, rtol=1e-4)
