@@ -50,6 +50,7 @@ as it is, not kept.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import weakref
 from collections import OrderedDict
@@ -318,6 +319,7 @@ class FusedLinear:
         self.rank = len(self.output_slices) * self.slice_rank  # a slot's LoRA width at max_lora_rank
         self._prepared: OrderedDict[int, tuple[weakref.ref[torch.Tensor], AdapterLinear]] = OrderedDict()
         self._expanded: OrderedDict[int, AdapterLinear] = OrderedDict()  # by uid, least recently run first
+        self._dead: list[int] = []  # keys of kept forms whose adapter vLLM freed since the last look
         self._compact: OrderedDict[tuple[int, ...], Compact] = OrderedDict()  # by the adapters' uids, LRU
         self._expanded_bound, self._compact_bound, _ = shared_bounds(self.num_slots)
         # By slots, until a slot changes or a set is dropped: the hot path's lookup (with the set's key, for the LRU).
@@ -379,20 +381,29 @@ class FusedLinear:
             adapter = AdapterLinear.from_slot(lora_a, lora_b, self.output_slices, s, rows, self.dtype)
         elif not self._expand(adapter):  # a ready form comes with its b: kept only as an expanded form
             adapter.release()
-        self._prepared[key] = (weakref.ref(source), adapter)
+        self._prepared[key] = (weakref.ref(source, functools.partial(self._died, key)), adapter)
         self._forget(keep=adapter)
         return adapter
 
     def _forget(self, keep: AdapterLinear) -> None:
         """Drop forms of freed adapters, then the least recently activated past the bound (not a slot's)."""
-        for key in [k for k, (ref, _) in self._prepared.items() if ref() is None]:
-            self._drop(key)
-        in_use = {id(adapter) for adapter in self.slots} | {id(keep)}
+        while self._dead:  # noted by the weak references' callbacks: no scan of every kept form per activation
+            key = self._dead.pop()
+            entry = self._prepared.get(key)
+            if entry is not None and entry[0]() is None:
+                self._drop(key)
         bound = PREPARED_PER_SLOT * self.num_slots
+        if len(self._prepared) <= bound:
+            return
+        in_use = {id(adapter) for adapter in self.slots} | {id(keep)}
         for key in [k for k, (_, adapter) in self._prepared.items() if id(adapter) not in in_use]:
             if len(self._prepared) <= bound:
                 break
             self._drop(key)
+
+    def _died(self, key: int, _: weakref.ref[torch.Tensor]) -> None:
+        """A kept form's adapter was freed (any thread: an append is atomic): dropped at the next activation."""
+        self._dead.append(key)
 
     def _drop(self, key: int) -> None:
         _, adapter = self._prepared.pop(key)
