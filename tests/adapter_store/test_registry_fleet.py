@@ -7,7 +7,6 @@ defines; files from before Alembic are adopted) and the ``store.registry`` setti
 from __future__ import annotations
 
 import hashlib
-import multiprocessing
 import os
 import socket
 import sqlite3
@@ -34,10 +33,11 @@ from adapter_store.registry import DB_NAME, AdapterRegistry
 from adapter_store.registry_db import CONNECT_TIMEOUT_S, NOTIFY_CHANNEL, TCP_TIMEOUTS
 from adapter_store.schema import metadata
 from tests.adapter_store.helpers import write_v1_registry
+from tests.forked import forkserver
 from tests.postgres import PASSWORD, PostgresCluster
 
 META = AdapterMetadata(base_model="base", rank=8, alpha=16.0, target_modules=("q_proj",), size_bytes=10)
-SPAWN = multiprocessing.get_context("spawn")
+PROCESSES = forkserver()  # a process per writer, each with its own connections, started in milliseconds
 
 
 def digest(text: str) -> str:
@@ -52,9 +52,9 @@ def pg_registry(tmp_path: Path, postgres_url: str) -> Iterator[AdapterRegistry]:
 
 
 def _run_workers(target: Any, args: list[tuple]) -> list[Any]:
-    """Run ``target(barrier, queue, *a)`` in one spawned process per ``a``, started together; what each put."""
-    barrier, queue = SPAWN.Barrier(len(args)), SPAWN.Queue()
-    procs = [SPAWN.Process(target=target, args=(barrier, queue, *a)) for a in args]
+    """Run ``target(barrier, queue, *a)`` in one process per ``a``, started together; what each put."""
+    barrier, queue = PROCESSES.Barrier(len(args)), PROCESSES.Queue()
+    procs = [PROCESSES.Process(target=target, args=(barrier, queue, *a)) for a in args]
     for p in procs:
         p.start()
     results = [queue.get(timeout=180) for _ in procs]
