@@ -247,15 +247,32 @@ def test_a_newer_file_is_refused(tmp_path: Path) -> None:
 # -- change notices ------------------------------------------------------------------------------------
 
 
+MARK = "tests_heard_up_to_here"
+"""The listener's own channel: its notice, sent after a write returned, comes after everything the write sent."""
+
+
 @pytest.fixture
 def listener(postgres_url: str) -> Iterator[psycopg.Connection]:
     with psycopg.connect(postgres_url, autocommit=True) as conn:
         conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
+        conn.execute(f"LISTEN {MARK}")
         yield conn
 
 
-def _heard(conn: psycopg.Connection, wait_s: float = 0.5) -> list[str]:
-    return [n.payload for n in conn.notifies(timeout=wait_s) if n.channel == NOTIFY_CHANNEL]
+def _heard(conn: psycopg.Connection) -> list[str]:
+    """The names notified since the last call, up to a notice the listener sends itself now.
+
+    PostgreSQL delivers notices in the order their transactions committed, and the listener's commits after
+    every write that has returned: what those writes sent has arrived before it, and nothing of theirs comes
+    after it. So no wait for notices that might still come (0.5-1 s after each write, before)."""
+    conn.execute(f"NOTIFY {MARK}")
+    names = []
+    for notice in conn.notifies(timeout=30):
+        if notice.channel == MARK:
+            return names
+        if notice.channel == NOTIFY_CHANNEL:
+            names.append(notice.payload)
+    raise AssertionError("the listener's own notice did not come back within 30 s")
 
 
 def test_every_committed_write_notifies_its_names(pg_registry: AdapterRegistry, listener: psycopg.Connection) -> None:
@@ -292,7 +309,7 @@ def test_a_rolled_back_write_notifies_nobody(pg_registry: AdapterRegistry, liste
     for write, error in refused:
         with pytest.raises(error):
             write()
-        assert _heard(listener, 1.0) == []
+        assert _heard(listener) == []
 
 
 # -- outages ---------------------------------------------------------------------------------------------
