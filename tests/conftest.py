@@ -388,6 +388,9 @@ def postgres() -> Iterator[PostgresCluster]:
 
 
 @pytest.fixture
-def postgres_url(postgres: PostgresCluster) -> str:
-    """The URL of a new, empty database on the session's cluster (one per test: tests stay independent)."""
-    return postgres.database()
+def postgres_url(postgres: PostgresCluster) -> Iterator[str]:
+    """The URL of a new, empty database on the session's cluster (one per test: tests stay independent), dropped
+    after the test."""
+    url = postgres.database()
+    yield url
+    postgres.drop(url)
