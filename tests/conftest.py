@@ -8,6 +8,7 @@ number of engines it started (``pytest -m "not engine"`` starts none).
 
 from __future__ import annotations
 
+import atexit
 import gc
 import os
 import socket
@@ -213,16 +214,27 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     items.sort(key=lambda item: (ends[item.nodeid], ranks[_unit(item.nodeid)]))
 
 
-def pytest_collection_finish(session: pytest.Session) -> None:
-    """Take what collection left alive (the modules of torch, vLLM, transformers, ...) out of the garbage collector's
-    scans, as the server does with its start-up heap (``serving.api.app.freeze_startup_heap``).
+@pytest.hookimpl(wrapper=True)
+def pytest_collection(session: pytest.Session) -> Iterator[object]:
+    """Collect with the garbage collector off, then take what collection left alive (the modules of torch, vLLM,
+    transformers, ...) out of its scans, as the server does with its start-up heap
+    (``serving.api.app.freeze_startup_heap``).
 
-    A worker that collected the suite holds ~700,000 tracked objects, alive until it exits; a full collection
-    scans them all, ~0.5 s of CPU, and the unit run had ~60 of them (the tests' own ``gc.collect()`` calls and
-    the collector's): ~20 s of its CPU. Frozen, they are no longer scanned; what a test creates is collected as
-    before (refcounting still frees frozen objects). ``pytest_sessionfinish`` unfreezes them for the exit."""
-    gc.collect()  # collection's garbage first: a frozen cycle would never be collected
-    gc.freeze()
+    A worker that collected the suite holds ~700,000 tracked objects, alive until it exits. Importing them, the
+    collector ran full collections that found next to nothing (~2.5 s of each worker's ~20 s of collection CPU);
+    after it, each full collection scanned them all, ~0.5 s of CPU, and the unit run had ~60 of them (the tests'
+    own ``gc.collect()`` calls and the collector's): ~20 s of its CPU. Frozen, they are no longer scanned; what a
+    test creates is collected as before (refcounting still frees frozen objects), pytest's own collections after
+    the run too. They are unfrozen at the interpreter's exit, which frees them (frozen, nanobind reports triton's
+    objects as leaked)."""
+    gc.disable()
+    try:
+        return (yield)
+    finally:
+        gc.enable()
+        gc.collect()  # collection's garbage first: a frozen cycle would never be collected
+        gc.freeze()
+        atexit.register(gc.unfreeze)
 
 
 @pytest.hookimpl(trylast=True)  # the last lines of the run, after pytest's own summaries
@@ -353,7 +365,6 @@ def retire_server(server: RunningServer) -> None:
 def pytest_sessionfinish(session: pytest.Session) -> None:
     while _RETIRED:
         _reap(_RETIRED.pop())
-    gc.unfreeze()  # the interpreter's exit frees what collection froze (else nanobind reports triton's as leaked)
 
 
 @pytest.fixture(scope="session")
