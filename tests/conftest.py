@@ -221,7 +221,7 @@ def pytest_collection(session: pytest.Session) -> Iterator[object]:
     (``serving.api.app.freeze_startup_heap``).
 
     A worker that collected the suite holds ~700,000 tracked objects, alive until it exits. Importing them, the
-    collector ran full collections that found next to nothing (~2.5 s of each worker's ~20 s of collection CPU);
+    collector ran full collections that found next to nothing (~2.5 of each worker's 15-20 CPU-s of collection);
     after it, each full collection scanned them all, ~0.5 s of CPU, and the unit run had ~60 of them (the tests'
     own ``gc.collect()`` calls and the collector's): ~20 s of its CPU. Frozen, they are no longer scanned; what a
     test creates is collected as before (refcounting still frees frozen objects), pytest's own collections after
