@@ -44,7 +44,7 @@ test: lint
 
 # The unit tests: no engine, no server, no load test, no fresh vLLM interpreter or wheel build.
 test-unit: install
-	$(PY) -m pytest -m "not engine and not slow"
+	$(PY) -m pytest -n 2 -m "not engine and not slow"
 
 bench: install
 	$(PY) -m loadtests.bench_lora --out results/bench_lora.json

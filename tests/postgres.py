@@ -89,13 +89,29 @@ class PostgresCluster:
         return f"postgresql://{SERVER_USER}:{PASSWORD}@127.0.0.1:{self.port}/{database}"
 
     def database(self) -> str:
-        """A new, empty database; its URL."""
+        """A new, empty database; its URL.
+
+        Copied from ``template1`` file by file (``STRATEGY FILE_COPY``): PostgreSQL 15's default strategy
+        writes the copy to the WAL as well, twice the time for a template this small (~0.12 s a database
+        against ~0.06 s, measured here)."""
         import psycopg
 
         name = f"t_{uuid.uuid4().hex[:12]}"
         with psycopg.connect(self.url(), autocommit=True) as conn:
-            conn.execute(f'CREATE DATABASE "{name}"')
+            conn.execute(f'CREATE DATABASE "{name}" STRATEGY FILE_COPY')
         return self.url(name)
+
+    def drop(self, url: str) -> None:
+        """Drop the database of ``url`` (one :meth:`database` made), ending the sessions still on it.
+
+        A test's database goes when the test ends, so the session's cluster stays small: removing the
+        directory of ~80 databases (~25,000 files) took 3-9 s at the end of a run. Sessions may outlive the
+        test by a moment (a proxy's upstream connection, a backend still exiting after its client closed)."""
+        import psycopg
+
+        name = url.rsplit("/", 1)[1]
+        with psycopg.connect(self.url(), autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
 
     def close(self) -> None:
         with contextlib.suppress(RuntimeError):  # already stopped

@@ -8,7 +8,6 @@ Schema-1 files are SQLite only (PostgreSQL came after them).
 from __future__ import annotations
 
 import hashlib
-import multiprocessing
 import sqlite3
 import threading
 from collections.abc import Callable, Iterator
@@ -29,6 +28,7 @@ from adapter_store import (
 from adapter_store.registry import DB_NAME, AdapterRegistry
 from adapter_store.schema import versions
 from tests.adapter_store.helpers import write_v1_registry
+from tests.forked import forkserver
 
 META = AdapterMetadata(base_model="base", rank=8, alpha=16.0, target_modules=("q_proj", "v_proj"), size_bytes=1234)
 
@@ -257,8 +257,7 @@ def test_concurrent_threads(tmp_path: Path, backend_url: str | None, shared: boo
 
 def test_concurrent_processes(tmp_path: Path, backend_url: str | None) -> None:
     root, workers, count = tmp_path / "store", 4, 15
-    ctx = multiprocessing.get_context("spawn")
-    procs = [ctx.Process(target=_writer, args=(root, backend_url, w, count, False)) for w in range(workers)]
+    procs = [forkserver().Process(target=_writer, args=(root, backend_url, w, count, False)) for w in range(workers)]
     for p in procs:
         p.start()
     for p in procs:

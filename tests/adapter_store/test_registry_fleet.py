@@ -7,7 +7,6 @@ defines; files from before Alembic are adopted) and the ``store.registry`` setti
 from __future__ import annotations
 
 import hashlib
-import multiprocessing
 import os
 import socket
 import sqlite3
@@ -34,10 +33,11 @@ from adapter_store.registry import DB_NAME, AdapterRegistry
 from adapter_store.registry_db import CONNECT_TIMEOUT_S, NOTIFY_CHANNEL, TCP_TIMEOUTS
 from adapter_store.schema import metadata
 from tests.adapter_store.helpers import write_v1_registry
+from tests.forked import forkserver
 from tests.postgres import PASSWORD, PostgresCluster
 
 META = AdapterMetadata(base_model="base", rank=8, alpha=16.0, target_modules=("q_proj",), size_bytes=10)
-SPAWN = multiprocessing.get_context("spawn")
+PROCESSES = forkserver()  # a process per writer, each with its own connections, started in milliseconds
 
 
 def digest(text: str) -> str:
@@ -52,9 +52,9 @@ def pg_registry(tmp_path: Path, postgres_url: str) -> Iterator[AdapterRegistry]:
 
 
 def _run_workers(target: Any, args: list[tuple]) -> list[Any]:
-    """Run ``target(barrier, queue, *a)`` in one spawned process per ``a``, started together; what each put."""
-    barrier, queue = SPAWN.Barrier(len(args)), SPAWN.Queue()
-    procs = [SPAWN.Process(target=target, args=(barrier, queue, *a)) for a in args]
+    """Run ``target(barrier, queue, *a)`` in one process per ``a``, started together; what each put."""
+    barrier, queue = PROCESSES.Barrier(len(args)), PROCESSES.Queue()
+    procs = [PROCESSES.Process(target=target, args=(barrier, queue, *a)) for a in args]
     for p in procs:
         p.start()
     results = [queue.get(timeout=180) for _ in procs]
@@ -247,15 +247,32 @@ def test_a_newer_file_is_refused(tmp_path: Path) -> None:
 # -- change notices ------------------------------------------------------------------------------------
 
 
+MARK = "tests_heard_up_to_here"
+"""The listener's own channel: its notice, sent after a write returned, comes after everything the write sent."""
+
+
 @pytest.fixture
 def listener(postgres_url: str) -> Iterator[psycopg.Connection]:
     with psycopg.connect(postgres_url, autocommit=True) as conn:
         conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
+        conn.execute(f"LISTEN {MARK}")
         yield conn
 
 
-def _heard(conn: psycopg.Connection, wait_s: float = 0.5) -> list[str]:
-    return [n.payload for n in conn.notifies(timeout=wait_s) if n.channel == NOTIFY_CHANNEL]
+def _heard(conn: psycopg.Connection) -> list[str]:
+    """The names notified since the last call, up to a notice the listener sends itself now.
+
+    PostgreSQL delivers notices in the order their transactions committed, and the listener's commits after
+    every write that has returned: what those writes sent has arrived before it, and nothing of theirs comes
+    after it. So no wait for notices that might still come (0.5-1 s after each write, before)."""
+    conn.execute(f"NOTIFY {MARK}")
+    names = []
+    for notice in conn.notifies(timeout=30):
+        if notice.channel == MARK:
+            return names
+        if notice.channel == NOTIFY_CHANNEL:
+            names.append(notice.payload)
+    raise AssertionError("the listener's own notice did not come back within 30 s")
 
 
 def test_every_committed_write_notifies_its_names(pg_registry: AdapterRegistry, listener: psycopg.Connection) -> None:
@@ -292,7 +309,7 @@ def test_a_rolled_back_write_notifies_nobody(pg_registry: AdapterRegistry, liste
     for write, error in refused:
         with pytest.raises(error):
             write()
-        assert _heard(listener, 1.0) == []
+        assert _heard(listener) == []
 
 
 # -- outages ---------------------------------------------------------------------------------------------

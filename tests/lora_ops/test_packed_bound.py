@@ -17,6 +17,7 @@ import random
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from lora_ops import fused, gemm
@@ -104,6 +105,7 @@ print(rss() - before)
 """
 
 
+@pytest.mark.slow  # a fresh interpreter that imports vLLM: ~12 s of CPU before the rotation starts
 def test_a_long_rotation_stops_growing_once_the_fixed_shapes_are_compiled() -> None:
     """A fresh interpreter (oneDNN's caches are process-wide): 40 mixes of adapters over 32 slots, 12 decode
     steps each, then 20 other mixes; the second rotation's RSS growth stays under ``RSS_GROWTH_MAX``."""

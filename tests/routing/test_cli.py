@@ -1,5 +1,10 @@
 """``loraserve routes fit|eval`` end to end: the stand-in encoder for the mechanics, the real
-all-MiniLM-L6-v2 encoder for the accuracy of the shipped demo routes on the held-out half."""
+all-MiniLM-L6-v2 encoder for the accuracy of the shipped demo routes on the held-out half.
+
+The stand-in runs go through the CLI's ``main`` in this process (its exit code is what ``python -m
+serving.cli`` exits with; tests/test_packaging.py runs the installed command): a fresh interpreter per
+command cost ~2 s of CPU each for imports this process already has. The real encoder runs in a fresh,
+offline interpreter, as an operator's command would."""
 
 from __future__ import annotations
 
@@ -12,6 +17,7 @@ import pytest
 import yaml
 
 from routing.config import read_routes_file
+from serving.cli import main
 
 REPO = Path(__file__).resolve().parents[2]
 ROUTES_DIR = REPO / "configs" / "routes"
@@ -40,32 +46,31 @@ def hashing_config(tmp_path: Path) -> Path:
     return tmp_path / "config.yaml"
 
 
-def test_fit_then_eval_with_the_stand_in_encoder(hashing_config: Path, tmp_path: Path) -> None:
-    fitted = loraserve("routes", "fit", "--config", str(hashing_config), "--data", str(ROUTES_DIR / "demo-fit.jsonl"))
-    assert fitted.returncode == 0, fitted.stderr
+def test_fit_then_eval_with_the_stand_in_encoder(hashing_config: Path, tmp_path: Path, capsys) -> None:
+    assert main(["routes", "fit", "--config", str(hashing_config), "--data", str(ROUTES_DIR / "demo-fit.jsonl")]) == 0
     written = read_routes_file(tmp_path / "routes.yaml")
     assert written.calibration.encoder == "hashing" and written.calibration.data == "demo-fit.jsonl"
     assert all(route.threshold is not None for route in written.routes)
 
+    capsys.readouterr()
     report_path = tmp_path / "report.json"
-    evaluated = loraserve(
+    evaluated = main([
         "routes", "eval", "--config", str(tmp_path / "config.yaml"), "--data", str(ROUTES_DIR / "demo-eval.jsonl"),
         "--json", str(report_path),
-    )  # fmt: skip
-    assert evaluated.returncode == 0, evaluated.stderr
-    report = json.loads(report_path.read_text())
+    ])  # fmt: skip
+    assert evaluated == 0
+    report, out = json.loads(report_path.read_text()), capsys.readouterr().out
     assert report["samples"] == 104
-    assert f"accuracy: {report['accuracy']:.3f}" in evaluated.stdout
-    assert "confusion (rows: true label, columns: predicted)" in evaluated.stdout
-    assert "calibration error (ECE): " in evaluated.stdout
+    assert f"accuracy: {report['accuracy']:.3f}" in out
+    assert "confusion (rows: true label, columns: predicted)" in out
+    assert "calibration error (ECE): " in out
 
 
-def test_eval_reports_a_clear_error_for_unknown_labels(hashing_config: Path, tmp_path: Path) -> None:
+def test_eval_reports_a_clear_error_for_unknown_labels(hashing_config: Path, tmp_path: Path, capsys) -> None:
     data = tmp_path / "data.jsonl"
     data.write_text(json.dumps({"prompt": "hello", "label": "finance"}) + "\n")
-    result = loraserve("routes", "eval", "--config", str(hashing_config), "--data", str(data))
-    assert result.returncode == 2
-    assert "label 'finance' is not a route" in result.stdout
+    assert main(["routes", "eval", "--config", str(hashing_config), "--data", str(data)]) == 2
+    assert "label 'finance' is not a route" in capsys.readouterr().out
 
 
 @pytest.mark.slow  # loads the real encoder in a fresh interpreter
