@@ -122,6 +122,7 @@ def measure_distinct(n: int, repeats: int, steps: int, shape: str = "realistic")
 
     from vllm.lora.layers import LoRAMapping
 
+    from lora_ops.fused import COMPACT_ADAPTERS
     from lora_ops.plan import GATHER, MASKED, TOKENS
     from lora_ops.punica_cpu import GroupedPunicaWrapperCPU
 
@@ -135,7 +136,8 @@ def measure_distinct(n: int, repeats: int, steps: int, shape: str = "realistic")
     mixes = [tuple(rng.sample(range(1, slots + 1), n)) for _ in range(8)]
     op, table = torch.ops.loraserve.lora_linear.default, list[int | None](range(1, slots + 1))
     results = {}
-    for mode in (None, TOKENS, GATHER, MASKED):
+    # MASKED holds at most COMPACT_ADAPTERS adapters a set: past that the plan never runs it
+    for mode in (None, TOKENS, GATHER, *([MASKED] if n <= COMPACT_ADAPTERS else [])):
         wrapper = GroupedPunicaWrapperCPU(max_num_batched_tokens=512, max_batches=16, device="cpu")
         wrapper.force_mode = mode
 
