@@ -38,6 +38,14 @@ WIDTH = sum(RANK * len(slices) * (fan_in + sum(slices)) for fan_in, slices in LA
 PER_REQUEST = {"decode": 1, "prefill": 16}  # tokens per request; the requests' adapters cycle over P
 
 
+def modes_for(present: int) -> tuple[str, ...]:
+    """The modes a case can force: MASKED only for a mix one compact set holds (``fused.COMPACT_ADAPTERS``)."""
+    from lora_ops.fused import COMPACT_ADAPTERS
+    from lora_ops.plan import MASKED, MODES
+
+    return tuple(m for m in MODES if m != MASKED or present <= COMPACT_ADAPTERS)
+
+
 class Layers:
     """One decoder layer's LoRA weights (32 slots) and one wrapper per forced mode, shared by every case."""
 
@@ -71,7 +79,8 @@ class Layers:
         token_ids = tuple(i for i in req_ids for _ in range(each))
         mapping = LoRAMapping(token_ids, tuple(req_ids), is_prefill=phase == "prefill")
         self.rows = len(token_ids)
-        for mode, w in self.wrappers.items():
+        for mode in modes_for(present):
+            w = self.wrappers[mode]
             w.update_metadata(mapping, list(range(1, SLOTS + 1)), SLOTS + 1, 32000)
             for _ in range(10):  # compact sets and packed matmuls built and warm
                 self.run(mode)
@@ -107,13 +116,13 @@ def main(argv: list[str] | None = None) -> None:
         if tokens >= PER_REQUEST[phase] * present  # every present adapter has a request
     ]
     layers = Layers(dtype)
-    times: dict[tuple, list[float]] = {(key, mode): [] for key in keys for mode in MODES}
+    times: dict[tuple, list[float]] = {(key, mode): [] for key in keys for mode in modes_for(key[2])}
     chosen: dict[tuple, str] = {}
     load = [os.getloadavg()[0]]
     for key in keys:  # the modes round-robin within a case: the choice is between them
         chosen[key] = layers.set_case(*key)
         for _ in range(rounds):
-            for mode in MODES:
+            for mode in modes_for(key[2]):
                 times[(key, mode)].append(_time(lambda: layers.run(mode), iters))  # noqa: B023
     load.append(os.getloadavg()[0])
 
@@ -122,7 +131,7 @@ def main(argv: list[str] | None = None) -> None:
         f"\n{'phase':8s} {'tokens':>6s} {'present':>7s} " + " ".join(f"{m:>8s}" for m in MODES) + "  fastest chosen  x"
     )
     for key in keys:  # the minimum: on a shared machine, the rounds not slowed by other processes
-        us = {mode: min(times[(key, mode)]) for mode in MODES}
+        us = {mode: min(times[(key, mode)]) for mode in modes_for(key[2])}
         fastest = min(us, key=us.__getitem__)
         row = {
             "phase": key[0], "tokens": key[1], "present": key[2], "slots": SLOTS,
@@ -131,7 +140,7 @@ def main(argv: list[str] | None = None) -> None:
         }  # fmt: skip
         rows.append(row)
         print(
-            f"{key[0]:8s} {key[1]:6d} {key[2]:7d} " + " ".join(f"{us[m]:8.0f}" for m in MODES)
+            f"{key[0]:8s} {key[1]:6d} {key[2]:7d} " + " ".join(f"{us[m]:8.0f}" if m in us else f"{'-':>8s}" for m in MODES)
             + f"  {fastest:7s} {chosen[key]:6s} {row['chosen_vs_fastest']:.2f}"
         )  # fmt: skip
     print(f"load average before/after: {load[0]:.2f}/{load[1]:.2f} on {os.cpu_count()} CPUs")
