@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime
 import json
 import logging
@@ -61,6 +62,7 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -379,9 +381,10 @@ def _listed(t: Any) -> list[Any]:
     return t if isinstance(t, list) else [t]
 
 
-def swap_costs(base: BaseModelSpec, args: argparse.Namespace) -> dict:
-    """Per kind and rank written: ms (first round, min, median) of ``set_lora`` on every layer, of the fused
-    catch-up and of the compact copy (the first round is each adapter's first activation)."""
+@contextlib.contextmanager
+def layer_world() -> Iterator[None]:
+    """The one-rank world vLLM's LoRA layers need, in this process, with ``lora_ops.slots`` installed; torch
+    on one thread, as vLLM's CPU worker on this machine (one engine core)."""
     import socket
 
     import torch
@@ -390,7 +393,7 @@ def swap_costs(base: BaseModelSpec, args: argparse.Namespace) -> dict:
 
     from lora_ops import slots
 
-    torch.set_num_threads(1)  # as vLLM's CPU worker on this machine: one engine core
+    torch.set_num_threads(1)
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -398,6 +401,15 @@ def swap_costs(base: BaseModelSpec, args: argparse.Namespace) -> dict:
         init_distributed_environment(1, 0, f"tcp://127.0.0.1:{port}", 0, backend="gloo")
         initialize_model_parallel(1, 1)
         slots.install()
+        yield
+
+
+def swap_costs(base: BaseModelSpec, args: argparse.Namespace) -> dict:
+    """Per kind and rank written: ms (first round, min, median) of ``set_lora`` on every layer, of the fused
+    catch-up and of the compact copy (the first round is each adapter's first activation)."""
+    from lora_ops import slots
+
+    with layer_world():
         kinds = {kind: _swap_layers(base, args.max_rank) for kind in SWAP_KINDS}
         for layer in kinds["stock"]:
             layer.__dict__[slots.RANKS_ATTR] = _Forgetful()

@@ -29,7 +29,6 @@ import argparse
 import datetime
 import json
 import os
-import socket
 import sys
 import time
 from pathlib import Path
@@ -38,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from adapter_store import BaseModelSpec
-from loadtests.bench_cold import _offer_forms, _random_lora, _swap_layers
+from loadtests.bench_cold import _offer_forms, _random_lora, _swap_layers, layer_world
 from loadtests.machine import machine_info
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -137,25 +136,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     import torch
-    from vllm.config import VllmConfig, set_current_vllm_config
-    from vllm.distributed import init_distributed_environment, initialize_model_parallel
 
     from checkpoints.synthetic import build_model
-    from lora_ops import slots
 
     args = parse_args(argv)
     model = build_model(Path(args.cache_dir) / "model")
     base = BaseModelSpec.from_config(model / "config.json", ["bench-cold-base"])
     load_before = os.getloadavg()
-    torch.set_num_threads(1)  # as vLLM's CPU worker on this machine: one engine core
     torch.manual_seed(0)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    with set_current_vllm_config(VllmConfig()):
-        init_distributed_environment(1, 0, f"tcp://127.0.0.1:{port}", 0, backend="gloo")
-        initialize_model_parallel(1, 1)
-        slots.install()
+    with layer_world():
         measured = first_mix_steps(base, args)
     report = {
         "date": datetime.date.today().isoformat(),
