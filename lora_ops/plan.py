@@ -136,7 +136,7 @@ class StepPlan:
     _masks: dict = field(default_factory=dict)
     _rows: dict = field(default_factory=dict)
     # Per LoRA linear (id of its first stacked A): what its calls run in this step, resolved by its first call
-    # (punica_cpu.LayerStep). A step's plan lives as long as its mapping and slot layout (vLLM calls
+    # (step.LayerStep). A step's plan lives as long as its mapping and slot layout (vLLM calls
     # ``update_metadata`` only when either changes), so one resolution serves the layer's calls of many steps.
     layer_steps: dict = field(default_factory=dict)
 

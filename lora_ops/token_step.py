@@ -70,7 +70,7 @@ class SlotRows:
 
 class TokenStep(ResolvedCall):
     """One LoRA linear's calls under a ``TOKENS`` plan, by the kernel: resolved once (the slots' rows of the
-    kernel's table, picked in token order), replayed while the plan lasts, like ``punica_cpu.LayerStep``: one
+    kernel's table, picked in token order), replayed while the plan lasts, like ``step.LayerStep``: one
     kernel call a linear."""
 
     __slots__ = ("kernel", "slot_forms", "token_slots", "table", "outs")

@@ -1,4 +1,4 @@
-"""A LoRA linear's calls replay what its first call under a plan resolved (``punica_cpu.LayerStep``).
+"""A LoRA linear's calls replay what its first call under a plan resolved (``step.LayerStep``).
 
 The replay is what keeps a decode step's per-call work to the matmuls, so it
 must never outlive what it was resolved for: each test below makes one of
