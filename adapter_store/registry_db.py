@@ -27,6 +27,7 @@ waits on a connection to a database that stopped answering.
 from __future__ import annotations
 
 import sqlite3
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -113,15 +114,31 @@ def timeouts(given: Mapping[str, object]) -> dict[str, Any]:
 def _sqlite_setup(busy_timeout_s: float) -> Any:
     def setup(dbapi_connection: sqlite3.Connection, _record: object) -> None:
         dbapi_connection.isolation_level = None  # pysqlite begins nothing; _sqlite_begin does
-        for pragma in (
-            f"busy_timeout = {int(busy_timeout_s * 1000)}",
-            "journal_mode = WAL",
-            "synchronous = NORMAL",
-            "foreign_keys = ON",
-        ):
+        dbapi_connection.execute(f"PRAGMA busy_timeout = {int(busy_timeout_s * 1000)}")
+        _wal(dbapi_connection, time.monotonic() + busy_timeout_s)
+        for pragma in ("synchronous = NORMAL", "foreign_keys = ON"):
             dbapi_connection.execute(f"PRAGMA {pragma}")
 
     return setup
+
+
+def _wal(dbapi_connection: sqlite3.Connection, deadline: float) -> None:
+    """Put the database in WAL mode, waiting for other connections up to ``deadline``.
+
+    Why a loop: switching a database's journal mode takes an exclusive lock, and SQLite answers ``SQLITE_BUSY``
+    at once, without its busy handler, where waiting could deadlock; processes opening a new registry together
+    met that (a writer among four forked at once failed with "database is locked" under load). Only the first
+    connection to a database switches it: the mode is kept in the file, so later ones read it and go on.
+    """
+    while True:
+        try:
+            if dbapi_connection.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+                dbapi_connection.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError as e:
+            if e.sqlite_errorcode & 0xFF != sqlite3.SQLITE_BUSY or time.monotonic() >= deadline:
+                raise
+            time.sleep(0.01)
 
 
 def _sqlite_begin(conn: Connection) -> None:

@@ -10,8 +10,10 @@ from __future__ import annotations
 import hashlib
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -380,3 +382,46 @@ def test_v1_owners_set_by_the_config_win_over_tags(tmp_path: Path) -> None:
     again = AdapterRegistry(tmp_path, configured_owners={"medical": "other"})  # schema 2 now: the file decides
     assert again.owner("medical") == "hospital"
     again.close()
+
+
+class _BusyThenFree:
+    """A connection whose switch to WAL is refused ``busy`` times with SQLITE_BUSY (another connection holds the
+    database), as SQLite answers at once where its busy handler could deadlock; then it succeeds."""
+
+    def __init__(self, busy: int) -> None:
+        self.busy, self.mode = busy, "delete"
+
+    def execute(self, sql: str) -> Any:
+        if sql == "PRAGMA journal_mode":
+            return _Row(self.mode)
+        if self.busy:
+            self.busy -= 1
+            error = sqlite3.OperationalError("database is locked")
+            error.sqlite_errorcode = sqlite3.SQLITE_BUSY  # type: ignore[attr-defined]
+            raise error
+        self.mode = "wal"
+        return _Row(self.mode)
+
+
+class _Row:
+    def __init__(self, value: str) -> None:
+        self.value = value
+
+    def fetchone(self) -> tuple[str]:
+        return (self.value,)
+
+
+def test_the_switch_to_wal_waits_out_a_busy_database_until_its_deadline() -> None:
+    """Processes opening a new SQLite registry together: the one refused the journal-mode switch retries until
+    the busy timeout's deadline, then the error is raised; a database already in WAL is not switched again."""
+    from adapter_store.registry_db import _wal
+
+    conn = _BusyThenFree(busy=3)
+    _wal(conn, time.monotonic() + 5)  # type: ignore[arg-type]
+    assert conn.mode == "wal" and conn.busy == 0
+    with pytest.raises(sqlite3.OperationalError, match="locked"):
+        _wal(_BusyThenFree(busy=10**6), time.monotonic() + 0.05)  # type: ignore[arg-type]
+    done = _BusyThenFree(busy=1)
+    done.mode = "wal"
+    _wal(done, time.monotonic())  # type: ignore[arg-type]
+    assert done.busy == 1  # read, not switched
