@@ -115,9 +115,13 @@ class StackedTokenStep(ResolvedCall):
         self.a: list[torch.Tensor] = []  # (in, W) per token
         self.b: list[torch.Tensor] = []  # (W, out) per token, built for this plan where the form keeps none
         zeros: tuple[torch.Tensor, torch.Tensor] | None = None  # made only if a token has no adapter
+        built: dict[int, torch.Tensor] = {}  # one block-diagonal per form, however many of its tokens
         for form in forms:
             if form is not None:
-                a, b = form.a_t, form.block_diagonal()
+                b = built.get(id(form))
+                if b is None:
+                    b = built[id(form)] = form.block_diagonal()
+                a = form.a_t
             else:
                 zeros = zeros or (torch.zeros(k, width, dtype=dtype), torch.zeros(width, n, dtype=dtype))
                 a, b = zeros
