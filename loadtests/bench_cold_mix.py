@@ -11,8 +11,8 @@ the mix's weights in its first step and packs its matmuls one at a time in the
 next ones (``lora_ops.fused``, ``lora_ops.gemm``); ``TOKENS`` (the per-token
 kernel) reads each adapter's form where it lies and builds nothing per mix.
 
-What: the bench model's 32 LoRA linears as vLLM builds them (``bench_cold``'s
-``--swap`` layers: 4 slots, max rank 256, bfloat16, one thread), the hot
+What: the bench model's 32 LoRA linears as vLLM builds them (``bench_swap``'s
+layers: 4 slots, max rank 256, bfloat16, one thread), the hot
 adapter in slot 0 and its matmuls warm; then, per round, a new adapter (a new
 LoRA id) into slot 1 with its forms built ahead as the loading thread builds
 them (``lora_ops.ready``), and ``--steps`` decode steps of 8 hot tokens and 1
@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from adapter_store import BaseModelSpec
-from loadtests.bench_cold import _offer_forms, _random_lora, _swap_layers, layer_world
+from loadtests.bench_swap import layer_world, offer_forms, random_lora, swap_layers
 from loadtests.machine import machine_info
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,8 +66,8 @@ def first_mix_steps(base: BaseModelSpec, args: argparse.Namespace) -> dict[str, 
 
     from lora_ops.punica_cpu import GroupedPunicaWrapperCPU
 
-    kinds = {mode: _swap_layers(base, args.max_rank) for mode in MODES}  # each mode its own layers and forms
-    hot = [_random_lora(layer, 16) for layer in kinds["auto"]]
+    kinds = {mode: swap_layers(base, args.max_rank) for mode in MODES}  # each mode its own layers and forms
+    hot = [random_lora(layer, 16) for layer in kinds["auto"]]
     xs = [torch.randn(HOT_TOKENS + 1, x.lora_a_stacked[0].shape[3], dtype=torch.bfloat16) for x in kinds["auto"]]
     ys = [torch.zeros(HOT_TOKENS + 1, sum(x.output_slices), dtype=torch.bfloat16) for x in kinds["auto"]]
     wrappers = {}
@@ -84,10 +84,10 @@ def first_mix_steps(base: BaseModelSpec, args: argparse.Namespace) -> dict[str, 
         steps: dict[str, list[list[float]]] = {mode: [] for mode in MODES}
         chosen: set[str] = set()
         for round_ in range(args.rounds):
-            new = [_random_lora(layer, rank) for layer in kinds["auto"]]
+            new = [random_lora(layer, rank) for layer in kinds["auto"]]
             lora_id = 1000 * rank + round_ + 2  # never reused: a new adapter each round
             for mode, layers in kinds.items():
-                _offer_forms(layers, new)
+                offer_forms(layers, new)
                 for layer, (a, b) in zip(layers, new):
                     layer.set_lora(1, a, b)
                 _map(wrappers[mode], [1] * HOT_TOKENS + [lora_id], [1, lora_id, None, None])
