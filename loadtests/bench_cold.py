@@ -14,23 +14,34 @@ parameters, cached under ``--cache-dir``; the demo tokenizer) and PEFT LoRA
 adapters on all seven projections, written here as float32 safetensors with
 the rank that gives each ``--sizes-mb`` size (rank = size / bytes per rank,
 :func:`bytes_per_rank`). One hot adapter (rank 16) carries the background
-load; every cold adapter is distinct and used once. Half of the cold adapters
+load; every cold adapter is distinct, used in one cold window and the
+warm-same window after it. Half of the cold adapters
 live in a local directory, half in S3 (a moto server in this process): both
 are store sources with ``store.on_demand``, so the first request registers
 the adapter, and an S3 adapter is fetched into the store's disk cache before
 the engine sees its path (``AdapterStore`` hands vLLM a local path only).
 
 **Measure.** ``--clients`` closed-loop streaming clients on the hot adapter
-for the whole run. Windows alternate ``--repeats`` times: *quiet*
-(``--quiet-s`` seconds, nothing else) and *cold* (one request at a time: per
-size and source a cold adapter's first request, then its second, *warm*).
-Every inter-token gap of the background streams is assigned to the window in
-which its token arrived; reported: ITL p50/p99/max per window kind and the
-ratio cold/quiet of the p99 (target <= 1.5); the cold windows also split into
-the cold requests' spans and the warm requests' (:func:`request_windows`), and
-the ratio of those two p99s; and per size and source the cold
-and warm TTFT and the longest gap of the background streams while the cold
-request ran (what that one load stalled everyone else by). The machine (CPU model and flags, load) is recorded; only
+for the whole run. Three windows follow each other ``--repeats`` times:
+*quiet* (``--quiet-s`` seconds, nothing else sent), *cold* (one request at a
+time: per size and source a cold adapter's first request, then its second)
+and *warm-same* (the cold window's requests again, same order, sizes, sources
+and max tokens, to the same adapters, now loaded: no store read, no
+registration, no vLLM load; ``--max-cpu-loras`` holds every adapter, and
+``/metrics``' host-cache misses, kept as ``engine_loads``, show each adapter
+loaded once). With 4 slots for the hot adapter and 6 cold ones, vLLM still
+copies each adapter host->slot at its first warm-same request: an
+activation, which the cold request pays too, not a load. Every inter-token
+gap of the background streams is assigned to the window in which its token
+arrived; reported: ITL p50/p99/max per window kind and ratios of the p99:
+**cold / warm-same**, the target's (<= 1.5: the same traffic with and
+without the cold loads); cold / quiet (with against without the extra
+requests, whose adapters, up to rank 216, lengthen every step they are in);
+and per request (:func:`request_windows`) the cold requests against the
+second ones and against their warm-same counterparts. Per size and source:
+each request's TTFT and the longest gap of the background streams while the
+adapter's first request ran, cold and warm-same (what that one load stalled
+everyone else by). The machine (CPU model and flags, load) is recorded; only
 ratios within one run mean anything on a shared machine.
 
 ``python -m loadtests.bench_swap`` (formerly ``--swap`` here) times, without an engine, the in-step
@@ -173,62 +184,108 @@ async def background(client: httpx.AsyncClient, model: str, args: argparse.Names
         streams.requests += 1
 
 
+# Each window's two requests per adapter open with their own tag: with prefix caching on, a prompt sent again
+# to the same adapter would skip its prefill. Each position has one token count in the demo tokenizer (24, 23).
+TAGS = {"cold": ("cold", "warm"), "warm-same": ("told", "same")}
+
+
+async def request_pairs(client: httpx.AsyncClient, cold: dict[tuple[int, str], list[str]], repeat: int, kind: str,
+                        args: argparse.Namespace) -> list[dict[str, Any]]:  # fmt: skip
+    """Per size and source in turn, two requests to this repeat's adapter, tagged for window ``kind``."""
+    tags, pairs = TAGS[kind], []
+    for (size_mb, source), names in cold.items():
+        first, second = [await stream(client, names[repeat], args.cold_max_tokens, f"{tag}. {PROMPT}", None)
+                         for tag in tags]  # fmt: skip
+        pairs.append({"size_mb": size_mb, "source": source, "adapter": names[repeat], "first": first, "second": second})
+        print(f"  {kind:9} {source:5} {size_mb:3d} MB: TTFT {first['ttft_ms']:7.0f} ms, "
+              f"then {second['ttft_ms']:5.0f} ms", flush=True)  # fmt: skip
+    return pairs
+
+
+def merge_pairs(cold: list[dict[str, Any]], same: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One sample per cold adapter: its cold window's requests (``cold``, then ``warm``) and its warm-same
+    window's (``same``, then ``same_second``), each request's TTFT and span."""
+    samples = []
+    for c, s in zip(cold, same, strict=True):
+        assert c["adapter"] == s["adapter"], "the warm-same window asks for the cold window's adapters, in order"
+        sample = {"size_mb": c["size_mb"], "source": c["source"], "adapter": c["adapter"]}
+        for name, request in (("cold", c["first"]), ("warm", c["second"]), ("same", s["first"]),
+                              ("same_second", s["second"])):  # fmt: skip
+            sample[f"{name}_ttft_ms"] = request["ttft_ms"]
+            sample[f"{name}_span"] = (request["start"], request["end"])
+        samples.append(sample)
+    return samples
+
+
 async def measure(url: str, hot: str, cold: dict[tuple[int, str], list[str]], args: argparse.Namespace) -> dict:
     limits = httpx.Limits(max_connections=args.clients + 4, max_keepalive_connections=args.clients + 4)
     async with httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(600.0, connect=10.0), limits=limits) as client:
         await stream(client, hot, 4, PROMPT, None)  # the hot adapter is loaded before anything is measured
         streams, stop = Streams(), asyncio.Event()
         clients = [asyncio.create_task(background(client, hot, args, streams, stop, i)) for i in range(args.clients)]
-        windows: dict[str, list[tuple[float, float]]] = {"quiet": [], "cold": []}
-        samples: list[dict[str, Any]] = []
+        windows: dict[str, list[tuple[float, float]]] = {"quiet": [], "cold": [], "warm-same": []}
+        pairs: dict[str, list[dict[str, Any]]] = {"cold": [], "warm-same": []}
         try:
             while streams.requests < args.clients:  # warm-up: every client has finished a request
                 await asyncio.sleep(0.05)
-            for repeat in range(args.repeats):
+            for repeat in range(args.repeats):  # the kinds interleave: each ratio compares windows seconds apart
                 start = time.monotonic()
                 await asyncio.sleep(args.quiet_s)  # the quiet window is a stretch of time with nothing else sent
                 windows["quiet"].append((start, time.monotonic()))
-                start = time.monotonic()
-                for (size_mb, source), names in cold.items():
-                    name = names[repeat]
-                    first = await stream(client, name, args.cold_max_tokens, f"cold. {PROMPT}", None)
-                    second = await stream(client, name, args.cold_max_tokens, f"warm. {PROMPT}", None)
-                    samples.append({"size_mb": size_mb, "source": source, "adapter": name,
-                                    "cold_ttft_ms": first["ttft_ms"], "warm_ttft_ms": second["ttft_ms"],
-                                    "cold_span": (first["start"], first["end"]),
-                                    "warm_span": (second["start"], second["end"])})  # fmt: skip
-                    print(f"  {source:5} {size_mb:3d} MB: cold TTFT {first['ttft_ms']:7.0f} ms, "
-                          f"warm {second['ttft_ms']:5.0f} ms", flush=True)  # fmt: skip
-                windows["cold"].append((start, time.monotonic()))
+                for kind in ("cold", "warm-same"):
+                    start = time.monotonic()
+                    pairs[kind] += await request_pairs(client, cold, repeat, kind, args)
+                    windows[kind].append((start, time.monotonic()))
         finally:
             stop.set()
             await asyncio.gather(*clients)
+        misses = memory_misses((await client.get("/metrics")).text)
     if streams.errors:
         raise RuntimeError(f"{len(streams.errors)} background requests failed, first: {streams.errors[:3]}")
+    samples = merge_pairs(pairs["cold"], pairs["warm-same"])
     windows.update(request_windows(samples))
     itl = {kind: itl_stats(gaps_in(streams.arrivals, spans)) for kind, spans in windows.items()}
-    for sample in samples:  # the longest wait of another stream while this cold request ran: its stall
-        sample["itl_max_during_ms"] = max(gaps_in(streams.arrivals, [sample.pop("cold_span")]), default=None)
-        del sample["warm_span"]
+    for sample in samples:  # the longest wait of another stream while this adapter's first request ran
+        for name in ("cold", "same"):
+            sample[f"itl_max_during_{name}_ms"] = max(gaps_in(streams.arrivals, [sample[f"{name}_span"]]), default=None)
+        for name in ("cold", "warm", "same", "same_second"):
+            del sample[f"{name}_span"]
     return {
         "itl": itl,
+        "target": {"ratio": "itl_p99_ratio_cold_to_warm_same", "max": 1.5},
+        "itl_p99_ratio_cold_to_warm_same": p99_ratio(itl, "cold", "warm-same"),
         "itl_p99_ratio_cold_to_quiet": p99_ratio(itl, "cold", "quiet"),
         "itl_p99_ratio_cold_req_to_warm_req": p99_ratio(itl, "cold-req", "warm-req"),
+        "itl_p99_ratio_cold_req_to_same_req": p99_ratio(itl, "cold-req", "same-req"),
+        "engine_loads": {s["adapter"]: misses.get(s["adapter"], 0) for s in samples},
         "ttft": summarize_ttft(samples),
         "samples": samples,
         "background_requests": streams.requests,
     }
 
 
-def request_windows(samples: list[dict[str, Any]]) -> dict[str, list[tuple[float, float]]]:
-    """The cold window split by request: ``cold-req``, the spans of the cold requests (the load, the new mix's
-    first steps), and ``warm-req``, the spans of the second requests to the same adapters, loaded by then.
+def memory_misses(exposition: str) -> dict[str, int]:
+    """Per adapter, the requests that found it outside the engine's host cache (``/metrics``: serving's replay
+    of vLLM's LRU), i.e. that made vLLM load it; each cold adapter should show 1, its cold request."""
+    from prometheus_client.parser import text_string_to_metric_families
 
-    Why: the cold window holds both, and a large adapter in the batch lengthens every step it is in, just
-    loaded or not (the 64 MB adapter, rank 216 on all seven projections: 16.8M parameters, against the 41M of
-    the base's layers and ``lm_head`` that a decode step reads); ``warm-req`` has that cost without the
-    load, so ``cold-req`` against it is what the load and the new mix's first steps add."""
-    return {"cold-req": [s["cold_span"] for s in samples], "warm-req": [s["warm_span"] for s in samples]}
+    return {sample.labels["adapter"]: int(sample.value)
+            for family in text_string_to_metric_families(exposition) if family.name == "loraserve_adapter_cache_lookups"
+            for sample in family.samples
+            if sample.name.endswith("_total") and sample.labels["tier"] == "memory" and sample.labels["result"] == "miss"}  # fmt: skip
+
+
+def request_windows(samples: list[dict[str, Any]]) -> dict[str, list[tuple[float, float]]]:
+    """The windows split by request: ``cold-req``, the spans of the cold requests (the load, the new mix's
+    first steps); ``warm-req``, the spans of the second requests to the same adapters, loaded by then;
+    ``same-req``, the warm-same window's first requests (the cold requests again, the adapters loaded).
+
+    Why: a large adapter in the batch lengthens every step it is in, just loaded or not (the 64 MB adapter,
+    rank 216 on all seven projections: 16.8M parameters, against the 41M of the base's layers and ``lm_head``
+    that a decode step reads); ``warm-req`` and ``same-req`` have that cost without the load, so ``cold-req``
+    against them is what the load and the new mix's first steps add."""
+    return {kind: [s[f"{name}_span"] for s in samples]
+            for kind, name in (("cold-req", "cold"), ("warm-req", "warm"), ("same-req", "same"))}  # fmt: skip
 
 
 def p99_ratio(itl: dict[str, dict], loud: str, quiet: str) -> float | None:
@@ -238,13 +295,18 @@ def p99_ratio(itl: dict[str, dict], loud: str, quiet: str) -> float | None:
 
 
 def summarize_ttft(samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per size and source, the p50 over repeats of each request's TTFT and of the others' longest gap."""
     rows = []
     for key in sorted({(s["size_mb"], s["source"]) for s in samples}):
         mine = [s for s in samples if (s["size_mb"], s["source"]) == key]
-        rows.append({"size_mb": key[0], "source": key[1], "n": len(mine),
-                     "cold_ttft_p50_ms": float(np.median([s["cold_ttft_ms"] for s in mine])),
-                     "warm_ttft_p50_ms": float(np.median([s["warm_ttft_ms"] for s in mine])),
-                     "others_itl_max_p50_ms": float(np.median([s["itl_max_during_ms"] or 0.0 for s in mine]))})  # fmt: skip
+        row: dict[str, Any] = {"size_mb": key[0], "source": key[1], "n": len(mine)}
+        for name in ("cold", "warm", "same", "same_second"):
+            row[f"{name}_ttft_p50_ms"] = float(np.median([s[f"{name}_ttft_ms"] for s in mine]))
+        for name in ("cold", "same"):
+            row[f"others_itl_max_{name}_p50_ms"] = float(
+                np.median([s[f"itl_max_during_{name}_ms"] or 0.0 for s in mine])
+            )
+        rows.append(row)
     return rows
 
 
@@ -253,18 +315,26 @@ def table(report: dict) -> str:
     lines = [f"background: {report['settings']['clients']} streams on a rank-16 adapter "
              f"({m['background_requests']} requests); CPU: {report['machine']['cpu']['model']}",
              "inter-token latency of the background streams (ms):",
-             f"  {'window':8} {'n':>6} {'p50':>8} {'p99':>8} {'max':>8}"]  # fmt: skip
+             f"  {'window':9} {'n':>6} {'p50':>8} {'p99':>8} {'max':>8}"]  # fmt: skip
     for kind, s in m["itl"].items():
-        lines.append(f"  {kind:8} {s['n']:6d} {s['p50_ms'] or 0:8.1f} {s['p99_ms'] or 0:8.1f} {s['max_ms'] or 0:8.1f}")
-    ratio, load = m["itl_p99_ratio_cold_to_quiet"], m["itl_p99_ratio_cold_req_to_warm_req"]
-    lines.append(f"  ITL p99 with cold loads / without: {ratio:.2f}x (target <= 1.5x)" if ratio else "  no ratio")
-    if load:
-        lines.append(f"  ITL p99 during the cold requests / during the warm ones (the load, the new mix): {load:.2f}x")
-    lines.append("cold vs warm TTFT, and the longest gap of the other streams during the cold request (p50, ms):")
-    lines.append(f"  {'size':>6} {'source':6} {'n':>2} {'cold':>8} {'warm':>8} {'others':>8}")
+        lines.append(f"  {kind:9} {s['n']:6d} {s['p50_ms'] or 0:8.1f} {s['p99_ms'] or 0:8.1f} {s['max_ms'] or 0:8.1f}")
+    for key, what in (
+        ("itl_p99_ratio_cold_to_warm_same", "cold / warm-same (the same requests without the loads; target <= 1.5x)"),
+        ("itl_p99_ratio_cold_to_quiet", "cold / quiet (with vs without the extra requests)"),
+        ("itl_p99_ratio_cold_req_to_warm_req", "cold requests / the second ones (the load, the new mix)"),
+        ("itl_p99_ratio_cold_req_to_same_req", "cold requests / the same ones in warm-same (the load)"),
+    ):
+        lines.append(f"  ITL p99 {what}: " + (f"{m[key]:.2f}x" if m[key] else "no ratio"))
+    if reloaded := {name: n for name, n in m["engine_loads"].items() if n != 1}:
+        lines.append(f"  NOT A FAITHFUL BASELINE: adapters loaded other than once: {reloaded}")
+    lines.append("TTFT p50 (ms) of each request per adapter, and the longest gap of the other streams during its "
+                 "first request in the cold / warm-same window:")  # fmt: skip
+    lines.append(f"  {'size':>6} {'source':6} {'n':>2} {'cold':>7} {'warm':>7} {'same':>7} {'same2':>7} "
+                 f"{'others':>7} {'others':>7}")  # fmt: skip
     for row in m["ttft"]:
-        lines.append(f"  {row['size_mb']:4d}MB {row['source']:6} {row['n']:2d} {row['cold_ttft_p50_ms']:8.0f} "
-                     f"{row['warm_ttft_p50_ms']:8.0f} {row['others_itl_max_p50_ms']:8.0f}")  # fmt: skip
+        cells = [row[f"{name}_ttft_p50_ms"] for name in ("cold", "warm", "same", "same_second")]
+        cells += [row["others_itl_max_cold_p50_ms"], row["others_itl_max_same_p50_ms"]]
+        lines.append(f"  {row['size_mb']:4d}MB {row['source']:6} {row['n']:2d} " + " ".join(f"{c:7.0f}" for c in cells))
     return "\n".join(lines)
 
 

@@ -1,5 +1,5 @@
-"""``loadtests.bench_cold``'s arithmetic, without a server: adapter sizes, which gaps count in which window, and
-``bench_cold_mix``'s summary of its steps."""
+"""``loadtests.bench_cold``'s arithmetic, without a server: adapter sizes, which gaps count in which window, the
+warm-same baseline's bookkeeping and report, and ``bench_cold_mix``'s summary of its steps."""
 
 from __future__ import annotations
 
@@ -8,13 +8,19 @@ import pytest
 from adapter_store import BaseModelSpec
 from loadtests.bench_cold import (
     MB,
+    PROMPT,
+    TAGS,
     bytes_per_rank,
     gaps_in,
     itl_stats,
+    memory_misses,
+    merge_pairs,
     p99_ratio,
     parse_args,
     rank_for,
     request_windows,
+    summarize_ttft,
+    table,
     write_adapter,
 )
 from loadtests.bench_cold_mix import summarize_steps
@@ -52,18 +58,99 @@ def test_gaps_count_in_the_window_their_token_arrived_in() -> None:
     assert itl_stats([10.0, 20.0, 300.0])["max_ms"] == 300.0
 
 
-def test_the_cold_window_splits_into_the_cold_requests_and_the_warm_ones() -> None:
-    samples = [{"cold_span": (1.0, 2.0), "warm_span": (2.0, 2.5)}, {"cold_span": (3.0, 3.5), "warm_span": (3.5, 4.0)}]
+def _request(start: float, end: float, ttft_ms: float) -> dict:
+    return {"start": start, "end": end, "ttft_ms": ttft_ms}
+
+
+def _pair(adapter: str, first: dict, second: dict) -> dict:
+    return {"size_mb": 4, "source": "local", "adapter": adapter, "first": first, "second": second}
+
+
+def test_each_adapter_pairs_its_cold_window_requests_with_its_warm_same_ones() -> None:
+    cold = [_pair("a", _request(1.0, 2.0, 300.0), _request(2.0, 2.5, 40.0))]
+    same = [_pair("a", _request(5.0, 5.4, 60.0), _request(5.4, 5.8, 45.0))]
+    [sample] = merge_pairs(cold, same)
+    assert (sample["cold_ttft_ms"], sample["warm_ttft_ms"]) == (300.0, 40.0)
+    assert (sample["same_ttft_ms"], sample["same_second_ttft_ms"]) == (60.0, 45.0)
+    assert (sample["cold_span"], sample["same_span"]) == ((1.0, 2.0), (5.0, 5.4))
+    with pytest.raises(AssertionError):  # a warm-same window that asked for other adapters is no baseline
+        merge_pairs(cold, [_pair("b", _request(5.0, 5.4, 60.0), _request(5.4, 5.8, 45.0))])
+    with pytest.raises(ValueError):
+        merge_pairs(cold, [])
+
+
+def test_the_windows_split_into_the_cold_requests_the_second_ones_and_the_warm_same_ones() -> None:
+    samples = merge_pairs(
+        [
+            _pair("a", _request(1.0, 2.0, 0), _request(2.0, 2.5, 0)),
+            _pair("b", _request(3.0, 3.5, 0), _request(3.5, 4.0, 0)),
+        ],
+        [
+            _pair("a", _request(6.0, 6.5, 0), _request(6.5, 7.0, 0)),
+            _pair("b", _request(7.0, 7.5, 0), _request(7.5, 8.0, 0)),
+        ],
+    )
     windows = request_windows(samples)
-    assert windows == {"cold-req": [(1.0, 2.0), (3.0, 3.5)], "warm-req": [(2.0, 2.5), (3.5, 4.0)]}
-    arrivals = [(1.5, 0.100), (2.0, 0.020), (3.2, 0.050), (3.9, 0.030)]  # a token at 2.0 is the warm request's
-    itl = {kind: itl_stats(gaps_in(arrivals, spans)) for kind, spans in windows.items()}
-    assert (itl["cold-req"]["n"], itl["warm-req"]["n"]) == (2, 2)
-    assert itl["cold-req"]["max_ms"] == 100.0 and itl["warm-req"]["max_ms"] == 30.0
+    assert windows == {
+        "cold-req": [(1.0, 2.0), (3.0, 3.5)],
+        "warm-req": [(2.0, 2.5), (3.5, 4.0)],
+        "same-req": [(6.0, 6.5), (7.0, 7.5)],
+    }
+    arrivals = [(1.5, 0.100), (2.0, 0.020), (3.2, 0.050), (3.9, 0.030), (6.1, 0.025), (7.6, 0.900)]
+    itl = {kind: itl_stats(gaps_in(arrivals, spans)) for kind, spans in windows.items()}  # a token at 2.0: warm's
+    assert (itl["cold-req"]["n"], itl["warm-req"]["n"], itl["same-req"]["n"]) == (2, 2, 1)
+    assert (itl["cold-req"]["max_ms"], itl["warm-req"]["max_ms"], itl["same-req"]["max_ms"]) == (100.0, 30.0, 25.0)
     assert p99_ratio(itl, "cold-req", "warm-req") == pytest.approx(
         itl["cold-req"]["p99_ms"] / itl["warm-req"]["p99_ms"]
     )
     assert p99_ratio({"a": itl_stats([5.0]), "b": itl_stats([])}, "a", "b") is None
+
+
+def test_the_engine_loads_are_read_from_the_servers_host_cache_misses() -> None:
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from serving.metrics import AdapterMetrics
+
+    registry = CollectorRegistry()
+    metrics = AdapterMetrics(registry)
+    for adapter, hits, misses in (("cold-local-4mb-0", 3, 1), ("cold-s3-4mb-0", 2, 2), ("hot", 90, 1)):
+        series = metrics.series(adapter, "completions")
+        series.memory_hits.inc(hits)
+        series.memory_misses.inc(misses)
+    metrics.adapter_lookups.labels("cold-local-4mb-0", "disk", "miss").inc(5)  # the store's tier: not a vLLM load
+    found = memory_misses(generate_latest(registry).decode())
+    assert found == {"cold-local-4mb-0": 1, "cold-s3-4mb-0": 2, "hot": 1}
+
+
+def test_the_warm_same_prompts_skip_no_prefill_and_match_the_cold_ones_in_length(demo_assets) -> None:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(demo_assets.base))
+    prompts = {kind: [f"{tag}. {PROMPT}" for tag in tags] for kind, tags in TAGS.items()}
+    assert len({p for pair in prompts.values() for p in pair}) == 4  # none repeated: the prefix cache cannot hit
+    lengths = {kind: [len(tokenizer(p).input_ids) for p in pair] for kind, pair in prompts.items()}
+    assert lengths["cold"] == lengths["warm-same"]
+
+
+def _report(ratios: dict, engine_loads: dict) -> dict:
+    itl = {kind: itl_stats([20.0, 30.0]) for kind in ("quiet", "cold", "warm-same", "cold-req", "warm-req", "same-req")}
+    sample = {"size_mb": 4, "source": "s3", "adapter": "a", "itl_max_during_cold_ms": 90.0,
+              "itl_max_during_same_ms": 35.0, **{f"{n}_ttft_ms": t for n, t in
+              (("cold", 300.0), ("warm", 40.0), ("same", 55.0), ("same_second", 41.0))}}  # fmt: skip
+    measured = {"itl": itl, "background_requests": 10, "engine_loads": engine_loads, "ttft": summarize_ttft([sample])}
+    return {"settings": {"clients": 2}, "machine": {"cpu": {"model": "x"}}, "measured": {**measured, **ratios}}
+
+
+def test_the_table_names_the_targets_ratio_beside_the_quiet_one_and_flags_a_reload() -> None:
+    ratios = {"itl_p99_ratio_cold_to_warm_same": 1.21, "itl_p99_ratio_cold_to_quiet": 2.43,
+              "itl_p99_ratio_cold_req_to_warm_req": 1.1, "itl_p99_ratio_cold_req_to_same_req": None}  # fmt: skip
+    text = table(_report(ratios, {"a": 1}))
+    assert "cold / warm-same (the same requests without the loads; target <= 1.5x): 1.21x" in text
+    assert "cold / quiet (with vs without the extra requests): 2.43x" in text
+    assert "the same ones in warm-same (the load): no ratio" in text
+    assert "     300      40      55      41      90      35" in text  # cold, warm, same, same2, others x2
+    assert "NOT A FAITHFUL BASELINE" not in text
+    assert "NOT A FAITHFUL BASELINE: adapters loaded other than once: {'a': 2}" in table(_report(ratios, {"a": 2}))
 
 
 def test_the_first_mix_summary_is_the_median_step_over_rounds() -> None:
