@@ -1,0 +1,115 @@
+"""The plan's mode choice (``lora_ops.plan``): the cost model's picks by tokens, present adapters and layer
+width, with and without the per-token kernel, and as the CPU punica wrapper plans its steps (the width of the
+layers it has run, a mix met for the first time)."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from vllm.lora.layers import LoRAMapping
+
+from lora_ops.plan import GATHER, MASKED, RUNS, TOKENS
+from lora_ops.punica_cpu import GroupedPunicaWrapperCPU
+
+
+def test_cost_model_picks_expected_modes():
+    from lora_ops.plan import NONE, build_plan
+
+    assert build_plan([-1] * 8).mode == NONE
+    assert build_plan([2] * 512).mode == RUNS  # one adapter, prefill-sized
+    assert build_plan([2] * 16).mode == RUNS  # one adapter, decode
+    assert build_plan([-1] * 8 + [1] * 300 + [-1] * 8).mode == RUNS
+    decode = list(itertools.islice(itertools.cycle([0, 1, 2, 3]), 16))
+    assert build_plan(decode).mode == MASKED
+    prefill = [s for s in [0, 1, 0, 2, 3, 1, 0, 2] for _ in range(64)]  # interleaved requests
+    assert build_plan(prefill).mode == GATHER
+    assert build_plan(sorted(prefill)).mode == RUNS  # each adapter contiguous
+    long_mixed = list(itertools.islice(itertools.cycle([0, 1, -1]), 2048))
+    assert build_plan(long_mixed).mode == GATHER
+    rotation = list(range(0, 32, 2))  # 16 tokens on 16 adapters: each token through its own
+    assert build_plan(rotation).mode == TOKENS
+    # 16 x its width: too much to stack, and more adapters than a compact set holds (fused.COMPACT_ADAPTERS):
+    # a matmul pair per adapter, on each one-token run where it lies
+    assert build_plan(rotation, width=TINYLLAMA_WIDTH).mode == RUNS
+    assert build_plan(rotation[:8] * 2, width=TINYLLAMA_WIDTH).mode == MASKED  # 8 adapters: one set holds them
+
+
+TINYLLAMA_WIDTH = 208_896  # mean rank * (in + out) of a TinyLlama-1.1B layer's qkv/o/gate_up/down at rank 16
+# (tokens, present adapters interleaved among 32 slots) -> mode at the reference width, at TinyLlama's.
+WIDTH_CASES = {
+    "decode_16_of_8": ((16, 8), MASKED, MASKED),
+    "decode_64_of_8": ((64, 8), MASKED, GATHER),  # wider layers: MASKED's P-fold flops outweigh GATHER's ops
+    "decode_128_of_4": ((128, 4), MASKED, GATHER),
+    "decode_128_of_2": ((128, 2), MASKED, MASKED),
+}
+
+
+@pytest.mark.parametrize("case", list(WIDTH_CASES))
+def test_cost_model_scales_token_costs_with_layer_width(case):
+    from lora_ops.plan import REF_WIDTH, build_plan
+
+    (tokens, present), at_ref, at_tinyllama = WIDTH_CASES[case]
+    slots = list(itertools.islice(itertools.cycle(range(0, 32, 32 // present)), tokens))
+    assert build_plan(slots, width=REF_WIDTH).mode == at_ref
+    assert build_plan(slots, width=TINYLLAMA_WIDTH).mode == at_tinyllama
+
+
+# With the per-token kernel: (tokens, present adapters interleaved among 32 slots) -> mode at TinyLlama's width.
+KERNEL_CASES = {
+    "decode_16_of_16": ((16, 16), TOKENS),  # a rotation: unbounded by the kernel (stacked: RUNS)
+    "decode_16_of_8": ((16, 8), TOKENS),
+    "decode_16_of_4": ((16, 4), MASKED),  # few adapters: each read once for all tokens is cheaper
+    "decode_64_of_8": ((64, 8), GATHER),  # many tokens per adapter: GATHER's per-adapter matmuls
+    "decode_64_of_16": ((64, 16), TOKENS),
+}
+
+
+@pytest.mark.parametrize("case", list(KERNEL_CASES))
+def test_cost_model_with_the_kernel(case):
+    from lora_ops.plan import build_plan
+
+    (tokens, present), want = KERNEL_CASES[case]
+    slots = list(itertools.islice(itertools.cycle(range(0, 32, 32 // present)), tokens))
+    assert build_plan(slots, width=TINYLLAMA_WIDTH, kernel=True).mode == want
+
+
+def test_plan_uses_the_width_of_the_layers_seen():
+    """The wrapper learns its layers' LoRA width from the first step that runs
+    them, and plans the following steps with it."""
+    fan_in, slices, slots = 2048, (2048, 256, 256), 8  # a TinyLlama-like qkv at rank 16
+    a = tuple(torch.randn(slots, 1, 16, fan_in) for _ in slices)
+    b = tuple(torch.randn(slots, 1, n, 16) for n in slices)
+    ids = list(itertools.islice(itertools.cycle([1, 3, 5, 7, 2, 4, 6, 8]), 64))  # 8 adapters, interleaved
+    w = GroupedPunicaWrapperCPU(256, 64, "cpu")
+    table: list[int | None] = list(range(1, slots + 1))
+    w.update_metadata(LoRAMapping(tuple(ids), tuple(ids)), table, slots + 1, 1000)
+    assert w._kernel is not None
+    assert w._plan.mode == TOKENS  # no layer seen yet: at the reference width, the kernel's one call is cheapest
+    w.add_lora_linear(torch.zeros(64, sum(slices)), torch.randn(64, fan_in), a, b, 1.0, slices)
+    w.update_metadata(LoRAMapping(tuple(ids), tuple(ids)), table, slots + 1, 1000)
+    assert w._plan.mode == GATHER  # 48 * (2048 + 2560) per token and slot: 8 tokens per adapter, read once
+
+
+def test_a_new_mix_runs_the_kernel_and_a_mix_met_before_its_compact_set() -> None:
+    """With the kernel, a decode-sized mix of adapters met for the first time runs TOKENS (nothing to copy or
+    pack in the step); met again, the cost model's choice (MASKED: its compact set built once, then reused). Keyed by the adapters' LoRA ids: the same
+    adapters in other slots are the same mix, another adapter in a slot is a new one. Without the kernel, MASKED
+    from the first plan."""
+    w = GroupedPunicaWrapperCPU(max_num_batched_tokens=256, max_batches=16, device="cpu")
+    assert w._kernel is not None  # built on this machine (make install builds it ahead)
+
+    def mode(table: list[int | None], ids: tuple[int, ...]) -> str:
+        w.update_metadata(LoRAMapping(ids, ids), table, len(table) + 1, 1000)
+        return w._plan.mode
+
+    mix = (10, 11) * 8  # 16 decode tokens on two adapters
+    assert mode([10, 11, 12, 13], mix) == TOKENS
+    assert mode([10, 11, 12, 13], mix) == MASKED
+    assert mode([11, 10, 12, 13], mix) == MASKED  # the same adapters, swapped slots
+    assert mode([10, 99, 12, 13], (10, 99) * 8) == TOKENS  # slot 1 holds another adapter
+    joined = (10,) * 63 + (12,)  # a new adapter joins a long run (RUNS by the cost model): the kernel first
+    assert [mode([10, 11, 12, 13], joined) for _ in range(2)] == [TOKENS, MASKED]
+    w._kernel = None
+    assert mode([10, 11, 12, 13], (10, 12) * 8) == MASKED
