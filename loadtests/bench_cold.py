@@ -375,6 +375,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.sizes_mb, args.repeats, args.clients, args.quiet_s, args.max_tokens = [1], 1, 2, 2.0, 16
     if args.out is None:  # a smoke run never overwrites the measured numbers
         args.out = ROOT / "results" / f"bench_cold{'_quick' if args.quick else ''}.json"
+    adapters = 1 + len(args.sizes_mb) * len(SOURCES) * args.repeats  # the hot one and every cold one
+    if args.max_cpu_loras < adapters:
+        parser.error(f"--max-cpu-loras {args.max_cpu_loras} holds fewer than this run's {adapters} adapters: "
+                     "the warm-same windows would reload evicted ones, and load is what they must not do")  # fmt: skip
     return args
 
 

@@ -164,3 +164,10 @@ def test_the_first_mix_summary_is_the_median_step_over_rounds() -> None:
 def test_a_smoke_run_never_overwrites_the_measured_results() -> None:
     assert parse_args(["--quick"]).out.name == "bench_cold_quick.json"
     assert parse_args([]).out.name == "bench_cold.json"
+
+
+def test_a_run_whose_adapters_outgrow_the_host_cache_is_refused(capsys) -> None:
+    assert parse_args(["--repeats", "2", "--max-cpu-loras", "13"]).max_cpu_loras == 13  # hot + 3 x 2 x 2
+    with pytest.raises(SystemExit):
+        parse_args(["--repeats", "3", "--max-cpu-loras", "16"])  # 19 adapters: warm-same would reload some
+    assert "holds fewer than this run's 19 adapters" in capsys.readouterr().err
