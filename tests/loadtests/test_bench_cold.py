@@ -11,6 +11,7 @@ from loadtests.bench_cold import (
     PROMPT,
     TAGS,
     bytes_per_rank,
+    count_long_gaps,
     gaps_in,
     itl_stats,
     memory_misses,
@@ -106,6 +107,20 @@ def test_the_windows_split_into_the_cold_requests_the_second_ones_and_the_warm_s
     assert p99_ratio({"a": itl_stats([5.0]), "b": itl_stats([])}, "a", "b") is None
 
 
+def test_long_gaps_are_counted_against_the_quiet_windows_p99_whatever_a_windows_length() -> None:
+    windows = {"quiet": [(0.0, 1.0)], "cold": [(1.0, 5.0)], "warm-same": [(5.0, 6.0)]}
+    arrivals = [(0.1 * i, 0.020) for i in range(10)] + [(0.95, 0.040)]  # quiet: p99 just under 40 ms
+    arrivals += [(1.0 + 0.01 * i, 0.020) for i in range(300)] + [(4.0, 0.050), (4.1, 0.045)]  # long, many ordinary
+    arrivals += [(5.1, 0.020), (5.2, 0.060), (5.3, 0.041)]
+    itl = {kind: itl_stats(gaps_in(arrivals, spans)) for kind, spans in windows.items()}
+    count_long_gaps(itl, arrivals, windows)
+    assert [itl[kind]["over_quiet_p99"] for kind in windows] == [1, 2, 2]
+    assert itl["cold"]["p99_ms"] < itl["warm-same"]["p99_ms"]  # the p99 of the longer window is the diluted one
+    empty = {"quiet": itl_stats([]), "cold": itl_stats([50.0])}
+    count_long_gaps(empty, arrivals, {"quiet": [], "cold": [(4.0, 4.05)]})
+    assert empty["cold"]["over_quiet_p99"] is None
+
+
 def test_the_engine_loads_are_read_from_the_servers_host_cache_misses() -> None:
     from prometheus_client import CollectorRegistry, generate_latest
 
@@ -134,6 +149,7 @@ def test_the_warm_same_prompts_skip_no_prefill_and_match_the_cold_ones_in_length
 
 def _report(ratios: dict, engine_loads: dict) -> dict:
     itl = {kind: itl_stats([20.0, 30.0]) for kind in ("quiet", "cold", "warm-same", "cold-req", "warm-req", "same-req")}
+    count_long_gaps(itl, [(0.5, 0.050)], {kind: [(0.0, 1.0)] if kind == "cold" else [] for kind in itl})
     sample = {"size_mb": 4, "source": "s3", "adapter": "a", "itl_max_during_cold_ms": 90.0,
               "itl_max_during_same_ms": 35.0, **{f"{n}_ttft_ms": t for n, t in
               (("cold", 300.0), ("warm", 40.0), ("same", 55.0), ("same_second", 41.0))}}  # fmt: skip
@@ -149,6 +165,7 @@ def test_the_table_names_the_targets_ratio_beside_the_quiet_one_and_flags_a_relo
     assert "cold / quiet (with vs without the extra requests): 2.43x" in text
     assert "the same ones in warm-same (the load): no ratio" in text
     assert "     300      40      55      41      90      35" in text  # cold, warm, same, same2, others x2
+    assert "     30.0            1" in text and "     30.0            0" in text  # gaps over the quiet p99
     assert "NOT A FAITHFUL BASELINE" not in text
     assert "NOT A FAITHFUL BASELINE: adapters loaded other than once: {'a': 2}" in table(_report(ratios, {"a": 2}))
 
