@@ -73,9 +73,9 @@ def _weights(
     ]
 
 
-def measure(repeats: int, steps: int, threads: int = 1) -> dict[str, dict[str, float]]:
+def measure(repeats: int, steps: int, threads: int = 1, mode: str | None = None) -> dict[str, dict[str, float]]:
     """Per-call µs (min and median over ``repeats``) for each case of ``CASES``: thread CPU time on one
-    thread, wall time on more."""
+    thread, wall time on more; ``mode``: every case's plan forced to it (None: the cost model's choice)."""
     from vllm.lora.layers import LoRAMapping
 
     from lora_ops.punica_cpu import GroupedPunicaWrapperCPU
@@ -89,10 +89,13 @@ def measure(repeats: int, steps: int, threads: int = 1) -> dict[str, dict[str, f
     xs = {k: torch.randn(rows, k, generator=g).bfloat16() for k, _ in layers}
     ys = [torch.zeros(rows, sum(outs)).bfloat16() for _, outs in layers]
     wrapper = GroupedPunicaWrapperCPU(max_num_batched_tokens=max(512, rows), max_batches=16, device="cpu")
+    wrapper.force_mode = mode
     op = torch.ops.loraserve.lora_linear.default
     table: list[int | None] = list(range(1, SLOTS + 1))
     results = {}
     for name, ids in CASES.items():
+        if mode is not None and not any(ids):
+            continue  # no adapter tokens: no mode to force
         wrapper.update_metadata(LoRAMapping(tuple(ids), tuple(ids)), table, SLOTS + 1, 4096)
         n = len(ids)
         calls = [(ys[j][:n], xs[k][:n], a, b, list(outs)) for j, ((k, outs), (a, b)) in enumerate(zip(layers, weights))]
@@ -168,6 +171,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--threads", type=int, default=1, help="torch threads (more than 1: wall time)")
     p.add_argument("--distinct", type=int, default=0, help="N tokens on N distinct adapters: ms per step, by mode")
+    p.add_argument("--mode", default=None, help="force every case's plan to this mode (default: the cost model's)")
     p.add_argument("--shape", choices=list(SHAPES), default="realistic", help="--distinct's layers (docstring)")
     args = p.parse_args(argv)
     import os
@@ -182,7 +186,7 @@ def main(argv: list[str] | None = None) -> None:
             )
         print(f"load average {load:.2f} -> {os.getloadavg()[0]:.2f}")
         return
-    for name, r in measure(args.repeats, args.steps, args.threads).items():
+    for name, r in measure(args.repeats, args.steps, args.threads, args.mode).items():
         print(f"{name:15s} {r['min_us']:7.1f} us min {r['median_us']:7.1f} us median per LoRA call")
     print(f"load average {load:.2f} -> {os.getloadavg()[0]:.2f}")
 
