@@ -20,11 +20,11 @@ The plan picks one of four ways to run a LoRA linear layer:
   order, one shrink + one expand per present slot, then the deltas gathered
   back into token order (``StepPlan.inv``) and added: two whole-tensor ops,
   not a scatter-add (``index_add_`` adds row by row on the CPU).
-* ``TOKENS``: batches with many adapters (each request its own, as in a
-  rotation over 100 adapters): one call of the per-token kernel
+* ``TOKENS``: decode-sized batches, one adapter or many (each request its own,
+  as in a rotation over 100 adapters): one call of the per-token kernel
   (``kernel.py``, ``token_step.TokenStep``) reads each token's own adapter
-  weights where they lie. Every token pays for its own adapter only, and
-  nothing is built per mix of adapters. Where the kernel could not be built,
+  weights where they lie, once per block of tokens that share it. Every
+  token pays for its own adapter only, and nothing is built per mix. Where the kernel could not be built,
   the weights are stacked first (``token_step.StackedTokenStep``), dearer
   and bounded (``TOKENS_MAX_ELEMENTS``).
 * ``MASKED``: small batches with several slots (typical decode): one shrink
@@ -49,14 +49,17 @@ No mode's cost depends on the number of slots, so the plan does not take it.
 The choice is a rough cost estimate in microseconds: fixed costs per
 launched op versus per-token work (constants below, measured on a 2-core
 AVX-512 machine with vLLM's oneDNN matmul; only the crossovers matter). On
-TinyLlama-1.1B's layers, interleaved batches of up to ~210 tokens with 2
+TinyLlama-1.1B's layers without the kernel, interleaved batches of up to ~210 tokens with 2
 adapters present go MASKED, ~65 with 4, ~50 with 8; longer mixed batches
-GATHER unless each adapter's tokens are already contiguous (RUNS); one
-contiguous run (e.g. every token on one adapter) is always RUNS. With the
-kernel, TOKENS takes 16-token decode batches from about eight adapters
-present on, and longer batches while their adapters have few tokens each
-(64 tokens on 16 adapters, not on 8); without it, decode batches with about
-ten or more adapters present, as long as their stacked weights stay small
+GATHER unless each adapter's tokens are already contiguous (RUNS); without the
+kernel one contiguous run (e.g. every token on one adapter) is always RUNS.
+With the kernel, whose blocks read an adapter once for up to 8 of its tokens,
+TOKENS takes decode-sized batches however few adapters they mix, one adapter's
+included (at the reference width up to ~64 tokens of one adapter, on
+TinyLlama's layers ~20), and longer batches while their adapters have few
+tokens each; long runs of one adapter stay RUNS (oneDNN's GEMM). Without it,
+decode batches with about ten or more adapters present, as long as their
+stacked weights stay small
 (``TOKENS_MAX_ELEMENTS``: on the demo model up to 141 tokens, on
 TinyLlama's layers 10).
 """
@@ -100,13 +103,16 @@ MASKED_TOKEN_SLOT_US = 0.34  # every token pays for every *present* slot
 TOKENS_US = 22.0
 TOKENS_TOKEN_US = 3.4
 TOKENS_MAX_ELEMENTS = 1 << 21
-# TOKENS by the kernel: one call plus a pass over each active token's adapter weights where they lie, no
-# copy, so no bound. A token re-reads its adapter even when others share it, so the mixes with few
-# adapters (MASKED) or many tokens per adapter (GATHER) stay cheaper: fitted to loadtests/bench_lora_plan.py
-# (bfloat16, TinyLlama's layers) so that 16 decode tokens switch from MASKED at about 8 adapters present (measured: 6-8) and
-# 64 tokens on 8 adapters GATHER.
+# TOKENS by the kernel: one call, then per block of tokens that share an adapter (up to 8: ``blocks``) one read
+# of that adapter's weights, and per token its flops; no copy, so no bound. Fitted to the kernel alone
+# (bfloat16, bench_lora's realistic layers, one thread, weights in L2): 16 tokens on one adapter (2 blocks)
+# ~38 us a call, on 3 (6 blocks) ~50, on 16 (16 blocks) ~89. So a decode batch on one adapter runs the
+# kernel (RUNS: two oneDNN matmuls and an add), a prefill-sized run RUNS (oneDNN's GEMM does the flops
+# faster: at ~64 tokens on a layer of the reference width, at ~20 on TinyLlama's), and mixes of a few
+# adapters the kernel rather than MASKED (which pays P times the flops).
 KERNEL_US = 20.0
-KERNEL_TOKEN_US = 2.5
+KERNEL_BLOCK_US = 1.8
+KERNEL_TOKEN_US = 0.7
 # With the kernel, a decode-sized plan (at most this many tokens) whose mix of adapters is new runs TOKENS
 # whatever the cost model says: every other mode pays for the new mix inside the step first (a compact set
 # copied, or the new adapter's own matmuls expanded and packed), which the model does not count. Measured
@@ -183,14 +189,18 @@ def choose_mode(
     width: float = REF_WIDTH,
     kernel: bool = False,
     mix_met: bool = True,
+    num_blocks: int | None = None,
 ) -> str:
     """Cheapest of RUNS / GATHER / MASKED / TOKENS by the rough cost model above, for
     layers of mean LoRA ``width`` (rank * (in + out)); ``kernel``: TOKENS runs the per-token kernel;
     ``mix_met``: the adapters present were present together in an earlier plan (MASKED's compact set
-    may be built already, or will be used again)."""
-    if num_runs == 1:  # one adapter, contiguous tokens: nothing beats a plain run
-        return RUNS
+    may be built already, or will be used again); ``num_blocks``: the kernel's blocks (:func:`kernel_blocks`;
+    None: one per active token)."""
     flops = width / REF_WIDTH
+    kernel_us = KERNEL_US + (KERNEL_BLOCK_US * (num_blocks or num_active) + KERNEL_TOKEN_US * num_active) * flops
+    if num_runs == 1:  # one adapter, contiguous tokens: a plain run, or the kernel's one call
+        run_us = RUN_US + RUN_TOKEN_US * flops * num_active
+        return TOKENS if kernel and kernel_us < run_us else RUNS
     cost = {
         RUNS: RUN_US * num_runs + RUN_TOKEN_US * flops * num_active,
         GATHER: GATHER_US + GATHER_SLOT_US * num_present + GATHER_TOKEN_US * flops * num_active,
@@ -198,10 +208,16 @@ def choose_mode(
     if num_present <= COMPACT_ADAPTERS and (mix_met or not kernel):
         cost[MASKED] = MASKED_US + MASKED_TOKEN_SLOT_US * flops * num_tokens * num_present
     if kernel:
-        cost[TOKENS] = KERNEL_US + KERNEL_TOKEN_US * flops * num_active
+        cost[TOKENS] = kernel_us
     elif num_tokens * width <= TOKENS_MAX_ELEMENTS:
         cost[TOKENS] = TOKENS_US + TOKENS_TOKEN_US * flops * num_tokens
     return min(cost, key=cost.__getitem__)
+
+
+def kernel_blocks(counts: Counter) -> int:
+    """The per-token kernel's blocks for these tokens per adapter: 8 at a time, the rest in blocks of 4, 2
+    and 1 (``csrc/token_lora.cpp``'s ``blocks_of``)."""
+    return sum(n // 8 + bin(n % 8).count("1") for n in counts.values())
 
 
 class RecentMixes:
@@ -244,18 +260,19 @@ def build_plan(
         raise ValueError(f"force_mode must be one of {MODES}, got {force_mode!r}")
     if force_mode == MASKED and len(present) > COMPACT_ADAPTERS:
         raise ValueError(f"force_mode {MASKED!r} runs at most {COMPACT_ADAPTERS} adapters, not {len(present)}")
+    counts = Counter(s for s in token_slots if s >= 0)
     met = True if mix_met is None or len(runs) == 1 else mix_met(present)
     if force_mode is None and kernel and not met and n <= NEW_MIX_TOKENS:
         mode = TOKENS  # a new mix, decode-sized: nothing to copy or pack for it in the step
     else:
-        mode = force_mode or choose_mode(n, num_active, len(present), len(runs), width, kernel, met)
+        blocks = kernel_blocks(counts)
+        mode = force_mode or choose_mode(n, num_active, len(present), len(runs), width, kernel, met, blocks)
     if mode == RUNS:
         full = runs[0][0] if len(runs) == 1 and runs[0][2] - runs[0][1] == n else -1
         return StepPlan(n, RUNS, slots_t, tuple(runs), None, present, full)
     if mode in (MASKED, TOKENS):
         return StepPlan(n, mode, slots_t, (), None, present)
     # GATHER: active tokens ordered by slot (stable), one run per slot.
-    counts = Counter(s for s in token_slots if s >= 0)
     order = sorted((i for i, s in enumerate(token_slots) if s >= 0), key=token_slots.__getitem__)
     inv = [len(order)] * n
     for row, token in enumerate(order):

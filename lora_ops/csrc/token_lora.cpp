@@ -3,7 +3,9 @@
 // Why: with as many adapters present as tokens (16 requests over 100 adapters), every way to run the step
 // with torch ops either launches small matmuls per adapter (call-bound) or copies each token's weights into
 // a stack first (copy-bound: the copy moves the bytes the matmul then reads again). Here one call per LoRA
-// linear walks the tokens; a token reads its adapter's A and B once, in place, and accumulates in float32.
+// linear walks the tokens; a token reads its adapter's A and B in place and accumulates in float32, and
+// tokens that share an adapter run together in blocks (up to 8), so a block reads the weights once: one
+// adapter over a whole decode batch costs its flops, where oneDNN would need two matmuls and an add.
 //
 // Inputs (checked by the caller, lora_ops/token_step.py, which also keeps every weight alive):
 //   y (T, out) += scale * (x (T, in) @ A_t) @ B_t, per token t, where
@@ -14,6 +16,7 @@
 //     [3 + s] the address of slice s's B, (packed, out_s) row-major
 //   outs (S,): out_s; slice s's columns of y start at the sum of the outs before it
 // x, y and the weights share one dtype (float32, bfloat16 or float16); rows of x and y may be strided.
+// Rows with the same A address are one adapter's (a form's A is its own tensor).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/BFloat16.h>
@@ -23,108 +26,240 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <utility>
 #include <vector>
 
 namespace {
 
 // Built once for every machine type it may run on (the image's CPU is not the node's): the hot loops are
-// cloned per instruction set and the loader picks one at load time.
+// cloned per instruction set and the loader picks one at load time. Vectors are GCC's generic ones, 16
+// floats: one AVX-512 register, two AVX2 ones, four SSE ones, whichever the clone compiles for.
 #define CLONED __attribute__((target_clones("avx512f", "avx2", "default")))
+#define INLINE inline __attribute__((always_inline))
 
-inline float widen(float v) { return v; }
-inline float widen(c10::Half v) { return static_cast<float>(v); }
-// bfloat16 is float32's upper half: a shift the compiler vectorizes (c10's conversion goes through memcpy).
-inline float widen(c10::BFloat16 v) {
+constexpr int64_t V = 16;
+typedef float vf __attribute__((vector_size(4 * V)));
+typedef int32_t vi __attribute__((vector_size(4 * V)));
+typedef uint32_t vu __attribute__((vector_size(4 * V)));
+typedef uint16_t vh __attribute__((vector_size(2 * V)));
+
+// Tokens on one adapter run in blocks of 8, 4, 2 or 1 (a block's size is a template argument, so its sums
+// stay in registers): 13 tokens are 8 + 4 + 1.
+constexpr int BLOCK = 8;
+
+INLINE float widen(float v) { return v; }
+INLINE float widen(c10::Half v) { return static_cast<float>(v); }
+// bfloat16 is float32's upper half: a shift (c10's conversion goes through memcpy).
+INLINE float widen(c10::BFloat16 v) {
   uint32_t bits = static_cast<uint32_t>(v.x) << 16;
   float f;
   std::memcpy(&f, &bits, sizeof f);
   return f;
 }
 
-// h (width) = x (in) @ A (in, width): A read row by row, `width` contiguous values per input feature, four
-// rows a pass so that h is loaded and stored once per four multiply-adds.
-template <typename T>
-inline __attribute__((always_inline)) void shrink_loop(float* h, const T* x, const T* a, int64_t in, int64_t width) {
-  for (int64_t w = 0; w < width; ++w) h[w] = 0.0f;
-  int64_t i = 0;
-  for (; i + 4 <= in; i += 4) {
-    const float x0 = widen(x[i]), x1 = widen(x[i + 1]), x2 = widen(x[i + 2]), x3 = widen(x[i + 3]);
-    const T *r0 = a + i * width, *r1 = r0 + width, *r2 = r1 + width, *r3 = r2 + width;
-    for (int64_t w = 0; w < width; ++w) {
-      h[w] += x0 * widen(r0[w]) + x1 * widen(r1[w]) + x2 * widen(r2[w]) + x3 * widen(r3[w]);
+INLINE vf load(const float* p) {
+  vf v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+INLINE vf load(const c10::BFloat16* p) {
+  vh h;
+  std::memcpy(&h, p, sizeof h);
+  const vu bits = __builtin_convertvector(h, vu) << 16;
+  vf v;
+  std::memcpy(&v, &bits, sizeof v);
+  return v;
+}
+INLINE vf load(const c10::Half* p) {
+  float f[V];
+  for (int64_t k = 0; k < V; ++k) f[k] = static_cast<float>(p[k]);
+  return load(f);
+}
+
+INLINE void store(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
+// Rounded to nearest even, NaN kept a (quiet) NaN: bit for bit what c10's float -> bfloat16 conversion gives.
+INLINE void store(c10::BFloat16* p, vf v) {
+  vu bits;
+  std::memcpy(&bits, &v, sizeof bits);
+  const vu rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
+  const vu nan = reinterpret_cast<vu>(v != v);  // all ones where v is NaN
+  const vh h = __builtin_convertvector((nan & 0x7FC0u) | (~nan & rounded), vh);
+  std::memcpy(p, &h, sizeof h);
+}
+INLINE void store(c10::Half* p, vf v) {
+  float f[V];
+  store(f, v);
+  for (int64_t k = 0; k < V; ++k) p[k] = static_cast<c10::Half>(f[k]);
+}
+
+// h (NB, W) = xb (NB, in) @ A (in, W): NB tokens' rows of x (widened) against one adapter's A, which is read
+// once for the block, 2 vectors of columns a pass (the NB x 2 sums held in registers).
+template <int NB, typename T>
+INLINE void shrink_block(float* h, const float* xb, const T* a, int64_t in, int64_t W) {
+  int64_t w0 = 0;
+  for (; w0 + 2 * V <= W; w0 += 2 * V) {
+    vf acc[NB][2] = {};
+    for (int64_t i = 0; i < in; ++i) {
+      const vf a0 = load(a + i * W + w0), a1 = load(a + i * W + w0 + V);
+      for (int b = 0; b < NB; ++b) {
+        const float xv = xb[b * in + i];
+        acc[b][0] += xv * a0;
+        acc[b][1] += xv * a1;
+      }
     }
+    for (int b = 0; b < NB; ++b) store(h + b * W + w0, acc[b][0]), store(h + b * W + w0 + V, acc[b][1]);
   }
-  for (; i < in; ++i) {
-    const float xi = widen(x[i]);
-    const T* row = a + i * width;
-    for (int64_t w = 0; w < width; ++w) h[w] += xi * widen(row[w]);
+  for (; w0 + V <= W; w0 += V) {
+    vf acc[NB] = {};
+    for (int64_t i = 0; i < in; ++i) {
+      const vf a0 = load(a + i * W + w0);
+      for (int b = 0; b < NB; ++b) acc[b] += xb[b * in + i] * a0;
+    }
+    for (int b = 0; b < NB; ++b) store(h + b * W + w0, acc[b]);
+  }
+  for (; w0 < W; ++w0) {  // a width that is not a multiple of 16 (a max rank that is not a power of two)
+    for (int b = 0; b < NB; ++b) {
+      float sum = 0.0f;
+      for (int64_t i = 0; i < in; ++i) sum += xb[b * in + i] * widen(a[i * W + w0]);
+      h[b * W + w0] = sum;
+    }
   }
 }
 
-// d (n) += sum over r < rows of h[r] * k * B[r] (B: (rows, n) row-major), four rows of B a pass.
-template <typename T>
-inline __attribute__((always_inline)) void expand_loop(float* d, const float* h, const T* b, int64_t rows, int64_t n,
-                                                       float k) {
-  int64_t r = 0;
-  for (; r + 4 <= rows; r += 4) {
-    const float c0 = h[r] * k, c1 = h[r + 1] * k, c2 = h[r + 2] * k, c3 = h[r + 3] * k;
-    const T *b0 = b + r * n, *b1 = b0 + n, *b2 = b1 + n, *b3 = b2 + n;
-    for (int64_t o = 0; o < n; ++o) {
-      d[o] += c0 * widen(b0[o]) + c1 * widen(b1[o]) + c2 * widen(b2[o]) + c3 * widen(b3[o]);
+// y[b] (n) += c (NB, rows) @ B (rows, n): one slice's expand for NB tokens whose output rows start at y[b],
+// c already scaled. B is read once for the block, 2 vectors of columns a pass; y is read, added to and
+// written once.
+template <int NB, typename T>
+INLINE void expand_block(T* const* y, const float* c, const T* bw, int64_t rows, int64_t n) {
+  int64_t o = 0;
+  for (; o + 2 * V <= n; o += 2 * V) {
+    vf acc[NB][2] = {};
+    for (int64_t r = 0; r < rows; ++r) {
+      const vf b0 = load(bw + r * n + o), b1 = load(bw + r * n + o + V);
+      for (int b = 0; b < NB; ++b) {
+        const float cv = c[b * rows + r];
+        acc[b][0] += cv * b0;
+        acc[b][1] += cv * b1;
+      }
+    }
+    for (int b = 0; b < NB; ++b) {
+      store(y[b] + o, load(y[b] + o) + acc[b][0]);
+      store(y[b] + o + V, load(y[b] + o + V) + acc[b][1]);
     }
   }
-  for (; r < rows; ++r) {
-    const float c = h[r] * k;
-    const T* row = b + r * n;
-    for (int64_t o = 0; o < n; ++o) d[o] += c * widen(row[o]);
+  for (; o + V <= n; o += V) {
+    vf acc[NB] = {};
+    for (int64_t r = 0; r < rows; ++r) {
+      const vf b0 = load(bw + r * n + o);
+      for (int b = 0; b < NB; ++b) acc[b] += c[b * rows + r] * b0;
+    }
+    for (int b = 0; b < NB; ++b) store(y[b] + o, load(y[b] + o) + acc[b]);
+  }
+  for (; o < n; ++o) {  // an output width that is not a multiple of 16
+    for (int b = 0; b < NB; ++b) {
+      float sum = widen(y[b][o]);
+      for (int64_t r = 0; r < rows; ++r) sum += c[b * rows + r] * widen(bw[r * n + o]);
+      y[b][o] = static_cast<T>(sum);
+    }
   }
 }
 
-CLONED void shrink(float* h, const float* x, const float* a, int64_t in, int64_t w) { shrink_loop(h, x, a, in, w); }
-CLONED void shrink(float* h, const c10::BFloat16* x, const c10::BFloat16* a, int64_t in, int64_t w) {
-  shrink_loop(h, x, a, in, w);
+// One block: NB tokens on one form. Scratch: xb (BLOCK x in), h (BLOCK x W), c (BLOCK x rows).
+struct Block {
+  const int64_t* form;  // the form's row of the table
+  int count;
+  int64_t tokens[BLOCK];
+};
+
+struct Call {
+  int64_t in, x_stride, y_stride, slices;
+  const int64_t* outs;
+  const int64_t* starts;  // slice s's first column of y
+  float scale;
+};
+
+template <int NB, typename T>
+INLINE void run_block(const Call& call, const Block& blk, const T* x, T* y, float* xb, float* h, float* c) {
+  const int64_t packed = blk.form[1], used = blk.form[2], W = call.slices * packed, in = call.in;
+  for (int b = 0; b < NB; ++b) {
+    const T* xt = x + blk.tokens[b] * call.x_stride;
+    for (int64_t i = 0; i < in; ++i) xb[b * in + i] = widen(xt[i]);
+  }
+  shrink_block<NB>(h, xb, reinterpret_cast<const T*>(blk.form[0]), in, W);
+  for (int64_t s = 0; s < call.slices; ++s) {
+    for (int b = 0; b < NB; ++b) {  // this slice's written rows of h, scaled
+      for (int64_t r = 0; r < used; ++r) c[b * used + r] = h[b * W + s * packed + r] * call.scale;
+    }
+    T* rows[NB];
+    for (int b = 0; b < NB; ++b) rows[b] = y + blk.tokens[b] * call.y_stride + call.starts[s];
+    expand_block<NB>(rows, c, reinterpret_cast<const T*>(blk.form[3 + s]), used, call.outs[s]);
+  }
 }
-CLONED void shrink(float* h, const c10::Half* x, const c10::Half* a, int64_t in, int64_t w) {
-  shrink_loop(h, x, a, in, w);
+
+template <typename T>
+INLINE void run_any(const Call& call, const Block& blk, const T* x, T* y, float* xb, float* h, float* c) {
+  switch (blk.count) {
+    case 8: return run_block<8>(call, blk, x, y, xb, h, c);
+    case 4: return run_block<4>(call, blk, x, y, xb, h, c);
+    case 2: return run_block<2>(call, blk, x, y, xb, h, c);
+    default: return run_block<1>(call, blk, x, y, xb, h, c);
+  }
 }
-CLONED void expand(float* d, const float* h, const float* b, int64_t rows, int64_t n, float k) {
-  expand_loop(d, h, b, rows, n, k);
+
+CLONED void run(const Call& call, const Block& blk, const float* x, float* y, float* xb, float* h, float* c) {
+  run_any(call, blk, x, y, xb, h, c);
 }
-CLONED void expand(float* d, const float* h, const c10::BFloat16* b, int64_t rows, int64_t n, float k) {
-  expand_loop(d, h, b, rows, n, k);
+CLONED void run(const Call& call, const Block& blk, const c10::BFloat16* x, c10::BFloat16* y, float* xb, float* h,
+                float* c) {
+  run_any(call, blk, x, y, xb, h, c);
 }
-CLONED void expand(float* d, const float* h, const c10::Half* b, int64_t rows, int64_t n, float k) {
-  expand_loop(d, h, b, rows, n, k);
+CLONED void run(const Call& call, const Block& blk, const c10::Half* x, c10::Half* y, float* xb, float* h, float* c) {
+  run_any(call, blk, x, y, xb, h, c);
+}
+
+// The blocks of a call: tokens grouped by their form (its A's address), in token order within a form, each
+// group cut into blocks of 8, then one of 4, 2 and 1 as its remainder needs. Tokens without an adapter
+// (address 0) are in none.
+std::vector<Block> blocks_of(const int64_t* forms, int64_t tokens, int64_t cols) {
+  std::vector<std::pair<const int64_t*, std::vector<int64_t>>> groups;  // one per form present, few
+  for (int64_t t = 0; t < tokens; ++t) {
+    const int64_t* form = forms + t * cols;
+    if (form[0] == 0) continue;
+    size_t g = 0;
+    while (g < groups.size() && groups[g].first[0] != form[0]) ++g;
+    if (g == groups.size()) groups.emplace_back(form, std::vector<int64_t>());
+    groups[g].second.push_back(t);
+  }
+  std::vector<Block> blocks;
+  for (const auto& [form, members] : groups) {
+    size_t next = 0;
+    for (int size = BLOCK; size >= 1; size /= 2) {
+      while (members.size() - next >= static_cast<size_t>(size)) {
+        Block blk{form, size, {}};
+        for (int b = 0; b < size; ++b) blk.tokens[b] = members[next++];
+        blocks.push_back(blk);
+        if (size < BLOCK) break;  // a remainder needs each smaller size at most once
+      }
+    }
+  }
+  return blocks;
 }
 
 template <typename T>
 void token_lora(const at::Tensor& y, const at::Tensor& x, const int64_t* forms, const std::vector<int64_t>& outs,
                 double scale) {
   const int64_t tokens = x.size(0), in = x.size(1), slices = outs.size(), cols = 3 + slices;
-  int64_t width = 0;
-  for (int64_t t = 0; t < tokens; ++t) width = std::max(width, slices * forms[t * cols + 1]);
-  const int64_t x_stride = x.stride(0), y_stride = y.stride(0);
+  const std::vector<Block> blocks = blocks_of(forms, tokens, cols);
+  int64_t width = 0, rows = 0;
+  for (const Block& blk : blocks) width = std::max(width, slices * blk.form[1]), rows = std::max(rows, blk.form[2]);
   std::vector<int64_t> starts(slices + 1, 0);
   for (int64_t s = 0; s < slices; ++s) starts[s + 1] = starts[s] + outs[s];
+  const Call call{in, x.stride(0), y.stride(0), slices, outs.data(), starts.data(), static_cast<float>(scale)};
   const T* xs = x.const_data_ptr<T>();
   T* ys = y.data_ptr<T>();
-  const float k = static_cast<float>(scale);
-  at::parallel_for(0, tokens, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> h(width), d(starts[slices]);
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t* form = forms + t * cols;
-      const T* a = reinterpret_cast<const T*>(form[0]);
-      if (a == nullptr) continue;
-      const int64_t packed = form[1], rows = form[2];
-      shrink(h.data(), xs + t * x_stride, a, in, slices * packed);
-      std::fill(d.begin(), d.end(), 0.0f);
-      for (int64_t s = 0; s < slices; ++s) {
-        const T* b = reinterpret_cast<const T*>(form[3 + s]);
-        expand(d.data() + starts[s], h.data() + s * packed, b, rows, outs[s], k);
-      }
-      T* yt = ys + t * y_stride;
-      for (int64_t o = 0; o < starts[slices]; ++o) yt[o] = static_cast<T>(widen(yt[o]) + d[o]);
-    }
+  at::parallel_for(0, static_cast<int64_t>(blocks.size()), 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> xb(BLOCK * in), h(BLOCK * width), c(BLOCK * rows);
+    for (int64_t i = begin; i < end; ++i) run(call, blocks[i], xs, ys, xb.data(), h.data(), c.data());
   });
 }
 

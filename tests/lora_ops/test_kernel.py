@@ -17,25 +17,30 @@ from lora_ops.fused import AdapterLinear
 IN, SLICES = 48, (40, 24, 24)
 
 
-def _form(rank: int, packed: int, dtype: torch.dtype, g: torch.Generator, zero: bool = False) -> AdapterLinear:
+def _form(
+    rank: int, packed: int, dtype: torch.dtype, g: torch.Generator, zero: bool = False, fan_in: int = IN,
+    slices: tuple[int, ...] = SLICES,
+) -> AdapterLinear:  # fmt: skip
     """A form of ``rank`` written rows, ``packed`` rows per slice (zero past ``rank``)."""
     a_rows, b_cols = [], []
-    for out in SLICES:
-        a, b = torch.zeros(packed, IN), torch.zeros(out, packed)
+    for out in slices:
+        a, b = torch.zeros(packed, fan_in), torch.zeros(out, packed)
         if not zero:
-            a[:rank] = torch.randn(rank, IN, generator=g) / IN**0.5
+            a[:rank] = torch.randn(rank, fan_in, generator=g) / fan_in**0.5
             b[:, :rank] = torch.randn(out, rank, generator=g) / rank**0.5
         a_rows.append(a)
         b_cols.append(b)
     return AdapterLinear(a_rows, b_cols, rank, dtype)
 
 
-def _call(y: torch.Tensor, x: torch.Tensor, forms: list[AdapterLinear | None], scale: float) -> None:
+def _call(
+    y: torch.Tensor, x: torch.Tensor, forms: list[AdapterLinear | None], scale: float, slices: tuple[int, ...] = SLICES
+) -> None:
     op = kernel.token_lora()
     assert op is not None, "the kernel must build on the test machine (g++ and ninja are installed)"
-    skipped = (0,) * (3 + len(SLICES))
+    skipped = (0,) * (3 + len(slices))
     table = [skipped if f is None or not f.nonzero else f.kernel_row for f in forms]
-    op(y, x, torch.tensor(table, dtype=torch.long), list(SLICES), scale)
+    op(y, x, torch.tensor(table, dtype=torch.long), list(slices), scale)
 
 
 def _reference(y0: torch.Tensor, x: torch.Tensor, forms: list[AdapterLinear | None], scale: float) -> torch.Tensor:
@@ -68,6 +73,40 @@ def test_each_token_gets_its_own_adapter(dtype: torch.dtype, threads: int) -> No
     tol = TOLERANCE[dtype]
     torch.testing.assert_close(y.double(), _reference(y0, x, chosen, 0.5), atol=tol, rtol=tol)
     assert torch.equal(y[2], y0[2]) and torch.equal(y[4], y0[4])  # no adapter / adapter not on this linear
+
+
+# Tokens sharing an adapter run in blocks of 8, 4, 2 and 1, two vectors of 16 columns a pass, then one, then
+# column by column: (fan_in, slices, (rank, packed) per form, each token's form index or None).
+BLOCK_CASES = {
+    "one_adapter_19_tokens": (48, (40, 24, 24), [(16, 16)], [0] * 19),  # blocks 8, 8, 2, 1
+    "interleaved_three": (64, (64,), [(16, 16), (5, 8), (32, 32)], [0, 1, 2, None, 0, 0, 1] * 3 + [2] * 9),
+    "odd_widths": (33, (37, 100), [(5, 5), (13, 16), (3, 24)], [0, 1, 2, 1, 0, 1, 1, 2, 0, 0, 0, 1, 0]),
+}
+
+
+@pytest.mark.parametrize("dtype", list(TOLERANCE), ids=str)
+@pytest.mark.parametrize("case", list(BLOCK_CASES))
+def test_tokens_sharing_an_adapter_run_in_blocks(case: str, dtype: torch.dtype) -> None:
+    """Every block size and every column path (two vectors, one, the rest one by one) against the reference,
+    on two threads; the rows of tokens without an adapter untouched."""
+    fan_in, slices, shapes, picks = BLOCK_CASES[case]
+    g = torch.Generator().manual_seed(3)
+    forms = [_form(rank, packed, dtype, g, fan_in=fan_in, slices=slices) for rank, packed in shapes]
+    chosen = [None if i is None else forms[i] for i in picks]
+    x = torch.randn(len(chosen), fan_in, generator=g).to(dtype)
+    y0 = torch.randn(len(chosen), sum(slices), generator=g).to(dtype)
+    y = y0.clone()
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        _call(y, x, chosen, 0.75, slices)
+    finally:
+        torch.set_num_threads(before)
+    tol = TOLERANCE[dtype]
+    torch.testing.assert_close(y.double(), _reference(y0, x, chosen, 0.75), atol=tol, rtol=tol)
+    for t, form in enumerate(chosen):
+        if form is None:
+            assert torch.equal(y[t], y0[t])
 
 
 def test_strided_rows_are_read_and_written_in_place() -> None:

@@ -14,7 +14,7 @@ import torch
 from vllm.lora.layers import LoRAMapping
 
 from lora_ops import gemm
-from lora_ops.plan import MASKED, TOKENS
+from lora_ops.plan import MASKED, RUNS, TOKENS
 from lora_ops.punica_cpu import GroupedPunicaWrapperCPU
 from tests.lora_ops.test_punica_cpu import IN, SLICES, SLOT_IDS, _check, _reference, _weights
 
@@ -122,13 +122,13 @@ def test_a_layer_no_present_adapter_targets_is_replayed_as_nothing(resolutions) 
 
 
 @pytest.mark.parametrize(
-    ("token_ids", "mode"), [([12] * 5, None), ([11, 0, 13, 11, 12, 13], MASKED)], ids=["one_adapter", "mixed"]
+    ("token_ids", "mode"), [([12] * 5, RUNS), ([11, 0, 13, 11, 12, 13], MASKED)], ids=["one_adapter", "mixed"]
 )
 def test_rows_between_packed_sizes_stay_padded_from_shrink_to_expand(token_ids, mode, resolutions, monkeypatch) -> None:
     """5 or 6 tokens: both matmuls of a replay run at 8 rows (``gemm.PACK_ROWS``) on the step's own padded
     buffers, so neither pads and copies back on its own; every call still matches the reference."""
     w = GroupedPunicaWrapperCPU(64, 8, "cpu")
-    w.force_mode = mode  # a mix met for the first time would run the kernel
+    w.force_mode = mode  # the cost model would run the kernel: decode-sized, and for a mix met the first time
     a, b = _weights(SLICE, torch.float32)
     _update(w, token_ids)
     _call_and_check(w, a, b, token_ids, seed=0)

@@ -60,9 +60,10 @@ def test_cost_model_scales_token_costs_with_layer_width(case):
 KERNEL_CASES = {
     "decode_16_of_16": ((16, 16), TOKENS),  # a rotation: unbounded by the kernel (stacked: RUNS)
     "decode_16_of_8": ((16, 8), TOKENS),
-    "decode_16_of_4": ((16, 4), MASKED),  # few adapters: each read once for all tokens is cheaper
-    "decode_64_of_8": ((64, 8), GATHER),  # many tokens per adapter: GATHER's per-adapter matmuls
+    "decode_16_of_4": ((16, 4), TOKENS),  # the kernel reads each adapter once for its block of 4 (MASKED: 4x flops)
+    "decode_64_of_8": ((64, 8), TOKENS),  # a block of 8 per adapter: read once, as GATHER's matmuls would
     "decode_64_of_16": ((64, 16), TOKENS),
+    "decode_256_of_4": ((256, 4), GATHER),  # 64 tokens per adapter: oneDNN's matmuls do the flops faster
 }
 
 
@@ -75,21 +76,51 @@ def test_cost_model_with_the_kernel(case):
     assert build_plan(slots, width=TINYLLAMA_WIDTH, kernel=True).mode == want
 
 
+# One adapter, every token on it: (tokens, width) -> mode with the kernel.
+ONE_ADAPTER_CASES = {
+    "decode_16": ((16, None), TOKENS),  # the kernel's one call (2 blocks of 8) against two matmuls and an add
+    "decode_13": ((13, None), TOKENS),  # blocks of 8, 4 and 1
+    "prefill_512": ((512, None), RUNS),  # oneDNN's GEMM
+    "run_32_wide": ((32, TINYLLAMA_WIDTH), RUNS),  # wide layers: the flops weigh more than the calls
+}
+
+
+@pytest.mark.parametrize("case", list(ONE_ADAPTER_CASES))
+def test_one_adapter_runs_the_kernel_when_decode_sized(case):
+    from lora_ops.plan import REF_WIDTH, build_plan
+
+    (tokens, width), want = ONE_ADAPTER_CASES[case]
+    assert build_plan([3] * tokens, width=width or REF_WIDTH, kernel=True).mode == want
+    assert build_plan([3] * tokens, width=width or REF_WIDTH).mode == RUNS  # stacked TOKENS never beats a run
+
+
+def test_kernel_blocks_match_the_kernels_cut():
+    """8 tokens a block, the rest in blocks of 4, 2 and 1, per adapter (csrc/token_lora.cpp's ``blocks_of``)."""
+    from collections import Counter
+
+    from lora_ops.plan import kernel_blocks
+
+    assert kernel_blocks(Counter({0: 16})) == 2
+    assert kernel_blocks(Counter({0: 13, 5: 1})) == 4  # 8 + 4 + 1, and 1
+    assert kernel_blocks(Counter({s: 2 for s in range(8)})) == 8
+    assert kernel_blocks(Counter({0: 7})) == 3  # 4 + 2 + 1
+
+
 def test_plan_uses_the_width_of_the_layers_seen():
     """The wrapper learns its layers' LoRA width from the first step that runs
     them, and plans the following steps with it."""
     fan_in, slices, slots = 2048, (2048, 256, 256), 8  # a TinyLlama-like qkv at rank 16
     a = tuple(torch.randn(slots, 1, 16, fan_in) for _ in slices)
     b = tuple(torch.randn(slots, 1, n, 16) for n in slices)
-    ids = list(itertools.islice(itertools.cycle([1, 3, 5, 7, 2, 4, 6, 8]), 64))  # 8 adapters, interleaved
+    ids = [5] * 32  # one adapter, 32 tokens
     w = GroupedPunicaWrapperCPU(256, 64, "cpu")
     table: list[int | None] = list(range(1, slots + 1))
     w.update_metadata(LoRAMapping(tuple(ids), tuple(ids)), table, slots + 1, 1000)
     assert w._kernel is not None
     assert w._plan.mode == TOKENS  # no layer seen yet: at the reference width, the kernel's one call is cheapest
-    w.add_lora_linear(torch.zeros(64, sum(slices)), torch.randn(64, fan_in), a, b, 1.0, slices)
+    w.add_lora_linear(torch.zeros(32, sum(slices)), torch.randn(32, fan_in), a, b, 1.0, slices)
     w.update_metadata(LoRAMapping(tuple(ids), tuple(ids)), table, slots + 1, 1000)
-    assert w._plan.mode == GATHER  # 48 * (2048 + 2560) per token and slot: 8 tokens per adapter, read once
+    assert w._plan.mode == RUNS  # 48 * (2048 + 2560) per token: the flops outweigh the two matmuls' calls
 
 
 def test_a_new_mix_runs_the_kernel_and_a_mix_met_before_its_compact_set() -> None:
