@@ -202,6 +202,12 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log) -> LoadFileSchedulin
     return SharedServerScheduling(config, log)
 
 
+ENGINE_ONLY = "tests/e2e/"
+"""Every test under it starts a server or an engine, marked ``engine``: ``make test-unit`` does not collect it
+(``--ignore``), so its workers do not import those modules' clients (openai, schemathesis, ~2.3 CPU-s each), and
+``pytest_collection_modifyitems`` refuses an unmarked test there, which that run would silently leave out."""
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Order the work units of ``make test`` (``-n 2 --dist loadfile --no-loadscope-reorder``): the
     workers take them in the order of their first test, the next one when their current one is almost
@@ -215,6 +221,13 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     The tests of ``SERVER_ENDERS`` go last of all: a worker takes a unit at its first test, so their
     unit keeps its place, and they run after the rest of it.
     """
+    unmarked = [
+        item.nodeid for item in items if item.nodeid.startswith(ENGINE_ONLY) and not item.get_closest_marker("engine")
+    ]
+    if unmarked:
+        raise pytest.UsageError(
+            f"tests under {ENGINE_ONLY} must be marked engine (make test-unit skips it): {unmarked}"
+        )
     units = [_unit(item.nodeid) for item in items]
     needs_demo = {unit for unit, item in zip(units, items) if "demo_assets" in getattr(item, "fixturenames", ())}
     engine = {unit for unit, item in zip(units, items) if item.get_closest_marker("engine")}
