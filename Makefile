@@ -42,9 +42,10 @@ lint: install
 test: lint
 	$(PY) -m pytest -n 2 --dist loadfile --no-loadscope-reorder --durations=15
 
-# The unit tests: no engine, no server, no load test, no fresh vLLM interpreter or wheel build.
+# The unit tests: no engine, no server, no load test, no fresh vLLM interpreter or wheel build; tests/e2e
+# (engine tests only: tests/conftest.py checks) is not even collected.
 test-unit: install
-	$(PY) -m pytest -n 2 -m "not engine and not slow"
+	$(PY) -m pytest -n 2 -m "not engine and not slow" --ignore=tests/e2e
 
 bench: install
 	$(PY) -m loadtests.bench_lora --out results/bench_lora.json

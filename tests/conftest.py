@@ -51,8 +51,10 @@ class EngineCounter:
     in the summary, not a guess. A process's last half second is missed, so it is a lower bound.
     """
 
-    def __init__(self, title: str = ENGINE_PROCESS_TITLE, in_process: str = IN_PROCESS_ENGINE) -> None:
-        self.title, self.in_process = title, in_process
+    def __init__(
+        self, title: str = ENGINE_PROCESS_TITLE, in_process: str = IN_PROCESS_ENGINE, poll_s: float = 0.5
+    ) -> None:
+        self.title, self.in_process, self.poll_s = title, in_process, poll_s  # poll_s: shorter in its own tests
         self.started = time.monotonic()
         self.engines: set[tuple[int, float]] = set()  # (pid, create time): a reused pid is another process
         self.cpu: dict[tuple[int, float], float] = {}  # (pid, create time) -> user + system seconds, last seen
@@ -62,7 +64,7 @@ class EngineCounter:
 
     def _watch(self) -> None:
         me = psutil.Process()
-        while not self._stop.wait(0.5):
+        while not self._stop.wait(self.poll_s):
             for process in me.children(recursive=True):
                 try:
                     key = (process.pid, process.create_time())
@@ -90,6 +92,25 @@ class EngineCounter:
 
 
 ENGINE_COUNTER = pytest.StashKey[EngineCounter]()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if os.environ.get("PYTEST_XDIST_WORKER") is not None:
+        atexit.register(_exit_without_finalizing)  # registered first, so it runs after every other exit handler
+
+
+def _exit_without_finalizing() -> None:
+    """End an xdist worker once its exit handlers ran, without the interpreter's finalization.
+
+    A worker has sent its last report (and the controller decides the run from the reports, not from the
+    worker's exit status) when it exits; what is left is tearing down its heap: torch, vLLM and transformers
+    with ~700,000 objects, a last full garbage collection over them, and their libraries' destructors,
+    3-9 s per worker at the end of the unit run (the controller waits for both). Leaving that to the
+    operating system skips it, and with it the leak report nanobind prints at finalization for triton's
+    objects (see ``pytest_collection``)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
@@ -181,6 +202,12 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log) -> LoadFileSchedulin
     return SharedServerScheduling(config, log)
 
 
+ENGINE_ONLY = "tests/e2e/"
+"""Every test under it starts a server or an engine, marked ``engine``: ``make test-unit`` does not collect it
+(``--ignore``), so its workers do not import those modules' clients (openai, schemathesis, ~2.3 CPU-s each), and
+``pytest_collection_modifyitems`` refuses an unmarked test there, which that run would silently leave out."""
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Order the work units of ``make test`` (``-n 2 --dist loadfile --no-loadscope-reorder``): the
     workers take them in the order of their first test, the next one when their current one is almost
@@ -194,6 +221,13 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     The tests of ``SERVER_ENDERS`` go last of all: a worker takes a unit at its first test, so their
     unit keeps its place, and they run after the rest of it.
     """
+    unmarked = [
+        item.nodeid for item in items if item.nodeid.startswith(ENGINE_ONLY) and not item.get_closest_marker("engine")
+    ]
+    if unmarked:
+        raise pytest.UsageError(
+            f"tests under {ENGINE_ONLY} must be marked engine (make test-unit skips it): {unmarked}"
+        )
     units = [_unit(item.nodeid) for item in items]
     needs_demo = {unit for unit, item in zip(units, items) if "demo_assets" in getattr(item, "fixturenames", ())}
     engine = {unit for unit, item in zip(units, items) if item.get_closest_marker("engine")}
@@ -225,8 +259,8 @@ def pytest_collection(session: pytest.Session) -> Iterator[object]:
     after it, each full collection scanned them all, ~0.5 s of CPU, and the unit run had ~60 of them (the tests'
     own ``gc.collect()`` calls and the collector's): ~20 s of its CPU. Frozen, they are no longer scanned; what a
     test creates is collected as before (refcounting still frees frozen objects), pytest's own collections after
-    the run too. They are unfrozen at the interpreter's exit, which frees them (frozen, nanobind reports triton's
-    objects as leaked)."""
+    the run too. Outside a worker they are unfrozen at the interpreter's exit, which frees them (frozen, nanobind
+    reports triton's objects as leaked); a worker skips finalization (``_exit_without_finalizing``)."""
     gc.disable()
     try:
         return (yield)
@@ -234,7 +268,8 @@ def pytest_collection(session: pytest.Session) -> Iterator[object]:
         gc.enable()
         gc.collect()  # collection's garbage first: a frozen cycle would never be collected
         gc.freeze()
-        atexit.register(gc.unfreeze)
+        if os.environ.get("PYTEST_XDIST_WORKER") is None:  # a worker skips finalization instead
+            atexit.register(gc.unfreeze)
 
 
 @pytest.hookimpl(trylast=True)  # the last lines of the run, after pytest's own summaries
@@ -410,6 +445,20 @@ def postgres() -> Iterator[PostgresCluster]:
     cluster = PostgresCluster(Path(tempfile.mkdtemp(prefix="loraserve-pg-")))
     yield cluster
     cluster.close()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def quick_listener_close() -> Iterator[None]:
+    """The PostgreSQL change feed's listener stops waiting for notifications every 0.02 s in this process instead of
+    every 0.2 s (``adapter_store.changes.POLL_S``): ``close()`` waits for it, up to a poll, and every store on
+    PostgreSQL closes one (test_catalog, test_changes, test_registry_fleet and test_uploads: 33 s in one process,
+    28 s with this). Notifications end a wait at once either way, and the safety net's ``refresh_s`` is checked as
+    often or more. Servers the tests start keep the product's value."""
+    import adapter_store.changes
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(adapter_store.changes, "POLL_S", 0.02)
+        yield
 
 
 @pytest.fixture

@@ -43,3 +43,11 @@ def test_a_server_ender_runs_after_every_other_test_of_the_run(ender: str) -> No
     ordered = order(collected)
     assert ordered[-1] == f"{ender}::test_kill", ordered
     assert sorted(ordered) == sorted(collected)
+
+
+def test_an_unmarked_test_among_the_engine_tests_is_refused() -> None:
+    """``make test-unit`` does not collect ``ENGINE_ONLY``: a unit test put there would never run in it."""
+    items = [StandIn("tests/e2e/test_openai_api.py::test_a"), StandIn("tests/e2e/test_new.py::test_b", markers=())]
+    with pytest.raises(pytest.UsageError, match="test_new.py::test_b"):
+        pytest_collection_modifyitems(cast(pytest.Config, None), cast(list[pytest.Item], items))
+    pytest_collection_modifyitems(cast(pytest.Config, None), cast(list[pytest.Item], items[:1]))

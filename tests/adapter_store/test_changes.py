@@ -18,6 +18,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
+import adapter_store.changes
 from adapter_store import AdapterRef, AdapterStore, EngineEvent, RegistryUnavailable
 from adapter_store.catalog import Catalog, CatalogEntry
 from adapter_store.changes import (
@@ -25,8 +26,6 @@ from adapter_store.changes import (
     CHANNEL,
     CONNECT_TIMEOUT_S,
     ENGINE_CHANNEL,
-    HEARTBEAT_S,
-    HEARTBEAT_TIMEOUT_S,
     LISTENER_NAME,
     MAX_EVENT_BYTES,
     PostgresChanges,
@@ -365,18 +364,29 @@ def test_on_sqlite_publishing_sends_nothing_and_subscribers_are_never_called(tmp
 # -- a registry that stops answering (packets dropped, a hung server) -----------------------------------------
 
 
+@pytest.fixture
+def heartbeat(monkeypatch: pytest.MonkeyPatch) -> tuple[float, float]:
+    """The listener's heartbeat period and deadline, 0.3 s and 1 s here instead of 1 s and 2 s: the same
+    mechanism (a round trip on a timer, the connection cut at its deadline), and ~2.5 s less per test, most of
+    it waiting for the deadline. 1 s still leaves a loaded machine's ``SELECT 1`` on localhost ample time."""
+    monkeypatch.setattr(adapter_store.changes, "HEARTBEAT_S", 0.3)
+    monkeypatch.setattr(adapter_store.changes, "HEARTBEAT_TIMEOUT_S", 1.0)
+    return 0.3, 1.0
+
+
 def test_a_registry_that_stops_answering_is_an_outage_within_seconds_and_the_listener_reconnects(
-    postgres_url: str,
+    postgres_url: str, heartbeat: tuple[float, float]
 ) -> None:
     """Nothing closes: only the listener's heartbeat deadline can tell (see tests/adapter_store/frozen_proxy.py)."""
+    every, deadline = heartbeat
     proxy = FrozenProxy(postgres_url)
     changes = PostgresChanges(proxy.url, refresh_s=600.0)
     try:
         within(5.0, lambda: changes.stamp_any() > 0)  # listening: its first LISTEN makes everything stale
-        time.sleep(HEARTBEAT_S * 1.5)  # a heartbeat answered: one that is not is what counts
+        time.sleep(every * 1.5)  # a heartbeat answered: one that is not is what counts
         assert changes.outage is None
         proxy.freeze()
-        waited = within(HEARTBEAT_S + HEARTBEAT_TIMEOUT_S + 2.0, lambda: changes.outage is not None)
+        waited = within(every + deadline + 2.0, lambda: changes.outage is not None)
         proxy.thaw()
         within(CONNECT_TIMEOUT_S + BACKOFF_S[1] + 2.0, lambda: changes.outage is None)
         before = changes.stamp("code")
@@ -390,8 +400,9 @@ def test_a_registry_that_stops_answering_is_an_outage_within_seconds_and_the_lis
 
 
 def test_a_store_refuses_registry_calls_at_once_while_the_registry_does_not_answer_and_keeps_serving(
-    tmp_path: Path, postgres_url: str, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, postgres_url: str, monkeypatch: pytest.MonkeyPatch, heartbeat: tuple[float, float]
 ) -> None:
+    every, deadline = heartbeat
     monkeypatch.setenv("PGPASSWORD", PASSWORD)
     proxy = FrozenProxy(postgres_url)
     store = _store_on(proxy.url, tmp_path)
@@ -399,9 +410,9 @@ def test_a_store_refuses_registry_calls_at_once_while_the_registry_does_not_answ
     try:
         version = store.register(str(write_adapter(tmp_path / "volume" / "code", seed=1)), "code")
         within(5.0, lambda: any(e.name == "code" for e in store.entries()))
-        time.sleep(HEARTBEAT_S * 1.5)
+        time.sleep(every * 1.5)
         proxy.freeze()
-        within(HEARTBEAT_S + HEARTBEAT_TIMEOUT_S + 2.0, lambda: store._changes.outage is not None)
+        within(every + deadline + 2.0, lambda: store._changes.outage is not None)
         for admin in (lambda: store.pin("code"), lambda: store.set_alias("code", "stable", version.version)):
             with pytest.raises(RegistryUnavailable, match="stopped answering"):
                 pool.submit(admin).result(timeout=0.5)  # no connection attempt: at once

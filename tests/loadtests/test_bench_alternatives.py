@@ -150,11 +150,13 @@ def test_server_counts_reads_engine_steps_fair_scheduler_and_full_collections_fr
             pass
 
     http = ThreadingHTTPServer(("127.0.0.1", 0), Metrics)
-    threading.Thread(target=http.serve_forever, daemon=True).start()
+    # shutdown() waits for the loop's next poll: 0.5 s by default
+    threading.Thread(target=http.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True).start()
     try:
         counts = server_counts(f"http://127.0.0.1:{http.server_address[1]}")
     finally:
         http.shutdown()
+        http.server_close()
     full_gcs = gc.get_stats()[2]["collections"]
     assert counts["engine_steps"] == 3 and counts["engine_tokens"] == 36
     assert (counts["engine_drains"], counts["engine_held"]) == (3, 7)

@@ -11,9 +11,10 @@ import psutil
 
 from loadtests.rss import RssSampler, tree_rss
 
-# A child that takes 200 MiB (touched, so resident), holds it for a second, frees it, then waits to be stopped.
+# A child that takes 200 MiB (touched, so resident), holds it for 0.3 s (six of the sampler's 0.05 s intervals), frees
+# it, then waits to be stopped.
 CHILD = (
-    "import sys, time; b = bytearray(200 << 20); print('held', flush=True); time.sleep(1.0); del b; "
+    "import sys, time; b = bytearray(200 << 20); print('held', flush=True); time.sleep(0.3); del b; "
     "print('freed', flush=True); time.sleep(30)"
 )
 
