@@ -24,9 +24,10 @@ The plan picks one of four ways to run a LoRA linear layer:
   as in a rotation over 100 adapters): one call of the per-token kernel
   (``kernel.py``, ``token_step.TokenStep``) reads each token's own adapter
   weights where they lie, once per block of tokens that share it. Every
-  token pays for its own adapter only, and nothing is built per mix. Where the kernel could not be built,
-  the weights are stacked first (``token_step.StackedTokenStep``), dearer
-  and bounded (``TOKENS_MAX_ELEMENTS``).
+  token pays for its own adapter only, and nothing is built per mix. Where
+  the kernel could not be built, the weights are stacked first
+  (``token_step.StackedTokenStep``), dearer and bounded
+  (``TOKENS_MAX_ELEMENTS``).
 * ``MASKED``: small batches with several slots (typical decode): one shrink
   against the A of the P slots *present in the step* stacked side by side
   (a compact copy, ``fused.FusedLinear.compact``), zero the columns of the
@@ -48,11 +49,11 @@ No mode's cost depends on the number of slots, so the plan does not take it.
 
 The choice is a rough cost estimate in microseconds: fixed costs per
 launched op versus per-token work (constants below, measured on a 2-core
-AVX-512 machine with vLLM's oneDNN matmul; only the crossovers matter). On
-TinyLlama-1.1B's layers without the kernel, interleaved batches of up to ~210 tokens with 2
-adapters present go MASKED, ~65 with 4, ~50 with 8; longer mixed batches
-GATHER unless each adapter's tokens are already contiguous (RUNS); without the
-kernel one contiguous run (e.g. every token on one adapter) is always RUNS.
+AVX-512 machine with vLLM's oneDNN matmul; only the crossovers matter).
+Without the kernel, on TinyLlama-1.1B's layers, interleaved batches of up to
+~210 tokens with 2 adapters present go MASKED, ~65 with 4, ~50 with 8;
+longer mixed batches GATHER unless each adapter's tokens are already
+contiguous (RUNS); one contiguous run (every token on one adapter) is RUNS.
 With the kernel, whose blocks read an adapter once for up to 8 of its tokens,
 TOKENS takes decode-sized batches however few adapters they mix, one adapter's
 included (at the reference width up to ~64 tokens of one adapter, on
