@@ -92,32 +92,32 @@ INLINE void store(c10::Half* p, vf v) {
   for (int64_t k = 0; k < V; ++k) p[k] = static_cast<c10::Half>(f[k]);
 }
 
-// h (NB, W) = xb (NB, in) @ A (in, W): NB tokens' rows of x (widened) against one adapter's A, which is read
-// once for the block, 2 vectors of columns a pass (the NB x 2 sums held in registers).
+// h[:, w0 : w0 + NV x 16] of h (NB, W) = xb (NB, in) @ A (in, W): NB tokens' rows of x (widened) against one
+// adapter's A, NV vectors of columns (the NB x NV sums held in registers).
+template <int NB, int NV, typename T>
+INLINE void shrink_cols(float* h, const float* xb, const T* a, int64_t in, int64_t W, int64_t w0) {
+  vf acc[NB][NV] = {};
+  for (int64_t i = 0; i < in; ++i) {
+    vf av[NV];
+    for (int v = 0; v < NV; ++v) av[v] = load(a + i * W + w0 + v * V);
+    for (int b = 0; b < NB; ++b) {
+      const float xv = xb[b * in + i];
+      for (int v = 0; v < NV; ++v) acc[b][v] += xv * av[v];
+    }
+  }
+  for (int b = 0; b < NB; ++b) {
+    for (int v = 0; v < NV; ++v) store(h + b * W + w0 + v * V, acc[b][v]);
+  }
+}
+
+// h (NB, W) = xb (NB, in) @ A (in, W), A read once for the block: 2 vectors of columns a pass, then one, then
+// column by column (a width that is not a multiple of 16: a max rank that is not a power of two).
 template <int NB, typename T>
 INLINE void shrink_block(float* h, const float* xb, const T* a, int64_t in, int64_t W) {
   int64_t w0 = 0;
-  for (; w0 + 2 * V <= W; w0 += 2 * V) {
-    vf acc[NB][2] = {};
-    for (int64_t i = 0; i < in; ++i) {
-      const vf a0 = load(a + i * W + w0), a1 = load(a + i * W + w0 + V);
-      for (int b = 0; b < NB; ++b) {
-        const float xv = xb[b * in + i];
-        acc[b][0] += xv * a0;
-        acc[b][1] += xv * a1;
-      }
-    }
-    for (int b = 0; b < NB; ++b) store(h + b * W + w0, acc[b][0]), store(h + b * W + w0 + V, acc[b][1]);
-  }
-  for (; w0 + V <= W; w0 += V) {
-    vf acc[NB] = {};
-    for (int64_t i = 0; i < in; ++i) {
-      const vf a0 = load(a + i * W + w0);
-      for (int b = 0; b < NB; ++b) acc[b] += xb[b * in + i] * a0;
-    }
-    for (int b = 0; b < NB; ++b) store(h + b * W + w0, acc[b]);
-  }
-  for (; w0 < W; ++w0) {  // a width that is not a multiple of 16 (a max rank that is not a power of two)
+  for (; w0 + 2 * V <= W; w0 += 2 * V) shrink_cols<NB, 2>(h, xb, a, in, W, w0);
+  for (; w0 + V <= W; w0 += V) shrink_cols<NB, 1>(h, xb, a, in, W, w0);
+  for (; w0 < W; ++w0) {
     for (int b = 0; b < NB; ++b) {
       float sum = 0.0f;
       for (int64_t i = 0; i < in; ++i) sum += xb[b * in + i] * widen(a[i * W + w0]);
@@ -126,36 +126,32 @@ INLINE void shrink_block(float* h, const float* xb, const T* a, int64_t in, int6
   }
 }
 
+// y[b][o : o + NV x 16] += c (NB, rows) @ B[:, o : o + NV x 16] (B: (rows, n) row-major), c already scaled;
+// y is read, added to and written once.
+template <int NB, int NV, typename T>
+INLINE void expand_cols(T* const* y, const float* c, const T* bw, int64_t rows, int64_t n, int64_t o) {
+  vf acc[NB][NV] = {};
+  for (int64_t r = 0; r < rows; ++r) {
+    vf bv[NV];
+    for (int v = 0; v < NV; ++v) bv[v] = load(bw + r * n + o + v * V);
+    for (int b = 0; b < NB; ++b) {
+      const float cv = c[b * rows + r];
+      for (int v = 0; v < NV; ++v) acc[b][v] += cv * bv[v];
+    }
+  }
+  for (int b = 0; b < NB; ++b) {
+    for (int v = 0; v < NV; ++v) store(y[b] + o + v * V, load(y[b] + o + v * V) + acc[b][v]);
+  }
+}
+
 // y[b] (n) += c (NB, rows) @ B (rows, n): one slice's expand for NB tokens whose output rows start at y[b],
-// c already scaled. B is read once for the block, 2 vectors of columns a pass; y is read, added to and
-// written once.
+// B read once for the block: 2 vectors of columns a pass, then one, then column by column.
 template <int NB, typename T>
 INLINE void expand_block(T* const* y, const float* c, const T* bw, int64_t rows, int64_t n) {
   int64_t o = 0;
-  for (; o + 2 * V <= n; o += 2 * V) {
-    vf acc[NB][2] = {};
-    for (int64_t r = 0; r < rows; ++r) {
-      const vf b0 = load(bw + r * n + o), b1 = load(bw + r * n + o + V);
-      for (int b = 0; b < NB; ++b) {
-        const float cv = c[b * rows + r];
-        acc[b][0] += cv * b0;
-        acc[b][1] += cv * b1;
-      }
-    }
-    for (int b = 0; b < NB; ++b) {
-      store(y[b] + o, load(y[b] + o) + acc[b][0]);
-      store(y[b] + o + V, load(y[b] + o + V) + acc[b][1]);
-    }
-  }
-  for (; o + V <= n; o += V) {
-    vf acc[NB] = {};
-    for (int64_t r = 0; r < rows; ++r) {
-      const vf b0 = load(bw + r * n + o);
-      for (int b = 0; b < NB; ++b) acc[b] += c[b * rows + r] * b0;
-    }
-    for (int b = 0; b < NB; ++b) store(y[b] + o, load(y[b] + o) + acc[b]);
-  }
-  for (; o < n; ++o) {  // an output width that is not a multiple of 16
+  for (; o + 2 * V <= n; o += 2 * V) expand_cols<NB, 2>(y, c, bw, rows, n, o);
+  for (; o + V <= n; o += V) expand_cols<NB, 1>(y, c, bw, rows, n, o);
+  for (; o < n; ++o) {
     for (int b = 0; b < NB; ++b) {
       float sum = widen(y[b][o]);
       for (int64_t r = 0; r < rows; ++r) sum += c[b * rows + r] * widen(bw[r * n + o]);
