@@ -18,8 +18,10 @@ all seven linear projections (``checkpoints.synthetic``, no model hub):
 Each group starts its engines side by side, one subprocess each (engine core
 in-process; the realistic group all engines below, the others ``plain`` and
 ``lora4``), and runs the workloads in interleaved rounds: every round runs
-every engine's workloads one after the other, so a ratio compares runs taken
-minutes apart at most, whatever else the machine does. Engines:
+every engine's workloads one after the other, the plain engine first, and the
+plain engine runs once more after the last round, so each round is bracketed
+by two plain runs and a ratio compares runs taken minutes apart at most,
+whatever else the machine does (``summarize``). Engines:
 
 * ``plain``: ``enable_lora=False``, the reference of every ratio;
 * ``plain-eager``: the same with ``enforce_eager``: what running the model
@@ -50,7 +52,9 @@ CPU and the load average; rerun on a quiet machine to confirm.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
+import math
 import os
 import re
 import resource
@@ -307,24 +311,26 @@ def run_group(name: str, args: argparse.Namespace, log: IO[str]) -> dict:
     startup: dict[str, float] = {}  # engine -> seconds to build the LLM (compiling included)
     try:
         engines = args.engines if name == "realistic" else [e for e in args.engines if e in SECOND_GROUP_ENGINES]
-        for corename in engines:
-            workers.append(Worker(ENGINES[corename], group_dir, args, log))
+        engines = sorted(engines, key=lambda e: e != "plain")  # plain first: it opens and closes every round
+        for engine_name in engines:
+            workers.append(Worker(ENGINES[engine_name], group_dir, args, log))
             ready = workers[-1].read()  # one start at a time: starts compete for the cores
-            startup[corename] = ready["startup_s"]
-            print(f"  {name}/{corename}: ready in {ready['startup_s']} s", flush=True)
+            startup[engine_name] = ready["startup_s"]
+            print(f"  {name}/{engine_name}: ready in {ready['startup_s']} s", flush=True)
         runs: dict[tuple[str, str], list[dict]] = {}
-        loads = [os.getloadavg()[0]]
-        for rnd in range(args.rounds):
-            for w in workers:
-                for workload in w.engine.workloads:
-                    got = w.measure(workload, rnd)
-                    runs.setdefault((w.engine.name, workload), []).append(got)
-                    print(
-                        f"  {name} round {rnd} {w.engine.name:11s} {workload:6s} {got['tok_s']:8.1f} tok/s"
-                        f" {got['cpu_ms_tok']:6.2f} CPU ms/tok ({got['tok_s_all']:.1f} tok/s with the drain)",
-                        flush=True,
-                    )
-            loads.append(os.getloadavg()[0])
+        loads: list[float] = []  # at each plain run: the start, every round's end
+        # Every round, then the plain engine once more: round r's reference is the plain runs before and after it.
+        order = [(r, worker, wl) for r in range(args.rounds) for worker in workers for wl in worker.engine.workloads]
+        for rnd, w, workload in [*order, (args.rounds, workers[0], "base")]:
+            got = w.measure(workload, rnd)
+            runs.setdefault((w.engine.name, workload), []).append(got)
+            print(
+                f"  {name} round {rnd} {w.engine.name:11s} {workload:6s} {got['tok_s']:8.1f} tok/s"
+                f" {got['cpu_ms_tok']:6.2f} CPU ms/tok ({got['tok_s_all']:.1f} tok/s with the drain)",
+                flush=True,
+            )
+            if w is workers[0]:
+                loads.append(os.getloadavg()[0])
     finally:
         for w in workers:
             w.close()
@@ -341,23 +347,36 @@ def run_group(name: str, args: argparse.Namespace, log: IO[str]) -> dict:
 def summarize(runs: dict[tuple[str, str], list[dict]], wrappers: dict[str, str | None], group: str) -> list[dict]:
     """One row per (engine, workload): medians of tok/s and of the per-round ratios to ``plain``.
 
-    ``ratio`` is steady-window throughput (:func:`throughput`) over the plain
-    engine's in the same round (the figure the targets are about); ``ratio_all``
-    the same over whole workloads, drain included; ``cpu_ratio`` is the plain
-    engine's steady CPU time per token over this one's, which other processes on
-    the cores sway less.
+    The plain engine runs first in every round and once more after the last,
+    so round r lies between its plain runs r and r + 1, and its reference is
+    their geometric mean: a machine drifting during a round moves both sides.
+    ``ratio`` is steady-window throughput (:func:`throughput`) over that
+    reference (the figure the targets are about); ``ratio_all`` the same over
+    whole workloads, drain included; ``cpu_ratio`` is the reference's steady
+    CPU time per token over this one's, which other processes on the cores
+    sway less. The plain row's ``round_ratios`` are its drift: each plain run
+    over the one before.
     """
-    ref = runs[("plain", "base")]
+    plain = runs[("plain", "base")]
+
+    def ref(key: str) -> list[float]:
+        return [math.sqrt(a[key] * b[key]) for a, b in itertools.pairwise(plain)]
+
     rows = []
     for (engine, workload), got in runs.items():
-        ratios = [g["tok_s"] / r["tok_s"] for g, r in zip(got, ref, strict=True)]
-        ratios_all = [g["tok_s_all"] / r["tok_s_all"] for g, r in zip(got, ref, strict=True)]
-        cpu_ratios = [r["cpu_ms_tok"] / g["cpu_ms_tok"] for g, r in zip(got, ref, strict=True)]
+        if (engine, workload) == ("plain", "base"):
+            ratios = ratios_all = cpu_ratios = [1.0] * (len(got) - 1)
+            rounds = [b["tok_s"] / a["tok_s"] for a, b in itertools.pairwise(got)]
+        else:
+            ratios = [g["tok_s"] / r for g, r in zip(got, ref("tok_s"), strict=True)]
+            ratios_all = [g["tok_s_all"] / r for g, r in zip(got, ref("tok_s_all"), strict=True)]
+            cpu_ratios = [r / g["cpu_ms_tok"] for g, r in zip(got, ref("cpu_ms_tok"), strict=True)]
+            rounds = ratios
         ratio = statistics.median(ratios)
         target = TARGETS.get((engine, workload)) if group == "realistic" else None
         rows.append({
             "engine": engine, "workload": workload, "tok_s": round(statistics.median(g["tok_s"] for g in got), 1),
-            "ratio": round(ratio, 3), "round_ratios": [round(r, 3) for r in ratios],
+            "ratio": round(ratio, 3), "round_ratios": [round(r, 3) for r in rounds],
             "ratio_all": round(statistics.median(ratios_all), 3),
             "cpu_ms_tok": round(statistics.median(g["cpu_ms_tok"] for g in got), 3),
             "cpu_ratio": round(statistics.median(cpu_ratios), 3),

@@ -53,16 +53,24 @@ def _round(tok_s: float, cpu: float, tok_s_all: float | None = None) -> dict:
     return {"tok_s": tok_s, "cpu_ms_tok": cpu, "tok_s_all": tok_s if tok_s_all is None else tok_s_all}
 
 
-# Rounds of (plain base, lora4 base) as (tok/s, CPU ms/tok): the ratios are taken within each round, then the median.
+# Plain runs bracketing each round (one more than the rounds), then lora4 base's rounds, as (tok/s, CPU ms/tok):
+# a round's reference is the geometric mean of the plain runs before and after it, then the median over rounds.
 Rounds = list[tuple[float, float]]
 CASES: dict[str, tuple[Rounds, Rounds, float, float]] = {
-    "steady": ([(100, 10), (100, 10), (100, 10)], [(97, 10.5), (98, 10.2), (96, 10.4)], 0.97, 10 / 10.4),
-    "drifting_machine": ([(100, 10), (50, 20), (80, 12)], [(98, 10), (49, 20), (78, 12)], 0.98, 1.0),
+    "steady": ([(100, 10)] * 4, [(97, 10.5), (98, 10.2), (96, 10.4)], 0.97, 10 / 10.4),
+    # The machine halves its speed every round: each round's bracket (100 and 50 -> 70.7, ...) puts lora4 at 0.98,
+    # where the plain run before it alone would say 0.69 and the arithmetic mean 0.92.
+    "drifting_machine": (
+        [(100, 10), (50, 20), (25, 40), (12.5, 80)],
+        [(69.3, 14.142), (34.65, 28.284), (17.325, 56.569)],
+        0.98,
+        1.0,
+    ),
 }
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_rows_are_per_round_ratios_to_the_plain_engine(case):
+def test_rows_are_per_round_ratios_to_the_plain_runs_around_the_round(case):
     plain, lora, ratio, cpu_ratio = CASES[case]
     runs = {("plain", "base"): [_round(*r) for r in plain], ("lora4", "base"): [_round(*r) for r in lora]}
     rows = {(r["engine"], r["workload"]): r for r in summarize(runs, {"lora4": "GroupedPunicaWrapperCPU"}, "realistic")}
@@ -75,14 +83,20 @@ def test_rows_are_per_round_ratios_to_the_plain_engine(case):
     assert got["punica_wrapper"] == "GroupedPunicaWrapperCPU"
 
 
+def test_the_plain_row_shows_the_machines_drift_between_its_runs():
+    runs = {("plain", "base"): [_round(100, 10), _round(90, 11), _round(99, 10)], ("lora4", "one"): [_round(1, 1)] * 2}
+    (row, _) = summarize(runs, {}, "realistic")
+    assert row["round_ratios"] == [0.9, 1.1]
+
+
 def test_targets_apply_to_the_realistic_group_only():
-    runs = {("plain", "base"): [_round(100, 10)], ("lora4", "one"): [_round(50, 20)]}
+    runs = {("plain", "base"): [_round(100, 10)] * 2, ("lora4", "one"): [_round(50, 20)]}
     (_, row) = summarize(runs, {}, "small-hidden")
     assert row["target"] is None and row["met"] is None
 
 
 def test_the_drain_is_reported_apart_from_the_steady_ratio():
-    runs = {("plain", "base"): [_round(100, 10, 90)], ("lora4", "zipf8"): [_round(90, 11, 72)]}
+    runs = {("plain", "base"): [_round(100, 10, 90)] * 2, ("lora4", "zipf8"): [_round(90, 11, 72)]}
     (_, row) = summarize(runs, {}, "realistic")
     assert (row["ratio"], row["ratio_all"]) == (0.9, 0.8)
 
