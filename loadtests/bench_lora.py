@@ -18,8 +18,10 @@ all seven linear projections (``checkpoints.synthetic``, no model hub):
 Each group starts its engines side by side, one subprocess each (engine core
 in-process; the realistic group all engines below, the others ``plain`` and
 ``lora4``), and runs the workloads in interleaved rounds: every round runs
-every engine's workloads one after the other, so a ratio compares runs taken
-minutes apart at most, whatever else the machine does. Engines:
+every engine's workloads one after the other, the plain engine first, and the
+plain engine runs once more after the last round, so each round is bracketed
+by two plain runs and a ratio compares runs taken minutes apart at most,
+whatever else the machine does (``summarize``). Engines:
 
 * ``plain``: ``enable_lora=False``, the reference of every ratio;
 * ``plain-eager``: the same with ``enforce_eager``: what running the model
@@ -36,9 +38,11 @@ minutes apart at most, whatever else the machine does. Engines:
 * ``lora4-eager`` (only with ``--engines``): ``lora4`` with ``enforce_eager``,
   as every LoRA engine ran before ``lora_ops`` kept compilation on.
 
-Steady state: ``--requests`` (default 128) per workload with 16 in flight, so
-the engine runs full batches for most of a workload, not the drain of a
-closed batch. The dtype is ``auto`` as the server resolves it
+Steady state: ``--requests`` (default 256) per workload with 16 in flight,
+and throughput is taken over each workload's steady window: from its start
+until no more requests are left than the engine runs at once (``throughput``;
+the closed workload's final drain, which a loaded server never runs, is
+reported apart as ``ratio_all``). The dtype is ``auto`` as the server resolves it
 (``serving.sizing.resolve_dtype``: bf16 only where the CPU has it natively).
 A row's ratio is the median over rounds of (its tok/s / the plain engine's
 tok/s in the same round). Wall-clock on a shared machine: the JSON records the
@@ -48,7 +52,9 @@ CPU and the load average; rerun on a quiet machine to confirm.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
+import math
 import os
 import re
 import resource
@@ -126,12 +132,47 @@ def zipf_assignment(num_requests: int, num_adapters: int, s: float, seed: int) -
     return random.Random(seed).choices(range(num_adapters), weights, k=num_requests)
 
 
+@dataclass(frozen=True)
+class Step:
+    """The engine after one step of a workload: since the workload's start, and its requests not yet finished."""
+
+    elapsed_s: float
+    cpu_s: float
+    tokens: int
+    unfinished: int
+
+
+def throughput(steps: list[Step], concurrency: int) -> dict:
+    """Output tok/s and CPU ms per token over the workload's steady window, and over the whole workload.
+
+    The steady window ends at the first step after which no more requests are
+    unfinished than the engine runs at once: until then it always had more
+    work than one batch holds, as a server under steady load does. What follows
+    is the drain of a closed workload, which a server with arrivals never runs:
+    its last batch thins out, and with adapters in fewer slots than the batch
+    has sequences (``zipf8`` in 4 slots) the last requests also wait for their
+    adapters' slots with the batch part empty, a cost the window keeps while
+    requests still wait and drops only for the final drain. ``*_all`` is the
+    whole workload, drain included.
+    """
+    if steps[0].unfinished <= concurrency:
+        raise ValueError(f"no steady window: a workload needs more than {concurrency} requests")
+    cut = next(s for s in steps if s.unfinished <= concurrency)  # the last step has none left
+    end = steps[-1]
+    return {
+        "tok_s": cut.tokens / cut.elapsed_s, "cpu_ms_tok": cut.cpu_s * 1e3 / cut.tokens,
+        "tok_s_all": end.tokens / end.elapsed_s, "cpu_ms_tok_all": end.cpu_s * 1e3 / end.tokens,
+        "steady_tokens": cut.tokens, "tokens": end.tokens,
+    }  # fmt: skip
+
+
 # ------------------------------------------------------------------ worker side
 def run_worker(args: argparse.Namespace) -> None:
     """One engine: warm up, say ready, then run each ``<workload> <round>`` line read from stdin."""
-    from vllm import LLM, SamplingParams
+    from vllm import LLM, RequestOutput, SamplingParams
     from vllm.inputs import TokensPrompt
     from vllm.lora.request import LoRARequest
+    from vllm.sampling_params import RequestOutputKind
 
     engine = ENGINES[args.worker]
     adapters = [Path(args.group_dir) / f"adapter_{i}" for i in range(NUM_ADAPTERS)]
@@ -165,10 +206,25 @@ def run_worker(args: argparse.Namespace) -> None:
             return [loras[0]] * args.requests
         return [loras[i] for i in zipf_assignment(args.requests, NUM_ADAPTERS, ZIPF_S, 1234 + rnd)]
 
-    def run(reqs: list[LoRARequest | None], max_tokens: int) -> int:
-        params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True, detokenize=False)
-        outs = llm.generate(prompts(len(reqs)), params, lora_request=reqs, use_tqdm=False)  # type: ignore[arg-type]  # None = base; vLLM's _lora_request_to_seq takes Sequence[LoRARequest | None], generate's hint omits it
-        return sum(len(o.outputs[0].token_ids) for o in outs)
+    core = llm.llm_engine
+    ids = iter(range(10**9))
+
+    def run(reqs: list[LoRARequest | None], max_tokens: int) -> list[Step]:
+        """Add every request, then step the engine to the end, recording each step (the steady window's source)."""
+        params = SamplingParams(
+            max_tokens=max_tokens, temperature=0.0, ignore_eos=True, detokenize=False,
+            output_kind=RequestOutputKind.DELTA,
+        )  # fmt: skip
+        for prompt, lora in zip(prompts(len(reqs)), reqs, strict=True):
+            core.add_request(f"b{next(ids)}", prompt, params, lora_request=lora)
+        start, cpu, tokens = time.perf_counter(), _cpu_s(), 0
+        steps = []
+        while core.has_unfinished_requests():
+            for out in core.step():
+                assert isinstance(out, RequestOutput)  # generate requests only
+                tokens += len(out.outputs[0].token_ids)
+            steps.append(Step(time.perf_counter() - start, _cpu_s() - cpu, tokens, core.get_num_unfinished_requests()))
+        return steps
 
     # Warm-up: base and every adapter once (disk -> host cache -> slot), a full batch of each workload.
     run([None] + (loras if engine.max_loras is not None else []), 4)
@@ -177,9 +233,7 @@ def run_worker(args: argparse.Namespace) -> None:
     _say({"ready": True, "startup_s": round(startup_s, 1)})
     for line in sys.stdin:
         workload, rnd = line.split()
-        start, cpu = time.perf_counter(), _cpu_s()
-        tokens = run(assignment(workload, int(rnd)), args.output_len)
-        _say({"tok_s": tokens / (time.perf_counter() - start), "cpu_ms_tok": (_cpu_s() - cpu) * 1e3 / tokens})
+        _say(throughput(run(assignment(workload, int(rnd)), args.output_len), args.concurrency))
 
 
 def _cpu_s() -> float:
@@ -257,24 +311,26 @@ def run_group(name: str, args: argparse.Namespace, log: IO[str]) -> dict:
     startup: dict[str, float] = {}  # engine -> seconds to build the LLM (compiling included)
     try:
         engines = args.engines if name == "realistic" else [e for e in args.engines if e in SECOND_GROUP_ENGINES]
+        engines = sorted(engines, key=lambda e: e != "plain")  # plain first: it opens and closes every round
         for engine_name in engines:
             workers.append(Worker(ENGINES[engine_name], group_dir, args, log))
             ready = workers[-1].read()  # one start at a time: starts compete for the cores
             startup[engine_name] = ready["startup_s"]
             print(f"  {name}/{engine_name}: ready in {ready['startup_s']} s", flush=True)
         runs: dict[tuple[str, str], list[dict]] = {}
-        loads = [os.getloadavg()[0]]
-        for rnd in range(args.rounds):
-            for w in workers:
-                for workload in w.engine.workloads:
-                    got = w.measure(workload, rnd)
-                    runs.setdefault((w.engine.name, workload), []).append(got)
-                    print(
-                        f"  {name} round {rnd} {w.engine.name:11s} {workload:6s} {got['tok_s']:8.1f} tok/s"
-                        f" {got['cpu_ms_tok']:6.2f} CPU ms/tok",
-                        flush=True,
-                    )
-            loads.append(os.getloadavg()[0])
+        loads: list[float] = []  # at each plain run: the start, every round's end
+        # Every round, then the plain engine once more: round r's reference is the plain runs before and after it.
+        order = [(r, worker, wl) for r in range(args.rounds) for worker in workers for wl in worker.engine.workloads]
+        for rnd, w, workload in [*order, (args.rounds, workers[0], "base")]:
+            got = w.measure(workload, rnd)
+            runs.setdefault((w.engine.name, workload), []).append(got)
+            print(
+                f"  {name} round {rnd} {w.engine.name:11s} {workload:6s} {got['tok_s']:8.1f} tok/s"
+                f" {got['cpu_ms_tok']:6.2f} CPU ms/tok ({got['tok_s_all']:.1f} tok/s with the drain)",
+                flush=True,
+            )
+            if w is workers[0]:
+                loads.append(os.getloadavg()[0])
     finally:
         for w in workers:
             w.close()
@@ -291,20 +347,37 @@ def run_group(name: str, args: argparse.Namespace, log: IO[str]) -> dict:
 def summarize(runs: dict[tuple[str, str], list[dict]], wrappers: dict[str, str | None], group: str) -> list[dict]:
     """One row per (engine, workload): medians of tok/s and of the per-round ratios to ``plain``.
 
-    ``ratio`` is throughput over the plain engine's in the same round (the
-    figure the targets are about); ``cpu_ratio`` is the plain engine's CPU time
-    per token over this one's, which other processes on the cores sway less.
+    The plain engine runs first in every round and once more after the last,
+    so round r lies between its plain runs r and r + 1, and its reference is
+    their geometric mean: a machine drifting during a round moves both sides.
+    ``ratio`` is steady-window throughput (:func:`throughput`) over that
+    reference (the figure the targets are about); ``ratio_all`` the same over
+    whole workloads, drain included; ``cpu_ratio`` is the reference's steady
+    CPU time per token over this one's, which other processes on the cores
+    sway less. The plain row's ``round_ratios`` are its drift: each plain run
+    over the one before.
     """
-    ref = runs[("plain", "base")]
+    plain = runs[("plain", "base")]
+
+    def ref(key: str) -> list[float]:
+        return [math.sqrt(a[key] * b[key]) for a, b in itertools.pairwise(plain)]
+
     rows = []
     for (engine, workload), got in runs.items():
-        ratios = [g["tok_s"] / r["tok_s"] for g, r in zip(got, ref, strict=True)]
-        cpu_ratios = [r["cpu_ms_tok"] / g["cpu_ms_tok"] for g, r in zip(got, ref, strict=True)]
+        if (engine, workload) == ("plain", "base"):
+            ratios = ratios_all = cpu_ratios = [1.0] * (len(got) - 1)
+            rounds = [b["tok_s"] / a["tok_s"] for a, b in itertools.pairwise(got)]
+        else:
+            ratios = [g["tok_s"] / r for g, r in zip(got, ref("tok_s"), strict=True)]
+            ratios_all = [g["tok_s_all"] / r for g, r in zip(got, ref("tok_s_all"), strict=True)]
+            cpu_ratios = [r / g["cpu_ms_tok"] for g, r in zip(got, ref("cpu_ms_tok"), strict=True)]
+            rounds = ratios
         ratio = statistics.median(ratios)
         target = TARGETS.get((engine, workload)) if group == "realistic" else None
         rows.append({
             "engine": engine, "workload": workload, "tok_s": round(statistics.median(g["tok_s"] for g in got), 1),
-            "ratio": round(ratio, 3), "round_ratios": [round(r, 3) for r in ratios],
+            "ratio": round(ratio, 3), "round_ratios": [round(r, 3) for r in rounds],
+            "ratio_all": round(statistics.median(ratios_all), 3),
             "cpu_ms_tok": round(statistics.median(g["cpu_ms_tok"] for g in got), 3),
             "cpu_ratio": round(statistics.median(cpu_ratios), 3),
             "target": target, "met": None if target is None else ratio >= target,
@@ -315,12 +388,15 @@ def summarize(runs: dict[tuple[str, str], list[dict]], wrappers: dict[str, str |
 
 def print_group(name: str, result: dict) -> None:
     print(f"\n{name}: {result['params_m']}M params, layers hold {result['layer_fraction']:.0%} of the weights")
-    print(f"  {'engine':11s} {'workload':8s} {'tok/s':>8s} {'ratio':>6s} {'target':14s} {'cpu ratio':>9s}  per round")
+    head = (
+        f"{'engine':11s} {'workload':8s} {'tok/s':>8s} {'ratio':>6s} {'target':14s} {'cpu ratio':>9s} {'w/ drain':>8s}"
+    )
+    print(f"  {head}  per round")
     for r in result["rows"]:
         target = "" if r["target"] is None else f">= {r['target']} {'met' if r['met'] else 'MISSED'}"
         print(
             f"  {r['engine']:11s} {r['workload']:8s} {r['tok_s']:8.1f} {r['ratio']:6.3f} {target:14s}"
-            f" {r['cpu_ratio']:9.3f}  {r['round_ratios']}"
+            f" {r['cpu_ratio']:9.3f} {r['ratio_all']:8.3f}  {r['round_ratios']}"
         )
 
 
@@ -331,7 +407,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--cache-dir", default=os.environ.get("LORASERVE_SYNTH_DIR", "/tmp/loraserve_synth"))
     p.add_argument("--groups", default=",".join(GROUPS), help=f"comma list of {','.join(GROUPS)}")
     p.add_argument("--engines", default=",".join(DEFAULT_ENGINES), help=f"comma list of {','.join(ENGINES)}")
-    p.add_argument("--requests", type=int, default=None, help="per workload and round (default 128)")
+    p.add_argument("--requests", type=int, default=None, help="per workload and round (default 256)")
     p.add_argument("--output-len", type=int, default=None, help="output tokens a request (default 32)")
     p.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 3)")
     p.add_argument("--concurrency", type=int, default=16, help="max_num_seqs of every engine")
@@ -339,7 +415,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--_worker", dest="worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--_group-dir", dest="group_dir", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    args.requests = args.requests or (64 if args.quick else 128)
+    args.requests = args.requests or (64 if args.quick else 256)
     args.output_len = args.output_len or (16 if args.quick else 32)
     args.rounds = args.rounds or (1 if args.quick else 3)
     if args.worker:
