@@ -229,8 +229,8 @@ CLONED void run(const Call& call, const Block& blk, const c10::Half* x, c10::Hal
 NATIVE_BF16 INLINE __m512i pairs(const uint16_t* r0, const uint16_t* r1) {
   const __m512i idx = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6, 21,
                                        5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
-  const __m512i both = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(r0))),
-                                          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(r1)), 1);
+  const __m512i lo = _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(r0)));
+  const __m512i both = _mm512_inserti64x4(lo, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(r1)), 1);
   return _mm512_permutexvar_epi16(idx, both);
 }
 
