@@ -10,7 +10,10 @@ CPU anyway) into torch's extension cache (``TORCH_EXTENSIONS_DIR``, by default u
 a digest of its source and the torch version, so an upgrade builds it again and a second process finds it
 built. ``make install`` and the CPU image build it ahead (``python -m lora_ops.kernel``); an engine that
 finds it missing builds it at start-up (about 15 s), before its first step. The hot loops are cloned per
-instruction set (AVX-512, AVX2, baseline) and the loader picks one, so a build runs on any x86 machine.
+instruction set (AVX-512, AVX2, baseline) and the loader picks one, so a build runs on any x86 machine;
+bfloat16 runs as bf16 pairs (``vdpbf16ps``) where the CPU has AVX512_BF16, checked at run time
+(``torch.ops.loraserve.token_lora_native_bf16()``): 1.4-1.8x the widened loop on one thread, on an AMD EPYC
+(``/tmp`` script, 16 decode tokens at ``bench_lora``'s realistic shape, one adapter or 4 or 16).
 
 Where it cannot be built (no compiler), ``token_lora()`` logs why once and returns None, and the plan
 runs each token's adapter by stacking its weights instead (``token_step.TokenStep``), slower but exact.

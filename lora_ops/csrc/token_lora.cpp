@@ -17,15 +17,24 @@
 //   outs (S,): out_s; slice s's columns of y start at the sum of the outs before it
 // x, y and the weights share one dtype (float32, bfloat16 or float16); rows of x and y may be strided.
 // Rows with the same A address are one adapter's (a form's A is its own tensor).
+//
+// bfloat16 on a CPU with AVX512_BF16 (native_bf16, the default) multiplies pairs of bf16 values into float32
+// sums (vdpbf16ps) instead of widening every weight to float32 first: half the instructions a column, and no
+// conversion. The pairs run along the sum (two rows of A or B at once, interleaved in a register), so the
+// weights keep their layout. The expand's inputs (the shrink's sums, scaled) are rounded to bf16 for it, as
+// PEFT's bf16 layers round lora_A's output before lora_B.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include <immintrin.h>
+
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -213,6 +222,146 @@ CLONED void run(const Call& call, const Block& blk, const c10::Half* x, c10::Hal
   run_any(call, blk, x, y, xb, h, c);
 }
 
+// ---------------------------------------------------------------- bfloat16 pairs (AVX512_BF16)
+#define NATIVE_BF16 __attribute__((target("avx512f,avx512bw,avx512bf16")))
+
+// Rows r0 and r1 of 16 bf16 columns each as one register of pairs: (r0[j], r1[j]) in lane j.
+NATIVE_BF16 INLINE __m512i pairs(const uint16_t* r0, const uint16_t* r1) {
+  const __m512i idx = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6, 21,
+                                       5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  const __m512i lo = _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(r0)));
+  const __m512i both = _mm512_inserti64x4(lo, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(r1)), 1);
+  return _mm512_permutexvar_epi16(idx, both);
+}
+
+NATIVE_BF16 INLINE __m512 dot_pairs(__m512 acc, __m512i w, uint32_t v) {
+  return _mm512_dpbf16_ps(acc, reinterpret_cast<__m512bh>(w), reinterpret_cast<__m512bh>(_mm512_set1_epi32(v)));
+}
+
+INLINE uint32_t pair_of(const uint16_t* p) {
+  uint32_t v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+INLINE float widen_bits(uint16_t b) { return widen(c10::BFloat16(b, c10::BFloat16::from_bits())); }
+
+// h[:, w0 : w0 + NV x 16] = x rows (NB, in) @ A (in, W), two rows of A a step (a last odd row widened).
+template <int NB, int NV>
+NATIVE_BF16 INLINE void shrink_pairs(float* h, const uint16_t* const* xr, const uint16_t* a, int64_t in, int64_t W,
+                                     int64_t w0) {
+  __m512 acc[NB][NV];
+  for (int b = 0; b < NB; ++b)
+    for (int v = 0; v < NV; ++v) acc[b][v] = _mm512_setzero_ps();
+  int64_t i = 0;
+  for (; i + 2 <= in; i += 2) {
+    __m512i av[NV];
+    for (int v = 0; v < NV; ++v) av[v] = pairs(a + i * W + w0 + v * V, a + (i + 1) * W + w0 + v * V);
+    for (int b = 0; b < NB; ++b) {
+      const uint32_t xv = pair_of(xr[b] + i);
+      for (int v = 0; v < NV; ++v) acc[b][v] = dot_pairs(acc[b][v], av[v], xv);
+    }
+  }
+  for (; i < in; ++i) {
+    for (int v = 0; v < NV; ++v) {
+      const vf av = load(reinterpret_cast<const c10::BFloat16*>(a + i * W + w0 + v * V));
+      for (int b = 0; b < NB; ++b) acc[b][v] += widen_bits(xr[b][i]) * reinterpret_cast<const __m512&>(av);
+    }
+  }
+  for (int b = 0; b < NB; ++b)
+    for (int v = 0; v < NV; ++v) _mm512_storeu_ps(h + b * W + w0 + v * V, acc[b][v]);
+}
+
+// y[b][o : o + NV x 16] += c (NB, rows) @ B[:, o : o + NV x 16], c as bf16 pairs (cp: NB x rows / 2) and, for a
+// last odd row, as floats (c: NB x rows).
+template <int NB, int NV>
+NATIVE_BF16 INLINE void expand_pairs(c10::BFloat16* const* y, const uint32_t* cp, const float* c, const uint16_t* bw,
+                                     int64_t rows, int64_t n, int64_t o) {
+  const int64_t half = rows / 2;
+  __m512 acc[NB][NV];
+  for (int b = 0; b < NB; ++b)
+    for (int v = 0; v < NV; ++v) acc[b][v] = _mm512_setzero_ps();
+  for (int64_t r = 0; r < half; ++r) {
+    __m512i bv[NV];
+    for (int v = 0; v < NV; ++v) bv[v] = pairs(bw + 2 * r * n + o + v * V, bw + (2 * r + 1) * n + o + v * V);
+    for (int b = 0; b < NB; ++b) {
+      for (int v = 0; v < NV; ++v) acc[b][v] = dot_pairs(acc[b][v], bv[v], cp[b * half + r]);
+    }
+  }
+  if (rows % 2) {
+    for (int v = 0; v < NV; ++v) {
+      const vf bv = load(reinterpret_cast<const c10::BFloat16*>(bw + (rows - 1) * n + o + v * V));
+      for (int b = 0; b < NB; ++b) acc[b][v] += c[b * rows + rows - 1] * reinterpret_cast<const __m512&>(bv);
+    }
+  }
+  for (int b = 0; b < NB; ++b) {
+    for (int v = 0; v < NV; ++v) {
+      const vf sum = load(y[b] + o + v * V) + reinterpret_cast<const vf&>(acc[b][v]);
+      store(y[b] + o + v * V, sum);
+    }
+  }
+}
+
+// run_block's arithmetic in bf16 pairs: the shrink from x's own rows (no widened copy), the expand from the
+// scaled sums rounded to bf16; columns past the last multiple of 16 as in run_block.
+template <int NB>
+NATIVE_BF16 INLINE void run_block_pairs(const Call& call, const Block& blk, const c10::BFloat16* x, c10::BFloat16* y,
+                                        float* h, float* c, uint32_t* cp) {
+  const int64_t packed = blk.form[1], used = blk.form[2], W = call.slices * packed, in = call.in;
+  const uint16_t* xr[NB];
+  for (int b = 0; b < NB; ++b) xr[b] = reinterpret_cast<const uint16_t*>(x + blk.tokens[b] * call.x_stride);
+  const auto* a = reinterpret_cast<const uint16_t*>(blk.form[0]);
+  int64_t w0 = 0;
+  for (; w0 + 2 * V <= W; w0 += 2 * V) shrink_pairs<NB, 2>(h, xr, a, in, W, w0);
+  for (; w0 + V <= W; w0 += V) shrink_pairs<NB, 1>(h, xr, a, in, W, w0);
+  for (; w0 < W; ++w0) {
+    for (int b = 0; b < NB; ++b) {
+      float sum = 0.0f;
+      for (int64_t i = 0; i < in; ++i) sum += widen_bits(xr[b][i]) * widen_bits(a[i * W + w0]);
+      h[b * W + w0] = sum;
+    }
+  }
+  const int64_t half = used / 2;
+  for (int64_t s = 0; s < call.slices; ++s) {
+    for (int b = 0; b < NB; ++b) {  // this slice's written rows of h, scaled; as bf16 pairs too
+      for (int64_t r = 0; r < used; ++r) c[b * used + r] = h[b * W + s * packed + r] * call.scale;
+      for (int64_t r = 0; r < half; ++r) {
+        const uint16_t pair[2] = {c10::BFloat16(c[b * used + 2 * r]).x, c10::BFloat16(c[b * used + 2 * r + 1]).x};
+        cp[b * half + r] = pair_of(pair);
+      }
+    }
+    c10::BFloat16* rows[NB];
+    for (int b = 0; b < NB; ++b) rows[b] = y + blk.tokens[b] * call.y_stride + call.starts[s];
+    const auto* bw = reinterpret_cast<const uint16_t*>(blk.form[3 + s]);
+    const int64_t n = call.outs[s];
+    int64_t o = 0;
+    for (; o + 2 * V <= n; o += 2 * V) expand_pairs<NB, 2>(rows, cp, c, bw, used, n, o);
+    for (; o + V <= n; o += V) expand_pairs<NB, 1>(rows, cp, c, bw, used, n, o);
+    for (; o < n; ++o) {
+      for (int b = 0; b < NB; ++b) {
+        float sum = widen(rows[b][o]);
+        for (int64_t r = 0; r < used; ++r) sum += c[b * used + r] * widen_bits(bw[r * n + o]);
+        rows[b][o] = static_cast<c10::BFloat16>(sum);
+      }
+    }
+  }
+}
+
+NATIVE_BF16 void run_pairs(const Call& call, const Block& blk, const c10::BFloat16* x, c10::BFloat16* y, float* h,
+                           float* c, uint32_t* cp) {
+  switch (blk.count) {
+    case 8: return run_block_pairs<8>(call, blk, x, y, h, c, cp);
+    case 4: return run_block_pairs<4>(call, blk, x, y, h, c, cp);
+    case 2: return run_block_pairs<2>(call, blk, x, y, h, c, cp);
+    default: return run_block_pairs<1>(call, blk, x, y, h, c, cp);
+  }
+}
+
+bool cpu_has_native_bf16() {
+  static const bool has = __builtin_cpu_supports("avx512bf16");
+  return has;
+}
+
 // The blocks of a call: tokens grouped by their form (its A's address), in token order within a form, each
 // group cut into blocks of 8, then one of 4, 2 and 1 as its remainder needs. Tokens without an adapter
 // (address 0) are in none.
@@ -243,7 +392,7 @@ std::vector<Block> blocks_of(const int64_t* forms, int64_t tokens, int64_t cols)
 
 template <typename T>
 void token_lora(const at::Tensor& y, const at::Tensor& x, const int64_t* forms, const std::vector<int64_t>& outs,
-                double scale) {
+                double scale, bool native_bf16) {
   const int64_t tokens = x.size(0), in = x.size(1), slices = outs.size(), cols = 3 + slices;
   const std::vector<Block> blocks = blocks_of(forms, tokens, cols);
   int64_t width = 0, rows = 0;
@@ -253,13 +402,24 @@ void token_lora(const at::Tensor& y, const at::Tensor& x, const int64_t* forms, 
   const Call call{in, x.stride(0), y.stride(0), slices, outs.data(), starts.data(), static_cast<float>(scale)};
   const T* xs = x.const_data_ptr<T>();
   T* ys = y.data_ptr<T>();
+  const bool pairs = std::is_same_v<T, c10::BFloat16> && native_bf16 && cpu_has_native_bf16();
   at::parallel_for(0, static_cast<int64_t>(blocks.size()), 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> xb(BLOCK * in), h(BLOCK * width), c(BLOCK * rows);
-    for (int64_t i = begin; i < end; ++i) run(call, blocks[i], xs, ys, xb.data(), h.data(), c.data());
+    std::vector<float> xb(pairs ? 0 : BLOCK * in), h(BLOCK * width), c(BLOCK * rows);
+    std::vector<uint32_t> cp(pairs ? BLOCK * rows / 2 : 0);
+    for (int64_t i = begin; i < end; ++i) {
+      if constexpr (std::is_same_v<T, c10::BFloat16>) {
+        if (pairs) {
+          run_pairs(call, blocks[i], xs, ys, h.data(), c.data(), cp.data());
+          continue;
+        }
+      }
+      run(call, blocks[i], xs, ys, xb.data(), h.data(), c.data());
+    }
   });
 }
 
-void token_lora_op(at::Tensor y, const at::Tensor& x, const at::Tensor& forms, at::IntArrayRef outs, double scale) {
+void token_lora_op(at::Tensor y, const at::Tensor& x, const at::Tensor& forms, at::IntArrayRef outs, double scale,
+                   bool native_bf16) {
   TORCH_CHECK(x.dim() == 2 && y.dim() == 2 && x.size(0) == y.size(0), "x and y must be (T, in) and (T, out)");
   TORCH_CHECK(x.stride(1) == 1 && y.stride(1) == 1, "x and y rows must be contiguous");
   TORCH_CHECK(x.scalar_type() == y.scalar_type(), "x and y must share a dtype");
@@ -273,9 +433,9 @@ void token_lora_op(at::Tensor y, const at::Tensor& x, const at::Tensor& forms, a
   std::vector<int64_t> out_list(outs.begin(), outs.end());
   const int64_t* f = forms.const_data_ptr<int64_t>();
   switch (x.scalar_type()) {
-    case at::kFloat: return token_lora<float>(y, x, f, out_list, scale);
-    case at::kBFloat16: return token_lora<c10::BFloat16>(y, x, f, out_list, scale);
-    case at::kHalf: return token_lora<c10::Half>(y, x, f, out_list, scale);
+    case at::kFloat: return token_lora<float>(y, x, f, out_list, scale, native_bf16);
+    case at::kBFloat16: return token_lora<c10::BFloat16>(y, x, f, out_list, scale, native_bf16);
+    case at::kHalf: return token_lora<c10::Half>(y, x, f, out_list, scale, native_bf16);
     default: TORCH_CHECK(false, "token_lora runs float32, bfloat16 or float16, not ", x.scalar_type());
   }
 }
@@ -284,7 +444,9 @@ void token_lora_op(at::Tensor y, const at::Tensor& x, const at::Tensor& forms, a
 
 // A fragment of the namespace that lora_ops/compiled.py also adds its ops to.
 TORCH_LIBRARY_FRAGMENT(loraserve, m) {
-  m.def("token_lora(Tensor(a!) y, Tensor x, Tensor forms, int[] outs, float scale) -> ()");
+  m.def("token_lora(Tensor(a!) y, Tensor x, Tensor forms, int[] outs, float scale, bool native_bf16=True) -> ()");
+  // Whether bfloat16 calls run in bf16 pairs on this CPU (no tensor to dispatch on: one kernel for all).
+  m.def("token_lora_native_bf16() -> bool", &cpu_has_native_bf16);
 }
 
 TORCH_LIBRARY_IMPL(loraserve, CPU, m) { m.impl("token_lora", token_lora_op); }

@@ -8,6 +8,8 @@ and y are read and written in place, and rows past an adapter's rank are never r
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -34,13 +36,14 @@ def _form(
 
 
 def _call(
-    y: torch.Tensor, x: torch.Tensor, forms: list[AdapterLinear | None], scale: float, slices: tuple[int, ...] = SLICES
-) -> None:
+    y: torch.Tensor, x: torch.Tensor, forms: list[AdapterLinear | None], scale: float, slices: tuple[int, ...] = SLICES,
+    native_bf16: bool = True,
+) -> None:  # fmt: skip
     op = kernel.token_lora()
     assert op is not None, "the kernel must build on the test machine (g++ and ninja are installed)"
     skipped = (0,) * (3 + len(slices))
     table = [skipped if f is None or not f.nonzero else f.kernel_row for f in forms]
-    op(y, x, torch.tensor(table, dtype=torch.long), list(slices), scale)
+    op(y, x, torch.tensor(table, dtype=torch.long), list(slices), scale, native_bf16)
 
 
 def _reference(y0: torch.Tensor, x: torch.Tensor, forms: list[AdapterLinear | None], scale: float) -> torch.Tensor:
@@ -52,11 +55,26 @@ def _reference(y0: torch.Tensor, x: torch.Tensor, forms: list[AdapterLinear | No
 
 
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}
+# (dtype, native_bf16): bfloat16 runs in bf16 pairs where the CPU has AVX512_BF16, else (and when told not to)
+# widened to float32 like the other dtypes; both paths are checked where the CPU has both.
+PATHS = {
+    "float32": (torch.float32, True),
+    "bfloat16": (torch.bfloat16, True),
+    "bfloat16-widened": (torch.bfloat16, False),
+    "float16": (torch.float16, True),
+}
 
 
-@pytest.mark.parametrize("dtype", list(TOLERANCE), ids=str)
+def test_bf16_pairs_run_where_the_cpu_has_avx512_bf16() -> None:
+    assert kernel.token_lora() is not None
+    flags = set(Path("/proc/cpuinfo").read_text().split())
+    assert torch.ops.loraserve.token_lora_native_bf16() is ("avx512_bf16" in flags)
+
+
+@pytest.mark.parametrize("path", list(PATHS))
 @pytest.mark.parametrize("threads", [1, 2])
-def test_each_token_gets_its_own_adapter(dtype: torch.dtype, threads: int) -> None:
+def test_each_token_gets_its_own_adapter(path: str, threads: int) -> None:
+    dtype, native_bf16 = PATHS[path]
     g = torch.Generator().manual_seed(0)
     forms = [_form(8, 8, dtype, g), _form(16, 16, dtype, g), _form(5, 8, dtype, g), _form(16, 16, dtype, g, True)]
     # tokens: adapters of three packed widths, a token without one, one on an all-zero form, a repeat
@@ -67,7 +85,7 @@ def test_each_token_gets_its_own_adapter(dtype: torch.dtype, threads: int) -> No
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        _call(y, x, chosen, 0.5)
+        _call(y, x, chosen, 0.5, native_bf16=native_bf16)
     finally:
         torch.set_num_threads(before)
     tol = TOLERANCE[dtype]
@@ -84,11 +102,12 @@ BLOCK_CASES = {
 }
 
 
-@pytest.mark.parametrize("dtype", list(TOLERANCE), ids=str)
+@pytest.mark.parametrize("path", list(PATHS))
 @pytest.mark.parametrize("case", list(BLOCK_CASES))
-def test_tokens_sharing_an_adapter_run_in_blocks(case: str, dtype: torch.dtype) -> None:
-    """Every block size and every column path (two vectors, one, the rest one by one) against the reference,
-    on two threads; the rows of tokens without an adapter untouched."""
+def test_tokens_sharing_an_adapter_run_in_blocks(case: str, path: str) -> None:
+    """Every block size and every column path (two vectors, one, the rest one by one; in bf16 pairs, an odd
+    last row of A or B) against the reference, on two threads; the rows of tokens without an adapter untouched."""
+    dtype, native_bf16 = PATHS[path]
     fan_in, slices, shapes, picks = BLOCK_CASES[case]
     g = torch.Generator().manual_seed(3)
     forms = [_form(rank, packed, dtype, g, fan_in=fan_in, slices=slices) for rank, packed in shapes]
@@ -99,7 +118,7 @@ def test_tokens_sharing_an_adapter_run_in_blocks(case: str, dtype: torch.dtype) 
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        _call(y, x, chosen, 0.75, slices)
+        _call(y, x, chosen, 0.75, slices, native_bf16)
     finally:
         torch.set_num_threads(before)
     tol = TOLERANCE[dtype]
