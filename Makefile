@@ -56,6 +56,7 @@ bench: install
 	@# Cold loads: the target (ITL p99 <= 1.5x) is judged on cold / warm-same windows (the same requests, the
 	@# adapters already loaded); cold / quiet (without the extra requests) is printed beside it. README, Benchmarks.
 	$(PY) -m loadtests.bench_cold --out results/bench_cold.json
+	$(PY) -m loadtests.bench_fair --out results/bench_fair.json
 	$(PY) -m loadtests.bench_bitnet --out results/bench_bitnet.json
 	$(PY) -m loadtests.bench_registry --out results/bench_registry.json
 
