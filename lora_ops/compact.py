@@ -27,8 +27,9 @@ from .gemm import Gemm
 
 
 class Form(Protocol):
-    """What a set is laid out from: an adapter's form in one linear (``fused.AdapterLinear``, which imports
-    this module), ``rows`` written and ``packed`` rows per slice."""
+    """What a set is laid out from: an adapter's form in one linear, ``rows`` written and ``packed`` rows per
+    slice. ``fused.AdapterLinear``, named by what it has: ``fused`` imports this module, and the other way
+    round would be an import circle (``tests/test_boundaries.py``)."""
 
     rows: int
     packed: int
