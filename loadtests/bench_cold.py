@@ -54,7 +54,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime
 import json
 import logging
 import os
@@ -70,8 +69,8 @@ import numpy as np
 import yaml
 
 from adapter_store import BaseModelSpec
-from loadtests.machine import machine_info
 from loadtests.process import free_port, running_server
+from loadtests.synthetic_run import SyntheticRun, bench_parser
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCES = ("local", "s3")
@@ -373,10 +372,8 @@ def server_config(model: Path, tokenizer: Path, local: Path, s3_url: str, store_
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=None, help="default results/bench_cold[_quick].json")
+    parser = bench_parser(__doc__, None, "default results/bench_cold[_quick].json")
     parser.add_argument("--work", type=Path, default=ROOT / ".bench" / "cold", help="server log")
-    parser.add_argument("--cache-dir", default=os.environ.get("LORASERVE_SYNTH_DIR", "/tmp/loraserve_synth"))
     parser.add_argument("--quick", action="store_true", help="smoke run: 1 MB adapters, 1 repeat, 2 clients")
     parser.add_argument("--sizes-mb", type=int, nargs="+", default=[4, 16, 64])
     parser.add_argument("--clients", type=int, default=8)
@@ -386,7 +383,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--max-loras", type=int, default=4)
     parser.add_argument("--max-cpu-loras", type=int, default=16, help="room for every adapter: none is evicted")
-    parser.add_argument("--max-rank", type=int, default=256, help="engine.max_lora_rank; the largest adapter fits")
     parser.add_argument("--start-timeout", type=float, default=900.0)
     args = parser.parse_args(argv)
     if args.quick:
@@ -404,13 +400,11 @@ def main(argv: list[str] | None = None) -> int:
     from moto.server import ThreadedMotoServer
 
     from checkpoints.assets import build_demo_assets
-    from checkpoints.synthetic import build_model
 
     args = parse_args(argv)
     demo = build_demo_assets(ROOT / ".demo")
-    model = build_model(Path(args.cache_dir) / "model")
-    base = BaseModelSpec.from_config(model / "config.json", ["bench-cold-base"])
-    load_before = os.getloadavg()
+    run = SyntheticRun.start("loadtests.bench_cold", args, argv)
+    model, base = run.model, run.base
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # moto's server logs every S3 request otherwise
     os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1")
     s3_port = free_port()
@@ -449,25 +443,10 @@ def main(argv: list[str] | None = None) -> int:
                 measured = asyncio.run(measure(url, "hot", cold, args))
     finally:
         s3.stop()
-    report = write_report(args, argv, load_before, {"model": str(model), "bytes_per_rank": bytes_per_rank(base),
-                          "ranks": {size: rank_for(size * MB, base) for size in args.sizes_mb}}, measured)  # fmt: skip
+    report = run.report(measured, {"model": str(model), "bytes_per_rank": bytes_per_rank(base),
+                        "ranks": {size: rank_for(size * MB, base) for size in args.sizes_mb}})  # fmt: skip
     print(table(report))
     return 0
-
-
-def write_report(args: argparse.Namespace, argv: list[str] | None, load_before: tuple, extra: dict,
-                 measured: dict) -> dict:  # fmt: skip
-    report = {
-        "date": datetime.date.today().isoformat(),
-        "command": "python -m loadtests.bench_cold " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "machine": machine_info(loadavg_before=load_before, loadavg_after=os.getloadavg()),
-        "settings": {**{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}, **extra},
-        "measured": measured,
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {args.out}")
-    return report
 
 
 if __name__ == "__main__":

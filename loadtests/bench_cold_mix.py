@@ -26,9 +26,6 @@ alternate within a round, so machine noise hits them alike.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -38,7 +35,7 @@ import numpy as np
 
 from adapter_store import BaseModelSpec
 from loadtests.bench_swap import layer_world, offer_forms, random_lora, swap_layers
-from loadtests.machine import machine_info
+from loadtests.synthetic_run import SyntheticRun, bench_parser
 
 ROOT = Path(__file__).resolve().parents[1]
 MODES = ("auto", "masked", "tokens")
@@ -123,11 +120,8 @@ def table(measured: dict[str, dict[str, Any]]) -> str:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=ROOT / "results" / "bench_cold_mix.json")
-    parser.add_argument("--cache-dir", default=os.environ.get("LORASERVE_SYNTH_DIR", "/tmp/loraserve_synth"))
+    parser = bench_parser(__doc__, ROOT / "results" / "bench_cold_mix.json")
     parser.add_argument("--ranks", type=int, nargs="+", default=[13, 54, 216], help="bench_cold's 4/16/64 MB")
-    parser.add_argument("--max-rank", type=int, default=256)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--rest-ms", type=float, default=10.0)
@@ -137,25 +131,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     import torch
 
-    from checkpoints.synthetic import build_model
-
     args = parse_args(argv)
-    model = build_model(Path(args.cache_dir) / "model")
-    base = BaseModelSpec.from_config(model / "config.json", ["bench-cold-base"])
-    load_before = os.getloadavg()
+    run = SyntheticRun.start("loadtests.bench_cold_mix", args, argv)
     torch.manual_seed(0)
     with layer_world():
-        measured = first_mix_steps(base, args)
-    report = {
-        "date": datetime.date.today().isoformat(),
-        "command": "python -m loadtests.bench_cold_mix " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "machine": machine_info(loadavg_before=load_before, loadavg_after=os.getloadavg()),
-        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "measured": measured,
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {args.out}")
+        measured = first_mix_steps(run.base, args)
+    run.report(measured)
     print(table(measured))
     return 0
 

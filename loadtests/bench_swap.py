@@ -28,9 +28,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
-import json
-import os
 import sys
 import time
 from collections.abc import Iterator
@@ -40,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from adapter_store import BaseModelSpec
-from loadtests.machine import machine_info
+from loadtests.synthetic_run import SyntheticRun, bench_parser
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -199,35 +196,16 @@ def swap_table(measured: dict) -> str:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=ROOT / "results" / "bench_cold_swap.json")
-    parser.add_argument("--cache-dir", default=os.environ.get("LORASERVE_SYNTH_DIR", "/tmp/loraserve_synth"))
-    parser.add_argument("--max-rank", type=int, default=256, help="as bench_cold's engine.max_lora_rank")
+    parser = bench_parser(__doc__, ROOT / "results" / "bench_cold_swap.json")
     parser.add_argument("--swap-rounds", type=int, default=5)
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
-    from checkpoints.synthetic import build_model
-
     args = parse_args(argv)
-    model = build_model(Path(args.cache_dir) / "model")
-    base = BaseModelSpec.from_config(model / "config.json", ["bench-cold-base"])
-    load_before = os.getloadavg()
-    measured = swap_costs(base, args)
-    report = {
-        "date": datetime.date.today().isoformat(),
-        "command": "python -m loadtests.bench_swap " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "machine": machine_info(loadavg_before=load_before, loadavg_after=os.getloadavg()),
-        "settings": {
-            **{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-            "model": str(model),
-        },  # fmt: skip
-        "measured": measured,
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    run = SyntheticRun.start("loadtests.bench_swap", args, argv)
+    measured = swap_costs(run.base, args)
+    run.report(measured, {"model": str(run.model)})
     print(swap_table(measured))
     return 0
 

@@ -21,11 +21,19 @@ platform chose without LoRA (``DYNAMO_TRACE_ONCE`` with inductor).
 Disable per process with ``VLLM_PLUGINS`` set to a list without
 ``loraserve_lora_ops`` (e.g. ``VLLM_PLUGINS=none``) to get vLLM's stock ops.
 
-It owns the CPU punica wrapper (``punica_cpu``), its per-step plan (``plan``)
-and the fused LoRA weights (``fused``) with their packed oneDNN matmuls (``gemm``),
-and the per-token kernel (``kernel``, ``csrc/``) that ``TOKENS`` steps run (``token_step``). Because vLLM loads it into
-any process, also a plain ``vllm serve``, it depends on vLLM and torch only,
-never on another package of ours (``tests/test_boundaries.py``).
+Its modules: the CPU punica wrapper (``punica_cpu``) and its per-step plan
+(``plan``); the fused LoRA weights, one form per adapter and linear
+(``fused``), built off the step where they can be (``ready``), with their
+packed oneDNN matmuls (``gemm``) and a mixed step's compact sets
+(``compact``); the calls a plan resolves (``step``, ``token_step``) and the
+per-token kernel that ``TOKENS`` steps run (``kernel``, ``csrc/``); slot
+writes at the adapters' own ranks (``slots``); the ops as torch custom ops
+for a compiled model (``compiled``); and what they patch around vLLM's LoRA
+manager (``heap_trim``: freed heap handed back; ``host_cache``: cache lookups
+without a copy; ``cores``: background threads off the engine's cores).
+Because vLLM loads it into any process, also a plain ``vllm serve``, it
+depends on vLLM and torch only, never on another package of ours
+(``tests/test_boundaries.py``).
 """
 
 from __future__ import annotations

@@ -21,22 +21,22 @@ block-diagonal B, packed weights) are kept by the ``EXPANDED_FORMS`` forms a
 linear ran most recently only, a bound per linear (``shared_copy_bytes``), so
 a 100-adapter rotation through 32 slots costs 32 slots of forms, not of copies.
 
-Compact copies for a set of adapters (``compact``): the present slots' A and
-B rows side by side, (in, W) and (W, out), so a mixed decode batch runs one
-shrink and one expand whose size is set by the P slots present in the step,
-never by the S slots allocated. Keyed by the adapters, so a swap back finds
-them. Packed for the first few shapes only (``COMPACT_PACKED_SHAPES``): their
-widths change with the adapters present, and every packed shape costs host
-memory for good.
+Compact sets for a set of adapters (``compact``, laid out by ``lora_ops.compact``):
+the present slots' A and B rows side by side, so a mixed decode batch runs one
+shrink and one expand sized by the P slots present in the step, never by the S
+slots allocated. Keyed by the adapters, so a swap back finds them. A step's set
+of present adapters lasts as long as its requests share the batch (many decode
+steps), so the last sets are kept (``COMPACT_ADAPTERS`` adapters in all).
+Packed for the first few shapes only (``COMPACT_PACKED_SHAPES``): their widths
+change with the adapters present, and every packed shape costs host memory for
+good.
 
 Rank-aware: every slot is ``max_lora_rank`` rows per slice wide in vLLM, but
 an adapter of rank r fills only the first r of them (the rest are zero:
-``slots.slot_rank``). The compact copies take only those rows (W = slices x r
-per slot) and the per-adapter matmuls those rows rounded up to a power of two
-(``packed_rank``: a few fixed shapes), so a rank-16 adapter in an engine of
-max rank 256 costs rank-16 matmuls and rank-16 copies. A step's set of
-present adapters lasts as long as its requests share the batch (many decode
-steps), so the last sets are kept (``COMPACT_ADAPTERS`` adapters in all).
+``slots.slot_rank``). The compact sets take only those rows and the
+per-adapter matmuls those rows rounded up to a power of two (``packed_rank``:
+a few fixed shapes), so a rank-16 adapter in an engine of max rank 256 costs
+rank-16 matmuls and rank-16 copies.
 
 Invalidation: vLLM writes a slot in place (``reset_lora`` + ``copy_``), which
 bumps the stacked tensors' ``_version``, and only when it activates an
@@ -54,10 +54,10 @@ import functools
 import itertools
 import weakref
 from collections import OrderedDict
-from typing import NamedTuple
 
 import torch
 
+from .compact import Compact, side_by_side
 from .gemm import PACK_MAX_ROWS, PACK_ROWS, Gemm, SlicedGemm, packed_rank, primitive_bytes
 from .slots import ready_bound, slot_rank, slot_source, take_ready
 
@@ -290,18 +290,6 @@ class AdapterLinear:
 _UIDS = itertools.count()
 
 
-class Compact(NamedTuple):
-    """A set of slots' weights side by side (:meth:`FusedLinear.compact`)."""
-
-    shrink: Gemm  # x (M, in) -> h (M, width)
-    expand: Gemm  # h (M, width) -> delta (M, out)
-    widths: tuple[int, ...]  # h's columns per slot of the set, in its order
-
-    @property
-    def width(self) -> int:
-        return self.shrink.w.shape[1]
-
-
 class FusedLinear:
     """One LoRA linear layer's slots, each pointing at its adapter's :class:`AdapterLinear`.
 
@@ -470,7 +458,7 @@ class FusedLinear:
         else:
             self._make_room(len(key))
             widths = tuple(adapter.row_index.numel() for adapter in adapters)
-            a, b = self._side_by_side(adapters, sum(widths))
+            a, b = side_by_side(adapters, self.in_features, self.out_features, self.dtype)
             (k, width), n = a.shape, self.out_features
             widest = max(k, n)
             shrink = Gemm(a, packed=_compact_packs(k, width, self.dtype, widest))
@@ -478,25 +466,3 @@ class FusedLinear:
             pair = self._compact[key] = Compact(shrink, expand, widths)
         self._by_present[present] = (key, pair)
         return pair
-
-    def _side_by_side(self, adapters: list[AdapterLinear], width: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(in, width) A rows and (width, out) block-diagonal B rows of ``adapters``, each slice at its written
-        rank, copied once into place: a mixed step that meets a new set of adapters waits for this copy.
-
-        Adapters whose written rank is their packed one (ranks 8, 16, 32, ...: nothing to drop) are whole
-        blocks of their forms, so the set is two ``torch.cat``s. Why: at 16 present adapters the copy slice by
-        slice launched ~100 small copies per linear, and a 100-adapter rotation (a new mix every step or two)
-        spent 7% of the engine core in it (py-spy, loaded), more than the set's matmuls save."""
-        if all(ad.rows == ad.packed for ad in adapters):
-            a = torch.cat([ad.a_t for ad in adapters], dim=1)
-            return a, torch.cat([ad.block_diagonal() for ad in adapters], dim=0)
-        a = torch.empty(self.in_features, width, dtype=self.dtype)
-        b = torch.zeros(width, self.out_features, dtype=self.dtype)
-        col = 0
-        for ad in adapters:
-            p, r, out = ad.packed, ad.rows, 0
-            for i, part in enumerate(ad.parts):  # part: (packed, out_i); A's slice i: columns i*p .. i*p + r
-                a[:, col : col + r].copy_(ad.a_t[:, i * p : i * p + r])
-                b[col : col + r, out : out + part.shape[1]].copy_(part[:r])
-                col, out = col + r, out + part.shape[1]
-        return a, b

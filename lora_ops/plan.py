@@ -68,7 +68,7 @@ TinyLlama's layers 10).
 from __future__ import annotations
 
 from collections import Counter, OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -239,20 +239,35 @@ class RecentMixes:
         return seen
 
 
+def slot_counts(token_slots: Sequence[int]) -> Counter[int]:
+    """Tokens per slot, the tokens without an adapter (-1) left out: its keys are the slots present.
+
+    Why a function of its own: the wrapper needs the present slots before it plans (``punica_cpu``: the cost
+    model's width is the present adapters'), so it counts once and passes the counts to :func:`build_plan`,
+    one pass over the tokens a step (``Counter`` counts a list in C: ~1.3 us for 16 tokens, ~6 for 256, where
+    the two sets and the filtered count it replaces took ~2.3 and ~14; 2-core dev machine, load 3)."""
+    counts = Counter(token_slots)
+    counts.pop(-1, None)
+    return counts
+
+
 def build_plan(
     token_slots: list[int],
     force_mode: str | None = None,
     width: float = REF_WIDTH,
     kernel: bool = False,
     mix_met: Callable[[tuple[int, ...]], bool] | None = None,
+    counts: Counter[int] | None = None,
 ) -> StepPlan:
     """Plan for one step from the per-token slot list (-1 = no adapter);
     ``width``: the mean LoRA width of the model's layers (see ``REF_WIDTH``);
     ``kernel``: the per-token kernel is loaded (TOKENS costs less, unbounded);
-    ``mix_met``: was this mix of present slots met in an earlier plan (None: assume so)."""
+    ``mix_met``: was this mix of present slots met in an earlier plan (None: assume so);
+    ``counts``: :func:`slot_counts` of ``token_slots``, where the caller has counted them already."""
     n = len(token_slots)
     slots_t = torch.tensor(token_slots, dtype=torch.long)
-    present = tuple(sorted(set(token_slots) - {-1}))
+    counts = slot_counts(token_slots) if counts is None else counts
+    present = tuple(sorted(counts))
     if not present:
         return StepPlan(n, NONE, slots_t)
     runs = _contiguous_runs(token_slots)
@@ -261,7 +276,6 @@ def build_plan(
         raise ValueError(f"force_mode must be one of {MODES}, got {force_mode!r}")
     if force_mode == MASKED and len(present) > COMPACT_ADAPTERS:
         raise ValueError(f"force_mode {MASKED!r} runs at most {COMPACT_ADAPTERS} adapters, not {len(present)}")
-    counts = Counter(s for s in token_slots if s >= 0)
     met = True if mix_met is None or len(runs) == 1 else mix_met(present)
     if force_mode is None and kernel and not met and n <= NEW_MIX_TOKENS:
         mode = TOKENS  # a new mix, decode-sized: nothing to copy or pack for it in the step

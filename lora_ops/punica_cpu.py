@@ -24,7 +24,7 @@ loops: correct, one matmul per present slot. ``apply_lora_full_linear``
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any
 
 import torch
@@ -33,7 +33,7 @@ from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
 from . import compiled, kernel
 from .fused import SCRATCH_MAX_BYTES, FusedLinear
 from .gemm import PACK_MAX_ROWS, ROWS_FOR
-from .plan import MASKED, NONE, REF_WIDTH, RUNS, TOKENS, RecentMixes, StepPlan, build_plan
+from .plan import MASKED, NONE, REF_WIDTH, RUNS, TOKENS, RecentMixes, StepPlan, build_plan, slot_counts
 from .slots import install as install_slot_resets
 from .slots import slot_rank
 from .step import LayerStep, Matmuls, ResolvedCall
@@ -99,12 +99,13 @@ class GroupedPunicaWrapperCPU(PunicaWrapperCPU):
         def met(present: tuple[int, ...]) -> bool:
             return self._mixes.met(tuple(sorted(lora_index_to_id[s] or 0 for s in present)))
 
-        self._plan = build_plan(token_slots, self.force_mode, self._plan_width(token_slots), has_kernel, met)
+        counts = slot_counts(token_slots)
+        self._plan = build_plan(token_slots, self.force_mode, self._plan_width(counts), has_kernel, met, counts)
         self._sampler_plan = None
         self._base_indices(self._plan.token_slots, max_loras, vocab_size)
         self.no_lora = self._plan.mode == NONE
 
-    def _plan_width(self, token_slots: list[int]) -> float:
+    def _plan_width(self, present: Collection[int]) -> float:
         """The layers' mean LoRA width at the ranks written in the present slots, not at ``max_lora_rank``.
 
         Why: every mode's matmuls take only the rows an adapter wrote (``fused``, the kernel), so a mode's cost
@@ -112,9 +113,8 @@ class GroupedPunicaWrapperCPU(PunicaWrapperCPU):
         256 serving rank-13 adapters priced the kernel (per-token work) 20x too high against RUNS and MASKED
         (per-op costs), and chose them where the kernel ran a new mix 4x faster (``loadtests.bench_cold_mix``).
         The ranks are ``set_lora``'s records (``slots.slot_rank``), written before vLLM updates the mapping.
+        ``present``: the step's slots, each once, no -1 (``plan.slot_counts``' keys: counted once a step).
         """
-        present = set(token_slots)
-        present.discard(-1)
         if not present or not self._fused:
             return self._width
         layer = next(iter(self._fused.values()))  # the model's first LoRA linear: an adapter's rank is its own

@@ -106,6 +106,28 @@ def test_kernel_blocks_match_the_kernels_cut():
     assert kernel_blocks(Counter({0: 7})) == 3  # 4 + 2 + 1
 
 
+# token slots -> tokens per slot present (-1: no adapter, never a slot).
+SLOT_COUNT_CASES = {
+    "no_adapter": ([-1, -1, -1], {}),
+    "one_adapter": ([3, -1, 3, 3], {3: 3}),
+    "mixed": ([2, -1, 0, 2, 0, 2], {0: 2, 2: 3}),
+}
+
+
+@pytest.mark.parametrize("case", list(SLOT_COUNT_CASES))
+def test_slot_counts_are_the_present_slots_and_the_plan_is_built_from_them(case):
+    """The wrapper counts a step's tokens once (``slot_counts``) and plans from those counts: the present slots
+    are their keys, no -1 among them, and the plan is the one built from the tokens alone."""
+    from lora_ops.plan import build_plan, slot_counts
+
+    tokens, want = SLOT_COUNT_CASES[case]
+    counts = slot_counts(tokens)
+    assert dict(counts) == want
+    given, counted = build_plan(tokens, counts=counts, kernel=True), build_plan(tokens, kernel=True)
+    assert given.present == counted.present == tuple(sorted(want))
+    assert (given.mode, given.runs) == (counted.mode, counted.runs)
+
+
 def test_plan_uses_the_width_of_the_layers_seen():
     """The wrapper learns its layers' LoRA width from the first step that runs
     them, and plans the following steps with it."""
