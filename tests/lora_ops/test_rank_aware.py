@@ -18,7 +18,7 @@ import torch
 from vllm.lora.layers import LoRAMapping
 
 from lora_ops import fused, gemm
-from lora_ops.plan import GATHER, MASKED, RUNS, TOKENS
+from lora_ops.plan import GATHER, MASKED, RUNS, TOKENS, slot_counts
 from lora_ops.punica_cpu import GroupedPunicaWrapperCPU
 from tests.bitnet.conftest import vllm_world  # noqa: F401  (a fixture: the 1-rank world vLLM's layers need)
 from tests.lora_ops.test_slots import MAX_RANK, _layers, _weights
@@ -173,6 +173,6 @@ def test_the_plan_costs_the_present_adapters_at_their_written_ranks(vllm_world) 
         layer.load(slot, rank)
     w = _wrapper("auto")
     layer.run(w, STEPS["decode_mixed"])  # the layer seen: its width known
-    assert w._plan_width([1, 1, -1]) == pytest.approx(w._width * RANKS[1] / MAX_RANK)
-    assert w._plan_width([0, 2, 0]) == pytest.approx(w._width * (RANKS[0] + RANKS[2]) / (2 * MAX_RANK))
-    assert w._plan_width([-1, -1]) == w._width
+    assert w._plan_width(slot_counts([1, 1, -1])) == pytest.approx(w._width * RANKS[1] / MAX_RANK)
+    assert w._plan_width(slot_counts([0, 2, 0])) == pytest.approx(w._width * (RANKS[0] + RANKS[2]) / (2 * MAX_RANK))
+    assert w._plan_width(slot_counts([-1, -1])) == w._width
