@@ -52,13 +52,6 @@ typedef int32_t vi __attribute__((vector_size(4 * V)));
 typedef uint32_t vu __attribute__((vector_size(4 * V)));
 typedef uint16_t vh __attribute__((vector_size(2 * V)));
 
-// A call of fewer multiply-adds runs on one thread. Why: inside an engine, whose compiled kernels and matmuls
-// use the same OpenMP threads between our calls, a parallel region cost far more than the work it split: on a
-// 2-core AMD EPYC, a decode step's calls (16 tokens, one adapter, ~1-2 M multiply-adds, 10-20 us on one thread
-// alone) took 190-250 us each with the region and 30-60 us without, measured in the engine
-// (bench_lora's realistic model). Two threads pay only for calls of ~1 ms and more: a long mixed batch.
-constexpr int64_t PARALLEL_MIN_MACS = 32 << 20;
-
 // Tokens on one adapter run in blocks of 8, 4, 2 or 1 (a block's size is a template argument, so its sums
 // stay in registers): 13 tokens are 8 + 4 + 1.
 constexpr int BLOCK = 8;
@@ -410,11 +403,7 @@ void token_lora(const at::Tensor& y, const at::Tensor& x, const int64_t* forms, 
   const T* xs = x.const_data_ptr<T>();
   T* ys = y.data_ptr<T>();
   const bool pairs = std::is_same_v<T, c10::BFloat16> && native_bf16 && cpu_has_native_bf16();
-  const int64_t n = static_cast<int64_t>(blocks.size());
-  int64_t macs = 0;  // multiply-adds of the call: each block's shrink and expand, per token
-  for (const Block& blk : blocks) macs += blk.count * (in * slices * blk.form[1] + blk.form[2] * starts[slices]);
-  // Below PARALLEL_MIN_MACS the call runs on the calling thread (a grain of every block: no parallel region).
-  at::parallel_for(0, n, macs < PARALLEL_MIN_MACS ? std::max<int64_t>(n, 1) : 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, static_cast<int64_t>(blocks.size()), 1, [&](int64_t begin, int64_t end) {
     std::vector<float> xb(pairs ? 0 : BLOCK * in), h(BLOCK * width), c(BLOCK * rows);
     std::vector<uint32_t> cp(pairs ? BLOCK * rows / 2 : 0);
     for (int64_t i = begin; i < end; ++i) {

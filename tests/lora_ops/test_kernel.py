@@ -99,9 +99,6 @@ BLOCK_CASES = {
     "one_adapter_19_tokens": (48, (40, 24, 24), [(16, 16)], [0] * 19),  # blocks 8, 8, 2, 1
     "interleaved_three": (64, (64,), [(16, 16), (5, 8), (32, 32)], [0, 1, 2, None, 0, 0, 1] * 3 + [2] * 9),
     "odd_widths": (33, (37, 100), [(5, 5), (13, 16), (3, 24)], [0, 1, 2, 1, 0, 1, 1, 2, 0, 0, 0, 1, 0]),
-    # ~41 M multiply-adds (1,556 tokens on adapters), over the kernel's PARALLEL_MIN_MACS (32 Mi): the blocks are
-    # split over the threads.
-    "long_batch_over_threads": (1100, (1024,), [(16, 16), (3, 8), (16, 16)], [0, 1, 2, None] * 512 + [0] * 20),
 }
 
 
