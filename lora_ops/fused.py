@@ -67,10 +67,10 @@ from .slots import ready_bound, slot_rank, slot_source, take_ready
 # shapes a rotation over ever-new widths runs its compact sets unpacked instead of compiling without end.
 COMPACT_PACKED_SHAPES = 32
 # Compact sets kept per linear hold at most this many adapters in all, the least recently used set dropped
-# first, and the plan runs MASKED only for mixes that fit (``plan.choose_mode``). A fixed bound, not one per
-# slot: MASKED pays for every adapter present on every token, so it only wins for few adapters (with the
-# kernel, 16 decode tokens switch to TOKENS at about 8), and sets of few adapters are small; so many more
-# slots (a 100-adapter rotation's 32) cost no more compact copies. Zipf-8 in 4 slots keeps 2-4 of its mixes.
+# first, and the plan runs MASKED only for mixes that fit (``plan.choose_mode``), and only where the per-token
+# kernel could not be built. A fixed bound, not one per slot: MASKED pays for every adapter present on every
+# token, so it only wins for few adapters, and sets of few adapters are small; so many more slots (a
+# 100-adapter rotation's 32) cost no more compact copies. Zipf-8 in 4 slots keeps 2-4 of its mixes.
 COMPACT_ADAPTERS = 8
 # Adapter forms (``AdapterLinear``) kept per linear, per slot: those in the slots and as many again of the
 # adapters that left them most recently, so a rotation through twice as many adapters as slots (zipf-8 in 4)
@@ -79,9 +79,9 @@ PREPARED_PER_SLOT = 2
 # Forms per linear that also keep their own matmuls' copies (the block-diagonal B and, once warm, both weights
 # packed for oneDNN: the form's expanded state), the most recently run kept and never one in a slot dropped;
 # any other form runs its weights as they lie (``AdapterLinear.bare``: unpacked shrink, one matmul per slice to
-# expand). Bounded per linear, not per slot (``shared_copy_bytes``): the paths that use them (RUNS, GATHER: one
-# adapter, zipf-8 through 4 slots, few-adapter mixes) run few adapters, and a many-adapter decode step runs the
-# per-token kernel, which reads the forms as they lie.
+# expand). Bounded per linear, not per slot (``shared_copy_bytes``): the paths that use them (RUNS: long runs
+# of one adapter; without the kernel also GATHER and MASKED's few-adapter mixes) run few adapters, and every
+# other step runs the per-token kernel, which reads the forms as they lie.
 EXPANDED_FORMS = 8
 SCRATCH_MAX_BYTES = 64 << 20
 """The scratch buffers a punica wrapper (``punica_cpu``) keeps between steps, at most (plus the buffers of the op

@@ -16,11 +16,11 @@ The plan picks one of four ways to run a LoRA linear layer:
 * ``RUNS``:   tokens with the same slot form few contiguous runs (all tokens
   on one adapter, or prefill where each request's tokens are contiguous).
   Per run: shrink + expand matmuls on row views of x and y; no gather.
-* ``GATHER``: tokens are interleaved: gather the active rows once in slot
+* ``GATHER`` (without the kernel): tokens are interleaved: gather the active rows once in slot
   order, one shrink + one expand per present slot, then the deltas gathered
   back into token order (``StepPlan.inv``) and added: two whole-tensor ops,
   not a scatter-add (``index_add_`` adds row by row on the CPU).
-* ``TOKENS``: decode-sized batches, one adapter or many (each request its own,
+* ``TOKENS``: any mix of adapters, and decode-sized runs of one (each request its own,
   as in a rotation over 100 adapters): one call of the per-token kernel
   (``kernel.py``, ``token_step.TokenStep``) reads each token's own adapter
   weights where they lie, once per block of tokens that share it. Every
@@ -28,7 +28,7 @@ The plan picks one of four ways to run a LoRA linear layer:
   the kernel could not be built, the weights are stacked first
   (``token_step.StackedTokenStep``), dearer and bounded
   (``TOKENS_MAX_ELEMENTS``).
-* ``MASKED``: small batches with several slots (typical decode): one shrink
+* ``MASKED`` (without the kernel): small batches with several slots (typical decode): one shrink
   against the A of the P slots *present in the step* stacked side by side
   (a compact copy, ``fused.FusedLinear.compact``), zero the columns of the
   slots a token does not use, one expand against those slots' B. Four ops
@@ -37,13 +37,14 @@ The plan picks one of four ways to run a LoRA linear layer:
   allocated: with ``max_loras`` sized for a full batch of distinct adapters
   (S = 32), a decode step with 3 adapters present pays for 3. Only for mixes
   of at most ``fused.COMPACT_ADAPTERS`` adapters, the most its kept compact
-  sets hold (a bound per linear, whatever the slots); and, with the kernel,
-  only for a mix met in an earlier plan (``RecentMixes``): a new mix's
-  decode-sized plan runs the kernel (``NEW_MIX_TOKENS``), which builds
-  nothing, where ``MASKED`` would first copy the mix's compact set and pack
-  its matmuls inside the step, and ``RUNS`` expand and pack a new adapter's
-  own (the cold windows' longest steps: ``loadtests.bench_cold_mix``), costs
-  that pay off only if the mix comes back.
+  sets hold (a bound per linear, whatever the slots).
+
+With the kernel, only ``RUNS`` competes with ``TOKENS`` (``choose_mode``:
+in an engine, ``GATHER`` and ``MASKED`` cost several times the kernel), and a
+new mix's decode-sized plan runs the kernel whatever the model says
+(``NEW_MIX_TOKENS``): it builds nothing, where ``RUNS`` would expand and pack
+a new adapter's own matmuls inside the step (the cold windows' longest steps:
+``loadtests.bench_cold_mix``), a cost that pays off only if the mix comes back.
 
 No mode's cost depends on the number of slots, so the plan does not take it.
 
@@ -55,10 +56,9 @@ Without the kernel, on TinyLlama-1.1B's layers, interleaved batches of up to
 longer mixed batches GATHER unless each adapter's tokens are already
 contiguous (RUNS); one contiguous run (every token on one adapter) is RUNS.
 With the kernel, whose blocks read an adapter once for up to 8 of its tokens,
-TOKENS takes decode-sized batches however few adapters they mix, one adapter's
-included (at the reference width up to ~64 tokens of one adapter, on
-TinyLlama's layers ~20), and longer batches while their adapters have few
-tokens each; long runs of one adapter stay RUNS (oneDNN's GEMM). Without it,
+TOKENS takes every batch but those of few long runs (at the reference width
+up to ~64 tokens of one adapter, on TinyLlama's layers ~20): long runs of
+one adapter stay RUNS (oneDNN's GEMM). Without it,
 decode batches with about ten or more adapters present, as long as their
 stacked weights stay small
 (``TOKENS_MAX_ELEMENTS``: on the demo model up to 141 tokens, on
@@ -189,28 +189,29 @@ def choose_mode(
     num_runs: int,
     width: float = REF_WIDTH,
     kernel: bool = False,
-    mix_met: bool = True,
     num_blocks: int | None = None,
 ) -> str:
-    """Cheapest of RUNS / GATHER / MASKED / TOKENS by the rough cost model above, for
-    layers of mean LoRA ``width`` (rank * (in + out)); ``kernel``: TOKENS runs the per-token kernel;
-    ``mix_met``: the adapters present were present together in an earlier plan (MASKED's compact set
-    may be built already, or will be used again); ``num_blocks``: the kernel's blocks (:func:`kernel_blocks`;
-    None: one per active token)."""
+    """Cheapest mode by the rough cost model above, for layers of mean LoRA ``width`` (rank * (in + out));
+    ``kernel``: TOKENS runs the per-token kernel; ``num_blocks``: the kernel's blocks (:func:`kernel_blocks`;
+    None: one per active token).
+
+    With the kernel only RUNS (oneDNN's GEMM on runs of one adapter) competes with it. Why: GATHER and MASKED
+    move or copy what the kernel reads in place, and in an engine they cost far more than the ops alone that
+    their constants were fitted to. Measured in the engine (bench_lora's realistic model, bf16, two threads,
+    8 Zipf adapters in 4 slots, quiet, one process, ``/tmp`` script): a prefill mix's call took 1.7-2.2 ms by
+    GATHER against 0.67-0.73 ms by the kernel, a decode mix's 154-172 us by MASKED against 50-63 us, and the
+    workload ran at 0.74x the base with them against 0.93-0.96x without."""
     flops = width / REF_WIDTH
-    kernel_us = KERNEL_US + (KERNEL_BLOCK_US * (num_blocks or num_active) + KERNEL_TOKEN_US * num_active) * flops
-    if num_runs == 1:  # one adapter, contiguous tokens: a plain run, or the kernel's one call
-        run_us = RUN_US + RUN_TOKEN_US * flops * num_active
-        return TOKENS if kernel and kernel_us < run_us else RUNS
-    cost = {
-        RUNS: RUN_US * num_runs + RUN_TOKEN_US * flops * num_active,
-        GATHER: GATHER_US + GATHER_SLOT_US * num_present + GATHER_TOKEN_US * flops * num_active,
-    }
-    if num_present <= COMPACT_ADAPTERS and (mix_met or not kernel):
-        cost[MASKED] = MASKED_US + MASKED_TOKEN_SLOT_US * flops * num_tokens * num_present
+    runs_us = RUN_US * num_runs + RUN_TOKEN_US * flops * num_active
     if kernel:
-        cost[TOKENS] = kernel_us
-    elif num_tokens * width <= TOKENS_MAX_ELEMENTS:
+        kernel_us = KERNEL_US + (KERNEL_BLOCK_US * (num_blocks or num_active) + KERNEL_TOKEN_US * num_active) * flops
+        return TOKENS if kernel_us < runs_us else RUNS
+    if num_runs == 1:  # one adapter, contiguous tokens: a plain run
+        return RUNS
+    cost = {RUNS: runs_us, GATHER: GATHER_US + GATHER_SLOT_US * num_present + GATHER_TOKEN_US * flops * num_active}
+    if num_present <= COMPACT_ADAPTERS:
+        cost[MASKED] = MASKED_US + MASKED_TOKEN_SLOT_US * flops * num_tokens * num_present
+    if num_tokens * width <= TOKENS_MAX_ELEMENTS:
         cost[TOKENS] = TOKENS_US + TOKENS_TOKEN_US * flops * num_tokens
     return min(cost, key=cost.__getitem__)
 
@@ -281,7 +282,7 @@ def build_plan(
         mode = TOKENS  # a new mix, decode-sized: nothing to copy or pack for it in the step
     else:
         blocks = kernel_blocks(counts)
-        mode = force_mode or choose_mode(n, num_active, len(present), len(runs), width, kernel, met, blocks)
+        mode = force_mode or choose_mode(n, num_active, len(present), len(runs), width, kernel, blocks)
     if mode == RUNS:
         full = runs[0][0] if len(runs) == 1 and runs[0][2] - runs[0][1] == n else -1
         return StepPlan(n, RUNS, slots_t, tuple(runs), None, present, full)

@@ -63,7 +63,8 @@ KERNEL_CASES = {
     "decode_16_of_4": ((16, 4), TOKENS),  # the kernel reads each adapter once for its block of 4 (MASKED: 4x flops)
     "decode_64_of_8": ((64, 8), TOKENS),  # a block of 8 per adapter: read once, as GATHER's matmuls would
     "decode_64_of_16": ((64, 16), TOKENS),
-    "decode_256_of_4": ((256, 4), GATHER),  # 64 tokens per adapter: oneDNN's matmuls do the flops faster
+    # 64 tokens per adapter, interleaved (256 runs): GATHER no longer competes with the kernel (choose_mode)
+    "decode_256_of_4": ((256, 4), TOKENS),
 }
 
 
@@ -145,12 +146,11 @@ def test_plan_uses_the_width_of_the_layers_seen():
     assert w._plan.mode == RUNS  # 48 * (2048 + 2560) per token: the flops outweigh the two matmuls' calls
 
 
-def test_a_new_mix_runs_the_kernel_and_a_mix_met_before_its_compact_set() -> None:
-    """With the kernel, a decode-sized mix of adapters met for the first time runs TOKENS (nothing to copy or
-    pack in the step); met again, the cost model's choice (MASKED: its compact set built once, then reused). Keyed by the adapters' LoRA ids: the same
-    adapters in other slots are the same mix, another adapter in a slot is a new one. Without the kernel, MASKED
-    from the first plan."""
-    w = GroupedPunicaWrapperCPU(max_num_batched_tokens=256, max_batches=16, device="cpu")
+def test_with_the_kernel_every_mix_runs_it_and_without_it_gather_or_masked() -> None:
+    """With the kernel, GATHER and MASKED are never chosen (``choose_mode``): a decode mix runs TOKENS, new or
+    met before, with its adapters in any slots, and so does a prefill mix of requests on four adapters.
+    Without the kernel, MASKED and GATHER."""
+    w = GroupedPunicaWrapperCPU(max_num_batched_tokens=2048, max_batches=16, device="cpu")
     assert w._kernel is not None  # built on this machine (make install builds it ahead)
 
     def mode(table: list[int | None], ids: tuple[int, ...]) -> str:
@@ -158,11 +158,25 @@ def test_a_new_mix_runs_the_kernel_and_a_mix_met_before_its_compact_set() -> Non
         return w._plan.mode
 
     mix = (10, 11) * 8  # 16 decode tokens on two adapters
-    assert mode([10, 11, 12, 13], mix) == TOKENS
-    assert mode([10, 11, 12, 13], mix) == MASKED
-    assert mode([11, 10, 12, 13], mix) == MASKED  # the same adapters, swapped slots
-    assert mode([10, 99, 12, 13], (10, 99) * 8) == TOKENS  # slot 1 holds another adapter
-    joined = (10,) * 63 + (12,)  # a new adapter joins a long run (RUNS by the cost model): the kernel first
-    assert [mode([10, 11, 12, 13], joined) for _ in range(2)] == [TOKENS, MASKED]
+    assert [mode([10, 11, 12, 13], mix) for _ in range(2)] == [TOKENS, TOKENS]
+    assert mode([11, 10, 12, 13], mix) == TOKENS  # the same adapters, swapped slots
+    prefill = tuple(a for a in (10, 11, 10, 12, 13, 11, 10, 12) * 2 for _ in range(64))  # 16 requests' prompts
+    assert mode([10, 11, 12, 13], prefill) == TOKENS
     w._kernel = None
-    assert mode([10, 11, 12, 13], (10, 12) * 8) == MASKED
+    assert mode([10, 11, 12, 13], mix) == MASKED
+    assert mode([10, 11, 12, 13], prefill) == GATHER
+
+
+def test_a_new_mix_runs_the_kernel_where_the_model_would_run_its_adapters_runs() -> None:
+    """A decode-sized plan whose mix is new runs TOKENS even where the model prefers RUNS (a long run of one
+    adapter and a new one's token, on wide layers): RUNS would expand and pack the new adapter's own matmuls
+    inside the step. Met before, the model's choice. The wrapper keys a mix by the adapters' LoRA ids."""
+    from lora_ops.plan import build_plan
+
+    joined = [0] * 63 + [2]
+    assert build_plan(joined, width=TINYLLAMA_WIDTH, kernel=True, mix_met=lambda mix: True).mode == RUNS
+    assert build_plan(joined, width=TINYLLAMA_WIDTH, kernel=True, mix_met=lambda mix: False).mode == TOKENS
+    w = GroupedPunicaWrapperCPU(max_num_batched_tokens=256, max_batches=16, device="cpu")
+    ids = (10, 12)
+    w.update_metadata(LoRAMapping(ids, ids), [10, 11, 12, 13], 5, 1000)
+    assert w._mixes.met((10, 12)) and not w._mixes.met((10, 99))
