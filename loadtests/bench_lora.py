@@ -44,8 +44,8 @@ until no more requests are left than the engine runs at once (``throughput``;
 the closed workload's final drain, which a loaded server never runs, is
 reported apart as ``ratio_all``). The dtype is ``auto`` as the server resolves it
 (``serving.sizing.resolve_dtype``: bf16 only where the CPU has it natively).
-A row's ratio is the median over rounds of (its tok/s / the plain engine's
-tok/s in the same round). Wall-clock on a shared machine: the JSON records the
+A row's ratio is the median over rounds of (its tok/s / the geometric mean
+of the plain runs before and after its round). Wall-clock on a shared machine: the JSON records the
 CPU and the load average; rerun on a quiet machine to confirm.
 """
 

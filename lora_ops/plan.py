@@ -200,7 +200,7 @@ def choose_mode(
     their constants were fitted to. Measured in the engine (bench_lora's realistic model, bf16, two threads,
     8 Zipf adapters in 4 slots, quiet, one process, ``/tmp`` script): a prefill mix's call took 1.7-2.2 ms by
     GATHER against 0.67-0.73 ms by the kernel, a decode mix's 154-172 us by MASKED against 50-63 us, and the
-    workload ran at 0.74x the base with them against 0.93-0.96x without."""
+    workload ran at 0.74x the same engine's base workload with them against 0.93-0.96x without."""
     flops = width / REF_WIDTH
     runs_us = RUN_US * num_runs + RUN_TOKEN_US * flops * num_active
     if kernel:

@@ -402,13 +402,13 @@ void token_lora(const at::Tensor& y, const at::Tensor& x, const int64_t* forms, 
   const Call call{in, x.stride(0), y.stride(0), slices, outs.data(), starts.data(), static_cast<float>(scale)};
   const T* xs = x.const_data_ptr<T>();
   T* ys = y.data_ptr<T>();
-  const bool pairs = std::is_same_v<T, c10::BFloat16> && native_bf16 && cpu_has_native_bf16();
+  const bool in_pairs = std::is_same_v<T, c10::BFloat16> && native_bf16 && cpu_has_native_bf16();
   at::parallel_for(0, static_cast<int64_t>(blocks.size()), 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> xb(pairs ? 0 : BLOCK * in), h(BLOCK * width), c(BLOCK * rows);
-    std::vector<uint32_t> cp(pairs ? BLOCK * rows / 2 : 0);
+    std::vector<float> xb(in_pairs ? 0 : BLOCK * in), h(BLOCK * width), c(BLOCK * rows);
+    std::vector<uint32_t> cp(in_pairs ? BLOCK * rows / 2 : 0);
     for (int64_t i = begin; i < end; ++i) {
       if constexpr (std::is_same_v<T, c10::BFloat16>) {
-        if (pairs) {
+        if (in_pairs) {
           run_pairs(call, blocks[i], xs, ys, h.data(), c.data(), cp.data());
           continue;
         }
