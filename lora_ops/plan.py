@@ -39,12 +39,13 @@ The plan picks one of four ways to run a LoRA linear layer:
   of at most ``fused.COMPACT_ADAPTERS`` adapters, the most its kept compact
   sets hold (a bound per linear, whatever the slots).
 
-With the kernel, only ``RUNS`` competes with ``TOKENS`` (``choose_mode``:
-in an engine, ``GATHER`` and ``MASKED`` cost several times the kernel), and a
-new mix's decode-sized plan runs the kernel whatever the model says
-(``NEW_MIX_TOKENS``): it builds nothing, where ``RUNS`` would expand and pack
-a new adapter's own matmuls inside the step (the cold windows' longest steps:
-``loadtests.bench_cold_mix``), a cost that pays off only if the mix comes back.
+With the kernel, every step with adapter tokens runs ``TOKENS`` (``choose_mode``):
+measured in the engine, the kernel ran every kind of step faster than the
+modes that launch oneDNN's matmuls, one adapter's long prefill runs included,
+and it builds nothing for a new mix of adapters (where ``RUNS`` expands and
+packs a new adapter's own matmuls inside the step, and ``MASKED`` copies a
+compact set). The cost model below chooses only where the kernel could not
+be built.
 
 No mode's cost depends on the number of slots, so the plan does not take it.
 
@@ -55,20 +56,15 @@ Without the kernel, on TinyLlama-1.1B's layers, interleaved batches of up to
 ~210 tokens with 2 adapters present go MASKED, ~65 with 4, ~50 with 8;
 longer mixed batches GATHER unless each adapter's tokens are already
 contiguous (RUNS); one contiguous run (every token on one adapter) is RUNS.
-With the kernel, whose blocks read an adapter once for up to 8 of its tokens,
-TOKENS takes every batch but those of few long runs (at the reference width
-up to ~64 tokens of one adapter, on TinyLlama's layers ~20): long runs of
-one adapter stay RUNS (oneDNN's GEMM). Without it,
-decode batches with about ten or more adapters present, as long as their
-stacked weights stay small
-(``TOKENS_MAX_ELEMENTS``: on the demo model up to 141 tokens, on
-TinyLlama's layers 10).
+``TOKENS`` (stacked) takes decode batches with about ten or more adapters
+present, as long as their stacked weights stay small (``TOKENS_MAX_ELEMENTS``:
+on the demo model up to 141 tokens, on TinyLlama's layers 10).
 """
 
 from __future__ import annotations
 
-from collections import Counter, OrderedDict
-from collections.abc import Callable, Sequence
+from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -104,22 +100,6 @@ MASKED_TOKEN_SLOT_US = 0.34  # every token pays for every *present* slot
 TOKENS_US = 22.0
 TOKENS_TOKEN_US = 3.4
 TOKENS_MAX_ELEMENTS = 1 << 21
-# TOKENS by the kernel: one call, then per block of tokens that share an adapter (up to 8: ``blocks``) one read
-# of that adapter's weights, and per token its flops; no copy, so no bound. Fitted to the kernel alone
-# (bfloat16, bench_lora's realistic layers, one thread, weights in L2): 16 tokens on one adapter (2 blocks)
-# ~38 us a call, on 3 (6 blocks) ~50, on 16 (16 blocks) ~89. So a decode batch on one adapter runs the
-# kernel (RUNS: two oneDNN matmuls and an add), a prefill-sized run RUNS (oneDNN's GEMM does the flops
-# faster: at ~64 tokens on a layer of the reference width, at ~20 on TinyLlama's), and mixes of a few
-# adapters the kernel rather than MASKED (which pays P times the flops).
-KERNEL_US = 20.0
-KERNEL_BLOCK_US = 1.8
-KERNEL_TOKEN_US = 0.7
-# With the kernel, a decode-sized plan (at most this many tokens) whose mix of adapters is new runs TOKENS
-# whatever the cost model says: every other mode pays for the new mix inside the step first (a compact set
-# copied, or the new adapter's own matmuls expanded and packed), which the model does not count. Measured
-# (``loadtests.bench_cold_mix``, loaded, 8 hot tokens + 1 new adapter of rank 13, 54 or 216 in an engine of
-# max rank 256): the first 8 steps' LoRA work 24-75 ms by the kernel against 100-220 ms by RUNS or MASKED.
-NEW_MIX_TOKENS = 64
 
 
 @dataclass
@@ -183,61 +163,37 @@ def _contiguous_runs(slots: list[int]) -> list[tuple[int, int, int]]:
 
 
 def choose_mode(
-    num_tokens: int,
-    num_active: int,
-    num_present: int,
-    num_runs: int,
-    width: float = REF_WIDTH,
-    kernel: bool = False,
-    num_blocks: int | None = None,
+    num_tokens: int, num_active: int, num_present: int, num_runs: int, width: float = REF_WIDTH, kernel: bool = False
 ) -> str:
     """Cheapest mode by the rough cost model above, for layers of mean LoRA ``width`` (rank * (in + out));
-    ``kernel``: TOKENS runs the per-token kernel; ``num_blocks``: the kernel's blocks (:func:`kernel_blocks`;
-    None: one per active token).
+    ``kernel``: TOKENS runs the per-token kernel, and then always.
 
-    With the kernel only RUNS (oneDNN's GEMM on runs of one adapter) competes with it. Why: GATHER and MASKED
-    move or copy what the kernel reads in place, and in an engine they cost far more than the ops alone that
-    their constants were fitted to. Measured in the engine (bench_lora's realistic model, bf16, two threads,
-    8 Zipf adapters in 4 slots, quiet, one process, ``/tmp`` script): a prefill mix's call took 1.7-2.2 ms by
-    GATHER against 0.67-0.73 ms by the kernel, a decode mix's 154-172 us by MASKED against 50-63 us, and the
-    workload ran at 0.74x the same engine's base workload with them against 0.93-0.96x without."""
-    flops = width / REF_WIDTH
-    runs_us = RUN_US * num_runs + RUN_TOKEN_US * flops * num_active
+    Why always: measured in the engine (``bench_lora``'s worker with each call timed by path; its realistic
+    model, 16 sequences, 256 requests arriving in waves of 16, 2-core AMD EPYC with AVX-512 and avx512_bf16,
+    2026-12-02), the kernel ran each kind of step faster than the modes that launch oneDNN's matmuls:
+      - a prefill wave of 1,024 tokens on one adapter, per call (the mean of qkv, o, gate_up and down):
+        bf16 531 us against RUNS' 666, float32 938 against 1,395;
+      - a prefill wave on ~4 adapters (8 Zipf adapters in 4 slots): bf16 ~710 us against RUNS' 1,309
+        (about 12 runs, each a shrink and an expand per slice), float32 1,249 against 2,826 (loaded);
+      - 16 decode tokens on one adapter: ~32 us (RUNS' packed pair of matmuls and an add: ~50 alone).
+    Earlier stops had also measured GATHER (a prefill mix 1.7-2.2 ms) and MASKED (a decode mix 154-172 us)
+    at several times the kernel in the engine. Alone, with the weights in cache, oneDNN's GEMM does beat the
+    kernel on one adapter's run of 1,024 tokens (by 1.1-1.3x on realistic to 7B-sized layers): the engine's
+    steps evict what that comparison keeps warm. A CPU whose oneDNN has tile units (AMX) was not measured."""
     if kernel:
-        kernel_us = KERNEL_US + (KERNEL_BLOCK_US * (num_blocks or num_active) + KERNEL_TOKEN_US * num_active) * flops
-        return TOKENS if kernel_us < runs_us else RUNS
+        return TOKENS
+    flops = width / REF_WIDTH
     if num_runs == 1:  # one adapter, contiguous tokens: a plain run
         return RUNS
-    cost = {RUNS: runs_us, GATHER: GATHER_US + GATHER_SLOT_US * num_present + GATHER_TOKEN_US * flops * num_active}
+    cost = {
+        RUNS: RUN_US * num_runs + RUN_TOKEN_US * flops * num_active,
+        GATHER: GATHER_US + GATHER_SLOT_US * num_present + GATHER_TOKEN_US * flops * num_active,
+    }
     if num_present <= COMPACT_ADAPTERS:
         cost[MASKED] = MASKED_US + MASKED_TOKEN_SLOT_US * flops * num_tokens * num_present
     if num_tokens * width <= TOKENS_MAX_ELEMENTS:
         cost[TOKENS] = TOKENS_US + TOKENS_TOKEN_US * flops * num_tokens
     return min(cost, key=cost.__getitem__)
-
-
-def kernel_blocks(counts: Counter) -> int:
-    """The per-token kernel's blocks for these tokens per adapter: 8 at a time, the rest in blocks of 4, 2
-    and 1 (``csrc/token_lora.cpp``'s ``blocks_of``)."""
-    return sum(n // 8 + bin(n % 8).count("1") for n in counts.values())
-
-
-class RecentMixes:
-    """The mixes of adapters (their LoRA ids, sorted) present in the last ``size`` plans: has a step's mix been
-    met before? Keyed by the adapters, not the slots, so a mix whose adapters moved slots is still met."""
-
-    def __init__(self, size: int = 64) -> None:
-        self.size = size
-        self._mixes: OrderedDict[tuple[int, ...], None] = OrderedDict()
-
-    def met(self, mix: tuple[int, ...]) -> bool:
-        """Was ``mix`` met in an earlier plan? Records it as met now."""
-        seen = mix in self._mixes
-        self._mixes[mix] = None
-        self._mixes.move_to_end(mix)
-        if len(self._mixes) > self.size:
-            self._mixes.popitem(last=False)
-        return seen
 
 
 def slot_counts(token_slots: Sequence[int]) -> Counter[int]:
@@ -257,13 +213,11 @@ def build_plan(
     force_mode: str | None = None,
     width: float = REF_WIDTH,
     kernel: bool = False,
-    mix_met: Callable[[tuple[int, ...]], bool] | None = None,
     counts: Counter[int] | None = None,
 ) -> StepPlan:
     """Plan for one step from the per-token slot list (-1 = no adapter);
     ``width``: the mean LoRA width of the model's layers (see ``REF_WIDTH``);
-    ``kernel``: the per-token kernel is loaded (TOKENS costs less, unbounded);
-    ``mix_met``: was this mix of present slots met in an earlier plan (None: assume so);
+    ``kernel``: the per-token kernel is loaded (then every step with adapter tokens is TOKENS);
     ``counts``: :func:`slot_counts` of ``token_slots``, where the caller has counted them already."""
     n = len(token_slots)
     slots_t = torch.tensor(token_slots, dtype=torch.long)
@@ -277,12 +231,7 @@ def build_plan(
         raise ValueError(f"force_mode must be one of {MODES}, got {force_mode!r}")
     if force_mode == MASKED and len(present) > COMPACT_ADAPTERS:
         raise ValueError(f"force_mode {MASKED!r} runs at most {COMPACT_ADAPTERS} adapters, not {len(present)}")
-    met = True if mix_met is None or len(runs) == 1 else mix_met(present)
-    if force_mode is None and kernel and not met and n <= NEW_MIX_TOKENS:
-        mode = TOKENS  # a new mix, decode-sized: nothing to copy or pack for it in the step
-    else:
-        blocks = kernel_blocks(counts)
-        mode = force_mode or choose_mode(n, num_active, len(present), len(runs), width, kernel, blocks)
+    mode = force_mode or choose_mode(n, num_active, len(present), len(runs), width, kernel)
     if mode == RUNS:
         full = runs[0][0] if len(runs) == 1 and runs[0][2] - runs[0][1] == n else -1
         return StepPlan(n, RUNS, slots_t, tuple(runs), None, present, full)

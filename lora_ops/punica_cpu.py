@@ -33,7 +33,7 @@ from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
 from . import compiled, kernel
 from .fused import SCRATCH_MAX_BYTES, FusedLinear
 from .gemm import PACK_MAX_ROWS, ROWS_FOR
-from .plan import MASKED, NONE, REF_WIDTH, RUNS, TOKENS, RecentMixes, StepPlan, build_plan, slot_counts
+from .plan import MASKED, NONE, REF_WIDTH, RUNS, TOKENS, StepPlan, build_plan, slot_counts
 from .slots import install as install_slot_resets
 from .slots import slot_rank
 from .step import LayerStep, Matmuls, ResolvedCall
@@ -69,7 +69,6 @@ class GroupedPunicaWrapperCPU(PunicaWrapperCPU):
         self._slot_rows: dict[int, SlotRows] = {}  # id(FusedLinear) -> its slots' rows of the kernel's table
         self._slot_ids: list[int | None] = []  # the model manager's live slot -> LoRA id table
         self._width = REF_WIDTH  # mean LoRA width of the layers seen, for the plan's cost model
-        self._mixes = RecentMixes()  # the adapter mixes of recent plans, for the plan's cost model
         self._kernel = kernel.token_lora()  # built here if this machine has not yet: before the first step
         self._handle = compiled.register(self)  # how a compiled graph's op calls find this wrapper
 
@@ -94,13 +93,11 @@ class GroupedPunicaWrapperCPU(PunicaWrapperCPU):
         slot_of = {lid: i for i, lid in enumerate(lora_index_to_id) if lid is not None}
         token_slots = [slot_of[i] if i > 0 else -1 for i in mapping.index_mapping]
         self._prompt_slots = [slot_of[i] if i > 0 else -1 for i in mapping.prompt_mapping]
-        has_kernel = self._kernel is not None
-
-        def met(present: tuple[int, ...]) -> bool:
-            return self._mixes.met(tuple(sorted(lora_index_to_id[s] or 0 for s in present)))
-
         counts = slot_counts(token_slots)
-        self._plan = build_plan(token_slots, self.force_mode, self._plan_width(counts), has_kernel, met, counts)
+        if self._kernel is not None:  # every step with adapter tokens runs it: no cost to weigh (plan.choose_mode)
+            self._plan = build_plan(token_slots, self.force_mode, kernel=True, counts=counts)
+        else:
+            self._plan = build_plan(token_slots, self.force_mode, self._plan_width(counts), counts=counts)
         self._sampler_plan = None
         self._base_indices(self._plan.token_slots, max_loras, vocab_size)
         self.no_lora = self._plan.mode == NONE

@@ -47,7 +47,7 @@ def test_a_rotation_over_ranks_and_mixes_packs_only_the_fixed_shapes(vllm_world,
     layer = _Layer("qkv")  # 3 slots of max rank 32, 3 slices
     for slot in range(3):
         layer.load(slot, rng.randint(1, MAX_RANK))
-    # compact copies (MASKED: the cost model now runs most of these mixes by the kernel) and per-slot matmuls
+    # compact copies (MASKED: with the kernel built, "auto" runs every mix by it) and per-slot matmuls
     wrappers = [_wrapper(mode) for mode in ("auto", "masked", "runs", "gather")]
     for _ in range(20):
         layer.load(rng.randrange(3), rng.randint(1, MAX_RANK))  # a new adapter of any rank into some slot

@@ -1,6 +1,6 @@
 """The plan's mode choice (``lora_ops.plan``): the cost model's picks by tokens, present adapters and layer
-width, with and without the per-token kernel, and as the CPU punica wrapper plans its steps (the width of the
-layers it has run, a mix met for the first time)."""
+width without the per-token kernel, every step on the kernel where it was built, and as the CPU punica wrapper
+plans its steps (the width of the layers it has run, with the kernel or without)."""
 
 from __future__ import annotations
 
@@ -56,55 +56,26 @@ def test_cost_model_scales_token_costs_with_layer_width(case):
     assert build_plan(slots, width=TINYLLAMA_WIDTH).mode == at_tinyllama
 
 
-# With the per-token kernel: (tokens, present adapters interleaved among 32 slots) -> mode at TinyLlama's width.
+# With the per-token kernel, every step with adapter tokens runs it: token slots -> the mode without the kernel.
 KERNEL_CASES = {
-    "decode_16_of_16": ((16, 16), TOKENS),  # a rotation: unbounded by the kernel (stacked: RUNS)
-    "decode_16_of_8": ((16, 8), TOKENS),
-    "decode_16_of_4": ((16, 4), TOKENS),  # the kernel reads each adapter once for its block of 4 (MASKED: 4x flops)
-    "decode_64_of_8": ((64, 8), TOKENS),  # a block of 8 per adapter: read once, as GATHER's matmuls would
-    "decode_64_of_16": ((64, 16), TOKENS),
-    # 64 tokens per adapter, interleaved (256 runs): GATHER no longer competes with the kernel (choose_mode)
-    "decode_256_of_4": ((256, 4), TOKENS),
+    "rotation_16_of_16": (list(range(0, 32, 2)), RUNS),  # a rotation: unbounded by the kernel (stacked: too big)
+    "decode_16_of_4": (list(itertools.islice(itertools.cycle(range(0, 32, 8)), 16)), MASKED),
+    "decode_64_of_8": (list(itertools.islice(itertools.cycle(range(0, 32, 4)), 64)), GATHER),
+    "prefill_of_4": ([s for s in (0, 1, 0, 2, 3, 1, 0, 2) for _ in range(64)], RUNS),  # 8 requests' prompts
+    "one_adapter_decode_13": ([3] * 13, RUNS),  # blocks of 8, 4 and 1
+    "one_adapter_prefill_512": ([3] * 512, RUNS),  # one long run: no longer oneDNN's GEMM (choose_mode)
+    "a_run_and_a_new_adapter": ([0] * 63 + [2], MASKED),  # nothing packed for the new adapter inside the step
 }
 
 
 @pytest.mark.parametrize("case", list(KERNEL_CASES))
-def test_cost_model_with_the_kernel(case):
+def test_with_the_kernel_every_step_runs_it(case):
+    """At TinyLlama's width, whatever the mix or length: the cost model chooses only without the kernel."""
     from lora_ops.plan import build_plan
 
-    (tokens, present), want = KERNEL_CASES[case]
-    slots = list(itertools.islice(itertools.cycle(range(0, 32, 32 // present)), tokens))
-    assert build_plan(slots, width=TINYLLAMA_WIDTH, kernel=True).mode == want
-
-
-# One adapter, every token on it: (tokens, width) -> mode with the kernel.
-ONE_ADAPTER_CASES = {
-    "decode_16": ((16, None), TOKENS),  # the kernel's one call (2 blocks of 8) against two matmuls and an add
-    "decode_13": ((13, None), TOKENS),  # blocks of 8, 4 and 1
-    "prefill_512": ((512, None), RUNS),  # oneDNN's GEMM
-    "run_32_wide": ((32, TINYLLAMA_WIDTH), RUNS),  # wide layers: the flops weigh more than the calls
-}
-
-
-@pytest.mark.parametrize("case", list(ONE_ADAPTER_CASES))
-def test_one_adapter_runs_the_kernel_when_decode_sized(case):
-    from lora_ops.plan import REF_WIDTH, build_plan
-
-    (tokens, width), want = ONE_ADAPTER_CASES[case]
-    assert build_plan([3] * tokens, width=width or REF_WIDTH, kernel=True).mode == want
-    assert build_plan([3] * tokens, width=width or REF_WIDTH).mode == RUNS  # stacked TOKENS never beats a run
-
-
-def test_kernel_blocks_match_the_kernels_cut():
-    """8 tokens a block, the rest in blocks of 4, 2 and 1, per adapter (csrc/token_lora.cpp's ``blocks_of``)."""
-    from collections import Counter
-
-    from lora_ops.plan import kernel_blocks
-
-    assert kernel_blocks(Counter({0: 16})) == 2
-    assert kernel_blocks(Counter({0: 13, 5: 1})) == 4  # 8 + 4 + 1, and 1
-    assert kernel_blocks(Counter({s: 2 for s in range(8)})) == 8
-    assert kernel_blocks(Counter({0: 7})) == 3  # 4 + 2 + 1
+    slots, without = KERNEL_CASES[case]
+    assert build_plan(slots, width=TINYLLAMA_WIDTH, kernel=True).mode == TOKENS
+    assert build_plan(slots, width=TINYLLAMA_WIDTH).mode == without
 
 
 # token slots -> tokens per slot present (-1: no adapter, never a slot).
@@ -130,26 +101,26 @@ def test_slot_counts_are_the_present_slots_and_the_plan_is_built_from_them(case)
 
 
 def test_plan_uses_the_width_of_the_layers_seen():
-    """The wrapper learns its layers' LoRA width from the first step that runs
-    them, and plans the following steps with it."""
+    """Without the kernel, the wrapper learns its layers' LoRA width from the first step that runs them, and
+    plans the following steps with it."""
     fan_in, slices, slots = 2048, (2048, 256, 256), 8  # a TinyLlama-like qkv at rank 16
     a = tuple(torch.randn(slots, 1, 16, fan_in) for _ in slices)
     b = tuple(torch.randn(slots, 1, n, 16) for n in slices)
-    ids = [5] * 32  # one adapter, 32 tokens
+    ids = tuple(itertools.islice(itertools.cycle(range(1, slots + 1)), 64))  # 64 decode tokens on 8 adapters
     w = GroupedPunicaWrapperCPU(256, 64, "cpu")
+    w._kernel = None
     table: list[int | None] = list(range(1, slots + 1))
-    w.update_metadata(LoRAMapping(tuple(ids), tuple(ids)), table, slots + 1, 1000)
-    assert w._kernel is not None
-    assert w._plan.mode == TOKENS  # no layer seen yet: at the reference width, the kernel's one call is cheapest
-    w.add_lora_linear(torch.zeros(32, sum(slices)), torch.randn(32, fan_in), a, b, 1.0, slices)
-    w.update_metadata(LoRAMapping(tuple(ids), tuple(ids)), table, slots + 1, 1000)
-    assert w._plan.mode == RUNS  # 48 * (2048 + 2560) per token: the flops outweigh the two matmuls' calls
+    w.update_metadata(LoRAMapping(ids, ids), table, slots + 1, 1000)
+    assert w._plan.mode == MASKED  # no layer seen yet: at the reference width, 8x the flops are still few
+    w.add_lora_linear(torch.zeros(64, sum(slices)), torch.randn(64, fan_in), a, b, 1.0, slices)
+    w.update_metadata(LoRAMapping(ids, ids), table, slots + 1, 1000)
+    assert w._plan.mode == GATHER  # 48 * (2048 + 2560) per token: 8x those flops outweigh GATHER's matmuls
 
 
 def test_with_the_kernel_every_mix_runs_it_and_without_it_gather_or_masked() -> None:
-    """With the kernel, GATHER and MASKED are never chosen (``choose_mode``): a decode mix runs TOKENS, new or
-    met before, with its adapters in any slots, and so does a prefill mix of requests on four adapters.
-    Without the kernel, MASKED and GATHER."""
+    """The wrapper plans with the kernel where it was built: a decode mix runs TOKENS, new or met before, with
+    its adapters in any slots, and so does a prefill mix of requests on four adapters. Without it, MASKED and
+    GATHER."""
     w = GroupedPunicaWrapperCPU(max_num_batched_tokens=2048, max_batches=16, device="cpu")
     assert w._kernel is not None  # built on this machine (make install builds it ahead)
 
@@ -165,18 +136,3 @@ def test_with_the_kernel_every_mix_runs_it_and_without_it_gather_or_masked() -> 
     w._kernel = None
     assert mode([10, 11, 12, 13], mix) == MASKED
     assert mode([10, 11, 12, 13], prefill) == GATHER
-
-
-def test_a_new_mix_runs_the_kernel_where_the_model_would_run_its_adapters_runs() -> None:
-    """A decode-sized plan whose mix is new runs TOKENS even where the model prefers RUNS (a long run of one
-    adapter and a new one's token, on wide layers): RUNS would expand and pack the new adapter's own matmuls
-    inside the step. Met before, the model's choice. The wrapper keys a mix by the adapters' LoRA ids."""
-    from lora_ops.plan import build_plan
-
-    joined = [0] * 63 + [2]
-    assert build_plan(joined, width=TINYLLAMA_WIDTH, kernel=True, mix_met=lambda mix: True).mode == RUNS
-    assert build_plan(joined, width=TINYLLAMA_WIDTH, kernel=True, mix_met=lambda mix: False).mode == TOKENS
-    w = GroupedPunicaWrapperCPU(max_num_batched_tokens=256, max_batches=16, device="cpu")
-    ids = (10, 12)
-    w.update_metadata(LoRAMapping(ids, ids), [10, 11, 12, 13], 5, 1000)
-    assert w._mixes.met((10, 12)) and not w._mixes.met((10, 99))
