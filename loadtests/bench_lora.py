@@ -189,14 +189,15 @@ def run_worker(args: argparse.Namespace) -> None:
     startup_s = time.perf_counter() - t0
     loras = [LoRARequest(f"adapter_{i}", i + 1, str(p)) for i, p in enumerate(adapters)]
     vocab = json.loads((Path(args.group_dir) / "model" / "config.json").read_text())["vocab_size"]
-    counter = iter(range(10**9))
+    counter = iter(range(10**9))  # one number a request: its id and its prompt's seed
 
-    def prompts(n: int) -> list[TokensPrompt]:
+    def prompts(n: int) -> list[tuple[str, TokensPrompt]]:
         # Distinct prompts, so no two requests share a KV prefix.
         out = []
         for _ in range(n):
             k = next(counter)
-            out.append(TokensPrompt(prompt_token_ids=[(k * 7919 + j * 104729) % (vocab - 10) + 5 for j in range(64)]))
+            ids = [(k * 7919 + j * 104729) % (vocab - 10) + 5 for j in range(64)]
+            out.append((f"b{k}", TokensPrompt(prompt_token_ids=ids)))
         return out
 
     def assignment(workload: str, rnd: int) -> list[LoRARequest | None]:
@@ -207,7 +208,6 @@ def run_worker(args: argparse.Namespace) -> None:
         return [loras[i] for i in zipf_assignment(args.requests, NUM_ADAPTERS, ZIPF_S, 1234 + rnd)]
 
     core = llm.llm_engine
-    ids = iter(range(10**9))
 
     def run(reqs: list[LoRARequest | None], max_tokens: int) -> list[Step]:
         """Add every request, then step the engine to the end, recording each step (the steady window's source)."""
@@ -215,8 +215,8 @@ def run_worker(args: argparse.Namespace) -> None:
             max_tokens=max_tokens, temperature=0.0, ignore_eos=True, detokenize=False,
             output_kind=RequestOutputKind.DELTA,
         )  # fmt: skip
-        for prompt, lora in zip(prompts(len(reqs)), reqs, strict=True):
-            core.add_request(f"b{next(ids)}", prompt, params, lora_request=lora)
+        for (request_id, prompt), lora in zip(prompts(len(reqs)), reqs, strict=True):
+            core.add_request(request_id, prompt, params, lora_request=lora)
         start, cpu, tokens = time.perf_counter(), _cpu_s(), 0
         steps = []
         while core.has_unfinished_requests():
