@@ -103,12 +103,13 @@ class GroupedPunicaWrapperCPU(PunicaWrapperCPU):
         self.no_lora = self._plan.mode == NONE
 
     def _plan_width(self, present: Collection[int]) -> float:
-        """The layers' mean LoRA width at the ranks written in the present slots, not at ``max_lora_rank``.
+        """The layers' mean LoRA width at the ranks written in the present slots, not at ``max_lora_rank``: the
+        cost model's width where the kernel could not be built (with it, every step runs it: nothing to cost).
 
-        Why: every mode's matmuls take only the rows an adapter wrote (``fused``, the kernel), so a mode's cost
-        per token scales with the adapters' own ranks; costed at the slots' full rank, an engine of max rank
-        256 serving rank-13 adapters priced the kernel (per-token work) 20x too high against RUNS and MASKED
-        (per-op costs), and chose them where the kernel ran a new mix 4x faster (``loadtests.bench_cold_mix``).
+        Why: every mode's matmuls take only the rows an adapter wrote (``fused``), so a mode's cost per token
+        scales with the adapters' own ranks; costed at the slots' full rank, an engine of max rank 256 serving
+        rank-13 adapters priced the per-token work 20x too high against the per-op costs (it once chose RUNS
+        and MASKED where the kernel ran a new mix 4x faster: ``loadtests.bench_cold_mix``).
         The ranks are ``set_lora``'s records (``slots.slot_rank``), written before vLLM updates the mapping.
         ``present``: the step's slots, each once, no -1 (``plan.slot_counts``' keys: counted once a step).
         """
