@@ -471,8 +471,8 @@ def quick_listener_close() -> Iterator[None]:
 
 @pytest.fixture
 def postgres_url(postgres: PostgresCluster) -> Iterator[str]:
-    """The URL of a new, empty database on the session's cluster (one per test: tests stay independent), dropped
-    after the test."""
+    """The URL of a new, empty database on the session's cluster (one per test: tests stay independent), given
+    back after the test (emptied and renamed for a later test: ``PostgresCluster.give_back``)."""
     url = postgres.database()
     yield url
-    postgres.drop(url)
+    postgres.give_back(url)
