@@ -415,18 +415,26 @@ def server(demo_assets, tmp_path_factory) -> Iterator[RunningServer]:
 
 @pytest.fixture(scope="session")
 def s3_server() -> Iterator[str]:
-    """A real S3-compatible HTTP server in this process (moto), with credentials in the environment."""
-    from moto.server import ThreadedMotoServer
+    """A real S3-compatible HTTP server in this process (moto), with credentials in the environment.
+
+    What moto's ``ThreadedMotoServer`` runs (its WSGI app and request handler in werkzeug's threaded server), with
+    the server's loop polling for shutdown every 0.02 s instead of ``serve_forever``'s 0.5 s: stopping it waited
+    0.2-0.5 s at the end of every worker that ran an S3 test."""
+    from moto.moto_server.werkzeug_app import DomainDispatcherApplication, MotoRequestHandler, create_backend_app
+    from werkzeug.serving import make_server
 
     saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}
     os.environ.update(AWS_ACCESS_KEY_ID="test-key", AWS_SECRET_ACCESS_KEY="test-secret", AWS_DEFAULT_REGION="us-east-1")
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
+    app = DomainDispatcherApplication(create_backend_app)
+    server = make_server("127.0.0.1", free_port(), app, threaded=True, request_handler=MotoRequestHandler)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
+    thread.start()
     try:
-        yield f"http://127.0.0.1:{port}"
+        yield f"http://127.0.0.1:{server.server_port}"
     finally:
-        server.stop()
+        server.shutdown()
+        thread.join()
+        server.server_close()
         for key, value in saved.items():
             if value is None:
                 os.environ.pop(key, None)
@@ -463,8 +471,8 @@ def quick_listener_close() -> Iterator[None]:
 
 @pytest.fixture
 def postgres_url(postgres: PostgresCluster) -> Iterator[str]:
-    """The URL of a new, empty database on the session's cluster (one per test: tests stay independent), dropped
-    after the test."""
+    """The URL of a new, empty database on the session's cluster (one per test: tests stay independent), given
+    back after the test (emptied and renamed for a later test: ``PostgresCluster.give_back``)."""
     url = postgres.database()
     yield url
-    postgres.drop(url)
+    postgres.give_back(url)

@@ -18,6 +18,7 @@ from adapter_store.settings import LocalSourceSettings
 from adapter_store.sources import SourceSet
 from adapter_store.validation import AdapterValidator, BaseModelSpec, register_directory
 from tests.adapter_store.helpers import BASE_NAME, write_adapter, write_base_config
+from tests.adapter_store.test_catalog import within
 
 
 class World:
@@ -358,7 +359,9 @@ def test_a_registration_adopting_files_while_a_request_fetches_them_does_not_col
     def fetch_while_adopting(uri: str, dest: Path) -> None:
         world.sources.fetch(uri, dest, max_bytes=1 << 20)
         threading.Thread(target=adopt).start()
-        adopted.wait(timeout=1)  # unfixed, the registration's rename lands here, before the request's
+        # Until the registration waits for the version's fetch lock (this request holds it), or, unfixed, is done:
+        # then its rename lands here, before the request's. A fixed wait (1 s) cost the test its whole length.
+        within(10.0, lambda: adopted.is_set() or cache._fetch_locks[version.version].holders > 1)
 
     cache = DiskCache(
         tmp_path / "store" / "cache",

@@ -366,12 +366,13 @@ def test_on_sqlite_publishing_sends_nothing_and_subscribers_are_never_called(tmp
 
 @pytest.fixture
 def heartbeat(monkeypatch: pytest.MonkeyPatch) -> tuple[float, float]:
-    """The listener's heartbeat period and deadline, 0.3 s and 1 s here instead of 1 s and 2 s: the same
-    mechanism (a round trip on a timer, the connection cut at its deadline), and ~2.5 s less per test, most of
-    it waiting for the deadline. 1 s still leaves a loaded machine's ``SELECT 1`` on localhost ample time."""
-    monkeypatch.setattr(adapter_store.changes, "HEARTBEAT_S", 0.3)
-    monkeypatch.setattr(adapter_store.changes, "HEARTBEAT_TIMEOUT_S", 1.0)
-    return 0.3, 1.0
+    """The listener's heartbeat period and deadline, 0.15 s and 0.6 s here instead of 1 s and 2 s: the same
+    mechanism (a round trip on a timer, the connection cut at its deadline), and ~3 s less per test, most of
+    it waiting for the deadline (0.3 s and 1 s took 1.75 s a test, 0.15 and 0.6 s ~1 s). 0.6 s still leaves a
+    loaded machine's ``SELECT 1`` on localhost ample time."""
+    monkeypatch.setattr(adapter_store.changes, "HEARTBEAT_S", 0.15)
+    monkeypatch.setattr(adapter_store.changes, "HEARTBEAT_TIMEOUT_S", 0.6)
+    return 0.15, 0.6
 
 
 def test_a_registry_that_stops_answering_is_an_outage_within_seconds_and_the_listener_reconnects(

@@ -5,9 +5,12 @@ vendored in deploy/k8s/crds. Negative controls show each checker catches a typo.
 from __future__ import annotations
 
 import copy
+import functools
+from collections.abc import Iterator
 
 import jsonschema
 import kubernetes_validate
+import kubernetes_validate.utils
 import pytest
 import yaml
 
@@ -20,6 +23,18 @@ K8S_VERSIONS = ("1.31", "1.37")
 @pytest.fixture(scope="module")
 def schemas() -> dict:
     return crd_schemas()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def parsed_once() -> Iterator[None]:
+    """kubernetes-validate parses its schema files on every ``validate`` call, its 1.3-1.8 MiB ``_definitions.json`` too:
+    ~1 CPU-s of this module's ~2 went to parsing the same files again. Here each file is parsed once per module;
+    the validation is the library's own, on the same schemas (it does not change what it parsed)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(
+            kubernetes_validate.utils, "schema_contents", functools.cache(kubernetes_validate.utils.schema_contents)
+        )
+        yield
 
 
 def is_custom(obj: dict, schemas: dict) -> bool:

@@ -9,7 +9,7 @@ here per slice (``x @ A_i.T @ B_i.T``), not by our code.
 
 from __future__ import annotations
 
-import gc
+import weakref
 from typing import Any
 
 import pytest
@@ -102,16 +102,22 @@ def test_an_evicted_adapter_leaves_nothing_behind(vllm_world) -> None:  # noqa: 
     m.cache = {1: _weights(m.layer, 16, seed=1), 2: _weights(m.layer, 16, seed=2)}
     m.activate(1, 1)
     m.activate(2, 1)
-    del m.cache[1]
-    gc.collect()
+    _evict(m.cache, 1)
     for lora_id in range(3, 3 + 3 * SLOTS):  # more adapters than the forms kept: the bound holds
         m.cache[lora_id] = _weights(m.layer, 8 + lora_id, seed=lora_id)
         m.activate(lora_id, lora_id % SLOTS)
         m.check(lora_id % SLOTS, lora_id)
         assert all(ref() is not None for ref, _ in m.fused._prepared.values())  # freed adapters' forms are gone
         assert len(m.fused._prepared) <= 2 * SLOTS
-        del m.cache[lora_id - 1]  # the previous one leaves the host cache
-        gc.collect()
+        _evict(m.cache, lora_id - 1)  # the previous one leaves the host cache
+
+
+def _evict(cache: dict[int, tuple[Any, Any]], lora_id: int) -> None:
+    """The adapter leaves the host cache, and its tensors are freed then and there: nothing of ours holds them, in
+    a cycle or otherwise, so the check after it is not vacuous. (A full garbage collection after each eviction
+    took 0.13 s, 1.7 of the test's 1.8 CPU-s, and let a form that kept its adapter alive pass.)"""
+    refs = [weakref.ref(t) for part in cache.pop(lora_id) for t in _listed(part) if t is not None]
+    assert refs and all(ref() is None for ref in refs), "an evicted adapter's tensors outlived the host cache"
 
 
 def test_a_new_version_under_the_same_slot_is_served_its_own_weights(vllm_world) -> None:  # noqa: F811
