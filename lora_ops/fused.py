@@ -79,9 +79,9 @@ PREPARED_PER_SLOT = 2
 # Forms per linear that also keep their own matmuls' copies (the block-diagonal B and, once warm, both weights
 # packed for oneDNN: the form's expanded state), the most recently run kept and never one in a slot dropped;
 # any other form runs its weights as they lie (``AdapterLinear.bare``: unpacked shrink, one matmul per slice to
-# expand). Bounded per linear, not per slot (``shared_copy_bytes``): the paths that use them (RUNS: long runs
-# of one adapter; without the kernel also GATHER and MASKED's few-adapter mixes) run few adapters, and every
-# other step runs the per-token kernel, which reads the forms as they lie.
+# expand). Bounded per linear, not per slot (``shared_copy_bytes``): only the paths that run where the per-token
+# kernel could not be built use them (RUNS, GATHER, MASKED's few-adapter mixes), and they run few adapters; with
+# the kernel every step runs it, which reads the forms as they lie.
 EXPANDED_FORMS = 8
 SCRATCH_MAX_BYTES = 64 << 20
 """The scratch buffers a punica wrapper (``punica_cpu``) keeps between steps, at most (plus the buffers of the op

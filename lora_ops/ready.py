@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 
+from . import kernel
 from .fused import AdapterLinear, packed_rank
 from .slots import adapter_tensor, offer, written_rank
 
@@ -45,6 +46,7 @@ def prepare(manager: Any, lora_model: Any) -> int:
     for lora in lora_model.loras.values():
         lora.optimize()  # B *= scaling, as add_adapter would do after us
     offered = 0
+    expand = kernel.token_lora() is None  # with the kernel every step runs it, and it never reads ``b``
     for name, layer in manager.modules.items():
         if not isinstance(layer, BaseLinearLayerWithLoRA) or layer.tp_size != 1:
             continue
@@ -54,7 +56,8 @@ def prepare(manager: Any, lora_model: Any) -> int:
         source = adapter_tensor(*args)
         a_list, b_list = ([t] if isinstance(t, torch.Tensor) else t for t in args)
         form = from_weights(layer.lora_a_stacked, tuple(layer.output_slices), a_list, b_list, written_rank(*args))
-        _ = form.b  # the block-diagonal B too: the first decode step's expand would build it
+        if expand:
+            _ = form.b  # the block-diagonal B too: without the kernel, the first decode step's expand builds it
         offer(layer.lora_a_stacked, source, form)
         offered += 1
     return offered

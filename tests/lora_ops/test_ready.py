@@ -27,7 +27,7 @@ from vllm.lora.lora_model import LoRAModel
 from vllm.lora.lora_weights import LoRALayerWeights
 from vllm.lora.model_manager import LoRAModelManager
 
-from lora_ops import slots
+from lora_ops import kernel, slots
 from lora_ops.fused import FusedLinear
 from lora_ops.ready import from_weights, prepare
 
@@ -122,6 +122,27 @@ def test_forms_built_before_the_activation_are_what_the_step_points_at(vllm_worl
     for name, fused in m.fused.items():
         assert fused.slots[slot] is offered[name]  # the step built nothing
         assert not _waiting(m.modules[name])  # taken, not left behind
+    _check(m, slot, reference)
+
+
+@pytest.mark.parametrize("has_kernel", [True, False], ids=["kernel", "no_kernel"])
+def test_the_block_diagonal_b_is_built_ahead_only_for_the_paths_that_read_it(
+    vllm_world,  # noqa: F811
+    monkeypatch,
+    has_kernel: bool,
+) -> None:
+    """With the kernel every step runs it, which reads the forms' A and parts: the loading thread leaves the
+    block-diagonal B (what RUNS and MASKED expand against) unbuilt. Without it, B is built ahead."""
+    assert kernel.token_lora() is not None  # built on this machine (make install builds it ahead)
+    if not has_kernel:
+        monkeypatch.setattr(kernel, "token_lora", lambda: None)
+    m = _ModelManager()
+    lora, reference = _adapter(m, 1, rank=12, alpha=24, seed=1)
+    assert prepare(m, lora) == 3
+    forms = [next(iter(_waiting(layer).values()))[1] for layer in m.modules.values()]
+    assert all((form._b is None) is has_kernel for form in forms)
+    slot = m.add_and_activate(lora)
+    m.step()
     _check(m, slot, reference)
 
 
