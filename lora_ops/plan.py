@@ -168,13 +168,15 @@ def choose_mode(
     """Cheapest mode by the rough cost model above, for layers of mean LoRA ``width`` (rank * (in + out));
     ``kernel``: TOKENS runs the per-token kernel, and then always.
 
-    Why always: measured in the engine (``bench_lora``'s worker with each call timed by path; its realistic
-    model, 16 sequences, 256 requests arriving in waves of 16, 2-core AMD EPYC with AVX-512 and avx512_bf16,
-    2026-12-02), the kernel ran each kind of step faster than the modes that launch oneDNN's matmuls:
+    Why always: measured in the engine (``bench_lora``'s worker with each call timed by path, the workloads
+    run in turn with the mode forced and not; its realistic model, 16 sequences, 256 requests arriving in waves
+    of 16; 2-core AMD EPYC with AVX-512 and avx512_bf16, 2026-12-02, with a helper's tests running on the same
+    cores, so medians of many calls, each comparison within one run), the kernel ran each kind of step faster
+    than the modes that launch oneDNN's matmuls:
       - a prefill wave of 1,024 tokens on one adapter, per call (the mean of qkv, o, gate_up and down):
         bf16 531 us against RUNS' 666, float32 938 against 1,395;
-      - a prefill wave on ~4 adapters (8 Zipf adapters in 4 slots): bf16 ~710 us against RUNS' 1,309
-        (about 12 runs, each a shrink and an expand per slice), float32 1,249 against 2,826 (loaded);
+      - a prefill wave on ~4 adapters (8 Zipf adapters in 4 slots, about a dozen runs of requests, each a
+        shrink and an expand per slice): bf16 714 us against RUNS' 1,832, float32 1,249 against 2,826;
       - 16 decode tokens on one adapter: ~32 us (RUNS' packed pair of matmuls and an add: ~50 alone).
     Earlier stops had also measured GATHER (a prefill mix 1.7-2.2 ms) and MASKED (a decode mix 154-172 us)
     at several times the kernel in the engine. Alone, with the weights in cache, oneDNN's GEMM does beat the
