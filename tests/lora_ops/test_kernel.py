@@ -54,6 +54,17 @@ def _reference(y0: torch.Tensor, x: torch.Tensor, forms: list[AdapterLinear | No
     return want
 
 
+def _on_threads(
+    threads: int, y: torch.Tensor, x: torch.Tensor, chosen: list, scale: float, slices, native_bf16
+) -> None:
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        _call(y, x, chosen, scale, slices, native_bf16)
+    finally:
+        torch.set_num_threads(before)
+
+
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}
 # (dtype, native_bf16): bfloat16 runs in bf16 pairs where the CPU has AVX512_BF16, else (and when told not to)
 # widened to float32 like the other dtypes; both paths are checked where the CPU has both.
@@ -82,12 +93,7 @@ def test_each_token_gets_its_own_adapter(path: str, threads: int) -> None:
     x = torch.randn(len(chosen), IN, generator=g).to(dtype)
     y0 = torch.randn(len(chosen), sum(SLICES), generator=g).to(dtype)
     y = y0.clone()
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        _call(y, x, chosen, 0.5, native_bf16=native_bf16)
-    finally:
-        torch.set_num_threads(before)
+    _on_threads(threads, y, x, chosen, 0.5, SLICES, native_bf16)
     tol = TOLERANCE[dtype]
     torch.testing.assert_close(y.double(), _reference(y0, x, chosen, 0.5), atol=tol, rtol=tol)
     assert torch.equal(y[2], y0[2]) and torch.equal(y[4], y0[4])  # no adapter / adapter not on this linear
@@ -115,17 +121,40 @@ def test_tokens_sharing_an_adapter_run_in_blocks(case: str, path: str) -> None:
     x = torch.randn(len(chosen), fan_in, generator=g).to(dtype)
     y0 = torch.randn(len(chosen), sum(slices), generator=g).to(dtype)
     y = y0.clone()
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        _call(y, x, chosen, 0.75, slices, native_bf16)
-    finally:
-        torch.set_num_threads(before)
+    _on_threads(2, y, x, chosen, 0.75, slices, native_bf16)
     tol = TOLERANCE[dtype]
     torch.testing.assert_close(y.double(), _reference(y0, x, chosen, 0.75), atol=tol, rtol=tol)
     for t, form in enumerate(chosen):
         if form is None:
             assert torch.equal(y[t], y0[t])
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+def test_a_tokens_output_does_not_depend_on_the_call_it_shares(path: str) -> None:
+    """Bit for bit the same row for a token in a block of 8, of 4 (13 tokens: 8 + 4 + 1), alone, among other
+    adapters' blocks and on one thread: each token's sums run over its own row in one order whatever block and
+    thread it is in, so a request's tokens do not depend on its batch (which the engine tests' alone-against-
+    mixed checks lean on)."""
+    dtype, native_bf16 = PATHS[path]
+    fan_in, slices = 1001, (100, 37)
+    g = torch.Generator().manual_seed(5)
+    forms = [_form(16, 16, dtype, g, fan_in=fan_in, slices=slices) for _ in range(3)]
+    x_row, y_row = torch.randn(fan_in, generator=g).to(dtype), torch.randn(sum(slices), generator=g).to(dtype)
+    rows = {}
+    for name, threads, chosen, t in (  # t: the token's index in the call
+        ("block of 8", 2, [forms[0]] * 8, 3),
+        ("block of 4", 2, [forms[1]] * 8 + [forms[0]] * 5, 8),
+        ("alone", 2, [forms[1]] * 12 + [forms[0]], 12),
+        ("mixed", 2, [forms[1], forms[0], forms[2]] * 8, 1),
+        ("one thread", 1, [forms[0]] * 8, 3),
+    ):
+        x = torch.randn(len(chosen), fan_in, generator=g).to(dtype)
+        y = torch.randn(len(chosen), sum(slices), generator=g).to(dtype)
+        x[t], y[t] = x_row, y_row
+        _on_threads(threads, y, x, chosen, 0.5, slices, native_bf16)
+        rows[name] = y[t]
+    for name, row in rows.items():
+        assert torch.equal(row, rows["block of 8"]), name
 
 
 def test_strided_rows_are_read_and_written_in_place() -> None:
