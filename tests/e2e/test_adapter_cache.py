@@ -80,17 +80,25 @@ def slot_copies_in_memory(base: Path, rank: int, dtype_bytes: int) -> int:
     return layers * sum(slot_copy_bytes(fan_in, outs, rank, dtype_bytes) for fan_in, outs in linears)
 
 
-def lora_ops_fixed_in_memory(base: Path, rank: int, dtype_bytes: int, slots: int) -> int:
-    """What the CPU LoRA ops keep beyond ``slots`` slots' forms: scratch, per linear shape the packed matmuls'
-    primitives and the compact sets' first shapes, and per linear of every layer the copies bounded per linear
-    (lora_ops.punica_cpu, lora_ops.gemm, lora_ops.fused)."""
+def lora_ops_fixed_in_memory(base: Path, rank: int, dtype_bytes: int, slots: int, max_tokens: int) -> int:
+    """What the CPU LoRA ops keep beyond ``slots`` slots' forms: per linear of every layer the copies bounded per
+    linear and, where the per-token kernel loads (as in the server's processes, on this machine), its tables for
+    steps of up to ``max_tokens``; else scratch, and per linear shape the packed matmuls' primitives and the
+    compact sets' first shapes (lora_ops.token_step, lora_ops.punica_cpu, lora_ops.gemm, lora_ops.fused)."""
+    from lora_ops import kernel
     from lora_ops.fused import SCRATCH_MAX_BYTES, compact_matmul_bytes, shared_copy_bytes
     from lora_ops.gemm import packed_matmul_bytes
+    from lora_ops.token_step import table_bytes
 
     hidden, inter, layers, q, kv = _shapes(base)
     linears = [(hidden, (q, kv, kv)), (q, (hidden,)), (hidden, (inter, inter)), (inter, (hidden,))]
+    with_kernel = kernel.token_lora() is not None
+    shared = layers * sum(
+        shared_copy_bytes(f, outs, rank, dtype_bytes, slots, kernel=with_kernel) for f, outs in linears
+    )
+    if with_kernel:
+        return shared + layers * sum(table_bytes(max_tokens, len(outs), slots) for _, outs in linears)
     compact = compact_matmul_bytes(max(max(fan_in, sum(outs)) for fan_in, outs in linears), dtype_bytes)
-    shared = layers * sum(shared_copy_bytes(f, outs, rank, dtype_bytes, slots) for f, outs in linears)
     return (
         SCRATCH_MAX_BYTES
         + compact
@@ -126,7 +134,8 @@ def cached(demo_assets, tmp_path_factory) -> Iterator[Cached]:
     assert config["model"]["dtype"] == "float32"
     per_adapter = adapter_bytes_in_memory(demo_assets.base, MAX_LORA_RANK, 4)
     per_slot = per_adapter + slot_copies_in_memory(demo_assets.base, MAX_LORA_RANK, 4)  # vLLM's buffers + copies
-    fixed = lora_ops_fixed_in_memory(demo_assets.base, MAX_LORA_RANK, 4, MAX_LORAS)
+    max_tokens = config["engine"]["max_num_batched_tokens"]
+    fixed = lora_ops_fixed_in_memory(demo_assets.base, MAX_LORA_RANK, 4, MAX_LORAS, max_tokens)
     memory_budget = fixed + MAX_LORAS * per_slot + BUDGETED_LORAS * per_adapter + per_adapter // 2
     config["store"] = {
         "root": str(workdir / "store"),
