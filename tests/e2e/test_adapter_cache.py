@@ -3,14 +3,16 @@
 Eight adapters (rescaled copies of the demo adapters, each with its own
 digest and its own outputs) live in a local source and are registered on
 demand by their first request. ``store.memory_budget_bytes`` is set to hold
-the CPU LoRA ops' fixed part (scratch and packed-matmul primitives), the two
+the CPU LoRA ops' fixed part (with their per-token kernel, its tables and the
+forms built ahead of activation; without it, scratch and packed-matmul
+primitives too: ``serving/sizing.py``), the two
 LoRA slots (vLLM's buffers and the CPU LoRA ops' copies of each,
 ``serving/sizing.py``) and three adapters of the maximal rank (computed here
 from the base's shapes) and ``engine.max_cpu_loras`` is left out, so our code
 must size the engine's host cache from what the budget leaves: three
 adapters, where vLLM's own default would be ``max_loras = 2``. The disk cache
 holds five adapters. ``max_lora_rank`` is 256 so that what the budget pays for
-(~130 MB, most of it the slots' copies) stands well above the noise of the
+(~55 MiB with the per-token kernel, most of it the slots' copies) stands above the noise of the
 processes' RSS, which is measured against the budget under load.
 Under concurrent Zipf-distributed load every answer must equal that
 adapter's answer when it was served alone, while the tiers' limits are
@@ -293,7 +295,9 @@ def test_rss_growth_under_load_stays_within_the_memory_budget(cached: Cached) ->
 
     Measured (loaded 2-core EPYC): 76-105 MiB of growth against the 122 MiB budget before the LoRA ops' fixed part
     was charged (with the slots left out of the budget too, a 16 MiB budget for the same sizes, this failed);
-    38 MiB against 249 MiB with it (scratch 64, primitives 82 MiB), which no longer fails without the slots."""
+    38 MiB against 249 MiB with it (scratch 64, primitives 82 MiB), which no longer fails without the slots; with
+    the per-token kernel charged for what it keeps (tables 0.6 MiB, waiting forms 9.5 MiB, no primitives), 33 MiB
+    against 55 MiB (46 MiB past the slot buffers; 2-core EPYC, load average 2.2)."""
     url = cached.server.url
     memory = httpx.get(f"{url}/v1/adapters").json()["cache"]["memory"]
     assert memory["budget_bytes"] == cached.memory_budget == sum(memory["parts"].values())
