@@ -120,7 +120,9 @@ def shared_bounds(num_slots: int) -> tuple[int, int, int]:
     )
 
 
-def shared_copy_bytes(in_features: int, slice_outs: tuple[int, ...], rank: int, dtype_bytes: int, slots: int) -> int:
+def shared_copy_bytes(
+    in_features: int, slice_outs: tuple[int, ...], rank: int, dtype_bytes: int, slots: int, *, kernel: bool
+) -> int:
     """Host memory a :class:`FusedLinear` of ``slots`` slots keeps at most beyond its slots' forms
     (:func:`shared_bounds`), a bound per linear that stops growing with the slots.
 
@@ -128,12 +130,21 @@ def shared_copy_bytes(in_features: int, slice_outs: tuple[int, ...], rank: int, 
     and ``b`` (the oneDNN handle, counted at the weight's own size); each adapter of a compact set, its ``a``
     (R x in) and ``b`` (R x O) rows, packed copies too; each form built off the step and not activated yet
     (``lora_ops.ready``), with its ``b``. ``serving.sizing`` charges it once per LoRA linear.
+
+    ``kernel``: the per-token kernel loads in this process (``kernel.token_lora()`` is not None). Then every
+    step with adapter tokens runs it (``plan.choose_mode``), reading the forms as they lie: the paths that
+    expand forms and build compact sets (RUNS, GATHER, MASKED) never run, and ``lora_ops.ready`` builds no
+    ``b``, so what is left is the waiting forms themselves. Charging the rest anyway took the host cache's
+    memory for copies that are never made (on ``loadtests.bench_store``'s realistic 1 GiB budget, most of it).
     """
+    forms, adapters, waiting = shared_bounds(slots)
+    form = _form_elements(in_features, slice_outs, rank)
+    if kernel:
+        return waiting * form * dtype_bytes
     r_total, out_total = len(slice_outs) * rank, sum(slice_outs)
     expanded = r_total * out_total + r_total * (in_features + out_total)
     compact = 2 * r_total * (in_features + out_total)
-    ready = _form_elements(in_features, slice_outs, rank) + r_total * out_total
-    forms, adapters, waiting = shared_bounds(slots)
+    ready = form + r_total * out_total
     return (forms * expanded + adapters * compact + waiting * ready) * dtype_bytes
 
 

@@ -29,6 +29,21 @@ from .step import ResolvedCall
 Buffer = Callable[[str, int, int, torch.dtype], torch.Tensor]
 
 
+TABLE_ENTRY_BYTES = 8  # the kernel's tables are int64 addresses and counts
+
+
+def table_bytes(max_tokens: int, slices: int, slots: int) -> int:
+    """Host memory one LoRA linear's kernel tables keep at most: a step's ``TokenStep.table`` (a row per token,
+    at most ``max_tokens``, the engine's ``max_num_batched_tokens``) and the linear's ``SlotRows.table`` (a row
+    per slot and the skipped row), each row ``3 + slices`` entries.
+
+    Why charged (``serving.sizing``, with the kernel, in place of the wrapper's scratch buffers, which only the
+    kernel-less paths fill): the step's plan keeps one ``TokenStep`` per linear of every layer for as long as it
+    lasts, so a prefill step's tables stay until the next plan. The kernel's own buffers (a block of tokens per
+    thread) are freed as each call returns, like the step's activations."""
+    return (max_tokens + slots + 1) * (3 + slices) * TABLE_ENTRY_BYTES
+
+
 class SlotRows:
     """A LoRA linear's slots as rows of the per-token kernel's table, for the forms the slots point at now.
 

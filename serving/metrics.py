@@ -406,8 +406,8 @@ class EngineSizingCollector(Collector):
             budget = GaugeMetricFamily(
                 "loraserve_engine_memory_budget_bytes",
                 "store.memory_budget_bytes by part: slot_buffers, slot_copies (max_loras slots), host_cache "
-                "(max_cpu_loras adapters), the CPU LoRA ops' lora_scratch, lora_primitives and "
-                "lora_shared_copies, and unused; the parts sum to the budget.",
+                "(max_cpu_loras adapters), the CPU LoRA ops' lora_scratch (with their per-token kernel: its "
+                "tables), lora_primitives (0 with it) and lora_shared_copies, and unused; the parts sum to the budget.",
                 labels=["part"],
             )
             for part, size in self.sizing.memory.parts().items():

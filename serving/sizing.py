@@ -41,17 +41,34 @@ metric. An explicit value in the config is always honoured.
                       within the budget                                                      (left out)
       max_cpu_loras = (budget - fixed - max_loras x (slot buffers + copies)) // adapter        (left out)
 
-  ``fixed`` is what the CPU LoRA ops keep beyond the slots' forms: the
-  copies their matmuls run on, bounded per linear (``lora_ops.fused.shared_copy_bytes``:
-  the expanded state of the forms run most recently, compact sets of a few
-  adapters, forms built ahead of their activation; fewer with very few slots,
-  then the same however many), their scratch buffers (``lora_ops.fused.SCRATCH_MAX_BYTES``) and the oneDNN
-  primitives vLLM compiles for their packed matmuls, one per weight shape and
-  row count (~300 KiB each), kept by vLLM's and oneDNN's process-wide caches
-  for good. Those shapes are a fixed set per linear shape (layers share
-  them; ``lora_ops.gemm.packed_matmul_bytes``), so they are charged once,
-  plus the first few shapes of the per-step compact sets
-  (``lora_ops.fused.compact_matmul_bytes``).
+  ``fixed`` is what the CPU LoRA ops keep beyond the slots' forms, and it
+  depends on whether their per-token kernel loads on this machine
+  (``Hardware.lora_kernel``: ``lora_ops.kernel.token_lora()``, the call the
+  engine's worker makes):
+
+  - with it, every step with adapter tokens runs the kernel on the forms as
+    they lie (``lora_ops.plan.choose_mode``), so nothing else is made:
+    ``fixed`` = the forms built ahead of their activation, without the
+    block-diagonal B (``lora_ops.fused.shared_copy_bytes(kernel=True)``),
+    and the kernel's tables, a row per token of a full step and per slot
+    (``lora_ops.token_step.table_bytes``, in the ``lora_scratch`` part;
+    ``lora_primitives`` is 0);
+  - without it, the paths that run instead (RUNS, GATHER, MASKED) keep the
+    copies their matmuls run on, bounded per linear (``shared_copy_bytes``:
+    the expanded state of the forms run most recently, compact sets of a few
+    adapters, forms built ahead of their activation with their B; fewer with
+    very few slots, then the same however many), their scratch buffers
+    (``lora_ops.fused.SCRATCH_MAX_BYTES``) and the oneDNN primitives vLLM
+    compiles for their packed matmuls, one per weight shape and row count
+    (~300 KiB each), kept by vLLM's and oneDNN's process-wide caches for
+    good. Those shapes are a fixed set per linear shape (layers share them;
+    ``lora_ops.gemm.packed_matmul_bytes``), so they are charged once, plus
+    the first few shapes of the per-step compact sets
+    (``lora_ops.fused.compact_matmul_bytes``).
+
+  On ``loadtests.bench_store``'s realistic row (1 GiB, 32 slots, bf16) the
+  kernel-less ``fixed`` is 389 MiB and the kernel's 24 MiB, so the host cache
+  derived from the same budget holds 254 adapters instead of 127.
   A slot is charged its own host-cache adapter too (``max_cpu_loras >=
   max_loras``), and slots come first: a full batch is worth more than a
   longer LRU. On a GPU the slots and the LoRA ops cost no host memory, so
@@ -87,8 +104,10 @@ from adapter_store import (
     cpu_loras_for_budget,
     max_adapter_bytes_in_memory,
 )
+from lora_ops import kernel
 from lora_ops.fused import SCRATCH_MAX_BYTES, compact_matmul_bytes, shared_copy_bytes, slot_copy_bytes
 from lora_ops.gemm import packed_matmul_bytes
+from lora_ops.token_step import table_bytes
 from serving.config import ConfigError, DType, Settings
 
 logger = logging.getLogger(__name__)
@@ -101,11 +120,13 @@ FUSED_LINEARS = (("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_
 
 @dataclass(frozen=True)
 class Hardware:
-    """What the sizes depend on: the device kind, the CPU's feature flags, the GPU's memory."""
+    """What the sizes depend on: the device kind, the CPU's feature flags, the GPU's memory, and whether the
+    CPU LoRA ops' per-token kernel loads here (with it they keep far less beside the slots: ``_costs``)."""
 
     device: Literal["cpu", "gpu"]
     cpu_flags: frozenset[str]
     gpu_memory_bytes: int | None = None  # total memory of the GPU; None on the CPU
+    lora_kernel: bool = False  # lora_ops.kernel.token_lora() loads (CPU only); False charges the kernel-less paths
 
 
 @dataclass(frozen=True)
@@ -127,8 +148,8 @@ class MemorySplit:
     slot_copy_bytes: int  # the CPU LoRA ops' adapter forms of one slot (0 on a GPU)
     max_loras: int
     max_cpu_loras: int
-    scratch_bytes: int = 0  # the CPU LoRA ops' scratch buffers, at most (0 on a GPU)
-    primitive_bytes: int = 0  # their packed matmuls' oneDNN primitives and padding, at most (0 on a GPU)
+    scratch_bytes: int = 0  # the CPU LoRA ops' scratch buffers, with the kernel its tables, at most (0 on a GPU)
+    primitive_bytes: int = 0  # their packed matmuls' oneDNN primitives and padding, at most (0 on a GPU or kernel)
     shared_copy_bytes: int = 0  # their copies bounded per linear, not per slot, at most (0 on a GPU)
 
     def parts(self) -> dict[str, int]:
@@ -189,7 +210,9 @@ def detect_hardware(cpuinfo: Path = Path("/proc/cpuinfo")) -> Hardware:
 
     flags = _cpu_flags(cpuinfo)
     if current_platform.is_cpu():
-        return Hardware("cpu", flags)
+        # Loaded (built first if this machine has not yet) as the engine's worker will: the same answer before
+        # the engine starts, and the worker then finds it built.
+        return Hardware("cpu", flags, lora_kernel=kernel.token_lora() is not None)
     return Hardware("gpu", flags, int(current_platform.get_device_total_memory(0)))
 
 
@@ -208,7 +231,7 @@ def resolve_dtype(configured: DType, hardware: Hardware) -> Choice[DType]:
     )
 
 
-def _no_copies(slots: int) -> int:
+def _nothing(slots: int) -> int:
     return 0
 
 
@@ -221,9 +244,10 @@ class _Costs:
     adapter: int
     slot_buffers: int
     slot_copies: int
-    scratch: int = 0
+    scratch: Callable[[int], int] = _nothing  # scratch buffers, or the kernel's tables, for this many slots
     primitives: int = 0
-    shared: Callable[[int], int] = _no_copies  # the copies bounded per linear, all layers, for this many slots
+    shared: Callable[[int], int] = _nothing  # the copies bounded per linear, all layers, for this many slots
+    fixed_parts: str = "parts (none on a GPU)"  # what ``fixed`` pays for, for the reasons
 
     @property
     def slot(self) -> int:
@@ -231,7 +255,7 @@ class _Costs:
 
     def fixed(self, slots: int) -> int:
         """What the CPU LoRA ops keep beyond ``slots`` slots' own bytes: scratch, primitives, shared copies."""
-        return self.scratch + self.primitives + self.shared(slots)
+        return self.scratch(slots) + self.primitives + self.shared(slots)
 
     def slots_within(self, most: int) -> int:
         """The most slots, up to ``most``, that fit the budget next to the fixed part, each with its own
@@ -241,6 +265,10 @@ class _Costs:
 
 
 def _costs(settings: Settings, spec: BaseModelSpec, dtype: str, hardware: Hardware) -> _Costs | None:
+    """The host costs under ``store.memory_budget_bytes`` (None: no budget). The fixed part depends on the
+    per-token kernel (``hardware.lora_kernel``): with it every step runs the kernel on the forms as they lie,
+    so only its tables and the forms built ahead of activation are kept; without it, the paths that run
+    instead keep scratch buffers, packed matmuls' primitives and expanded and compact copies."""
     budget = settings.store.memory_budget_bytes if settings.store is not None else None
     if budget is None:
         return None
@@ -251,15 +279,30 @@ def _costs(settings: Settings, spec: BaseModelSpec, dtype: str, hardware: Hardwa
     shapes, dtype_bytes = spec.module_shapes(), DTYPE_BYTES[dtype]
     linears = [(shapes[group[0]][0], tuple(shapes[m][1] for m in group)) for group in FUSED_LINEARS]
     per_layer = sum(slot_copy_bytes(fan_in, outs, rank, dtype_bytes) for fan_in, outs in linears)
-    layers = spec.num_hidden_layers
+    layers, with_kernel = spec.num_hidden_layers, hardware.lora_kernel
+    slot_buffers = adapter_tensor_bytes(spec, rank, dtype)
 
     def shared(slots: int) -> int:
-        return layers * sum(shared_copy_bytes(fan_in, outs, rank, dtype_bytes, slots) for fan_in, outs in linears)
+        return layers * sum(
+            shared_copy_bytes(fan_in, outs, rank, dtype_bytes, slots, kernel=with_kernel) for fan_in, outs in linears
+        )
 
+    if with_kernel:  # every step runs the kernel: no packed matmul, scratch buffer or expanded copy is made
+
+        def tables(slots: int) -> int:
+            tokens = settings.engine.max_num_batched_tokens
+            return layers * sum(table_bytes(tokens, len(outs), slots) for _, outs in linears)
+
+        parts = "per-token kernel's tables and forms built ahead of activation"
+        return _Costs(budget, adapter, slot_buffers, per_layer * layers, tables, 0, shared, parts)
     primitives = sum(packed_matmul_bytes(fan_in, outs, rank, dtype_bytes) for fan_in, outs in linears)  # per shape
     primitives += compact_matmul_bytes(max(max(fan_in, sum(outs)) for fan_in, outs in linears), dtype_bytes)
-    slot_buffers = adapter_tensor_bytes(spec, rank, dtype)
-    return _Costs(budget, adapter, slot_buffers, per_layer * layers, SCRATCH_MAX_BYTES, primitives, shared)
+    parts = "scratch, primitives and shared copies (no per-token kernel)"
+
+    def scratch(slots: int) -> int:
+        return SCRATCH_MAX_BYTES  # the wrapper's one bound, whatever the slots
+
+    return _Costs(budget, adapter, slot_buffers, per_layer * layers, scratch, primitives, shared, parts)
 
 
 def _host_cache(
@@ -288,8 +331,8 @@ def _host_cache(
         return Choice(
             fits,
             "derived",
-            f"store.memory_budget_bytes {costs.budget} less the CPU LoRA ops' scratch, primitives and shared "
-            f"copies ({costs.fixed(slots)} bytes) and {slots} slot(s) of {costs.slot} bytes holds {fits} "
+            f"store.memory_budget_bytes {costs.budget} less the CPU LoRA ops' {costs.fixed_parts} "
+            f"({costs.fixed(slots)} bytes) and {slots} slot(s) of {costs.slot} bytes holds {fits} "
             f"adapters of rank {rank}",
         )
     if configured > fits:
@@ -316,8 +359,7 @@ def _derived_slots(
                 fit,
                 f"store.memory_budget_bytes {costs.budget} holds {fit} slot(s) of {costs.slot + costs.adapter} B "
                 f"(buffers {costs.slot_buffers}, copies {costs.slot_copies}, its host-cache adapter "
-                f"{costs.adapter}) next to the CPU LoRA ops' scratch, primitives and shared copies "
-                f"({costs.fixed(max(fit, 1))} B)",
+                f"{costs.adapter}) next to the CPU LoRA ops' {costs.fixed_parts} ({costs.fixed(max(fit, 1))} B)",
             )
         )
     if hardware.device == "gpu":
@@ -358,7 +400,7 @@ def resolve_sizing(settings: Settings, hardware: Hardware) -> EngineSizing:
             costs.slot_copies,
             slots.value,
             host.value,
-            costs.scratch,
+            costs.scratch(slots.value),
             costs.primitives,
             costs.shared(slots.value),
         )

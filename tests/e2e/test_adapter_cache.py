@@ -3,14 +3,16 @@
 Eight adapters (rescaled copies of the demo adapters, each with its own
 digest and its own outputs) live in a local source and are registered on
 demand by their first request. ``store.memory_budget_bytes`` is set to hold
-the CPU LoRA ops' fixed part (scratch and packed-matmul primitives), the two
+the CPU LoRA ops' fixed part (with their per-token kernel, its tables and the
+forms built ahead of activation; without it, scratch and packed-matmul
+primitives too: ``serving/sizing.py``), the two
 LoRA slots (vLLM's buffers and the CPU LoRA ops' copies of each,
 ``serving/sizing.py``) and three adapters of the maximal rank (computed here
 from the base's shapes) and ``engine.max_cpu_loras`` is left out, so our code
 must size the engine's host cache from what the budget leaves: three
 adapters, where vLLM's own default would be ``max_loras = 2``. The disk cache
 holds five adapters. ``max_lora_rank`` is 256 so that what the budget pays for
-(~130 MB, most of it the slots' copies) stands well above the noise of the
+(~55 MiB with the per-token kernel, most of it the slots' copies) stands above the noise of the
 processes' RSS, which is measured against the budget under load.
 Under concurrent Zipf-distributed load every answer must equal that
 adapter's answer when it was served alone, while the tiers' limits are
@@ -80,17 +82,25 @@ def slot_copies_in_memory(base: Path, rank: int, dtype_bytes: int) -> int:
     return layers * sum(slot_copy_bytes(fan_in, outs, rank, dtype_bytes) for fan_in, outs in linears)
 
 
-def lora_ops_fixed_in_memory(base: Path, rank: int, dtype_bytes: int, slots: int) -> int:
-    """What the CPU LoRA ops keep beyond ``slots`` slots' forms: scratch, per linear shape the packed matmuls'
-    primitives and the compact sets' first shapes, and per linear of every layer the copies bounded per linear
-    (lora_ops.punica_cpu, lora_ops.gemm, lora_ops.fused)."""
+def lora_ops_fixed_in_memory(base: Path, rank: int, dtype_bytes: int, slots: int, max_tokens: int) -> int:
+    """What the CPU LoRA ops keep beyond ``slots`` slots' forms: per linear of every layer the copies bounded per
+    linear and, where the per-token kernel loads (as in the server's processes, on this machine), its tables for
+    steps of up to ``max_tokens``; else scratch, and per linear shape the packed matmuls' primitives and the
+    compact sets' first shapes (lora_ops.token_step, lora_ops.punica_cpu, lora_ops.gemm, lora_ops.fused)."""
+    from lora_ops import kernel
     from lora_ops.fused import SCRATCH_MAX_BYTES, compact_matmul_bytes, shared_copy_bytes
     from lora_ops.gemm import packed_matmul_bytes
+    from lora_ops.token_step import table_bytes
 
     hidden, inter, layers, q, kv = _shapes(base)
     linears = [(hidden, (q, kv, kv)), (q, (hidden,)), (hidden, (inter, inter)), (inter, (hidden,))]
+    with_kernel = kernel.token_lora() is not None
+    shared = layers * sum(
+        shared_copy_bytes(f, outs, rank, dtype_bytes, slots, kernel=with_kernel) for f, outs in linears
+    )
+    if with_kernel:
+        return shared + layers * sum(table_bytes(max_tokens, len(outs), slots) for _, outs in linears)
     compact = compact_matmul_bytes(max(max(fan_in, sum(outs)) for fan_in, outs in linears), dtype_bytes)
-    shared = layers * sum(shared_copy_bytes(f, outs, rank, dtype_bytes, slots) for f, outs in linears)
     return (
         SCRATCH_MAX_BYTES
         + compact
@@ -126,7 +136,8 @@ def cached(demo_assets, tmp_path_factory) -> Iterator[Cached]:
     assert config["model"]["dtype"] == "float32"
     per_adapter = adapter_bytes_in_memory(demo_assets.base, MAX_LORA_RANK, 4)
     per_slot = per_adapter + slot_copies_in_memory(demo_assets.base, MAX_LORA_RANK, 4)  # vLLM's buffers + copies
-    fixed = lora_ops_fixed_in_memory(demo_assets.base, MAX_LORA_RANK, 4, MAX_LORAS)
+    max_tokens = config["engine"]["max_num_batched_tokens"]
+    fixed = lora_ops_fixed_in_memory(demo_assets.base, MAX_LORA_RANK, 4, MAX_LORAS, max_tokens)
     memory_budget = fixed + MAX_LORAS * per_slot + BUDGETED_LORAS * per_adapter + per_adapter // 2
     config["store"] = {
         "root": str(workdir / "store"),
@@ -284,7 +295,9 @@ def test_rss_growth_under_load_stays_within_the_memory_budget(cached: Cached) ->
 
     Measured (loaded 2-core EPYC): 76-105 MiB of growth against the 122 MiB budget before the LoRA ops' fixed part
     was charged (with the slots left out of the budget too, a 16 MiB budget for the same sizes, this failed);
-    38 MiB against 249 MiB with it (scratch 64, primitives 82 MiB), which no longer fails without the slots."""
+    38 MiB against 249 MiB with it (scratch 64, primitives 82 MiB), which no longer fails without the slots; with
+    the per-token kernel charged for what it keeps (tables 0.6 MiB, waiting forms 9.5 MiB, no primitives), 33 MiB
+    against 55 MiB (46 MiB past the slot buffers; 2-core EPYC, load average 2.2)."""
     url = cached.server.url
     memory = httpx.get(f"{url}/v1/adapters").json()["cache"]["memory"]
     assert memory["budget_bytes"] == cached.memory_budget == sum(memory["parts"].values())

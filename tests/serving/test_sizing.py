@@ -103,6 +103,27 @@ def fixed(slots: int) -> int:
     return SCRATCH_PRIMITIVES + shared_bf16(slots)
 
 
+CPU_KERNEL = Hardware("cpu", AVX512_BF16, lora_kernel=True)
+
+
+def kernel_tables(slots: int) -> int:
+    """With the per-token kernel: per linear, a step's table (a row per token, 2,048 at most: the default
+    max_num_batched_tokens) and its slots' (a row a slot and a skipped row), each row 3 + slices int64; qkv has
+    3 slices, o 1, gate_up 2, down 1; 2 layers."""
+    return 2 * (2048 + slots + 1) * 8 * sum(3 + slices for slices in (3, 1, 2, 1))
+
+
+def kernel_waiting_bf16(slots: int) -> int:
+    """With the kernel, what a linear keeps beyond its slots' forms: forms built off the step, waiting (8, or one
+    a slot), without their block-diagonal b; no expanded form, no compact set."""
+    return 2 * 2 * min(8, slots) * sum(r * i + 16 * o for r, i, o in LINEARS)
+
+
+def fixed_kernel(slots: int) -> int:
+    """lora_ops' part beyond the slots' own with the kernel: no scratch buffers and no primitives."""
+    return kernel_tables(slots) + kernel_waiting_bf16(slots)
+
+
 SLOT_COST = SLOT_BF16 + COPIES_BF16  # host memory of one slot on the CPU
 EACH = SLOT_COST + ADAPTER  # a slot and its own host-cache adapter
 GPU_200 = Hardware("gpu", AVX2, 200 * SLOT_BF16)  # 200 slots of memory x 0.5 x 0.1 = 10 slots
@@ -179,6 +200,58 @@ def test_the_budget_split_counts_slots_copies_and_host_cache(tmp_path: Path, eng
     fixed = parts["lora_scratch"] + parts["lora_primitives"] + parts["lora_shared_copies"]
     assert (parts["slot_buffers"], parts["slot_copies"], parts["host_cache"], fixed, parts["unused"]) == split
     assert sum(parts.values()) == memory.budget_bytes == budget
+
+
+@pytest.mark.parametrize(
+    ("engine", "budget", "slots", "without_kernel"),
+    [
+        # the same budget holds more host-cache adapters where the kernel leaves the other paths idle ...
+        ({"max_num_seqs": 24, "max_loras": 5}, fixed(5) + 5 * SLOT_COST + 8 * ADAPTER, 5, 8),
+        ({"max_loras": 2}, fixed(2) + 2 * SLOT_COST + 9 * ADAPTER + ADAPTER // 2, 2, 9),
+        # ... and more slots where the budget was what held them (a full batch: max_num_seqs 24)
+        ({"max_num_seqs": 24}, fixed(5) + 5 * EACH + 1, 5, 5),
+    ],
+)
+def test_the_kernel_frees_what_its_idle_paths_were_charged(
+    tmp_path: Path, engine, budget: int, slots: int, without_kernel: int
+) -> None:
+    """With the per-token kernel, lora_ops' fixed part is its tables and the waiting forms alone: what the
+    scratch buffers, primitives and expanded and compact copies took goes to the host cache (or slots)."""
+    settings = _settings(tmp_path, engine, budget)
+    plain, kernel = resolve_sizing(settings, CPU), resolve_sizing(settings, CPU_KERNEL)
+    assert (plain.max_loras.value, plain.max_cpu_loras.value) == (slots, without_kernel)
+    kernel_slots = kernel.max_loras.value
+    if engine.get("max_loras") is None:  # derived: the most a full batch of 24 the budget holds, each with its adapter
+        kernel_slots = max(n for n in range(1, 25) if fixed_kernel(n) + n * EACH <= budget)
+        assert kernel.max_loras.value == kernel_slots > slots
+    left = budget - fixed_kernel(kernel_slots) - kernel_slots * SLOT_COST
+    assert kernel.max_cpu_loras.value == left // ADAPTER > without_kernel
+    assert "per-token kernel" in kernel.max_cpu_loras.reason or "per-token kernel" in kernel.max_loras.reason
+
+
+@pytest.mark.parametrize(("hardware", "scratch", "primitives", "shared"), [
+    (CPU, 64 << 20, SCRATCH_PRIMITIVES - (64 << 20), shared_bf16(5)),
+    (CPU_KERNEL, kernel_tables(5), 0, kernel_waiting_bf16(5)),
+])  # fmt: skip
+def test_the_split_names_what_each_path_keeps(tmp_path: Path, hardware: Hardware, scratch, primitives, shared) -> None:
+    """The parts ``GET /v1/adapters`` and the metrics show: no primitives with the kernel (it packs nothing), its
+    tables as the scratch, the waiting forms (no b) as the shared copies."""
+    settings = _settings(tmp_path, {"max_loras": 5}, fixed(5) + 5 * EACH + 3 * ADAPTER)
+    memory = resolve_sizing(settings, hardware).memory
+    assert memory is not None
+    parts = memory.parts()
+    kept = (parts["lora_scratch"], parts["lora_primitives"], parts["lora_shared_copies"])
+    assert kept == (scratch, primitives, shared)
+    assert sum(parts.values()) == memory.budget_bytes
+
+
+@pytest.mark.parametrize("built", [True, False])
+def test_detect_hardware_says_whether_the_kernel_loads(monkeypatch, built: bool) -> None:
+    """Read from ``lora_ops.kernel.token_lora()``, the call the engine's worker makes, before the engine starts."""
+    from lora_ops import kernel
+
+    monkeypatch.setattr(kernel, "token_lora", lambda: (lambda *args: None) if built else None)
+    assert detect_hardware().lora_kernel is built
 
 
 def test_no_budget_no_split(tmp_path: Path) -> None:
@@ -286,7 +359,7 @@ def test_the_copy_bytes_are_what_the_fused_copies_take(in_features: int, outs: t
     packed = sum(g.w.nbytes for g in gemms)
     per_slot = slot_copy_bytes(in_features, outs, rank, dtype.itemsize)
     assert sum(storages.values()) + packed == slots * per_slot + shared_copy_bytes(
-        in_features, outs, rank, dtype.itemsize, slots
+        in_features, outs, rank, dtype.itemsize, slots, kernel=False
     )
 
 

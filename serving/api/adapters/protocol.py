@@ -76,11 +76,12 @@ class MemoryView(BaseModel):
     slot_buffer_bytes: int = Field(description="vLLM's buffers of one LoRA slot in host memory (0: GPU memory).")
     slot_copy_bytes: int = Field(description="The CPU LoRA ops' adapter forms of one slot (0 on a GPU).")
     shared_copy_bytes: int = Field(
-        description="The CPU LoRA ops' copies bounded per linear, not per slot, all layers (0 on a GPU)."
+        description="The CPU LoRA ops' copies bounded per linear, not per slot, all layers (0 on a GPU; with their "
+        "per-token kernel only the forms built ahead of activation)."
     )
     parts: dict[str, int] = Field(
-        description="Bytes of slot_buffers, slot_copies, host_cache, the CPU LoRA ops' scratch, primitives and "
-        "shared copies, and unused: they sum to the budget."
+        description="Bytes of slot_buffers, slot_copies, host_cache, the CPU LoRA ops' scratch (with their per-token "
+        "kernel: its tables), primitives (0 with it) and shared copies, and unused: they sum to the budget."
     )
 
 
