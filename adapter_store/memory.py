@@ -71,7 +71,7 @@ def cpu_loras_for_budget(
     count = max(0, memory_budget_bytes - reserved_bytes - max_loras * slot_bytes) // per_adapter
     if count < max_loras:
         slots = f" and {max_loras} slot(s) of {slot_bytes} bytes" if slot_bytes else ""
-        reserved = f" next to {reserved_bytes} bytes of LoRA scratch and primitives" if reserved_bytes else ""
+        reserved = f" next to {reserved_bytes} bytes the CPU LoRA ops keep beside the slots" if reserved_bytes else ""
         raise ValueError(
             f"store.memory_budget_bytes {memory_budget_bytes} holds {count} adapter(s) of up to rank {max_lora_rank} "
             f"({per_adapter} bytes each in {dtype}){slots}{reserved}, fewer than engine.max_loras {max_loras}: "
