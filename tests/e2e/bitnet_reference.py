@@ -38,6 +38,14 @@ import torch
 LOGPROB_TOLERANCE = 0.15
 TIE_GAP = 0.3
 MIN_EXACT_TOKENS = 16
+# LoRA in bf16 against float32 transformers + PEFT: transformers + PEFT in bf16 themselves deviate from float32 by up
+# to 0.106 nats on the demo adapters and DEMO_PROMPTS (their own greedy tokens, teacher-forced), vLLM's engine by up
+# to 0.104 (2026-12-02, test_bitnet_engine.py); twice that, and the tie gap twice the tolerance as above. Served
+# answers checked against the base model's reference instead deviate by more (the tests show it for every adapter).
+BF16_LORA_LOGPROB_TOLERANCE = 0.2
+BF16_LORA_TIE_GAP = 0.4
+DEMO_PROMPTS = ("The patient was", "def main():", "In the morning we", "The party of the first part")
+"""Prompts on which each demo adapter's bf16 answers are told from the base model's by the bf16 tolerance."""
 
 
 @torch.no_grad()
