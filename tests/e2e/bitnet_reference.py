@@ -32,7 +32,10 @@ change). TIE_GAP = 0.3 is twice the tolerance (a top-2 gap moves by at most
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
+import httpx
 import torch
 
 LOGPROB_TOLERANCE = 0.15
@@ -120,3 +123,32 @@ def check(
     assert comparison.worst_pick <= tie_gap, f"{what}: a served token is {comparison.worst_pick:.2e} below the argmax"
     n = comparison.must_match
     assert tokens[:n] == comparison.expected[:n], (what, tokens, comparison.expected, comparison.gaps)
+
+
+def demo_reference(demo_assets, adapter: str | None) -> Any:
+    """The reference for the demo base (and one of its adapters): transformers' BitNet + PEFT in float32."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base: Path = demo_assets.base
+    with torch._dynamo.config.patch(disable=True):  # unpacking at load is a compiled function
+        model: Any = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    if adapter is not None:
+        model = PeftModel.from_pretrained(model, demo_assets.adapters[adapter])
+    return model.eval()
+
+
+def served_greedy(url: str, model: str, prompt: str, max_tokens: int) -> dict:
+    """A server's greedy completion with its token ids and log-probabilities (the first choice)."""
+    body = {
+        "model": model,
+        "prompt": prompt,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "logprobs": 1,
+        "ignore_eos": True,
+        "return_token_ids": True,
+    }
+    response = httpx.post(f"{url}/v1/completions", json=body, timeout=60)
+    assert response.status_code == 200, response.text
+    return response.json()["choices"][0]

@@ -21,15 +21,12 @@ does. Measured here: base <= 2.5e-6 nats, with an adapter <= 5.3e-3.
 
 from __future__ import annotations
 
-from typing import Any
-
 import httpx
 import pytest
-import torch
 import yaml
 
 from tests.conftest import REPO
-from tests.e2e.bitnet_reference import check, compare
+from tests.e2e.bitnet_reference import check, compare, demo_reference, served_greedy
 
 MAX_TOKENS = 24
 PROMPTS = ("The", "Please explain how it works")
@@ -41,19 +38,9 @@ pytestmark = pytest.mark.engine
 
 @pytest.fixture(scope="module")
 def reference(demo_assets):
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(demo_assets.base)
-
-    def load(adapter: str | None) -> Any:
-        with torch._dynamo.config.patch(disable=True):  # unpacking at load is a compiled function
-            model: Any = AutoModelForCausalLM.from_pretrained(demo_assets.base, dtype=torch.float32)
-        if adapter is not None:
-            model = PeftModel.from_pretrained(model, demo_assets.adapters[adapter])
-        return model.eval()
-
-    return tokenizer, load
+    return AutoTokenizer.from_pretrained(demo_assets.base), lambda adapter: demo_reference(demo_assets, adapter)
 
 
 def test_dev_config_dtype_is_the_one_checked_here() -> None:
@@ -61,27 +48,12 @@ def test_dev_config_dtype_is_the_one_checked_here() -> None:
     assert config["model"]["dtype"] == DEV_DTYPE
 
 
-def server_greedy(server, model: str, prompt: str) -> dict:
-    body = {
-        "model": model,
-        "prompt": prompt,
-        "max_tokens": MAX_TOKENS,
-        "temperature": 0,
-        "logprobs": 1,
-        "ignore_eos": True,
-        "return_token_ids": True,
-    }
-    response = httpx.post(f"{server.url}/v1/completions", json=body, timeout=60)
-    assert response.status_code == 200, response.text
-    return response.json()["choices"][0]
-
-
 @pytest.mark.parametrize("adapter", [None, "code", "legal", "medical"])
 @pytest.mark.parametrize("prompt", PROMPTS)
 def test_server_matches_transformers_peft(server, reference, adapter: str | None, prompt: str) -> None:
     tokenizer, load = reference
     model = load(adapter)
-    choice = server_greedy(server, adapter or server.base_model, prompt)
+    choice = served_greedy(server.url, adapter or server.base_model, prompt, MAX_TOKENS)
     prompt_ids, tokens = choice["prompt_token_ids"], choice["token_ids"]
     assert prompt_ids == tokenizer.encode(prompt)
     assert len(tokens) == MAX_TOKENS

@@ -19,7 +19,6 @@ from typing import Any
 
 import httpx
 import pytest
-import torch
 import yaml
 
 from tests.conftest import REPO, RunningServer, demo_config, retire_server, start_server
@@ -31,6 +30,8 @@ from tests.e2e.bitnet_reference import (
     TIE_GAP,
     check,
     compare,
+    demo_reference,
+    served_greedy,
 )
 
 OVERLAY = REPO / "deploy" / "k8s" / "overlays" / "cpu" / "config.yaml"
@@ -62,17 +63,7 @@ def served_dtype(auto_server) -> str:
 
 @pytest.fixture(scope="module")
 def references(demo_assets) -> dict[str | None, Any]:
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    def load(adapter: str | None) -> Any:
-        with torch._dynamo.config.patch(disable=True):  # unpacking at load is a compiled function
-            model: Any = AutoModelForCausalLM.from_pretrained(demo_assets.base, dtype=torch.float32)
-        if adapter is not None:
-            model = PeftModel.from_pretrained(model, demo_assets.adapters[adapter])
-        return model.eval()
-
-    return {name: load(name) for name in (None, *demo_assets.adapters)}
+    return {name: demo_reference(demo_assets, name) for name in (None, *demo_assets.adapters)}
 
 
 def test_the_cpu_overlay_leaves_the_dtype_to_the_machine() -> None:
@@ -93,18 +84,7 @@ def test_the_overlays_dtype_answers_as_transformers_peft(
     tolerance, tie_gap = (BF16_LORA_LOGPROB_TOLERANCE, BF16_LORA_TIE_GAP) if bf16 else (LOGPROB_TOLERANCE, TIE_GAP)
     deviations, off_base = [], []
     for prompt in DEMO_PROMPTS:
-        body = {
-            "model": adapter or auto_server.base_model,
-            "prompt": prompt,
-            "max_tokens": MAX_TOKENS,
-            "temperature": 0,
-            "logprobs": 1,
-            "ignore_eos": True,
-            "return_token_ids": True,
-        }
-        response = httpx.post(f"{auto_server.url}/v1/completions", json=body, timeout=60)
-        assert response.status_code == 200, response.text
-        choice = response.json()["choices"][0]
+        choice = served_greedy(auto_server.url, adapter or auto_server.base_model, prompt, MAX_TOKENS)
         ids, tokens, logprobs = choice["prompt_token_ids"], choice["token_ids"], choice["logprobs"]["token_logprobs"]
         assert len(tokens) == MAX_TOKENS
         result = compare(references[adapter], ids, tokens, logprobs, tie_gap=tie_gap)
