@@ -12,7 +12,7 @@ built. ``make install`` and the CPU image build it ahead (``python -m lora_ops.k
 finds it missing builds it at start-up (about 15 s), before its first step. The hot loops are cloned per
 instruction set (AVX-512, AVX2, baseline) and the loader picks one, so a build runs on any x86 machine;
 bfloat16 runs as bf16 pairs (``vdpbf16ps``) where the CPU has AVX512_BF16, checked at run time
-(``torch.ops.loraserve.token_lora_native_bf16()``): 1.4-1.8x the widened loop on one thread, on an AMD EPYC
+(``native_bf16()``): 1.4-1.8x the widened loop on one thread, on an AMD EPYC
 (``/tmp`` script, 16 decode tokens at ``bench_lora``'s realistic shape, one adapter or 4 or 16).
 
 Where it cannot be built (no compiler), ``token_lora()`` logs why once and returns None, and the plan
@@ -23,9 +23,11 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import importlib.util
 import logging
 from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 
 import torch
 
@@ -45,10 +47,10 @@ def extension_name() -> str:
     return f"loraserve_token_lora_{digest.hexdigest()[:12]}"
 
 
-def build() -> str:
-    """Compile (or find compiled) and load the kernel into this process; its shared library's path.
+def build() -> ModuleType:
+    """Compile (or find compiled) and import the kernel's module (a Python extension module, see the source's end).
 
-    A library already built is loaded directly: torch's builder takes a lock file and runs ninja on every
+    A module already built is imported directly: torch's builder takes a lock file and runs ninja on every
     load, and a process killed inside that window (an engine stopped during start-up) would leave the lock
     behind for every later engine to wait on."""
     from torch.utils import cpp_extension
@@ -56,30 +58,41 @@ def build() -> str:
     name = extension_name()
     library = Path(cpp_extension._get_build_directory(name, verbose=False)) / f"{name}.so"
     if library.is_file():
-        torch.ops.load_library(str(library))
-        return str(library)
-    path = cpp_extension.load(
-        name=name,
-        sources=[str(SOURCE)],
-        extra_cflags=CFLAGS,
-        extra_ldflags=["-fopenmp"],
-        is_python_module=False,  # a plain library that registers torch.ops.loraserve.token_lora
+        spec = importlib.util.spec_from_file_location(name, library)
+        if spec is None or spec.loader is None:
+            raise ImportError(f"{library} is not a loadable extension module")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    built: ModuleType = cpp_extension.load(
+        name=name, sources=[str(SOURCE)], extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"], is_python_module=True
     )
-    return str(path)
+    return built
 
 
 @functools.cache
-def token_lora() -> TokenLora | None:
-    """``torch.ops.loraserve.token_lora`` (see the source's header for its arguments), or None where this
-    machine cannot build it (logged once, with the reason)."""
+def _module() -> ModuleType | None:
+    """The kernel's module, or None where this machine cannot build it (logged once, with the reason)."""
     try:
-        build()
+        return build()
     except (OSError, RuntimeError, ImportError, ValueError) as e:  # no compiler/ninja, or a failed build
         logger.warning("the per-token LoRA kernel could not be built (%s); mixed-adapter steps stack weights", e)
         return None
-    return torch.ops.loraserve.token_lora
+
+
+def token_lora() -> TokenLora | None:
+    """The kernel's call, ``token_lora(y, x, forms, outs, scale, native_bf16=True)`` (see the source's header
+    for its arguments), or None where this machine cannot build it."""
+    module = _module()
+    return None if module is None else module.token_lora
+
+
+def native_bf16() -> bool:
+    """Whether the kernel runs bfloat16 calls as bf16 pairs on this CPU (False where it cannot be built)."""
+    module = _module()
+    return module is not None and bool(module.native_bf16())
 
 
 if __name__ == "__main__":  # make install / the image: build ahead of the first engine
     logging.basicConfig(level=logging.INFO)
-    print(build())
+    print(build().__file__)

@@ -27,7 +27,7 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
-#include <torch/library.h>
+#include <torch/csrc/utils/pybind.h>
 
 #include <immintrin.h>
 
@@ -418,8 +418,8 @@ void token_lora(const at::Tensor& y, const at::Tensor& x, const int64_t* forms, 
   });
 }
 
-void token_lora_op(at::Tensor y, const at::Tensor& x, const at::Tensor& forms, at::IntArrayRef outs, double scale,
-                   bool native_bf16) {
+void token_lora_op(at::Tensor y, const at::Tensor& x, const at::Tensor& forms, const std::vector<int64_t>& outs,
+                   double scale, bool native_bf16) {
   TORCH_CHECK(x.dim() == 2 && y.dim() == 2 && x.size(0) == y.size(0), "x and y must be (T, in) and (T, out)");
   TORCH_CHECK(x.stride(1) == 1 && y.stride(1) == 1, "x and y rows must be contiguous");
   TORCH_CHECK(x.scalar_type() == y.scalar_type(), "x and y must share a dtype");
@@ -430,23 +430,26 @@ void token_lora_op(at::Tensor y, const at::Tensor& x, const at::Tensor& forms, a
   int64_t total = 0;
   for (int64_t n : outs) total += n;
   TORCH_CHECK(y.size(1) == total, "y's width must be the sum of the slices' widths");
-  std::vector<int64_t> out_list(outs.begin(), outs.end());
   const int64_t* f = forms.const_data_ptr<int64_t>();
   switch (x.scalar_type()) {
-    case at::kFloat: return token_lora<float>(y, x, f, out_list, scale, native_bf16);
-    case at::kBFloat16: return token_lora<c10::BFloat16>(y, x, f, out_list, scale, native_bf16);
-    case at::kHalf: return token_lora<c10::Half>(y, x, f, out_list, scale, native_bf16);
+    case at::kFloat: return token_lora<float>(y, x, f, outs, scale, native_bf16);
+    case at::kBFloat16: return token_lora<c10::BFloat16>(y, x, f, outs, scale, native_bf16);
+    case at::kHalf: return token_lora<c10::Half>(y, x, f, outs, scale, native_bf16);
     default: TORCH_CHECK(false, "token_lora runs float32, bfloat16 or float16, not ", x.scalar_type());
   }
 }
 
 }  // namespace
 
-// A fragment of the namespace that lora_ops/compiled.py also adds its ops to.
-TORCH_LIBRARY_FRAGMENT(loraserve, m) {
-  m.def("token_lora(Tensor(a!) y, Tensor x, Tensor forms, int[] outs, float scale, bool native_bf16=True) -> ()");
-  // Whether bfloat16 calls run in bf16 pairs on this CPU (no tensor to dispatch on: one kernel for all).
-  m.def("token_lora_native_bf16() -> bool", &cpu_has_native_bf16);
+// A Python module, not a torch op: the kernel runs inside our lora_linear op's Python (lora_ops/token_step.py),
+// never in a traced graph, and pybind11 calls it without the dispatcher's boxing of every argument, a few us of
+// each of a step's 20 calls (python -m loadtests.bench_lora_calls). The GIL is released while it runs, so the
+// loading thread's Python (lora_ops/ready.py) is not held up by a long prefill call.
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  namespace py = pybind11;
+  m.def("token_lora", &token_lora_op, py::arg("y"), py::arg("x"), py::arg("forms"), py::arg("outs"), py::arg("scale"),
+        py::arg("native_bf16") = true, py::call_guard<py::gil_scoped_release>(),
+        "y (T, out) += scale * (x (T, in) @ A_t) @ B_t per token t, A_t and B_t read at forms' addresses");
+  // Whether bfloat16 calls run in bf16 pairs on this CPU (one answer for every call: no tensor to look at).
+  m.def("native_bf16", &cpu_has_native_bf16);
 }
-
-TORCH_LIBRARY_IMPL(loraserve, CPU, m) { m.impl("token_lora", token_lora_op); }

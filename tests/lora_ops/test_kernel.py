@@ -8,6 +8,9 @@ and y are read and written in place, and rows past an adapter's rank are never r
 
 from __future__ import annotations
 
+import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -79,7 +82,7 @@ PATHS = {
 def test_bf16_pairs_run_where_the_cpu_has_avx512_bf16() -> None:
     assert kernel.token_lora() is not None
     flags = set(Path("/proc/cpuinfo").read_text().split())
-    assert torch.ops.loraserve.token_lora_native_bf16() is ("avx512_bf16" in flags)
+    assert kernel.native_bf16() is ("avx512_bf16" in flags)
 
 
 @pytest.mark.parametrize("path", list(PATHS))
@@ -199,3 +202,42 @@ def test_wrong_arguments_raise_instead_of_reading_past_them() -> None:
         op(y.double(), x, table, list(SLICES), 1.0)
     with pytest.raises(RuntimeError, match="contiguous int64"):
         op(y, x, table.int(), list(SLICES), 1.0)
+
+
+def test_a_call_lets_other_python_threads_run() -> None:
+    """The call releases the GIL (the engine's loading thread builds the next adapter's forms in Python while a
+    long prefill call runs): a Python thread stamping the time alongside one call on one OpenMP thread must
+    stamp inside the call. Holding the GIL, the thread could run only at the call's edges, within Python's
+    switch interval (5 ms) of them."""
+    g = torch.Generator().manual_seed(0)
+    fan_in, out, tokens = 2048, (2048,), 8192
+    form = _form(64, 64, torch.float32, g, fan_in=fan_in, slices=out)
+    x, y = torch.randn(tokens, fan_in, generator=g), torch.zeros(tokens, out[0])
+    op, table = kernel.token_lora(), torch.tensor([form.kernel_row] * tokens, dtype=torch.long)
+    assert op is not None
+    stamps: list[float] = []
+    done = threading.Event()
+
+    def stamp() -> None:
+        while not done.is_set():
+            stamps.append(time.perf_counter())
+
+    thread = threading.Thread(target=stamp)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # a core left for the stamping thread
+    thread.start()
+    try:
+        while not stamps:
+            time.sleep(0.001)
+        start = time.perf_counter()
+        op(y, x, table, list(out), 1.0)
+        end = time.perf_counter()
+    finally:
+        done.set()
+        thread.join()
+        torch.set_num_threads(before)
+    edge = 2 * sys.getswitchinterval()
+    assert end - start > 3 * edge, "the call must outlast the edges for this test to tell"
+    assert y.abs().sum() > 0  # the call ran
+    inside = [t for t in stamps if start + edge < t < end - edge]
+    assert inside, "the kernel held the GIL for its whole call"
