@@ -223,7 +223,7 @@ CLONED void run(const Call& call, const Block& blk, const c10::Half* x, c10::Hal
 }
 
 // ---------------------------------------------------------------- bfloat16 pairs (AVX512_BF16)
-#define NATIVE_BF16 __attribute__((target("avx512f,avx512bw,avx512bf16")))
+#define NATIVE_BF16 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512bf16")))
 
 // Rows r0 and r1 of 16 bf16 columns each as one register of pairs: (r0[j], r1[j]) in lane j.
 NATIVE_BF16 INLINE __m512i pairs(const uint16_t* r0, const uint16_t* r1) {
@@ -245,6 +245,20 @@ INLINE uint32_t pair_of(const uint16_t* p) {
 }
 
 INLINE float widen_bits(uint16_t b) { return widen(c10::BFloat16(b, c10::BFloat16::from_bits())); }
+
+// 16 floats rounded to bf16 as store(c10::BFloat16*) rounds them, bit for bit, in one instruction
+// (vcvtneps2bf16, round to nearest even) where it agrees with c10: it flushes denormals to zero and keeps a
+// NaN's payload, so a vector holding either (vfpclassps: NaN or denormal; rare, never in a model's activations)
+// takes store()'s integer rounding instead. The expand writes every output through this, and the scaled sums
+// it multiplies: at rank 16 the integer rounding took about as many instructions as the multiplies it follows.
+NATIVE_BF16 INLINE __m256i round_bf16(__m512 v) {
+  if (__builtin_expect(_mm512_fpclass_ps_mask(v, 0x01 | 0x20 | 0x80) != 0, 0)) {  // QNaN, denormal, SNaN
+    alignas(32) c10::BFloat16 out[V];
+    store(out, reinterpret_cast<const vf&>(v));
+    return _mm256_load_si256(reinterpret_cast<const __m256i*>(out));
+  }
+  return reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v));
+}
 
 // h[:, w0 : w0 + NV x 16] = x rows (NB, in) @ A (in, W), two rows of A a step (a last odd row widened).
 template <int NB, int NV>
@@ -297,7 +311,7 @@ NATIVE_BF16 INLINE void expand_pairs(c10::BFloat16* const* y, const uint32_t* cp
   for (int b = 0; b < NB; ++b) {
     for (int v = 0; v < NV; ++v) {
       const vf sum = load(y[b] + o + v * V) + reinterpret_cast<const vf&>(acc[b][v]);
-      store(y[b] + o + v * V, sum);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(y[b] + o + v * V), round_bf16(reinterpret_cast<const __m512&>(sum)));
     }
   }
 }
@@ -312,6 +326,8 @@ NATIVE_BF16 INLINE void run_block_pairs(const Call& call, const Block& blk, cons
   for (int b = 0; b < NB; ++b) xr[b] = reinterpret_cast<const uint16_t*>(x + blk.tokens[b] * call.x_stride);
   const auto* a = reinterpret_cast<const uint16_t*>(blk.form[0]);
   int64_t w0 = 0;
+  if (W % (3 * V) == 0)  // three vectors a pass (a rank-16 qkv): a lone vector's pass waits on its shuffles
+    for (; w0 < W; w0 += 3 * V) shrink_pairs<NB, 3>(h, xr, a, in, W, w0);
   for (; w0 + 2 * V <= W; w0 += 2 * V) shrink_pairs<NB, 2>(h, xr, a, in, W, w0);
   for (; w0 + V <= W; w0 += V) shrink_pairs<NB, 1>(h, xr, a, in, W, w0);
   for (; w0 < W; ++w0) {
@@ -323,11 +339,16 @@ NATIVE_BF16 INLINE void run_block_pairs(const Call& call, const Block& blk, cons
   }
   const int64_t half = used / 2;
   for (int64_t s = 0; s < call.slices; ++s) {
-    for (int b = 0; b < NB; ++b) {  // this slice's written rows of h, scaled; as bf16 pairs too
-      for (int64_t r = 0; r < used; ++r) c[b * used + r] = h[b * W + s * packed + r] * call.scale;
-      for (int64_t r = 0; r < half; ++r) {
-        const uint16_t pair[2] = {c10::BFloat16(c[b * used + 2 * r]).x, c10::BFloat16(c[b * used + 2 * r + 1]).x};
-        cp[b * half + r] = pair_of(pair);
+    for (int b = 0; b < NB; ++b) {  // this slice's written rows of h, scaled; the even count of them as bf16 pairs
+      auto* pair_rows = reinterpret_cast<uint16_t*>(cp + b * half);
+      for (int64_t r0 = 0; r0 < used; r0 += V) {
+        const int64_t n = std::min<int64_t>(V, used - r0), in_pairs = std::min<int64_t>(n, 2 * half - r0);
+        const __mmask16 lanes = static_cast<__mmask16>((1u << n) - 1);
+        const __m512 scaled = _mm512_mul_ps(_mm512_maskz_loadu_ps(lanes, h + b * W + s * packed + r0),
+                                            _mm512_set1_ps(call.scale));
+        _mm512_mask_storeu_ps(c + b * used + r0, lanes, scaled);
+        if (in_pairs > 0)
+          _mm256_mask_storeu_epi16(pair_rows + r0, static_cast<__mmask16>((1u << in_pairs) - 1), round_bf16(scaled));
       }
     }
     c10::BFloat16* rows[NB];
@@ -357,8 +378,9 @@ NATIVE_BF16 void run_pairs(const Call& call, const Block& blk, const c10::BFloat
   }
 }
 
-bool cpu_has_native_bf16() {
-  static const bool has = __builtin_cpu_supports("avx512bf16");
+bool cpu_has_native_bf16() {  // every extension NATIVE_BF16 compiles for (each CPU with AVX512_BF16 has them all)
+  static const bool has = __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512bw") &&
+                          __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
   return has;
 }
 

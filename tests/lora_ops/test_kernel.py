@@ -8,6 +8,8 @@ and y are read and written in place, and rows past an adapter's rank are never r
 
 from __future__ import annotations
 
+import math
+import struct
 import sys
 import threading
 import time
@@ -241,3 +243,39 @@ def test_a_call_lets_other_python_threads_run() -> None:
     assert y.abs().sum() > 0  # the call ran
     inside = [t for t in stamps if start + edge < t < end - edge]
     assert inside, "the kernel held the GIL for its whole call"
+
+
+def _c10_bf16_bits(value: float) -> int:
+    """c10's float -> bfloat16 (round to nearest even, every NaN 0x7FC0) of ``value`` as float32, in integers."""
+    if math.isnan(value):
+        return 0x7FC0
+    bits = struct.unpack("<I", struct.pack("<f", value))[0]
+    return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) & 0xFFFF
+
+
+def _bf16(bits: int) -> float:
+    return struct.unpack("<f", struct.pack("<I", bits << 16))[0]
+
+
+@pytest.mark.parametrize("native_bf16", [True, False])
+def test_bf16_outputs_round_as_c10_does(native_bf16: bool) -> None:
+    """Each output is y + delta (float32) rounded as c10 rounds: ties to even, denormals kept, every NaN 0x7FC0;
+    the bf16-pairs path rounds with one instruction that flushes denormals and keeps NaN payloads, so vectors
+    holding those must take the integer rounding. A delta of exactly k/256 (x and A pick 1.0, B holds k/256) on
+    y = 1.0 lands on or between bf16 neighbours (ties at odd k); in the second vector of 16 columns a NaN with a
+    payload and a denormal ride along; the third holds denormals, -0.0 and 1.0 with no delta at all."""
+    out = 48
+    ys = [1.0] * 16 + [float("nan"), _bf16(0x0001)] + [1.0] * 14 + [_bf16(b) for b in range(1, 15)] + [-0.0, 1.0]
+    ys[16] = _bf16(0x7FC1)  # a NaN with a payload
+    deltas = [k / 256 for k in range(16)] + [0.0, 0.0] + [k / 256 for k in range(2, 16)] + [0.0] * 16
+    a, b = torch.zeros(8, IN), torch.zeros(out, 8)
+    a[0, 0], b[:, 0] = 1.0, torch.tensor(deltas)
+    form = AdapterLinear([a], [b], 1, torch.bfloat16)
+    x = torch.zeros(1, IN, dtype=torch.bfloat16)
+    x[0, 0] = 1.0
+    y = torch.tensor([ys], dtype=torch.float32).to(torch.bfloat16)
+    y[0, 16:18] = torch.tensor([0x7FC1, 0x0001], dtype=torch.int16).view(torch.bfloat16)  # bits, not a conversion
+    want = [_c10_bf16_bits(float(struct.unpack("<f", struct.pack("<f", ys[i] + deltas[i]))[0])) for i in range(out)]
+    _call(y, x, [form], 1.0, (out,), native_bf16)
+    got = [v & 0xFFFF for v in y.view(torch.int16)[0].tolist()]
+    assert got == want
