@@ -64,22 +64,46 @@ def store_settings(**section: object) -> pytest.MarkDecorator:
     return pytest.mark.parametrize("world", [section], indirect=True, ids=[f"store={section}"])
 
 
-@pytest.fixture
-def world(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[World]:
-    """Three registered adapters (public, hospital's, lawfirm's) and ``fresh`` in a source, not registered."""
-    volume = tmp_path / "volume"
+@pytest.fixture(scope="module")
+def registered(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The files of every ``world`` of this module: three registered adapters (public, hospital's, lawfirm's) and
+    ``fresh`` in a source, not registered, in a closed store; built once, copied for each test.
+
+    Built where each test gets its own copy (the registry keeps its sources' absolute paths), then moved aside: the
+    store a test opens there is as fresh as one it built itself, without a new registry's tables and three
+    registrations each time (~12 ms of CPU a test, a quarter of this module's)."""
+    root = tmp_path_factory.mktemp("selector") / "world"
+    volume = root / "volume"
     for i, name in enumerate([*OWNERS, "fresh"]):
         write_adapter(volume / name, seed=i + 1)
-    section = {"root": "store", "sources": [{"type": "local", "roots": ["volume"]}], **getattr(request, "param", {})}
-    settings = load_settings(write_config(tmp_path, section, []))
-    store = open_store(settings, tmp_path / "unused")
+    settings = load_settings(write_config(root, _section({}), []))
+    store = open_store(settings, root / "unused")
     for name, owner in OWNERS.items():
         store.register(str(volume / name), name, tenant=owner)
-    metrics = AdapterMetrics(CollectorRegistry())
-    engine = FakeEngine()
-    world = World(store, AdapterSelector(settings, store, metrics, engine), engine, metrics, volume)  # type: ignore[arg-type]
-    yield world
     store.close()
+    return root.rename(root.with_name("registered"))
+
+
+def _section(settings: dict) -> dict:
+    return {"root": "store", "sources": [{"type": "local", "roots": ["volume"]}], **settings}
+
+
+@pytest.fixture
+def world(registered: Path, request: pytest.FixtureRequest) -> Iterator[World]:
+    """A fresh copy of the ``registered`` store, opened with the test's ``store`` settings (``store_settings``)."""
+    root = registered.with_name("world")
+    shutil.copytree(registered, root)
+    try:
+        settings = load_settings(write_config(root, _section(getattr(request, "param", {})), []))
+        store = open_store(settings, root / "unused")
+        metrics, engine = AdapterMetrics(CollectorRegistry()), FakeEngine()
+        selector = AdapterSelector(settings, store, metrics, engine)  # type: ignore[arg-type]
+        try:
+            yield World(store, selector, engine, metrics, root / "volume")
+        finally:
+            store.close()
+    finally:
+        shutil.rmtree(root)  # the next test copies the registered store here again
 
 
 def counter(metric, *labels: str) -> float:
