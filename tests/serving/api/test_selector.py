@@ -1,6 +1,6 @@
 """``AdapterSelector``: who may use which adapter, on-demand claims, and the fallback policy.
 
-A real ``AdapterStore`` on ``tmp_path`` (real files, real SQLite) and a
+A real ``AdapterStore`` (real files, real SQLite: each test's own copy of one store) and a
 stand-in engine (``ensure_loaded`` and ``ready``, refusing the names it is
 told to), so each decision is checked in milliseconds; the same paths through
 a real engine and HTTP are in tests/e2e/test_security_tenants.py and
@@ -67,7 +67,7 @@ def store_settings(**section: object) -> pytest.MarkDecorator:
 @pytest.fixture(scope="module")
 def registered(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Three registered adapters (public, hospital's, lawfirm's) and ``fresh`` in a source, not registered, in a
-    closed store: every ``world`` of this module starts from a copy (~12 ms of CPU less a test, a quarter of its)."""
+    closed store: every ``world`` of this module starts from a copy (~12 ms of CPU less a test, a quarter of the module's)."""
     root = tmp_path_factory.mktemp("selector") / "world"
     volume = root / "volume"
     for i, name in enumerate([*OWNERS, "fresh"]):
