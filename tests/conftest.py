@@ -114,7 +114,8 @@ def _exit_without_finalizing() -> None:
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
-    session.config.stash[ENGINE_COUNTER] = EngineCounter()
+    if os.environ.get("PYTEST_XDIST_WORKER") is None:  # the run's process: its counter sees the workers' descendants
+        session.config.stash[ENGINE_COUNTER] = EngineCounter()
     _one_core_per_worker()
     _one_torch_thread_per_worker()
 

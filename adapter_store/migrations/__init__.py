@@ -22,6 +22,7 @@ the script; ``... check`` says whether head matches ``adapter_store.schema``
 from __future__ import annotations
 
 from collections.abc import Mapping
+from functools import cache
 from pathlib import Path
 
 from alembic import command
@@ -47,8 +48,15 @@ def config(conn: Connection | None = None) -> Config:
     return cfg
 
 
+@cache
+def scripts() -> ScriptDirectory:
+    """The revision scripts, read once per process: they do not change while it runs, and reading them (every
+    script compiled and its revision map built) was most of opening a registry already at head."""
+    return ScriptDirectory.from_config(config())
+
+
 def head() -> str:
-    revision = ScriptDirectory.from_config(config()).get_current_head()
+    revision = scripts().get_current_head()
     assert revision is not None
     return revision
 
@@ -65,9 +73,11 @@ def upgrade(conn: Connection, *, where: str, configured_owners: Mapping[str, str
     elif not inspect(conn).has_table("alembic_version"):
         _adopt_sqlite_file(conn, cfg, where, configured_owners)
     current = MigrationContext.configure(conn).get_current_revision()
+    if current == head():
+        return  # nothing to run; Alembic's upgrade would load env.py and the scripts again to find that out
     if current is not None:
         try:
-            ScriptDirectory.from_config(cfg).get_revision(current)
+            scripts().get_revision(current)
         except CommandError as e:
             raise RuntimeError(
                 f"the registry {where} is at schema revision {current!r}, newer than this version of loraserve "

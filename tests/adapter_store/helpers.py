@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import sqlite3
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -156,3 +157,22 @@ def lease(store: AdapterStore, ref: str, *, register_for: Claim | None = None) -
         yield adapter
     finally:
         store.release(adapter)
+
+
+def set_aside(root: Path) -> Path:
+    """``root``, a store a module's tests all start from, built there and moved aside for :func:`copy_back`."""
+    return root.rename(root.with_name(f"{root.name}-built"))
+
+
+@contextmanager
+def copy_back(built: Path) -> Iterator[Path]:
+    """A copy of a store :func:`set_aside` at the path it was built at, removed after the test.
+
+    The same path, because the registry keeps its sources' absolute paths: a test opening the copy gets a store as
+    fresh as one it built itself, without a new registry's tables and the registrations each time."""
+    root = built.with_name(built.name.removesuffix("-built"))
+    shutil.copytree(built, root)
+    try:
+        yield root
+    finally:
+        shutil.rmtree(root)

@@ -23,12 +23,13 @@ from serving.api.adapters.serving import AdaptersServing
 from serving.config import Settings, load_settings
 from serving.sizing import Choice, EngineSizing, MemorySplit
 from serving.store import open_store
-from tests.adapter_store.helpers import write_adapter
+from tests.adapter_store.helpers import copy_back, set_aside, write_adapter
 from tests.serving.test_store import write_config
 
 # Names out of order, a digit and an upper-case letter: the pages follow code-point order.
 OWNERS = {"medical": "hospital", "Zeta": None, "code": None, "legal": "lawfirm", "a1": None}
 NAMES = sorted(OWNERS)  # ['Zeta', 'a1', 'code', 'legal', 'medical']
+SECTION = {"root": "store", "sources": [{"type": "local", "roots": ["volume"]}]}
 SPLIT = MemorySplit(
     budget_bytes=1000,
     adapter_bytes=10,
@@ -60,16 +61,15 @@ class Engine:
         return self.held
 
 
-@pytest.fixture
-def served(tmp_path: Path) -> Iterator[tuple[AdaptersServing, AdapterStore, Engine, Path]]:
-    volume = tmp_path / "volume"
-    settings: Settings = load_settings(
-        write_config(tmp_path, {"root": "store", "sources": [{"type": "local", "roots": ["volume"]}]}, [])
-    )
-    store = open_store(settings, tmp_path / "unused")
+@pytest.fixture(scope="module")
+def registered(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The store every test of this module starts from a copy of (``served``), closed."""
+    root = tmp_path_factory.mktemp("listing") / "served"
+    volume = root / "volume"
+    store = open_store(load_settings(write_config(root, SECTION, [])), root / "unused")
     for i, (name, owner) in enumerate(OWNERS.items()):
         store.register(str(write_adapter(volume / name, seed=i + 1)), name, tenant=owner)
-    # More than one version, an alias on the older one, a pin, health records, one version held by the engine.
+    # More than one version, an alias on the older one, a pin, health records.
     old = store.version("medical")
     store.register(str(write_adapter(volume / "medical", seed=20)), "medical", tenant="hospital")
     store.register(str(write_adapter(volume / "medical", seed=21)), "medical", tenant="hospital")
@@ -77,10 +77,22 @@ def served(tmp_path: Path) -> Iterator[tuple[AdaptersServing, AdapterStore, Engi
     store.pin(old.ref, True)
     store.record_health("code", store.version("code").version, "failed", reason="bad tokens")
     store.record_health("medical", old.version, "ok", latency_s=0.1)
-    engine = Engine(held={("code", store.version("code").version)})
-    serving = AdaptersServing(engine, SimpleNamespace(store=store), None, None)  # type: ignore[arg-type]
-    yield serving, store, engine, volume
     store.close()
+    return set_aside(root)
+
+
+@pytest.fixture
+def served(registered: Path) -> Iterator[tuple[AdaptersServing, AdapterStore, Engine, Path]]:
+    """A copy of the ``registered`` store, open, with one version held by the engine."""
+    with copy_back(registered) as root:
+        settings: Settings = load_settings(write_config(root, SECTION, []))
+        store = open_store(settings, root / "unused")
+        engine = Engine(held={("code", store.version("code").version)})
+        serving = AdaptersServing(engine, SimpleNamespace(store=store), None, None)  # type: ignore[arg-type]
+        try:
+            yield serving, store, engine, root / "volume"
+        finally:
+            store.close()
 
 
 def page(serving: AdaptersServing, limit: int, after: str | None) -> AdapterList:
