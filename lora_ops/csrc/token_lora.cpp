@@ -248,7 +248,7 @@ INLINE float widen_bits(uint16_t b) { return widen(c10::BFloat16(b, c10::BFloat1
 
 // 16 floats rounded to bf16 as store(c10::BFloat16*) rounds them, bit for bit, in one instruction
 // (vcvtneps2bf16, round to nearest even) where it agrees with c10: it flushes denormals to zero and keeps a
-// NaN's payload, so a vector holding either (vfpclassps: NaN or denormal; rare, never in a model's activations)
+// NaN's payload, so a vector holding either (vfpclassps: NaN or denormal; rare in a model's activations)
 // takes store()'s integer rounding instead. The expand writes every output through this, and the scaled sums
 // it multiplies: at rank 16 the integer rounding took about as many instructions as the multiplies it follows.
 NATIVE_BF16 INLINE __m256i round_bf16(__m512 v) {
