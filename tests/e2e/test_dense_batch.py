@@ -5,8 +5,9 @@ The config leaves ``engine.max_loras`` and ``engine.max_cpu_loras`` out, so
 the server sizes the slots for a full batch (``engine.max_num_seqs`` = 16,
 ``serving/sizing.py``); with the old fixed 4 slots vLLM's scheduler could
 never run more than four distinct adapters at once. The test asks every
-adapter alone (its reference answer), then all sixteen at once, and proves
-from vLLM's own metrics that they ran together: ``vllm:lora_requests_info``
+adapter alone (its reference answer), then all sixteen at once (again, up to
+``TRIES`` times, where the engine finished the first before the last arrived),
+and proves from vLLM's own metrics that they ran together: ``vllm:lora_requests_info``
 keeps one series per set of adapters that were running at one engine step
 (``running_lora_adapters``), and with every running request scheduled in
 every step (16 sequences, far under the token budget), a set of sixteen
@@ -52,6 +53,10 @@ TOKENS = MIN_EXACT_TOKENS  # the reference rule compares up to this many greedy 
 # by more than DISTINCT.
 LOGPROB_TOLERANCE, DISTINCT = 5e-3, 2e-2
 LORA_INFO = "vllm:lora_requests_info{"
+# The sixteen are sent at once, but the engine may run the first ones before the last arrive (a loaded machine
+# delays the API process): each try is checked in vLLM's metrics, and the answers compared are those of the try
+# in which all sixteen ran in one step.
+TRIES = 3
 COMPILED = "'mode': <CompilationMode.DYNAMO_TRACE_ONCE: 2>"  # in vLLM's engine config line
 
 pytestmark = pytest.mark.engine
@@ -170,15 +175,21 @@ def test_sixteen_adapters_in_one_step_each_answer_as_alone_and_as_the_reference(
 ) -> None:
     names = [f"dense-{i:02d}" for i in range(ADAPTERS)]
 
-    async def run() -> tuple[dict[str, Answer], list[Answer], str]:
+    async def run() -> tuple[dict[str, Answer], list[Answer], list[set[str]]]:
         async with httpx.AsyncClient(base_url=dense.url, timeout=300) as client:
-            alone = {name: await _complete(client, name) for name in names}  # one at a time
-            together = await asyncio.gather(*(_complete(client, name) for name in names))
-            return alone, together, (await client.get("/metrics")).text
+            alone = {name: await _complete(client, name) for name in names}  # one at a time: no set of sixteen
+            for attempt in range(1, TRIES + 1):
+                await asyncio.gather(*(client.get("/health") for _ in names))  # sixteen connections open
+                together = await asyncio.gather(*(_complete(client, name) for name in names))
+                sets = _running_sets((await client.get("/metrics")).text)
+                if set(names) in sets:  # first seen after this try: these answers are the dense step's
+                    print(f"the sixteen ran in one step in try {attempt} of {TRIES}")
+                    break
+            return alone, together, sets
 
-    alone, together, metrics = asyncio.run(run())
-    widest = max(_running_sets(metrics), key=len)
-    assert widest == set(names), f"at most {len(widest)} adapters ran together: {sorted(widest)}"
+    alone, together, sets = asyncio.run(run())
+    widest = max(sets, key=len)
+    assert widest == set(names), f"in {TRIES} tries at most {len(widest)} adapters ran together: {sorted(widest)}"
     # Sixteen adapters, sixteen different answers: a batch that mixed them up could not match below.
     for a in names:
         assert not any(_same(alone[a], alone[b], DISTINCT) for b in names if b != a), a
