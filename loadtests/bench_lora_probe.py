@@ -1,11 +1,11 @@
-"""Where a LoRA step's extra time goes: two probes inside ``bench_lora``'s own worker, switched in turn.
+"""Where a LoRA step's extra time goes: three probes inside ``bench_lora``'s own worker, switched in turn.
 
-    python -m loadtests.bench_lora_probe [--rounds 2] [--out results/bench_lora_probe.json]
+    python -m loadtests.bench_lora_probe [--rounds 2] [--probes skip,repeat,runs] [--out results/bench_lora_probe.json]
 
 Why: ``bench_lora`` says how much a workload costs against a plain base, not
 where. This runs its worker as it does (the realistic model, the ``lora4``
 engine, 16 sequences, 256 requests of 64 + 32 tokens a workload, dtype as the
-server resolves it) with two probes, each switched on and off in turn within
+server resolves it) with three probes, each switched on and off in turn within
 one run, so each comparison shares the engine and the minute:
 
 * ``skip``: the per-token kernel's calls skipped (our ops' Python still runs;
@@ -17,6 +17,13 @@ one run, so each comparison shares the engine and the minute:
   run again at once on a copy of ``y`` (its result dropped) and timed again,
   for the one-adapter and 8-Zipf workloads: what a call costs in the step
   against what it costs with its weights, ``x`` and the threads just used.
+* ``runs``: every step planned ``RUNS`` (oneDNN's matmuls, one pair a
+  contiguous run of one adapter's tokens: the path the kernel replaced) or
+  as the plan chooses (``TOKENS``, the kernel: ``lora_ops.plan.choose_mode``),
+  for the one-adapter and 8-Zipf workloads. Every workload reports its LoRA
+  linears' calls (``eager_lora_linear``, the whole call), median µs of the
+  decode calls (at most 16 tokens) and of the prefill calls (the waves of up
+  to 16 prompts of 64 tokens).
 """
 
 from __future__ import annotations
@@ -35,7 +42,11 @@ from typing import Any, TextIO
 from loadtests import bench_lora
 
 # (probe, setting, workload) in the order each round runs them (the settings' order flips every other round)
-PLAN = {"skip": (("one", "base"), (False, True)), "repeat": (("one", "zipf8"), (True,))}
+PLAN = {
+    "skip": (("one", "base"), (False, True)),
+    "repeat": (("one", "zipf8"), (True,)),
+    "runs": (("one", "zipf8"), (False, True)),
+}
 DECODE_TOKENS = 16  # a call with at most this many tokens is a decode call (bench_lora's 16 sequences)
 
 
@@ -47,11 +58,36 @@ class Probes:
         self.skip = False
         self.repeat = False
         self.calls: dict[str, list[float]] = {"first": [], "again": []}  # decode calls' seconds
+        self.linears: dict[str, list[float]] = {"decode": [], "prefill": []}  # LoRA linears' calls' seconds
+
+    @property
+    def runs(self) -> bool:
+        from lora_ops.plan import RUNS
+        from lora_ops.punica_cpu import GroupedPunicaWrapperCPU
+
+        return GroupedPunicaWrapperCPU.force_mode == RUNS
+
+    @runs.setter
+    def runs(self, on: bool) -> None:
+        from lora_ops.plan import RUNS
+        from lora_ops.punica_cpu import GroupedPunicaWrapperCPU
+
+        GroupedPunicaWrapperCPU.force_mode = RUNS if on else None  # read by every step's plan
 
     def install(self) -> None:
-        """Wrap ``TokenStep.run`` (the kernel's one call a LoRA linear) with the probes."""
+        """Wrap ``TokenStep.run`` (the kernel's one call a LoRA linear) with the probes, and time every LoRA
+        linear's call (``eager_lora_linear``: what the compiled graph's op runs too)."""
         from lora_ops import token_step
+        from lora_ops.punica_cpu import GroupedPunicaWrapperCPU
 
+        linear = GroupedPunicaWrapperCPU.eager_lora_linear
+
+        def timed(wrapper: Any, y: Any, x: Any, *args: Any) -> None:
+            t0 = time.perf_counter()
+            linear(wrapper, y, x, *args)
+            self.linears["decode" if x.shape[0] <= DECODE_TOKENS else "prefill"].append(time.perf_counter() - t0)
+
+        GroupedPunicaWrapperCPU.eager_lora_linear = timed  # type: ignore[method-assign,assignment]
         run = token_step.TokenStep.run
 
         def probed(step: Any, y: Any, x: Any) -> None:
@@ -68,9 +104,12 @@ class Probes:
         token_step.TokenStep.run = probed  # type: ignore[method-assign,assignment]
 
     def report(self) -> dict[str, float]:
-        """Median decode call (µs), first and repeated; cleared for the next workload."""
+        """Median decode call of the kernel (µs), first and repeated, and median LoRA linear's call by kind of
+        step (µs); cleared for the next workload."""
         out = {f"decode_call_us_{k}": round(statistics.median(v) * 1e6, 1) for k, v in self.calls.items() if v}
+        out |= {f"lora_call_us_{k}": round(statistics.median(v) * 1e6, 1) for k, v in self.linears.items() if v}
         self.calls = {"first": [], "again": []}
+        self.linears = {"decode": [], "prefill": []}
         return out
 
 
@@ -113,7 +152,7 @@ def summarize(runs: list[dict]) -> dict[str, dict]:
         groups.setdefault((run["probe"], run["setting"], run["workload"]), []).append(run)
     out: dict[str, dict] = {}
     for (probe, setting, workload), rows in groups.items():
-        keys = [k for k in rows[0] if k.startswith(("ms_step", "decode_call_us", "tok_s"))]
+        keys = [k for k in rows[0] if k.startswith(("ms_step", "decode_call_us", "lora_call_us", "tok_s"))]
         out[f"{probe}={setting}/{workload}"] = {k: statistics.median(r[k] for r in rows) for k in keys}
     return out
 
@@ -121,12 +160,16 @@ def summarize(runs: list[dict]) -> dict[str, dict]:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--probes", default=",".join(PLAN), help=f"comma-separated, of {', '.join(PLAN)}")
     p.add_argument("--out", default=None, help="write results JSON here")
     p.add_argument("--cache-dir", default=os.environ.get("LORASERVE_SYNTH_DIR", "/tmp/loraserve_synth"))
     p.add_argument("--_worker", dest="worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--_group-dir", dest="group_dir", default=None, help=argparse.SUPPRESS)
     p.add_argument("--_dtype", dest="dtype", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    probes = args.probes.split(",")
+    if unknown := set(probes) - set(PLAN):
+        p.error(f"--probes: no probe {', '.join(sorted(unknown))}; the probes are {', '.join(PLAN)}")
     if args.worker:
         args.worker, args.requests, args.output_len, args.concurrency = "lora4", 256, 32, 16
         run_worker(args)
@@ -154,7 +197,8 @@ def main(argv: list[str] | None = None) -> None:
     read()  # ready
     loads, runs = [os.getloadavg()[0]], []
     for rnd in range(args.rounds):
-        for probe, (workloads, settings) in PLAN.items():
+        for probe in probes:
+            workloads, settings = PLAN[probe]
             for setting in settings if rnd % 2 == 0 else settings[::-1]:
                 worker.stdin.write(f"probe {probe} {int(setting)}\n")
                 for workload in workloads:
