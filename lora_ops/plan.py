@@ -168,16 +168,15 @@ def choose_mode(
     """Cheapest mode by the rough cost model above, for layers of mean LoRA ``width`` (rank * (in + out));
     ``kernel``: TOKENS runs the per-token kernel, and then always.
 
-    Why always: measured in the engine (``bench_lora``'s worker with each call timed by path, the workloads
-    run in turn with the mode forced and not; its realistic model, 16 sequences, 256 requests arriving in waves
-    of 16; 2-core AMD EPYC with AVX-512 and avx512_bf16, 2026-12-02, with a helper's tests running on the same
-    cores, so medians of many calls, each comparison within one run), the kernel ran each kind of step faster
-    than the modes that launch oneDNN's matmuls:
-      - a prefill wave of 1,024 tokens on one adapter, per call (the mean of qkv, o, gate_up and down):
-        bf16 531 us against RUNS' 666, float32 938 against 1,395;
-      - a prefill wave on ~4 adapters (8 Zipf adapters in 4 slots, about a dozen runs of requests, each a
-        shrink and an expand per slice): bf16 714 us against RUNS' 1,832, float32 1,249 against 2,826;
-      - 16 decode tokens on one adapter: ~32 us (RUNS' packed pair of matmuls and an add: ~50 alone).
+    Why always: measured in the engine by ``python -m loadtests.bench_lora_probe --probes runs`` (``bench_lora``'s
+    worker, its realistic model, 16 sequences, 256 requests arriving in waves of 16; every step planned RUNS or
+    as this function chooses, in turn within one run, each LoRA linear's call timed), the kernel ran each kind
+    of step faster than RUNS, oneDNN's matmuls (bf16, 2-core AMD EPYC with avx512_bf16, 2026-12-03, medians;
+    ``results/bench_lora_probe_runs.json``):
+      - one adapter: a decode call 42 us against 101, a prefill wave's call 800 us against 1,060;
+      - 8 Zipf adapters in 4 slots (a wave holds about a dozen runs of requests): a decode call 48 us against
+        522, a prefill wave's call 936 us against 2,244.
+    Stop 32's ad-hoc timings (float32 too) agreed; they are in results/HISTORY.md.
     Earlier stops had also measured GATHER (a prefill mix 1.7-2.2 ms) and MASKED (a decode mix 154-172 us)
     at several times the kernel in the engine. Alone, with the weights in cache, oneDNN's GEMM does beat the
     kernel on one adapter's run of 1,024 tokens (by 1.1-1.3x on realistic to 7B-sized layers): the engine's
